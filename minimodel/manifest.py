@@ -1,0 +1,71 @@
+"""The mini-model manifest: which primary model a mini-model is aligned with.
+
+A mini-model directory (Hugging Face format) carries `minimodel.json`:
+    {"kind": "minijoint" | "minipost", "layers": k, "primary_model": {"path": ..., "sha256": ...},
+     "new_parameters": [...], "tokenizer": ...}
+Embeddings learned over a mini-model only make sense inside the primary model it was aligned with, so adaptation
+and plugging call `check_aligned` and refuse a mismatch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "minimodel.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def model_hash(model_dir: str | os.PathLike) -> str:
+    """sha256 over a Hugging Face model directory's weight files (names and bytes, in sorted order)."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in _WEIGHT_SUFFIXES and "optimizer" not in p.name)
+    if not files:
+        raise ManifestError(f"{model_dir} holds no weight files (*.safetensors / *.bin): is it a model directory?")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(mini_dir: str | os.PathLike, kind: str, layers: int, primary_dir: str | os.PathLike,
+                   **extra: Any) -> Path:
+    primary_dir = Path(primary_dir).resolve()
+    data = {"kind": kind, "layers": layers,
+            "primary_model": {"path": str(primary_dir), "sha256": model_hash(primary_dir)}, **extra}
+    path = Path(mini_dir) / MANIFEST_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(mini_dir: str | os.PathLike) -> dict | None:
+    path = Path(mini_dir) / MANIFEST_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_aligned(mini_dir: str | os.PathLike, primary_dir: str | os.PathLike) -> dict:
+    """Raise ManifestError unless `mini_dir` is a mini-model aligned with the model in `primary_dir`."""
+    manifest = read_manifest(mini_dir)
+    if manifest is None:
+        raise ManifestError(
+            f"{mini_dir} has no {MANIFEST_NAME}: it is not a mini-model built by pretrain/export.py or "
+            f"pretrain/minipost.py, so its alignment with {primary_dir} cannot be checked")
+    expected = manifest["primary_model"]["sha256"]
+    actual = model_hash(primary_dir)
+    if expected != actual:
+        raise ManifestError(
+            f"mini-model {mini_dir} is aligned with {manifest['primary_model']['path']} (sha256 {expected[:12]}), "
+            f"not with {primary_dir} (sha256 {actual[:12]}): plug its embeddings into the primary model it was "
+            f"built from, or build a mini-model from this one")
+    return manifest

@@ -1,0 +1,94 @@
+"""Typed configs: YAML + overrides, validated with errors that name the key."""
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from minimodel.config import ConfigError, load_config, parse_cli, require, save_config
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    warmup_steps: int = 10
+
+
+@dataclass
+class Layout:
+    layers: int = 4
+    mini_layers: int = 2
+    norm: Literal["pre", "post"] = "pre"
+    langs: list[str] = field(default_factory=lambda: ["sw"])
+    tokenizer: str | None = None
+
+    def validate(self):
+        require(self.mini_layers <= self.layers, "model.mini_layers",
+                f"{self.mini_layers} is more than model.layers={self.layers}")
+
+
+@dataclass
+class Root:
+    name: str = "run"
+    model: Layout = field(default_factory=Layout)
+    optim: Optim = field(default_factory=Optim)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_merge(tmp_path):
+    path = write(tmp_path, "model:\n  layers: 8\noptim:\n  lr: 2\n")
+    cfg = load_config(Root, path, ["model.mini_layers=3", "model.langs=[ny, sw]", "name=x", "model.tokenizer=null"])
+    assert cfg.model.layers == 8 and cfg.model.mini_layers == 3
+    assert cfg.optim.lr == 2.0 and isinstance(cfg.optim.lr, float)  # int -> float is lossless
+    assert cfg.model.langs == ["ny", "sw"] and cfg.name == "x" and cfg.model.tokenizer is None
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key model\.layer\b.*valid keys"):
+        load_config(Root, write(tmp_path, "model:\n  layer: 8\n"))
+    with pytest.raises(ConfigError, match=r"unknown key optim\.betas"):
+        load_config(Root, None, ["optim.betas=[0.9, 0.99]"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.layers=four", "model.layers"),
+    ("model.layers=2.5", "model.layers"),
+    ("optim.lr=fast", "optim.lr"),
+    ("model.norm=middle", "model.norm"),
+    ("model.langs=sw", "model.langs"),
+    ("model=3", "model"),
+])
+def test_bad_type_is_named(override, key):
+    with pytest.raises(ConfigError, match="^" + re.escape(key) + r"\b"):
+        load_config(Root, None, [override])
+
+
+@pytest.mark.parametrize("override", ["model.layers", "=3", "model.layers=[1,"])
+def test_malformed_override(override):
+    with pytest.raises(ConfigError, match="bad override"):
+        load_config(Root, None, [override])
+
+
+def test_impossible_combination_is_named():
+    with pytest.raises(ConfigError, match=r"model\.mini_layers: 6 is more than model\.layers=4"):
+        load_config(Root, None, ["model.mini_layers=6"])
+
+
+def test_missing_file_and_cli_exit(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Root, tmp_path / "nope.yaml")
+    with pytest.raises(SystemExit) as exc:
+        parse_cli(Root, ["model.layers=x"])
+    assert exc.value.code == 2 and "model.layers" in capsys.readouterr().err
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(Root, None, ["model.layers=6", "optim.lr=0.5"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(Root, path) == cfg
+    assert not list(path.parent.glob("*.tmp"))
