@@ -1,0 +1,133 @@
+"""Step 4 of the method: put learned target-language embeddings into the primary model or a task model.
+
+The result is a plain Hugging Face model directory (same class as the receiving model) with the target tokenizer:
+input embeddings = the learned matrix; tied output embeddings follow; an untied output matrix or a trained LM-head
+bias is taken from the adaptation when it has one; otherwise the receiving model's own LM-head bias is carried over
+through the adaptation's token map (zeros for tokens that had no source row). Parameters of the embeddings module
+that adaptation trained (e.g. position embeddings) are installed too; a trained LM-head transform only when the
+adaptation ran over this very model (over=full) and the receiving model has that head.
+
+Refused, with the reason: a tokenizer that is not the one the embeddings were learned for; a hidden size that
+differs; a primary model other than the one the adaptation (or its mini-model) is aligned with.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minimodel.adaptation.artifact import TOKENIZER_DIR, read_artifact
+from minimodel.adaptation.vocab import install_vocabulary, tokenizer_fingerprint
+from minimodel.config import require, save_config
+from minimodel.manifest import ManifestError, model_hash
+
+log = logging.getLogger(__name__)
+
+
+class PlugError(ValueError):
+    pass
+
+
+@dataclass
+class PlugConfig:
+    embeddings: str | None = None  # an adaptation run dir: <adapt output_dir>/<target_lang>
+    model: str | None = None  # the receiving HF model dir: the primary model or a task model fine-tuned from it
+    primary_model: str | None = None  # the primary model `model` was fine-tuned from; None: `model` is the primary
+    tokenizer: str | None = None  # None: <embeddings>/tokenizer
+    output_dir: str | None = None  # the new HF model dir (replaced atomically)
+
+    def validate(self) -> None:
+        for key in ("embeddings", "model", "output_dir"):
+            require(getattr(self, key) is not None, key, "is required (adapt/plug.py embeddings=... model=... "
+                    "output_dir=...)")
+
+
+def _load_any(model_dir: str):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    architecture = (config.architectures or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    if model_class is None:
+        raise PlugError(f"{model_dir}/config.json names no loadable architecture ({architecture!r})")
+    return model_class.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def check_compatible(info: dict, model, model_dir: str, primary_dir: str, tokenizer) -> None:
+    """Raise PlugError / ManifestError naming the mismatch, if any."""
+    vocab, hidden = info["vocab_size"], info["hidden_size"]
+    if len(tokenizer) != vocab or tokenizer_fingerprint(tokenizer) != info["tokenizer_sha256"]:
+        raise PlugError(
+            f"the tokenizer ({len(tokenizer)} tokens) is not the one the embeddings were learned with ({vocab} "
+            f"tokens, fingerprint {info['tokenizer_sha256'][:12]}): use the tokenizer/ directory saved beside them")
+    if model.config.hidden_size != hidden:
+        raise PlugError(f"shape mismatch: the embeddings are {vocab} x {hidden} but {model_dir} has hidden size "
+                        f"{model.config.hidden_size}: they belong to another model")
+    expected = info["primary_model"]["sha256"]
+    actual = model_hash(primary_dir)
+    if actual != expected:
+        learned_over = "its mini-model is" if info["over"] == "mini" else "they were learned over the model"
+        raise ManifestError(
+            f"the embeddings in question were learned for the primary model {info['primary_model']['path']} "
+            f"(sha256 {expected[:12]}; {learned_over} aligned with it), not for {primary_dir} (sha256 "
+            f"{actual[:12]}): plug them into that model or a task model fine-tuned from it (primary_model=...)")
+
+
+def plug(cfg: PlugConfig) -> Path:
+    from minimodel.data.tokenizer import load_tokenizer
+
+    tensors, info = read_artifact(cfg.embeddings)
+    tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.embeddings) / TOKENIZER_DIR
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = _load_any(cfg.model)
+    check_compatible(info, model, cfg.model, cfg.primary_model or cfg.model, tokenizer)
+
+    out = model.get_output_embeddings()
+    install_vocabulary(model, tensors["input_embeddings"], tensors["token_map"], info["pad_token_id"],
+                       output_weight=tensors.get("output_embeddings") if out is not None else None,
+                       output_bias=tensors.get("output_bias") if out is not None else None)
+    embeddings_module = dict(model.base_model.embeddings.named_parameters())
+    head_params = {}
+    if out is not None and info["over"] == "full":
+        from minimodel.training.hf_mlm import mlm_head
+
+        head_params = dict(mlm_head(model).named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            group, _, name = key.partition(".")
+            target = {"embeddings": embeddings_module, "head": head_params}.get(group, {}).get(name)
+            if group == "head" and target is None:
+                log.warning("%s was trained over another model's LM head: not installed", key)
+            if target is not None:
+                if target.shape != value.shape:
+                    raise PlugError(f"shape mismatch for {key}: {tuple(value.shape)} learned, "
+                                    f"{tuple(target.shape)} in {cfg.model}")
+                target.copy_(value)
+
+    output_dir = Path(cfg.output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.with_name(f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(str(tmp))
+    for extra in tokenizer_dir.iterdir():  # e.g. sentencepiece.bpe.model, which save_pretrained may not write
+        if extra.is_file() and not (tmp / extra.name).exists():
+            shutil.copyfile(extra, tmp / extra.name)
+    (tmp / "plug.json").write_text(json.dumps({
+        "embeddings": str(Path(cfg.embeddings).resolve()), "model": str(Path(cfg.model).resolve()),
+        "primary_model": info["primary_model"], "target_lang": info["target_lang"], "method": info["method"],
+        "over": info["over"]}, indent=2))
+    save_config(cfg, tmp / "plug_config.yaml")
+    if output_dir.exists():
+        old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output_dir)
+    return output_dir

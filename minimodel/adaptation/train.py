@@ -1,0 +1,370 @@
+"""Step 2 of the method: learn a target-language token-embedding matrix with the transformer body frozen.
+
+`over: mini` runs it over a mini-model (MiniJoint or MiniPost: its minimodel.json must say it is aligned with
+`primary_model`); `over: full` runs it over the primary model itself, the standard baseline. Each target language
+is an independent run in `<output_dir>/<lang>/` (see minimodel/adaptation/artifact.py for what it leaves); a failed
+language is recorded in `<output_dir>/summary.json` and does not stop the others. `target_lang=<code>` selects one
+language of the list (one Slurm array task per language).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, write_artifact
+from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map, tokenizer_fingerprint
+from minimodel.config import require, save_config
+from minimodel.manifest import check_aligned, model_hash
+from minimodel.tracking import Tracker, TrackingConfig
+from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, gather_full_params, init_distributed, train
+from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, mlm_head
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TargetTokenizerConfig:
+    mode: Literal["reuse", "train"] = "reuse"  # reuse an existing tokenizer, or train a new one on the corpus
+    path: str | None = None  # reuse: a tokenizer dir; None: <data_dir>/<lang>/tokenizer (built by the data stage)
+    vocab_size: int = 50000  # train: total size, special tokens included (the paper's setup: 50k per language)
+    character_coverage: float = 0.9995
+    seed: int = 0
+
+
+@dataclass
+class EmbeddingInitConfig:
+    method: str = "random"  # random (the paper's baseline) | copy_shared | aligned_vectors (see adaptation/vocab.py)
+    std: float = 0.02
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.method in INITIALISERS, "init.method", f"{self.method!r} is not one of {sorted(INITIALISERS)}")
+        require(self.std > 0, "init.std", "must be > 0")
+
+
+@dataclass
+class TrainableConfig:
+    """What trains besides the token embeddings and the output embeddings tied to them, which always do.
+    The defaults are the paper's pipeline: everything else frozen."""
+    position_embeddings: bool = False  # position (and token-type) embeddings
+    embedding_layer_norm: bool = False  # the LayerNorm inside the embeddings module (BERT, XLM-R; not pre-LN models)
+    head_transform: bool = False  # the LM head's dense layer and its LayerNorm
+    head_bias: bool = False  # the LM head's output bias (resized to the new vocabulary either way)
+
+
+@dataclass
+class AdaptConfig:
+    output_dir: str = "runs/adapt"
+    over: Literal["mini", "full"] = "mini"  # mini: mini-model adaptation; full: standard adaptation (baseline)
+    primary_model: str | None = None  # HF dir of the primary model (the model adapted, when over=full)
+    mini_model: str | None = None  # HF dir of the mini-model aligned with primary_model (over=mini)
+    source_lang: str = "en"
+    target_langs: list[str] = field(default_factory=lambda: ["sw"])
+    target_lang: str | None = None  # one language of target_langs (a Slurm array task); None: all, in turn
+    data_dir: str = "data/default"  # the data stage's output: <data_dir>/<lang>/{tokenizer,train,valid,verses.jsonl}
+    seq_length: int = 128
+    mask_prob: float = 0.15
+    data_seed: int = 0
+    tokenizer: TargetTokenizerConfig = field(default_factory=TargetTokenizerConfig)
+    init: EmbeddingInitConfig = field(default_factory=EmbeddingInitConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    train: DeepSpeedLoopConfig = field(default_factory=lambda: DeepSpeedLoopConfig(lr=5e-4, warmup_steps=1000,
+                                                                                    steps=25000))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        require(self.primary_model is not None, "primary_model",
+                "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
+        require(self.over == "full" or self.mini_model is not None, "mini_model",
+                "is required with over=mini (e.g. <export>/mini), or set over=full for standard adaptation")
+        require(bool(self.target_langs), "target_langs", "is empty: list at least one target language")
+        require(self.target_lang is None or self.target_lang in self.target_langs, "target_lang",
+                f"{self.target_lang!r} is not one of target_langs {self.target_langs}")
+        require(self.seq_length >= 8, "seq_length", "must be >= 8")
+        require(0 < self.mask_prob < 1, "mask_prob", "must be in (0, 1)")
+
+    def languages(self) -> list[str]:
+        return [self.target_lang] if self.target_lang else list(self.target_langs)
+
+
+# -- the model ------------------------------------------------------------------------------------------------------
+
+def select_trainable(model: nn.Module, choice: TrainableConfig) -> dict[str, nn.Parameter]:
+    """Freeze everything, then unfreeze the token embeddings, the output embeddings and what `choice` adds.
+    Returns the trainable parameters under their artifact names (see adaptation/artifact.py)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    word = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    chosen = {"input_embeddings": word}
+    if out.weight is not word:
+        chosen["output_embeddings"] = out.weight
+    if choice.head_bias and out.bias is not None:
+        chosen["output_bias"] = out.bias
+    embeddings = model.base_model.embeddings
+    norm_params = {id(p) for m in embeddings.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    for name, p in embeddings.named_parameters():
+        if p is word:
+            continue
+        if choice.embedding_layer_norm if id(p) in norm_params else choice.position_embeddings:
+            chosen[f"embeddings.{name}"] = p
+    if choice.head_transform:
+        for name, p in mlm_head(model).named_parameters():
+            if p is not out.weight and p is not out.bias:
+                chosen[f"head.{name}"] = p
+    for p in chosen.values():
+        p.requires_grad_(True)
+    return chosen
+
+
+def _load_masked_lm(model_dir: str) -> nn.Module:
+    from transformers import AutoModelForMaskedLM
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    return AutoModelForMaskedLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+# -- target tokenizer and data ---------------------------------------------------------------------------------------
+
+def _read_verses(lang_dir: Path) -> list[dict]:
+    path = lang_dir / "verses.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: build the {lang_dir.name} data with pretrain/prepare_data.py")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _tokenize_corpus(lang_dir: Path, tokenizer_dir: Path, out_dir: Path) -> None:
+    """Re-encode the data stage's verses with another tokenizer, into <out_dir>/{train,valid}.bin|.idx."""
+    from minimodel.data.indexed import write_indexed
+    from minimodel.data.tokenizer import FastEncoder
+
+    verses = _read_verses(lang_dir)
+    encoder = FastEncoder(tokenizer_dir)
+    encoder.check_agrees([v["text"] for v in verses[:64]])
+    vocab_size = len(_load_tokenizer(tokenizer_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):
+        texts = [v["text"] for v in verses if v["split"] == split]
+        with write_indexed(out_dir / f".{split}.partial", vocab_size) as writer:
+            for ids in encoder.encode(texts):
+                writer.add(ids)
+        for ext in (".bin", ".idx"):
+            os.replace(out_dir / f".{split}.partial{ext}", out_dir / f"{split}{ext}")
+
+
+def _load_tokenizer(path: Path):
+    from minimodel.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def prepare_target_data(cfg: AdaptConfig, lang: str, run_dir: Path) -> tuple[Path, Path]:
+    """Rank 0 only: put the target tokenizer in <run_dir>/tokenizer; return the (train, valid) dataset prefixes.
+
+    The data stage's datasets are used when the tokenizer is the one they were encoded with; otherwise (a trained
+    or a different given tokenizer) the corpus is re-encoded into <run_dir>/data/."""
+    from minimodel.data.tokenizer import train_tokenizer
+
+    lang_dir = Path(cfg.data_dir) / lang
+    tokenizer_dir = run_dir / TOKENIZER_DIR
+    data_tokenizer = lang_dir / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        tmp = run_dir / ".tokenizer.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.tokenizer.mode == "train":
+            texts = [v["text"] for v in _read_verses(lang_dir) if v["split"] == "train"]
+            train_tokenizer(texts, tmp, cfg.tokenizer.vocab_size, character_coverage=cfg.tokenizer.character_coverage,
+                            seed=cfg.tokenizer.seed)
+        else:
+            source = Path(cfg.tokenizer.path) if cfg.tokenizer.path else data_tokenizer
+            _load_tokenizer(source)  # a clear error if it is not a tokenizer directory
+            shutil.copytree(source, tmp)
+        os.replace(tmp, tokenizer_dir)
+    same_as_data = (data_tokenizer / "tokenizer_config.json").is_file() and \
+        tokenizer_fingerprint(_load_tokenizer(tokenizer_dir)) == tokenizer_fingerprint(_load_tokenizer(data_tokenizer))
+    if same_as_data:
+        return lang_dir / "train", lang_dir / "valid"
+    data_dir = run_dir / "data"
+    if not (data_dir / "valid.idx").is_file():
+        _tokenize_corpus(lang_dir, tokenizer_dir, data_dir)
+    return data_dir / "train", data_dir / "valid"
+
+
+# -- one language ----------------------------------------------------------------------------------------------------
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _broadcast(obj):
+    """Rank 0's value of `obj` on every rank; an exception raised on rank 0 is re-raised everywhere."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def _plot_loss_vs_flops(metrics_path: Path, out: Path, title: str) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["compute/flops"] for r in rows], [r["train/loss"] for r in rows], label="train")
+    evals = [r for r in rows if "eval/loss" in r]
+    if evals:
+        ax.plot([r["compute/flops"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="valid")
+    ax.set_xlabel("cumulative FLOPs")
+    ax.set_ylabel("MLM loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def adapt_language(cfg: AdaptConfig, lang: str) -> str:
+    """Learn `lang` embeddings; returns "done" or "interrupted" (resume by running the same command again)."""
+    import torch.distributed as dist
+
+    from minimodel.data.mlm import MaskedLMDataset
+
+    init_distributed()
+    rank = dist.get_rank()
+    run_dir = Path(cfg.output_dir) / lang
+    if read_info(run_dir) is not None:
+        if rank == 0:
+            log.info("%s: already adapted (%s exists): skipping", lang, run_dir / "adapt.json")
+        return "done"
+
+    # Alignment is checked before anything is written or trained.
+    if cfg.over == "mini":
+        manifest = check_aligned(cfg.mini_model, cfg.primary_model)
+        model_dir, method, primary_sha = cfg.mini_model, manifest["kind"], manifest["primary_model"]["sha256"]
+    else:
+        model_dir, method, primary_sha = cfg.primary_model, "standard", model_hash(cfg.primary_model)
+
+    def prepare():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(dataclasses.replace(cfg, target_lang=lang), run_dir / "config.yaml")
+        return prepare_target_data(cfg, lang, run_dir)
+
+    if rank == 0:
+        try:
+            prefixes = prepare()
+        except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised everywhere
+            prefixes = e
+    else:
+        prefixes = None
+    train_prefix, valid_prefix = _broadcast(prefixes)
+    target_tokenizer = _load_tokenizer(run_dir / TOKENIZER_DIR)
+
+    model = _load_masked_lm(model_dir)
+    source_weight = model.get_input_embeddings().weight.detach().clone()
+    if cfg.init.method == "random":
+        mapping = torch.full((len(target_tokenizer),), -1, dtype=torch.long)
+    else:
+        mapping = token_map(_load_tokenizer(Path(model_dir)), target_tokenizer)
+    generator = torch.Generator().manual_seed(cfg.init.seed)
+    weight, used_map = INITIALISERS[cfg.init.method](source_weight, mapping, target_tokenizer, std=cfg.init.std,
+                                                     pad_id=target_tokenizer.pad_token_id, generator=generator)
+    install_vocabulary(model, weight, used_map, target_tokenizer.pad_token_id)
+    trainable = select_trainable(model, cfg.trainable)
+    flops_fn = MLMFlops(model)  # before DeepSpeed: ZeRO-3 empties the parameters it partitions
+
+    train_data = MaskedLMDataset(str(train_prefix), target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
+    valid_data = MaskedLMDataset(str(valid_prefix), target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
+    zero_stage = json.loads(Path(_zero_config_path(cfg)).read_text())["zero_optimization"]["stage"]
+    tags = {"stage": "adapt", "method": method, "over": cfg.over, "source_lang": cfg.source_lang,
+            "target_lang": lang, "zero_stage": zero_stage}
+    tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"adapt-{method}-{lang}")
+    with Tracker(tracking, dataclasses.replace(cfg, target_lang=lang), tags=tags) as tracker:
+        result = train(cfg.train, model, train_data, masked_lm_loss, flops_fn, output_dir=run_dir,
+                       eval_data=valid_data, tracker=tracker, desc=f"adapt {lang} ({method})")
+        if result.interrupted:
+            tracker.set_tags({"interrupted_at_step": result.step})
+            return "interrupted"
+        tensors = gather_full_params(result.engine, trainable)
+        if rank == 0:
+            tensors["token_map"] = used_map
+            last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+            info = {
+                "over": cfg.over, "method": method, "source_lang": cfg.source_lang, "target_lang": lang,
+                "adapted_model": str(Path(model_dir).resolve()), "adapted_layers": model.config.num_hidden_layers,
+                "primary_model": {"path": str(Path(cfg.primary_model).resolve()), "sha256": primary_sha},
+                "vocab_size": weight.shape[0], "hidden_size": weight.shape[1],
+                "pad_token_id": target_tokenizer.pad_token_id,
+                "tokenizer_sha256": tokenizer_fingerprint(target_tokenizer), "init": cfg.init.method,
+                "trainable": sorted(trainable), "tied_output": "output_embeddings" not in trainable,
+                "steps": result.step, "zero_stage": zero_stage,
+                "flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"],
+                "final_train_loss": last["train/loss"], "final_eval_loss": last.get("eval/loss"),
+            }
+            write_artifact(run_dir, tensors, info)
+            plot = _plot_loss_vs_flops(run_dir / "metrics.jsonl", run_dir / "loss_vs_flops.png",
+                                       f"{method} adaptation to {lang}")
+            tracker.log_artifact(run_dir / "adapt.json")
+            if plot is not None:
+                tracker.log_artifact(plot)
+        _barrier()
+    return "done"
+
+
+def _zero_config_path(cfg: AdaptConfig) -> Path:
+    from minimodel.training.deepspeed_loop import resolve_zero_config
+
+    return resolve_zero_config(cfg.train.zero_config)
+
+
+def run_adaptation(cfg: AdaptConfig) -> dict[str, str]:
+    """Adapt to every selected language in turn; one failure does not stop the others. Returns {lang: status},
+    status "done" | "interrupted" | "failed: <error>", also written to <output_dir>/summary.json (rank 0)."""
+    import torch.distributed as dist
+
+    init_distributed()
+    rank = dist.get_rank()
+    statuses: dict[str, str] = {}
+    for lang in cfg.languages():
+        try:
+            statuses[lang] = adapt_language(cfg, lang)
+        except Exception as e:  # noqa: BLE001 - recorded; the other languages still run
+            statuses[lang] = f"failed: {type(e).__name__}: {e}"
+            if rank == 0:
+                run_dir = Path(cfg.output_dir) / lang
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(traceback.format_exc())
+                log.error("%s: adaptation failed (%s); traceback in %s", lang, e, run_dir / "error.txt")
+        if statuses[lang] == "interrupted":
+            break  # a stop signal: checkpointed, leave the remaining languages to the resubmitted job
+    if rank == 0:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        summary_path = out / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        summary.update(statuses)
+        tmp = summary_path.with_name("summary.json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, summary_path)
+    return statuses

@@ -1,0 +1,1 @@
+"""Narrow compatibility layers for environments the stock libraries do not target (see cpu.py)."""

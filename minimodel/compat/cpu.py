@@ -1,0 +1,119 @@
+"""Run stock megatron-core on a machine without CUDA (gloo, fp32): everything CPU-specific lives here.
+
+`apply()` is called by minimodel.distributed before megatron builds anything, and does nothing when CUDA is
+available, so GPU runs use unmodified megatron-core. What it changes, and why (measured facts in
+/work/shared/notes/megatron-core-on-cpu.md):
+- the tensor-parallel RNG tracker keeps CUDA generator states: a subclass keeps CPU generator states instead,
+  and the get/set-RNG-state helpers used by activation recompute point at the CPU generator;
+- torch.cuda.current_device / synchronize / current_stream are called unconditionally: mapped to CPU
+  equivalents / no-ops;
+- literal "cuda" devices (schedules, tied-embedding setup, optimizer, grad clipping) and `.cuda()` calls: a
+  process-wide TorchFunctionMode maps them to the CPU (its overhead is within measurement noise).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int means "CUDA device i" to torch; there is none here.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaDeviceToCpu(TorchFunctionMode):
+    """Maps device="cuda"/int device arguments, `.cuda()` and `.to("cuda")` to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and kwargs["device"] is not None and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and not isinstance(args[1], (torch.Tensor, torch.dtype)) \
+                and args[1] is not None and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NoStream:
+    """Stands in for a CUDA stream/event (a class, so type annotations using torch.cuda.Stream still work):
+    CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _install_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """megatron's RNG-state tracker over the CPU generator."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    # initialize_rng_tracker instantiates the module-level class name: every (re)initialisation gets ours.
+    mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    mp_random.initialize_rng_tracker(force_reset=True)
+
+
+def apply() -> bool:
+    """Install the CPU shims once per process if CUDA is absent; returns whether they are active."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    # A device object (not the index 0): also used as `device=` inside backward functions, where the
+    # TorchFunctionMode below is not active.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
+    torch.cuda.Stream = _NoStream
+    torch.cuda.Event = _NoStream
+    torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by the caller
+    _install_rng_tracker()
+    _CudaDeviceToCpu().__enter__()  # process-wide, for the life of the process
+    _applied = True
+    return True

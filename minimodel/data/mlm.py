@@ -1,0 +1,87 @@
+"""Masked-LM training examples from an indexed dataset of verses.
+
+The verses, in order, form one token stream that is cut into windows of `seq_length - 2` tokens, each framed as
+`<s> tokens... </s>` (only the last window is padded): no compute is spent on padding, and a verse may continue in
+the next sequence, as in RoBERTa's FULL-SENTENCES packing. Masking is a pure function of (seed, index), so every
+process, worker and resumed run sees exactly the same item i.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from minimodel.data.indexed import open_indexed
+
+IGNORE_INDEX = -100
+
+
+class MaskedLMDataset(torch.utils.data.Dataset):
+    """item i -> {"input_ids", "labels" (-100 where not predicted), "attention_mask"}: int64[seq_length] arrays.
+
+    Of the non-special tokens, each is selected with probability `mask_prob` (at least one per sequence); a selected
+    token becomes <mask> 80% of the time, a random ordinary token 10%, and stays itself 10% (BERT's recipe).
+    """
+
+    def __init__(self, prefix: str | os.PathLike, tokenizer, seq_length: int, mask_prob: float = 0.15, seed: int = 0):
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from minimodel.data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        if seq_length < 3:
+            raise ValueError(f"seq_length {seq_length} leaves no room for tokens between <s> and </s>: use >= 3")
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob {mask_prob} must be in (0, 1)")
+        self.prefix = str(prefix)
+        self.seq_length = seq_length
+        self.mask_prob = mask_prob
+        self.seed = seed
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer)
+        # Random replacements are ordinary tokens: every id except the special ones.
+        self._replacement_ids = np.setdiff1d(np.arange(self.vocab_size), tokenizer.all_special_ids)
+        self._docs = open_indexed(prefix)
+        self._capacity = seq_length - 2
+        self._doc_ends = np.cumsum(self._docs.sequence_lengths, dtype=np.int64)  # stream offset after each verse
+        self.num_tokens = int(self._doc_ends[-1]) if len(self._doc_ends) else 0
+
+    def __len__(self) -> int:
+        return -(-self.num_tokens // self._capacity)
+
+    def tokens(self, index: int) -> np.ndarray:
+        """The unmasked tokens of sequence `index` (without <s>, </s> and padding)."""
+        start = index * self._capacity
+        end = min(start + self._capacity, self.num_tokens)
+        first, last = np.searchsorted(self._doc_ends, [start, end - 1], side="right")
+        parts = []
+        for doc in range(int(first), int(last) + 1):
+            doc_start = int(self._doc_ends[doc]) - int(self._docs.sequence_lengths[doc])
+            lo, hi = max(start, doc_start), min(end, int(self._doc_ends[doc]))
+            parts.append(self._docs.get(doc, offset=lo - doc_start, length=hi - lo))
+        return np.concatenate(parts).astype(np.int64)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} sequences")
+        tokens = self.tokens(index)
+        n = len(tokens)
+        rng = np.random.default_rng([self.seed, index])
+        selected = rng.random(n) < self.mask_prob
+        if not selected.any():
+            selected[rng.integers(n)] = True
+        action = rng.random(n)
+        replacements = rng.choice(self._replacement_ids, size=n)
+        masked = np.where(action < 0.8, self.mask_id, np.where(action < 0.9, replacements, tokens))
+
+        input_ids = np.full(self.seq_length, self.pad_id, dtype=np.int64)
+        labels = np.full(self.seq_length, IGNORE_INDEX, dtype=np.int64)
+        attention_mask = np.zeros(self.seq_length, dtype=np.int64)
+        input_ids[0], input_ids[n + 1] = self.bos_id, self.eos_id
+        input_ids[1:n + 1] = np.where(selected, masked, tokens)
+        labels[1:n + 1] = np.where(selected, tokens, IGNORE_INDEX)
+        attention_mask[:n + 2] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,364 @@
+"""The data stage: corpora -> cleaned, deduplicated verses -> train/valid split -> tokenizers -> indexed datasets.
+
+Layout under `output_dir`, per language L:
+    <L>/tokenizer/                 Hugging Face tokenizer directory (XLM-R ids)
+    <L>/train.bin|.idx, valid.*    megatron-core IndexedDataset, one document per verse (ids without <s> </s>)
+    <L>/verses.jsonl               the documents in the order they were written, with their split
+    <L>/build.json                 completion marker: input hash, file sizes, counts
+    manifest.json                  what was built; config.yaml: the resolved config
+
+A language is built in a hidden sibling directory and renamed into place only once complete, so an interrupted
+build never leaves a directory that looks finished; the next run removes the leftover and rebuilds. A language
+whose build.json matches the current input hash (config, source fingerprints, code versions) and whose files have
+their recorded sizes is not rebuilt: re-running with the same inputs changes nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from minimodel.config import require, save_config
+from minimodel.data.clean import CLEANING_VERSION, clean_verse, normalize_spaces
+from minimodel.data.corpora import Document, Source, SourceConfig, split_verse_id
+from minimodel.data.indexed import load_megatron_datasets, write_indexed
+from minimodel.data.tokenizer import FastEncoder, train_tokenizer
+from minimodel.tracking import Tracker, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the output layout or packing changes
+SPLITS = ("train", "valid")
+BUILD_MARKER = "build.json"
+MANIFEST = "manifest.json"
+ENCODE_BATCH = 4096
+
+
+@dataclass
+class LanguageConfig:
+    sources: list[SourceConfig] = field(default_factory=list)  # read in order and concatenated
+    vocab_size: int | None = None  # None: tokenizer.vocab_size
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8000  # total, as the model sees it: pieces + <s> <pad> </s> <unk> <mask>
+    model_type: str = "unigram"
+    character_coverage: float = 0.9995
+    seed: int = 0
+    num_threads: int = 1  # SentencePiece's result depends on it: part of reproducibility, not of the machine
+    input_sentence_size: int = 1_000_000  # documents sampled (with seed) to train on; 0: all
+    joint: bool = False  # one tokenizer over all languages (copied into each <L>/tokenizer) instead of one each
+
+    def validate(self) -> None:
+        # XLMRobertaTokenizer is a unigram model; a SentencePiece BPE/word model converted to it segments text
+        # differently from SentencePiece itself (measured), so the ids in the datasets would not be the model's.
+        require(self.model_type == "unigram", "tokenizer.model_type",
+                f"{self.model_type!r} is not supported: the XLM-R tokenizer format is a unigram model; use unigram")
+        require(0.9 <= self.character_coverage <= 1.0, "tokenizer.character_coverage",
+                "must be in [0.9, 1] (0.9995 for alphabetic scripts, lower only for very large alphabets)")
+        require(self.num_threads >= 1, "tokenizer.num_threads", "must be >= 1")
+        require(self.input_sentence_size >= 0, "tokenizer.input_sentence_size", "must be >= 0 (0: all sentences)")
+
+
+@dataclass
+class DataConfig:
+    output_dir: str = "data/default"
+    languages: dict[str, LanguageConfig] = field(default_factory=dict)
+    books: list[int] = field(default_factory=list)  # Bible books kept (1-66); empty: all. Free text is always kept
+    valid_fraction: float = 0.05  # share of verse ids held out, the same ids in every language
+    split_seed: int = 0
+    clean: bool = True  # remove headings, cross-references, footnote marks from verses (minimodel/data/clean.py)
+    dedup: bool = True  # drop documents whose cleaned text already occurred in the language
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        require(bool(self.languages), "languages", "no language configured: add e.g. languages.en.sources "
+                "(see configs/data/default.yaml)")
+        for lang, lc in self.languages.items():
+            require(lang.replace("_", "").replace("-", "").isalnum(), f"languages.{lang}",
+                    "a language code is letters/digits (it names the output directory)")
+            require(bool(lc.sources), f"languages.{lang}.sources", "is empty: list at least one source")
+            for i, src in enumerate(lc.sources):
+                src.check(f"languages.{lang}.sources[{i}]", lang)
+            require(self.vocab_size(lang) > 5, f"languages.{lang}.vocab_size", "must be > 5")
+        require(all(1 <= b <= 66 for b in self.books), "books", "Bible books are numbered 1 (Genesis) to 66")
+        require(0.0 <= self.valid_fraction < 1.0, "valid_fraction", "must be in [0, 1)")
+        if self.tokenizer.joint:
+            sizes = {self.vocab_size(lang) for lang in self.languages}
+            require(len(sizes) == 1, "tokenizer.joint", "a joint tokenizer has one vocabulary size: remove the "
+                    "per-language vocab_size settings")
+
+    def vocab_size(self, lang: str) -> int:
+        return self.languages[lang].vocab_size or self.tokenizer.vocab_size
+
+
+# -- split, cleaning, dedup ---------------------------------------------------------------------------------------
+
+def _unit_hash(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0 ** 64
+
+
+def split_of(doc: Document, valid_fraction: float, seed: int) -> str:
+    """'valid' for a fixed pseudo-random share of verse ids (the same ids in every language), else 'train'.
+    Free text without a verse id is split by a hash of its text."""
+    key = f"{seed}:verse:{doc.verse_id}" if doc.verse_id is not None else f"{seed}:text:{doc.text}"
+    return "valid" if _unit_hash(key) < valid_fraction else "train"
+
+
+@dataclass
+class Record:
+    text: str
+    verse_id: int | None
+    source: str
+    split: str
+
+    def to_json(self) -> str:
+        book, chapter, verse = split_verse_id(self.verse_id) if self.verse_id is not None else (None, None, None)
+        return json.dumps({"verse_id": self.verse_id, "book": book, "chapter": chapter, "verse": verse,
+                           "text": self.text, "split": self.split, "source": self.source}, ensure_ascii=False)
+
+
+def collect(cfg: DataConfig, sources: list[Source]) -> tuple[list[Record], dict[str, int]]:
+    """A language's documents, in source order then document order: cleaned, filtered, deduplicated, split."""
+    books = set(cfg.books)
+    records: list[Record] = []
+    seen: set[str] = set()
+    dropped = {"empty": 0, "duplicate": 0}
+    for source in sources:
+        name = source.cfg.describe()
+        for doc in source.documents():
+            if doc.verse_id is not None:
+                if books and doc.verse_id // 1_000_000 not in books:
+                    continue
+                text = clean_verse(doc.text, doc.verse_id) if cfg.clean else normalize_spaces(doc.text)
+            else:
+                text = normalize_spaces(doc.text)
+            if not text:
+                dropped["empty"] += 1
+                continue
+            if cfg.dedup:
+                if text in seen:
+                    dropped["duplicate"] += 1
+                    continue
+                seen.add(text)
+            split = split_of(Document(text, doc.verse_id), cfg.valid_fraction, cfg.split_seed)
+            records.append(Record(text, doc.verse_id, name, split))
+    return records, dropped
+
+
+# -- hashing and completion markers -------------------------------------------------------------------------------
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def language_hash(cfg: DataConfig, lang: str, fingerprints: dict[str, list[str]]) -> str:
+    """Everything a language's output depends on. With a joint tokenizer that is every language's input."""
+    langs = list(cfg.languages) if cfg.tokenizer.joint else [lang]
+    return _digest({
+        "format": FORMAT_VERSION, "cleaning": CLEANING_VERSION if cfg.clean else None, "lang": lang,
+        "inputs": {l: {"sources": [dataclasses.asdict(s) for s in cfg.languages[l].sources],
+                       "fingerprints": fingerprints[l]} for l in langs},
+        "books": sorted(cfg.books), "valid_fraction": cfg.valid_fraction, "split_seed": cfg.split_seed,
+        "clean": cfg.clean, "dedup": cfg.dedup, "tokenizer": dataclasses.asdict(cfg.tokenizer),
+        "vocab_size": cfg.vocab_size(lang),
+        "libraries": {p: metadata.version(p) for p in ("sentencepiece", "transformers", "megatron-core")},
+    })
+
+
+def read_build(lang_dir: Path) -> dict | None:
+    try:
+        return json.loads((lang_dir / BUILD_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(lang_dir: Path, input_hash: str) -> bool:
+    """True if `lang_dir` holds a finished build of exactly these inputs with every file at its recorded size."""
+    build = read_build(lang_dir)
+    if build is None or build.get("input_hash") != input_hash:
+        return False
+    for name, size in build["files"].items():
+        path = lang_dir / name
+        if not path.is_file() or path.stat().st_size != size:
+            log.warning("%s: %s is missing or has the wrong size: rebuilding", lang_dir, name)
+            return False
+    return True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """One build per output directory at a time (e.g. several jobs of a pipeline starting together)."""
+    with open(out / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_interrupted(out: Path) -> None:
+    for leftover in sorted(out.glob(".*.partial-*")) + sorted(out.glob(".*.old-*")):
+        log.warning("removing %s, left by an interrupted build", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+# -- building one language ------------------------------------------------------------------------------------------
+
+def _train_tokenizer(cfg: DataConfig, texts: list[str], out_dir: Path, vocab_size: int) -> Path:
+    t = cfg.tokenizer
+    return train_tokenizer(texts, out_dir, vocab_size, model_type=t.model_type,
+                           character_coverage=t.character_coverage, seed=t.seed, num_threads=t.num_threads,
+                           input_sentence_size=t.input_sentence_size)
+
+
+def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: dict[str, int], input_hash: str,
+                   out: Path, joint_tokenizer: Path | None = None) -> dict:
+    """Build `<out>/<lang>` in a hidden directory and rename it into place once complete; returns its stats."""
+    start = time.perf_counter()
+    tmp = out / f".{lang}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    vocab_size = cfg.vocab_size(lang)
+    if joint_tokenizer is not None:
+        shutil.copytree(joint_tokenizer, tmp / "tokenizer")
+    else:
+        train_texts = [r.text for r in records if r.split == "train"]
+        log.info("%s: training a %d-token tokenizer on %d documents", lang, vocab_size, len(train_texts))
+        _train_tokenizer(cfg, train_texts, tmp / "tokenizer", vocab_size)
+    encoder = FastEncoder(tmp / "tokenizer")
+    encoder.check_agrees([r.text for r in records[:64]])
+
+    docs = {split: 0 for split in SPLITS}
+    tokens = {split: 0 for split in SPLITS}
+    with contextlib.ExitStack() as stack:
+        writers = {split: stack.enter_context(write_indexed(tmp / split, vocab_size)) for split in SPLITS}
+        verses = stack.enter_context(open(tmp / "verses.jsonl", "w", encoding="utf-8"))
+        bar = stack.enter_context(tqdm(total=len(records), desc=f"{lang}: tokenize + write", unit="doc",
+                                       dynamic_ncols=True))
+        for i in range(0, len(records), ENCODE_BATCH):
+            batch = records[i:i + ENCODE_BATCH]
+            for record, ids in zip(batch, encoder.encode([r.text for r in batch])):
+                writers[record.split].add(ids)
+                docs[record.split] += 1
+                tokens[record.split] += len(ids)
+                verses.write(record.to_json() + "\n")
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    stats = {"documents": docs, "tokens": tokens, "dropped": dropped, "vocab_size": vocab_size,
+             "sources": [s.describe() for s in cfg.languages[lang].sources], "seconds": round(seconds, 2)}
+    _write_atomic(tmp / BUILD_MARKER, json.dumps({"input_hash": input_hash, "files": files, **stats}, indent=2))
+
+    final = out / lang
+    old = out / f".{lang}.old-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return stats
+
+
+# -- the stage -------------------------------------------------------------------------------------------------------
+
+def _summary(stats: dict[str, dict], built: list[str], seconds: float) -> str:
+    header = f"{'lang':<6}{'train docs':>11}{'valid docs':>11}{'train tokens':>14}{'valid tokens':>14}" \
+             f"{'vocab':>7}{'dups':>6}{'tokens/s':>11}  sources"
+    lines = [header, "-" * len(header)]
+    for lang, s in stats.items():
+        d, t = s["documents"], s["tokens"]
+        rate = f"{sum(t.values()) / s['seconds']:,.0f}" if lang in built and s["seconds"] > 0 else "(cached)"
+        lines.append(f"{lang:<6}{d['train']:>11,}{d['valid']:>11,}{t['train']:>14,}{t['valid']:>14,}"
+                     f"{s['vocab_size']:>7}{s['dropped']['duplicate']:>6}{rate:>11}  {', '.join(s['sources'])}")
+    total_docs = sum(sum(s["documents"].values()) for s in stats.values())
+    total_tokens = sum(sum(s["tokens"].values()) for s in stats.values())
+    built_tokens = sum(sum(stats[lang]["tokens"].values()) for lang in built)
+    lines.append(f"total: {total_docs:,} documents, {total_tokens:,} tokens; built {len(built)} language(s) in "
+                 f"{seconds:.1f} s ({built_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+    return "\n".join(lines)
+
+
+def prepare_data(cfg: DataConfig) -> dict:
+    """Build every configured language under cfg.output_dir (skipping up-to-date ones); returns the manifest."""
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        _remove_interrupted(out)
+        sources = {lang: [Source(s) for s in lc.sources] for lang, lc in cfg.languages.items()}
+        fingerprints = {lang: [s.fingerprint for s in srcs] for lang, srcs in sources.items()}
+        hashes = {lang: language_hash(cfg, lang, fingerprints) for lang in cfg.languages}
+        input_hash = _digest(hashes)
+        todo = [lang for lang in cfg.languages if not is_complete(out / lang, hashes[lang])]
+        manifest_path = out / MANIFEST
+        old_manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        tags = {"stage": "data", "method": "prepare_data", "languages": ",".join(cfg.languages)}
+        with Tracker(cfg.tracking, config=cfg, tags=tags) as tracker:
+            if not todo and old_manifest.get("input_hash") == input_hash:
+                log.info("%s is up to date (input hash %s): nothing to do", out, input_hash[:12])
+                tracker.set_tags({"up_to_date": True})
+                return old_manifest
+            for lang in cfg.languages:
+                log.info("%s: %s", lang, "building" if lang in todo else "up to date, kept")
+
+            load_megatron_datasets()  # its import takes seconds: keep it out of the per-language timings
+            collected = {lang: collect(cfg, sources[lang]) for lang in todo}
+            joint = None
+            if cfg.tokenizer.joint and todo:
+                for lang in cfg.languages:  # the joint tokenizer needs every language's text
+                    if lang not in collected:
+                        collected[lang] = collect(cfg, sources[lang])
+                joint = out / f".joint-tokenizer.partial-{uuid.uuid4().hex[:8]}"
+                texts = [r.text for lang in cfg.languages for r in collected[lang][0] if r.split == "train"]
+                log.info("training a joint %d-token tokenizer on %d documents", cfg.tokenizer.vocab_size, len(texts))
+                _train_tokenizer(cfg, texts, joint, cfg.tokenizer.vocab_size)
+            try:
+                for lang in todo:
+                    records, dropped = collected[lang]
+                    build_language(cfg, lang, records, dropped, hashes[lang], out, joint)
+            finally:
+                if joint is not None:
+                    shutil.rmtree(joint, ignore_errors=True)
+
+            stats = {lang: {k: v for k, v in read_build(out / lang).items() if k not in ("files", "input_hash")}
+                     for lang in cfg.languages}
+            manifest = {"format": FORMAT_VERSION, "input_hash": input_hash, "valid_fraction": cfg.valid_fraction,
+                        "split_seed": cfg.split_seed, "books": cfg.books, "joint_tokenizer": cfg.tokenizer.joint,
+                        "languages": {lang: {"hash": hashes[lang], **stats[lang]} for lang in cfg.languages}}
+            save_config(cfg, out / "config.yaml")
+            _write_atomic(manifest_path, json.dumps(manifest, indent=2))
+            seconds = time.perf_counter() - start
+            log.info("\n%s", _summary(stats, todo, seconds))
+            metrics = {"seconds": seconds}
+            for lang, s in stats.items():
+                for split in SPLITS:
+                    metrics[f"{lang}.{split}_documents"] = s["documents"][split]
+                    metrics[f"{lang}.{split}_tokens"] = s["tokens"][split]
+            built_tokens = sum(sum(stats[lang]["tokens"].values()) for lang in todo)
+            metrics["tokens_per_s"] = built_tokens / max(seconds, 1e-9)
+            tracker.log_metrics(metrics, step=0)
+            tracker.log_artifact(manifest_path)
+        return manifest

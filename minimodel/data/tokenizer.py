@@ -1,0 +1,113 @@
+"""SentencePiece tokenizers with XLM-R's id convention, saved as Hugging Face tokenizer directories.
+
+ids: <s>=0 <pad>=1 </s>=2 <unk>=3, then the SentencePiece pieces (SentencePiece id + 1), <mask>=last, exactly as
+XLM-R, so `len(tokenizer) == vocab_size` and every consumer loads it with `transformers.AutoTokenizer`.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from minimodel.config import ConfigError
+
+SPM_FILE = "sentencepiece.bpe.model"  # XLM-R's file name (the model inside may be unigram or bpe)
+NUM_SPECIAL_ADDED = 2  # <pad> and <mask> exist on the Hugging Face side only
+
+
+class TokenizerError(ConfigError):
+    """A tokenizer that cannot be built or loaded as asked; the message says how to fix it."""
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int, model_type: str = "unigram",
+                    character_coverage: float = 0.9995, seed: int = 0, num_threads: int = 1,
+                    input_sentence_size: int = 1_000_000) -> Path:
+    """Train SentencePiece on `texts` and write a Hugging Face XLM-R tokenizer directory to `out_dir`.
+
+    The model is a pure function of (texts, arguments): at most `input_sentence_size` texts (0: all) are sampled
+    with `seed` (here, since SentencePiece's own sampler ignores its seed when fed an iterator), and the result
+    also depends on `num_threads`, which is therefore an argument rather than the machine's core count.
+    """
+    import sentencepiece as spm
+    from transformers import XLMRobertaTokenizer
+
+    if vocab_size <= NUM_SPECIAL_ADDED + 3:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: it must leave room for the 5 special tokens")
+    texts = list(texts)
+    if 0 < input_sentence_size < len(texts):
+        texts = random.Random(seed).sample(texts, input_sentence_size)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model,
+            vocab_size=vocab_size - NUM_SPECIAL_ADDED, model_type=model_type,
+            character_coverage=character_coverage, num_threads=num_threads,
+            input_sentence_size=0,  # sampled above
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # XLM-R's SentencePiece layout
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        limit = re.search(r"Vocabulary size too high.*<= (\d+)", str(e))
+        if limit:
+            raise TokenizerError(
+                f"the text is too small for a vocabulary of {vocab_size}: set the vocabulary size "
+                f"(tokenizer.vocab_size or languages.<lang>.vocab_size) to at most "
+                f"{int(limit.group(1)) + NUM_SPECIAL_ADDED}, or add text") from None
+        raise
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        spm_path = Path(tmp) / SPM_FILE
+        spm_path.write_bytes(model.getvalue())
+        tokenizer = XLMRobertaTokenizer.from_pretrained(tmp, local_files_only=True)  # converts the .model
+        tokenizer.save_pretrained(str(out_dir))
+        shutil.copyfile(spm_path, out_dir / SPM_FILE)
+    return out_dir
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The Hugging Face tokenizer saved by `train_tokenizer` (offline)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer_config.json").is_file():
+        raise TokenizerError(f"{path} is not a tokenizer directory (no tokenizer_config.json): point at "
+                             f"<data output_dir>/<lang>/tokenizer built by pretrain/prepare_data.py")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+class FastEncoder:
+    """Batch encoding with the SentencePiece model itself, in the Hugging Face tokenizer's ids (no <s> </s>).
+
+    It is an order of magnitude faster than the Hugging Face tokenizer on many short texts and gives the same ids
+    for the unigram models `train_tokenizer` writes; `check_agrees` verifies that on real text.
+    """
+
+    def __init__(self, tokenizer_dir: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.dir = Path(tokenizer_dir)
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.dir / SPM_FILE))
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        out = []
+        for ids in self.sp.encode(texts):
+            ids = np.asarray(ids, dtype=np.int64) + 1  # pieces: SentencePiece id + 1
+            ids[ids == 1] = 3  # SentencePiece <unk> (0) -> XLM-R <unk> (3)
+            out.append(ids)
+        return out
+
+    def check_agrees(self, texts: list[str]) -> None:
+        hf = load_tokenizer(self.dir)(texts, add_special_tokens=False)["input_ids"]
+        for text, ours, theirs in zip(texts, self.encode(texts), hf):
+            if ours.tolist() != list(theirs):
+                raise TokenizerError(f"SentencePiece and the Hugging Face tokenizer in {self.dir} disagree on "
+                                     f"{text[:80]!r}: was the tokenizer directory edited by hand? Delete it and rebuild")

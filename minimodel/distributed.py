@@ -1,0 +1,200 @@
+"""The one place that sets up and tears down torch.distributed and megatron-core's parallel state.
+
+Launch with torchrun (or srun setting the same variables): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT. Without
+them, `initialize` makes a one-process group, so tools such as the exporter run as plain scripts.
+NCCL on GPUs, gloo on CPU; on a machine without CUDA, minimodel.compat.cpu is applied first (and only then).
+
+Process layout: world = tensor x pipeline x data parallel (megatron's order: TP innermost). Virtual pipeline
+stages interleave `virtual_pipeline_model_parallel_size` model chunks per pipeline rank.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from minimodel.config import ConfigError, require
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # Model chunks per pipeline rank (interleaved 1F1B); None = one chunk per rank.
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False  # split LayerNorm/dropout activations over the TP ranks (needs TP > 1)
+    use_distributed_optimizer: bool = False  # shard optimizer state (and grad reduction) over data parallel
+    overlap_grad_reduce: bool = False  # overlap the data-parallel gradient reduction with the backward pass
+    micro_batch_size: int = 8  # sequences per microbatch per data-parallel replica
+    global_batch_size: int = 64  # sequences per optimizer step over all replicas
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 with CUDA, fp32 without
+    # Initialise weights on the CPU from the full tensors, so they do not depend on the TP layout (always on
+    # without CUDA; on GPUs it is slower but makes runs at different TP sizes start from the same weights).
+    use_cpu_initialization: bool = False
+    timeout_minutes: int = 30  # collective timeout
+
+    def validate(self) -> None:
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+                    "global_batch_size", "timeout_minutes"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            require(vpp >= 1, "virtual_pipeline_model_parallel_size", f"must be >= 1 or null, got {vpp}")
+            require(vpp == 1 or self.pipeline_model_parallel_size > 1, "virtual_pipeline_model_parallel_size",
+                    "virtual (interleaved) stages need pipeline_model_parallel_size > 1; set it to null")
+        require(not self.sequence_parallel or self.tensor_model_parallel_size > 1, "sequence_parallel",
+                "sequence parallelism splits activations over tensor-parallel ranks: it needs "
+                "tensor_model_parallel_size > 1 (or set sequence_parallel=false)")
+        require(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    @property
+    def num_model_chunks(self) -> int:
+        return self.virtual_pipeline_model_parallel_size or 1
+
+    def data_parallel_size(self, world_size: int) -> int:
+        require(world_size % self.model_parallel_size == 0, "tensor_model_parallel_size",
+                f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+                f"pipeline_model_parallel_size = {self.tensor_model_parallel_size} x "
+                f"{self.pipeline_model_parallel_size}: launch a multiple of {self.model_parallel_size} processes")
+        return world_size // self.model_parallel_size
+
+    def num_microbatches(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        per_step = self.micro_batch_size * dp
+        require(self.global_batch_size % per_step == 0, "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of micro_batch_size x data-parallel size = "
+                f"{self.micro_batch_size} x {dp}")
+        n = self.global_batch_size // per_step
+        if self.num_model_chunks > 1:
+            require(n % self.pipeline_model_parallel_size == 0, "global_batch_size",
+                    f"the interleaved schedule needs the number of microbatches ({n}) to be a multiple of "
+                    f"pipeline_model_parallel_size={self.pipeline_model_parallel_size}")
+        return n
+
+    def bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and torch.cuda.is_available())
+
+
+def device() -> torch.device:
+    """This process's device: its GPU under CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def is_initialized() -> bool:
+    from megatron.core import parallel_state
+
+    return dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+
+
+def initialize(parallel: ParallelConfig, seed: int, embedding_stages: Iterable[int] = ()) -> None:
+    """Start torch.distributed (if needed) and megatron's parallel groups, and seed every generator.
+
+    `embedding_stages`: pipeline stages, besides the first and last, that hold a copy of the word embeddings
+    (the MiniJoint secondary head); their copies are kept in sync over megatron's embedding group.
+    """
+    from minimodel.compat import cpu
+
+    cpu.apply()
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        timeout = timedelta(minutes=parallel.timeout_minutes)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    world = dist.get_world_size()
+    parallel.num_microbatches(world)  # raises a ConfigError naming the key if the layout does not fit
+
+    pp = parallel.pipeline_model_parallel_size
+    extra = sorted(set(embedding_stages) - {0, pp - 1})
+    for stage in extra:
+        if not 0 <= stage < pp:
+            raise ConfigError(f"pipeline_model_parallel_size: embedding stage {stage} is outside 0..{pp - 1}")
+
+    def embedding_ranks(pp_ranks: list[int], *_) -> list[int]:
+        return [pp_ranks[s] for s in sorted({0, len(pp_ranks) - 1, *extra})]
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        get_embedding_ranks=embedding_ranks,
+        distributed_timeout_minutes=parallel.timeout_minutes,
+    )
+    seed_all(seed)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, numpy and torch; pipeline stages get distinct streams, TP ranks megatron's tracked ones."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def rng_state() -> dict:
+    """Every generator's state in this process (for exact resume)."""
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

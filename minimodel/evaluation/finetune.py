@@ -1,0 +1,175 @@
+"""Step 3: fine-tune the primary model on a source-language task with the token embeddings frozen.
+
+The model comes from any BERT-class masked-LM directory (our MegatronBertForMaskedLM export, XLM-R, BERT, ...),
+loaded with the task's Auto class (sequence classification or extractive QA: a new, trainable head). Token
+embeddings (and an LM head, where the class keeps one) are frozen, so that step 4 can swap in target-language
+embeddings; the body, position embeddings and head train through the shared DeepSpeed loop
+(minimodel/training/deepspeed_loop.py), which checkpoints and resumes.
+
+Output <output_dir>/:
+    model/          the task model (HF save_pretrained) + the source tokenizer + task.json
+    train/          loop checkpoints and metrics.jsonl
+    metrics.json    source-language dev/test metrics
+    config.yaml     the resolved config
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minimodel.config import require, save_config
+from minimodel.evaluation.features import classification_features, qa_train_features
+from minimodel.evaluation.models import TASK_FILE, check_tokenizer, freeze_embeddings, load_task_model
+from minimodel.evaluation.scoring import score
+from minimodel.evaluation.tasks import TaskConfig, load_examples
+from minimodel.manifest import model_hash
+from minimodel.tracking import Tracker, TrackingConfig
+from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, gather_full_params, init_distributed, train
+
+PREEMPTED_EXIT_CODE = 75  # as pretrain/train.py: sysexits EX_TEMPFAIL, requeue the job and it resumes
+
+
+@dataclass
+class FinetuneConfig:
+    output_dir: str = "runs/evaluate/finetune"
+    model_dir: str = ""  # the primary model: a Hugging Face masked-LM directory
+    tokenizer: str | None = None  # the source tokenizer; default: the one saved in model_dir
+    source_lang: str = "en"
+    method: str = "shared"  # MLflow tag: step 3 is shared by every adaptation method of the same primary model
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: DeepSpeedLoopConfig = field(default_factory=lambda: DeepSpeedLoopConfig(
+        steps=2000, micro_batch_size=32, lr=1e-5, warmup_steps=200, zero_config="configs/deepspeed/zero1.json"))
+    eval_splits: list[str] = field(default_factory=lambda: ["dev", "test"])
+    eval_batch_size: int = 64
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        require(bool(self.model_dir), "model_dir", "set it to the primary model's Hugging Face directory")
+        require(self.task.spec.kind != "retrieval", "task.name",
+                f"{self.task.name} has no fine-tuning step: score it directly with evaluate/zero_shot.py")
+        require(set(self.eval_splits) <= {"dev", "test"}, "eval_splits", "only dev and test can be evaluated")
+
+
+def task_flops(model, batch_size: int, seq_length: int) -> float:
+    """FLOPs of one forward + backward of a batch (padding included: the model computes it): per token,
+    6 x the non-embedding parameters for the matmuls plus 12 x layers x hidden x sequence length for the attention
+    scores and their weighted sum (forward 4, backward 8)."""
+    cfg = model.config
+    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    per_token = 6 * body + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_length
+    return float(batch_size * seq_length * per_token)
+
+
+def _ensure_process_group() -> None:
+    """Plain `python evaluate/finetune.py` is a one-process job: give DeepSpeed the env a launcher would set."""
+    if "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_distributed()
+
+
+def _save_task_model(cfg: FinetuneConfig, model, engine, tokenizer, labels) -> Path:
+    """Write the trained task model: trainable parameters from the optimizer's fp32 master copy; frozen ones as
+    loaded (a bf16 run keeps only a bf16 image of them in the engine). Collective; rank 0 writes."""
+    import deepspeed
+    import torch.distributed as dist
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    full = gather_full_params(engine, trainable)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    with deepspeed.zero.GatheredParameters(frozen):
+        frozen_state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    out = Path(cfg.output_dir) / "model"
+    if dist.get_rank() == 0:
+        task_model = load_task_model(cfg.model_dir, cfg.task.spec.kind, labels)
+        state = task_model.state_dict()
+        for name, value in frozen_state.items():
+            if value.dtype == state[name].dtype:  # bf16 engine copies of frozen fp32 weights are not kept
+                state[name] = value
+        state.update(full)
+        task_model.load_state_dict(state)
+        tmp = out.with_name("model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        task_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {"task": cfg.task.name, "kind": cfg.task.spec.kind, "labels": list(labels),
+                "source_lang": cfg.source_lang, "max_length": cfg.task.max_length,
+                "primary_model": {"path": str(Path(cfg.model_dir).resolve()), "sha256": model_hash(cfg.model_dir)},
+                "frozen": sorted(frozen_state)}
+        (tmp / TASK_FILE).write_text(json.dumps(info, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    dist.barrier()
+    return out
+
+
+def finetune(cfg: FinetuneConfig) -> tuple[Path | None, dict[str, float]]:
+    """Fine-tune, save the task model, score it on the source language. Returns (task model dir, metrics);
+    (None, {}) when a stop signal interrupted training (relaunch with the same output_dir to resume)."""
+    from transformers import AutoTokenizer
+    import torch.distributed as dist
+
+    _ensure_process_group()
+    rank = dist.get_rank()
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+    spec = cfg.task.spec
+    tokenizer_dir = cfg.tokenizer or cfg.model_dir
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = load_task_model(cfg.model_dir, spec.kind, spec.labels)
+    check_tokenizer(model, tokenizer, cfg.model_dir, tokenizer_dir)
+    frozen = freeze_embeddings(model)
+
+    task = cfg.task
+    examples = load_examples(task, cfg.source_lang, "train")
+    dev = load_examples(task, cfg.source_lang, "dev")
+    if spec.kind == "classification":
+        train_data = classification_features(examples, tokenizer, task.max_length)
+        eval_data = classification_features(dev, tokenizer, task.max_length)
+    else:
+        train_data = qa_train_features(examples, tokenizer, task.max_length, task.doc_stride)
+        eval_data = qa_train_features(dev, tokenizer, task.max_length, task.doc_stride)
+
+    def loss_fn(m, batch):
+        return m(**batch).loss
+
+    def flops_fn(batch):
+        return task_flops(model, *batch["input_ids"].shape)
+
+    tags = {"stage": "finetune", "method": cfg.method, "source_lang": cfg.source_lang, "task": task.name}
+    with Tracker(cfg.tracking, config=cfg, tags=tags) as tracker:
+        tracker.set_tags({"frozen": ",".join(frozen)})
+        result = train(cfg.train, model, train_data, loss_fn, flops_fn, output_dir=out / "train",
+                       eval_data=eval_data, tracker=tracker, desc=f"finetune {task.name}")
+        if result.interrupted:
+            _end_process_group()
+            return None, {}
+        model_dir = _save_task_model(cfg, model, result.engine, tokenizer, spec.labels)
+        metrics: dict[str, float] = {}
+        if rank == 0:
+            task_model = load_task_model(model_dir, spec.kind)
+            for split in cfg.eval_splits:
+                scores = score(task, task_model, tokenizer, cfg.source_lang, split, cfg.eval_batch_size)
+                metrics.update({f"{split}/{k}": v for k, v in scores.items()})
+            tracker.log_metrics(metrics, step=result.step)
+            tmp = out / "metrics.json.tmp"
+            tmp.write_text(json.dumps(metrics, indent=2))
+            os.replace(tmp, out / "metrics.json")
+    _end_process_group()
+    return model_dir, metrics
+
+
+def _end_process_group() -> None:
+    """Tear down torch.distributed once all ranks are here (cheap insurance against crashes at exit)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()

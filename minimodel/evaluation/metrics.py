@@ -1,0 +1,107 @@
+"""Task metrics: accuracy, MLQA exact match / F1 (the official MLQA evaluation's normalisation), retrieval top-k.
+
+The MLQA normalisation follows facebookresearch/MLQA `mlqa_evaluation_v1.py`: lower-case, drop every Unicode
+punctuation character, drop the language's articles, then split on whitespace (or, for Chinese, split every CJK
+character and punctuation mark into its own token). Languages the official script does not know (it raises)
+are treated as whitespace languages without articles, so target languages outside MLQA can still be scored.
+"""
+from __future__ import annotations
+
+import re
+import string
+import sys
+import unicodedata
+from collections import Counter
+from typing import Iterable, Sequence
+
+import numpy as np
+
+PUNCT = frozenset(chr(i) for i in range(sys.maxunicode) if unicodedata.category(chr(i)).startswith("P")) | frozenset(
+    string.punctuation)
+MIXED_SEGMENTATION_LANGS = {"zh"}
+_ARTICLES = {
+    "en": re.compile(r"\b(a|an|the)\b"),
+    "es": re.compile(r"\b(un|una|unos|unas|el|la|los|las)\b"),
+    "vi": re.compile(r"\b(của|là|cái|chiếc|những)\b"),
+    "de": re.compile(r"\b(ein|eine|einen|einem|eines|einer|der|die|das|den|dem|des)\b"),
+    "ar": re.compile(r"\sال^|ال"),  # as in the official script: removes every "ال"
+}
+_CJK = re.compile(r"[\u4e00-\u9fa5]")
+
+
+def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError(f"accuracy needs as many predictions as labels (>0), got {len(predictions)} and {len(labels)}")
+    return float(np.mean(np.asarray(predictions) == np.asarray(labels)))
+
+
+def _mixed_segmentation(text: str) -> list[str]:
+    tokens: list[str] = []
+    pending = ""
+    for char in text:
+        if _CJK.search(char) or char in PUNCT:
+            tokens.extend(pending.split())
+            pending = ""
+            tokens.append(char)
+        else:
+            pending += char
+    tokens.extend(pending.split())
+    return tokens
+
+
+def normalize_answer(text: str, lang: str) -> str:
+    """MLQA answer normalisation: lower, drop punctuation, drop articles, re-tokenise, join with spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in PUNCT)
+    if lang in _ARTICLES:
+        text = _ARTICLES[lang].sub(" ", text)
+    tokens = _mixed_segmentation(text) if lang in MIXED_SEGMENTATION_LANGS else text.split()
+    return " ".join(t for t in tokens if t.strip())
+
+
+def qa_exact_match(prediction: str, truth: str, lang: str) -> float:
+    return float(normalize_answer(prediction, lang) == normalize_answer(truth, lang))
+
+
+def qa_f1(prediction: str, truth: str, lang: str) -> float:
+    pred_tokens = normalize_answer(prediction, lang).split()
+    truth_tokens = normalize_answer(truth, lang).split()
+    same = sum((Counter(pred_tokens) & Counter(truth_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred_tokens)
+    recall = same / len(truth_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_scores(predictions: dict[str, str], answers: dict[str, list[str]], lang: str) -> dict[str, float]:
+    """{"exact_match", "f1"} in percent, each the max over a question's gold answers; unanswered questions score 0."""
+    if not answers:
+        raise ValueError("qa_scores: no questions to score")
+    em = f1 = 0.0
+    for qid, truths in answers.items():
+        if qid not in predictions:
+            continue
+        em += max(qa_exact_match(predictions[qid], t, lang) for t in truths)
+        f1 += max(qa_f1(predictions[qid], t, lang) for t in truths)
+    return {"exact_match": 100.0 * em / len(answers), "f1": 100.0 * f1 / len(answers)}
+
+
+def retrieval_accuracy(queries: np.ndarray, candidates: np.ndarray, gold: Iterable[int] | None = None,
+                       ks: Sequence[int] = (1, 10)) -> dict[str, float]:
+    """Top-k accuracy of retrieving candidate gold[i] for query i by cosine similarity.
+
+    queries: [n, d], candidates: [m, d]; gold defaults to the identity (query i pairs with candidate i).
+    Ties are broken against the gold candidate (a constant embedding never counts as a hit).
+    """
+    queries = np.asarray(queries, dtype=np.float64)
+    candidates = np.asarray(candidates, dtype=np.float64)
+    gold_idx = np.arange(len(queries)) if gold is None else np.asarray(list(gold))
+    if len(gold_idx) != len(queries) or len(queries) == 0:
+        raise ValueError(f"retrieval_accuracy: {len(queries)} queries but {len(gold_idx)} gold indices")
+    q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    c = candidates / np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True), 1e-12)
+    sims = q @ c.T
+    gold_sim = sims[np.arange(len(q)), gold_idx]
+    # rank of the gold candidate = number of candidates at least as similar, other than itself
+    rank = (sims >= gold_sim[:, None]).sum(axis=1) - 1
+    return {f"top{k}": float(np.mean(rank < k)) for k in ks}

@@ -1,0 +1,143 @@
+"""Task models on the Hugging Face side: load from any BERT-class masked-LM or task directory, freeze the token
+embeddings, check that a tokenizer fits a model's embeddings, and run batched inference.
+
+A task model directory (written by fine-tuning) holds the HF model, the source tokenizer and `task.json`
+({"task", "kind", "labels", "source_lang", "max_length", ...}); plugging target embeddings into it (adapt/plug.py)
+keeps `task.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+TASK_FILE = "task.json"
+
+
+class TokenizerMismatchError(ValueError):
+    """The tokenizer's ids do not index this model's embedding matrix."""
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, ...] | None = None):
+    """The HF model class for a task `kind` from `model_dir`: a masked-LM directory (pass `labels`: a new
+    classification head) or a task model (labels from its config)."""
+    from transformers import AutoModel, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    if kind == "classification":
+        if labels is None:
+            return AutoModelForSequenceClassification.from_pretrained(model_dir)
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)})
+    if kind == "qa":
+        return AutoModelForQuestionAnswering.from_pretrained(model_dir)
+    if kind == "retrieval":
+        return AutoModel.from_pretrained(model_dir)
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+def freeze_embeddings(model) -> list[str]:
+    """Freeze the token embeddings (and an LM head, where the class has one); return the frozen parameter names."""
+    frozen = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        frozen |= {id(p) for p in head.parameters()}
+    names = []
+    for name, p in model.named_parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+            names.append(name)
+    return names
+
+
+def read_task_info(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / TASK_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no {TASK_FILE}: is it a task model written by evaluate/finetune.py "
+                                "(or plugged from one)?")
+    return json.loads(path.read_text())
+
+
+def _padded_size(n: int, rows: int) -> bool:
+    """True if `rows` is `n` rounded up to a multiple of some power of two (Megatron pads vocabularies so)."""
+    multiple = 1
+    while multiple <= rows:
+        if -(-n // multiple) * multiple == rows:
+            return True
+        multiple *= 2
+    return False
+
+
+def _dir_vocab(model_dir: Path) -> dict | None:
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).get_vocab()
+
+
+def check_tokenizer(model, tokenizer, model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's token embeddings.
+
+    The embedding matrix must have exactly one row per token id (or that count padded to a multiple of a power of
+    two, as Megatron pads), and if the model directory carries a tokenizer (a plugged model carries the one its
+    embeddings were learned with) it must be the same vocabulary.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    n = len(tokenizer)
+    fix = ("evaluate a model with the tokenizer its embeddings were learned with: the source tokenizer for the "
+           "fine-tuned task model, the target tokenizer for a model plugged with target embeddings")
+    if not _padded_size(n, rows):
+        raise TokenizerMismatchError(
+            f"tokenizer {tokenizer_dir} has {n} tokens but {model_dir} has {rows} token embeddings: {fix}")
+    own = _dir_vocab(Path(model_dir))
+    if own is not None and Path(model_dir).resolve() != Path(tokenizer_dir).resolve() and own != tokenizer.get_vocab():
+        raise TokenizerMismatchError(
+            f"{model_dir} carries a different tokenizer from {tokenizer_dir} (vocabularies differ): {fix}")
+
+
+def _batches(dataset, batch_size: int):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    dev = device()
+    for batch in loader:
+        yield {k: v.to(dev) for k, v in batch.items()}
+
+
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@torch.no_grad()
+def predict_logits(model, dataset, batch_size: int, desc: str, outputs: tuple[str, ...] = ("logits",)):
+    """Concatenated output tensors (numpy) of `model` over `dataset`, in order."""
+    model.to(device()).eval()
+    collected: dict[str, list[np.ndarray]] = {k: [] for k in outputs}
+    for batch in tqdm(_batches(dataset, batch_size), total=-(-len(dataset) // batch_size), desc=desc, leave=False):
+        out = model(**{k: v for k, v in batch.items() if k in _INPUTS})
+        for k in outputs:
+            collected[k].append(out[k].float().cpu().numpy())
+    return [np.concatenate(collected[k]) for k in outputs]
+
+
+@torch.no_grad()
+def mean_pooled(model, tokenizer, texts: list[str], layer: int, max_length: int, batch_size: int,
+                desc: str) -> np.ndarray:
+    """Mean over non-padding tokens of hidden_states[layer] (0 = embeddings output, L = last layer)."""
+    model.to(device()).eval()
+    dev = device()
+    out = []
+    for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
+        enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
+        enc = {k: v.to(dev) for k, v in enc.items() if k in _INPUTS}
+        hidden = model(**enc, output_hidden_states=True).hidden_states[layer]
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append(((hidden * mask).sum(1) / mask.sum(1)).float().cpu().numpy())
+    return np.concatenate(out)

@@ -1,0 +1,271 @@
+"""The pipeline report: zero-shot quality per language and adaptation method against the adaptation compute spent.
+
+Reads the child runs of a pipeline's parent run (minimodel/evaluation/runs.py):
+- adaptation runs (tag stage=adapt, method, target_lang) with their per-step histories of compute/flops and
+  compute/wall_clock_s;
+- evaluation runs (tag stage=evaluate, role=target|source, method, target_lang, task, metric) written by
+  zero_shot; a run tagged adapt_step scores that adaptation checkpoint, otherwise the final embeddings. The
+  evaluation is tied to its adaptation run by the tag adapt_run_id, else by (method, target_lang).
+
+For each task and language it finds, for every method, the compute at which its quality first reached 95% /
+99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute; with
+final evaluations only, each method has one point), and the saving against the standard method.
+Writes report.json, report.md and compute_vs_quality.png to output_dir and attaches them to the parent run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minimodel.config import require, save_config
+from minimodel.evaluation.runs import FLOPS_METRIC, WALL_CLOCK_METRIC, PipelineRuns, RunInfo
+from minimodel.evaluation.tasks import TASKS
+from minimodel.evaluation.zero_shot import METHODS
+from minimodel.tracking import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReportConfig:
+    output_dir: str = "runs/evaluate/report"
+    parent_run_id: str | None = None  # the pipeline's run; None: tracking.parent_run_id or $MINIMODEL_PARENT_RUN_ID
+    reference_method: str = "standard"  # whose final quality the thresholds are fractions of
+    fractions: list[float] = field(default_factory=lambda: [0.95, 0.99, 1.0])
+    log_to_parent: bool = True  # attach the report files (and headline metrics) to the parent run
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        require(all(0 < f <= 1.5 for f in self.fractions), "fractions", "each must be in (0, 1.5], e.g. 0.95")
+
+
+@dataclass
+class Point:
+    quality: float
+    flops: float | None
+    wall_clock_s: float | None
+    adapt_step: int | None  # None: final embeddings
+    run_id: str
+
+
+def _at_step(history: list[tuple[int, float]], step: int | None) -> float | None:
+    """The cumulative value logged at `step` (or the last one before it); the final value when step is None."""
+    if not history:
+        return None
+    if step is None:
+        return history[-1][1]
+    before = [v for s, v in history if s <= step]
+    return before[-1] if before else None
+
+
+def _find_adapt_run(run: RunInfo, adapt_runs: list[RunInfo]) -> RunInfo | None:
+    wanted = run.tags.get("adapt_run_id")
+    if wanted:
+        match = [a for a in adapt_runs if a.run_id == wanted or a.tags.get("reused_run_id") == wanted]
+        return match[0] if match else None
+    match = [a for a in adapt_runs if a.tags.get("method") == run.tags.get("method")
+             and a.tags.get("target_lang") == run.tags.get("target_lang")]
+    if len(match) > 1:
+        log.warning("%d adaptation runs for method %s, language %s: using the last; tag evaluation runs with "
+                    "adapt_run_id to choose", len(match), run.tags.get("method"), run.tags.get("target_lang"))
+    return match[-1] if match else None
+
+
+def collect(runs: PipelineRuns) -> dict:
+    """{"points": {task: {lang: {method: [Point...]}}}, "source": {task: {lang: quality}}, "metric": {task: name}}."""
+    children = runs.children()
+    adapt_runs = [r for r in children if r.stage == "adapt"]
+    histories: dict[str, tuple] = {}
+    points: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    source: dict = defaultdict(dict)
+    metric_of: dict[str, str] = {}
+    for run in children:
+        if run.stage != "evaluate":
+            continue
+        task = run.tags.get("task", "?")
+        metric = run.tags.get("metric") or (TASKS[task].metric if task in TASKS else None)
+        if metric not in run.metrics:
+            log.warning("evaluation run %s has no metric %r: skipped", run.name, metric)
+            continue
+        metric_of[task] = metric
+        lang = run.tags.get("target_lang", "?")
+        if run.tags.get("role") == "source":
+            source[task][lang] = run.metrics[metric]
+            continue
+        step = int(run.tags["adapt_step"]) if run.tags.get("adapt_step") not in (None, "", "None") else None
+        adapt = _find_adapt_run(run, adapt_runs)
+        flops = wall = None
+        if adapt is None:
+            log.warning("no adaptation run found for evaluation run %s: its compute is unknown", run.name)
+        else:
+            if adapt.run_id not in histories:
+                histories[adapt.run_id] = (runs.history(adapt.run_id, FLOPS_METRIC),
+                                           runs.history(adapt.run_id, WALL_CLOCK_METRIC))
+            flops_hist, wall_hist = histories[adapt.run_id]
+            flops, wall = _at_step(flops_hist, step), _at_step(wall_hist, step)
+        points[task][lang][run.tags.get("method", "?")].append(
+            Point(run.metrics[metric], flops, wall, step, run.run_id))
+    for per_lang in points.values():
+        for per_method in per_lang.values():
+            for pts in per_method.values():
+                pts.sort(key=lambda p: (math.inf if p.flops is None else p.flops,
+                                        math.inf if p.adapt_step is None else p.adapt_step))
+    return {"points": points, "source": source, "metric": metric_of}
+
+
+def compute_to_reach(points: list[Point], target: float) -> Point | None:
+    """The first point, in order of compute, whose quality reaches `target`."""
+    return next((p for p in points if p.quality >= target), None)
+
+
+def summarize(data: dict, reference: str, fractions: list[float]) -> dict:
+    """The report as plain JSON-able data: per task and language, each method's points and thresholds."""
+    tasks = {}
+    for task, per_lang in sorted(data["points"].items()):
+        langs = {}
+        for lang, per_method in sorted(per_lang.items()):
+            ref_points = per_method.get(reference, [])
+            ref_final = ref_points[-1].quality if ref_points else None
+            methods = {}
+            for method, pts in sorted(per_method.items(), key=lambda kv: _method_order(kv[0])):
+                final = pts[-1]
+                entry = {"final": {"quality": final.quality, "flops": final.flops,
+                                   "wall_clock_s": final.wall_clock_s},
+                         "points": [vars(p) for p in pts], "reach": {}}
+                for frac in fractions:
+                    if ref_final is None:
+                        continue
+                    hit = compute_to_reach(pts, frac * ref_final)
+                    ref_hit = compute_to_reach(ref_points, frac * ref_final)
+                    entry["reach"][f"{frac:g}"] = {
+                        "target_quality": frac * ref_final,
+                        "flops": hit.flops if hit else None,
+                        "wall_clock_s": hit.wall_clock_s if hit else None,
+                        "flops_saving": _ratio(ref_hit.flops if ref_hit else None, hit.flops if hit else None),
+                        "wall_clock_saving": _ratio(ref_hit.wall_clock_s if ref_hit else None,
+                                                    hit.wall_clock_s if hit else None),
+                    }
+                methods[method] = entry
+            langs[lang] = {"reference_final": ref_final, "methods": methods}
+        tasks[task] = {"metric": data["metric"].get(task), "languages": langs,
+                       "source": dict(data["source"].get(task, {}))}
+    return {"reference_method": reference, "fractions": fractions, "tasks": tasks}
+
+
+def _ratio(reference: float | None, value: float | None) -> float | None:
+    return reference / value if reference and value else None
+
+
+def _method_order(method: str) -> tuple:
+    return (METHODS.index(method) if method in METHODS else len(METHODS), method)
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def markdown(summary: dict) -> str:
+    fracs = [f"{f:g}" for f in summary["fractions"]]
+    ref = summary["reference_method"]
+    lines = ["# Zero-shot quality against adaptation compute", "",
+             f"Reference: the final quality of `{ref}` adaptation; \"FLOPs to x%\" is the adaptation compute at the "
+             f"first evaluated checkpoint reaching x% of it (saving = {ref}'s compute to reach it / the method's).", ""]
+    for task, t in summary["tasks"].items():
+        metric = t["metric"]
+        source = ", ".join(f"{lang} {_fmt(v, '.4g')}" for lang, v in t["source"].items())
+        lines += [f"## {task} ({metric})", "", f"Source-language reference (upper bound): {source or '—'}", ""]
+        head = ["language", "method", metric, "FLOPs", "wall-clock s"]
+        head += [f"FLOPs to {float(f) * 100:g}% (saving)" for f in fracs]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for lang, entry in t["languages"].items():
+            for method, m in entry["methods"].items():
+                row = [lang, method, _fmt(m["final"]["quality"], ".4g"), _fmt(m["final"]["flops"]),
+                       _fmt(m["final"]["wall_clock_s"])]
+                for f in fracs:
+                    r = m["reach"].get(f)
+                    if r is None or r["flops"] is None:
+                        row.append("not reached" if r is not None else "—")
+                    else:
+                        row.append(f"{_fmt(r['flops'])} ({_fmt(r['flops_saving'], '.2f')}x)")
+                lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summary["tasks"].items())
+    fig, axes = plt.subplots(max(len(tasks), 1), 2, figsize=(12, 4 * max(len(tasks), 1)), squeeze=False)
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    markers = "osD^v<>p*h"
+    for row, (task, t) in enumerate(tasks):
+        for col, (key, label) in enumerate([("flops", "adaptation FLOPs"), ("wall_clock_s", "adaptation wall-clock (s)")]):
+            ax = axes[row][col]
+            for li, (lang, entry) in enumerate(t["languages"].items()):
+                for method, m in entry["methods"].items():
+                    pts = [p for p in m["points"] if p[key] is not None]
+                    if not pts:
+                        continue
+                    ax.plot([p[key] for p in pts], [p["quality"] for p in pts], marker=markers[li % len(markers)],
+                            color=colors.get(method, "C9"), label=f"{method} {lang}")
+            for lang, value in t["source"].items():
+                ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"source {lang}")
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel(t["metric"])
+            ax.set_title(f"{task}: zero-shot {t['metric']}")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def headline_metrics(summary: dict) -> dict[str, float]:
+    """Final quality per task/language/method and the FLOPs saving at 100% of the reference, for the parent run."""
+    out = {}
+    for task, t in summary["tasks"].items():
+        for lang, entry in t["languages"].items():
+            for method, m in entry["methods"].items():
+                out[f"{task}/{lang}/{method}/{t['metric']}"] = m["final"]["quality"]
+                saving = m["reach"].get("1", {}).get("flops_saving")
+                if saving is not None:
+                    out[f"{task}/{lang}/{method}/flops_saving"] = saving
+    return out
+
+
+def report(cfg: ReportConfig) -> dict[str, Path]:
+    """Build the report of one pipeline; returns {"json", "markdown", "png"} paths."""
+    out = Path(cfg.output_dir)
+    save_config(cfg, out / "config.yaml")
+    runs = PipelineRuns(cfg.tracking, cfg.parent_run_id)
+    summary = summarize(collect(runs), cfg.reference_method, cfg.fractions)
+    if not summary["tasks"]:
+        raise ValueError(f"pipeline run {runs.parent_run_id} has no evaluation runs (stage=evaluate) with metrics: "
+                         "run evaluate/zero_shot.py with tracking.parent_run_id set to it first")
+    paths = {"json": _write(out / "report.json", json.dumps(summary, indent=2)),
+             "markdown": _write(out / "report.md", markdown(summary)),
+             "png": plot(summary, out / "compute_vs_quality.png")}
+    if cfg.log_to_parent:
+        runs.log_to_parent(list(paths.values()), "report", headline_metrics(summary))
+    return paths

@@ -1,0 +1,76 @@
+"""How well a mini-model stays aligned with its primary model, measured on held-out source-language text.
+
+- MLM loss (token-weighted cross-entropy over the masked positions) of the primary model and of the mini-model;
+- linear CKA (Kornblith et al., 2019) and mean cosine similarity between the mini-model's top representation and
+  the primary model's representation at a chosen depth (default: its final layer), over the non-padding tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from minimodel.training.hf_mlm import mlm_head
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA between two [tokens, features] representations of the same tokens (1.0: same up to rotation and
+    isotropic scaling)."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cross = (y.T @ x).pow(2).sum()
+    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(F.cosine_similarity(x.double(), y.double(), dim=-1).mean())
+
+
+@torch.no_grad()
+def alignment_report(primary: nn.Module, mini: nn.Module, dataset: Dataset, batch_size: int = 8,
+                     max_batches: int = 16, primary_layer: int | None = None) -> dict:
+    """Compare `mini` with `primary` on the first `max_batches` batches of a masked-LM dataset.
+
+    primary_layer: the primary model's depth to compare with (1..L; None = its final representation, after the
+    encoder's final norm in pre-LN models).
+    """
+    depth = primary.config.num_hidden_layers
+    if primary_layer is not None and not 1 <= primary_layer <= depth:
+        raise ValueError(f"alignment.primary_layer={primary_layer} must be between 1 and {depth} "
+                         f"(or null for the final layer)")
+    was_training = primary.training, mini.training
+    primary.eval()
+    mini.eval()
+    loss_sums = {"primary": 0.0, "mini": 0.0}
+    reps: dict[str, list[torch.Tensor]] = {"primary": [], "mini": []}
+    masked = 0
+    for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, shuffle=False)):
+        if i >= max_batches:
+            break
+        labels = batch["labels"]
+        selected = labels != -100
+        tokens = batch["attention_mask"].bool()
+        masked += int(selected.sum())
+        for name, model in (("primary", primary), ("mini", mini)):
+            out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   output_hidden_states=True)
+            logits = mlm_head(model)(out.last_hidden_state[selected])
+            loss_sums[name] += float(F.cross_entropy(logits.float(), labels[selected], reduction="sum"))
+            compare_at = primary_layer if name == "primary" and primary_layer not in (None, depth) else None
+            hidden = out.last_hidden_state if compare_at is None else out.hidden_states[compare_at]
+            reps[name].append(hidden[tokens].float())
+    primary.train(was_training[0])
+    mini.train(was_training[1])
+    if masked == 0:
+        raise ValueError("the held-out data has no masked tokens: is the validation split empty?")
+    x, y = torch.cat(reps["mini"]), torch.cat(reps["primary"])
+    return {
+        "primary_mlm_loss": loss_sums["primary"] / masked,
+        "mini_mlm_loss": loss_sums["mini"] / masked,
+        "cka": linear_cka(x, y),
+        "cosine": mean_cosine(x, y),
+        "primary_layer": primary_layer or depth,
+        "tokens": int(x.shape[0]),
+        "masked_tokens": masked,
+    }

@@ -1,0 +1,202 @@
+"""Build a MiniPost mini-model from a pretrained masked LM (paper step 1b, before training).
+
+The mini-model is the source's own Hugging Face class with `layers + new_layers` transformer layers:
+    embeddings + layers 1..k          copied from the source, frozen
+    layers k+1..k+n                   new, trainable (initialised from the source's layers k+1..k+n, or at random)
+    top norm (pre-LN models) + head   new, trainable (initialised from the source's, or at random)
+The head's decoder weight is tied to the (frozen) input embeddings, so only its dense/LayerNorm/bias train.
+Everything works through the generic Hugging Face API (any BERT-class AutoModelForMaskedLM: XLM-R, RoBERTa, BERT,
+MegatronBert): because the mini-model is a prefix of the source, its state dict is a subset of the source's.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from minimodel.training.hf_mlm import encoder_layers
+
+log = logging.getLogger(__name__)
+
+Init = Literal["source", "random"]
+
+# Megatron pads its vocabulary to a multiple of 128 x tensor-parallel size: that many unused rows are normal.
+MAX_VOCAB_PADDING = 1024
+
+
+class MiniPostError(ValueError):
+    """A problem with MiniPost's inputs; the message says what is wrong and how to fix it."""
+
+
+def resolve_source(path: str | os.PathLike) -> Path:
+    """A Hugging Face model directory, or an export directory (pretrain/export.py) holding primary/."""
+    path = Path(path)
+    if (path / "primary" / "config.json").is_file():
+        return path / "primary"
+    if (path / "config.json").is_file():
+        return path
+    if not path.exists():
+        raise MiniPostError(f"source {path} does not exist: give a Hugging Face model directory or an export "
+                            f"directory written by pretrain/export.py")
+    raise MiniPostError(f"source {path} is neither a Hugging Face model directory (no config.json) nor an export "
+                        f"directory (no primary/config.json); export a megatron checkpoint with pretrain/export.py "
+                        f"first")
+
+
+def load_source_model(model_dir: str | os.PathLike, head_init: Init = "source") -> nn.Module:
+    """Load the source masked LM (fp32, eval mode) offline; refuse a checkpoint without an MLM head unless
+    head_init="random" (then the head is created at random and the log says so)."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(
+            model_dir, dtype=torch.float32, output_loading_info=True, local_files_only=True)
+    except ValueError as e:
+        raise MiniPostError(f"{model_dir}: transformers has no masked-LM class for model type "
+                            f"{config.model_type!r} ({e}); MiniPost needs a BERT-class masked LM") from None
+    prefix = model.base_model_prefix + "."
+    missing = set(info["missing_keys"])
+    head_missing = sorted(k for k in missing if not k.startswith(prefix))
+    body_missing = sorted(k for k in missing if k.startswith(prefix))
+    if body_missing:
+        raise MiniPostError(f"{model_dir} lacks weights of the model body ({', '.join(body_missing[:5])}...): "
+                            f"the checkpoint is incomplete or not a {type(model).__name__}")
+    if head_missing:
+        if head_init == "source":
+            raise MiniPostError(
+                f"{model_dir} has no masked-LM head (missing {', '.join(head_missing)}): it was saved without one "
+                f"(e.g. as {config.architectures}). Use a checkpoint with its MLM head, or set mini.head_init=random to "
+                f"train a new head from scratch")
+        log.warning("%s has no masked-LM head: MiniPost creates a new one at random (mini.head_init=random)", model_dir)
+    model.eval()
+    return model
+
+
+def load_tokenizer(tokenizer_dir: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise MiniPostError(f"cannot load a tokenizer from {tokenizer_dir} ({e}); save the model's tokenizer "
+                            f"next to it (tokenizer.save_pretrained) or set `tokenizer` in the config") from None
+
+
+def check_tokenizer(tokenizer, config, where: str) -> None:
+    """Refuse a tokenizer that does not belong to a model with this config."""
+    n, vocab = len(tokenizer), config.vocab_size
+    if n > vocab:
+        raise MiniPostError(f"the tokenizer from {where} has {n} tokens but the model has only {vocab} embedding "
+                            f"rows: they do not belong together; use the tokenizer the model was trained with")
+    if vocab - n > MAX_VOCAB_PADDING:
+        raise MiniPostError(f"the tokenizer from {where} has {n} tokens but the model has {vocab} embedding rows "
+                            f"(more than vocabulary padding explains): use the tokenizer the model was trained with")
+    if tokenizer.mask_token_id is None:
+        raise MiniPostError(f"the tokenizer from {where} has no mask token: masked-LM training needs one")
+    pad = getattr(config, "pad_token_id", None)
+    if pad is not None and tokenizer.pad_token_id != pad:
+        raise MiniPostError(f"the tokenizer from {where} pads with id {tokenizer.pad_token_id} but the model's "
+                            f"pad_token_id is {pad}: use the tokenizer the model was trained with")
+
+
+def check_same_vocabulary(data_tokenizer, model_tokenizer, data_where: str, model_where: str) -> None:
+    if data_tokenizer.get_vocab() != model_tokenizer.get_vocab():
+        raise MiniPostError(f"the data was tokenized with {data_where}, whose vocabulary differs from the model's "
+                            f"tokenizer ({model_where}): build the data with the model's tokenizer")
+
+
+def layers_name(model: nn.Module) -> str:
+    """The state-dict prefix of the transformer layers, e.g. "roberta.encoder.layer"."""
+    layers = encoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
+def split_parameters(mini: nn.Module, frozen_layers: int) -> tuple[list[str], list[str]]:
+    """(frozen, new) parameter names of a mini-model: embeddings and the first `frozen_layers` layers are frozen;
+    everything else (new layers, top norm, head except the tied decoder weight) is new. Decided by identity, so a
+    tied parameter counts once, as the embedding it is."""
+    frozen_ids = {id(p) for p in mini.base_model.embeddings.parameters()}
+    for layer in encoder_layers(mini)[:frozen_layers]:
+        frozen_ids.update(id(p) for p in layer.parameters())
+    frozen, new = [], []
+    for name, p in mini.named_parameters():
+        (frozen if id(p) in frozen_ids else new).append(name)
+    return frozen, new
+
+
+def freeze(model: nn.Module, trainable: list[str]) -> None:
+    """requires_grad only on the named parameters."""
+    trainable = set(trainable)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+
+
+def build_mini_model(source: nn.Module, layers: int, new_layers: int = 1, new_layer_init: Init = "source",
+                     head_init: Init = "source", seed: int = 0) -> tuple[nn.Module, list[str]]:
+    """The mini-model (same class as `source`, `layers + new_layers` layers) with only its new parameters
+    trainable, and the names of those new parameters."""
+    n_source = source.config.num_hidden_layers
+    if not 1 <= layers < n_source:
+        raise MiniPostError(f"mini.layers={layers}: the mini-model keeps the first k layers of the {n_source}-layer "
+                            f"source and adds new ones on top, so k must be between 1 and {n_source - 1}")
+    if new_layers < 0:
+        raise MiniPostError(f"mini.new_layers={new_layers} must be >= 0")
+    depth = layers + new_layers
+    if new_layer_init == "source" and depth > n_source:
+        raise MiniPostError(f"mini.new_layers={new_layers} initialised from the source's layers {layers + 1}..{depth} "
+                            f"needs layers + new_layers <= {n_source}; use fewer new layers or mini.new_layer_init=random")
+    config = copy.deepcopy(source.config)
+    config.num_hidden_layers = depth
+    torch.manual_seed(seed)  # the random part of the initialisation (random head / layers) is reproducible
+    mini = type(source)(config)
+    mini.eval()
+
+    frozen, new = split_parameters(mini, layers)
+    stack = layers_name(mini) + "."
+    prefix = mini.base_model_prefix + "."
+
+    def from_source(key: str) -> bool:
+        if key.startswith(stack):
+            index = int(key[len(stack):].split(".")[0])
+            return index < layers or new_layer_init == "source"
+        if not key.startswith(prefix):  # the head
+            return head_init == "source"
+        return True
+
+    source_state = source.state_dict()
+    copied = {k: source_state[k] for k in mini.state_dict() if from_source(k)}
+    missing, unexpected = mini.load_state_dict(copied, strict=False)
+    assert not unexpected, unexpected
+    freeze(mini, new)
+    log.info("mini-model: %s with %d frozen + %d new layers; %d new parameter tensors (%.2fM values), %.2fM frozen",
+             type(mini).__name__, layers, new_layers, len(new), _count(mini, new) / 1e6,
+             _count(mini, frozen) / 1e6)
+    return mini, new
+
+
+def _count(model: nn.Module, names: list[str]) -> int:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in names)
+
+
+def changed_frozen_parameters(mini: nn.Module, source: nn.Module, frozen: list[str]) -> list[str]:
+    """Names of `frozen` parameters of the (trained) mini-model whose values differ from the source's, compared
+    in the mini-model's dtype (bf16 training casts the module). ZeRO-3-partitioned parameters are gathered first:
+    a collective, so call it on every rank."""
+    import deepspeed
+
+    params = dict(mini.named_parameters())
+    source_state = source.state_dict()
+    changed = []
+    for name in frozen:
+        p = params[name]
+        with deepspeed.zero.GatheredParameters([p]):  # a no-op unless ZeRO-3 partitioned p
+            if not torch.equal(p.detach().cpu(), source_state[name].to(p.dtype)):
+                changed.append(name)
+    return changed

@@ -1,0 +1,201 @@
+"""MiniPost, paper step 1b: train the new top of a mini-model cut from a pretrained masked LM.
+
+    source model (HF dir, or export dir with primary/)  ->  mini-model: embeddings + first k layers (frozen)
+                                                             + new layer(s) + head (trained on source-language MLM)
+Outputs, under `output_dir`:
+    config.yaml           the resolved config
+    checkpoints/          DeepSpeed checkpoints (a relaunch with the same output_dir resumes)
+    metrics.jsonl         per-step metrics (also in MLflow)
+    mini/                 the mini-model: Hugging Face format, same class as the source, tokenizer files, and
+                          minimodel.json (kind "minipost") naming the primary model it is aligned with
+    alignment.json        the alignment report at the start and at the end (also an MLflow artifact)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from minimodel.config import require, save_config
+from minimodel.data.mlm import MaskedLMDataset
+from minimodel.manifest import check_aligned, write_manifest
+from minimodel.minipost.alignment import alignment_report
+from minimodel.minipost.build import (Init, MiniPostError, build_mini_model, changed_frozen_parameters,
+                                      check_same_vocabulary, check_tokenizer, load_source_model, load_tokenizer,
+                                      resolve_source, split_parameters)
+from minimodel.tracking import Tracker, TrackingConfig
+from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, gather_full_params, init_distributed, train
+from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MiniConfig:
+    layers: int = 4  # k: the source's first k layers (and its embeddings) are kept, frozen
+    new_layers: int = 1  # new trainable layers on top
+    new_layer_init: Init = "source"  # source: from the source's layers k+1..k+new_layers; random: fresh init
+    head_init: Init = "source"  # source: the source's MLM head; random: a new head (also for sources without one)
+    seed: int = 0  # for whatever is initialised at random
+
+
+@dataclass
+class DataConfig:
+    train_prefix: str = "data/default/en/train"  # megatron indexed dataset (pretrain/prepare_data.py), no .bin/.idx
+    valid_prefix: str = "data/default/en/valid"  # held-out text: eval loss and the alignment report
+    tokenizer_dir: str = "data/default/en/tokenizer"  # the data's tokenizer: must have the model's vocabulary
+    source_lang: str = "en"
+    seq_length: int = 128
+    mask_prob: float = 0.15
+
+
+@dataclass
+class AlignmentConfig:
+    primary_layer: int | None = None  # the primary's depth to compare the mini's top with (None: final layer)
+    batch_size: int = 8
+    batches: int = 16  # held-out batches measured
+
+
+@dataclass
+class MiniPostConfig:
+    source: str = ""  # Hugging Face masked-LM directory, or an export directory of pretrain/export.py (primary/)
+    tokenizer: str | None = None  # None: the tokenizer saved with the source
+    output_dir: str = "runs/minipost/default"
+    mini: MiniConfig = field(default_factory=MiniConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: DeepSpeedLoopConfig = field(default_factory=DeepSpeedLoopConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        require(bool(self.source), "source", "give the pretrained masked LM to start from (a Hugging Face model "
+                                             "directory or an export directory)")
+        require(self.mini.layers >= 1, "mini.layers", "must be >= 1")
+        require(self.mini.new_layers >= 0, "mini.new_layers", "must be >= 0")
+        require(0 < self.data.mask_prob < 1, "data.mask_prob", "must be between 0 and 1")
+        require(self.data.seq_length >= 8, "data.seq_length", "must be >= 8")
+        require(self.alignment.batches >= 1 and self.alignment.batch_size >= 1, "alignment.batches",
+                "alignment.batches and alignment.batch_size must be >= 1")
+
+
+@dataclass
+class MiniPostResult:
+    mini_dir: Path | None  # None when interrupted (resume by relaunching) and on ranks other than 0
+    alignment: dict | None  # {"start": report, "end": report} on rank 0
+    step: int
+    interrupted: bool
+    engine: Any  # the DeepSpeed engine (its module holds the trained model)
+
+
+def _max_sequence(config) -> int:
+    # RoBERTa-style models (XLM-R) number positions from pad_token_id + 1, so two rows are never used.
+    offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta", "xlm-roberta-xl") else 0
+    return config.max_position_embeddings - offset
+
+
+def _single_process_env() -> None:
+    """`python pretrain/minipost.py` without a launcher: the variables of a one-process group (the deepspeed launcher
+    and torchrun set them), so DeepSpeed does not go looking for MPI."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _write_mini_model(model, tokenizer, out_dir: Path, manifest: dict) -> Path:
+    """Save atomically: a crash leaves the previous mini/ (if any) intact."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_manifest(tmp, **manifest)  # kind, layers, primary_dir, extra fields
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
+    # Inputs first: a bad input fails here, before any run is created or anything written.
+    source_dir = resolve_source(cfg.source)
+    tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else source_dir
+    tokenizer = load_tokenizer(tokenizer_dir)
+    source = load_source_model(source_dir, cfg.mini.head_init)
+    check_tokenizer(tokenizer, source.config, str(tokenizer_dir))
+    check_same_vocabulary(load_tokenizer(cfg.data.tokenizer_dir), tokenizer, cfg.data.tokenizer_dir,
+                          str(tokenizer_dir))
+    if cfg.data.seq_length > _max_sequence(source.config):
+        raise MiniPostError(f"data.seq_length={cfg.data.seq_length} is longer than the source model's positions "
+                            f"allow ({_max_sequence(source.config)}): lower data.seq_length")
+    build = dict(layers=cfg.mini.layers, new_layers=cfg.mini.new_layers, new_layer_init=cfg.mini.new_layer_init,
+                 head_init=cfg.mini.head_init, seed=cfg.mini.seed)
+    mini, new_params = build_mini_model(source, **build)
+    train_data = MaskedLMDataset(cfg.data.train_prefix, tokenizer, cfg.data.seq_length, cfg.data.mask_prob,
+                                 seed=cfg.train.seed)
+    valid_data = MaskedLMDataset(cfg.data.valid_prefix, tokenizer, cfg.data.seq_length, cfg.data.mask_prob, seed=0)
+
+    _single_process_env()
+    init_distributed()
+    rank0 = dist.get_rank() == 0
+    out = Path(cfg.output_dir)
+    if rank0:
+        save_config(cfg, out / "config.yaml")
+    tags = {"stage": "minipost", "method": "minipost", "source_lang": cfg.data.source_lang,
+            "source_model": str(source_dir), "mini_layers": f"{cfg.mini.layers}+{cfg.mini.new_layers}"}
+
+    def report(model) -> dict:
+        return alignment_report(source, model, valid_data, cfg.alignment.batch_size, cfg.alignment.batches,
+                                cfg.alignment.primary_layer)
+
+    def log_report(tracker: Tracker, values: dict, step: int) -> None:
+        tracker.log_metrics({f"alignment/{k}": values[k] for k in ("mini_mlm_loss", "primary_mlm_loss", "cka",
+                                                                   "cosine")}, step=step)
+        log.info("alignment at step %d: %s", step, values)
+
+    with Tracker(cfg.tracking, cfg, tags=tags) as tracker:
+        start = report(mini) if rank0 else None
+        if rank0:
+            log_report(tracker, start, step=0)
+        result = train(cfg.train, mini, train_data, masked_lm_loss, MLMFlops(mini), output_dir=out,
+                       eval_data=valid_data, tracker=tracker, desc="minipost")
+        if result.interrupted:
+            tracker.set_tags({"interrupted_at_step": result.step})
+            return MiniPostResult(None, None, result.step, True, result.engine)
+        # Only the new parameters may have moved: checked on the trained model itself (collective).
+        frozen_params, _ = split_parameters(mini, cfg.mini.layers)
+        changed = changed_frozen_parameters(mini, source, frozen_params)
+        if changed:
+            raise RuntimeError(f"frozen parameters changed during training: {changed[:5]}")
+        params = dict(mini.named_parameters())
+        trained = gather_full_params(result.engine, {name: params[name] for name in new_params})  # collective
+        mini_dir, alignment = None, None
+        if rank0:
+            # The saved model = a fresh copy of the source's frozen part (exact fp32 values whatever the training
+            # precision) + the trained new parameters.
+            final, _ = build_mini_model(source, **build)
+            final.load_state_dict(trained, strict=False)
+            mini_dir = _write_mini_model(final, tokenizer, out / "mini", dict(
+                kind="minipost", layers=cfg.mini.layers, primary_dir=source_dir, new_layers=cfg.mini.new_layers,
+                new_parameters=new_params, tokenizer=str(tokenizer_dir.resolve()), source_lang=cfg.data.source_lang))
+            check_aligned(mini_dir, source_dir)
+            alignment = {"start": start, "end": report(final), "frozen_parameters_checked": len(frozen_params)}
+            log_report(tracker, alignment["end"], step=result.step)
+            path = out / "alignment.json"
+            path.with_suffix(".tmp").write_text(json.dumps(alignment, indent=2))
+            os.replace(path.with_suffix(".tmp"), path)
+            tracker.log_artifact(path)
+        dist.barrier()
+    return MiniPostResult(mini_dir, alignment, result.step, False, result.engine)

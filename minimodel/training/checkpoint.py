@@ -1,0 +1,143 @@
+"""Atomic, resumable megatron-core `dist_checkpointing` checkpoints.
+
+Layout under a checkpoint root:
+
+    <root>/iter_0000100/      a complete checkpoint (dist_checkpointing format)
+    <root>/iter_0000200/
+    <root>/latest             text file naming the newest complete checkpoint ("iter_0000200")
+
+Every rank writes its shards into `iter_XXXXXXX.tmp/`; only after all ranks finished (barrier) does rank 0 rename it
+to `iter_XXXXXXX/` and then replace `latest` atomically. A crash mid-save therefore leaves at most a `*.tmp`
+directory, which resume ignores (and the next save of that step overwrites): the last good checkpoint is never
+touched. Only complete directories count, so resume also works if `latest` itself was lost.
+
+The caller builds the sharded state dict (model, optimizer, ...); this module adds the per-rank RNG states so a
+resumed run draws the same dropout masks as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from minimodel import distributed
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+RNG_KEY = "rng_state"
+
+
+def checkpoint_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint under `root`, oldest first; `*.tmp` leftovers are not listed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _ITER_DIR.match(path.name)
+        if match and path.is_dir() and (path / "metadata.json").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint named by `<root>/latest`, else the newest complete one, else None."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if _ITER_DIR.match(named.name) and (named / "metadata.json").is_file():
+            return named
+        log.warning("%s names %s, which is not a complete checkpoint; using the newest complete one", pointer, named)
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def step_of(path: str | os.PathLike) -> int:
+    match = _ITER_DIR.match(Path(path).name)
+    if not match:
+        raise ValueError(f"{path} is not a checkpoint directory (expected a name like iter_0000100)")
+    return int(match.group(1))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -- RNG state ---------------------------------------------------------------------------------------------------
+def _rng_sharded_object(data: Any):
+    """One RNG state per global rank: dropout streams differ by tensor/pipeline rank."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(RNG_KEY, data, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+# -- save / load -------------------------------------------------------------------------------------------------
+def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict, keep_last: int | None = None) -> Path:
+    """Collective: write `sharded_state_dict` + RNG states as checkpoint `step`, atomically; prune old ones.
+
+    Returns the final directory. Keeps the newest `keep_last` complete checkpoints (all if None).
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = checkpoint_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt that crashed mid-save
+        tmp.mkdir()
+    dist.barrier()
+    state = dict(sharded_state_dict)
+    state[RNG_KEY] = _rng_sharded_object(distributed.rng_state())
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
+    if dist.get_rank() == 0:
+        if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomically(root / LATEST, final.name + "\n")
+        if keep_last is not None:
+            for _, old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_common(path: str | os.PathLike) -> dict:
+    """The replicated (non-sharded) part of a checkpoint: step counters, scheduler state, layout..."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def load_checkpoint(path: str | os.PathLike, sharded_state_dict: dict, restore_rng: bool = True) -> dict:
+    """Collective: load `sharded_state_dict`'s entries from checkpoint `path`; restore RNG states if asked.
+
+    RNG states are per rank, so `restore_rng` requires the same parallel layout as when saving.
+    """
+    from megatron.core import dist_checkpointing
+
+    state = dict(sharded_state_dict)
+    if restore_rng:
+        state[RNG_KEY] = _rng_sharded_object(None)
+    loaded = dist_checkpointing.load(state, str(path))
+    if restore_rng:
+        distributed.set_rng_state(loaded.pop(RNG_KEY))
+    return loaded

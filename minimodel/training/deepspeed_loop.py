@@ -1,0 +1,414 @@
+"""The one DeepSpeed training loop: used by adaptation (adapt/train.py), MiniPost and task fine-tuning.
+
+Interface
+---------
+    from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, train, gather_full_params
+
+    result = train(
+        cfg,            # DeepSpeedLoopConfig; embed it in your stage config as a field (e.g. `train:`)
+        model,          # torch.nn.Module with requires_grad ALREADY set: only those parameters are optimised,
+                        # so the optimizer holds state for them only; everything else stays bit-identical
+        train_data,     # map-style dataset: len() + item i -> dict of equal-shaped numpy arrays / tensors
+        loss_fn,        # (model, batch) -> scalar loss tensor; batch = the items stacked, as tensors on the device
+        flops_fn,       # (batch) -> float: FLOPs one forward+backward of this micro-batch really costs on one
+                        # rank (see minimodel.training.hf_mlm.MLMFlops for BERT-class models)
+        output_dir=run_dir,   # <run_dir>/checkpoints/ (resumed from automatically), <run_dir>/metrics.jsonl
+        eval_data=None,       # same item format; mean loss over cfg.eval_batches micro-batches per rank
+        tracker=None,         # minimodel.tracking.Tracker (inert off rank 0); metrics go there every step
+        tokens_fn=None,       # (batch) -> int tokens processed; default: attention_mask.sum() or input_ids.numel()
+        desc="train")         # progress-bar label
+    result.step           # optimizer steps done (== cfg.steps unless interrupted)
+    result.interrupted    # True when SIGTERM/SIGUSR1 stopped the run after a checkpoint: exit cleanly, resubmit
+    result.engine         # the DeepSpeed engine, still alive: pass it to gather_full_params
+    result.history        # rank 0: the per-step metric dicts of this launch (empty on other ranks)
+
+    full = gather_full_params(result.engine, {"embeddings": model.get_input_embeddings().weight})
+    # collective: call on EVERY rank; returns full fp32 CPU tensors (on every rank) whatever the ZeRO stage
+
+Semantics
+- One step = one optimizer step = `grad_accumulation` micro-batches of `micro_batch_size` per rank. The samples of
+  (step, micro-batch, rank) are a pure function of (seed, step), which is what makes resume exact and makes
+  1 rank x accumulation 2 see the same samples as 2 ranks x accumulation 1. Dropout RNG is re-seeded from
+  (seed, step, micro-batch, rank) for the same reason.
+- DeepSpeed config = the ZeRO json (`zero_config`, one of configs/deepspeed/*.json: ZeRO stage and engine settings
+  only) + what this dataclass says (batch sizes, AdamW, WarmupDecayLR, clipping, precision). A key set in both is
+  refused. Precision "auto" is bf16 when the accelerator is CUDA with bf16 support, else fp32 (fp16 is not offered).
+- Checkpoints: every `save_every` steps, at the end, and on SIGTERM/SIGUSR1 (Slurm preemption: the signal is
+  noted, agreed on by all ranks at the next step boundary, then checkpoint + clean return). A new launch with the
+  same output_dir resumes from the latest checkpoint (model, optimizer, LR schedule, step, cumulative FLOPs,
+  tokens and wall-clock); metrics.jsonl is truncated to the resumed step so it never holds duplicates.
+- Metrics logged each step (Tracker + metrics.jsonl, rank 0): train/loss (mean over ranks and micro-batches),
+  train/lr, train/grad_norm, compute/flops (cumulative FLOPs actually spent, all ranks), compute/tokens
+  (cumulative), compute/wall_clock_s (cumulative training time over all launches), throughput/tokens_per_s,
+  throughput/flops_per_s; eval/loss every `eval_every` steps and at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from minimodel.config import ConfigError, require
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Keys the loop derives from DeepSpeedLoopConfig; a ZeRO json must not set them too.
+_LOOP_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
+
+
+@dataclass
+class DeepSpeedLoopConfig:
+    steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 16  # sequences per rank per micro-batch
+    grad_accumulation: int = 1
+    lr: float = 1e-3  # peak learning rate (after warmup)
+    warmup_steps: int = 100  # linear warmup from 0, then linear decay to 0 at `steps` (DeepSpeed WarmupDecayLR)
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # global gradient-norm clipping; 0 disables
+    zero_config: str = "configs/deepspeed/zero2.json"  # relative paths: from the cwd, else from the repo root
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    torch_adam: bool = False  # true: torch's AdamW instead of DeepSpeed's fused op (no JIT build; CPU tests)
+    save_every: int = 500  # checkpoint interval in steps (0: only at the end / on a signal)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    eval_every: int = 0  # steps between evaluations (0: only at the end, if eval data is given)
+    eval_batches: int = 20  # micro-batches per rank per evaluation
+    shuffle: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.steps > 0, "train.steps", "must be > 0")
+        require(self.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
+        require(self.grad_accumulation > 0, "train.grad_accumulation", "must be > 0")
+        require(self.lr > 0, "train.lr", "must be > 0")
+        require(0 < self.warmup_steps <= self.steps, "train.warmup_steps",
+                f"must be in 1..train.steps ({self.steps}); DeepSpeed's WarmupDecayLR needs at least one step")
+        require(len(self.betas) == 2, "train.betas", "must be two numbers, e.g. [0.9, 0.98]")
+        require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        require(self.save_every >= 0 and self.eval_every >= 0, "train.save_every",
+                "save_every and eval_every must be >= 0")
+        require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        resolve_zero_config(self.zero_config)
+
+
+@dataclass
+class LoopResult:
+    step: int
+    interrupted: bool
+    engine: Any
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_zero_config(path: str) -> Path:
+    candidate = Path(path)
+    for p in (candidate, REPO_ROOT / candidate):
+        if p.is_file():
+            return p
+    shipped = ", ".join(sorted(p.name for p in (REPO_ROOT / "configs" / "deepspeed").glob("*.json")))
+    raise ConfigError(f"train.zero_config: {path} does not exist (shipped in configs/deepspeed/: {shipped})")
+
+
+def resolve_precision(precision: str) -> str:
+    """"auto" -> bf16 on a CUDA accelerator that supports it, else fp32 (CPU: DeepSpeed refuses fp16 there)."""
+    if precision != "auto":
+        return precision
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return "bf16" if acc.device_name() == "cuda" and acc.is_bf16_supported() else "fp32"
+
+
+def build_deepspeed_config(cfg: DeepSpeedLoopConfig, precision: str) -> dict:
+    path = resolve_zero_config(cfg.zero_config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.zero_config: {path} is not valid JSON ({e})") from None
+    clash = [k for k in _LOOP_OWNED_KEYS if k in ds]
+    if clash:
+        raise ConfigError(f"train.zero_config: {path} sets {clash[0]!r}, which the loop derives from train.* "
+                          "(batch sizes, optimizer, schedule, clipping, precision): remove it from the json")
+    ds.update({
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accumulation,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
+            "torch_adam": cfg.torch_adam}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": cfg.steps, "warmup_num_steps": cfg.warmup_steps, "warmup_min_lr": 0.0,
+            "warmup_max_lr": cfg.lr, "warmup_type": "linear"}},
+        "bf16": {"enabled": precision == "bf16"},
+    })
+    ds.setdefault("steps_per_print", 10 ** 9)  # the loop does its own logging
+    return ds
+
+
+class _LossModule(nn.Module):
+    """Lets DeepSpeed's engine.forward (ZeRO-3 hooks, backward scaling) run the caller's batch->loss function."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class _SampleOrder:
+    """Sample indices as a pure function of (seed, position in the stream): epochs of seeded permutations."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        if n == 0:
+            raise ValueError("the training dataset is empty")
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._epoch, self._perm = -1, None
+
+    def indices(self, start: int, count: int) -> list[int]:
+        out = []
+        for pos in range(start, start + count):
+            epoch, i = divmod(pos, self.n)
+            if not self.shuffle:
+                out.append(i)
+                continue
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+            out.append(int(self._perm[i]))
+        return out
+
+
+def _collate(items: list[dict], device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.stack([np.asarray(it[k]) for it in items])).to(device) for k in items[0]}
+
+
+def _default_tokens(batch: dict) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+class _StopSignal:
+    """SIGTERM / SIGUSR1 (Slurm's preemption and time-limit warnings) -> a flag checked at step boundaries."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _checkpoint_tags(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+
+
+def _save(engine, ckpt_dir: Path, step: int, state: dict, keep: int) -> None:
+    import torch.distributed as dist
+
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step:08d}", client_state=state)
+    dist.barrier()
+    if _is_rank0():
+        for old in _checkpoint_tags(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past `step` (written by a launch killed after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo/ccl on CPU) if not done yet."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+
+
+def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Callable, flops_fn: Callable, *,
+          output_dir: str | os.PathLike, eval_data=None, tracker=None, tokens_fn: Callable | None = None,
+          desc: str = "train") -> LoopResult:
+    import deepspeed
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
+    tokens_fn = tokens_fn or _default_tokens
+    precision = resolve_precision(cfg.precision)
+    engine, *_ = deepspeed.initialize(model=_LossModule(model, loss_fn), model_parameters=trainable,
+                                      config=build_deepspeed_config(cfg, precision))
+    device = engine.device
+
+    output_dir = Path(output_dir)
+    ckpt_dir = output_dir / "checkpoints"
+    metrics_path = output_dir / "metrics.jsonl"
+    state = {"step": 0, "flops": 0.0, "tokens": 0.0, "wall_clock_s": 0.0}
+    if (ckpt_dir / "latest").is_file():
+        _, client_state = engine.load_checkpoint(str(ckpt_dir))
+        state.update({k: client_state[k] for k in state})
+        if rank == 0:
+            _truncate_metrics(metrics_path, state["step"])
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if state["step"] == 0 and metrics_path.exists():
+            metrics_path.unlink()
+
+    order = _SampleOrder(len(train_data), cfg.seed, cfg.shuffle)
+
+    def micro_batch(step: int, micro: int) -> dict:
+        start = ((step * cfg.grad_accumulation + micro) * world + rank) * cfg.micro_batch_size
+        return _collate([train_data[i] for i in order.indices(start, cfg.micro_batch_size)], device)
+
+    def evaluate() -> float:
+        engine.eval()
+        total, count = 0.0, 0
+        n = len(eval_data)
+        with torch.no_grad():
+            for b in range(cfg.eval_batches):
+                start = (b * world + rank) * cfg.micro_batch_size
+                if start >= n:
+                    break
+                idx = range(start, min(start + cfg.micro_batch_size, n))
+                total += float(engine(_collate([eval_data[i] for i in idx], device)))
+                count += 1
+        engine.train()
+        total, count = _all_reduce_sum([total, count], device)
+        return total / max(count, 1)
+
+    history: list[dict] = []
+
+    def log(metrics: dict, step: int) -> None:
+        if rank != 0:
+            return
+        record = {"step": step, **metrics}
+        history.append(record)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=step)
+
+    engine.train()
+    interrupted = False
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=desc, disable=rank != 0, dynamic_ncols=True)
+    with _StopSignal() as stop:
+        while state["step"] < cfg.steps:
+            step = state["step"]
+            t0 = time.perf_counter()
+            loss_sum = tokens = flops = 0.0
+            for micro in range(cfg.grad_accumulation):
+                # Dropout masks depend only on (seed, step, micro, rank): resume is exact without saving RNG state.
+                torch.manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + micro) * 65_537 + rank)
+                batch = micro_batch(step, micro)
+                loss = engine(batch)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += float(loss.detach())
+                tokens += tokens_fn(batch)
+                flops += flops_fn(batch)
+            loss_sum, tokens, flops, stop_votes = _all_reduce_sum(
+                [loss_sum, tokens, flops, float(stop.received is not None)], device)
+            elapsed = time.perf_counter() - t0
+            state["step"] = step + 1
+            state["flops"] += flops
+            state["tokens"] += tokens
+            state["wall_clock_s"] += elapsed
+            grad_norm = engine.get_global_grad_norm()
+            loss_mean = loss_sum / (cfg.grad_accumulation * world)
+            metrics = {"train/loss": loss_mean, "train/lr": engine.get_lr()[0],
+                       "compute/flops": state["flops"], "compute/tokens": state["tokens"],
+                       "compute/wall_clock_s": state["wall_clock_s"],
+                       "throughput/tokens_per_s": tokens / elapsed, "throughput/flops_per_s": flops / elapsed}
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            done = state["step"] == cfg.steps
+            if eval_data is not None and (done or (cfg.eval_every and state["step"] % cfg.eval_every == 0)):
+                metrics["eval/loss"] = evaluate()
+            log(metrics, state["step"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+            interrupted = stop_votes > 0 and not done
+            if done or interrupted or (cfg.save_every and state["step"] % cfg.save_every == 0):
+                _save(engine, ckpt_dir, state["step"], dict(state), cfg.keep_checkpoints)
+            if interrupted:
+                if rank == 0:
+                    bar.write(f"{desc}: stop signal received: checkpointed step {state['step']} in {ckpt_dir}; "
+                              "relaunch with the same output_dir to resume")
+                break
+    bar.close()
+    if tracker is not None:
+        tracker.flush()
+    return LoopResult(step=state["step"], interrupted=interrupted, engine=engine, history=history)
+
+
+def gather_full_params(engine, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Full fp32 values of (possibly ZeRO-partitioned) parameters, as CPU tensors on every rank. Collective.
+
+    ZeRO 1-3 keep the fp32 master copy in the optimizer (safe_get_full_fp32_param); at stage 0 the module's own
+    parameter is the full tensor (fp32 runs) or its bf16 image (bf16 runs, the best that stage keeps).
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in params.items():
+        full = safe_get_full_fp32_param(p)
+        out[name] = (p.detach() if full is None else full).float().cpu().clone()
+    return out
+
+
+def optimizer_state_numel(engine) -> int:
+    """Total elements of Adam's first-moment state over all ranks: equals the trainable numel (plus ZeRO padding)."""
+    import torch.distributed as dist
+
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    local = sum(s["exp_avg"].numel() for s in inner.state.values() if "exp_avg" in s)
+    partitioned = engine.zero_optimization_stage() > 0
+    total = _all_reduce_sum([float(local)], engine.device)[0] if partitioned else local
+    return int(total)

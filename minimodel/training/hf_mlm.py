@@ -1,0 +1,108 @@
+"""The masked-LM objective and its compute cost for any Hugging Face BERT-class *ForMaskedLM model.
+
+Works with MegatronBert (our exports), BERT, RoBERTa and XLM-R alike: the body is `model.base_model`, its layers
+`base_model.encoder.layer`, and the LM head is the model's child module holding `get_output_embeddings()`.
+
+- `masked_lm_loss(model, batch)`: cross-entropy at the masked positions only. The head (dense + vocabulary
+  projection) runs on those positions alone, not on every token as `model(...)` would: with a 50k vocabulary the
+  projection is most of the step's cost at 15% masking.
+- `MLMFlops(model)(batch)`: FLOPs one forward + backward of that loss really costs, from the model's shapes and
+  from which parameters require gradients (frozen weights get no weight-gradient matmul; layers below every
+  trainable parameter get no backward at all). Matmul FLOPs only, the usual convention (elementwise ops, softmax,
+  LayerNorm are ignored); padded positions cost what real ones cost, as they do in dense kernels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlm_head(model: nn.Module) -> nn.Module:
+    """The child module of a *ForMaskedLM model that maps hidden states to vocabulary logits."""
+    out = model.get_output_embeddings()
+    if out is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings: a *ForMaskedLM model is needed here")
+    for child in model.children():
+        if child is not model.base_model and any(m is out for m in child.modules()):
+            return child
+    raise ValueError(f"cannot find the LM head of {type(model).__name__} (no child module holds its output embeddings)")
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    try:
+        return model.base_model.encoder.layer
+    except AttributeError:
+        raise ValueError(f"{type(model).__name__} is not a BERT-class encoder (no base_model.encoder.layer)") from None
+
+
+def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over positions with labels != -100; batch: input_ids, labels, attention_mask."""
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+    labels = batch["labels"]
+    selected = labels != -100
+    if not bool(selected.any()):
+        return hidden.sum() * 0.0  # keeps the graph (and DeepSpeed's hooks) intact on an all-unmasked batch
+    logits = mlm_head(model)(hidden[selected])
+    return F.cross_entropy(logits.float(), labels[selected])
+
+
+def _requires_grad(module: nn.Module | None, exclude: set[int] = frozenset()) -> bool:
+    return module is not None and any(p.requires_grad for p in module.parameters() if id(p) not in exclude)
+
+
+class MLMFlops:
+    """batch -> FLOPs of forward + backward of `masked_lm_loss` on that batch (one rank).
+
+    Per sequence of length s, with hidden h, FFN width f, vocabulary V and n masked positions:
+      layer forward: linear 2s(4h^2 + 2hf) + attention 4s^2h
+      layer backward (if a gradient passes through it): activation gradients = linear + 2 x attention,
+                      + weight gradients = linear when the layer itself trains
+      head forward:  2n(h^2 + hV); backward: activation gradients 2n(h^2 + hV) when anything below trains,
+                      + 2nhV if the vocabulary projection trains, + 2nh^2 if the head's dense layer trains.
+    The trainability pattern is read once, at construction: build this after setting requires_grad.
+    """
+
+    def __init__(self, model: nn.Module):
+        cfg = model.config
+        self.hidden = cfg.hidden_size
+        self.ffn = cfg.intermediate_size
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        head = mlm_head(model)
+        out_weight = model.get_output_embeddings().weight
+        out_bias = model.get_output_embeddings().bias
+        self.decoder_trains = out_weight.requires_grad
+        head_own = {id(out_weight)} | ({id(out_bias)} if out_bias is not None else set())
+        self.head_dense_trains = _requires_grad(head, exclude=head_own)
+        grad_below = _requires_grad(model.base_model.embeddings)
+        self.layer_modes = []  # per layer: (backward through it?, weight gradients?)
+        for layer in encoder_layers(model):
+            trains = _requires_grad(layer)
+            self.layer_modes.append((grad_below or trains, trains))
+            grad_below = grad_below or trains
+        self.head_backward = grad_below
+        self.layers = len(self.layer_modes)
+
+    def layer_forward(self, seq_len: int) -> tuple[float, float]:
+        """(linear, attention) forward FLOPs of one layer on one sequence."""
+        h, f, s = self.hidden, self.ffn, seq_len
+        return 2.0 * s * (4 * h * h + 2 * h * f), 4.0 * s * s * h
+
+    def per_batch(self, batch_size: int, seq_len: int, masked: int) -> float:
+        linear, attention = self.layer_forward(seq_len)
+        body = 0.0
+        for backward, weight_grads in self.layer_modes:
+            body += linear + attention
+            if backward:
+                body += linear + 2 * attention + (linear if weight_grads else 0.0)
+        h, v = self.hidden, self.vocab
+        head = 2.0 * masked * (h * h + h * v)
+        if self.head_backward:
+            head += 2.0 * masked * (h * h + h * v)
+        head += (2.0 * masked * h * v if self.decoder_trains else 0.0)
+        head += (2.0 * masked * h * h if self.head_dense_trains else 0.0)
+        return batch_size * body + head
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> float:
+        batch_size, seq_len = batch["input_ids"].shape
+        return self.per_batch(batch_size, seq_len, int((batch["labels"] != -100).sum()))

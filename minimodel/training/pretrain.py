@@ -1,0 +1,505 @@
+"""MiniJoint pretraining: the megatron-core training loop (step 1 of the method).
+
+One process per device, launched by torchrun. Each step runs `global_batch_size` sequences through megatron's
+pipeline schedule in micro-batches (gradient accumulation), clips gradients, takes an optimizer step (optionally
+the distributed optimizer) and advances the warmup + decay schedule. The loss is the main MLM loss plus the
+weighted secondary MLM loss of the mini-model head; both are logged, and evaluated on the validation split.
+
+Resume is exact: the sample a rank sees depends only on (seed, step, micro-batch, data-parallel rank), and the
+checkpoint holds model, optimizer, scheduler, step and every RNG state. Checkpoints are atomic
+(minimodel/training/checkpoint.py). SIGTERM / SIGUSR1 (Slurm preemption) make every rank save a checkpoint at the
+next step boundary and stop; `pretrain` then returns `preempted=True` and the entry point exits with
+PREEMPTED_EXIT_CODE.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from minimodel.config import ConfigError, require, save_config
+from minimodel.distributed import ParallelConfig
+from minimodel.models.minijoint.config import ModelConfig
+from minimodel.tracking import Tracker, TrackingConfig
+from minimodel.training import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75  # sysexits EX_TEMPFAIL: "try again later" -- requeue the job and it resumes
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+# -- configuration -----------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    train_prefix: str = "data/default/en/train"  # megatron indexed dataset, path without .bin/.idx
+    valid_prefix: str = "data/default/en/valid"
+    tokenizer_dir: str = "data/default/en/tokenizer"
+    source_lang: str = "en"
+    mask_prob: float = 0.15  # sequences are model.seq_length tokens
+
+    def validate(self) -> None:
+        require(0.0 < self.mask_prob < 1.0, "data.mask_prob", f"{self.mask_prob} must be in (0, 1)")
+
+    def check_files(self) -> None:
+        """The inputs exist (checked at start-up, not at config load, so configs load without the data)."""
+        fix = "build them with: python pretrain/prepare_data.py --config configs/data/default.yaml"
+        for key in ("train_prefix", "valid_prefix"):
+            prefix = getattr(self, key)
+            for ext in (".bin", ".idx"):
+                if not Path(prefix + ext).is_file():
+                    raise ConfigError(f"data.{key}: {prefix}{ext} does not exist; {fix}")
+        if not Path(self.tokenizer_dir).is_dir():
+            raise ConfigError(f"data.tokenizer_dir: {self.tokenizer_dir} is not a directory; {fix}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    decay_style: Literal["linear", "cosine", "inverse-square-root", "constant"] = "linear"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-6
+    clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
+
+    def validate(self) -> None:
+        require(self.lr > 0, "optim.lr", f"{self.lr} must be positive")
+        require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"{self.min_lr} must be in [0, optim.lr={self.lr}]")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", f"{self.warmup_steps} must be >= 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", f"{self.weight_decay} must be >= 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            require(0 <= value < 1, f"optim.{key}", f"{value} must be in [0, 1)")
+        require(self.adam_eps > 0, "optim.adam_eps", f"{self.adam_eps} must be positive")
+        require(self.clip_grad >= 0, "optim.clip_grad", f"{self.clip_grad} must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps (batch sizes: parallel.global_batch_size / micro_batch_size)
+    eval_every: int = 100  # steps between validation runs (and at the last step)
+    eval_steps: int = 10  # validation batches of global_batch_size sequences
+    log_every: int = 10  # steps between console lines (metrics go to MLflow every step)
+    seed: int = 1234
+
+    def validate(self) -> None:
+        for key in ("steps", "eval_every", "eval_steps", "log_every"):
+            value = getattr(self, key)
+            require(value >= 1, f"train.{key}", f"{value} must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # None: <output_dir>/checkpoints
+    save_every: int = 500  # steps between checkpoints (one is also written at the last step)
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    resume: bool = True  # continue from the newest complete checkpoint in `dir` if there is one
+    # Distributed-optimizer state: "fully_reshardable" loads at any TP/PP/DP layout (gathered per DP group when
+    # saving); "dp_reshardable" saves fully in parallel (faster at scale) but only reloads at the same TP/PP.
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+
+    def validate(self) -> None:
+        require(self.save_every >= 1, "checkpoint.save_every", f"{self.save_every} must be >= 1")
+        require(self.keep_last >= 1, "checkpoint.keep_last", f"{self.keep_last} must be >= 1")
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = "runs/pretrain/minijoint"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        require(self.optim.warmup_steps < self.train.steps or self.optim.decay_style == "constant",
+                "optim.warmup_steps", f"{self.optim.warmup_steps} must be < train.steps={self.train.steps}")
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.output_dir) / "checkpoints")
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+class MicroBatches:
+    """Deterministic data-parallel sampling of a map-style dataset.
+
+    Sample positions form one stream: step s, data-parallel rank r, micro-batch j, row k reads position
+    s*G + r*(G/dp) + j*m + k  (G global batch, m micro batch). Position p falls in epoch p // N of the N items;
+    each epoch has its own seeded permutation and dataset (e.g. masking seed), so what a rank reads depends only
+    on (seed, step, micro-batch, rank): exact resume at any step.
+    """
+
+    def __init__(self, make_dataset: Callable[[int], torch.utils.data.Dataset], *, seed: int, global_batch: int,
+                 micro_batch: int, dp_size: int, dp_rank: int, shuffle: bool):
+        self.make_dataset = make_dataset  # epoch -> dataset
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.dp_size, self.dp_rank = dp_size, dp_rank
+        self.num_microbatches = global_batch // (micro_batch * dp_size)
+        self._epochs: dict[int, tuple[torch.utils.data.Dataset, np.ndarray]] = {}
+        self.num_items = len(self._epoch(0)[0])
+        if self.num_items == 0:
+            raise ValueError("the dataset has no sequences")
+
+    def _epoch(self, epoch: int):
+        if epoch not in self._epochs:
+            if len(self._epochs) >= 2:  # a step spans at most two epochs
+                del self._epochs[min(self._epochs)]
+            dataset = self.make_dataset(epoch)
+            n = len(dataset)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._epochs[epoch] = (dataset, order)
+        return self._epochs[epoch]
+
+    def positions(self, step: int, microbatch: int) -> np.ndarray:
+        start = (step * self.global_batch + self.dp_rank * self.micro_batch * self.num_microbatches
+                 + microbatch * self.micro_batch)
+        return np.arange(start, start + self.micro_batch)
+
+    def microbatch(self, step: int, microbatch: int) -> dict[str, np.ndarray]:
+        items = []
+        for position in self.positions(step, microbatch):
+            epoch, offset = divmod(int(position), self.num_items)
+            dataset, order = self._epoch(epoch)
+            items.append(dataset[int(order[offset])])
+        return {key: np.stack([item[key] for item in items]) for key in items[0]}
+
+    def step(self, step: int) -> list[dict[str, np.ndarray]]:
+        return [self.microbatch(step, j) for j in range(self.num_microbatches)]
+
+
+# -- preemption ----------------------------------------------------------------------------------------------------
+class PreemptionHandler:
+    """Records SIGTERM / SIGUSR1; `requested()` is a collective so all ranks stop at the same step boundary."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.signal = 0
+        self._previous: dict = {}
+
+    def __enter__(self) -> "PreemptionHandler":
+        for sig in PREEMPTION_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _record(self, signum, frame) -> None:
+        self.signal = signum
+
+    def requested(self) -> int:
+        """The signal any rank has received (0 if none): the same value on every rank."""
+        flag = torch.tensor([self.signal], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+# -- the loop ------------------------------------------------------------------------------------------------------
+@dataclass
+class PretrainResult:
+    step: int  # optimizer steps done
+    checkpoint: Path | None  # the last checkpoint written or loaded
+    preempted: bool  # stopped early by SIGTERM / SIGUSR1, after saving `checkpoint`
+    run_id: str | None  # MLflow run (rank 0)
+
+
+def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Pretrain MiniJoint as `cfg` says, resuming from the newest checkpoint; collective over all ranks."""
+    from minimodel import distributed
+    from minimodel.data.tokenizer import load_tokenizer
+    from minimodel.models.minijoint import parallelize
+
+    cfg.data.check_files()
+    tokenizer = load_tokenizer(cfg.data.tokenizer_dir)
+    if len(tokenizer) != cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} differs from the {len(tokenizer)} tokens of "
+                          f"{cfg.data.tokenizer_dir}; set model.vocab_size={len(tokenizer)}")
+    parallelize.setup(cfg.model, cfg.parallel, cfg.train.seed)
+    try:
+        trainer = Trainer(cfg, tokenizer)
+        trainer.resume()
+        return trainer.train()
+    finally:
+        distributed.destroy()
+
+
+class Trainer:
+    """Model chunks, optimizer, schedule, data and tracking of one pretraining run (after parallelize.setup)."""
+
+    def __init__(self, cfg: PretrainConfig, tokenizer):
+        from megatron.core import parallel_state as mpu
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from minimodel import distributed
+        from minimodel.data.mlm import MaskedLMDataset
+        from minimodel.models.minijoint import parallelize
+        from minimodel.models.minijoint.model import flops_per_token
+
+        self.cfg = cfg
+        self.rank0 = dist.get_rank() == 0
+        self.device = distributed.device()
+        self.output_dir = Path(cfg.output_dir)
+        self.checkpoint_root = cfg.checkpoint_root
+        if self.rank0:
+            save_config(cfg, self.output_dir / "config.yaml")
+
+        self.model = parallelize.build_model(cfg.model, cfg.parallel)
+        self.bf16 = cfg.parallel.bf16()  # precision "auto": bf16 with CUDA, fp32 on the CPU
+        o = cfg.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                            clip_grad=o.clip_grad, bf16=self.bf16,
+                            params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
+            self.model)
+        parallelize.model_config(self.model).grad_scale_func = self.optimizer.scale_loss
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=cfg.train.steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay,
+            end_wd=o.weight_decay, wd_incr_steps=cfg.train.steps, wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)  # the config wins on resume
+
+        dp_size = mpu.get_data_parallel_world_size()
+        # Within a tensor-parallel group only rank 0 reads data; parallelize broadcasts it to the others.
+        self.reads_data = mpu.get_tensor_model_parallel_rank() == 0
+        sampling = dict(global_batch=cfg.parallel.global_batch_size, micro_batch=cfg.parallel.micro_batch_size,
+                        dp_size=dp_size, dp_rank=mpu.get_data_parallel_rank())
+        data = cfg.data
+        self.train_data = MicroBatches(  # a new masking seed every epoch (dynamic masking), deterministic
+            lambda epoch: MaskedLMDataset(data.train_prefix, tokenizer, cfg.model.seq_length, data.mask_prob,
+                                          seed=cfg.train.seed + epoch),
+            seed=cfg.train.seed, shuffle=True, **sampling)
+        self.valid_data = MicroBatches(  # the same validation batches every time
+            lambda epoch: MaskedLMDataset(data.valid_prefix, tokenizer, cfg.model.seq_length, data.mask_prob, seed=0),
+            seed=0, shuffle=False, **sampling)
+
+        self.layout = {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size,
+                       "vpp": cfg.parallel.num_model_chunks, "dp": dp_size}
+        self.tokens_per_step = cfg.parallel.global_batch_size * cfg.model.seq_length
+        self.flops_per_step = flops_per_token(cfg.model) * self.tokens_per_step
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.tracker: Tracker | None = None
+        self.bar: tqdm | None = None
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _sharded_state_dict(self, is_loading: bool, optimizer_format: str) -> dict:
+        from minimodel.models.minijoint import parallelize
+
+        state = parallelize.sharded_state_dict(self.model)
+        state["optimizer"] = self.optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
+        return state
+
+    def save(self) -> None:
+        fmt = self.cfg.checkpoint.optimizer_format
+        state = self._sharded_state_dict(is_loading=False, optimizer_format=fmt)
+        state.update(scheduler=self.scheduler.state_dict(), step=self.step, layout=self.layout, optimizer_format=fmt)
+        self.last_checkpoint = ckpt.save_checkpoint(self.checkpoint_root, self.step, state,
+                                                    keep_last=self.cfg.checkpoint.keep_last)
+        self.say(f"saved checkpoint {self.last_checkpoint}")
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint under the checkpoint dir, if any (and checkpoint.resume)."""
+        from minimodel.models.minijoint import parallelize
+
+        if not self.cfg.checkpoint.resume:
+            return
+        found = [ckpt.latest_checkpoint(self.checkpoint_root) if self.rank0 else None]
+        dist.broadcast_object_list(found, src=0)  # every rank loads the same one
+        path = found[0]
+        if path is None:
+            return
+        self._allocate_optimizer_state()
+        parallelize.load_checkpoint_into(self.model, path)  # checks the model shape, any saved layout
+        common = ckpt.load_common(path)
+        saved_layout = common["layout"]
+        same_layout = saved_layout == self.layout  # RNG states are per rank: only restorable on the same layout
+        optimizer_state = {"optimizer": self._sharded_state_dict(True, common["optimizer_format"])["optimizer"]}
+        loaded = ckpt.load_checkpoint(path, optimizer_state, restore_rng=same_layout)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        self.step = int(loaded["step"])
+        self.last_checkpoint = path
+        log.info("resumed from %s at step %d%s", path, self.step,
+                 "" if same_layout else f" (saved with layout {saved_layout}: RNG streams re-seeded)")
+
+    def _allocate_optimizer_state(self) -> None:
+        """Take one optimizer step with zero gradients and learning rate 0 (it changes nothing).
+
+        torch's Adam (megatron's optimizer when neither Transformer Engine nor Apex is installed) allocates its
+        state on the first step, and megatron's distributed optimizer cannot describe the state to load before.
+        """
+        from minimodel.models.minijoint import parallelize
+
+        parallelize.zero_grad_buffers(self.model)
+        self.optimizer.zero_grad()
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        self.optimizer.step()
+        self.scheduler.step(increment=0)  # restores the learning rates
+
+    # -- training --------------------------------------------------------------------------------------------------
+    def train(self) -> PretrainResult:
+        cfg = self.cfg
+        tags = {"stage": "pretrain", "method": "minijoint", "source_lang": cfg.data.source_lang, **self.layout,
+                "world_size": dist.get_world_size(), "precision": "bf16" if self.bf16 else "fp32",
+                "resumed_from_step": self.step or None}
+        self.tracker = Tracker(cfg.tracking, config=cfg, tags=tags)
+        status = "FAILED"
+        try:
+            if self.step >= cfg.train.steps:
+                self.say(f"training already complete: step {self.step} of train.steps={cfg.train.steps}")
+            self.bar = tqdm(total=cfg.train.steps, initial=self.step, desc="pretrain", unit="step",
+                            disable=not self.rank0, dynamic_ncols=True)
+            stop_signal = 0
+            with PreemptionHandler(self.device) as preemption:
+                while self.step < cfg.train.steps and not stop_signal:
+                    self.train_step()
+                    stop_signal = preemption.requested()
+                    last = self.step == cfg.train.steps
+                    if self.step % cfg.train.eval_every == 0 or last:
+                        self.evaluate()
+                    if stop_signal or self.step % cfg.checkpoint.save_every == 0 or last:
+                        self.save()
+            self.bar.close()
+            self.finish()
+            if stop_signal:
+                self.say(f"PREEMPTED by signal {signal.Signals(stop_signal).name}: checkpoint {self.last_checkpoint} "
+                         f"saved at step {self.step}; exiting with code {PREEMPTED_EXIT_CODE}, rerun the same "
+                         f"command to resume")
+            status = "KILLED" if stop_signal else "FINISHED"
+            return PretrainResult(self.step, self.last_checkpoint, bool(stop_signal), self.tracker.run_id)
+        finally:
+            self.tracker.finish(status)
+
+    def _run(self, data: MicroBatches, index: int, forward_only: bool) -> dict[str, float]:
+        from minimodel.models.minijoint import parallelize
+
+        batches = iter(data.step(index)) if self.reads_data else None
+        out = parallelize.forward_backward(self.model, batches, data.num_microbatches, forward_only=forward_only)
+        return {"loss": out["loss"], "main_loss": out["lm_loss"], "secondary_loss": out["aux_loss"]}
+
+    def train_step(self) -> None:
+        from minimodel.models.minijoint import parallelize
+
+        start = time.perf_counter()
+        parallelize.zero_grad_buffers(self.model)
+        self.optimizer.zero_grad()
+        losses = self._run(self.train_data, self.step, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()  # clips to optim.clip_grad
+        if update_ok:  # an fp16 overflow skips the update and the schedule, as in Megatron-LM
+            self.scheduler.step(increment=1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        self.step += 1
+        metrics = {
+            **losses,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "tokens_per_s": self.tokens_per_step / seconds,
+            "model_flops_per_s": self.flops_per_step / seconds,
+            "cumulative_flops": self.flops_per_step * self.step,
+            "step_time_s": seconds,
+        }
+        self._log(metrics)
+        self.bar.set_postfix(main=f"{losses['main_loss']:.3f}", secondary=f"{losses['secondary_loss']:.3f}",
+                             tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        self.bar.update(1)
+        if self.step % self.cfg.train.log_every == 0 or self.step == 1:
+            self.say(f"step {self.step}/{self.cfg.train.steps} | main loss {losses['main_loss']:.4f} | secondary loss "
+                     f"{losses['secondary_loss']:.4f} | lr {metrics['lr']:.3g} | grad norm {metrics['grad_norm']:.3f}"
+                     f" | {metrics['tokens_per_s']:,.0f} tokens/s | {metrics['model_flops_per_s'] / 1e9:,.3f} "
+                     f"GFLOP/s")
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        for chunk in self.model:
+            chunk.eval()
+        totals: dict[str, float] = {}
+        for index in range(self.cfg.train.eval_steps):
+            for key, value in self._run(self.valid_data, index, forward_only=True).items():
+                totals[f"valid_{key}"] = totals.get(f"valid_{key}", 0.0) + value / self.cfg.train.eval_steps
+        for chunk in self.model:
+            chunk.train()
+        self._log(totals)
+        self.say(f"step {self.step} | validation: main loss {totals['valid_main_loss']:.4f} | secondary loss "
+                 f"{totals['valid_secondary_loss']:.4f}")
+
+    # -- reporting -------------------------------------------------------------------------------------------------
+    def say(self, message: str) -> None:
+        """A console line from rank 0 that does not break the progress bar."""
+        if self.rank0:
+            tqdm.write(message)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        """To MLflow, and to <output_dir>/metrics.jsonl (the whole curve across resumes, for the plot)."""
+        self.tracker.log_metrics(metrics, step=self.step)
+        if self.rank0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def finish(self) -> None:
+        if self.rank0 and self.metrics_path.is_file():
+            plot = plot_losses(self.metrics_path, self.output_dir / "loss_curve.png")
+            self.tracker.log_artifact(plot)
+
+
+def read_metrics(path: str | Path) -> dict[int, dict]:
+    """step -> metrics from a metrics.jsonl; a step logged again after a resume replaces the earlier row."""
+    by_step: dict[int, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        by_step.setdefault(row["step"], {}).update(row)
+    return dict(sorted(by_step.items()))
+
+
+def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path:
+    """Main and secondary MLM loss (training, and validation where evaluated) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, style in [("main_loss", "main head (train)", "-"),
+                              ("secondary_loss", "secondary head (train)", "-"),
+                              ("valid_main_loss", "main head (validation)", "o--"),
+                              ("valid_secondary_loss", "secondary head (validation)", "s--")]:
+        points = [(step, row[key]) for step, row in rows.items() if key in row]
+        if points:
+            ax.plot(*zip(*points), style, label=label, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MLM loss")
+    ax.set_title("MiniJoint pretraining")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,42 @@
+#!/bin/bash
+# Step 2: learn a target language's token embeddings (body frozen) with DeepSpeed; one array task per language.
+#   sbatch --array=0-1 slurm/adapt.sh [--config configs/adapt/default.yaml] [key.sub=value ...]
+#     array task i adapts the i-th of $TARGET_LANGS (space/comma-separated) or else of the config's target_langs
+#   sbatch slurm/adapt.sh ... target_lang=sw        (one language, no array)
+#   sbatch slurm/adapt.sh ... over=full             (standard adaptation, the baseline)
+# 300 s before the time limit Slurm sends USR1: the trainer checkpoints, the job requeues itself and resumes.
+#SBATCH --job-name=adapt
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=1
+#SBATCH --time=12:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm/logs/%x-%A_%a.out
+set -euo pipefail
+MINIMODEL_HOME=${MINIMODEL_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+# shellcheck source=slurm/common.sh
+source "$MINIMODEL_HOME/slurm/common.sh"
+
+mm_stage_args configs/adapt/default.yaml "$@"
+if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+  # The language list: $TARGET_LANGS, else target_langs of the config with its overrides applied.
+  lang=$("$MINIMODEL_PYTHON" - "$SLURM_ARRAY_TASK_ID" "${MM_ARGS[@]}" <<'PY'
+import os, sys, yaml
+from minimodel.config import parse_overrides
+index, _, config, *overrides = sys.argv[1:]
+langs = os.environ.get("TARGET_LANGS", "").replace(",", " ").split()
+if not langs:
+    with open(config) as f:
+        langs = (yaml.safe_load(f) or {}).get("target_langs") or []
+    langs = parse_overrides([o for o in overrides if o.startswith("target_langs=")]).get("target_langs", langs)
+if int(index) >= len(langs):
+    sys.exit(f"array task {index} has no language: the languages are {langs} (use --array=0-{len(langs) - 1})")
+print(langs[int(index)])
+PY
+  )
+  mm_log "array task $SLURM_ARRAY_TASK_ID: target_lang=$lang"
+  MM_ARGS+=("target_lang=$lang")
+fi
+mm_launch deepspeed adapt/train.py "${MM_ARGS[@]}"

@@ -1,0 +1,37 @@
+#!/bin/bash
+# One srun task per node runs this (see mm_launch in slurm/common.sh): it starts the stage's processes on this node.
+#   on_node.sh python|torchrun|deepspeed SCRIPT [ARGS...]
+# Uses MINIMODEL_PYTHON, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE from common.sh and the Slurm task variables.
+set -euo pipefail
+kind=$1
+shift
+node_rank=${SLURM_NODEID:-0}
+nnodes=${SLURM_NNODES:-1}
+
+case $kind in
+  python)
+    cmd=("$MINIMODEL_PYTHON" "$@") ;;
+  torchrun)
+    cmd=("$MINIMODEL_PYTHON" -m torch.distributed.run --nnodes="$nnodes" --node-rank="$node_rank"
+         --nproc-per-node="$NPROC_PER_NODE" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" "$@") ;;
+  deepspeed)
+    # The launcher's own Slurm mode needs mpi4py; instead every node starts its own ranks (--no_ssh) from a
+    # hostfile listing the allocation.
+    hostfile=${TMPDIR:-/tmp}/minimodel-hostfile-${SLURM_JOB_ID:-0}-$node_rank
+    scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$NPROC_PER_NODE/" > "$hostfile"
+    cmd=("$MINIMODEL_PYTHON" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --node_rank "$node_rank"
+         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@") ;;
+  *)
+    echo "on_node.sh: unknown launcher '$kind' (python, torchrun or deepspeed)" >&2
+    exit 2 ;;
+esac
+
+echo "[minimodel node $node_rank/$nnodes $(hostname)] + ${cmd[*]@Q}"
+# Slurm delivers USR1 / TERM to every process of the step. The trainers checkpoint and exit on them; a launcher
+# must outlive its workers meanwhile, so it inherits USR1 ignored (torchrun and DeepSpeed's per-node launcher
+# handle TERM by waiting for their workers; DeepSpeed's runner would die at once, so it inherits TERM ignored).
+case $kind in
+  torchrun) trap '' USR1 ;;
+  deepspeed) trap '' USR1 TERM ;;
+esac
+exec "${cmd[@]}"

@@ -1,0 +1,171 @@
+"""Fixtures for the adaptation tests: real Bible data (the data stage, one book), a tiny MegatronBert primary model
+pretrained in-process on English MLM jointly with an aligned 2-layer mini-model (MiniJoint's recipe on the Hugging
+Face side: shared embeddings and first layers, a second MLM head after layer 2), and the deepspeed launcher."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = REPO / ".venv" / "bin" / "python"
+PRIMARY_LAYERS, MINI_LAYERS, HIDDEN, FFN, SEQ = 4, 2, 64, 256, 64
+
+
+@dataclass
+class World:
+    root: Path
+    data_dir: Path
+    primary: Path
+    mini: Path
+
+
+def prepare_tiny_data(out: Path) -> Path:
+    from minimodel.config import load_config
+    from minimodel.data.prepare import DataConfig, prepare_data
+
+    d = yaml.safe_load((REPO / "configs/data/tiny.yaml").read_text())
+    d["languages"] = {k: v for k, v in d["languages"].items() if k in ("en", "sw")}
+    d.update(output_dir=str(out), books=[43], tracking={"enabled": False})  # the Gospel of John
+    d["tokenizer"]["vocab_size"] = 1000
+    path = out.parent / "data.yaml"
+    path.write_text(yaml.safe_dump(d))
+    prepare_data(load_config(DataConfig, path))
+    return out
+
+
+def tiny_config(vocab_size: int, layers: int):
+    from transformers import MegatronBertConfig
+
+    return MegatronBertConfig(vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=layers,
+                              num_attention_heads=4, intermediate_size=FFN, max_position_embeddings=SEQ,
+                              pad_token_id=1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
+def pretrain_primary_and_mini(data_dir: Path, out: Path, steps: int = 300) -> tuple[Path, Path]:
+    """Joint MLM pretraining of a 4-layer primary and its 2-layer mini-model (shared embeddings + layers 1-2)."""
+    from transformers import MegatronBertForMaskedLM
+
+    from minimodel.data.mlm import MaskedLMDataset
+    from minimodel.data.tokenizer import load_tokenizer
+    from minimodel.manifest import write_manifest
+    from minimodel.training.hf_mlm import masked_lm_loss
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(data_dir / "en" / "tokenizer")
+    primary = MegatronBertForMaskedLM(tiny_config(len(tokenizer), PRIMARY_LAYERS))
+    mini = MegatronBertForMaskedLM(tiny_config(len(tokenizer), MINI_LAYERS))
+    mini.bert.embeddings = primary.bert.embeddings
+    for i in range(MINI_LAYERS):
+        mini.bert.encoder.layer[i] = primary.bert.encoder.layer[i]
+    mini.cls.predictions.decoder.weight = primary.bert.embeddings.word_embeddings.weight
+    params = list({id(p): p for p in [*primary.parameters(), *mini.parameters()]}.values())
+    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 30))
+    data = MaskedLMDataset(data_dir / "en" / "train", tokenizer, SEQ, seed=0)
+    rng = np.random.default_rng(0)
+    primary.train(), mini.train()
+    for _ in range(steps):
+        idx = rng.integers(len(data), size=16)
+        batch = {k: torch.as_tensor(np.stack([data[int(i)][k] for i in idx])) for k in data[0]}
+        loss = masked_lm_loss(primary, batch) + masked_lm_loss(mini, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+    primary_dir, mini_dir = out / "primary", out / "mini"
+    for model, path in ((primary, primary_dir), (mini, mini_dir)):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(str(path))
+    write_manifest(mini_dir, "minijoint", MINI_LAYERS, primary_dir)
+    return primary_dir, mini_dir
+
+
+def build_world(root: Path) -> World:
+    data_dir = prepare_tiny_data(root / "data")
+    primary, mini = pretrain_primary_and_mini(data_dir, root / "models")
+    return World(root, data_dir, primary, mini)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                    str(Path.home() / ".cache" / "torch_extensions")))
+    return env
+
+
+def deepspeed_command(script: str, overrides: list[str], config: Path | None = None, ranks: int = 2) -> list[str]:
+    cmd = [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+           str(REPO / script)]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    return cmd + overrides
+
+
+def run_deepspeed(script: str, overrides: list[str], log: Path, config: Path | None = None,
+                  timeout: float = 300) -> int:
+    with open(log, "w") as f:
+        return subprocess.run(deepspeed_command(script, overrides, config), cwd=REPO, env=launch_env(), stdout=f,
+                              stderr=subprocess.STDOUT, timeout=timeout).returncode
+
+
+def run_deepspeed_and_signal(script: str, overrides: list[str], log: Path, watch: Path, after_lines: int,
+                             sig: int = signal.SIGTERM, timeout: float = 300) -> int:
+    """Launch, wait until `watch` (a metrics.jsonl) has `after_lines` lines, send `sig` to the deepspeed launcher
+    (which forwards it to the ranks, as Slurm's preemption does), wait for the exit."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(deepspeed_command(script, overrides), cwd=REPO, env=launch_env(), stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        try:
+            while proc.poll() is None and time.time() < deadline:
+                if watch.is_file() and len(watch.read_text().splitlines()) >= after_lines:
+                    proc.send_signal(sig)
+                    break
+                time.sleep(0.05)
+            return proc.wait(timeout=max(1.0, deadline - time.time()))
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def log_tail(log: Path, n: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+
+
+def copy_language(data_dir: Path, src: str, dst: str) -> None:
+    """A second language that is the same corpus: two runs that must agree exactly."""
+    if not (data_dir / dst).exists():
+        shutil.copytree(data_dir / src, data_dir / dst)
+
+
+def python_command(script: str, overrides: list[str]) -> list[str]:
+    return [str(PYTHON), str(REPO / script), *overrides]
+
+
+__all__ = ["World", "build_world", "run_deepspeed", "run_deepspeed_and_signal", "metrics", "log_tail",
+           "copy_language", "python_command", "sys"]

@@ -1,0 +1,119 @@
+"""Small stand-ins for the evaluation tests: a toy verse-parallel Bible in two languages, word-level tokenizers
+with XLM-R's special ids, tiny random MegatronBert masked LMs, and a "perfect adaptation" that builds the target
+embeddings by mapping every target word to its source word's embedding row.
+
+The target language is a cipher of the source (each word spelled backwards + "x", fixed word order), so a model
+with perfectly learned target embeddings behaves exactly as on the source: zero-shot scores can be checked
+against the source scores exactly, and retrieval must find every verse.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from minimodel.evaluation.tasks import BIBLE_PARTS, bible_part
+
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0-3, <mask> last (XLM-R's convention)
+COMMON = "and the of he said unto them lord his they all was is in".split()
+
+
+def part_words(part: int) -> list[str]:
+    return [f"{BIBLE_PARTS[part]}{i}" for i in range(12)]
+
+
+def source_vocab() -> list[str]:
+    return COMMON + [w for p in range(len(BIBLE_PARTS)) for w in part_words(p)]
+
+
+def cipher(word: str) -> str:
+    return word[::-1] + "x"
+
+
+def toy_bible(verses_per_book: int = 10, seed: int = 0) -> list[dict]:
+    """Verses of books 1-66: 9 words, 4 common ones and 5 typical of the book's part of the Bible; ~15% held out."""
+    rng = random.Random(seed)
+    out = []
+    for book in range(1, 67):
+        for v in range(1, verses_per_book + 1):
+            words = rng.choices(COMMON, k=4) + rng.choices(part_words(bible_part(book)), k=5)
+            rng.shuffle(words)
+            verse_id = book * 1_000_000 + 1_000 + v
+            out.append({"verse_id": verse_id, "book": book, "chapter": 1, "verse": v, "text": " ".join(words),
+                        "split": "valid" if rng.random() < 0.15 else "train"})
+    return out
+
+
+def write_verses(data_dir: Path, lang: str, verses: list[dict], translate=None) -> Path:
+    path = data_dir / lang / "verses.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for v in verses:
+            text = " ".join(map(translate, v["text"].split())) if translate else v["text"]
+            f.write(json.dumps({**v, "text": text}) + "\n")
+    return path
+
+
+def word_tokenizer(words: list[str], out_dir: Path):
+    """A fast word-level HF tokenizer: <s>=0 <pad>=1 </s>=2 <unk>=3, words, <mask>=last; RoBERTa-style pairs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + words + ["<mask>"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
+                                   model_input_names=["input_ids", "attention_mask"])
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def tiny_mlm(vocab_size: int, out_dir: Path, tokenizer=None, layers: int = 2, seed: int = 0) -> Path:
+    """A random-weight MegatronBertForMaskedLM (our export's class) saved with save_pretrained. Weights drawn with
+    std 0.2 (not 0.02): with frozen random embeddings the body then learns the toy task in a few hundred steps."""
+    from transformers import MegatronBertConfig, MegatronBertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = MegatronBertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                pad_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                initializer_range=0.2)
+    MegatronBertForMaskedLM(config).save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def perfect_target_embeddings(source_embeddings: torch.Tensor, source_tok, target_tok, seed: int = 0):
+    """Target embedding matrix whose row for cipher(w) is the source row of w (specials map to specials); target
+    tokens without a source word get random rows."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(len(target_tok), source_embeddings.shape[1], generator=g) * 0.02
+    src_vocab = source_tok.get_vocab()
+    inverse = {cipher(w): w for w in src_vocab}
+    for token, i in target_tok.get_vocab().items():
+        source_token = token if token in SPECIALS + ["<mask>"] else inverse.get(token)
+        if source_token in src_vocab:
+            target[i] = source_embeddings[src_vocab[source_token]]
+    return target
+
+
+def swap_embeddings(model_dir: Path, embeddings: torch.Tensor, tokenizer, out_dir: Path) -> Path:
+    """Test-side stand-in for plugging: the model with `embeddings` as token embeddings + the target tokenizer."""
+    import shutil
+
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model = getattr(transformers, config.architectures[0]).from_pretrained(model_dir)
+    model.resize_token_embeddings(embeddings.shape[0])
+    model.get_input_embeddings().weight.data.copy_(embeddings)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if (Path(model_dir) / "task.json").is_file():
+        shutil.copy(Path(model_dir) / "task.json", out_dir / "task.json")
+    return out_dir

@@ -1,0 +1,191 @@
+"""Worker for tests/test_minijoint_model.py, run under torchrun (gloo, CPU).
+
+    reference (1 process):  TP1/PP1 model -> reference checkpoint, loss and gradients of one step
+    layouts   (4 processes): each parallel layout loads the reference checkpoint and runs the same step; its
+                             gradients are written as a dist checkpoint (layout-independent), then read back at
+                             TP1/PP1 as plain tensors; plus the TP2xPP2 -> TP1 -> TP2xPP2 checkpoint round trip.
+Outputs go to <out>/ (results.json, *.pt); the pytest file does the comparisons.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minimodel import distributed
+from minimodel.distributed import ParallelConfig
+from minimodel.models.minijoint import model as model_module
+from minimodel.models.minijoint import parallelize as P
+from minimodel.models.minijoint.config import ModelConfig
+
+MODEL = ModelConfig(vocab_size=250, hidden_size=64, num_layers=4, num_attention_heads=4, ffn_hidden_size=128,
+                    seq_length=16, mini_layers=2, aux_weight=0.5, hidden_dropout=0.0, attention_dropout=0.0)
+MICRO, GLOBAL = 2, 8  # 4 microbatches in the reference
+SGD_LR = 1000.0  # large, so that (old - new) / lr recovers the gradient to ~1e-7 relative
+
+# name -> (tp, pp, vpp, sequence_parallel, distributed_optimizer); world size 4 (the rest is data parallel)
+LAYOUTS = {
+    "tp2_sp_dp2": (2, 1, None, True, False),
+    "pp2_dp2": (1, 2, None, False, False),
+    "tp2_pp2": (2, 2, None, False, False),
+    "pp4_middle": (1, 4, None, False, False),  # layer 2 (secondary head) on stage 1 of 4
+    "pp2_vpp2_dp2_distopt": (1, 2, 2, False, True),  # layer 2 in chunk 0 of the last rank
+}
+
+
+def batches(seed: int = 0, count: int = GLOBAL // MICRO) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, MODEL.vocab_size, (MICRO, MODEL.seq_length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, MODEL.seq_length - 5:] = 0
+        labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, ids, torch.full_like(ids, -100))
+        labels[mask == 0] = -100
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    return out
+
+
+def parallel(tp=1, pp=1, vpp=None, sp=False, distopt=False) -> ParallelConfig:
+    return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                          virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp,
+                          use_distributed_optimizer=distopt, micro_batch_size=MICRO, global_batch_size=GLOBAL)
+
+
+def replica_batches(pc: ParallelConfig) -> tuple[list[dict], int]:
+    from megatron.core import parallel_state
+
+    n = pc.num_microbatches(distributed.world_size())
+    r = parallel_state.get_data_parallel_rank()
+    return batches()[r * n:(r + 1) * n], n
+
+
+def named_full_params(model) -> dict[str, torch.Tensor]:
+    """TP1/PP1 model -> {name: tensor}."""
+    return {n: p.detach().clone() for n, p in P.unwrap(model[0]).named_parameters()}
+
+
+def save(model, path: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(P.sharded_state_dict(model), str(path))
+
+
+def grads_into_params(model) -> None:
+    for chunk in model:
+        for p in P.unwrap(chunk).parameters():
+            p.data.copy_(p.main_grad)
+
+
+def word_embedding_grad_spread(model) -> float:
+    """Max difference between the gradients of all copies of the tied word embeddings (all stages)."""
+    masters, copies = P._word_embedding_weights(model)
+    grads = [w.main_grad for w in masters + copies]
+    if not grads:  # a middle stage without a copy
+        return 0.0
+    spread = max((g - grads[0]).abs().max().item() for g in grads)
+    group = P._embedding_group()
+    if group is not None:
+        gathered = [torch.empty_like(grads[0]) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, grads[0].contiguous(), group=group)
+        spread = max(spread, max((g - gathered[0]).abs().max().item() for g in gathered))
+    return spread
+
+
+def reference(out: Path) -> None:
+    pc = parallel()
+    P.setup(MODEL, pc, seed=1)
+    model = P.build_model(MODEL, pc)
+    save(model, out / "ckpt_ref")
+    params = named_full_params(model)
+    data, n = replica_batches(pc)
+    losses = P.forward_backward(model, iter(data), n)
+    grads = {name: p.main_grad.clone() for name, p in P.unwrap(model[0]).named_parameters()}
+    torch.save({"params": params, "grads": grads, "losses": losses}, out / "reference.pt")
+    distributed.destroy()
+
+
+def sgd_step(model, distopt: bool) -> None:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=SGD_LR, weight_decay=0.0, sgd_momentum=0.0,
+                                                 clip_grad=0.0, use_distributed_optimizer=distopt), model)
+    opt.step()
+
+
+def layouts(out: Path) -> None:
+    results = {}
+    runs = [(name, spec, True) for name, spec in LAYOUTS.items()] + [("pp4_middle_not_injected",
+                                                                      LAYOUTS["pp4_middle"], False)]
+    for name, (tp, pp, vpp, sp, distopt), inject in runs:
+        pc = parallel(tp, pp, vpp, sp, distopt)
+        P.setup(MODEL, pc, seed=1)
+        model = P.build_model(MODEL, pc)
+        P.load_checkpoint_into(model, out / "ckpt_ref")
+        data, n = replica_batches(pc)
+        original = model_module._AddLossGradient.apply
+        if not inject:  # negative control: the secondary loss is computed but its gradient is dropped
+            model_module._AddLossGradient.apply = lambda hidden, loss: hidden
+        try:
+            losses = P.forward_backward(model, iter(data), n)
+        finally:
+            model_module._AddLossGradient.apply = original
+        spread = word_embedding_grad_spread(model)
+        if distopt:
+            sgd_step(model, distopt=True)
+        else:
+            grads_into_params(model)
+        save(model, out / f"ckpt_{name}")
+        results[name] = {"losses": losses, "word_embedding_grad_spread": spread, "sgd_lr": SGD_LR if distopt else None}
+
+    # Checkpoint round trip: fresh weights at TP2 x PP2 -> TP1 x PP1 -> TP2 x PP2.
+    pc = parallel(2, 2)
+    P.setup(MODEL, pc, seed=7)
+    model = P.build_model(MODEL, pc)
+    original = {k: v.clone() for k, v in P.unwrap(model[0]).state_dict().items() if torch.is_tensor(v)}
+    save(model, out / "ckpt_tp2pp2_fresh")
+    fixed = batches(seed=5, count=1)
+    results["tp2pp2_fresh_forward"] = P.forward_backward(model, iter(fixed), 1, forward_only=True)
+
+    # TP1 x PP1 (data parallel over all 4 processes): read every layout's checkpoint as plain tensors.
+    pc1 = parallel()
+    P.setup(MODEL, pc1, seed=1)
+    model1 = P.build_model(MODEL, pc1)
+    for name in [*LAYOUTS, "pp4_middle_not_injected"]:
+        P.load_checkpoint_into(model1, out / f"ckpt_{name}")
+        if dist.get_rank() == 0:
+            torch.save(named_full_params(model1), out / f"{name}.pt")
+    P.load_checkpoint_into(model1, out / "ckpt_tp2pp2_fresh")
+    chunk = P.unwrap(model1[0]).eval()
+    b = fixed[0]
+    results["tp2pp2_fresh_at_tp1_forward"] = P.forward_backward(model1, iter(fixed), 1, forward_only=True)
+    main, secondary = chunk.mlm_logits(b["input_ids"], b["attention_mask"])
+    if dist.get_rank() == 0:
+        torch.save({"batch": b, "main": main, "secondary": secondary}, out / "tp2pp2_fresh_logits.pt")
+    save(model1, out / "ckpt_tp2pp2_fresh_resaved_tp1")
+
+    P.setup(MODEL, pc, seed=3)
+    model = P.build_model(MODEL, pc)
+    P.load_checkpoint_into(model, out / "ckpt_tp2pp2_fresh_resaved_tp1")
+    reloaded = P.unwrap(model[0]).state_dict()
+    diff = torch.tensor(max((reloaded[k] - v).abs().max().item() for k, v in original.items()))
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    results["round_trip_max_diff"] = diff.item()
+
+    if dist.get_rank() == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    distributed.destroy()
+
+
+if __name__ == "__main__":  # dist_checkpointing.save needs the guard
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    {"reference": reference, "layouts": layouts}[mode](out)

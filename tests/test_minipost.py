@@ -1,0 +1,113 @@
+"""MiniPost (paper step 1b): building the mini-model from a pretrained masked LM, freezing, checks, alignment."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minimodel.minipost.alignment import linear_cka, mean_cosine
+from minimodel.minipost.build import (MiniPostError, build_mini_model, layers_name, load_source_model,
+                                      resolve_source)
+from minipost_helpers import make_model, save_model
+
+KINDS = ["xlmr", "bert", "megatron"]
+
+
+def _batch(vocab=120, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    ids[1, 9:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_depth_mini_model_reproduces_source(kind):
+    # k frozen + (L - k) new layers initialised from the source, head from the source == the source itself:
+    # every weight (norms, the pre-LN top norm, tied decoder, biases) is copied to the right place.
+    source = make_model(kind)
+    mini, new = build_mini_model(source, layers=1, new_layers=3)
+    batch = _batch()
+    torch.testing.assert_close(mini(**batch).logits, source(**batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_freezing_split(kind):
+    source = make_model(kind)
+    mini, new = build_mini_model(source, layers=2, new_layers=1)
+    assert mini.config.num_hidden_layers == 3 and type(mini) is type(source)
+    stack = layers_name(mini)
+    trainable = {n for n, p in mini.named_parameters() if p.requires_grad}
+    assert trainable == set(new)
+    assert {n for n in new if n.startswith(stack)} == {f"{stack}.2.{n}" for n, _ in
+                                                       mini.get_submodule(stack)[2].named_parameters()}
+    # The tied decoder weight is the frozen input embedding; the head's own parameters are new.
+    assert mini.get_output_embeddings().weight is mini.get_input_embeddings().weight
+    assert not mini.get_input_embeddings().weight.requires_grad
+    head = [n for n in new if not n.startswith(mini.base_model_prefix + ".")]
+    assert head and all("decoder.weight" not in n for n in new)
+    if kind == "megatron":  # pre-LN: the encoder's final norm sits on top of the new layer
+        assert f"{mini.base_model_prefix}.encoder.ln.weight" in new
+    # The frozen bottom computes exactly what the source's first k layers compute.
+    batch = _batch()
+    ours = mini(**batch, output_hidden_states=True).hidden_states[2]
+    theirs = source(**batch, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # Only the new parameters receive gradients.
+    mini.train()
+    logits = mini(**batch).logits
+    logits.logsumexp(-1).mean().backward()
+    grads = {n for n, p in mini.named_parameters() if p.grad is not None}
+    assert grads == set(new)
+
+
+def test_random_init_options():
+    source = make_model("xlmr")
+    mini, _ = build_mini_model(source, layers=2, new_layers=1, new_layer_init="random", head_init="random")
+    src, ours = source.state_dict(), mini.state_dict()
+    assert not torch.equal(ours["roberta.encoder.layer.2.attention.self.query.weight"],
+                           src["roberta.encoder.layer.2.attention.self.query.weight"])
+    assert not torch.equal(ours["lm_head.dense.weight"], src["lm_head.dense.weight"])
+    assert torch.equal(ours["roberta.encoder.layer.1.output.dense.weight"],
+                       src["roberta.encoder.layer.1.output.dense.weight"])
+    assert torch.equal(ours["lm_head.decoder.weight"], src["roberta.embeddings.word_embeddings.weight"])
+    # New layers beyond the source's depth are allowed when initialised at random.
+    deep, new = build_mini_model(source, layers=3, new_layers=2, new_layer_init="random")
+    assert deep.config.num_hidden_layers == 5
+
+
+@pytest.mark.parametrize("layers,new_layers,message", [
+    (4, 1, "between 1 and 3"), (0, 1, "between 1 and 3"), (3, 2, "new_layer_init=random")])
+def test_bad_depth(layers, new_layers, message):
+    with pytest.raises(MiniPostError, match=message):
+        build_mini_model(make_model("xlmr"), layers=layers, new_layers=new_layers)
+
+
+def test_source_without_mlm_head(tmp_path):
+    save_model(make_model("xlmr", with_head=False), tmp_path / "bare")
+    with pytest.raises(MiniPostError, match="no masked-LM head.*head_init=random"):
+        load_source_model(tmp_path / "bare")
+    model = load_source_model(tmp_path / "bare", head_init="random")
+    mini, new = build_mini_model(model, layers=2, head_init="random")
+    assert "lm_head.dense.weight" in new
+
+
+def test_resolve_source(tmp_path):
+    save_model(make_model("megatron"), tmp_path / "export" / "primary")
+    assert resolve_source(tmp_path / "export") == tmp_path / "export" / "primary"
+    assert resolve_source(tmp_path / "export" / "primary") == tmp_path / "export" / "primary"
+    with pytest.raises(MiniPostError, match="does not exist"):
+        resolve_source(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MiniPostError, match="pretrain/export.py"):
+        resolve_source(tmp_path / "empty")
+
+
+def test_similarity_measures():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert linear_cka(x, 3 * x @ q) == pytest.approx(1.0)  # invariant to rotation and isotropic scaling
+    assert linear_cka(x, torch.randn(200, 16, generator=g)) < 0.2
+    assert mean_cosine(x, 2 * x) == pytest.approx(1.0)
+    assert mean_cosine(x, -x) == pytest.approx(-1.0)

@@ -1,0 +1,206 @@
+"""MiniPost end to end: pretrain/minipost.py as a real process on a tiny English data build, from a random XLM-R
+model and from a MiniJoint export (MegatronBertForMaskedLM, pre-LN)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minimodel.manifest import ManifestError, check_aligned, read_manifest
+from minimodel.minipost.build import MiniPostError, load_source_model
+from minimodel.minipost.train import MiniPostConfig, run_minipost
+from minimodel.config import load_config
+from minipost_helpers import make_model, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = ROOT / ".venv" / "bin" / "python"
+SCRIPT = ROOT / "pretrain" / "minipost.py"
+CONFIG = ROOT / "configs" / "minipost" / "tiny.yaml"
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A tiny English build of the default corpus (one gospel, small vocabulary), as pretrain/prepare_data.py
+    writes it."""
+    from minimodel.data.prepare import DataConfig, prepare_data
+
+    out = tmp_path_factory.mktemp("data")
+    cfg = load_config(DataConfig, ROOT / "configs" / "data" / "tiny.yaml",
+                      [f"output_dir={out}", "books=[41]", "tokenizer.vocab_size=500", "tracking.enabled=false"])
+    cfg.languages = {"en": cfg.languages["en"]}
+    prepare_data(cfg)
+    return out / "en"
+
+
+def _tokenizer(data_dir: Path):
+    from minimodel.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(data_dir / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def sources(data_dir, tmp_path_factory) -> dict[str, Path]:
+    """Random-weight sources with the data's tokenizer: an XLM-R directory and a MiniJoint-style export dir."""
+    root = tmp_path_factory.mktemp("sources")
+    tokenizer = _tokenizer(data_dir)
+    vocab = len(tokenizer)
+    return {
+        "xlmr": save_model(make_model("xlmr", vocab_size=vocab), root / "xlmr", tokenizer),
+        "export": save_model(make_model("megatron", vocab_size=vocab), root / "export" / "primary", tokenizer).parent,
+    }
+
+
+def _overrides(source: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [f"source={source}", f"output_dir={out}", f"data.train_prefix={data_dir / 'train'}",
+            f"data.valid_prefix={data_dir / 'valid'}", f"data.tokenizer_dir={data_dir / 'tokenizer'}",
+            f"tracking.uri=sqlite:///{out.parent / 'mlflow.db'}", f"tracking.store_dir={out.parent}",
+            f"train.steps={STEPS}", "train.warmup_steps=3", "train.lr=0.03", "train.save_every=10", *extra]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                   str(Path.home() / ".cache" / "torch_extensions")))
+    return env
+
+
+def run_script(overrides: list[str], log: Path, launcher: list[str] | None = None, timeout: float = 300):
+    cmd = (launcher or [str(PYTHON)]) + [str(SCRIPT), "--config", str(CONFIG), *overrides]
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    return proc.returncode, log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def runs(sources, data_dir, tmp_path_factory) -> dict[str, Path]:
+    """One MiniPost run per source kind (output dirs)."""
+    root = tmp_path_factory.mktemp("runs")
+    outs = {}
+    for kind, source in sources.items():
+        out = root / kind
+        code, log = run_script(_overrides(source, data_dir, out), root / f"{kind}.log")
+        assert code == 0, log[-4000:]
+        outs[kind] = out
+    return outs
+
+
+def _primary(source: Path) -> Path:
+    return source / "primary" if (source / "primary").is_dir() else source
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "export"])
+def test_only_new_parameters_trained(kind, runs, sources):
+    mini_dir = runs[kind] / "mini"
+    manifest = read_manifest(mini_dir)
+    new = set(manifest["new_parameters"])
+    trained = load_file(mini_dir / "model.safetensors")
+    source = load_file(_primary(sources[kind]) / "model.safetensors")
+    frozen = [k for k in trained if k not in new]
+    assert len(frozen) > 10 and len(new) > 10
+    for name in frozen:
+        assert torch.equal(trained[name], source[name]), name
+    for name in new:
+        assert not torch.equal(trained[name], source[name]), f"{name} did not change"
+    alignment = json.loads((runs[kind] / "alignment.json").read_text())
+    assert alignment["frozen_parameters_checked"] == len(frozen)
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "export"])
+def test_mini_model_is_aligned_and_loadable(kind, runs, sources, tmp_path):
+    mini_dir = runs[kind] / "mini"
+    manifest = check_aligned(mini_dir, _primary(sources[kind]))
+    assert manifest["kind"] == "minipost" and manifest["layers"] == 2 and manifest["new_layers"] == 1
+    mini = load_source_model(mini_dir)
+    source = load_source_model(_primary(sources[kind]))
+    assert type(mini) is type(source) and mini.config.num_hidden_layers == 3
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(mini_dir)) == mini.config.vocab_size
+    other = save_model(make_model("xlmr", vocab_size=source.config.vocab_size, seed=5), tmp_path / "other")
+    with pytest.raises(ManifestError, match="aligned with"):
+        check_aligned(mini_dir, other)
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "export"])
+def test_alignment_report(kind, runs):
+    out = runs[kind]
+    alignment = json.loads((out / "alignment.json").read_text())
+    start, end = alignment["start"], alignment["end"]
+    assert end["mini_mlm_loss"] < start["mini_mlm_loss"] - 0.5  # the new top learned the held-out MLM task
+    assert end["primary_mlm_loss"] == pytest.approx(start["primary_mlm_loss"])  # the source is never touched
+    for report in (start, end):
+        assert 0.0 <= report["cka"] <= 1.0 and -1.0 <= report["cosine"] <= 1.0
+        assert report["primary_layer"] == 4 and report["masked_tokens"] > 100
+    # The same numbers are in MLflow, with the stage's tags and the report as an artifact.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
+    [run] = [r for r in client.search_runs(client.get_experiment_by_name("minimodel").experiment_id)
+             if r.data.params.get("output_dir") == str(out)]
+    assert run.data.tags["stage"] == "minipost" and run.data.tags["method"] == "minipost"
+    assert run.data.tags["source_lang"] == "en"
+    cka = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "alignment/cka")}
+    assert cka == {0: pytest.approx(start["cka"]), STEPS: pytest.approx(end["cka"])}
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == STEPS
+    assert "alignment.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert (out / "config.yaml").is_file()
+
+
+def test_relaunch_resumes_finished_run(runs, sources, data_dir, tmp_path):
+    """A second launch on the same output_dir resumes from the last checkpoint (no step redone) and rewrites the
+    same mini-model."""
+    out = runs["xlmr"]
+    before = load_file(out / "mini" / "model.safetensors")
+    code, log = run_script(_overrides(sources["xlmr"], data_dir, out), tmp_path / "relaunch.log")
+    assert code == 0, log[-4000:]
+    after = load_file(out / "mini" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+
+
+# -- bad inputs: clear errors before anything is written ------------------------------------------------------------
+
+def _config(source: Path, data_dir: Path, out: Path, *extra: str) -> MiniPostConfig:
+    return load_config(MiniPostConfig, CONFIG, _overrides(source, data_dir, out, *extra))
+
+
+def test_too_many_frozen_layers(sources, data_dir, tmp_path):
+    with pytest.raises(MiniPostError, match="mini.layers=4.*between 1 and 3"):
+        run_minipost(_config(sources["xlmr"], data_dir, tmp_path / "out", "mini.layers=4"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_bad_input(sources, data_dir, tmp_path):
+    code, log = run_script(_overrides(sources["xlmr"], data_dir, tmp_path / "out", "mini.layers=9"),
+                           tmp_path / "bad.log")
+    assert code == 2 and "mini.layers=9" in log and "Traceback" not in log
+
+
+def test_source_without_head(data_dir, tmp_path):
+    tokenizer = _tokenizer(data_dir)
+    bare = save_model(make_model("xlmr", vocab_size=len(tokenizer), with_head=False), tmp_path / "bare", tokenizer)
+    with pytest.raises(MiniPostError, match="no masked-LM head"):
+        run_minipost(_config(bare, data_dir, tmp_path / "out"))
+
+
+def test_tokenizer_not_matching_model(data_dir, tmp_path):
+    tokenizer = _tokenizer(data_dir)
+    small = save_model(make_model("xlmr", vocab_size=len(tokenizer) - 50), tmp_path / "small", tokenizer)
+    with pytest.raises(MiniPostError, match="do not belong together"):
+        run_minipost(_config(small, data_dir, tmp_path / "out"))
+
+
+def test_data_tokenized_with_another_tokenizer(sources, data_dir, tmp_path):
+    from minimodel.data.tokenizer import train_tokenizer
+
+    other = train_tokenizer([f"word{i} other{i % 7} text" for i in range(300)], tmp_path / "other_tok", 60)
+    with pytest.raises(MiniPostError, match="vocabulary differs"):
+        run_minipost(_config(sources["xlmr"], data_dir, tmp_path / "out", f"data.tokenizer_dir={other}"))

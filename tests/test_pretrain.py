@@ -1,0 +1,236 @@
+"""MiniJoint pretraining loop: sampling, configs, atomic checkpoints, exact resume, preemption (real torchrun)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimodel.config import ConfigError, load_config
+from minimodel.training import checkpoint as ckpt
+from minimodel.training.pretrain import (PREEMPTED_EXIT_CODE, DataConfig, MicroBatches, PretrainConfig, plot_losses,
+                                         read_metrics)
+from pretrain_helpers import (ROOT, build_tiny_corpus, corpus_overrides, launch, run, tail, train_losses,
+                              wait_for_step)
+
+
+# -- sampling ------------------------------------------------------------------------------------------------------
+class _Items:
+    """A dataset whose item is its own index (and the masking seed it was built with)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"input_ids": np.array([i, self.seed])}
+
+
+def _sampler(dp_rank: int, dp_size: int = 2, n: int = 10):
+    import torch
+
+    return MicroBatches(lambda epoch: _Items(n, seed=100 + epoch), seed=7, global_batch=8, micro_batch=2,
+                        dp_size=dp_size, dp_rank=dp_rank, shuffle=True, device=torch.device("cpu"))
+
+
+def test_sampling_partitions_each_step_over_ranks_and_epochs():
+    samplers = [_sampler(r) for r in range(2)]
+    assert samplers[0].num_microbatches == 2
+    seen = []  # (item, mask seed) in stream order over 5 steps = 4 epochs of 10 items
+    for step in range(5):
+        step_items = [row for s in samplers for batch in s.step(step) for row in batch["input_ids"].tolist()]
+        assert len(step_items) == 8
+        seen += step_items
+    for epoch in range(4):
+        rows = seen[epoch * 10:(epoch + 1) * 10]
+        assert sorted(r[0] for r in rows) == list(range(10)), "each epoch visits every item once"
+        assert {r[1] for r in rows} == {100 + epoch}, "each epoch has its own masking seed"
+    orders = [[r[0] for r in seen[e * 10:(e + 1) * 10]] for e in range(4)]
+    assert len({tuple(o) for o in orders}) > 1, "epochs are reshuffled"
+
+
+def test_sampling_is_a_pure_function_of_step_microbatch_and_rank():
+    """What makes resume exact: a fresh sampler (a resumed process) yields the same batches for any step."""
+    first, resumed = _sampler(1), _sampler(1)
+    for step in (0, 3):
+        first.step(step)
+    for step in (7, 2):
+        assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(first.step(step), resumed.step(step)))
+    assert not (first.step(2)[0]["input_ids"] == _sampler(0).step(2)[0]["input_ids"]).all()
+
+
+# -- configuration -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "pretrain").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    cfg = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / name)
+    assert cfg.model.num_layers >= cfg.model.mini_layers >= 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.min_lr=0.1", r"^optim\.min_lr: 0\.1 must be in \[0, optim\.lr="),
+    ("optim.warmup_steps=100000", r"^optim\.warmup_steps: 100000 must be < train\.steps="),
+    ("optim.adam_beta2=1.0", r"^optim\.adam_beta2:"),
+    ("optim.clip_grad=-1", r"^optim\.clip_grad:"),
+    ("optim.decay_style=exponential", r"^optim\.decay_style: 'exponential' is not one of"),
+    ("data.mask_prob=1.5", r"^data\.mask_prob: 1\.5 must be in \(0, 1\)"),
+    ("train.steps=0", r"^train\.steps: 0 must be >= 1"),
+    ("checkpoint.keep_last=0", r"^checkpoint\.keep_last:"),
+    ("parallel.global_batch_size=10", r"global_batch_size: 10 is not a multiple of micro_batch_size"),
+    ("train.step=5", r"unknown key train\.step\b"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, ROOT / "configs" / "pretrain" / "minijoint_tiny.yaml", [override])
+
+
+def test_missing_data_names_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.train_prefix: .*train\.bin does not exist; build them with: "
+                                          r"python pretrain/prepare_data\.py"):
+        DataConfig(train_prefix=str(tmp_path / "train")).check_files()
+
+
+# -- checkpoint directory logic ------------------------------------------------------------------------------------
+def _fake_checkpoint(root: Path, name: str) -> Path:
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "metadata.json").write_text("{}")
+    return path
+
+
+def test_latest_checkpoint_ignores_unfinished_saves(tmp_path):
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    _fake_checkpoint(tmp_path, "iter_0000010")
+    newest = _fake_checkpoint(tmp_path, "iter_0000020")
+    _fake_checkpoint(tmp_path, "iter_0000030.tmp")  # a save that crashed before the rename
+    (tmp_path / "iter_0000040").mkdir()  # not a checkpoint (no metadata.json)
+    assert ckpt.latest_checkpoint(tmp_path) == newest  # no pointer: newest complete one
+    (tmp_path / "latest").write_text("iter_0000010\n")
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "iter_0000010"  # the pointer wins
+    (tmp_path / "latest").write_text("iter_0000030.tmp\n")
+    assert ckpt.latest_checkpoint(tmp_path) == newest  # a pointer to an unfinished save is not trusted
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [10, 20]
+    assert ckpt.step_of(newest) == 20
+
+
+def test_loss_curve_plot(tmp_path):
+    rows = [{"step": s, "main_loss": 5 - s / 10, "secondary_loss": 5.5 - s / 12} for s in range(1, 11)]
+    rows.append({"step": 10, "valid_main_loss": 4.2, "valid_secondary_loss": 4.6})
+    rows.append({"step": 5, "main_loss": 4.5, "secondary_loss": 5.0})  # redone after a resume: replaces step 5
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = read_metrics(path)
+    assert metrics[5]["main_loss"] == 4.5 and metrics[10]["valid_main_loss"] == 4.2 and metrics[10]["main_loss"] == 4.0
+    out = plot_losses(path, tmp_path / "curve.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+# -- real runs (torchrun, gloo) ------------------------------------------------------------------------------------
+STEPS = 40
+
+
+VOCAB = 50
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_tiny_corpus(tmp_path_factory.mktemp("corpus"), vocab_size=VOCAB)
+
+
+def _check_mlflow_run(store: Path, expected: dict[int, tuple[float, float]]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    (run_,) = client.search_runs([client.get_experiment_by_name("minimodel").experiment_id])
+    assert run_.info.status == "FINISHED"
+    assert {k: run_.data.tags[k] for k in ("stage", "method", "source_lang", "tp", "pp", "dp", "world_size")} == {
+        "stage": "pretrain", "method": "minijoint", "source_lang": "en", "tp": "1", "pp": "2", "dp": "1",
+        "world_size": "2"}
+    for i, key in enumerate(("main_loss", "secondary_loss")):
+        logged = {m.step: m.value for m in client.get_metric_history(run_.info.run_id, key)}
+        assert logged == pytest.approx({step: losses[i] for step, losses in expected.items()}, abs=1e-6)
+    for key in ("loss", "valid_loss", "valid_main_loss", "valid_secondary_loss", "lr", "grad_norm", "tokens_per_s",
+                "model_flops_per_s", "cumulative_flops"):
+        assert client.get_metric_history(run_.info.run_id, key), key
+    assert "loss_curve.png" in {a.path for a in client.list_artifacts(run_.info.run_id)}
+
+
+def _overrides(corpus: Path, out: Path, layout: list[str], *extra: str) -> list[str]:
+    return [*corpus_overrides(corpus), f"output_dir={out}", f"train.steps={STEPS}", "train.eval_every=20",
+            "train.eval_steps=2", "train.log_every=10", "optim.warmup_steps=5", "checkpoint.save_every=15",
+            "checkpoint.keep_last=2", "tracking.enabled=false", f"model.vocab_size={VOCAB}", *layout, *extra]
+
+
+def _worker_pids(torchrun_pid: int) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process(torchrun_pid).children(recursive=True)
+            if "train.py" in " ".join(p.cmdline())]
+
+
+LAYOUTS = {
+    # data parallel with the distributed optimizer (sharded optimizer state in the checkpoint); preempted the way
+    # Slurm does it under torchrun: SIGTERM to the launcher, which forwards it to every worker
+    "dp2_distopt": (["parallel.use_distributed_optimizer=true"], "launcher", signal.SIGTERM),
+    # two pipeline stages, the secondary head on the first; SIGUSR1 to one worker only: the flag is all-reduced
+    "pp2": (["parallel.pipeline_model_parallel_size=2"], "one_worker", signal.SIGUSR1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_preempt_and_resume_is_exact(corpus, tmp_path, layout):
+    """Preempted mid-run: a checkpoint at the next step boundary and a clean exit; the resumed run (ignoring a
+    leftover unfinished save) continues with the same losses as an uninterrupted run."""
+    parallel, target, sig = LAYOUTS[layout]
+    reference = tmp_path / "reference"
+    tracking = [f"tracking.enabled={layout == 'pp2'}", f"tracking.store_dir={tmp_path / 'mlflow'}"]
+    rc = run(2, _overrides(corpus, reference, parallel, *tracking), tmp_path / "reference.log")
+    assert rc == 0, tail(tmp_path / "reference.log")
+    expected = train_losses(reference)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    if layout == "pp2":  # rank 0 (first stage) logs the losses computed on the last stage and the middle one
+        _check_mlflow_run(tmp_path / "mlflow", expected)
+
+    out, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
+    proc = launch(2, _overrides(corpus, out, parallel), log)
+    try:
+        wait_for_step(out, 3, proc)
+        if target == "launcher":
+            os.kill(proc.pid, sig)
+        else:
+            os.kill(_worker_pids(proc.pid)[-1], sig)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "PREEMPTED by signal " + sig.name in text, tail(log)
+    stopped = ckpt.step_of(ckpt.latest_checkpoint(out / "checkpoints"))
+    assert 3 <= stopped < STEPS, tail(log)
+    assert f"checkpoint {out / 'checkpoints' / f'iter_{stopped:07d}'} saved at step {stopped}" in text
+    if target == "one_worker":  # no launcher signal: the workers' own exit code reaches torchrun's report
+        assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in text, tail(log)
+    assert max(train_losses(out)) == stopped  # stopped at the next step boundary, nothing after the checkpoint
+    assert len(ckpt.complete_checkpoints(out / "checkpoints")) <= 2  # keep_last
+
+    # a save of a later step that crashed half-way must be ignored
+    junk = out / "checkpoints" / f"iter_{STEPS - 1:07d}.tmp"
+    junk.mkdir()
+    (junk / "metadata.json").write_text("{ truncated")
+
+    rc = run(2, _overrides(corpus, out, parallel), tmp_path / "resumed.log")
+    assert rc == 0, tail(tmp_path / "resumed.log")
+    assert f"resumed from {out / 'checkpoints' / f'iter_{stopped:07d}'} at step {stopped}" in \
+        (tmp_path / "resumed.log").read_text()
+    resumed = train_losses(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(stopped + 1, STEPS + 1):
+        np.testing.assert_allclose(resumed[step], expected[step], rtol=0, atol=1e-6, err_msg=f"step {step}")
+    assert resumed[STEPS][0] < resumed[1][0] and resumed[STEPS][1] < resumed[1][1]  # both losses fall
+    assert ckpt.step_of(ckpt.latest_checkpoint(out / "checkpoints")) == STEPS
+    assert (out / "loss_curve.png").is_file() and (out / "config.yaml").is_file()

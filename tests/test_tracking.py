@@ -1,0 +1,279 @@
+"""Tracker: what a run records, inert ranks, background logging, fallback when the server is down, re-run links."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow_helpers import ToyStageConfig, log_synthetic_pipeline
+
+from minimodel.config import ConfigError, load_config
+from minimodel.tracking import (REUSED_RUN_TAG, STAGE_KEY_TAG, Tracker, TrackingConfig, find_finished_run,
+                                link_run, local_store_uri, stage_key)
+from minimodel.ui import MlflowServer, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def empty_store_db(tmp_path_factory) -> Path:
+    """An empty, already migrated SQLite store (creating the schema takes seconds; copying it does not)."""
+    store = tmp_path_factory.mktemp("template-store")
+    MlflowClient(local_store_uri(store)).search_experiments()
+    return store / "mlflow.db"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, empty_store_db):
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (e.g. a stray ./mlruns)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MINIMODEL_PARENT_RUN_ID", raising=False)
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(empty_store_db, store / "mlflow.db")
+    return store
+
+
+def client_for(store: Path) -> MlflowClient:
+    return MlflowClient(local_store_uri(store))
+
+
+def all_runs(store: Path, experiment: str = "minimodel") -> list:
+    client = client_for(store)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def steps_of(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def log_toy_stage(tracking: TrackingConfig, tmp: Path, steps: int = 25) -> Tracker:
+    cfg = ToyStageConfig(output_dir=str(tmp / "out"), tracking=tracking)
+    report = tmp / "report.md"
+    report.write_text("# report\n")
+    with Tracker(tracking, cfg, tags={"stage": "adapt", "method": "minipost", "source_lang": "en",
+                                      "target_lang": "sw", "tp": 1}) as t:
+        for step in range(steps):
+            t.log_metrics({"train/loss": 10.0 - step, "lr": 0.1}, step)
+        t.log_metrics({"eval/loss": 3.0}, steps)
+        t.log_loss_curves()
+        t.log_artifact(report, "report")
+    return t
+
+
+def test_run_records_config_tags_metrics_and_artifacts(store, tmp_path):
+    t = log_toy_stage(TrackingConfig(store_dir=str(store), flush_every=4), tmp_path)
+    [run] = all_runs(store)
+    client = client_for(store)
+    assert run.info.run_id == t.run_id and run.info.status == "FINISHED"
+    assert run.info.run_name == "adapt-sw"
+    assert run.data.params["model.hidden_size"] == "64" and run.data.params["lr"] == "0.001"
+    assert run.data.params["tracking.flush_every"] == "4"
+    tags = run.data.tags
+    assert {k: tags[k] for k in ("stage", "method", "source_lang", "target_lang", "tp", "world_size")} == {
+        "stage": "adapt", "method": "minipost", "source_lang": "en", "target_lang": "sw", "tp": "1",
+        "world_size": "1"}
+    assert tags["git_commit"] and tags["host"] and "slurm_job_id" not in tags
+    assert steps_of(client, t.run_id, "train/loss") == [(s, 10.0 - s) for s in range(25)]
+    assert steps_of(client, t.run_id, "eval/loss") == [(25, 3.0)]
+    assert artifact_paths(client, t.run_id) == {"config.yaml", "plots/loss_curves.png", "report/report.md"}
+    config_yaml = Path(client.download_artifacts(t.run_id, "config.yaml", str(tmp_path / "dl")))
+    assert load_config(ToyStageConfig, config_yaml) == ToyStageConfig(output_dir=str(tmp_path / "out"),
+                                                                      tracking=t.cfg)
+    assert (store / "artifacts").is_dir() and not (tmp_path / "mlruns").exists()
+
+
+def test_slurm_job_id_is_tagged(store, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with Tracker(TrackingConfig(store_dir=str(store))) as t:
+        pass
+    assert client_for(store).get_run(t.run_id).data.tags["slurm_job_id"] == "4242"
+
+
+def test_failed_stage_is_marked_failed_and_keeps_its_metrics(store):
+    with pytest.raises(RuntimeError):
+        with Tracker(TrackingConfig(store_dir=str(store), flush_every=100)) as t:
+            t.log_metrics({"train/loss": 1.5}, 0)
+            raise RuntimeError("diverged")
+    run = client_for(store).get_run(t.run_id)
+    assert run.info.status == "FAILED" and run.data.metrics["train/loss"] == 1.5
+
+
+def test_inert_on_other_ranks_and_when_disabled(store, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    t = Tracker(TrackingConfig(store_dir=str(store)), ToyStageConfig(), tags={"stage": "x"})
+    t.log_metrics({"loss": 1.0}, 0)
+    t.finish()
+    monkeypatch.setenv("RANK", "0")
+    with Tracker(TrackingConfig(store_dir=str(store), enabled=False)) as off:
+        off.log_metrics({"loss": 1.0}, 0)
+    assert t.run_id is None and off.run_id is None
+    assert [p.name for p in store.iterdir()] == ["mlflow.db"] and all_runs(store) == []
+
+
+def test_logging_does_not_wait_for_a_slow_store(store, monkeypatch):
+    """While the store hangs, log_metrics and flush still return; finish() then delivers everything."""
+    release = threading.Event()
+    with Tracker(TrackingConfig(store_dir=str(store), flush_every=1)) as t:
+        real_log_batch = t.client.log_batch
+
+        def hanging_log_batch(*args, **kwargs):
+            release.wait()
+            return real_log_batch(*args, **kwargs)
+
+        monkeypatch.setattr(t.client, "log_batch", hanging_log_batch)
+        for step in range(20):
+            t.log_metrics({"train/loss": float(step)}, step)  # would deadlock here if it waited for the store
+        t.flush()
+        assert steps_of(client_for(store), t.run_id, "train/loss") == []
+        release.set()
+    assert steps_of(client_for(store), t.run_id, "train/loss") == [(s, float(s)) for s in range(20)]
+
+
+def test_rejected_call_is_reported_and_the_rest_is_kept(store, caplog):
+    with Tracker(TrackingConfig(store_dir=str(store))) as t:
+        t.log_config({"lr": 0.1})
+        t.log_config({"lr": 0.2})  # MLflow params are immutable: the store says no
+        t.log_metrics({"train/loss": 1.0}, 0)
+    run = client_for(store).get_run(t.run_id)
+    assert len(t.errors) == 1 and "rejected" in caplog.text
+    assert run.data.params["lr"] == "0.1" and run.data.metrics["train/loss"] == 1.0
+    assert run.info.status == "FINISHED"
+
+
+def test_models_are_uploaded_only_when_asked(store, tmp_path):
+    model_dir = tmp_path / "export" / "mini"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    with Tracker(TrackingConfig(store_dir=str(store))) as off:
+        off.log_model(model_dir, "mini")
+    with Tracker(TrackingConfig(store_dir=str(store), log_models=True)) as on:
+        on.log_model(model_dir, "mini")
+    client = client_for(store)
+    assert client.get_run(off.run_id).data.tags["model_dir.mini"] == str(model_dir)
+    assert artifact_paths(client, off.run_id) == set()
+    assert artifact_paths(client, on.run_id) == {"models/mini/config.json"}
+
+
+def test_server_down_at_start_warns_and_keeps_everything_locally(store, tmp_path, caplog):
+    down = f"http://127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING, logger="minimodel.tracking"):
+        t = log_toy_stage(TrackingConfig(uri=down, store_dir=str(store)), tmp_path)
+    assert "unreachable" in caplog.text and down in caplog.text
+    [run] = all_runs(store)
+    client = client_for(store)
+    assert run.info.run_id == t.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["tracking_fallback_from"] == down and run.data.params["model.num_layers"] == "4"
+    assert steps_of(client, t.run_id, "train/loss") == [(s, 10.0 - s) for s in range(25)]
+    assert artifact_paths(client, t.run_id) == {"config.yaml", "plots/loss_curves.png", "report/report.md"}
+
+
+def test_bad_tracking_config_names_the_key():
+    with pytest.raises(ConfigError, match="tracking.flush_every"):
+        load_config(ToyStageConfig, overrides=["tracking.flush_every=0"])
+
+
+def test_finished_stage_is_linked_into_a_new_pipeline_not_rerun(store):
+    tracking = TrackingConfig(store_dir=str(store))
+    cfg = ToyStageConfig(tracking=tracking)
+    key = stage_key("adapt", cfg, "sw")
+    assert key == stage_key("adapt", dataclasses.replace(cfg, tracking=TrackingConfig(run_name="x")), "sw")
+    assert key != stage_key("adapt", dataclasses.replace(cfg, lr=0.5), "sw")
+    assert find_finished_run(tracking, key) is None
+
+    with Tracker(tracking, tags={"stage": "pipeline"}) as first_pipeline:
+        with Tracker(dataclasses.replace(tracking, parent_run_id=first_pipeline.run_id), cfg,
+                     tags={"stage": "adapt", "target_lang": "sw", STAGE_KEY_TAG: key}) as stage:
+            stage.log_metrics({"train/loss": 1.0}, 0)
+    assert find_finished_run(tracking, key) == stage.run_id
+    assert find_finished_run(tracking, key, parent_run_id=first_pipeline.run_id) == stage.run_id
+    # Re-running the same pipeline: the stage is already one of its children.
+    assert link_run(tracking, stage.run_id, first_pipeline.run_id) == stage.run_id
+
+    with Tracker(tracking, tags={"stage": "pipeline"}) as second_pipeline:
+        assert find_finished_run(tracking, key, parent_run_id=second_pipeline.run_id) is None
+        link_id = link_run(tracking, stage.run_id, second_pipeline.run_id)
+    link = client_for(store).get_run(link_id)
+    assert link.data.tags["mlflow.parentRunId"] == second_pipeline.run_id
+    assert link.data.tags[REUSED_RUN_TAG] == stage.run_id and link.data.tags["target_lang"] == "sw"
+    assert stage.run_id in link.data.tags["mlflow.note.content"] and link.info.status == "FINISHED"
+    assert link.data.metrics == {}  # a link, not a copy
+    assert find_finished_run(tracking, key) == stage.run_id  # the link does not stand for the stage itself
+    assert len(all_runs(store)) == 4
+
+
+def test_pipeline_children_are_nested_under_the_parent(store):
+    runs = log_synthetic_pipeline(TrackingConfig(store_dir=str(store)), steps=3)
+    by_id = {r.info.run_id: r for r in all_runs(store)}
+    assert len(by_id) == 4
+    for child in runs["children"].values():
+        assert by_id[child].data.tags["mlflow.parentRunId"] == runs["parent"]
+    assert "mlflow.parentRunId" not in by_id[runs["parent"]].data.tags
+
+
+TORCHRUN_WORKER = """
+import os, torch.distributed as dist
+from minimodel.tracking import Tracker, TrackingConfig
+dist.init_process_group("gloo")
+with Tracker(TrackingConfig(store_dir=os.environ["STORE"]), {"lr": 0.1}, tags={"stage": "pretrain"}) as t:
+    for step in range(5):
+        t.log_metrics({"train/loss": float(dist.get_rank() * 100 + step)}, step)
+print(f"rank {dist.get_rank()} run {t.run_id}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_of_one_torchrun_job_make_one_run(tmp_path):
+    store = tmp_path / "fresh-store"  # created by the job: only rank 0 may create (migrate) it
+    script = tmp_path / "worker.py"
+    script.write_text(TORCHRUN_WORKER)
+    env = {**os.environ, "STORE": str(store), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = all_runs(store)
+    assert f"rank 0 run {run.info.run_id}" in result.stdout and "rank 1 run None" in result.stdout
+    assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
+    assert steps_of(client_for(store), run.info.run_id, "train/loss") == [(s, float(s)) for s in range(5)]
+
+
+@pytest.mark.slow
+def test_server_going_away_mid_run_loses_nothing(store, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # give up on the dead server at once
+    tracking = TrackingConfig(store_dir=str(store), flush_every=5)
+    with MlflowServer(tmp_path / "server-store") as server:
+        t = Tracker(dataclasses.replace(tracking, uri=server.url), ToyStageConfig(), tags={"stage": "adapt"})
+        for step in range(10):
+            t.log_metrics({"train/loss": float(step)}, step)
+        t.flush(wait=True)
+        server_run = t.run_id
+        assert [v for _, v in steps_of(MlflowClient(server.url), server_run, "train/loss")] == list(range(10))
+    with caplog.at_level(logging.WARNING, logger="minimodel.tracking"):
+        for step in range(10, 20):
+            t.log_metrics({"train/loss": float(step)}, step)
+        t.log_loss_curves()
+        t.finish()
+    assert "went away" in caplog.text and server.url in caplog.text
+    [run] = all_runs(store)
+    assert run.info.run_id == t.run_id != server_run and run.info.status == "FINISHED"
+    assert run.data.tags["tracking_lost_run_id"] == server_run and run.data.tags["stage"] == "adapt"
+    assert run.data.params["model.hidden_size"] == "64"
+    assert steps_of(client_for(store), t.run_id, "train/loss") == [(s, float(s)) for s in range(20)]
+    assert artifact_paths(client_for(store), t.run_id) == {"config.yaml", "plots/loss_curves.png"}
