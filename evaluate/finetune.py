@@ -1,16 +1,18 @@
 """Step 3: fine-tune the primary model on a source-language task with its token embeddings frozen.
 
-    python evaluate/finetune.py --config configs/evaluate/verse_class_tiny.yaml model_dir=... task.data_dir=...
-    deepspeed --num_gpus 8 evaluate/finetune.py --config configs/evaluate/xnli.yaml model_dir=... \
-        task.data_dir=XNLI-1.0 task.train_file=multinli_1.0_train.jsonl
+    python evaluate/finetune.py --config configs/evaluate/finetune/verse_class_tiny.yaml model_dir=... task.data_dir=...
+    deepspeed --num_gpus 8 evaluate/finetune.py --config configs/evaluate/finetune/xnli.yaml model_dir=... \
+        task.data_dir=XNLI-1.0 task.train_file=multinli_1.0/multinli_1.0_train.jsonl
 
 Writes <output_dir>/model (the task model that adapt/plug.py plugs target embeddings into) and metrics.json.
 Rerunning the same command resumes; on SIGTERM / SIGUSR1 it checkpoints and exits with code 75 (requeue).
 """
 import logging
 import os
+import sys
 
 from minimodel.config import parse_cli
+from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.finetune import PREEMPTED_EXIT_CODE, FinetuneConfig, finetune
 
 if __name__ == "__main__":
@@ -18,7 +20,11 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_cli(FinetuneConfig, description=__doc__)
-    model_dir, metrics = finetune(cfg)
+    try:
+        model_dir, metrics = finetune(cfg)
+    except EvaluationError as e:
+        print(f"finetune: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if model_dir is not None and rank0:
         print(f"task model: {model_dir}\n" + "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
     raise SystemExit(PREEMPTED_EXIT_CODE if model_dir is None else 0)

@@ -1,19 +1,26 @@
 """Step 4: zero-shot transfer. Score task models plugged with target-language embeddings on the target languages'
 test sets (with the target tokenizers), and the source-language task model as the upper reference.
 
-    python evaluate/zero_shot.py --config configs/evaluate/zero_shot_tiny.yaml method=minijoint \
+    python evaluate/zero_shot.py --config configs/evaluate/zero_shot/verse_class_tiny.yaml method=minijoint \
         source_model_dir=runs/evaluate/verse_class_tiny/model \
-        'targets=[{lang: ny, model_dir: runs/plug/ny/model, tokenizer: data/tiny/ny/tokenizer}]'
+        'targets=[{lang: ny, model_dir: runs/plugged/ny, tokenizer: data/tiny/ny/tokenizer}]'
 
 One MLflow run per language (tags stage=evaluate, method, target_lang); <output_dir>/metrics.json.
 """
 import logging
+import sys
 
 from minimodel.config import parse_cli
+from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.zero_shot import ZeroShotConfig, zero_shot
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_cli(ZeroShotConfig, description=__doc__)
-    for lang, metrics in zero_shot(cfg).items():
+    try:
+        results = zero_shot(cfg)
+    except EvaluationError as e:
+        print(f"zero_shot: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for lang, metrics in results.items():
         print(lang, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -30,6 +30,13 @@ class Stage:
     argv: list[str]  # the command, e.g. ["torchrun", "--nproc-per-node", "2", "pretrain/train.py", ...]
     output_dir: Path
     after: list["Stage"] = field(default_factory=list)
+    run_args: list[str] = field(default_factory=list)  # appended when run, not hashed (e.g. this pipeline's run id)
+    run_ids: list[str] = field(default_factory=list)  # the MLflow runs it logged (recorded in the stamp)
+    always_run: bool = False  # e.g. the report: it summarises the current pipeline run, so it is never "done"
+
+    @property
+    def command(self) -> list[str]:
+        return self.argv + self.run_args
 
     @property
     def input_hash(self) -> str:
@@ -48,16 +55,19 @@ class Stage:
     @property
     def done(self) -> bool:
         stamp = self.stamp()
-        return stamp is not None and stamp.get("input_hash") == self.input_hash
+        return not self.always_run and stamp is not None is not None and stamp.get("input_hash") == self.input_hash
 
-    def run(self, env: dict[str, str], log_dir: Path) -> float:
-        """Run the command (output teed to a log file); write the stamp on success. Returns seconds taken."""
+    def run(self, env: dict[str, str], log_dir: Path, find_runs=None) -> float:
+        """Run the command (output teed to a log file); write the stamp on success. Returns seconds taken.
+
+        `find_runs(start_time)` -> the ids of the MLflow runs the stage logged, kept in the stamp so that a later
+        pipeline run can link to them instead of running the stage again."""
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{self.name}.log"
-        print(f"\n=== {self.name}: {shlex.join(self.argv)}", flush=True)
+        print(f"    {shlex.join(self.command)}", flush=True)
         start = time.time()
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(self.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for line in proc.stdout:
                 log.write(line)
                 sys.stdout.write(line)
@@ -65,8 +75,10 @@ class Stage:
         if code != 0:
             raise StageFailed(f"stage {self.name} failed with exit code {code}; its log: {log_path}")
         seconds = time.time() - start
+        self.run_ids = find_runs(start) if find_runs else []
         self.output_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.output_dir / (STAMP + ".tmp")
-        tmp.write_text(json.dumps({"input_hash": self.input_hash, "seconds": seconds, "argv": self.argv}))
+        tmp.write_text(json.dumps({"input_hash": self.input_hash, "seconds": seconds, "argv": self.command,
+                                   "run_ids": self.run_ids}))
         os.replace(tmp, self.output_dir / STAMP)
         return seconds

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,8 @@ def _server_reachable(uri: str) -> bool:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
             return True
+    except urllib.error.HTTPError:
+        return True  # it answered (e.g. 401 behind an auth proxy): up, and the MLflow calls will say what is wrong
     except OSError:
         return False
 
@@ -214,7 +217,8 @@ class Tracker:
     """An MLflow run for one stage (inert on ranks other than 0 and when tracking is disabled)."""
 
     def __init__(self, cfg: TrackingConfig, config: Any = None, tags: dict[str, Any] | None = None,
-                 rank: int | None = None):
+                 rank: int | None = None, run_id: str | None = None):
+        """Start a run, or with `run_id` continue an existing one of the same store (see `resume`)."""
         self.cfg = cfg
         self.active = cfg.enabled and (global_rank() if rank is None else rank) == 0
         self.run_id: str | None = None
@@ -225,23 +229,33 @@ class Tracker:
         self._buffer: list = []
         self._steps_buffered = 0
         self._finished = False
+        self._pid = os.getpid()
         if not self.active:
             return
-        self.client, self.uri, self.experiment_id, fell_back_from = _connect(cfg)
-        self._tags = self._default_tags()
-        self._tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
-        parent = cfg.parent_run_id or os.environ.get(PARENT_RUN_ENV)
-        if parent:
-            self._tags["mlflow.parentRunId"] = parent
-        if fell_back_from:
-            self._tags["tracking_fallback_from"] = fell_back_from
-        self.run_name = cfg.run_name or self._default_run_name()
-        self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self._tags).info.run_id
+        self._local_store = Path(cfg.store_dir).resolve()  # fixed now, in case the stage changes directory
+        self.client, self.uri, self.experiment_id, fell_back_from = _connect(
+            dataclasses.replace(cfg, store_dir=str(self._local_store)))
+        earlier = self._find_run(run_id) if run_id else None
+        if earlier is not None:
+            self.run_id, self.run_name = run_id, earlier.info.run_name
+            self.experiment_id = earlier.info.experiment_id
+            self._tags = {**earlier.data.tags, **{k: str(v) for k, v in (tags or {}).items() if v is not None}}
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            self._tags = self._default_tags()
+            self._tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
+            parent = cfg.parent_run_id or os.environ.get(PARENT_RUN_ENV)
+            if parent:
+                self._tags["mlflow.parentRunId"] = parent
+            if fell_back_from:
+                self._tags["tracking_fallback_from"] = fell_back_from
+            self.run_name = cfg.run_name or self._default_run_name()
+            self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name,
+                                                 tags=self._tags).info.run_id
         log.info("MLflow run %s (%s) in %s", self.run_name, self.run_id, self.uri)
 
         # Every call is journaled (for a replay into the local store) and executed in order by one thread.
         self._journal: list[tuple[str, tuple, dict]] = []
-        self._done = 0  # journal entries executed so far
         self._staging = Path(tempfile.mkdtemp(prefix="minimodel-tracking-"))  # files we create, kept for replays
         self._queue: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
@@ -249,6 +263,23 @@ class Tracker:
         atexit.register(self._at_exit)
         if config is not None:
             self.log_config(config)
+
+    @classmethod
+    def resume(cls, cfg: TrackingConfig, run_id: str, config: Any = None,
+               tags: dict[str, Any] | None = None) -> "Tracker":
+        """Continue the run `run_id` (e.g. a pipeline's parent run when the pipeline is run again): it is marked
+        RUNNING again and new metrics, tags and artifacts are added to it. If the store does not hold that run
+        (another store, or the server is down and this is the local one), a new run is started instead."""
+        return cls(cfg, config, tags, run_id=run_id)
+
+    def _find_run(self, run_id: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            log.warning("run %s is not in the MLflow store %s: starting a new run instead", run_id, self.uri)
+            return None
 
     def _default_tags(self) -> dict[str, str]:
         commit = git_commit()
@@ -281,26 +312,27 @@ class Tracker:
                 method, args, kwargs = self._journal[index]
                 try:
                     getattr(self.client, method)(self.run_id, *args, **kwargs)
-                except Exception as e:  # noqa: BLE001 - decide below whether the store is gone or said no
-                    self._handle_failure(method, e, index)
-                self._done = index + 1
+                except Exception:  # noqa: BLE001 - decide whether the store is gone or said no
+                    self._handle_failure(index)
             finally:
                 self._queue.task_done()
 
-    def _handle_failure(self, method: str, error: Exception, index: int) -> None:
+    def _handle_failure(self, index: int) -> None:
+        """Journal entry `index` failed: retry it once if the store is there, else move to the local store."""
         if not _is_server(self.uri) or _server_reachable(self.uri):
             method, args, kwargs = self._journal[index]
-            try:  # a reachable server: once more, in case it was only restarting
+            time.sleep(1)  # a server that was restarting, a SQLite store locked by another stage's process
+            try:
                 getattr(self.client, method)(self.run_id, *args, **kwargs)
             except Exception as e:  # noqa: BLE001 - the store said no: report it, do not stop training
                 self.errors.append(f"{method}: {e}")
                 log.error("MLflow rejected %s on run %s: %s", method, self.run_id, e)
             return
         lost_uri, lost_run = self.uri, self.run_id
-        self.uri = local_store_uri(self.cfg.store_dir)
+        self.uri = local_store_uri(self._local_store)
         log.warning("MLflow server %s went away during run %s: continuing in the local store %s (view it with "
                     "`python -m minimodel.ui --store %s`); everything logged so far is replayed there",
-                    lost_uri, lost_run, self.uri, self.cfg.store_dir)
+                    lost_uri, lost_run, self.uri, self._local_store)
         self.client, _, self.experiment_id, _ = _connect(dataclasses.replace(self.cfg, uri=self.uri))
         tags = {**self._tags, "tracking_fallback_from": lost_uri, "tracking_lost_run_id": lost_run}
         self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
@@ -445,8 +477,9 @@ class Tracker:
 
     def _at_exit(self) -> None:
         # The process is exiting without finish() (an uncaught exception or sys.exit in a stage): keep what was
-        # logged and mark the run as not finished normally.
-        self.finish("KILLED")
+        # logged and mark the run as not finished normally. Not in a forked child: the run belongs to the parent.
+        if os.getpid() == self._pid:
+            self.finish("KILLED")
 
     def __enter__(self) -> "Tracker":
         return self

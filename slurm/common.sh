@@ -35,7 +35,8 @@ export MINIMODEL_PYTHON
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" | head -n1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_ON_NODE:-$NPROC_PER_NODE} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_ON_NODE:-$NPROC_PER_NODE} / NPROC_PER_NODE : 1 ))}
+node_cpus=${SLURM_CPUS_ON_NODE:-$NPROC_PER_NODE}
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( node_cpus > NPROC_PER_NODE ? node_cpus / NPROC_PER_NODE : 1 ))}
 export MASTER_ADDR MASTER_PORT NPROC_PER_NODE OMP_NUM_THREADS
 
 mm_log "nodes=${SLURM_JOB_NODELIST:-} (${SLURM_NNODES:-1} x $NPROC_PER_NODE ranks) restart=${SLURM_RESTART_COUNT:-0}" \
@@ -73,7 +74,7 @@ mm_launch() {
   MM_SIGNAL=""
   "${step[@]}" &
   MM_STEP_PID=$!
-  trap 'MM_SIGNAL=USR1; mm_log "USR1 (time limit): asking the stage to checkpoint"; kill -USR1 "$MM_STEP_PID"' USR1
+  trap 'MM_SIGNAL=USR1; mm_log "USR1 (time limit): asking the stage to checkpoint"; kill -USR1 "$MM_STEP_PID" 2>/dev/null || true' USR1
   # scancel / preemption signal every process of the job: stay alive until the stage has checkpointed.
   trap 'MM_SIGNAL=${MM_SIGNAL:-TERM}; mm_log "TERM: waiting for the stage to checkpoint"' TERM
   local rc=0

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Steps 3-4 and the report: one evaluation step per job.
-#   sbatch slurm/evaluate.sh finetune  [--config configs/evaluate/verse_class_tiny.yaml] [key.sub=value ...]
-#   sbatch slurm/evaluate.sh zero_shot [--config configs/evaluate/zero_shot_tiny.yaml] [key.sub=value ...]
+#   sbatch slurm/evaluate.sh finetune  [--config configs/evaluate/finetune/xnli.yaml] [key.sub=value ...]
+#   sbatch slurm/evaluate.sh zero_shot [--config configs/evaluate/zero_shot/xnli.yaml] [key.sub=value ...]
 #   sbatch slurm/evaluate.sh report    --config configs/evaluate/report.yaml parent_run_id=<pipeline run>
 # finetune runs with DeepSpeed on every GPU of the allocation (and checkpoints + requeues near the time limit);
 # zero_shot and report are single processes.
@@ -23,10 +23,10 @@ eval_step=${1:-}
 shift || true
 case $eval_step in
   finetune)
-    mm_stage_args configs/evaluate/verse_class_tiny.yaml "$@"
+    mm_stage_args configs/evaluate/finetune/xnli.yaml "$@"
     mm_launch deepspeed evaluate/finetune.py "${MM_ARGS[@]}" ;;
   zero_shot)
-    mm_stage_args configs/evaluate/zero_shot_tiny.yaml "$@"
+    mm_stage_args configs/evaluate/zero_shot/xnli.yaml "$@"
     mm_launch python evaluate/zero_shot.py "${MM_ARGS[@]}" ;;
   report)
     mm_stage_args configs/evaluate/report.yaml "$@"

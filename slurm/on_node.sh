@@ -17,7 +17,7 @@ case $kind in
   deepspeed)
     # The launcher's own Slurm mode needs mpi4py; instead every node starts its own ranks (--no_ssh) from a
     # hostfile listing the allocation.
-    hostfile=${TMPDIR:-/tmp}/minimodel-hostfile-${SLURM_JOB_ID:-0}-$node_rank
+    hostfile=$(mktemp "${TMPDIR:-/tmp}/minimodel-hostfile.XXXXXX")
     scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$NPROC_PER_NODE/" > "$hostfile"
     cmd=("$MINIMODEL_PYTHON" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --node_rank "$node_rank"
          --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@") ;;
@@ -29,9 +29,14 @@ esac
 echo "[minimodel node $node_rank/$nnodes $(hostname)] + ${cmd[*]@Q}"
 # Slurm delivers USR1 / TERM to every process of the step. The trainers checkpoint and exit on them; a launcher
 # must outlive its workers meanwhile, so it inherits USR1 ignored (torchrun and DeepSpeed's per-node launcher
-# handle TERM by waiting for their workers; DeepSpeed's runner would die at once, so it inherits TERM ignored).
+# handle TERM by waiting for their workers; DeepSpeed's runner would die at once, so it inherits TERM ignored too).
 case $kind in
-  torchrun) trap '' USR1 ;;
-  deepspeed) trap '' USR1 TERM ;;
+  python) exec "${cmd[@]}" ;;
+  torchrun) trap '' USR1; exec "${cmd[@]}" ;;
+  deepspeed)
+    trap '' USR1 TERM
+    rc=0
+    "${cmd[@]}" || rc=$?
+    rm -f "$hostfile"
+    exit "$rc" ;;
 esac
-exec "${cmd[@]}"

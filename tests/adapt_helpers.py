@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ def prepare_tiny_data(out: Path) -> Path:
     d["languages"] = {k: v for k, v in d["languages"].items() if k in ("en", "sw")}
     d.update(output_dir=str(out), books=[43], tracking={"enabled": False})  # the Gospel of John
     d["tokenizer"]["vocab_size"] = 1000
+    d["languages"]["sw"]["vocab_size"] = 800  # unlike the source's: a shape error cannot hide
     path = out.parent / "data.yaml"
     path.write_text(yaml.safe_dump(d))
     prepare_data(load_config(DataConfig, path))
@@ -53,7 +53,7 @@ def tiny_config(vocab_size: int, layers: int):
                               pad_token_id=1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 
 
-def pretrain_primary_and_mini(data_dir: Path, out: Path, steps: int = 300) -> tuple[Path, Path]:
+def pretrain_primary_and_mini(data_dir: Path, out: Path, steps: int = 400) -> tuple[Path, Path]:
     """Joint MLM pretraining of a 4-layer primary and its 2-layer mini-model (shared embeddings + layers 1-2)."""
     from transformers import MegatronBertForMaskedLM
 
@@ -63,6 +63,7 @@ def pretrain_primary_and_mini(data_dir: Path, out: Path, steps: int = 300) -> tu
     from minimodel.training.hf_mlm import masked_lm_loss
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # tiny matmuls: more threads only spin on a shared machine
     tokenizer = load_tokenizer(data_dir / "en" / "tokenizer")
     primary = MegatronBertForMaskedLM(tiny_config(len(tokenizer), PRIMARY_LAYERS))
     mini = MegatronBertForMaskedLM(tiny_config(len(tokenizer), MINI_LAYERS))
@@ -71,7 +72,7 @@ def pretrain_primary_and_mini(data_dir: Path, out: Path, steps: int = 300) -> tu
         mini.bert.encoder.layer[i] = primary.bert.encoder.layer[i]
     mini.cls.predictions.decoder.weight = primary.bert.embeddings.word_embeddings.weight
     params = list({id(p): p for p in [*primary.parameters(), *mini.parameters()]}.values())
-    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 30))
     data = MaskedLMDataset(data_dir / "en" / "train", tokenizer, SEQ, seed=0)
     rng = np.random.default_rng(0)
@@ -123,30 +124,43 @@ def deepspeed_command(script: str, overrides: list[str], config: Path | None = N
 
 def run_deepspeed(script: str, overrides: list[str], log: Path, config: Path | None = None,
                   timeout: float = 300) -> int:
+    """Run a launch to completion in the log's directory (MLflow's local artifacts land there, not in the repo)."""
     with open(log, "w") as f:
-        return subprocess.run(deepspeed_command(script, overrides, config), cwd=REPO, env=launch_env(), stdout=f,
+        return subprocess.run(deepspeed_command(script, overrides, config), cwd=log.parent, env=launch_env(), stdout=f,
                               stderr=subprocess.STDOUT, timeout=timeout).returncode
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def run_deepspeed_and_signal(script: str, overrides: list[str], log: Path, watch: Path, after_lines: int,
-                             sig: int = signal.SIGTERM, timeout: float = 300) -> int:
-    """Launch, wait until `watch` (a metrics.jsonl) has `after_lines` lines, send `sig` to the deepspeed launcher
-    (which forwards it to the ranks, as Slurm's preemption does), wait for the exit."""
+                             sig: int = signal.SIGTERM, timeout: float = 300) -> bool:
+    """Launch, wait until `watch` (a metrics.jsonl) has `after_lines` lines, then send `sig` to every process of
+    the launch, as Slurm does on preemption; wait until all are gone. Returns whether the signal was sent."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(deepspeed_command(script, overrides), cwd=REPO, env=launch_env(), stdout=f,
+        proc = subprocess.Popen(deepspeed_command(script, overrides), cwd=log.parent, env=launch_env(), stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        try:
-            while proc.poll() is None and time.time() < deadline:
-                if watch.is_file() and len(watch.read_text().splitlines()) >= after_lines:
-                    proc.send_signal(sig)
-                    break
-                time.sleep(0.05)
-            return proc.wait(timeout=max(1.0, deadline - time.time()))
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    deadline = time.time() + timeout
+    sent = False
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if watch.is_file() and len(watch.read_text().splitlines()) >= after_lines:
+                os.killpg(proc.pid, sig)
+                sent = True
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=max(1.0, deadline - time.time()))
+        while _group_alive(proc.pid) and time.time() < deadline:  # the ranks outlive the launcher's runner
+            time.sleep(0.2)
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return sent
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -163,9 +177,3 @@ def copy_language(data_dir: Path, src: str, dst: str) -> None:
         shutil.copytree(data_dir / src, data_dir / dst)
 
 
-def python_command(script: str, overrides: list[str]) -> list[str]:
-    return [str(PYTHON), str(REPO / script), *overrides]
-
-
-__all__ = ["World", "build_world", "run_deepspeed", "run_deepspeed_and_signal", "metrics", "log_tail",
-           "copy_language", "python_command", "sys"]

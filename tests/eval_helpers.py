@@ -9,6 +9,7 @@ against the source scores exactly, and retrieval must find every verse.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -16,8 +17,17 @@ import torch
 
 from minimodel.evaluation.tasks import BIBLE_PARTS, bible_part
 
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDINGS = "bert.embeddings.word_embeddings.weight"  # MegatronBert task models' token embeddings
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0-3, <mask> last (XLM-R's convention)
 COMMON = "and the of he said unto them lord his they all was is in".split()
+
+
+def stage_env() -> dict:
+    """Environment for a stage subprocess: one thread per rank, DeepSpeed on CPU, JIT ops cached across runs."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                   str(Path.home() / ".cache" / "torch_extensions"))}
 
 
 def part_words(part: int) -> list[str]:
@@ -102,18 +112,33 @@ def perfect_target_embeddings(source_embeddings: torch.Tensor, source_tok, targe
     return target
 
 
-def swap_embeddings(model_dir: Path, embeddings: torch.Tensor, tokenizer, out_dir: Path) -> Path:
-    """Test-side stand-in for plugging: the model with `embeddings` as token embeddings + the target tokenizer."""
+def adaptation_artifact(run_dir: Path, embeddings: torch.Tensor, target_tokenizer_dir: Path, primary_dir: Path,
+                        lang: str, method: str) -> Path:
+    """What a finished adapt/train.py run leaves for plugging (minimodel/adaptation/artifact.py), with `embeddings`
+    as the learned matrix: lets the tests plug chosen embeddings with the real adapt/plug.py code."""
     import shutil
 
-    import transformers
+    from transformers import AutoTokenizer
 
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    model = getattr(transformers, config.architectures[0]).from_pretrained(model_dir)
-    model.resize_token_embeddings(embeddings.shape[0])
-    model.get_input_embeddings().weight.data.copy_(embeddings)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    if (Path(model_dir) / "task.json").is_file():
-        shutil.copy(Path(model_dir) / "task.json", out_dir / "task.json")
-    return out_dir
+    from minimodel.adaptation.artifact import TOKENIZER_DIR, write_artifact
+    from minimodel.adaptation.vocab import tokenizer_fingerprint
+    from minimodel.manifest import model_hash
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(target_tokenizer_dir, run_dir / TOKENIZER_DIR, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(target_tokenizer_dir)
+    info = {"over": "full", "method": method, "source_lang": "en", "target_lang": lang,
+            "primary_model": {"path": str(Path(primary_dir).resolve()), "sha256": model_hash(primary_dir)},
+            "vocab_size": embeddings.shape[0], "hidden_size": embeddings.shape[1],
+            "pad_token_id": tokenizer.pad_token_id, "tokenizer_sha256": tokenizer_fingerprint(tokenizer)}
+    write_artifact(run_dir, {"input_embeddings": embeddings.float().contiguous(),
+                             "token_map": torch.full((embeddings.shape[0],), -1, dtype=torch.long)}, info)
+    return run_dir
+
+
+def plug(artifact: Path, model_dir: Path, primary_dir: Path, out_dir: Path) -> Path:
+    """adapt/plug.py's function, as the pipeline calls it."""
+    from minimodel.adaptation.plug import PlugConfig, plug as plug_embeddings
+
+    return plug_embeddings(PlugConfig(embeddings=str(artifact), model=str(model_dir), primary_model=str(primary_dir),
+                                      output_dir=str(out_dir)))

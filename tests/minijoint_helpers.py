@@ -9,7 +9,6 @@ Outputs go to <out>/ (results.json, *.pt); the pytest file does the comparisons.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +25,10 @@ from minimodel.models.minijoint.config import ModelConfig
 MODEL = ModelConfig(vocab_size=250, hidden_size=64, num_layers=4, num_attention_heads=4, ffn_hidden_size=128,
                     seq_length=16, mini_layers=2, aux_weight=0.5, hidden_dropout=0.0, attention_dropout=0.0)
 MICRO, GLOBAL = 2, 8  # 4 microbatches in the reference
-SGD_LR = 1000.0  # large, so that (old - new) / lr recovers the gradient to ~1e-7 relative
+# The distributed optimizer only takes Adam. Its first step moves p by lr * g / (|g| + eps); with a huge eps that
+# is (lr / eps) * g to ~|g|/eps relative, so (old - new) / STEP_SCALE recovers the gradient to ~1e-7.
+ADAM_EPS = 1e6
+STEP_SCALE = 1000.0
 
 # name -> (tp, pp, vpp, sequence_parallel, distributed_optimizer); world size 4 (the rest is data parallel)
 LAYOUTS = {
@@ -114,11 +116,13 @@ def reference(out: Path) -> None:
     distributed.destroy()
 
 
-def sgd_step(model, distopt: bool) -> None:
+def gradient_step(model) -> None:
+    """One distributed-optimizer step that moves every parameter by -STEP_SCALE x its gradient."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=SGD_LR, weight_decay=0.0, sgd_momentum=0.0,
-                                                 clip_grad=0.0, use_distributed_optimizer=distopt), model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=STEP_SCALE * ADAM_EPS, adam_eps=ADAM_EPS,
+                                                 weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=True),
+                                 model)
     opt.step()
 
 
@@ -141,11 +145,11 @@ def layouts(out: Path) -> None:
             model_module._AddLossGradient.apply = original
         spread = word_embedding_grad_spread(model)
         if distopt:
-            sgd_step(model, distopt=True)
+            gradient_step(model)
         else:
             grads_into_params(model)
         save(model, out / f"ckpt_{name}")
-        results[name] = {"losses": losses, "word_embedding_grad_spread": spread, "sgd_lr": SGD_LR if distopt else None}
+        results[name] = {"losses": losses, "word_embedding_grad_spread": spread, "step_scale": STEP_SCALE if distopt else None}
 
     # Checkpoint round trip: fresh weights at TP2 x PP2 -> TP1 x PP1 -> TP2 x PP2.
     pc = parallel(2, 2)

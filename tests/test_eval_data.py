@@ -125,6 +125,13 @@ def test_datasets_on_disk(tmp_path):
     assert load_examples(TaskConfig(name="pawsx", hf_dataset=str(tmp_path / "paws")), "fr", "test") == [
         {"text_a": "s1", "text_b": "s2", "label": 1}]
 
+    # load_dataset on a directory of data files (as a hub dataset's files look once downloaded)
+    files = tmp_path / "paws-x" / "fr"
+    files.mkdir(parents=True)
+    (files / "test.jsonl").write_text(json.dumps({"id": 3, "sentence1": "u", "sentence2": "v", "label": 0}) + "\n")
+    cfg = TaskConfig(name="pawsx", hf_dataset=str(tmp_path / "paws-x" / "{lang}"))
+    assert load_examples(cfg, "fr", "test") == [{"text_a": "u", "text_b": "v", "label": 0}]
+
 
 def test_verse_tasks_split_by_verse_id_and_capped_alike(tmp_path):
     verses = toy_bible()
@@ -184,3 +191,19 @@ def test_classification_features_pairs(tmp_path):
     assert item["input_ids"].tolist() == [0, 4, 5, 2, 2, 6, 2, 1]  # <s> a b </s></s> c </s> <pad>
     assert item["attention_mask"].tolist() == [1] * 7 + [0]
     assert int(item["labels"]) == 1
+
+
+def test_shipped_configs_load():
+    from minimodel.evaluation.finetune import FinetuneConfig
+    from minimodel.evaluation.report import ReportConfig
+    from minimodel.evaluation.zero_shot import ZeroShotConfig
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "evaluate"
+    for path in sorted((configs / "finetune").glob("*.yaml")):
+        cfg = load_config(FinetuneConfig, path, ["model_dir=some/primary"])
+        assert cfg.task.name in path.stem
+    for path in sorted((configs / "zero_shot").glob("*.yaml")):
+        assert load_config(ZeroShotConfig, path).task.name in path.stem
+    load_config(ReportConfig, configs / "report.yaml")
+    with pytest.raises(ConfigError, match="no fine-tuning step"):
+        load_config(FinetuneConfig, configs / "finetune" / "verse_class_tiny.yaml", ["task.name=verse_retrieval"])

@@ -1,31 +1,19 @@
 """Step 3 (fine-tuning through the DeepSpeed loop, embeddings frozen) and step 4 (zero-shot with swapped embeddings)
 on a toy verse-parallel Bible: the target language is a cipher of English, so perfectly learned target embeddings
 must reproduce the English scores exactly."""
-import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from eval_helpers import (cipher, perfect_target_embeddings, source_vocab, swap_embeddings, tiny_mlm, toy_bible,
-                          word_tokenizer, write_verses)
+from eval_helpers import (EMBEDDINGS, REPO, adaptation_artifact, cipher, perfect_target_embeddings, plug,
+                          source_vocab, stage_env, tiny_mlm, toy_bible, word_tokenizer, write_verses)
 from minimodel.config import load_config
 from minimodel.evaluation.models import TokenizerMismatchError
 from minimodel.evaluation.zero_shot import ZeroShotConfig, zero_shot
-
-REPO = Path(__file__).resolve().parents[1]
-EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
-
-
-def stage_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   str(Path.home() / ".cache" / "torch_extensions"))}
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -40,7 +28,7 @@ def world(tmp_path_factory):
     primary = tiny_mlm(len(source_tok), root / "primary", source_tok)
     store = root / "mlflow"
     cmd = [sys.executable, str(REPO / "evaluate" / "finetune.py"), "--config",
-           str(REPO / "configs" / "evaluate" / "verse_class_tiny.yaml"), f"model_dir={primary}",
+           str(REPO / "configs" / "evaluate" / "finetune" / "verse_class_tiny.yaml"), f"model_dir={primary}",
            f"task.data_dir={root / 'data'}", f"output_dir={root / 'finetune'}", f"tracking.store_dir={store}"]
     proc = subprocess.run(cmd, cwd=root, env=stage_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -62,29 +50,48 @@ def test_finetune_freezes_embeddings_bit_identical(world):
     metrics = json.loads((world["root"] / "finetune" / "metrics.json").read_text())
     assert metrics["test/accuracy"] > 0.5  # 7 classes: it learned the task (chance ~0.2)
     lines = (world["root"] / "finetune" / "train" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 300 and "compute/flops" in lines[-1]
+    assert len(lines) == 200 and "compute/flops" in lines[-1]
 
 
 def _zero_shot_cfg(world, name, **overrides):
     root = world["root"]
     args = [f"output_dir={root / name}", f"task.data_dir={root / 'data'}", f"tracking.store_dir={world['store']}"]
     args += [f"{k}={v}" for k, v in overrides.items()]
-    return load_config(ZeroShotConfig, REPO / "configs" / "evaluate" / "zero_shot_tiny.yaml", args)
+    return load_config(ZeroShotConfig, REPO / "configs" / "evaluate" / "zero_shot" / "verse_class_tiny.yaml", args)
 
 
-def test_zero_shot_with_perfect_target_embeddings_matches_source(world):
+def _plugged(world, model_dir, name, embeddings, method="minijoint"):
+    """`embeddings` for language xx plugged into `model_dir` by adapt/plug.py."""
+    root = world["root"]
+    artifact = adaptation_artifact(root / f"adapt_{name}", embeddings, root / "data" / "xx" / "tokenizer",
+                                   world["primary"], "xx", method)
+    return plug(artifact, model_dir, world["primary"], root / name)
+
+
+@pytest.fixture(scope="module")
+def plugged_task_model(world):
+    """The task model with perfect xx embeddings: each cipher word gets its English word's row."""
+    embeddings = load_file(world["task_model"] / "model.safetensors")[EMBEDDINGS]
+    perfect = perfect_target_embeddings(embeddings, world["source_tok"], world["target_tok"])
+    return _plugged(world, world["task_model"], "plugged_task_xx", perfect), perfect
+
+
+def test_plug_changes_only_the_embeddings(world, plugged_task_model):
+    plugged_dir, perfect = plugged_task_model
+    before = load_file(world["task_model"] / "model.safetensors")
+    after = load_file(plugged_dir / "model.safetensors")
+    assert set(before) == set(after)
+    assert torch.equal(after[EMBEDDINGS], perfect) and not torch.equal(after[EMBEDDINGS][:103], before[EMBEDDINGS])
+    assert [k for k in before if k != EMBEDDINGS and not torch.equal(before[k], after[k])] == []
+
+
+def test_zero_shot_with_perfect_target_embeddings_matches_source(world, plugged_task_model):
     from mlflow import MlflowClient
-    from transformers import AutoTokenizer
 
     root = world["root"]
-    task_embeddings = load_file(world["task_model"] / "model.safetensors")[EMBEDDINGS]
-    target_tok = AutoTokenizer.from_pretrained(root / "data" / "xx" / "tokenizer")
-    plugged = swap_embeddings(world["task_model"], perfect_target_embeddings(task_embeddings, world["source_tok"],
-                                                                              target_tok), target_tok,
-                              root / "plugged_xx")
     cfg = _zero_shot_cfg(world, "zs", method="minijoint", source_model_dir=world["task_model"],
-                         targets=f"[{{lang: xx, model_dir: {plugged}, tokenizer: {root / 'data/xx/tokenizer'}, "
-                                 f"adapt_step: 7}}]")
+                         targets=f"[{{lang: xx, model_dir: {plugged_task_model[0]}, "
+                                 f"tokenizer: {root / 'data/xx/tokenizer'}, adapt_step: 7}}]")
     results = zero_shot(cfg)
     assert results["en"]["accuracy"] > 0.5
     assert results["xx"]["accuracy"] == results["en"]["accuracy"]
@@ -101,24 +108,22 @@ def test_zero_shot_with_perfect_target_embeddings_matches_source(world):
 
 
 def test_zero_shot_retrieval(world):
-    from transformers import AutoTokenizer
-
     root = world["root"]
-    target_tok = AutoTokenizer.from_pretrained(root / "data" / "xx" / "tokenizer")
     embeddings = load_file(world["primary"] / "model.safetensors")[EMBEDDINGS]
-    perfect = swap_embeddings(world["primary"], perfect_target_embeddings(embeddings, world["source_tok"], target_tok),
-                              target_tok, root / "primary_xx")
-    random_rows = torch.randn(len(target_tok), embeddings.shape[1], generator=torch.Generator().manual_seed(0)) * 0.2
-    untrained = swap_embeddings(world["primary"], random_rows, target_tok, root / "primary_xx_random")
-    targets = (f"[{{lang: xx, model_dir: {perfect}, tokenizer: {root / 'data/xx/tokenizer'}}}, "
-               f"{{lang: yy, model_dir: {untrained}, tokenizer: {root / 'data/xx/tokenizer'}}}]")
-    (root / "data" / "yy").symlink_to(root / "data" / "xx")
+    perfect = _plugged(world, world["primary"], "primary_xx",
+                       perfect_target_embeddings(embeddings, world["source_tok"], world["target_tok"]), "standard")
+    random_rows = torch.randn(len(world["target_tok"]), embeddings.shape[1],
+                              generator=torch.Generator().manual_seed(0)) * 0.2
+    untrained = _plugged(world, world["primary"], "primary_xx_random", random_rows, "standard")
+    tokenizer = root / "data" / "xx" / "tokenizer"
     cfg = _zero_shot_cfg(world, "zs_retrieval", method="standard", source_model_dir=world["primary"],
-                         targets=targets, **{"task.name": "verse_retrieval", "retrieval_layer": 1})
+                         targets=f"[{{lang: xx, model_dir: {perfect}, tokenizer: {tokenizer}}}]",
+                         **{"task.name": "verse_retrieval", "retrieval_layer": 1})
     results = zero_shot(cfg)
     assert "en" not in results  # retrieving English from English is no reference
     assert results["xx"] == {"top1": 1.0, "top10": 1.0, "n_examples": results["xx"]["n_examples"], "layer": 1.0}
-    assert results["yy"]["top1"] < 0.5  # random target embeddings: near chance (1/n)
+    cfg.targets[0].model_dir = str(untrained)
+    assert zero_shot(cfg)["xx"]["top1"] < 0.5  # random target embeddings: near chance (1/n)
 
 
 def test_mismatched_tokenizer_is_refused(world):
@@ -135,4 +140,12 @@ def test_mismatched_tokenizer_is_refused(world):
     cfg = _zero_shot_cfg(world, "zs_bad2", source_model_dir=world["task_model"], evaluate_source=False,
                          targets=f"[{{lang: xx, model_dir: {world['task_model']}, tokenizer: {root / 'other_tok'}}}]")
     with pytest.raises(TokenizerMismatchError, match="carries a different tokenizer"):
+        zero_shot(cfg)
+
+
+def test_plugged_model_filed_under_wrong_method_is_refused(world, plugged_task_model):
+    cfg = _zero_shot_cfg(world, "zs_bad3", method="standard", source_model_dir=world["task_model"],
+                         evaluate_source=False, targets=f"[{{lang: xx, model_dir: {plugged_task_model[0]}, "
+                                                        f"tokenizer: {world['root'] / 'data/xx/tokenizer'}}}]")
+    with pytest.raises(ValueError, match="method='minijoint' embeddings .* fix method"):
         zero_shot(cfg)

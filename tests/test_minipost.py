@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from minimodel.minipost.alignment import linear_cka, mean_cosine
-from minimodel.minipost.build import (MiniPostError, build_mini_model, layers_name, load_source_model,
-                                      resolve_source)
+from minimodel.minipost.build import (MiniPostError, build_mini_model, changed_frozen_parameters, layers_name,
+                                      load_source_model, resolve_source, split_parameters)
 from minipost_helpers import make_model, save_model
 
-KINDS = ["xlmr", "bert", "megatron"]
+KINDS = ["xlmr", "xlmr-xl", "roberta", "bert", "megatron"]
 
 
 def _batch(vocab=120, seed=1):
@@ -46,8 +46,9 @@ def test_freezing_split(kind):
     assert not mini.get_input_embeddings().weight.requires_grad
     head = [n for n in new if not n.startswith(mini.base_model_prefix + ".")]
     assert head and all("decoder.weight" not in n for n in new)
-    if kind == "megatron":  # pre-LN: the encoder's final norm sits on top of the new layer
-        assert f"{mini.base_model_prefix}.encoder.ln.weight" in new
+    if kind in ("megatron", "xlmr-xl"):  # pre-LN: the encoder's final norm sits on top of the new layer
+        final_norm = {"megatron": "encoder.ln.weight", "xlmr-xl": "encoder.LayerNorm.weight"}[kind]
+        assert f"{mini.base_model_prefix}.{final_norm}" in new
     # The frozen bottom computes exactly what the source's first k layers compute.
     batch = _batch()
     ours = mini(**batch, output_hidden_states=True).hidden_states[2]
@@ -111,3 +112,14 @@ def test_similarity_measures():
     assert linear_cka(x, torch.randn(200, 16, generator=g)) < 0.2
     assert mean_cosine(x, 2 * x) == pytest.approx(1.0)
     assert mean_cosine(x, -x) == pytest.approx(-1.0)
+
+
+def test_changed_frozen_parameters_detects_a_change():
+    source = make_model("megatron")
+    mini, new = build_mini_model(source, layers=2)
+    frozen, _ = split_parameters(mini, 2)
+    assert changed_frozen_parameters(mini, source, frozen) == []
+    with torch.no_grad():
+        mini.bert.encoder.layer[1].attention.ln.bias[0] += 1e-6
+        mini.bert.encoder.layer[2].output.dense.bias[0] += 1.0  # new: allowed to change
+    assert changed_frozen_parameters(mini, source, frozen) == ["bert.encoder.layer.1.attention.ln.bias"]

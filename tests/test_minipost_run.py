@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from minimodel.config import load_config
 from minimodel.manifest import ManifestError, check_aligned, read_manifest
 from minimodel.minipost.build import MiniPostError, load_source_model
 from minimodel.minipost.train import MiniPostConfig, run_minipost
-from minimodel.config import load_config
 from minipost_helpers import make_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,15 +45,20 @@ def _tokenizer(data_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def sources(data_dir, tmp_path_factory) -> dict[str, Path]:
-    """Random-weight sources with the data's tokenizer: an XLM-R directory and a MiniJoint-style export dir."""
-    root = tmp_path_factory.mktemp("sources")
+def xlmr_source(data_dir, tmp_path_factory) -> Path:
+    """A random-weight XLM-R directory with the data's tokenizer."""
     tokenizer = _tokenizer(data_dir)
-    vocab = len(tokenizer)
-    return {
-        "xlmr": save_model(make_model("xlmr", vocab_size=vocab), root / "xlmr", tokenizer),
-        "export": save_model(make_model("megatron", vocab_size=vocab), root / "export" / "primary", tokenizer).parent,
-    }
+    return save_model(make_model("xlmr", vocab_size=len(tokenizer)), tmp_path_factory.mktemp("xlmr"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def sources(xlmr_source, data_dir, tmp_path_factory) -> dict[str, Path]:
+    """The XLM-R source, and a random MiniJoint model exported by the real exporter (an export dir: primary/ is a
+    pre-LN MegatronBertForMaskedLM)."""
+    root = tmp_path_factory.mktemp("minijoint")
+    subprocess.run([str(PYTHON), str(ROOT / "tests" / "minipost_helpers.py"), str(data_dir / "tokenizer"),
+                    str(root)], cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=300)
+    return {"xlmr": xlmr_source, "export": root / "export"}
 
 
 def _overrides(source: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -71,6 +76,14 @@ def _env() -> dict:
     return env
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_script(overrides: list[str], log: Path, launcher: list[str] | None = None, timeout: float = 300):
     cmd = (launcher or [str(PYTHON)]) + [str(SCRIPT), "--config", str(CONFIG), *overrides]
     with open(log, "w") as f:
@@ -78,14 +91,18 @@ def run_script(overrides: list[str], log: Path, launcher: list[str] | None = Non
     return proc.returncode, log.read_text(errors="replace")
 
 
+# The export run accumulates 2 micro-batches of 4 so that the 2-rank run (4 per rank) can be compared exactly.
+EXTRA = {"xlmr": [], "export": ["train.micro_batch_size=4", "train.grad_accumulation=2"]}
+
+
 @pytest.fixture(scope="module")
 def runs(sources, data_dir, tmp_path_factory) -> dict[str, Path]:
-    """One MiniPost run per source kind (output dirs)."""
+    """One single-process MiniPost run per source kind (output dirs)."""
     root = tmp_path_factory.mktemp("runs")
     outs = {}
     for kind, source in sources.items():
         out = root / kind
-        code, log = run_script(_overrides(source, data_dir, out), root / f"{kind}.log")
+        code, log = run_script(_overrides(source, data_dir, out, *EXTRA[kind]), root / f"{kind}.log")
         assert code == 0, log[-4000:]
         outs[kind] = out
     return outs
@@ -95,6 +112,7 @@ def _primary(source: Path) -> Path:
     return source / "primary" if (source / "primary").is_dir() else source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["xlmr", "export"])
 def test_only_new_parameters_trained(kind, runs, sources):
     mini_dir = runs[kind] / "mini"
@@ -112,6 +130,7 @@ def test_only_new_parameters_trained(kind, runs, sources):
     assert alignment["frozen_parameters_checked"] == len(frozen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["xlmr", "export"])
 def test_mini_model_is_aligned_and_loadable(kind, runs, sources, tmp_path):
     mini_dir = runs[kind] / "mini"
@@ -128,12 +147,13 @@ def test_mini_model_is_aligned_and_loadable(kind, runs, sources, tmp_path):
         check_aligned(mini_dir, other)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["xlmr", "export"])
 def test_alignment_report(kind, runs):
     out = runs[kind]
     alignment = json.loads((out / "alignment.json").read_text())
     start, end = alignment["start"], alignment["end"]
-    assert end["mini_mlm_loss"] < start["mini_mlm_loss"] - 0.5  # the new top learned the held-out MLM task
+    assert end["mini_mlm_loss"] < start["mini_mlm_loss"] - 0.2  # the new top learned the held-out MLM task
     assert end["primary_mlm_loss"] == pytest.approx(start["primary_mlm_loss"])  # the source is never touched
     for report in (start, end):
         assert 0.0 <= report["cka"] <= 1.0 and -1.0 <= report["cosine"] <= 1.0
@@ -149,10 +169,11 @@ def test_alignment_report(kind, runs):
     cka = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "alignment/cka")}
     assert cka == {0: pytest.approx(start["cka"]), STEPS: pytest.approx(end["cka"])}
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == STEPS
-    assert "alignment.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert {"alignment.json", "alignment.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert (out / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_relaunch_resumes_finished_run(runs, sources, data_dir, tmp_path):
     """A second launch on the same output_dir resumes from the last checkpoint (no step redone) and rewrites the
     same mini-model."""
@@ -172,14 +193,15 @@ def _config(source: Path, data_dir: Path, out: Path, *extra: str) -> MiniPostCon
     return load_config(MiniPostConfig, CONFIG, _overrides(source, data_dir, out, *extra))
 
 
-def test_too_many_frozen_layers(sources, data_dir, tmp_path):
+def test_too_many_frozen_layers(xlmr_source, data_dir, tmp_path):
     with pytest.raises(MiniPostError, match="mini.layers=4.*between 1 and 3"):
-        run_minipost(_config(sources["xlmr"], data_dir, tmp_path / "out", "mini.layers=4"))
+        run_minipost(_config(xlmr_source, data_dir, tmp_path / "out", "mini.layers=4"))
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_reports_bad_input(sources, data_dir, tmp_path):
-    code, log = run_script(_overrides(sources["xlmr"], data_dir, tmp_path / "out", "mini.layers=9"),
+@pytest.mark.slow
+def test_cli_reports_bad_input(xlmr_source, data_dir, tmp_path):
+    code, log = run_script(_overrides(xlmr_source, data_dir, tmp_path / "out", "mini.layers=9"),
                            tmp_path / "bad.log")
     assert code == 2 and "mini.layers=9" in log and "Traceback" not in log
 
@@ -198,9 +220,34 @@ def test_tokenizer_not_matching_model(data_dir, tmp_path):
         run_minipost(_config(small, data_dir, tmp_path / "out"))
 
 
-def test_data_tokenized_with_another_tokenizer(sources, data_dir, tmp_path):
+def test_missing_data(xlmr_source, data_dir, tmp_path):
+    with pytest.raises(MiniPostError, match="data.train_prefix: no indexed dataset"):
+        run_minipost(_config(xlmr_source, data_dir, tmp_path / "out", f"data.train_prefix={tmp_path / 'nope'}"))
+
+
+def test_data_tokenized_with_another_tokenizer(xlmr_source, data_dir, tmp_path):
     from minimodel.data.tokenizer import train_tokenizer
 
-    other = train_tokenizer([f"word{i} other{i % 7} text" for i in range(300)], tmp_path / "other_tok", 60)
+    other = train_tokenizer([f"word{i} other{i % 7} text" for i in range(300)], tmp_path / "other_tok", 40)
     with pytest.raises(MiniPostError, match="vocabulary differs"):
-        run_minipost(_config(sources["xlmr"], data_dir, tmp_path / "out", f"data.tokenizer_dir={other}"))
+        run_minipost(_config(xlmr_source, data_dir, tmp_path / "out", f"data.tokenizer_dir={other}"))
+
+
+@pytest.mark.slow
+def test_two_ranks_zero3_match_one_rank(runs, sources, data_dir, tmp_path):
+    """`deepspeed --num_gpus 2` with ZeRO-3 (parameters partitioned) from the export dir: the same mini-model as one
+    process accumulating the same two micro-batches with ZeRO-2."""
+    out = tmp_path / "two"
+    launcher = [str(ROOT / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
+    overrides = _overrides(sources["export"], data_dir, out, "train.micro_batch_size=4",
+                           "train.zero_config=configs/deepspeed/zero3.json")
+    code, log = run_script(overrides, tmp_path / "two.log", launcher=launcher)
+    # alignment.json is written last; a rare gloo crash at process exit (deepspeed-on-cpu.md) does not count.
+    assert (out / "alignment.json").is_file(), log[-4000:]
+    assert code == 0 or "terminate called without an active exception" in log, log[-4000:]
+    one = load_file(runs["export"] / "mini" / "model.safetensors")
+    two = load_file(out / "mini" / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    check_aligned(out / "mini", sources["export"] / "primary")
+

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import struct
 from pathlib import Path
 
 import pytest
-from mlflow_helpers import log_synthetic_pipeline
+from mlflow_helpers import log_synthetic_pipeline, new_store
 
 from minimodel.tracking import TrackingConfig
 from minimodel.ui import CHROMIUM, MlflowServer, browser_page
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 UI_TIMEOUT_MS = 30_000  # the UI renders slowly on 2 busy cores
 STEPS = 30
@@ -49,13 +49,13 @@ def page():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with MlflowServer(tmp_path_factory.mktemp("server-store")) as server:
+    with MlflowServer(new_store(tmp_path_factory.mktemp("server-store"))) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def pipeline(server, tmp_path_factory):
-    fallback = tmp_path_factory.mktemp("fallback-store")
+    fallback = tmp_path_factory.mktemp("fallback-store")  # stays empty
     runs = log_synthetic_pipeline(TrackingConfig(uri=server.url, store_dir=str(fallback), experiment="ui-test"),
                                   steps=STEPS)
     assert not (fallback / "mlflow.db").exists(), "the runs should have gone to the server, not the fallback"
@@ -121,3 +121,18 @@ def test_report_plot_is_an_artifact(page, server, pipeline):
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
     stored = next(server.store.glob(f"artifacts/**/{pipeline['parent']}/artifacts/{name}"))
     assert image.evaluate("img => img.naturalWidth") == png_width(stored)
+
+
+def test_screenshot_script_captures_the_unfolded_pipeline(page, server, pipeline, tmp_path):
+    from mlflow import MlflowClient
+    from playwright.sync_api import expect
+
+    spec = importlib.util.spec_from_file_location("ui_screenshot", REPO / "scripts" / "ui_screenshot.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.newest_pipeline_run(MlflowClient(server.url), pipeline["experiment_id"]) == pipeline["parent"]
+    out = script.capture(page, server, pipeline["experiment_id"], pipeline["parent"], tmp_path / "ui.png")
+    for child in pipeline["children"]:
+        expect(page.get_by_role("link", name=child, exact=True)).to_be_visible()
+    expect(page.get_by_text("adapt-sw (train/loss)")).to_be_visible()
+    assert png_width(out) == page.viewport_size["width"]

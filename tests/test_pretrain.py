@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,8 @@ from minimodel.config import ConfigError, load_config
 from minimodel.training import checkpoint as ckpt
 from minimodel.training.pretrain import (PREEMPTED_EXIT_CODE, DataConfig, MicroBatches, PretrainConfig, plot_losses,
                                          read_metrics)
-from pretrain_helpers import (ROOT, build_tiny_corpus, corpus_overrides, launch, run, tail, train_losses,
-                              wait_for_step)
+from pretrain_helpers import (PYTHON, ROOT, TINY_CONFIG, TRAIN_SCRIPT, build_tiny_corpus, corpus_overrides, launch,
+                              run, tail, train_losses, wait_for_step)
 
 
 # -- sampling ------------------------------------------------------------------------------------------------------
@@ -32,10 +34,8 @@ class _Items:
 
 
 def _sampler(dp_rank: int, dp_size: int = 2, n: int = 10):
-    import torch
-
     return MicroBatches(lambda epoch: _Items(n, seed=100 + epoch), seed=7, global_batch=8, micro_batch=2,
-                        dp_size=dp_size, dp_rank=dp_rank, shuffle=True, device=torch.device("cpu"))
+                        dp_size=dp_size, dp_rank=dp_rank, shuffle=True)
 
 
 def test_sampling_partitions_each_step_over_ranks_and_epochs():
@@ -130,7 +130,7 @@ def test_loss_curve_plot(tmp_path):
 
 
 # -- real runs (torchrun, gloo) ------------------------------------------------------------------------------------
-STEPS = 40
+STEPS = 30
 
 
 VOCAB = 50
@@ -160,9 +160,27 @@ def _check_mlflow_run(store: Path, expected: dict[int, tuple[float, float]]) -> 
 
 
 def _overrides(corpus: Path, out: Path, layout: list[str], *extra: str) -> list[str]:
-    return [*corpus_overrides(corpus), f"output_dir={out}", f"train.steps={STEPS}", "train.eval_every=20",
-            "train.eval_steps=2", "train.log_every=10", "optim.warmup_steps=5", "checkpoint.save_every=15",
+    return [*corpus_overrides(corpus), f"output_dir={out}", f"train.steps={STEPS}", "train.eval_every=15",
+            "train.eval_steps=2", "train.log_every=10", "optim.warmup_steps=5", "checkpoint.save_every=10",
             "checkpoint.keep_last=2", "tracking.enabled=false", f"model.vocab_size={VOCAB}", *layout, *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    (f"model.vocab_size={VOCAB + 1}", rf"config error: model\.vocab_size: {VOCAB + 1} differs from the {VOCAB} tokens "
+                                      rf"of .*; set model\.vocab_size={VOCAB}"),
+    ("parallel.pipeline_model_parallel_size=3", r"config error: pipeline_model_parallel_size: num_layers=4 cannot be "
+                                                r"split evenly"),
+])
+def test_startup_errors_exit_cleanly(corpus, tmp_path, override, message):
+    """Problems found at start-up end the entry point with exit code 2 and one line naming the key, no traceback."""
+    proc = subprocess.run([str(PYTHON), str(TRAIN_SCRIPT), "--config", str(TINY_CONFIG),
+                           *_overrides(corpus, tmp_path / "out", [], override)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(message, proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
 
 
 def _worker_pids(torchrun_pid: int) -> list[int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow_helpers import ToyStageConfig, log_synthetic_pipeline
+from mlflow_helpers import ToyStageConfig, log_synthetic_pipeline, new_store
 
 from minimodel.config import ConfigError, load_config
 from minimodel.tracking import (REUSED_RUN_TAG, STAGE_KEY_TAG, Tracker, TrackingConfig, find_finished_run,
@@ -22,23 +21,12 @@ from minimodel.ui import MlflowServer, free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def empty_store_db(tmp_path_factory) -> Path:
-    """An empty, already migrated SQLite store (creating the schema takes seconds; copying it does not)."""
-    store = tmp_path_factory.mktemp("template-store")
-    MlflowClient(local_store_uri(store)).search_experiments()
-    return store / "mlflow.db"
-
-
 @pytest.fixture
-def store(tmp_path, monkeypatch, empty_store_db):
+def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (e.g. a stray ./mlruns)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MINIMODEL_PARENT_RUN_ID", raising=False)
-    store = tmp_path / "store"
-    store.mkdir()
-    shutil.copy(empty_store_db, store / "mlflow.db")
-    return store
+    return new_store(tmp_path / "store")
 
 
 def client_for(store: Path) -> MlflowClient:
@@ -114,6 +102,19 @@ def test_failed_stage_is_marked_failed_and_keeps_its_metrics(store):
     assert run.info.status == "FAILED" and run.data.metrics["train/loss"] == 1.5
 
 
+def test_stage_exiting_without_finish_keeps_its_metrics(store):
+    script = ("import sys\nfrom minimodel.tracking import Tracker, TrackingConfig\n"
+              f"t = Tracker(TrackingConfig(store_dir={str(store)!r}, flush_every=1000))\n"
+              "for step in range(50):\n    t.log_metrics({'train/loss': float(step)}, step)\n"
+              "print(t.run_id)\nsys.exit(3)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 3, result.stderr[-3000:]
+    run = client_for(store).get_run(result.stdout.split()[-1])
+    assert run.info.status == "KILLED"
+    assert steps_of(client_for(store), run.info.run_id, "train/loss") == [(s, float(s)) for s in range(50)]
+
+
 def test_inert_on_other_ranks_and_when_disabled(store, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     t = Tracker(TrackingConfig(store_dir=str(store)), ToyStageConfig(), tags={"stage": "x"})
@@ -137,11 +138,20 @@ def test_logging_does_not_wait_for_a_slow_store(store, monkeypatch):
             return real_log_batch(*args, **kwargs)
 
         monkeypatch.setattr(t.client, "log_batch", hanging_log_batch)
-        for step in range(20):
-            t.log_metrics({"train/loss": float(step)}, step)  # would deadlock here if it waited for the store
-        t.flush()
-        assert steps_of(client_for(store), t.run_id, "train/loss") == []
-        release.set()
+
+        def train():
+            for step in range(20):
+                t.log_metrics({"train/loss": float(step)}, step)
+            t.flush()
+
+        training = threading.Thread(target=train)
+        training.start()
+        training.join(timeout=60)
+        try:
+            assert not training.is_alive(), "log_metrics/flush waited for the store"
+            assert steps_of(client_for(store), t.run_id, "train/loss") == []
+        finally:
+            release.set()
     assert steps_of(client_for(store), t.run_id, "train/loss") == [(s, float(s)) for s in range(20)]
 
 
@@ -217,6 +227,21 @@ def test_finished_stage_is_linked_into_a_new_pipeline_not_rerun(store):
     assert len(all_runs(store)) == 4
 
 
+def test_resumed_run_continues_the_same_run(store, caplog):
+    tracking = TrackingConfig(store_dir=str(store))
+    with Tracker(tracking, tags={"stage": "pipeline"}) as first:
+        first.log_metrics({"seconds_data": 5.0}, 0)
+    with Tracker.resume(tracking, first.run_id) as again:
+        again.log_metrics({"seconds_pretrain": 7.0}, 0)
+        assert client_for(store).get_run(first.run_id).info.status == "RUNNING"
+    [run] = all_runs(store)
+    assert again.run_id == first.run_id and again.run_name == "pipeline" and run.info.status == "FINISHED"
+    assert run.data.metrics == {"seconds_data": 5.0, "seconds_pretrain": 7.0}
+    with Tracker.resume(tracking, "0" * 32) as fresh:
+        pass
+    assert "not in the MLflow store" in caplog.text and fresh.run_id != first.run_id and len(all_runs(store)) == 2
+
+
 def test_pipeline_children_are_nested_under_the_parent(store):
     runs = log_synthetic_pipeline(TrackingConfig(store_dir=str(store)), steps=3)
     by_id = {r.info.run_id: r for r in all_runs(store)}
@@ -258,7 +283,7 @@ def test_two_ranks_of_one_torchrun_job_make_one_run(tmp_path):
 def test_server_going_away_mid_run_loses_nothing(store, tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # give up on the dead server at once
     tracking = TrackingConfig(store_dir=str(store), flush_every=5)
-    with MlflowServer(tmp_path / "server-store") as server:
+    with MlflowServer(new_store(tmp_path / "server-store")) as server:
         t = Tracker(dataclasses.replace(tracking, uri=server.url), ToyStageConfig(), tags={"stage": "adapt"})
         for step in range(10):
             t.log_metrics({"train/loss": float(step)}, step)

@@ -26,7 +26,8 @@ from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_m
 from minimodel.config import require, save_config
 from minimodel.manifest import check_aligned, model_hash
 from minimodel.tracking import Tracker, TrackingConfig
-from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, gather_full_params, init_distributed, train
+from minimodel.training.deepspeed_loop import (DeepSpeedLoopConfig, gather_full_params, init_distributed,
+                                               optimizer_state_numel, resolve_zero_config, train)
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, mlm_head
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,9 @@ def prepare_target_data(cfg: AdaptConfig, lang: str, run_dir: Path) -> tuple[Pat
     from minimodel.data.tokenizer import train_tokenizer
 
     lang_dir = Path(cfg.data_dir) / lang
+    if not lang_dir.is_dir():
+        raise FileNotFoundError(f"no data for target language {lang!r} in {cfg.data_dir}: add languages.{lang} to "
+                                f"the data config and run pretrain/prepare_data.py, or fix data_dir")
     tokenizer_dir = run_dir / TOKENIZER_DIR
     data_tokenizer = lang_dir / "tokenizer"
     if not tokenizer_dir.is_dir():
@@ -296,7 +300,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
 
     train_data = MaskedLMDataset(str(train_prefix), target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
     valid_data = MaskedLMDataset(str(valid_prefix), target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
-    zero_stage = json.loads(Path(_zero_config_path(cfg)).read_text())["zero_optimization"]["stage"]
+    zero_stage = json.loads(resolve_zero_config(cfg.train.zero_config).read_text())["zero_optimization"]["stage"]
     tags = {"stage": "adapt", "method": method, "over": cfg.over, "source_lang": cfg.source_lang,
             "target_lang": lang, "zero_stage": zero_stage}
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"adapt-{method}-{lang}")
@@ -307,6 +311,8 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             tracker.set_tags({"interrupted_at_step": result.step})
             return "interrupted"
         tensors = gather_full_params(result.engine, trainable)
+        trainable_numel = sum(t.numel() for t in tensors.values())
+        state_numel = optimizer_state_numel(result.engine)  # collective
         if rank == 0:
             tensors["token_map"] = used_map
             last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -318,6 +324,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
                 "pad_token_id": target_tokenizer.pad_token_id,
                 "tokenizer_sha256": tokenizer_fingerprint(target_tokenizer), "init": cfg.init.method,
                 "trainable": sorted(trainable), "tied_output": "output_embeddings" not in trainable,
+                "trainable_numel": trainable_numel, "optimizer_state_numel": state_numel,
                 "steps": result.step, "zero_stage": zero_stage,
                 "flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"],
                 "final_train_loss": last["train/loss"], "final_eval_loss": last.get("eval/loss"),
@@ -330,12 +337,6 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
                 tracker.log_artifact(plot)
         _barrier()
     return "done"
-
-
-def _zero_config_path(cfg: AdaptConfig) -> Path:
-    from minimodel.training.deepspeed_loop import resolve_zero_config
-
-    return resolve_zero_config(cfg.train.zero_config)
 
 
 def run_adaptation(cfg: AdaptConfig) -> dict[str, str]:

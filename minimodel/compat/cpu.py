@@ -7,8 +7,10 @@ available, so GPU runs use unmodified megatron-core. What it changes, and why (m
   and the get/set-RNG-state helpers used by activation recompute point at the CPU generator;
 - torch.cuda.current_device / synchronize / current_stream are called unconditionally: mapped to CPU
   equivalents / no-ops;
-- literal "cuda" devices (schedules, tied-embedding setup, optimizer, grad clipping) and `.cuda()` calls: a
-  process-wide TorchFunctionMode maps them to the CPU (its overhead is within measurement noise).
+- literal "cuda" devices (schedules, tied-embedding setup, optimizer, grad clipping), `.cuda()` calls and
+  `tensor.type() == "torch.cuda.FloatTensor"` checks: a process-wide TorchFunctionMode maps them to the CPU
+  (its overhead is within measurement noise). It is not active inside autograd backward functions, hence
+  current_device() returns the CPU device itself.
 """
 from __future__ import annotations
 
@@ -30,12 +32,16 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CudaDeviceToCpu(TorchFunctionMode):
-    """Maps device="cuda"/int device arguments, `.cuda()` and `.to("cuda")` to the CPU."""
+    """Maps device="cuda"/int device arguments, `.cuda()` and `.to("cuda")` to the CPU, and reports CPU tensors'
+    `.type()` as the CUDA type (the optimizer and grad clipping check for "torch.cuda.FloatTensor")."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and kwargs["device"] is not None and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and not isinstance(args[1], (torch.Tensor, torch.dtype)) \

@@ -181,11 +181,15 @@ def language_hash(cfg: DataConfig, lang: str, fingerprints: dict[str, list[str]]
     })
 
 
-def read_build(lang_dir: Path) -> dict | None:
+def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads((lang_dir / BUILD_MARKER).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_build(lang_dir: Path) -> dict | None:
+    return _read_json(lang_dir / BUILD_MARKER)
 
 
 def is_complete(lang_dir: Path, input_hash: str) -> bool:
@@ -301,6 +305,42 @@ def _summary(stats: dict[str, dict], built: list[str], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _build(cfg: DataConfig, todo: list[str], sources: dict[str, list[Source]], hashes: dict[str, str],
+           out: Path) -> None:
+    if not todo:
+        return
+    collected = {lang: collect(cfg, sources[lang]) for lang in todo}
+    load_megatron_datasets()  # its import takes seconds: keep it out of the per-language timings
+    joint = None
+    if cfg.tokenizer.joint:
+        for lang in cfg.languages:  # the joint tokenizer needs every language's text
+            if lang not in collected:
+                collected[lang] = collect(cfg, sources[lang])
+        joint = out / f".joint-tokenizer.partial-{uuid.uuid4().hex[:8]}"
+        texts = [r.text for lang in cfg.languages for r in collected[lang][0] if r.split == "train"]
+        log.info("training a joint %d-token tokenizer on %d documents", cfg.tokenizer.vocab_size, len(texts))
+        _train_tokenizer(cfg, texts, joint, cfg.tokenizer.vocab_size)
+    try:
+        for lang in todo:
+            records, dropped = collected[lang]
+            build_language(cfg, lang, records, dropped, hashes[lang], out, joint)
+    finally:
+        if joint is not None:
+            shutil.rmtree(joint, ignore_errors=True)
+
+
+def _report(tracker: Tracker, stats: dict[str, dict], built: list[str], seconds: float) -> None:
+    log.info("\n%s", _summary(stats, built, seconds))
+    metrics = {"seconds": seconds}
+    for lang, s in stats.items():
+        for split in SPLITS:
+            metrics[f"{lang}.{split}_documents"] = s["documents"][split]
+            metrics[f"{lang}.{split}_tokens"] = s["tokens"][split]
+    built_tokens = sum(sum(stats[lang]["tokens"].values()) for lang in built)
+    metrics["tokens_per_s"] = built_tokens / max(seconds, 1e-9)
+    tracker.log_metrics(metrics, step=0)
+
+
 def prepare_data(cfg: DataConfig) -> dict:
     """Build every configured language under cfg.output_dir (skipping up-to-date ones); returns the manifest."""
     start = time.perf_counter()
@@ -314,7 +354,7 @@ def prepare_data(cfg: DataConfig) -> dict:
         input_hash = _digest(hashes)
         todo = [lang for lang in cfg.languages if not is_complete(out / lang, hashes[lang])]
         manifest_path = out / MANIFEST
-        old_manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        old_manifest = _read_json(manifest_path) or {}
         tags = {"stage": "data", "method": "prepare_data", "languages": ",".join(cfg.languages)}
         with Tracker(cfg.tracking, config=cfg, tags=tags) as tracker:
             if not todo and old_manifest.get("input_hash") == input_hash:
@@ -324,25 +364,7 @@ def prepare_data(cfg: DataConfig) -> dict:
             for lang in cfg.languages:
                 log.info("%s: %s", lang, "building" if lang in todo else "up to date, kept")
 
-            load_megatron_datasets()  # its import takes seconds: keep it out of the per-language timings
-            collected = {lang: collect(cfg, sources[lang]) for lang in todo}
-            joint = None
-            if cfg.tokenizer.joint and todo:
-                for lang in cfg.languages:  # the joint tokenizer needs every language's text
-                    if lang not in collected:
-                        collected[lang] = collect(cfg, sources[lang])
-                joint = out / f".joint-tokenizer.partial-{uuid.uuid4().hex[:8]}"
-                texts = [r.text for lang in cfg.languages for r in collected[lang][0] if r.split == "train"]
-                log.info("training a joint %d-token tokenizer on %d documents", cfg.tokenizer.vocab_size, len(texts))
-                _train_tokenizer(cfg, texts, joint, cfg.tokenizer.vocab_size)
-            try:
-                for lang in todo:
-                    records, dropped = collected[lang]
-                    build_language(cfg, lang, records, dropped, hashes[lang], out, joint)
-            finally:
-                if joint is not None:
-                    shutil.rmtree(joint, ignore_errors=True)
-
+            _build(cfg, todo, sources, hashes, out)
             stats = {lang: {k: v for k, v in read_build(out / lang).items() if k not in ("files", "input_hash")}
                      for lang in cfg.languages}
             manifest = {"format": FORMAT_VERSION, "input_hash": input_hash, "valid_fraction": cfg.valid_fraction,
@@ -350,15 +372,6 @@ def prepare_data(cfg: DataConfig) -> dict:
                         "languages": {lang: {"hash": hashes[lang], **stats[lang]} for lang in cfg.languages}}
             save_config(cfg, out / "config.yaml")
             _write_atomic(manifest_path, json.dumps(manifest, indent=2))
-            seconds = time.perf_counter() - start
-            log.info("\n%s", _summary(stats, todo, seconds))
-            metrics = {"seconds": seconds}
-            for lang, s in stats.items():
-                for split in SPLITS:
-                    metrics[f"{lang}.{split}_documents"] = s["documents"][split]
-                    metrics[f"{lang}.{split}_tokens"] = s["tokens"][split]
-            built_tokens = sum(sum(stats[lang]["tokens"].values()) for lang in todo)
-            metrics["tokens_per_s"] = built_tokens / max(seconds, 1e-9)
-            tracker.log_metrics(metrics, step=0)
+            _report(tracker, stats, todo, time.perf_counter() - start)
             tracker.log_artifact(manifest_path)
         return manifest

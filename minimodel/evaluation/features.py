@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from minimodel.evaluation import EvaluationError
+
 
 def _arrays(encoding, names) -> list[dict[str, np.ndarray]]:
     n = len(encoding["input_ids"])
@@ -44,8 +46,8 @@ def classification_features(examples: list[dict], tokenizer, max_length: int) ->
 
 def _require_fast(tokenizer) -> None:
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"QA needs a fast (Rust `tokenizers`) tokenizer for character offsets; "
-                         f"{type(tokenizer).__name__} is not one: save the tokenizer with tokenizer.json")
+        raise EvaluationError(f"QA needs a fast (Rust `tokenizers`) tokenizer for character offsets; "
+                              f"{type(tokenizer).__name__} is not one: save the tokenizer with tokenizer.json")
 
 
 def _qa_windows(examples: list[dict], tokenizer, max_length: int, doc_stride: int):

@@ -53,14 +53,19 @@ class FinetuneConfig:
         require(set(self.eval_splits) <= {"dev", "test"}, "eval_splits", "only dev and test can be evaluated")
 
 
-def task_flops(model, batch_size: int, seq_length: int) -> float:
-    """FLOPs of one forward + backward of a batch (padding included: the model computes it): per token,
-    6 x the non-embedding parameters for the matmuls plus 12 x layers x hidden x sequence length for the attention
-    scores and their weighted sum (forward 4, backward 8)."""
-    cfg = model.config
-    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    per_token = 6 * body + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_length
-    return float(batch_size * seq_length * per_token)
+class TaskFlops:
+    """batch -> FLOPs of one forward + backward (padding included: the model computes it). Per token: 6 x the
+    non-embedding parameters for the matmuls plus 12 x layers x hidden x sequence length for the attention scores
+    and their weighted sum (forward 4, backward 8). Built before DeepSpeed, which empties partitioned parameters."""
+
+    def __init__(self, model):
+        cfg = model.config
+        self.body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+        self.layers, self.hidden = cfg.num_hidden_layers, cfg.hidden_size
+
+    def __call__(self, batch) -> float:
+        batch_size, seq_length = batch["input_ids"].shape
+        return float(batch_size * seq_length * (6 * self.body + 12 * self.layers * self.hidden * seq_length))
 
 
 def _ensure_process_group() -> None:
@@ -113,8 +118,8 @@ def _save_task_model(cfg: FinetuneConfig, model, engine, tokenizer, labels) -> P
 def finetune(cfg: FinetuneConfig) -> tuple[Path | None, dict[str, float]]:
     """Fine-tune, save the task model, score it on the source language. Returns (task model dir, metrics);
     (None, {}) when a stop signal interrupted training (relaunch with the same output_dir to resume)."""
-    from transformers import AutoTokenizer
     import torch.distributed as dist
+    from transformers import AutoTokenizer
 
     _ensure_process_group()
     rank = dist.get_rank()
@@ -141,15 +146,13 @@ def finetune(cfg: FinetuneConfig) -> tuple[Path | None, dict[str, float]]:
     def loss_fn(m, batch):
         return m(**batch).loss
 
-    def flops_fn(batch):
-        return task_flops(model, *batch["input_ids"].shape)
-
     tags = {"stage": "finetune", "method": cfg.method, "source_lang": cfg.source_lang, "task": task.name}
     with Tracker(cfg.tracking, config=cfg, tags=tags) as tracker:
         tracker.set_tags({"frozen": ",".join(frozen)})
-        result = train(cfg.train, model, train_data, loss_fn, flops_fn, output_dir=out / "train",
+        result = train(cfg.train, model, train_data, loss_fn, TaskFlops(model), output_dir=out / "train",
                        eval_data=eval_data, tracker=tracker, desc=f"finetune {task.name}")
         if result.interrupted:
+            tracker.set_tags({"interrupted_at_step": result.step})
             _end_process_group()
             return None, {}
         model_dir = _save_task_model(cfg, model, result.engine, tokenizer, spec.labels)

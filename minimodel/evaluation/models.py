@@ -15,10 +15,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from minimodel.evaluation import EvaluationError
+
 TASK_FILE = "task.json"
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(EvaluationError):
     """The tokenizer's ids do not index this model's embedding matrix."""
 
 
@@ -61,7 +63,7 @@ def freeze_embeddings(model) -> list[str]:
 def read_task_info(model_dir: str | os.PathLike) -> dict:
     path = Path(model_dir) / TASK_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} has no {TASK_FILE}: is it a task model written by evaluate/finetune.py "
+        raise EvaluationError(f"{model_dir} has no {TASK_FILE}: is it a task model written by evaluate/finetune.py "
                                 "(or plugged from one)?")
     return json.loads(path.read_text())
 

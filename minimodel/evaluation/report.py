@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimodel.config import require, save_config
+from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.runs import FLOPS_METRIC, WALL_CLOCK_METRIC, PipelineRuns, RunInfo
 from minimodel.evaluation.tasks import TASKS
 from minimodel.evaluation.zero_shot import METHODS
@@ -208,7 +209,8 @@ def plot(summary: dict, path: Path) -> Path:
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     markers = "osD^v<>p*h"
     for row, (task, t) in enumerate(tasks):
-        for col, (key, label) in enumerate([("flops", "adaptation FLOPs"), ("wall_clock_s", "adaptation wall-clock (s)")]):
+        for col, (key, label) in enumerate([("flops", "adaptation FLOPs"),
+                                            ("wall_clock_s", "adaptation wall-clock (s)")]):
             ax = axes[row][col]
             for li, (lang, entry) in enumerate(t["languages"].items()):
                 for method, m in entry["methods"].items():
@@ -261,8 +263,8 @@ def report(cfg: ReportConfig) -> dict[str, Path]:
     runs = PipelineRuns(cfg.tracking, cfg.parent_run_id)
     summary = summarize(collect(runs), cfg.reference_method, cfg.fractions)
     if not summary["tasks"]:
-        raise ValueError(f"pipeline run {runs.parent_run_id} has no evaluation runs (stage=evaluate) with metrics: "
-                         "run evaluate/zero_shot.py with tracking.parent_run_id set to it first")
+        raise EvaluationError(f"pipeline run {runs.parent_run_id} has no evaluation runs (stage=evaluate) with "
+                              "metrics: run evaluate/zero_shot.py with tracking.parent_run_id set to it first")
     paths = {"json": _write(out / "report.json", json.dumps(summary, indent=2)),
              "markdown": _write(out / "report.md", markdown(summary)),
              "png": plot(summary, out / "compute_vs_quality.png")}

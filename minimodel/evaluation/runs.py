@@ -7,9 +7,11 @@ through to that run for its metrics.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minimodel.evaluation import EvaluationError
 from minimodel.tracking import PARENT_RUN_ENV, REUSED_RUN_TAG, TrackingConfig, resolve_uri
 
 # What the shared DeepSpeed loop logs per step (minimodel/training/deepspeed_loop.py): cumulative over launches.
@@ -35,19 +37,19 @@ class PipelineRuns:
     def __init__(self, tracking: TrackingConfig, parent_run_id: str | None = None):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         self.parent_run_id = parent_run_id or tracking.parent_run_id or os.environ.get(PARENT_RUN_ENV)
         if not self.parent_run_id:
-            raise ValueError("no parent run: set parent_run_id (or tracking.parent_run_id / $MINIMODEL_PARENT_RUN_ID) "
-                             "to the pipeline's run id")
+            raise EvaluationError("no parent run: set parent_run_id (or tracking.parent_run_id / "
+                                  "$MINIMODEL_PARENT_RUN_ID) to the pipeline's run id")
         self.uri = resolve_uri(tracking)
         self.client = MlflowClient(tracking_uri=self.uri)
-        from mlflow.exceptions import MlflowException
-
         try:
             self.parent = self.client.get_run(self.parent_run_id)
         except MlflowException as e:
-            raise ValueError(f"run {self.parent_run_id} is not in the MLflow store {self.uri}: {e.message}") from None
+            raise EvaluationError(f"run {self.parent_run_id} is not in the MLflow store {self.uri}: {e.message} "
+                                  "(check parent_run_id and tracking.uri / tracking.store_dir)") from None
 
     def children(self) -> list[RunInfo]:
         runs = self.client.search_runs(
@@ -70,7 +72,6 @@ class PipelineRuns:
 
     def log_to_parent(self, paths: list[Path], artifact_path: str, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
-        import time
 
         for path in paths:
             self.client.log_artifact(self.parent_run_id, str(path), artifact_path)

@@ -1,10 +1,11 @@
 """Score a model on a task's examples in one language: the shared evaluation of fine-tuning and zero-shot."""
 from __future__ import annotations
 
+from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.features import QAEvalFeatures, classification_features
 from minimodel.evaluation.metrics import accuracy, qa_scores, retrieval_accuracy
 from minimodel.evaluation.models import mean_pooled, predict_logits
-from minimodel.evaluation.tasks import TaskConfig, load_examples
+from minimodel.evaluation.tasks import TaskConfig, TaskDataError, load_examples
 
 
 def score(task: TaskConfig, model, tokenizer, lang: str, split: str, batch_size: int) -> dict[str, float]:
@@ -31,7 +32,8 @@ def retrieval_layer(model, layer: int | None) -> int:
     depth = model.config.num_hidden_layers
     chosen = round(2 * depth / 3) if layer is None else (layer if layer >= 0 else depth + 1 + layer)
     if not 0 <= chosen <= depth:
-        raise ValueError(f"retrieval layer {layer} is outside 0..{depth} (0 = embeddings, {depth} = last layer)")
+        raise EvaluationError(f"retrieval_layer {layer} is outside 0..{depth} (0 = embeddings, {depth} = last "
+                              "layer; negative counts from the top)")
     return chosen
 
 
@@ -44,7 +46,7 @@ def score_retrieval(task: TaskConfig, source_model, source_tokenizer, source_lan
     target = {e["verse_id"]: e["text"] for e in load_examples(task, target_lang, split)}
     ids = sorted(source.keys() & target.keys())
     if not ids:
-        raise ValueError(f"no verse ids shared by {source_lang} and {target_lang} in split {split}")
+        raise TaskDataError(f"no verse ids shared by {source_lang} and {target_lang} in split {split}")
     index = retrieval_layer(source_model, layer)
     candidates = mean_pooled(source_model, source_tokenizer, [source[i] for i in ids], index, task.max_length,
                              batch_size, f"retrieval/{source_lang}")

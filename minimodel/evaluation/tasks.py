@@ -15,8 +15,9 @@ Sources, per split ("train" | "dev" | "test"):
     MLQA    data_dir = MLQA_V1 ({dev,test}/{split}-context-<lang>-question-<lang>.json, SQuAD format);
             train_file = a SQuAD-format train file (SQuAD v1.1 train-v1.1.json)
     verse_* data_dir = a prepare_data output (<lang>/verses.jsonl); train = split "train", dev/test = split "valid"
-- or a `datasets` dataset (`hf_dataset`): a directory written by save_to_disk (load_from_disk) or a name for
-  load_dataset; "{lang}" in the path / `hf_config` is replaced by the language (e.g. hf_config "mlqa.{lang}.{lang}").
+- or a `datasets` dataset (`hf_dataset`): a directory written by save_to_disk (load_from_disk), else anything
+  load_dataset takes (a hub name such as "xnli", or a local directory of data files); "{lang}" in the path /
+  `hf_config` is replaced by the language (e.g. hf_config "mlqa.{lang}.{lang}").
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from minimodel.config import require
+from minimodel.evaluation import EvaluationError
 
 # Parts of the Bible by book number (1-66, Protestant canon order): the labels of verse classification.
 BIBLE_PARTS = ("law", "history", "wisdom", "prophets", "gospels", "epistles", "apocalypse")
@@ -87,7 +89,7 @@ class TaskConfig:
         return TASKS[self.name]
 
 
-class TaskDataError(ValueError):
+class TaskDataError(EvaluationError):
     """Task data missing or in an unexpected format; the message names the file and the fix."""
 
 
@@ -206,11 +208,12 @@ def _load_hf_split(name: str, config: str | None, lang: str, split: str):
 
     name = name.replace("{lang}", lang)
     config = config.replace("{lang}", lang) if config else None
-    if Path(name).exists():
+    path = Path(name)
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # written by save_to_disk
         ds = datasets.load_from_disk(name)
         if isinstance(ds, datasets.DatasetDict) and config is not None and config in ds:
             ds = ds[config]  # a DatasetDict keyed by language, e.g. saved per language
-    else:
+    else:  # a hub name (a cluster with hub access or its cache), or a local directory of data files
         ds = datasets.load_dataset(name, config)
     if isinstance(ds, datasets.DatasetDict):
         key = _HF_SPLIT[split] if _HF_SPLIT[split] in ds else split
@@ -267,7 +270,8 @@ def load_examples(cfg: TaskConfig, lang: str, split: str) -> list[dict]:
         else:
             if cfg.data_dir is None and not (split == "train" and cfg.train_file):
                 raise TaskDataError(f"task {name}: no source for split {split!r}: set task.data_dir or task.hf_dataset")
-            examples = {"xnli": _xnli_official, "pawsx": _pawsx_official, "mlqa": _mlqa_official}[name](cfg, lang, split)
+            official = {"xnli": _xnli_official, "pawsx": _pawsx_official, "mlqa": _mlqa_official}[name]
+            examples = official(cfg, lang, split)
     if not examples:
         raise TaskDataError(f"task {name}: no {split} examples in language {lang!r}")
     cap = cfg.max_train_examples if split == "train" else cfg.max_eval_examples

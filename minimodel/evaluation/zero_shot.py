@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimodel.config import require, save_config
+from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.models import check_tokenizer, load_task_model, read_task_info
 from minimodel.evaluation.scoring import score, score_retrieval
 from minimodel.evaluation.tasks import TaskConfig
@@ -23,6 +24,7 @@ from minimodel.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
 
+PLUG_FILE = "plug.json"  # provenance adapt/plug.py writes into a plugged model directory
 METHODS = ("standard", "minijoint", "minipost")
 
 
@@ -64,15 +66,26 @@ class ZeroShotConfig:
 def _load(cfg: ZeroShotConfig, model_dir: str, tokenizer_dir: str):
     from transformers import AutoTokenizer
 
-    kind = cfg.task.spec.kind
-    if kind != "retrieval":
-        info = read_task_info(model_dir)
-        if info["task"] != cfg.task.name:
-            raise ValueError(f"{model_dir} is a {info['task']} model, but task.name is {cfg.task.name}")
-    model = load_task_model(model_dir, kind)
+    model = load_task_model(model_dir, cfg.task.spec.kind)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     check_tokenizer(model, tokenizer, model_dir, tokenizer_dir)
     return model, tokenizer
+
+
+def _check_target(cfg: ZeroShotConfig, target: TargetConfig, model, source_model) -> None:
+    """Refuse a target model that is not the source task model plugged for this language by this method."""
+    if cfg.task.spec.kind != "retrieval" and model.config.id2label != source_model.config.id2label:
+        raise EvaluationError(f"{target.model_dir} has labels {model.config.id2label}, the task model "
+                              f"{cfg.source_model_dir} {source_model.config.id2label}: plug the target embeddings "
+                              "into the fine-tuned task model")
+    plug_info = Path(target.model_dir) / PLUG_FILE
+    if plug_info.is_file():  # written by adapt/plug.py: results must not be filed under another method or language
+        info = json.loads(plug_info.read_text())
+        checks = (("method", cfg.method, "method"), ("target_lang", target.lang, "targets[].lang"))
+        for key, expected, setting in checks:
+            if info.get(key) not in (None, expected):
+                raise EvaluationError(f"{target.model_dir} holds {key}={info[key]!r} embeddings (see {plug_info}) "
+                                      f"but is evaluated as {expected!r}: fix {setting}")
 
 
 def _log_run(cfg: ZeroShotConfig, lang: str, role: str, metrics: dict[str, float], target: TargetConfig | None):
@@ -92,6 +105,11 @@ def zero_shot(cfg: ZeroShotConfig) -> dict[str, dict[str, float]]:
     out = Path(cfg.output_dir)
     save_config(cfg, out / "config.yaml")
     source_tokenizer = cfg.source_tokenizer or cfg.source_model_dir
+    if cfg.task.spec.kind != "retrieval":
+        info = read_task_info(cfg.source_model_dir)
+        if info["task"] != cfg.task.name:
+            raise EvaluationError(f"{cfg.source_model_dir} is a {info['task']} model, but task.name is "
+                                  f"{cfg.task.name}")
     source_model, source_tok = _load(cfg, cfg.source_model_dir, source_tokenizer)
     results: dict[str, dict[str, float]] = {}
     retrieval = cfg.task.spec.kind == "retrieval"
@@ -101,6 +119,7 @@ def zero_shot(cfg: ZeroShotConfig) -> dict[str, dict[str, float]]:
         _log_run(cfg, cfg.source_lang, "source", results[cfg.source_lang], None)
     for target in cfg.targets:
         model, tokenizer = _load(cfg, target.model_dir, target.tokenizer)
+        _check_target(cfg, target, model, source_model)
         if retrieval:
             metrics = score_retrieval(cfg.task, source_model, source_tok, cfg.source_lang, model, tokenizer,
                                       target.lang, cfg.split, cfg.batch_size, cfg.retrieval_layer)

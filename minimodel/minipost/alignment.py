@@ -74,3 +74,27 @@ def alignment_report(primary: nn.Module, mini: nn.Module, dataset: Dataset, batc
         "tokens": int(x.shape[0]),
         "masked_tokens": masked,
     }
+
+
+def plot_alignment(alignment: dict):
+    """Two panels: held-out MLM loss (primary; mini-model before and after training) and similarity to the primary
+    (CKA, cosine; before and after)."""
+    import matplotlib.pyplot as plt
+
+    start, end = alignment["start"], alignment["end"]
+    figure, (losses, similarity) = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = ["primary", "mini (start)", "mini (end)"]
+    values = [end["primary_mlm_loss"], start["mini_mlm_loss"], end["mini_mlm_loss"]]
+    losses.bar(names, values, color=["grey", "lightsteelblue", "steelblue"])
+    losses.set_title("held-out MLM loss")
+    for i, v in enumerate(values):
+        losses.text(i, v, f"{v:.3f}", ha="center", va="bottom")
+    width = 0.35
+    for offset, (label, report) in zip((-width / 2, width / 2), (("start", start), ("end", end))):
+        similarity.bar([i + offset for i in range(2)], [report["cka"], report["cosine"]], width, label=label)
+    similarity.set_xticks(range(2), ["linear CKA", "mean cosine"])
+    similarity.set_ylim(min(0.0, start["cosine"], end["cosine"]), 1.0)
+    similarity.set_title(f"mini top vs primary layer {end['primary_layer']}")
+    similarity.legend()
+    figure.tight_layout()
+    return figure

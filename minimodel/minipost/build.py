@@ -71,8 +71,8 @@ def load_source_model(model_dir: str | os.PathLike, head_init: Init = "source") 
         if head_init == "source":
             raise MiniPostError(
                 f"{model_dir} has no masked-LM head (missing {', '.join(head_missing)}): it was saved without one "
-                f"(e.g. as {config.architectures}). Use a checkpoint with its MLM head, or set mini.head_init=random to "
-                f"train a new head from scratch")
+                f"(as {config.architectures}). Use a checkpoint with its MLM head, or set mini.head_init=random "
+                f"to train a new head from scratch")
         log.warning("%s has no masked-LM head: MiniPost creates a new one at random (mini.head_init=random)", model_dir)
     model.eval()
     return model
@@ -149,12 +149,14 @@ def build_mini_model(source: nn.Module, layers: int, new_layers: int = 1, new_la
         raise MiniPostError(f"mini.new_layers={new_layers} must be >= 0")
     depth = layers + new_layers
     if new_layer_init == "source" and depth > n_source:
-        raise MiniPostError(f"mini.new_layers={new_layers} initialised from the source's layers {layers + 1}..{depth} "
-                            f"needs layers + new_layers <= {n_source}; use fewer new layers or mini.new_layer_init=random")
+        raise MiniPostError(f"mini.new_layers={new_layers} initialised from the source's layers "
+                            f"{layers + 1}..{depth} needs layers + new_layers <= {n_source}; use fewer new layers "
+                            f"or mini.new_layer_init=random")
     config = copy.deepcopy(source.config)
     config.num_hidden_layers = depth
-    torch.manual_seed(seed)  # the random part of the initialisation (random head / layers) is reproducible
-    mini = type(source)(config)
+    with torch.random.fork_rng(devices=[]):  # reproducible random init, global RNG untouched
+        torch.manual_seed(seed)
+        mini = type(source)(config)
     mini.eval()
 
     frozen, new = split_parameters(mini, layers)
@@ -170,9 +172,7 @@ def build_mini_model(source: nn.Module, layers: int, new_layers: int = 1, new_la
         return True
 
     source_state = source.state_dict()
-    copied = {k: source_state[k] for k in mini.state_dict() if from_source(k)}
-    missing, unexpected = mini.load_state_dict(copied, strict=False)
-    assert not unexpected, unexpected
+    mini.load_state_dict({k: source_state[k] for k in mini.state_dict() if from_source(k)}, strict=False)
     freeze(mini, new)
     log.info("mini-model: %s with %d frozen + %d new layers; %d new parameter tensors (%.2fM values), %.2fM frozen",
              type(mini).__name__, layers, new_layers, len(new), _count(mini, new) / 1e6,

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from minimodel.config import require, save_config
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.manifest import check_aligned, write_manifest
-from minimodel.minipost.alignment import alignment_report
+from minimodel.minipost.alignment import alignment_report, plot_alignment
 from minimodel.minipost.build import (Init, MiniPostError, build_mini_model, changed_frozen_parameters,
                                       check_same_vocabulary, check_tokenizer, load_source_model, load_tokenizer,
                                       resolve_source, split_parameters)
@@ -128,6 +127,18 @@ def _write_mini_model(model, tokenizer, out_dir: Path, manifest: dict) -> Path:
     return out_dir
 
 
+def _datasets(cfg: MiniPostConfig, tokenizer) -> tuple[MaskedLMDataset, MaskedLMDataset]:
+    data = cfg.data
+    datasets = []
+    for key, prefix, seed in (("data.train_prefix", data.train_prefix, cfg.train.seed),
+                              ("data.valid_prefix", data.valid_prefix, 0)):
+        try:
+            datasets.append(MaskedLMDataset(prefix, tokenizer, data.seq_length, data.mask_prob, seed=seed))
+        except FileNotFoundError as e:
+            raise MiniPostError(f"{key}: {e}") from None
+    return datasets[0], datasets[1]
+
+
 def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
     # Inputs first: a bad input fails here, before any run is created or anything written.
     source_dir = resolve_source(cfg.source)
@@ -143,9 +154,7 @@ def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
     build = dict(layers=cfg.mini.layers, new_layers=cfg.mini.new_layers, new_layer_init=cfg.mini.new_layer_init,
                  head_init=cfg.mini.head_init, seed=cfg.mini.seed)
     mini, new_params = build_mini_model(source, **build)
-    train_data = MaskedLMDataset(cfg.data.train_prefix, tokenizer, cfg.data.seq_length, cfg.data.mask_prob,
-                                 seed=cfg.train.seed)
-    valid_data = MaskedLMDataset(cfg.data.valid_prefix, tokenizer, cfg.data.seq_length, cfg.data.mask_prob, seed=0)
+    train_data, valid_data = _datasets(cfg, tokenizer)
 
     _single_process_env()
     init_distributed()
@@ -193,9 +202,22 @@ def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
             check_aligned(mini_dir, source_dir)
             alignment = {"start": start, "end": report(final), "frozen_parameters_checked": len(frozen_params)}
             log_report(tracker, alignment["end"], step=result.step)
-            path = out / "alignment.json"
-            path.with_suffix(".tmp").write_text(json.dumps(alignment, indent=2))
-            os.replace(path.with_suffix(".tmp"), path)
-            tracker.log_artifact(path)
+            _write_report(alignment, out, tracker)
         dist.barrier()
     return MiniPostResult(mini_dir, alignment, result.step, False, result.engine)
+
+
+def _write_report(alignment: dict, out: Path, tracker: Tracker) -> None:
+    """alignment.json + alignment.png in the output dir and as MLflow artifacts."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on compute nodes
+    import matplotlib.pyplot
+    path = out / "alignment.json"
+    path.with_suffix(".tmp").write_text(json.dumps(alignment, indent=2))
+    os.replace(path.with_suffix(".tmp"), path)
+    figure = plot_alignment(alignment)
+    figure.savefig(out / "alignment.png", dpi=120)
+    matplotlib.pyplot.close(figure)
+    tracker.log_artifact(path)
+    tracker.log_artifact(out / "alignment.png")

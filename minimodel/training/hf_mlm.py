@@ -38,7 +38,8 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over positions with labels != -100; batch: input_ids, labels, attention_mask."""
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+    body = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    hidden = body.last_hidden_state
     labels = batch["labels"]
     selected = labels != -100
     if not bool(selected.any()):

@@ -107,9 +107,6 @@ class CheckpointConfig:
     save_every: int = 500  # steps between checkpoints (one is also written at the last step)
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     resume: bool = True  # continue from the newest complete checkpoint in `dir` if there is one
-    # Distributed-optimizer state: "fully_reshardable" loads at any TP/PP/DP layout (gathered per DP group when
-    # saving); "dp_reshardable" saves fully in parallel (faster at scale) but only reloads at the same TP/PP.
-    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
 
     def validate(self) -> None:
         require(self.save_every >= 1, "checkpoint.save_every", f"{self.save_every} must be >= 1")
@@ -128,8 +125,8 @@ class PretrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        require(self.optim.warmup_steps < self.train.steps or self.optim.decay_style == "constant",
-                "optim.warmup_steps", f"{self.optim.warmup_steps} must be < train.steps={self.train.steps}")
+        require(self.optim.warmup_steps < self.train.steps, "optim.warmup_steps",
+                f"{self.optim.warmup_steps} must be < train.steps={self.train.steps}")
 
     @property
     def checkpoint_root(self) -> Path:
@@ -305,18 +302,20 @@ class Trainer:
         self.bar: tqdm | None = None
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
-    def _sharded_state_dict(self, is_loading: bool, optimizer_format: str) -> dict:
+    def _sharded_state_dict(self, is_loading: bool) -> dict:
+        """Model (any layout) + optimizer. The distributed optimizer's state is saved "dp_reshardable" (fully
+        parallel, Megatron-LM's default; megatron's layout-free formats fail with torch's Adam), so it reloads at
+        the same TP/PP with any DP size."""
         from minimodel.models.minijoint import parallelize
 
         state = parallelize.sharded_state_dict(self.model)
         state["optimizer"] = self.optimizer.sharded_state_dict(
-            state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
+            state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
         return state
 
     def save(self) -> None:
-        fmt = self.cfg.checkpoint.optimizer_format
-        state = self._sharded_state_dict(is_loading=False, optimizer_format=fmt)
-        state.update(scheduler=self.scheduler.state_dict(), step=self.step, layout=self.layout, optimizer_format=fmt)
+        state = self._sharded_state_dict(is_loading=False)
+        state.update(scheduler=self.scheduler.state_dict(), step=self.step, layout=self.layout)
         self.last_checkpoint = ckpt.save_checkpoint(self.checkpoint_root, self.step, state,
                                                     keep_last=self.cfg.checkpoint.keep_last)
         self.say(f"saved checkpoint {self.last_checkpoint}")
@@ -332,14 +331,21 @@ class Trainer:
         path = found[0]
         if path is None:
             return
+        saved_layout = ckpt.load_common(path)["layout"]
+        same_layout = saved_layout == self.layout  # RNG states are per rank: only restorable on the same layout
+        model_split = {k: v for k, v in saved_layout.items() if k != "dp"}
+        if self.cfg.parallel.use_distributed_optimizer and model_split != {k: self.layout[k] for k in model_split}:
+            raise ConfigError(
+                f"parallel: checkpoint {path} was saved with {saved_layout}; the distributed optimizer's state "
+                f"reloads only with the same tensor/pipeline/virtual-pipeline sizes (any data-parallel size): "
+                f"resume with those, or start a new checkpoint.dir")
         self._allocate_optimizer_state()
         parallelize.load_checkpoint_into(self.model, path)  # checks the model shape, any saved layout
-        common = ckpt.load_common(path)
-        saved_layout = common["layout"]
-        same_layout = saved_layout == self.layout  # RNG states are per rank: only restorable on the same layout
-        optimizer_state = {"optimizer": self._sharded_state_dict(True, common["optimizer_format"])["optimizer"]}
+        optimizer_state = {"optimizer": self._sharded_state_dict(is_loading=True)["optimizer"]}
         loaded = ckpt.load_checkpoint(path, optimizer_state, restore_rng=same_layout)
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # it copies into parameters (megatron's dp_reshardable path is not under no_grad)
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        self._restore_adam_steps()
         self.scheduler.load_state_dict(loaded["scheduler"])
         self.step = int(loaded["step"])
         self.last_checkpoint = path
@@ -360,6 +366,21 @@ class Trainer:
             group["lr"] = 0.0
         self.optimizer.step()
         self.scheduler.step(increment=0)  # restores the learning rates
+
+    def _restore_adam_steps(self) -> None:
+        """Set every parameter's Adam step count to the checkpoint's.
+
+        megatron's distributed optimizer keeps torch Adam's step count (Adam without TE/Apex) in its param groups;
+        on load it assigns ONE tensor to every parameter's state (which torch's multi-tensor Adam then increments
+        once per parameter) or leaves the count of the step that allocated the state. Either breaks Adam's bias
+        correction after a resume.
+        """
+        for megatron_optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            adam = megatron_optimizer.optimizer
+            for group in adam.param_groups:
+                if "step" in group:
+                    for param in group["params"]:
+                        adam.state[param]["step"] = torch.tensor(float(group["step"]))
 
     # -- training --------------------------------------------------------------------------------------------------
     def train(self) -> PretrainResult:

@@ -162,7 +162,7 @@ def export(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, outp
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = ""  # a MiniJoint dist_checkpointing directory saved by pretrain/train.py
+    checkpoint: str = ""  # a checkpoint dir saved by pretrain/train.py, or their root (its newest complete one)
     tokenizer: str = ""  # the HF tokenizer directory the model was trained with
     output_dir: str = "export"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -174,8 +174,17 @@ class ExportConfig:
 
 def run(cfg: ExportConfig) -> dict:
     """The export stage: resolved config saved, one tracked run."""
+    from minimodel.training.checkpoint import latest_checkpoint
+
     save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    checkpoint = Path(cfg.checkpoint)
+    if not (checkpoint / "metadata.json").is_file():  # a checkpoint root: export its newest complete checkpoint
+        newest = latest_checkpoint(checkpoint)
+        if newest is None:
+            raise FileNotFoundError(f"{checkpoint} holds no complete checkpoint: give a directory written by "
+                                    f"pretrain/train.py (e.g. <output_dir>/checkpoints)")
+        checkpoint = newest
     with Tracker(cfg.tracking, config=cfg, tags={"stage": "export", "method": "minijoint"}) as tracker:
-        result = export(cfg.checkpoint, cfg.tokenizer, cfg.output_dir)
+        result = export(checkpoint, cfg.tokenizer, cfg.output_dir)
         tracker.log_metrics({f"max_logit_diff_{k}": v for k, v in result["max_logit_diff"].items()}, step=0)
     return result

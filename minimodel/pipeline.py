@@ -1,0 +1,250 @@
+"""The whole method end to end, each step a real process, all runs nested under one MLflow parent run:
+
+    data -> MiniJoint pretraining (torchrun, model-parallel) -> export (primary + MiniJoint mini-model)
+         -> MiniPost mini-model from the exported primary
+         -> adaptation per target language: over the full model (standard), the MiniJoint and the MiniPost mini-model
+         -> step 3: fine-tune the primary on the English task -> plug each language's embeddings into the task model
+         -> step 4: zero-shot evaluation per method -> report (quality vs adaptation compute)
+
+    python -m minimodel.pipeline --config configs/pipeline/tiny.yaml [key=value ...]
+    python -m minimodel.pipeline --config configs/pipeline/tiny.yaml --plan   # the stages as JSON (slurm/pipeline.sh)
+
+Re-running skips every finished stage whose inputs did not change (minimodel/stages.py) and reuses the parent run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from minimodel.config import ConfigError, load_config, save_config
+from minimodel.stages import Stage, StageFailed
+from minimodel.tracking import Tracker, TrackingConfig, link_run
+
+METHODS = ("standard", "minijoint", "minipost")
+Method = Literal["standard", "minijoint", "minipost"]
+
+
+@dataclass
+class StageConfigs:
+    data: str = "configs/data/default.yaml"
+    pretrain: str = "configs/pretrain/minijoint_tiny.yaml"
+    minipost: str = "configs/minipost/tiny.yaml"
+    adapt: str = "configs/adapt/tiny.yaml"
+    finetune: str = "configs/evaluate/finetune/verse_class_tiny.yaml"
+    zero_shot: str = "configs/evaluate/zero_shot/verse_class_tiny.yaml"
+    report: str = "configs/evaluate/report.yaml"
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = "runs/pipeline/tiny"
+    data_dir: str = "data/default"  # the data config's output_dir
+    source_lang: str = "en"
+    target_langs: list[str] = field(default_factory=lambda: ["ny", "sw"])
+    methods: list[Method] = field(default_factory=lambda: list(METHODS))
+    pretrain_nproc: int = 2  # torchrun processes for step 1
+    adapt_nproc: int = 1  # deepspeed ranks per adaptation run
+    configs: StageConfigs = field(default_factory=StageConfigs)
+    # extra key=value overrides per stage name (data, pretrain, export, minipost, adapt, finetune, zero_shot, report)
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(run_name="pipeline"))
+
+    def validate(self) -> None:
+        from minimodel.config import require
+
+        require(self.source_lang not in self.target_langs, "target_langs",
+                f"the source language {self.source_lang} cannot also be a target")
+        require(len(self.target_langs) >= 1, "target_langs", "name at least one target language")
+        require("standard" in self.methods, "methods",
+                "the report measures every method against standard adaptation: keep 'standard' in the list")
+        known = {"data", "pretrain", "export", "minipost", "adapt", "finetune", "zero_shot", "report"}
+        for stage in self.overrides:
+            require(stage in known, f"overrides.{stage}", f"not a stage; stages are {sorted(known)}")
+        for name in ("data", "pretrain", "minipost", "adapt", "finetune", "zero_shot", "report"):
+            path = getattr(self.configs, name)
+            require(Path(path).is_file(), f"configs.{name}", f"{path} does not exist")
+
+
+def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[Stage]:
+    """The pipeline as a list of stages in run order (each names the stages it depends on)."""
+    root = Path(cfg.output_dir)
+    py = sys.executable
+    data, src = Path(cfg.data_dir), cfg.source_lang
+
+    def extra(stage: str) -> list[str]:
+        return list(cfg.overrides.get(stage, []))
+
+    stages: list[Stage] = []
+
+    def add(name, argv, output_dir, after):
+        stage = Stage(name, [str(a) for a in argv], Path(output_dir), after)
+        stages.append(stage)
+        return stage
+
+    prepare = add("data", [py, "pretrain/prepare_data.py", "--config", cfg.configs.data,
+                           f"output_dir={data}", *extra("data")], data, [])
+    pretrain = add("pretrain", ["torchrun", "--nproc-per-node", cfg.pretrain_nproc, "pretrain/train.py",
+                                "--config", cfg.configs.pretrain, f"output_dir={root / 'pretrain'}",
+                                f"data.train_prefix={data / src / 'train'}", f"data.valid_prefix={data / src / 'valid'}",
+                                f"data.tokenizer_dir={data / src / 'tokenizer'}", *extra("pretrain")],
+                   root / "pretrain", [prepare])
+    export_dir = root / "export"
+    export = add("export", [py, "pretrain/export.py", f"checkpoint={root / 'pretrain' / 'checkpoints'}",
+                            f"tokenizer={data / src / 'tokenizer'}", f"output_dir={export_dir}", *extra("export")],
+                 export_dir, [pretrain])
+    primary = export_dir / "primary"
+    minis = {"minijoint": (export_dir / "mini", export)}
+    if "minipost" in cfg.methods:
+        minipost = add("minipost", [py, "pretrain/minipost.py", "--config", cfg.configs.minipost,
+                                    f"source={primary}", f"output_dir={root / 'minipost'}",
+                                    f"data.train_prefix={data / src / 'train'}",
+                                    f"data.valid_prefix={data / src / 'valid'}",
+                                    f"data.tokenizer_dir={data / src / 'tokenizer'}", *extra("minipost")],
+                       root / "minipost", [export])
+        minis["minipost"] = (root / "minipost" / "mini", minipost)
+
+    adapted: dict[tuple[str, str], tuple[Path, Stage]] = {}
+    for method in cfg.methods:
+        over = ["over=full"] if method == "standard" else ["over=mini", f"mini_model={minis[method][0]}"]
+        upstream = export if method == "standard" else minis[method][1]
+        for lang in cfg.target_langs:
+            out = root / "adapt" / method
+            stage = add(f"adapt-{method}-{lang}",
+                        ["deepspeed", "--num_gpus", cfg.adapt_nproc, "adapt/train.py", "--config", cfg.configs.adapt,
+                         *over, f"primary_model={primary}", f"source_lang={src}", f"target_langs=[{lang}]",
+                         f"target_lang={lang}", f"data_dir={data}", f"output_dir={out}",
+                         f"tracking.run_name=adapt-{method}-{lang}", *extra("adapt")],
+                        out / lang, [upstream, prepare])
+            adapted[method, lang] = (out / lang, stage)
+
+    task_dir = root / "finetune"
+    finetune = add("finetune", [py, "evaluate/finetune.py", "--config", cfg.configs.finetune,
+                                f"model_dir={primary}", f"task.data_dir={data}", f"source_lang={src}",
+                                f"output_dir={task_dir}", *extra("finetune")], task_dir, [export])
+
+    evaluations = []
+    for method in cfg.methods:
+        targets, plugs = [], []
+        for lang in cfg.target_langs:
+            emb_dir, adapt_stage = adapted[method, lang]
+            plugged = root / "plugged" / method / lang
+            plugs.append(add(f"plug-{method}-{lang}",
+                             [py, "adapt/plug.py", f"embeddings={emb_dir}", f"model={task_dir / 'model'}",
+                              f"primary_model={primary}", f"output_dir={plugged}"],
+                             plugged, [adapt_stage, finetune]))
+            targets.append(f"{{lang: {lang}, model_dir: {plugged}, tokenizer: {data / lang / 'tokenizer'}}}")
+        out = root / "zero_shot" / method
+        evaluations.append(add(f"zero_shot-{method}",
+                               [py, "evaluate/zero_shot.py", "--config", cfg.configs.zero_shot, f"method={method}",
+                                f"source_lang={src}", f"source_model_dir={task_dir / 'model'}",
+                                f"task.data_dir={data}", f"targets=[{', '.join(targets)}]",
+                                f"output_dir={out}", *extra("zero_shot")], out, plugs))
+    report = add("report", [py, "evaluate/report.py", "--config", cfg.configs.report,
+                            f"output_dir={root / 'report'}", *extra("report")], root / "report", evaluations)
+    report.always_run = True  # it summarises this pipeline run's children
+    if parent_run_id:
+        report.run_args.append(f"parent_run_id={parent_run_id}")
+    return stages
+
+
+def _runs_since(tracker: Tracker):
+    """-> find_runs(start_time): the ids of this pipeline's child runs started since then."""
+    def find_runs(start_time: float) -> list[str]:
+        if not tracker.run_id:
+            return []
+        query = (f"tags.`mlflow.parentRunId` = '{tracker.run_id}' "
+                 f"and attributes.start_time >= {int(start_time * 1000)}")
+        return [r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id], query)]
+    return find_runs
+
+
+def _link_earlier_runs(cfg: PipelineConfig, tracker: Tracker, stage: Stage) -> None:
+    """A skipped stage shows up in this pipeline's run as links to the runs that did the work."""
+    if tracker.run_id:
+        for run_id in stage.stamp().get("run_ids", []):
+            link_run(cfg.tracking, run_id, parent_run_id=tracker.run_id)
+
+
+def _env(tracker: Tracker) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if not _has_cuda():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, without its warning
+    env.update(tracker.child_env())
+    return env
+
+
+def run(cfg: PipelineConfig) -> Path:
+    root = Path(cfg.output_dir)
+    save_config(cfg, root / "config.yaml")
+    tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
+                                                       "target_langs": ",".join(cfg.target_langs)})
+    stages = build_stages(cfg, tracker.run_id)
+    env, find_runs = _env(tracker), _runs_since(tracker)
+    start = time.time()
+    try:
+        for i, stage in enumerate(stages, 1):
+            if stage.done:
+                print(f"=== [{i}/{len(stages)}] {stage.name}: finished earlier with the same inputs: skipped",
+                      flush=True)
+                _link_earlier_runs(cfg, tracker, stage)
+                continue
+            print(f"=== [{i}/{len(stages)}] {stage.name}", flush=True)
+            seconds = stage.run(env, root / "logs", find_runs)
+            tracker.log_metrics({f"seconds.{stage.name}": seconds}, step=0)
+    except StageFailed as e:
+        tracker.finish("FAILED")
+        print(f"pipeline: {e}\nFix the cause and run the same command again: finished stages are skipped.",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+    tracker.log_metrics({"pipeline_seconds": time.time() - start}, step=0)
+    tracker.finish()
+    report_dir = root / "report"
+    print(f"\npipeline finished in {time.time() - start:.0f} s")
+    print(f"report:  {report_dir / 'report.md'} (+ report.json, compute_vs_quality.png)")
+    if tracker.run_id:
+        print(f"MLflow:  `make ui`, then open run {tracker.run_id} (store: {tracker.uri})")
+    return report_dir
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def plan(cfg: PipelineConfig) -> dict:
+    """The stages as JSON for slurm/pipeline.sh: name, argv, the names of the stages it depends on, done."""
+    tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
+                                                       "target_langs": ",".join(cfg.target_langs)})
+    stages = build_stages(cfg, tracker.run_id)
+    tracker.finish()  # the Slurm jobs log their runs under it
+    return {"env": tracker.child_env(), "stages": [
+        {"name": s.name, "argv": s.command, "after": [a.name for a in s.after], "done": s.done} for s in stages]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/pipeline/tiny.yaml")
+    parser.add_argument("--plan", action="store_true", help="print the stages as JSON and exit")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(PipelineConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.plan:
+        print(json.dumps(plan(cfg)))
+    else:
+        run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Picture of a pipeline in the MLflow UI for the README: its parent run unfolded into the stage runs, beside their
+loss charts.
+
+    python scripts/ui_screenshot.py [--store runs] [--experiment minimodel] [--run-id PARENT] [--out docs/mlflow-ui.png]
+
+Starts an MLflow server on the store (a free loopback port), opens the experiment's runs in Chromium (headless,
+through Playwright), unfolds the pipeline's parent run (default: the newest run that has child runs) and saves the
+screenshot. Needs `apt-get install -y chromium` and `pip install playwright` (never `playwright install`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from minimodel.ui import DEFAULT_STORE, MlflowServer, browser_page  # noqa: E402
+
+UI_TIMEOUT_MS = 60_000
+
+
+def newest_pipeline_run(client, experiment_id: str) -> str:
+    """The newest run of the experiment that is some run's parent."""
+    runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=5000)
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
+    for run in runs:
+        if run.info.run_id in parents:
+            return run.info.run_id
+    raise SystemExit(f"experiment {experiment_id} has no run with child runs: run a pipeline first "
+                     "(or pass --run-id)")
+
+
+def capture(page, server: MlflowServer, experiment_id: str, parent_run_id: str, out: Path) -> Path:
+    """Runs view with the parent unfolded and its children's charts; waits for the charts to be drawn."""
+    from mlflow import MlflowClient
+    from playwright.sync_api import expect
+
+    client = MlflowClient(server.url)
+    parent_name = client.get_run(parent_run_id).info.run_name
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    first_child = page.get_by_role("link", name=children[0].info.run_name, exact=True)
+    page.goto(server.run_page(experiment_id))
+    parent_cell = page.locator('[col-id="attributes.`Run Name`"]').filter(has_text=parent_name).first
+    expect(parent_cell).to_be_visible(timeout=UI_TIMEOUT_MS)
+    if first_child.count() == 0:  # the UI remembers unfolded runs; the button toggles
+        parent_cell.get_by_role("button").click()
+    expect(first_child).to_be_visible(timeout=UI_TIMEOUT_MS)
+    page.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
+    expect(page.locator(".js-plotly-plot path.js-line").first).to_be_attached(timeout=UI_TIMEOUT_MS)
+    page.wait_for_timeout(3000)  # let the remaining charts finish drawing
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", default=DEFAULT_STORE, help="the runs' store directory (tracking.store_dir)")
+    parser.add_argument("--experiment", default="minimodel")
+    parser.add_argument("--run-id", help="the pipeline's parent run (default: the newest run with child runs)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "mlflow-ui.png")
+    args = parser.parse_args(argv)
+    if not (Path(args.store) / "mlflow.db").is_file():
+        parser.error(f"{args.store}/mlflow.db does not exist: pass --store <tracking.store_dir of the pipeline>")
+    from mlflow import MlflowClient
+
+    with MlflowServer(args.store) as server:
+        client = MlflowClient(server.url)
+        experiment = client.get_experiment_by_name(args.experiment)
+        if experiment is None:
+            parser.error(f"no experiment {args.experiment!r} in {args.store}")
+        run_id = args.run_id or newest_pipeline_run(client, experiment.experiment_id)
+        with browser_page(height=1200) as page:
+            print(capture(page, server, experiment.experiment_id, run_id, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""End to end: `deepspeed --num_gpus 2 adapt/train.py` on CPU over a tiny pretrained primary model and its aligned
+mini-model, ZeRO stages 1-3, then `adapt/plug.py`.
+
+One module-scoped fixture makes every launch once (7 launches); the tests below check what they left:
+- z1 mini: target_langs [sw, swcopy, zz], where swcopy is the same corpus as sw and zz has no data. The first launch
+  is stopped by SIGTERM while training sw; the same command again resumes it, runs swcopy and fails zz. sw
+  (interrupted + resumed) and swcopy (uninterrupted) must then agree exactly.
+- z2 / z3 mini, z1 / z2 / z3 full: sw only (z2 mini also logs to MLflow).
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from adapt_helpers import (FFN, HIDDEN, MINI_LAYERS, PRIMARY_LAYERS, PYTHON, REPO, SEQ, build_world, copy_language,
+                           free_port, launch_env, log_tail, metrics, run_deepspeed, run_deepspeed_and_signal)
+
+pytestmark = pytest.mark.slow
+
+STEPS, MICRO, WORLD = 60, 8, 2
+
+
+def _overrides(world, out, zero, over, langs, tracking=False):
+    return [f"output_dir={out}", f"over={over}", f"primary_model={world.primary}", f"mini_model={world.mini}",
+            f"data_dir={world.data_dir}", f"target_langs=[{','.join(langs)}]", "source_lang=en",
+            f"seq_length={SEQ}", f"train.steps={STEPS}", f"train.micro_batch_size={MICRO}", "train.lr=0.01",
+            "train.warmup_steps=4", "train.torch_adam=true", "train.save_every=10", "train.eval_every=30",
+            "train.eval_batches=2", f"train.zero_config=configs/deepspeed/zero{zero}.json",
+            f"tracking.enabled={str(tracking).lower()}", f"tracking.store_dir={world.root / 'mlflow'}"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapt")
+    world = build_world(root)
+    copy_language(world.data_dir, "sw", "swcopy")
+    out = {"world": world}
+
+    # z1 mini: stopped by SIGTERM during sw, then resumed by the same command.
+    d = root / "z1_mini"
+    args = _overrides(world, d, 1, "mini", ["sw", "swcopy", "zz"])
+    sent = run_deepspeed_and_signal("adapt/train.py", args, root / "z1_mini.signal.log", d / "sw" / "metrics.jsonl",
+                                    after_lines=3)
+    out["signal"] = {"sent": sent, "summary": json.loads((d / "summary.json").read_text()),
+                     "log": root / "z1_mini.signal.log"}
+    out["z1_mini_rc"] = run_deepspeed("adapt/train.py", args, root / "z1_mini.log")
+    out["z1_mini"] = d
+    for zero, over in ((2, "mini"), (3, "mini"), (1, "full"), (2, "full"), (3, "full")):
+        d = root / f"z{zero}_{over}"
+        tracking = (zero, over) == (2, "mini")
+        log = root / f"z{zero}_{over}.log"
+        rc = run_deepspeed("adapt/train.py", _overrides(world, d, zero, over, ["sw"], tracking), log)
+        assert rc == 0, log_tail(log)
+        out[f"z{zero}_{over}"] = d
+    return out
+
+
+def _embeddings(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "embeddings.safetensors"))
+
+
+def _module_state(run_dir) -> dict[str, torch.Tensor]:
+    """Every parameter of the trained module as saved in the last DeepSpeed checkpoint (ZeRO-3: the frozen ones
+    reassembled from the per-rank fragments)."""
+    ckpt = run_dir / "checkpoints"
+    tag = ckpt / (ckpt / "latest").read_text().strip()
+    single = tag / "mp_rank_00_model_states.pt"
+    if single.is_file():
+        return torch.load(single, weights_only=False)["module"]
+    parts = [torch.load(tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", weights_only=False) for r in range(WORLD)]
+    shapes = parts[0]["frozen_param_shapes"]
+    return {name: torch.cat([p["frozen_param_fragments"][name] for p in parts])[:math.prod(shape)].view(shape)
+            for name, shape in shapes.items()}
+
+
+def test_every_stage_trains_the_embeddings_over_mini_and_full_and_losses_fall(runs):
+    assert runs["z1_mini_rc"] == 1, "zz has no data: the launch must report the failure"
+    for name in ("z1_mini", "z2_mini", "z3_mini", "z1_full", "z2_full", "z3_full"):
+        run = runs[name] / "sw"
+        info = json.loads((run / "adapt.json").read_text())
+        losses = [m["train/loss"] for m in metrics(run)]
+        assert len(losses) == STEPS and info["steps"] == STEPS
+        assert np.mean(losses[-5:]) < losses[0] - 1.0, (name, losses)
+        evals = [m["eval/loss"] for m in metrics(run) if "eval/loss" in m]
+        assert len(evals) == 2 and evals[-1] < math.log(info["vocab_size"]), (name, evals)
+        assert info["trainable"] == ["input_embeddings"] and info["tied_output"]
+        # Adam state exists for the embeddings only (ZeRO may pad a partition by a few elements).
+        assert info["trainable_numel"] == info["vocab_size"] * HIDDEN
+        assert info["trainable_numel"] <= info["optimizer_state_numel"] <= info["trainable_numel"] + 64, name
+        assert info["method"] == ("standard" if name.endswith("full") else "minijoint")
+        assert info["adapted_layers"] == (PRIMARY_LAYERS if name.endswith("full") else MINI_LAYERS)
+        emb = _embeddings(run)
+        assert emb["input_embeddings"].shape == (info["vocab_size"], HIDDEN)
+        assert torch.all(emb["input_embeddings"][info["pad_token_id"]] == 0), "the padding row gets no gradient"
+        assert (run / "tokenizer" / "tokenizer_config.json").is_file() and (run / "loss_vs_flops.png").is_file()
+
+
+def test_the_frozen_body_is_bit_identical_after_training(runs):
+    from transformers import AutoModelForMaskedLM
+
+    world = runs["world"]
+    for name in ("z1_mini", "z2_mini", "z3_mini", "z1_full", "z2_full", "z3_full"):
+        source = AutoModelForMaskedLM.from_pretrained(world.primary if name.endswith("full") else world.mini)
+        reference = {f"model.{k}": v for k, v in source.state_dict().items()}
+        saved = _module_state(runs[name] / "sw")
+        checked = 0
+        for key, value in saved.items():
+            if "word_embeddings" in key:
+                continue  # the trained part
+            if key.endswith(("predictions.bias", "decoder.bias")):
+                assert torch.all(value == 0), "the frozen, resized LM-head bias stays at its initial zeros"
+            else:
+                assert torch.equal(value, reference[key]), f"{name}: {key} changed"
+                checked += 1
+        assert checked >= 20
+
+
+def test_a_stopped_run_resumes_with_exactly_the_same_losses_and_embeddings(runs):
+    sig = runs["signal"]
+    assert sig["sent"], log_tail(sig["log"])
+    interrupted = [lang for lang, s in sig["summary"].items() if s == "interrupted"]
+    assert interrupted in (["sw"], ["swcopy"]), (sig["summary"], log_tail(sig["log"]))
+    assert "stop signal received" in sig["log"].read_text()
+    d = runs["z1_mini"]
+    stopped, uninterrupted = d / interrupted[0], d / ({"sw", "swcopy"} - set(interrupted)).pop()
+    a, b = metrics(stopped), metrics(uninterrupted)
+    assert [m["step"] for m in a] == list(range(1, STEPS + 1))  # no duplicates from the stopped launch
+    assert [m["train/loss"] for m in a] == [m["train/loss"] for m in b]
+    assert [m.get("eval/loss") for m in a] == [m.get("eval/loss") for m in b]
+    assert a[-1]["compute/flops"] == b[-1]["compute/flops"]
+    assert torch.equal(_embeddings(stopped)["input_embeddings"], _embeddings(uninterrupted)["input_embeddings"])
+
+
+def test_a_failed_language_does_not_lose_the_others(runs):
+    summary = json.loads((runs["z1_mini"] / "summary.json").read_text())
+    assert summary["sw"] == "done" and summary["swcopy"] == "done"
+    assert summary["zz"].startswith("failed") and "zz" in summary["zz"]
+    assert "prepare_data" in (runs["z1_mini"] / "zz" / "error.txt").read_text()
+
+
+def test_zero_stage_1_and_3_learn_the_same_embeddings(runs):
+    for over in ("mini", "full"):
+        z1 = _embeddings(runs[f"z1_{over}"] / "sw")["input_embeddings"]
+        z3 = _embeddings(runs[f"z3_{over}"] / "sw")["input_embeddings"]
+        init_scale = 0.02
+        assert torch.allclose(z1, z3, atol=1e-4, rtol=1e-3), (over, (z1 - z3).abs().max())
+        assert (z1 - z3).abs().max() < init_scale / 100
+
+
+def test_cumulative_flops_of_full_and_mini_runs_differ_by_their_depths(runs):
+    full, mini = (metrics(runs[f"z1_{o}"] / "sw") for o in ("full", "mini"))
+    sequences_per_step = MICRO * WORLD
+    s, h, f = SEQ, HIDDEN, FFN
+    layer = 2 * (2 * s * (4 * h * h + 2 * h * f)) + 3 * (4 * s * s * h)  # frozen layer: forward + activation grads
+    vocab = json.loads((runs["z1_full"] / "sw" / "adapt.json").read_text())["vocab_size"]
+    per_masked_token = 2 * (h * h + h * vocab) * 2 + 2 * h * vocab  # head forward + backward (tied decoder trains)
+    for step, (a, b) in enumerate(zip(full, mini), start=1):
+        body_full = step * sequences_per_step * PRIMARY_LAYERS * layer
+        body_mini = step * sequences_per_step * MINI_LAYERS * layer
+        head = a["compute/flops"] - body_full
+        assert head == b["compute/flops"] - body_mini  # same data, same masks: the same head cost
+        masked = head / per_masked_token
+        assert masked == int(masked) and 0.1 < masked / (step * sequences_per_step * (s - 2)) < 0.2
+    ratio = mini[-1]["compute/flops"] / full[-1]["compute/flops"]
+    expected = (body_mini + head) / (body_full + head)
+    assert ratio == pytest.approx(expected) and ratio < 0.75
+    assert mini[-1]["compute/wall_clock_s"] > 0 and all("throughput/tokens_per_s" in m for m in mini)
+
+
+def test_mlflow_run_has_the_tags_and_the_compute_axis(runs):
+    from mlflow import MlflowClient
+
+    world = runs["world"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{world.root / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("minimodel")
+    (run,) = client.search_runs([exp.experiment_id])
+    tags = run.data.tags
+    assert (tags["stage"], tags["method"], tags["source_lang"], tags["target_lang"]) == ("adapt", "minijoint", "en",
+                                                                                         "sw")
+    flops = client.get_metric_history(run.info.run_id, "compute/flops")
+    assert len(flops) == STEPS and all(b.value > a.value for a, b in zip(flops, flops[1:]))
+    assert run.data.metrics["compute/wall_clock_s"] > 0 and run.info.status == "FINISHED"
+
+
+def _mlm_loss_on_valid(model_dir, data_dir) -> float:
+    from transformers import AutoModelForMaskedLM
+
+    from minimodel.data.mlm import MaskedLMDataset
+    from minimodel.data.tokenizer import load_tokenizer
+    from minimodel.training.hf_mlm import masked_lm_loss
+
+    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
+    data = MaskedLMDataset(data_dir / "sw" / "valid", load_tokenizer(model_dir), SEQ, seed=123)
+    batch = {k: torch.as_tensor(np.stack([data[i][k] for i in range(len(data))])) for k in data[0]}
+    with torch.no_grad():
+        return float(masked_lm_loss(model, batch))
+
+
+def _plug(args):
+    return subprocess.run([str(PYTHON), str(REPO / "adapt" / "plug.py"), *args], cwd=REPO, env=launch_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_plugged_embeddings_make_the_primary_model_read_the_target_language(runs, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary
+    from minimodel.data.tokenizer import load_tokenizer
+
+    world = runs["world"]
+    # The baseline: the primary model with random target embeddings (adaptation's starting point).
+    tokenizer = load_tokenizer(runs["z2_full"] / "sw" / "tokenizer")
+    model = AutoModelForMaskedLM.from_pretrained(world.primary)
+    weight, used = INITIALISERS["random"](model.get_input_embeddings().weight, torch.full((len(tokenizer),), -1),
+                                          tokenizer, std=0.02, pad_id=tokenizer.pad_token_id,
+                                          generator=torch.Generator().manual_seed(0))
+    install_vocabulary(model, weight, used, tokenizer.pad_token_id)
+    model.save_pretrained(tmp_path / "random")
+    tokenizer.save_pretrained(str(tmp_path / "random"))
+    random_loss = _mlm_loss_on_valid(tmp_path / "random", world.data_dir)
+
+    for name in ("z2_full", "z1_mini"):
+        out = tmp_path / f"plugged_{name}"
+        result = _plug([f"embeddings={runs[name] / 'sw'}", f"model={world.primary}", f"output_dir={out}"])
+        assert result.returncode == 0, result.stderr
+        plugged = AutoModelForMaskedLM.from_pretrained(out)
+        assert torch.equal(plugged.get_input_embeddings().weight,
+                           _embeddings(runs[name] / "sw")["input_embeddings"])
+        assert plugged.get_output_embeddings().weight is plugged.get_input_embeddings().weight
+        loss = _mlm_loss_on_valid(out, world.data_dir)
+        assert loss < random_loss - 1.0, (name, loss, random_loss)
+
+
+def test_plug_refuses_the_wrong_tokenizer_shape_or_primary_model(runs, tmp_path):
+    from transformers import AutoModelForMaskedLM, BertConfig, BertForSequenceClassification
+
+    world = runs["world"]
+    emb = runs["z1_mini"] / "sw"
+    wrong_tokenizer = _plug([f"embeddings={emb}", f"model={world.primary}", f"output_dir={tmp_path / 'a'}",
+                             f"tokenizer={world.data_dir / 'en' / 'tokenizer'}"])
+    assert wrong_tokenizer.returncode == 2 and "tokenizer" in wrong_tokenizer.stderr
+    wide = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=2 * HIDDEN, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32))
+    wide.save_pretrained(tmp_path / "wide")
+    shape = _plug([f"embeddings={emb}", f"model={tmp_path / 'wide'}", f"output_dir={tmp_path / 'b'}",
+                   f"primary_model={world.primary}"])
+    assert shape.returncode == 2 and "shape mismatch" in shape.stderr
+    other = AutoModelForMaskedLM.from_pretrained(world.primary)
+    with torch.no_grad():
+        other.bert.encoder.layer[0].output.dense.weight.add_(1.0)
+    other.save_pretrained(tmp_path / "other_primary")
+    misaligned = _plug([f"embeddings={emb}", f"model={tmp_path / 'other_primary'}", f"output_dir={tmp_path / 'c'}"])
+    assert misaligned.returncode == 2 and "aligned" in misaligned.stderr
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
+    # A task model fine-tuned from the primary (here: its body under a classifier) takes the embeddings too.
+    from transformers import MegatronBertForSequenceClassification
+
+    task = MegatronBertForSequenceClassification.from_pretrained(world.primary, num_labels=3)
+    task.save_pretrained(tmp_path / "task")
+    ok = _plug([f"embeddings={emb}", f"model={tmp_path / 'task'}", f"primary_model={world.primary}",
+                f"output_dir={tmp_path / 'task_sw'}"])
+    assert ok.returncode == 0, ok.stderr
+    task_sw = MegatronBertForSequenceClassification.from_pretrained(tmp_path / "task_sw")
+    assert task_sw.get_input_embeddings().weight.shape[0] == json.loads((emb / "adapt.json").read_text())["vocab_size"]
+
+
+def test_adaptation_refuses_a_mini_model_not_aligned_with_the_primary(runs, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from minimodel.manifest import write_manifest
+
+    world = runs["world"]
+    other = AutoModelForMaskedLM.from_pretrained(world.primary)
+    with torch.no_grad():
+        other.bert.encoder.layer[0].output.dense.weight.add_(1.0)
+    other.save_pretrained(tmp_path / "other_primary")
+    mini = tmp_path / "mini"
+    AutoModelForMaskedLM.from_pretrained(world.mini).save_pretrained(mini)
+    write_manifest(mini, "minijoint", MINI_LAYERS, tmp_path / "other_primary")
+    env = launch_env() | {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                          "MASTER_PORT": str(free_port())}
+    result = subprocess.run([str(PYTHON), str(REPO / "adapt" / "train.py"),
+                             *_overrides(world, tmp_path / "out", 1, "mini", ["sw"]), f"mini_model={mini}"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "ManifestError" in summary["sw"] and "aligned" in summary["sw"]
+    assert not (tmp_path / "out" / "sw" / "checkpoints").exists()
+

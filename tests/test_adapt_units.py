@@ -1,0 +1,139 @@
+"""Adaptation pieces that need no launcher: vocabulary initialisation, what trains, FLOPs accounting, DeepSpeed
+config assembly, config validation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, MegatronBertConfig, MegatronBertForMaskedLM
+
+from minimodel.adaptation.train import AdaptConfig, TrainableConfig, select_trainable
+from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, remap_rows, token_map
+from minimodel.config import ConfigError, load_config
+from minimodel.training.deepspeed_loop import REPO_ROOT, DeepSpeedLoopConfig, build_deepspeed_config
+from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
+
+H, F, V = 32, 64, 50
+
+
+def _bert(cls=BertForMaskedLM, config_cls=BertConfig, layers=3):
+    torch.manual_seed(0)
+    return cls(config_cls(vocab_size=V, hidden_size=H, num_hidden_layers=layers, num_attention_heads=2,
+                          intermediate_size=F, max_position_embeddings=40))
+
+
+class _Tok:
+    """The slice of a Hugging Face tokenizer that token_map uses."""
+
+    def __init__(self, pieces: list[str], pad=0, unk=1, mask=2):
+        self.vocab = {p: i for i, p in enumerate(pieces)}
+        self.pad_token_id, self.unk_token_id, self.mask_token_id = pad, unk, mask
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def __len__(self):
+        return len(self.vocab)
+
+
+def test_random_init_is_normal_with_zero_padding_row_and_copy_shared_copies_shared_rows():
+    source = _Tok(["[PAD]", "[UNK]", "[MASK]", "the", "cat", "dog"])
+    target = _Tok(["<pad>", "<unk>", "<mask>", "dog", "mbwa", "the"] + [f"x{i}" for i in range(2000)])
+    mapping = token_map(source, target)
+    assert mapping[:6].tolist() == [0, 1, 2, 5, -1, 3]  # specials by role, pieces by string
+    src_weight = torch.randn(6, H)
+    g = torch.Generator().manual_seed(0)
+    weight, used = INITIALISERS["random"](src_weight, mapping, target, std=0.02, pad_id=0, generator=g)
+    assert torch.all(weight[0] == 0) and (used == -1).all()
+    assert abs(weight[1:].std().item() - 0.02) < 0.002 and abs(weight[1:].mean().item()) < 0.002
+    weight, used = INITIALISERS["copy_shared"](src_weight, mapping, target, std=0.02, pad_id=0,
+                                               generator=torch.Generator().manual_seed(0))
+    assert torch.equal(weight[3], src_weight[5]) and torch.equal(weight[5], src_weight[3])
+    assert torch.equal(used, mapping)
+    with pytest.raises(NotImplementedError, match="OFA"):
+        INITIALISERS["aligned_vectors"](src_weight, mapping, target, std=0.02, pad_id=0, generator=g)
+    assert remap_rows(torch.tensor([10.0, 11, 12, 13, 14, 15]), used[:6]).tolist() == [10, 11, 12, 15, 0, 13]
+
+
+@pytest.mark.parametrize("model_cls,config_cls", [(BertForMaskedLM, BertConfig),
+                                                  (MegatronBertForMaskedLM, MegatronBertConfig)])
+def test_only_token_embeddings_and_tied_output_train_by_default_and_each_choice_adds_its_part(model_cls, config_cls):
+    model = _bert(model_cls, config_cls)
+    install_vocabulary(model, torch.randn(70, H), torch.full((70,), -1), pad_id=1)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert model.get_output_embeddings().bias.shape == (70,) and model.config.vocab_size == 70
+    chosen = select_trainable(model, TrainableConfig())
+    assert list(chosen) == ["input_embeddings"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["bert.embeddings.word_embeddings.weight"]
+    everything = select_trainable(model, TrainableConfig(position_embeddings=True, embedding_layer_norm=True,
+                                                         head_transform=True, head_bias=True))
+    assert {"embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight", "output_bias",
+            "head.predictions.transform.dense.weight", "head.predictions.transform.LayerNorm.weight"} <= set(everything)
+    has_embedding_ln = model_cls is BertForMaskedLM  # MegatronBert is pre-LN: no LayerNorm in its embeddings
+    assert ("embeddings.LayerNorm.weight" in everything) == has_embedding_ln
+    assert not any(p.requires_grad for p in model.base_model.encoder.parameters())
+
+
+def test_flops_follow_the_shapes_and_what_requires_grad():
+    model = _bert(MegatronBertForMaskedLM, MegatronBertConfig, layers=3)
+    select_trainable(model, TrainableConfig())
+    batch = {"input_ids": torch.randint(5, V, (4, 16)), "labels": torch.full((4, 16), -100),
+             "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+    batch["labels"][:, :3] = 7  # 12 masked positions
+    s, n = 16, 12
+    linear, attention = 2 * s * (4 * H * H + 2 * H * F), 4 * s * s * H
+    frozen_layer = linear + attention + linear + 2 * attention  # forward + activation gradients
+    head = 2 * n * (H * H + H * V) * 2 + 2 * n * H * V  # forward + activation grads + decoder weight grads
+    assert MLMFlops(model)(batch) == 4 * 3 * frozen_layer + head
+    # MiniPost's shape: frozen layers 1-2 below the only trainable layer 3 need no backward at all.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.bert.encoder.layer[2].parameters():
+        p.requires_grad_(True)
+    trainable_layer = linear + attention + 2 * linear + 2 * attention
+    head_no_weights = 2 * n * (H * H + H * V) * 2
+    assert MLMFlops(model)(batch) == 4 * (2 * (linear + attention) + trainable_layer) + head_no_weights
+    loss = masked_lm_loss(model, batch)
+    assert loss.ndim == 0 and loss.item() > 0
+
+
+def test_masked_lm_loss_equals_the_models_own_loss():
+    model = _bert(BertForMaskedLM, BertConfig).eval()
+    ids = torch.randint(5, V, (2, 12))
+    labels = torch.full_like(ids, -100)
+    labels[:, 2:5] = ids[:, 2:5]
+    ours = masked_lm_loss(model, {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
+    theirs = model(input_ids=ids, labels=labels).loss
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_deepspeed_config_is_assembled_at_runtime_and_refuses_clashes(tmp_path):
+    for stage in (0, 1, 2, 3):
+        cfg = DeepSpeedLoopConfig(zero_config=f"configs/deepspeed/zero{stage}.json", steps=10, warmup_steps=2,
+                                  micro_batch_size=4, grad_accumulation=3, grad_clip=0.5)
+        ds = build_deepspeed_config(cfg, "fp32")
+        assert ds["zero_optimization"]["stage"] == stage
+        assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
+        assert ds["scheduler"]["params"]["total_num_steps"] == 10 and ds["bf16"] == {"enabled": False}
+    offload = json.loads((REPO_ROOT / "configs/deepspeed/zero2_offload.json").read_text())
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert build_deepspeed_config(DeepSpeedLoopConfig(), "bf16")["bf16"] == {"enabled": True}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 1}, "optimizer": {"type": "SGD"}}))
+    with pytest.raises(ConfigError, match="optimizer"):
+        build_deepspeed_config(DeepSpeedLoopConfig(zero_config=str(bad)), "fp32")
+    with pytest.raises(ConfigError, match="zero_config.*shipped"):
+        load_config(AdaptConfig, overrides=["primary_model=p", "over=full", "train.zero_config=nope.json"])
+
+
+def test_adapt_config_names_the_problem():
+    with pytest.raises(ConfigError, match="mini_model"):
+        load_config(AdaptConfig, overrides=["primary_model=p", "over=mini"])
+    with pytest.raises(ConfigError, match="target_lang"):
+        load_config(AdaptConfig, overrides=["primary_model=p", "over=full", "target_langs=[sw,ny]",
+                                            "target_lang=fr"])
+    with pytest.raises(ConfigError, match="init.method"):
+        load_config(AdaptConfig, overrides=["primary_model=p", "over=full", "init.method=glove"])
+    cfg = load_config(AdaptConfig, REPO_ROOT / "configs/adapt/default.yaml", ["over=full", "target_lang=ny"])
+    assert cfg.languages() == ["ny"] and cfg.train.precision == "auto"

@@ -1,0 +1,73 @@
+"""`deepspeed --num_gpus 2 evaluate/finetune.py`: extractive QA (MLQA / SQuAD-format files) on two ranks with
+ZeRO-3; the saved task model keeps the primary model's embeddings bit-identical and is scored with EM / F1."""
+import json
+import random
+import socket
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eval_helpers import EMBEDDINGS, REPO, source_vocab, stage_env, tiny_mlm, toy_bible, word_tokenizer
+from minimodel.evaluation.finetune import TaskFlops
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _squad(verses, rng) -> dict:
+    """Questions "find w1 w2" whose answer is the span "w1 w2" of the verse (the context)."""
+    paragraphs = []
+    for v in verses:
+        words = v["text"].split()
+        i = rng.randrange(len(words) - 1)
+        answer = " ".join(words[i:i + 2])
+        paragraphs.append({"context": v["text"], "qas": [{
+            "id": str(v["verse_id"]), "question": f"find {answer}",
+            "answers": [{"text": answer, "answer_start": len(" ".join(words[:i])) + (1 if i else 0)}]}]})
+    return {"version": "1.0", "data": [{"title": "toy", "paragraphs": paragraphs}]}
+
+
+@pytest.mark.slow
+def test_deepspeed_two_ranks_qa_zero3(tmp_path):
+    rng = random.Random(0)
+    verses = toy_bible()
+    train = tmp_path / "train-v1.1.json"
+    train.write_text(json.dumps(_squad([v for v in verses if v["split"] == "train"], rng)))
+    for split in ("dev", "test"):
+        path = tmp_path / "MLQA_V1" / split / f"{split}-context-en-question-en.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(_squad([v for v in verses if v["split"] == "valid"][:40], rng)))
+    tok = word_tokenizer(source_vocab() + ["find"], tmp_path / "tokenizer")
+    primary = tiny_mlm(len(tok), tmp_path / "primary", tok)
+    out = tmp_path / "finetune"
+    cmd = [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(REPO / "evaluate" / "finetune.py"), "--config", str(REPO / "configs/evaluate/finetune/mlqa.yaml"),
+           f"model_dir={primary}", f"task.data_dir={tmp_path / 'MLQA_V1'}", f"task.train_file={train}",
+           "task.max_length=24", "task.doc_stride=4", "train.steps=6", "train.warmup_steps=1",
+           "train.micro_batch_size=4", "train.lr=0.001", "train.zero_config=configs/deepspeed/zero3.json",
+           "train.torch_adam=true", "train.save_every=0", "train.eval_every=3", "train.eval_batches=2",
+           f"output_dir={out}", f"tracking.store_dir={tmp_path / 'mlflow'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=stage_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    before, after = load_file(primary / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert torch.equal(after[EMBEDDINGS], before[EMBEDDINGS])
+    assert not torch.equal(after["bert.encoder.layer.1.attention.self.query.weight"],
+                           before["bert.encoder.layer.1.attention.self.query.weight"])
+    assert "qa_outputs.weight" in after
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {f"{s}/{m}" for s in ("dev", "test") for m in ("exact_match", "f1", "n_examples")}
+    assert metrics["test/n_examples"] == 40 and 0 <= metrics["test/exact_match"] <= metrics["test/f1"] <= 100
+    steps = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6] and "eval/loss" in steps[2]
+    # two ranks each ran one micro-batch of 4 windows x 24 tokens: FLOPs are counted over both
+    from transformers import AutoModelForQuestionAnswering
+
+    per_rank = TaskFlops(AutoModelForQuestionAnswering.from_pretrained(out / "model"))(
+        {"input_ids": torch.zeros(4, 24, dtype=torch.long)})
+    assert steps[0]["compute/flops"] == 2 * per_rank and steps[-1]["compute/flops"] == 12 * per_rank

@@ -1,0 +1,98 @@
+"""The report, built from a small MLflow store filled here the way the stages log (Tracker, shared tag names)."""
+import dataclasses
+import json
+
+import pytest
+
+from minimodel.config import load_config
+from minimodel.evaluation.report import ReportConfig, report
+from minimodel.evaluation.runs import FLOPS_METRIC, WALL_CLOCK_METRIC
+from minimodel.tracking import Tracker, TrackingConfig, link_run
+
+# method -> (FLOPs per adaptation step, seconds per step, steps, {evaluated step (None = final): accuracy})
+PLAN = {
+    "standard": (100.0, 10.0, 4, {2: 0.60, 4: 0.80}),
+    "minijoint": (40.0, 5.0, 6, {2: 0.70, 4: 0.795, 6: 0.81}),
+    "minipost": (50.0, 4.0, 6, {None: 0.75}),
+}
+
+
+def _adapt_run(tracking, method, lang):
+    flops, secs, steps, _ = PLAN[method]
+    with Tracker(tracking, tags={"stage": "adapt", "method": method, "target_lang": lang}) as t:
+        for step in range(1, steps + 1):
+            t.log_metrics({"train/loss": 1.0 / step, FLOPS_METRIC: flops * step, WALL_CLOCK_METRIC: secs * step}, step)
+        return t.run_id
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    tracking = TrackingConfig(store_dir=str(root / "mlflow"))
+    # minipost's adaptation ran in an earlier pipeline and is linked into this one (not run again)
+    with Tracker(dataclasses.replace(tracking, run_name="earlier"), tags={"stage": "pipeline"}) as earlier:
+        earlier_minipost = _adapt_run(dataclasses.replace(tracking, parent_run_id=earlier.run_id), "minipost", "sw")
+    with Tracker(dataclasses.replace(tracking, run_name="pipeline"), tags={"stage": "pipeline"}) as parent:
+        child = dataclasses.replace(tracking, parent_run_id=parent.run_id)
+        adapt_ids = {m: _adapt_run(child, m, "sw") for m in ("standard", "minijoint")}
+        link_run(child, earlier_minipost, parent.run_id)
+        base = {"stage": "evaluate", "task": "verse_class", "metric": "accuracy", "source_lang": "en"}
+        with Tracker(child, tags={**base, "method": "standard", "target_lang": "en", "role": "source"}) as t:
+            t.log_metrics({"accuracy": 0.9}, 0)
+        for method, (_, _, _, evals) in PLAN.items():
+            for step, acc in evals.items():
+                tags = {**base, "method": method, "target_lang": "sw", "role": "target", "adapt_step": step}
+                if method == "minijoint":  # tied by id; the others by (method, target_lang)
+                    tags["adapt_run_id"] = adapt_ids[method]
+                with Tracker(child, tags=tags) as t:
+                    t.log_metrics({"accuracy": acc, "n_examples": 100}, step or 0)
+    cfg = load_config(ReportConfig, overrides=[f"output_dir={root / 'report'}", f"parent_run_id={parent.run_id}",
+                                               f"tracking.store_dir={root / 'mlflow'}"])
+    return {"paths": report(cfg), "parent": parent.run_id, "uri": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+            "root": root}
+
+
+def test_report_compute_to_reach_reference_quality(pipeline):
+    summary = json.loads(pipeline["paths"]["json"].read_text())
+    sw = summary["tasks"]["verse_class"]["languages"]["sw"]
+    assert summary["tasks"]["verse_class"]["source"] == {"en": 0.9}
+    assert sw["reference_final"] == 0.80
+    std, mj, mp = (sw["methods"][m] for m in ("standard", "minijoint", "minipost"))
+    assert [(p["adapt_step"], p["flops"], p["wall_clock_s"]) for p in mj["points"]] == [
+        (2, 80.0, 10.0), (4, 160.0, 20.0), (6, 240.0, 30.0)]
+    assert std["final"] == {"quality": 0.80, "flops": 400.0, "wall_clock_s": 40.0}
+    # 95% of 0.80 = 0.76 and 99% = 0.792: minijoint's step 4 (160 FLOPs) vs standard's step 4 (400)
+    for frac in ("0.95", "0.99"):
+        assert mj["reach"][frac]["flops"] == 160.0 and mj["reach"][frac]["wall_clock_s"] == 20.0
+        assert mj["reach"][frac]["flops_saving"] == pytest.approx(2.5)
+        assert mj["reach"][frac]["wall_clock_saving"] == pytest.approx(2.0)
+    assert mj["reach"]["1"]["flops"] == 240.0 and mj["reach"]["1"]["flops_saving"] == pytest.approx(400 / 240)
+    assert std["reach"]["1"]["flops_saving"] == 1.0
+    # minipost: evaluated once, on its final embeddings, read through the linked run: 6 steps x 50 FLOPs
+    assert mp["final"] == {"quality": 0.75, "flops": 300.0, "wall_clock_s": 24.0}
+    assert mp["reach"]["0.95"]["flops"] is None  # 0.75 < 0.76: not reached
+
+
+def test_report_files_and_parent_artifacts(pipeline):
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    md = pipeline["paths"]["markdown"].read_text()
+    assert "| sw | minijoint | 0.81 | 240 | 30 | 160 (2.50x) | 160 (2.50x) | 240 (1.67x) |" in md
+    assert "| sw | minipost | 0.75 | 300 | 24 | not reached |" in md
+    assert "en 0.9" in md
+    with Image.open(pipeline["paths"]["png"]) as img:
+        assert img.width > 500 and img.height > 300
+    client = MlflowClient(pipeline["uri"])
+    logged = {a.path for a in client.list_artifacts(pipeline["parent"], "report")}
+    assert logged == {"report/report.json", "report/report.md", "report/compute_vs_quality.png"}
+    metrics = client.get_run(pipeline["parent"]).data.metrics
+    assert metrics["verse_class/sw/minijoint/accuracy"] == 0.81
+    assert metrics["verse_class/sw/minijoint/flops_saving"] == pytest.approx(400 / 240)
+
+
+def test_report_refuses_unknown_parent(pipeline, tmp_path):
+    cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'r'}", "parent_run_id=0123abc",
+                                               f"tracking.store_dir={pipeline['root'] / 'mlflow'}"])
+    with pytest.raises(ValueError, match="0123abc is not in the MLflow store"):
+        report(cfg)
