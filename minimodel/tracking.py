@@ -22,8 +22,9 @@ Usage in a stage (every rank may run this; only global rank 0 touches MLflow):
   server goes away mid-run, the background thread warns, opens a new run in the local store and replays everything
   this Tracker has logged so far into it.
 - A pipeline is one parent run: a stage started with `tracking.parent_run_id` (or $MINIMODEL_PARENT_RUN_ID, see
-  `Tracker.child_env`) is nested under it. A stage that already finished is not run twice: the pipeline tags runs
-  with `stage_key(...)`, looks them up with `find_finished_run` and links them into a new parent with `link_run`.
+  `Tracker.child_env`) is nested under it. A re-run of the pipeline continues its parent run (`Tracker.resume`), so
+  stages it skips stay shown by their earlier runs; to show a finished run under a *new* parent without running it
+  again, tag runs with `stage_key(...)`, look them up with `find_finished_run` and link them with `link_run`.
 """
 from __future__ import annotations
 
@@ -403,12 +404,10 @@ class Tracker:
         keys = keys or sorted(k for k in self.history if "loss" in k)
         if not keys:
             return
-        import matplotlib
+        from matplotlib.figure import Figure  # not pyplot: no global backend or figure state
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         for key in keys:
             steps, values = zip(*self.history[key])
             ax.plot(steps, values, label=key, marker="o" if len(steps) < 20 else None)
@@ -418,7 +417,6 @@ class Tracker:
         ax.grid(alpha=0.3)
         ax.legend()
         self.log_figure(fig, name)
-        plt.close(fig)
 
     # -- metrics -----------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -42,6 +42,8 @@ def write(tmp_path, text):
 
 def test_yaml_and_overrides_merge(tmp_path):
     path = write(tmp_path, "model:\n  layers: 8\noptim:\n  lr: 2\n")
+    cfg = load_config(Root, path, ["optim.lr=3e-3"])
+    assert cfg.optim.lr == 3e-3  # YAML reads 3e-3 (no dot) as a string
     cfg = load_config(Root, path, ["model.mini_layers=3", "model.langs=[ny, sw]", "name=x", "model.tokenizer=null"])
     assert cfg.model.layers == 8 and cfg.model.mini_layers == 3
     assert cfg.optim.lr == 2.0 and isinstance(cfg.optim.lr, float)  # int -> float is lossless

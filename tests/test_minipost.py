@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minimodel.minipost.alignment import linear_cka, mean_cosine
+from minimodel.minipost.alignment import alignment_report, linear_cka, mean_cosine
 from minimodel.minipost.build import (MiniPostError, build_mini_model, changed_frozen_parameters, layers_name,
                                       load_source_model, resolve_source, split_parameters)
 from minipost_helpers import make_model, save_model
@@ -123,3 +123,30 @@ def test_changed_frozen_parameters_detects_a_change():
         mini.bert.encoder.layer[1].attention.ln.bias[0] += 1e-6
         mini.bert.encoder.layer[2].output.dense.bias[0] += 1.0  # new: allowed to change
     assert changed_frozen_parameters(mini, source, frozen) == ["bert.encoder.layer.1.attention.ln.bias"]
+
+
+def _mlm_items(n=6, seq=12, vocab=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        ids = torch.randint(4, vocab, (seq,), generator=g)
+        labels = torch.where(torch.rand(seq, generator=g) < 0.3, ids, torch.full_like(ids, -100))
+        items.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
+    return items
+
+
+def test_alignment_report_measures_the_right_depths():
+    source = make_model("xlmr")
+    data = _mlm_items()
+    # A mini-model equal to its source: same loss, identical representations.
+    same, _ = build_mini_model(source, layers=2, new_layers=2)
+    report = alignment_report(source, same, data, batch_size=4)
+    assert report["mini_mlm_loss"] == pytest.approx(report["primary_mlm_loss"])
+    assert report["cka"] == pytest.approx(1.0) and report["cosine"] == pytest.approx(1.0)
+    assert report["tokens"] == 6 * 12 and report["primary_layer"] == 4
+    # With no new layer, the (post-LN) mini's top is the source's layer 2: identical there, not at the top.
+    bottom, _ = build_mini_model(source, layers=2, new_layers=0)
+    assert alignment_report(source, bottom, data, primary_layer=2)["cosine"] == pytest.approx(1.0)
+    assert alignment_report(source, bottom, data)["cosine"] < 0.999
+    with pytest.raises(ValueError, match="primary_layer=5"):
+        alignment_report(source, bottom, data, primary_layer=5)

@@ -193,9 +193,14 @@ def _config(source: Path, data_dir: Path, out: Path, *extra: str) -> MiniPostCon
     return load_config(MiniPostConfig, CONFIG, _overrides(source, data_dir, out, *extra))
 
 
-def test_too_many_frozen_layers(xlmr_source, data_dir, tmp_path):
-    with pytest.raises(MiniPostError, match="mini.layers=4.*between 1 and 3"):
-        run_minipost(_config(xlmr_source, data_dir, tmp_path / "out", "mini.layers=4"))
+@pytest.mark.parametrize("override,message", [
+    ("mini.layers=4", "mini.layers=4.*between 1 and 3"),
+    ("alignment.primary_layer=7", "alignment.primary_layer=7.*layers 1..4"),
+    ("data.seq_length=200", "data.seq_length=200 is longer"),
+])
+def test_bad_settings_for_this_source(override, message, xlmr_source, data_dir, tmp_path):
+    with pytest.raises(MiniPostError, match=message):
+        run_minipost(_config(xlmr_source, data_dir, tmp_path / "out", override))
     assert not (tmp_path / "out").exists()
 
 

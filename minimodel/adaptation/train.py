@@ -208,31 +208,44 @@ def prepare_target_data(cfg: AdaptConfig, lang: str, run_dir: Path) -> tuple[Pat
 
 # -- one language ----------------------------------------------------------------------------------------------------
 
-def _barrier() -> None:
+def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer):
+    """The model adaptation trains: `model_dir`'s *ForMaskedLM with the initial target vocabulary installed and
+    only the configured parameters trainable. Returns (model, {artifact name: trainable parameter}, the token map
+    the rows were initialised through)."""
+    model = _load_masked_lm(model_dir)
+    if cfg.init.method == "random":
+        mapping = torch.full((len(target_tokenizer),), -1, dtype=torch.long)
+    else:
+        mapping = token_map(_load_tokenizer(Path(model_dir)), target_tokenizer)
+    weight, used_map = INITIALISERS[cfg.init.method](
+        model.get_input_embeddings().weight.detach(), mapping, target_tokenizer, std=cfg.init.std,
+        pad_id=target_tokenizer.pad_token_id, generator=torch.Generator().manual_seed(cfg.init.seed))
+    install_vocabulary(model, weight, used_map, target_tokenizer.pad_token_id)
+    return model, select_trainable(model, cfg.trainable), used_map
+
+
+def _rank0_then_everywhere(fn):
+    """Run `fn` on rank 0 and return its result on every rank; its exception is raised on every rank."""
     import torch.distributed as dist
 
-    dist.barrier()
-
-
-def _broadcast(obj):
-    """Rank 0's value of `obj` on every rank; an exception raised on rank 0 is re-raised everywhere."""
-    import torch.distributed as dist
-
-    box = [obj]
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            box[0] = e
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], BaseException):
         raise box[0]
     return box[0]
 
 
-def _plot_loss_vs_flops(metrics_path: Path, out: Path, title: str) -> Path | None:
+def _plot_loss_vs_flops(metrics_path: Path, out: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not metrics_path.is_file():
-        return None
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["compute/flops"] for r in rows], [r["train/loss"] for r in rows], label="train")
@@ -269,59 +282,41 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
         model_dir, method, primary_sha = cfg.mini_model, manifest["kind"], manifest["primary_model"]["sha256"]
     else:
         model_dir, method, primary_sha = cfg.primary_model, "standard", model_hash(cfg.primary_model)
+    lang_cfg = dataclasses.replace(cfg, target_lang=lang)
 
     def prepare():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(dataclasses.replace(cfg, target_lang=lang), run_dir / "config.yaml")
+        save_config(lang_cfg, run_dir / "config.yaml")
         return prepare_target_data(cfg, lang, run_dir)
 
-    if rank == 0:
-        try:
-            prefixes = prepare()
-        except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised everywhere
-            prefixes = e
-    else:
-        prefixes = None
-    train_prefix, valid_prefix = _broadcast(prefixes)
+    train_prefix, valid_prefix = _rank0_then_everywhere(prepare)
     target_tokenizer = _load_tokenizer(run_dir / TOKENIZER_DIR)
-
-    model = _load_masked_lm(model_dir)
-    source_weight = model.get_input_embeddings().weight.detach().clone()
-    if cfg.init.method == "random":
-        mapping = torch.full((len(target_tokenizer),), -1, dtype=torch.long)
-    else:
-        mapping = token_map(_load_tokenizer(Path(model_dir)), target_tokenizer)
-    generator = torch.Generator().manual_seed(cfg.init.seed)
-    weight, used_map = INITIALISERS[cfg.init.method](source_weight, mapping, target_tokenizer, std=cfg.init.std,
-                                                     pad_id=target_tokenizer.pad_token_id, generator=generator)
-    install_vocabulary(model, weight, used_map, target_tokenizer.pad_token_id)
-    trainable = select_trainable(model, cfg.trainable)
+    model, trainable, used_map = build_adaptation_model(cfg, model_dir, target_tokenizer)
     flops_fn = MLMFlops(model)  # before DeepSpeed: ZeRO-3 empties the parameters it partitions
+    train_data = MaskedLMDataset(train_prefix, target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
+    valid_data = MaskedLMDataset(valid_prefix, target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
 
-    train_data = MaskedLMDataset(str(train_prefix), target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
-    valid_data = MaskedLMDataset(str(valid_prefix), target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
     zero_stage = json.loads(resolve_zero_config(cfg.train.zero_config).read_text())["zero_optimization"]["stage"]
     tags = {"stage": "adapt", "method": method, "over": cfg.over, "source_lang": cfg.source_lang,
             "target_lang": lang, "zero_stage": zero_stage}
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"adapt-{method}-{lang}")
-    with Tracker(tracking, dataclasses.replace(cfg, target_lang=lang), tags=tags) as tracker:
+    with Tracker(tracking, lang_cfg, tags=tags) as tracker:
         result = train(cfg.train, model, train_data, masked_lm_loss, flops_fn, output_dir=run_dir,
                        eval_data=valid_data, tracker=tracker, desc=f"adapt {lang} ({method})")
         if result.interrupted:
             tracker.set_tags({"interrupted_at_step": result.step})
             return "interrupted"
-        tensors = gather_full_params(result.engine, trainable)
+        tensors = gather_full_params(result.engine, trainable)  # collective
         trainable_numel = sum(t.numel() for t in tensors.values())
         state_numel = optimizer_state_numel(result.engine)  # collective
         if rank == 0:
-            tensors["token_map"] = used_map
             last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+            vocab_size, hidden_size = tensors["input_embeddings"].shape
             info = {
                 "over": cfg.over, "method": method, "source_lang": cfg.source_lang, "target_lang": lang,
                 "adapted_model": str(Path(model_dir).resolve()), "adapted_layers": model.config.num_hidden_layers,
                 "primary_model": {"path": str(Path(cfg.primary_model).resolve()), "sha256": primary_sha},
-                "vocab_size": weight.shape[0], "hidden_size": weight.shape[1],
-                "pad_token_id": target_tokenizer.pad_token_id,
+                "vocab_size": vocab_size, "hidden_size": hidden_size, "pad_token_id": target_tokenizer.pad_token_id,
                 "tokenizer_sha256": tokenizer_fingerprint(target_tokenizer), "init": cfg.init.method,
                 "trainable": sorted(trainable), "tied_output": "output_embeddings" not in trainable,
                 "trainable_numel": trainable_numel, "optimizer_state_numel": state_numel,
@@ -329,13 +324,11 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
                 "flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"],
                 "final_train_loss": last["train/loss"], "final_eval_loss": last.get("eval/loss"),
             }
-            write_artifact(run_dir, tensors, info)
-            plot = _plot_loss_vs_flops(run_dir / "metrics.jsonl", run_dir / "loss_vs_flops.png",
-                                       f"{method} adaptation to {lang}")
+            write_artifact(run_dir, {**tensors, "token_map": used_map}, info)
             tracker.log_artifact(run_dir / "adapt.json")
-            if plot is not None:
-                tracker.log_artifact(plot)
-        _barrier()
+            tracker.log_artifact(_plot_loss_vs_flops(run_dir / "metrics.jsonl", run_dir / "loss_vs_flops.png",
+                                                     f"{method} adaptation to {lang}"))
+        dist.barrier()
     return "done"
 
 

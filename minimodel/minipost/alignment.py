@@ -29,8 +29,10 @@ def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def alignment_report(primary: nn.Module, mini: nn.Module, dataset: Dataset, batch_size: int = 8,
-                     max_batches: int = 16, primary_layer: int | None = None) -> dict:
-    """Compare `mini` with `primary` on the first `max_batches` batches of a masked-LM dataset.
+                     max_batches: int = 16, primary_layer: int | None = None,
+                     device: torch.device | str | None = None) -> dict:
+    """Compare `mini` with `primary` on the first `max_batches` batches of a masked-LM dataset, computed on
+    `device` (both models are moved there for the measurement and back afterwards).
 
     primary_layer: the primary model's depth to compare with (1..L; None = its final representation, after the
     encoder's final norm in pre-LN models).
@@ -39,15 +41,27 @@ def alignment_report(primary: nn.Module, mini: nn.Module, dataset: Dataset, batc
     if primary_layer is not None and not 1 <= primary_layer <= depth:
         raise ValueError(f"alignment.primary_layer={primary_layer} must be between 1 and {depth} "
                          f"(or null for the final layer)")
-    was_training = primary.training, mini.training
-    primary.eval()
-    mini.eval()
+    models = (primary, mini)
+    before = [(next(m.parameters()).device, m.training) for m in models]
+    device = torch.device(device) if device is not None else before[0][0]
+    try:
+        for m in models:
+            m.to(device).eval()
+        return _measure(primary, mini, dataset, batch_size, max_batches, primary_layer, device)
+    finally:
+        for m, (where, training) in zip(models, before):
+            m.to(where).train(training)
+
+
+def _measure(primary, mini, dataset, batch_size, max_batches, primary_layer, device) -> dict:
+    depth = primary.config.num_hidden_layers
     loss_sums = {"primary": 0.0, "mini": 0.0}
     reps: dict[str, list[torch.Tensor]] = {"primary": [], "mini": []}
     masked = 0
     for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, shuffle=False)):
         if i >= max_batches:
             break
+        batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["labels"]
         selected = labels != -100
         tokens = batch["attention_mask"].bool()
@@ -60,8 +74,6 @@ def alignment_report(primary: nn.Module, mini: nn.Module, dataset: Dataset, batc
             compare_at = primary_layer if name == "primary" and primary_layer not in (None, depth) else None
             hidden = out.last_hidden_state if compare_at is None else out.hidden_states[compare_at]
             reps[name].append(hidden[tokens].float())
-    primary.train(was_training[0])
-    mini.train(was_training[1])
     if masked == 0:
         raise ValueError("the held-out data has no masked tokens: is the validation split empty?")
     x, y = torch.cat(reps["mini"]), torch.cat(reps["primary"])

@@ -174,13 +174,10 @@ def build_mini_model(source: nn.Module, layers: int, new_layers: int = 1, new_la
     source_state = source.state_dict()
     mini.load_state_dict({k: source_state[k] for k in mini.state_dict() if from_source(k)}, strict=False)
     freeze(mini, new)
-    log.info("mini-model: %s with %d frozen + %d new layers; %d new parameter tensors (%.2fM values), %.2fM frozen",
-             type(mini).__name__, layers, new_layers, len(new), _count(mini, new) / 1e6,
-             _count(mini, frozen) / 1e6)
     return mini, new
 
 
-def _count(model: nn.Module, names: list[str]) -> int:
+def count_values(model: nn.Module, names: list[str]) -> int:
     params = dict(model.named_parameters())
     return sum(params[n].numel() for n in names)
 

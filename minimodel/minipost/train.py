@@ -21,15 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 from minimodel.config import require, save_config
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.manifest import check_aligned, write_manifest
 from minimodel.minipost.alignment import alignment_report, plot_alignment
 from minimodel.minipost.build import (Init, MiniPostError, build_mini_model, changed_frozen_parameters,
-                                      check_same_vocabulary, check_tokenizer, load_source_model, load_tokenizer,
-                                      resolve_source, split_parameters)
+                                      check_same_vocabulary, check_tokenizer, count_values, load_source_model,
+                                      load_tokenizer, resolve_source, split_parameters)
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, gather_full_params, init_distributed, train
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
@@ -148,17 +150,25 @@ def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
     check_tokenizer(tokenizer, source.config, str(tokenizer_dir))
     check_same_vocabulary(load_tokenizer(cfg.data.tokenizer_dir), tokenizer, cfg.data.tokenizer_dir,
                           str(tokenizer_dir))
+    depth = source.config.num_hidden_layers
+    if cfg.alignment.primary_layer is not None and not 1 <= cfg.alignment.primary_layer <= depth:
+        raise MiniPostError(f"alignment.primary_layer={cfg.alignment.primary_layer}: the source has layers 1..{depth} "
+                            f"(null compares with its final layer)")
     if cfg.data.seq_length > _max_sequence(source.config):
         raise MiniPostError(f"data.seq_length={cfg.data.seq_length} is longer than the source model's positions "
                             f"allow ({_max_sequence(source.config)}): lower data.seq_length")
     build = dict(layers=cfg.mini.layers, new_layers=cfg.mini.new_layers, new_layer_init=cfg.mini.new_layer_init,
                  head_init=cfg.mini.head_init, seed=cfg.mini.seed)
     mini, new_params = build_mini_model(source, **build)
+    log.info("mini-model: %s, %d frozen + %d new layers; trainable: %d tensors, %.3gM values (of %.3gM)",
+             type(mini).__name__, cfg.mini.layers, cfg.mini.new_layers, len(new_params),
+             count_values(mini, new_params) / 1e6, sum(p.numel() for p in mini.parameters()) / 1e6)
     train_data, valid_data = _datasets(cfg, tokenizer)
 
     _single_process_env()
     init_distributed()
     rank0 = dist.get_rank() == 0
+    device = torch.device(get_accelerator().device_name(int(os.environ["LOCAL_RANK"])))
     out = Path(cfg.output_dir)
     if rank0:
         save_config(cfg, out / "config.yaml")
@@ -167,7 +177,7 @@ def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
 
     def report(model) -> dict:
         return alignment_report(source, model, valid_data, cfg.alignment.batch_size, cfg.alignment.batches,
-                                cfg.alignment.primary_layer)
+                                cfg.alignment.primary_layer, device)
 
     def log_report(tracker: Tracker, values: dict, step: int) -> None:
         tracker.log_metrics({f"alignment/{k}": values[k] for k in ("mini_mlm_loss", "primary_mlm_loss", "cka",

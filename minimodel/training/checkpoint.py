@@ -109,10 +109,13 @@ def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if dist.get_rank() == 0:
-        if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
-            shutil.rmtree(final)
+        replaced = final.with_name(final.name + ".old")
+        if final.exists():  # re-saving a step (after resuming from an older checkpoint): swap, then delete
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _write_atomically(root / LATEST, final.name + "\n")
+        shutil.rmtree(replaced, ignore_errors=True)
         if keep_last is not None:
             for _, old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 Interface
 ---------
-    from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, train, gather_full_params
+    from minimodel.training.deepspeed_loop import (DeepSpeedLoopConfig, gather_full_params,
+                                                   optimizer_state_numel, train)
 
     result = train(
         cfg,            # DeepSpeedLoopConfig; embed it in your stage config as a field (e.g. `train:`)
@@ -24,6 +25,12 @@ Interface
 
     full = gather_full_params(result.engine, {"embeddings": model.get_input_embeddings().weight})
     # collective: call on EVERY rank; returns full fp32 CPU tensors (on every rank) whatever the ZeRO stage
+    optimizer_state_numel(result.engine)  # collective: Adam state elements over all ranks (= trainable numel)
+
+For a BERT-class *ForMaskedLM, minimodel.training.hf_mlm gives both callables:
+    train(cfg, model, data, masked_lm_loss, MLMFlops(model), output_dir=...)   # MLMFlops: after requires_grad
+Embed the config in a stage config and validate it there: `train: DeepSpeedLoopConfig = field(default_factory=...)`
+(override on the command line as train.steps=..., train.zero_config=configs/deepspeed/zero3.json, ...).
 
 Semantics
 - One step = one optimizer step = `grad_accumulation` micro-batches of `micro_batch_size` per rank. The samples of
@@ -34,7 +41,9 @@ Semantics
   only) + what this dataclass says (batch sizes, AdamW, WarmupDecayLR, clipping, precision). A key set in both is
   refused. Precision "auto" is bf16 when the accelerator is CUDA with bf16 support, else fp32 (fp16 is not offered).
 - Checkpoints: every `save_every` steps, at the end, and on SIGTERM/SIGUSR1 (Slurm preemption: the signal is
-  noted, agreed on by all ranks at the next step boundary, then checkpoint + clean return). A new launch with the
+  noted, agreed on by all ranks at the next step boundary, then checkpoint + clean return). The signal must
+  reach the ranks themselves, as Slurm's `--signal` / `scancel --signal` do: the `deepspeed` runner does not
+  forward it, and its launch.py dies on SIGUSR1 (the ranks still finish their checkpoint). A new launch with the
   same output_dir resumes from the latest checkpoint (model, optimizer, LR schedule, step, cumulative FLOPs,
   tokens and wall-clock); metrics.jsonl is truncated to the resumed step so it never holds duplicates.
 - Metrics logged each step (Tracker + metrics.jsonl, rank 0): train/loss (mean over ranks and micro-batches),

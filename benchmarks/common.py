@@ -1,0 +1,261 @@
+"""What every benchmark shares: side-by-side timing, the machine's matmul peak, FLOP counting, result files.
+
+Timings on a shared machine are noisy, so variants are always measured in one process, interleaved round-robin
+(A B C A B C ...), and summarised by their median and spread; never compare numbers from different runs.
+Results are JSON (checked against each benchmark's schema before they are written, atomically) plus a PNG.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+SMOKE_DIR = REPO / "runs" / "benchmarks" / "smoke"
+
+
+# -- statistics and timing ---------------------------------------------------------------------------------------
+def summary(values: list[float]) -> dict[str, float]:
+    """Median and spread of repeated measurements."""
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
+            "q25": q[0], "q75": q[2], "n": len(ordered)}
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each variant, measured round-robin so that load changes hit every variant alike.
+
+    A variant that needs set-up between calls (e.g. switching a head on) does it inside its callable."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def matmul_flops_per_s(size: int, dtype: torch.dtype = torch.float32, calls: int = 3) -> float:
+    """Achieved FLOP/s of `calls` square matmuls of `size` (2 n^3 FLOPs each) on this process's device and threads."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    torch.mm(a, b)  # warm-up (allocation, kernel choice)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        torch.mm(a, b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2.0 * size ** 3 * calls / (time.perf_counter() - start)
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs torch's FlopCounterMode counts for `fn()` (matmuls, attention, convolutions; forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+# -- machine and provenance ----------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """Where and when the numbers were measured (the load average says how shared the machine was)."""
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "git_commit": _git_commit(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1_5_15min"] = list(os.getloadavg())
+    return info
+
+
+def command_line() -> str:
+    return " ".join(["python", *sys.argv])
+
+
+# -- result files ----------------------------------------------------------------------------------------------------
+class SchemaError(ValueError):
+    pass
+
+
+def check_schema(value: Any, schema: Any, where: str = "$") -> None:
+    """Raise SchemaError naming the first place where `value` does not fit `schema`.
+
+    schema: a type (float accepts int), {key: schema} for an object with at least those keys, [schema] for a
+    non-empty list of such elements, or a tuple of alternatives (None among them allows null)."""
+    if isinstance(schema, tuple):
+        if value is None and None in schema:
+            return
+        errors = []
+        for alternative in (s for s in schema if s is not None):
+            try:
+                return check_schema(value, alternative, where)
+            except SchemaError as e:
+                errors.append(str(e))
+        raise SchemaError(" / ".join(errors) if value is not None else f"{where}: null is not allowed here")
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise SchemaError(f"{where}: expected an object, got {type(value).__name__}")
+        for key, sub in schema.items():
+            if key not in value:
+                raise SchemaError(f"{where}: missing key {key!r}")
+            check_schema(value[key], sub, f"{where}.{key}")
+    elif isinstance(schema, list):
+        if not isinstance(value, list) or not value:
+            raise SchemaError(f"{where}: expected a non-empty list, got {value!r:.80}")
+        for i, item in enumerate(value):
+            check_schema(item, schema[0], f"{where}[{i}]")
+    else:
+        allowed = (schema, int) if schema is float else (schema,)
+        if isinstance(value, bool) and schema is not bool or not isinstance(value, allowed):
+            raise SchemaError(f"{where}: expected {schema.__name__}, got {type(value).__name__} {value!r:.80}")
+
+
+SUMMARY = {"median": float, "min": float, "max": float, "q25": float, "q75": float, "n": int}
+HEADER = {"benchmark": str, "smoke": bool, "command": str, "machine": {"date_utc": str, "cpu": str,
+                                                                       "torch_threads": int}}
+
+
+def write_result(path: Path, result: dict, schema: dict) -> Path:
+    """Check `result` against `schema` (and the common header), then write it atomically as JSON."""
+    check_schema(result, {**HEADER, **schema})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def header(name: str, smoke: bool) -> dict[str, Any]:
+    return {"benchmark": name, "smoke": smoke, "command": command_line(), "machine": machine()}
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def single_process_env() -> None:
+    """The variables of a one-process group (what torchrun / the deepspeed launcher set), so megatron and
+    DeepSpeed share one gloo/NCCL group in this process and DeepSpeed does not look for MPI."""
+    import socket
+
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -- MiniJoint pretraining steps in this process (megatron-core, one rank, TP=1/PP=1) -------------------------------
+def synthetic_mlm_batch(vocab_size: int, batch: int, seq: int, mask_fraction: float = 0.15,
+                        seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tokens with exactly round(mask_fraction * seq) predicted positions per sequence (no padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab_size, (batch, seq), generator=g)
+    masked = max(1, round(mask_fraction * seq))
+    positions = torch.rand(batch, seq, generator=g).argsort(dim=1)[:, :masked]
+    labels = torch.full_like(ids, -100)
+    labels.scatter_(1, positions, ids.gather(1, positions))
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+class MiniJointSteps:
+    """A MiniJoint model + megatron optimizer on one rank, and its training step (pretrain.Trainer.train_step
+    without the logging): zero the grad buffers, megatron's forward/backward schedule, the optimizer step.
+
+    Call `setup(first_model_cfg)` once per process; every later model must share its layout (TP=1/PP=1)."""
+
+    def __init__(self, model_cfg, micro_batch: int, seed: int = 0):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        from minimodel.distributed import ParallelConfig
+        from minimodel.models.minijoint import parallelize
+
+        self.cfg = model_cfg
+        self.parallel = ParallelConfig(micro_batch_size=micro_batch, global_batch_size=micro_batch)
+        self.model = parallelize.build_model(model_cfg, self.parallel)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.01, clip_grad=1.0,
+                            bf16=self.parallel.bf16(),
+                            params_dtype=torch.bfloat16 if self.parallel.bf16() else torch.float32), self.model)
+        parallelize.model_config(self.model).grad_scale_func = self.optimizer.scale_loss
+        self.batch = synthetic_mlm_batch(model_cfg.vocab_size, micro_batch, model_cfg.seq_length, seed=seed)
+        self.tokens = micro_batch * model_cfg.seq_length
+        self.mask_fraction = float((self.batch["labels"] != -100).float().mean())
+
+    @staticmethod
+    def setup(model_cfg, micro_batch: int, seed: int = 0) -> None:
+        from minimodel.distributed import ParallelConfig
+        from minimodel.models.minijoint import parallelize
+
+        single_process_env()
+        parallelize.setup(model_cfg, ParallelConfig(micro_batch_size=micro_batch, global_batch_size=micro_batch),
+                          seed)
+
+    def step(self) -> dict:
+        from minimodel.models.minijoint import parallelize
+
+        parallelize.zero_grad_buffers(self.model)
+        self.optimizer.zero_grad()
+        out = parallelize.forward_backward(self.model, iter([self.batch]), 1)
+        self.optimizer.step()
+        return out
+
+    def model_flops_per_step(self) -> float:
+        """Model FLOPs of one step from the model's shapes (minimodel.models.minijoint.model.flops_per_token)."""
+        from minimodel.models.minijoint.model import flops_per_token
+
+        return flops_per_token(self.cfg, self.mask_fraction) * self.tokens
+
+    def chunk(self):
+        from minimodel.models.minijoint import parallelize
+
+        return parallelize.unwrap(self.model[0])

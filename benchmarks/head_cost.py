@@ -1,0 +1,262 @@
+"""What the MiniJoint heads cost in pretraining, measured side by side in one process.
+
+    python benchmarks/head_cost.py            # full run -> benchmarks/results/head_cost.{json,png}
+    python benchmarks/head_cost.py --smoke    # tiny shapes, seconds (CI) -> runs/benchmarks/smoke/
+
+A. The secondary (mini-model) MLM head: training steps of the same MiniJoint model, same layout, with and without
+   the secondary head. `aux_weight=0` would not remove the head's compute; here the hook that runs the head after
+   layer m is detached for the "without" steps (`secondary_head_detached`), so both variants share weights,
+   optimizer and batch and differ only in the head's work.
+B. The masked-positions-only LM heads vs a full-sequence vocabulary projection (megatron's BertModel computes logits
+   at every position and masks the loss) at vocabularies of 32k and 250k: the head alone (forward + backward on
+   fixed hidden states) and a full training step, with both MLM heads switched between the two forms.
+
+Every pair is timed interleaved (A B A B ...); FLOPs per step are both predicted from the shapes and counted by
+torch's FlopCounterMode.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import (RESULTS_DIR, SMOKE_DIR, SUMMARY, MiniJointSteps, count_flops, header,  # noqa: E402
+                               interleaved, pyplot, summary, write_result)
+
+NAME = "head_cost"
+VARIANT = {"step_time_s": SUMMARY, "tokens_per_s": float, "counted_flops_per_step": float}
+SCHEMA = {
+    "model": {"num_layers": int, "hidden_size": int, "seq_length": int, "mini_layers": int, "micro_batch": int,
+              "vocab_size": int},
+    "secondary_head": {
+        "with_head": VARIANT, "without_head": VARIANT,
+        "overhead_time_fraction": float,  # median step time with / without - 1
+        "overhead_flops_fraction": float,  # counted FLOPs with / without - 1
+        "predicted_flops_fraction": float,  # from flops_per_token's head term
+    },
+    "lm_head": [{
+        "vocab_size": int,
+        "head_only": {"masked_s": SUMMARY, "full_sequence_s": SUMMARY, "speedup": float,
+                      "masked_flops": float, "full_sequence_flops": float},
+        "full_step": {"masked_s": SUMMARY, "full_sequence_s": SUMMARY, "speedup": float,
+                      "masked_flops": float, "full_sequence_flops": float},
+    }],
+}
+
+
+# -- the two variants ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def secondary_head_detached(chunk):
+    """Run `chunk` without its secondary head: the forward hook on layer m (which runs the head and injects its
+    loss gradient) is detached, and restored on exit. Stop-gap until ModelConfig has a switch for this."""
+    layer = next(layer for layer in chunk.encoder.layers if layer.layer_number == chunk.cfg.mini_layers)
+    hooks = layer._forward_hooks
+    saved = {key: hook for key, hook in hooks.items() if getattr(hook, "__func__", None) is type(chunk)._secondary_head_hook}
+    assert saved, "the secondary-head hook was not found on layer mini_layers"
+    for key in saved:
+        del hooks[key]
+    try:
+        yield
+    finally:
+        hooks.update(saved)
+
+
+def _full_sequence_head_class():
+    from megatron.core import tensor_parallel
+
+    from minimodel.models.minijoint.model import IGNORE_INDEX, MaskedLMHead
+
+    class FullSequenceLMHead(MaskedLMHead):
+        """The baseline: vocabulary logits and cross-entropy at EVERY position, the loss then masked to the
+        predicted ones (megatron's BertModel). Same parameters as MaskedLMHead; TP=1 only."""
+
+        def forward(self, hidden, labels, output_weight):
+            s, b, h = hidden.shape
+            logits = self.logits(hidden.reshape(s * b, h), output_weight)
+            target = labels.t().reshape(-1)
+            keep = target != IGNORE_INDEX
+            losses = tensor_parallel.vocab_parallel_cross_entropy(
+                logits.float().unsqueeze(1), target.clamp(min=0).unsqueeze(1)).squeeze(1)
+            return (losses * keep).sum() / keep.sum().clamp(min=1)
+
+    return FullSequenceLMHead
+
+
+@contextlib.contextmanager
+def head_form(heads, cls):
+    """Switch the MLM heads' forward to `cls` (same parameters) for the duration."""
+    previous = [head.__class__ for head in heads]
+    for head in heads:
+        head.__class__ = cls
+    try:
+        yield
+    finally:
+        for head, old in zip(heads, previous):
+            head.__class__ = old
+
+
+# -- measurements ----------------------------------------------------------------------------------------------------
+def secondary_head_cost(steps: MiniJointSteps, repeats: int) -> dict:
+    chunk = steps.chunk()
+
+    def without():
+        with secondary_head_detached(chunk):
+            steps.step()
+
+    times = interleaved({"with_head": steps.step, "without_head": without}, repeats)
+    with_flops = count_flops(steps.step)
+    without_flops = count_flops(without)
+    cfg = steps.cfg
+    n = steps.mask_fraction * steps.tokens
+    head_flops = 3 * 2 * n * (cfg.hidden_size ** 2 + cfg.hidden_size * cfg.padded_vocab_size)  # one head, fwd+bwd
+    predicted = steps.model_flops_per_step()
+    out = {name: {"step_time_s": summary(t), "tokens_per_s": steps.tokens / summary(t)["median"]}
+           for name, t in times.items()}
+    out["with_head"]["counted_flops_per_step"] = with_flops
+    out["without_head"]["counted_flops_per_step"] = without_flops
+    out["overhead_time_fraction"] = summary(times["with_head"])["median"] / summary(times["without_head"])["median"] - 1
+    out["overhead_flops_fraction"] = with_flops / without_flops - 1
+    out["predicted_flops_fraction"] = head_flops / (predicted - head_flops)
+    out["predicted_flops_per_step_with_head"] = predicted
+    return out
+
+
+def lm_head_cost(steps: MiniJointSteps, repeats: int) -> dict:
+    full_cls = _full_sequence_head_class()
+    chunk = steps.chunk()
+    heads = [chunk.lm_head] + ([chunk.aux_head] if chunk.has_secondary_head else [])
+    cfg = steps.cfg
+    b = steps.batch["input_ids"].shape[0]
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(cfg.seq_length, b, cfg.hidden_size, generator=g, requires_grad=True)
+    weight = chunk.embedding.word_embeddings.weight
+    labels = steps.batch["labels"]
+
+    def head_step():
+        loss = chunk.lm_head(hidden, labels, weight)
+        loss.backward()
+        hidden.grad = None
+
+    def full_head_step():
+        with head_form([chunk.lm_head], full_cls):
+            head_step()
+
+    def full_step():
+        with head_form(heads, full_cls):
+            steps.step()
+
+    result = {"vocab_size": cfg.vocab_size}
+    for key, masked, full in (("head_only", head_step, full_head_step), ("full_step", steps.step, full_step)):
+        times = interleaved({"masked": masked, "full_sequence": full}, repeats)
+        m, f = summary(times["masked"]), summary(times["full_sequence"])
+        result[key] = {"masked_s": m, "full_sequence_s": f, "speedup": f["median"] / m["median"],
+                       "masked_flops": count_flops(masked), "full_sequence_flops": count_flops(full)}
+    steps.optimizer.zero_grad()
+    return result
+
+
+def plot(result: dict, out: Path) -> Path:
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 2]})
+    sh = result["secondary_head"]
+    names = ["with_head", "without_head"]
+    med = [sh[n]["step_time_s"]["median"] for n in names]
+    err = [[m - sh[n]["step_time_s"]["q25"] for m, n in zip(med, names)],
+           [sh[n]["step_time_s"]["q75"] - m for m, n in zip(med, names)]]
+    ax1.bar(["MiniJoint\n(secondary head)", "same model\nwithout it"], med, yerr=err, capsize=4,
+            color=["tab:blue", "tab:gray"])
+    ax1.set_ylabel("training step time (s), median, IQR")
+    ax1.set_title(f"secondary head: +{100 * sh['overhead_time_fraction']:.1f}% time "
+                  f"(+{100 * sh['overhead_flops_fraction']:.1f}% FLOPs)", fontsize=10)
+    labels, masked, full = [], [], []
+    for row in result["lm_head"]:
+        for key, label in (("head_only", "head alone"), ("full_step", "full step")):
+            labels.append(f"{label}\nV={row['vocab_size'] // 1000}k")
+            masked.append(row[key]["masked_s"]["median"])
+            full.append(row[key]["full_sequence_s"]["median"])
+    x = range(len(labels))
+    ax2.bar([i - 0.2 for i in x], masked, 0.4, label="masked positions only (ours)")
+    ax2.bar([i + 0.2 for i in x], full, 0.4, label="full-sequence projection")
+    for i, (m, f) in enumerate(zip(masked, full)):
+        ax2.text(i, max(m, f) * 1.15, f"{f / m:.1f}x", ha="center", fontsize=9)
+    ax2.set_xticks(list(x), labels, fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("seconds, median (log)")
+    ax2.set_title("MLM head: masked-only vs full-sequence vocabulary projection", fontsize=10)
+    ax2.legend(fontsize=8, loc="upper left")
+    m = result["model"]
+    fig.suptitle(f"MiniJoint {m['num_layers']} layers, hidden {m['hidden_size']}, {m['micro_batch']}x"
+                 f"{m['seq_length']} tokens, 15% masked; {result['machine']['cpu']}, "
+                 f"{result['machine']['torch_threads']} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats (CI)")
+    parser.add_argument("--out", type=Path, default=None, help="output dir (default: benchmarks/results, "
+                                                                "or runs/benchmarks/smoke with --smoke)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--mini-layers", type=int, default=3)
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 250000])
+    args = parser.parse_args(argv)
+    from minimodel.models.minijoint.config import ModelConfig
+
+    if args.smoke:
+        args.layers, args.hidden, args.seq, args.micro_batch, args.mini_layers = 2, 64, 32, 2, 1
+        args.vocabs = [1000, 4000]
+    repeats = args.repeats or (2 if args.smoke else 7)
+    out_dir = args.out or (SMOKE_DIR if args.smoke else RESULTS_DIR)
+
+    def model_cfg(vocab):
+        return ModelConfig(vocab_size=vocab, hidden_size=args.hidden, num_layers=args.layers,
+                           num_attention_heads=max(1, args.hidden // 64), seq_length=args.seq,
+                           mini_layers=args.mini_layers, hidden_dropout=0.1, attention_dropout=0.1)
+
+    from minimodel import distributed
+
+    MiniJointSteps.setup(model_cfg(args.vocabs[0]), args.micro_batch)
+    try:
+        result = header(NAME, args.smoke)
+        result["model"] = {**{k: v for k, v in dataclasses.asdict(model_cfg(args.vocabs[0])).items()
+                              if k in ("num_layers", "hidden_size", "seq_length", "mini_layers", "vocab_size",
+                                       "num_attention_heads", "ffn_hidden_size")},
+                           "micro_batch": args.micro_batch, "repeats": repeats}
+        result["lm_head"] = []
+        for i, vocab in enumerate(args.vocabs):
+            steps = MiniJointSteps(model_cfg(vocab), args.micro_batch)
+            if i == 0:
+                print(f"[{NAME}] secondary head, vocab {vocab}", flush=True)
+                result["secondary_head"] = secondary_head_cost(steps, repeats)
+            print(f"[{NAME}] LM head forms, vocab {vocab}", flush=True)
+            result["lm_head"].append(lm_head_cost(steps, repeats))
+            del steps
+    finally:
+        distributed.destroy()
+    path = write_result(out_dir / f"{NAME}.json", result, SCHEMA)
+    plot(result, out_dir / f"{NAME}.png")
+    sh = result["secondary_head"]
+    print(f"[{NAME}] secondary head: +{100 * sh['overhead_time_fraction']:.1f}% step time, "
+          f"+{100 * sh['overhead_flops_fraction']:.1f}% FLOPs")
+    for row in result["lm_head"]:
+        print(f"[{NAME}] V={row['vocab_size']}: full-sequence projection is {row['head_only']['speedup']:.1f}x slower "
+              f"(head alone), {row['full_step']['speedup']:.2f}x (full step)")
+    print(f"[{NAME}] wrote {path} and {path.with_suffix('.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Model FLOPs utilisation (MFU) of pretraining and adaptation, against this machine's measured matmul peak.
+
+    python benchmarks/mfu.py            # full run -> benchmarks/results/mfu.{json,png}
+    python benchmarks/mfu.py --smoke    # tiny shapes, seconds (CI) -> runs/benchmarks/smoke/
+
+In one process, for several rounds: the peak (square fp32 matmuls, or bf16 where training runs in bf16), then
+`steps` MiniJoint pretraining steps (megatron-core, the pretraining loop's step), then adaptation through the real
+DeepSpeed loop (minimodel.training.deepspeed_loop.train, ZeRO config of configs/adapt/default.yaml, body frozen)
+over the full model (standard) and over its mini-model (embeddings + first m layers + head).
+MFU = model FLOPs per second / peak FLOPs per second, where model FLOPs come from the shapes
+(models.minijoint.model.flops_per_token; training.hf_mlm.MLMFlops) and are checked once against torch's
+FlopCounterMode. Reported against the best peak of the run (the machine's capability) and, round by round,
+against that round's peak (which cancels part of the load other processes put on a shared machine).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import (RESULTS_DIR, SMOKE_DIR, SUMMARY, MiniJointSteps, count_flops, header,  # noqa: E402
+                               matmul_flops_per_s, pyplot, summary, synthetic_mlm_batch, write_result)
+
+NAME = "mfu"
+WORKLOADS = ("pretrain", "adapt_standard", "adapt_mini")
+WORKLOAD = {"step_time_s": SUMMARY, "tokens_per_s": float, "model_flops_per_step": float,
+            "counted_flops_per_step": float, "model_flops_per_s": SUMMARY, "mfu_vs_best_peak": float,
+            "mfu_vs_round_peak": SUMMARY}
+SCHEMA = {
+    "peak": {"dtype": str, "matmul_size": int, "flops_per_s": SUMMARY, "best_flops_per_s": float},
+    "model": {"num_layers": int, "hidden_size": int, "seq_length": int, "mini_layers": int, "vocab_size": int,
+              "micro_batch": int},
+    "workloads": {name: WORKLOAD for name in WORKLOADS},
+}
+
+
+class SyntheticMLM(torch.utils.data.Dataset):
+    """`n` fixed synthetic masked-LM sequences in the item format of minimodel.data.mlm.MaskedLMDataset."""
+
+    def __init__(self, vocab_size: int, seq: int, n: int, seed: int = 0):
+        self.batch = {k: v.numpy() for k, v in synthetic_mlm_batch(vocab_size, n, seq, seed=seed).items()}
+
+    def __len__(self) -> int:
+        return len(self.batch["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+def adaptation_model(model_cfg, layers: int):
+    """A random-weight Hugging Face model of the exported MiniJoint shape (primary: all layers; mini-model: the
+    first m), with adaptation's trainable set: token embeddings + tied output embeddings, the rest frozen."""
+    from transformers import MegatronBertForMaskedLM
+
+    from minimodel.adaptation.train import TrainableConfig, select_trainable
+    from minimodel.models.minijoint.export import hf_config
+
+    model = MegatronBertForMaskedLM(hf_config(model_cfg, layers, tie_word_embeddings=True))
+    select_trainable(model, TrainableConfig())
+    return model
+
+
+class Adaptation:
+    """Adaptation steps through the real DeepSpeed loop; `run(steps)` -> per-step seconds (first step dropped)."""
+
+    def __init__(self, model_cfg, layers: int, micro_batch: int):
+        from minimodel.adaptation.train import AdaptConfig
+        from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig
+        from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
+
+        self.model = adaptation_model(model_cfg, layers)
+        self.flops_fn = MLMFlops(self.model)
+        self.data = SyntheticMLM(model_cfg.vocab_size, model_cfg.seq_length, 4 * micro_batch)
+        batch = {k: torch.as_tensor(v[:micro_batch]) for k, v in self.data.batch.items()}
+        self.tokens = batch["input_ids"].numel()
+        self.model_flops_per_step = self.flops_fn(batch)
+        self.counted_flops_per_step = count_flops(lambda: masked_lm_loss(self.model, batch).backward())
+        self.model.zero_grad(set_to_none=True)
+        self.loop = DeepSpeedLoopConfig(micro_batch_size=micro_batch, lr=1e-4, warmup_steps=1, save_every=0,
+                                        torch_adam=True, zero_config=AdaptConfig().train.zero_config)
+        self.loss_fn = masked_lm_loss
+
+    def run(self, steps: int) -> list[float]:
+        from minimodel.training.deepspeed_loop import train
+
+        out = Path(tempfile.mkdtemp(prefix="mfu-adapt-"))
+        try:
+            cfg = dataclasses.replace(self.loop, steps=steps + 1)
+            result = train(cfg, self.model, self.data, self.loss_fn, self.flops_fn, output_dir=out, desc="adapt")
+            return [self.tokens / row["throughput/tokens_per_s"] for row in result.history[1:]]
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def workload_summary(times: list[float], round_peaks: list[tuple[list[float], float]], model_flops: float,
+                     counted: float, tokens: int, best_peak: float) -> dict:
+    t = summary(times)
+    per_round = [model_flops / statistics.median(ts) / peak for ts, peak in round_peaks]
+    return {"step_time_s": t, "tokens_per_s": tokens / t["median"], "model_flops_per_step": model_flops,
+            "counted_flops_per_step": counted, "counted_vs_model": counted / model_flops,
+            "model_flops_per_s": summary([model_flops / s for s in times]),
+            "mfu_vs_best_peak": model_flops / t["median"] / best_peak, "mfu_vs_round_peak": summary(per_round)}
+
+
+def plot(result: dict, out: Path) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    labels = {"pretrain": "MiniJoint pretraining\n(megatron-core)", "adapt_standard": "adaptation, full model\n"
+              "(standard; DeepSpeed)", "adapt_mini": "adaptation, mini-model\n(DeepSpeed)"}
+    peak = result["peak"]["best_flops_per_s"]
+    for i, name in enumerate(WORKLOADS):
+        w = result["workloads"][name]
+        f = w["model_flops_per_s"]
+        ax.bar(i, f["median"] / 1e9, yerr=[[(f["median"] - f["q25"]) / 1e9], [(f["q75"] - f["median"]) / 1e9]],
+               capsize=4, color="tab:blue")
+        ax.text(i, f["median"] / 1e9, f"MFU {100 * w['mfu_vs_best_peak']:.0f}%", ha="center", va="bottom",
+                fontsize=9)
+    ax.axhline(peak / 1e9, color="tab:red", ls="--",
+               label=f"best measured {result['peak']['dtype']} matmul peak ({peak / 1e9:.0f} GFLOP/s)")
+    ax.set_xticks(range(len(WORKLOADS)), [labels[n] for n in WORKLOADS], fontsize=8)
+    ax.set_ylabel("model GFLOP/s (median, IQR)")
+    m = result["model"]
+    ax.set_title(f"{m['num_layers']} layers (mini: {m['mini_layers']}), hidden {m['hidden_size']}, vocab "
+                 f"{m['vocab_size']}, {m['micro_batch']}x{m['seq_length']} tokens/step\n{result['machine']['cpu']}, "
+                 f"{result['machine']['torch_threads']} threads", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds (CI)")
+    parser.add_argument("--out", type=Path, default=None, help="output dir (default: benchmarks/results, "
+                                                                "or runs/benchmarks/smoke with --smoke)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="steps per workload per round")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--mini-layers", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.layers, args.hidden, args.seq, args.micro_batch, args.mini_layers = 2, 64, 32, 2, 1
+        args.vocab, args.matmul_size = 1000, 256
+    rounds = args.rounds or (2 if args.smoke else 5)
+    steps = args.steps or (2 if args.smoke else 4)
+    out_dir = args.out or (SMOKE_DIR if args.smoke else RESULTS_DIR)
+
+    from minimodel import distributed
+    from minimodel.models.minijoint.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+                      num_attention_heads=max(1, args.hidden // 64), seq_length=args.seq,
+                      mini_layers=args.mini_layers)
+    MiniJointSteps.setup(cfg, args.micro_batch)
+    try:
+        pretrain = MiniJointSteps(cfg, args.micro_batch)
+        dtype = torch.bfloat16 if pretrain.parallel.bf16() else torch.float32
+        pretrain_counted = count_flops(pretrain.step)
+        adapt = {"adapt_standard": Adaptation(cfg, cfg.num_layers, args.micro_batch),
+                 "adapt_mini": Adaptation(cfg, cfg.mini_layers, args.micro_batch)}
+        peaks: list[float] = []
+        times: dict[str, list[list[float]]] = {name: [] for name in WORKLOADS}
+        for r in range(rounds):
+            peaks.append(matmul_flops_per_s(args.matmul_size, dtype))
+            pretrain.step()  # warm-up after the matmuls
+            pretrain_times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                pretrain.step()
+                pretrain_times.append(time.perf_counter() - start)
+            times["pretrain"].append(pretrain_times)
+            for name, workload in adapt.items():
+                times[name].append(workload.run(steps))
+            print(f"[{NAME}] round {r + 1}/{rounds}: peak {peaks[-1] / 1e9:.1f} GFLOP/s, pretrain step "
+                  f"{statistics.median(pretrain_times):.3f} s, adaptation step full "
+                  f"{statistics.median(times['adapt_standard'][-1]):.3f} s / mini "
+                  f"{statistics.median(times['adapt_mini'][-1]):.3f} s", flush=True)
+    finally:
+        distributed.destroy()
+
+    best = max(peaks)
+    result = header(NAME, args.smoke)
+    result["peak"] = {"dtype": str(dtype).removeprefix("torch."), "matmul_size": args.matmul_size,
+                      "flops_per_s": summary(peaks), "best_flops_per_s": best}
+    result["model"] = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "seq_length": cfg.seq_length,
+                       "mini_layers": cfg.mini_layers, "vocab_size": cfg.vocab_size, "micro_batch": args.micro_batch,
+                       "rounds": rounds, "steps_per_round": steps}
+    flops = {"pretrain": (pretrain.model_flops_per_step(), pretrain_counted, pretrain.tokens),
+             **{n: (a.model_flops_per_step, a.counted_flops_per_step, a.tokens) for n, a in adapt.items()}}
+    result["workloads"] = {
+        name: workload_summary([t for ts in times[name] for t in ts], list(zip(times[name], peaks)), *flops[name],
+                               best) for name in WORKLOADS}
+    path = write_result(out_dir / f"{NAME}.json", result, SCHEMA)
+    plot(result, out_dir / f"{NAME}.png")
+    for name in WORKLOADS:
+        w = result["workloads"][name]
+        print(f"[{NAME}] {name}: {w['model_flops_per_s']['median'] / 1e9:.1f} GFLOP/s, MFU "
+              f"{100 * w['mfu_vs_best_peak']:.1f}% of the best peak ({best / 1e9:.1f} GFLOP/s), "
+              f"{100 * w['mfu_vs_round_peak']['median']:.1f}% of the same round's; counted/model FLOPs "
+              f"{w['counted_vs_model']:.4f}")
+    print(f"[{NAME}] wrote {path} and {path.with_suffix('.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
