@@ -80,18 +80,18 @@ class Setup:
     minipost_new_layers: int = 1  # ... + 1 new layer (3 layers, like MiniJoint's mini-model)
     hidden_size: int = 128
     seq_length: int = 64
-    pretrain_steps: int = 600
+    pretrain_steps: int = 400
     pretrain_batch: int = 16
-    pretrain_save_every: int = 150
+    pretrain_save_every: int = 100
     minipost_steps: int = 200
     # Standard adaptation's steps; the mini-models get `mini_steps_factor` times as many (about 0.9x the standard's
     # compute at 3 of 12 layers), so a mini-model that needs more compute than the standard shows as "not reached".
-    adapt_steps: int = 150
+    adapt_steps: int = 100
     mini_steps_factor: int = 3
-    adapt_batch: int = 16
+    adapt_batch: int = 8
     adapt_lr: float = 2e-3
-    eval_every: int = 15
-    eval_sequences: int = 64
+    eval_every: int = 10
+    eval_sequences: int = 32
 
     def steps(self, method: str) -> int:
         return self.adapt_steps * (1 if method == "standard" else self.mini_steps_factor)

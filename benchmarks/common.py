@@ -160,6 +160,8 @@ HEADER = {"benchmark": str, "smoke": bool, "command": str, "machine": {"date_utc
 def write_result(path: Path, result: dict, schema: dict) -> Path:
     """Check `result` against `schema` (and the common header), then write it atomically as JSON."""
     check_schema(result, {**HEADER, **schema})
+    if hasattr(os, "getloadavg"):  # how shared the machine was by the end (the header has it at the start)
+        result["machine"]["load_average_at_end"] = list(os.getloadavg())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

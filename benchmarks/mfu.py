@@ -15,6 +15,7 @@ against that round's peak (which cancels part of the load other processes put on
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import shutil
 import statistics
@@ -78,7 +79,7 @@ class Adaptation:
         from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig
         from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
 
-        self.model = adaptation_model(model_cfg, layers)
+        self.model = adaptation_model(model_cfg, layers)  # pristine: every run trains a fresh copy
         self.flops_fn = MLMFlops(self.model)
         self.data = SyntheticMLM(model_cfg.vocab_size, model_cfg.seq_length, 4 * micro_batch)
         batch = {k: torch.as_tensor(v[:micro_batch]) for k, v in self.data.batch.items()}
@@ -96,7 +97,9 @@ class Adaptation:
         out = Path(tempfile.mkdtemp(prefix="mfu-adapt-"))
         try:
             cfg = dataclasses.replace(self.loop, steps=steps + 1)
-            result = train(cfg, self.model, self.data, self.loss_fn, self.flops_fn, output_dir=out, desc="adapt")
+            # A fresh copy per run: DeepSpeed's ZeRO gradient hooks stay on a module it has initialised once.
+            model = copy.deepcopy(self.model)
+            result = train(cfg, model, self.data, self.loss_fn, self.flops_fn, output_dir=out, desc="adapt")
             return [self.tokens / row["throughput/tokens_per_s"] for row in result.history[1:]]
         finally:
             shutil.rmtree(out, ignore_errors=True)

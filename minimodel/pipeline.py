@@ -27,6 +27,10 @@ from minimodel.stages import Stage, StageFailed
 from minimodel.tracking import Tracker, TrackingConfig, link_run
 
 METHODS = ("standard", "minijoint", "minipost")
+# The launchers of this interpreter's environment (works without an activated venv).
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed") if (Path(sys.executable).parent / "deepspeed").exists() \
+    else "deepspeed"
 Method = Literal["standard", "minijoint", "minipost"]
 
 
@@ -89,7 +93,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
 
     prepare = add("data", [py, "pretrain/prepare_data.py", "--config", cfg.configs.data,
                            f"output_dir={data}", *extra("data")], data, [])
-    pretrain = add("pretrain", ["torchrun", "--nproc-per-node", cfg.pretrain_nproc, "pretrain/train.py",
+    pretrain = add("pretrain", [*TORCHRUN, "--nproc-per-node", cfg.pretrain_nproc, "pretrain/train.py",
                                 "--config", cfg.configs.pretrain, f"output_dir={root / 'pretrain'}",
                                 f"data.train_prefix={data / src / 'train'}", f"data.valid_prefix={data / src / 'valid'}",
                                 f"data.tokenizer_dir={data / src / 'tokenizer'}", *extra("pretrain")],
@@ -116,7 +120,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         for lang in cfg.target_langs:
             out = root / "adapt" / method
             stage = add(f"adapt-{method}-{lang}",
-                        ["deepspeed", "--num_gpus", cfg.adapt_nproc, "adapt/train.py", "--config", cfg.configs.adapt,
+                        [DEEPSPEED, "--num_gpus", cfg.adapt_nproc, "adapt/train.py", "--config", cfg.configs.adapt,
                          *over, f"primary_model={primary}", f"source_lang={src}", f"target_langs=[{lang}]",
                          f"target_lang={lang}", f"data_dir={data}", f"output_dir={out}",
                          f"tracking.run_name=adapt-{method}-{lang}", *extra("adapt")],

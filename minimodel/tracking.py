@@ -109,8 +109,12 @@ def _artifact_location(uri: str) -> str | None:
     return None  # a server (or another database) decides for itself
 
 
-def _connect(cfg: TrackingConfig):
-    """(client, uri, experiment_id, fell_back_from): the configured store, or the local one if the server is down."""
+def _connect(cfg: TrackingConfig, parent_run_id: str | None = None):
+    """(client, uri, experiment_id, fell_back_from): the configured store, or the local one if the server is down.
+
+    The experiment is the parent run's when there is one (the UI nests child runs only within their parent's
+    experiment, whatever experiment the stage's own config names), else `cfg.experiment`, created if needed.
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -121,6 +125,12 @@ def _connect(cfg: TrackingConfig):
         log.warning("MLflow server %s is unreachable: logging to the local store %s instead (view it with "
                     "`python -m minimodel.ui --store %s`)", fell_back_from, uri, cfg.store_dir)
     client = MlflowClient(tracking_uri=uri)
+    if parent_run_id:
+        try:
+            return client, uri, client.get_run(parent_run_id).info.experiment_id, fell_back_from
+        except MlflowException:
+            log.warning("parent run %s is not in the MLflow store %s: the run will not be nested under it",
+                        parent_run_id, uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
         try:
@@ -182,7 +192,7 @@ def stage_key(stage: str, config: Any, *parts: str) -> str:
 # -- re-runs ---------------------------------------------------------------------------------------
 def find_finished_run(cfg: TrackingConfig, key: str, parent_run_id: str | None = None) -> str | None:
     """The newest FINISHED run tagged stage_key=`key` (under `parent_run_id` if given), or None."""
-    client, _, experiment_id, _ = _connect(cfg)
+    client, _, experiment_id, _ = _connect(cfg, parent_run_id)
     query = f"tags.{STAGE_KEY_TAG} = '{key}' and attributes.status = 'FINISHED'"
     if parent_run_id:
         query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
@@ -196,8 +206,8 @@ def link_run(cfg: TrackingConfig, earlier_run_id: str, parent_run_id: str | None
     If the earlier run already is a child of that parent it is returned as is; otherwise a small finished child run
     is created that carries the earlier run's tags, a `reused_run_id` tag and a description linking to it.
     """
-    client, _, experiment_id, _ = _connect(cfg)
     parent = parent_run_id or cfg.parent_run_id or os.environ.get(PARENT_RUN_ENV)
+    client, _, experiment_id, _ = _connect(cfg, parent)
     earlier = client.get_run(earlier_run_id)
     if parent is None or earlier.data.tags.get("mlflow.parentRunId") == parent:
         return earlier_run_id
@@ -234,8 +244,9 @@ class Tracker:
         if not self.active:
             return
         self._local_store = Path(cfg.store_dir).resolve()  # fixed now, in case the stage changes directory
+        parent = cfg.parent_run_id or os.environ.get(PARENT_RUN_ENV)
         self.client, self.uri, self.experiment_id, fell_back_from = _connect(
-            dataclasses.replace(cfg, store_dir=str(self._local_store)))
+            dataclasses.replace(cfg, store_dir=str(self._local_store)), parent)
         earlier = self._find_run(run_id) if run_id else None
         if earlier is not None:
             self.run_id, self.run_name = run_id, earlier.info.run_name
@@ -245,7 +256,6 @@ class Tracker:
         else:
             self._tags = self._default_tags()
             self._tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
-            parent = cfg.parent_run_id or os.environ.get(PARENT_RUN_ENV)
             if parent:
                 self._tags["mlflow.parentRunId"] = parent
             if fell_back_from:
@@ -334,7 +344,8 @@ class Tracker:
         log.warning("MLflow server %s went away during run %s: continuing in the local store %s (view it with "
                     "`python -m minimodel.ui --store %s`); everything logged so far is replayed there",
                     lost_uri, lost_run, self.uri, self._local_store)
-        self.client, _, self.experiment_id, _ = _connect(dataclasses.replace(self.cfg, uri=self.uri))
+        self.client, _, self.experiment_id, _ = _connect(dataclasses.replace(self.cfg, uri=self.uri),
+                                                         self._tags.get("mlflow.parentRunId"))
         tags = {**self._tags, "tracking_fallback_from": lost_uri, "tracking_lost_run_id": lost_run}
         self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
         for method, args, kwargs in self._journal[:index + 1]:

@@ -1,7 +1,8 @@
 """Picture of a pipeline in the MLflow UI for the README: its parent run unfolded into the stage runs, beside their
 loss charts.
 
-    python scripts/ui_screenshot.py [--store runs] [--experiment minimodel] [--run-id PARENT] [--out docs/mlflow-ui.png]
+    python scripts/ui_screenshot.py [--store runs] [--experiment minimodel] [--run-id PARENT] [--charts loss]
+                                    [--out docs/mlflow-ui.png]
 
 Starts an MLflow server on the store (a free loopback port), opens the experiment's runs in Chromium (headless,
 through Playwright), unfolds the pipeline's parent run (default: the newest run that has child runs) and saves the
@@ -32,8 +33,10 @@ def newest_pipeline_run(client, experiment_id: str) -> str:
                      "(or pass --run-id)")
 
 
-def capture(page, server: MlflowServer, experiment_id: str, parent_run_id: str, out: Path) -> Path:
-    """Runs view with the parent unfolded and its children's charts; waits for the charts to be drawn."""
+def capture(page, server: MlflowServer, experiment_id: str, parent_run_id: str, out: Path,
+            charts: str = "loss") -> Path:
+    """Runs view with the parent unfolded beside its children's charts whose name contains `charts` (all if
+    empty); waits for the charts to be drawn."""
     from mlflow import MlflowClient
     from playwright.sync_api import expect
 
@@ -48,6 +51,8 @@ def capture(page, server: MlflowServer, experiment_id: str, parent_run_id: str, 
         parent_cell.get_by_role("button").click()
     expect(first_child).to_be_visible(timeout=UI_TIMEOUT_MS)
     page.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
+    if charts:
+        page.get_by_placeholder("Search metric charts").fill(charts)
     expect(page.locator(".js-plotly-plot path.js-line").first).to_be_attached(timeout=UI_TIMEOUT_MS)
     page.wait_for_timeout(3000)  # let the remaining charts finish drawing
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default="minimodel")
     parser.add_argument("--run-id", help="the pipeline's parent run (default: the newest run with child runs)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "mlflow-ui.png")
+    parser.add_argument("--charts", default="loss", help="show the charts whose name contains this ('' for all)")
     args = parser.parse_args(argv)
     if not (Path(args.store) / "mlflow.db").is_file():
         parser.error(f"{args.store}/mlflow.db does not exist: pass --store <tracking.store_dir of the pipeline>")
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"no experiment {args.experiment!r} in {args.store}")
         run_id = args.run_id or newest_pipeline_run(client, experiment.experiment_id)
         with browser_page(height=1200) as page:
-            print(capture(page, server, experiment.experiment_id, run_id, args.out))
+            print(capture(page, server, experiment.experiment_id, run_id, args.out, args.charts))
 
 
 if __name__ == "__main__":

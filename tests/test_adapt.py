@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from minimodel.adaptation.plug import PlugConfig, PlugError, plug
+
 from adapt_helpers import (FFN, HIDDEN, MINI_LAYERS, PRIMARY_LAYERS, PYTHON, REPO, SEQ, build_world, copy_language,
-                           free_port, launch_env, log_tail, metrics, run_deepspeed, run_deepspeed_and_signal)
+                           launch_env, log_tail, metrics, run_deepspeed, run_deepspeed_and_signal)
 
 pytestmark = pytest.mark.slow
 
@@ -215,6 +217,7 @@ def _mlm_loss_on_valid(model_dir, data_dir) -> float:
 
 
 def _plug(args):
+    """adapt/plug.py as a user runs it."""
     return subprocess.run([str(PYTHON), str(REPO / "adapt" / "plug.py"), *args], cwd=REPO, env=launch_env(),
                           capture_output=True, text=True, timeout=300)
 
@@ -239,8 +242,11 @@ def test_plugged_embeddings_make_the_primary_model_read_the_target_language(runs
 
     for name in ("z2_full", "z1_mini"):
         out = tmp_path / f"plugged_{name}"
-        result = _plug([f"embeddings={runs[name] / 'sw'}", f"model={world.primary}", f"output_dir={out}"])
-        assert result.returncode == 0, result.stderr
+        if name == "z2_full":  # the command line once; in-process otherwise (each CLI start costs seconds)
+            result = _plug([f"embeddings={runs[name] / 'sw'}", f"model={world.primary}", f"output_dir={out}"])
+            assert result.returncode == 0 and "wrote" in result.stdout, result.stderr
+        else:
+            plug(PlugConfig(embeddings=str(runs[name] / "sw"), model=str(world.primary), output_dir=str(out)))
         plugged = AutoModelForMaskedLM.from_pretrained(out)
         assert torch.equal(plugged.get_input_embeddings().weight,
                            _embeddings(runs[name] / "sw")["input_embeddings"])
@@ -254,15 +260,15 @@ def test_plug_refuses_the_wrong_tokenizer_shape_or_primary_model(runs, tmp_path)
 
     world = runs["world"]
     emb = runs["z1_mini"] / "sw"
-    wrong_tokenizer = _plug([f"embeddings={emb}", f"model={world.primary}", f"output_dir={tmp_path / 'a'}",
-                             f"tokenizer={world.data_dir / 'en' / 'tokenizer'}"])
-    assert wrong_tokenizer.returncode == 2 and "tokenizer" in wrong_tokenizer.stderr
+    with pytest.raises(PlugError, match="not the one the embeddings were learned with"):
+        plug(PlugConfig(embeddings=str(emb), model=str(world.primary), output_dir=str(tmp_path / "a"),
+                        tokenizer=str(world.data_dir / "en" / "tokenizer")))
     wide = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=2 * HIDDEN, num_hidden_layers=1,
                                                     num_attention_heads=2, intermediate_size=32))
     wide.save_pretrained(tmp_path / "wide")
-    shape = _plug([f"embeddings={emb}", f"model={tmp_path / 'wide'}", f"output_dir={tmp_path / 'b'}",
-                   f"primary_model={world.primary}"])
-    assert shape.returncode == 2 and "shape mismatch" in shape.stderr
+    with pytest.raises(PlugError, match="shape mismatch"):
+        plug(PlugConfig(embeddings=str(emb), model=str(tmp_path / "wide"), output_dir=str(tmp_path / "b"),
+                        primary_model=str(world.primary)))
     other = AutoModelForMaskedLM.from_pretrained(world.primary)
     with torch.no_grad():
         other.bert.encoder.layer[0].output.dense.weight.add_(1.0)
@@ -275,11 +281,12 @@ def test_plug_refuses_the_wrong_tokenizer_shape_or_primary_model(runs, tmp_path)
 
     task = MegatronBertForSequenceClassification.from_pretrained(world.primary, num_labels=3)
     task.save_pretrained(tmp_path / "task")
-    ok = _plug([f"embeddings={emb}", f"model={tmp_path / 'task'}", f"primary_model={world.primary}",
-                f"output_dir={tmp_path / 'task_sw'}"])
-    assert ok.returncode == 0, ok.stderr
+    plug(PlugConfig(embeddings=str(emb), model=str(tmp_path / "task"), primary_model=str(world.primary),
+                    output_dir=str(tmp_path / "task_sw")))
     task_sw = MegatronBertForSequenceClassification.from_pretrained(tmp_path / "task_sw")
-    assert task_sw.get_input_embeddings().weight.shape[0] == json.loads((emb / "adapt.json").read_text())["vocab_size"]
+    assert torch.equal(task_sw.get_input_embeddings().weight, _embeddings(emb)["input_embeddings"])
+    assert torch.equal(task_sw.classifier.weight, task.classifier.weight)
+    assert task_sw.config.vocab_size == json.loads((emb / "adapt.json").read_text())["vocab_size"]
 
 
 def test_a_new_target_tokenizer_can_be_trained_and_the_corpus_is_re_encoded(runs, tmp_path):
@@ -320,11 +327,10 @@ def test_adaptation_refuses_a_mini_model_not_aligned_with_the_primary(runs, tmp_
     mini = tmp_path / "mini"
     AutoModelForMaskedLM.from_pretrained(world.mini).save_pretrained(mini)
     write_manifest(mini, "minijoint", MINI_LAYERS, tmp_path / "other_primary")
-    env = launch_env() | {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                          "MASTER_PORT": str(free_port())}
+    # A plain `python adapt/train.py` (no launcher) is a world of one process.
     result = subprocess.run([str(PYTHON), str(REPO / "adapt" / "train.py"),
                              *_overrides(world, tmp_path / "out", 1, "mini", ["sw"]), f"mini_model={mini}"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "ManifestError" in summary["sw"] and "aligned" in summary["sw"]

@@ -249,6 +249,13 @@ def test_pipeline_children_are_nested_under_the_parent(store):
     for child in runs["children"].values():
         assert by_id[child].data.tags["mlflow.parentRunId"] == runs["parent"]
     assert "mlflow.parentRunId" not in by_id[runs["parent"]].data.tags
+    # A stage whose own config names another experiment still lands next to its parent (the UI nests only there).
+    with Tracker(TrackingConfig(store_dir=str(store), experiment="minimodel-adapt", parent_run_id=runs["parent"]),
+                 tags={"stage": "adapt"}) as stage:
+        pass
+    client = client_for(store)
+    assert client.get_run(stage.run_id).info.experiment_id == runs["experiment_id"]
+    assert client.get_experiment_by_name("minimodel-adapt") is None
 
 
 TORCHRUN_WORKER = """

@@ -25,7 +25,7 @@ import torch
 from minimodel.adaptation.artifact import TOKENIZER_DIR, read_artifact
 from minimodel.adaptation.vocab import install_vocabulary, tokenizer_fingerprint
 from minimodel.config import require, save_config
-from minimodel.manifest import ManifestError, model_hash
+from minimodel.manifest import ManifestError, check_aligned, model_hash
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ def check_compatible(info: dict, model, model_dir: str, primary_dir: str, tokeni
     if model.config.hidden_size != hidden:
         raise PlugError(f"shape mismatch: the embeddings are {vocab} x {hidden} but {model_dir} has hidden size "
                         f"{model.config.hidden_size}: they belong to another model")
+    if info["over"] == "mini" and Path(info["adapted_model"]).is_dir():
+        check_aligned(info["adapted_model"], primary_dir)  # the mini-model's own word, when it is still there
     expected = info["primary_model"]["sha256"]
     actual = model_hash(primary_dir)
     if actual != expected:

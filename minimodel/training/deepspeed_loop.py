@@ -268,13 +268,27 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _started_by_a_launcher() -> bool:
+    multi_task_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    return multi_task_slurm or any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+
+
 def init_distributed() -> None:
-    """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo/ccl on CPU) if not done yet."""
+    """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo/ccl on CPU) if not done yet.
+    A plain `python script.py` (no launcher) runs as a world of one process."""
+    import socket
+
     import deepspeed
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed()
+    if dist.is_initialized():
+        return
+    if not _started_by_a_launcher():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed()
 
 
 def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Callable, flops_fn: Callable, *,
