@@ -19,6 +19,10 @@ work under the work dir is reused when the same command runs again):
      to reach it (interpolated between checkpoints) divided by the FLOPs the standard method needs -> the
      compute saving (speedup = standard / method), also in wall-clock. FLOPs are the loop's, counted from the
      model shapes (training.hf_mlm.MLMFlops), and checked against torch's FlopCounterMode on one step.
+  5. the task-level check of the final embeddings (steps 3-4 of the method, minimodel.evaluation): the primary
+     fine-tuned on English verse classification with its embeddings frozen, each run's final embeddings plugged
+     into that task model, zero-shot accuracy on the target's held-out verses. Step 4's signal uses only the input
+     embeddings; the MLM signal of 3. also needs the output embeddings to fit the primary's own LM head.
 
 Step 1 runs once (seeds vary step 2: data order, masking, embedding init). MiniPost's one-off step-1b cost is
 reported beside, not added to the per-language figure.
@@ -65,6 +69,7 @@ SCHEMA = {
                             "per_seed_speedup": [(float, None)], "speedup": (SUMMARY, None),
                             "wall_clock_speedup": (SUMMARY, None)}],
     "average_speedup": {m: {str(t): (float, None) for t in THRESHOLDS} for m in MINI_METHODS},
+    "zero_shot_accuracy": {"task": str, "source_accuracy": float, "per_method": {m: dict for m in METHODS}},
 }
 
 
@@ -92,6 +97,8 @@ class Setup:
     adapt_lr: float = 2e-3
     eval_every: int = 10
     eval_sequences: int = 32
+    finetune_steps: int = 200  # step 3 (English verse classification) for the task-level check
+    zero_shot_examples: int = 600  # target verses scored per run in step 4
 
     def steps(self, method: str) -> int:
         return self.adapt_steps * (1 if method == "standard" else self.mini_steps_factor)
@@ -100,14 +107,14 @@ class Setup:
         """Hash of everything that shapes step 1 (pretraining, export, MiniPost)."""
         upstream = {k: v for k, v in dataclasses.asdict(self).items()
                     if k not in ("target_langs", "seeds", "adapt_steps", "mini_steps_factor", "adapt_batch",
-                                 "adapt_lr", "eval_every", "eval_sequences")}
+                                 "adapt_lr", "eval_every", "eval_sequences", "finetune_steps", "zero_shot_examples")}
         return hashlib.sha256(json.dumps(upstream, sort_keys=True).encode()).hexdigest()[:12]
 
 
 SMOKE = Setup(data_config="configs/data/tiny.yaml", target_langs=["ny"], seeds=[0], num_layers=4, mini_layers=1,
               minipost_layers=1, minipost_new_layers=1, hidden_size=64, seq_length=32, pretrain_steps=20,
               pretrain_batch=8, pretrain_save_every=20, minipost_steps=4, adapt_steps=8, mini_steps_factor=2, adapt_batch=8, eval_every=4,
-              eval_sequences=8)
+              eval_sequences=8, finetune_steps=4, zero_shot_examples=32)
 
 
 # -- step 1: data, pretraining, export, MiniPost ------------------------------------------------------------------
@@ -336,6 +343,52 @@ def flop_check(model_dir: Path, evaluator: PluggedEvaluator, data_dir: Path, lan
     return {"model_flops": predicted, "counted_flops": counted, "counted_vs_model": counted / predicted}
 
 
+# -- step 5: zero-shot task accuracy of the final embeddings ------------------------------------------------------
+def task_model(setup: Setup, work: Path, data_dir: Path, primary: Path) -> Path:
+    """Step 3: the primary fine-tuned on English verse classification (embeddings frozen); done once."""
+    from minimodel.config import load_config
+    from minimodel.evaluation.finetune import FinetuneConfig, finetune
+
+    out = work / "finetune"
+    if _stamp(out / "benchmark.stamp", setup.key()):
+        return out / "model"
+    cfg = load_config(FinetuneConfig, REPO / "configs/evaluate/finetune/verse_class_tiny.yaml", [
+        f"model_dir={primary}", f"task.data_dir={data_dir}", f"output_dir={out}", "source_lang=en",
+        f"task.max_length={setup.seq_length}", f"train.steps={setup.finetune_steps}",
+        f"train.warmup_steps={max(1, setup.finetune_steps // 10)}", f"train.eval_every={setup.finetune_steps}",
+        "eval_splits=[test]", "tracking.enabled=false"])
+    print(f"[{NAME}] step 3: fine-tuning the primary on English verse classification", flush=True)
+    _ensure_process_group()
+    model_dir, _ = finetune(cfg)
+    if model_dir is None:
+        raise SystemExit(f"[{NAME}] fine-tuning stopped by a signal: run the same command again to resume")
+    _write_stamp(out / "benchmark.stamp", setup.key())
+    return Path(model_dir)
+
+
+def zero_shot_accuracy(run_dir: Path, task_dir: Path, primary: Path, data_dir: Path, lang: str, method: str,
+                       setup: Setup) -> float:
+    """Step 4: the run's final embeddings plugged into the task model, accuracy on held-out target verses
+    (cached in <run_dir>/zero_shot/metrics.json)."""
+    from minimodel.adaptation.plug import PlugConfig, plug
+    from minimodel.config import load_config
+    from minimodel.evaluation.zero_shot import ZeroShotConfig, zero_shot
+
+    out = run_dir / "zero_shot"
+    if not (out / "metrics.json").is_file():
+        plugged = run_dir / "plugged_task_model"
+        plug(PlugConfig(embeddings=str(run_dir), model=str(task_dir), primary_model=str(primary),
+                        output_dir=str(plugged)))
+        cfg = load_config(ZeroShotConfig, REPO / "configs/evaluate/zero_shot/verse_class_tiny.yaml", [
+            f"method={method}", f"source_model_dir={task_dir}", f"task.data_dir={data_dir}",
+            f"task.max_length={setup.seq_length}", f"task.max_eval_examples={setup.zero_shot_examples}",
+            f"targets=[{{lang: {lang}, model_dir: {plugged}, tokenizer: {data_dir / lang / 'tokenizer'}}}]",
+            "evaluate_source=false", f"output_dir={out}", "tracking.enabled=false"])
+        zero_shot(cfg)
+        shutil.rmtree(plugged, ignore_errors=True)
+    return json.loads((out / "metrics.json").read_text())[lang]["accuracy"]
+
+
 # -- step 4: compute to matched quality ---------------------------------------------------------------------------
 def compute_to_reach(points: list[dict], target_loss: float, key: str = "flops") -> float | None:
     """The `key` (FLOPs or seconds) at which the curve first reaches `target_loss`, linearly interpolated between
@@ -414,6 +467,9 @@ def plot(result: dict, out: Path) -> Path:
             if r is not None:
                 s = f"{r['speedup']['median']:.2f}x" if r["speedup"] else "not reached"
                 text.append(f"{m} @99%: {s} ({r['reached']}/{r['seeds']} seeds)")
+        accuracy = result["zero_shot_accuracy"]["per_method"]
+        text.append("zero-shot verse-class accuracy: " + ", ".join(
+            f"{m} {100 * accuracy[m][lang]['median']:.0f}%" for m in METHODS if lang in accuracy[m]))
         ax.set_title(f"{lang}\n" + "\n".join(text), fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -472,6 +528,13 @@ def main(argv: list[str] | None = None) -> dict:
                     model_dir = primary if method == "standard" else minis[method]
                     checks[method] = flop_check(model_dir, evaluator, data_dir, lang, setup)
 
+    task_dir = task_model(setup, work, data_dir, primary)
+    accuracy: dict[str, dict[str, list[float]]] = {m: {lang: [] for lang in setup.target_langs} for m in METHODS}
+    for (method, lang, seed) in curves:
+        run_dir = work / "adapt" / method / f"seed{seed}" / lang
+        accuracy[method][lang].append(zero_shot_accuracy(run_dir, task_dir, primary, data_dir, lang, method, setup))
+    source_accuracy = json.loads((work / "finetune" / "metrics.json").read_text())["test/accuracy"]
+
     rows, average = analyse(curves, setup)
     minipost_metrics = (work / "minipost" / "metrics.jsonl").read_text().splitlines()
     result = header(NAME, args.smoke)
@@ -486,6 +549,10 @@ def main(argv: list[str] | None = None) -> dict:
     result["curves"] = [{"method": m, "lang": lang, "seed": seed, "points": pts}
                         for (m, lang, seed), pts in curves.items()]
     result["compute_to_quality"] = rows
+    result["zero_shot_accuracy"] = {
+        "task": "verse_class (Bible part of a verse), step 3 on English, final embeddings plugged (step 4)",
+        "source_accuracy": source_accuracy,
+        "per_method": {m: {lang: summary(v) for lang, v in by_lang.items() if v} for m, by_lang in accuracy.items()}}
     result["average_speedup"] = average
     path = write_result(out_dir / f"{NAME}.json", result, SCHEMA)
     plot(result, out_dir / f"{NAME}.png")

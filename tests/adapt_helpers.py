@@ -20,6 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
 PRIMARY_LAYERS, MINI_LAYERS, HIDDEN, FFN, SEQ = 4, 2, 64, 256, 64
+LAUNCH_TIMEOUT = 900  # seconds; a launch takes ~20 s on an idle machine, minutes when the cores are shared
 
 
 @dataclass
@@ -123,11 +124,18 @@ def deepspeed_command(script: str, overrides: list[str], config: Path | None = N
 
 
 def run_deepspeed(script: str, overrides: list[str], log: Path, config: Path | None = None,
-                  timeout: float = 300) -> int:
-    """Run a launch to completion in the log's directory (MLflow's local artifacts land there, not in the repo)."""
+                  timeout: float = LAUNCH_TIMEOUT) -> int:
+    """Run a launch to completion in the log's directory (MLflow's local artifacts land there, not in the repo).
+    On a timeout every process of the launch is killed, not only the runner."""
     with open(log, "w") as f:
-        return subprocess.run(deepspeed_command(script, overrides, config), cwd=log.parent, env=launch_env(), stdout=f,
-                              stderr=subprocess.STDOUT, timeout=timeout).returncode
+        proc = subprocess.Popen(deepspeed_command(script, overrides, config), cwd=log.parent, env=launch_env(),
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None or _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _group_alive(pgid: int) -> bool:
@@ -139,7 +147,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 def run_deepspeed_and_signal(script: str, overrides: list[str], log: Path, watch: Path, after_lines: int,
-                             sig: int = signal.SIGTERM, timeout: float = 300) -> bool:
+                             sig: int = signal.SIGTERM, timeout: float = LAUNCH_TIMEOUT) -> bool:
     """Launch, wait until `watch` (a metrics.jsonl) has `after_lines` lines, then send `sig` to every process of
     the launch, as Slurm does on preemption; wait until all are gone. Returns whether the signal was sent."""
     with open(log, "w") as f:
