@@ -2,7 +2,7 @@
 # The whole pipeline as a Slurm dependency chain: every stage one job (its slurm/*.sh template), started only when
 # the stages it needs have succeeded (afterok); a failed stage cancels everything after it. Adaptation to several
 # target languages is one job array (a task per language). Run it on the login node, from the repo:
-#   bash slurm/pipeline.sh [configs/pipeline/tiny.yaml]
+#   bash slurm/pipeline.sh [configs/pipeline/tiny.yaml [key=value ...]]
 #   PLAN=plan.json bash slurm/pipeline.sh             (a plan written earlier, see below)
 # The plan (which stages, their commands and order) comes from the pipeline module, the same one `make demo` runs
 # locally: `python -m minimodel.pipeline --config CONFIG --plan` prints JSON
@@ -25,12 +25,13 @@ if [ -z "${MINIMODEL_PYTHON:-}" ]; then
 fi
 export MINIMODEL_PYTHON
 
-config=${1:-configs/pipeline/default.yaml}
+config=${1:-configs/pipeline/tiny.yaml}
+shift || true  # the rest: key=value overrides of the pipeline config
 plan=${PLAN:-}
 if [ -z "$plan" ]; then
   plan=$(mktemp "${TMPDIR:-/tmp}/minimodel-plan.XXXXXX")
   trap 'rm -f "$plan"' EXIT
-  PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}" "$MINIMODEL_PYTHON" -m minimodel.pipeline --config "$config" --plan > "$plan"
+  PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}" "$MINIMODEL_PYTHON" -m minimodel.pipeline --config "$config" --plan "$@" > "$plan"
 fi
 
 # The plan as lines: "env|NAME=VALUE" for the jobs' environment, then one line per job to submit:

@@ -77,6 +77,8 @@ def test_adaptation_compute_smoke(tmp_path):
         assert steps[0] == 0 and steps[-1] == r["setup"]["steps"][method] and steps == sorted(steps)
         assert points[0]["loss"] == curves["standard", "ny", 0][0]["loss"]  # same initial embeddings
         assert points[-1]["loss"] < points[0]["loss"], f"{method}: adaptation did not lower the plugged loss"
+    accuracy = r["zero_shot_accuracy"]["per_method"]
+    assert all(0 <= accuracy[m]["ny"]["median"] <= 1 for m in adaptation_compute.METHODS)
     assert {(row["method"], row["threshold"]) for row in r["compute_to_quality"]} == {
         (m, t) for m in adaptation_compute.MINI_METHODS for t in adaptation_compute.THRESHOLDS}
 

@@ -275,7 +275,8 @@ PIPELINE_MODULE = ROOT / "minimodel" / "pipeline.py"
 @pytest.mark.skipif(not (PIPELINE_MODULE.is_file() and "--plan" in PIPELINE_MODULE.read_text()),
                     reason="minimodel.pipeline has no `--plan` yet (the interface: slurm/pipeline.sh's header)")
 def test_pipeline_runs_the_chain_to_the_report(cluster, tmp_path):
-    jobs = run_pipeline(cluster, tmp_path, "configs/pipeline/tiny.yaml")
+    jobs = run_pipeline(cluster, tmp_path, "configs/pipeline/smoke.yaml", f"output_dir={tmp_path / 'run'}",
+                        f"data_dir={tmp_path / 'data'}", f"tracking.store_dir={tmp_path / 'store'}")
     assert len(jobs) >= 5 and list(jobs)[-1].startswith("report"), jobs
     for name, job in jobs.items():  # in submission order, i.e. the order of the chain
         result = cluster.wait(job, timeout=900)
