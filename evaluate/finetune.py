@@ -13,7 +13,8 @@ import sys
 
 from minimodel.config import parse_cli
 from minimodel.evaluation import EvaluationError
-from minimodel.evaluation.finetune import PREEMPTED_EXIT_CODE, FinetuneConfig, finetune
+from minimodel.evaluation.finetune import FinetuneConfig, finetune
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 if __name__ == "__main__":
     rank0 = os.environ.get("RANK", "0") == "0"

@@ -10,7 +10,8 @@ import os
 import sys
 
 from minimodel.config import ConfigError, parse_cli
-from minimodel.training.pretrain import PREEMPTED_EXIT_CODE, PretrainConfig, pretrain
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE
+from minimodel.training.pretrain import PretrainConfig, pretrain
 
 if __name__ == "__main__":  # required: dist_checkpointing.save starts a spawn-context process that re-imports this file
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,

@@ -276,7 +276,8 @@ PIPELINE_MODULE = ROOT / "minimodel" / "pipeline.py"
                     reason="minimodel.pipeline has no `--plan` yet (the interface: slurm/pipeline.sh's header)")
 def test_pipeline_runs_the_chain_to_the_report(cluster, tmp_path):
     jobs = run_pipeline(cluster, tmp_path, "configs/pipeline/smoke.yaml", f"output_dir={tmp_path / 'run'}",
-                        f"data_dir={tmp_path / 'data'}", f"tracking.store_dir={tmp_path / 'store'}")
+                        f"data_dir={tmp_path / 'data'}", f"tracking.store_dir={tmp_path / 'store'}",
+                        "methods=[standard]")  # every kind of job; tests/test_pipeline.py runs all methods
     assert len(jobs) >= 5 and list(jobs)[-1].startswith("report"), jobs
     for name, job in jobs.items():  # in submission order, i.e. the order of the chain
         result = cluster.wait(job, timeout=900)

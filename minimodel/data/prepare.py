@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from minimodel.config import require, save_config

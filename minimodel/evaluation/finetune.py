@@ -29,7 +29,6 @@ from minimodel.manifest import model_hash
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, gather_full_params, init_distributed, train
 
-PREEMPTED_EXIT_CODE = 75  # as pretrain/train.py: sysexits EX_TEMPFAIL, requeue the job and it resumes
 
 
 @dataclass

@@ -56,7 +56,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +66,7 @@ import torch
 from torch import nn
 
 from minimodel.config import ConfigError, require
+from minimodel.training.preemption import PreemptionSignal
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Keys the loop derives from DeepSpeedLoopConfig; a ZeRO json must not set them too.
@@ -208,28 +208,6 @@ def _default_tokens(batch: dict) -> int:
     return int(batch["input_ids"].numel())
 
 
-class _StopSignal:
-    """SIGTERM / SIGUSR1 (Slurm's preemption and time-limit warnings) -> a flag checked at step boundaries."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _is_rank0() -> bool:
     import torch.distributed as dist
 
@@ -360,7 +338,7 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
     engine.train()
     interrupted = False
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=desc, disable=rank != 0, dynamic_ncols=True)
-    with _StopSignal() as stop:
+    with PreemptionSignal() as stop:
         while state["step"] < cfg.steps:
             step = state["step"]
             t0 = time.perf_counter()
@@ -427,8 +405,6 @@ def gather_full_params(engine, params: dict[str, nn.Parameter]) -> dict[str, tor
 
 def optimizer_state_numel(engine) -> int:
     """Total elements of Adam's first-moment state over all ranks: equals the trainable numel (plus ZeRO padding)."""
-    import torch.distributed as dist
-
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
     local = sum(s["exp_avg"].numel() for s in inner.state.values() if "exp_avg" in s)

@@ -32,11 +32,10 @@ from minimodel.distributed import ParallelConfig
 from minimodel.models.minijoint.config import ModelConfig
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training import checkpoint as ckpt
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PreemptionSignal
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_EXIT_CODE = 75  # sysexits EX_TEMPFAIL: "try again later" -- requeue the job and it resumes
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 # -- configuration -----------------------------------------------------------------------------------------------
@@ -183,31 +182,11 @@ class MicroBatches:
 
 
 # -- preemption ----------------------------------------------------------------------------------------------------
-class PreemptionHandler:
-    """Records SIGTERM / SIGUSR1; `requested()` is a collective so all ranks stop at the same step boundary."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.signal = 0
-        self._previous: dict = {}
-
-    def __enter__(self) -> "PreemptionHandler":
-        for sig in PREEMPTION_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._record)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _record(self, signum, frame) -> None:
-        self.signal = signum
-
-    def requested(self) -> int:
-        """The signal any rank has received (0 if none): the same value on every rank."""
-        flag = torch.tensor([self.signal], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+def preemption_requested(preemption: PreemptionSignal, device: torch.device) -> int:
+    """The signal any rank has received (0 if none), the same value on every rank (a collective)."""
+    flag = torch.tensor([preemption.received or 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 # -- the loop ------------------------------------------------------------------------------------------------------
@@ -396,10 +375,10 @@ class Trainer:
             self.bar = tqdm(total=cfg.train.steps, initial=self.step, desc="pretrain", unit="step",
                             disable=not self.rank0, dynamic_ncols=True)
             stop_signal = 0
-            with PreemptionHandler(self.device) as preemption:
+            with PreemptionSignal() as preemption:
                 while self.step < cfg.train.steps and not stop_signal:
                     self.train_step()
-                    stop_signal = preemption.requested()
+                    stop_signal = preemption_requested(preemption, self.device)
                     last = self.step == cfg.train.steps
                     if self.step % cfg.train.eval_every == 0 or last:
                         self.evaluate()

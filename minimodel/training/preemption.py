@@ -1,0 +1,28 @@
+"""Slurm preemption: SIGTERM / SIGUSR1 (preemption, `--signal` time-limit warnings) become a flag that the training
+loops check at step boundaries, so every rank saves a checkpoint at the same step and exits cleanly."""
+from __future__ import annotations
+
+import signal
+
+PREEMPTED_EXIT_CODE = 75  # sysexits EX_TEMPFAIL, "try again later": requeue the job and it resumes
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionSignal:
+    """Context manager recording the last preemption signal received (`received`, None if none)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "PreemptionSignal":
+        for sig in PREEMPTION_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _record(self, signum, frame) -> None:
+        self.received = signum
