@@ -55,7 +55,7 @@ class Stage:
     @property
     def done(self) -> bool:
         stamp = self.stamp()
-        return not self.always_run and stamp is not None is not None and stamp.get("input_hash") == self.input_hash
+        return not self.always_run and stamp is not None and stamp.get("input_hash") == self.input_hash
 
     def run(self, env: dict[str, str], log_dir: Path, find_runs=None) -> float:
         """Run the command (output teed to a log file); write the stamp on success. Returns seconds taken.
