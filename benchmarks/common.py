@@ -183,16 +183,10 @@ def pyplot():
 
 
 def single_process_env() -> None:
-    """The variables of a one-process group (what torchrun / the deepspeed launcher set), so megatron and
-    DeepSpeed share one gloo/NCCL group in this process and DeepSpeed does not look for MPI."""
-    import socket
+    """minimodel.training.deepspeed_loop.single_process_env, plus DeepSpeed's accelerator chosen for this machine."""
+    from minimodel.training.deepspeed_loop import single_process_env as one_process_world
 
-    if "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    one_process_world()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -67,18 +67,6 @@ class TaskFlops:
         return float(batch_size * seq_length * (6 * self.body + 12 * self.layers * self.hidden * seq_length))
 
 
-def _ensure_process_group() -> None:
-    """Plain `python evaluate/finetune.py` is a one-process job: give DeepSpeed the env a launcher would set."""
-    if "RANK" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    init_distributed()
-
-
 def _save_task_model(cfg: FinetuneConfig, model, engine, tokenizer, labels) -> Path:
     """Write the trained task model: trainable parameters from the optimizer's fp32 master copy; frozen ones as
     loaded (a bf16 run keeps only a bf16 image of them in the engine). Collective; rank 0 writes."""
@@ -120,7 +108,7 @@ def finetune(cfg: FinetuneConfig) -> tuple[Path | None, dict[str, float]]:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    _ensure_process_group()
+    init_distributed()
     rank = dist.get_rank()
     out = Path(cfg.output_dir)
     if rank == 0:

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,17 +101,6 @@ def _max_sequence(config) -> int:
     return config.max_position_embeddings - offset
 
 
-def _single_process_env() -> None:
-    """`python pretrain/minipost.py` without a launcher: the variables of a one-process group (the deepspeed launcher
-    and torchrun set them), so DeepSpeed does not go looking for MPI."""
-    if "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
 def _write_mini_model(model, tokenizer, out_dir: Path, manifest: dict) -> Path:
     """Save atomically: a crash leaves the previous mini/ (if any) intact."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -165,7 +153,6 @@ def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
              count_values(mini, new_params) / 1e6, sum(p.numel() for p in mini.parameters()) / 1e6)
     train_data, valid_data = _datasets(cfg, tokenizer)
 
-    _single_process_env()
     init_distributed()
     rank0 = dist.get_rank() == 0
     device = torch.device(get_accelerator().device_name(int(os.environ["LOCAL_RANK"])))

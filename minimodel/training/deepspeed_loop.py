@@ -251,21 +251,28 @@ def _started_by_a_launcher() -> bool:
     return multi_task_slurm or any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
 
 
+def single_process_env() -> None:
+    """A plain `python script.py` (no launcher): set the variables torchrun / the deepspeed launcher would set for a
+    world of one process, so DeepSpeed and megatron form a one-process group instead of looking for MPI."""
+    import socket
+
+    if _started_by_a_launcher():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo/ccl on CPU) if not done yet.
     A plain `python script.py` (no launcher) runs as a world of one process."""
-    import socket
-
     import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    if not _started_by_a_launcher():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    single_process_env()
     deepspeed.init_distributed()
 
 
