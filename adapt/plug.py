@@ -7,26 +7,9 @@
 Writes a Hugging Face model directory with the target tokenizer; refuses mismatched shapes, the wrong tokenizer,
 or a primary model the embeddings were not learned for.
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a plain script run from anywhere
-
-from minimodel.adaptation.plug import PlugConfig, PlugError, plug  # noqa: E402
-from minimodel.config import parse_cli  # noqa: E402
-from minimodel.manifest import ManifestError  # noqa: E402
-
-
-def main() -> int:
-    cfg = parse_cli(PlugConfig, description=__doc__)
-    try:
-        out = plug(cfg)
-    except (PlugError, ManifestError, FileNotFoundError) as e:
-        print(f"plug: {e}", file=sys.stderr)
-        return 2
-    print(f"plug: wrote {out}")
-    return 0
-
+from minimodel.adaptation.plug import PlugConfig, PlugError, plug
+from minimodel.cli import run_stage
 
 if __name__ == "__main__":
-    sys.exit(main())
+    out = run_stage(PlugConfig, plug, __doc__, PlugError, FileNotFoundError)
+    print(f"plug: wrote {out}")

@@ -29,7 +29,6 @@ reported beside, not added to the per-language figure.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -46,8 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (REPO, RESULTS_DIR, SMOKE_DIR, SUMMARY, count_flops, header, pyplot,  # noqa: E402
-                               single_process_env, summary, write_result)
+from benchmarks.common import (REPO, SUMMARY, arg_parser, count_flops, header, parse_args, pyplot,  # noqa: E402
+                               save, single_process_env, summary)
+from minimodel.files import write_text_atomic  # noqa: E402
 
 NAME = "adaptation_compute"
 METHODS = ("standard", "minijoint", "minipost")
@@ -305,9 +305,7 @@ def quality_curve(run_dir: Path, evaluator: PluggedEvaluator, initial_loss: floa
     plugged = plug_final(run_dir, evaluator)
     if not math.isclose(plugged, points[-1]["loss"], rel_tol=1e-4):
         raise RuntimeError(f"{run_dir}: plug() gives loss {plugged}, the checkpoint {points[-1]['loss']}")
-    tmp = cache.with_name(cache.name + ".tmp")
-    tmp.write_text(json.dumps(points))
-    tmp.replace(cache)
+    write_text_atomic(cache, json.dumps(points))
     for ckpt in sorted((run_dir / "checkpoints").glob("step_*"))[:-1]:
         shutil.rmtree(ckpt, ignore_errors=True)
     return points
@@ -439,10 +437,9 @@ def analyse(curves: dict[tuple[str, str, int], list[dict]], setup: Setup) -> tup
     return rows, average
 
 
-def plot(result: dict, out: Path) -> Path:
-    plt = pyplot()
+def figure(result: dict):
     langs = result["setup"]["target_langs"]
-    fig, axes = plt.subplots(1, len(langs), figsize=(5.2 * len(langs), 4.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(langs), figsize=(5.2 * len(langs), 4.6), squeeze=False)
     colours = {"standard": "tab:gray", "minijoint": "tab:blue", "minipost": "tab:orange"}
     for ax, lang in zip(axes[0], langs):
         final = []
@@ -477,17 +474,11 @@ def plot(result: dict, out: Path) -> Path:
                  f"{s['mini_layers']} layers, MiniPost {s['minipost_layers']}; seeds {seeds}\nsaving = standard's "
                  f"FLOPs / method's FLOPs to reach X% of standard's final loss reduction (seeds reaching it)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny model, data and runs (CI)")
-    parser.add_argument("--out", type=Path, default=None, help="output dir (default: benchmarks/results, "
-                                                                "or runs/benchmarks/smoke with --smoke)")
+    parser = arg_parser(__doc__, "tiny model, data and runs (CI)")
     parser.add_argument("--work", type=Path, default=None,
                         help="work dir for data, models and runs (default: runs/benchmarks/adaptation_compute"
                              "[_smoke]); re-running the same command reuses what is finished there")
@@ -497,14 +488,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pretrain-steps", type=int, default=None)
     parser.add_argument("--no-zero-shot", action="store_true",
                         help="skip step 5 (fine-tuning + zero-shot accuracy of the final embeddings)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     setup = dataclasses.replace(SMOKE) if args.smoke else Setup()
     for key, value in (("target_langs", args.langs), ("seeds", args.seeds), ("adapt_steps", args.adapt_steps),
                        ("pretrain_steps", args.pretrain_steps)):
         if value is not None:
             setattr(setup, key, value)
     work = (args.work or REPO / "runs" / "benchmarks" / (NAME + ("_smoke" if args.smoke else ""))).resolve()
-    out_dir = args.out or (SMOKE_DIR if args.smoke else RESULTS_DIR)
 
     data_dir = prepare(setup, work)
     export_dir = pretrain_and_export(setup, work, data_dir)
@@ -560,13 +550,11 @@ def main(argv: list[str] | None = None) -> dict:
     result["compute_to_quality"] = rows
     result["zero_shot_accuracy"] = zero_shot_result
     result["average_speedup"] = average
-    path = write_result(out_dir / f"{NAME}.json", result, SCHEMA)
-    plot(result, out_dir / f"{NAME}.png")
+    save(NAME, result, SCHEMA, figure(result), args.out)
     for m in MINI_METHODS:
         cells = ", ".join(f"{int(100 * t)}%: " + (f"{average[m][str(t)]:.2f}x" if average[m][str(t)] else "not matched")
                           for t in THRESHOLDS)
         print(f"[{NAME}] {m}: compute saving vs standard (mean over languages of the median over seeds) {cells}")
-    print(f"[{NAME}] wrote {path} and {path.with_suffix('.png')}")
     return result
 
 

@@ -6,6 +6,8 @@ Results are JSON (checked against each benchmark's schema before they are writte
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from minimodel.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -162,11 +166,7 @@ def write_result(path: Path, result: dict, schema: dict) -> Path:
     check_schema(result, {**HEADER, **schema})
     if hasattr(os, "getloadavg"):  # how shared the machine was by the end (the header has it at the start)
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
 def header(name: str, smoke: bool) -> dict[str, Any]:
@@ -180,6 +180,55 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(name: str, result: dict, schema: dict, figure, out_dir: Path) -> Path:
+    """<out_dir>/<name>.json (checked against `schema`, see write_result) and `figure` as <name>.png."""
+    path = write_result(out_dir / f"{name}.json", result, schema)
+    figure.tight_layout()
+    figure.savefig(path.with_suffix(".png"), dpi=120)
+    pyplot().close(figure)
+    print(f"[{name}] wrote {path} and {path.with_suffix('.png')}")
+    return path
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+SMOKE_SHAPE = {"layers": 2, "hidden": 64, "seq": 32, "micro_batch": 2, "mini_layers": 1}
+
+
+def arg_parser(doc: str, smoke_help: str, model_shape: bool = False) -> argparse.ArgumentParser:
+    """--smoke and --out, which every benchmark takes; with `model_shape`, the MiniJoint model's shape flags
+    (see minijoint_config), which --smoke sets to SMOKE_SHAPE."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output dir (default: {RESULTS_DIR.relative_to(REPO)}, "
+                             f"or {SMOKE_DIR.relative_to(REPO)} with --smoke)")
+    if model_shape:
+        parser.add_argument("--layers", type=int, default=12)
+        parser.add_argument("--hidden", type=int, default=256)
+        parser.add_argument("--seq", type=int, default=128)
+        parser.add_argument("--micro-batch", type=int, default=8)
+        parser.add_argument("--mini-layers", type=int, default=3)
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The parsed flags, with --out resolved and, under --smoke, the model shape (if any) set to SMOKE_SHAPE."""
+    args = parser.parse_args(argv)
+    args.out = args.out or (SMOKE_DIR if args.smoke else RESULTS_DIR)
+    if args.smoke and hasattr(args, "layers"):
+        vars(args).update(SMOKE_SHAPE)
+    return args
+
+
+def minijoint_config(args: argparse.Namespace, vocab_size: int, **fields):
+    """The MiniJoint ModelConfig of the shape flags (one attention head per 64 hidden units)."""
+    from minimodel.models.minijoint.config import ModelConfig
+
+    return ModelConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_layers=args.layers,
+                       num_attention_heads=max(1, args.hidden // 64), seq_length=args.seq,
+                       mini_layers=args.mini_layers, **fields)
 
 
 def single_process_env() -> None:
@@ -207,7 +256,7 @@ class MiniJointSteps:
     """A MiniJoint model + megatron optimizer on one rank, and its training step (pretrain.Trainer.train_step
     without the logging): zero the grad buffers, megatron's forward/backward schedule, the optimizer step.
 
-    Call `setup(first_model_cfg)` once per process; every later model must share its layout (TP=1/PP=1)."""
+    Build it inside `with MiniJointSteps.world(model_cfg, micro_batch):`; every model there shares its layout."""
 
     def __init__(self, model_cfg, micro_batch: int, seed: int = 0):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -228,13 +277,20 @@ class MiniJointSteps:
         self.mask_fraction = float((self.batch["labels"] != -100).float().mean())
 
     @staticmethod
-    def setup(model_cfg, micro_batch: int, seed: int = 0) -> None:
+    @contextlib.contextmanager
+    def world(model_cfg, micro_batch: int, seed: int = 0):
+        """The one-rank megatron world (TP=1/PP=1) the MiniJointSteps of the block live in; destroyed after it."""
+        from minimodel import distributed
         from minimodel.distributed import ParallelConfig
         from minimodel.models.minijoint import parallelize
 
         single_process_env()
         parallelize.setup(model_cfg, ParallelConfig(micro_batch_size=micro_batch, global_batch_size=micro_batch),
                           seed)
+        try:
+            yield
+        finally:
+            distributed.destroy()
 
     def step(self) -> dict:
         from minimodel.models.minijoint import parallelize

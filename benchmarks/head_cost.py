@@ -16,7 +16,6 @@ torch's FlopCounterMode.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import sys
@@ -26,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (RESULTS_DIR, SMOKE_DIR, SUMMARY, MiniJointSteps, count_flops, header,  # noqa: E402
-                               interleaved, pyplot, summary, write_result)
+from benchmarks.common import (SUMMARY, MiniJointSteps, arg_parser, count_flops, header,  # noqa: E402
+                               interleaved, minijoint_config, parse_args, pyplot, save, summary)
 
 NAME = "head_cost"
 VARIANT = {"step_time_s": SUMMARY, "tokens_per_s": float, "counted_flops_per_step": float}
@@ -161,9 +160,8 @@ def lm_head_cost(steps: MiniJointSteps, repeats: int) -> dict:
     return result
 
 
-def plot(result: dict, out: Path) -> Path:
-    plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 2]})
+def figure(result: dict):
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 2]})
     sh = result["secondary_head"]
     names = ["with_head", "without_head"]
     med = [sh[n]["step_time_s"]["median"] for n in names]
@@ -194,48 +192,28 @@ def plot(result: dict, out: Path) -> Path:
     fig.suptitle(f"MiniJoint {m['num_layers']} layers, hidden {m['hidden_size']}, {m['micro_batch']}x"
                  f"{m['seq_length']} tokens, 15% masked; {result['machine']['cpu']}, "
                  f"{result['machine']['torch_threads']} threads", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats (CI)")
-    parser.add_argument("--out", type=Path, default=None, help="output dir (default: benchmarks/results, "
-                                                                "or runs/benchmarks/smoke with --smoke)")
+    parser = arg_parser(__doc__, "tiny shapes, 2 repeats (CI)", model_shape=True)
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--mini-layers", type=int, default=3)
     parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 250000])
-    args = parser.parse_args(argv)
-    from minimodel.models.minijoint.config import ModelConfig
-
+    args = parse_args(parser, argv)
     if args.smoke:
-        args.layers, args.hidden, args.seq, args.micro_batch, args.mini_layers = 2, 64, 32, 2, 1
         args.vocabs = [1000, 4000]
     repeats = args.repeats or (2 if args.smoke else 7)
-    out_dir = args.out or (SMOKE_DIR if args.smoke else RESULTS_DIR)
 
     def model_cfg(vocab):
-        return ModelConfig(vocab_size=vocab, hidden_size=args.hidden, num_layers=args.layers,
-                           num_attention_heads=max(1, args.hidden // 64), seq_length=args.seq,
-                           mini_layers=args.mini_layers, hidden_dropout=0.1, attention_dropout=0.1)
+        return minijoint_config(args, vocab, hidden_dropout=0.1, attention_dropout=0.1)
 
-    from minimodel import distributed
-
-    MiniJointSteps.setup(model_cfg(args.vocabs[0]), args.micro_batch)
-    try:
-        result = header(NAME, args.smoke)
-        result["model"] = {**{k: v for k, v in dataclasses.asdict(model_cfg(args.vocabs[0])).items()
-                              if k in ("num_layers", "hidden_size", "seq_length", "mini_layers", "vocab_size",
-                                       "num_attention_heads", "ffn_hidden_size")},
-                           "micro_batch": args.micro_batch, "repeats": repeats}
-        result["lm_head"] = []
+    result = header(NAME, args.smoke)
+    result["model"] = {**{k: v for k, v in dataclasses.asdict(model_cfg(args.vocabs[0])).items()
+                          if k in ("num_layers", "hidden_size", "seq_length", "mini_layers", "vocab_size",
+                                   "num_attention_heads", "ffn_hidden_size")},
+                       "micro_batch": args.micro_batch, "repeats": repeats}
+    result["lm_head"] = []
+    with MiniJointSteps.world(model_cfg(args.vocabs[0]), args.micro_batch):
         for i, vocab in enumerate(args.vocabs):
             steps = MiniJointSteps(model_cfg(vocab), args.micro_batch)
             if i == 0:
@@ -244,17 +222,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{NAME}] LM head forms, vocab {vocab}", flush=True)
             result["lm_head"].append(lm_head_cost(steps, repeats))
             del steps
-    finally:
-        distributed.destroy()
-    path = write_result(out_dir / f"{NAME}.json", result, SCHEMA)
-    plot(result, out_dir / f"{NAME}.png")
+    save(NAME, result, SCHEMA, figure(result), args.out)
     sh = result["secondary_head"]
     print(f"[{NAME}] secondary head: +{100 * sh['overhead_time_fraction']:.1f}% step time, "
           f"+{100 * sh['overhead_flops_fraction']:.1f}% FLOPs")
     for row in result["lm_head"]:
         print(f"[{NAME}] V={row['vocab_size']}: full-sequence projection is {row['head_only']['speedup']:.1f}x slower "
               f"(head alone), {row['full_step']['speedup']:.2f}x (full step)")
-    print(f"[{NAME}] wrote {path} and {path.with_suffix('.png')}")
     return result
 
 

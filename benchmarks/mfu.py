@@ -14,7 +14,6 @@ against that round's peak (which cancels part of the load other processes put on
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import shutil
@@ -29,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (RESULTS_DIR, SMOKE_DIR, SUMMARY, MiniJointSteps, count_flops, header,  # noqa: E402
-                               matmul_flops_per_s, pyplot, summary, synthetic_mlm_batch, write_result)
+from benchmarks.common import (SUMMARY, MiniJointSteps, arg_parser, count_flops, header,  # noqa: E402
+                               matmul_flops_per_s, minijoint_config, parse_args, pyplot, save, summary,
+                               synthetic_mlm_batch)
 
 NAME = "mfu"
 WORKLOADS = ("pretrain", "adapt_standard", "adapt_mini")
@@ -115,9 +115,8 @@ def workload_summary(times: list[float], round_peaks: list[tuple[list[float], fl
             "mfu_vs_best_peak": model_flops / t["median"] / best_peak, "mfu_vs_round_peak": summary(per_round)}
 
 
-def plot(result: dict, out: Path) -> Path:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+def figure(result: dict):
+    fig, ax = pyplot().subplots(figsize=(7.5, 4.2))
     labels = {"pretrain": "MiniJoint pretraining\n(megatron-core)", "adapt_standard": "adaptation, full model\n"
               "(standard; DeepSpeed)", "adapt_mini": "adaptation, mini-model\n(DeepSpeed)"}
     peak = result["peak"]["best_flops_per_s"]
@@ -137,43 +136,24 @@ def plot(result: dict, out: Path) -> Path:
                  f"{m['vocab_size']}, {m['micro_batch']}x{m['seq_length']} tokens/step\n{result['machine']['cpu']}, "
                  f"{result['machine']['torch_threads']} threads", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds (CI)")
-    parser.add_argument("--out", type=Path, default=None, help="output dir (default: benchmarks/results, "
-                                                                "or runs/benchmarks/smoke with --smoke)")
+    parser = arg_parser(__doc__, "tiny shapes, 2 rounds (CI)", model_shape=True)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per workload per round")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--mini-layers", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--matmul-size", type=int, default=2048)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.smoke:
-        args.layers, args.hidden, args.seq, args.micro_batch, args.mini_layers = 2, 64, 32, 2, 1
         args.vocab, args.matmul_size = 1000, 256
     rounds = args.rounds or (2 if args.smoke else 5)
     steps = args.steps or (2 if args.smoke else 4)
-    out_dir = args.out or (SMOKE_DIR if args.smoke else RESULTS_DIR)
 
-    from minimodel import distributed
-    from minimodel.models.minijoint.config import ModelConfig
-
-    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                      num_attention_heads=max(1, args.hidden // 64), seq_length=args.seq,
-                      mini_layers=args.mini_layers)
+    cfg = minijoint_config(args, args.vocab)
     result = header(NAME, args.smoke)  # date and load average at the start
-    MiniJointSteps.setup(cfg, args.micro_batch)
-    try:
+    with MiniJointSteps.world(cfg, args.micro_batch):
         pretrain = MiniJointSteps(cfg, args.micro_batch)
         dtype = torch.bfloat16 if pretrain.parallel.bf16() else torch.float32
         pretrain_counted = count_flops(pretrain.step)
@@ -196,8 +176,6 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{statistics.median(pretrain_times):.3f} s, adaptation step full "
                   f"{statistics.median(times['adapt_standard'][-1]):.3f} s / mini "
                   f"{statistics.median(times['adapt_mini'][-1]):.3f} s", flush=True)
-    finally:
-        distributed.destroy()
 
     best = max(peaks)
     result["peak"] = {"dtype": str(dtype).removeprefix("torch."), "matmul_size": args.matmul_size,
@@ -210,15 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
     result["workloads"] = {
         name: workload_summary([t for ts in times[name] for t in ts], list(zip(times[name], peaks)), *flops[name],
                                best) for name in WORKLOADS}
-    path = write_result(out_dir / f"{NAME}.json", result, SCHEMA)
-    plot(result, out_dir / f"{NAME}.png")
+    save(NAME, result, SCHEMA, figure(result), args.out)
     for name in WORKLOADS:
         w = result["workloads"][name]
         print(f"[{NAME}] {name}: {w['model_flops_per_s']['median'] / 1e9:.1f} GFLOP/s, MFU "
               f"{100 * w['mfu_vs_best_peak']:.1f}% of the best peak ({best / 1e9:.1f} GFLOP/s), "
               f"{100 * w['mfu_vs_round_peak']['median']:.1f}% of the same round's; counted/model FLOPs "
               f"{w['counted_vs_model']:.4f}")
-    print(f"[{NAME}] wrote {path} and {path.with_suffix('.png')}")
     return result
 
 

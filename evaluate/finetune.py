@@ -7,25 +7,13 @@
 Writes <output_dir>/model (the task model that adapt/plug.py plugs target embeddings into) and metrics.json.
 Rerunning the same command resumes; on SIGTERM / SIGUSR1 it checkpoints and exits with code 75 (requeue).
 """
-import logging
-import os
-import sys
-
-from minimodel.config import parse_cli
+from minimodel.cli import is_rank0, run_stage
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.finetune import FinetuneConfig, finetune
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 if __name__ == "__main__":
-    rank0 = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = parse_cli(FinetuneConfig, description=__doc__)
-    try:
-        model_dir, metrics = finetune(cfg)
-    except EvaluationError as e:
-        print(f"finetune: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if model_dir is not None and rank0:
+    model_dir, metrics = run_stage(FinetuneConfig, finetune, __doc__, EvaluationError)
+    if model_dir is not None and is_rank0():
         print(f"task model: {model_dir}\n" + "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
     raise SystemExit(PREEMPTED_EXIT_CODE if model_dir is None else 0)

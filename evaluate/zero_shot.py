@@ -7,20 +7,11 @@ test sets (with the target tokenizers), and the source-language task model as th
 
 One MLflow run per language (tags stage=evaluate, method, target_lang); <output_dir>/metrics.json.
 """
-import logging
-import sys
-
-from minimodel.config import parse_cli
+from minimodel.cli import run_stage
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.zero_shot import ZeroShotConfig, zero_shot
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = parse_cli(ZeroShotConfig, description=__doc__)
-    try:
-        results = zero_shot(cfg)
-    except EvaluationError as e:
-        print(f"zero_shot: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    results = run_stage(ZeroShotConfig, zero_shot, __doc__, EvaluationError)
     for lang, metrics in results.items():
         print(lang, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from minimodel.files import write_text_atomic
+
 T = TypeVar("T")
 
 
@@ -172,12 +174,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

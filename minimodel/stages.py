@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from minimodel.files import write_text_atomic
 
 STAMP = ".stage.json"
 
@@ -76,9 +77,6 @@ class Stage:
             raise StageFailed(f"stage {self.name} failed with exit code {code}; its log: {log_path}")
         seconds = time.time() - start
         self.run_ids = find_runs(start) if find_runs else []
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_dir / (STAMP + ".tmp")
-        tmp.write_text(json.dumps({"input_hash": self.input_hash, "seconds": seconds, "argv": self.command,
-                                   "run_ids": self.run_ids}))
-        os.replace(tmp, self.output_dir / STAMP)
+        write_text_atomic(self.output_dir / STAMP, json.dumps({
+            "input_hash": self.input_hash, "seconds": seconds, "argv": self.command, "run_ids": self.run_ids}))
         return seconds

@@ -15,16 +15,19 @@ Usage in a stage (every rank may run this; only global rank 0 touches MLflow):
   `<tracking.store_dir>/mlflow.db` with artifacts in `<store_dir>/artifacts` (never the legacy ./mlruns file store,
   never a path that depends on the current directory after start-up). `python -m minimodel.ui` serves that store.
 - The run records: the resolved config as params (flattened) and as config.yaml; tags for stage/method/languages
-  (given by the stage) plus git commit, host, world size and Slurm job id (added here).
+  (given by the stage) plus git commit, host, world size and the Slurm job (id, array job/task, restart count of a
+  requeued job; added here).
+- A stage that resumes from its checkpoints continues its MLflow run too: `Tracker.resumable(cfg, output_dir, ...)`
+  keeps the run id in <output_dir>/mlflow_run.json.
 - Logging never blocks training for long: metrics are buffered and sent as one batch per `flush_every` steps, and
   every MLflow call runs in order on one background thread; `finish()` waits for them.
 - Nothing is lost when the server is down: at start-up the run goes to the local store with a warning; if the
   server goes away mid-run, the background thread warns, opens a new run in the local store and replays everything
   this Tracker has logged so far into it.
 - A pipeline is one parent run: a stage started with `tracking.parent_run_id` (or $MINIMODEL_PARENT_RUN_ID, see
-  `Tracker.child_env`) is nested under it. A re-run of the pipeline continues its parent run (`Tracker.resume`), so
-  stages it skips stay shown by their earlier runs; to show a finished run under a *new* parent without running it
-  again, tag runs with `stage_key(...)`, look them up with `find_finished_run` and link them with `link_run`.
+  `Tracker.child_env`) is nested under it. A re-run of the pipeline is a new parent run: a stage it skips is shown
+  there by `link_run` (runs tagged with `stage_key(...)`, found with `find_finished_run`); a stage it resumes
+  (`Tracker.resumable`) moves its continued run under the new parent.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import atexit
 import dataclasses
 import getpass
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -51,12 +55,16 @@ from typing import Any
 import yaml
 
 from minimodel.config import flatten, require, to_dict
+from minimodel.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "MINIMODEL_PARENT_RUN_ID"
 STAGE_KEY_TAG = "stage_key"
 REUSED_RUN_TAG = "reused_run_id"
+RUN_FILE = "mlflow_run.json"  # in a stage's output_dir: the run a resumed stage continues (Tracker.resumable)
+SLURM_TAGS = {"SLURM_JOB_ID": "slurm_job_id", "SLURM_ARRAY_JOB_ID": "slurm_array_job_id",
+              "SLURM_ARRAY_TASK_ID": "slurm_array_task_id", "SLURM_RESTART_COUNT": "slurm_restart_count"}
 
 
 @dataclass
@@ -241,6 +249,7 @@ class Tracker:
         self._steps_buffered = 0
         self._finished = False
         self._pid = os.getpid()
+        self._earlier_params: dict[str, str] = {}  # of a continued run: MLflow params cannot change
         if not self.active:
             return
         self._local_store = Path(cfg.store_dir).resolve()  # fixed now, in case the stage changes directory
@@ -249,10 +258,16 @@ class Tracker:
             dataclasses.replace(cfg, store_dir=str(self._local_store)), parent)
         earlier = self._find_run(run_id) if run_id else None
         if earlier is not None:
+            from mlflow.entities import RunTag
+
             self.run_id, self.run_name = run_id, earlier.info.run_name
+            resumed_tags = self._resumed_tags(earlier, parent)
+            resumed_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
             self.experiment_id = earlier.info.experiment_id
-            self._tags = {**earlier.data.tags, **{k: str(v) for k, v in (tags or {}).items() if v is not None}}
+            self._tags = {**earlier.data.tags, **resumed_tags}
+            self._earlier_params = dict(earlier.data.params)
             self.client.update_run(run_id, status="RUNNING")
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in resumed_tags.items()])
         else:
             self._tags = self._default_tags()
             self._tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
@@ -283,6 +298,32 @@ class Tracker:
         (another store, or the server is down and this is the local one), a new run is started instead."""
         return cls(cfg, config, tags, run_id=run_id)
 
+    @classmethod
+    def resumable(cls, cfg: TrackingConfig, output_dir: str | os.PathLike, config: Any = None,
+                  tags: dict[str, Any] | None = None, resume: bool = True) -> "Tracker":
+        """The run of a stage that resumes from its own checkpoints in `output_dir` (a requeued Slurm job, the
+        same command run again): with `resume` (the stage loaded a checkpoint), the run named in
+        <output_dir>/mlflow_run.json is continued (see `resume`); otherwise, or if there is none, a new run is
+        started. The run's id is then written there for the next resume."""
+        run_file = Path(output_dir) / RUN_FILE
+        earlier = None
+        if resume and run_file.is_file():
+            earlier = json.loads(run_file.read_text()).get("run_id")
+        tracker = cls(cfg, config, tags, run_id=earlier)
+        if tracker.active and tracker.run_id != earlier:
+            write_text_atomic(run_file, json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.uri}) + "\n")
+        return tracker
+
+    def _resumed_tags(self, earlier, parent: str | None) -> dict[str, str]:
+        """Tags that change when a run is continued: where it runs now, how often it was resumed, and its parent
+        when it is continued under another one (a pipeline run again), if in the same experiment."""
+        tags = {k: v for k, v in self._default_tags().items() if k in ("host", "world_size", *SLURM_TAGS.values())}
+        tags["resumes"] = str(int(earlier.data.tags.get("resumes", "0")) + 1)
+        if parent and earlier.data.tags.get("mlflow.parentRunId") != parent \
+                and earlier.info.experiment_id == self.experiment_id:
+            tags["mlflow.parentRunId"] = parent
+        return tags
+
     def _find_run(self, run_id: str):
         from mlflow.exceptions import MlflowException
 
@@ -300,8 +341,7 @@ class Tracker:
             "mlflow.user": getpass.getuser(), "mlflow.source.name": Path(sys.argv[0]).name or "python",
             "mlflow.source.type": "LOCAL",
         }
-        if os.environ.get("SLURM_JOB_ID"):
-            tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        tags.update({tag: os.environ[var] for var, tag in SLURM_TAGS.items() if os.environ.get(var)})
         return tags
 
     def _default_run_name(self) -> str | None:
@@ -363,7 +403,13 @@ class Tracker:
         from mlflow.entities import Param
 
         settings = _config_dict(config)
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(settings).items()]
+        values = {k: str(v)[:6000] for k, v in flatten(settings).items()}
+        changed = {k: v for k, v in values.items() if self._earlier_params.get(k, v) != v}
+        if changed:  # a continued run whose config was changed (e.g. more steps): params are immutable
+            log.warning("run %s continues with changed settings %s: recorded as tags resumed_with.<key>",
+                        self.run_id, changed)
+            self.set_tags({f"resumed_with.{k}": v for k, v in changed.items()})
+        params = [Param(k, v) for k, v in values.items() if k not in self._earlier_params]
         for i in range(0, len(params), 100):
             self._submit("log_batch", params=params[i:i + 100])
         path = self._staging / "config.yaml"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -14,8 +15,8 @@ from mlflow import MlflowClient
 from mlflow_helpers import ToyStageConfig, log_synthetic_pipeline, new_store
 
 from minimodel.config import ConfigError, load_config
-from minimodel.tracking import (REUSED_RUN_TAG, STAGE_KEY_TAG, Tracker, TrackingConfig, find_finished_run,
-                                link_run, local_store_uri, stage_key)
+from minimodel.tracking import (REUSED_RUN_TAG, RUN_FILE, STAGE_KEY_TAG, Tracker, TrackingConfig,
+                                find_finished_run, link_run, local_store_uri, stage_key)
 from minimodel.ui import MlflowServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,11 +87,21 @@ def test_run_records_config_tags_metrics_and_artifacts(store, tmp_path):
     assert (store / "artifacts").is_dir() and not (tmp_path / "mlruns").exists()
 
 
-def test_slurm_job_id_is_tagged(store, monkeypatch):
+def test_slurm_job_is_tagged(store, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    with Tracker(TrackingConfig(store_dir=str(store))) as t:
+    with Tracker(TrackingConfig(store_dir=str(store))) as plain:
         pass
-    assert client_for(store).get_run(t.run_id).data.tags["slurm_job_id"] == "4242"
+    for var, value in (("SLURM_ARRAY_JOB_ID", "4240"), ("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_RESTART_COUNT", "1")):
+        monkeypatch.setenv(var, value)
+    with Tracker(TrackingConfig(store_dir=str(store))) as requeued_array_task:
+        pass
+    client = client_for(store)
+    tags = client.get_run(plain.run_id).data.tags
+    assert tags["slurm_job_id"] == "4242" and not {"slurm_array_job_id", "slurm_restart_count"} & set(tags)
+    tags = client.get_run(requeued_array_task.run_id).data.tags
+    assert {k: tags[k] for k in ("slurm_job_id", "slurm_array_job_id", "slurm_array_task_id",
+                                 "slurm_restart_count")} == {"slurm_job_id": "4242", "slurm_array_job_id": "4240",
+                                                             "slurm_array_task_id": "2", "slurm_restart_count": "1"}
 
 
 def test_failed_stage_is_marked_failed_and_keeps_its_metrics(store):
@@ -240,6 +251,49 @@ def test_resumed_run_continues_the_same_run(store, caplog):
     with Tracker.resume(tracking, "0" * 32) as fresh:
         pass
     assert "not in the MLflow store" in caplog.text and fresh.run_id != first.run_id and len(all_runs(store)) == 2
+
+
+def test_resumed_stage_continues_its_run(store, tmp_path, monkeypatch, caplog):
+    """A stage resumed from its checkpoints (a requeued Slurm job, the same command again) continues its run."""
+    tracking = TrackingConfig(store_dir=str(store), flush_every=1)
+    out = tmp_path / "stage"
+    with Tracker(tracking, tags={"stage": "pipeline"}) as first_pipeline, \
+            Tracker(tracking, tags={"stage": "pipeline"}) as second_pipeline:
+        pass
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    first = Tracker.resumable(dataclasses.replace(tracking, parent_run_id=first_pipeline.run_id), out,
+                              ToyStageConfig(steps=10), tags={"stage": "pretrain"}, resume=False)
+    for step in range(3):
+        first.log_metrics({"train/loss": float(step)}, step)
+    first.finish("KILLED")  # preempted after a checkpoint
+    assert json.loads((out / RUN_FILE).read_text())["run_id"] == first.run_id
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued, and run again under a new pipeline run
+    with caplog.at_level(logging.WARNING, logger="minimodel.tracking"):
+        again = Tracker.resumable(dataclasses.replace(tracking, parent_run_id=second_pipeline.run_id), out,
+                                  ToyStageConfig(steps=20), tags={"stage": "pretrain", "resumed_from_step": 3})
+    for step in range(3, 6):
+        again.log_metrics({"train/loss": float(step)}, step)
+    again.finish()
+    assert again.run_id == first.run_id and again.errors == [] and "changed settings" in caplog.text
+    client = client_for(store)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and len(all_runs(store)) == 3
+    assert steps_of(client, run.info.run_id, "train/loss") == [(s, float(s)) for s in range(6)]
+    assert run.data.params["steps"] == "10" and run.data.tags["resumed_with.steps"] == "20"
+    assert {k: run.data.tags[k] for k in ("slurm_job_id", "slurm_restart_count", "resumes", "resumed_from_step",
+                                          "mlflow.parentRunId")} == {
+        "slurm_job_id": "77", "slurm_restart_count": "1", "resumes": "1", "resumed_from_step": "3",
+        "mlflow.parentRunId": second_pipeline.run_id}
+
+    # Not resuming (no checkpoint was loaded: a fresh start in the same output_dir): a new run, remembered.
+    fresh = Tracker.resumable(tracking, out, tags={"stage": "pretrain"}, resume=False)
+    fresh.finish()
+    assert fresh.run_id != first.run_id and json.loads((out / RUN_FILE).read_text())["run_id"] == fresh.run_id
+    # Inert ranks and disabled tracking leave the file alone.
+    monkeypatch.setenv("RANK", "1")
+    assert Tracker.resumable(tracking, out, resume=False).run_id is None
+    assert json.loads((out / RUN_FILE).read_text())["run_id"] == fresh.run_id
 
 
 def test_pipeline_children_are_nested_under_the_parent(store):

@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -35,6 +34,7 @@ from minimodel.data.clean import CLEANING_VERSION, clean_verse, normalize_spaces
 from minimodel.data.corpora import Document, Source, SourceConfig, split_verse_id
 from minimodel.data.indexed import load_megatron_datasets, write_indexed
 from minimodel.data.tokenizer import FastEncoder, train_tokenizer
+from minimodel.files import write_text_atomic
 from minimodel.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -204,15 +204,6 @@ def is_complete(lang_dir: Path, input_hash: str) -> bool:
     return True
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def _locked(out: Path):
     """One build per output directory at a time (e.g. several jobs of a pipeline starting together)."""
@@ -274,7 +265,7 @@ def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: d
     files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     stats = {"documents": docs, "tokens": tokens, "dropped": dropped, "vocab_size": vocab_size,
              "sources": [s.describe() for s in cfg.languages[lang].sources], "seconds": round(seconds, 2)}
-    _write_atomic(tmp / BUILD_MARKER, json.dumps({"input_hash": input_hash, "files": files, **stats}, indent=2))
+    write_text_atomic(tmp / BUILD_MARKER, json.dumps({"input_hash": input_hash, "files": files, **stats}, indent=2))
 
     final = out / lang
     old = out / f".{lang}.old-{uuid.uuid4().hex[:8]}"
@@ -370,7 +361,7 @@ def prepare_data(cfg: DataConfig) -> dict:
                         "split_seed": cfg.split_seed, "books": cfg.books, "joint_tokenizer": cfg.tokenizer.joint,
                         "languages": {lang: {"hash": hashes[lang], **stats[lang]} for lang in cfg.languages}}
             save_config(cfg, out / "config.yaml")
-            _write_atomic(manifest_path, json.dumps(manifest, indent=2))
+            write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
             _report(tracker, stats, todo, time.perf_counter() - start)
             tracker.log_artifact(manifest_path)
         return manifest
