@@ -29,10 +29,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+@dataclasses.dataclass(frozen=True)
+class _CommandLineScalar:
+    """A key=value override: parsed as YAML, with its text kept for str fields (run id 0123 is not the int 83)."""
+    text: str
+    value: Any
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` (converting where lossless, e.g. int -> float)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, _CommandLineScalar):
+        wants_text = tp is str or (origin in (Union, types.UnionType) and str in args)
+        value = value.text if wants_text and isinstance(value.value, (bool, int, float)) else value.value
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -130,6 +140,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"bad override {item!r}: value is not valid YAML ({e})") from None
+        if not isinstance(value, (dict, list)):
+            value = _CommandLineScalar(raw, value)
         _set_path(tree, key.strip(), value)
     return tree
 

@@ -48,6 +48,9 @@ def test_yaml_and_overrides_merge(tmp_path):
     assert cfg.model.layers == 8 and cfg.model.mini_layers == 3
     assert cfg.optim.lr == 2.0 and isinstance(cfg.optim.lr, float)  # int -> float is lossless
     assert cfg.model.langs == ["ny", "sw"] and cfg.name == "x" and cfg.model.tokenizer is None
+    # a str field takes the text as written: YAML would read 0123 as the octal int 83
+    cfg = load_config(Root, path, ["name=0123", "model.tokenizer=1e3", "model.layers=0x10"])
+    assert cfg.name == "0123" and cfg.model.tokenizer == "1e3" and cfg.model.layers == 16
 
 
 def test_unknown_key_is_named(tmp_path):
