@@ -142,7 +142,9 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                              [py, "adapt/plug.py", f"embeddings={emb_dir}", f"model={task_dir / 'model'}",
                               f"primary_model={primary}", f"output_dir={plugged}"],
                              plugged, [adapt_stage, finetune]))
-            targets.append(f"{{lang: {lang}, model_dir: {plugged}, tokenizer: {data / lang / 'tokenizer'}}}")
+            # embeddings: zero_shot also scores the run's snapshots (the report's quality-vs-compute curve)
+            targets.append(f"{{lang: {lang}, model_dir: {plugged}, tokenizer: {data / lang / 'tokenizer'}, "
+                           f"embeddings: {emb_dir}}}")
         out = root / "zero_shot" / method
         evaluations.append(add(f"zero_shot-{method}",
                                [py, "evaluate/zero_shot.py", "--config", cfg.configs.zero_shot, f"method={method}",
@@ -158,12 +160,13 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
 
 
 def _runs_since(tracker: Tracker):
-    """-> find_runs(start_time): the ids of this pipeline's child runs started since then."""
+    """-> find_runs(start_time): the ids of this pipeline's child runs that ended since then (a stage that resumed
+    its earlier run continues that run: it started before, but ends now)."""
     def find_runs(start_time: float) -> list[str]:
         if not tracker.run_id:
             return []
         query = (f"tags.`mlflow.parentRunId` = '{tracker.run_id}' "
-                 f"and attributes.start_time >= {int(start_time * 1000)}")
+                 f"and attributes.end_time >= {int(start_time * 1000)}")
         return [r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id], query)]
     return find_runs
 

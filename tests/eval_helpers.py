@@ -113,14 +113,16 @@ def perfect_target_embeddings(source_embeddings: torch.Tensor, source_tok, targe
 
 
 def adaptation_artifact(run_dir: Path, embeddings: torch.Tensor, target_tokenizer_dir: Path, primary_dir: Path,
-                        lang: str, method: str) -> Path:
+                        lang: str, method: str, steps: int = 1, adapt_run_id: str | None = None,
+                        snapshots: dict[int, torch.Tensor] | None = None) -> Path:
     """What a finished adapt/train.py run leaves for plugging (minimodel/adaptation/artifact.py), with `embeddings`
-    as the learned matrix: lets the tests plug chosen embeddings with the real adapt/plug.py code."""
+    as the learned matrix after `steps` steps and `snapshots` ({step: matrix}) as its snapshots: lets the tests
+    plug chosen embeddings with the real adapt/plug.py code."""
     import shutil
 
     from transformers import AutoTokenizer
 
-    from minimodel.adaptation.artifact import TOKENIZER_DIR, write_artifact
+    from minimodel.adaptation.artifact import TOKENIZER_DIR, snapshot_dir, write_artifact
     from minimodel.adaptation.vocab import tokenizer_fingerprint
     from minimodel.manifest import model_hash
 
@@ -130,9 +132,14 @@ def adaptation_artifact(run_dir: Path, embeddings: torch.Tensor, target_tokenize
     info = {"over": "full", "method": method, "source_lang": "en", "target_lang": lang,
             "primary_model": {"path": str(Path(primary_dir).resolve()), "sha256": model_hash(primary_dir)},
             "vocab_size": embeddings.shape[0], "hidden_size": embeddings.shape[1],
-            "pad_token_id": tokenizer.pad_token_id, "tokenizer_sha256": tokenizer_fingerprint(tokenizer)}
-    write_artifact(run_dir, {"input_embeddings": embeddings.float().contiguous(),
-                             "token_map": torch.full((embeddings.shape[0],), -1, dtype=torch.long)}, info)
+            "pad_token_id": tokenizer.pad_token_id, "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+            "adapt_run_id": adapt_run_id}
+    token_map = torch.full((embeddings.shape[0],), -1, dtype=torch.long)
+    for step, matrix in (snapshots or {}).items():
+        write_artifact(snapshot_dir(run_dir, step), {"input_embeddings": matrix.float().contiguous(),
+                                                     "token_map": token_map}, {**info, "steps": step})
+    write_artifact(run_dir, {"input_embeddings": embeddings.float().contiguous(), "token_map": token_map},
+                   {**info, "steps": steps})
     return run_dir
 
 

@@ -3,8 +3,9 @@ mini-model, ZeRO stages 1-3, then `adapt/plug.py`.
 
 One module-scoped fixture makes every launch once (7 launches); the tests below check what they left:
 - z1 mini: target_langs [sw, swcopy, zz], where swcopy is the same corpus as sw and zz has no data. The first launch
-  is stopped by SIGTERM while training sw; the same command again resumes it, runs swcopy and fails zz. sw
-  (interrupted + resumed) and swcopy (uninterrupted) must then agree exactly.
+  is stopped by SIGTERM while training sw, after its first embedding snapshot (step 30); the same command again
+  resumes it, runs swcopy and fails zz. sw (interrupted + resumed) and swcopy (uninterrupted) must then agree
+  exactly, snapshots included.
 - z2 / z3 mini, z1 / z2 / z3 full: sw only (z2 mini also logs to MLflow).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from minimodel.adaptation.artifact import list_snapshots, read_info
 from minimodel.adaptation.plug import PlugConfig, PlugError, plug
 
 from adapt_helpers import (FFN, HIDDEN, MINI_LAYERS, PRIMARY_LAYERS, PYTHON, REPO, SEQ, build_world, copy_language,
@@ -25,6 +27,7 @@ from adapt_helpers import (FFN, HIDDEN, MINI_LAYERS, PRIMARY_LAYERS, PYTHON, REP
 pytestmark = pytest.mark.slow
 
 STEPS, MICRO, WORLD = 60, 8, 2
+SNAPSHOT_EVERY = 30  # = train.eval_every: snapshot_every unset follows it
 
 
 def _overrides(world, out, zero, over, langs, tracking=False, micro=MICRO, accumulation=1):
@@ -32,7 +35,7 @@ def _overrides(world, out, zero, over, langs, tracking=False, micro=MICRO, accum
             f"data_dir={world.data_dir}", f"target_langs=[{','.join(langs)}]", "source_lang=en",
             f"seq_length={SEQ}", f"train.steps={STEPS}", f"train.micro_batch_size={micro}",
             f"train.grad_accumulation={accumulation}", "train.lr=0.01",
-            "train.warmup_steps=4", "train.torch_adam=true", "train.save_every=10", "train.eval_every=30",
+            "train.warmup_steps=4", "train.torch_adam=true", "train.save_every=10", f"train.eval_every={SNAPSHOT_EVERY}",
             "train.eval_batches=2", f"train.zero_config=configs/deepspeed/zero{zero}.json",
             f"tracking.enabled={str(tracking).lower()}", f"tracking.store_dir={world.root / 'mlflow'}"]
 
@@ -48,9 +51,9 @@ def runs(tmp_path_factory):
     d = root / "z1_mini"
     args = _overrides(world, d, 1, "mini", ["sw", "swcopy", "zz"])
     sent = run_deepspeed_and_signal("adapt/train.py", args, root / "z1_mini.signal.log", d / "sw" / "metrics.jsonl",
-                                    after_lines=3)
+                                    after_lines=SNAPSHOT_EVERY + 1)
     out["signal"] = {"sent": sent, "summary": json.loads((d / "summary.json").read_text()),
-                     "log": root / "z1_mini.signal.log"}
+                     "log": root / "z1_mini.signal.log", "snapshots": _snapshot_steps(d / "sw")}
     out["z1_mini_rc"] = run_deepspeed("adapt/train.py", args, root / "z1_mini.log")
     out["z1_mini"] = d
     for zero, over in ((2, "mini"), (3, "mini"), (1, "full"), (2, "full"), (3, "full")):
@@ -63,6 +66,10 @@ def runs(tmp_path_factory):
         assert rc == 0, log_tail(log)
         out[f"z{zero}_{over}"] = d
     return out
+
+
+def _snapshot_steps(run_dir) -> list[int]:
+    return [read_info(d)["steps"] for d in list_snapshots(run_dir)]
 
 
 def _embeddings(run_dir):
@@ -140,6 +147,31 @@ def test_a_stopped_run_resumes_with_exactly_the_same_losses_and_embeddings(runs)
     assert [m.get("eval/loss") for m in a] == [m.get("eval/loss") for m in b]
     assert a[-1]["compute/flops"] == b[-1]["compute/flops"]
     assert torch.equal(_embeddings(stopped)["input_embeddings"], _embeddings(uninterrupted)["input_embeddings"])
+    # The snapshot written before the stop is kept, and is the one an uninterrupted run writes.
+    assert sig["snapshots"] == [SNAPSHOT_EVERY] and _snapshot_steps(stopped) == [SNAPSHOT_EVERY, STEPS]
+    for a, b in zip(list_snapshots(stopped), list_snapshots(uninterrupted)):
+        assert torch.equal(_embeddings(a)["input_embeddings"], _embeddings(b)["input_embeddings"])
+        assert read_info(a)["flops"] == read_info(b)["flops"]
+
+
+def test_snapshots_hold_the_embeddings_and_the_compute_spent_at_each_evaluation(runs):
+    for name in ("z1_mini", "z2_mini", "z3_mini", "z1_full", "z2_full", "z3_full"):
+        run = runs[name] / "sw"
+        snapshots = list_snapshots(run)
+        infos = [read_info(d) for d in snapshots]
+        assert [d.name for d in snapshots] == ["step_30", "step_60"] and [i["steps"] for i in infos] == [30, 60]
+        logged = {m["step"]: m for m in metrics(run)}
+        for info in infos:
+            assert info["flops"] == logged[info["steps"]]["compute/flops"] > 0
+            assert info["wall_clock_s"] == logged[info["steps"]]["compute/wall_clock_s"] > 0
+        assert infos[0]["flops"] < infos[1]["flops"] and infos[0]["wall_clock_s"] < infos[1]["wall_clock_s"]
+        # The last step's snapshot is the final artifact: a snapshot is what the run leaves at its step.
+        final, final_info = _embeddings(run), read_info(run)
+        assert _embeddings(snapshots[-1]).keys() == final.keys()
+        assert all(torch.equal(_embeddings(snapshots[-1])[k], final[k]) for k in final)
+        final_only = {"optimizer_state_numel", "final_train_loss", "final_eval_loss"}
+        assert infos[-1] == {k: v for k, v in final_info.items() if k not in final_only}, name
+        assert not torch.equal(_embeddings(snapshots[0])["input_embeddings"], final["input_embeddings"])
 
 
 def test_a_failed_language_does_not_lose_the_others(runs):
@@ -200,6 +232,8 @@ def test_mlflow_run_has_the_tags_and_the_compute_axis(runs):
     flops = client.get_metric_history(run.info.run_id, "compute/flops")
     assert len(flops) == STEPS and all(b.value > a.value for a, b in zip(flops, flops[1:]))
     assert run.data.metrics["compute/wall_clock_s"] > 0 and run.info.status == "FINISHED"
+    run_dir = runs["z2_mini"] / "sw"
+    assert {read_info(d)["adapt_run_id"] for d in [run_dir, *list_snapshots(run_dir)]} == {run.info.run_id}
 
 
 def _mlm_loss_on_valid(model_dir, data_dir) -> float:

@@ -137,3 +137,28 @@ def test_adapt_config_names_the_problem():
         load_config(AdaptConfig, overrides=["primary_model=p", "over=full", "init.method=glove"])
     cfg = load_config(AdaptConfig, REPO_ROOT / "configs/adapt/default.yaml", ["over=full", "target_lang=ny"])
     assert cfg.languages() == ["ny"] and cfg.train.precision == "auto"
+    assert cfg.snapshot_interval == 5000
+    tiny = load_config(AdaptConfig, REPO_ROOT / "configs/adapt/tiny.yaml", ["primary_model=p", "over=full"])
+    assert tiny.snapshot_every is None and tiny.snapshot_interval == tiny.train.eval_every  # unset: at every eval
+    with pytest.raises(ConfigError, match="snapshot_every"):
+        load_config(AdaptConfig, overrides=["primary_model=p", "over=full", "snapshot_every=-1"])
+
+
+def _record_many(output_dir: str, worker: int) -> None:
+    from pathlib import Path
+
+    from minimodel.adaptation.train import record_statuses
+
+    for i in range(25):
+        record_statuses(Path(output_dir), {f"l{worker}_{i}": "done"})
+
+
+def test_concurrent_array_tasks_keep_every_status_in_summary_json(tmp_path):
+    """Slurm array tasks (one language each) of one output_dir update summary.json at the same time."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        pool.starmap(_record_many, [(str(tmp_path), w) for w in range(4)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == {f"l{w}_{i}": "done" for w in range(4) for i in range(25)}
+    assert not list(tmp_path.glob("*.tmp"))

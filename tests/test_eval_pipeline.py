@@ -1,6 +1,7 @@
 """Step 3 (fine-tuning through the DeepSpeed loop, embeddings frozen) and step 4 (zero-shot with swapped embeddings)
 on a toy verse-parallel Bible: the target language is a cipher of English, so perfectly learned target embeddings
 must reproduce the English scores exactly."""
+import json
 import random
 import subprocess
 import sys
@@ -149,3 +150,58 @@ def test_plugged_model_filed_under_wrong_method_is_refused(world, plugged_task_m
                                                         f"tokenizer: {world['root'] / 'data/xx/tokenizer'}}}]")
     with pytest.raises(ValueError, match="method='minijoint' embeddings .* fix method"):
         zero_shot(cfg)
+
+
+@pytest.fixture(scope="module")
+def adaptation_run(world):
+    """An adaptation run of xx (method minipost) whose snapshots are random (step 10) then perfect (20, 30 = the
+    final step), and its final embeddings plugged into the task model."""
+    root = world["root"]
+    task_embeddings = load_file(world["task_model"] / "model.safetensors")[EMBEDDINGS]
+    perfect = perfect_target_embeddings(task_embeddings, world["source_tok"], world["target_tok"])
+    random_rows = torch.randn(perfect.shape, generator=torch.Generator().manual_seed(0)) * 0.2
+    run = adaptation_artifact(root / "adapt_curve" / "xx", perfect, root / "data" / "xx" / "tokenizer",
+                              world["primary"], "xx", "minipost", steps=30, adapt_run_id="adapt-run-1",
+                              snapshots={10: random_rows, 20: perfect, 30: perfect})
+    return run, plug(run, world["task_model"], world["primary"], root / "plugged_curve")
+
+
+def test_zero_shot_scores_each_snapshot_of_the_adaptation_run(world, adaptation_run):
+    """A target naming its adaptation run (`embeddings`) gets one evaluation run per intermediate snapshot, each
+    plugged into the task model in memory: a random snapshot scores low, a perfect one exactly the source score."""
+    from mlflow import MlflowClient
+
+    root = world["root"]
+    run, plugged = adaptation_run
+    cfg = _zero_shot_cfg(world, "zs_curve", method="minipost", source_model_dir=world["task_model"],
+                         targets=f"[{{lang: xx, model_dir: {plugged}, tokenizer: {root / 'data/xx/tokenizer'}, "
+                                 f"embeddings: {run}}}]")
+    results = zero_shot(cfg)
+    curve = json.loads((root / "zs_curve" / "snapshots.json").read_text())["xx"]
+    assert set(curve) == {"10", "20"}  # step 30 is the final artifact, scored through the plugged model
+    assert curve["20"]["accuracy"] == results["xx"]["accuracy"] == results["en"]["accuracy"]
+    assert curve["10"]["accuracy"] < results["en"]["accuracy"] - 0.2
+
+    client = MlflowClient(f"sqlite:///{world['store'] / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("minimodel").experiment_id],
+                              "tags.method = 'minipost' and tags.role = 'target'")
+    by_step = {r.data.tags.get("adapt_step"): r for r in runs}
+    assert len(runs) == 3 and set(by_step) == {"10", "20", None}  # None: the final embeddings
+    assert all(r.data.tags["adapt_run_id"] == "adapt-run-1" for r in runs)  # the final's from plug.json
+    assert by_step["10"].data.metrics["accuracy"] == curve["10"]["accuracy"]
+
+
+def test_a_snapshot_plugs_in_memory_exactly_as_adapt_plug_writes_it(world, adaptation_run):
+    from minimodel.adaptation.artifact import snapshot_dir
+    from minimodel.adaptation.plug import plug_model
+    from minimodel.evaluation.models import load_task_model
+
+    snapshot = snapshot_dir(adaptation_run[0], 10)
+    on_disk = load_file(plug(snapshot, world["task_model"], world["primary"], world["root"] / "plugged_step10")
+                        / "model.safetensors")
+    model = load_task_model(world["task_model"], "classification")
+    plug_model(model, snapshot, model_dir=str(world["task_model"]), primary_dir=str(world["primary"]))
+    in_memory = model.state_dict()
+    assert set(on_disk) <= set(in_memory)
+    assert all(torch.equal(on_disk[k], in_memory[k]) for k in on_disk)
+    assert torch.equal(in_memory[EMBEDDINGS], load_file(snapshot / "embeddings.safetensors")["input_embeddings"])

@@ -7,7 +7,11 @@
                             made trainable (names relative to base_model.embeddings / the LM head)
     tokenizer/              the target-language Hugging Face tokenizer the rows belong to
     adapt.json              provenance: primary model (path + sha256), over mini|full, tokenizer fingerprint, shapes,
-                            compute spent; written last, so its presence means the run completed
+                            steps and compute spent (flops, wall_clock_s), the MLflow run (adapt_run_id); written
+                            last, so its presence means the run completed
+    snapshots/step_<N>/     the same artifact (embeddings.safetensors + adapt.json, no tokenizer/: the run's) at
+                            every `snapshot_every` steps, "steps" = N and the compute spent up to step N: the points
+                            of the compute-vs-quality curve (evaluate/zero_shot.py evaluates them)
 """
 from __future__ import annotations
 
@@ -20,11 +24,14 @@ import torch
 EMBEDDINGS_FILE = "embeddings.safetensors"
 INFO_FILE = "adapt.json"
 TOKENIZER_DIR = "tokenizer"
+SNAPSHOTS_DIR = "snapshots"
 
 
 def write_artifact(run_dir: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """Each file replaced atomically, adapt.json last: a reader that finds adapt.json finds its embeddings."""
     from safetensors.torch import save_file
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / (EMBEDDINGS_FILE + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, run_dir / EMBEDDINGS_FILE)
@@ -48,3 +55,22 @@ def read_artifact(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             f"{run_dir} holds no completed adaptation ({EMBEDDINGS_FILE} + {INFO_FILE}): point at "
             f"<adapt output_dir>/<target_lang> of a finished `adapt/train.py` run")
     return load_file(str(run_dir / EMBEDDINGS_FILE)), info
+
+
+def snapshot_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / SNAPSHOTS_DIR / f"step_{step}"
+
+
+def list_snapshots(run_dir: str | os.PathLike) -> list[Path]:
+    """The completed snapshots of an adaptation run (those with adapt.json), in step order."""
+    found = [d for d in (Path(run_dir) / SNAPSHOTS_DIR).glob("step_*")
+             if d.name[5:].isdigit() and (d / INFO_FILE).is_file()]
+    return sorted(found, key=lambda d: int(d.name[5:]))
+
+
+def tokenizer_dir(artifact_dir: str | os.PathLike) -> Path:
+    """The tokenizer the rows of an artifact belong to: its own tokenizer/, for a snapshot its run's."""
+    artifact_dir = Path(artifact_dir)
+    if artifact_dir.parent.name == SNAPSHOTS_DIR and not (artifact_dir / TOKENIZER_DIR).is_dir():
+        return artifact_dir.parent.parent / TOKENIZER_DIR
+    return artifact_dir / TOKENIZER_DIR

@@ -9,6 +9,9 @@ adaptation ran over this very model (over=full) and the receiving model has that
 
 Refused, with the reason: a tokenizer that is not the one the embeddings were learned for; a hidden size that
 differs; a primary model other than the one the adaptation (or its mini-model) is aligned with.
+
+`plug` writes the plugged model directory (adapt/plug.py); `plug_model` does the same swap in memory, on a model
+already loaded (zero-shot evaluation of an adaptation's snapshots): one code path for both.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from minimodel.adaptation.artifact import TOKENIZER_DIR, read_artifact
+from minimodel.adaptation.artifact import read_artifact, tokenizer_dir as artifact_tokenizer
 from minimodel.adaptation.vocab import install_vocabulary, tokenizer_fingerprint
 from minimodel.config import require, save_config
 from minimodel.manifest import ManifestError, check_aligned, model_hash
@@ -36,10 +39,10 @@ class PlugError(ValueError):
 
 @dataclass
 class PlugConfig:
-    embeddings: str | None = None  # an adaptation run dir: <adapt output_dir>/<target_lang>
+    embeddings: str | None = None  # an adaptation run dir <adapt output_dir>/<target_lang>, or a snapshot of it
     model: str | None = None  # the receiving HF model dir: the primary model or a task model fine-tuned from it
     primary_model: str | None = None  # the primary model `model` was fine-tuned from; None: `model` is the primary
-    tokenizer: str | None = None  # None: <embeddings>/tokenizer
+    tokenizer: str | None = None  # None: <embeddings>/tokenizer (a snapshot's: its run's)
     output_dir: str | None = None  # the new HF model dir (replaced atomically)
 
     def validate(self) -> None:
@@ -59,8 +62,10 @@ def _load_any(model_dir: str):
     return model_class.from_pretrained(model_dir, dtype=torch.float32)
 
 
-def check_compatible(info: dict, model, model_dir: str, primary_dir: str, tokenizer) -> None:
-    """Raise PlugError / ManifestError naming the mismatch, if any."""
+def check_compatible(info: dict, model, model_dir: str, primary_dir: str, tokenizer,
+                     primary_sha: str | None = None) -> None:
+    """Raise PlugError / ManifestError naming the mismatch, if any. `primary_sha`: model_hash(primary_dir), if
+    the caller already has it."""
     vocab, hidden = info["vocab_size"], info["hidden_size"]
     if len(tokenizer) != vocab or tokenizer_fingerprint(tokenizer) != info["tokenizer_sha256"]:
         raise PlugError(
@@ -72,7 +77,7 @@ def check_compatible(info: dict, model, model_dir: str, primary_dir: str, tokeni
     if info["over"] == "mini" and Path(info["adapted_model"]).is_dir():
         check_aligned(info["adapted_model"], primary_dir)  # the mini-model's own word, when it is still there
     expected = info["primary_model"]["sha256"]
-    actual = model_hash(primary_dir)
+    actual = primary_sha or model_hash(primary_dir)
     if actual != expected:
         learned_over = "its mini-model is" if info["over"] == "mini" else "they were learned over the model"
         raise ManifestError(
@@ -81,14 +86,17 @@ def check_compatible(info: dict, model, model_dir: str, primary_dir: str, tokeni
             f"{actual[:12]}): plug them into that model or a task model fine-tuned from it (primary_model=...)")
 
 
-def plug(cfg: PlugConfig) -> Path:
+def plug_model(model, embeddings: str | os.PathLike, *, model_dir: str, primary_dir: str | None = None,
+               tokenizer_dir: str | os.PathLike | None = None, primary_sha: str | None = None):
+    """Swap the learned embeddings of the artifact `embeddings` into `model` (loaded from `model_dir`, fine-tuned
+    from `primary_dir`, default: it is the primary) in place, after checking they belong together.
+    Returns (the target tokenizer, its directory, the artifact's adapt.json)."""
     from minimodel.data.tokenizer import load_tokenizer
 
-    tensors, info = read_artifact(cfg.embeddings)
-    tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.embeddings) / TOKENIZER_DIR
+    tensors, info = read_artifact(embeddings)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else artifact_tokenizer(embeddings)
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = _load_any(cfg.model)
-    check_compatible(info, model, cfg.model, cfg.primary_model or cfg.model, tokenizer)
+    check_compatible(info, model, model_dir, primary_dir or model_dir, tokenizer, primary_sha)
 
     out = model.get_output_embeddings()
     install_vocabulary(model, tensors["input_embeddings"], tensors["token_map"], info["pad_token_id"],
@@ -109,8 +117,15 @@ def plug(cfg: PlugConfig) -> Path:
             if target is not None:
                 if target.shape != value.shape:
                     raise PlugError(f"shape mismatch for {key}: {tuple(value.shape)} learned, "
-                                    f"{tuple(target.shape)} in {cfg.model}")
+                                    f"{tuple(target.shape)} in {model_dir}")
                 target.copy_(value)
+    return tokenizer, tokenizer_dir, info
+
+
+def plug(cfg: PlugConfig) -> Path:
+    model = _load_any(cfg.model)
+    tokenizer, tokenizer_dir, info = plug_model(model, cfg.embeddings, model_dir=cfg.model,
+                                                primary_dir=cfg.primary_model, tokenizer_dir=cfg.tokenizer)
 
     output_dir = Path(cfg.output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +138,7 @@ def plug(cfg: PlugConfig) -> Path:
     (tmp / "plug.json").write_text(json.dumps({
         "embeddings": str(Path(cfg.embeddings).resolve()), "model": str(Path(cfg.model).resolve()),
         "primary_model": info["primary_model"], "target_lang": info["target_lang"], "method": info["method"],
-        "over": info["over"]}, indent=2))
+        "over": info["over"], "adapt_run_id": info.get("adapt_run_id"), "adapt_steps": info.get("steps")}, indent=2))
     save_config(cfg, tmp / "plug_config.yaml")
     if output_dir.exists():
         old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")

@@ -2,13 +2,15 @@
 
 `over: mini` runs it over a mini-model (MiniJoint or MiniPost: its minimodel.json must say it is aligned with
 `primary_model`); `over: full` runs it over the primary model itself, the standard baseline. Each target language
-is an independent run in `<output_dir>/<lang>/` (see minimodel/adaptation/artifact.py for what it leaves); a failed
-language is recorded in `<output_dir>/summary.json` and does not stop the others. `target_lang=<code>` selects one
-language of the list (one Slurm array task per language).
+is an independent run in `<output_dir>/<lang>/` (see minimodel/adaptation/artifact.py for what it leaves), with a
+snapshot of the embeddings every `snapshot_every` steps for the compute-vs-quality curve; a failed language is
+recorded in `<output_dir>/summary.json` and does not stop the others. `target_lang=<code>` selects one language of
+the list (one Slurm array task per language; the tasks share summary.json under a file lock).
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -21,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, write_artifact
+from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, snapshot_dir, write_artifact
 from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map, tokenizer_fingerprint
 from minimodel.config import require, save_config
 from minimodel.manifest import check_aligned, model_hash
@@ -81,6 +83,10 @@ class AdaptConfig:
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     train: DeepSpeedLoopConfig = field(default_factory=lambda: DeepSpeedLoopConfig(lr=5e-4, warmup_steps=1000,
                                                                                     steps=25000))
+    # Steps between embedding snapshots <output_dir>/<lang>/snapshots/step_<N>/: the points of the report's
+    # quality-vs-compute curve, each one vocabulary x hidden matrix on disk. None: at every evaluation
+    # (train.eval_every); 0: none, only the final embeddings.
+    snapshot_every: int | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
@@ -93,6 +99,12 @@ class AdaptConfig:
                 f"{self.target_lang!r} is not one of target_langs {self.target_langs}")
         require(self.seq_length >= 8, "seq_length", "must be >= 8")
         require(0 < self.mask_prob < 1, "mask_prob", "must be in (0, 1)")
+        require(self.snapshot_every is None or self.snapshot_every >= 0, "snapshot_every",
+                "must be >= 0 (0: no snapshots; unset: at every train.eval_every)")
+
+    @property
+    def snapshot_interval(self) -> int:
+        return self.train.eval_every if self.snapshot_every is None else self.snapshot_every
 
     def languages(self) -> list[str]:
         return [self.target_lang] if self.target_lang else list(self.target_langs)
@@ -301,35 +313,61 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             "target_lang": lang, "zero_stage": zero_stage}
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"adapt-{method}-{lang}")
     with Tracker(tracking, lang_cfg, tags=tags) as tracker:
+        vocab_size, hidden_size = model.get_input_embeddings().weight.shape  # before ZeRO-3 partitions it
+        provenance = {
+            "over": cfg.over, "method": method, "source_lang": cfg.source_lang, "target_lang": lang,
+            "adapted_model": str(Path(model_dir).resolve()), "adapted_layers": model.config.num_hidden_layers,
+            "primary_model": {"path": str(Path(cfg.primary_model).resolve()), "sha256": primary_sha},
+            "vocab_size": vocab_size, "hidden_size": hidden_size, "pad_token_id": target_tokenizer.pad_token_id,
+            "tokenizer_sha256": tokenizer_fingerprint(target_tokenizer), "init": cfg.init.method,
+            "trainable": sorted(trainable), "tied_output": "output_embeddings" not in trainable,
+            "trainable_numel": sum(p.numel() for p in trainable.values()), "zero_stage": zero_stage,
+            "adapt_run_id": tracker.run_id,  # a resumed run logs to a new MLflow run: snapshots name theirs
+        }
+
+        def snapshot(engine, state: dict) -> None:
+            if not (cfg.snapshot_interval and state["step"] % cfg.snapshot_interval == 0):
+                return
+            tensors = gather_full_params(engine, trainable)  # collective
+            if rank == 0:
+                write_artifact(snapshot_dir(run_dir, state["step"]), {**tensors, "token_map": used_map},
+                               {**provenance, "steps": state["step"], "flops": state["flops"],
+                                "wall_clock_s": state["wall_clock_s"]})
+
         result = train(cfg.train, model, train_data, masked_lm_loss, flops_fn, output_dir=run_dir,
-                       eval_data=valid_data, tracker=tracker, desc=f"adapt {lang} ({method})")
+                       eval_data=valid_data, tracker=tracker, on_step=snapshot, desc=f"adapt {lang} ({method})")
         if result.interrupted:
             tracker.set_tags({"interrupted_at_step": result.step})
             return "interrupted"
         tensors = gather_full_params(result.engine, trainable)  # collective
-        trainable_numel = sum(t.numel() for t in tensors.values())
         state_numel = optimizer_state_numel(result.engine)  # collective
         if rank == 0:
             last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-            vocab_size, hidden_size = tensors["input_embeddings"].shape
-            info = {
-                "over": cfg.over, "method": method, "source_lang": cfg.source_lang, "target_lang": lang,
-                "adapted_model": str(Path(model_dir).resolve()), "adapted_layers": model.config.num_hidden_layers,
-                "primary_model": {"path": str(Path(cfg.primary_model).resolve()), "sha256": primary_sha},
-                "vocab_size": vocab_size, "hidden_size": hidden_size, "pad_token_id": target_tokenizer.pad_token_id,
-                "tokenizer_sha256": tokenizer_fingerprint(target_tokenizer), "init": cfg.init.method,
-                "trainable": sorted(trainable), "tied_output": "output_embeddings" not in trainable,
-                "trainable_numel": trainable_numel, "optimizer_state_numel": state_numel,
-                "steps": result.step, "zero_stage": zero_stage,
-                "flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"],
-                "final_train_loss": last["train/loss"], "final_eval_loss": last.get("eval/loss"),
-            }
+            info = {**provenance, "optimizer_state_numel": state_numel, "steps": result.step,
+                    "flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"],
+                    "final_train_loss": last["train/loss"], "final_eval_loss": last.get("eval/loss")}
             write_artifact(run_dir, {**tensors, "token_map": used_map}, info)
             tracker.log_artifact(run_dir / "adapt.json")
             tracker.log_artifact(_plot_loss_vs_flops(run_dir / "metrics.jsonl", run_dir / "loss_vs_flops.png",
                                                      f"{method} adaptation to {lang}"))
         dist.barrier()
     return "done"
+
+
+def record_statuses(output_dir: Path, statuses: dict[str, str]) -> Path:
+    """Merge {lang: status} into <output_dir>/summary.json. The Slurm array tasks of one output_dir (one language
+    each) update it concurrently: an exclusive lock serialises the read-modify-write, os.replace keeps readers from
+    ever seeing a half-written file."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "summary.json"
+    with open(output_dir / ".summary.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        summary.update(statuses)
+        tmp = path.with_name(f"summary.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, path)
+    return path
 
 
 def run_adaptation(cfg: AdaptConfig) -> dict[str, str]:
@@ -353,12 +391,5 @@ def run_adaptation(cfg: AdaptConfig) -> dict[str, str]:
         if statuses[lang] == "interrupted":
             break  # a stop signal: checkpointed, leave the remaining languages to the resubmitted job
     if rank == 0:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        summary_path = out / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        summary.update(statuses)
-        tmp = summary_path.with_name("summary.json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, summary_path)
+        record_statuses(Path(cfg.output_dir), statuses)
     return statuses

@@ -175,18 +175,21 @@ def markdown(summary: dict) -> str:
     ref = summary["reference_method"]
     lines = ["# Zero-shot quality against adaptation compute", "",
              f"Reference: the final quality of `{ref}` adaptation; \"FLOPs to x%\" is the adaptation compute at the "
-             f"first evaluated checkpoint reaching x% of it (saving = {ref}'s compute to reach it / the method's).", ""]
+             f"first evaluated checkpoint reaching x% of it (saving = {ref}'s compute to reach it / the method's); "
+             "points: the checkpoints evaluated (adaptation snapshots + the final embeddings); quality and compute "
+             "columns are the final embeddings'.", ""]
     for task, t in summary["tasks"].items():
         metric = t["metric"]
         source = ", ".join(f"{lang} {_fmt(v, '.4g')}" for lang, v in t["source"].items())
         lines += [f"## {task} ({metric})", "", f"Source-language reference (upper bound): {source or '—'}", ""]
-        head = ["language", "method", metric, "FLOPs", "wall-clock s"]
+        head = ["language", "method", "points", metric, "FLOPs", "wall-clock s"]
         head += [f"FLOPs to {float(f) * 100:g}% (saving)" for f in fracs]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for lang, entry in t["languages"].items():
             for method, m in entry["methods"].items():
-                row = [lang, method, _fmt(m["final"]["quality"], ".4g"), _fmt(m["final"]["flops"]),
-                       _fmt(m["final"]["wall_clock_s"])]
+                final = m["final"]
+                row = [lang, method, str(len(m["points"])), _fmt(final["quality"], ".4g"), _fmt(final["flops"]),
+                       _fmt(final["wall_clock_s"])]
                 for f in fracs:
                     r = m["reach"].get(f)
                     if r is None or r["flops"] is None:
@@ -207,7 +210,7 @@ def plot(summary: dict, path: Path) -> Path:
     tasks = list(summary["tasks"].items())
     fig, axes = plt.subplots(max(len(tasks), 1), 2, figsize=(12, 4 * max(len(tasks), 1)), squeeze=False)
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    markers = "osD^v<>p*h"
+    markers, styles = "osD^v<>p*h", ["-", "--", ":", "-."]
     for row, (task, t) in enumerate(tasks):
         for col, (key, label) in enumerate([("flops", "adaptation FLOPs"),
                                             ("wall_clock_s", "adaptation wall-clock (s)")]):
@@ -218,7 +221,8 @@ def plot(summary: dict, path: Path) -> Path:
                     if not pts:
                         continue
                     ax.plot([p[key] for p in pts], [p["quality"] for p in pts], marker=markers[li % len(markers)],
-                            color=colors.get(method, "C9"), label=f"{method} {lang}")
+                            linestyle=styles[li % len(styles)], color=colors.get(method, "C9"),
+                            label=f"{method} {lang}")
             for lang, value in t["source"].items():
                 ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"source {lang}")
             ax.set_xscale("log")

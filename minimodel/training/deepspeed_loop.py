@@ -17,6 +17,9 @@ Interface
         eval_data=None,       # same item format; mean loss over cfg.eval_batches micro-batches per rank
         tracker=None,         # minimodel.tracking.Tracker (inert off rank 0); metrics go there every step
         tokens_fn=None,       # (batch) -> int tokens processed; default: attention_mask.sum() or input_ids.numel()
+        on_step=None,         # (engine, state) -> None, on EVERY rank after each optimizer step (e.g. adaptation's
+                              # embedding snapshots; may call gather_full_params); state = cumulative
+                              # {"step", "flops", "tokens", "wall_clock_s"}
         desc="train")         # progress-bar label
     result.step           # optimizer steps done (== cfg.steps unless interrupted)
     result.interrupted    # True when SIGTERM/SIGUSR1 stopped the run after a checkpoint: exit cleanly, resubmit
@@ -50,6 +53,8 @@ Semantics
   train/lr, train/grad_norm, compute/flops (cumulative FLOPs actually spent, all ranks), compute/tokens
   (cumulative), compute/wall_clock_s (cumulative training time over all launches), throughput/tokens_per_s,
   throughput/flops_per_s; eval/loss every `eval_every` steps and at the end.
+- `on_step` runs before the step's checkpoint: whatever it writes at step N exists whenever a checkpoint of step
+  >= N does, so a resumed run never lacks it (a launch killed in between redoes the step and writes it again).
 """
 from __future__ import annotations
 
@@ -278,7 +283,7 @@ def init_distributed() -> None:
 
 def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Callable, flops_fn: Callable, *,
           output_dir: str | os.PathLike, eval_data=None, tracker=None, tokens_fn: Callable | None = None,
-          desc: str = "train") -> LoopResult:
+          on_step: Callable | None = None, desc: str = "train") -> LoopResult:
     import deepspeed
     import torch.distributed as dist
     from tqdm import tqdm
@@ -381,6 +386,8 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
             log(metrics, state["step"])
             bar.update(1)
             bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+            if on_step is not None:
+                on_step(engine, dict(state))
             interrupted = stop_votes > 0 and not done
             if done or interrupted or (cfg.save_every and state["step"] % cfg.save_every == 0):
                 _save(engine, ckpt_dir, state["step"], dict(state), cfg.keep_checkpoints)
