@@ -4,9 +4,9 @@
     python benchmarks/head_cost.py --smoke    # tiny shapes, seconds (CI) -> runs/benchmarks/smoke/
 
 A. The secondary (mini-model) MLM head: training steps of the same MiniJoint model, same layout, with and without
-   the secondary head. `aux_weight=0` would not remove the head's compute; here the hook that runs the head after
-   layer m is detached for the "without" steps (`secondary_head_detached`), so both variants share weights,
-   optimizer and batch and differ only in the head's work.
+   the secondary head (`model.secondary_head=none`; `aux_weight=0` would not remove the head's compute). The
+   plain-MLM model is loaded with the MiniJoint model's weights, so both variants share weights and batch and differ
+   only in the head's work.
 B. The masked-positions-only LM heads vs a full-sequence vocabulary projection (megatron's BertModel computes logits
    at every position and masks the loss) at vocabularies of 32k and 250k: the head alone (forward + backward on
    fixed hidden states) and a full training step, with both MLM heads switched between the two forms.
@@ -50,22 +50,6 @@ SCHEMA = {
 
 
 # -- the two variants ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def secondary_head_detached(chunk):
-    """Run `chunk` without its secondary head: the forward hook on layer m (which runs the head and injects its
-    loss gradient) is detached, and restored on exit. Stop-gap until ModelConfig has a switch for this."""
-    layer = next(layer for layer in chunk.encoder.layers if layer.layer_number == chunk.cfg.mini_layers)
-    hooks = layer._forward_hooks
-    saved = {key: hook for key, hook in hooks.items() if getattr(hook, "__func__", None) is type(chunk)._secondary_head_hook}
-    assert saved, "the secondary-head hook was not found on layer mini_layers"
-    for key in saved:
-        del hooks[key]
-    try:
-        yield
-    finally:
-        hooks.update(saved)
-
-
 def _full_sequence_head_class():
     from megatron.core import tensor_parallel
 
@@ -102,11 +86,10 @@ def head_form(heads, cls):
 
 # -- measurements ----------------------------------------------------------------------------------------------------
 def secondary_head_cost(steps: MiniJointSteps, repeats: int) -> dict:
-    chunk = steps.chunk()
-
-    def without():
-        with secondary_head_detached(chunk):
-            steps.step()
+    plain = MiniJointSteps(dataclasses.replace(steps.cfg, secondary_head="none"), steps.parallel.micro_batch_size)
+    missing, _ = plain.chunk().load_state_dict(steps.chunk().state_dict(), strict=False)  # all but the aux head
+    assert not [k for k in missing if not k.endswith("_extra_state")], missing
+    without = plain.step
 
     times = interleaved({"with_head": steps.step, "without_head": without}, repeats)
     with_flops = count_flops(steps.step)

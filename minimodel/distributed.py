@@ -6,6 +6,10 @@ NCCL on GPUs, gloo on CPU; on a machine without CUDA, minimodel.compat.cpu is ap
 
 Process layout: world = tensor x pipeline x data parallel (megatron's order: TP innermost). Virtual pipeline
 stages interleave `virtual_pipeline_model_parallel_size` model chunks per pipeline rank.
+
+Groups for weights tied across pipeline stages (one group per pipeline group, i.e. per TP x DP coordinate):
+megatron's embedding group (first and last stage + `embedding_stages`), and `output_head_group()` (last stage +
+`head_stages`: the stages holding a copy of the output head).
 """
 from __future__ import annotations
 
@@ -99,11 +103,17 @@ def is_initialized() -> bool:
     return dist.is_initialized() and parallel_state.model_parallel_is_initialized()
 
 
-def initialize(parallel: ParallelConfig, seed: int, embedding_stages: Iterable[int] = ()) -> None:
+_OUTPUT_HEAD_GROUP = None
+
+
+def initialize(parallel: ParallelConfig, seed: int, embedding_stages: Iterable[int] = (),
+               head_stages: Iterable[int] = ()) -> None:
     """Start torch.distributed (if needed) and megatron's parallel groups, and seed every generator.
 
     `embedding_stages`: pipeline stages, besides the first and last, that hold a copy of the word embeddings
     (the MiniJoint secondary head); their copies are kept in sync over megatron's embedding group.
+    `head_stages`: pipeline stages, besides the last, that hold a copy of the output head's parameters (a
+    MiniJoint secondary head that shares the main head); kept in sync over output_head_group().
     """
     from minimodel.compat import cpu
 
@@ -124,9 +134,10 @@ def initialize(parallel: ParallelConfig, seed: int, embedding_stages: Iterable[i
 
     pp = parallel.pipeline_model_parallel_size
     extra = sorted(set(embedding_stages) - {0, pp - 1})
-    for stage in extra:
+    head_extra = sorted(set(head_stages) - {pp - 1})
+    for stage in extra + head_extra:
         if not 0 <= stage < pp:
-            raise ConfigError(f"pipeline_model_parallel_size: embedding stage {stage} is outside 0..{pp - 1}")
+            raise ConfigError(f"pipeline_model_parallel_size: stage {stage} is outside 0..{pp - 1}")
 
     def embedding_ranks(pp_ranks: list[int], *_) -> list[int]:
         return [pp_ranks[s] for s in sorted({0, len(pp_ranks) - 1, *extra})]
@@ -141,7 +152,31 @@ def initialize(parallel: ParallelConfig, seed: int, embedding_stages: Iterable[i
         get_embedding_ranks=embedding_ranks,
         distributed_timeout_minutes=parallel.timeout_minutes,
     )
+    global _OUTPUT_HEAD_GROUP
+    _OUTPUT_HEAD_GROUP = _pipeline_subgroup([*head_extra, pp - 1]) if head_extra else None
     seed_all(seed)
+
+
+def _pipeline_subgroup(stages: list[int]):
+    """A new group per pipeline group, of its ranks at `stages`; returns this rank's (None if not a member).
+    Collective over the world: every rank creates every group, in the same order."""
+    from megatron.core import parallel_state
+
+    mine = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    pipelines = [None] * dist.get_world_size()
+    dist.all_gather_object(pipelines, mine)
+    own = None
+    for ranks in sorted({tuple(p) for p in pipelines}):
+        group = dist.new_group([ranks[s] for s in sorted(set(stages))])
+        if dist.get_rank() in ranks:
+            own = group if dist.get_rank() in [ranks[s] for s in stages] else None
+    return own
+
+
+def output_head_group():
+    """This rank's group of pipeline stages holding the output head or a copy of it (None if not a member or
+    no stage other than the last holds a copy)."""
+    return _OUTPUT_HEAD_GROUP
 
 
 def seed_all(seed: int) -> None:
@@ -194,6 +229,8 @@ def destroy() -> None:
     """Tear down megatron's groups and the process group."""
     from megatron.core import parallel_state
 
+    global _OUTPUT_HEAD_GROUP
+    _OUTPUT_HEAD_GROUP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

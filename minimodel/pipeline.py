@@ -67,6 +67,14 @@ class PipelineConfig:
         require(len(self.target_langs) >= 1, "target_langs", "name at least one target language")
         require("standard" in self.methods, "methods",
                 "the report measures every method against standard adaptation: keep 'standard' in the list")
+        if "minijoint" in self.methods and Path(self.configs.pretrain).is_file():
+            from minimodel.config import load_config
+            from minimodel.training.pretrain import PretrainConfig
+
+            pretrain = load_config(PretrainConfig, self.configs.pretrain, self.overrides.get("pretrain", []))
+            require(pretrain.model.secondary_head != "none", "methods",
+                    "minijoint needs the secondary head, but the pretraining config sets model.secondary_head=none: "
+                    "drop minijoint from methods or pick another secondary_head")
         known = {"data", "pretrain", "export", "minipost", "adapt", "finetune", "zero_shot", "report"}
         for stage in self.overrides:
             require(stage in known, f"overrides.{stage}", f"not a stage; stages are {sorted(known)}")

@@ -5,8 +5,8 @@ Usage in a stage (every rank may run this; only global rank 0 touches MLflow):
     with Tracker(cfg.tracking, cfg, tags={"stage": "adapt", "method": "minijoint", "target_lang": "sw",
                                          **layout_tags(tp=2, pp=1)}) as tracker:
         for step in ...:
-            tracker.log_metrics({"train/loss": loss, "lr": lr, "grad_norm": gn, "tokens_per_s": tps,
-                                 "flops": flops_so_far}, step)
+            tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": gn,
+                                 "throughput/tokens_per_s": tps, "compute/flops": flops_so_far}, step)
         tracker.log_metrics({"eval/loss": eval_loss}, step)
         tracker.log_loss_curves()                 # plots/loss_curves.png from the metrics logged above
         tracker.log_model(export_dir / "mini", "mini")   # uploaded only if tracking.log_models

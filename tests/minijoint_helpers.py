@@ -1,13 +1,15 @@
 """Worker for tests/test_minijoint_model.py, run under torchrun (gloo, CPU).
 
-    reference (1 process):  TP1/PP1 model -> reference checkpoint, loss and gradients of one step
-    layouts   (4 processes): each parallel layout loads the reference checkpoint and runs the same step; its
-                             gradients are written as a dist checkpoint (layout-independent), then read back at
-                             TP1/PP1 as plain tensors; plus the TP2xPP2 -> TP1 -> TP2xPP2 checkpoint round trip.
+    reference (1 process):  TP1/PP1 model -> reference checkpoint, loss and gradients of one step, for each
+                             secondary-head variant (separate, shared_transform, none)
+    layouts   (4 processes): each parallel layout loads its variant's reference checkpoint and runs the same step;
+                             its gradients are written as a dist checkpoint (layout-independent), then read back
+                             at TP1/PP1 as plain tensors; plus the TP2xPP2 -> TP1 -> TP2xPP2 checkpoint round trip.
 Outputs go to <out>/ (results.json, *.pt); the pytest file does the comparisons.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -24,6 +26,9 @@ from minimodel.models.minijoint.config import ModelConfig
 
 MODEL = ModelConfig(vocab_size=250, hidden_size=64, num_layers=4, num_attention_heads=4, ffn_hidden_size=128,
                     seq_length=16, mini_layers=2, aux_weight=0.5, hidden_dropout=0.0, attention_dropout=0.0)
+# name suffix -> model; "" is the default (separate secondary head)
+VARIANTS = {"": MODEL, "_shared": dataclasses.replace(MODEL, secondary_head="shared_transform"),
+            "_none": dataclasses.replace(MODEL, secondary_head="none")}
 MICRO, GLOBAL = 2, 8  # 4 microbatches in the reference
 # The distributed optimizer only takes Adam. Its first step moves p by lr * g / (|g| + eps); with a huge eps that
 # is (lr / eps) * g to ~|g|/eps relative, so (old - new) / STEP_SCALE recovers the gradient to ~1e-7.
@@ -38,6 +43,9 @@ LAYOUTS = {
     "pp4_middle": (1, 4, None, False, False),  # layer 2 (secondary head) on stage 1 of 4
     "pp2_vpp2_dp2_distopt": (1, 2, 2, False, True),  # layer 2 in chunk 0 of the last rank
 }
+# shared_transform: the main head's copy on stage 0 with TP (sharded bias), on a middle stage, and in another
+# chunk of the last rank (distributed optimizer)
+SHARED_LAYOUTS = ("tp2_pp2", "pp4_middle", "pp2_vpp2_dp2_distopt")
 
 
 def batches(seed: int = 0, count: int = GLOBAL // MICRO) -> list[dict]:
@@ -88,31 +96,35 @@ def grads_into_params(model) -> None:
             p.data.copy_(p.main_grad)
 
 
-def word_embedding_grad_spread(model) -> float:
-    """Max difference between the gradients of all copies of the tied word embeddings (all stages)."""
-    masters, copies = P._word_embedding_weights(model)
-    grads = [w.main_grad for w in masters + copies]
-    if not grads:  # a middle stage without a copy
-        return 0.0
-    spread = max((g - grads[0]).abs().max().item() for g in grads)
-    group = P._embedding_group()
-    if group is not None:
-        gathered = [torch.empty_like(grads[0]) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, grads[0].contiguous(), group=group)
-        spread = max(spread, max((g - gathered[0]).abs().max().item() for g in gathered))
+def tied_grad_spread(model) -> float:
+    """Max difference between the gradients of all copies of each tied weight (all stages)."""
+    spread = 0.0
+    for owners, copies, group in P._tied_weights(model):
+        holders = owners + copies
+        for i in range(len(holders[0]) if holders else 0):
+            grads = [h[i].main_grad for h in holders]
+            spread = max([spread] + [(g - grads[0]).abs().max().item() for g in grads])
+            if group is not None:
+                gathered = [torch.empty_like(grads[0]) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(gathered, grads[0].contiguous(), group=group)
+                spread = max([spread] + [(g - gathered[0]).abs().max().item() for g in gathered])
     return spread
 
 
 def reference(out: Path) -> None:
     pc = parallel()
-    P.setup(MODEL, pc, seed=1)
-    model = P.build_model(MODEL, pc)
-    save(model, out / "ckpt_ref")
-    params = named_full_params(model)
-    data, n = replica_batches(pc)
-    losses = P.forward_backward(model, iter(data), n)
-    grads = {name: p.main_grad.clone() for name, p in P.unwrap(model[0]).named_parameters()}
-    torch.save({"params": params, "grads": grads, "losses": losses}, out / "reference.pt")
+    for suffix, model_cfg in VARIANTS.items():
+        P.setup(model_cfg, pc, seed=1)
+        model = P.build_model(model_cfg, pc)
+        save(model, out / f"ckpt_ref{suffix}")
+        params = named_full_params(model)
+        data, n = replica_batches(pc)
+        losses = P.forward_backward(model, iter(data), n)
+        grads = {name: p.main_grad.clone() for name, p in P.unwrap(model[0]).named_parameters()}
+        b = batches(seed=5, count=1)[0]
+        main, secondary = P.unwrap(model[0]).eval().mlm_logits(b["input_ids"], b["attention_mask"])
+        torch.save({"params": params, "grads": grads, "losses": losses,
+                    "logits": {"batch": b, "main": main, "secondary": secondary}}, out / f"reference{suffix}.pt")
     distributed.destroy()
 
 
@@ -128,13 +140,15 @@ def gradient_step(model) -> None:
 
 def layouts(out: Path) -> None:
     results = {}
-    runs = [(name, spec, True) for name, spec in LAYOUTS.items()] + [("pp4_middle_not_injected",
-                                                                      LAYOUTS["pp4_middle"], False)]
-    for name, (tp, pp, vpp, sp, distopt), inject in runs:
+    runs = [(name, "", spec, True) for name, spec in LAYOUTS.items()]
+    runs += [("pp4_middle_not_injected", "", LAYOUTS["pp4_middle"], False)]
+    runs += [(f"shared_{name}", "_shared", LAYOUTS[name], True) for name in SHARED_LAYOUTS]
+    for name, variant, (tp, pp, vpp, sp, distopt), inject in runs:
         pc = parallel(tp, pp, vpp, sp, distopt)
-        P.setup(MODEL, pc, seed=1)
-        model = P.build_model(MODEL, pc)
-        P.load_checkpoint_into(model, out / "ckpt_ref")
+        model_cfg = VARIANTS[variant]
+        P.setup(model_cfg, pc, seed=1)
+        model = P.build_model(model_cfg, pc)
+        P.load_checkpoint_into(model, out / f"ckpt_ref{variant}")
         data, n = replica_batches(pc)
         original = model_module._AddLossGradient.apply
         if not inject:  # negative control: the secondary loss is computed but its gradient is dropped
@@ -143,13 +157,14 @@ def layouts(out: Path) -> None:
             losses = P.forward_backward(model, iter(data), n)
         finally:
             model_module._AddLossGradient.apply = original
-        spread = word_embedding_grad_spread(model)
+        spread = tied_grad_spread(model)
         if distopt:
             gradient_step(model)
         else:
             grads_into_params(model)
         save(model, out / f"ckpt_{name}")
-        results[name] = {"losses": losses, "word_embedding_grad_spread": spread, "step_scale": STEP_SCALE if distopt else None}
+        results[name] = {"losses": losses, "tied_grad_spread": spread, "variant": variant,
+                         "step_scale": STEP_SCALE if distopt else None}
 
     # Checkpoint round trip: fresh weights at TP2 x PP2 -> TP1 x PP1 -> TP2 x PP2.
     pc = parallel(2, 2)
@@ -162,12 +177,14 @@ def layouts(out: Path) -> None:
 
     # TP1 x PP1 (data parallel over all 4 processes): read every layout's checkpoint as plain tensors.
     pc1 = parallel()
-    P.setup(MODEL, pc1, seed=1)
-    model1 = P.build_model(MODEL, pc1)
-    for name in [*LAYOUTS, "pp4_middle_not_injected"]:
-        P.load_checkpoint_into(model1, out / f"ckpt_{name}")
-        if dist.get_rank() == 0:
-            torch.save(named_full_params(model1), out / f"{name}.pt")
+    for variant in ("_shared", ""):
+        P.setup(VARIANTS[variant], pc1, seed=1)
+        model1 = P.build_model(VARIANTS[variant], pc1)
+        for name, name_variant, _, _ in runs:
+            if name_variant == variant:
+                P.load_checkpoint_into(model1, out / f"ckpt_{name}")
+                if dist.get_rank() == 0:
+                    torch.save(named_full_params(model1), out / f"{name}.pt")
     P.load_checkpoint_into(model1, out / "ckpt_tp2pp2_fresh")
     chunk = P.unwrap(model1[0]).eval()
     b = fixed[0]

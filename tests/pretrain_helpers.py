@@ -75,8 +75,8 @@ def train_losses(output_dir: Path) -> dict[int, tuple[float, float]]:
     losses = {}
     for line in (output_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if "main_loss" in row:
-            losses[row["step"]] = (row["main_loss"], row["secondary_loss"])
+        if "train/main_loss" in row:
+            losses[row["step"]] = (row["train/main_loss"], row["train/secondary_loss"])
     return losses
 
 

@@ -20,6 +20,8 @@ from minimodel.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "minijoint_helpers.py"
 LAYOUTS = ["tp2_sp_dp2", "pp2_dp2", "tp2_pp2", "pp4_middle", "pp2_vpp2_dp2_distopt"]
+# secondary_head=shared_transform: the main head's copy on stage 0 (TP2), a middle stage, another chunk (VPP)
+SHARED_LAYOUTS = ["shared_tp2_pp2", "shared_pp4_middle", "shared_pp2_vpp2_dp2_distopt"]
 RTOL = 1e-5
 
 
@@ -42,8 +44,14 @@ def runs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(runs) -> dict:
-    return torch.load(runs / "reference.pt")
+def references(runs) -> dict[str, dict]:
+    """secondary-head variant ("" separate, "_shared", "_none") -> its single-process reference step."""
+    return {v: torch.load(runs / f"reference{v}.pt") for v in ("", "_shared", "_none")}
+
+
+@pytest.fixture(scope="module")
+def reference(references) -> dict:
+    return references[""]
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +76,16 @@ def _worst_relative_diff(grads: dict, ref_grads: dict) -> tuple[float, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_matches_single_process_reference(layout, runs, reference, results):
+@pytest.mark.parametrize("layout", LAYOUTS + SHARED_LAYOUTS)
+def test_layout_matches_single_process_reference(layout, runs, references, results):
+    reference = references[results[layout]["variant"]]
     ref_losses, losses = reference["losses"], results[layout]["losses"]
     for key in ("loss", "lm_loss", "aux_loss"):
         assert losses[key] == pytest.approx(ref_losses[key], rel=RTOL), key
     assert losses["aux_loss"] > 1.0  # the secondary head is active
     grads = _layout_grads(runs, layout, reference, results)
-    assert any(k.startswith("aux_head.") for k in grads)
+    # shared_transform: no parameters of its own; the main head's gradients hold both heads' terms
+    assert any(k.startswith("aux_head.") for k in grads) == (layout not in SHARED_LAYOUTS)
     worst, name = _worst_relative_diff(grads, reference["grads"])
     assert worst < RTOL, f"{layout}: gradient of {name} differs by {worst:.2e} (relative) from the reference"
 
@@ -91,10 +101,31 @@ def test_negative_control_without_secondary_gradient_fails_the_check(runs, refer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_word_embedding_copies_get_one_gradient(layout, results):
-    """Input embedding, last-stage and secondary-head copies all end the step with the same gradient."""
-    assert results[layout]["word_embedding_grad_spread"] == 0.0
+@pytest.mark.parametrize("layout", LAYOUTS + SHARED_LAYOUTS)
+def test_tied_weight_copies_get_one_gradient(layout, results):
+    """Input embedding, last-stage and secondary-head copies (and, shared_transform, the main head and its copy)
+    all end the step with the same gradient."""
+    assert results[layout]["tied_grad_spread"] == 0.0
+
+
+@pytest.mark.slow
+def test_shared_transform_secondary_head_is_the_main_head(references):
+    """The secondary loss is the main head applied to layer m: the main head's gradient carries both losses."""
+    shared, separate = references["_shared"], references[""]
+    assert not any(k.startswith("aux_head.") for k in shared["params"])
+    assert shared["losses"]["aux_loss"] > 1.0
+    # the same weights apart from the head: the main loss is unchanged, the secondary one is not
+    assert shared["losses"]["lm_loss"] == pytest.approx(separate["losses"]["lm_loss"], rel=RTOL)
+    assert shared["losses"]["aux_loss"] != pytest.approx(separate["losses"]["aux_loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_secondary_head_none_is_plain_mlm(references):
+    none = references["_none"]
+    assert set(none["losses"]) == {"loss", "lm_loss", "lm_loss_per_microbatch"}
+    assert none["losses"]["loss"] == none["losses"]["lm_loss"]
+    assert not any(k.startswith("aux_head.") for k in none["grads"])
+    assert none["logits"]["secondary"] is None
 
 
 @pytest.mark.slow
@@ -159,6 +190,39 @@ def test_export_cli_matches_megatron_logits(runs, tokenizer_dir):
     assert torch.equal(mini.get_output_embeddings().weight, mini.get_input_embeddings().weight)
 
 
+@pytest.mark.slow
+def test_export_shared_transform_mini_model_has_the_primary_head(runs, references, tokenizer_dir):
+    from transformers import AutoModelForMaskedLM
+
+    out = runs / "export_shared"
+    _run([sys.executable, "pretrain/export.py", f"checkpoint={runs / 'ckpt_ref_shared'}",
+          f"tokenizer={tokenizer_dir}", f"output_dir={out}", "tracking.enabled=false"])
+    expected = references["_shared"]["logits"]
+    batch = expected["batch"]
+    keep = batch["attention_mask"].bool()
+    models = {name: AutoModelForMaskedLM.from_pretrained(out / name).eval() for name in ("primary", "mini")}
+    for name, key in (("primary", "main"), ("mini", "secondary")):
+        with torch.no_grad():
+            logits = models[name](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        diff = (logits[keep] - expected[key][keep]).abs().max().item()
+        assert diff < 1e-4, f"{name}: max |logit diff| {diff}"
+    primary, mini = (m.state_dict() for m in models.values())
+    head = [k for k in mini if k.startswith("cls.") or k.startswith("bert.encoder.ln.")]
+    assert len(head) >= 7 and all(torch.equal(mini[k], primary[k]) for k in head)
+
+
+@pytest.mark.slow
+def test_export_without_secondary_head_writes_no_mini_model(runs, tokenizer_dir):
+    out = runs / "export_none"
+    args = [sys.executable, "pretrain/export.py", f"checkpoint={runs / 'ckpt_ref_none'}", f"tokenizer={tokenizer_dir}",
+            f"output_dir={out}", "tracking.enabled=false"]
+    asked = subprocess.run(args + ["mini=true"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert asked.returncode == 2 and "secondary_head=none" in asked.stderr and "minipost" in asked.stderr
+    (out / "mini").mkdir(parents=True)  # an earlier export's mini-model: not aligned with the new primary
+    _run(args)
+    assert (out / "primary" / "config.json").is_file() and not (out / "mini").exists()
+
+
 # -- start-up validation (no processes) ----------------------------------------------------------------------
 def _model(**overrides):
     from minimodel.models.minijoint.config import ModelConfig
@@ -172,6 +236,8 @@ def _model(**overrides):
     (["mini_layers=0"], "mini_layers"),
     (["num_attention_heads=5"], "hidden_size"),
     (["hidden_dropout=1.0"], "hidden_dropout"),
+    (["secondary_head=shared_transform", "share_aux_output_embedding=false"], "share_aux_output_embedding"),
+    (["secondary_head=both"], "secondary_head"),
 ])
 def test_model_config_rejects_impossible_values(overrides, key):
     from minimodel.models.minijoint.config import ModelConfig
@@ -242,3 +308,5 @@ def test_flops_per_token_counts_layers_and_heads():
     h, s, f = 64, 16, 256
     assert deeper - base == pytest.approx(3 * 4 * (2 * (4 * h * h + 2 * h * f) + 4 * s * h))
     assert flops_per_token(m, mask_fraction=0.3) > base
+    v = m.padded_vocab_size
+    assert base - flops_per_token(_model(secondary_head="none")) == pytest.approx(3 * 0.15 * 2 * (h * h + h * v))

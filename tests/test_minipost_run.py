@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minimodel.config import load_config
+from minimodel.config import ConfigError, load_config
 from minimodel.manifest import ManifestError, check_aligned, read_manifest
 from minimodel.minipost.build import MiniPostError, load_source_model
 from minimodel.minipost.train import MiniPostConfig, run_minipost
@@ -226,7 +226,7 @@ def test_tokenizer_not_matching_model(data_dir, tmp_path):
 
 
 def test_missing_data(xlmr_source, data_dir, tmp_path):
-    with pytest.raises(MiniPostError, match="data.train_prefix: no indexed dataset"):
+    with pytest.raises(ConfigError, match=r"data\.train_prefix: .*nope\.bin does not exist; build them with"):
         run_minipost(_config(xlmr_source, data_dir, tmp_path / "out", f"data.train_prefix={tmp_path / 'nope'}"))
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from minimodel.config import ConfigError, load_config
+from minimodel.data.mlm_config import MLMDataConfig
 from minimodel.training import checkpoint as ckpt
-from minimodel.training.pretrain import (PREEMPTED_EXIT_CODE, DataConfig, MicroBatches, PretrainConfig, plot_losses,
+from minimodel.training.pretrain import (PREEMPTED_EXIT_CODE, MicroBatches, PretrainConfig, plot_losses,
                                          read_metrics)
 from pretrain_helpers import (PYTHON, ROOT, TINY_CONFIG, TRAIN_SCRIPT, build_tiny_corpus, corpus_overrides, launch,
                               run, tail, train_losses, wait_for_step)
@@ -91,7 +92,7 @@ def test_config_errors_name_the_key(override, message):
 def test_missing_data_names_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.train_prefix: .*train\.bin does not exist; build them with: "
                                           r"python pretrain/prepare_data\.py"):
-        DataConfig(train_prefix=str(tmp_path / "train")).check_files()
+        MLMDataConfig(train_prefix=str(tmp_path / "train")).check_files()
 
 
 # -- checkpoint directory logic ------------------------------------------------------------------------------------
@@ -118,13 +119,14 @@ def test_latest_checkpoint_ignores_unfinished_saves(tmp_path):
 
 
 def test_loss_curve_plot(tmp_path):
-    rows = [{"step": s, "main_loss": 5 - s / 10, "secondary_loss": 5.5 - s / 12} for s in range(1, 11)]
-    rows.append({"step": 10, "valid_main_loss": 4.2, "valid_secondary_loss": 4.6})
-    rows.append({"step": 5, "main_loss": 4.5, "secondary_loss": 5.0})  # redone after a resume: replaces step 5
+    rows = [{"step": s, "train/main_loss": 5 - s / 10, "train/secondary_loss": 5.5 - s / 12} for s in range(1, 11)]
+    rows.append({"step": 10, "eval/main_loss": 4.2, "eval/secondary_loss": 4.6})
+    rows.append({"step": 5, "train/main_loss": 4.5, "train/secondary_loss": 5.0})  # redone after a resume
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     metrics = read_metrics(path)
-    assert metrics[5]["main_loss"] == 4.5 and metrics[10]["valid_main_loss"] == 4.2 and metrics[10]["main_loss"] == 4.0
+    assert metrics[5]["train/main_loss"] == 4.5 and metrics[10]["eval/main_loss"] == 4.2
+    assert metrics[10]["train/main_loss"] == 4.0
     out = plot_losses(path, tmp_path / "curve.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
@@ -150,11 +152,13 @@ def _check_mlflow_run(store: Path, expected: dict[int, tuple[float, float]]) -> 
     assert {k: run_.data.tags[k] for k in ("stage", "method", "source_lang", "tp", "pp", "dp", "world_size")} == {
         "stage": "pretrain", "method": "minijoint", "source_lang": "en", "tp": "1", "pp": "2", "dp": "1",
         "world_size": "2"}
-    for i, key in enumerate(("main_loss", "secondary_loss")):
+    for i, key in enumerate(("train/main_loss", "train/secondary_loss")):
         logged = {m.step: m.value for m in client.get_metric_history(run_.info.run_id, key)}
         assert logged == pytest.approx({step: losses[i] for step, losses in expected.items()}, abs=1e-6)
-    for key in ("loss", "valid_loss", "valid_main_loss", "valid_secondary_loss", "lr", "grad_norm", "tokens_per_s",
-                "model_flops_per_s", "cumulative_flops"):
+    # the DeepSpeed loop's names (training/deepspeed_loop.py)
+    for key in ("train/loss", "eval/loss", "eval/main_loss", "eval/secondary_loss", "train/lr", "train/grad_norm",
+                "compute/flops", "compute/tokens", "compute/wall_clock_s", "throughput/tokens_per_s",
+                "throughput/flops_per_s"):
         assert client.get_metric_history(run_.info.run_id, key), key
     assert "loss_curve.png" in {a.path for a in client.list_artifacts(run_.info.run_id)}
 
@@ -211,6 +215,12 @@ def test_preempt_and_resume_is_exact(corpus, tmp_path, layout):
     assert rc == 0, tail(tmp_path / "reference.log")
     expected = train_losses(reference)
     assert sorted(expected) == list(range(1, STEPS + 1))
+    # the logged rate is the one each update used: warmup (5 steps) from lr/5, peak at update 5, min_lr at the end
+    lr, min_lr = 2e-3, 1e-4  # configs/pretrain/minijoint_tiny.yaml
+    logged_lr = {step: row["train/lr"] for step, row in read_metrics(reference / "metrics.jsonl").items()
+                 if "train/lr" in row}
+    assert logged_lr[1] == pytest.approx(lr / 5) and logged_lr[5] == pytest.approx(lr)
+    assert logged_lr[STEPS] == pytest.approx(min_lr)
     if layout == "pp2":  # rank 0 (first stage) logs the losses computed on the last stage and the middle one
         _check_mlflow_run(tmp_path / "mlflow", expected)
 
@@ -247,6 +257,9 @@ def test_preempt_and_resume_is_exact(corpus, tmp_path, layout):
         (tmp_path / "resumed.log").read_text()
     resumed = train_losses(out)
     assert sorted(resumed) == list(range(1, STEPS + 1))
+    clock = {step: row["compute/wall_clock_s"] for step, row in read_metrics(out / "metrics.jsonl").items()
+             if "compute/wall_clock_s" in row}
+    assert clock[STEPS] > clock[stopped] > 0  # training time accumulates over both launches
     for step in range(stopped + 1, STEPS + 1):
         np.testing.assert_allclose(resumed[step], expected[step], rtol=0, atol=1e-6, err_msg=f"step {step}")
     assert resumed[STEPS][0] < resumed[1][0] and resumed[STEPS][1] < resumed[1][1]  # both losses fall

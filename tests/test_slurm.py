@@ -164,7 +164,7 @@ def pretrain_args(corpus: Path, out: Path) -> list[str]:
 
 def pretrain_losses(out: Path) -> dict[int, tuple[float, float]]:
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line]
-    return {row["step"]: (row["loss"], row["secondary_loss"]) for row in rows if "loss" in row}
+    return {row["step"]: (row["train/loss"], row["train/secondary_loss"]) for row in rows if "train/loss" in row}
 
 
 def mlflow_runs(out: Path, job: str) -> list:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from minimodel.config import require, save_config
-from minimodel.data.mlm import MaskedLMDataset
+from minimodel.data.mlm_config import MLMDataConfig
 from minimodel.manifest import check_aligned, write_manifest
 from minimodel.minipost.alignment import alignment_report, plot_alignment
 from minimodel.minipost.build import (Init, MiniPostError, build_mini_model, changed_frozen_parameters,
@@ -48,13 +48,12 @@ class MiniConfig:
 
 
 @dataclass
-class DataConfig:
-    train_prefix: str = "data/default/en/train"  # megatron indexed dataset (pretrain/prepare_data.py), no .bin/.idx
-    valid_prefix: str = "data/default/en/valid"  # held-out text: eval loss and the alignment report
-    tokenizer_dir: str = "data/default/en/tokenizer"  # the data's tokenizer: must have the model's vocabulary
-    source_lang: str = "en"
-    seq_length: int = 128
-    mask_prob: float = 0.15
+class DataConfig(MLMDataConfig):
+    seq_length: int = 128  # (MiniJoint pretraining takes it from its model config)
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.seq_length >= 8, "data.seq_length", "must be >= 8")
 
 
 @dataclass
@@ -80,8 +79,6 @@ class MiniPostConfig:
                                              "directory or an export directory)")
         require(self.mini.layers >= 1, "mini.layers", "must be >= 1")
         require(self.mini.new_layers >= 0, "mini.new_layers", "must be >= 0")
-        require(0 < self.data.mask_prob < 1, "data.mask_prob", "must be between 0 and 1")
-        require(self.data.seq_length >= 8, "data.seq_length", "must be >= 8")
         require(self.alignment.batches >= 1 and self.alignment.batch_size >= 1, "alignment.batches",
                 "alignment.batches and alignment.batch_size must be >= 1")
 
@@ -117,20 +114,9 @@ def _write_mini_model(model, tokenizer, out_dir: Path, manifest: dict) -> Path:
     return out_dir
 
 
-def _datasets(cfg: MiniPostConfig, tokenizer) -> tuple[MaskedLMDataset, MaskedLMDataset]:
-    data = cfg.data
-    datasets = []
-    for key, prefix, seed in (("data.train_prefix", data.train_prefix, cfg.train.seed),
-                              ("data.valid_prefix", data.valid_prefix, 0)):
-        try:
-            datasets.append(MaskedLMDataset(prefix, tokenizer, data.seq_length, data.mask_prob, seed=seed))
-        except FileNotFoundError as e:
-            raise MiniPostError(f"{key}: {e}") from None
-    return datasets[0], datasets[1]
-
-
 def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
     # Inputs first: a bad input fails here, before any run is created or anything written.
+    cfg.data.check_files()
     source_dir = resolve_source(cfg.source)
     tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else source_dir
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -151,7 +137,8 @@ def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
     log.info("mini-model: %s, %d frozen + %d new layers; trainable: %d tensors, %.3gM values (of %.3gM)",
              type(mini).__name__, cfg.mini.layers, cfg.mini.new_layers, len(new_params),
              count_values(mini, new_params) / 1e6, sum(p.numel() for p in mini.parameters()) / 1e6)
-    train_data, valid_data = _datasets(cfg, tokenizer)
+    train_data = cfg.data.dataset("train", tokenizer, cfg.data.seq_length, seed=cfg.train.seed)
+    valid_data = cfg.data.dataset("valid", tokenizer, cfg.data.seq_length, seed=0)
 
     init_distributed()
     rank0 = dist.get_rank() == 0

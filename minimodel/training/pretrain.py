@@ -3,7 +3,13 @@
 One process per device, launched by torchrun. Each step runs `global_batch_size` sequences through megatron's
 pipeline schedule in micro-batches (gradient accumulation), clips gradients, takes an optimizer step (optionally
 the distributed optimizer) and advances the warmup + decay schedule. The loss is the main MLM loss plus the
-weighted secondary MLM loss of the mini-model head; both are logged, and evaluated on the validation split.
+weighted secondary MLM loss of the mini-model head (none with model.secondary_head=none); both are logged, and
+evaluated on the validation split.
+
+Metrics (MLflow and <output_dir>/metrics.jsonl, rank 0; the names of the DeepSpeed loop, training/deepspeed_loop.py):
+train/loss, train/main_loss, train/secondary_loss, train/lr (the rate this step's update used), train/grad_norm,
+compute/flops, compute/tokens, compute/wall_clock_s (cumulative over all launches), throughput/tokens_per_s,
+throughput/flops_per_s every step; eval/loss, eval/main_loss, eval/secondary_loss every train.eval_every steps.
 
 Resume is exact: the sample a rank sees depends only on (seed, step, micro-batch, data-parallel rank), and the
 checkpoint holds model, optimizer, scheduler, step and every RNG state. Checkpoints are atomic
@@ -28,6 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from minimodel.config import ConfigError, require, save_config
+from minimodel.data.mlm_config import MLMDataConfig
 from minimodel.distributed import ParallelConfig
 from minimodel.models.minijoint.config import ModelConfig
 from minimodel.tracking import Tracker, TrackingConfig
@@ -39,29 +46,6 @@ log = logging.getLogger(__name__)
 
 
 # -- configuration -----------------------------------------------------------------------------------------------
-@dataclass
-class DataConfig:
-    train_prefix: str = "data/default/en/train"  # megatron indexed dataset, path without .bin/.idx
-    valid_prefix: str = "data/default/en/valid"
-    tokenizer_dir: str = "data/default/en/tokenizer"
-    source_lang: str = "en"
-    mask_prob: float = 0.15  # sequences are model.seq_length tokens
-
-    def validate(self) -> None:
-        require(0.0 < self.mask_prob < 1.0, "data.mask_prob", f"{self.mask_prob} must be in (0, 1)")
-
-    def check_files(self) -> None:
-        """The inputs exist (checked at start-up, not at config load, so configs load without the data)."""
-        fix = "build them with: python pretrain/prepare_data.py --config configs/data/default.yaml"
-        for key in ("train_prefix", "valid_prefix"):
-            prefix = getattr(self, key)
-            for ext in (".bin", ".idx"):
-                if not Path(prefix + ext).is_file():
-                    raise ConfigError(f"data.{key}: {prefix}{ext} does not exist; {fix}")
-        if not Path(self.tokenizer_dir).is_dir():
-            raise ConfigError(f"data.tokenizer_dir: {self.tokenizer_dir} is not a directory; {fix}")
-
-
 @dataclass
 class OptimConfig:
     lr: float = 5e-4
@@ -115,7 +99,7 @@ class CheckpointConfig:
 @dataclass
 class PretrainConfig:
     output_dir: str = "runs/pretrain/minijoint"
-    data: DataConfig = field(default_factory=DataConfig)
+    data: MLMDataConfig = field(default_factory=MLMDataConfig)  # sequences are model.seq_length tokens
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -227,7 +211,6 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from minimodel import distributed
-        from minimodel.data.mlm import MaskedLMDataset
         from minimodel.models.minijoint import parallelize
         from minimodel.models.minijoint.model import flops_per_token
 
@@ -261,20 +244,19 @@ class Trainer:
         self.reads_data = mpu.get_tensor_model_parallel_rank() == 0
         sampling = dict(global_batch=cfg.parallel.global_batch_size, micro_batch=cfg.parallel.micro_batch_size,
                         dp_size=dp_size, dp_rank=mpu.get_data_parallel_rank())
-        data = cfg.data
+        data, seq = cfg.data, cfg.model.seq_length
         self.train_data = MicroBatches(  # a new masking seed every epoch (dynamic masking), deterministic
-            lambda epoch: MaskedLMDataset(data.train_prefix, tokenizer, cfg.model.seq_length, data.mask_prob,
-                                          seed=cfg.train.seed + epoch),
+            lambda epoch: data.dataset("train", tokenizer, seq, seed=cfg.train.seed + epoch),
             seed=cfg.train.seed, shuffle=True, **sampling)
         self.valid_data = MicroBatches(  # the same validation batches every time
-            lambda epoch: MaskedLMDataset(data.valid_prefix, tokenizer, cfg.model.seq_length, data.mask_prob, seed=0),
-            seed=0, shuffle=False, **sampling)
+            lambda epoch: data.dataset("valid", tokenizer, seq, seed=0), seed=0, shuffle=False, **sampling)
 
         self.layout = {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size,
                        "vpp": cfg.parallel.num_model_chunks, "dp": dp_size}
         self.tokens_per_step = cfg.parallel.global_batch_size * cfg.model.seq_length
         self.flops_per_step = flops_per_token(cfg.model) * self.tokens_per_step
         self.step = 0
+        self.wall_clock_s = 0.0  # training time over all launches (compute/wall_clock_s)
         self.last_checkpoint: Path | None = None
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.tracker: Tracker | None = None
@@ -294,7 +276,8 @@ class Trainer:
 
     def save(self) -> None:
         state = self._sharded_state_dict(is_loading=False)
-        state.update(scheduler=self.scheduler.state_dict(), step=self.step, layout=self.layout)
+        state.update(scheduler=self.scheduler.state_dict(), step=self.step, layout=self.layout,
+                     wall_clock_s=self.wall_clock_s)
         self.last_checkpoint = ckpt.save_checkpoint(self.checkpoint_root, self.step, state,
                                                     keep_last=self.cfg.checkpoint.keep_last)
         self.say(f"saved checkpoint {self.last_checkpoint}")
@@ -327,6 +310,7 @@ class Trainer:
         self._restore_adam_steps()
         self.scheduler.load_state_dict(loaded["scheduler"])
         self.step = int(loaded["step"])
+        self.wall_clock_s = float(loaded.get("wall_clock_s", 0.0))  # absent from checkpoints of older versions
         self.last_checkpoint = path
         log.info("resumed from %s at step %d%s", path, self.step,
                  "" if same_layout else f" (saved with layout {saved_layout}: RNG streams re-seeded)")
@@ -396,11 +380,13 @@ class Trainer:
             self.tracker.finish(status)
 
     def _run(self, data: MicroBatches, index: int, forward_only: bool) -> dict[str, float]:
+        """One step's losses: {"loss", "main_loss", "secondary_loss" (absent with secondary_head none)}."""
         from minimodel.models.minijoint import parallelize
 
         batches = iter(data.step(index)) if self.reads_data else None
         out = parallelize.forward_backward(self.model, batches, data.num_microbatches, forward_only=forward_only)
-        return {"loss": out["loss"], "main_loss": out["lm_loss"], "secondary_loss": out["aux_loss"]}
+        names = {"loss": "loss", "lm_loss": "main_loss", "aux_loss": "secondary_loss"}
+        return {ours: out[theirs] for theirs, ours in names.items() if theirs in out}
 
     def train_step(self) -> None:
         from minimodel.models.minijoint import parallelize
@@ -409,31 +395,37 @@ class Trainer:
         parallelize.zero_grad_buffers(self.model)
         self.optimizer.zero_grad()
         losses = self._run(self.train_data, self.step, forward_only=False)
-        update_ok, grad_norm, _ = self.optimizer.step()  # clips to optim.clip_grad
-        if update_ok:  # an fp16 overflow skips the update and the schedule, as in Megatron-LM
-            self.scheduler.step(increment=1)
+        # The schedule's value for update number step + 1: warmup starts at lr / warmup_steps (not 0), peaks at
+        # update warmup_steps and ends at min_lr at the last update. (bf16/fp32 updates are never skipped: no
+        # fp16 loss scaler, whose overflow would skip one.)
+        self.scheduler.step(increment=1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()  # clips to optim.clip_grad
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         self.step += 1
+        self.wall_clock_s += seconds
         metrics = {
-            **losses,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "tokens_per_s": self.tokens_per_step / seconds,
-            "model_flops_per_s": self.flops_per_step / seconds,
-            "cumulative_flops": self.flops_per_step * self.step,
-            "step_time_s": seconds,
+            **{f"train/{k}": v for k, v in losses.items()},
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "compute/flops": self.flops_per_step * self.step,
+            "compute/tokens": self.tokens_per_step * self.step,
+            "compute/wall_clock_s": self.wall_clock_s,
+            "throughput/tokens_per_s": self.tokens_per_step / seconds,
+            "throughput/flops_per_s": self.flops_per_step / seconds,
         }
         self._log(metrics)
-        self.bar.set_postfix(main=f"{losses['main_loss']:.3f}", secondary=f"{losses['secondary_loss']:.3f}",
-                             tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        secondary = f" | secondary loss {losses['secondary_loss']:.4f}" if "secondary_loss" in losses else ""
+        self.bar.set_postfix(loss=f"{losses['main_loss']:.3f}", tok_s=f"{metrics['throughput/tokens_per_s']:.0f}",
+                             refresh=False)
         self.bar.update(1)
         if self.step % self.cfg.train.log_every == 0 or self.step == 1:
-            self.say(f"step {self.step}/{self.cfg.train.steps} | main loss {losses['main_loss']:.4f} | secondary loss "
-                     f"{losses['secondary_loss']:.4f} | lr {metrics['lr']:.3g} | grad norm {metrics['grad_norm']:.3f}"
-                     f" | {metrics['tokens_per_s']:,.0f} tokens/s | {metrics['model_flops_per_s'] / 1e9:,.3f} "
-                     f"GFLOP/s")
+            self.say(f"step {self.step}/{self.cfg.train.steps} | main loss {losses['main_loss']:.4f}{secondary} | "
+                     f"lr {lr:.3g} | grad norm {metrics['train/grad_norm']:.3f} | "
+                     f"{metrics['throughput/tokens_per_s']:,.0f} tokens/s | "
+                     f"{metrics['throughput/flops_per_s'] / 1e9:,.3f} GFLOP/s")
 
     @torch.no_grad()
     def evaluate(self) -> None:
@@ -442,12 +434,12 @@ class Trainer:
         totals: dict[str, float] = {}
         for index in range(self.cfg.train.eval_steps):
             for key, value in self._run(self.valid_data, index, forward_only=True).items():
-                totals[f"valid_{key}"] = totals.get(f"valid_{key}", 0.0) + value / self.cfg.train.eval_steps
+                totals[f"eval/{key}"] = totals.get(f"eval/{key}", 0.0) + value / self.cfg.train.eval_steps
         for chunk in self.model:
             chunk.train()
         self._log(totals)
-        self.say(f"step {self.step} | validation: main loss {totals['valid_main_loss']:.4f} | secondary loss "
-                 f"{totals['valid_secondary_loss']:.4f}")
+        secondary = f" | secondary loss {totals['eval/secondary_loss']:.4f}" if "eval/secondary_loss" in totals else ""
+        self.say(f"step {self.step} | validation: main loss {totals['eval/main_loss']:.4f}{secondary}")
 
     # -- reporting -------------------------------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -486,10 +478,10 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path:
 
     rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label, style in [("main_loss", "main head (train)", "-"),
-                              ("secondary_loss", "secondary head (train)", "-"),
-                              ("valid_main_loss", "main head (validation)", "o--"),
-                              ("valid_secondary_loss", "secondary head (validation)", "s--")]:
+    for key, label, style in [("train/main_loss", "main head (train)", "-"),
+                              ("train/secondary_loss", "secondary head (train)", "-"),
+                              ("eval/main_loss", "main head (validation)", "o--"),
+                              ("eval/secondary_loss", "secondary head (validation)", "s--")]:
         points = [(step, row[key]) for step, row in rows.items() if key in row]
         if points:
             ax.plot(*zip(*points), style, label=label, markersize=4)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from minimodel.config import require
+
+SecondaryHead = Literal["separate", "shared_transform", "none"]
 
 
 @dataclass
@@ -16,6 +19,12 @@ class ModelConfig:
     ffn_hidden_size: int | None = None  # None: 4 x hidden_size
     seq_length: int = 512  # also the number of learned position embeddings
     mini_layers: int = 4  # m: the secondary head reads the output of layer m (1-based); the mini-model's depth
+    # The MLM head after layer m (the mini-model's head):
+    #   separate          its own final LayerNorm + dense + LayerNorm + bias (projection: see below)
+    #   shared_transform  the main head itself (same parameters) applied to layer m's output: the mini-model's head
+    #                     IS the primary's, so output embeddings learned through one fit the other
+    #   none              plain MLM: no secondary head, no auxiliary loss, no MiniJoint mini-model
+    secondary_head: SecondaryHead = "separate"
     aux_weight: float = 1.0  # loss = main + aux_weight * secondary
     share_aux_output_embedding: bool = True  # secondary head projects with the tied word embeddings
     hidden_dropout: float = 0.1
@@ -38,6 +47,9 @@ class ModelConfig:
                 f"the secondary head must follow one of layers 1..num_layers={self.num_layers}, "
                 f"got {self.mini_layers}")
         require(self.aux_weight >= 0, "aux_weight", f"must be >= 0, got {self.aux_weight}")
+        require(self.secondary_head != "shared_transform" or self.share_aux_output_embedding,
+                "share_aux_output_embedding", "secondary_head=shared_transform uses the main head, whose projection "
+                "is the tied word embeddings: set share_aux_output_embedding=true (or secondary_head=separate)")
         for key in ("hidden_dropout", "attention_dropout"):
             require(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}")
         require(self.layernorm_epsilon > 0, "layernorm_epsilon", "must be > 0")

@@ -2,7 +2,9 @@
 
     <out>/primary/   embeddings + all L layers + the main MLM head
     <out>/mini/      embeddings + layers 1..m + the secondary head (its final LayerNorm becomes encoder.ln),
-                     with minimodel.json (kind "minijoint") pointing at primary/
+                     with minimodel.json (kind "minijoint") pointing at primary/. With secondary_head
+                     "shared_transform" that head is the main head's own parameters; with "none" the model has no
+                     mini-model and only primary/ is written.
 
 Both are pre-LayerNorm MegatronBert models with exact (erf) gelu, learned positions from 0, and a single,
 zeroed token-type embedding (type_vocab_size=1), so HF adds nothing to our embeddings. The padded vocabulary
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minimodel import distributed
-from minimodel.config import require, save_config
+from minimodel.config import ConfigError, require, save_config
 from minimodel.distributed import ParallelConfig
 from minimodel.manifest import write_manifest
 from minimodel.models.minijoint import parallelize
@@ -28,6 +30,8 @@ from minimodel.models.minijoint.config import ModelConfig
 from minimodel.tracking import Tracker, TrackingConfig
 
 PARITY_TOLERANCE = 1e-4
+# The megatron module whose parameters are the mini-model's MLM head, per ModelConfig.secondary_head.
+MINI_HEAD = {"separate": "aux_head", "shared_transform": "lm_head"}
 
 
 def hf_config(cfg: ModelConfig, layers: int, tie_word_embeddings: bool):
@@ -111,15 +115,22 @@ def _parity(megatron_chunk, hf_models, cfg: ModelConfig, seed: int = 0) -> dict[
     keep = mask.bool()
     diffs = {}
     for name, ours in (("primary", main), ("mini", secondary)):
+        if name not in hf_models:
+            continue
         with torch.no_grad():
             theirs = hf_models[name](input_ids=ids, attention_mask=mask).logits
         diffs[name] = (ours.float().cpu()[keep] - theirs[keep]).abs().max().item()
     return diffs
 
 
-def export(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, output_dir: str | os.PathLike) -> dict:
+def export(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, output_dir: str | os.PathLike,
+           mini: bool | None = None) -> dict:
     """Write <output_dir>/primary and <output_dir>/mini from a MiniJoint checkpoint; returns
-    {"primary": path, "mini": path, "max_logit_diff": {"primary": ..., "mini": ...}}."""
+    {"primary": path, "mini": path or None, "max_logit_diff": {"primary": ..., "mini": ...}}.
+
+    `mini`: None exports the mini-model when the model has one (not with secondary_head "none"); True requires
+    it; False skips it.
+    """
     checkpoint, tokenizer_dir, output_dir = Path(checkpoint), Path(tokenizer_dir), Path(output_dir)
     if not (checkpoint / "metadata.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a megatron dist_checkpointing checkpoint (no metadata.json); "
@@ -134,14 +145,22 @@ def export(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, outp
         raise RuntimeError("export runs in one process: start it with python, not torchrun")
     # Exact weights, no dropout: the exported configs keep the training dropout values.
     saved = parallelize.read_model_config(checkpoint)
+    has_mini = saved.secondary_head != "none"
+    if mini and not has_mini:
+        raise ConfigError(f"mini: checkpoint {checkpoint} was pretrained without a secondary head "
+                          f"(model.secondary_head=none, plain MLM), so it has no MiniJoint mini-model; export it "
+                          f"with mini=false and build a mini-model from the exported primary with pretrain/minipost.py")
+    with_mini = has_mini if mini is None else mini
     cfg = dataclasses.replace(saved, hidden_dropout=0.0, attention_dropout=0.0)
     model = parallelize.build_model(cfg, single)
     parallelize.load_checkpoint_into(model, checkpoint)
     chunk = parallelize.unwrap(model[0]).eval()
     sd = {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
 
-    hf = {"primary": _hf_model(sd, saved, saved.num_layers, "lm_head", tie=True),
-          "mini": _hf_model(sd, saved, saved.mini_layers, "aux_head", tie=saved.share_aux_output_embedding)}
+    hf = {"primary": _hf_model(sd, saved, saved.num_layers, "lm_head", tie=True)}
+    if with_mini:
+        hf["mini"] = _hf_model(sd, saved, saved.mini_layers, MINI_HEAD[saved.secondary_head],
+                               tie=saved.share_aux_output_embedding)
     for m in hf.values():  # compare without dropout; the saved config keeps the training values
         m.eval()
     diffs = _parity(chunk, hf, saved)
@@ -151,13 +170,16 @@ def export(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, outp
                            f"{PARITY_TOLERANCE}); nothing was written")
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    primary, mini = output_dir / "primary", output_dir / "mini"
+    primary, mini_dir = output_dir / "primary", output_dir / "mini"
     _save(hf["primary"], tokenizer_dir, primary)
-    _save(hf["mini"], tokenizer_dir, mini)
-    write_manifest(mini, kind="minijoint", layers=saved.mini_layers, primary_dir=primary,
+    if not with_mini:
+        shutil.rmtree(mini_dir, ignore_errors=True)  # an earlier export's mini-model is not aligned with this primary
+        return {"primary": str(primary), "mini": None, "max_logit_diff": diffs}
+    _save(hf["mini"], tokenizer_dir, mini_dir)
+    write_manifest(mini_dir, kind="minijoint", layers=saved.mini_layers, primary_dir=primary,
                    new_parameters=[], tokenizer=str(tokenizer_dir.resolve()), checkpoint=str(checkpoint.resolve()),
-                   shares_output_embedding=saved.share_aux_output_embedding)
-    return {"primary": str(primary), "mini": str(mini), "max_logit_diff": diffs}
+                   secondary_head=saved.secondary_head, shares_output_embedding=saved.share_aux_output_embedding)
+    return {"primary": str(primary), "mini": str(mini_dir), "max_logit_diff": diffs}
 
 
 @dataclass
@@ -165,6 +187,8 @@ class ExportConfig:
     checkpoint: str = ""  # a checkpoint dir saved by pretrain/train.py, or their root (its newest complete one)
     tokenizer: str = ""  # the HF tokenizer directory the model was trained with
     output_dir: str = "export"
+    # Also export the MiniJoint mini-model (mini/): null = when the model has one (not with secondary_head none)
+    mini: bool | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
@@ -185,6 +209,6 @@ def run(cfg: ExportConfig) -> dict:
                                     f"pretrain/train.py (e.g. <output_dir>/checkpoints)")
         checkpoint = newest
     with Tracker(cfg.tracking, config=cfg, tags={"stage": "export", "method": "minijoint"}) as tracker:
-        result = export(checkpoint, cfg.tokenizer, cfg.output_dir)
+        result = export(checkpoint, cfg.tokenizer, cfg.output_dir, mini=cfg.mini)
         tracker.log_metrics({f"max_logit_diff_{k}": v for k, v in result["max_logit_diff"].items()}, step=0)
     return result

@@ -11,19 +11,32 @@ applied only at the masked positions (labels != -100): no full-sequence vocabula
 Output embeddings: the main head's projection is tied to the input word embeddings (like BERT/RoBERTa). With
 `share_aux_output_embedding` (the default) the secondary head uses the same matrix, so the embeddings that
 adaptation learns through the mini-model are exactly the primary model's input and output embeddings; without it
-the secondary head has its own projection. Under pipeline parallelism a stage without the input embedding that
-needs the matrix (the last stage, the secondary head's stage) holds a copy; all copies start equal and their
-gradients are summed over megatron's embedding group (parallelize.sync_word_embedding_grads), so they stay equal.
+the secondary head has its own projection.
 
-The secondary head sits on whichever pipeline stage holds layer m. A forward hook on that layer computes the
-secondary loss from the layer's output and injects its gradient into the backward pass (`_AddLossGradient`),
-scaled like the main loss (`aux_weight * loss_scale / num_microbatches`).
+The secondary head (`ModelConfig.secondary_head`) is either its own module (separate), the main head itself
+(shared_transform), or absent (none: plain MLM). It sits on whichever pipeline stage holds layer m. A forward hook
+on that layer computes the secondary loss from the layer's output and injects its gradient into the backward pass
+(`_AddLossGradient`), scaled like the main loss (`aux_weight * loss_scale / num_microbatches`).
+
+Tied weights across pipeline stages, megatron's way (its word-embedding / output-layer tie): a chunk that needs a
+tied matrix it does not own holds a copy; every copy is set to the owner's value once at build time and the
+gradients of all copies are summed, so every copy takes the same update. Two tied sets exist:
+  - the word embeddings (owner: the first stage's input embedding): copies in the last stage's main head and, if
+    it projects with them, in the secondary head on another stage; summed over megatron's embedding group
+    (extended to the secondary head's stage);
+  - with shared_transform, the main head's parameters (owner: the last stage): a copy on the secondary head's
+    chunk if that is not the last one; summed over distributed.output_head_group() (the last stage and the
+    secondary head's stage).
+Copies are tagged `shared` (counted once in the gradient norm) and, like their owners, `shared_embedding` (each in
+its own DDP bucket, so the distributed optimizer shards owner and copies alike), and are checkpointed as replicas
+of the owner's key: checkpoints do not depend on the layout.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.bert.bert_layer_specs import HAVE_TE, get_bert_layer_with_transformer_engine_spec
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
@@ -49,11 +62,13 @@ def flops_per_token(cfg: ModelConfig, mask_fraction: float = 0.15) -> float:
     """Model FLOPs per sequence token of a training step (forward + backward = 3 x forward; matmuls, 2 per MAC).
 
     Every token goes through each layer's QKV, attention-output and MLP matmuls and attends over seq_length keys;
-    only the masked tokens (`mask_fraction` of them) go through the two MLM heads (dense + vocabulary projection).
+    only the masked tokens (`mask_fraction` of them) go through the MLM heads (dense + vocabulary projection): two,
+    or one with secondary_head "none".
     """
     h, s, f, v = cfg.hidden_size, cfg.seq_length, cfg.ffn_size, cfg.padded_vocab_size
     per_layer = 2 * (4 * h * h + 2 * h * f) + 2 * 2 * s * h
-    heads = mask_fraction * 2 * 2 * (h * h + h * v)
+    num_heads = 1 if cfg.secondary_head == "none" else 2
+    heads = mask_fraction * num_heads * 2 * (h * h + h * v)
     return 3.0 * (cfg.num_layers * per_layer + heads)
 
 
@@ -118,6 +133,11 @@ class _AddLossGradient(torch.autograd.Function):
 
 class MaskedLMHead(MegatronModule):
     """final LayerNorm -> dense -> gelu -> LayerNorm -> vocab-parallel projection, at masked positions."""
+
+    # Parameters a shared_transform secondary head takes from the main head (the projection weight is the tied
+    # word embedding, handled with the embeddings).
+    TIED_PARAMETERS = ("final_layernorm.weight", "final_layernorm.bias", "dense.weight", "dense.bias",
+                       "layer_norm.weight", "layer_norm.bias", "output_layer.bias")
 
     def __init__(self, config, vocab_size: int, own_output_weight: bool):
         super().__init__(config=config)
@@ -184,40 +204,64 @@ class MiniJointModel(MegatronModule):
         if post_process:
             self.lm_head = MaskedLMHead(config, vocab, own_output_weight=not pre_process)
         secondary_layer = [layer for layer in self.encoder.layers if layer.layer_number == cfg.mini_layers]
-        self.has_secondary_head = bool(secondary_layer)
-        if self.has_secondary_head:
+        self.has_secondary_head = bool(secondary_layer) and cfg.secondary_head != "none"
+        # shared_transform on the main head's own chunk: the main head serves both; elsewhere a copy of it.
+        self._secondary_is_main_head = self.has_secondary_head and cfg.secondary_head == "shared_transform" \
+            and post_process
+        if self.has_secondary_head and not self._secondary_is_main_head:
             shared = cfg.share_aux_output_embedding
             self.aux_head = MaskedLMHead(config, vocab,
                                          own_output_weight=not shared or not (pre_process or post_process))
+        if self.has_secondary_head:
             secondary_layer[0].register_forward_hook(self._secondary_head_hook)
         self.secondary_loss_scale: float | None = None  # set per step by parallelize.forward_backward
         self.secondary_losses: list[Tensor] = []  # one detached value per microbatch, for logging
         self._labels: Tensor | None = None
         self._secondary_hidden: Tensor | None = None
-        self._tag_word_embedding_copies()
+        self._tag_tied_copies()
 
-    # -- tied word embeddings ------------------------------------------------------------------------
+    @property
+    def secondary_head(self) -> MaskedLMHead:
+        return self.lm_head if self._secondary_is_main_head else self.aux_head
+
+    # -- tied weights ----------------------------------------------------------------------------------------
     def word_embedding_weights(self) -> tuple[Tensor | None, list[Tensor]]:
         """(the input word embedding if this chunk has it, this chunk's copies of it used as projections)."""
         master = self.embedding.word_embeddings.weight if self.pre_process else None
         copies = []
         if self.post_process and not self.pre_process:
             copies.append(self.lm_head.output_layer.weight)
-        if (self.has_secondary_head and self.cfg.share_aux_output_embedding
+        if (self.has_secondary_head and not self._secondary_is_main_head and self.cfg.share_aux_output_embedding
                 and not (self.pre_process or self.post_process)):
             copies.append(self.aux_head.output_layer.weight)
         return master, copies
 
-    def _tag_word_embedding_copies(self) -> None:
-        master, copies = self.word_embedding_weights()
+    def head_weights(self) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+        """shared_transform: (the main head's tied parameters if this chunk has the head, this chunk's copy of them
+        in the secondary head), each in MaskedLMHead.TIED_PARAMETERS order; (None, None) otherwise."""
+        if self.cfg.secondary_head != "shared_transform":
+            return None, None
+
+        def tied(head):
+            params = dict(head.named_parameters())
+            return [params[name] for name in MaskedLMHead.TIED_PARAMETERS]
+
+        master = tied(self.lm_head) if self.post_process else None
+        copy = tied(self.aux_head) if self.has_secondary_head and not self._secondary_is_main_head else None
+        return master, copy
+
+    def _tag_tied_copies(self) -> None:
         if self.config.pipeline_model_parallel_size == 1:
-            return  # one stage: the heads use the input embedding itself
-        if master is not None:
-            master.shared_embedding = True  # its own DDP bucket, so every stage shards it alike
-        for w in copies:
-            w.data.fill_(0)  # set to the input embedding by parallelize.sync_word_embeddings
+            return  # one stage: the heads use the owners themselves
+        master, copies = self.word_embedding_weights()
+        head_master, head_copy = self.head_weights()
+        for w in ([master] if master is not None else []) + (head_master or []):
+            w.shared_embedding = True  # its own DDP bucket, so every stage shards it alike
+        for w in copies + (head_copy or []):
+            w.data.fill_(0)  # set to the owner's value by parallelize.sync_tied_weights
             w.shared = True  # counted once in the gradient norm
             w.shared_embedding = True
+        for w in copies:
             w.is_embedding_or_output_parameter = True
 
     def _main_output_weight(self) -> Tensor | None:
@@ -245,7 +289,7 @@ class MiniJointModel(MegatronModule):
         if self._labels is None:  # mlm_logits(): hand the hidden states to the caller
             self._secondary_hidden = hidden
             return output
-        loss = self.aux_head(hidden, self._labels, self._aux_output_weight())
+        loss = self.secondary_head(hidden, self._labels, self._aux_output_weight())
         self.secondary_losses.append(loss.detach().clone())
         if torch.is_grad_enabled():
             if self.secondary_loss_scale is None:
@@ -276,9 +320,10 @@ class MiniJointModel(MegatronModule):
         return self.lm_head(hidden, labels, self._main_output_weight())
 
     @torch.no_grad()
-    def mlm_logits(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(main, secondary) logits [b, s, vocab_size] at every position; unpipelined, TP=1 models only."""
-        assert self.pre_process and self.post_process and self.has_secondary_head, "needs the whole model"
+    def mlm_logits(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(main, secondary) logits [b, s, vocab_size] at every position (secondary None with secondary_head
+        "none"); unpipelined, TP=1 models only."""
+        assert self.pre_process and self.post_process, "needs the whole model"
         assert parallel_state.get_tensor_model_parallel_world_size() == 1, "needs TP=1"
         hidden = self.encode(input_ids, attention_mask, labels=None)
         secondary, self._secondary_hidden = self._secondary_hidden, None
@@ -289,18 +334,27 @@ class MiniJointModel(MegatronModule):
             return head.logits(flat, weight).reshape(b, -1, self.cfg.padded_vocab_size)[..., :self.cfg.vocab_size]
 
         return (project(self.lm_head, hidden, self._main_output_weight()),
-                project(self.aux_head, secondary, self._aux_output_weight()))
+                project(self.secondary_head, secondary, self._aux_output_weight()) if self.has_secondary_head
+                else None)
 
     # -- checkpointing ----------------------------------------------------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """megatron's sharded state dict, with every word-embedding copy stored as the input embedding."""
+        """megatron's sharded state dict, with every tied copy stored as a replica of its owner's key."""
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        _, copies = self.word_embedding_weights()
         names = {id(p): n for n, p in self.named_parameters()}
         dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        _, copies = self.word_embedding_weights()
         for i, weight in enumerate(copies):
-            name = f"{prefix}{names[id(weight)]}"
-            sd[name] = make_tp_sharded_tensor_for_checkpoint(
+            sd[f"{prefix}{names[id(weight)]}"] = make_tp_sharded_tensor_for_checkpoint(
                 tensor=weight, key=f"{prefix}embedding.word_embeddings.weight", replica_id=(1 + i, 0, dp_rank),
                 allow_shape_mismatch=True)
+        _, head_copy = self.head_weights()
+        for name, weight in zip(MaskedLMHead.TIED_PARAMETERS, head_copy or []):
+            entry = sd[f"{prefix}{names[id(weight)]}"]
+            entry.key = f"{prefix}lm_head.{name}"
+            entry.replica_id = (1, *entry.replica_id[1:])  # the main head's own tensor is the main replica
+        if head_copy is not None:  # the copy's (empty) extra states stay local, not keyed twice
+            for name, entry in sd.items():
+                if name.startswith(f"{prefix}aux_head.") and name.endswith("_extra_state"):
+                    sd[name] = LocalNonpersistentObject(entry.data)
         return sd

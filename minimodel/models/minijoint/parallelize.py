@@ -40,7 +40,7 @@ from minimodel.models.minijoint.model import MiniJointModel, layer_spec
 BATCH_KEYS = ("input_ids", "labels", "attention_mask")
 # ModelConfig fields that determine the weights' shapes and meaning (dropout, aux_weight may change on resume).
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_size", "seq_length",
-              "mini_layers", "share_aux_output_embedding", "padded_vocab_size")
+              "mini_layers", "secondary_head", "share_aux_output_embedding", "padded_vocab_size")
 
 
 # -- layout -----------------------------------------------------------------------------------------------
@@ -72,10 +72,12 @@ def secondary_head_stage(model: ModelConfig, parallel: ParallelConfig) -> int:
 
 def setup(model: ModelConfig, parallel: ParallelConfig, seed: int) -> None:
     """Validate the layout, then start the process groups (megatron's embedding group includes the secondary
-    head's stage when that head projects with the tied word embeddings) and seed every generator."""
+    head's stage when that head projects with the tied word embeddings; the output-head group, when it is the
+    main head) and seed every generator."""
     check_layout(model, parallel)
-    stages = [secondary_head_stage(model, parallel)] if model.share_aux_output_embedding else []
-    distributed.initialize(parallel, seed, embedding_stages=stages)
+    stage = [secondary_head_stage(model, parallel)] if model.secondary_head != "none" else []
+    distributed.initialize(parallel, seed, embedding_stages=stage if model.share_aux_output_embedding else [],
+                           head_stages=stage if model.secondary_head == "shared_transform" else [])
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
@@ -118,7 +120,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[Distribute
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage)
         chunks.append(chunk.to(distributed.device()))
-    sync_word_embeddings(chunks)
+    sync_tied_weights(chunks)
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=config.bf16, overlap_grad_reduce=parallel.overlap_grad_reduce,
@@ -145,53 +147,64 @@ def model_config(model: list) -> TransformerConfig:
     return get_model_config(model[0])
 
 
-def _word_embedding_weights(chunks) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    masters, copies = [], []
+def _tied_weights(chunks) -> list[tuple[list[torch.Tensor], list[torch.Tensor], object]]:
+    """Per tied set (word embeddings; the main head's parameters under shared_transform): (this rank's owner
+    tensors, this rank's copies, the group of the stages that hold them). Owners and copies are lists of equal
+    length per chunk (one tensor for the word embeddings, MaskedLMHead.TIED_PARAMETERS for the head)."""
+    words = ([], [])
+    head = ([], [])
     for chunk in chunks:
-        master, chunk_copies = unwrap(chunk).word_embedding_weights()
-        masters += [master] if master is not None else []
-        copies += chunk_copies
-    return masters, copies
+        master, copies = unwrap(chunk).word_embedding_weights()
+        words[0].extend([[master]] if master is not None else [])
+        words[1].extend([[w] for w in copies])
+        head_master, head_copy = unwrap(chunk).head_weights()
+        head[0].extend([head_master] if head_master is not None else [])
+        head[1].extend([head_copy] if head_copy is not None else [])
+    sets = [(*words, _group(parallel_state.get_embedding_group(check_initialized=False)))]
+    if unwrap(chunks[0]).cfg.secondary_head == "shared_transform":
+        sets.append((*head, _group(distributed.output_head_group())))
+    return sets
 
 
-def _embedding_group():
-    group = parallel_state.get_embedding_group(check_initialized=False)
+def _group(group):
     return group if group is not None and dist.get_world_size(group) > 1 else None
 
 
-def sync_word_embeddings(chunks) -> None:
-    """Set every copy of the word embeddings (last stage, secondary head's stage) to the first stage's."""
-    masters, copies = _word_embedding_weights(chunks)
-    group = _embedding_group()
-    if group is None:
-        return
-    value = masters[0].data.clone() if masters else torch.zeros_like(copies[0].data)
-    dist.all_reduce(value, group=group)  # only the first stage contributes a non-zero term
-    for w in copies:
-        w.data.copy_(value)
+def sync_tied_weights(chunks) -> None:
+    """Set every copy of a tied weight (see model.py) to its owner's value: all-reduce over the set's group, where
+    only the owner's stage contributes a non-zero term."""
+    for owners, copies, group in _tied_weights(chunks):
+        if not copies and (group is None or not owners):
+            continue  # nothing to set here, and no other stage waits for this one
+        for i, reference in enumerate((owners or copies)[0]):
+            value = owners[0][i].data.clone() if owners else torch.zeros_like(reference.data)
+            if group is not None:
+                dist.all_reduce(value, group=group)
+            for copy in copies:
+                copy[i].data.copy_(value)
 
 
-def sync_word_embedding_grads(model) -> None:
-    """Sum the gradients of all copies of the word embeddings (over chunks and pipeline stages), so every copy
-    takes the same update: the gradient of the one tied matrix."""
-    masters, copies = _word_embedding_weights(model)
-    weights = masters + copies
-    group = _embedding_group()
-    if group is None and len(weights) < 2:
-        return
-    grads = [w.main_grad for w in weights]
-    total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0].clone()
-    if group is not None:
-        dist.all_reduce(total, group=group)
-    for g in grads:
-        g.copy_(total)
+def sync_tied_grads(model) -> None:
+    """Sum the gradients of all copies of each tied weight (over chunks and pipeline stages), so every copy takes
+    the same update: the gradient of the one tied parameter."""
+    for owners, copies, group in _tied_weights(model):
+        holders = owners + copies
+        if group is None and len(holders) < 2:
+            continue
+        for i in range(len(holders[0])):
+            grads = [h[i].main_grad for h in holders]
+            total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0].clone()
+            if group is not None:
+                dist.all_reduce(total, group=group)
+            for g in grads:
+                g.copy_(total)
 
 
 def finalize_model_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
-    """megatron's gradient finalisation (data parallel, sequence-parallel norms), then the word-embedding sync;
+    """megatron's gradient finalisation (data parallel, sequence-parallel norms), then the tied-weight sync;
     installed as config.finalize_model_grads_func by build_model, so the schedules call it."""
     megatron_finalize_model_grads(model, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
-    sync_word_embedding_grads(model)
+    sync_tied_grads(model)
 
 
 # -- steps ---------------------------------------------------------------------------------------------------
@@ -233,7 +246,8 @@ def forward_backward(model: list, data_iterator: Iterator[dict] | None, num_micr
 
     Returns, on every rank: {"loss", "lm_loss", "aux_loss": means over the microbatches and data-parallel
     replicas, "lm_loss_per_microbatch", "aux_loss_per_microbatch": this replica's values}; loss =
-    lm_loss + aux_weight * aux_loss (each the mean cross-entropy over a microbatch's masked tokens).
+    lm_loss + aux_weight * aux_loss (each the mean cross-entropy over a microbatch's masked tokens). Without a
+    secondary head (secondary_head "none") the aux_* entries are absent and loss = lm_loss.
     """
     chunks = [unwrap(m) for m in model]
     cfg = chunks[0].cfg
@@ -262,6 +276,8 @@ def forward_backward(model: list, data_iterator: Iterator[dict] | None, num_micr
     dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
     values /= parallel_state.get_data_parallel_world_size()
     lm, aux = values.mean(1).tolist()
+    if cfg.secondary_head == "none":
+        return {"loss": lm, "lm_loss": lm, "lm_loss_per_microbatch": per_replica[0].tolist()}
     return {"loss": lm + cfg.aux_weight * aux, "lm_loss": lm, "aux_loss": aux,
             "lm_loss_per_microbatch": per_replica[0].tolist(), "aux_loss_per_microbatch": per_replica[1].tolist()}
 

@@ -1,0 +1,41 @@
+"""The data section of a masked-LM training stage's config (MiniJoint pretraining, MiniPost): which prepared corpus
+(pretrain/prepare_data.py) to train and validate on, and how to mask it. A plain dataclass: loading a config does
+not import torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from minimodel.config import ConfigError, require
+
+_FIX = "build them with: python pretrain/prepare_data.py --config configs/data/default.yaml"
+
+
+@dataclass
+class MLMDataConfig:
+    train_prefix: str = "data/default/en/train"  # megatron indexed dataset, path without .bin/.idx
+    valid_prefix: str = "data/default/en/valid"  # held-out text: validation loss (and MiniPost's alignment report)
+    tokenizer_dir: str = "data/default/en/tokenizer"  # the data's tokenizer: must have the model's vocabulary
+    source_lang: str = "en"
+    mask_prob: float = 0.15
+
+    def validate(self) -> None:
+        require(0.0 < self.mask_prob < 1.0, "data.mask_prob", f"{self.mask_prob} must be in (0, 1)")
+
+    def check_files(self) -> None:
+        """The inputs exist (checked at start-up, not at config load, so configs load without the data)."""
+        for key in ("train_prefix", "valid_prefix"):
+            prefix = getattr(self, key)
+            for ext in (".bin", ".idx"):
+                if not Path(prefix + ext).is_file():
+                    raise ConfigError(f"data.{key}: {prefix}{ext} does not exist; {_FIX}")
+        if not Path(self.tokenizer_dir).is_dir():
+            raise ConfigError(f"data.tokenizer_dir: {self.tokenizer_dir} is not a directory; {_FIX}")
+
+    def dataset(self, split: Literal["train", "valid"], tokenizer, seq_length: int, seed: int):
+        """The split as a MaskedLMDataset of `seq_length`-token sequences, masked with `seed`."""
+        from minimodel.data.mlm import MaskedLMDataset
+
+        prefix = self.train_prefix if split == "train" else self.valid_prefix
+        return MaskedLMDataset(prefix, tokenizer, seq_length, self.mask_prob, seed=seed)
