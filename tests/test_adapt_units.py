@@ -115,7 +115,7 @@ def test_deepspeed_config_is_assembled_at_runtime_and_refuses_clashes(tmp_path):
         ds = build_deepspeed_config(cfg, "fp32")
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
-        assert ds["scheduler"]["params"]["total_num_steps"] == 10 and ds["bf16"] == {"enabled": False}
+        assert ds["scheduler"]["params"]["total_num_steps"] == 11 and ds["bf16"] == {"enabled": False}
     offload = json.loads((REPO_ROOT / "configs/deepspeed/zero2_offload.json").read_text())
     assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert build_deepspeed_config(DeepSpeedLoopConfig(), "bf16")["bf16"] == {"enabled": True}

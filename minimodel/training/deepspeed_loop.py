@@ -160,7 +160,8 @@ def build_deepspeed_config(cfg: DeepSpeedLoopConfig, precision: str) -> dict:
             "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
             "torch_adam": cfg.torch_adam}},
         "scheduler": {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": cfg.steps, "warmup_num_steps": cfg.warmup_steps, "warmup_min_lr": 0.0,
+            # +1: the loop starts the schedule at iteration 1 (see train), so update `steps` runs at a positive lr
+            "total_num_steps": cfg.steps + 1, "warmup_num_steps": cfg.warmup_steps, "warmup_min_lr": 0.0,
             "warmup_max_lr": cfg.lr, "warmup_type": "linear"}},
         "bf16": {"enabled": precision == "bf16"},
     })
@@ -297,6 +298,9 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
     precision = resolve_precision(cfg.precision)
     engine, *_ = deepspeed.initialize(model=_LossModule(model, loss_fn), model_parameters=trainable,
                                       config=build_deepspeed_config(cfg, precision))
+    # WarmupDecayLR starts at iteration -1 and its linear warmup is 0 at iteration 0: updates 1 and 2 would run at
+    # lr 0. Start it at 1, so update k uses the schedule's value at k. (A checkpoint restores its own position.)
+    engine.lr_scheduler.step(1)
     device = engine.device
 
     output_dir = Path(output_dir)
@@ -361,6 +365,7 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
                 batch = micro_batch(step, micro)
                 loss = engine(batch)
                 engine.backward(loss)
+                lr = engine.get_lr()[0]  # the rate this step's update uses (engine.step advances the schedule)
                 engine.step()
                 loss_sum += float(loss.detach())
                 tokens += tokens_fn(batch)
@@ -374,7 +379,7 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
             state["wall_clock_s"] += elapsed
             grad_norm = engine.get_global_grad_norm()
             loss_mean = loss_sum / (cfg.grad_accumulation * world)
-            metrics = {"train/loss": loss_mean, "train/lr": engine.get_lr()[0],
+            metrics = {"train/loss": loss_mean, "train/lr": lr,
                        "compute/flops": state["flops"], "compute/tokens": state["tokens"],
                        "compute/wall_clock_s": state["wall_clock_s"],
                        "throughput/tokens_per_s": tokens / elapsed, "throughput/flops_per_s": flops / elapsed}

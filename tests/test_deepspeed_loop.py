@@ -1,0 +1,45 @@
+"""The shared DeepSpeed loop on a toy model, in a process of its own (one-process world, the CPU accelerator)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+TOY_RUN = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import torch
+    from torch import nn
+    from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, train
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+    data = [{"input_ids": np.array([i % 10, (i + 1) % 10])} for i in range(64)]
+
+    def loss_fn(model, batch):
+        ids = batch["input_ids"]
+        return nn.functional.cross_entropy(model(ids[:, 0]), ids[:, 1])
+
+    cfg = DeepSpeedLoopConfig(steps=8, warmup_steps=4, lr=0.04, micro_batch_size=4, torch_adam=True,
+                              zero_config="configs/deepspeed/zero1.json", save_every=0, precision="fp32")
+    train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=sys.argv[1])
+""")
+
+
+def test_each_update_runs_at_the_scheduled_positive_lr_and_logs_it(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    run = subprocess.run([sys.executable, "-c", TOY_RUN, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [row["train/lr"] for row in rows]
+    # linear warmup to 0.04 at update 4, then linear decay towards 0 at update 9 (never reached)
+    expected = [0.01, 0.02, 0.03, 0.04, 0.032, 0.024, 0.016, 0.008]
+    assert lrs == pytest.approx(expected), lrs
