@@ -225,7 +225,8 @@ def test_preempt_and_resume_is_exact(corpus, tmp_path, layout):
         _check_mlflow_run(tmp_path / "mlflow", expected)
 
     out, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
-    proc = launch(2, _overrides(corpus, out, parallel), log)
+    tracked = [f"tracking.enabled={layout == 'pp2'}", f"tracking.store_dir={tmp_path / 'mlflow-resumed'}"]
+    proc = launch(2, _overrides(corpus, out, parallel, *tracked), log)
     try:
         wait_for_step(out, 3, proc)
         if target == "launcher":
@@ -251,7 +252,7 @@ def test_preempt_and_resume_is_exact(corpus, tmp_path, layout):
     junk.mkdir()
     (junk / "metadata.json").write_text("{ truncated")
 
-    rc = run(2, _overrides(corpus, out, parallel), tmp_path / "resumed.log")
+    rc = run(2, _overrides(corpus, out, parallel, *tracked), tmp_path / "resumed.log")
     assert rc == 0, tail(tmp_path / "resumed.log")
     assert f"resumed from {out / 'checkpoints' / f'iter_{stopped:07d}'} at step {stopped}" in \
         (tmp_path / "resumed.log").read_text()
@@ -265,3 +266,11 @@ def test_preempt_and_resume_is_exact(corpus, tmp_path, layout):
     assert resumed[STEPS][0] < resumed[1][0] and resumed[STEPS][1] < resumed[1][1]  # both losses fall
     assert ckpt.step_of(ckpt.latest_checkpoint(out / "checkpoints")) == STEPS
     assert (out / "loss_curve.png").is_file() and (out / "config.yaml").is_file()
+    if layout == "pp2":  # the resumed launch continued the interrupted launch's MLflow run: one run, every step
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow-resumed' / 'mlflow.db'}")
+        (run_,) = client.search_runs([client.get_experiment_by_name("minimodel").experiment_id])
+        assert run_.info.status == "FINISHED" and run_.data.tags["resumes"] == "1"
+        steps = {m.step for m in client.get_metric_history(run_.info.run_id, "train/loss")}
+        assert steps == set(range(1, STEPS + 1))

@@ -351,7 +351,8 @@ class Trainer:
         tags = {"stage": "pretrain", "method": "minijoint", "source_lang": cfg.data.source_lang, **self.layout,
                 "world_size": dist.get_world_size(), "precision": "bf16" if self.bf16 else "fp32",
                 "resumed_from_step": self.step or None}
-        self.tracker = Tracker(cfg.tracking, config=cfg, tags=tags)
+        # a resumed run (requeued job, same command again) continues its MLflow run: one run per pretraining
+        self.tracker = Tracker.resumable(cfg.tracking, cfg.output_dir, config=cfg, tags=tags, resume=self.step > 0)
         status = "FAILED"
         try:
             if self.step >= cfg.train.steps:
