@@ -1,7 +1,8 @@
-"""Writing small files so that nothing already written is lost."""
+"""Writing files and directories so that nothing already written is lost."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -20,3 +21,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)  # only still there if something failed
     return path
+
+
+def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Put the finished directory `new` (written beside `final`) in place of `final`. The old `final`, if any, is
+    first moved aside and deleted only after the swap, so a crash leaves the old or the new directory complete."""
+    new, final = Path(new), Path(final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from minimodel.files import write_text_atomic
+
 MANIFEST_NAME = "minimodel.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -43,10 +45,7 @@ def write_manifest(mini_dir: str | os.PathLike, kind: str, layers: int, primary_
     data = {"kind": kind, "layers": layers,
             "primary_model": {"path": str(primary_dir), "sha256": model_hash(primary_dir)}, **extra}
     path = Path(mini_dir) / MANIFEST_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def read_manifest(mini_dir: str | os.PathLike) -> dict | None:

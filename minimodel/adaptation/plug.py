@@ -28,6 +28,7 @@ import torch
 from minimodel.adaptation.artifact import read_artifact, tokenizer_dir as artifact_tokenizer
 from minimodel.adaptation.vocab import install_vocabulary, tokenizer_fingerprint
 from minimodel.config import require, save_config
+from minimodel.files import replace_dir
 from minimodel.manifest import ManifestError, check_aligned, model_hash
 
 log = logging.getLogger(__name__)
@@ -140,11 +141,4 @@ def plug(cfg: PlugConfig) -> Path:
         "primary_model": info["primary_model"], "target_lang": info["target_lang"], "method": info["method"],
         "over": info["over"], "adapt_run_id": info.get("adapt_run_id"), "adapt_steps": info.get("steps")}, indent=2))
     save_config(cfg, tmp / "plug_config.yaml")
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output_dir)
-    return output_dir
+    return replace_dir(tmp, output_dir)

@@ -34,7 +34,7 @@ from minimodel.data.clean import CLEANING_VERSION, clean_verse, normalize_spaces
 from minimodel.data.corpora import Document, Source, SourceConfig, split_verse_id
 from minimodel.data.indexed import load_megatron_datasets, write_indexed
 from minimodel.data.tokenizer import FastEncoder, train_tokenizer
-from minimodel.files import write_text_atomic
+from minimodel.files import replace_dir, write_text_atomic
 from minimodel.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -267,12 +267,7 @@ def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: d
              "sources": [s.describe() for s in cfg.languages[lang].sources], "seconds": round(seconds, 2)}
     write_text_atomic(tmp / BUILD_MARKER, json.dumps({"input_hash": input_hash, "files": files, **stats}, indent=2))
 
-    final = out / lang
-    old = out / f".{lang}.old-{uuid.uuid4().hex[:8]}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out / lang)
     return stats
 
 

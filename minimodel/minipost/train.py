@@ -26,6 +26,7 @@ from deepspeed.accelerator import get_accelerator
 
 from minimodel.config import require, save_config
 from minimodel.data.mlm_config import MLMDataConfig
+from minimodel.files import replace_dir, write_text_atomic
 from minimodel.manifest import check_aligned, write_manifest
 from minimodel.minipost.alignment import alignment_report, plot_alignment
 from minimodel.minipost.build import (Init, MiniPostError, build_mini_model, changed_frozen_parameters,
@@ -105,13 +106,7 @@ def _write_mini_model(model, tokenizer, out_dir: Path, manifest: dict) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_manifest(tmp, **manifest)  # kind, layers, primary_dir, extra fields
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return replace_dir(tmp, out_dir)
 
 
 def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
@@ -197,9 +192,7 @@ def _write_report(alignment: dict, out: Path, tracker: Tracker) -> None:
 
     matplotlib.use("Agg")  # no display on compute nodes
     import matplotlib.pyplot
-    path = out / "alignment.json"
-    path.with_suffix(".tmp").write_text(json.dumps(alignment, indent=2))
-    os.replace(path.with_suffix(".tmp"), path)
+    path = write_text_atomic(out / "alignment.json", json.dumps(alignment, indent=2))
     figure = plot_alignment(alignment)
     figure.savefig(out / "alignment.png", dpi=120)
     matplotlib.pyplot.close(figure)

@@ -26,6 +26,7 @@ from typing import Any
 import torch.distributed as dist
 
 from minimodel import distributed
+from minimodel.files import replace_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +72,6 @@ def step_of(path: str | os.PathLike) -> int:
     return int(match.group(1))
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # -- RNG state ---------------------------------------------------------------------------------------------------
 def _rng_sharded_object(data: Any):
     """One RNG state per global rank: dropout streams differ by tensor/pipeline rank."""
@@ -109,13 +101,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if dist.get_rank() == 0:
-        replaced = final.with_name(final.name + ".old")
-        if final.exists():  # re-saving a step (after resuming from an older checkpoint): swap, then delete
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.replace(final, replaced)
-        os.replace(tmp, final)
-        _write_atomically(root / LATEST, final.name + "\n")
-        shutil.rmtree(replaced, ignore_errors=True)
+        replace_dir(tmp, final)  # a step saved again (after resuming from an older checkpoint) replaces the old one
+        write_text_atomic(root / LATEST, final.name + "\n")
         if keep_last is not None:
             for _, old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -71,6 +71,7 @@ import torch
 from torch import nn
 
 from minimodel.config import ConfigError, require
+from minimodel.files import write_text_atomic
 from minimodel.training.preemption import PreemptionSignal
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -247,9 +248,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def _started_by_a_launcher() -> bool:

@@ -24,6 +24,7 @@ import torch
 from minimodel import distributed
 from minimodel.config import ConfigError, require, save_config
 from minimodel.distributed import ParallelConfig
+from minimodel.files import replace_dir
 from minimodel.manifest import write_manifest
 from minimodel.models.minijoint import parallelize
 from minimodel.models.minijoint.config import ModelConfig
@@ -95,12 +96,7 @@ def _save(model, tokenizer_dir: Path, final_dir: Path) -> None:
     for f in tokenizer_dir.iterdir():
         if f.is_file():
             shutil.copy2(f, tmp / f.name)
-    old = final_dir.with_name(final_dir.name + ".old")
-    if final_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final_dir, old)
-    os.replace(tmp, final_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final_dir)
 
 
 def _parity(megatron_chunk, hf_models, cfg: ModelConfig, seed: int = 0) -> dict[str, float]:
