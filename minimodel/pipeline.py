@@ -3,8 +3,9 @@
     data -> MiniJoint pretraining (torchrun, model-parallel) -> export (primary + MiniJoint mini-model)
          -> MiniPost mini-model from the exported primary
          -> adaptation per target language: over the full model (standard), the MiniJoint and the MiniPost mini-model
+         -> zero-shot tasks scored on the primary model itself (target_mlm: held-out target MLM loss), per method
          -> step 3: fine-tune the primary on the English task -> plug each language's embeddings into the task model
-         -> step 4: zero-shot evaluation per method -> report (quality vs adaptation compute)
+         -> step 4: zero-shot evaluation of the task model per method -> report (quality vs adaptation compute)
 
     python -m minimodel.pipeline --config configs/pipeline/tiny.yaml [key=value ...]
     python -m minimodel.pipeline --config configs/pipeline/tiny.yaml --plan   # the stages as JSON (slurm/pipeline.sh)
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from minimodel.config import ConfigError, load_config, save_config
+from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.stages import Stage, StageFailed
 from minimodel.tracking import Tracker, TrackingConfig, link_run
 
@@ -41,7 +43,10 @@ class StageConfigs:
     minipost: str = "configs/minipost/tiny.yaml"
     adapt: str = "configs/adapt/tiny.yaml"
     finetune: str = "configs/evaluate/finetune/verse_class_tiny.yaml"
-    zero_shot: str = "configs/evaluate/zero_shot/verse_class_tiny.yaml"
+    # one zero-shot stage per config and method: fine-tuned tasks (classification, QA) score the plugged task
+    # model; the others (target_mlm, verse_retrieval) the primary with the adapted embeddings plugged in memory
+    zero_shot: list[str] = field(default_factory=lambda: ["configs/evaluate/zero_shot/verse_class_tiny.yaml",
+                                                          "configs/evaluate/zero_shot/target_mlm_tiny.yaml"])
     report: str = "configs/evaluate/report.yaml"
 
 
@@ -78,9 +83,21 @@ class PipelineConfig:
         known = {"data", "pretrain", "export", "minipost", "adapt", "finetune", "zero_shot", "report"}
         for stage in self.overrides:
             require(stage in known, f"overrides.{stage}", f"not a stage; stages are {sorted(known)}")
-        for name in ("data", "pretrain", "minipost", "adapt", "finetune", "zero_shot", "report"):
+        for name in ("data", "pretrain", "minipost", "adapt", "finetune", "report"):
             path = getattr(self.configs, name)
             require(Path(path).is_file(), f"configs.{name}", f"{path} does not exist")
+        require(bool(self.configs.zero_shot), "configs.zero_shot", "list at least one zero-shot config")
+        for i, path in enumerate(self.configs.zero_shot):
+            require(Path(path).is_file(), f"configs.zero_shot[{i}]", f"{path} does not exist")
+            require(zero_shot_task(path) in TASKS, f"configs.zero_shot[{i}]",
+                    f"{path}: task.name {zero_shot_task(path)!r} is not one of {sorted(TASKS)}")
+
+
+def zero_shot_task(config_path: str) -> str:
+    """The task name a zero-shot config file evaluates (its task.name, else TaskConfig's default)."""
+    import yaml
+
+    return ((yaml.safe_load(Path(config_path).read_text()) or {}).get("task") or {}).get("name", TaskConfig.name)
 
 
 def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[Stage]:
@@ -135,12 +152,25 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                         out / lang, [upstream, prepare])
             adapted[method, lang] = (out / lang, stage)
 
+    def zero_shot(config: str, method: str, source_model: Path, targets: list[str], after: list[Stage]) -> Stage:
+        task = zero_shot_task(config)
+        out = root / "zero_shot" / task / method
+        return add(f"zero_shot-{task}-{method}",
+                   [py, "evaluate/zero_shot.py", "--config", config, f"method={method}", f"source_lang={src}",
+                    f"source_model_dir={source_model}", f"task.data_dir={data}", f"targets=[{', '.join(targets)}]",
+                    f"output_dir={out}", *extra("zero_shot")], out, after)
+
+    # Tasks on the primary itself need only the adaptation runs: each checkpoint's embeddings plugged in memory.
+    fine_tuned = {config: TASKS[zero_shot_task(config)].fine_tuned for config in cfg.configs.zero_shot}
+    evaluations = [zero_shot(config, method, primary,
+                             [f"{{lang: {lang}, embeddings: {adapted[method, lang][0]}}}" for lang in cfg.target_langs],
+                             [adapted[method, lang][1] for lang in cfg.target_langs])
+                   for config in cfg.configs.zero_shot if not fine_tuned[config] for method in cfg.methods]
+
     task_dir = root / "finetune"
     finetune = add("finetune", [py, "evaluate/finetune.py", "--config", cfg.configs.finetune,
                                 f"model_dir={primary}", f"task.data_dir={data}", f"source_lang={src}",
                                 f"output_dir={task_dir}", *extra("finetune")], task_dir, [export])
-
-    evaluations = []
     for method in cfg.methods:
         targets, plugs = [], []
         for lang in cfg.target_langs:
@@ -153,12 +183,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
             # embeddings: zero_shot also scores the run's snapshots (the report's quality-vs-compute curve)
             targets.append(f"{{lang: {lang}, model_dir: {plugged}, tokenizer: {data / lang / 'tokenizer'}, "
                            f"embeddings: {emb_dir}}}")
-        out = root / "zero_shot" / method
-        evaluations.append(add(f"zero_shot-{method}",
-                               [py, "evaluate/zero_shot.py", "--config", cfg.configs.zero_shot, f"method={method}",
-                                f"source_lang={src}", f"source_model_dir={task_dir / 'model'}",
-                                f"task.data_dir={data}", f"targets=[{', '.join(targets)}]",
-                                f"output_dir={out}", *extra("zero_shot")], out, plugs))
+        evaluations += [zero_shot(config, method, task_dir / "model", targets, plugs)
+                        for config in cfg.configs.zero_shot if fine_tuned[config]]
     report = add("report", [py, "evaluate/report.py", "--config", cfg.configs.report,
                             f"output_dir={root / 'report'}", *extra("report")], root / "report", evaluations)
     report.always_run = True  # it summarises this pipeline run's children

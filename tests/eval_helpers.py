@@ -98,26 +98,37 @@ def tiny_mlm(vocab_size: int, out_dir: Path, tokenizer=None, layers: int = 2, se
     return out_dir
 
 
+def cipher_token_map(source_tok, target_tok) -> torch.Tensor:
+    """For each target id, the source id of its deciphered word (specials map to specials), -1 if none."""
+    src_vocab = source_tok.get_vocab()
+    inverse = {cipher(w): w for w in src_vocab}
+    mapping = torch.full((len(target_tok),), -1, dtype=torch.long)
+    for token, i in target_tok.get_vocab().items():
+        source_token = token if token in SPECIALS + ["<mask>"] else inverse.get(token)
+        if source_token in src_vocab:
+            mapping[i] = src_vocab[source_token]
+    return mapping
+
+
 def perfect_target_embeddings(source_embeddings: torch.Tensor, source_tok, target_tok, seed: int = 0):
     """Target embedding matrix whose row for cipher(w) is the source row of w (specials map to specials); target
     tokens without a source word get random rows."""
     g = torch.Generator().manual_seed(seed)
     target = torch.randn(len(target_tok), source_embeddings.shape[1], generator=g) * 0.02
-    src_vocab = source_tok.get_vocab()
-    inverse = {cipher(w): w for w in src_vocab}
-    for token, i in target_tok.get_vocab().items():
-        source_token = token if token in SPECIALS + ["<mask>"] else inverse.get(token)
-        if source_token in src_vocab:
-            target[i] = source_embeddings[src_vocab[source_token]]
+    mapping = cipher_token_map(source_tok, target_tok)
+    known = mapping >= 0
+    target[known] = source_embeddings[mapping[known]]
     return target
 
 
 def adaptation_artifact(run_dir: Path, embeddings: torch.Tensor, target_tokenizer_dir: Path, primary_dir: Path,
                         lang: str, method: str, steps: int = 1, adapt_run_id: str | None = None,
-                        snapshots: dict[int, torch.Tensor] | None = None) -> Path:
+                        snapshots: dict[int, torch.Tensor] | None = None,
+                        token_map: torch.Tensor | None = None) -> Path:
     """What a finished adapt/train.py run leaves for plugging (minimodel/adaptation/artifact.py), with `embeddings`
     as the learned matrix after `steps` steps and `snapshots` ({step: matrix}) as its snapshots: lets the tests
-    plug chosen embeddings with the real adapt/plug.py code."""
+    plug chosen embeddings with the real adapt/plug.py code. `token_map`: the source row of each target row
+    (plug carries the LM-head bias over through it); default: none (-1)."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -134,7 +145,8 @@ def adaptation_artifact(run_dir: Path, embeddings: torch.Tensor, target_tokenize
             "vocab_size": embeddings.shape[0], "hidden_size": embeddings.shape[1],
             "pad_token_id": tokenizer.pad_token_id, "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
             "adapt_run_id": adapt_run_id}
-    token_map = torch.full((embeddings.shape[0],), -1, dtype=torch.long)
+    if token_map is None:
+        token_map = torch.full((embeddings.shape[0],), -1, dtype=torch.long)
     for step, matrix in (snapshots or {}).items():
         write_artifact(snapshot_dir(run_dir, step), {"input_embeddings": matrix.float().contiguous(),
                                                      "token_map": token_map}, {**info, "steps": step})
@@ -149,3 +161,20 @@ def plug(artifact: Path, model_dir: Path, primary_dir: Path, out_dir: Path) -> P
 
     return plug_embeddings(PlugConfig(embeddings=str(artifact), model=str(model_dir), primary_model=str(primary_dir),
                                       output_dir=str(out_dir)))
+
+
+def write_indexed_verses(data_dir: Path, lang: str, tokenizer) -> Path:
+    """<data_dir>/<lang>/{train,valid}.bin|.idx from its verses.jsonl, one document per verse, as the data stage
+    writes them (token ids without <s> </s>)."""
+    import numpy as np
+
+    from minimodel.data.indexed import write_indexed
+
+    lang_dir = data_dir / lang
+    verses = [json.loads(line) for line in (lang_dir / "verses.jsonl").read_text().splitlines()]
+    for split in ("train", "valid"):
+        with write_indexed(lang_dir / split, len(tokenizer)) as writer:
+            for v in verses:
+                if v["split"] == split:
+                    writer.add(np.asarray(tokenizer(v["text"], add_special_tokens=False)["input_ids"]))
+    return lang_dir

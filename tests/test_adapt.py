@@ -148,7 +148,7 @@ def test_a_stopped_run_resumes_with_exactly_the_same_losses_and_embeddings(runs)
     assert a[-1]["compute/flops"] == b[-1]["compute/flops"]
     assert torch.equal(_embeddings(stopped)["input_embeddings"], _embeddings(uninterrupted)["input_embeddings"])
     # The snapshot written before the stop is kept, and is the one an uninterrupted run writes.
-    assert sig["snapshots"] == [SNAPSHOT_EVERY] and _snapshot_steps(stopped) == [SNAPSHOT_EVERY, STEPS]
+    assert sig["snapshots"] == [0, SNAPSHOT_EVERY] and _snapshot_steps(stopped) == [0, SNAPSHOT_EVERY, STEPS]
     for a, b in zip(list_snapshots(stopped), list_snapshots(uninterrupted)):
         assert torch.equal(_embeddings(a)["input_embeddings"], _embeddings(b)["input_embeddings"])
         assert read_info(a)["flops"] == read_info(b)["flops"]
@@ -159,12 +159,13 @@ def test_snapshots_hold_the_embeddings_and_the_compute_spent_at_each_evaluation(
         run = runs[name] / "sw"
         snapshots = list_snapshots(run)
         infos = [read_info(d) for d in snapshots]
-        assert [d.name for d in snapshots] == ["step_30", "step_60"] and [i["steps"] for i in infos] == [30, 60]
+        assert [d.name for d in snapshots] == ["step_0", "step_30", "step_60"]
+        assert [i["steps"] for i in infos] == [0, 30, 60] and infos[0]["flops"] == infos[0]["wall_clock_s"] == 0
         logged = {m["step"]: m for m in metrics(run)}
-        for info in infos:
+        for info in infos[1:]:
             assert info["flops"] == logged[info["steps"]]["compute/flops"] > 0
             assert info["wall_clock_s"] == logged[info["steps"]]["compute/wall_clock_s"] > 0
-        assert infos[0]["flops"] < infos[1]["flops"] and infos[0]["wall_clock_s"] < infos[1]["wall_clock_s"]
+        assert infos[1]["flops"] < infos[2]["flops"] and infos[1]["wall_clock_s"] < infos[2]["wall_clock_s"]
         # The last step's snapshot is the final artifact: a snapshot is what the run leaves at its step.
         final, final_info = _embeddings(run), read_info(run)
         assert _embeddings(snapshots[-1]).keys() == final.keys()

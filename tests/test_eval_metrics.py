@@ -71,3 +71,10 @@ def test_accuracy_and_bible_parts():
     for bad in (0, 67):
         with pytest.raises(ValueError, match="outside 1-66"):
             bible_part(bad)
+
+
+def test_majority_share_is_the_accuracy_of_the_most_frequent_label():
+    from minimodel.evaluation.metrics import majority_share
+
+    assert majority_share([2, 0, 2, 1, 2]) == 0.6
+    assert accuracy([2] * 5, [2, 0, 2, 1, 2]) == majority_share([2, 0, 2, 1, 2])

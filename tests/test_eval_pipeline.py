@@ -96,6 +96,7 @@ def test_zero_shot_with_perfect_target_embeddings_matches_source(world, plugged_
                                  f"tokenizer: {root / 'data/xx/tokenizer'}, adapt_step: 7}}]")
     results = zero_shot(cfg)
     assert results["en"]["accuracy"] > 0.5
+    assert 1 / 7 < results["en"]["baseline/majority"] < 0.5  # the majority class's share: the chance level
     assert results["xx"]["accuracy"] == results["en"]["accuracy"]
     assert results["xx"]["n_examples"] == results["en"]["n_examples"] > 50
     assert (root / "zs" / "metrics.json").is_file()

@@ -12,7 +12,7 @@ from minimodel.tracking import Tracker, TrackingConfig, link_run
 # method -> (FLOPs per adaptation step, seconds per step, steps, {evaluated step (None = final): accuracy}), as the
 # pipeline logs them: a snapshot curve plus the final embeddings (standard), or one run per snapshot (minijoint)
 PLAN = {
-    "standard": (100.0, 10.0, 4, {2: 0.60, None: 0.80}),
+    "standard": (100.0, 10.0, 4, {0: 0.20, 2: 0.60, None: 0.80}),
     "minijoint": (40.0, 5.0, 6, {2: 0.70, 4: 0.795, 6: 0.81}),
     "minipost": (50.0, 4.0, 6, {None: 0.75}),
 }
@@ -39,7 +39,7 @@ def pipeline(tmp_path_factory):
         link_run(child, earlier_minipost, parent.run_id)
         base = {"stage": "evaluate", "task": "verse_class", "metric": "accuracy", "source_lang": "en"}
         with Tracker(child, tags={**base, "method": "standard", "target_lang": "en", "role": "source"}) as t:
-            t.log_metrics({"accuracy": 0.9}, 0)
+            t.log_metrics({"accuracy": 0.9, "baseline/majority": 0.3}, 0)
         for method, (_, _, _, evals) in PLAN.items():
             for step, acc in evals.items():
                 tags = {**base, "method": method, "target_lang": "sw", "role": "target", "adapt_step": step}
@@ -57,11 +57,13 @@ def test_report_compute_to_reach_reference_quality(pipeline):
     summary = json.loads(pipeline["paths"]["json"].read_text())
     sw = summary["tasks"]["verse_class"]["languages"]["sw"]
     assert summary["tasks"]["verse_class"]["source"] == {"en": 0.9}
+    assert summary["tasks"]["verse_class"]["majority"] == {"en": 0.3} and not summary["tasks"]["verse_class"]["at_chance"]
     assert sw["reference_final"] == 0.80
     std, mj, mp = (sw["methods"][m] for m in ("standard", "minijoint", "minipost"))
     assert [(p["adapt_step"], p["flops"], p["wall_clock_s"]) for p in mj["points"]] == [
         (2, 80.0, 10.0), (4, 160.0, 20.0), (6, 240.0, 30.0)]
     assert std["final"] == {"quality": 0.80, "flops": 400.0, "wall_clock_s": 40.0}
+    assert std["points"][0]["adapt_step"] == 0 and std["points"][0]["flops"] == 0.0  # the initial embeddings
     # 95% of 0.80 = 0.76 and 99% = 0.792: minijoint's step 4 (160 FLOPs) vs standard's step 4 (400)
     for frac in ("0.95", "0.99"):
         assert mj["reach"][frac]["flops"] == 160.0 and mj["reach"][frac]["wall_clock_s"] == 20.0
@@ -80,7 +82,8 @@ def test_report_files_and_parent_artifacts(pipeline):
 
     md = pipeline["paths"]["markdown"].read_text()
     assert "| sw | minijoint | 3 | 0.81 | 240 | 30 | 160 (2.50x) | 160 (2.50x) | 240 (1.67x) |" in md
-    assert "| sw | standard | 2 | 0.8 | 400 | 40 | 400 (1.00x) |" in md
+    assert "| sw | standard | 3 | 0.8 | 400 | 40 | 400 (1.00x) |" in md
+    assert "at chance" not in md
     assert "| sw | minipost | 1 | 0.75 | 300 | 24 | not reached |" in md
     assert "en 0.9" in md
     with Image.open(pipeline["paths"]["png"]) as img:
@@ -98,3 +101,37 @@ def test_report_refuses_unknown_parent(pipeline, tmp_path):
                                                f"tracking.store_dir={pipeline['root'] / 'mlflow'}"])
     with pytest.raises(ValueError, match="0123abc is not in the MLflow store"):
         report(cfg)
+
+
+def _points(*quality_flops_step):
+    from minimodel.evaluation.report import Point
+
+    return [Point(q, f, f, step, f"run{i}") for i, (q, f, step) in enumerate(quality_flops_step)]
+
+
+def test_target_mlm_fractions_are_fractions_of_the_standard_gain():
+    from minimodel.evaluation.report import markdown, summarize
+
+    data = {"metric": {"target_mlm": "mlm_gain"}, "source": {}, "majority": {}, "points": {"target_mlm": {"ny": {
+        "standard": _points((0.0, 0.0, 0), (0.5, 100.0, 5), (1.0, 200.0, None)),
+        "minipost": _points((0.0, 0.0, 0), (0.96, 60.0, 5), (0.99, 120.0, None))}}}}
+    summary = summarize(data, "standard", [0.95, 1.0])
+    minipost = summary["tasks"]["target_mlm"]["languages"]["ny"]["methods"]["minipost"]
+    assert minipost["reach"]["0.95"]["target_quality"] == pytest.approx(0.95)
+    assert minipost["reach"]["0.95"]["flops"] == 60.0 and minipost["reach"]["0.95"]["flops_saving"] == pytest.approx(200 / 60)
+    assert minipost["reach"]["1"]["flops"] is None
+    md = markdown(summary)
+    assert "mlm_gain: held-out target-language masked-LM loss of the primary" in md and "at chance" not in md
+
+
+def test_classification_at_chance_gets_a_warning():
+    from minimodel.evaluation.report import markdown, summarize
+
+    data = {"metric": {"verse_class": "accuracy"}, "source": {"verse_class": {"en": 0.36}},
+            "majority": {"verse_class": {"en": 0.35}},
+            "points": {"verse_class": {"ny": {"standard": _points((0.33, 0.0, 0), (0.32, 10.0, None))}}}}
+    summary = summarize(data, "standard", [0.95], chance_margin=0.02)
+    assert summary["tasks"]["verse_class"]["at_chance"]
+    assert "**Warning: at chance.**" in markdown(summary) and "(en 0.35)" in markdown(summary)
+    data["source"]["verse_class"]["en"] = 0.38  # 3 points above the majority class: no warning
+    assert "at chance" not in markdown(summarize(data, "standard", [0.95], chance_margin=0.02))

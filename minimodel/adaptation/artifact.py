@@ -10,8 +10,9 @@
                             steps and compute spent (flops, wall_clock_s), the MLflow run (adapt_run_id); written
                             last, so its presence means the run completed
     snapshots/step_<N>/     the same artifact (embeddings.safetensors + adapt.json, no tokenizer/: the run's) at
-                            every `snapshot_every` steps, "steps" = N and the compute spent up to step N: the points
-                            of the compute-vs-quality curve (evaluate/zero_shot.py evaluates them)
+                            step 0 (the initial embeddings, compute 0) and every `snapshot_every` steps, "steps" = N
+                            and the compute spent up to step N: the points of the compute-vs-quality curve
+                            (evaluate/zero_shot.py evaluates them)
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 `over: mini` runs it over a mini-model (MiniJoint or MiniPost: its minimodel.json must say it is aligned with
 `primary_model`); `over: full` runs it over the primary model itself, the standard baseline. Each target language
 is an independent run in `<output_dir>/<lang>/` (see minimodel/adaptation/artifact.py for what it leaves), with a
-snapshot of the embeddings every `snapshot_every` steps for the compute-vs-quality curve; a failed language is
+snapshot of the embeddings at step 0 and every `snapshot_every` steps for the compute-vs-quality curve; a failed language is
 recorded in `<output_dir>/summary.json` and does not stop the others. `target_lang=<code>` selects one language of
 the list (one Slurm array task per language; the tasks share summary.json under a file lock).
 """
@@ -85,7 +85,7 @@ class AdaptConfig:
                                                                                     steps=25000))
     # Steps between embedding snapshots <output_dir>/<lang>/snapshots/step_<N>/: the points of the report's
     # quality-vs-compute curve, each one vocabulary x hidden matrix on disk. None: at every evaluation
-    # (train.eval_every); 0: none, only the final embeddings.
+    # (train.eval_every); 0: none but step 0 (the initial embeddings, always kept) and the final embeddings.
     snapshot_every: int | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -324,6 +324,13 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             "trainable_numel": sum(p.numel() for p in trainable.values()), "zero_stage": zero_stage,
             "adapt_run_id": tracker.run_id,  # a resumed run logs to a new MLflow run: snapshots name theirs
         }
+
+        # Step 0: the initial embeddings, the start of every compute-vs-quality curve and the zero of the target
+        # MLM gain (zero-shot task target_mlm). Written before DeepSpeed partitions anything; kept on resume.
+        if rank == 0 and read_info(snapshot_dir(run_dir, 0)) is None:
+            write_artifact(snapshot_dir(run_dir, 0),
+                           {**{k: p.detach().float().clone() for k, p in trainable.items()}, "token_map": used_map},
+                           {**provenance, "steps": 0, "flops": 0.0, "wall_clock_s": 0.0})
 
         def snapshot(engine, state: dict) -> None:
             if not (cfg.snapshot_interval and state["step"] % cfg.snapshot_interval == 0):

@@ -1,4 +1,4 @@
-"""Task metrics: accuracy, MLQA exact match / F1 (the official MLQA evaluation's normalisation), retrieval top-k.
+"""Task metrics: accuracy (and the majority-class baseline), MLQA exact match / F1 (the official MLQA evaluation's normalisation), retrieval top-k.
 
 The MLQA normalisation follows facebookresearch/MLQA `mlqa_evaluation_v1.py`: lower-case, drop every Unicode
 punctuation character, drop the language's articles, then split on whitespace (or, for Chinese, split every CJK
@@ -33,6 +33,13 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
     if len(predictions) != len(labels) or not labels:
         raise ValueError(f"accuracy needs as many predictions as labels (>0), got {len(predictions)} and {len(labels)}")
     return float(np.mean(np.asarray(predictions) == np.asarray(labels)))
+
+
+def majority_share(labels: Sequence[int]) -> float:
+    """The accuracy of always predicting the most frequent label: the chance level a classifier must beat."""
+    if not labels:
+        raise ValueError("majority_share needs at least one label")
+    return Counter(labels).most_common(1)[0][1] / len(labels)
 
 
 def _mixed_segmentation(text: str) -> list[str]:

@@ -31,7 +31,8 @@ def device() -> torch.device:
 def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, ...] | None = None):
     """The HF model class for a task `kind` from `model_dir`: a masked-LM directory (pass `labels`: a new
     classification head) or a task model (labels from its config)."""
-    from transformers import AutoModel, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+    from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering,
+                              AutoModelForSequenceClassification)
 
     if kind == "classification":
         if labels is None:
@@ -43,6 +44,8 @@ def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, 
         return AutoModelForQuestionAnswering.from_pretrained(model_dir)
     if kind == "retrieval":
         return AutoModel.from_pretrained(model_dir)
+    if kind == "mlm":
+        return AutoModelForMaskedLM.from_pretrained(model_dir)
     raise ValueError(f"unknown task kind {kind!r}")
 
 
@@ -106,7 +109,8 @@ def check_tokenizer(model, tokenizer, model_dir: str | os.PathLike, tokenizer_di
             f"{model_dir} carries a different tokenizer from {tokenizer_dir} (vocabularies differ): {fix}")
 
 
-def _batches(dataset, batch_size: int):
+def batches(dataset, batch_size: int):
+    """`dataset`'s items collated into batches of tensors on the evaluation device, in order."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     dev = device()
     for batch in loader:
@@ -121,7 +125,7 @@ def predict_logits(model, dataset, batch_size: int, desc: str, outputs: tuple[st
     """Concatenated output tensors (numpy) of `model` over `dataset`, in order."""
     model.to(device()).eval()
     collected: dict[str, list[np.ndarray]] = {k: [] for k in outputs}
-    for batch in tqdm(_batches(dataset, batch_size), total=-(-len(dataset) // batch_size), desc=desc, leave=False):
+    for batch in tqdm(batches(dataset, batch_size), total=-(-len(dataset) // batch_size), desc=desc, leave=False):
         out = model(**{k: v for k, v in batch.items() if k in _INPUTS})
         for k in outputs:
             collected[k].append(out[k].float().cpu().numpy())

@@ -9,7 +9,9 @@ Reads the child runs of a pipeline's parent run (minimodel/evaluation/runs.py):
 
 For each task and language it finds, for every method, the compute at which its quality first reached 95% /
 99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute; with
-final evaluations only, each method has one point), and the saving against the standard method.
+final evaluations only, each method has one point), and the saving against the standard method. A task whose
+source-language reference is not above the majority-class share (logged by zero_shot as baseline/majority) by
+`chance_margin` gets a warning: its numbers are at chance and say nothing about the methods.
 Writes report.json, report.md and compute_vs_quality.png to output_dir and attaches them to the parent run.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from minimodel.config import require, save_config
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.runs import FLOPS_METRIC, WALL_CLOCK_METRIC, PipelineRuns, RunInfo
+from minimodel.evaluation.scoring import MAJORITY_METRIC
 from minimodel.evaluation.tasks import TASKS
 from minimodel.evaluation.zero_shot import METHODS
 from minimodel.tracking import TrackingConfig
@@ -38,6 +41,7 @@ class ReportConfig:
     parent_run_id: str | None = None  # the pipeline's run; None: tracking.parent_run_id or $MINIMODEL_PARENT_RUN_ID
     reference_method: str = "standard"  # whose final quality the thresholds are fractions of
     fractions: list[float] = field(default_factory=lambda: [0.95, 0.99, 1.0])
+    chance_margin: float = 0.02  # a source reference within this of the majority-class share is "at chance"
     log_to_parent: bool = True  # attach the report files (and headline metrics) to the parent run
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -55,13 +59,14 @@ class Point:
 
 
 def _at_step(history: list[tuple[int, float]], step: int | None) -> float | None:
-    """The cumulative value logged at `step` (or the last one before it); the final value when step is None."""
+    """The cumulative value logged at `step` (or the last one before it); the final value when step is None; 0 at
+    step 0 (the initial embeddings: nothing spent yet)."""
     if not history:
         return None
     if step is None:
         return history[-1][1]
     before = [v for s, v in history if s <= step]
-    return before[-1] if before else None
+    return before[-1] if before else (0.0 if step == 0 else None)
 
 
 def _find_adapt_run(run: RunInfo, adapt_runs: list[RunInfo]) -> RunInfo | None:
@@ -78,12 +83,14 @@ def _find_adapt_run(run: RunInfo, adapt_runs: list[RunInfo]) -> RunInfo | None:
 
 
 def collect(runs: PipelineRuns) -> dict:
-    """{"points": {task: {lang: {method: [Point...]}}}, "source": {task: {lang: quality}}, "metric": {task: name}}."""
+    """{"points": {task: {lang: {method: [Point...]}}}, "source": {task: {lang: quality}}, "metric": {task: name},
+    "majority": {task: {lang: majority-class share of the source evaluation}}}."""
     children = runs.children()
     adapt_runs = [r for r in children if r.stage == "adapt"]
     histories: dict[str, tuple] = {}
     points: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     source: dict = defaultdict(dict)
+    majority: dict = defaultdict(dict)
     metric_of: dict[str, str] = {}
     for run in children:
         if run.stage != "evaluate":
@@ -97,6 +104,8 @@ def collect(runs: PipelineRuns) -> dict:
         lang = run.tags.get("target_lang", "?")
         if run.tags.get("role") == "source":
             source[task][lang] = run.metrics[metric]
+            if MAJORITY_METRIC in run.metrics:
+                majority[task][lang] = run.metrics[MAJORITY_METRIC]
             continue
         step = int(run.tags["adapt_step"]) if run.tags.get("adapt_step") not in (None, "", "None") else None
         adapt = _find_adapt_run(run, adapt_runs)
@@ -116,7 +125,7 @@ def collect(runs: PipelineRuns) -> dict:
             for pts in per_method.values():
                 pts.sort(key=lambda p: (math.inf if p.flops is None else p.flops,
                                         math.inf if p.adapt_step is None else p.adapt_step))
-    return {"points": points, "source": source, "metric": metric_of}
+    return {"points": points, "source": source, "metric": metric_of, "majority": majority}
 
 
 def compute_to_reach(points: list[Point], target: float) -> Point | None:
@@ -124,7 +133,7 @@ def compute_to_reach(points: list[Point], target: float) -> Point | None:
     return next((p for p in points if p.quality >= target), None)
 
 
-def summarize(data: dict, reference: str, fractions: list[float]) -> dict:
+def summarize(data: dict, reference: str, fractions: list[float], chance_margin: float = 0.02) -> dict:
     """The report as plain JSON-able data: per task and language, each method's points and thresholds."""
     tasks = {}
     for task, per_lang in sorted(data["points"].items()):
@@ -153,9 +162,12 @@ def summarize(data: dict, reference: str, fractions: list[float]) -> dict:
                     }
                 methods[method] = entry
             langs[lang] = {"reference_final": ref_final, "methods": methods}
-        tasks[task] = {"metric": data["metric"].get(task), "languages": langs,
-                       "source": dict(data["source"].get(task, {}))}
-    return {"reference_method": reference, "fractions": fractions, "tasks": tasks}
+        source, majority = dict(data["source"].get(task, {})), dict(data.get("majority", {}).get(task, {}))
+        tasks[task] = {"metric": data["metric"].get(task), "languages": langs, "source": source,
+                       "description": TASKS[task].description if task in TASKS else "",
+                       "majority": majority, "at_chance": bool(majority) and all(
+                           source[lang] <= majority[lang] + chance_margin for lang in majority if lang in source)}
+    return {"reference_method": reference, "fractions": fractions, "chance_margin": chance_margin, "tasks": tasks}
 
 
 def _ratio(reference: float | None, value: float | None) -> float | None:
@@ -181,7 +193,11 @@ def markdown(summary: dict) -> str:
     for task, t in summary["tasks"].items():
         metric = t["metric"]
         source = ", ".join(f"{lang} {_fmt(v, '.4g')}" for lang, v in t["source"].items())
-        lines += [f"## {task} ({metric})", "", f"Source-language reference (upper bound): {source or '—'}", ""]
+        lines += [f"## {task} ({metric})", ""]
+        if t.get("description"):
+            lines += [f"{metric}: {t['description']}.", ""]
+        if t["source"]:
+            lines += [f"Source-language reference (upper bound): {source}", ""]
         head = ["language", "method", "points", metric, "FLOPs", "wall-clock s"]
         head += [f"FLOPs to {float(f) * 100:g}% (saving)" for f in fracs]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -197,6 +213,12 @@ def markdown(summary: dict) -> str:
                     else:
                         row.append(f"{_fmt(r['flops'])} ({_fmt(r['flops_saving'], '.2f')}x)")
                 lines.append("| " + " | ".join(row) + " |")
+        if t.get("at_chance"):
+            chance = ", ".join(f"{lang} {_fmt(v, '.4g')}" for lang, v in t["majority"].items())
+            lines += ["", f"**Warning: at chance.** The source-language reference is not above the majority-class "
+                          f"share ({chance}) by more than {_fmt(summary.get('chance_margin'), 'g')}: the model did not "
+                          f"learn this task at this scale, so these {metric} numbers and savings are at chance and "
+                          "say nothing about the adaptation methods."]
         lines.append("")
     return "\n".join(lines)
 
@@ -225,10 +247,11 @@ def plot(summary: dict, path: Path) -> Path:
                             label=f"{method} {lang}")
             for lang, value in t["source"].items():
                 ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"source {lang}")
-            ax.set_xscale("log")
-            ax.set_xlabel(label)
+            for lang, value in t.get("majority", {}).items():
+                ax.axhline(value, color="red", linestyle=":", linewidth=1, label=f"majority class {lang}")
+            ax.set_xlabel(label)  # linear: the step-0 snapshots sit at compute 0
             ax.set_ylabel(t["metric"])
-            ax.set_title(f"{task}: zero-shot {t['metric']}")
+            ax.set_title(f"{task}: zero-shot {t['metric']}" + (" (AT CHANCE)" if t.get("at_chance") else ""))
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
@@ -265,7 +288,7 @@ def report(cfg: ReportConfig) -> dict[str, Path]:
     out = Path(cfg.output_dir)
     save_config(cfg, out / "config.yaml")
     runs = PipelineRuns(cfg.tracking, cfg.parent_run_id)
-    summary = summarize(collect(runs), cfg.reference_method, cfg.fractions)
+    summary = summarize(collect(runs), cfg.reference_method, cfg.fractions, cfg.chance_margin)
     if not summary["tasks"]:
         raise EvaluationError(f"pipeline run {runs.parent_run_id} has no evaluation runs (stage=evaluate) with "
                               "metrics: run evaluate/zero_shot.py with tracking.parent_run_id set to it first")

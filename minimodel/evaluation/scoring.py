@@ -1,11 +1,19 @@
 """Score a model on a task's examples in one language: the shared evaluation of fine-tuning and zero-shot."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.features import QAEvalFeatures, classification_features
-from minimodel.evaluation.metrics import accuracy, qa_scores, retrieval_accuracy
-from minimodel.evaluation.models import mean_pooled, predict_logits
+from minimodel.evaluation.metrics import accuracy, majority_share, qa_scores, retrieval_accuracy
+from minimodel.evaluation.models import batches, device, mean_pooled, predict_logits
 from minimodel.evaluation.tasks import TaskConfig, TaskDataError, load_examples
+
+MAJORITY_METRIC = "baseline/majority"  # logged with every classification score: the chance level to beat
 
 
 def score(task: TaskConfig, model, tokenizer, lang: str, split: str, batch_size: int) -> dict[str, float]:
@@ -15,7 +23,8 @@ def score(task: TaskConfig, model, tokenizer, lang: str, split: str, batch_size:
     if task.spec.kind == "classification":
         (logits,) = predict_logits(model, classification_features(examples, tokenizer, task.max_length), batch_size,
                                    desc)
-        metrics = {"accuracy": accuracy(logits.argmax(-1).tolist(), [e["label"] for e in examples])}
+        labels = [e["label"] for e in examples]
+        metrics = {"accuracy": accuracy(logits.argmax(-1).tolist(), labels), MAJORITY_METRIC: majority_share(labels)}
     elif task.spec.kind == "qa":
         features = QAEvalFeatures(examples, tokenizer, task.max_length, task.doc_stride)
         start, end = predict_logits(model, features.dataset, batch_size, desc, ("start_logits", "end_logits"))
@@ -54,3 +63,36 @@ def score_retrieval(task: TaskConfig, source_model, source_tokenizer, source_lan
                           batch_size, f"retrieval/{target_lang}")
     metrics = retrieval_accuracy(queries, candidates, ks=(1, 10))
     return {**metrics, "n_examples": float(len(ids)), "layer": float(index)}
+
+
+@torch.no_grad()
+def score_mlm(task: TaskConfig, model, tokenizer, lang: str, split: str, batch_size: int) -> dict[str, float]:
+    """Masked-LM loss (nats per masked token) of a *ForMaskedLM `model` on `lang`'s held-out verses: the data
+    stage's <data_dir>/<lang>/valid indexed dataset ("train" for split train), packed and masked by MaskedLMDataset
+    with task.mlm_seed, max_eval_examples sequences spread over the split: the same positions for every model."""
+    from minimodel.adaptation.vocab import tokenizer_fingerprint
+    from minimodel.data.mlm import MaskedLMDataset
+    from minimodel.data.tokenizer import load_tokenizer
+    from minimodel.training.hf_mlm import masked_lm_loss
+
+    lang_dir = Path(task.data_dir) / lang
+    if not (lang_dir / "valid.idx").is_file():
+        raise TaskDataError(f"{lang_dir}/valid.idx does not exist: build language {lang!r} with "
+                            "pretrain/prepare_data.py and set task.data_dir to its output_dir")
+    if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(load_tokenizer(lang_dir / "tokenizer")):
+        raise EvaluationError(f"the embeddings scored on {lang} belong to another tokenizer than {lang_dir}/tokenizer, "
+                              "which its held-out data is encoded with: target_mlm compares methods on the data "
+                              "stage's tokenization (adapt with tokenizer.mode=reuse)")
+    data = MaskedLMDataset(lang_dir / ("train" if split == "train" else "valid"), tokenizer, task.max_length,
+                           task.mlm_mask_prob, task.mlm_seed)
+    n = min(task.max_eval_examples or len(data), len(data))
+    chosen = np.unique(np.linspace(0, len(data) - 1, n).round().astype(int)).tolist()
+    subset = torch.utils.data.Subset(data, chosen)
+    model.to(device()).eval()
+    total, count = 0.0, 0
+    for batch in tqdm(batches(subset, batch_size), total=-(-len(subset) // batch_size),
+                      desc=f"{task.name}/{lang}/{split}", leave=False):
+        masked = int((batch["labels"] != -100).sum())
+        total += float(masked_lm_loss(model, batch)) * masked
+        count += masked
+    return {"mlm_loss": total / count, "n_examples": float(len(subset)), "n_tokens": float(count)}

@@ -1,8 +1,10 @@
 """Evaluation tasks and their data loaders.
 
-Tasks (TASKS): XNLI and PAWS-X (sentence-pair classification), MLQA (extractive QA), and two tasks built from the
-verse-parallel Bible text of pretrain/prepare_data.py: verse classification by the part of the Bible and SR-B-style
-verse retrieval. Every loader returns plain Python examples:
+Tasks (TASKS): XNLI and PAWS-X (sentence-pair classification), MLQA (extractive QA), and three tasks built from the
+verse-parallel Bible text of pretrain/prepare_data.py: verse classification by the part of the Bible, SR-B-style
+verse retrieval, and target_mlm, the held-out masked-LM loss of the primary model with the target embeddings plugged
+in (no task data: it reads the data stage's <data_dir>/<lang>/valid indexed dataset, see scoring.score_mlm).
+Every loader returns plain Python examples:
     classification: {"text_a": str, "text_b": str | None, "label": int} (+ "verse_id" for verse_class)
     qa:             {"id": str, "question": str, "context": str, "answers": [{"text": str, "answer_start": int}]}
     retrieval:      {"verse_id": int, "text": str} (one list per language, aligned by verse id)
@@ -45,9 +47,16 @@ def bible_part(book: int) -> int:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    kind: Literal["classification", "qa", "retrieval"]
+    kind: Literal["classification", "qa", "retrieval", "mlm"]
     metric: str  # the headline metric, as logged
     labels: tuple[str, ...] = ()
+    description: str = ""  # what the metric measures, for the report
+
+    @property
+    def fine_tuned(self) -> bool:
+        """Scored with a task model fine-tuned on the source language (step 3), which is also scored on the source
+        language as the reference; the other kinds use the primary model with the target embeddings plugged in."""
+        return self.kind in ("classification", "qa")
 
 
 TASKS = {
@@ -56,29 +65,38 @@ TASKS = {
     "mlqa": TaskSpec("qa", "f1"),
     "verse_class": TaskSpec("classification", "accuracy", BIBLE_PARTS),
     "verse_retrieval": TaskSpec("retrieval", "top1"),
+    "target_mlm": TaskSpec("mlm", "mlm_gain", description=(
+        "held-out target-language masked-LM loss of the primary model with the target embeddings plugged in (fixed "
+        "masked positions); mlm_gain = that loss with the adaptation run's initial (step-0) embeddings minus the "
+        "loss now, in nats: 0 at the start of adaptation, higher is better")),
 }
 SPLITS = ("train", "dev", "test")
 
 
 @dataclass
 class TaskConfig:
-    name: Literal["xnli", "pawsx", "mlqa", "verse_class", "verse_retrieval"] = "verse_class"
+    name: Literal["xnli", "pawsx", "mlqa", "verse_class", "verse_retrieval", "target_mlm"] = "verse_class"
     data_dir: str | None = None  # official release directory, or prepare_data output for verse_* tasks
     train_file: str | None = None  # XNLI: MultiNLI train; MLQA: SQuAD-format train JSON
     hf_dataset: str | None = None  # save_to_disk directory or load_dataset name ("{lang}" is substituted)
     hf_config: str | None = None  # load_dataset config name ("{lang}" is substituted)
     hf_train_dataset: str | None = None  # train split from another dataset (MLQA has none: e.g. "squad")
     hf_train_config: str | None = None
-    max_length: int = 128  # tokens per example (QA: per window)
+    max_length: int = 128  # tokens per example (QA: per window; target_mlm: per packed sequence)
     doc_stride: int = 64  # QA: overlap between windows of a long context
     max_answer_length: int = 30  # QA: longest predicted span, in tokens
     max_train_examples: int | None = None
-    max_eval_examples: int | None = None
+    max_eval_examples: int | None = None  # target_mlm: held-out sequences scored (spread over the split)
+    mlm_mask_prob: float = 0.15  # target_mlm: masking of the held-out sequences ...
+    mlm_seed: int = 0  # ... fixed, so every method and checkpoint is scored on the same masked positions
 
     def validate(self) -> None:
         require(self.data_dir is not None or self.hf_dataset is not None or self.train_file is not None,
                 "task.data_dir", f"task {self.name} needs data: set task.data_dir (official files) or "
                 "task.hf_dataset (a `datasets` dataset)")
+        require(self.spec.kind != "mlm" or self.data_dir is not None, "task.data_dir",
+                "target_mlm reads <data_dir>/<lang>/valid: set it to the data stage's output_dir")
+        require(0 < self.mlm_mask_prob < 1, "task.mlm_mask_prob", "must be in (0, 1)")
         require(self.max_length >= 16, "task.max_length", "must be at least 16 tokens")
         if self.spec.kind == "qa":
             require(0 <= self.doc_stride < self.max_length // 2, "task.doc_stride",

@@ -1,10 +1,16 @@
 """Step 4: zero-shot transfer. Run a task model whose embeddings were swapped for a target language's (adapt/plug.py)
 on that language's test set with the target tokenizer; the source-language task model is scored too, as the
-upper reference.
+upper reference (classification and QA: the fine-tuned tasks; classification also logs the majority-class share,
+the chance level).
 
-A target that names its adaptation run (`embeddings: <adapt output_dir>/<lang>`) also has the run's intermediate
-snapshots (<run>/snapshots/step_<N>/) scored: each is plugged into the source task model in memory, by the same
-function adapt/plug.py uses, so the report can draw quality against adaptation compute.
+A target that names its adaptation run (`embeddings: <adapt output_dir>/<lang>`) also has the run's snapshots
+(<run>/snapshots/step_<N>/, step 0 = the initial embeddings) scored: each is plugged into the source model in
+memory, by the same function adapt/plug.py uses, so the report can draw quality against adaptation compute. Without
+a `model_dir`, the run's final embeddings are plugged in memory too.
+
+Task target_mlm scores the PRIMARY model (source_model_dir) with each checkpoint's embeddings plugged in by its
+held-out target MLM loss (mlm_loss) and by mlm_gain = the loss with the step-0 snapshot's embeddings - the loss
+now, so the report's fractions of the standard method's final quality are fractions of its improvement.
 
 One MLflow run per language and model scored, tagged stage=evaluate, method, target_lang, task and role ("target"
 or "source"); a target's runs carry adapt_run_id, and a snapshot's adapt_step, so the report can place them on the
@@ -26,7 +32,7 @@ from minimodel.adaptation.plug import plug_model
 from minimodel.config import require, save_config
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.models import check_tokenizer, load_task_model, read_task_info
-from minimodel.evaluation.scoring import score, score_retrieval
+from minimodel.evaluation.scoring import score, score_mlm, score_retrieval
 from minimodel.evaluation.tasks import TaskConfig
 from minimodel.tracking import Tracker, TrackingConfig
 
@@ -39,8 +45,8 @@ METHODS = ("standard", "minijoint", "minipost")
 @dataclass
 class TargetConfig:
     lang: str = ""
-    model_dir: str = ""  # task model plugged with this language's embeddings (retrieval: any model with them)
-    tokenizer: str = ""  # this language's tokenizer directory
+    model_dir: str = ""  # source model plugged with this language's embeddings; "": plug `embeddings` in memory
+    tokenizer: str = ""  # model_dir's tokenizer (this language's)
     adapt_run_id: str | None = None  # the adaptation's MLflow run; None: the one model_dir's plug.json names
     adapt_step: int | None = None  # its checkpoint step (None: the final embeddings)
     embeddings: str | None = None  # the adaptation run dir (<adapt output_dir>/<lang>): also score its snapshots
@@ -52,7 +58,8 @@ class ZeroShotConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     method: str = "standard"  # how the target embeddings were learned: standard | minijoint | minipost
     source_lang: str = "en"
-    source_model_dir: str = ""  # fine-tuned task model (retrieval: a model with the source embeddings)
+    source_model_dir: str = ""  # fine-tuned task model (retrieval: a model with the source embeddings;
+    #                             target_mlm: the primary model)
     source_tokenizer: str | None = None  # default: the tokenizer saved in source_model_dir
     evaluate_source: bool = True  # score the source language too (the upper reference)
     targets: list[TargetConfig] = field(default_factory=list)
@@ -66,8 +73,11 @@ class ZeroShotConfig:
         require(bool(self.source_model_dir), "source_model_dir", "set it to the fine-tuned task model directory")
         require(self.split in ("dev", "test"), "split", "must be dev or test")
         for i, t in enumerate(self.targets):
-            require(bool(t.lang and t.model_dir and t.tokenizer), f"targets[{i}]",
-                    "each target needs lang, model_dir (plugged model) and tokenizer")
+            require(bool(t.lang and (t.model_dir and t.tokenizer or t.embeddings)), f"targets[{i}]",
+                    "each target needs lang and model_dir (plugged model) + tokenizer, or embeddings (an adaptation "
+                    "run dir, plugged in memory)")
+            require(self.task.spec.kind != "mlm" or bool(t.embeddings), f"targets[{i}].embeddings",
+                    "target_mlm needs the adaptation run dir: its step-0 snapshot is the zero of mlm_gain")
         require(bool(self.targets) or self.evaluate_source, "targets",
                 "nothing to evaluate: list target languages or set evaluate_source=true")
 
@@ -83,7 +93,7 @@ def _load(cfg: ZeroShotConfig, model_dir: str, tokenizer_dir: str):
 
 def _check_target(cfg: ZeroShotConfig, target: TargetConfig, model, source_model) -> None:
     """Refuse a target model that is not the source task model plugged for this language by this method."""
-    if cfg.task.spec.kind != "retrieval" and model.config.id2label != source_model.config.id2label:
+    if cfg.task.spec.fine_tuned and model.config.id2label != source_model.config.id2label:
         raise EvaluationError(f"{target.model_dir} has labels {model.config.id2label}, the task model "
                               f"{cfg.source_model_dir} {source_model.config.id2label}: plug the target embeddings "
                               "into the fine-tuned task model")
@@ -114,23 +124,21 @@ def _log_run(cfg: ZeroShotConfig, lang: str, role: str, metrics: dict[str, float
         tracker.log_metrics(metrics, step=(target.adapt_step or 0) if target else 0)
 
 
-def _score_target(cfg: ZeroShotConfig, target: TargetConfig, model, tokenizer, source) -> dict[str, float]:
+def _score(cfg: ZeroShotConfig, target: TargetConfig, model, tokenizer, source) -> dict[str, float]:
     source_model, source_tok = source
-    if cfg.task.spec.kind == "retrieval":
-        metrics = score_retrieval(cfg.task, source_model, source_tok, cfg.source_lang, model, tokenizer,
-                                  target.lang, cfg.split, cfg.batch_size, cfg.retrieval_layer)
-    else:
-        metrics = score(cfg.task, model, tokenizer, target.lang, cfg.split, cfg.batch_size)
-    step = "final" if target.adapt_step is None else f"step {target.adapt_step}"
-    log.info("%s %s %s (%s): %s", cfg.task.name, cfg.method, target.lang, step, metrics)
-    _log_run(cfg, target.lang, "target", metrics, target)
-    return metrics
+    kind = cfg.task.spec.kind
+    if kind == "retrieval":
+        return score_retrieval(cfg.task, source_model, source_tok, cfg.source_lang, model, tokenizer, target.lang,
+                               cfg.split, cfg.batch_size, cfg.retrieval_layer)
+    if kind == "mlm":
+        return score_mlm(cfg.task, model, tokenizer, target.lang, cfg.split, cfg.batch_size)
+    return score(cfg.task, model, tokenizer, target.lang, cfg.split, cfg.batch_size)
 
 
 def _primary_of(cfg: ZeroShotConfig) -> tuple[str, str]:
-    """(directory, sha256) of the primary model the source task model was fine-tuned from (retrieval: the source
-    model itself): the model every snapshot must have been learned for."""
-    if cfg.task.spec.kind == "retrieval":
+    """(directory, sha256) of the primary model the source task model was fine-tuned from (retrieval, target_mlm:
+    the source model itself): the model every snapshot must have been learned for."""
+    if not cfg.task.spec.fine_tuned:
         from minimodel.manifest import model_hash
 
         return cfg.source_model_dir, model_hash(cfg.source_model_dir)
@@ -138,29 +146,66 @@ def _primary_of(cfg: ZeroShotConfig) -> tuple[str, str]:
     return primary["path"], primary["sha256"]
 
 
-def _score_snapshots(cfg: ZeroShotConfig, target: TargetConfig, source) -> dict[int, dict[str, float]]:
-    """Score each intermediate snapshot of the target's adaptation run, plugged into the source model in memory
-    (the final step is the run's own artifact, scored through target.model_dir)."""
-    final = read_info(target.embeddings)
-    if final is None:
+def _plugged(cfg: ZeroShotConfig, target: TargetConfig, artifact: Path, source, primary, final: bool = False):
+    """(target at the artifact's step (None: final), the source model with the artifact's embeddings plugged in
+    memory, their tokenizer)."""
+    info = read_info(artifact)
+    at_step = dataclasses.replace(target, model_dir=str(artifact), adapt_step=None if final else info["steps"],
+                                  adapt_run_id=info.get("adapt_run_id") or target.adapt_run_id)
+    _check_provenance(cfg, at_step, info, artifact / "adapt.json")
+    model = copy.deepcopy(source[0])
+    tokenizer, _, _ = plug_model(model, artifact, model_dir=cfg.source_model_dir, primary_dir=primary[0],
+                                 primary_sha=primary[1])
+    return at_step, model, tokenizer
+
+
+def _checkpoints(cfg: ZeroShotConfig, target: TargetConfig, source):
+    """(target at a checkpoint, model, tokenizer) for what is scored of one target: its final embeddings (the plugged
+    model_dir, else plugged in memory), then each snapshot of its adaptation run before the final step. Lazy: one
+    model copy at a time."""
+    final = read_info(target.embeddings) if target.embeddings else None
+    if target.embeddings and final is None:
         raise EvaluationError(f"targets[].embeddings: {target.embeddings} holds no finished adaptation (no "
                               "adapt.json): point at <adapt output_dir>/<lang> of a finished adapt/train.py run")
-    snapshots = [(d, read_info(d)) for d in list_snapshots(target.embeddings)]
-    snapshots = [(d, info) for d, info in snapshots if info["steps"] < final["steps"]]
+    primary = _primary_of(cfg) if target.embeddings else None
+    if target.model_dir:
+        model, tokenizer = _load(cfg, target.model_dir, target.tokenizer)
+        _check_target(cfg, target, model, source[0])
+        yield _with_run_id(target), model, tokenizer
+    else:
+        yield _plugged(cfg, target, Path(target.embeddings), source, primary, final=True)
+    if not target.embeddings:
+        return
+    snapshots = [d for d in list_snapshots(target.embeddings) if read_info(d)["steps"] < final["steps"]]
     if not snapshots:
-        log.warning("%s has no intermediate snapshots: only its final embeddings are scored (set snapshot_every "
-                    "in the adaptation config for a quality-vs-compute curve)", target.embeddings)
-    primary_dir, primary_sha = _primary_of(cfg)
-    results = {}
-    for snapshot, info in snapshots:
-        at_step = dataclasses.replace(target, model_dir=str(snapshot), adapt_step=info["steps"],
-                                      adapt_run_id=info.get("adapt_run_id"))
-        _check_provenance(cfg, at_step, info, snapshot / "adapt.json")
-        model = copy.deepcopy(source[0])
-        tokenizer, _, _ = plug_model(model, snapshot, model_dir=cfg.source_model_dir, primary_dir=primary_dir,
-                                     primary_sha=primary_sha)
-        results[info["steps"]] = _score_target(cfg, at_step, model, tokenizer, source)
-    return results
+        log.warning("%s has no snapshots: only its final embeddings are scored (set snapshot_every in the "
+                    "adaptation config for a quality-vs-compute curve)", target.embeddings)
+    for snapshot in snapshots:
+        yield _plugged(cfg, target, snapshot, source, primary)
+
+
+def _add_mlm_gain(target: TargetConfig, scored: list[tuple[TargetConfig, dict]]) -> None:
+    """mlm_gain = loss with the run's initial (step-0) embeddings - loss: the quality target_mlm reports."""
+    initial = next((m["mlm_loss"] for at, m in scored if at.adapt_step == 0), None)
+    if initial is None:
+        raise EvaluationError(f"{target.embeddings} has no step-0 snapshot (snapshots/step_0/, the initial embeddings "
+                              "that mlm_gain is measured from): it was adapted by an older adapt/train.py; delete the "
+                              "run directory and adapt again")
+    for _, metrics in scored:
+        metrics["mlm_gain"] = initial - metrics["mlm_loss"]
+
+
+def _evaluate_target(cfg: ZeroShotConfig, target: TargetConfig, source) -> tuple[dict, dict[int, dict]]:
+    """Score every checkpoint of one target and log a run for each; (final metrics, {snapshot step: metrics})."""
+    scored = [(at, _score(cfg, at, model, tokenizer, source)) for at, model, tokenizer in
+              _checkpoints(cfg, target, source)]
+    if cfg.task.spec.kind == "mlm":
+        _add_mlm_gain(target, scored)
+    for at, metrics in scored:
+        log.info("%s %s %s (%s): %s", cfg.task.name, cfg.method, target.lang,
+                 "final" if at.adapt_step is None else f"step {at.adapt_step}", metrics)
+        _log_run(cfg, target.lang, "target", metrics, at)
+    return scored[0][1], {at.adapt_step: metrics for at, metrics in scored[1:]}
 
 
 def _with_run_id(target: TargetConfig) -> TargetConfig:
@@ -183,23 +228,21 @@ def zero_shot(cfg: ZeroShotConfig) -> dict[str, dict[str, float]]:
     out = Path(cfg.output_dir)
     save_config(cfg, out / "config.yaml")
     source_tokenizer = cfg.source_tokenizer or cfg.source_model_dir
-    if cfg.task.spec.kind != "retrieval":
+    if cfg.task.spec.fine_tuned:
         info = read_task_info(cfg.source_model_dir)
         if info["task"] != cfg.task.name:
             raise EvaluationError(f"{cfg.source_model_dir} is a {info['task']} model, but task.name is "
                                   f"{cfg.task.name}")
     source = _load(cfg, cfg.source_model_dir, source_tokenizer)
     results: dict[str, dict[str, float]] = {}
-    if cfg.evaluate_source and cfg.task.spec.kind != "retrieval":  # retrieving a language from itself: no reference
+    if cfg.evaluate_source and cfg.task.spec.fine_tuned:  # retrieval, target_mlm: no source-language reference
         results[cfg.source_lang] = score(cfg.task, *source, cfg.source_lang, cfg.split, cfg.batch_size)
         _log_run(cfg, cfg.source_lang, "source", results[cfg.source_lang], None)
     snapshot_results = {}
     for target in cfg.targets:
-        model, tokenizer = _load(cfg, target.model_dir, target.tokenizer)
-        _check_target(cfg, target, model, source[0])
-        results[target.lang] = _score_target(cfg, _with_run_id(target), model, tokenizer, source)
-        if target.embeddings:
-            snapshot_results[target.lang] = _score_snapshots(cfg, target, source)
+        results[target.lang], snapshots = _evaluate_target(cfg, target, source)
+        if snapshots:
+            snapshot_results[target.lang] = snapshots
     _write_json(out / "metrics.json", results)
     if snapshot_results:
         _write_json(out / "snapshots.json", snapshot_results)
