@@ -1,7 +1,7 @@
 """Picture of a pipeline in the MLflow UI for the README: its parent run unfolded into the stage runs, beside their
 loss charts.
 
-    python scripts/ui_screenshot.py [--store runs] [--experiment minimodel] [--run-id PARENT] [--charts loss]
+    python scripts/ui_screenshot.py [--store runs] [--experiment minimodel] [--run-id PARENT] [--charts REGEX]
                                     [--out docs/mlflow-ui.png]
 
 Starts an MLflow server on the store (a free loopback port), opens the experiment's runs in Chromium (headless,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +21,7 @@ sys.path.insert(0, str(REPO))
 from minimodel.ui import DEFAULT_STORE, MlflowServer, browser_page  # noqa: E402
 
 UI_TIMEOUT_MS = 60_000
+LOSS_CHARTS = "^(train|eval)/loss$"  # the UI's chart search takes a regular expression over metric names
 
 
 def newest_pipeline_run(client, experiment_id: str) -> str:
@@ -34,9 +36,9 @@ def newest_pipeline_run(client, experiment_id: str) -> str:
 
 
 def capture(page, server: MlflowServer, experiment_id: str, parent_run_id: str, out: Path,
-            charts: str = "loss") -> Path:
-    """Runs view with the parent unfolded beside its children's charts whose name contains `charts` (all if
-    empty); waits for the charts to be drawn."""
+            charts: str = LOSS_CHARTS) -> Path:
+    """Runs view with the parent unfolded beside its children's charts whose metric name matches the regular
+    expression `charts` (all if empty); waits for the charts to be drawn."""
     from mlflow import MlflowClient
     from playwright.sync_api import expect
 
@@ -51,6 +53,11 @@ def capture(page, server: MlflowServer, experiment_id: str, parent_run_id: str, 
         parent_cell.get_by_role("button").click()
     expect(first_child).to_be_visible(timeout=UI_TIMEOUT_MS)
     page.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
+    # Charts show only the runs marked visible, by default the first 10 rows: for a pipeline those are its last
+    # stages (evaluation, report), which log no training curves.
+    page.get_by_role("button", name="Toggle visibility of runs").click()
+    page.get_by_role("menuitemradio", name="Show all runs").click()
+    page.keyboard.press("Escape")
     if charts:
         page.get_by_placeholder("Search metric charts").fill(charts)
     expect(page.locator(".js-plotly-plot path.js-line").first).to_be_attached(timeout=UI_TIMEOUT_MS)
@@ -66,13 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default="minimodel")
     parser.add_argument("--run-id", help="the pipeline's parent run (default: the newest run with child runs)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "mlflow-ui.png")
-    parser.add_argument("--charts", default="loss", help="show the charts whose name contains this ('' for all)")
+    parser.add_argument("--charts", default=LOSS_CHARTS,
+                        help=f"show the charts whose metric name matches this regular expression ('' for all; "
+                             f"default: {LOSS_CHARTS})")
     args = parser.parse_args(argv)
     if not (Path(args.store) / "mlflow.db").is_file():
         parser.error(f"{args.store}/mlflow.db does not exist: pass --store <tracking.store_dir of the pipeline>")
     from mlflow import MlflowClient
 
-    with MlflowServer(args.store) as server:
+    # The server's log goes to the temporary directory: taking a picture leaves nothing in the store.
+    with MlflowServer(args.store, log_file=Path(tempfile.gettempdir()) / "minimodel-ui-screenshot.log") as server:
         client = MlflowClient(server.url)
         experiment = client.get_experiment_by_name(args.experiment)
         if experiment is None:
