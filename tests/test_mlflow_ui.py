@@ -89,8 +89,9 @@ def test_run_pages_show_params_and_tags(page, smoke_pipeline, pipeline):
     from playwright.sync_api import expect
 
     # The adaptation run: its flattened config as params, the method's tags; the pretraining run: its layout.
-    for run, param, tags in [(pipeline["adapt"], "train.lr", ("stage", "method", "over", "source_lang", "target_lang")),
-                             (pipeline["pretrain"], "model.hidden_size", ("stage", "method", "tp", "pp", "dp"))]:
+    checks = [(pipeline["adapt"], "train.lr", ("stage", "method", "over", "source_lang", "target_lang")),
+              (pipeline["pretrain"], "model.hidden_size", ("stage", "method", "tp", "pp", "dp", "layout"))]
+    for run, param, tags in checks:
         page.goto(smoke_pipeline.server.run_page(pipeline["experiment_id"], run.info.run_id))
         expect(page.get_by_role("heading", name=run.info.run_name)).to_be_visible()
         expect(page.get_by_role("link", name=pipeline["parent"].info.run_name)).to_be_visible()  # "Parent run"

@@ -149,9 +149,10 @@ def _check_mlflow_run(store: Path, expected: dict[int, tuple[float, float]]) -> 
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     (run_,) = client.search_runs([client.get_experiment_by_name("minimodel").experiment_id])
     assert run_.info.status == "FINISHED"
-    assert {k: run_.data.tags[k] for k in ("stage", "method", "source_lang", "tp", "pp", "dp", "world_size")} == {
+    assert {k: run_.data.tags[k] for k in ("stage", "method", "source_lang", "tp", "pp", "dp", "layout",
+                                           "world_size")} == {
         "stage": "pretrain", "method": "minijoint", "source_lang": "en", "tp": "1", "pp": "2", "dp": "1",
-        "world_size": "2"}
+        "layout": "tp1-pp2-dp1", "world_size": "2"}
     for i, key in enumerate(("train/main_loss", "train/secondary_loss")):
         logged = {m.step: m.value for m in client.get_metric_history(run_.info.run_id, key)}
         assert logged == pytest.approx({step: losses[i] for step, losses in expected.items()}, abs=1e-6)

@@ -37,7 +37,7 @@ from minimodel.config import ConfigError, require, save_config
 from minimodel.data.mlm_config import MLMDataConfig
 from minimodel.distributed import ParallelConfig
 from minimodel.models.minijoint.config import ModelConfig
-from minimodel.tracking import Tracker, TrackingConfig
+from minimodel.tracking import Tracker, TrackingConfig, layout_tags
 from minimodel.training import checkpoint as ckpt
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PreemptionSignal
 
@@ -348,7 +348,8 @@ class Trainer:
     # -- training --------------------------------------------------------------------------------------------------
     def train(self) -> PretrainResult:
         cfg = self.cfg
-        tags = {"stage": "pretrain", "method": "minijoint", "source_lang": cfg.data.source_lang, **self.layout,
+        tags = {"stage": "pretrain", "method": "minijoint", "source_lang": cfg.data.source_lang,
+                **layout_tags(self.layout["tp"], self.layout["pp"]), "vpp": self.layout["vpp"],
                 "world_size": dist.get_world_size(), "precision": "bf16" if self.bf16 else "fp32",
                 "resumed_from_step": self.step or None}
         # a resumed run (requeued job, same command again) continues its MLflow run: one run per pretraining
