@@ -135,3 +135,16 @@ def test_classification_at_chance_gets_a_warning():
     assert "**Warning: at chance.**" in markdown(summary) and "(en 0.35)" in markdown(summary)
     data["source"]["verse_class"]["en"] = 0.38  # 3 points above the majority class: no warning
     assert "at chance" not in markdown(summarize(data, "standard", [0.95], chance_margin=0.02))
+
+
+def test_a_reference_that_did_not_improve_gets_a_warning():
+    from minimodel.evaluation.report import markdown, summarize
+
+    data = {"metric": {"verse_class": "accuracy"}, "source": {"verse_class": {"en": 0.6}}, "majority": {},
+            "points": {"verse_class": {
+                "ny": {"standard": _points((0.21, 0.0, 0), (0.22, 5.0, 30), (0.20, 10.0, None))},  # noise
+                "sw": {"standard": _points((0.21, 0.0, 0), (0.40, 10.0, None))}}}}  # learned
+    summary = summarize(data, "standard", [0.95], chance_margin=0.02)
+    assert summary["tasks"]["verse_class"]["no_gain"] == ["ny"]
+    assert summary["tasks"]["verse_class"]["languages"]["sw"]["reference_gain"] == pytest.approx(0.19)
+    assert "**Warning: no gain.**" in markdown(summary) and "0.02 for ny:" in markdown(summary)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimodel.config import require, save_config
+from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.runs import FLOPS_METRIC, WALL_CLOCK_METRIC, PipelineRuns, RunInfo
 from minimodel.evaluation.scoring import MAJORITY_METRIC
@@ -161,12 +162,16 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                                                     hit.wall_clock_s if hit else None),
                     }
                 methods[method] = entry
-            langs[lang] = {"reference_final": ref_final, "methods": methods}
+            # how much the reference method improved over its first checkpoint (step 0): none means noise
+            ref_gain = ref_final - ref_points[0].quality if len(ref_points) > 1 else None
+            langs[lang] = {"reference_final": ref_final, "reference_gain": ref_gain, "methods": methods}
         source, majority = dict(data["source"].get(task, {})), dict(data.get("majority", {}).get(task, {}))
         tasks[task] = {"metric": data["metric"].get(task), "languages": langs, "source": source,
                        "description": TASKS[task].description if task in TASKS else "",
                        "majority": majority, "at_chance": bool(majority) and all(
-                           source[lang] <= majority[lang] + chance_margin for lang in majority if lang in source)}
+                           source[lang] <= majority[lang] + chance_margin for lang in majority if lang in source),
+                       "no_gain": [lang for lang, e in langs.items()
+                                   if e["reference_gain"] is not None and e["reference_gain"] <= chance_margin]}
     return {"reference_method": reference, "fractions": fractions, "chance_margin": chance_margin, "tasks": tasks}
 
 
@@ -219,6 +224,11 @@ def markdown(summary: dict) -> str:
                           f"share ({chance}) by more than {_fmt(summary.get('chance_margin'), 'g')}: the model did not "
                           f"learn this task at this scale, so these {metric} numbers and savings are at chance and "
                           "say nothing about the adaptation methods."]
+        if t.get("no_gain"):
+            lines += ["", f"**Warning: no gain.** `{ref}` adaptation did not improve {metric} over its first "
+                          f"checkpoint by more than {_fmt(summary.get('chance_margin'), 'g')} for "
+                          f"{', '.join(t['no_gain'])}: the thresholds there are reached by noise, and those rows' "
+                          "savings say nothing about the methods."]
         lines.append("")
     return "\n".join(lines)
 
@@ -263,12 +273,6 @@ def plot(summary: dict, path: Path) -> Path:
     return path
 
 
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
 
 def headline_metrics(summary: dict) -> dict[str, float]:
     """Final quality per task/language/method and the FLOPs saving at 100% of the reference, for the parent run."""
@@ -292,8 +296,8 @@ def report(cfg: ReportConfig) -> dict[str, Path]:
     if not summary["tasks"]:
         raise EvaluationError(f"pipeline run {runs.parent_run_id} has no evaluation runs (stage=evaluate) with "
                               "metrics: run evaluate/zero_shot.py with tracking.parent_run_id set to it first")
-    paths = {"json": _write(out / "report.json", json.dumps(summary, indent=2)),
-             "markdown": _write(out / "report.md", markdown(summary)),
+    paths = {"json": write_text_atomic(out / "report.json", json.dumps(summary, indent=2)),
+             "markdown": write_text_atomic(out / "report.md", markdown(summary)),
              "png": plot(summary, out / "compute_vs_quality.png")}
     if cfg.log_to_parent:
         runs.log_to_parent(list(paths.values()), "report", headline_metrics(summary))

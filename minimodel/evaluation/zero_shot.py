@@ -23,13 +23,13 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimodel.adaptation.artifact import list_snapshots, read_info
 from minimodel.adaptation.plug import plug_model
 from minimodel.config import require, save_config
+from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.models import check_tokenizer, load_task_model, read_task_info
 from minimodel.evaluation.scoring import score, score_mlm, score_retrieval
@@ -216,12 +216,6 @@ def _with_run_id(target: TargetConfig) -> TargetConfig:
     return dataclasses.replace(target, adapt_run_id=json.loads(plug_info.read_text()).get("adapt_run_id"))
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def zero_shot(cfg: ZeroShotConfig) -> dict[str, dict[str, float]]:
     """Metrics per language ({lang: {metric: value}}) of the final embeddings, the source language included when
     evaluate_source."""
@@ -243,7 +237,7 @@ def zero_shot(cfg: ZeroShotConfig) -> dict[str, dict[str, float]]:
         results[target.lang], snapshots = _evaluate_target(cfg, target, source)
         if snapshots:
             snapshot_results[target.lang] = snapshots
-    _write_json(out / "metrics.json", results)
+    write_text_atomic(out / "metrics.json", json.dumps(results, indent=2))
     if snapshot_results:
-        _write_json(out / "snapshots.json", snapshot_results)
+        write_text_atomic(out / "snapshots.json", json.dumps(snapshot_results, indent=2))
     return results
