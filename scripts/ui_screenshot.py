@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from urllib.parse import quote
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(REPO))
 from minimodel.ui import DEFAULT_STORE, MlflowServer, browser_page  # noqa: E402
 
 UI_TIMEOUT_MS = 60_000
+STAGE_RUNS = "tags.stage != 'evaluate'"  # the stages without the evaluation runs (one per checkpoint)
 LOSS_CHARTS = "^(train|eval)/loss$"  # the UI's chart search takes a regular expression over metric names
 
 
@@ -36,17 +38,19 @@ def newest_pipeline_run(client, experiment_id: str) -> str:
 
 
 def capture(page, server: MlflowServer, experiment_id: str, parent_run_id: str, out: Path,
-            charts: str = LOSS_CHARTS) -> Path:
+            charts: str = LOSS_CHARTS, runs_filter: str = "") -> Path:
     """Runs view with the parent unfolded beside its children's charts whose metric name matches the regular
-    expression `charts` (all if empty); waits for the charts to be drawn."""
+    expression `charts` (all if empty), the runs narrowed by the MLflow search `runs_filter` (e.g.
+    "tags.stage != 'evaluate'"); waits for the charts to be drawn."""
     from mlflow import MlflowClient
     from playwright.sync_api import expect
 
     client = MlflowClient(server.url)
     parent_name = client.get_run(parent_run_id).info.run_name
-    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" + (f" and {runs_filter}" if runs_filter else "")
+    children = client.search_runs([experiment_id], query)
     first_child = page.get_by_role("link", name=children[0].info.run_name, exact=True)
-    page.goto(server.run_page(experiment_id))
+    page.goto(server.run_page(experiment_id) + (f"?searchFilter={quote(runs_filter)}" if runs_filter else ""))
     parent_cell = page.locator('[col-id="attributes.`Run Name`"]').filter(has_text=parent_name).first
     expect(parent_cell).to_be_visible(timeout=UI_TIMEOUT_MS)
     if first_child.count() == 0:  # the UI remembers unfolded runs; the button toggles
@@ -73,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default="minimodel")
     parser.add_argument("--run-id", help="the pipeline's parent run (default: the newest run with child runs)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "mlflow-ui.png")
+    parser.add_argument("--filter", default=STAGE_RUNS,
+                        help=f"MLflow search narrowing the runs shown ('' for all; default: {STAGE_RUNS!r})")
     parser.add_argument("--charts", default=LOSS_CHARTS,
                         help=f"show the charts whose metric name matches this regular expression ('' for all; "
                              f"default: {LOSS_CHARTS})")
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"no experiment {args.experiment!r} in {args.store}")
         run_id = args.run_id or newest_pipeline_run(client, experiment.experiment_id)
         with browser_page(height=1200) as page:
-            print(capture(page, server, experiment.experiment_id, run_id, args.out, args.charts))
+            print(capture(page, server, experiment.experiment_id, run_id, args.out, args.charts, args.filter))
 
 
 if __name__ == "__main__":
