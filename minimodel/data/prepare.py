@@ -33,7 +33,7 @@ from minimodel.config import require, save_config
 from minimodel.data.clean import CLEANING_VERSION, clean_verse, normalize_spaces
 from minimodel.data.corpora import Document, Source, SourceConfig, split_verse_id
 from minimodel.data.indexed import load_megatron_datasets, write_indexed
-from minimodel.data.tokenizer import FastEncoder, train_tokenizer
+from minimodel.data.tokenizer import SPM_FILE, FastEncoder, load_tokenizer, train_tokenizer
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.tracking import Tracker, TrackingConfig
 
@@ -43,6 +43,9 @@ FORMAT_VERSION = 1  # bump when the output layout or packing changes
 SPLITS = ("train", "valid")
 BUILD_MARKER = "build.json"
 MANIFEST = "manifest.json"
+# what a Hugging Face tokenizer directory holds besides a model (copied from tokenizer.pretrained)
+PRETRAINED_TOKENIZER_FILES = (SPM_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                              "added_tokens.json")
 ENCODE_BATCH = 4096
 
 
@@ -61,6 +64,9 @@ class TokenizerConfig:
     num_threads: int = 1  # SentencePiece's result depends on it: part of reproducibility, not of the machine
     input_sentence_size: int = 1_000_000  # documents sampled (with seed) to train on; 0: all
     joint: bool = False  # one tokenizer over all languages (copied into each <L>/tokenizer) instead of one each
+    # An existing Hugging Face tokenizer directory (e.g. models/xlm-roberta-base) used for every language instead
+    # of training one: the data for a pretrained model (MiniPost from XLM-R). XLM-R-style SentencePiece only.
+    pretrained: str | None = None
 
     def validate(self) -> None:
         # XLMRobertaTokenizer is a unigram model; a SentencePiece BPE/word model converted to it segments text
@@ -71,6 +77,14 @@ class TokenizerConfig:
                 "must be in [0.9, 1] (0.9995 for alphabetic scripts, lower only for very large alphabets)")
         require(self.num_threads >= 1, "tokenizer.num_threads", "must be >= 1")
         require(self.input_sentence_size >= 0, "tokenizer.input_sentence_size", "must be >= 0 (0: all sentences)")
+        if self.pretrained is not None:
+            require((Path(self.pretrained) / "tokenizer_config.json").is_file(), "tokenizer.pretrained",
+                    f"{self.pretrained} is not a Hugging Face tokenizer directory (no tokenizer_config.json)")
+            require((Path(self.pretrained) / SPM_FILE).is_file(), "tokenizer.pretrained",
+                    f"{self.pretrained} has no {SPM_FILE}: the data stage encodes with an XLM-R-style SentencePiece "
+                    "model (XLM-R and models that reuse its tokenizer)")
+            require(not self.joint, "tokenizer.joint", "a pretrained tokenizer is shared by every language already: "
+                    "set joint=false")
 
 
 @dataclass
@@ -175,9 +189,17 @@ def language_hash(cfg: DataConfig, lang: str, fingerprints: dict[str, list[str]]
                        "fingerprints": fingerprints[l]} for l in langs},
         "books": sorted(cfg.books), "valid_fraction": cfg.valid_fraction, "split_seed": cfg.split_seed,
         "clean": cfg.clean, "dedup": cfg.dedup, "tokenizer": dataclasses.asdict(cfg.tokenizer),
-        "vocab_size": cfg.vocab_size(lang),
+        "vocab_size": cfg.vocab_size(lang), "pretrained_tokenizer": _pretrained_fingerprint(cfg.tokenizer),
         "libraries": {p: metadata.version(p) for p in ("sentencepiece", "transformers", "megatron-core")},
     })
+
+
+def _pretrained_fingerprint(tokenizer: TokenizerConfig) -> str | None:
+    """The pretrained tokenizer's content (its files may change under the same path)."""
+    if tokenizer.pretrained is None:
+        return None
+    files = sorted(p for p in Path(tokenizer.pretrained).iterdir() if p.name in PRETRAINED_TOKENIZER_FILES)
+    return _digest({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
 
 
 def _read_json(path: Path) -> dict | None:
@@ -236,13 +258,13 @@ def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: d
     start = time.perf_counter()
     tmp = out / f".{lang}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    vocab_size = cfg.vocab_size(lang)
     if joint_tokenizer is not None:
         shutil.copytree(joint_tokenizer, tmp / "tokenizer")
     else:
         train_texts = [r.text for r in records if r.split == "train"]
-        log.info("%s: training a %d-token tokenizer on %d documents", lang, vocab_size, len(train_texts))
-        _train_tokenizer(cfg, train_texts, tmp / "tokenizer", vocab_size)
+        log.info("%s: training a %d-token tokenizer on %d documents", lang, cfg.vocab_size(lang), len(train_texts))
+        _train_tokenizer(cfg, train_texts, tmp / "tokenizer", cfg.vocab_size(lang))
+    vocab_size = len(load_tokenizer(tmp / "tokenizer"))
     encoder = FastEncoder(tmp / "tokenizer")
     encoder.check_agrees([r.text for r in records[:64]])
 
@@ -297,7 +319,14 @@ def _build(cfg: DataConfig, todo: list[str], sources: dict[str, list[Source]], h
     collected = {lang: collect(cfg, sources[lang]) for lang in todo}
     load_megatron_datasets()  # its import takes seconds: keep it out of the per-language timings
     joint = None
-    if cfg.tokenizer.joint:
+    if cfg.tokenizer.pretrained is not None:  # its tokenizer files only: the directory may hold a model too
+        joint = out / f".pretrained-tokenizer.partial-{uuid.uuid4().hex[:8]}"
+        joint.mkdir()
+        for f in Path(cfg.tokenizer.pretrained).iterdir():
+            if f.name in PRETRAINED_TOKENIZER_FILES:
+                shutil.copy2(f, joint / f.name)
+        log.info("tokenizing every language with the pretrained tokenizer %s", cfg.tokenizer.pretrained)
+    elif cfg.tokenizer.joint:
         for lang in cfg.languages:  # the joint tokenizer needs every language's text
             if lang not in collected:
                 collected[lang] = collect(cfg, sources[lang])
