@@ -81,6 +81,7 @@ class Setup:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     num_layers: int = 12
     mini_layers: int = 3  # MiniJoint: the secondary head after layer 3 of 12
+    secondary_head: str = "separate"  # MiniJoint's secondary head: separate | shared_transform (ModelConfig)
     minipost_layers: int = 2  # MiniPost: the primary's first 2 layers, frozen ...
     minipost_new_layers: int = 1  # ... + 1 new layer (3 layers, like MiniJoint's mini-model)
     hidden_size: int = 128
@@ -167,6 +168,7 @@ def pretrain_and_export(setup: Setup, work: Path, data_dir: Path) -> Path:
         f"output_dir={work / 'pretrain'}", f"data.train_prefix={en / 'train'}", f"data.valid_prefix={en / 'valid'}",
         f"data.tokenizer_dir={en / 'tokenizer'}", f"model.vocab_size={len(load_tokenizer(en / 'tokenizer'))}",
         f"model.num_layers={s.num_layers}", f"model.mini_layers={s.mini_layers}", f"model.hidden_size={s.hidden_size}",
+        f"model.secondary_head={s.secondary_head}",
         f"model.num_attention_heads={max(1, s.hidden_size // 32)}", f"model.seq_length={s.seq_length}",
         f"parallel.micro_batch_size={s.pretrain_batch}", f"parallel.global_batch_size={s.pretrain_batch}",
         f"train.steps={s.pretrain_steps}", f"optim.warmup_steps={max(1, s.pretrain_steps // 20)}",
@@ -471,7 +473,8 @@ def figure(result: dict):
     s = result["setup"]
     seeds = sorted({c["seed"] for c in result["curves"]})
     fig.suptitle(f"Embedding adaptation to matched quality: primary {s['num_layers']} layers; MiniJoint mini-model "
-                 f"{s['mini_layers']} layers, MiniPost {s['minipost_layers']}; seeds {seeds}\nsaving = standard's "
+                 f"{s['mini_layers']} layers ({s.get('secondary_head', 'separate')} head), MiniPost "
+                 f"{s['minipost_layers']}; seeds {seeds}\nsaving = standard's "
                  f"FLOPs / method's FLOPs to reach X% of standard's final loss reduction (seeds reaching it)",
                  fontsize=9)
     return fig
@@ -486,12 +489,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--adapt-steps", type=int, default=None, help="standard adaptation steps")
     parser.add_argument("--pretrain-steps", type=int, default=None)
+    parser.add_argument("--secondary-head", choices=["separate", "shared_transform"], default=None,
+                        help="MiniJoint's secondary MLM head (model.secondary_head)")
     parser.add_argument("--no-zero-shot", action="store_true",
                         help="skip step 5 (fine-tuning + zero-shot accuracy of the final embeddings)")
     args = parse_args(parser, argv)
     setup = dataclasses.replace(SMOKE) if args.smoke else Setup()
     for key, value in (("target_langs", args.langs), ("seeds", args.seeds), ("adapt_steps", args.adapt_steps),
-                       ("pretrain_steps", args.pretrain_steps)):
+                       ("pretrain_steps", args.pretrain_steps), ("secondary_head", args.secondary_head)):
         if value is not None:
             setattr(setup, key, value)
     work = (args.work or REPO / "runs" / "benchmarks" / (NAME + ("_smoke" if args.smoke else ""))).resolve()
