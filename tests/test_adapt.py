@@ -184,11 +184,16 @@ def test_a_failed_language_does_not_lose_the_others(runs):
 
 def test_zero_stage_1_and_3_learn_the_same_embeddings(runs):
     for over in ("mini", "full"):
+        one, three = metrics(runs[f"z1_{over}"] / "sw"), metrics(runs[f"z3_{over}"] / "sw")
+        # The same updates: step by step the same losses (a missing reduction or a wrong partition would differ
+        # from step 1). Later, Adam amplifies the stages' different reduction order (sign(g) of near-zero
+        # gradients at lr 0.01), so the embeddings drift apart by a little of the distance they travelled.
+        np.testing.assert_allclose([m["train/loss"] for m in one[:10]], [m["train/loss"] for m in three[:10]],
+                                   rtol=0, atol=1e-5, err_msg=over)
+        init = _embeddings(list_snapshots(runs[f"z1_{over}"] / "sw")[0])["input_embeddings"]
         z1 = _embeddings(runs[f"z1_{over}"] / "sw")["input_embeddings"]
         z3 = _embeddings(runs[f"z3_{over}"] / "sw")["input_embeddings"]
-        init_scale = 0.02
-        assert torch.allclose(z1, z3, atol=1e-4, rtol=1e-3), (over, (z1 - z3).abs().max())
-        assert (z1 - z3).abs().max() < init_scale / 100
+        assert (z1 - z3).abs().max() < 0.05 * (z1 - init).abs().max(), (over, (z1 - z3).abs().max())
 
 
 def test_gradient_accumulation_sees_the_same_samples_as_larger_micro_batches(runs):

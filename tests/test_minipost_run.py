@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -250,9 +251,15 @@ def test_two_ranks_zero3_match_one_rank(runs, sources, data_dir, tmp_path):
     # alignment.json is written last; a rare gloo crash at process exit (deepspeed-on-cpu.md) does not count.
     assert (out / "alignment.json").is_file(), log[-4000:]
     assert code == 0 or "terminate called without an active exception" in log, log[-4000:]
+    # The same updates: step by step the same losses (a missing reduction or a wrong partition would differ from
+    # step 1). Later, Adam at lr 0.03 amplifies the different reduction order of 2 ranks vs 1 (measured: losses equal
+    # to 2e-7 for 9 steps, then drifting by up to 5e-5), so the weights agree to 1e-2, not to rounding.
+    losses = [[json.loads(line)["train/loss"] for line in (d / "metrics.jsonl").read_text().splitlines()][:8]
+              for d in (runs["export"], out)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=1e-5)
     one = load_file(runs["export"] / "mini" / "model.safetensors")
     two = load_file(out / "mini" / "model.safetensors")
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-2, msg=name)
     check_aligned(out / "mini", sources["export"] / "primary")
 
