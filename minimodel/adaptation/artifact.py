@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from minimodel.files import write_text_atomic
+
 EMBEDDINGS_FILE = "embeddings.safetensors"
 INFO_FILE = "adapt.json"
 TOKENIZER_DIR = "tokenizer"
@@ -36,9 +38,7 @@ def write_artifact(run_dir: Path, tensors: dict[str, torch.Tensor], info: dict) 
     tmp = run_dir / (EMBEDDINGS_FILE + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, run_dir / EMBEDDINGS_FILE)
-    tmp = run_dir / (INFO_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, run_dir / INFO_FILE)
+    write_text_atomic(run_dir / INFO_FILE, json.dumps(info, indent=2))
 
 
 def read_info(run_dir: str | os.PathLike) -> dict | None:

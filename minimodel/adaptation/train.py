@@ -26,6 +26,7 @@ from torch import nn
 from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, snapshot_dir, write_artifact
 from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map, tokenizer_fingerprint
 from minimodel.config import require, save_config
+from minimodel.files import write_text_atomic
 from minimodel.manifest import check_aligned, model_hash
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.deepspeed_loop import (DeepSpeedLoopConfig, gather_full_params, init_distributed,
@@ -363,17 +364,15 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
 
 def record_statuses(output_dir: Path, statuses: dict[str, str]) -> Path:
     """Merge {lang: status} into <output_dir>/summary.json. The Slurm array tasks of one output_dir (one language
-    each) update it concurrently: an exclusive lock serialises the read-modify-write, os.replace keeps readers from
-    ever seeing a half-written file."""
+    each) update it concurrently: an exclusive lock serialises the read-modify-write, the atomic write keeps readers
+    from ever seeing a half-written file."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "summary.json"
     with open(output_dir / ".summary.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         summary = json.loads(path.read_text()) if path.is_file() else {}
         summary.update(statuses)
-        tmp = path.with_name(f"summary.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(summary, indent=2))
     return path
 
 

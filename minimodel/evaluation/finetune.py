@@ -15,12 +15,12 @@ Output <output_dir>/:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimodel.config import require, save_config
+from minimodel.files import replace_dir, write_text_atomic
 from minimodel.evaluation.features import classification_features, qa_train_features
 from minimodel.evaluation.models import TASK_FILE, check_tokenizer, freeze_embeddings, load_task_model
 from minimodel.evaluation.scoring import score
@@ -96,8 +96,7 @@ def _save_task_model(cfg: FinetuneConfig, model, engine, tokenizer, labels) -> P
                 "primary_model": {"path": str(Path(cfg.model_dir).resolve()), "sha256": model_hash(cfg.model_dir)},
                 "frozen": sorted(frozen_state)}
         (tmp / TASK_FILE).write_text(json.dumps(info, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     dist.barrier()
     return out
 
@@ -150,9 +149,7 @@ def finetune(cfg: FinetuneConfig) -> tuple[Path | None, dict[str, float]]:
                 scores = score(task, task_model, tokenizer, cfg.source_lang, split, cfg.eval_batch_size)
                 metrics.update({f"{split}/{k}": v for k, v in scores.items()})
             tracker.log_metrics(metrics, step=result.step)
-            tmp = out / "metrics.json.tmp"
-            tmp.write_text(json.dumps(metrics, indent=2))
-            os.replace(tmp, out / "metrics.json")
+            write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     _end_process_group()
     return model_dir, metrics
 

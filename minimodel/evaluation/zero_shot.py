@@ -159,7 +159,7 @@ def _plugged(cfg: ZeroShotConfig, target: TargetConfig, artifact: Path, source, 
     return at_step, model, tokenizer
 
 
-def _checkpoints(cfg: ZeroShotConfig, target: TargetConfig, source):
+def _checkpoints(cfg: ZeroShotConfig, target: TargetConfig, source, primary):
     """(target at a checkpoint, model, tokenizer) for what is scored of one target: its final embeddings (the plugged
     model_dir, else plugged in memory), then each snapshot of its adaptation run before the final step. Lazy: one
     model copy at a time."""
@@ -167,7 +167,6 @@ def _checkpoints(cfg: ZeroShotConfig, target: TargetConfig, source):
     if target.embeddings and final is None:
         raise EvaluationError(f"targets[].embeddings: {target.embeddings} holds no finished adaptation (no "
                               "adapt.json): point at <adapt output_dir>/<lang> of a finished adapt/train.py run")
-    primary = _primary_of(cfg) if target.embeddings else None
     if target.model_dir:
         model, tokenizer = _load(cfg, target.model_dir, target.tokenizer)
         _check_target(cfg, target, model, source[0])
@@ -195,10 +194,10 @@ def _add_mlm_gain(target: TargetConfig, scored: list[tuple[TargetConfig, dict]])
         metrics["mlm_gain"] = initial - metrics["mlm_loss"]
 
 
-def _evaluate_target(cfg: ZeroShotConfig, target: TargetConfig, source) -> tuple[dict, dict[int, dict]]:
+def _evaluate_target(cfg: ZeroShotConfig, target: TargetConfig, source, primary) -> tuple[dict, dict[int, dict]]:
     """Score every checkpoint of one target and log a run for each; (final metrics, {snapshot step: metrics})."""
     scored = [(at, _score(cfg, at, model, tokenizer, source)) for at, model, tokenizer in
-              _checkpoints(cfg, target, source)]
+              _checkpoints(cfg, target, source, primary)]
     if cfg.task.spec.kind == "mlm":
         _add_mlm_gain(target, scored)
     for at, metrics in scored:
@@ -232,9 +231,11 @@ def zero_shot(cfg: ZeroShotConfig) -> dict[str, dict[str, float]]:
     if cfg.evaluate_source and cfg.task.spec.fine_tuned:  # retrieval, target_mlm: no source-language reference
         results[cfg.source_lang] = score(cfg.task, *source, cfg.source_lang, cfg.split, cfg.batch_size)
         _log_run(cfg, cfg.source_lang, "source", results[cfg.source_lang], None)
+    # the primary every run's embeddings must have been learned for: hashed once, not per target
+    primary = _primary_of(cfg) if any(t.embeddings for t in cfg.targets) else None
     snapshot_results = {}
     for target in cfg.targets:
-        results[target.lang], snapshots = _evaluate_target(cfg, target, source)
+        results[target.lang], snapshots = _evaluate_target(cfg, target, source, primary)
         if snapshots:
             snapshot_results[target.lang] = snapshots
     write_text_atomic(out / "metrics.json", json.dumps(results, indent=2))
