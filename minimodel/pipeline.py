@@ -21,19 +21,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from minimodel.config import ConfigError, load_config, save_config
 from minimodel.evaluation.tasks import TASKS, TaskConfig
+from minimodel.layout import PipelineLayout
+from minimodel.methods import REFERENCE, parse_method
 from minimodel.stages import Stage, StageFailed
 from minimodel.tracking import Tracker, TrackingConfig, link_run
-
-METHODS = ("standard", "minijoint", "minipost")
-# The launchers of this interpreter's environment (works without an activated venv).
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed") if (Path(sys.executable).parent / "deepspeed").exists() \
-    else "deepspeed"
-Method = Literal["standard", "minijoint", "minipost"]
 
 
 @dataclass
@@ -56,7 +50,8 @@ class PipelineConfig:
     data_dir: str = "data/default"  # the data config's output_dir
     source_lang: str = "en"
     target_langs: list[str] = field(default_factory=lambda: ["ny", "sw"])
-    methods: list[Method] = field(default_factory=lambda: list(METHODS))
+    # adaptation methods run side by side, each `<model>[+<init>]` (minimodel/methods.py), e.g. minipost+copy_shared
+    methods: list[str] = field(default_factory=lambda: ["standard", "minijoint", "minipost"])
     pretrain_nproc: int = 2  # torchrun processes for step 1
     adapt_nproc: int = 1  # deepspeed ranks per adaptation run
     configs: StageConfigs = field(default_factory=StageConfigs)
@@ -70,9 +65,11 @@ class PipelineConfig:
         require(self.source_lang not in self.target_langs, "target_langs",
                 f"the source language {self.source_lang} cannot also be a target")
         require(len(self.target_langs) >= 1, "target_langs", "name at least one target language")
-        require("standard" in self.methods, "methods",
-                "the report measures every method against standard adaptation: keep 'standard' in the list")
-        if "minijoint" in self.methods and Path(self.configs.pretrain).is_file():
+        models = {parse_method(spec, f"methods[{i}]").model for i, spec in enumerate(self.methods)}
+        require(len(set(self.methods)) == len(self.methods), "methods", "each method once")
+        require(REFERENCE in self.methods, "methods",
+                f"the report measures every method against {REFERENCE} adaptation: keep {REFERENCE!r} in the list")
+        if "minijoint" in models and Path(self.configs.pretrain).is_file():
             from minimodel.config import load_config
             from minimodel.training.pretrain import PretrainConfig
 
@@ -102,91 +99,85 @@ def zero_shot_task(config_path: str) -> str:
 
 def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[Stage]:
     """The pipeline as a list of stages in run order (each names the stages it depends on)."""
-    root = Path(cfg.output_dir)
-    py = sys.executable
-    data, src = Path(cfg.data_dir), cfg.source_lang
+    at = PipelineLayout(Path(cfg.output_dir), Path(cfg.data_dir))
+    src = cfg.source_lang
+    methods = [parse_method(spec) for spec in cfg.methods]
 
     def extra(stage: str) -> list[str]:
         return list(cfg.overrides.get(stage, []))
 
     stages: list[Stage] = []
 
-    def add(name, argv, output_dir, after):
-        stage = Stage(name, [str(a) for a in argv], Path(output_dir), after)
+    def add(name, kind, args, output_dir, after, **fields):
+        stage = Stage(name, kind, [str(a) for a in args], Path(output_dir), after, **fields)
         stages.append(stage)
         return stage
 
-    prepare = add("data", [py, "pretrain/prepare_data.py", "--config", cfg.configs.data,
-                           f"output_dir={data}", *extra("data")], data, [])
-    pretrain = add("pretrain", [*TORCHRUN, "--nproc-per-node", cfg.pretrain_nproc, "pretrain/train.py",
-                                "--config", cfg.configs.pretrain, f"output_dir={root / 'pretrain'}",
-                                f"data.train_prefix={data / src / 'train'}", f"data.valid_prefix={data / src / 'valid'}",
-                                f"data.tokenizer_dir={data / src / 'tokenizer'}", *extra("pretrain")],
-                   root / "pretrain", [prepare])
-    export_dir = root / "export"
-    export = add("export", [py, "pretrain/export.py", f"checkpoint={root / 'pretrain' / 'checkpoints'}",
-                            f"tokenizer={data / src / 'tokenizer'}", f"output_dir={export_dir}", *extra("export")],
-                 export_dir, [pretrain])
-    primary = export_dir / "primary"
-    minis = {"minijoint": (export_dir / "mini", export)}
-    if "minipost" in cfg.methods:
-        minipost = add("minipost", [py, "pretrain/minipost.py", "--config", cfg.configs.minipost,
-                                    f"source={primary}", f"output_dir={root / 'minipost'}",
-                                    f"data.train_prefix={data / src / 'train'}",
-                                    f"data.valid_prefix={data / src / 'valid'}",
-                                    f"data.tokenizer_dir={data / src / 'tokenizer'}", *extra("minipost")],
-                       root / "minipost", [export])
-        minis["minipost"] = (root / "minipost" / "mini", minipost)
+    source_data = [f"data.train_prefix={at.data(src) / 'train'}", f"data.valid_prefix={at.data(src) / 'valid'}",
+                   f"data.tokenizer_dir={at.tokenizer(src)}"]
+    prepare = add("data", "data", ["--config", cfg.configs.data, f"output_dir={at.data_dir}", *extra("data")],
+                  at.data_dir, [])
+    pretrain = add("pretrain", "pretrain", ["--config", cfg.configs.pretrain, f"output_dir={at.pretrain}",
+                                            *source_data, *extra("pretrain")],
+                   at.pretrain, [prepare], nproc=cfg.pretrain_nproc)
+    export = add("export", "export", [f"checkpoint={at.pretrain / 'checkpoints'}", f"tokenizer={at.tokenizer(src)}",
+                                      f"output_dir={at.export}", *extra("export")], at.export, [pretrain])
+    # the stage that makes each model source's model for adaptation (minimodel/methods.py MODELS)
+    made_by = {"standard": export, "minijoint": export}
+    if any(m.model == "minipost" for m in methods):
+        made_by["minipost"] = add("minipost", "minipost",
+                                  ["--config", cfg.configs.minipost, f"source={at.primary}",
+                                   f"output_dir={at.minipost}", *source_data, *extra("minipost")],
+                                  at.minipost, [export])
 
-    adapted: dict[tuple[str, str], tuple[Path, Stage]] = {}
-    for method in cfg.methods:
-        over = ["over=full"] if method == "standard" else ["over=mini", f"mini_model={minis[method][0]}"]
-        upstream = export if method == "standard" else minis[method][1]
+    # one adaptation job per method: a task per language (a Slurm array)
+    adapted: dict[tuple[str, str], Stage] = {}
+    for method in methods:
+        args = ["--config", cfg.configs.adapt, *method.adapt_overrides(), f"primary_model={at.primary}",
+                f"source_lang={src}", f"target_langs=[{', '.join(cfg.target_langs)}]", f"data_dir={at.data_dir}",
+                f"output_dir={at.adapt(method.name)}", *extra("adapt")]
+        if method.source.over == "mini":
+            args.append(f"mini_model={at.model(method.model)}")
         for lang in cfg.target_langs:
-            out = root / "adapt" / method
-            stage = add(f"adapt-{method}-{lang}",
-                        [DEEPSPEED, "--num_gpus", cfg.adapt_nproc, "adapt/train.py", "--config", cfg.configs.adapt,
-                         *over, f"primary_model={primary}", f"source_lang={src}", f"target_langs=[{lang}]",
-                         f"target_lang={lang}", f"data_dir={data}", f"output_dir={out}",
-                         f"tracking.run_name=adapt-{method}-{lang}", *extra("adapt")],
-                        out / lang, [upstream, prepare])
-            adapted[method, lang] = (out / lang, stage)
+            adapted[method.name, lang] = add(
+                f"adapt-{method.name}-{lang}", "adapt", args, at.adapt(method.name, lang),
+                [made_by[method.model], prepare], nproc=cfg.adapt_nproc, job=f"adapt-{method.name}", lang=lang,
+                lang_args=[f"target_lang={lang}"])
 
     def zero_shot(config: str, method: str, source_model: Path, targets: list[str], after: list[Stage]) -> Stage:
         task = zero_shot_task(config)
-        out = root / "zero_shot" / task / method
-        return add(f"zero_shot-{task}-{method}",
-                   [py, "evaluate/zero_shot.py", "--config", config, f"method={method}", f"source_lang={src}",
-                    f"source_model_dir={source_model}", f"task.data_dir={data}", f"targets=[{', '.join(targets)}]",
-                    f"output_dir={out}", *extra("zero_shot")], out, after)
+        out = at.zero_shot(task, method)
+        return add(f"zero_shot-{task}-{method}", "zero_shot",
+                   ["--config", config, f"method={method}", f"source_lang={src}", f"source_model_dir={source_model}",
+                    f"task.data_dir={at.data_dir}", f"targets=[{', '.join(targets)}]", f"output_dir={out}",
+                    *extra("zero_shot")], out, after)
 
     # Tasks on the primary itself need only the adaptation runs: each checkpoint's embeddings plugged in memory.
     fine_tuned = {config: TASKS[zero_shot_task(config)].fine_tuned for config in cfg.configs.zero_shot}
-    evaluations = [zero_shot(config, method, primary,
-                             [f"{{lang: {lang}, embeddings: {adapted[method, lang][0]}}}" for lang in cfg.target_langs],
-                             [adapted[method, lang][1] for lang in cfg.target_langs])
-                   for config in cfg.configs.zero_shot if not fine_tuned[config] for method in cfg.methods]
+    evaluations = [zero_shot(config, m.name, at.primary,
+                             [f"{{lang: {lang}, embeddings: {at.adapt(m.name, lang)}}}" for lang in cfg.target_langs],
+                             [adapted[m.name, lang] for lang in cfg.target_langs])
+                   for config in cfg.configs.zero_shot if not fine_tuned[config] for m in methods]
 
-    task_dir = root / "finetune"
-    finetune = add("finetune", [py, "evaluate/finetune.py", "--config", cfg.configs.finetune,
-                                f"model_dir={primary}", f"task.data_dir={data}", f"source_lang={src}",
-                                f"output_dir={task_dir}", *extra("finetune")], task_dir, [export])
-    for method in cfg.methods:
+    finetune = add("finetune", "finetune", ["--config", cfg.configs.finetune, f"model_dir={at.primary}",
+                                            f"task.data_dir={at.data_dir}", f"source_lang={src}",
+                                            f"output_dir={at.finetune}", *extra("finetune")], at.finetune, [export])
+    for method in methods:
         targets, plugs = [], []
         for lang in cfg.target_langs:
-            emb_dir, adapt_stage = adapted[method, lang]
-            plugged = root / "plugged" / method / lang
-            plugs.append(add(f"plug-{method}-{lang}",
-                             [py, "adapt/plug.py", f"embeddings={emb_dir}", f"model={task_dir / 'model'}",
-                              f"primary_model={primary}", f"output_dir={plugged}"],
-                             plugged, [adapt_stage, finetune]))
+            emb_dir, plugged = at.adapt(method.name, lang), at.plugged(method.name, lang)
+            plugs.append(add(f"plug-{method.name}-{lang}", "plug",
+                             [f"embeddings={emb_dir}", f"model={at.task_model}", f"primary_model={at.primary}",
+                              f"output_dir={plugged}"],
+                             plugged, [adapted[method.name, lang], finetune]))
             # embeddings: zero_shot also scores the run's snapshots (the report's quality-vs-compute curve)
-            targets.append(f"{{lang: {lang}, model_dir: {plugged}, tokenizer: {data / lang / 'tokenizer'}, "
+            targets.append(f"{{lang: {lang}, model_dir: {plugged}, tokenizer: {at.tokenizer(lang)}, "
                            f"embeddings: {emb_dir}}}")
-        evaluations += [zero_shot(config, method, task_dir / "model", targets, plugs)
+        evaluations += [zero_shot(config, method.name, at.task_model, targets, plugs)
                         for config in cfg.configs.zero_shot if fine_tuned[config]]
-    report = add("report", [py, "evaluate/report.py", "--config", cfg.configs.report,
-                            f"output_dir={root / 'report'}", *extra("report")], root / "report", evaluations)
+    report = add("report", "report", ["--config", cfg.configs.report, f"output_dir={at.report}",
+                                      f"methods=[{', '.join(cfg.methods)}]", *extra("report")],
+                 at.report, evaluations)
     report.always_run = True  # it summarises this pipeline run's children
     if parent_run_id:
         report.run_args.append(f"parent_run_id={parent_run_id}")

@@ -148,3 +148,18 @@ def test_a_reference_that_did_not_improve_gets_a_warning():
     assert summary["tasks"]["verse_class"]["no_gain"] == ["ny"]
     assert summary["tasks"]["verse_class"]["languages"]["sw"]["reference_gain"] == pytest.approx(0.19)
     assert "**Warning: no gain.**" in markdown(summary) and "0.02 for ny:" in markdown(summary)
+
+
+def test_methods_are_reported_in_the_configured_order_and_only_those():
+    from minimodel.evaluation.report import markdown, summarize
+
+    per_method = {m: _points((0.0, 0.0, 0), (q, 10.0, None)) for m, q in
+                  (("minipost+copy_shared", 0.9), ("standard", 1.0), ("minipost", 0.8), ("stale", 0.1))}
+    data = {"metric": {"target_mlm": "mlm_gain"}, "source": {}, "majority": {},
+            "points": {"target_mlm": {"ny": per_method}}}
+    found = summarize(data, "standard", [1.0])
+    assert found["methods"] == ["standard", "minipost", "minipost+copy_shared", "stale"]  # the reference first
+    chosen = summarize(data, "standard", [1.0], methods=["standard", "minipost+copy_shared", "minipost"])
+    assert list(chosen["tasks"]["target_mlm"]["languages"]["ny"]["methods"]) == chosen["methods"] == [
+        "standard", "minipost+copy_shared", "minipost"]
+    assert "| ny | minipost+copy_shared | 2 | 0.9 |" in markdown(chosen) and "stale" not in markdown(chosen)

@@ -28,6 +28,7 @@ from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_m
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.manifest import check_aligned, model_hash
+from minimodel.methods import parse_method
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.deepspeed_loop import (DeepSpeedLoopConfig, gather_full_params, init_distributed,
                                                optimizer_state_numel, resolve_zero_config, train)
@@ -71,6 +72,9 @@ class AdaptConfig:
     output_dir: str = "runs/adapt"
     over: Literal["mini", "full"] = "mini"  # mini: mini-model adaptation; full: standard adaptation (baseline)
     primary_model: str | None = None  # HF dir of the primary model (the model adapted, when over=full)
+    # the method these embeddings are filed under (minimodel/methods.py, e.g. minipost+copy_shared); None: the
+    # adapted model's kind (standard, minijoint, minipost)
+    method: str | None = None
     mini_model: str | None = None  # HF dir of the mini-model aligned with primary_model (over=mini)
     source_lang: str = "en"
     target_langs: list[str] = field(default_factory=lambda: ["sw"])
@@ -96,6 +100,12 @@ class AdaptConfig:
         require(self.over == "full" or self.mini_model is not None, "mini_model",
                 "is required with over=mini (e.g. <export>/mini), or set over=full for standard adaptation")
         require(bool(self.target_langs), "target_langs", "is empty: list at least one target language")
+        if self.method is not None:
+            method = parse_method(self.method)
+            require(method.source.over == self.over, "over",
+                    f"method {self.method} adapts over={method.source.over}, not over={self.over}")
+            require(method.init in (None, self.init.method), "init.method",
+                    f"method {self.method} initialises with {method.init}, not {self.init.method}")
         require(self.target_lang is None or self.target_lang in self.target_langs, "target_lang",
                 f"{self.target_lang!r} is not one of target_langs {self.target_langs}")
         require(self.seq_length >= 8, "seq_length", "must be >= 8")
@@ -292,9 +302,13 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
     # Alignment is checked before anything is written or trained.
     if cfg.over == "mini":
         manifest = check_aligned(cfg.mini_model, cfg.primary_model)
-        model_dir, method, primary_sha = cfg.mini_model, manifest["kind"], manifest["primary_model"]["sha256"]
+        model_dir, kind, primary_sha = cfg.mini_model, manifest["kind"], manifest["primary_model"]["sha256"]
     else:
-        model_dir, method, primary_sha = cfg.primary_model, "standard", model_hash(cfg.primary_model)
+        model_dir, kind, primary_sha = cfg.primary_model, "standard", model_hash(cfg.primary_model)
+    if cfg.method is not None and parse_method(cfg.method).model != kind:
+        raise ValueError(f"method {cfg.method} adapts over a {parse_method(cfg.method).model} model, but "
+                         f"{model_dir} is a {kind} model: fix method or mini_model")
+    method = cfg.method or kind
     lang_cfg = dataclasses.replace(cfg, target_lang=lang)
 
     def prepare():

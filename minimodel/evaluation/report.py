@@ -30,7 +30,7 @@ from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.runs import FLOPS_METRIC, WALL_CLOCK_METRIC, PipelineRuns, RunInfo
 from minimodel.evaluation.scoring import MAJORITY_METRIC
 from minimodel.evaluation.tasks import TASKS
-from minimodel.evaluation.zero_shot import METHODS
+from minimodel.methods import REFERENCE, parse_method
 from minimodel.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 class ReportConfig:
     output_dir: str = "runs/evaluate/report"
     parent_run_id: str | None = None  # the pipeline's run; None: tracking.parent_run_id or $MINIMODEL_PARENT_RUN_ID
-    reference_method: str = "standard"  # whose final quality the thresholds are fractions of
+    reference_method: str = REFERENCE  # whose final quality the thresholds are fractions of
+    # the methods reported, in this order (minimodel/methods.py specs); []: every method found, the reference first
+    methods: list[str] = field(default_factory=list)
     fractions: list[float] = field(default_factory=lambda: [0.95, 0.99, 1.0])
     chance_margin: float = 0.02  # a source reference within this of the majority-class share is "at chance"
     log_to_parent: bool = True  # attach the report files (and headline metrics) to the parent run
@@ -49,6 +51,10 @@ class ReportConfig:
     def validate(self) -> None:
         require(all(0 < f <= 1.5 for f in self.fractions), "fractions", "each must be in (0, 1.5], e.g. 0.95")
 
+        for i, spec in enumerate(self.methods):
+            parse_method(spec, f"methods[{i}]")
+        require(not self.methods or self.reference_method in self.methods, "reference_method",
+                f"{self.reference_method!r} is not one of methods {self.methods}")
 
 @dataclass
 class Point:
@@ -134,8 +140,12 @@ def compute_to_reach(points: list[Point], target: float) -> Point | None:
     return next((p for p in points if p.quality >= target), None)
 
 
-def summarize(data: dict, reference: str, fractions: list[float], chance_margin: float = 0.02) -> dict:
-    """The report as plain JSON-able data: per task and language, each method's points and thresholds."""
+def summarize(data: dict, reference: str, fractions: list[float], chance_margin: float = 0.02,
+              methods: list[str] | None = None) -> dict:
+    """The report as plain JSON-able data: per task and language, each method's points and thresholds; `methods`
+    (default: every method found, the reference first) chooses and orders the methods."""
+    found = {m for per_lang in data["points"].values() for per_method in per_lang.values() for m in per_method}
+    order = [m for m in methods or [reference, *sorted(found - {reference})] if m in found]
     tasks = {}
     for task, per_lang in sorted(data["points"].items()):
         langs = {}
@@ -143,7 +153,7 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
             ref_points = per_method.get(reference, [])
             ref_final = ref_points[-1].quality if ref_points else None
             methods = {}
-            for method, pts in sorted(per_method.items(), key=lambda kv: _method_order(kv[0])):
+            for method, pts in ((m, per_method[m]) for m in order if m in per_method):
                 final = pts[-1]
                 entry = {"final": {"quality": final.quality, "flops": final.flops,
                                    "wall_clock_s": final.wall_clock_s},
@@ -172,15 +182,12 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                            source[lang] <= majority[lang] + chance_margin for lang in majority if lang in source),
                        "no_gain": [lang for lang, e in langs.items()
                                    if e["reference_gain"] is not None and e["reference_gain"] <= chance_margin]}
-    return {"reference_method": reference, "fractions": fractions, "chance_margin": chance_margin, "tasks": tasks}
+    return {"reference_method": reference, "methods": order, "fractions": fractions, "chance_margin": chance_margin,
+            "tasks": tasks}
 
 
 def _ratio(reference: float | None, value: float | None) -> float | None:
     return reference / value if reference and value else None
-
-
-def _method_order(method: str) -> tuple:
-    return (METHODS.index(method) if method in METHODS else len(METHODS), method)
 
 
 def _fmt(x: float | None, spec: str = ".3g") -> str:
@@ -241,7 +248,7 @@ def plot(summary: dict, path: Path) -> Path:
 
     tasks = list(summary["tasks"].items())
     fig, axes = plt.subplots(max(len(tasks), 1), 2, figsize=(12, 4 * max(len(tasks), 1)), squeeze=False)
-    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    colors = {m: f"C{i % 10}" for i, m in enumerate(summary["methods"])}  # one colour per method on every plot
     markers, styles = "osD^v<>p*h", ["-", "--", ":", "-."]
     for row, (task, t) in enumerate(tasks):
         for col, (key, label) in enumerate([("flops", "adaptation FLOPs"),
@@ -253,7 +260,7 @@ def plot(summary: dict, path: Path) -> Path:
                     if not pts:
                         continue
                     ax.plot([p[key] for p in pts], [p["quality"] for p in pts], marker=markers[li % len(markers)],
-                            linestyle=styles[li % len(styles)], color=colors.get(method, "C9"),
+                            linestyle=styles[li % len(styles)], color=colors[method],
                             label=f"{method} {lang}")
             for lang, value in t["source"].items():
                 ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"source {lang}")
@@ -292,7 +299,7 @@ def report(cfg: ReportConfig) -> dict[str, Path]:
     out = Path(cfg.output_dir)
     save_config(cfg, out / "config.yaml")
     runs = PipelineRuns(cfg.tracking, cfg.parent_run_id)
-    summary = summarize(collect(runs), cfg.reference_method, cfg.fractions, cfg.chance_margin)
+    summary = summarize(collect(runs), cfg.reference_method, cfg.fractions, cfg.chance_margin, cfg.methods)
     if not summary["tasks"]:
         raise EvaluationError(f"pipeline run {runs.parent_run_id} has no evaluation runs (stage=evaluate) with "
                               "metrics: run evaluate/zero_shot.py with tracking.parent_run_id set to it first")

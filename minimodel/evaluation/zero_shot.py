@@ -34,12 +34,12 @@ from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.models import check_tokenizer, load_task_model, read_task_info
 from minimodel.evaluation.scoring import score, score_mlm, score_retrieval
 from minimodel.evaluation.tasks import TaskConfig
+from minimodel.methods import parse_method
 from minimodel.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
 
 PLUG_FILE = "plug.json"  # provenance adapt/plug.py writes into a plugged model directory
-METHODS = ("standard", "minijoint", "minipost")
 
 
 @dataclass
@@ -56,7 +56,7 @@ class TargetConfig:
 class ZeroShotConfig:
     output_dir: str = "runs/evaluate/zero_shot"
     task: TaskConfig = field(default_factory=TaskConfig)
-    method: str = "standard"  # how the target embeddings were learned: standard | minijoint | minipost
+    method: str = "standard"  # the method the target embeddings were learned by (minimodel/methods.py)
     source_lang: str = "en"
     source_model_dir: str = ""  # fine-tuned task model (retrieval: a model with the source embeddings;
     #                             target_mlm: the primary model)
@@ -69,7 +69,7 @@ class ZeroShotConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        require(self.method in METHODS, "method", f"{self.method!r} is not one of {list(METHODS)}")
+        parse_method(self.method)
         require(bool(self.source_model_dir), "source_model_dir", "set it to the fine-tuned task model directory")
         require(self.split in ("dev", "test"), "split", "must be dev or test")
         for i, t in enumerate(self.targets):

@@ -1,0 +1,76 @@
+"""Where a pipeline's stages put their outputs: one object owns every path, for the pipeline that writes them and
+the report that reads them back (results live on disk; MLflow only shows them).
+
+    <data_dir>/<lang>/{tokenizer,train,valid,verses.jsonl}       data stage
+    <root>/pretrain/checkpoints                                   step 1
+    <root>/export/{primary,mini}                                  primary + MiniJoint mini-model
+    <root>/minipost/mini                                          MiniPost mini-model
+    <root>/adapt/<method>/<lang>/                                 step 2 (adapt.json, snapshots/step_N/, metrics.jsonl)
+    <root>/finetune/model                                         step 3: the task model
+    <root>/plugged/<method>/<lang>/                               the task model with the target embeddings
+    <root>/zero_shot/<task>/<method>/                             step 4 (metrics.json, snapshots.json)
+    <root>/report/                                                report.json, report.md, compute_vs_quality.png
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    root: Path
+    data_dir: Path | None = None  # the data stage's output (a reader of results only, like the report, needs none)
+
+    def data(self, lang: str) -> Path:
+        return Path(self.data_dir) / lang
+
+    def tokenizer(self, lang: str) -> Path:
+        return self.data(lang) / "tokenizer"
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "pretrain"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def primary(self) -> Path:
+        return self.export / "primary"
+
+    @property
+    def minipost(self) -> Path:
+        return self.root / "minipost"
+
+    def model(self, source: str) -> Path:
+        """The model adaptation runs over, per model source of minimodel/methods.py."""
+        return {"standard": self.primary, "minijoint": self.export / "mini", "minipost": self.minipost / "mini"}[source]
+
+    def adapt(self, method: str, lang: str | None = None) -> Path:
+        """The adaptation stage's output_dir of a method, or with `lang` that language's run directory."""
+        out = self.root / "adapt" / method
+        return out / lang if lang else out
+
+    @property
+    def finetune(self) -> Path:
+        return self.root / "finetune"
+
+    @property
+    def task_model(self) -> Path:
+        return self.finetune / "model"
+
+    def plugged(self, method: str, lang: str) -> Path:
+        return self.root / "plugged" / method / lang
+
+    def zero_shot(self, task: str, method: str) -> Path:
+        return self.root / "zero_shot" / task / method
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
