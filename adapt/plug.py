@@ -7,9 +7,7 @@
 Writes a Hugging Face model directory with the target tokenizer; refuses mismatched shapes, the wrong tokenizer,
 or a primary model the embeddings were not learned for.
 """
-from minimodel.adaptation.plug import PlugConfig, PlugError, plug
-from minimodel.cli import run_stage
+from minimodel.cli import main
 
 if __name__ == "__main__":
-    out = run_stage(PlugConfig, plug, __doc__, PlugError, FileNotFoundError)
-    print(f"plug: wrote {out}")
+    main("plug", __doc__)

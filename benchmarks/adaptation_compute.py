@@ -175,7 +175,7 @@ def pretrain_and_export(setup: Setup, work: Path, data_dir: Path) -> Path:
         f"train.eval_every={max(1, s.pretrain_steps // 4)}", f"train.log_every={max(1, s.pretrain_steps // 10)}",
         f"checkpoint.save_every={s.pretrain_save_every}", "tracking.enabled=false"])
     print(f"[{NAME}] step 1: MiniJoint pretraining, {s.num_layers} layers, mini-model {s.mini_layers}", flush=True)
-    if pretrain(cfg).preempted:
+    if pretrain(cfg).status != "finished":
         raise SystemExit(f"[{NAME}] pretraining stopped by a signal after a checkpoint: run the same command again "
                          f"to resume")
     export(latest_checkpoint(cfg.checkpoint_root), en / "tokenizer", export_dir)
@@ -201,7 +201,7 @@ def minipost(setup: Setup, work: Path, data_dir: Path, export_dir: Path) -> Path
     print(f"[{NAME}] step 1b: MiniPost mini-model, {setup.minipost_layers} frozen + {setup.minipost_new_layers} new "
           f"layers", flush=True)
     _ensure_process_group()
-    if run_minipost(cfg).interrupted:
+    if run_minipost(cfg).status != "finished":
         raise SystemExit(f"[{NAME}] MiniPost training stopped by a signal after a checkpoint: run the same command "
                          f"again to resume")
     _write_stamp(out / "benchmark.stamp", setup.key())
@@ -226,7 +226,7 @@ def adapt(setup: Setup, work: Path, data_dir: Path, primary: Path, minis: dict[s
         f"train.keep_checkpoints={steps // setup.eval_every + 2}", "train.eval_every=0", "train.eval_batches=4",
         "train.torch_adam=true", "tracking.enabled=false"])
     _ensure_process_group()
-    status = run_adaptation(cfg)[lang]
+    status = run_adaptation(cfg).outputs[lang]
     if status != "done":
         raise RuntimeError(f"adaptation {method}/{lang}/seed {seed} did not finish: {status} "
                            f"(see {out / lang / 'error.txt'})")
@@ -359,11 +359,11 @@ def task_model(setup: Setup, work: Path, data_dir: Path, primary: Path) -> Path:
         "eval_splits=[test]", "tracking.enabled=false"])
     print(f"[{NAME}] step 3: fine-tuning the primary on English verse classification", flush=True)
     _ensure_process_group()
-    model_dir, _ = finetune(cfg)
-    if model_dir is None:
+    result = finetune(cfg)
+    if result.status != "finished":
         raise SystemExit(f"[{NAME}] fine-tuning stopped by a signal: run the same command again to resume")
     _write_stamp(out / "benchmark.stamp", setup.key())
-    return Path(model_dir)
+    return Path(result.outputs["task_model"])
 
 
 def zero_shot_accuracy(run_dir: Path, task_dir: Path, primary: Path, data_dir: Path, lang: str, method: str,

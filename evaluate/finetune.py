@@ -7,13 +7,7 @@
 Writes <output_dir>/model (the task model that adapt/plug.py plugs target embeddings into) and metrics.json.
 Rerunning the same command resumes; on SIGTERM / SIGUSR1 it checkpoints and exits with code 75 (requeue).
 """
-from minimodel.cli import is_rank0, run_stage
-from minimodel.evaluation import EvaluationError
-from minimodel.evaluation.finetune import FinetuneConfig, finetune
-from minimodel.training.preemption import PREEMPTED_EXIT_CODE
+from minimodel.cli import main
 
 if __name__ == "__main__":
-    model_dir, metrics = run_stage(FinetuneConfig, finetune, __doc__, EvaluationError)
-    if model_dir is not None and is_rank0():
-        print(f"task model: {model_dir}\n" + "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
-    raise SystemExit(PREEMPTED_EXIT_CODE if model_dir is None else 0)
+    main("finetune", __doc__)

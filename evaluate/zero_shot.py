@@ -7,11 +7,7 @@ test sets (with the target tokenizers), and the source-language task model as th
 
 One MLflow run per language (tags stage=evaluate, method, target_lang); <output_dir>/metrics.json.
 """
-from minimodel.cli import run_stage
-from minimodel.evaluation import EvaluationError
-from minimodel.evaluation.zero_shot import ZeroShotConfig, zero_shot
+from minimodel.cli import main
 
 if __name__ == "__main__":
-    results = run_stage(ZeroShotConfig, zero_shot, __doc__, EvaluationError)
-    for lang, metrics in results.items():
-        print(lang, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    main("zero_shot", __doc__)

@@ -1,27 +1,29 @@
 """What every stage entry point (pretrain/, adapt/, evaluate/) does around its stage function.
 
     if __name__ == "__main__":
-        paths = run_stage(ReportConfig, report, __doc__, EvaluationError)
+        main("report", __doc__)      # a kind of minimodel.stages.KINDS
 
 Logging set up (progress from minimodel's own loggers on rank 0, warnings from everything), the config read from
-`--config file.yaml key.sub=value ...`, the stage run, and the process group (if the stage started one) closed.
-The user's own mistakes (a bad config or input, a mismatched model: ConfigError, ManifestError and the stage's
-`errors`) end the process with one line on stderr and exit code 2, not a traceback; anything else is a bug and
-keeps its traceback.
+`--config file.yaml key.sub=value ...`, the stage run, its outputs printed, the process group (if the stage started
+one) closed, and the stage's status turned into the exit code: finished 0, interrupted 75 (stopped by a signal
+after checkpointing: run the same command again to resume; Slurm requeues), failed 1. The user's own mistakes
+(minimodel.errors.UserError: a bad config or input, a mismatched model) end the process with one line on stderr
+and exit code 2, not a traceback; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, NoReturn, TypeVar
 
 from minimodel.config import ConfigError, parse_cli
-from minimodel.manifest import ManifestError
+from minimodel.errors import UserError
+from minimodel.stages import KINDS, StageResult
 from minimodel.tracking import global_rank
 
 C = TypeVar("C")
-R = TypeVar("R")
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -42,19 +44,44 @@ def _script_name() -> str:
     return f"{script.parent.name}/{script.stem}" if script.parent.name else script.stem
 
 
-def run_stage(config_cls: type[C], stage: Callable[[C], R], description: str,
-              *errors: type[Exception]) -> R:
-    """Parse the command line into `config_cls`, run `stage(cfg)` and return its result (see the module doc)."""
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_format(v)}" for k, v in value.items())
+    return str(value)
+
+
+def run_stage(config_cls: type[C], stage: Callable[[C], StageResult], description: str) -> int:
+    """Parse the command line into `config_cls`, run `stage(cfg)`; returns the exit code (see the module doc)."""
     setup_logging()
     cfg = parse_cli(config_cls, description=description)
     try:
         result = stage(cfg)
-    except (ConfigError, ManifestError, *errors) as e:
+    except UserError as e:
         kind = "config error: " if isinstance(e, ConfigError) else ""
         print(f"{_script_name()}: {kind}{e}", file=sys.stderr)
-        raise SystemExit(USER_ERROR_EXIT_CODE) from None
-    _destroy_process_group()  # after success only: on an error, another rank may still be in a collective
-    return result
+        return USER_ERROR_EXIT_CODE
+    _destroy_process_group()  # after a return only: on an error, another rank may still be in a collective
+    if is_rank0():
+        for name, value in result.outputs.items():
+            print(f"{name}: {_format(value)}", flush=True)
+        if result.status == "interrupted":
+            print(f"{_script_name()}: interrupted: run the same command again to resume", file=sys.stderr)
+        elif result.status == "failed":
+            print(f"{_script_name()}: failed (see above)", file=sys.stderr)
+    return result.exit_code
+
+
+def main(kind: str, description: str) -> NoReturn:
+    """The whole entry point of the stage kind `kind` (minimodel.stages.KINDS)."""
+    stage = KINDS[kind]
+    raise SystemExit(run_stage(_load(stage.config), _load(stage.function), description))
+
+
+def _load(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _destroy_process_group() -> None:

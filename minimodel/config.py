@@ -16,12 +16,13 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from minimodel.errors import UserError
 from minimodel.files import write_text_atomic
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; the message names the key and how to fix it."""
 
 

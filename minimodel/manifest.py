@@ -14,13 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from minimodel.errors import UserError
 from minimodel.files import write_text_atomic
 
 MANIFEST_NAME = "minimodel.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     pass
 
 

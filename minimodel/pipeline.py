@@ -8,7 +8,7 @@
          -> step 4: zero-shot evaluation of the task model per method -> report (quality vs adaptation compute)
 
     python -m minimodel.pipeline --config configs/pipeline/tiny.yaml [key=value ...]
-    python -m minimodel.pipeline --config configs/pipeline/tiny.yaml --plan   # the stages as JSON (slurm/pipeline.sh)
+    python -m minimodel.pipeline --config configs/pipeline/tiny.yaml --plan   # the jobs as JSON (slurm/pipeline.sh)
 
 Re-running skips every finished stage whose inputs did not change (minimodel/stages.py) and reuses the parent run.
 """
@@ -26,8 +26,9 @@ from minimodel.config import ConfigError, load_config, save_config
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.layout import PipelineLayout
 from minimodel.methods import REFERENCE, parse_method
-from minimodel.stages import Stage, StageFailed
+from minimodel.stages import Stage, StageFailed, StageInterrupted, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 
 @dataclass
@@ -230,6 +231,10 @@ def run(cfg: PipelineConfig) -> Path:
             print(f"=== [{i}/{len(stages)}] {stage.name}", flush=True)
             seconds = stage.run(env, root / "logs", find_runs)
             tracker.log_metrics({f"seconds.{stage.name}": seconds}, step=0)
+    except StageInterrupted as e:  # a signal stopped it after checkpointing: not stamped, the next run resumes it
+        tracker.finish("KILLED")
+        print(f"pipeline: {e}", file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except StageFailed as e:
         tracker.finish("FAILED")
         print(f"pipeline: {e}\nFix the cause and run the same command again: finished stages are skipped.",
@@ -252,19 +257,19 @@ def _has_cuda() -> bool:
 
 
 def plan(cfg: PipelineConfig) -> dict:
-    """The stages as JSON for slurm/pipeline.sh: name, argv, the names of the stages it depends on, done."""
+    """The pipeline as batch jobs for slurm/pipeline.sh: {"env": the jobs' environment, "jobs": stages.jobs()},
+    the per-language stages of a method already one job with an array task per language."""
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
                                                        "target_langs": ",".join(cfg.target_langs)})
     stages = build_stages(cfg, tracker.run_id)
     tracker.finish()  # the Slurm jobs log their runs under it
-    return {"env": tracker.child_env(), "stages": [
-        {"name": s.name, "argv": s.command, "after": [a.name for a in s.after], "done": s.done} for s in stages]}
+    return {"env": tracker.child_env(), "jobs": jobs(stages)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/pipeline/tiny.yaml")
-    parser.add_argument("--plan", action="store_true", help="print the stages as JSON and exit")
+    parser.add_argument("--plan", action="store_true", help="print the jobs as JSON and exit")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:

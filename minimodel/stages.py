@@ -1,9 +1,12 @@
-"""Run a pipeline stage as a real process (python / torchrun / deepspeed), skipping it when already done.
+"""What a stage is: its kind (one table: entry point, config, stage function, launcher, Slurm template), the result
+every stage function returns, and one stage of a pipeline run as a real process (python / torchrun / deepspeed),
+skipped when already done.
 
 A stage is done when its output directory holds `.stage.json` with the same input hash: the hash covers the
 command line, the content of every config file it names and the hashes of the stages it depends on. So re-running
 a pipeline skips finished stages whose inputs did not change, and redoes a stage (and everything after it) when a
-config or an upstream result changed.
+config or an upstream result changed. Only a stage that exited 0 (finished) is stamped: one stopped by a signal
+after checkpointing exits 75 and runs again, resuming, the next time.
 """
 from __future__ import annotations
 
@@ -15,25 +18,108 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from minimodel.files import write_text_atomic
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 STAMP = ".stage.json"
 
+# -- the result contract -------------------------------------------------------------------------------------------
+Status = Literal["finished", "interrupted", "failed"]
+# interrupted: stopped by a signal after checkpointing; the same command resumes (Slurm requeues on 75)
+EXIT_CODES: dict[str, int] = {"finished": 0, "interrupted": PREEMPTED_EXIT_CODE, "failed": 1}
 
+
+@dataclass
+class StageResult:
+    status: Status
+    outputs: dict[str, Any] = field(default_factory=dict)  # what the stage made, by name (paths, metrics, ...)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+
+# -- the kinds of stage --------------------------------------------------------------------------------------------
+Launcher = Literal["python", "torchrun", "deepspeed"]
+
+
+@dataclass(frozen=True)
+class StageKind:
+    script: str  # the entry point, relative to the repo root
+    # "module:name" of its config class and of its stage function (config -> StageResult), imported only by the
+    # process that runs the stage (they pull in megatron, DeepSpeed, ...)
+    config: str
+    function: str
+    launcher: Launcher  # what starts its ranks on a node (with one rank, plain python will do locally)
+    slurm: tuple[str, ...]  # the sbatch template and the arguments before the stage's own
+
+
+KINDS: dict[str, StageKind] = {
+    "data": StageKind("pretrain/prepare_data.py", "minimodel.data.prepare:DataConfig",
+                      "minimodel.data.prepare:prepare_data", "python", ("slurm/python.sh", "pretrain/prepare_data.py")),
+    "pretrain": StageKind("pretrain/train.py", "minimodel.training.pretrain:PretrainConfig",
+                          "minimodel.training.pretrain:pretrain", "torchrun", ("slurm/pretrain_minijoint.sh",)),
+    "export": StageKind("pretrain/export.py", "minimodel.models.minijoint.export:ExportConfig",
+                        "minimodel.models.minijoint.export:run", "python", ("slurm/python.sh", "pretrain/export.py")),
+    "minipost": StageKind("pretrain/minipost.py", "minimodel.minipost.train:MiniPostConfig",
+                          "minimodel.minipost.train:run_minipost", "deepspeed", ("slurm/minipost.sh",)),
+    "adapt": StageKind("adapt/train.py", "minimodel.adaptation.train:AdaptConfig",
+                       "minimodel.adaptation.train:run_adaptation", "deepspeed", ("slurm/adapt.sh",)),
+    "plug": StageKind("adapt/plug.py", "minimodel.adaptation.plug:PlugConfig", "minimodel.adaptation.plug:plug",
+                      "python", ("slurm/python.sh", "adapt/plug.py")),
+    "finetune": StageKind("evaluate/finetune.py", "minimodel.evaluation.finetune:FinetuneConfig",
+                          "minimodel.evaluation.finetune:finetune", "deepspeed", ("slurm/evaluate.sh", "finetune")),
+    "zero_shot": StageKind("evaluate/zero_shot.py", "minimodel.evaluation.zero_shot:ZeroShotConfig",
+                           "minimodel.evaluation.zero_shot:zero_shot", "python", ("slurm/evaluate.sh", "zero_shot")),
+    "report": StageKind("evaluate/report.py", "minimodel.evaluation.report:ReportConfig",
+                        "minimodel.evaluation.report:report", "python", ("slurm/evaluate.sh", "report")),
+}
+
+# The launchers of this interpreter's environment (works without an activated venv).
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed") if (Path(sys.executable).parent / "deepspeed").exists() \
+    else "deepspeed"
+
+
+# -- one stage of a pipeline run -----------------------------------------------------------------------------------
 class StageFailed(RuntimeError):
     pass
+
+
+class StageInterrupted(StageFailed):
+    """Stopped by a signal after checkpointing (exit 75): not done, the same command resumes it."""
 
 
 @dataclass
 class Stage:
     name: str
-    argv: list[str]  # the command, e.g. ["torchrun", "--nproc-per-node", "2", "pretrain/train.py", ...]
+    kind: str  # a key of KINDS
+    args: list[str]  # the entry point's arguments (--config FILE key=value ...)
     output_dir: Path
     after: list["Stage"] = field(default_factory=list)
+    nproc: int | None = None  # ranks for the kind's launcher; None: one plain python process
+    # One task of an array job (Slurm): the stages of one `job` share kind, args and dependencies and differ in
+    # their `lang` and its `lang_args` only.
+    job: str | None = None
+    lang: str | None = None
+    lang_args: list[str] = field(default_factory=list)
     run_args: list[str] = field(default_factory=list)  # appended when run, not hashed (e.g. this pipeline's run id)
     run_ids: list[str] = field(default_factory=list)  # the MLflow runs it logged (recorded in the stamp)
     always_run: bool = False  # e.g. the report: it summarises the current pipeline run, so it is never "done"
+
+    @property
+    def argv(self) -> list[str]:
+        """The command, e.g. [python, -m, torch.distributed.run, --nproc-per-node, 2, pretrain/train.py, ...]."""
+        kind = KINDS[self.kind]
+        if self.nproc is None or kind.launcher == "python":
+            launcher = [sys.executable]
+        elif kind.launcher == "torchrun":
+            launcher = [*TORCHRUN, "--nproc-per-node", str(self.nproc)]
+        else:
+            launcher = [DEEPSPEED, "--num_gpus", str(self.nproc)]
+        return [*launcher, kind.script, *self.args, *self.lang_args]
 
     @property
     def command(self) -> list[str]:
@@ -59,7 +145,8 @@ class Stage:
         return not self.always_run and stamp is not None and stamp.get("input_hash") == self.input_hash
 
     def run(self, env: dict[str, str], log_dir: Path, find_runs=None) -> float:
-        """Run the command (output teed to a log file); write the stamp on success. Returns seconds taken.
+        """Run the command (output teed to a log file); write the stamp if it finished (exit 0). Returns seconds
+        taken; raises StageInterrupted on exit 75, StageFailed on any other exit code.
 
         `find_runs(start_time)` -> the ids of the MLflow runs the stage logged, kept in the stamp so that a later
         pipeline run can link to them instead of running the stage again."""
@@ -73,6 +160,9 @@ class Stage:
                 log.write(line)
                 sys.stdout.write(line)
             code = proc.wait()
+        if code == PREEMPTED_EXIT_CODE:
+            raise StageInterrupted(f"stage {self.name} interrupted: run the same command again to resume; "
+                                   f"its log: {log_path}")
         if code != 0:
             raise StageFailed(f"stage {self.name} failed with exit code {code}; its log: {log_path}")
         seconds = time.time() - start
@@ -80,3 +170,26 @@ class Stage:
         write_text_atomic(self.output_dir / STAMP, json.dumps({
             "input_hash": self.input_hash, "seconds": seconds, "argv": self.command, "run_ids": self.run_ids}))
         return seconds
+
+
+def jobs(stages: list[Stage]) -> list[dict]:
+    """The stages as batch jobs, in run order (slurm/pipeline.sh submits them): the stages of one `job` become one
+    job with an array task per language. Each job: name, kind, script, args, slurm (template + leading arguments),
+    array ([{lang, args, done}], empty for a plain job), after (the names of the jobs it needs), done."""
+    grouped: dict[str, dict] = {}
+    job_of: dict[str, str] = {}
+    for stage in stages:
+        name = stage.job or stage.name
+        job_of[stage.name] = name
+        after = list(dict.fromkeys(job_of[a.name] for a in stage.after))
+        kind = KINDS[stage.kind]
+        args = stage.args + stage.run_args + ([] if stage.job else stage.lang_args)
+        job = grouped.setdefault(name, {"name": name, "kind": stage.kind, "script": kind.script, "args": args,
+                                        "slurm": list(kind.slurm), "array": [], "after": after, "done": True})
+        if (job["kind"], job["args"], job["after"]) != (stage.kind, args, after):
+            raise ValueError(f"stage {stage.name} differs from the other tasks of job {name} in more than its "
+                             f"language's arguments")
+        if stage.job:
+            job["array"].append({"lang": stage.lang, "args": stage.lang_args, "done": stage.done})
+        job["done"] = job["done"] and stage.done
+    return list(grouped.values())

@@ -5,12 +5,10 @@ source-language MLM, so the mini-model's output space stays aligned with the sou
 
     python pretrain/minipost.py --config configs/minipost/tiny.yaml [key.sub=value ...]
     deepspeed --num_gpus 8 pretrain/minipost.py --config configs/minipost/xlmr_base.yaml
+
+Rerunning the same command resumes; on SIGTERM / SIGUSR1 it checkpoints and exits with code 75 (requeue).
 """
-from minimodel.cli import run_stage
-from minimodel.minipost.build import MiniPostError
-from minimodel.minipost.train import MiniPostConfig, run_minipost
+from minimodel.cli import main
 
 if __name__ == "__main__":
-    result = run_stage(MiniPostConfig, run_minipost, __doc__, MiniPostError)
-    if result.mini_dir is not None:
-        print(f"mini-model: {result.mini_dir}\nalignment: {result.alignment['end']}")
+    main("minipost", __doc__)

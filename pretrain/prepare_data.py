@@ -2,8 +2,7 @@
 
     python pretrain/prepare_data.py --config configs/data/default.yaml [key.sub=value ...]
 """
-from minimodel.cli import run_stage
-from minimodel.data.prepare import DataConfig, prepare_data
+from minimodel.cli import main
 
 if __name__ == "__main__":
-    run_stage(DataConfig, prepare_data, __doc__)
+    main("data", __doc__)

@@ -5,10 +5,7 @@
 Rerunning the same command resumes from the newest complete checkpoint. On SIGTERM / SIGUSR1 every rank saves a
 checkpoint at the next step boundary and exits with code 75 (PREEMPTED_EXIT_CODE).
 """
-from minimodel.cli import run_stage
-from minimodel.training.preemption import PREEMPTED_EXIT_CODE
-from minimodel.training.pretrain import PretrainConfig, pretrain
+from minimodel.cli import main
 
-if __name__ == "__main__":  # required: dist_checkpointing.save starts a spawn-context process that re-imports this file
-    result = run_stage(PretrainConfig, pretrain, __doc__)
-    raise SystemExit(PREEMPTED_EXIT_CODE if result.preempted else 0)
+if __name__ == "__main__":  # required: dist_checkpointing starts a spawn-context process that re-imports this file
+    main("pretrain", __doc__)

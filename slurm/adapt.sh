@@ -20,7 +20,7 @@ MINIMODEL_HOME=${MINIMODEL_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
 source "$MINIMODEL_HOME/slurm/common.sh"
 
 mm_stage_args configs/adapt/default.yaml "$@"
-if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+if [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [ -z "${MM_TASK_ARGS:-}" ]; then  # pipeline.sh's arrays: mm_launch
   # The language list: $TARGET_LANGS, else target_langs of the config with its overrides applied.
   lang=$("$MINIMODEL_PYTHON" - "$SLURM_ARRAY_TASK_ID" "${MM_ARGS[@]}" <<'PY'
 import os, sys, yaml

@@ -10,6 +10,7 @@
 #   OVERRIDES         extra key.sub=value overrides, space-separated (command-line overrides win)
 #   NPROC_PER_NODE    ranks per node (default: the GPUs Slurm gave the node, else 1)
 #   MASTER_PORT       rendezvous port (default: derived from the job id, so jobs sharing a node do not collide)
+#   MM_TASK_ARGS      set by pipeline.sh for an array job: each task's own arguments (see mm_launch)
 
 mm_log() { echo "[minimodel $(date +%FT%T) job ${SLURM_JOB_ID:-?}] $*"; }
 mm_die() { echo "[minimodel] error: $*" >&2; exit 2; }
@@ -68,7 +69,18 @@ mm_stage_args() {
 # Time limit: `#SBATCH --signal=B:USR1@<s>` signals this shell; the signal is passed on to the step (srun
 # delivers it to every process of the step), the trainers save a checkpoint and exit, and the job requeues
 # itself; the requeued job reruns the same command, which resumes from that checkpoint.
+# An array job submitted by pipeline.sh carries each task's own arguments in MM_TASK_ARGS (shell-quoted, one
+# entry per task, separated by \x1e); task $SLURM_ARRAY_TASK_ID's are appended to the stage's.
 mm_launch() {
+  if [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [ -n "${MM_TASK_ARGS:-}" ]; then
+    local tasks=() task_args=()
+    IFS=$'\x1e' read -r -a tasks <<< "$MM_TASK_ARGS"
+    [ "$SLURM_ARRAY_TASK_ID" -lt "${#tasks[@]}" ] ||
+      mm_die "array task $SLURM_ARRAY_TASK_ID has no arguments: MM_TASK_ARGS holds ${#tasks[@]} tasks"
+    eval "task_args=(${tasks[$SLURM_ARRAY_TASK_ID]})"  # shell-quoted by minimodel.slurm_plan
+    mm_log "array task $SLURM_ARRAY_TASK_ID: ${task_args[*]}"
+    set -- "$@" "${task_args[@]}"
+  fi
   local step=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash "$MINIMODEL_HOME/slurm/on_node.sh" "$@")
   mm_log "launch: ${step[*]@Q}"
   MM_SIGNAL=""

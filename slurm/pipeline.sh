@@ -4,14 +4,15 @@
 # target languages is one job array (a task per language). Run it on the login node, from the repo:
 #   bash slurm/pipeline.sh [configs/pipeline/tiny.yaml [key=value ...]]
 #   PLAN=plan.json bash slurm/pipeline.sh             (a plan written earlier, see below)
-# The plan (which stages, their commands and order) comes from the pipeline module, the same one `make demo` runs
+# The plan (which jobs, their arguments and order) comes from the pipeline module, the same one `make demo` runs
 # locally: `python -m minimodel.pipeline --config CONFIG --plan` prints JSON
 #   {"env": {"MINIMODEL_PARENT_RUN_ID": "..."},
-#    "stages": [{"name": "pretrain", "argv": ["torchrun", ..., "pretrain/train.py", "--config", ...],
-#                "after": ["data"], "done": false}, ...]}
-# Each stage runs the script of its argv with the arguments after it; the launcher part is replaced by the
-# template's (ranks = GPUs Slurm gives). Stages marked done are not resubmitted. Stages that differ only in
-# `target_lang=X` become one array job.
+#    "jobs": [{"name": "adapt-minipost", "kind": "adapt", "script": "adapt/train.py", "args": ["--config", ...],
+#              "slurm": ["slurm/adapt.sh"], "after": ["minipost", "data"], "done": false,
+#              "array": [{"lang": "ny", "args": ["target_lang=ny"], "done": false}, ...]}, ...]}
+# Each job runs its stage with the template in "slurm" (ranks = GPUs Slurm gives); an array job runs a task per
+# language, task i with the arguments of the i-th language appended. Jobs and tasks marked done are not submitted.
+# `python -m minimodel.slurm_plan PLAN` turns the plan into the lines this script reads.
 # Environment: SBATCH_ARGS (extra sbatch options for every job, e.g. "--partition=gpu --account=me"), Slurm's own
 # SBATCH_* variables, and those of slurm/common.sh (MINIMODEL_HOME, MINIMODEL_PYTHON, ...).
 set -euo pipefail
@@ -34,63 +35,18 @@ if [ -z "$plan" ]; then
   PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}" "$MINIMODEL_PYTHON" -m minimodel.pipeline --config "$config" --plan "$@" > "$plan"
 fi
 
-# The plan as lines: "env|NAME=VALUE" for the jobs' environment, then one line per job to submit:
-# "NAME|AFTER(space-separated names)|LANGS(space-separated, for an array)|SCRIPT ARGS (shell-quoted)", with the
-# ASCII unit separator (\x1f) for | (a tab would not keep empty fields apart).
-lines=$("$MINIMODEL_PYTHON" - "$plan" <<'PY'
-import json, shlex, sys
-
-with open(sys.argv[1]) as f:
-    plan = json.load(f)
-for key, value in plan.get("env", {}).items():
-    print(f"env\x1f{key}={value}")
-jobs = {}  # name -> [script+args without target_lang, after, langs]; stages differing by target_lang merge
-alias = {}  # stage name -> job name (array members -> the array)
-for stage in plan["stages"]:
-    argv = stage["argv"]
-    script = next((i for i, a in enumerate(argv) if a.endswith(".py")), None)
-    if script is None:
-        sys.exit(f"pipeline.sh: stage {stage['name']} runs no .py script: {argv}")
-    args = argv[script:]
-    lang = next((a.split("=", 1)[1] for a in args if a.startswith("target_lang=")), None)
-    args = [a for a in args if not a.startswith("target_lang=")]
-    after = [alias.get(a, a) for a in stage.get("after", [])]
-    if stage.get("done"):
-        alias[stage["name"]] = None
-        continue
-    after = [a for a in after if a is not None]
-    match = next((n for n, j in jobs.items() if lang and j[2] and j[0] == args and j[1] == after), None)
-    if match:
-        jobs[match][2].append(lang)
-        alias[stage["name"]] = match
-    else:
-        jobs[stage["name"]] = [args, after, [lang] if lang else []]
-        alias[stage["name"]] = stage["name"]
-for name, (args, after, langs) in jobs.items():
-    print("\x1f".join([name, " ".join(after), " ".join(langs), shlex.join(args)]))
-PY
-)
+lines=$(PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}" "$MINIMODEL_PYTHON" -m minimodel.slurm_plan "$plan")
 
 job_env=()
 declare -A job_id
 read -r -a extra <<< "${SBATCH_ARGS:-}"
-while IFS=$'\x1f' read -r name after langs command; do
+while IFS=$'\x1f' read -r name after langs task_args command; do
+  [ -n "$name" ] || continue  # nothing left to submit
   if [ "$name" = env ]; then
     job_env+=("$after")
     continue
   fi
-  eval "set -- $command"  # the shell-quoted SCRIPT ARGS (shlex.join) back into words
-  script=$1
-  shift
-  case $script in
-    pretrain/train.py) submit=(slurm/pretrain_minijoint.sh "$@") ;;
-    pretrain/minipost.py) submit=(slurm/minipost.sh "$@") ;;
-    adapt/train.py) submit=(slurm/adapt.sh "$@") ;;
-    evaluate/finetune.py) submit=(slurm/evaluate.sh finetune "$@") ;;
-    evaluate/zero_shot.py) submit=(slurm/evaluate.sh zero_shot "$@") ;;
-    evaluate/report.py) submit=(slurm/evaluate.sh report "$@") ;;
-    *) submit=(slurm/python.sh "$script" "$@") ;;
-  esac
+  eval "submit=($command)"  # the shell-quoted template + arguments (shlex.join) back into words
   options=(--parsable --job-name="$name")
   deps=""
   for dep in $after; do deps+=":${job_id[$dep]}"; done
@@ -99,7 +55,7 @@ while IFS=$'\x1f' read -r name after langs command; do
     read -r -a lang_list <<< "$langs"
     options+=(--array="0-$((${#lang_list[@]} - 1))")
   fi
-  id=$(env "${job_env[@]}" TARGET_LANGS="$langs" sbatch "${options[@]}" "${extra[@]}" "${submit[@]}")
+  id=$(env "${job_env[@]}" MM_TASK_ARGS="$task_args" sbatch "${options[@]}" "${extra[@]}" "${submit[@]}")
   job_id[$name]=${id%%;*}
   echo "submitted $name ${job_id[$name]}${deps:+ after$deps}${langs:+ array over: $langs}: ${submit[*]@Q}"
 done <<< "$lines"

@@ -1,5 +1,6 @@
-"""minimodel.cli.run_stage, the shared part of every stage entry point: the user's mistakes end in one line and
-exit code 2, bugs keep their traceback, the stage's result comes back."""
+"""minimodel.cli.run_stage, the shared part of every stage entry point: the stage's status becomes the exit code
+(finished 0, interrupted 75, failed 1) and its outputs are printed; the user's mistakes end in one line and exit
+code 2, bugs keep their traceback. Every entry point is the table's stage run through it."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,10 @@ import pytest
 
 from minimodel.cli import run_stage
 from minimodel.config import ConfigError
+from minimodel.errors import UserError
 from minimodel.manifest import ManifestError
+from minimodel.stages import KINDS, StageResult
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,17 +27,25 @@ class ToyConfig:
     steps: int = 3
 
 
-class ToyStageError(ValueError):
+class ToyStageError(UserError):
     pass
 
 
-def run(monkeypatch, argv: list[str], stage, *errors):
+def run(monkeypatch, argv: list[str], stage):
     monkeypatch.setattr(sys, "argv", ["evaluate/toy.py", *argv])
-    return run_stage(ToyConfig, stage, "toy stage", *errors)
+    return run_stage(ToyConfig, stage, "toy stage")
 
 
-def test_returns_the_stage_result(monkeypatch):
-    assert run(monkeypatch, ["steps=5"], lambda cfg: cfg.steps * 2) == 10
+@pytest.mark.parametrize("status, code", [("finished", 0), ("interrupted", PREEMPTED_EXIT_CODE), ("failed", 1)])
+def test_status_becomes_the_exit_code_and_outputs_are_printed(monkeypatch, capsys, status, code):
+    def stage(cfg):
+        return StageResult(status, {"model": Path(cfg.output_dir) / "model", "metrics": {"acc": cfg.steps / 8}})
+
+    assert run(monkeypatch, ["steps=5", "output_dir=out"], stage) == code
+    captured = capsys.readouterr()
+    assert captured.out == "model: out/model\nmetrics: acc=0.6250\n"
+    if status == "interrupted":
+        assert captured.err == "evaluate/toy: interrupted: run the same command again to resume\n"
 
 
 @pytest.mark.parametrize("error, line", [
@@ -45,18 +57,23 @@ def test_user_errors_end_in_one_line_and_exit_code_2(monkeypatch, capsys, error,
     def stage(cfg):
         raise error
 
-    with pytest.raises(SystemExit) as exit_info:
-        run(monkeypatch, [], stage, ToyStageError)
-    assert exit_info.value.code == 2
+    assert run(monkeypatch, [], stage) == 2
     assert capsys.readouterr().err == line + "\n"
 
 
 def test_bugs_keep_their_traceback(monkeypatch):
     def stage(cfg):
-        raise ToyStageError("not declared by this entry point: a bug")
+        raise ValueError("not a UserError: a bug")
 
-    with pytest.raises(ToyStageError):
+    with pytest.raises(ValueError, match="a bug"):
         run(monkeypatch, [], stage)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_entry_point_is_its_kind_run_through_run_stage(kind):
+    script = REPO / KINDS[kind].script
+    assert f'main("{kind}", __doc__)' in script.read_text()
+    assert len([line for line in script.read_text().split('"""')[-1].splitlines() if line.strip()]) <= 3
 
 
 def test_an_entry_point_reports_a_stage_error_without_traceback(tmp_path):

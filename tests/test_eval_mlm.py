@@ -79,7 +79,7 @@ def _cfg(world, name, **overrides):
 
 @pytest.fixture(scope="module")
 def scored(world):
-    return zero_shot(_cfg(world, "zs_mlm"))
+    return zero_shot(_cfg(world, "zs_mlm")).outputs
 
 
 def test_perfect_embeddings_give_the_source_loss_and_random_ones_no_gain(world, scored):

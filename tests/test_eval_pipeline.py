@@ -94,7 +94,7 @@ def test_zero_shot_with_perfect_target_embeddings_matches_source(world, plugged_
     cfg = _zero_shot_cfg(world, "zs", method="minijoint", source_model_dir=world["task_model"],
                          targets=f"[{{lang: xx, model_dir: {plugged_task_model[0]}, "
                                  f"tokenizer: {root / 'data/xx/tokenizer'}, adapt_step: 7}}]")
-    results = zero_shot(cfg)
+    results = zero_shot(cfg).outputs
     assert results["en"]["accuracy"] > 0.5
     assert 1 / 7 < results["en"]["baseline/majority"] < 0.5  # the majority class's share: the chance level
     assert results["xx"]["accuracy"] == results["en"]["accuracy"]
@@ -122,11 +122,11 @@ def test_zero_shot_retrieval(world):
     cfg = _zero_shot_cfg(world, "zs_retrieval", method="standard", source_model_dir=world["primary"],
                          targets=f"[{{lang: xx, model_dir: {perfect}, tokenizer: {tokenizer}}}]",
                          **{"task.name": "verse_retrieval", "retrieval_layer": 1})
-    results = zero_shot(cfg)
+    results = zero_shot(cfg).outputs
     assert "en" not in results  # retrieving English from English is no reference
     assert results["xx"] == {"top1": 1.0, "top10": 1.0, "n_examples": results["xx"]["n_examples"], "layer": 1.0}
     cfg.targets[0].model_dir = str(untrained)
-    assert zero_shot(cfg)["xx"]["top1"] < 0.5  # random target embeddings: near chance (1/n)
+    assert zero_shot(cfg).outputs["xx"]["top1"] < 0.5  # random target embeddings: near chance (1/n)
 
 
 def test_mismatched_tokenizer_is_refused(world):
@@ -178,7 +178,7 @@ def test_zero_shot_scores_each_snapshot_of_the_adaptation_run(world, adaptation_
     cfg = _zero_shot_cfg(world, "zs_curve", method="minipost", source_model_dir=world["task_model"],
                          targets=f"[{{lang: xx, model_dir: {plugged}, tokenizer: {root / 'data/xx/tokenizer'}, "
                                  f"embeddings: {run}}}]")
-    results = zero_shot(cfg)
+    results = zero_shot(cfg).outputs
     curve = json.loads((root / "zs_curve" / "snapshots.json").read_text())["xx"]
     assert set(curve) == {"10", "20"}  # step 30 is the final artifact, scored through the plugged model
     assert curve["20"]["accuracy"] == results["xx"]["accuracy"] == results["en"]["accuracy"]

@@ -49,7 +49,7 @@ def pipeline(tmp_path_factory):
                     t.log_metrics({"accuracy": acc, "n_examples": 100}, step or 0)
     cfg = load_config(ReportConfig, overrides=[f"output_dir={root / 'report'}", f"parent_run_id={parent.run_id}",
                                                f"tracking.store_dir={root / 'mlflow'}"])
-    return {"paths": report(cfg), "parent": parent.run_id, "uri": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+    return {"paths": report(cfg).outputs, "parent": parent.run_id, "uri": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
             "root": root}
 
 

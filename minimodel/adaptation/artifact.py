@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from minimodel.errors import MissingInputError
 from minimodel.files import write_text_atomic
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
@@ -52,7 +53,7 @@ def read_artifact(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     run_dir = Path(run_dir)
     info = read_info(run_dir)
     if info is None or not (run_dir / EMBEDDINGS_FILE).is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{run_dir} holds no completed adaptation ({EMBEDDINGS_FILE} + {INFO_FILE}): point at "
             f"<adapt output_dir>/<target_lang> of a finished `adapt/train.py` run")
     return load_file(str(run_dir / EMBEDDINGS_FILE)), info

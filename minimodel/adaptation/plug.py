@@ -28,13 +28,15 @@ import torch
 from minimodel.adaptation.artifact import read_artifact, tokenizer_dir as artifact_tokenizer
 from minimodel.adaptation.vocab import install_vocabulary, tokenizer_fingerprint
 from minimodel.config import require, save_config
+from minimodel.errors import UserError
 from minimodel.files import replace_dir
 from minimodel.manifest import ManifestError, check_aligned, model_hash
+from minimodel.stages import StageResult
 
 log = logging.getLogger(__name__)
 
 
-class PlugError(ValueError):
+class PlugError(UserError):
     pass
 
 
@@ -123,7 +125,8 @@ def plug_model(model, embeddings: str | os.PathLike, *, model_dir: str, primary_
     return tokenizer, tokenizer_dir, info
 
 
-def plug(cfg: PlugConfig) -> Path:
+def plug(cfg: PlugConfig) -> StageResult:
+    """Outputs: the plugged model's directory."""
     model = _load_any(cfg.model)
     tokenizer, tokenizer_dir, info = plug_model(model, cfg.embeddings, model_dir=cfg.model,
                                                 primary_dir=cfg.primary_model, tokenizer_dir=cfg.tokenizer)
@@ -141,4 +144,4 @@ def plug(cfg: PlugConfig) -> Path:
         "primary_model": info["primary_model"], "target_lang": info["target_lang"], "method": info["method"],
         "over": info["over"], "adapt_run_id": info.get("adapt_run_id"), "adapt_steps": info.get("steps")}, indent=2))
     save_config(cfg, tmp / "plug_config.yaml")
-    return replace_dir(tmp, output_dir)
+    return StageResult("finished", {"plugged": replace_dir(tmp, output_dir)})

@@ -29,6 +29,7 @@ from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.manifest import check_aligned, model_hash
 from minimodel.methods import parse_method
+from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.deepspeed_loop import (DeepSpeedLoopConfig, gather_full_params, init_distributed,
                                                optimizer_state_numel, resolve_zero_config, train)
@@ -390,9 +391,10 @@ def record_statuses(output_dir: Path, statuses: dict[str, str]) -> Path:
     return path
 
 
-def run_adaptation(cfg: AdaptConfig) -> dict[str, str]:
-    """Adapt to every selected language in turn; one failure does not stop the others. Returns {lang: status},
-    status "done" | "interrupted" | "failed: <error>", also written to <output_dir>/summary.json (rank 0)."""
+def run_adaptation(cfg: AdaptConfig) -> StageResult:
+    """Adapt to every selected language in turn; one failure does not stop the others. Outputs {lang: status},
+    status "done" | "interrupted" | "failed: <error>", also written to <output_dir>/summary.json (rank 0); the
+    stage failed if a language failed, else it is interrupted if a stop signal ended one."""
     import torch.distributed as dist
 
     init_distributed()
@@ -412,4 +414,6 @@ def run_adaptation(cfg: AdaptConfig) -> dict[str, str]:
             break  # a stop signal: checkpointed, leave the remaining languages to the resubmitted job
     if rank == 0:
         record_statuses(Path(cfg.output_dir), statuses)
-    return statuses
+    failed = any(s.startswith("failed") for s in statuses.values())
+    return StageResult("failed" if failed else "interrupted" if "interrupted" in statuses.values() else "finished",
+                       statuses)

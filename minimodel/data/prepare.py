@@ -35,6 +35,7 @@ from minimodel.data.corpora import Document, Source, SourceConfig, split_verse_i
 from minimodel.data.indexed import load_megatron_datasets, write_indexed
 from minimodel.data.tokenizer import SPM_FILE, FastEncoder, load_tokenizer, train_tokenizer
 from minimodel.files import replace_dir, write_text_atomic
+from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -355,8 +356,9 @@ def _report(tracker: Tracker, stats: dict[str, dict], built: list[str], seconds:
     tracker.log_metrics(metrics, step=0)
 
 
-def prepare_data(cfg: DataConfig) -> dict:
-    """Build every configured language under cfg.output_dir (skipping up-to-date ones); returns the manifest."""
+def prepare_data(cfg: DataConfig) -> StageResult:
+    """Build every configured language under cfg.output_dir (skipping up-to-date ones); outputs: the manifest's
+    path."""
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -374,7 +376,7 @@ def prepare_data(cfg: DataConfig) -> dict:
             if not todo and old_manifest.get("input_hash") == input_hash:
                 log.info("%s is up to date (input hash %s): nothing to do", out, input_hash[:12])
                 tracker.set_tags({"up_to_date": True})
-                return old_manifest
+                return StageResult("finished", {"manifest": manifest_path})
             for lang in cfg.languages:
                 log.info("%s: %s", lang, "building" if lang in todo else "up to date, kept")
 
@@ -388,4 +390,4 @@ def prepare_data(cfg: DataConfig) -> dict:
             write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
             _report(tracker, stats, todo, time.perf_counter() - start)
             tracker.log_artifact(manifest_path)
-        return manifest
+        return StageResult("finished", {"manifest": manifest_path})

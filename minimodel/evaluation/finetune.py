@@ -26,6 +26,7 @@ from minimodel.evaluation.models import TASK_FILE, check_tokenizer, freeze_embed
 from minimodel.evaluation.scoring import score
 from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.manifest import model_hash
+from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, gather_full_params, init_distributed, train
 
@@ -101,9 +102,10 @@ def _save_task_model(cfg: FinetuneConfig, model, engine, tokenizer, labels) -> P
     return out
 
 
-def finetune(cfg: FinetuneConfig) -> tuple[Path | None, dict[str, float]]:
-    """Fine-tune, save the task model, score it on the source language. Returns (task model dir, metrics);
-    (None, {}) when a stop signal interrupted training (relaunch with the same output_dir to resume)."""
+def finetune(cfg: FinetuneConfig) -> StageResult:
+    """Fine-tune, save the task model, score it on the source language. Outputs: the task model's directory and
+    (rank 0) its metrics; interrupted when a stop signal ended training (relaunch with the same output_dir to
+    resume)."""
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
@@ -140,7 +142,7 @@ def finetune(cfg: FinetuneConfig) -> tuple[Path | None, dict[str, float]]:
         if result.interrupted:
             tracker.set_tags({"interrupted_at_step": result.step})
             _end_process_group()
-            return None, {}
+            return StageResult("interrupted", {"step": result.step})
         model_dir = _save_task_model(cfg, model, result.engine, tokenizer, spec.labels)
         metrics: dict[str, float] = {}
         if rank == 0:
@@ -151,7 +153,7 @@ def finetune(cfg: FinetuneConfig) -> tuple[Path | None, dict[str, float]]:
             tracker.log_metrics(metrics, step=result.step)
             write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     _end_process_group()
-    return model_dir, metrics
+    return StageResult("finished", {"task_model": model_dir, "metrics": metrics})
 
 
 def _end_process_group() -> None:

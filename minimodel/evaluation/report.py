@@ -31,6 +31,7 @@ from minimodel.evaluation.runs import FLOPS_METRIC, WALL_CLOCK_METRIC, PipelineR
 from minimodel.evaluation.scoring import MAJORITY_METRIC
 from minimodel.evaluation.tasks import TASKS
 from minimodel.methods import REFERENCE, parse_method
+from minimodel.stages import StageResult
 from minimodel.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -294,8 +295,8 @@ def headline_metrics(summary: dict) -> dict[str, float]:
     return out
 
 
-def report(cfg: ReportConfig) -> dict[str, Path]:
-    """Build the report of one pipeline; returns {"json", "markdown", "png"} paths."""
+def report(cfg: ReportConfig) -> StageResult:
+    """Build the report of one pipeline; outputs: the {"json", "markdown", "png"} paths."""
     out = Path(cfg.output_dir)
     save_config(cfg, out / "config.yaml")
     runs = PipelineRuns(cfg.tracking, cfg.parent_run_id)
@@ -308,4 +309,4 @@ def report(cfg: ReportConfig) -> dict[str, Path]:
              "png": plot(summary, out / "compute_vs_quality.png")}
     if cfg.log_to_parent:
         runs.log_to_parent(list(paths.values()), "report", headline_metrics(summary))
-    return paths
+    return StageResult("finished", paths)

@@ -35,6 +35,7 @@ from minimodel.evaluation.models import check_tokenizer, load_task_model, read_t
 from minimodel.evaluation.scoring import score, score_mlm, score_retrieval
 from minimodel.evaluation.tasks import TaskConfig
 from minimodel.methods import parse_method
+from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -215,9 +216,9 @@ def _with_run_id(target: TargetConfig) -> TargetConfig:
     return dataclasses.replace(target, adapt_run_id=json.loads(plug_info.read_text()).get("adapt_run_id"))
 
 
-def zero_shot(cfg: ZeroShotConfig) -> dict[str, dict[str, float]]:
-    """Metrics per language ({lang: {metric: value}}) of the final embeddings, the source language included when
-    evaluate_source."""
+def zero_shot(cfg: ZeroShotConfig) -> StageResult:
+    """Outputs: metrics per language ({lang: {metric: value}}) of the final embeddings, the source language
+    included when evaluate_source."""
     out = Path(cfg.output_dir)
     save_config(cfg, out / "config.yaml")
     source_tokenizer = cfg.source_tokenizer or cfg.source_model_dir
@@ -241,4 +242,4 @@ def zero_shot(cfg: ZeroShotConfig) -> dict[str, dict[str, float]]:
     write_text_atomic(out / "metrics.json", json.dumps(results, indent=2))
     if snapshot_results:
         write_text_atomic(out / "snapshots.json", json.dumps(snapshot_results, indent=2))
-    return results
+    return StageResult("finished", results)

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from minimodel.errors import UserError
 from minimodel.training.hf_mlm import encoder_layers
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ Init = Literal["source", "random"]
 MAX_VOCAB_PADDING = 1024
 
 
-class MiniPostError(ValueError):
+class MiniPostError(UserError):
     """A problem with MiniPost's inputs; the message says what is wrong and how to fix it."""
 
 

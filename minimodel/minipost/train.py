@@ -18,7 +18,6 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,6 +31,7 @@ from minimodel.minipost.alignment import alignment_report, plot_alignment
 from minimodel.minipost.build import (Init, MiniPostError, build_mini_model, changed_frozen_parameters,
                                       check_same_vocabulary, check_tokenizer, count_values, load_source_model,
                                       load_tokenizer, resolve_source, split_parameters)
+from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, gather_full_params, init_distributed, train
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
@@ -84,15 +84,6 @@ class MiniPostConfig:
                 "alignment.batches and alignment.batch_size must be >= 1")
 
 
-@dataclass
-class MiniPostResult:
-    mini_dir: Path | None  # None when interrupted (resume by relaunching) and on ranks other than 0
-    alignment: dict | None  # {"start": report, "end": report} on rank 0
-    step: int
-    interrupted: bool
-    engine: Any  # the DeepSpeed engine (its module holds the trained model)
-
-
 def _max_sequence(config) -> int:
     # RoBERTa-style models (XLM-R) number positions from pad_token_id + 1, so two rows are never used.
     offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta", "xlm-roberta-xl") else 0
@@ -109,7 +100,8 @@ def _write_mini_model(model, tokenizer, out_dir: Path, manifest: dict) -> Path:
     return replace_dir(tmp, out_dir)
 
 
-def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
+def run_minipost(cfg: MiniPostConfig) -> StageResult:
+    """Outputs on rank 0: the mini-model's directory and its alignment with the source at the end."""
     # Inputs first: a bad input fails here, before any run is created or anything written.
     cfg.data.check_files()
     source_dir = resolve_source(cfg.source)
@@ -161,7 +153,7 @@ def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
                        eval_data=valid_data, tracker=tracker, desc="minipost")
         if result.interrupted:
             tracker.set_tags({"interrupted_at_step": result.step})
-            return MiniPostResult(None, None, result.step, True, result.engine)
+            return StageResult("interrupted", {"step": result.step})  # the same command resumes
         # Only the new parameters may have moved: checked on the trained model itself (collective).
         frozen_params, _ = split_parameters(mini, cfg.mini.layers)
         changed = changed_frozen_parameters(mini, source, frozen_params)
@@ -169,7 +161,7 @@ def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
             raise RuntimeError(f"frozen parameters changed during training: {changed[:5]}")
         params = dict(mini.named_parameters())
         trained = gather_full_params(result.engine, {name: params[name] for name in new_params})  # collective
-        mini_dir, alignment = None, None
+        outputs = {}
         if rank0:
             # The saved model = a fresh copy of the source's frozen part (exact fp32 values whatever the training
             # precision) + the trained new parameters.
@@ -182,8 +174,9 @@ def run_minipost(cfg: MiniPostConfig) -> MiniPostResult:
             alignment = {"start": start, "end": report(final), "frozen_parameters_checked": len(frozen_params)}
             log_report(tracker, alignment["end"], step=result.step)
             _write_report(alignment, out, tracker)
+            outputs = {"mini_model": mini_dir, "alignment": alignment["end"]}
         dist.barrier()
-    return MiniPostResult(mini_dir, alignment, result.step, False, result.engine)
+    return StageResult("finished", outputs)
 
 
 def _write_report(alignment: dict, out: Path, tracker: Tracker) -> None:

@@ -14,7 +14,7 @@ throughput/flops_per_s every step; eval/loss, eval/main_loss, eval/secondary_los
 Resume is exact: the sample a rank sees depends only on (seed, step, micro-batch, data-parallel rank), and the
 checkpoint holds model, optimizer, scheduler, step and every RNG state. Checkpoints are atomic
 (minimodel/training/checkpoint.py). SIGTERM / SIGUSR1 (Slurm preemption) make every rank save a checkpoint at the
-next step boundary and stop; `pretrain` then returns `preempted=True` and the entry point exits with
+next step boundary and stop; `pretrain` then returns status "interrupted" and the entry point exits with
 PREEMPTED_EXIT_CODE.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from minimodel.config import ConfigError, require, save_config
 from minimodel.data.mlm_config import MLMDataConfig
 from minimodel.distributed import ParallelConfig
 from minimodel.models.minijoint.config import ModelConfig
+from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig, layout_tags
 from minimodel.training import checkpoint as ckpt
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PreemptionSignal
@@ -182,8 +183,9 @@ class PretrainResult:
     run_id: str | None  # MLflow run (rank 0)
 
 
-def pretrain(cfg: PretrainConfig) -> PretrainResult:
-    """Pretrain MiniJoint as `cfg` says, resuming from the newest checkpoint; collective over all ranks."""
+def pretrain(cfg: PretrainConfig) -> StageResult:
+    """Pretrain MiniJoint as `cfg` says, resuming from the newest checkpoint; collective over all ranks.
+    Interrupted when a stop signal ended it early, after saving its checkpoint."""
     from minimodel import distributed
     from minimodel.data.tokenizer import load_tokenizer
     from minimodel.models.minijoint import parallelize
@@ -197,9 +199,11 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     try:
         trainer = Trainer(cfg, tokenizer)
         trainer.resume()
-        return trainer.train()
+        result = trainer.train()
     finally:
         distributed.destroy()
+    return StageResult("interrupted" if result.preempted else "finished",
+                       {"checkpoint": result.checkpoint, "step": result.step})
 
 
 class Trainer:

@@ -24,10 +24,12 @@ import torch
 from minimodel import distributed
 from minimodel.config import ConfigError, require, save_config
 from minimodel.distributed import ParallelConfig
+from minimodel.errors import MissingInputError
 from minimodel.files import replace_dir
 from minimodel.manifest import write_manifest
 from minimodel.models.minijoint import parallelize
 from minimodel.models.minijoint.config import ModelConfig
+from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 
 PARITY_TOLERANCE = 1e-4
@@ -129,10 +131,10 @@ def export(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, outp
     """
     checkpoint, tokenizer_dir, output_dir = Path(checkpoint), Path(tokenizer_dir), Path(output_dir)
     if not (checkpoint / "metadata.json").is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a megatron dist_checkpointing checkpoint (no metadata.json); "
+        raise MissingInputError(f"{checkpoint} is not a megatron dist_checkpointing checkpoint (no metadata.json); "
                                 f"pass the directory a pretraining run saved, e.g. <run>/checkpoints/iter_0000100")
     if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir} does not exist (pretrain/prepare_data.py "
+        raise MissingInputError(f"tokenizer directory {tokenizer_dir} does not exist (pretrain/prepare_data.py "
                                 f"writes it to <data>/<lang>/tokenizer)")
     single = ParallelConfig(micro_batch_size=1, global_batch_size=1, precision="fp32")
     if not distributed.is_initialized():
@@ -192,8 +194,8 @@ class ExportConfig:
         require(bool(self.tokenizer), "tokenizer", "give the tokenizer directory (tokenizer=<data>/<lang>/tokenizer)")
 
 
-def run(cfg: ExportConfig) -> dict:
-    """The export stage: resolved config saved, one tracked run."""
+def run(cfg: ExportConfig) -> StageResult:
+    """The export stage: resolved config saved, one tracked run; outputs: export()'s paths and logit differences."""
     from minimodel.training.checkpoint import latest_checkpoint
 
     save_config(cfg, Path(cfg.output_dir) / "config.yaml")
@@ -201,10 +203,11 @@ def run(cfg: ExportConfig) -> dict:
     if not (checkpoint / "metadata.json").is_file():  # a checkpoint root: export its newest complete checkpoint
         newest = latest_checkpoint(checkpoint)
         if newest is None:
-            raise FileNotFoundError(f"{checkpoint} holds no complete checkpoint: give a directory written by "
+            raise MissingInputError(f"{checkpoint} holds no complete checkpoint: give a directory written by "
                                     f"pretrain/train.py (e.g. <output_dir>/checkpoints)")
         checkpoint = newest
     with Tracker(cfg.tracking, config=cfg, tags={"stage": "export", "method": "minijoint"}) as tracker:
         result = export(checkpoint, cfg.tokenizer, cfg.output_dir, mini=cfg.mini)
         tracker.log_metrics({f"max_logit_diff_{k}": v for k, v in result["max_logit_diff"].items()}, step=0)
-    return result
+    mini = result["mini"] or "none (the model has no secondary head; build one with pretrain/minipost.py)"
+    return StageResult("finished", {**result, "mini": mini})

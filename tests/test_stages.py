@@ -1,0 +1,171 @@
+"""minimodel/stages.py: the stage contract as the pipeline sees it, and the pipeline's plan as batch jobs.
+
+A stage whose process a signal stopped after checkpointing exits 75: the pipeline reports it as interrupted, does not
+stamp it, and runs it again next time, where it resumes and finishes. The plan of a pipeline with two target
+languages holds one adaptation job per method with a task per language (minimodel/slurm_plan.py writes the lines
+slurm/pipeline.sh submits; tests/test_slurm.py submits them to a real Slurm).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import SMOKE
+
+from minimodel import pipeline, stages
+from minimodel.config import load_config
+from minimodel.pipeline import PipelineConfig, build_stages, plan
+from minimodel.slurm_plan import RECORD, UNIT, lines
+from minimodel.stages import STAMP, KINDS, Stage, StageInterrupted, StageKind, jobs
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A stage as a trainer behaves: SIGTERM (what Slurm sends on preemption) arrives during its first launch, which
+# checkpoints and stops; the next launch resumes from the checkpoint and finishes. Runs through the real entry point
+# wrapper, so the exit code is run_stage's.
+FAKE_STAGE = '''
+import os, signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from minimodel.cli import run_stage
+from minimodel.stages import StageResult
+from minimodel.training.preemption import PreemptionSignal
+
+
+@dataclass
+class FakeConfig:
+    output_dir: str = "out"
+
+
+def fake(cfg):
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint"
+    with PreemptionSignal() as stop:
+        if not checkpoint.exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+        if stop.received:  # the step boundary: save and stop
+            checkpoint.write_text("step 3")
+            return StageResult("interrupted", {"checkpoint": checkpoint})
+    (out / "result").write_text(f"resumed from {checkpoint.read_text()}")
+    return StageResult("finished", {"result": out / "result"})
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(FakeConfig, fake, "a fake trainer"))
+'''
+
+
+@pytest.fixture
+def fake_kind(tmp_path, monkeypatch):
+    script = tmp_path / "fake_stage.py"
+    script.write_text(FAKE_STAGE)
+    monkeypatch.setitem(KINDS, "fake", StageKind(str(script), "", "", "python", ("slurm/python.sh", str(script))))
+    return "fake"
+
+
+def test_interrupted_stage_is_not_stamped_and_reruns_next_time(fake_kind, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    stage = Stage("fake", fake_kind, [f"output_dir={out / 'fake'}"], out / "fake")
+    monkeypatch.setattr(pipeline, "build_stages", lambda cfg, parent_run_id=None: [stage])
+    cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={out}", "tracking.enabled=false", "methods=[standard]"])
+
+    with pytest.raises(SystemExit) as stopped:  # the first run: stopped by the signal, after its checkpoint
+        pipeline.run(cfg)
+    assert stopped.value.code == PREEMPTED_EXIT_CODE
+    assert "stage fake interrupted: run the same command again to resume" in capsys.readouterr().err
+    assert (out / "fake" / "checkpoint").is_file() and not (out / "fake" / STAMP).exists()
+    assert not stage.done
+
+    pipeline.run(cfg)  # the same command again: the stage runs (resumes) instead of being skipped
+    first_rerun = capsys.readouterr().out
+    assert "skipped" not in first_rerun and "=== [1/1] fake\n" in first_rerun
+    assert (out / "fake" / "result").read_text() == "resumed from step 3"
+    assert stage.done and json.loads((out / "fake" / STAMP).read_text())["input_hash"] == stage.input_hash
+
+    pipeline.run(cfg)  # finished now: skipped
+    assert "fake: finished earlier with the same inputs: skipped" in capsys.readouterr().out
+
+
+def test_stage_run_raises_interrupted_on_exit_75(fake_kind, tmp_path):
+    stage = Stage("fake", fake_kind, [f"output_dir={tmp_path / 'fake'}"], tmp_path / "fake")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with pytest.raises(StageInterrupted, match="interrupted: run the same command again to resume"):
+        stage.run(env, tmp_path / "logs")
+    assert stage.stamp() is None
+    assert "fake_stage: interrupted" in (tmp_path / "logs" / "fake.log").read_text()
+    stage.run(env, tmp_path / "logs")
+    assert stage.stamp() is not None and stage.done
+
+
+def two_language_plan(tmp_path) -> dict:
+    cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}",
+                                              "target_langs=[ny, sw]", "tracking.enabled=false"])
+    return plan(cfg)
+
+
+def test_plan_groups_each_methods_adaptation_into_one_array_job(tmp_path):
+    planned = two_language_plan(tmp_path)
+    by_name = {job["name"]: job for job in planned["jobs"]}
+    methods = load_config(PipelineConfig, SMOKE).methods
+    adapt_jobs = [job for job in planned["jobs"] if job["kind"] == "adapt"]
+    assert [job["name"] for job in adapt_jobs] == [f"adapt-{m}" for m in methods]
+    for job in adapt_jobs:
+        assert job["script"] == "adapt/train.py" and job["slurm"] == ["slurm/adapt.sh"]
+        assert [(t["lang"], t["args"]) for t in job["array"]] == [("ny", ["target_lang=ny"]),
+                                                                   ("sw", ["target_lang=sw"])]
+        assert not any(a.startswith("target_lang=") for a in job["args"])
+    # dependencies name jobs: every plug depends on its method's array job, not on a per-language stage
+    for name, job in by_name.items():
+        assert set(job["after"]) <= set(by_name), name
+        if job["kind"] == "plug":
+            assert any(dep.startswith("adapt-") for dep in job["after"]) and "finetune" in job["after"]
+    # one job per stage otherwise, in dependency order
+    stage_count = len(build_stages(load_config(PipelineConfig, SMOKE, ["target_langs=[ny, sw]"])))
+    assert len(planned["jobs"]) == stage_count - len(methods)
+    order = [job["name"] for job in planned["jobs"]]
+    assert all(order.index(dep) < order.index(job["name"]) for job in planned["jobs"] for dep in job["after"])
+
+
+def test_slurm_lines_submit_the_plans_jobs_and_skip_what_is_done(tmp_path):
+    planned = two_language_plan(tmp_path)
+    planned["env"] = {"MINIMODEL_PARENT_RUN_ID": "0123"}
+    planned["jobs"][0]["done"] = True  # data: finished earlier
+    adapt = next(job for job in planned["jobs"] if job["kind"] == "adapt")
+    rows = [line.split(UNIT) for line in lines(planned)]
+    assert rows[0] == ["env", "MINIMODEL_PARENT_RUN_ID=0123"]
+    submitted = {row[0]: row[1:] for row in rows[1:]}
+    assert "data" not in submitted and submitted["pretrain"][0] == ""  # its one dependency is done
+    after, langs, task_args, submit = submitted[adapt["name"]]
+    assert langs == "ny sw" and task_args.split(RECORD) == ["target_lang=ny", "target_lang=sw"]
+    assert shlex.split(submit) == ["slurm/adapt.sh", *adapt["args"]]
+    report = shlex.split(submitted["report"][3])
+    assert report[:3] == ["slurm/evaluate.sh", "report", "--config"]
+
+    adapt["array"][0]["done"] = True  # ny adapted already: only sw's task is submitted
+    row = next(line.split(UNIT) for line in lines(planned) if line.startswith(adapt["name"] + UNIT))
+    assert row[2:4] == ["sw", "target_lang=sw"]
+
+
+def test_slurm_plan_module_reads_a_plan_file(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(two_language_plan(tmp_path)))
+    proc = subprocess.run([sys.executable, "-m", "minimodel.slurm_plan", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    assert proc.stdout.rstrip("\n").split("\n") == lines(json.loads(path.read_text()))  # (\x1e splits lines)
+
+
+def test_grouping_refuses_tasks_that_differ_beyond_their_language(tmp_path):
+    a = Stage("adapt-x-ny", "adapt", ["--config", "a.yaml"], tmp_path, job="adapt-x", lang="ny")
+    b = Stage("adapt-x-sw", "adapt", ["--config", "b.yaml"], tmp_path, job="adapt-x", lang="sw")
+    with pytest.raises(ValueError, match="adapt-x-sw differs from the other tasks of job adapt-x"):
+        jobs([a, b])
+    assert stages.jobs([a])[0]["array"] == [{"lang": "ny", "args": [], "done": False}]
