@@ -171,9 +171,9 @@ def pretrain_and_export(setup: Setup, work: Path, data_dir: Path) -> Path:
         f"model.secondary_head={s.secondary_head}",
         f"model.num_attention_heads={max(1, s.hidden_size // 32)}", f"model.seq_length={s.seq_length}",
         f"parallel.micro_batch_size={s.pretrain_batch}", f"parallel.global_batch_size={s.pretrain_batch}",
-        f"train.steps={s.pretrain_steps}", f"optim.warmup_steps={max(1, s.pretrain_steps // 20)}",
-        f"train.eval_every={max(1, s.pretrain_steps // 4)}", f"train.log_every={max(1, s.pretrain_steps // 10)}",
-        f"checkpoint.save_every={s.pretrain_save_every}", "tracking.enabled=false"])
+        f"train.steps={s.pretrain_steps}", f"train.schedule.warmup_steps={max(1, s.pretrain_steps // 20)}",
+        f"train.eval.every={max(1, s.pretrain_steps // 4)}", f"train.log_every={max(1, s.pretrain_steps // 10)}",
+        f"train.checkpoint.save_every={s.pretrain_save_every}", "tracking.enabled=false"])
     print(f"[{NAME}] step 1: MiniJoint pretraining, {s.num_layers} layers, mini-model {s.mini_layers}", flush=True)
     if pretrain(cfg).status != "finished":
         raise SystemExit(f"[{NAME}] pretraining stopped by a signal after a checkpoint: run the same command again "
@@ -196,8 +196,8 @@ def minipost(setup: Setup, work: Path, data_dir: Path, export_dir: Path) -> Path
         f"mini.new_layers={setup.minipost_new_layers}", f"data.train_prefix={en / 'train'}",
         f"data.valid_prefix={en / 'valid'}", f"data.tokenizer_dir={en / 'tokenizer'}",
         f"data.seq_length={setup.seq_length}", f"train.steps={setup.minipost_steps}",
-        f"train.warmup_steps={max(1, setup.minipost_steps // 10)}", f"train.save_every={setup.minipost_steps}",
-        f"train.eval_every={setup.minipost_steps}", "tracking.enabled=false"])
+        f"train.schedule.warmup_steps={max(1, setup.minipost_steps // 10)}",
+        f"train.checkpoint.save_every={setup.minipost_steps}", f"train.eval.every={setup.minipost_steps}", "tracking.enabled=false"])
     print(f"[{NAME}] step 1b: MiniPost mini-model, {setup.minipost_layers} frozen + {setup.minipost_new_layers} new "
           f"layers", flush=True)
     _ensure_process_group()
@@ -221,9 +221,9 @@ def adapt(setup: Setup, work: Path, data_dir: Path, primary: Path, minis: dict[s
     cfg = load_config(AdaptConfig, REPO / "configs/adapt/default.yaml", [
         *over, f"primary_model={primary}", f"target_langs=[{lang}]", f"data_dir={data_dir}", f"output_dir={out}",
         f"seq_length={setup.seq_length}", f"data_seed={seed}", f"init.seed={seed}", f"train.seed={seed}",
-        f"train.steps={steps}", f"train.micro_batch_size={setup.adapt_batch}", f"train.lr={setup.adapt_lr}",
-        f"train.warmup_steps={max(1, steps // 10)}", f"train.save_every={setup.eval_every}",
-        f"train.keep_checkpoints={steps // setup.eval_every + 2}", "train.eval_every=0", "train.eval_batches=4",
+        f"train.steps={steps}", f"train.micro_batch_size={setup.adapt_batch}", f"train.optim.lr={setup.adapt_lr}",
+        f"train.schedule.warmup_steps={max(1, steps // 10)}", f"train.checkpoint.save_every={setup.eval_every}",
+        f"train.checkpoint.keep_last={steps // setup.eval_every + 2}", "train.eval.every=0", "train.eval.batches=4",
         "train.torch_adam=true", "tracking.enabled=false"])
     _ensure_process_group()
     status = run_adaptation(cfg).outputs[lang]
@@ -355,7 +355,7 @@ def task_model(setup: Setup, work: Path, data_dir: Path, primary: Path) -> Path:
     cfg = load_config(FinetuneConfig, REPO / "configs/evaluate/finetune/verse_class_tiny.yaml", [
         f"model_dir={primary}", f"task.data_dir={data_dir}", f"output_dir={out}", "source_lang=en",
         f"task.max_length={setup.seq_length}", f"train.steps={setup.finetune_steps}",
-        f"train.warmup_steps={max(1, setup.finetune_steps // 10)}", f"train.eval_every={setup.finetune_steps}",
+        f"train.schedule.warmup_steps={max(1, setup.finetune_steps // 10)}", f"train.eval.every={setup.finetune_steps}",
         "eval_splits=[test]", "tracking.enabled=false"])
     print(f"[{NAME}] step 3: fine-tuning the primary on English verse classification", flush=True)
     _ensure_process_group()

@@ -20,8 +20,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from minimodel import distributed
+from minimodel.distributed import ParallelConfig
 from minimodel.files import write_text_atomic
+from minimodel.models.minijoint import parallelize
+from minimodel.models.minijoint.config import ModelConfig
+from minimodel.models.minijoint.model import flops_per_token
+from minimodel.training.config import OptimizerConfig, PretrainLoopConfig
+from minimodel.training.pretrain import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -73,8 +81,6 @@ def matmul_flops_per_s(size: int, dtype: torch.dtype = torch.float32, calls: int
 
 def count_flops(fn: Callable[[], Any]) -> float:
     """FLOPs torch's FlopCounterMode counts for `fn()` (matmuls, attention, convolutions; forward and backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
@@ -224,8 +230,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 def minijoint_config(args: argparse.Namespace, vocab_size: int, **fields):
     """The MiniJoint ModelConfig of the shape flags (one attention head per 64 hidden units)."""
-    from minimodel.models.minijoint.config import ModelConfig
-
     return ModelConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_layers=args.layers,
                        num_attention_heads=max(1, args.hidden // 64), seq_length=args.seq,
                        mini_layers=args.mini_layers, **fields)
@@ -233,10 +237,11 @@ def minijoint_config(args: argparse.Namespace, vocab_size: int, **fields):
 
 def single_process_env() -> None:
     """minimodel.training.deepspeed_loop.single_process_env, plus DeepSpeed's accelerator chosen for this machine."""
+    # deepspeed picks its accelerator when first imported: only after DS_ACCELERATOR is set
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from minimodel.training.deepspeed_loop import single_process_env as one_process_world
 
     one_process_world()
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 
 # -- MiniJoint pretraining steps in this process (megatron-core, one rank, TP=1/PP=1) -------------------------------
@@ -253,25 +258,16 @@ def synthetic_mlm_batch(vocab_size: int, batch: int, seq: int, mask_fraction: fl
 
 
 class MiniJointSteps:
-    """A MiniJoint model + megatron optimizer on one rank, and its training step (pretrain.Trainer.train_step
-    without the logging): zero the grad buffers, megatron's forward/backward schedule, the optimizer step.
+    """A MiniJoint model on one rank with the pretraining loop's engine (minimodel.training.pretrain.Engine: the
+    megatron optimizer and schedule) and one fixed synthetic micro-batch; `step()` is the loop's own update.
 
     Build it inside `with MiniJointSteps.world(model_cfg, micro_batch):`; every model there shares its layout."""
 
     def __init__(self, model_cfg, micro_batch: int, seed: int = 0):
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-        from minimodel.distributed import ParallelConfig
-        from minimodel.models.minijoint import parallelize
-
         self.cfg = model_cfg
         self.parallel = ParallelConfig(micro_batch_size=micro_batch, global_batch_size=micro_batch)
-        self.model = parallelize.build_model(model_cfg, self.parallel)
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.01, clip_grad=1.0,
-                            bf16=self.parallel.bf16(),
-                            params_dtype=torch.bfloat16 if self.parallel.bf16() else torch.float32), self.model)
-        parallelize.model_config(self.model).grad_scale_func = self.optimizer.scale_loss
+        self.engine = Engine(model_cfg, self.parallel, PretrainLoopConfig(optim=OptimizerConfig(lr=1e-4,
+                                                                                                weight_decay=0.01)))
         self.batch = synthetic_mlm_batch(model_cfg.vocab_size, micro_batch, model_cfg.seq_length, seed=seed)
         self.tokens = micro_batch * model_cfg.seq_length
         self.mask_fraction = float((self.batch["labels"] != -100).float().mean())
@@ -280,10 +276,6 @@ class MiniJointSteps:
     @contextlib.contextmanager
     def world(model_cfg, micro_batch: int, seed: int = 0):
         """The one-rank megatron world (TP=1/PP=1) the MiniJointSteps of the block live in; destroyed after it."""
-        from minimodel import distributed
-        from minimodel.distributed import ParallelConfig
-        from minimodel.models.minijoint import parallelize
-
         single_process_env()
         parallelize.setup(model_cfg, ParallelConfig(micro_batch_size=micro_batch, global_batch_size=micro_batch),
                           seed)
@@ -292,22 +284,12 @@ class MiniJointSteps:
         finally:
             distributed.destroy()
 
-    def step(self) -> dict:
-        from minimodel.models.minijoint import parallelize
-
-        parallelize.zero_grad_buffers(self.model)
-        self.optimizer.zero_grad()
-        out = parallelize.forward_backward(self.model, iter([self.batch]), 1)
-        self.optimizer.step()
-        return out
+    def step(self) -> None:
+        self.engine.update(iter([self.batch]), 1)
 
     def model_flops_per_step(self) -> float:
         """Model FLOPs of one step from the model's shapes (minimodel.models.minijoint.model.flops_per_token)."""
-        from minimodel.models.minijoint.model import flops_per_token
-
         return flops_per_token(self.cfg, self.mask_fraction) * self.tokens
 
     def chunk(self):
-        from minimodel.models.minijoint import parallelize
-
-        return parallelize.unwrap(self.model[0])
+        return parallelize.unwrap(self.engine.model[0])

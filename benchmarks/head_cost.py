@@ -139,7 +139,7 @@ def lm_head_cost(steps: MiniJointSteps, repeats: int) -> dict:
         m, f = summary(times["masked"]), summary(times["full_sequence"])
         result[key] = {"masked_s": m, "full_sequence_s": f, "speedup": f["median"] / m["median"],
                        "masked_flops": count_flops(masked), "full_sequence_flops": count_flops(full)}
-    steps.optimizer.zero_grad()
+    steps.engine.optimizer.zero_grad()
     return result
 
 

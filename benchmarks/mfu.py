@@ -76,7 +76,7 @@ class Adaptation:
 
     def __init__(self, model_cfg, layers: int, micro_batch: int):
         from minimodel.adaptation.train import AdaptConfig
-        from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig
+        from minimodel.training.config import CheckpointConfig, DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
         from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
 
         self.model = adaptation_model(model_cfg, layers)  # pristine: every run trains a fresh copy
@@ -87,8 +87,10 @@ class Adaptation:
         self.model_flops_per_step = self.flops_fn(batch)
         self.counted_flops_per_step = count_flops(lambda: masked_lm_loss(self.model, batch).backward())
         self.model.zero_grad(set_to_none=True)
-        self.loop = DeepSpeedLoopConfig(micro_batch_size=micro_batch, lr=1e-4, warmup_steps=1, save_every=0,
-                                        torch_adam=True, zero_config=AdaptConfig().train.zero_config)
+        self.loop = DeepSpeedLoopConfig(micro_batch_size=micro_batch, optim=OptimizerConfig(lr=1e-4),
+                                        schedule=ScheduleConfig(warmup_steps=1),
+                                        checkpoint=CheckpointConfig(save_every=0), torch_adam=True,
+                                        zero_config=AdaptConfig().train.zero_config)
         self.loss_fn = masked_lm_loss
 
     def run(self, steps: int) -> list[float]:

@@ -37,8 +37,9 @@ class _CommandLineScalar:
     value: Any
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (converting where lossless, e.g. int -> float)."""
+def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
+    """Check `value` against the annotation `tp` (converting where lossless, e.g. int -> float). A mapping for a
+    dataclass field updates the field's `default` (a section given in part keeps the stage's other defaults)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if isinstance(value, _CommandLineScalar):
@@ -77,7 +78,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
+        return _build(tp, value, key, default if isinstance(default, tp) else None)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -102,9 +103,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
 
 
-def _build(cls: type[T], data: dict, prefix: str = "") -> T:
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def _build(cls: type[T], data: dict, prefix: str = "", base: T | None = None) -> T:
+    """`cls` from `data`; keys absent from `data` take their values from `base`, else the field defaults."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = set(fields)
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
@@ -113,9 +122,14 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         )
     kwargs = {}
     for name in names:
+        default = getattr(base, name) if base is not None else None
         if name in data:
             key = f"{prefix}.{name}" if prefix else name
-            kwargs[name] = _coerce(data[name], hints[name], key)
+            if default is None and dataclasses.is_dataclass(hints[name]):
+                default = _field_default(fields[name])
+            kwargs[name] = _coerce(data[name], hints[name], key, default)
+        elif base is not None:
+            kwargs[name] = default
     return cls(**kwargs)
 
 

@@ -27,16 +27,16 @@ from adapt_helpers import (FFN, HIDDEN, MINI_LAYERS, PRIMARY_LAYERS, PYTHON, REP
 pytestmark = pytest.mark.slow
 
 STEPS, MICRO, WORLD = 60, 8, 2
-SNAPSHOT_EVERY = 30  # = train.eval_every: snapshot_every unset follows it
+SNAPSHOT_EVERY = 30  # = train.eval.every: snapshot_every unset follows it
 
 
 def _overrides(world, out, zero, over, langs, tracking=False, micro=MICRO, accumulation=1):
     return [f"output_dir={out}", f"over={over}", f"primary_model={world.primary}", f"mini_model={world.mini}",
             f"data_dir={world.data_dir}", f"target_langs=[{','.join(langs)}]", "source_lang=en",
             f"seq_length={SEQ}", f"train.steps={STEPS}", f"train.micro_batch_size={micro}",
-            f"train.grad_accumulation={accumulation}", "train.lr=0.01",
-            "train.warmup_steps=4", "train.torch_adam=true", "train.save_every=10", f"train.eval_every={SNAPSHOT_EVERY}",
-            "train.eval_batches=2", f"train.zero_config=configs/deepspeed/zero{zero}.json",
+            f"train.grad_accumulation={accumulation}", "train.optim.lr=0.01", "train.schedule.warmup_steps=4",
+            "train.torch_adam=true", "train.checkpoint.save_every=10", f"train.eval.every={SNAPSHOT_EVERY}",
+            "train.eval.batches=2", f"train.zero_config=configs/deepspeed/zero{zero}.json",
             f"tracking.enabled={str(tracking).lower()}", f"tracking.store_dir={world.root / 'mlflow'}"]
 
 

@@ -11,7 +11,8 @@ from transformers import BertConfig, BertForMaskedLM, MegatronBertConfig, Megatr
 from minimodel.adaptation.train import AdaptConfig, TrainableConfig, select_trainable
 from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, remap_rows, token_map
 from minimodel.config import ConfigError, load_config
-from minimodel.training.deepspeed_loop import REPO_ROOT, DeepSpeedLoopConfig, build_deepspeed_config
+from minimodel.training.config import REPO_ROOT, DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
+from minimodel.training.deepspeed_loop import build_deepspeed_config
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
 
 H, F, V = 32, 64, 50
@@ -110,8 +111,9 @@ def test_masked_lm_loss_equals_the_models_own_loss():
 
 def test_deepspeed_config_is_assembled_at_runtime_and_refuses_clashes(tmp_path):
     for stage in (0, 1, 2, 3):
-        cfg = DeepSpeedLoopConfig(zero_config=f"configs/deepspeed/zero{stage}.json", steps=10, warmup_steps=2,
-                                  micro_batch_size=4, grad_accumulation=3, grad_clip=0.5)
+        cfg = DeepSpeedLoopConfig(zero_config=f"configs/deepspeed/zero{stage}.json", steps=10,
+                                  schedule=ScheduleConfig(warmup_steps=2), micro_batch_size=4, grad_accumulation=3,
+                                  optim=OptimizerConfig(grad_clip=0.5))
         ds = build_deepspeed_config(cfg, "fp32")
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
@@ -139,7 +141,7 @@ def test_adapt_config_names_the_problem():
     assert cfg.languages() == ["ny"] and cfg.train.precision == "auto"
     assert cfg.snapshot_interval == 5000
     tiny = load_config(AdaptConfig, REPO_ROOT / "configs/adapt/tiny.yaml", ["primary_model=p", "over=full"])
-    assert tiny.snapshot_every is None and tiny.snapshot_interval == tiny.train.eval_every  # unset: at every eval
+    assert tiny.snapshot_every is None and tiny.snapshot_interval == tiny.train.eval.every  # unset: at every eval
     with pytest.raises(ConfigError, match="snapshot_every"):
         load_config(AdaptConfig, overrides=["primary_model=p", "over=full", "snapshot_every=-1"])
 

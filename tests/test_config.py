@@ -5,7 +5,9 @@ from typing import Literal
 
 import pytest
 
+from minimodel.adaptation.train import AdaptConfig
 from minimodel.config import ConfigError, load_config, parse_cli, require, save_config
+from minimodel.training.pretrain import PretrainConfig
 
 
 @dataclass
@@ -97,3 +99,41 @@ def test_saved_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(Root, path) == cfg
     assert not list(path.parent.glob("*.tmp"))
+
+
+@dataclass
+class Stage:
+    optim: Optim = field(default_factory=lambda: Optim(lr=0.5, warmup_steps=3))  # the stage's own defaults
+
+
+def test_a_section_given_in_part_keeps_the_stage_defaults(tmp_path):
+    assert load_config(Stage, None, ["optim.lr=0.1"]).optim == Optim(lr=0.1, warmup_steps=3)
+    assert load_config(Stage, write(tmp_path, "optim:\n  warmup_steps: 7\n")).optim == Optim(lr=0.5, warmup_steps=7)
+
+
+# The training settings' names before both loops shared them (minimodel/training/config.py): refused by name.
+@pytest.mark.parametrize("stage, override, message", [
+    ("adapt", "train.grad_clip=0.5", r"unknown key train\.grad_clip \(valid keys of train: checkpoint, eval, "),
+    ("adapt", "train.keep_checkpoints=3", r"unknown key train\.keep_checkpoints \(valid keys of train: "),
+    ("adapt", "train.eval_batches=2", r"unknown key train\.eval_batches \(valid keys of train: "),
+    ("adapt", "train.lr=0.1", r"unknown key train\.lr \(valid keys of train: .*optim"),
+    ("pretrain", "optim.clip_grad=1.0", r"unknown key optim \(valid keys: .*train"),
+    ("pretrain", "checkpoint.keep_last=2", r"unknown key checkpoint \(valid keys: "),
+    ("pretrain", "train.eval_steps=2", r"unknown key train\.eval_steps \(valid keys of train: "),
+])
+def test_old_training_names_are_refused_by_name(stage, override, message):
+    cls, required = {"adapt": (AdaptConfig, ["primary_model=p", "over=full"]), "pretrain": (PretrainConfig, [])}[stage]
+    with pytest.raises(ConfigError, match=message):
+        load_config(cls, None, [*required, override])
+
+
+def test_both_loops_share_the_training_names():
+    overrides = ["train.optim.lr=0.002", "train.optim.grad_clip=0.5", "train.schedule.warmup_steps=5",
+                 "train.eval.every=10", "train.eval.batches=3", "train.checkpoint.save_every=20",
+                 "train.checkpoint.keep_last=4"]
+    loops = [load_config(PretrainConfig, None, overrides).train,
+             load_config(AdaptConfig, None, ["primary_model=p", "over=full", *overrides]).train]
+    for loop in loops:
+        assert (loop.optim.lr, loop.optim.grad_clip, loop.schedule.warmup_steps, loop.eval.every, loop.eval.batches,
+                loop.checkpoint.save_every, loop.checkpoint.keep_last) == (0.002, 0.5, 5, 10, 3, 20, 4)
+    assert loops[0].optim.weight_decay == 0.01 and loops[1].optim.weight_decay == 0.0  # each loop's own default

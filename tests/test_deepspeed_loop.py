@@ -13,7 +13,8 @@ TOY_RUN = textwrap.dedent("""
     import numpy as np
     import torch
     from torch import nn
-    from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, train
+    from minimodel.training.config import CheckpointConfig, DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
+    from minimodel.training.deepspeed_loop import train
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
@@ -23,8 +24,9 @@ TOY_RUN = textwrap.dedent("""
         ids = batch["input_ids"]
         return nn.functional.cross_entropy(model(ids[:, 0]), ids[:, 1])
 
-    cfg = DeepSpeedLoopConfig(steps=8, warmup_steps=4, lr=0.04, micro_batch_size=4, torch_adam=True,
-                              zero_config="configs/deepspeed/zero1.json", save_every=0, precision="fp32")
+    cfg = DeepSpeedLoopConfig(steps=8, schedule=ScheduleConfig(warmup_steps=4), optim=OptimizerConfig(lr=0.04),
+                              micro_batch_size=4, torch_adam=True, zero_config="configs/deepspeed/zero1.json",
+                              checkpoint=CheckpointConfig(save_every=0), precision="fp32")
     train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=sys.argv[1])
 """)
 

@@ -31,7 +31,7 @@ def world(tmp_path_factory):
     cmd = [sys.executable, str(REPO / "evaluate" / "finetune.py"), "--config",
            str(REPO / "configs" / "evaluate" / "finetune" / "verse_class_tiny.yaml"), f"model_dir={primary}",
            f"task.data_dir={root / 'data'}", f"output_dir={root / 'finetune'}", f"tracking.store_dir={store}",
-           "train.steps=200", "train.lr=3e-3", "train.warmup_steps=20", "train.eval_every=100"]
+           "train.steps=200", "train.optim.lr=3e-3", "train.schedule.warmup_steps=20", "train.eval.every=100"]
     proc = subprocess.run(cmd, cwd=root, env=stage_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"root": root, "primary": primary, "task_model": root / "finetune" / "model", "store": store,

@@ -66,7 +66,8 @@ def _overrides(source: Path, data_dir: Path, out: Path, *extra: str) -> list[str
     return [f"source={source}", f"output_dir={out}", f"data.train_prefix={data_dir / 'train'}",
             f"data.valid_prefix={data_dir / 'valid'}", f"data.tokenizer_dir={data_dir / 'tokenizer'}",
             f"tracking.uri=sqlite:///{out.parent / 'mlflow.db'}", f"tracking.store_dir={out.parent}",
-            f"train.steps={STEPS}", "train.warmup_steps=3", "train.lr=0.03", "train.save_every=10", *extra]
+            f"train.steps={STEPS}", "train.schedule.warmup_steps=3", "train.optim.lr=0.03",
+            "train.checkpoint.save_every=10", *extra]
 
 
 def _env() -> dict:

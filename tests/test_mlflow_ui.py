@@ -89,7 +89,7 @@ def test_run_pages_show_params_and_tags(page, smoke_pipeline, pipeline):
     from playwright.sync_api import expect
 
     # The adaptation run: its flattened config as params, the method's tags; the pretraining run: its layout.
-    checks = [(pipeline["adapt"], "train.lr", ("stage", "method", "over", "source_lang", "target_lang")),
+    checks = [(pipeline["adapt"], "train.optim.lr", ("stage", "method", "over", "source_lang", "target_lang")),
               (pipeline["pretrain"], "model.hidden_size", ("stage", "method", "tp", "pp", "dp", "layout"))]
     for run, param, tags in checks:
         page.goto(smoke_pipeline.server.run_page(pipeline["experiment_id"], run.info.run_id))

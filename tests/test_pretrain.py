@@ -14,8 +14,9 @@ import pytest
 from minimodel.config import ConfigError, load_config
 from minimodel.data.mlm_config import MLMDataConfig
 from minimodel.training import checkpoint as ckpt
-from minimodel.training.pretrain import (PREEMPTED_EXIT_CODE, MicroBatches, PretrainConfig, plot_losses,
-                                         read_metrics)
+from minimodel.training.metrics import plot_losses, read_metrics
+from minimodel.training.pretrain import LOSS_CURVES, PREEMPTED_EXIT_CODE, PretrainConfig
+from minimodel.training.sampler import MicroBatches
 from pretrain_helpers import (PYTHON, ROOT, TINY_CONFIG, TRAIN_SCRIPT, build_tiny_corpus, corpus_overrides, launch,
                               run, tail, train_losses, wait_for_step)
 
@@ -73,14 +74,14 @@ def test_shipped_configs_load(name):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.min_lr=0.1", r"^optim\.min_lr: 0\.1 must be in \[0, optim\.lr="),
-    ("optim.warmup_steps=100000", r"^optim\.warmup_steps: 100000 must be < train\.steps="),
-    ("optim.adam_beta2=1.0", r"^optim\.adam_beta2:"),
-    ("optim.clip_grad=-1", r"^optim\.clip_grad:"),
-    ("optim.decay_style=exponential", r"^optim\.decay_style: 'exponential' is not one of"),
+    ("train.schedule.min_lr=0.1", r"^train\.schedule\.min_lr: 0\.1 must be in \[0, train\.optim\.lr="),
+    ("train.schedule.warmup_steps=100000", r"^train\.schedule\.warmup_steps: 100000 must be < train\.steps="),
+    ("train.optim.betas=[0.9, 1.0]", r"^train\.optim\.betas:"),
+    ("train.optim.grad_clip=-1", r"^train\.optim\.grad_clip:"),
+    ("train.schedule.decay_style=exponential", r"^train\.schedule\.decay_style: 'exponential' is not one of"),
     ("data.mask_prob=1.5", r"^data\.mask_prob: 1\.5 must be in \(0, 1\)"),
     ("train.steps=0", r"^train\.steps: 0 must be >= 1"),
-    ("checkpoint.keep_last=0", r"^checkpoint\.keep_last:"),
+    ("train.checkpoint.keep_last=0", r"^train\.checkpoint\.keep_last:"),
     ("parallel.global_batch_size=10", r"global_batch_size: 10 is not a multiple of micro_batch_size"),
     ("train.step=5", r"unknown key train\.step\b"),
 ])
@@ -127,7 +128,7 @@ def test_loss_curve_plot(tmp_path):
     metrics = read_metrics(path)
     assert metrics[5]["train/main_loss"] == 4.5 and metrics[10]["eval/main_loss"] == 4.2
     assert metrics[10]["train/main_loss"] == 4.0
-    out = plot_losses(path, tmp_path / "curve.png")
+    out = plot_losses(path, tmp_path / "curve.png", LOSS_CURVES, title="MiniJoint pretraining")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
@@ -165,9 +166,10 @@ def _check_mlflow_run(store: Path, expected: dict[int, tuple[float, float]]) -> 
 
 
 def _overrides(corpus: Path, out: Path, layout: list[str], *extra: str) -> list[str]:
-    return [*corpus_overrides(corpus), f"output_dir={out}", f"train.steps={STEPS}", "train.eval_every=15",
-            "train.eval_steps=2", "train.log_every=10", "optim.warmup_steps=5", "checkpoint.save_every=10",
-            "checkpoint.keep_last=2", "tracking.enabled=false", f"model.vocab_size={VOCAB}", *layout, *extra]
+    return [*corpus_overrides(corpus), f"output_dir={out}", f"train.steps={STEPS}", "train.eval.every=15",
+            "train.eval.batches=2", "train.log_every=10", "train.schedule.warmup_steps=5",
+            "train.checkpoint.save_every=10", "train.checkpoint.keep_last=2", "tracking.enabled=false",
+            f"model.vocab_size={VOCAB}", *layout, *extra]
 
 
 @pytest.mark.slow

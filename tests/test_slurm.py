@@ -157,8 +157,9 @@ def pretrain_args(corpus: Path, out: Path) -> list[str]:
     # the config as a bare file name, the way README.md shows it; overrides as key=value
     return ["configs/pretrain/minijoint_tiny.yaml", f"data.train_prefix={corpus / 'train'}",
             f"data.valid_prefix={corpus / 'valid'}", f"data.tokenizer_dir={corpus / 'tokenizer'}",
-            "model.vocab_size=50", f"output_dir={out / 'run'}", f"train.steps={PRETRAIN_STEPS}", "train.eval_every=15",
-            "train.eval_steps=1", "train.log_every=10", "optim.warmup_steps=5", "checkpoint.save_every=10",
+            "model.vocab_size=50", f"output_dir={out / 'run'}", f"train.steps={PRETRAIN_STEPS}", "train.eval.every=15",
+            "train.eval.batches=1", "train.log_every=10", "train.schedule.warmup_steps=5",
+            "train.checkpoint.save_every=10",
             f"tracking.store_dir={out / 'mlflow'}"]
 
 

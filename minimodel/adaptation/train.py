@@ -31,9 +31,10 @@ from minimodel.manifest import check_aligned, model_hash
 from minimodel.methods import parse_method
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
-from minimodel.training.deepspeed_loop import (DeepSpeedLoopConfig, gather_full_params, init_distributed,
-                                               optimizer_state_numel, resolve_zero_config, train)
+from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig, resolve_zero_config
+from minimodel.training.deepspeed_loop import gather_full_params, init_distributed, optimizer_state_numel, train
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, mlm_head
+from minimodel.training.metrics import plot_losses
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,11 @@ class AdaptConfig:
     tokenizer: TargetTokenizerConfig = field(default_factory=TargetTokenizerConfig)
     init: EmbeddingInitConfig = field(default_factory=EmbeddingInitConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
-    train: DeepSpeedLoopConfig = field(default_factory=lambda: DeepSpeedLoopConfig(lr=5e-4, warmup_steps=1000,
-                                                                                    steps=25000))
+    train: DeepSpeedLoopConfig = field(default_factory=lambda: DeepSpeedLoopConfig(
+        steps=25000, optim=OptimizerConfig(lr=5e-4), schedule=ScheduleConfig(warmup_steps=1000)))
     # Steps between embedding snapshots <output_dir>/<lang>/snapshots/step_<N>/: the points of the report's
     # quality-vs-compute curve, each one vocabulary x hidden matrix on disk. None: at every evaluation
-    # (train.eval_every); 0: none but step 0 (the initial embeddings, always kept) and the final embeddings.
+    # (train.eval.every); 0: none but step 0 (the initial embeddings, always kept) and the final embeddings.
     snapshot_every: int | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -112,11 +113,11 @@ class AdaptConfig:
         require(self.seq_length >= 8, "seq_length", "must be >= 8")
         require(0 < self.mask_prob < 1, "mask_prob", "must be in (0, 1)")
         require(self.snapshot_every is None or self.snapshot_every >= 0, "snapshot_every",
-                "must be >= 0 (0: no snapshots; unset: at every train.eval_every)")
+                "must be >= 0 (0: no snapshots; unset: at every train.eval.every)")
 
     @property
     def snapshot_interval(self) -> int:
-        return self.train.eval_every if self.snapshot_every is None else self.snapshot_every
+        return self.train.eval.every if self.snapshot_every is None else self.snapshot_every
 
     def languages(self) -> list[str]:
         return [self.target_lang] if self.target_lang else list(self.target_langs)
@@ -264,28 +265,6 @@ def _rank0_then_everywhere(fn):
     return box[0]
 
 
-def _plot_loss_vs_flops(metrics_path: Path, out: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["compute/flops"] for r in rows], [r["train/loss"] for r in rows], label="train")
-    evals = [r for r in rows if "eval/loss" in r]
-    if evals:
-        ax.plot([r["compute/flops"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="valid")
-    ax.set_xlabel("cumulative FLOPs")
-    ax.set_ylabel("MLM loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
 def adapt_language(cfg: AdaptConfig, lang: str) -> str:
     """Learn `lang` embeddings; returns "done" or "interrupted" (resume by running the same command again)."""
     import torch.distributed as dist
@@ -371,8 +350,9 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
                     "final_train_loss": last["train/loss"], "final_eval_loss": last.get("eval/loss")}
             write_artifact(run_dir, {**tensors, "token_map": used_map}, info)
             tracker.log_artifact(run_dir / "adapt.json")
-            tracker.log_artifact(_plot_loss_vs_flops(run_dir / "metrics.jsonl", run_dir / "loss_vs_flops.png",
-                                                     f"{method} adaptation to {lang}"))
+            tracker.log_artifact(plot_losses(run_dir / "metrics.jsonl", run_dir / "loss_vs_flops.png",
+                                             {"train/loss": "train", "eval/loss": "valid"}, x="compute/flops",
+                                             x_label="cumulative FLOPs", title=f"{method} adaptation to {lang}"))
         dist.barrier()
     return "done"
 

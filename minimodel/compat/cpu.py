@@ -1,8 +1,13 @@
-"""Run stock megatron-core on a machine without CUDA (gloo, fp32): everything CPU-specific lives here.
+"""Run stock megatron-core and DeepSpeed on a machine without CUDA (gloo, fp32): everything CPU-specific lives here.
+Both functions do nothing when CUDA is available, so GPU runs use the unmodified libraries and see all their warnings.
 
-`apply()` is called by minimodel.distributed before megatron builds anything, and does nothing when CUDA is
-available, so GPU runs use unmodified megatron-core. What it changes, and why (measured facts in
-/work/shared/notes/megatron-core-on-cpu.md):
+`quiet()` runs when minimodel is imported, before any stage imports megatron-core or DeepSpeed: it silences the
+warnings that only say this machine has no GPU software (_CPU_NOISE: each message, category and emitting module
+seen on the demo's terminal; every other warning still shows) and names DeepSpeed's CPU accelerator (DS_ACCELERATOR,
+inherited by every launcher this process starts) instead of letting DeepSpeed guess it and warn.
+
+`apply()` is called by minimodel.distributed before megatron builds anything. What it changes, and why (each found
+running megatron-core on a CPU-only machine with torch's CPU wheel):
 - the tensor-parallel RNG tracker keeps CUDA generator states: a subclass keeps CPU generator states instead,
   and the get/set-RNG-state helpers used by activation recompute point at the CPU generator;
 - torch.cuda.current_device / synchronize / current_stream are called unconditionally: mapped to CPU
@@ -15,11 +20,23 @@ available, so GPU runs use unmodified megatron-core. What it changes, and why (m
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _applied = False
+
+# (message regex, category, emitting module regex) of warnings that mean nothing without a GPU.
+_CPU_NOISE = (
+    # megatron-core falls back to torch implementations without Apex / Transformer Engine: the only ones on a CPU
+    (r"(Transformer Engine and )?Apex (is|are) not installed", UserWarning, r"megatron\.core\."),
+    # a CUDA setting for overlapping tensor-parallel communication with GEMMs
+    (r".*CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, r"megatron\.core\.tensor_parallel\.layers"),
+    # TransformerConfig's own default cuda_graph_scope ("full") triggers it: CUDA graphs do not exist on a CPU
+    (r"full scope is deprecated", UserWarning, r"megatron\.core\.transformer\.transformer_config"),
+)
 
 
 def _is_cuda_device(device) -> bool:
@@ -102,6 +119,16 @@ def _install_rng_tracker() -> None:
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     mp_random.initialize_rng_tracker(force_reset=True)
+
+
+def quiet() -> bool:
+    """Without CUDA: silence _CPU_NOISE and run DeepSpeed on its CPU accelerator; returns whether it applied."""
+    if torch.cuda.is_available():
+        return False
+    for message, category, module in _CPU_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return True
 
 
 def apply() -> bool:

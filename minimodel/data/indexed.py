@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Iterator
 
 import numpy as np
 
 
 def load_megatron_datasets():
-    # megatron.core warns at import about Transformer Engine / Apex, which its dataset code does not use.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-        from megatron.core.datasets import indexed_dataset
+    from megatron.core.datasets import indexed_dataset
+
     return indexed_dataset
 
 

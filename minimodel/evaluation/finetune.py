@@ -28,7 +28,8 @@ from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.manifest import model_hash
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
-from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, gather_full_params, init_distributed, train
+from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
+from minimodel.training.deepspeed_loop import gather_full_params, init_distributed, train
 
 
 
@@ -41,7 +42,8 @@ class FinetuneConfig:
     method: str = "shared"  # MLflow tag: step 3 is shared by every adaptation method of the same primary model
     task: TaskConfig = field(default_factory=TaskConfig)
     train: DeepSpeedLoopConfig = field(default_factory=lambda: DeepSpeedLoopConfig(
-        steps=2000, micro_batch_size=32, lr=1e-5, warmup_steps=200, zero_config="configs/deepspeed/zero1.json"))
+        steps=2000, micro_batch_size=32, optim=OptimizerConfig(lr=1e-5), schedule=ScheduleConfig(warmup_steps=200),
+        zero_config="configs/deepspeed/zero1.json"))
     eval_splits: list[str] = field(default_factory=lambda: ["dev", "test"])
     eval_batch_size: int = 64
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

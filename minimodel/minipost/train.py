@@ -33,7 +33,8 @@ from minimodel.minipost.build import (Init, MiniPostError, build_mini_model, cha
                                       load_tokenizer, resolve_source, split_parameters)
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
-from minimodel.training.deepspeed_loop import DeepSpeedLoopConfig, gather_full_params, init_distributed, train
+from minimodel.training.config import DeepSpeedLoopConfig
+from minimodel.training.deepspeed_loop import gather_full_params, init_distributed, train
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from minimodel import distributed
 from minimodel.files import replace_dir, write_text_atomic
+from minimodel.training.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,11 @@ def _rng_sharded_object(data: Any):
 
 
 # -- save / load -------------------------------------------------------------------------------------------------
-def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict, keep_last: int | None = None) -> Path:
+def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict,
+                    policy: CheckpointConfig | None = None) -> Path:
     """Collective: write `sharded_state_dict` + RNG states as checkpoint `step`, atomically; prune old ones.
 
-    Returns the final directory. Keeps the newest `keep_last` complete checkpoints (all if None).
+    Returns the final directory. Deletes the complete checkpoints `policy` says have expired (none if None).
     """
     from megatron.core import dist_checkpointing
 
@@ -103,8 +105,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict
     if dist.get_rank() == 0:
         replace_dir(tmp, final)  # a step saved again (after resuming from an older checkpoint) replaces the old one
         write_text_atomic(root / LATEST, final.name + "\n")
-        if keep_last is not None:
-            for _, old in complete_checkpoints(root)[:-keep_last]:
+        if policy is not None:
+            for old in policy.expired([path for _, path in complete_checkpoints(root)]):
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final

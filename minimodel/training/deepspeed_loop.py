@@ -2,11 +2,11 @@
 
 Interface
 ---------
-    from minimodel.training.deepspeed_loop import (DeepSpeedLoopConfig, gather_full_params,
-                                                   optimizer_state_numel, train)
+    from minimodel.training.config import DeepSpeedLoopConfig
+    from minimodel.training.deepspeed_loop import gather_full_params, optimizer_state_numel, train
 
     result = train(
-        cfg,            # DeepSpeedLoopConfig; embed it in your stage config as a field (e.g. `train:`)
+        cfg,            # DeepSpeedLoopConfig; embed it in your stage config as its `train:` field
         model,          # torch.nn.Module with requires_grad ALREADY set: only those parameters are optimised,
                         # so the optimizer holds state for them only; everything else stays bit-identical
         train_data,     # map-style dataset: len() + item i -> dict of equal-shaped numpy arrays / tensors
@@ -14,7 +14,7 @@ Interface
         flops_fn,       # (batch) -> float: FLOPs one forward+backward of this micro-batch really costs on one
                         # rank (see minimodel.training.hf_mlm.MLMFlops for BERT-class models)
         output_dir=run_dir,   # <run_dir>/checkpoints/ (resumed from automatically), <run_dir>/metrics.jsonl
-        eval_data=None,       # same item format; mean loss over cfg.eval_batches micro-batches per rank
+        eval_data=None,       # same item format; mean loss over cfg.eval.batches micro-batches per rank
         tracker=None,         # minimodel.tracking.Tracker (inert off rank 0); metrics go there every step
         tokens_fn=None,       # (batch) -> int tokens processed; default: attention_mask.sum() or input_ids.numel()
         on_step=None,         # (engine, state) -> None, on EVERY rank after each optimizer step (e.g. adaptation's
@@ -33,7 +33,8 @@ Interface
 For a BERT-class *ForMaskedLM, minimodel.training.hf_mlm gives both callables:
     train(cfg, model, data, masked_lm_loss, MLMFlops(model), output_dir=...)   # MLMFlops: after requires_grad
 Embed the config in a stage config and validate it there: `train: DeepSpeedLoopConfig = field(default_factory=...)`
-(override on the command line as train.steps=..., train.zero_config=configs/deepspeed/zero3.json, ...).
+(override on the command line as train.steps=..., train.optim.lr=..., train.zero_config=configs/deepspeed/zero3.json;
+the names every training loop shares are in minimodel/training/config.py).
 
 Semantics
 - One step = one optimizer step = `grad_accumulation` micro-batches of `micro_batch_size` per rank. The samples of
@@ -43,16 +44,17 @@ Semantics
 - DeepSpeed config = the ZeRO json (`zero_config`, one of configs/deepspeed/*.json: ZeRO stage and engine settings
   only) + what this dataclass says (batch sizes, AdamW, WarmupDecayLR, clipping, precision). A key set in both is
   refused. Precision "auto" is bf16 when the accelerator is CUDA with bf16 support, else fp32 (fp16 is not offered).
-- Checkpoints: every `save_every` steps, at the end, and on SIGTERM/SIGUSR1 (Slurm preemption: the signal is
+- Checkpoints: every `checkpoint.save_every` steps, at the end, and on SIGTERM/SIGUSR1 (Slurm preemption: the signal is
   noted, agreed on by all ranks at the next step boundary, then checkpoint + clean return). The signal must
   reach the ranks themselves, as Slurm's `--signal` / `scancel --signal` do: the `deepspeed` runner does not
   forward it, and its launch.py dies on SIGUSR1 (the ranks still finish their checkpoint). A new launch with the
   same output_dir resumes from the latest checkpoint (model, optimizer, LR schedule, step, cumulative FLOPs,
-  tokens and wall-clock); metrics.jsonl is truncated to the resumed step so it never holds duplicates.
+  tokens and wall-clock); metrics.jsonl is truncated to the resumed step so it never holds duplicates. The newest
+  `checkpoint.keep_last` checkpoints are kept.
 - Metrics logged each step (Tracker + metrics.jsonl, rank 0): train/loss (mean over ranks and micro-batches),
   train/lr, train/grad_norm, compute/flops (cumulative FLOPs actually spent, all ranks), compute/tokens
   (cumulative), compute/wall_clock_s (cumulative training time over all launches), throughput/tokens_per_s,
-  throughput/flops_per_s; eval/loss every `eval_every` steps and at the end.
+  throughput/flops_per_s; eval/loss every `eval.every` steps and at the end.
 - `on_step` runs before the step's checkpoint: whatever it writes at step N exists whenever a checkpoint of step
   >= N does, so a resumed run never lacks it (a launch killed in between redoes the step and writes it again).
 """
@@ -61,59 +63,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
-import numpy as np
+import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_get_full_fp32_param
 from torch import nn
+from tqdm import tqdm
 
-from minimodel.config import ConfigError, require
-from minimodel.files import write_text_atomic
+from minimodel.config import ConfigError
+from minimodel.training.config import DeepSpeedLoopConfig, resolve_zero_config
+from minimodel.training.metrics import MetricSink
 from minimodel.training.preemption import PreemptionSignal
+from minimodel.training.sampler import MicroBatches, stack
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Keys the loop derives from DeepSpeedLoopConfig; a ZeRO json must not set them too.
 _LOOP_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                     "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
-
-
-@dataclass
-class DeepSpeedLoopConfig:
-    steps: int = 1000  # optimizer steps
-    micro_batch_size: int = 16  # sequences per rank per micro-batch
-    grad_accumulation: int = 1
-    lr: float = 1e-3  # peak learning rate (after warmup)
-    warmup_steps: int = 100  # linear warmup from 0, then linear decay to 0 at `steps` (DeepSpeed WarmupDecayLR)
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    grad_clip: float = 1.0  # global gradient-norm clipping; 0 disables
-    zero_config: str = "configs/deepspeed/zero2.json"  # relative paths: from the cwd, else from the repo root
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    torch_adam: bool = False  # true: torch's AdamW instead of DeepSpeed's fused op (no JIT build; CPU tests)
-    save_every: int = 500  # checkpoint interval in steps (0: only at the end / on a signal)
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    eval_every: int = 0  # steps between evaluations (0: only at the end, if eval data is given)
-    eval_batches: int = 20  # micro-batches per rank per evaluation
-    shuffle: bool = True
-    seed: int = 0
-
-    def validate(self) -> None:
-        require(self.steps > 0, "train.steps", "must be > 0")
-        require(self.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
-        require(self.grad_accumulation > 0, "train.grad_accumulation", "must be > 0")
-        require(self.lr > 0, "train.lr", "must be > 0")
-        require(0 < self.warmup_steps <= self.steps, "train.warmup_steps",
-                f"must be in 1..train.steps ({self.steps}); DeepSpeed's WarmupDecayLR needs at least one step")
-        require(len(self.betas) == 2, "train.betas", "must be two numbers, e.g. [0.9, 0.98]")
-        require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-        require(self.save_every >= 0 and self.eval_every >= 0, "train.save_every",
-                "save_every and eval_every must be >= 0")
-        require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-        resolve_zero_config(self.zero_config)
 
 
 @dataclass
@@ -124,21 +96,10 @@ class LoopResult:
     history: list[dict] = field(default_factory=list)
 
 
-def resolve_zero_config(path: str) -> Path:
-    candidate = Path(path)
-    for p in (candidate, REPO_ROOT / candidate):
-        if p.is_file():
-            return p
-    shipped = ", ".join(sorted(p.name for p in (REPO_ROOT / "configs" / "deepspeed").glob("*.json")))
-    raise ConfigError(f"train.zero_config: {path} does not exist (shipped in configs/deepspeed/: {shipped})")
-
-
 def resolve_precision(precision: str) -> str:
     """"auto" -> bf16 on a CUDA accelerator that supports it, else fp32 (CPU: DeepSpeed refuses fp16 there)."""
     if precision != "auto":
         return precision
-    from deepspeed.accelerator import get_accelerator
-
     acc = get_accelerator()
     return "bf16" if acc.device_name() == "cuda" and acc.is_bf16_supported() else "fp32"
 
@@ -156,14 +117,14 @@ def build_deepspeed_config(cfg: DeepSpeedLoopConfig, precision: str) -> dict:
     ds.update({
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accumulation,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
-            "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
-            "torch_adam": cfg.torch_adam}},
+            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+            "weight_decay": cfg.optim.weight_decay, "torch_adam": cfg.torch_adam}},
         "scheduler": {"type": "WarmupDecayLR", "params": {
             # +1: the loop starts the schedule at iteration 1 (see train), so update `steps` runs at a positive lr
-            "total_num_steps": cfg.steps + 1, "warmup_num_steps": cfg.warmup_steps, "warmup_min_lr": 0.0,
-            "warmup_max_lr": cfg.lr, "warmup_type": "linear"}},
+            "total_num_steps": cfg.steps + 1, "warmup_num_steps": cfg.schedule.warmup_steps, "warmup_min_lr": 0.0,
+            "warmup_max_lr": cfg.optim.lr, "warmup_type": "linear"}},
         "bf16": {"enabled": precision == "bf16"},
     })
     ds.setdefault("steps_per_print", 10 ** 9)  # the loop does its own logging
@@ -182,31 +143,8 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-class _SampleOrder:
-    """Sample indices as a pure function of (seed, position in the stream): epochs of seeded permutations."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool):
-        if n == 0:
-            raise ValueError("the training dataset is empty")
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self._epoch, self._perm = -1, None
-
-    def indices(self, start: int, count: int) -> list[int]:
-        out = []
-        for pos in range(start, start + count):
-            epoch, i = divmod(pos, self.n)
-            if not self.shuffle:
-                out.append(i)
-                continue
-            if epoch != self._epoch:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-            out.append(int(self._perm[i]))
-        return out
-
-
-def _collate(items: list[dict], device) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(np.stack([np.asarray(it[k]) for it in items])).to(device) for k in items[0]}
+def _to_device(batch: dict, device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
 
 
 def _default_tokens(batch: dict) -> int:
@@ -215,40 +153,18 @@ def _default_tokens(batch: dict) -> int:
     return int(batch["input_ids"].numel())
 
 
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return dist.get_rank() == 0
-
-
 def _all_reduce_sum(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
 
-def _checkpoint_tags(ckpt_dir: Path) -> list[Path]:
-    return sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-
-
-def _save(engine, ckpt_dir: Path, step: int, state: dict, keep: int) -> None:
-    import torch.distributed as dist
-
+def _save(engine, ckpt_dir: Path, step: int, state: dict, cfg: DeepSpeedLoopConfig) -> None:
     engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step:08d}", client_state=state)
     dist.barrier()
-    if _is_rank0():
-        for old in _checkpoint_tags(ckpt_dir)[:-keep]:
+    if dist.get_rank() == 0:
+        for old in cfg.checkpoint.expired(sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())):
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past `step` (written by a launch killed after its last checkpoint)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def _started_by_a_launcher() -> bool:
@@ -259,8 +175,6 @@ def _started_by_a_launcher() -> bool:
 def single_process_env() -> None:
     """A plain `python script.py` (no launcher): set the variables torchrun / the deepspeed launcher would set for a
     world of one process, so DeepSpeed and megatron form a one-process group instead of looking for MPI."""
-    import socket
-
     if _started_by_a_launcher():
         return
     with socket.socket() as s:
@@ -272,9 +186,6 @@ def single_process_env() -> None:
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo/ccl on CPU) if not done yet.
     A plain `python script.py` (no launcher) runs as a world of one process."""
-    import deepspeed
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return
     single_process_env()
@@ -284,10 +195,6 @@ def init_distributed() -> None:
 def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Callable, flops_fn: Callable, *,
           output_dir: str | os.PathLike, eval_data=None, tracker=None, tokens_fn: Callable | None = None,
           on_step: Callable | None = None, desc: str = "train") -> LoopResult:
-    import deepspeed
-    import torch.distributed as dist
-    from tqdm import tqdm
-
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -304,51 +211,32 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
 
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoints"
-    metrics_path = output_dir / "metrics.jsonl"
     state = {"step": 0, "flops": 0.0, "tokens": 0.0, "wall_clock_s": 0.0}
     if (ckpt_dir / "latest").is_file():
         _, client_state = engine.load_checkpoint(str(ckpt_dir))
         state.update({k: client_state[k] for k in state})
-        if rank == 0:
-            _truncate_metrics(metrics_path, state["step"])
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if state["step"] == 0 and metrics_path.exists():
-            metrics_path.unlink()
+    sink = MetricSink(output_dir / "metrics.jsonl", tracker, rank0=rank == 0)
+    sink.resume(state["step"])
 
-    order = _SampleOrder(len(train_data), cfg.seed, cfg.shuffle)
-
-    def micro_batch(step: int, micro: int) -> dict:
-        start = ((step * cfg.grad_accumulation + micro) * world + rank) * cfg.micro_batch_size
-        return _collate([train_data[i] for i in order.indices(start, cfg.micro_batch_size)], device)
+    samples = MicroBatches(lambda epoch: train_data, seed=cfg.seed, shuffle=cfg.shuffle,
+                           global_batch=cfg.micro_batch_size * cfg.grad_accumulation * world,
+                           micro_batch=cfg.micro_batch_size, dp_size=world, dp_rank=rank)
 
     def evaluate() -> float:
         engine.eval()
         total, count = 0.0, 0
         n = len(eval_data)
         with torch.no_grad():
-            for b in range(cfg.eval_batches):
+            for b in range(cfg.eval.batches):
                 start = (b * world + rank) * cfg.micro_batch_size
                 if start >= n:
                     break
-                idx = range(start, min(start + cfg.micro_batch_size, n))
-                total += float(engine(_collate([eval_data[i] for i in idx], device)))
+                items = [eval_data[i] for i in range(start, min(start + cfg.micro_batch_size, n))]
+                total += float(engine(_to_device(stack(items), device)))
                 count += 1
         engine.train()
         total, count = _all_reduce_sum([total, count], device)
         return total / max(count, 1)
-
-    history: list[dict] = []
-
-    def log(metrics: dict, step: int) -> None:
-        if rank != 0:
-            return
-        record = {"step": step, **metrics}
-        history.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if tracker is not None:
-            tracker.log_metrics(metrics, step=step)
 
     engine.train()
     interrupted = False
@@ -361,7 +249,7 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
             for micro in range(cfg.grad_accumulation):
                 # Dropout masks depend only on (seed, step, micro, rank): resume is exact without saving RNG state.
                 torch.manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + micro) * 65_537 + rank)
-                batch = micro_batch(step, micro)
+                batch = _to_device(samples.microbatch(step, micro), device)
                 loss = engine(batch)
                 engine.backward(loss)
                 lr = engine.get_lr()[0]  # the rate this step's update uses (engine.step advances the schedule)
@@ -369,8 +257,7 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
                 loss_sum += float(loss.detach())
                 tokens += tokens_fn(batch)
                 flops += flops_fn(batch)
-            loss_sum, tokens, flops, stop_votes = _all_reduce_sum(
-                [loss_sum, tokens, flops, float(stop.received is not None)], device)
+            loss_sum, tokens, flops = _all_reduce_sum([loss_sum, tokens, flops], device)
             elapsed = time.perf_counter() - t0
             state["step"] = step + 1
             state["flops"] += flops
@@ -385,16 +272,16 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
             done = state["step"] == cfg.steps
-            if eval_data is not None and (done or (cfg.eval_every and state["step"] % cfg.eval_every == 0)):
+            if eval_data is not None and cfg.eval.due(state["step"], done):
                 metrics["eval/loss"] = evaluate()
-            log(metrics, state["step"])
+            sink.log(metrics, state["step"])
             bar.update(1)
             bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens / elapsed:.0f}")
             if on_step is not None:
                 on_step(engine, dict(state))
-            interrupted = stop_votes > 0 and not done
-            if done or interrupted or (cfg.save_every and state["step"] % cfg.save_every == 0):
-                _save(engine, ckpt_dir, state["step"], dict(state), cfg.keep_checkpoints)
+            interrupted = bool(stop.vote(device)) and not done
+            if cfg.checkpoint.due(state["step"], done, interrupted):
+                _save(engine, ckpt_dir, state["step"], dict(state), cfg)
             if interrupted:
                 if rank == 0:
                     bar.write(f"{desc}: stop signal received: checkpointed step {state['step']} in {ckpt_dir}; "
@@ -403,7 +290,7 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
     bar.close()
     if tracker is not None:
         tracker.flush()
-    return LoopResult(step=state["step"], interrupted=interrupted, engine=engine, history=history)
+    return LoopResult(step=state["step"], interrupted=interrupted, engine=engine, history=sink.history)
 
 
 def gather_full_params(engine, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -412,8 +299,6 @@ def gather_full_params(engine, params: dict[str, nn.Parameter]) -> dict[str, tor
     ZeRO 1-3 keep the fp32 master copy in the optimizer (safe_get_full_fp32_param); at stage 0 the module's own
     parameter is the full tensor (fp32 runs) or its bf16 image (bf16 runs, the best that stage keeps).
     """
-    from deepspeed.utils import safe_get_full_fp32_param
-
     out = {}
     for name, p in params.items():
         full = safe_get_full_fp32_param(p)

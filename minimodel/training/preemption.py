@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import signal
 
+import torch
+import torch.distributed as dist
+
 PREEMPTED_EXIT_CODE = 75  # sysexits EX_TEMPFAIL, "try again later": requeue the job and it resumes
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -26,3 +29,10 @@ class PreemptionSignal:
 
     def _record(self, signum, frame) -> None:
         self.received = signum
+
+    def vote(self, device: torch.device) -> int:
+        """The signal any rank has received (0 if none), the same on every rank: all ranks agree to stop at the
+        same step. Collective."""
+        flag = torch.tensor([self.received or 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
