@@ -176,10 +176,12 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                            f"embeddings: {emb_dir}}}")
         evaluations += [zero_shot(config, method.name, at.task_model, targets, plugs)
                         for config in cfg.configs.zero_shot if fine_tuned[config]]
+    tasks = ", ".join(dict.fromkeys(zero_shot_task(config) for config in cfg.configs.zero_shot))
     report = add("report", "report", ["--config", cfg.configs.report, f"output_dir={at.report}",
-                                      f"methods=[{', '.join(cfg.methods)}]", *extra("report")],
+                                      f"pipeline_dir={at.root}", f"methods=[{', '.join(cfg.methods)}]",
+                                      f"tasks=[{tasks}]", *extra("report")],
                  at.report, evaluations)
-    report.always_run = True  # it summarises this pipeline run's children
+    report.always_run = True  # its files and headline numbers go to this pipeline run too
     if parent_run_id:
         report.run_args.append(f"parent_run_id={parent_run_id}")
     return stages

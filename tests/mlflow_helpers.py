@@ -1,8 +1,6 @@
-"""Synthetic tracked pipelines for the MLflow tests and scripts/ui_screenshot.py --synthetic.
-
-Logged through Tracker exactly as the stages do: a parent run, one child run per stage and language with the
-config as params, the standard tags, stepped training/eval metrics, a loss-curve plot, and the report plot.
-"""
+"""MLflow test helpers: fresh stores, and a synthetic tracked pipeline logged through Tracker as the stages do (a
+parent run, one child run per stage and language with the config as params, the standard tags, stepped
+training/eval metrics)."""
 from __future__ import annotations
 
 import dataclasses
@@ -58,11 +56,6 @@ def loss_at(step: int, stage_index: int) -> float:
 
 def log_synthetic_pipeline(tracking: TrackingConfig, steps: int = 30) -> dict:
     """Log a parent run with three child runs; returns their ids and names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = {"children": {}}
     with Tracker(dataclasses.replace(tracking, run_name="pipeline-demo"), None,
                  tags={"stage": "pipeline", "method": "minijoint"}) as parent:
@@ -78,16 +71,6 @@ def log_synthetic_pipeline(tracking: TrackingConfig, steps: int = 30) -> dict:
                                    "flops": 1e12 * step}, step)
                     if step % 10 == 0:
                         t.log_metrics({"eval/loss": loss_at(step, i) + 0.2}, step)
-                t.log_loss_curves()
                 out["children"][t.run_name] = t.run_id
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([1e12, 1e13, 1e14], [55.0, 61.0, 64.0], marker="o", label="minijoint")
-        ax.plot([1e13, 1e14, 1e15], [56.0, 62.0, 65.0], marker="s", label="standard")
-        ax.set_xscale("log")
-        ax.set_xlabel("adaptation FLOPs")
-        ax.set_ylabel("accuracy (%)")
-        ax.legend()
-        parent.log_figure(fig, "plots/compute_vs_quality.png")
-        plt.close(fig)
         parent.log_metrics({"xnli/sw/accuracy": 61.0, "xnli/ny/accuracy": 58.0}, 0)
     return out

@@ -1,55 +1,57 @@
-"""The report, built from a small MLflow store filled here the way the stages log (Tracker, shared tag names)."""
-import dataclasses
+"""The report, built from result files written here the way the stages write them (zero-shot metrics.json /
+snapshots.json, adaptation adapt.json of the final embeddings and of each snapshot) in a pipeline's layout."""
 import json
 
 import pytest
+import yaml
 
+from minimodel.adaptation.artifact import snapshot_dir
 from minimodel.config import load_config
 from minimodel.evaluation.report import ReportConfig, report
-from minimodel.evaluation.runs import FLOPS_METRIC, WALL_CLOCK_METRIC
-from minimodel.tracking import Tracker, TrackingConfig, link_run
+from minimodel.layout import PipelineLayout
+from minimodel.tracking import Tracker, TrackingConfig
 
-# method -> (FLOPs per adaptation step, seconds per step, steps, {evaluated step (None = final): accuracy}), as the
-# pipeline logs them: a snapshot curve plus the final embeddings (standard), or one run per snapshot (minijoint)
+# method -> (FLOPs per adaptation step, seconds per step, steps, {evaluated snapshot step (None = final): accuracy})
 PLAN = {
     "standard": (100.0, 10.0, 4, {0: 0.20, 2: 0.60, None: 0.80}),
-    "minijoint": (40.0, 5.0, 6, {2: 0.70, 4: 0.795, 6: 0.81}),
-    "minipost": (50.0, 4.0, 6, {None: 0.75}),
+    "minijoint": (40.0, 5.0, 6, {2: 0.70, 4: 0.795, None: 0.81}),
+    "minipost": (50.0, 4.0, 6, {None: 0.75}),  # no snapshots: its final embeddings only
 }
 
 
-def _adapt_run(tracking, method, lang):
-    flops, secs, steps, _ = PLAN[method]
-    with Tracker(tracking, tags={"stage": "adapt", "method": method, "target_lang": lang}) as t:
-        for step in range(1, steps + 1):
-            t.log_metrics({"train/loss": 1.0 / step, FLOPS_METRIC: flops * step, WALL_CLOCK_METRIC: secs * step}, step)
-        return t.run_id
+def write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def write_pipeline_results(layout: PipelineLayout, plan=PLAN, lang="sw") -> None:
+    for method, (flops, secs, steps, evals) in plan.items():
+        run_dir = layout.adapt(method, lang)
+        for step in [s for s in evals if s is not None] + [None]:
+            at = steps if step is None else step
+            write_json((run_dir if step is None else snapshot_dir(run_dir, step)) / "adapt.json",
+                       {"method": method, "steps": at, "flops": flops * at, "wall_clock_s": secs * at})
+        out = layout.zero_shot("verse_class", method)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump({"method": method, "source_lang": "en"}))
+        write_json(out / "metrics.json", {"en": {"accuracy": 0.9, "baseline/majority": 0.3, "n_examples": 100.0},
+                                          lang: {"accuracy": evals[None], "baseline/majority": 0.3}})
+        snapshots = {str(step): {"accuracy": acc} for step, acc in evals.items() if step is not None}
+        if snapshots:
+            write_json(out / "snapshots.json", {lang: snapshots})
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
+    write_pipeline_results(PipelineLayout(root / "run"))
     tracking = TrackingConfig(store_dir=str(root / "mlflow"))
-    # minipost's adaptation ran in an earlier pipeline and is linked into this one (not run again)
-    with Tracker(dataclasses.replace(tracking, run_name="earlier"), tags={"stage": "pipeline"}) as earlier:
-        earlier_minipost = _adapt_run(dataclasses.replace(tracking, parent_run_id=earlier.run_id), "minipost", "sw")
-    with Tracker(dataclasses.replace(tracking, run_name="pipeline"), tags={"stage": "pipeline"}) as parent:
-        child = dataclasses.replace(tracking, parent_run_id=parent.run_id)
-        adapt_ids = {m: _adapt_run(child, m, "sw") for m in ("standard", "minijoint")}
-        link_run(child, earlier_minipost, parent.run_id)
-        base = {"stage": "evaluate", "task": "verse_class", "metric": "accuracy", "source_lang": "en"}
-        with Tracker(child, tags={**base, "method": "standard", "target_lang": "en", "role": "source"}) as t:
-            t.log_metrics({"accuracy": 0.9, "baseline/majority": 0.3}, 0)
-        for method, (_, _, _, evals) in PLAN.items():
-            for step, acc in evals.items():
-                tags = {**base, "method": method, "target_lang": "sw", "role": "target", "adapt_step": step}
-                if method == "minijoint":  # tied by id; the others by (method, target_lang)
-                    tags["adapt_run_id"] = adapt_ids[method]
-                with Tracker(child, tags=tags) as t:
-                    t.log_metrics({"accuracy": acc, "n_examples": 100}, step or 0)
-    cfg = load_config(ReportConfig, overrides=[f"output_dir={root / 'report'}", f"parent_run_id={parent.run_id}",
-                                               f"tracking.store_dir={root / 'mlflow'}"])
-    return {"paths": report(cfg).outputs, "parent": parent.run_id, "uri": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+    with Tracker(tracking, tags={"stage": "pipeline"}) as parent:
+        cfg = load_config(ReportConfig, overrides=[
+            f"output_dir={root / 'report'}", f"pipeline_dir={root / 'run'}", f"parent_run_id={parent.run_id}",
+            f"tracking.store_dir={root / 'mlflow'}", "methods=[standard, minijoint, minipost]"])
+        paths = report(cfg).outputs
+    return {"paths": paths, "parent": parent.run_id, "uri": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
             "root": root}
 
 
@@ -61,7 +63,7 @@ def test_report_compute_to_reach_reference_quality(pipeline):
     assert sw["reference_final"] == 0.80
     std, mj, mp = (sw["methods"][m] for m in ("standard", "minijoint", "minipost"))
     assert [(p["adapt_step"], p["flops"], p["wall_clock_s"]) for p in mj["points"]] == [
-        (2, 80.0, 10.0), (4, 160.0, 20.0), (6, 240.0, 30.0)]
+        (2, 80.0, 10.0), (4, 160.0, 20.0), (None, 240.0, 30.0)]
     assert std["final"] == {"quality": 0.80, "flops": 400.0, "wall_clock_s": 40.0}
     assert std["points"][0]["adapt_step"] == 0 and std["points"][0]["flops"] == 0.0  # the initial embeddings
     # 95% of 0.80 = 0.76 and 99% = 0.792: minijoint's step 4 (160 FLOPs) vs standard's step 4 (400)
@@ -71,7 +73,7 @@ def test_report_compute_to_reach_reference_quality(pipeline):
         assert mj["reach"][frac]["wall_clock_saving"] == pytest.approx(2.0)
     assert mj["reach"]["1"]["flops"] == 240.0 and mj["reach"]["1"]["flops_saving"] == pytest.approx(400 / 240)
     assert std["reach"]["1"]["flops_saving"] == 1.0
-    # minipost: evaluated once, on its final embeddings, read through the linked run: 6 steps x 50 FLOPs
+    # minipost: evaluated once, on its final embeddings: 6 steps x 50 FLOPs
     assert mp["final"] == {"quality": 0.75, "flops": 300.0, "wall_clock_s": 24.0}
     assert mp["reach"]["0.95"]["flops"] is None  # 0.75 < 0.76: not reached
 
@@ -96,17 +98,33 @@ def test_report_files_and_parent_artifacts(pipeline):
     assert metrics["verse_class/sw/minijoint/flops_saving"] == pytest.approx(400 / 240)
 
 
-def test_report_refuses_unknown_parent(pipeline, tmp_path):
-    cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'r'}", "parent_run_id=0123abc",
-                                               f"tracking.store_dir={pipeline['root'] / 'mlflow'}"])
-    with pytest.raises(ValueError, match="0123abc is not in the MLflow store"):
+def test_report_needs_no_tracking_and_no_run(pipeline, tmp_path, monkeypatch):
+    """Tracking off (as a pipeline with tracking.enabled=false runs its stages), or a parent run the store does not
+    hold: the same report, nothing logged."""
+    monkeypatch.setenv("MINIMODEL_TRACKING", "off")
+    off = report(load_config(ReportConfig, overrides=[
+        f"output_dir={tmp_path / 'off'}", f"pipeline_dir={pipeline['root'] / 'run'}", "parent_run_id=0123abc",
+        f"tracking.store_dir={tmp_path / 'store'}"])).outputs
+    assert json.loads(off["json"].read_text()) == json.loads(pipeline["paths"]["json"].read_text())
+    assert not (tmp_path / "store").exists()
+    monkeypatch.delenv("MINIMODEL_TRACKING")
+    unknown = report(load_config(ReportConfig, overrides=[
+        f"output_dir={tmp_path / 'unknown'}", f"pipeline_dir={pipeline['root'] / 'run'}", "parent_run_id=0123abc",
+        f"tracking.store_dir={pipeline['root'] / 'mlflow'}"])).outputs
+    assert unknown["json"].read_text() == off["json"].read_text()
+
+
+def test_report_of_a_directory_without_results_says_what_to_set(tmp_path):
+    cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'r'}", f"pipeline_dir={tmp_path}",
+                                               "tracking.enabled=false"])
+    with pytest.raises(ValueError, match="holds no zero-shot results .* set pipeline_dir"):
         report(cfg)
 
 
 def _points(*quality_flops_step):
     from minimodel.evaluation.report import Point
 
-    return [Point(q, f, f, step, f"run{i}") for i, (q, f, step) in enumerate(quality_flops_step)]
+    return [Point(q, f, f, step) for q, f, step in quality_flops_step]
 
 
 def test_target_mlm_fractions_are_fractions_of_the_standard_gain():

@@ -1,10 +1,14 @@
 """The main job end to end: the shortened pipeline (configs/pipeline/smoke.yaml) as real processes logging nested runs
-to a real MLflow server (the session's `smoke_pipeline`, tests/conftest.py), and a re-run that skips finished stages
-and links to their runs instead of duplicating them."""
+to a real MLflow server (the session's `smoke_pipeline`, tests/conftest.py), a re-run that skips finished stages
+and links to their runs instead of duplicating them, and its report rebuilt from disk with tracking off."""
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
-from pipeline_helpers import SMOKE, failure_text
+from pipeline_helpers import ROOT, SMOKE, failure_text
 
 from minimodel.config import ConfigError, load_config
 from minimodel.pipeline import PipelineConfig, build_stages
@@ -65,3 +69,52 @@ def test_rerun_skips_finished_stages_and_links_their_runs(smoke_pipeline):
     reused = [r for r in relinked if r.data.tags.get("reused_run_id")]
     assert {r.data.tags["reused_run_id"] for r in reused} == first_runs  # every earlier run linked, none re-run
     assert not [r for r in relinked if r.data.tags.get("stage") == "adapt" and not r.data.tags.get("reused_run_id")]
+
+
+def _numbers(report: dict) -> dict:
+    """(task, language, method, checkpoint step) -> (quality, FLOPs, wall clock) of every point in a report.json."""
+    return {(task, lang, method, p["adapt_step"]): (p["quality"], p["flops"], p["wall_clock_s"])
+            for task, t in report["tasks"].items() for lang, entry in t["languages"].items()
+            for method, m in entry["methods"].items() for p in m["points"]}
+
+
+@pytest.mark.slow
+def test_report_from_disk_with_tracking_off_gives_the_numbers_mlflow_shows(smoke_pipeline, tmp_path):
+    """Results live in the stages' output directories; MLflow is a view of them. The report rebuilt with
+    tracking.enabled=false and no server is the pipeline's report, and each of its points is what the MLflow runs
+    recorded: the evaluation run's metric and the adaptation run's compute at that step."""
+    out, cfg = smoke_pipeline.output_dir, load_config(PipelineConfig, SMOKE)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MINIMODEL_PARENT_RUN_ID")}
+    rebuilt = subprocess.run(
+        [sys.executable, "evaluate/report.py", "--config", cfg.configs.report, f"output_dir={tmp_path / 'report'}",
+         f"pipeline_dir={out}", "tracking.enabled=false", f"tracking.store_dir={tmp_path / 'store'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rebuilt.returncode == 0, failure_text(rebuilt)
+    assert not (tmp_path / "store").exists()
+    pipeline_report = json.loads((out / "report/report.json").read_text())
+    assert json.loads((tmp_path / "report/report.json").read_text()) == pipeline_report
+    points = _numbers(pipeline_report)
+    assert {method for _, _, method, _ in points} == set(cfg.methods)
+    assert {task for task, *_ in points} == {"verse_class", "target_mlm"}
+
+    client = smoke_pipeline.client()
+    runs = smoke_pipeline.children(smoke_pipeline.first_parent_run_id)
+    compute = {}
+    for run in runs:
+        if run.data.tags.get("stage") == "adapt":
+            compute[run.data.tags["method"], run.data.tags["target_lang"]] = {
+                key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+                for key in ("compute/flops", "compute/wall_clock_s")}
+    shown = {}
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("stage") == "evaluate" and tags.get("role") == "target":
+            step = int(tags["adapt_step"]) if "adapt_step" in tags else None
+            history = compute[tags["method"], tags["target_lang"]]
+            at = [0.0 if step == 0 else history[k][max(history[k]) if step is None else step]
+                  for k in ("compute/flops", "compute/wall_clock_s")]  # step 0: the initial embeddings
+            shown[tags["task"], tags["target_lang"], tags["method"], step] = (run.data.metrics[tags["metric"]], *at)
+    assert shown.keys() == points.keys()
+    for key, numbers in points.items():
+        assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(numbers, shown[key])), (key, numbers, shown[key])
+

@@ -1,4 +1,5 @@
-"""Tracker: what a run records, inert ranks, background logging, fallback when the server is down, re-run links."""
+"""Tracker: what a run records, inert ranks, background logging, fallback when the server is down, re-run links,
+files attached to a finished run."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,8 @@ from mlflow import MlflowClient
 from mlflow_helpers import ToyStageConfig, log_synthetic_pipeline, new_store
 
 from minimodel.config import ConfigError, load_config
-from minimodel.tracking import (REUSED_RUN_TAG, RUN_FILE, STAGE_KEY_TAG, Tracker, TrackingConfig,
-                                find_finished_run, link_run, local_store_uri, stage_key)
+from minimodel.tracking import (REUSED_RUN_TAG, RUN_FILE, TRACKING_ENV, Tracker, TrackingConfig, attach_to_run,
+                                link_run, local_store_uri)
 from minimodel.ui import MlflowServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,12 +56,15 @@ def log_toy_stage(tracking: TrackingConfig, tmp: Path, steps: int = 25) -> Track
     cfg = ToyStageConfig(output_dir=str(tmp / "out"), tracking=tracking)
     report = tmp / "report.md"
     report.write_text("# report\n")
+    plot = tmp / "plots" / "loss_curves.png"
+    plot.parent.mkdir(exist_ok=True)
+    plot.write_bytes(b"\x89PNG")
     with Tracker(tracking, cfg, tags={"stage": "adapt", "method": "minipost", "source_lang": "en",
                                       "target_lang": "sw", "tp": 1}) as t:
         for step in range(steps):
             t.log_metrics({"train/loss": 10.0 - step, "lr": 0.1}, step)
         t.log_metrics({"eval/loss": 3.0}, steps)
-        t.log_loss_curves()
+        t.log_artifact(plot, "plots")
         t.log_artifact(report, "report")
     return t
 
@@ -134,7 +138,11 @@ def test_inert_on_other_ranks_and_when_disabled(store, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with Tracker(TrackingConfig(store_dir=str(store), enabled=False)) as off:
         off.log_metrics({"loss": 1.0}, 0)
-    assert t.run_id is None and off.run_id is None
+        assert off.child_env() == {TRACKING_ENV: "off"}  # a pipeline without tracking: its stages neither
+    monkeypatch.setenv(TRACKING_ENV, "off")
+    with Tracker(TrackingConfig(store_dir=str(store)), tags={"stage": "adapt"}) as stage:
+        stage.log_metrics({"loss": 1.0}, 0)
+    assert t.run_id is None and off.run_id is None and stage.run_id is None
     assert [p.name for p in store.iterdir()] == ["mlflow.db"] and all_runs(store) == []
 
 
@@ -167,28 +175,13 @@ def test_logging_does_not_wait_for_a_slow_store(store, monkeypatch):
 
 
 def test_rejected_call_is_reported_and_the_rest_is_kept(store, caplog):
-    with Tracker(TrackingConfig(store_dir=str(store))) as t:
-        t.log_config({"lr": 0.1})
-        t.log_config({"lr": 0.2})  # MLflow params are immutable: the store says no
+    with Tracker(TrackingConfig(store_dir=str(store)), {"lr": 0.1}) as t:
+        t.set_tags({"bad key!": 1})  # not a valid tag name: the store says no
         t.log_metrics({"train/loss": 1.0}, 0)
     run = client_for(store).get_run(t.run_id)
     assert len(t.errors) == 1 and "rejected" in caplog.text
     assert run.data.params["lr"] == "0.1" and run.data.metrics["train/loss"] == 1.0
     assert run.info.status == "FINISHED"
-
-
-def test_models_are_uploaded_only_when_asked(store, tmp_path):
-    model_dir = tmp_path / "export" / "mini"
-    model_dir.mkdir(parents=True)
-    (model_dir / "config.json").write_text("{}")
-    with Tracker(TrackingConfig(store_dir=str(store))) as off:
-        off.log_model(model_dir, "mini")
-    with Tracker(TrackingConfig(store_dir=str(store), log_models=True)) as on:
-        on.log_model(model_dir, "mini")
-    client = client_for(store)
-    assert client.get_run(off.run_id).data.tags["model_dir.mini"] == str(model_dir)
-    assert artifact_paths(client, off.run_id) == set()
-    assert artifact_paths(client, on.run_id) == {"models/mini/config.json"}
 
 
 def test_server_down_at_start_warns_and_keeps_everything_locally(store, tmp_path, caplog):
@@ -211,46 +204,44 @@ def test_bad_tracking_config_names_the_key():
 
 def test_finished_stage_is_linked_into_a_new_pipeline_not_rerun(store):
     tracking = TrackingConfig(store_dir=str(store))
-    cfg = ToyStageConfig(tracking=tracking)
-    key = stage_key("adapt", cfg, "sw")
-    assert key == stage_key("adapt", dataclasses.replace(cfg, tracking=TrackingConfig(run_name="x")), "sw")
-    assert key != stage_key("adapt", dataclasses.replace(cfg, lr=0.5), "sw")
-    assert find_finished_run(tracking, key) is None
-
     with Tracker(tracking, tags={"stage": "pipeline"}) as first_pipeline:
-        with Tracker(dataclasses.replace(tracking, parent_run_id=first_pipeline.run_id), cfg,
-                     tags={"stage": "adapt", "target_lang": "sw", STAGE_KEY_TAG: key}) as stage:
+        with Tracker(dataclasses.replace(tracking, parent_run_id=first_pipeline.run_id), ToyStageConfig(),
+                     tags={"stage": "adapt", "target_lang": "sw"}) as stage:
             stage.log_metrics({"train/loss": 1.0}, 0)
-    assert find_finished_run(tracking, key) == stage.run_id
-    assert find_finished_run(tracking, key, parent_run_id=first_pipeline.run_id) == stage.run_id
     # Re-running the same pipeline: the stage is already one of its children.
     assert link_run(tracking, stage.run_id, first_pipeline.run_id) == stage.run_id
 
     with Tracker(tracking, tags={"stage": "pipeline"}) as second_pipeline:
-        assert find_finished_run(tracking, key, parent_run_id=second_pipeline.run_id) is None
         link_id = link_run(tracking, stage.run_id, second_pipeline.run_id)
     link = client_for(store).get_run(link_id)
     assert link.data.tags["mlflow.parentRunId"] == second_pipeline.run_id
     assert link.data.tags[REUSED_RUN_TAG] == stage.run_id and link.data.tags["target_lang"] == "sw"
     assert stage.run_id in link.data.tags["mlflow.note.content"] and link.info.status == "FINISHED"
     assert link.data.metrics == {}  # a link, not a copy
-    assert find_finished_run(tracking, key) == stage.run_id  # the link does not stand for the stage itself
     assert len(all_runs(store)) == 4
 
 
-def test_resumed_run_continues_the_same_run(store, caplog):
+def test_files_are_attached_to_a_run_without_changing_it(store, tmp_path, monkeypatch, caplog):
+    """How the report reaches the pipeline's run: files and metrics added, status untouched; a run the store does
+    not hold, disabled tracking or another rank: nothing, and no error."""
+    report = tmp_path / "report.md"
+    report.write_text("# report\n")
     tracking = TrackingConfig(store_dir=str(store))
-    with Tracker(tracking, tags={"stage": "pipeline"}) as first:
-        first.log_metrics({"seconds_data": 5.0}, 0)
-    with Tracker.resume(tracking, first.run_id) as again:
-        again.log_metrics({"seconds_pretrain": 7.0}, 0)
-        assert client_for(store).get_run(first.run_id).info.status == "RUNNING"
-    [run] = all_runs(store)
-    assert again.run_id == first.run_id and again.run_name == "pipeline" and run.info.status == "FINISHED"
-    assert run.data.metrics == {"seconds_data": 5.0, "seconds_pretrain": 7.0}
-    with Tracker.resume(tracking, "0" * 32) as fresh:
-        pass
-    assert "not in the MLflow store" in caplog.text and fresh.run_id != first.run_id and len(all_runs(store)) == 2
+    parent = Tracker(tracking, tags={"stage": "pipeline"})
+    attach_to_run(tracking, parent.run_id, [report], "report", {"task/sw/minipost/accuracy": 0.5})
+    client = client_for(store)
+    run = client.get_run(parent.run_id)
+    assert run.info.status == "RUNNING" and run.data.metrics == {"task/sw/minipost/accuracy": 0.5}
+    assert artifact_paths(client, parent.run_id, "report") == {"report/report.md"}
+    parent.finish()
+    with caplog.at_level(logging.WARNING, logger="minimodel.tracking"):
+        attach_to_run(tracking, "0" * 32, [report], "report", {"x": 1.0})
+    assert "not in the MLflow store" in caplog.text
+    attach_to_run(dataclasses.replace(tracking, enabled=False), parent.run_id, [report], "off", {"x": 1.0})
+    monkeypatch.setenv("RANK", "1")
+    attach_to_run(tracking, parent.run_id, [report], "rank1", {"x": 1.0})
+    assert client.get_run(parent.run_id).data.metrics == {"task/sw/minipost/accuracy": 0.5}
+    assert len(all_runs(store)) == 1
 
 
 def test_resumed_stage_continues_its_run(store, tmp_path, monkeypatch, caplog):
@@ -290,10 +281,16 @@ def test_resumed_stage_continues_its_run(store, tmp_path, monkeypatch, caplog):
     fresh = Tracker.resumable(tracking, out, tags={"stage": "pretrain"}, resume=False)
     fresh.finish()
     assert fresh.run_id != first.run_id and json.loads((out / RUN_FILE).read_text())["run_id"] == fresh.run_id
+    # A run file naming a run this store does not hold (another store): a new run, with a warning.
+    (out / RUN_FILE).write_text(json.dumps({"run_id": "0" * 32}))
+    with caplog.at_level(logging.WARNING, logger="minimodel.tracking"):
+        elsewhere = Tracker.resumable(tracking, out, tags={"stage": "pretrain"})
+    elsewhere.finish()
+    assert "not in the MLflow store" in caplog.text and elsewhere.run_id not in (None, "0" * 32, fresh.run_id)
     # Inert ranks and disabled tracking leave the file alone.
     monkeypatch.setenv("RANK", "1")
     assert Tracker.resumable(tracking, out, resume=False).run_id is None
-    assert json.loads((out / RUN_FILE).read_text())["run_id"] == fresh.run_id
+    assert json.loads((out / RUN_FILE).read_text())["run_id"] == elsewhere.run_id
 
 
 def test_pipeline_children_are_nested_under_the_parent(store):
@@ -341,7 +338,8 @@ def test_two_ranks_of_one_torchrun_job_make_one_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_server_going_away_mid_run_loses_nothing(store, tmp_path, caplog, monkeypatch):
+def test_server_going_away_mid_run_does_not_stop_the_stage(store, tmp_path, caplog, monkeypatch):
+    """The stage's results are on disk: when the server goes away, the writer warns once and the stage goes on."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # give up on the dead server at once
     tracking = TrackingConfig(store_dir=str(store), flush_every=5)
     with MlflowServer(new_store(tmp_path / "server-store")) as server:
@@ -349,17 +347,10 @@ def test_server_going_away_mid_run_loses_nothing(store, tmp_path, caplog, monkey
         for step in range(10):
             t.log_metrics({"train/loss": float(step)}, step)
         t.flush(wait=True)
-        server_run = t.run_id
-        assert [v for _, v in steps_of(MlflowClient(server.url), server_run, "train/loss")] == list(range(10))
+        assert [v for _, v in steps_of(MlflowClient(server.url), t.run_id, "train/loss")] == list(range(10))
     with caplog.at_level(logging.WARNING, logger="minimodel.tracking"):
         for step in range(10, 20):
             t.log_metrics({"train/loss": float(step)}, step)
-        t.log_loss_curves()
         t.finish()
-    assert "went away" in caplog.text and server.url in caplog.text
-    [run] = all_runs(store)
-    assert run.info.run_id == t.run_id != server_run and run.info.status == "FINISHED"
-    assert run.data.tags["tracking_lost_run_id"] == server_run and run.data.tags["stage"] == "adapt"
-    assert run.data.params["model.hidden_size"] == "64"
-    assert steps_of(client_for(store), t.run_id, "train/loss") == [(s, float(s)) for s in range(20)]
-    assert artifact_paths(client_for(store), t.run_id) == {"config.yaml", "plots/loss_curves.png"}
+    assert caplog.text.count("went away") == 1 and server.url in caplog.text and t.errors == []
+    assert all_runs(store) == []  # nothing replayed elsewhere

@@ -1,18 +1,18 @@
 """The pipeline report: zero-shot quality per language and adaptation method against the adaptation compute spent.
 
-Reads the child runs of a pipeline's parent run (minimodel/evaluation/runs.py):
-- adaptation runs (tag stage=adapt, method, target_lang) with their per-step histories of compute/flops and
-  compute/wall_clock_s;
-- evaluation runs (tag stage=evaluate, role=target|source, method, target_lang, task, metric) written by
-  zero_shot; a run tagged adapt_step scores that adaptation checkpoint, otherwise the final embeddings. The
-  evaluation is tied to its adaptation run by the tag adapt_run_id, else by (method, target_lang).
+Reads a pipeline's results from its output directory (minimodel/layout.py), never from MLflow:
+- zero-shot results, <pipeline_dir>/zero_shot/<task>/<method>/: metrics.json (per language, the final embeddings';
+  the source language's is the reference) and snapshots.json (per language and adaptation step);
+- the compute each evaluated checkpoint cost, <pipeline_dir>/adapt/<method>/<lang>/: adapt.json of the final
+  embeddings and of each snapshots/step_<N>/ (FLOPs and wall clock spent up to it).
 
 For each task and language it finds, for every method, the compute at which its quality first reached 95% /
 99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute; with
 final evaluations only, each method has one point), and the saving against the standard method. A task whose
 source-language reference is not above the majority-class share (logged by zero_shot as baseline/majority) by
 `chance_margin` gets a warning: its numbers are at chance and say nothing about the methods.
-Writes report.json, report.md and compute_vs_quality.png to output_dir and attaches them to the parent run.
+Writes report.json, report.md and compute_vs_quality.png to output_dir; with tracking, they and the headline
+numbers are also attached to the pipeline's MLflow run, for people to look at.
 """
 from __future__ import annotations
 
@@ -24,15 +24,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from minimodel.adaptation.artifact import read_info, snapshot_dir
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
-from minimodel.evaluation.runs import FLOPS_METRIC, WALL_CLOCK_METRIC, PipelineRuns, RunInfo
 from minimodel.evaluation.scoring import MAJORITY_METRIC
 from minimodel.evaluation.tasks import TASKS
+from minimodel.layout import PipelineLayout
 from minimodel.methods import REFERENCE, parse_method
 from minimodel.stages import StageResult
-from minimodel.tracking import TrackingConfig
+from minimodel.tracking import TrackingConfig, attach_to_run
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +43,26 @@ log = logging.getLogger(__name__)
 @dataclass
 class ReportConfig:
     output_dir: str = "runs/evaluate/report"
-    parent_run_id: str | None = None  # the pipeline's run; None: tracking.parent_run_id or $MINIMODEL_PARENT_RUN_ID
+    pipeline_dir: str = "runs/pipeline/tiny"  # the pipeline's output_dir, whose results are reported
     reference_method: str = REFERENCE  # whose final quality the thresholds are fractions of
     # the methods reported, in this order (minimodel/methods.py specs); []: every method found, the reference first
     methods: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)  # the zero-shot tasks reported; []: every one found
     fractions: list[float] = field(default_factory=lambda: [0.95, 0.99, 1.0])
     chance_margin: float = 0.02  # a source reference within this of the majority-class share is "at chance"
-    log_to_parent: bool = True  # attach the report files (and headline metrics) to the parent run
+    log_to_parent: bool = True  # attach the report files (and headline metrics) to the pipeline's MLflow run
+    parent_run_id: str | None = None  # that run; None: tracking.parent_run_id or $MINIMODEL_PARENT_RUN_ID
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         require(all(0 < f <= 1.5 for f in self.fractions), "fractions", "each must be in (0, 1.5], e.g. 0.95")
-
         for i, spec in enumerate(self.methods):
             parse_method(spec, f"methods[{i}]")
         require(not self.methods or self.reference_method in self.methods, "reference_method",
                 f"{self.reference_method!r} is not one of methods {self.methods}")
+        for i, task in enumerate(self.tasks):
+            require(task in TASKS, f"tasks[{i}]", f"{task!r} is not one of {sorted(TASKS)}")
+
 
 @dataclass
 class Point:
@@ -63,71 +70,50 @@ class Point:
     flops: float | None
     wall_clock_s: float | None
     adapt_step: int | None  # None: final embeddings
-    run_id: str
 
 
-def _at_step(history: list[tuple[int, float]], step: int | None) -> float | None:
-    """The cumulative value logged at `step` (or the last one before it); the final value when step is None; 0 at
-    step 0 (the initial embeddings: nothing spent yet)."""
-    if not history:
-        return None
-    if step is None:
-        return history[-1][1]
-    before = [v for s, v in history if s <= step]
-    return before[-1] if before else (0.0 if step == 0 else None)
+def _compute(artifact: Path) -> tuple[float | None, float | None]:
+    """(FLOPs, wall-clock seconds) adaptation had spent when it wrote this artifact (final or snapshot)."""
+    info = read_info(artifact)
+    if info is None:
+        log.warning("%s holds no adapt.json: the compute of the checkpoint evaluated there is unknown", artifact)
+        return None, None
+    return info["flops"], info["wall_clock_s"]
 
 
-def _find_adapt_run(run: RunInfo, adapt_runs: list[RunInfo]) -> RunInfo | None:
-    wanted = run.tags.get("adapt_run_id")
-    if wanted:
-        match = [a for a in adapt_runs if a.run_id == wanted or a.tags.get("reused_run_id") == wanted]
-        return match[0] if match else None
-    match = [a for a in adapt_runs if a.tags.get("method") == run.tags.get("method")
-             and a.tags.get("target_lang") == run.tags.get("target_lang")]
-    if len(match) > 1:
-        log.warning("%d adaptation runs for method %s, language %s: using the last; tag evaluation runs with "
-                    "adapt_run_id to choose", len(match), run.tags.get("method"), run.tags.get("target_lang"))
-    return match[-1] if match else None
+def _subdirs(path: Path) -> list[str]:
+    return sorted(d.name for d in path.iterdir() if d.is_dir()) if path.is_dir() else []
 
 
-def collect(runs: PipelineRuns) -> dict:
+def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: list[str] | None = None) -> dict:
     """{"points": {task: {lang: {method: [Point...]}}}, "source": {task: {lang: quality}}, "metric": {task: name},
-    "majority": {task: {lang: majority-class share of the source evaluation}}}."""
-    children = runs.children()
-    adapt_runs = [r for r in children if r.stage == "adapt"]
-    histories: dict[str, tuple] = {}
+    "majority": {task: {lang: majority-class share of the source evaluation}}} from the zero-shot results of
+    `tasks` x `methods` (default: every one there is)."""
     points: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     source: dict = defaultdict(dict)
     majority: dict = defaultdict(dict)
     metric_of: dict[str, str] = {}
-    for run in children:
-        if run.stage != "evaluate":
-            continue
-        task = run.tags.get("task", "?")
-        metric = run.tags.get("metric") or (TASKS[task].metric if task in TASKS else None)
-        if metric not in run.metrics:
-            log.warning("evaluation run %s has no metric %r: skipped", run.name, metric)
-            continue
-        metric_of[task] = metric
-        lang = run.tags.get("target_lang", "?")
-        if run.tags.get("role") == "source":
-            source[task][lang] = run.metrics[metric]
-            if MAJORITY_METRIC in run.metrics:
-                majority[task][lang] = run.metrics[MAJORITY_METRIC]
-            continue
-        step = int(run.tags["adapt_step"]) if run.tags.get("adapt_step") not in (None, "", "None") else None
-        adapt = _find_adapt_run(run, adapt_runs)
-        flops = wall = None
-        if adapt is None:
-            log.warning("no adaptation run found for evaluation run %s: its compute is unknown", run.name)
-        else:
-            if adapt.run_id not in histories:
-                histories[adapt.run_id] = (runs.history(adapt.run_id, FLOPS_METRIC),
-                                           runs.history(adapt.run_id, WALL_CLOCK_METRIC))
-            flops_hist, wall_hist = histories[adapt.run_id]
-            flops, wall = _at_step(flops_hist, step), _at_step(wall_hist, step)
-        points[task][lang][run.tags.get("method", "?")].append(
-            Point(run.metrics[metric], flops, wall, step, run.run_id))
+    for task in tasks or _subdirs(layout.root / "zero_shot"):
+        metric = TASKS[task].metric
+        for method in methods or _subdirs(layout.root / "zero_shot" / task):
+            out = layout.zero_shot(task, method)
+            if not (out / "metrics.json").is_file():
+                log.warning("%s has no metrics.json (zero-shot %s of %s did not finish): left out", out, task, method)
+                continue
+            source_lang = yaml.safe_load((out / "config.yaml").read_text())["source_lang"]
+            snapshots = json.loads((out / "snapshots.json").read_text()) if (out / "snapshots.json").is_file() else {}
+            for lang, final in json.loads((out / "metrics.json").read_text()).items():
+                metric_of[task] = metric
+                if lang == source_lang:
+                    source[task][lang] = final[metric]
+                    if MAJORITY_METRIC in final:
+                        majority[task][lang] = final[MAJORITY_METRIC]
+                    continue
+                run_dir = layout.adapt(method, lang)
+                checkpoints = [(None, final, run_dir)] + [(int(step), m, snapshot_dir(run_dir, int(step)))
+                                                          for step, m in snapshots.get(lang, {}).items()]
+                points[task][lang][method] += [Point(m[metric], *_compute(artifact), step)
+                                               for step, m, artifact in checkpoints]
     for per_lang in points.values():
         for per_method in per_lang.values():
             for pts in per_method.values():
@@ -299,14 +285,15 @@ def report(cfg: ReportConfig) -> StageResult:
     """Build the report of one pipeline; outputs: the {"json", "markdown", "png"} paths."""
     out = Path(cfg.output_dir)
     save_config(cfg, out / "config.yaml")
-    runs = PipelineRuns(cfg.tracking, cfg.parent_run_id)
-    summary = summarize(collect(runs), cfg.reference_method, cfg.fractions, cfg.chance_margin, cfg.methods)
+    layout = PipelineLayout(Path(cfg.pipeline_dir))
+    summary = summarize(collect(layout, cfg.methods, cfg.tasks), cfg.reference_method, cfg.fractions,
+                        cfg.chance_margin, cfg.methods)
     if not summary["tasks"]:
-        raise EvaluationError(f"pipeline run {runs.parent_run_id} has no evaluation runs (stage=evaluate) with "
-                              "metrics: run evaluate/zero_shot.py with tracking.parent_run_id set to it first")
+        raise EvaluationError(f"{layout.root / 'zero_shot'} holds no zero-shot results (<task>/<method>/metrics.json):"
+                              " set pipeline_dir to the pipeline's output_dir, and run its zero-shot stages first")
     paths = {"json": write_text_atomic(out / "report.json", json.dumps(summary, indent=2)),
              "markdown": write_text_atomic(out / "report.md", markdown(summary)),
              "png": plot(summary, out / "compute_vs_quality.png")}
     if cfg.log_to_parent:
-        runs.log_to_parent(list(paths.values()), "report", headline_metrics(summary))
+        attach_to_run(cfg.tracking, cfg.parent_run_id, list(paths.values()), "report", headline_metrics(summary))
     return StageResult("finished", paths)
