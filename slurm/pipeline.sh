@@ -46,7 +46,8 @@ while IFS=$'\x1f' read -r name after langs task_args command; do
     job_env+=("$after")
     continue
   fi
-  eval "submit=($command)"  # the shell-quoted template + arguments (shlex.join) back into words
+  eval "set -- $command"  # the shell-quoted template + arguments (shlex.join) back into words
+  submit=("$@")
   options=(--parsable --job-name="$name")
   deps=""
   for dep in $after; do deps+=":${job_id[$dep]}"; done

@@ -7,12 +7,15 @@ redirected to pytest's temporary folders.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from slurm_cluster import SlurmCluster, ensure_packages
 
@@ -239,36 +242,56 @@ def run_pipeline(cluster: SlurmCluster, out: Path, *args: str, env: dict | None 
     return dict(re.findall(r"^submitted (\S+) (\d+)", r.stdout, re.M))
 
 
+def pipeline_args(out: Path, *overrides: str) -> list[str]:
+    """The smoke pipeline with two target languages, its outputs and runs under `out`."""
+    return ["configs/pipeline/smoke.yaml", f"output_dir={out / 'run'}", f"data_dir={out / 'data'}",
+            f"tracking.store_dir={out / 'store'}", "target_langs=[ny, sw]", *overrides]
+
+
 @pytest.mark.slow
-def test_failed_stage_cancels_its_dependants(cluster, tmp_path):
-    """A stage that fails cancels everything after it (nothing pends forever); the two adaptation stages are one
-    array job; a stage already done is not resubmitted."""
-    plan = {"env": {"MINIMODEL_PARENT_RUN_ID": "0123"}, "stages": [
-        {"name": "data", "argv": ["python", "pretrain/prepare_data.py", "--config", str(tmp_path / "missing.yaml")],
-         "after": []},
-        {"name": "pretrain", "argv": ["torchrun", "--nproc-per-node", "2", "pretrain/train.py", "--config",
-                                      "configs/pretrain/minijoint_tiny.yaml"], "after": ["data"]},
-        {"name": "export", "argv": ["python", "pretrain/export.py"], "after": ["pretrain"], "done": True},
-        *[{"name": f"adapt-{lang}", "argv": ["deepspeed", "adapt/train.py", "--config", "configs/adapt/default.yaml",
-                                             f"target_lang={lang}"], "after": ["pretrain", "export"]}
-          for lang in ("sw", "ny")],
-        {"name": "report", "argv": ["python", "evaluate/report.py", "--config", "configs/evaluate/report.yaml"],
-         "after": ["adapt-sw", "adapt-ny"]},
-    ]}
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
-    jobs = run_pipeline(cluster, tmp_path, env={"PLAN": str(tmp_path / "plan.json")})
-    assert list(jobs) == ["data", "pretrain", "adapt-sw", "report"]  # export done; adapt-ny joined adapt-sw's array
+def test_real_plan_has_one_array_job_per_method_and_a_failure_cancels_its_dependants(cluster, tmp_path):
+    """The plan of a pipeline config with two target languages: each method's adaptation is one array job with a
+    task per language. The data stage fails (a bad override): everything after it is cancelled, nothing pends."""
+    jobs = run_pipeline(cluster, tmp_path, *pipeline_args(tmp_path, "overrides.data=[no_such_key=1]"))
+    methods = yaml.safe_load((ROOT / "configs/pipeline/smoke.yaml").read_text())["methods"]
+    adapt_jobs = [name for name in jobs if name.startswith("adapt-")]
+    assert adapt_jobs == [f"adapt-{method}" for method in methods], jobs  # no adapt-<method>-<lang> jobs
+    assert sum(name.startswith("plug-") for name in jobs) == 2 * len(methods)
 
     data = cluster.wait(jobs["data"], timeout=180)
     assert (data.state, data.exit_code) == ("FAILED", "2:0"), data
-    assert "config file" in job_log(tmp_path, jobs["data"])  # the stage's own error message, in its job log
-    for name in ("pretrain", "adapt-sw", "report"):
-        result = cluster.wait(jobs[name], timeout=60)
-        assert result.state == "CANCELLED", (name, result)
-        assert result.info["Reason"] == "DependencyNeverSatisfied" or result.info.get("RunTime") == "00:00:00"
-    info = cluster.job_info(jobs["adapt-sw"])
-    assert info[0]["ArrayTaskId"] == "0-1" and info[0]["JobName"] == "adapt-sw"
-    assert info[0]["Dependency"].startswith(f"afterok:{jobs['pretrain']}")
+    assert "config error: unknown key no_such_key" in job_log(tmp_path, jobs["data"])  # the stage's own message
+    for name in adapt_jobs:
+        (info,) = cluster.job_info(jobs[name])
+        assert info["ArrayTaskId"] == "0-1" and info["JobName"] == name, info
+        upstream = "minipost" if name == "adapt-minipost" else "export"  # the stage that made its model
+        assert re.findall(r"afterok:(\d+)", info["Dependency"]) == [jobs[upstream], jobs["data"]], info
+    for name in jobs:
+        if name != "data":
+            result = cluster.wait(jobs[name], timeout=60)
+            assert result.state == "CANCELLED", (name, result)
+
+
+@pytest.mark.slow
+def test_array_tasks_get_their_languages_arguments_from_the_plan(cluster, tmp_path):
+    """The same real plan re-submitted as if the stages before adaptation had finished earlier (PLAN, done): only
+    what is left is submitted, and array task i runs the stage with the plan's arguments of language i."""
+    plan = subprocess.run([sys.executable, "-m", "minimodel.pipeline", "--plan", "--config",
+                           *pipeline_args(tmp_path, "methods=[standard]")], cwd=ROOT, env={**os.environ, **JOB_ENV},
+                          capture_output=True, text=True, check=True)
+    planned = json.loads(plan.stdout)
+    for job in planned["jobs"]:
+        job["done"] = job["name"] in ("data", "pretrain", "export")
+    (tmp_path / "plan.json").write_text(json.dumps(planned))
+    jobs = run_pipeline(cluster, tmp_path, env={"PLAN": str(tmp_path / "plan.json"),  # logs per array task:
+                                                "SBATCH_ARGS": f"--output={tmp_path}/%x-%A_%a.out --gpus-per-node=1"})
+    assert list(jobs)[0] == "adapt-standard" and not {"data", "pretrain", "export"} & set(jobs), jobs
+    result = cluster.wait(jobs["adapt-standard"], timeout=600)
+    assert result.state == "FAILED"  # no primary model: the stage's own error, in each task's log
+    for task, lang in ((0, "ny"), (1, "sw")):
+        log = (tmp_path / f"adapt-standard-{jobs['adapt-standard']}_{task}.out").read_text()
+        assert f"array task {task}: target_lang={lang}" in log, log[-3000:]
+        assert re.search(rf"deepspeed\.launcher\.runner.* 'adapt/train\.py' .*'target_lang={lang}'", log), log[-3000:]
 
 
 PIPELINE_MODULE = ROOT / "minimodel" / "pipeline.py"
