@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from minimodel.errors import MissingInputError
 from minimodel.files import write_text_atomic
@@ -33,8 +34,6 @@ SNAPSHOTS_DIR = "snapshots"
 
 def write_artifact(run_dir: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
     """Each file replaced atomically, adapt.json last: a reader that finds adapt.json finds its embeddings."""
-    from safetensors.torch import save_file
-
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / (EMBEDDINGS_FILE + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
@@ -48,8 +47,6 @@ def read_info(run_dir: str | os.PathLike) -> dict | None:
 
 
 def read_artifact(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
     info = read_info(run_dir)
     if info is None or not (run_dir / EMBEDDINGS_FILE).is_file():

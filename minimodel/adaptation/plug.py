@@ -28,10 +28,12 @@ import torch
 from minimodel.adaptation.artifact import read_artifact, tokenizer_dir as artifact_tokenizer
 from minimodel.adaptation.vocab import install_vocabulary, tokenizer_fingerprint
 from minimodel.config import require, save_config
+from minimodel.data.tokenizer import load_tokenizer
 from minimodel.errors import UserError
 from minimodel.files import replace_dir
 from minimodel.manifest import ManifestError, check_aligned, model_hash
 from minimodel.stages import StageResult
+from minimodel.training.hf_mlm import mlm_head
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,6 @@ def plug_model(model, embeddings: str | os.PathLike, *, model_dir: str, primary_
     """Swap the learned embeddings of the artifact `embeddings` into `model` (loaded from `model_dir`, fine-tuned
     from `primary_dir`, default: it is the primary) in place, after checking they belong together.
     Returns (the target tokenizer, its directory, the artifact's adapt.json)."""
-    from minimodel.data.tokenizer import load_tokenizer
-
     tensors, info = read_artifact(embeddings)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else artifact_tokenizer(embeddings)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -108,8 +108,6 @@ def plug_model(model, embeddings: str | os.PathLike, *, model_dir: str, primary_
     embeddings_module = dict(model.base_model.embeddings.named_parameters())
     head_params = {}
     if out is not None and info["over"] == "full":
-        from minimodel.training.hf_mlm import mlm_head
-
         head_params = dict(mlm_head(model).named_parameters())
     with torch.no_grad():
         for key, value in tensors.items():

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import deepspeed
 import torch
 from torch import nn
 
@@ -187,8 +188,6 @@ def changed_frozen_parameters(mini: nn.Module, source: nn.Module, frozen: list[s
     """Names of `frozen` parameters of the (trained) mini-model whose values differ from the source's, compared
     in the mini-model's dtype (bf16 training casts the module). ZeRO-3-partitioned parameters are gathered first:
     a collective, so call it on every rank."""
-    import deepspeed
-
     params = dict(mini.named_parameters())
     source_state = source.state_dict()
     changed = []

@@ -207,7 +207,7 @@ class Trainer:
         self.say(f"saved checkpoint {self.last_checkpoint}")
 
     def resume(self) -> None:
-        """Load the newest complete checkpoint under the checkpoint dir, if any (and checkpoint.resume)."""
+        """Load the newest complete checkpoint under the checkpoint dir, if any (and train.checkpoint.resume)."""
         from minimodel.models.minijoint import parallelize
 
         if not self.cfg.train.checkpoint.resume:
@@ -274,7 +274,7 @@ class Trainer:
         cfg = self.cfg
         tags = {"stage": "pretrain", "method": "minijoint", "source_lang": cfg.data.source_lang,
                 **layout_tags(self.layout["tp"], self.layout["pp"]), "vpp": self.layout["vpp"],
-                "world_size": dist.get_world_size(), "precision": "bf16" if self.bf16 else "fp32",
+                "world_size": dist.get_world_size(), "precision": "bf16" if self.engine.bf16 else "fp32",
                 "resumed_from_step": self.step or None}
         # a resumed run (requeued job, same command again) continues its MLflow run: one run per pretraining
         self.tracker = Tracker.resumable(cfg.tracking, cfg.output_dir, config=cfg, tags=tags, resume=self.step > 0)
