@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (REPO, SUMMARY, arg_parser, count_flops, header, parse_args, pyplot,  # noqa: E402
-                               save, single_process_env, summary)
+                               save, summary)
+from minimodel import distributed  # noqa: E402
 from minimodel.files import write_text_atomic  # noqa: E402
 
 NAME = "adaptation_compute"
@@ -130,13 +131,8 @@ def _write_stamp(path: Path, key: str) -> None:
 
 
 def _ensure_process_group() -> None:
-    """One-process gloo/NCCL group for the DeepSpeed stages (after megatron's stages destroyed theirs)."""
-    import torch.distributed as dist
-
-    single_process_env()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+    """One-process group for the DeepSpeed stages (after megatron's stages destroyed theirs)."""
+    distributed.initialize_deepspeed()
 
 
 def prepare(setup: Setup, work: Path) -> Path:

@@ -235,15 +235,6 @@ def minijoint_config(args: argparse.Namespace, vocab_size: int, **fields):
                        mini_layers=args.mini_layers, **fields)
 
 
-def single_process_env() -> None:
-    """minimodel.training.deepspeed_loop.single_process_env, plus DeepSpeed's accelerator chosen for this machine."""
-    # deepspeed picks its accelerator when first imported: only after DS_ACCELERATOR is set
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    from minimodel.training.deepspeed_loop import single_process_env as one_process_world
-
-    one_process_world()
-
-
 # -- MiniJoint pretraining steps in this process (megatron-core, one rank, TP=1/PP=1) -------------------------------
 def synthetic_mlm_batch(vocab_size: int, batch: int, seq: int, mask_fraction: float = 0.15,
                         seed: int = 0) -> dict[str, torch.Tensor]:
@@ -276,7 +267,7 @@ class MiniJointSteps:
     @contextlib.contextmanager
     def world(model_cfg, micro_batch: int, seed: int = 0):
         """The one-rank megatron world (TP=1/PP=1) the MiniJointSteps of the block live in; destroyed after it."""
-        single_process_env()
+        distributed.single_process_env()
         parallelize.setup(model_cfg, ParallelConfig(micro_batch_size=micro_batch, global_batch_size=micro_batch),
                           seed)
         try:

@@ -1,8 +1,10 @@
 """The one place that sets up and tears down torch.distributed and megatron-core's parallel state.
 
-Launch with torchrun (or srun setting the same variables): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT. Without
-them, `initialize` makes a one-process group, so tools such as the exporter run as plain scripts.
+Launch with torchrun or the deepspeed launcher (or srun setting the same variables): RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT. Without them every stage runs as a world of one process, so it also works as a plain script.
 NCCL on GPUs, gloo on CPU; on a machine without CUDA, minimodel.compat.cpu is applied first (and only then).
+Megatron stages call `initialize`, DeepSpeed stages `initialize_deepspeed`; `rank()` / `world_size()` answer before
+either (from the launcher's variables) and `destroy()` tears down whatever a stage started.
 
 Process layout: world = tensor x pipeline x data parallel (megatron's order: TP innermost). Virtual pipeline
 stages interleave `virtual_pipeline_model_parallel_size` model chunks per pipeline rank.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable, Literal
@@ -106,6 +110,46 @@ def is_initialized() -> bool:
 _OUTPUT_HEAD_GROUP = None
 
 
+def init_process_group(timeout: timedelta = timedelta(minutes=30)) -> None:
+    """Start torch.distributed if it is not up: the launcher's world, else a one-process group (no launcher)."""
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def _started_by_a_launcher() -> bool:
+    multi_task_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    return multi_task_slurm or any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+
+
+def single_process_env() -> None:
+    """A plain `python script.py` (no launcher): set the variables torchrun / the deepspeed launcher would set for a
+    world of one process, so DeepSpeed and megatron form a one-process group instead of looking for MPI."""
+    if _started_by_a_launcher():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def initialize_deepspeed() -> None:
+    """Start torch.distributed through DeepSpeed (nccl on GPUs, gloo/ccl on CPU; it also discovers MPI and Slurm
+    worlds) if it is not up. A plain `python script.py` runs as a world of one process."""
+    if dist.is_initialized():
+        return
+    single_process_env()
+    import deepspeed  # here, not at the top: megatron-only processes do not pay its import
+
+    deepspeed.init_distributed()
+
+
 def initialize(parallel: ParallelConfig, seed: int, embedding_stages: Iterable[int] = (),
                head_stages: Iterable[int] = ()) -> None:
     """Start torch.distributed (if needed) and megatron's parallel groups, and seed every generator.
@@ -120,15 +164,7 @@ def initialize(parallel: ParallelConfig, seed: int, embedding_stages: Iterable[i
     cpu.apply()
     from megatron.core import parallel_state
 
-    if not dist.is_initialized():
-        timeout = timedelta(minutes=parallel.timeout_minutes)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    init_process_group(timedelta(minutes=parallel.timeout_minutes))
     world = dist.get_world_size()
     parallel.num_microbatches(world)  # raises a ConfigError naming the key if the layout does not fit
 
@@ -213,11 +249,20 @@ def set_rng_state(state: dict) -> None:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's global rank: the process group's, else (before one is up) the launcher's RANK or Slurm's."""
+    if dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
 
 
 def barrier() -> None:
@@ -226,12 +271,11 @@ def barrier() -> None:
 
 
 def destroy() -> None:
-    """Tear down megatron's groups and the process group."""
-    from megatron.core import parallel_state
-
+    """Tear down megatron's groups (if a stage made them) and the process group (if one is up)."""
     global _OUTPUT_HEAD_GROUP
     _OUTPUT_HEAD_GROUP = None
-    if parallel_state.model_parallel_is_initialized():
+    parallel_state = sys.modules.get("megatron.core.parallel_state")  # not imported: there are no groups
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

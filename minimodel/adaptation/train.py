@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, snapshot_dir, write_artifact
 from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map, tokenizer_fingerprint
 from minimodel.config import require, save_config
@@ -32,7 +33,7 @@ from minimodel.methods import parse_method
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig, resolve_zero_config
-from minimodel.training.deepspeed_loop import gather_full_params, init_distributed, optimizer_state_numel, train
+from minimodel.training.deepspeed_loop import gather_full_params, optimizer_state_numel, train
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, mlm_head
 from minimodel.training.metrics import plot_losses
 
@@ -271,7 +272,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
 
     from minimodel.data.mlm import MaskedLMDataset
 
-    init_distributed()
+    distributed.initialize_deepspeed()
     rank = dist.get_rank()
     run_dir = Path(cfg.output_dir) / lang
     if read_info(run_dir) is not None:
@@ -377,7 +378,7 @@ def run_adaptation(cfg: AdaptConfig) -> StageResult:
     stage failed if a language failed, else it is interrupted if a stop signal ended one."""
     import torch.distributed as dist
 
-    init_distributed()
+    distributed.initialize_deepspeed()
     rank = dist.get_rank()
     statuses: dict[str, str] = {}
     for lang in cfg.languages():

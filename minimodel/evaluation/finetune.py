@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minimodel import distributed
 from minimodel.config import require, save_config
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.evaluation.features import classification_features, qa_train_features
@@ -29,7 +30,7 @@ from minimodel.manifest import model_hash
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
-from minimodel.training.deepspeed_loop import gather_full_params, init_distributed, train
+from minimodel.training.deepspeed_loop import gather_full_params, train
 
 
 
@@ -111,7 +112,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    init_distributed()
+    distributed.initialize_deepspeed()
     rank = dist.get_rank()
     out = Path(cfg.output_dir)
     if rank == 0:
@@ -143,7 +144,6 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
                        eval_data=eval_data, tracker=tracker, desc=f"finetune {task.name}")
         if result.interrupted:
             tracker.set_tags({"interrupted_at_step": result.step})
-            _end_process_group()
             return StageResult("interrupted", {"step": result.step})
         model_dir = _save_task_model(cfg, model, result.engine, tokenizer, spec.labels)
         metrics: dict[str, float] = {}
@@ -154,13 +154,5 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
                 metrics.update({f"{split}/{k}": v for k, v in scores.items()})
             tracker.log_metrics(metrics, step=result.step)
             write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-    _end_process_group()
+    dist.barrier()  # the other ranks wait while rank 0 scores: all return, and tear down (minimodel.cli), together
     return StageResult("finished", {"task_model": model_dir, "metrics": metrics})
-
-
-def _end_process_group() -> None:
-    """Tear down torch.distributed once all ranks are here (cheap insurance against crashes at exit)."""
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()

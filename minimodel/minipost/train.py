@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from minimodel import distributed
 from minimodel.config import require, save_config
 from minimodel.data.mlm_config import MLMDataConfig
 from minimodel.files import replace_dir, write_text_atomic
@@ -34,7 +35,7 @@ from minimodel.minipost.build import (Init, MiniPostError, build_mini_model, cha
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig
-from minimodel.training.deepspeed_loop import gather_full_params, init_distributed, train
+from minimodel.training.deepspeed_loop import gather_full_params, train
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
     train_data = cfg.data.dataset("train", tokenizer, cfg.data.seq_length, seed=cfg.train.seed)
     valid_data = cfg.data.dataset("valid", tokenizer, cfg.data.seq_length, seed=0)
 
-    init_distributed()
+    distributed.initialize_deepspeed()
     rank0 = dist.get_rank() == 0
     device = torch.device(get_accelerator().device_name(int(os.environ["LOCAL_RANK"])))
     out = Path(cfg.output_dir)

@@ -63,7 +63,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +77,7 @@ from torch import nn
 from tqdm import tqdm
 
 from minimodel.config import ConfigError
+from minimodel.distributed import initialize_deepspeed
 from minimodel.training.config import DeepSpeedLoopConfig, resolve_zero_config
 from minimodel.training.metrics import MetricSink
 from minimodel.training.preemption import PreemptionSignal
@@ -167,35 +167,10 @@ def _save(engine, ckpt_dir: Path, step: int, state: dict, cfg: DeepSpeedLoopConf
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _started_by_a_launcher() -> bool:
-    multi_task_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    return multi_task_slurm or any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
-
-
-def single_process_env() -> None:
-    """A plain `python script.py` (no launcher): set the variables torchrun / the deepspeed launcher would set for a
-    world of one process, so DeepSpeed and megatron form a one-process group instead of looking for MPI."""
-    if _started_by_a_launcher():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def init_distributed() -> None:
-    """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo/ccl on CPU) if not done yet.
-    A plain `python script.py` (no launcher) runs as a world of one process."""
-    if dist.is_initialized():
-        return
-    single_process_env()
-    deepspeed.init_distributed()
-
-
 def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Callable, flops_fn: Callable, *,
           output_dir: str | os.PathLike, eval_data=None, tracker=None, tokens_fn: Callable | None = None,
           on_step: Callable | None = None, desc: str = "train") -> LoopResult:
-    init_distributed()
+    initialize_deepspeed()
     rank, world = dist.get_rank(), dist.get_world_size()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
