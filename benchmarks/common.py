@@ -29,7 +29,7 @@ from minimodel.models.minijoint import parallelize
 from minimodel.models.minijoint.config import ModelConfig
 from minimodel.models.minijoint.model import flops_per_token
 from minimodel.training.config import OptimizerConfig, PretrainLoopConfig
-from minimodel.training.pretrain import Engine
+from minimodel.training.megatron_loop import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -249,7 +249,7 @@ def synthetic_mlm_batch(vocab_size: int, batch: int, seq: int, mask_fraction: fl
 
 
 class MiniJointSteps:
-    """A MiniJoint model on one rank with the pretraining loop's engine (minimodel.training.pretrain.Engine: the
+    """A MiniJoint model on one rank with the pretraining loop's engine (minimodel.training.megatron_loop.Engine: the
     megatron optimizer and schedule) and one fixed synthetic micro-batch; `step()` is the loop's own update.
 
     Build it inside `with MiniJointSteps.world(model_cfg, micro_batch):`; every model there shares its layout."""

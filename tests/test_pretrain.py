@@ -15,7 +15,9 @@ from minimodel.config import ConfigError, load_config
 from minimodel.data.mlm_config import MLMDataConfig
 from minimodel.training import checkpoint as ckpt
 from minimodel.training.metrics import plot_losses, read_metrics
-from minimodel.training.pretrain import LOSS_CURVES, PREEMPTED_EXIT_CODE, PretrainConfig
+from minimodel.training.megatron_loop import LOSS_CURVES
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE
+from minimodel.training.pretrain import PretrainConfig
 from minimodel.training.sampler import MicroBatches
 from pretrain_helpers import (PYTHON, ROOT, TINY_CONFIG, TRAIN_SCRIPT, build_tiny_corpus, corpus_overrides, launch,
                               run, tail, train_losses, wait_for_step)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from minimodel import distributed
@@ -28,6 +29,9 @@ from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, snapshot_dir
 from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map, tokenizer_fingerprint
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
+from minimodel.data.indexed import write_indexed
+from minimodel.data.mlm import MaskedLMDataset
+from minimodel.data.tokenizer import FastEncoder, load_tokenizer, train_tokenizer
 from minimodel.manifest import check_aligned, model_hash
 from minimodel.methods import parse_method
 from minimodel.stages import StageResult
@@ -174,13 +178,10 @@ def _read_verses(lang_dir: Path) -> list[dict]:
 
 def _tokenize_corpus(lang_dir: Path, tokenizer_dir: Path, out_dir: Path) -> None:
     """Re-encode the data stage's verses with another tokenizer, into <out_dir>/{train,valid}.bin|.idx."""
-    from minimodel.data.indexed import write_indexed
-    from minimodel.data.tokenizer import FastEncoder
-
     verses = _read_verses(lang_dir)
     encoder = FastEncoder(tokenizer_dir)
     encoder.check_agrees([v["text"] for v in verses[:64]])
-    vocab_size = len(_load_tokenizer(tokenizer_dir))
+    vocab_size = len(load_tokenizer(tokenizer_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     for split in ("train", "valid"):
         texts = [v["text"] for v in verses if v["split"] == split]
@@ -191,19 +192,11 @@ def _tokenize_corpus(lang_dir: Path, tokenizer_dir: Path, out_dir: Path) -> None
             os.replace(out_dir / f".{split}.partial{ext}", out_dir / f"{split}{ext}")
 
 
-def _load_tokenizer(path: Path):
-    from minimodel.data.tokenizer import load_tokenizer
-
-    return load_tokenizer(path)
-
-
 def prepare_target_data(cfg: AdaptConfig, lang: str, run_dir: Path) -> tuple[Path, Path]:
     """Rank 0 only: put the target tokenizer in <run_dir>/tokenizer; return the (train, valid) dataset prefixes.
 
     The data stage's datasets are used when the tokenizer is the one they were encoded with; otherwise (a trained
     or a different given tokenizer) the corpus is re-encoded into <run_dir>/data/."""
-    from minimodel.data.tokenizer import train_tokenizer
-
     lang_dir = Path(cfg.data_dir) / lang
     if not lang_dir.is_dir():
         raise FileNotFoundError(f"no data for target language {lang!r} in {cfg.data_dir}: add languages.{lang} to "
@@ -219,11 +212,11 @@ def prepare_target_data(cfg: AdaptConfig, lang: str, run_dir: Path) -> tuple[Pat
                             seed=cfg.tokenizer.seed)
         else:
             source = Path(cfg.tokenizer.path) if cfg.tokenizer.path else data_tokenizer
-            _load_tokenizer(source)  # a clear error if it is not a tokenizer directory
+            load_tokenizer(source)  # a clear error if it is not a tokenizer directory
             shutil.copytree(source, tmp)
         os.replace(tmp, tokenizer_dir)
     same_as_data = (data_tokenizer / "tokenizer_config.json").is_file() and \
-        tokenizer_fingerprint(_load_tokenizer(tokenizer_dir)) == tokenizer_fingerprint(_load_tokenizer(data_tokenizer))
+        tokenizer_fingerprint(load_tokenizer(tokenizer_dir)) == tokenizer_fingerprint(load_tokenizer(data_tokenizer))
     if same_as_data:
         return lang_dir / "train", lang_dir / "valid"
     data_dir = run_dir / "data"
@@ -242,7 +235,7 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer):
     if cfg.init.method == "random":
         mapping = torch.full((len(target_tokenizer),), -1, dtype=torch.long)
     else:
-        mapping = token_map(_load_tokenizer(Path(model_dir)), target_tokenizer)
+        mapping = token_map(load_tokenizer(Path(model_dir)), target_tokenizer)
     weight, used_map = INITIALISERS[cfg.init.method](
         model.get_input_embeddings().weight.detach(), mapping, target_tokenizer, std=cfg.init.std,
         pad_id=target_tokenizer.pad_token_id, generator=torch.Generator().manual_seed(cfg.init.seed))
@@ -252,8 +245,6 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer):
 
 def _rank0_then_everywhere(fn):
     """Run `fn` on rank 0 and return its result on every rank; its exception is raised on every rank."""
-    import torch.distributed as dist
-
     box = [None]
     if dist.get_rank() == 0:
         try:
@@ -268,10 +259,6 @@ def _rank0_then_everywhere(fn):
 
 def adapt_language(cfg: AdaptConfig, lang: str) -> str:
     """Learn `lang` embeddings; returns "done" or "interrupted" (resume by running the same command again)."""
-    import torch.distributed as dist
-
-    from minimodel.data.mlm import MaskedLMDataset
-
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
     run_dir = Path(cfg.output_dir) / lang
@@ -298,7 +285,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
         return prepare_target_data(cfg, lang, run_dir)
 
     train_prefix, valid_prefix = _rank0_then_everywhere(prepare)
-    target_tokenizer = _load_tokenizer(run_dir / TOKENIZER_DIR)
+    target_tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
     model, trainable, used_map = build_adaptation_model(cfg, model_dir, target_tokenizer)
     flops_fn = MLMFlops(model)  # before DeepSpeed: ZeRO-3 empties the parameters it partitions
     train_data = MaskedLMDataset(train_prefix, target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
@@ -376,8 +363,6 @@ def run_adaptation(cfg: AdaptConfig) -> StageResult:
     """Adapt to every selected language in turn; one failure does not stop the others. Outputs {lang: status},
     status "done" | "interrupted" | "failed: <error>", also written to <output_dir>/summary.json (rank 0); the
     stage failed if a language failed, else it is interrupted if a stop signal ended one."""
-    import torch.distributed as dist
-
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
     statuses: dict[str, str] = {}

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from minimodel import distributed
 from minimodel.files import replace_dir, write_text_atomic
@@ -76,8 +78,6 @@ def step_of(path: str | os.PathLike) -> int:
 # -- RNG state ---------------------------------------------------------------------------------------------------
 def _rng_sharded_object(data: Any):
     """One RNG state per global rank: dropout streams differ by tensor/pipeline rank."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     return ShardedObject(RNG_KEY, data, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
@@ -88,8 +88,6 @@ def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict
 
     Returns the final directory. Deletes the complete checkpoints `policy` says have expired (none if None).
     """
-    from megatron.core import dist_checkpointing
-
     root = Path(root)
     final = checkpoint_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -114,8 +112,6 @@ def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict
 
 def load_common(path: str | os.PathLike) -> dict:
     """The replicated (non-sharded) part of a checkpoint: step counters, scheduler state, layout..."""
-    from megatron.core import dist_checkpointing
-
     return dist_checkpointing.load_common_state_dict(str(path))
 
 
@@ -124,8 +120,6 @@ def load_checkpoint(path: str | os.PathLike, sharded_state_dict: dict, restore_r
 
     RNG states are per rank, so `restore_rng` requires the same parallel layout as when saving.
     """
-    from megatron.core import dist_checkpointing
-
     state = dict(sharded_state_dict)
     if restore_rng:
         state[RNG_KEY] = _rng_sharded_object(None)

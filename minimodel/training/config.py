@@ -1,4 +1,4 @@
-"""The training vocabulary both loops share: the megatron-core pretraining loop (training/pretrain.py) and the
+"""The training vocabulary both loops share: the megatron-core pretraining loop (training/megatron_loop.py) and the
 DeepSpeed loop (training/deepspeed_loop.py: adaptation, MiniPost, fine-tuning). Every stage's `train:` section
 says the same thing with the same names:
 
@@ -112,7 +112,7 @@ class CheckpointDirConfig(CheckpointConfig):
 
 @dataclass
 class PretrainLoopConfig(LoopConfig):
-    """The megatron-core pretraining loop (training/pretrain.py). Batch sizes are parallel.global_batch_size /
+    """The megatron-core pretraining loop (training/megatron_loop.py). Batch sizes are parallel.global_batch_size /
     micro_batch_size; an evaluation reads `eval.batches` batches of global_batch_size sequences."""
     seed: int = 1234
     log_every: int = 10  # steps between console lines (metrics go to MLflow every step)

@@ -1,6 +1,6 @@
 """MiniJoint under megatron-core parallelism: build the model for a layout, run steps, checkpoint the weights.
 
-Typical loop (minimodel/training/pretrain.py):
+Typical loop (minimodel/training/megatron_loop.py):
 
     setup(model_cfg, parallel_cfg, seed)                 # process groups, seeds; validates the layout
     model = build_model(model_cfg, parallel_cfg)         # list of DDP-wrapped chunks (one per virtual stage)
