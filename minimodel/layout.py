@@ -2,6 +2,8 @@
 the report that reads them back (results live on disk; MLflow only shows them).
 
     <data_dir>/<lang>/{tokenizer,train,valid,verses.jsonl}       data stage
+    <root>/config.yaml                                            the pipeline's resolved config
+    <root>/logs/<stage>.log                                       each stage's output
     <root>/pretrain/checkpoints                                   step 1
     <root>/export/{primary,mini}                                  primary + MiniJoint mini-model
     <root>/minipost/mini                                          MiniPost mini-model
@@ -28,9 +30,21 @@ class PipelineLayout:
     def tokenizer(self, lang: str) -> Path:
         return self.data(lang) / "tokenizer"
 
+    def dataset(self, lang: str, split: str) -> Path:
+        """The indexed dataset prefix (<prefix>.bin/.idx) of a language's split."""
+        return self.data(lang) / split
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
     @property
     def pretrain(self) -> Path:
         return self.root / "pretrain"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.pretrain / "checkpoints"
 
     @property
     def export(self) -> Path:

@@ -114,14 +114,14 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         stages.append(stage)
         return stage
 
-    source_data = [f"data.train_prefix={at.data(src) / 'train'}", f"data.valid_prefix={at.data(src) / 'valid'}",
+    source_data = [f"data.train_prefix={at.dataset(src, 'train')}", f"data.valid_prefix={at.dataset(src, 'valid')}",
                    f"data.tokenizer_dir={at.tokenizer(src)}"]
     prepare = add("data", "data", ["--config", cfg.configs.data, f"output_dir={at.data_dir}", *extra("data")],
                   at.data_dir, [])
     pretrain = add("pretrain", "pretrain", ["--config", cfg.configs.pretrain, f"output_dir={at.pretrain}",
                                             *source_data, *extra("pretrain")],
                    at.pretrain, [prepare], nproc=cfg.pretrain_nproc)
-    export = add("export", "export", [f"checkpoint={at.pretrain / 'checkpoints'}", f"tokenizer={at.tokenizer(src)}",
+    export = add("export", "export", [f"checkpoint={at.checkpoints}", f"tokenizer={at.tokenizer(src)}",
                                       f"output_dir={at.export}", *extra("export")], at.export, [pretrain])
     # the stage that makes each model source's model for adaptation (minimodel/methods.py MODELS)
     made_by = {"standard": export, "minijoint": export}
@@ -216,8 +216,8 @@ def _env(tracker: Tracker) -> dict[str, str]:
 
 
 def run(cfg: PipelineConfig) -> Path:
-    root = Path(cfg.output_dir)
-    save_config(cfg, root / "config.yaml")
+    at = PipelineLayout(Path(cfg.output_dir), Path(cfg.data_dir))
+    save_config(cfg, at.config)
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
                                                        "target_langs": ",".join(cfg.target_langs)})
     stages = build_stages(cfg, tracker.run_id)
@@ -231,7 +231,7 @@ def run(cfg: PipelineConfig) -> Path:
                 _link_earlier_runs(cfg, tracker, stage)
                 continue
             print(f"=== [{i}/{len(stages)}] {stage.name}", flush=True)
-            seconds = stage.run(env, root / "logs", find_runs)
+            seconds = stage.run(env, at.logs, find_runs)
             tracker.log_metrics({f"seconds.{stage.name}": seconds}, step=0)
     except StageInterrupted as e:  # a signal stopped it after checkpointing: not stamped, the next run resumes it
         tracker.finish("KILLED")
@@ -244,7 +244,7 @@ def run(cfg: PipelineConfig) -> Path:
         raise SystemExit(1) from None
     tracker.log_metrics({"pipeline_seconds": time.time() - start}, step=0)
     tracker.finish()
-    report_dir = root / "report"
+    report_dir = at.report
     print(f"\npipeline finished in {time.time() - start:.0f} s")
     print(f"report:  {report_dir / 'report.md'} (+ report.json, compute_vs_quality.png)")
     if tracker.run_id:

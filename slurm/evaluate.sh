@@ -2,7 +2,7 @@
 # Steps 3-4 and the report: one evaluation step per job.
 #   sbatch slurm/evaluate.sh finetune  [--config configs/evaluate/finetune/xnli.yaml] [key.sub=value ...]
 #   sbatch slurm/evaluate.sh zero_shot [--config configs/evaluate/zero_shot/xnli.yaml] [key.sub=value ...]
-#   sbatch slurm/evaluate.sh report    --config configs/evaluate/report.yaml parent_run_id=<pipeline run>
+#   sbatch slurm/evaluate.sh report    --config configs/evaluate/report.yaml pipeline_dir=<pipeline output_dir>
 # finetune runs with DeepSpeed on every GPU of the allocation (and checkpoints + requeues near the time limit);
 # zero_shot and report are single processes.
 #SBATCH --job-name=evaluate

@@ -183,6 +183,8 @@ def test_export_cli_matches_megatron_logits(runs, tokenizer_dir):
         assert len(AutoTokenizer.from_pretrained(out / name)) == len(AutoTokenizer.from_pretrained(tokenizer_dir))
     manifest = check_aligned(out / "mini", out / "primary")
     assert manifest["kind"] == "minijoint" and manifest["layers"] == 2
+    check = json.loads((out / "export.json").read_text())  # the export's own logit check, on disk (no tracking)
+    assert set(check["max_logit_diff"]) == {"primary", "mini"} and max(check["max_logit_diff"].values()) < 1e-4
     # shared output embedding: the mini-model's embeddings are the primary model's
     primary = AutoModelForMaskedLM.from_pretrained(out / "primary")
     mini = AutoModelForMaskedLM.from_pretrained(out / "mini")

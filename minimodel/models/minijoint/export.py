@@ -1,6 +1,7 @@
 """Export a MiniJoint checkpoint (any TP/PP layout) to two Hugging Face MegatronBertForMaskedLM directories.
 
     <out>/primary/   embeddings + all L layers + the main MLM head
+    <out>/export.json  the checkpoint exported and the logit check (max |HF - megatron| per model)
     <out>/mini/      embeddings + layers 1..m + the secondary head (its final LayerNorm becomes encoder.ln),
                      with minimodel.json (kind "minijoint") pointing at primary/. With secondary_head
                      "shared_transform" that head is the main head's own parameters; with "none" the model has no
@@ -14,6 +15,7 @@ the Hugging Face models reproduce its logits before anything is moved into place
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from minimodel import distributed
 from minimodel.config import ConfigError, require, save_config
 from minimodel.distributed import ParallelConfig
 from minimodel.errors import MissingInputError
-from minimodel.files import replace_dir
+from minimodel.files import replace_dir, write_text_atomic
 from minimodel.manifest import write_manifest
 from minimodel.models.minijoint import parallelize
 from minimodel.models.minijoint.config import ModelConfig
@@ -208,6 +210,8 @@ def run(cfg: ExportConfig) -> StageResult:
         checkpoint = newest
     with Tracker(cfg.tracking, config=cfg, tags={"stage": "export", "method": "minijoint"}) as tracker:
         result = export(checkpoint, cfg.tokenizer, cfg.output_dir, mini=cfg.mini)
+        write_text_atomic(Path(cfg.output_dir) / "export.json", json.dumps(
+            {"checkpoint": str(checkpoint), "max_logit_diff": result["max_logit_diff"]}, indent=2))
         tracker.log_metrics({f"max_logit_diff_{k}": v for k, v in result["max_logit_diff"].items()}, step=0)
     mini = result["mini"] or "none (the model has no secondary head; build one with pretrain/minipost.py)"
     return StageResult("finished", {**result, "mini": mini})
