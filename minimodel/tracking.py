@@ -19,8 +19,8 @@ Usage in a stage (every rank may run this; only global rank 0 touches MLflow):
   requeued job; added here).
 - A stage that resumes from its checkpoints continues its MLflow run too: `Tracker.resumable(cfg, output_dir, ...)`
   keeps the run id in <output_dir>/mlflow_run.json.
-- Three parts: `RunStore` (the store a run goes to, and what is done to finished runs: `link_run`,
-  `attach_to_run`), `BackgroundWriter` (every MLflow call of a run in order on one thread, so logging never blocks
+- Three parts: `RunStore` (the store a run goes to; `link_run` and `attach_to_run` use it on existing runs),
+  `BackgroundWriter` (every MLflow call of a run in order on one thread, so logging never blocks
   training for long) and `Tracker` (one stage's run: tags, params, metrics buffered and sent as one batch per
   `flush_every` steps; `finish()` waits for the writer).
 - When the server is down at start-up, the run goes to the local store with a warning; when it goes away mid-run,
