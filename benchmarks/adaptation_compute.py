@@ -234,11 +234,12 @@ class PluggedEvaluator:
     """Held-out target MLM loss of the primary model with given target embeddings installed (as plug() does)."""
 
     def __init__(self, primary_dir: Path, data_dir: Path, lang: str, setup: Setup):
-        from minimodel.adaptation.train import _load_masked_lm
-        from minimodel.data.mlm import MaskedLMDataset
-        from minimodel.data.tokenizer import load_tokenizer
+        from transformers import AutoModelForMaskedLM
 
-        self.primary = _load_masked_lm(str(primary_dir)).eval()
+        from minimodel.data.mlm import MaskedLMDataset
+        from minimodel.hf import load_model, load_tokenizer
+
+        self.primary = load_model(primary_dir, AutoModelForMaskedLM).eval()
         self.tokenizer = load_tokenizer(data_dir / lang / "tokenizer")
         valid = MaskedLMDataset(data_dir / lang / "valid", self.tokenizer, setup.seq_length, 0.15, seed=0)
         n = min(setup.eval_sequences, len(valid))
@@ -311,24 +312,28 @@ def quality_curve(run_dir: Path, evaluator: PluggedEvaluator, initial_loss: floa
 
 def plug_final(run_dir: Path, evaluator: PluggedEvaluator) -> float:
     """The final embeddings plugged into the primary by adapt/plug.py's function, evaluated."""
-    from minimodel.adaptation.plug import PlugConfig, _load_any, plug
+    from minimodel.adaptation.plug import PlugConfig, plug
+    from minimodel.hf import load_model
 
     out = run_dir / "plugged_primary"
     primary_dir = json.loads((run_dir / "adapt.json").read_text())["primary_model"]["path"]
     plug(PlugConfig(embeddings=str(run_dir), model=primary_dir, output_dir=str(out)))
-    loss = evaluator.loss(_load_any(str(out)))
+    loss = evaluator.loss(load_model(out))
     shutil.rmtree(out, ignore_errors=True)
     return loss
 
 
 def flop_check(model_dir: Path, evaluator: PluggedEvaluator, data_dir: Path, lang: str, setup: Setup) -> dict:
     """MLMFlops (what the loop logs) vs torch's FlopCounterMode on one adaptation step of this model."""
-    from minimodel.adaptation.train import TrainableConfig, _load_masked_lm, select_trainable
+    from transformers import AutoModelForMaskedLM
+
+    from minimodel.adaptation.train import TrainableConfig, select_trainable
     from minimodel.adaptation.vocab import install_vocabulary
     from minimodel.data.mlm import MaskedLMDataset
+    from minimodel.hf import load_model
     from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
 
-    model = _load_masked_lm(str(model_dir)).train()
+    model = load_model(model_dir, AutoModelForMaskedLM).train()
     weight, mapping = evaluator.initial_weight(0)
     install_vocabulary(model, weight, mapping, evaluator.tokenizer.pad_token_id)
     select_trainable(model, TrainableConfig())

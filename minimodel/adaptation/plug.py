@@ -28,9 +28,9 @@ import torch
 from minimodel.adaptation.artifact import read_artifact, tokenizer_dir as artifact_tokenizer
 from minimodel.adaptation.vocab import install_vocabulary, tokenizer_fingerprint
 from minimodel.config import require, save_config
-from minimodel.data.tokenizer import load_tokenizer
 from minimodel.errors import UserError
 from minimodel.files import replace_dir
+from minimodel.hf import load_model, load_tokenizer
 from minimodel.manifest import ManifestError, check_aligned, model_hash
 from minimodel.stages import StageResult
 from minimodel.training.hf_mlm import mlm_head
@@ -54,17 +54,6 @@ class PlugConfig:
         for key in ("embeddings", "model", "output_dir"):
             require(getattr(self, key) is not None, key, "is required (adapt/plug.py embeddings=... model=... "
                     "output_dir=...)")
-
-
-def _load_any(model_dir: str):
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    architecture = (config.architectures or [None])[0]
-    model_class = getattr(transformers, architecture, None) if architecture else None
-    if model_class is None:
-        raise PlugError(f"{model_dir}/config.json names no loadable architecture ({architecture!r})")
-    return model_class.from_pretrained(model_dir, dtype=torch.float32)
 
 
 def check_compatible(info: dict, model, model_dir: str, primary_dir: str, tokenizer,
@@ -125,7 +114,7 @@ def plug_model(model, embeddings: str | os.PathLike, *, model_dir: str, primary_
 
 def plug(cfg: PlugConfig) -> StageResult:
     """Outputs: the plugged model's directory."""
-    model = _load_any(cfg.model)
+    model = load_model(cfg.model)  # the class its config.json names: a masked LM or a task model
     tokenizer, tokenizer_dir, info = plug_model(model, cfg.embeddings, model_dir=cfg.model,
                                                 primary_dir=cfg.primary_model, tokenizer_dir=cfg.tokenizer)
 

@@ -23,12 +23,14 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers import AutoModelForMaskedLM
 
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, snapshot_dir, write_artifact
 from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map, tokenizer_fingerprint
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
+from minimodel.hf import load_model
 from minimodel.data.indexed import write_indexed
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.data.tokenizer import FastEncoder, load_tokenizer, train_tokenizer
@@ -158,14 +160,6 @@ def select_trainable(model: nn.Module, choice: TrainableConfig) -> dict[str, nn.
     return chosen
 
 
-def _load_masked_lm(model_dir: str) -> nn.Module:
-    from transformers import AutoModelForMaskedLM
-
-    if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    return AutoModelForMaskedLM.from_pretrained(model_dir, dtype=torch.float32)
-
-
 # -- target tokenizer and data ---------------------------------------------------------------------------------------
 
 def _read_verses(lang_dir: Path) -> list[dict]:
@@ -231,7 +225,7 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer):
     """The model adaptation trains: `model_dir`'s *ForMaskedLM with the initial target vocabulary installed and
     only the configured parameters trainable. Returns (model, {artifact name: trainable parameter}, the token map
     the rows were initialised through)."""
-    model = _load_masked_lm(model_dir)
+    model = load_model(model_dir, AutoModelForMaskedLM)
     if cfg.init.method == "random":
         mapping = torch.full((len(target_tokenizer),), -1, dtype=torch.long)
     else:

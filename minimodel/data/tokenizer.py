@@ -1,7 +1,7 @@
 """SentencePiece tokenizers with XLM-R's id convention, saved as Hugging Face tokenizer directories.
 
 ids: <s>=0 <pad>=1 </s>=2 <unk>=3, then the SentencePiece pieces (SentencePiece id + 1), <mask>=last, exactly as
-XLM-R, so `len(tokenizer) == vocab_size` and every consumer loads it with `transformers.AutoTokenizer`.
+XLM-R, so `len(tokenizer) == vocab_size` and every consumer loads it with minimodel.hf.load_tokenizer.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Iterable
 import numpy as np
 
 from minimodel.config import ConfigError
+from minimodel.hf import load_tokenizer  # loads what train_tokenizer saves
 
 SPM_FILE = "sentencepiece.bpe.model"  # XLM-R's file name (the model inside may be unigram or bpe)
 NUM_SPECIAL_ADDED = 2  # <pad> and <mask> exist on the Hugging Face side only
@@ -71,17 +72,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
         tokenizer.save_pretrained(str(out_dir))
         shutil.copyfile(spm_path, out_dir / SPM_FILE)
     return out_dir
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The Hugging Face tokenizer saved by `train_tokenizer` (offline)."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not (path / "tokenizer_config.json").is_file():
-        raise TokenizerError(f"{path} is not a tokenizer directory (no tokenizer_config.json): point at "
-                             f"<data output_dir>/<lang>/tokenizer built by pretrain/prepare_data.py")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 class FastEncoder:

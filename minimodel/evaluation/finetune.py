@@ -26,6 +26,7 @@ from minimodel.evaluation.features import classification_features, qa_train_feat
 from minimodel.evaluation.models import TASK_FILE, check_tokenizer, freeze_embeddings, load_task_model
 from minimodel.evaluation.scoring import score
 from minimodel.evaluation.tasks import TaskConfig, load_examples
+from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -110,7 +111,6 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     (rank 0) its metrics; interrupted when a stop signal ended training (relaunch with the same output_dir to
     resume)."""
     import torch.distributed as dist
-    from transformers import AutoTokenizer
 
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
@@ -119,7 +119,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
         save_config(cfg, out / "config.yaml")
     spec = cfg.task.spec
     tokenizer_dir = cfg.tokenizer or cfg.model_dir
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     model = load_task_model(cfg.model_dir, spec.kind, spec.labels)
     check_tokenizer(model, tokenizer, cfg.model_dir, tokenizer_dir)
     frozen = freeze_embeddings(model)

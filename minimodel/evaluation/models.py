@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering,
+                          AutoModelForSequenceClassification)
 
 from minimodel.evaluation import EvaluationError
+from minimodel.hf import is_tokenizer_dir, load_model, load_tokenizer
 
 TASK_FILE = "task.json"
 
@@ -31,21 +34,17 @@ def device() -> torch.device:
 def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, ...] | None = None):
     """The HF model class for a task `kind` from `model_dir`: a masked-LM directory (pass `labels`: a new
     classification head) or a task model (labels from its config)."""
-    from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering,
-                              AutoModelForSequenceClassification)
-
     if kind == "classification":
         if labels is None:
-            return AutoModelForSequenceClassification.from_pretrained(model_dir)
-        return AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)})
+            return load_model(model_dir, AutoModelForSequenceClassification)
+        return load_model(model_dir, AutoModelForSequenceClassification, num_labels=len(labels),
+                          id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
     if kind == "qa":
-        return AutoModelForQuestionAnswering.from_pretrained(model_dir)
+        return load_model(model_dir, AutoModelForQuestionAnswering)
     if kind == "retrieval":
-        return AutoModel.from_pretrained(model_dir)
+        return load_model(model_dir, AutoModel)
     if kind == "mlm":
-        return AutoModelForMaskedLM.from_pretrained(model_dir)
+        return load_model(model_dir, AutoModelForMaskedLM)
     raise ValueError(f"unknown task kind {kind!r}")
 
 
@@ -82,11 +81,7 @@ def _padded_size(n: int, rows: int) -> bool:
 
 
 def _dir_vocab(model_dir: Path) -> dict | None:
-    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    return load_tokenizer(model_dir).get_vocab() if is_tokenizer_dir(model_dir) else None
 
 
 def check_tokenizer(model, tokenizer, model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> None:

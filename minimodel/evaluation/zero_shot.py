@@ -34,6 +34,7 @@ from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.models import check_tokenizer, load_task_model, read_task_info
 from minimodel.evaluation.scoring import score, score_mlm, score_retrieval
 from minimodel.evaluation.tasks import TaskConfig
+from minimodel.hf import load_tokenizer
 from minimodel.methods import parse_method
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -84,10 +85,8 @@ class ZeroShotConfig:
 
 
 def _load(cfg: ZeroShotConfig, model_dir: str, tokenizer_dir: str):
-    from transformers import AutoTokenizer
-
     model = load_task_model(model_dir, cfg.task.spec.kind)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     check_tokenizer(model, tokenizer, model_dir, tokenizer_dir)
     return model, tokenizer
 

@@ -19,8 +19,10 @@ from typing import Literal
 import deepspeed
 import torch
 from torch import nn
+from transformers import AutoModelForMaskedLM
 
 from minimodel.errors import UserError
+from minimodel.hf import load_model
 from minimodel.training.hf_mlm import encoder_layers
 
 log = logging.getLogger(__name__)
@@ -53,15 +55,7 @@ def resolve_source(path: str | os.PathLike) -> Path:
 def load_source_model(model_dir: str | os.PathLike, head_init: Init = "source") -> nn.Module:
     """Load the source masked LM (fp32, eval mode) offline; refuse a checkpoint without an MLM head unless
     head_init="random" (then the head is created at random and the log says so)."""
-    from transformers import AutoConfig, AutoModelForMaskedLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    try:
-        model, info = AutoModelForMaskedLM.from_pretrained(
-            model_dir, dtype=torch.float32, output_loading_info=True, local_files_only=True)
-    except ValueError as e:
-        raise MiniPostError(f"{model_dir}: transformers has no masked-LM class for model type "
-                            f"{config.model_type!r} ({e}); MiniPost needs a BERT-class masked LM") from None
+    model, info = load_model(model_dir, AutoModelForMaskedLM, output_loading_info=True)
     prefix = model.base_model_prefix + "."
     missing = set(info["missing_keys"])
     head_missing = sorted(k for k in missing if not k.startswith(prefix))
@@ -73,21 +67,11 @@ def load_source_model(model_dir: str | os.PathLike, head_init: Init = "source") 
         if head_init == "source":
             raise MiniPostError(
                 f"{model_dir} has no masked-LM head (missing {', '.join(head_missing)}): it was saved without one "
-                f"(as {config.architectures}). Use a checkpoint with its MLM head, or set mini.head_init=random "
+                f"(as {model.config.architectures}). Use a checkpoint with its MLM head, or set mini.head_init=random "
                 f"to train a new head from scratch")
         log.warning("%s has no masked-LM head: MiniPost creates a new one at random (mini.head_init=random)", model_dir)
     model.eval()
     return model
-
-
-def load_tokenizer(tokenizer_dir: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise MiniPostError(f"cannot load a tokenizer from {tokenizer_dir} ({e}); save the model's tokenizer "
-                            f"next to it (tokenizer.save_pretrained) or set `tokenizer` in the config") from None
 
 
 def check_tokenizer(tokenizer, config, where: str) -> None:

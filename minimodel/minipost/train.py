@@ -27,11 +27,12 @@ from minimodel import distributed
 from minimodel.config import require, save_config
 from minimodel.data.mlm_config import MLMDataConfig
 from minimodel.files import replace_dir, write_text_atomic
+from minimodel.hf import load_tokenizer
 from minimodel.manifest import check_aligned, write_manifest
 from minimodel.minipost.alignment import alignment_report, plot_alignment
 from minimodel.minipost.build import (Init, MiniPostError, build_mini_model, changed_frozen_parameters,
                                       check_same_vocabulary, check_tokenizer, count_values, load_source_model,
-                                      load_tokenizer, resolve_source, split_parameters)
+                                      resolve_source, split_parameters)
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig

@@ -1,0 +1,70 @@
+"""The one place that loads Hugging Face models and tokenizers: from local directories only (every stage reads
+directories that a stage or the user wrote; nothing is downloaded), models in fp32.
+
+A directory that is missing or that transformers cannot load raises HFLoadError: one line naming the directory,
+what it lacks and where such a directory comes from (a user error: the entry point exits 2 without a traceback).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer
+
+from minimodel.errors import MissingInputError
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+_WHERE_MODELS_COME_FROM = ("a directory written by pretrain/export.py, pretrain/minipost.py, evaluate/finetune.py or "
+                           "adapt/plug.py, or a downloaded Hugging Face model (save_pretrained)")
+
+
+class HFLoadError(MissingInputError):
+    """A model or tokenizer directory that does not exist or that transformers cannot load."""
+
+
+def is_tokenizer_dir(path: str | os.PathLike) -> bool:
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The Hugging Face tokenizer saved in `path` (a data stage's <lang>/tokenizer, or a model directory)."""
+    path = Path(path)
+    if not is_tokenizer_dir(path):
+        what = "does not exist" if not path.exists() else f"has no {' or '.join(TOKENIZER_FILES)}"
+        raise HFLoadError(f"{path} is not a tokenizer directory ({what}): give <data output_dir>/<lang>/tokenizer "
+                          f"built by pretrain/prepare_data.py, or a model directory saved with its tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise HFLoadError(f"cannot load the tokenizer in {path}: {e}") from None
+
+
+def load_model(model_dir: str | os.PathLike, auto_class=None, **kwargs):
+    """The model in `model_dir`, in fp32: as `auto_class` (e.g. transformers.AutoModelForMaskedLM, which picks the
+    class for the model type) or, if None, as the architecture its config.json names. `kwargs` go to
+    from_pretrained (e.g. num_labels, output_loading_info)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        what = "does not exist" if not model_dir.exists() else "has no config.json"
+        raise HFLoadError(f"{model_dir} is not a Hugging Face model directory ({what}): give "
+                          f"{_WHERE_MODELS_COME_FROM}")
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise HFLoadError(f"cannot read {model_dir}/config.json: {e}") from None
+    if auto_class is None:
+        architecture = (config.architectures or [None])[0]
+        auto_class = getattr(transformers, architecture, None) if architecture else None
+        if auto_class is None:
+            raise HFLoadError(f"{model_dir}/config.json names no architecture transformers has "
+                              f"({config.architectures})")
+    try:
+        return auto_class.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True, **kwargs)
+    except ValueError as e:  # e.g. an Auto class with no class for this model type
+        raise HFLoadError(f"cannot load {model_dir} as {auto_class.__name__} (model type {config.model_type!r}): "
+                          f"{e}") from None
+    except OSError as e:  # missing or unreadable weights
+        raise HFLoadError(f"cannot load the model in {model_dir}: {e}") from None

@@ -1,0 +1,64 @@
+"""minimodel.hf: every Hugging Face model and tokenizer is loaded there, and a directory that is not what it should
+be gives one clear user error (exit 2 at an entry point, no traceback) instead of a transformers traceback."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (AutoModelForMaskedLM, AutoModelForSequenceClassification, GPT2Config, GPT2Model,
+                          MegatronBertConfig, MegatronBertForMaskedLM)
+
+from minimodel.data.tokenizer import train_tokenizer
+from minimodel.errors import UserError
+from minimodel.hf import HFLoadError, load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "model"
+    config = MegatronBertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=16)
+    MegatronBertForMaskedLM(config).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def test_loads_in_fp32_as_asked_or_as_the_config_names(model_dir):
+    model = load_model(model_dir)
+    assert type(model).__name__ == "MegatronBertForMaskedLM"
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    task = load_model(model_dir, AutoModelForSequenceClassification, num_labels=3)
+    assert task.config.num_labels == 3
+    model, info = load_model(model_dir, AutoModelForMaskedLM, output_loading_info=True)
+    assert not info["missing_keys"]
+
+
+def test_tokenizer_round_trip(tmp_path):
+    out = train_tokenizer([f"word{i} other{i % 7} text" for i in range(300)], tmp_path / "tok", 40)
+    assert len(load_tokenizer(out)) == 40
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", r"not a Hugging Face model directory \(does not exist\): give a directory written by"),
+    ("empty", r"not a Hugging Face model directory \(has no config.json\)"),
+    ("no_weights", r"cannot load the model in .*no_weights"),
+    ("no_mlm_class", r"cannot load .*gpt2 as AutoModelForMaskedLM \(model type 'gpt2'\)"),
+])
+def test_model_dir_errors(tmp_path, case, message):
+    path = tmp_path / case
+    if case == "empty":
+        path.mkdir()
+    elif case == "no_weights":
+        MegatronBertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1).save_pretrained(path)
+    elif case == "no_mlm_class":
+        path = tmp_path / "gpt2"
+        GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(path)
+    with pytest.raises(HFLoadError, match=message) as raised:
+        load_model(path, AutoModelForMaskedLM)
+    assert isinstance(raised.value, UserError)
+
+
+def test_tokenizer_dir_errors(tmp_path, model_dir):
+    with pytest.raises(HFLoadError, match=r"not a tokenizer directory \(does not exist\)"):
+        load_tokenizer(tmp_path / "nowhere")
+    with pytest.raises(HFLoadError, match=r"not a tokenizer directory \(has no tokenizer_config.json or "
+                                          r"tokenizer.json\): give <data output_dir>/<lang>/tokenizer"):
+        load_tokenizer(model_dir)  # a model saved without its tokenizer
