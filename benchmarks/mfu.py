@@ -64,7 +64,7 @@ def adaptation_model(model_cfg, layers: int):
     from transformers import MegatronBertForMaskedLM
 
     from minimodel.adaptation.train import TrainableConfig, select_trainable
-    from minimodel.models.minijoint.export import hf_config
+    from minimodel.models.minijoint.hf_format import hf_config
 
     model = MegatronBertForMaskedLM(hf_config(model_cfg, layers, tie_word_embeddings=True))
     select_trainable(model, TrainableConfig())

@@ -1,16 +1,13 @@
-"""Export a MiniJoint checkpoint (any TP/PP layout) to two Hugging Face MegatronBertForMaskedLM directories.
+"""The export stage: a MiniJoint checkpoint (any TP/PP layout) to two Hugging Face MegatronBertForMaskedLM
+directories (the mapping itself: minimodel/models/minijoint/hf_format.py).
 
-    <out>/primary/   embeddings + all L layers + the main MLM head
+    <out>/primary/     embeddings + all L layers + the main MLM head
+    <out>/mini/        embeddings + layers 1..m + the secondary head, with minimodel.json (kind "minijoint") pointing
+                       at primary/; with secondary_head "none" the model has no mini-model and only primary/ is written
     <out>/export.json  the checkpoint exported and the logit check (max |HF - megatron| per model)
-    <out>/mini/      embeddings + layers 1..m + the secondary head (its final LayerNorm becomes encoder.ln),
-                     with minimodel.json (kind "minijoint") pointing at primary/. With secondary_head
-                     "shared_transform" that head is the main head's own parameters; with "none" the model has no
-                     mini-model and only primary/ is written.
 
-Both are pre-LayerNorm MegatronBert models with exact (erf) gelu, learned positions from 0, and a single,
-zeroed token-type embedding (type_vocab_size=1), so HF adds nothing to our embeddings. The padded vocabulary
-rows are dropped. The export loads the checkpoint into an unpipelined TP=1 model in this process and checks that
-the Hugging Face models reproduce its logits before anything is moved into place.
+The export loads the checkpoint into an unpipelined TP=1 model in this process and checks that the Hugging Face
+models reproduce its logits before anything is moved into place.
 """
 from __future__ import annotations
 
@@ -31,65 +28,11 @@ from minimodel.files import replace_dir, write_text_atomic
 from minimodel.manifest import write_manifest
 from minimodel.models.minijoint import parallelize
 from minimodel.models.minijoint.config import ModelConfig
+from minimodel.models.minijoint.hf_format import hf_models
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 
 PARITY_TOLERANCE = 1e-4
-# The megatron module whose parameters are the mini-model's MLM head, per ModelConfig.secondary_head.
-MINI_HEAD = {"separate": "aux_head", "shared_transform": "lm_head"}
-
-
-def hf_config(cfg: ModelConfig, layers: int, tie_word_embeddings: bool):
-    from transformers import MegatronBertConfig
-
-    return MegatronBertConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=layers,
-        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.ffn_size, hidden_act="gelu",
-        hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
-        max_position_embeddings=cfg.seq_length, type_vocab_size=1, initializer_range=cfg.init_method_std,
-        layer_norm_eps=cfg.layernorm_epsilon, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        tie_word_embeddings=tie_word_embeddings)
-
-
-def hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, layers: int, head: str) -> dict[str, torch.Tensor]:
-    """Map an unpipelined TP=1 MiniJoint state dict to MegatronBertForMaskedLM with `layers` layers and the
-    MLM head `head` ("lm_head" or "aux_head")."""
-    v, h, nh = cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads
-    word = sd["embedding.word_embeddings.weight"][:v]
-    out = {
-        "bert.embeddings.word_embeddings.weight": word,
-        "bert.embeddings.position_embeddings.weight": sd["embedding.position_embeddings.weight"],
-        "bert.embeddings.token_type_embeddings.weight": torch.zeros(1, h, dtype=word.dtype),
-    }
-    for i in range(layers):
-        src, dst = f"encoder.layers.{i}.", f"bert.encoder.layer.{i}."
-        # megatron's fused QKV rows are grouped per head: [head][q|k|v][head_dim].
-        qkv_w = sd[src + "self_attention.linear_qkv.weight"].view(nh, 3, h // nh, h)
-        qkv_b = sd[src + "self_attention.linear_qkv.bias"].view(nh, 3, h // nh)
-        for j, name in enumerate(("query", "key", "value")):
-            out[f"{dst}attention.self.{name}.weight"] = qkv_w[:, j].reshape(h, h)
-            out[f"{dst}attention.self.{name}.bias"] = qkv_b[:, j].reshape(h)
-        for ours, theirs in (("input_layernorm", "attention.ln"), ("self_attention.linear_proj", "attention.output.dense"),
-                             ("pre_mlp_layernorm", "ln"), ("mlp.linear_fc1", "intermediate.dense"),
-                             ("mlp.linear_fc2", "output.dense")):
-            for p in ("weight", "bias"):
-                out[f"{dst}{theirs}.{p}"] = sd[f"{src}{ours}.{p}"]
-    for ours, theirs in (("final_layernorm", "bert.encoder.ln"), ("dense", "cls.predictions.transform.dense"),
-                         ("layer_norm", "cls.predictions.transform.LayerNorm")):
-        for p in ("weight", "bias"):
-            out[f"{theirs}.{p}"] = sd[f"{head}.{ours}.{p}"]
-    own_projection = sd.get(f"{head}.output_layer.weight")
-    out["cls.predictions.decoder.weight"] = own_projection[:v] if own_projection is not None else word
-    out["cls.predictions.bias"] = out["cls.predictions.decoder.bias"] = sd[f"{head}.output_layer.bias"][:v]
-    return {k: t.detach().float().cpu().contiguous().clone() for k, t in out.items()}
-
-
-def _hf_model(sd, cfg: ModelConfig, layers: int, head: str, tie: bool):
-    from transformers import MegatronBertForMaskedLM
-
-    model = MegatronBertForMaskedLM(hf_config(cfg, layers, tie)).eval()
-    model.load_state_dict(hf_state_dict(sd, cfg, layers, head), strict=True)
-    return model
 
 
 def _save(model, tokenizer_dir: Path, final_dir: Path) -> None:
@@ -103,7 +46,7 @@ def _save(model, tokenizer_dir: Path, final_dir: Path) -> None:
     replace_dir(tmp, final_dir)
 
 
-def _parity(megatron_chunk, hf_models, cfg: ModelConfig, seed: int = 0) -> dict[str, float]:
+def _parity(megatron_chunk, models, cfg: ModelConfig, seed: int = 0) -> dict[str, float]:
     """Max |logit difference| between the megatron heads and the exported models on a random padded batch."""
     g = torch.Generator().manual_seed(seed)
     seq = min(cfg.seq_length, 32)
@@ -115,10 +58,10 @@ def _parity(megatron_chunk, hf_models, cfg: ModelConfig, seed: int = 0) -> dict[
     keep = mask.bool()
     diffs = {}
     for name, ours in (("primary", main), ("mini", secondary)):
-        if name not in hf_models:
+        if name not in models:
             continue
         with torch.no_grad():
-            theirs = hf_models[name](input_ids=ids, attention_mask=mask).logits
+            theirs = models[name](input_ids=ids, attention_mask=mask).logits
         diffs[name] = (ours.float().cpu()[keep] - theirs[keep]).abs().max().item()
     return diffs
 
@@ -157,12 +100,7 @@ def export(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, outp
     chunk = parallelize.unwrap(model[0]).eval()
     sd = {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
 
-    hf = {"primary": _hf_model(sd, saved, saved.num_layers, "lm_head", tie=True)}
-    if with_mini:
-        hf["mini"] = _hf_model(sd, saved, saved.mini_layers, MINI_HEAD[saved.secondary_head],
-                               tie=saved.share_aux_output_embedding)
-    for m in hf.values():  # compare without dropout; the saved config keeps the training values
-        m.eval()
+    hf = hf_models(sd, saved, with_mini)  # in eval mode (no dropout); their configs keep the training values
     diffs = _parity(chunk, hf, saved)
     bad = {k: d for k, d in diffs.items() if not d <= PARITY_TOLERANCE}
     if bad:
