@@ -19,6 +19,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import deepspeed
+import torch.distributed as dist
+
 from minimodel import distributed
 from minimodel.config import require, save_config
 from minimodel.files import replace_dir, write_text_atomic
@@ -75,9 +78,6 @@ class TaskFlops:
 def _save_task_model(cfg: FinetuneConfig, model, engine, tokenizer, labels) -> Path:
     """Write the trained task model: trainable parameters from the optimizer's fp32 master copy; frozen ones as
     loaded (a bf16 run keeps only a bf16 image of them in the engine). Collective; rank 0 writes."""
-    import deepspeed
-    import torch.distributed as dist
-
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     full = gather_full_params(engine, trainable)
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -110,8 +110,6 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     """Fine-tune, save the task model, score it on the source language. Outputs: the task model's directory and
     (rank 0) its metrics; interrupted when a stop signal ended training (relaunch with the same output_dir to
     resume)."""
-    import torch.distributed as dist
-
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
     out = Path(cfg.output_dir)

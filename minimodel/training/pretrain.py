@@ -26,8 +26,8 @@ from pathlib import Path
 
 from minimodel.config import ConfigError
 from minimodel.data.mlm_config import MLMDataConfig
-from minimodel.data.tokenizer import load_tokenizer
 from minimodel.distributed import ParallelConfig
+from minimodel.hf import load_tokenizer
 from minimodel.models.minijoint.config import ModelConfig
 from minimodel.stages import StageResult
 from minimodel.tracking import TrackingConfig
