@@ -1,6 +1,6 @@
 """Step 2: learn target-language token embeddings with the body frozen, over a mini-model or the full model.
 
-    deepspeed [--num_gpus N | --hostfile H] adapt/train.py --config configs/adapt/minijoint.yaml [key=value ...]
+    deepspeed [--num_gpus N | --hostfile H] adapt/train.py --config configs/adapt/default.yaml [key=value ...]
     e.g. over=full (standard adaptation), target_lang=sw (one language of the list), train.zero_config=...
 
 Exit status: 0 when every selected language finished, 75 when a signal stopped it after checkpointing (run the same
