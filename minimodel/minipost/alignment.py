@@ -91,7 +91,7 @@ def _measure(primary, mini, dataset, batch_size, max_batches, primary_layer, dev
 def plot_alignment(alignment: dict):
     """Two panels: held-out MLM loss (primary; mini-model before and after training) and similarity to the primary
     (CKA, cosine; before and after)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # when drawing only: the caller picks the backend (minipost/train.py: Agg)
 
     start, end = alignment["start"], alignment["end"]
     figure, (losses, similarity) = plt.subplots(1, 2, figsize=(9, 3.5))

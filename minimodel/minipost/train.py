@@ -184,9 +184,11 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
 
 def _write_report(alignment: dict, out: Path, tracker: Tracker) -> None:
     """alignment.json + alignment.png in the output dir and as MLflow artifacts."""
+    # pyplot with the Agg backend (no display on compute nodes) only when drawing: importing this module must not
+    # switch the backend of whoever imports it
     import matplotlib
 
-    matplotlib.use("Agg")  # no display on compute nodes
+    matplotlib.use("Agg")
     import matplotlib.pyplot
     path = write_text_atomic(out / "alignment.json", json.dumps(alignment, indent=2))
     figure = plot_alignment(alignment)

@@ -1,0 +1,63 @@
+"""What both training loops share (minimodel/training/): the checkpoint and evaluation policies, the metric sink."""
+import json
+
+from minimodel.training.config import CheckpointConfig, EvalConfig
+from minimodel.training.metrics import MetricSink, plot_losses, read_metrics
+
+
+def test_checkpoint_policy_saves_every_n_steps_at_the_end_and_on_a_stop_signal():
+    every_3 = CheckpointConfig(save_every=3, keep_last=2)
+    assert [s for s in range(1, 11) if every_3.due(s, last=s == 10, stopping=False)] == [3, 6, 9, 10]
+    assert every_3.due(4, last=False, stopping=True)
+    only_at_the_end = CheckpointConfig(save_every=0)
+    assert [s for s in range(1, 11) if only_at_the_end.due(s, last=s == 10, stopping=False)] == [10]
+
+
+def test_checkpoint_policy_keeps_the_newest():
+    assert CheckpointConfig(keep_last=2).expired(["a", "b", "c", "d"]) == ["a", "b"]
+    assert CheckpointConfig(keep_last=2).expired(["a"]) == []
+
+
+def test_evaluation_every_n_steps_and_at_the_end():
+    assert [s for s in range(1, 8) if EvalConfig(every=3).due(s, last=s == 7)] == [3, 6, 7]
+    assert [s for s in range(1, 8) if EvalConfig(every=0).due(s, last=s == 7)] == [7]
+
+
+class _Tracker:
+    def __init__(self):
+        self.logged = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, metrics))
+
+
+def test_metric_sink_writes_one_row_per_step_and_a_resume_drops_the_redone_steps(tmp_path):
+    path = tmp_path / "run" / "metrics.jsonl"
+    tracker = _Tracker()
+    sink = MetricSink(path, tracker, rank0=True)
+    sink.resume(0)
+    for step in range(1, 6):
+        sink.log({"train/loss": 5.0 - step, "compute/flops": 10.0 * step}, step)
+    assert [row["step"] for row in map(json.loads, path.read_text().splitlines())] == [1, 2, 3, 4, 5]
+    assert [step for step, _ in tracker.logged] == [1, 2, 3, 4, 5] and len(sink.history) == 5
+
+    resumed = MetricSink(path, None, rank0=True)  # a relaunch from the checkpoint of step 3
+    resumed.resume(3)
+    resumed.log({"train/loss": 1.5, "compute/flops": 40.0}, 4)
+    assert [row["step"] for row in map(json.loads, path.read_text().splitlines())] == [1, 2, 3, 4]
+    assert read_metrics(path)[4]["train/loss"] == 1.5
+
+    MetricSink(path, None, rank0=False).resume(0)  # only rank 0 touches the file
+    assert path.is_file()
+    MetricSink(path, None, rank0=True).resume(0)  # a run from step 0 starts a new file
+    assert not path.exists()
+
+
+def test_loss_curve_against_compute(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "train/loss": 5 - s / 10, "compute/flops": 1e9 * s} for s in range(1, 11)]
+    rows[-1]["eval/loss"] = 4.4
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = plot_losses(path, tmp_path / "curve.png", {"train/loss": "train", "eval/loss": "valid"},
+                      x="compute/flops", x_label="cumulative FLOPs", title="adaptation")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
