@@ -208,9 +208,7 @@ def _link_earlier_runs(cfg: PipelineConfig, tracker: Tracker, stage: Stage) -> N
 
 def _env(tracker: Tracker) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if not _has_cuda():
-        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, without its warning
+    env.setdefault("OMP_NUM_THREADS", "1")  # DS_ACCELERATOR comes from the CPU layer (minimodel.compat.cpu.quiet)
     env.update(tracker.child_env())
     return env
 
@@ -250,12 +248,6 @@ def run(cfg: PipelineConfig) -> Path:
     if tracker.run_id:
         print(f"MLflow:  `make ui`, then open run {tracker.run_id} (store: {tracker.uri})")
     return report_dir
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def plan(cfg: PipelineConfig) -> dict:
