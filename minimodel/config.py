@@ -7,8 +7,10 @@ the resolved config next to a run's outputs.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -227,9 +229,6 @@ def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = ""
 
     Exits with the ConfigError's message (status 2) instead of a traceback, since it is the user's input.
     """
-    import argparse
-    import sys
-
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
