@@ -87,4 +87,7 @@ def _load(spec: str):
 def _destroy_process_group() -> None:
     dist = sys.modules.get("torch.distributed")  # not imported by the stage: nothing to close
     if dist is not None and dist.is_available() and dist.is_initialized():
+        # every rank has done its part (rank 0 writes the summaries) before any exits: a launcher ends the other
+        # ranks once one exits with a non-zero code (75, interrupted)
+        dist.barrier()
         dist.destroy_process_group()

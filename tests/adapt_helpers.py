@@ -147,18 +147,29 @@ def _group_alive(pgid: int) -> bool:
 
 
 def run_deepspeed_and_signal(script: str, overrides: list[str], log: Path, watch: Path, after_lines: int,
-                             sig: int = signal.SIGTERM, timeout: float = LAUNCH_TIMEOUT) -> bool:
+                             sig: int = signal.SIGTERM, timeout: float = LAUNCH_TIMEOUT,
+                             ranks_only: bool = False) -> tuple[bool, int]:
+    """run_and_signal for a DeepSpeed launch of `script` with `overrides`."""
+    return run_and_signal(deepspeed_command(script, overrides), log, watch, after_lines, sig, timeout, ranks_only,
+                          env=launch_env(), cwd=log.parent)
+
+
+def run_and_signal(cmd: list[str], log: Path, watch: Path, after_lines: int, sig: int = signal.SIGTERM,
+                   timeout: float = LAUNCH_TIMEOUT, ranks_only: bool = False, env: dict | None = None,
+                   cwd: Path | None = None) -> tuple[bool, int]:
     """Launch, wait until `watch` (a metrics.jsonl) has `after_lines` lines, then send `sig` to every process of
-    the launch, as Slurm does on preemption; wait until all are gone. Returns whether the signal was sent."""
+    the launch, as Slurm does on preemption, or with `ranks_only` to the processes running the script (the
+    launchers outlive them and pass their exit code on); wait until all are gone. Returns whether the signal was
+    sent and the launch's exit code."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(deepspeed_command(script, overrides), cwd=log.parent, env=launch_env(), stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + timeout
     sent = False
     try:
         while proc.poll() is None and time.time() < deadline:
             if watch.is_file() and len(watch.read_text().splitlines()) >= after_lines:
-                os.killpg(proc.pid, sig)
+                for pid in _ranks(proc.pid) if ranks_only else [-proc.pid]:  # -pid: the launch's process group
+                    os.kill(pid, sig)
                 sent = True
                 break
             time.sleep(0.05)
@@ -168,7 +179,16 @@ def run_deepspeed_and_signal(script: str, overrides: list[str], log: Path, watch
     finally:
         if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
-    return sent
+    return sent, proc.returncode
+
+
+def _ranks(runner_pid: int) -> list[int]:
+    """The ranks of a DeepSpeed launch: the processes its per-node launchers (deepspeed.launcher.launch) started."""
+    import psutil
+
+    launchers = [p for p in psutil.Process(runner_pid).children(recursive=True)
+                 if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
+    return [rank.pid for launcher in launchers for rank in launcher.children()]
 
 
 def metrics(run_dir: Path) -> list[dict]:

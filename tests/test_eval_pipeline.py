@@ -10,11 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapt_helpers import run_and_signal
 from eval_helpers import (EMBEDDINGS, REPO, adaptation_artifact, cipher, perfect_target_embeddings, plug,
                           source_vocab, stage_env, tiny_mlm, toy_bible, word_tokenizer, write_verses)
 from minimodel.config import load_config
 from minimodel.evaluation.models import TokenizerMismatchError
 from minimodel.evaluation.zero_shot import ZeroShotConfig, zero_shot
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -53,6 +56,23 @@ def test_finetune_freezes_embeddings_bit_identical(world):
     assert metrics["test/accuracy"] > 0.5  # 7 classes: it learned the task (chance ~0.2)
     lines = (world["root"] / "finetune" / "train" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 200 and "compute/flops" in lines[-1]
+
+
+@pytest.mark.slow
+def test_finetune_stopped_by_sigterm_checkpoints_and_exits_75(world, tmp_path):
+    """SIGTERM mid-run (Slurm preemption): a checkpoint, exit code 75 and no task model yet (the stage is not done:
+    rerunning the same command resumes)."""
+    out = tmp_path / "finetune"
+    cmd = [sys.executable, str(REPO / "evaluate" / "finetune.py"), "--config",
+           str(REPO / "configs" / "evaluate" / "finetune" / "verse_class_tiny.yaml"), f"model_dir={world['primary']}",
+           f"task.data_dir={world['root'] / 'data'}", f"output_dir={out}", "tracking.enabled=false",
+           "train.steps=200", "train.checkpoint.save_every=0"]
+    sent, code = run_and_signal(cmd, tmp_path / "signal.log", out / "train" / "metrics.jsonl", after_lines=3,
+                                env=stage_env(), cwd=tmp_path)
+    log = (tmp_path / "signal.log").read_text(errors="replace")
+    assert sent and code == PREEMPTED_EXIT_CODE, log[-4000:]
+    assert "stop signal received: checkpointed step" in log and "interrupted: run the same command again" in log
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
 
 
 def _zero_shot_cfg(world, name, **overrides):

@@ -12,10 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapt_helpers import run_and_signal
 from minimodel.config import ConfigError, load_config
 from minimodel.manifest import ManifestError, check_aligned, read_manifest
 from minimodel.minipost.build import MiniPostError, load_source_model
 from minimodel.minipost.train import MiniPostConfig, run_minipost
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 from minipost_helpers import make_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +187,23 @@ def test_relaunch_resumes_finished_run(runs, sources, data_dir, tmp_path):
     assert code == 0, log[-4000:]
     after = load_file(out / "mini" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(xlmr_source, data_dir, tmp_path):
+    """SIGTERM mid-run (Slurm preemption): a checkpoint, exit code 75 and no mini-model (the stage is not done); the
+    same command resumes from the checkpoint and finishes, every step once."""
+    out = tmp_path / "out"
+    overrides = _overrides(xlmr_source, data_dir, out)
+    sent, code = run_and_signal([str(PYTHON), str(SCRIPT), "--config", str(CONFIG), *overrides],
+                                tmp_path / "signal.log", out / "metrics.jsonl", after_lines=3, env=_env(), cwd=ROOT)
+    log = (tmp_path / "signal.log").read_text(errors="replace")
+    assert sent and code == PREEMPTED_EXIT_CODE, log[-4000:]
+    assert "interrupted: run the same command again to resume" in log and not (out / "mini").exists()
+    code, log = run_script(overrides, tmp_path / "resumed.log")
+    assert code == 0 and (out / "mini").is_dir(), log[-4000:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
 
