@@ -54,6 +54,7 @@ from typing import Any
 
 import yaml
 
+from minimodel import distributed
 from minimodel.config import flatten, require, to_dict
 from minimodel.files import write_text_atomic
 
@@ -203,7 +204,7 @@ def attach_to_run(cfg: TrackingConfig, run_id: str | None, paths: list[Path], ar
     """Attach files and step-0 metrics to an existing run (default: the pipeline's parent run) without touching its
     status; nothing when tracking is off, on other ranks, or with no run to attach to."""
     run_id = _parent(cfg, run_id)
-    if not (cfg.on and global_rank() == 0 and run_id):
+    if not (cfg.on and distributed.rank() == 0 and run_id):
         return
     from mlflow.entities import Metric
 
@@ -219,25 +220,9 @@ def attach_to_run(cfg: TrackingConfig, run_id: str | None, paths: list[Path], ar
 
 
 # -- what the run is -------------------------------------------------------------------------------
-def _process_group():
-    """torch.distributed if a process group is up (without importing torch when the caller has not)."""
-    dist = sys.modules.get("torch.distributed")
-    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
-
-
-def global_rank() -> int:
-    dist = _process_group()
-    return dist.get_rank() if dist else int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-
-
-def world_size() -> int:
-    dist = _process_group()
-    return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-
-
 def layout_tags(tp: int = 1, pp: int = 1) -> dict[str, int | str]:
     """Tags for the parallel layout of a run: tp, pp, dp (= world size / (tp * pp)) and layout "tp2-pp1-dp2"."""
-    dp = max(world_size() // (tp * pp), 1)
+    dp = max(distributed.world_size() // (tp * pp), 1)
     return {"tp": tp, "pp": pp, "dp": dp, "layout": f"tp{tp}-pp{pp}-dp{dp}"}
 
 
@@ -316,7 +301,7 @@ class Tracker:
                  rank: int | None = None, run_id: str | None = None):
         """Start a run, or with `run_id` continue that run of the same store (see `resumable`)."""
         self.cfg = cfg
-        self.active = cfg.on and (global_rank() if rank is None else rank) == 0
+        self.active = cfg.on and (distributed.rank() if rank is None else rank) == 0
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.uri: str | None = None
@@ -390,7 +375,7 @@ class Tracker:
         commit = git_commit()
         tags = {
             "git_commit": commit, "mlflow.source.git.commit": commit,
-            "host": socket.gethostname(), "world_size": str(world_size()),
+            "host": socket.gethostname(), "world_size": str(distributed.world_size()),
             "mlflow.user": getpass.getuser(), "mlflow.source.name": Path(sys.argv[0]).name or "python",
             "mlflow.source.type": "LOCAL",
         }
