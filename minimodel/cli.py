@@ -19,17 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
 from minimodel.config import ConfigError, parse_cli
+from minimodel.distributed import is_rank0
 from minimodel.errors import UserError
 from minimodel.stages import KINDS, StageResult
-from minimodel.tracking import global_rank
 
 C = TypeVar("C")
 
 USER_ERROR_EXIT_CODE = 2
-
-
-def is_rank0() -> bool:
-    return global_rank() == 0
 
 
 def setup_logging() -> None:

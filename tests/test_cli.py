@@ -3,7 +3,6 @@
 code 2, bugs keep their traceback. Every entry point is the table's stage run through it."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
