@@ -169,3 +169,17 @@ def test_grouping_refuses_tasks_that_differ_beyond_their_language(tmp_path):
     with pytest.raises(ValueError, match="adapt-x-sw differs from the other tasks of job adapt-x"):
         jobs([a, b])
     assert stages.jobs([a])[0]["array"] == [{"lang": "ny", "args": [], "done": False}]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_each_kinds_slurm_template_runs_its_script_with_its_launcher(kind):
+    """The table's launcher and template are what Slurm runs (the templates keep their own #SBATCH resources)."""
+    stage = KINDS[kind]
+    template = (ROOT / stage.slurm[0]).read_text()
+    if stage.slurm[0] == "slurm/python.sh":  # any single-process script, named as its first argument
+        assert stage.launcher == "python" and stage.slurm[1:] == (stage.script,)
+        assert 'mm_launch python "$@"' in template
+    else:
+        assert f"mm_launch {stage.launcher} {stage.script}" in template
+        if len(stage.slurm) > 1:  # evaluate.sh: the step named by its first argument
+            assert f"\n  {stage.slurm[1]})\n" in template
