@@ -6,6 +6,7 @@
          -> zero-shot tasks scored on the primary model itself (target_mlm: held-out target MLM loss), per method
          -> step 3: fine-tune the primary on the English task -> plug each language's embeddings into the task model
          -> step 4: zero-shot evaluation of the task model per method -> report (quality vs adaptation compute)
+    (steps 3-4 only when configs.zero_shot lists a fine-tuned task; `seed=N` seeds every training stage: a replicate)
 
     python -m minimodel.pipeline --config configs/pipeline/tiny.yaml [key=value ...]
     python -m minimodel.pipeline --config configs/pipeline/tiny.yaml --plan   # the jobs as JSON (slurm/pipeline.sh)
@@ -58,6 +59,13 @@ class PipelineConfig:
     configs: StageConfigs = field(default_factory=StageConfigs)
     # extra key=value overrides per stage name (data, pretrain, export, minipost, adapt, finetune, zero_shot, report)
     overrides: dict[str, list[str]] = field(default_factory=dict)
+    # extra adaptation overrides per method (a spec of `methods`), after overrides.adapt: e.g. give a mini-model
+    # method more steps for about the standard method's compute, {minipost: [train.steps=300]}
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
+    # the seed of every training stage (SEED_SETTINGS: data order, masking, initialisation, dropout), so that a
+    # pipeline per seed is an independent replicate of the experiment; None: each stage config's own seeds. The data
+    # and the evaluation (held-out split, its masking) stay fixed, so replicates are scored on the same examples.
+    seed: int | None = None
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(run_name="pipeline"))
 
     def validate(self) -> None:
@@ -81,6 +89,8 @@ class PipelineConfig:
         known = {"data", "pretrain", "export", "minipost", "adapt", "finetune", "zero_shot", "report"}
         for stage in self.overrides:
             require(stage in known, f"overrides.{stage}", f"not a stage; stages are {sorted(known)}")
+        for method in self.method_overrides:
+            require(method in self.methods, f"method_overrides.{method}", f"not one of methods {self.methods}")
         for name in ("data", "pretrain", "minipost", "adapt", "finetune", "report"):
             path = getattr(self.configs, name)
             require(Path(path).is_file(), f"configs.{name}", f"{path} does not exist")
@@ -89,6 +99,15 @@ class PipelineConfig:
             require(Path(path).is_file(), f"configs.zero_shot[{i}]", f"{path} does not exist")
             require(zero_shot_task(path) in TASKS, f"configs.zero_shot[{i}]",
                     f"{path}: task.name {zero_shot_task(path)!r} is not one of {sorted(TASKS)}")
+
+
+# The settings that seed each training stage (PipelineConfig.seed sets them all).
+SEED_SETTINGS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("train.seed",),
+    "minipost": ("train.seed", "mini.seed"),
+    "adapt": ("data_seed", "init.seed", "train.seed"),
+    "finetune": ("train.seed",),
+}
 
 
 def zero_shot_task(config_path: str) -> str:
@@ -105,7 +124,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     methods = [parse_method(spec) for spec in cfg.methods]
 
     def extra(stage: str) -> list[str]:
-        return list(cfg.overrides.get(stage, []))
+        seeds = [f"{key}={cfg.seed}" for key in SEED_SETTINGS.get(stage, ())] if cfg.seed is not None else []
+        return [*seeds, *cfg.overrides.get(stage, [])]  # an explicit override wins over the pipeline's seed
 
     stages: list[Stage] = []
 
@@ -136,7 +156,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     for method in methods:
         args = ["--config", cfg.configs.adapt, *method.adapt_overrides(), f"primary_model={at.primary}",
                 f"source_lang={src}", f"target_langs=[{', '.join(cfg.target_langs)}]", f"data_dir={at.data_dir}",
-                f"output_dir={at.adapt(method.name)}", *extra("adapt")]
+                f"output_dir={at.adapt(method.name)}", *extra("adapt"),
+                *cfg.method_overrides.get(method.name, [])]
         if method.source.over == "mini":
             args.append(f"mini_model={at.model(method.model)}")
         for lang in cfg.target_langs:
@@ -160,22 +181,25 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                              [adapted[m.name, lang] for lang in cfg.target_langs])
                    for config in cfg.configs.zero_shot if not fine_tuned[config] for m in methods]
 
-    finetune = add("finetune", "finetune", ["--config", cfg.configs.finetune, f"model_dir={at.primary}",
-                                            f"task.data_dir={at.data_dir}", f"source_lang={src}",
-                                            f"output_dir={at.finetune}", *extra("finetune")], at.finetune, [export])
-    for method in methods:
-        targets, plugs = [], []
-        for lang in cfg.target_langs:
-            emb_dir, plugged = at.adapt(method.name, lang), at.plugged(method.name, lang)
-            plugs.append(add(f"plug-{method.name}-{lang}", "plug",
-                             [f"embeddings={emb_dir}", f"model={at.task_model}", f"primary_model={at.primary}",
-                              f"output_dir={plugged}"],
-                             plugged, [adapted[method.name, lang], finetune]))
-            # embeddings: zero_shot also scores the run's snapshots (the report's quality-vs-compute curve)
-            targets.append(f"{{lang: {lang}, model_dir: {plugged}, tokenizer: {at.tokenizer(lang)}, "
-                           f"embeddings: {emb_dir}}}")
-        evaluations += [zero_shot(config, method.name, at.task_model, targets, plugs)
-                        for config in cfg.configs.zero_shot if fine_tuned[config]]
+    # Step 3 (fine-tuning, plugging into the task model) only when a configured task needs it.
+    fine_tuned_configs = [config for config in cfg.configs.zero_shot if fine_tuned[config]]
+    if fine_tuned_configs:
+        finetune = add("finetune", "finetune", ["--config", cfg.configs.finetune, f"model_dir={at.primary}",
+                                                f"task.data_dir={at.data_dir}", f"source_lang={src}",
+                                                f"output_dir={at.finetune}", *extra("finetune")], at.finetune, [export])
+        for method in methods:
+            targets, plugs = [], []
+            for lang in cfg.target_langs:
+                emb_dir, plugged = at.adapt(method.name, lang), at.plugged(method.name, lang)
+                plugs.append(add(f"plug-{method.name}-{lang}", "plug",
+                                 [f"embeddings={emb_dir}", f"model={at.task_model}", f"primary_model={at.primary}",
+                                  f"output_dir={plugged}"],
+                                 plugged, [adapted[method.name, lang], finetune]))
+                # embeddings: zero_shot also scores the run's snapshots (the report's quality-vs-compute curve)
+                targets.append(f"{{lang: {lang}, model_dir: {plugged}, tokenizer: {at.tokenizer(lang)}, "
+                               f"embeddings: {emb_dir}}}")
+            evaluations += [zero_shot(config, method.name, at.task_model, targets, plugs)
+                            for config in fine_tuned_configs]
     tasks = ", ".join(dict.fromkeys(zero_shot_task(config) for config in cfg.configs.zero_shot))
     report = add("report", "report", ["--config", cfg.configs.report, f"output_dir={at.report}",
                                       f"pipeline_dir={at.root}", f"methods=[{', '.join(cfg.methods)}]",

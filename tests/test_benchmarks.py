@@ -19,16 +19,17 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import adaptation_compute, head_cost, mfu  # noqa: E402
 from benchmarks.common import HEADER, SchemaError, check_schema  # noqa: E402
+from minimodel.evaluation.report import Point, summarize  # noqa: E402
 
 
-def run_smoke(script: str, out: Path, *extra: str) -> dict:
+def run_smoke(script: str, out: Path, *extra: str, timeout: int = 600) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI="",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(Path.home() / ".cache" / "torch_extensions")))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, f"benchmarks/{script}.py", "--smoke", "--out", str(out), *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert (out / f"{script}.png").stat().st_size > 0
     result = json.loads((out / f"{script}.json").read_text())
@@ -64,53 +65,53 @@ def test_mfu_smoke(tmp_path):
     assert r["workloads"]["adapt_mini"]["model_flops_per_step"] < r["workloads"]["adapt_standard"]["model_flops_per_step"]
 
 
+@pytest.mark.slow
 def test_adaptation_compute_smoke(tmp_path):
-    r = run_smoke("adaptation_compute", tmp_path / "out", "--work", str(tmp_path / "work"))
-    for method, check in r["flop_check"].items():
-        assert check["counted_vs_model"] == pytest.approx(1.0, rel=1e-9), method
+    work = tmp_path / "work"
+    # a pipeline of eleven stage processes: most of its time is their start-up, slow on a loaded machine
+    r = run_smoke("adaptation_compute", tmp_path / "out", "--work", str(work), timeout=1200)
     fps = r["flops_per_step"]
     assert fps["minijoint"] < fps["standard"] and fps["minipost"] < fps["standard"]
     curves = {(c["method"], c["lang"], c["seed"]): c["points"] for c in r["curves"]}
     assert set(curves) == {(m, "ny", 0) for m in adaptation_compute.METHODS}
     for (method, _, _), points in curves.items():
         steps = [p["step"] for p in points]
-        assert steps[0] == 0 and steps[-1] == r["setup"]["steps"][method] and steps == sorted(steps)
-        assert points[0]["loss"] == curves["standard", "ny", 0][0]["loss"]  # same initial embeddings
-        assert points[-1]["loss"] < points[0]["loss"], f"{method}: adaptation did not lower the plugged loss"
-    accuracy = r["zero_shot_accuracy"]["per_method"]
-    assert all(0 <= accuracy[m]["ny"]["median"] <= 1 for m in adaptation_compute.METHODS)
+        assert steps == list(range(0, r["setup"]["steps"][method] + 1, r["setup"]["snapshot_every"])), method
+        assert points[0]["flops"] == 0 and points[0]["quality"] == 0  # the gain is measured from step 0
+        assert points[-1]["quality"] > 0, f"{method}: adaptation did not lower the primary's held-out loss"
+    # the benchmark is the pipeline: seed 0's stages, seeded with 0, started from the same initial embeddings
+    seed0 = work / "seed0"
+    assert "seed: 0" in (seed0 / "config.yaml").read_text()
+    snapshots = [json.loads((seed0 / "zero_shot/target_mlm" / m / "snapshots.json").read_text())
+                 for m in adaptation_compute.METHODS]
+    initial = {s["ny"]["0"]["mlm_loss"] for s in snapshots}
+    assert len(initial) == 1, initial
+    assert not (seed0 / "finetune").exists()  # no fine-tuned task configured: no step 3
     assert {(row["method"], row["threshold"]) for row in r["compute_to_quality"]} == {
         (m, t) for m in adaptation_compute.MINI_METHODS for t in adaptation_compute.THRESHOLDS}
 
 
-# -- the analysis and the schema checker, on known inputs ------------------------------------------------------------
-def _curve(flops_and_losses):
-    return [{"step": i, "flops": f, "wall_clock_s": f / 10, "loss": loss} for i, (f, loss) in
-            enumerate(flops_and_losses)]
+# -- the aggregation over seeds and the schema checker, on known inputs ------------------------------------------------
+def _summary(curves):
+    """The report's summary (summarize) of target_mlm for ny from {method: [(flops, gain), ...]}."""
+    points = {m: [Point(q, f, f / 10, i) for i, (f, q) in enumerate(c)] for m, c in curves.items()}
+    data = {"points": {"target_mlm": {"ny": points}}, "source": {}, "metric": {"target_mlm": "mlm_gain"}}
+    return summarize(data, "standard", list(adaptation_compute.THRESHOLDS), methods=list(points))
 
 
-def test_compute_to_reach_interpolates_and_reports_unreached():
-    curve = _curve([(0, 10.0), (100, 6.0), (200, 5.0)])
-    assert adaptation_compute.compute_to_reach(curve, 8.0) == pytest.approx(50.0)
-    assert adaptation_compute.compute_to_reach(curve, 5.0) == pytest.approx(200.0)
-    assert adaptation_compute.compute_to_reach(curve, 5.5, key="wall_clock_s") == pytest.approx(15.0)
-    assert adaptation_compute.compute_to_reach(curve, 4.9) is None
-
-
-def test_analyse_speedups():
-    setup = adaptation_compute.Setup(target_langs=["ny"], seeds=[0, 1])
-    standard = _curve([(0, 10.0), (100, 6.0), (200, 5.0)])
-    fast = _curve([(0, 10.0), (50, 5.0)])  # reaches the standard's final loss with a quarter of its compute
-    never = _curve([(0, 10.0), (50, 7.0)])
-    curves = {("standard", "ny", s): standard for s in (0, 1)}
-    curves.update({("minijoint", "ny", 0): fast, ("minijoint", "ny", 1): fast,
-                   ("minipost", "ny", 0): fast, ("minipost", "ny", 1): never})
-    rows, average = adaptation_compute.analyse(curves, setup)
+def test_savings_aggregate_the_reports_savings_over_seeds():
+    standard = [(0, 0.0), (100, 4.0), (200, 5.0)]
+    fast = [(0, 0.0), (50, 5.0)]  # reaches the standard's final gain with a quarter of its compute
+    never = [(0, 0.0), (50, 3.0)]
+    per_seed = {0: _summary({"standard": standard, "minijoint": fast, "minipost": fast}),
+                1: _summary({"standard": standard, "minijoint": fast, "minipost": never})}
+    rows, average = adaptation_compute.savings(per_seed, ["ny"])
     by = {(r["method"], r["threshold"]): r for r in rows}
-    assert by["minijoint", 1.0]["per_seed_speedup"] == pytest.approx([4.0, 4.0])
-    # 95% of the standard's loss reduction: loss 5.25, standard at 175 FLOPs, the fast curve at 47.5
-    assert by["minijoint", 0.95]["speedup"]["median"] == pytest.approx(175 / 47.5)
-    assert by["minipost", 1.0]["per_seed_speedup"][1] is None and by["minipost", 1.0]["reached"] == 1
+    assert by["minijoint", 1.0]["per_seed_saving"] == pytest.approx([4.0, 4.0])
+    # 95% of the standard's final gain (4.75): the standard first reaches it at 200 FLOPs, the fast curve at 50
+    assert by["minijoint", 0.95]["saving"]["median"] == pytest.approx(4.0)
+    assert by["minipost", 1.0]["per_seed_saving"][1] is None and by["minipost", 1.0]["reached"] == 1
+    assert by["minipost", 1.0]["wall_clock_saving"]["n"] == 1
     assert average["minijoint"]["1.0"] == pytest.approx(4.0)
     assert average["minipost"]["1.0"] is None  # not matched in every seed: no average claimed
 

@@ -31,6 +31,24 @@ def test_stages_follow_the_method_and_validate():
         load_config(PipelineConfig, SMOKE, ["overrides.adapter=[x=1]"])
 
 
+def test_seed_method_overrides_and_no_step_3_without_a_fine_tuned_task():
+    target_mlm = "configs/evaluate/zero_shot/target_mlm_tiny.yaml"
+    cfg = load_config(PipelineConfig, SMOKE, ["seed=7", "overrides.adapt=[init.seed=3]",
+                                              "method_overrides={minipost: [train.steps=18]}",
+                                              f"configs.zero_shot=[{target_mlm}]"])
+    by_name = {s.name: s for s in build_stages(cfg)}
+    assert {"train.seed=7", "mini.seed=7"} <= set(by_name["minipost"].args)
+    assert "train.seed=7" in by_name["pretrain"].args and "seed=7" not in " ".join(by_name["data"].args)
+    standard, minipost = by_name["adapt-standard-ny"].args, by_name["adapt-minipost-ny"].args
+    assert {"data_seed=7", "train.seed=7"} <= set(standard)
+    assert standard.index("init.seed=3") > standard.index("init.seed=7")  # an explicit override wins (last)
+    assert "train.steps=18" in minipost and "train.steps=18" not in standard
+    assert not {n for n in by_name if n.startswith(("finetune", "plug"))}  # target_mlm needs no step 3
+    assert {n for n in by_name if n.startswith("zero_shot")} == {f"zero_shot-target_mlm-{m}" for m in cfg.methods}
+    with pytest.raises(ConfigError, match="method_overrides.minijont"):
+        load_config(PipelineConfig, SMOKE, ["method_overrides={minijont: [train.steps=1]}"])
+
+
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end(smoke_pipeline):
     out = smoke_pipeline.output_dir
