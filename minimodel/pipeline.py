@@ -155,7 +155,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     adapted: dict[tuple[str, str], Stage] = {}
     for method in methods:
         args = ["--config", cfg.configs.adapt, *method.adapt_overrides(), f"primary_model={at.primary}",
-                f"source_lang={src}", f"target_langs=[{', '.join(cfg.target_langs)}]", f"data_dir={at.data_dir}",
+                f"source_lang={src}", f"data_dir={at.data_dir}",
                 f"output_dir={at.adapt(method.name)}", *extra("adapt"),
                 *cfg.method_overrides.get(method.name, [])]
         if method.source.over == "mini":
@@ -164,7 +164,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
             adapted[method.name, lang] = add(
                 f"adapt-{method.name}-{lang}", "adapt", args, at.adapt(method.name, lang),
                 [made_by[method.model], prepare], nproc=cfg.adapt_nproc, job=f"adapt-{method.name}", lang=lang,
-                lang_args=[f"target_lang={lang}"])
+                lang_args=[f"target_langs=[{lang}]"])  # only its own language: adding another reruns nothing
 
     def zero_shot(config: str, method: str, source_model: Path, targets: list[str], after: list[Stage]) -> Stage:
         task = zero_shot_task(config)

@@ -9,7 +9,7 @@
 #   {"env": {"MINIMODEL_PARENT_RUN_ID": "..."},
 #    "jobs": [{"name": "adapt-minipost", "kind": "adapt", "script": "adapt/train.py", "args": ["--config", ...],
 #              "slurm": ["slurm/adapt.sh"], "after": ["minipost", "data"], "done": false,
-#              "array": [{"lang": "ny", "args": ["target_lang=ny"], "done": false}, ...]}, ...]}
+#              "array": [{"lang": "ny", "args": ["target_langs=[ny]"], "done": false}, ...]}, ...]}
 # Each job runs its stage with the template in "slurm" (ranks = GPUs Slurm gives); an array job runs a task per
 # language, task i with the arguments of the i-th language appended. Jobs and tasks marked done are not submitted.
 # `python -m minimodel.slurm_plan PLAN` turns the plan into the lines this script reads.

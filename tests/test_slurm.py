@@ -290,8 +290,9 @@ def test_array_tasks_get_their_languages_arguments_from_the_plan(cluster, tmp_pa
     assert result.state == "FAILED"  # no primary model: the stage's own error, in each task's log
     for task, lang in ((0, "ny"), (1, "sw")):
         log = (tmp_path / f"adapt-standard-{jobs['adapt-standard']}_{task}.out").read_text()
-        assert f"array task {task}: target_lang={lang}" in log, log[-3000:]
-        assert re.search(rf"deepspeed\.launcher\.runner.* 'adapt/train\.py' .*'target_lang={lang}'", log), log[-3000:]
+        assert f"array task {task}: target_langs=[{lang}]" in log, log[-3000:]
+        assert re.search(rf"deepspeed\.launcher\.runner.* 'adapt/train\.py' .*'target_langs=\[{lang}\]'", log), \
+            log[-3000:]
 
 
 PIPELINE_MODULE = ROOT / "minimodel" / "pipeline.py"

@@ -120,9 +120,9 @@ def test_plan_groups_each_methods_adaptation_into_one_array_job(tmp_path):
     assert [job["name"] for job in adapt_jobs] == [f"adapt-{m}" for m in methods]
     for job in adapt_jobs:
         assert job["script"] == "adapt/train.py" and job["slurm"] == ["slurm/adapt.sh"]
-        assert [(t["lang"], t["args"]) for t in job["array"]] == [("ny", ["target_lang=ny"]),
-                                                                   ("sw", ["target_lang=sw"])]
-        assert not any(a.startswith("target_lang=") for a in job["args"])
+        assert [(t["lang"], t["args"]) for t in job["array"]] == [("ny", ["target_langs=[ny]"]),
+                                                                   ("sw", ["target_langs=[sw]"])]
+        assert not any(a.startswith(("target_lang=", "target_langs=")) for a in job["args"])
     # dependencies name jobs: every plug depends on its method's array job, not on a per-language stage
     for name, job in by_name.items():
         assert set(job["after"]) <= set(by_name), name
@@ -145,14 +145,14 @@ def test_slurm_lines_submit_the_plans_jobs_and_skip_what_is_done(tmp_path):
     submitted = {row[0]: row[1:] for row in rows[1:]}
     assert "data" not in submitted and submitted["pretrain"][0] == ""  # its one dependency is done
     after, langs, task_args, submit = submitted[adapt["name"]]
-    assert langs == "ny sw" and task_args.split(RECORD) == ["target_lang=ny", "target_lang=sw"]
+    assert langs == "ny sw" and task_args.split(RECORD) == ["'target_langs=[ny]'", "'target_langs=[sw]'"]  # shell-quoted
     assert shlex.split(submit) == ["slurm/adapt.sh", *adapt["args"]]
     report = shlex.split(submitted["report"][3])
     assert report[:3] == ["slurm/evaluate.sh", "report", "--config"]
 
     adapt["array"][0]["done"] = True  # ny adapted already: only sw's task is submitted
     row = next(line.split(UNIT) for line in lines(planned) if line.startswith(adapt["name"] + UNIT))
-    assert row[2:4] == ["sw", "target_lang=sw"]
+    assert row[2:4] == ["sw", "'target_langs=[sw]'"]
 
 
 def test_slurm_plan_module_reads_a_plan_file(tmp_path):
@@ -183,3 +183,14 @@ def test_each_kinds_slurm_template_runs_its_script_with_its_launcher(kind):
         assert f"mm_launch {stage.launcher} {stage.script}" in template
         if len(stage.slurm) > 1:  # evaluate.sh: the step named by its first argument
             assert f"\n  {stage.slurm[1]})\n" in template
+
+
+def test_adding_a_target_language_leaves_the_other_languages_adaptation_done(tmp_path):
+    """Each language's adaptation stage names only its own language: adding sw must not redo ny's adaptation."""
+    def adapt_hashes(langs):
+        cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path}", f"target_langs=[{langs}]"])
+        return {s.name: s.input_hash for s in build_stages(cfg) if s.kind == "adapt"}
+
+    one, two = adapt_hashes("ny"), adapt_hashes("ny, sw")
+    assert one and all(two[name] == digest for name, digest in one.items())
+    assert len(two) == 2 * len(one)
