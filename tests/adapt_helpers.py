@@ -54,7 +54,7 @@ def tiny_config(vocab_size: int, layers: int):
                               pad_token_id=1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 
 
-def pretrain_primary_and_mini(data_dir: Path, out: Path, steps: int = 400) -> tuple[Path, Path]:
+def pretrain_primary_and_mini(data_dir: Path, out: Path, steps: int = 400, seed: int = 0) -> tuple[Path, Path]:
     """Joint MLM pretraining of a 4-layer primary and its 2-layer mini-model (shared embeddings + layers 1-2)."""
     from transformers import MegatronBertForMaskedLM
 
@@ -63,8 +63,7 @@ def pretrain_primary_and_mini(data_dir: Path, out: Path, steps: int = 400) -> tu
     from minimodel.manifest import write_manifest
     from minimodel.training.hf_mlm import masked_lm_loss
 
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # tiny matmuls: more threads only spin on a shared machine
+    torch.manual_seed(seed)  # threads follow OMP_NUM_THREADS: another count pretrains another world, as another CPU may
     tokenizer = load_tokenizer(data_dir / "en" / "tokenizer")
     primary = MegatronBertForMaskedLM(tiny_config(len(tokenizer), PRIMARY_LAYERS))
     mini = MegatronBertForMaskedLM(tiny_config(len(tokenizer), MINI_LAYERS))
@@ -75,8 +74,8 @@ def pretrain_primary_and_mini(data_dir: Path, out: Path, steps: int = 400) -> tu
     params = list({id(p): p for p in [*primary.parameters(), *mini.parameters()]}.values())
     optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 30))
-    data = MaskedLMDataset(data_dir / "en" / "train", tokenizer, SEQ, seed=0)
-    rng = np.random.default_rng(0)
+    data = MaskedLMDataset(data_dir / "en" / "train", tokenizer, SEQ, seed=seed)
+    rng = np.random.default_rng(seed)
     primary.train(), mini.train()
     for _ in range(steps):
         idx = rng.integers(len(data), size=16)
@@ -95,9 +94,15 @@ def pretrain_primary_and_mini(data_dir: Path, out: Path, steps: int = 400) -> tu
     return primary_dir, mini_dir
 
 
+def world_seed() -> int:
+    """The seed of the tiny world's pretraining: MINIMODEL_TEST_WORLD_SEED (default 0) checks that the tests' quality
+    margins hold for another world too."""
+    return int(os.environ.get("MINIMODEL_TEST_WORLD_SEED", "0"))
+
+
 def build_world(root: Path) -> World:
     data_dir = prepare_tiny_data(root / "data")
-    primary, mini = pretrain_primary_and_mini(data_dir, root / "models")
+    primary, mini = pretrain_primary_and_mini(data_dir, root / "models", seed=world_seed())
     return World(root, data_dir, primary, mini)
 
 

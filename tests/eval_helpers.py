@@ -160,7 +160,7 @@ def plug(artifact: Path, model_dir: Path, primary_dir: Path, out_dir: Path) -> P
     from minimodel.adaptation.plug import PlugConfig, plug as plug_embeddings
 
     return plug_embeddings(PlugConfig(embeddings=str(artifact), model=str(model_dir), primary_model=str(primary_dir),
-                                      output_dir=str(out_dir)))
+                                      output_dir=str(out_dir))).outputs["plugged"]
 
 
 def write_indexed_verses(data_dir: Path, lang: str, tokenizer) -> Path:

@@ -53,7 +53,9 @@ def test_finetune_freezes_embeddings_bit_identical(world):
     info = json.loads((world["task_model"] / "task.json").read_text())
     assert info["task"] == "verse_class" and info["frozen"] == [EMBEDDINGS]
     metrics = json.loads((world["root"] / "finetune" / "metrics.json").read_text())
-    assert metrics["test/accuracy"] > 0.5  # 7 classes: it learned the task (chance ~0.2)
+    # It learned the task: at least halfway from the majority class (the chance level of this test set) to perfect
+    # (measured: 0.92 against a bar of 0.63, majority 0.26, on this toy world).
+    assert metrics["test/accuracy"] > (1 + metrics["test/baseline/majority"]) / 2
     lines = (world["root"] / "finetune" / "train" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 200 and "compute/flops" in lines[-1]
 
@@ -115,7 +117,7 @@ def test_zero_shot_with_perfect_target_embeddings_matches_source(world, plugged_
                          targets=f"[{{lang: xx, model_dir: {plugged_task_model[0]}, "
                                  f"tokenizer: {root / 'data/xx/tokenizer'}, adapt_step: 7}}]")
     results = zero_shot(cfg).outputs
-    assert results["en"]["accuracy"] > 0.5
+    assert results["en"]["accuracy"] > (1 + results["en"]["baseline/majority"]) / 2  # as after fine-tuning above
     assert 1 / 7 < results["en"]["baseline/majority"] < 0.5  # the majority class's share: the chance level
     assert results["xx"]["accuracy"] == results["en"]["accuracy"]
     assert results["xx"]["n_examples"] == results["en"]["n_examples"] > 50

