@@ -293,7 +293,7 @@ def test_plugged_embeddings_make_the_primary_model_read_the_target_language(runs
         out = tmp_path / f"plugged_{name}"
         if name == "z2_full":  # the command line once; in-process otherwise (each CLI start costs seconds)
             result = _plug([f"embeddings={runs[name] / 'sw'}", f"model={world.primary}", f"output_dir={out}"])
-            assert result.returncode == 0 and "wrote" in result.stdout, result.stderr
+            assert result.returncode == 0 and f"plugged: {out}" in result.stdout, result.stderr
         else:
             plug(PlugConfig(embeddings=str(runs[name] / "sw"), model=str(world.primary), output_dir=str(out)))
         plugged = AutoModelForMaskedLM.from_pretrained(out)
