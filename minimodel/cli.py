@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
 from minimodel.config import ConfigError, parse_cli
-from minimodel.distributed import is_rank0
+from minimodel import distributed
 from minimodel.errors import UserError
 from minimodel.stages import KINDS, StageResult
 
@@ -31,7 +31,7 @@ USER_ERROR_EXIT_CODE = 2
 def setup_logging() -> None:
     """INFO from minimodel's loggers on global rank 0 (WARNING on the others), WARNING from libraries."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("minimodel").setLevel(logging.INFO if is_rank0() else logging.WARNING)
+    logging.getLogger("minimodel").setLevel(logging.INFO if distributed.is_rank0() else logging.WARNING)
 
 
 def _script_name() -> str:
@@ -58,8 +58,11 @@ def run_stage(config_cls: type[C], stage: Callable[[C], StageResult], descriptio
         kind = "config error: " if isinstance(e, ConfigError) else ""
         print(f"{_script_name()}: {kind}{e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
-    _destroy_process_group()  # after a return only: on an error, another rank may still be in a collective
-    if is_rank0():
+    # after a return only (on an error, another rank may still be in a collective): every rank has done its part
+    # (rank 0 writes the summaries) before any exits, as a launcher ends the others once one exits with 75
+    distributed.barrier()
+    distributed.destroy()
+    if distributed.is_rank0():
         for name, value in result.outputs.items():
             print(f"{name}: {_format(value)}", flush=True)
         if result.status == "interrupted":
@@ -78,12 +81,3 @@ def main(kind: str, description: str) -> NoReturn:
 def _load(spec: str):
     module, name = spec.split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def _destroy_process_group() -> None:
-    dist = sys.modules.get("torch.distributed")  # not imported by the stage: nothing to close
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        # every rank has done its part (rank 0 writes the summaries) before any exits: a launcher ends the other
-        # ranks once one exits with a non-zero code (75, interrupted)
-        dist.barrier()
-        dist.destroy_process_group()

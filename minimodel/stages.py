@@ -189,7 +189,8 @@ def jobs(stages: list[Stage]) -> list[dict]:
         if (job["kind"], job["args"], job["after"]) != (stage.kind, args, after):
             raise ValueError(f"stage {stage.name} differs from the other tasks of job {name} in more than its "
                              f"language's arguments")
+        done = stage.done  # hashes its inputs and every upstream stage's: once per stage
         if stage.job:
-            job["array"].append({"lang": stage.lang, "args": stage.lang_args, "done": stage.done})
-        job["done"] = job["done"] and stage.done
+            job["array"].append({"lang": stage.lang, "args": stage.lang_args, "done": done})
+        job["done"] = job["done"] and done
     return list(grouped.values())
