@@ -24,9 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from megatron.core import tensor_parallel  # noqa: E402
 
 from benchmarks.common import (SUMMARY, MiniJointSteps, arg_parser, count_flops, header,  # noqa: E402
                                interleaved, minijoint_config, parse_args, pyplot, save, summary)
+from minimodel.models.minijoint.model import IGNORE_INDEX, MaskedLMHead  # noqa: E402
 
 NAME = "head_cost"
 VARIANT = {"step_time_s": SUMMARY, "tokens_per_s": float, "counted_flops_per_step": float}
@@ -50,25 +52,18 @@ SCHEMA = {
 
 
 # -- the two variants ------------------------------------------------------------------------------------------------
-def _full_sequence_head_class():
-    from megatron.core import tensor_parallel
+class FullSequenceLMHead(MaskedLMHead):
+    """The baseline: vocabulary logits and cross-entropy at EVERY position, the loss then masked to the predicted
+    ones (megatron's BertModel). Same parameters as MaskedLMHead; TP=1 only."""
 
-    from minimodel.models.minijoint.model import IGNORE_INDEX, MaskedLMHead
-
-    class FullSequenceLMHead(MaskedLMHead):
-        """The baseline: vocabulary logits and cross-entropy at EVERY position, the loss then masked to the
-        predicted ones (megatron's BertModel). Same parameters as MaskedLMHead; TP=1 only."""
-
-        def forward(self, hidden, labels, output_weight):
-            s, b, h = hidden.shape
-            logits = self.logits(hidden.reshape(s * b, h), output_weight)
-            target = labels.t().reshape(-1)
-            keep = target != IGNORE_INDEX
-            losses = tensor_parallel.vocab_parallel_cross_entropy(
-                logits.float().unsqueeze(1), target.clamp(min=0).unsqueeze(1)).squeeze(1)
-            return (losses * keep).sum() / keep.sum().clamp(min=1)
-
-    return FullSequenceLMHead
+    def forward(self, hidden, labels, output_weight):
+        s, b, h = hidden.shape
+        logits = self.logits(hidden.reshape(s * b, h), output_weight)
+        target = labels.t().reshape(-1)
+        keep = target != IGNORE_INDEX
+        losses = tensor_parallel.vocab_parallel_cross_entropy(
+            logits.float().unsqueeze(1), target.clamp(min=0).unsqueeze(1)).squeeze(1)
+        return (losses * keep).sum() / keep.sum().clamp(min=1)
 
 
 @contextlib.contextmanager
@@ -110,7 +105,7 @@ def secondary_head_cost(steps: MiniJointSteps, repeats: int) -> dict:
 
 
 def lm_head_cost(steps: MiniJointSteps, repeats: int) -> dict:
-    full_cls = _full_sequence_head_class()
+    full_cls = FullSequenceLMHead
     chunk = steps.chunk()
     heads = [chunk.lm_head] + ([chunk.aux_head] if chunk.has_secondary_head else [])
     cfg = steps.cfg

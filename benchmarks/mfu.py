@@ -27,10 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from transformers import MegatronBertForMaskedLM  # noqa: E402
 
 from benchmarks.common import (SUMMARY, MiniJointSteps, arg_parser, count_flops, header,  # noqa: E402
                                matmul_flops_per_s, minijoint_config, parse_args, pyplot, save, summary,
                                synthetic_mlm_batch)
+from minimodel.adaptation.train import AdaptConfig, TrainableConfig, select_trainable  # noqa: E402
+from minimodel.models.minijoint.hf_format import hf_config  # noqa: E402
+from minimodel.training.config import (CheckpointConfig, DeepSpeedLoopConfig, OptimizerConfig,  # noqa: E402
+                                       ScheduleConfig)
+from minimodel.training.deepspeed_loop import train  # noqa: E402
+from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss  # noqa: E402
 
 NAME = "mfu"
 WORKLOADS = ("pretrain", "adapt_standard", "adapt_mini")
@@ -61,11 +68,6 @@ class SyntheticMLM(torch.utils.data.Dataset):
 def adaptation_model(model_cfg, layers: int):
     """A random-weight Hugging Face model of the exported MiniJoint shape (primary: all layers; mini-model: the
     first m), with adaptation's trainable set: token embeddings + tied output embeddings, the rest frozen."""
-    from transformers import MegatronBertForMaskedLM
-
-    from minimodel.adaptation.train import TrainableConfig, select_trainable
-    from minimodel.models.minijoint.hf_format import hf_config
-
     model = MegatronBertForMaskedLM(hf_config(model_cfg, layers, tie_word_embeddings=True))
     select_trainable(model, TrainableConfig())
     return model
@@ -75,10 +77,6 @@ class Adaptation:
     """Adaptation steps through the real DeepSpeed loop; `run(steps)` -> per-step seconds (first step dropped)."""
 
     def __init__(self, model_cfg, layers: int, micro_batch: int):
-        from minimodel.adaptation.train import AdaptConfig
-        from minimodel.training.config import CheckpointConfig, DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
-        from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
-
         self.model = adaptation_model(model_cfg, layers)  # pristine: every run trains a fresh copy
         self.flops_fn = MLMFlops(self.model)
         self.data = SyntheticMLM(model_cfg.vocab_size, model_cfg.seq_length, 4 * micro_batch)
@@ -94,8 +92,6 @@ class Adaptation:
         self.loss_fn = masked_lm_loss
 
     def run(self, steps: int) -> list[float]:
-        from minimodel.training.deepspeed_loop import train
-
         out = Path(tempfile.mkdtemp(prefix="mfu-adapt-"))
         try:
             cfg = dataclasses.replace(self.loop, steps=steps + 1)

@@ -23,12 +23,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minimodel.config import ConfigError, load_config, save_config
+import yaml
+
+from minimodel.config import ConfigError, load_config, require, save_config
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.layout import PipelineLayout
 from minimodel.methods import REFERENCE, parse_method
 from minimodel.stages import Stage, StageFailed, StageInterrupted, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
+from minimodel.training.config import PretrainConfig
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 
@@ -69,8 +72,6 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(run_name="pipeline"))
 
     def validate(self) -> None:
-        from minimodel.config import require
-
         require(self.source_lang not in self.target_langs, "target_langs",
                 f"the source language {self.source_lang} cannot also be a target")
         require(len(self.target_langs) >= 1, "target_langs", "name at least one target language")
@@ -79,9 +80,6 @@ class PipelineConfig:
         require(REFERENCE in self.methods, "methods",
                 f"the report measures every method against {REFERENCE} adaptation: keep {REFERENCE!r} in the list")
         if "minijoint" in models and Path(self.configs.pretrain).is_file():
-            from minimodel.config import load_config
-            from minimodel.training.pretrain import PretrainConfig
-
             pretrain = load_config(PretrainConfig, self.configs.pretrain, self.overrides.get("pretrain", []))
             require(pretrain.model.secondary_head != "none", "methods",
                     "minijoint needs the secondary head, but the pretraining config sets model.secondary_head=none: "
@@ -112,8 +110,6 @@ SEED_SETTINGS: dict[str, tuple[str, ...]] = {
 
 def zero_shot_task(config_path: str) -> str:
     """The task name a zero-shot config file evaluates (its task.name, else TaskConfig's default)."""
-    import yaml
-
     return ((yaml.safe_load(Path(config_path).read_text()) or {}).get("task") or {}).get("name", TaskConfig.name)
 
 

@@ -59,7 +59,7 @@ class StageKind:
 KINDS: dict[str, StageKind] = {
     "data": StageKind("pretrain/prepare_data.py", "minimodel.data.prepare:DataConfig",
                       "minimodel.data.prepare:prepare_data", "python", ("slurm/python.sh", "pretrain/prepare_data.py")),
-    "pretrain": StageKind("pretrain/train.py", "minimodel.training.pretrain:PretrainConfig",
+    "pretrain": StageKind("pretrain/train.py", "minimodel.training.config:PretrainConfig",
                           "minimodel.training.pretrain:pretrain", "torchrun", ("slurm/pretrain_minijoint.sh",)),
     "export": StageKind("pretrain/export.py", "minimodel.models.minijoint.export:ExportConfig",
                         "minimodel.models.minijoint.export:run", "python", ("slurm/python.sh", "pretrain/export.py")),

@@ -7,7 +7,7 @@ import pytest
 
 from minimodel.adaptation.train import AdaptConfig
 from minimodel.config import ConfigError, load_config, parse_cli, require, save_config
-from minimodel.training.pretrain import PretrainConfig
+from minimodel.training.config import PretrainConfig
 
 
 @dataclass

@@ -17,7 +17,7 @@ from minimodel.training import checkpoint as ckpt
 from minimodel.training.metrics import plot_losses, read_metrics
 from minimodel.training.megatron_loop import LOSS_CURVES
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
-from minimodel.training.pretrain import PretrainConfig
+from minimodel.training.config import PretrainConfig
 from minimodel.training.sampler import MicroBatches
 from pretrain_helpers import (PYTHON, ROOT, TINY_CONFIG, TRAIN_SCRIPT, build_tiny_corpus, corpus_overrides, launch,
                               run, tail, train_losses, wait_for_step)

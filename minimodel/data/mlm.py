@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from minimodel.data.indexed import open_indexed
+from minimodel.hf import load_tokenizer
 
 IGNORE_INDEX = -100
 
@@ -26,8 +27,6 @@ class MaskedLMDataset(torch.utils.data.Dataset):
 
     def __init__(self, prefix: str | os.PathLike, tokenizer, seq_length: int, mask_prob: float = 0.15, seed: int = 0):
         if isinstance(tokenizer, (str, os.PathLike)):
-            from minimodel.data.tokenizer import load_tokenizer
-
             tokenizer = load_tokenizer(tokenizer)
         if seq_length < 3:
             raise ValueError(f"seq_length {seq_length} leaves no room for tokens between <s> and </s>: use >= 3")

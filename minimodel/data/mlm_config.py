@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from minimodel.config import ConfigError, require
+from minimodel.data.mlm import MaskedLMDataset
 
 _FIX = "build them with: python pretrain/prepare_data.py --config configs/data/default.yaml"
 
@@ -35,7 +36,5 @@ class MLMDataConfig:
 
     def dataset(self, split: Literal["train", "valid"], tokenizer, seq_length: int, seed: int):
         """The split as a MaskedLMDataset of `seq_length`-token sequences, masked with `seed`."""
-        from minimodel.data.mlm import MaskedLMDataset
-
         prefix = self.train_prefix if split == "train" else self.valid_prefix
         return MaskedLMDataset(prefix, tokenizer, seq_length, self.mask_prob, seed=seed)

@@ -7,11 +7,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from minimodel.adaptation.vocab import tokenizer_fingerprint
+from minimodel.data.mlm import MaskedLMDataset
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.features import QAEvalFeatures, classification_features
 from minimodel.evaluation.metrics import accuracy, majority_share, qa_scores, retrieval_accuracy
 from minimodel.evaluation.models import batches, device, mean_pooled, predict_logits
 from minimodel.evaluation.tasks import TaskConfig, TaskDataError, load_examples
+from minimodel.hf import load_tokenizer
+from minimodel.training.hf_mlm import masked_lm_loss
 
 MAJORITY_METRIC = "baseline/majority"  # logged with every classification score: the chance level to beat
 
@@ -70,11 +74,6 @@ def score_mlm(task: TaskConfig, model, tokenizer, lang: str, split: str, batch_s
     """Masked-LM loss (nats per masked token) of a *ForMaskedLM `model` on `lang`'s held-out verses: the data
     stage's <data_dir>/<lang>/valid indexed dataset ("train" for split train), packed and masked by MaskedLMDataset
     with task.mlm_seed, max_eval_examples sequences spread over the split: the same positions for every model."""
-    from minimodel.adaptation.vocab import tokenizer_fingerprint
-    from minimodel.data.mlm import MaskedLMDataset
-    from minimodel.data.tokenizer import load_tokenizer
-    from minimodel.training.hf_mlm import masked_lm_loss
-
     lang_dir = Path(task.data_dir) / lang
     if not (lang_dir / "valid.idx").is_file():
         raise TaskDataError(f"{lang_dir}/valid.idx does not exist: build language {lang!r} with "

@@ -35,6 +35,7 @@ from minimodel.evaluation.models import check_tokenizer, load_task_model, read_t
 from minimodel.evaluation.scoring import score, score_mlm, score_retrieval
 from minimodel.evaluation.tasks import TaskConfig
 from minimodel.hf import load_tokenizer
+from minimodel.manifest import model_hash
 from minimodel.methods import parse_method
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -139,8 +140,6 @@ def _primary_of(cfg: ZeroShotConfig) -> tuple[str, str]:
     """(directory, sha256) of the primary model the source task model was fine-tuned from (retrieval, target_mlm:
     the source model itself): the model every snapshot must have been learned for."""
     if not cfg.task.spec.fine_tuned:
-        from minimodel.manifest import model_hash
-
         return cfg.source_model_dir, model_hash(cfg.source_model_dir)
     primary = read_task_info(cfg.source_model_dir)["primary_model"]
     return primary["path"], primary["sha256"]

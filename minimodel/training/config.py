@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 from minimodel.config import ConfigError, require
+from minimodel.data.mlm_config import MLMDataConfig
+from minimodel.distributed import ParallelConfig
+from minimodel.models.minijoint.config import ModelConfig
+from minimodel.tracking import TrackingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,3 +162,18 @@ def resolve_zero_config(path: str) -> Path:
             return p
     shipped = ", ".join(sorted(p.name for p in (REPO_ROOT / "configs" / "deepspeed").glob("*.json")))
     raise ConfigError(f"train.zero_config: {path} does not exist (shipped in configs/deepspeed/: {shipped})")
+
+
+@dataclass
+class PretrainConfig:
+    """MiniJoint pretraining, step 1 (pretrain/train.py; its stage function is minimodel/training/pretrain.py)."""
+    output_dir: str = "runs/pretrain/minijoint"
+    data: MLMDataConfig = field(default_factory=MLMDataConfig)  # sequences are model.seq_length tokens
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: PretrainLoopConfig = field(default_factory=PretrainLoopConfig)  # steps, optim, schedule, eval, checkpoint
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.train.checkpoint.dir or Path(self.output_dir) / "checkpoints")

@@ -28,10 +28,9 @@ from minimodel.models.minijoint.config import ModelConfig
 from minimodel.models.minijoint.model import flops_per_token
 from minimodel.tracking import Tracker, layout_tags
 from minimodel.training import checkpoint as ckpt
-from minimodel.training.config import PretrainLoopConfig
+from minimodel.training.config import PretrainConfig, PretrainLoopConfig
 from minimodel.training.metrics import MetricSink, plot_losses
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PreemptionSignal
-from minimodel.training.pretrain import PretrainConfig
 from minimodel.training.sampler import MicroBatches
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
-"""MiniJoint pretraining (step 1 of the method): its config and stage function; the loop is
-minimodel/training/megatron_loop.py.
+"""MiniJoint pretraining (step 1 of the method): its stage function; its config is PretrainConfig
+(minimodel/training/config.py), the loop minimodel/training/megatron_loop.py.
 
 One process per device, launched by torchrun. Each step runs `global_batch_size` sequences through megatron's
 pipeline schedule in micro-batches (gradient accumulation), clips gradients, takes an optimizer step (optionally
@@ -21,39 +21,16 @@ PREEMPTED_EXIT_CODE.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
 from minimodel.config import ConfigError
-from minimodel.data.mlm_config import MLMDataConfig
-from minimodel.distributed import ParallelConfig
 from minimodel.hf import load_tokenizer
-from minimodel.models.minijoint.config import ModelConfig
 from minimodel.stages import StageResult
-from minimodel.tracking import TrackingConfig
-from minimodel.training.config import PretrainLoopConfig
-
-
-@dataclass
-class PretrainConfig:
-    output_dir: str = "runs/pretrain/minijoint"
-    data: MLMDataConfig = field(default_factory=MLMDataConfig)  # sequences are model.seq_length tokens
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: PretrainLoopConfig = field(default_factory=PretrainLoopConfig)  # steps, optim, schedule, eval, checkpoint
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    @property
-    def checkpoint_root(self) -> Path:
-        return Path(self.train.checkpoint.dir or Path(self.output_dir) / "checkpoints")
+from minimodel.training import megatron_loop
+from minimodel.training.config import PretrainConfig
 
 
 def pretrain(cfg: PretrainConfig) -> StageResult:
     """Pretrain MiniJoint as `cfg` says, resuming from the newest checkpoint; collective over all ranks.
     Interrupted when a stop signal ended it early, after saving its checkpoint."""
-    # megatron-core only when training starts: the pipeline and the stage table import this module for its config
-    from minimodel.training import megatron_loop
-
     cfg.data.check_files()
     tokenizer = load_tokenizer(cfg.data.tokenizer_dir)
     if len(tokenizer) != cfg.model.vocab_size:

@@ -31,6 +31,7 @@ from minimodel.models.minijoint.config import ModelConfig
 from minimodel.models.minijoint.hf_format import hf_models
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
+from minimodel.training.checkpoint import latest_checkpoint
 
 PARITY_TOLERANCE = 1e-4
 
@@ -136,8 +137,6 @@ class ExportConfig:
 
 def run(cfg: ExportConfig) -> StageResult:
     """The export stage: resolved config saved, one tracked run; outputs: export()'s paths and logit differences."""
-    from minimodel.training.checkpoint import latest_checkpoint
-
     save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     checkpoint = Path(cfg.checkpoint)
     if not (checkpoint / "metadata.json").is_file():  # a checkpoint root: export its newest complete checkpoint
