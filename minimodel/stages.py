@@ -5,8 +5,9 @@ skipped when already done.
 A stage is done when its output directory holds `.stage.json` with the same input hash: the hash covers the
 command line, the content of every config file it names and the hashes of the stages it depends on. So re-running
 a pipeline skips finished stages whose inputs did not change, and redoes a stage (and everything after it) when a
-config or an upstream result changed. Only a stage that exited 0 (finished) is stamped: one stopped by a signal
-after checkpointing exits 75 and runs again, resuming, the next time.
+config or an upstream result changed. Only a stage that exited 0 (finished) and recorded a finished result of its
+own config (minimodel/provenance.py) is stamped: one stopped by a signal after checkpointing exits 75 and runs again,
+resuming, the next time; a changed config that the stage refuses (exit 2) names the fix.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from minimodel import provenance
 from minimodel.files import write_text_atomic
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
@@ -165,6 +167,10 @@ class Stage:
                                    f"its log: {log_path}")
         if code != 0:
             raise StageFailed(f"stage {self.name} failed with exit code {code}; its log: {log_path}")
+        record = provenance.read(self.output_dir)
+        if record is None or record["status"] != "finished":
+            raise StageFailed(f"stage {self.name} exited 0 but {self.output_dir} holds no finished result of its "
+                              f"config ({provenance.RECORD}): not stamped; its log: {log_path}")
         seconds = time.time() - start
         self.run_ids = find_runs(start) if find_runs else []
         write_text_atomic(self.output_dir / STAMP, json.dumps({

@@ -21,7 +21,7 @@ from minimodel import pipeline, stages
 from minimodel.config import load_config
 from minimodel.pipeline import PipelineConfig, build_stages, plan
 from minimodel.slurm_plan import RECORD, UNIT, lines
-from minimodel.stages import STAMP, KINDS, Stage, StageInterrupted, StageKind, jobs
+from minimodel.stages import STAMP, KINDS, Stage, StageFailed, StageInterrupted, StageKind, jobs
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minimodel.cli import run_stage
+from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.training.preemption import PreemptionSignal
 
@@ -42,11 +43,12 @@ from minimodel.training.preemption import PreemptionSignal
 @dataclass
 class FakeConfig:
     output_dir: str = "out"
+    record_result: bool = True  # false: a stage that forgets to record its finished result
 
 
 def fake(cfg):
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, cfg, resumable=True)
     checkpoint = out / "checkpoint"
     with PreemptionSignal() as stop:
         if not checkpoint.exists():
@@ -55,6 +57,8 @@ def fake(cfg):
             checkpoint.write_text("step 3")
             return StageResult("interrupted", {"checkpoint": checkpoint})
     (out / "result").write_text(f"resumed from {checkpoint.read_text()}")
+    if cfg.record_result:
+        finish_output(out, cfg)
     return StageResult("finished", {"result": out / "result"})
 
 
@@ -104,6 +108,17 @@ def test_stage_run_raises_interrupted_on_exit_75(fake_kind, tmp_path):
     assert "fake_stage: interrupted" in (tmp_path / "logs" / "fake.log").read_text()
     stage.run(env, tmp_path / "logs")
     assert stage.stamp() is not None and stage.done
+
+
+def test_a_stage_that_exits_0_without_a_finished_result_of_its_config_is_not_stamped(fake_kind, tmp_path):
+    out = tmp_path / "fake"
+    stage = Stage("fake", fake_kind, [f"output_dir={out}", "record_result=false"], out)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with pytest.raises(StageInterrupted):
+        stage.run(env, tmp_path / "logs")
+    with pytest.raises(StageFailed, match="exited 0 but .* holds no finished result of its config"):
+        stage.run(env, tmp_path / "logs")
+    assert stage.stamp() is None and not stage.done
 
 
 def two_language_plan(tmp_path) -> dict:

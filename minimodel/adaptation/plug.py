@@ -32,6 +32,7 @@ from minimodel.errors import UserError
 from minimodel.files import replace_dir
 from minimodel.hf import load_model, load_tokenizer
 from minimodel.manifest import ManifestError, check_aligned, model_hash
+from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.training.hf_mlm import mlm_head
 
@@ -114,6 +115,7 @@ def plug_model(model, embeddings: str | os.PathLike, *, model_dir: str, primary_
 
 def plug(cfg: PlugConfig) -> StageResult:
     """Outputs: the plugged model's directory."""
+    claim_output(cfg.output_dir, cfg, resumable=False)
     model = load_model(cfg.model)  # the class its config.json names: a masked LM or a task model
     tokenizer, tokenizer_dir, info = plug_model(model, cfg.embeddings, model_dir=cfg.model,
                                                 primary_dir=cfg.primary_model, tokenizer_dir=cfg.tokenizer)
@@ -131,4 +133,6 @@ def plug(cfg: PlugConfig) -> StageResult:
         "primary_model": info["primary_model"], "target_lang": info["target_lang"], "method": info["method"],
         "over": info["over"], "adapt_run_id": info.get("adapt_run_id"), "adapt_steps": info.get("steps")}, indent=2))
     save_config(cfg, tmp / "plug_config.yaml")
-    return StageResult("finished", {"plugged": replace_dir(tmp, output_dir)})
+    replace_dir(tmp, output_dir)
+    finish_output(output_dir, cfg)
+    return StageResult("finished", {"plugged": output_dir})

@@ -36,6 +36,7 @@ from minimodel.data.mlm import MaskedLMDataset
 from minimodel.data.tokenizer import FastEncoder, load_tokenizer, train_tokenizer
 from minimodel.manifest import check_aligned, model_hash
 from minimodel.methods import parse_method
+from minimodel.provenance import ConfigChanged, claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig, resolve_zero_config
@@ -101,6 +102,8 @@ class AdaptConfig:
     # quality-vs-compute curve, each one vocabulary x hidden matrix on disk. None: at every evaluation
     # (train.eval.every); 0: none but step 0 (the initial embeddings, always kept) and the final embeddings.
     snapshot_every: int | None = None
+    # a language's run directory holding another config's run (finished or not): discard it (else: an error)
+    overwrite: bool = False
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
@@ -251,14 +254,20 @@ def _rank0_then_everywhere(fn):
     return box[0]
 
 
+# A language's run is the same whichever other languages the stage (or its array job) lists.
+LANGUAGE_NEUTRAL = ("target_langs", "target_lang")
+
+
 def adapt_language(cfg: AdaptConfig, lang: str) -> str:
     """Learn `lang` embeddings; returns "done" or "interrupted" (resume by running the same command again)."""
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
     run_dir = Path(cfg.output_dir) / lang
-    if read_info(run_dir) is not None:
+    lang_cfg = dataclasses.replace(cfg, target_lang=lang)
+    claimed = claim_output(run_dir, lang_cfg, resumable=True, overwrite=cfg.overwrite, ignore=LANGUAGE_NEUTRAL)
+    if claimed == "finished" and read_info(run_dir) is not None:
         if rank == 0:
-            log.info("%s: already adapted (%s exists): skipping", lang, run_dir / "adapt.json")
+            log.info("%s: already adapted with this config (%s): skipping", lang, run_dir / "adapt.json")
         return "done"
 
     # Alignment is checked before anything is written or trained.
@@ -271,7 +280,6 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
         raise ValueError(f"method {cfg.method} adapts over a {parse_method(cfg.method).model} model, but "
                          f"{model_dir} is a {kind} model: fix method or mini_model")
     method = cfg.method or kind
-    lang_cfg = dataclasses.replace(cfg, target_lang=lang)
 
     def prepare():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -335,6 +343,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             tracker.log_artifact(plot_losses(run_dir / "metrics.jsonl", run_dir / "loss_vs_flops.png",
                                              {"train/loss": "train", "eval/loss": "valid"}, x="compute/flops",
                                              x_label="cumulative FLOPs", title=f"{method} adaptation to {lang}"))
+            finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
         dist.barrier()
     return "done"
 
@@ -363,6 +372,8 @@ def run_adaptation(cfg: AdaptConfig) -> StageResult:
     for lang in cfg.languages():
         try:
             statuses[lang] = adapt_language(cfg, lang)
+        except ConfigChanged:
+            raise  # the user's config against the directory's: every language would hit it (exit 2, its message)
         except Exception as e:  # noqa: BLE001 - recorded; the other languages still run
             statuses[lang] = f"failed: {type(e).__name__}: {e}"
             if rank == 0:

@@ -35,6 +35,7 @@ from minimodel.data.corpora import Document, Source, SourceConfig, split_verse_i
 from minimodel.data.indexed import load_megatron_datasets, write_indexed
 from minimodel.data.tokenizer import SPM_FILE, FastEncoder, load_tokenizer, train_tokenizer
 from minimodel.files import replace_dir, write_text_atomic
+from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 
@@ -363,6 +364,7 @@ def prepare_data(cfg: DataConfig) -> StageResult:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
+        claim_output(out, cfg, resumable=False)
         _remove_interrupted(out)
         sources = {lang: [Source(s) for s in lc.sources] for lang, lc in cfg.languages.items()}
         fingerprints = {lang: [s.fingerprint for s in srcs] for lang, srcs in sources.items()}
@@ -376,6 +378,7 @@ def prepare_data(cfg: DataConfig) -> StageResult:
             if not todo and old_manifest.get("input_hash") == input_hash:
                 log.info("%s is up to date (input hash %s): nothing to do", out, input_hash[:12])
                 tracker.set_tags({"up_to_date": True})
+                finish_output(out, cfg)
                 return StageResult("finished", {"manifest": manifest_path})
             for lang in cfg.languages:
                 log.info("%s: %s", lang, "building" if lang in todo else "up to date, kept")
@@ -390,4 +393,5 @@ def prepare_data(cfg: DataConfig) -> StageResult:
             write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
             _report(tracker, stats, todo, time.perf_counter() - start)
             tracker.log_artifact(manifest_path)
+        finish_output(out, cfg)
         return StageResult("finished", {"manifest": manifest_path})

@@ -31,6 +31,7 @@ from minimodel.evaluation.scoring import score
 from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
+from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
@@ -51,6 +52,8 @@ class FinetuneConfig:
         zero_config="configs/deepspeed/zero1.json"))
     eval_splits: list[str] = field(default_factory=lambda: ["dev", "test"])
     eval_batch_size: int = 64
+    # a directory holding another config's run (finished or not): discard it (else: an error naming the change)
+    overwrite: bool = False
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
@@ -113,6 +116,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
     out = Path(cfg.output_dir)
+    claim_output(out, cfg, resumable=True, overwrite=cfg.overwrite, ignore=("method",))  # method: an MLflow tag
     if rank == 0:
         save_config(cfg, out / "config.yaml")
     spec = cfg.task.spec
@@ -152,5 +156,6 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
                 metrics.update({f"{split}/{k}": v for k, v in scores.items()})
             tracker.log_metrics(metrics, step=result.step)
             write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+            finish_output(out, cfg, ("method",))
     dist.barrier()  # the other ranks wait while rank 0 scores: all return, and tear down (minimodel.cli), together
     return StageResult("finished", {"task_model": model_dir, "metrics": metrics})

@@ -34,6 +34,7 @@ from minimodel.evaluation.scoring import MAJORITY_METRIC
 from minimodel.evaluation.tasks import TASKS
 from minimodel.layout import PipelineLayout
 from minimodel.methods import REFERENCE, parse_method
+from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import TrackingConfig, attach_to_run
 
@@ -281,9 +282,13 @@ def headline_metrics(summary: dict) -> dict[str, float]:
     return out
 
 
+REPORT_NEUTRAL = ("log_to_parent", "parent_run_id")  # where its files are attached in MLflow
+
+
 def report(cfg: ReportConfig) -> StageResult:
     """Build the report of one pipeline; outputs: the {"json", "markdown", "png"} paths."""
     out = Path(cfg.output_dir)
+    claim_output(out, cfg, resumable=False, ignore=REPORT_NEUTRAL)
     save_config(cfg, out / "config.yaml")
     layout = PipelineLayout(Path(cfg.pipeline_dir))
     summary = summarize(collect(layout, cfg.methods, cfg.tasks), cfg.reference_method, cfg.fractions,
@@ -296,4 +301,5 @@ def report(cfg: ReportConfig) -> StageResult:
              "png": plot(summary, out / "compute_vs_quality.png")}
     if cfg.log_to_parent:
         attach_to_run(cfg.tracking, cfg.parent_run_id, list(paths.values()), "report", headline_metrics(summary))
+    finish_output(out, cfg, REPORT_NEUTRAL)
     return StageResult("finished", paths)

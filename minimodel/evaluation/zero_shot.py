@@ -37,6 +37,7 @@ from minimodel.evaluation.tasks import TaskConfig
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
 from minimodel.methods import parse_method
+from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 
@@ -218,6 +219,7 @@ def zero_shot(cfg: ZeroShotConfig) -> StageResult:
     """Outputs: metrics per language ({lang: {metric: value}}) of the final embeddings, the source language
     included when evaluate_source."""
     out = Path(cfg.output_dir)
+    claim_output(out, cfg, resumable=False)
     save_config(cfg, out / "config.yaml")
     source_tokenizer = cfg.source_tokenizer or cfg.source_model_dir
     if cfg.task.spec.fine_tuned:
@@ -240,4 +242,5 @@ def zero_shot(cfg: ZeroShotConfig) -> StageResult:
     write_text_atomic(out / "metrics.json", json.dumps(results, indent=2))
     if snapshot_results:
         write_text_atomic(out / "snapshots.json", json.dumps(snapshot_results, indent=2))
+    finish_output(out, cfg)
     return StageResult("finished", results)

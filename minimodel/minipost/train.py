@@ -33,6 +33,7 @@ from minimodel.minipost.alignment import alignment_report, plot_alignment
 from minimodel.minipost.build import (Init, MiniPostError, build_mini_model, changed_frozen_parameters,
                                       check_same_vocabulary, check_tokenizer, count_values, load_source_model,
                                       resolve_source, split_parameters)
+from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig
@@ -76,6 +77,8 @@ class MiniPostConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: DeepSpeedLoopConfig = field(default_factory=DeepSpeedLoopConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    # a directory holding another config's run (finished or not): discard it (else: an error naming the change)
+    overwrite: bool = False
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
@@ -134,6 +137,7 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
     rank0 = dist.get_rank() == 0
     device = torch.device(get_accelerator().device_name(int(os.environ["LOCAL_RANK"])))
     out = Path(cfg.output_dir)
+    claim_output(out, cfg, resumable=True, overwrite=cfg.overwrite)
     if rank0:
         save_config(cfg, out / "config.yaml")
     tags = {"stage": "minipost", "method": "minipost", "source_lang": cfg.data.source_lang,
@@ -177,6 +181,7 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
             alignment = {"start": start, "end": report(final), "frozen_parameters_checked": len(frozen_params)}
             log_report(tracker, alignment["end"], step=result.step)
             _write_report(alignment, out, tracker)
+            finish_output(out, cfg)
             outputs = {"mini_model": mini_dir, "alignment": alignment["end"]}
         dist.barrier()
     return StageResult("finished", outputs)

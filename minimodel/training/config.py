@@ -172,6 +172,8 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: PretrainLoopConfig = field(default_factory=PretrainLoopConfig)  # steps, optim, schedule, eval, checkpoint
+    # a directory holding another config's run (finished or not): discard it (else: an error naming the change)
+    overwrite: bool = False
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property

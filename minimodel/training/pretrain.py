@@ -21,8 +21,10 @@ PREEMPTED_EXIT_CODE.
 """
 from __future__ import annotations
 
+from minimodel import distributed
 from minimodel.config import ConfigError
 from minimodel.hf import load_tokenizer
+from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.training import megatron_loop
 from minimodel.training.config import PretrainConfig
@@ -36,6 +38,10 @@ def pretrain(cfg: PretrainConfig) -> StageResult:
     if len(tokenizer) != cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} differs from the {len(tokenizer)} tokens of "
                           f"{cfg.data.tokenizer_dir}; set model.vocab_size={len(tokenizer)}")
+    if distributed.is_rank0():  # before the process group is up: the others wait for rank 0 in it
+        claim_output(cfg.output_dir, cfg, resumable=True, overwrite=cfg.overwrite)
     result = megatron_loop.run(cfg, tokenizer)
+    if not result.preempted and distributed.is_rank0():
+        finish_output(cfg.output_dir, cfg)
     return StageResult("interrupted" if result.preempted else "finished",
                        {"checkpoint": result.checkpoint, "step": result.step})

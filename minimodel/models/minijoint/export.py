@@ -29,6 +29,7 @@ from minimodel.manifest import write_manifest
 from minimodel.models.minijoint import parallelize
 from minimodel.models.minijoint.config import ModelConfig
 from minimodel.models.minijoint.hf_format import hf_models
+from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.checkpoint import latest_checkpoint
@@ -137,6 +138,7 @@ class ExportConfig:
 
 def run(cfg: ExportConfig) -> StageResult:
     """The export stage: resolved config saved, one tracked run; outputs: export()'s paths and logit differences."""
+    claim_output(cfg.output_dir, cfg, resumable=False)
     save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     checkpoint = Path(cfg.checkpoint)
     if not (checkpoint / "metadata.json").is_file():  # a checkpoint root: export its newest complete checkpoint
@@ -150,5 +152,6 @@ def run(cfg: ExportConfig) -> StageResult:
         write_text_atomic(Path(cfg.output_dir) / "export.json", json.dumps(
             {"checkpoint": str(checkpoint), "max_logit_diff": result["max_logit_diff"]}, indent=2))
         tracker.log_metrics({f"max_logit_diff_{k}": v for k, v in result["max_logit_diff"].items()}, step=0)
+    finish_output(cfg.output_dir, cfg)
     mini = result["mini"] or "none (the model has no secondary head; build one with pretrain/minipost.py)"
     return StageResult("finished", {**result, "mini": mini})

@@ -1,0 +1,125 @@
+"""minimodel.provenance: a stage's output directory holds a result of *this* config, or the stage says so.
+
+The unit tests drive claim/finish directly; the slow test is the issue's case end to end: an adaptation that ran with
+train.steps=4 must not be reported as the result of train.steps=6 (the old code logged "already adapted ...
+skipping" and exited 0)."""
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+
+import pytest
+
+from minimodel import provenance
+from minimodel.provenance import RECORD, ConfigChanged, claim_output, finish_output
+
+
+@dataclass
+class Train:
+    steps: int = 4
+    lr: float = 0.1
+
+
+@dataclass
+class Cfg:
+    output_dir: str = ""
+    model: str = ""
+    train: Train = field(default_factory=Train)
+    tracking: dict = field(default_factory=lambda: {"uri": "a"})
+    overwrite: bool = False
+
+
+def test_same_config_resumes_then_skips_and_neutral_keys_do_not_count(tmp_path):
+    out = tmp_path / "run"
+    assert claim_output(out, Cfg(str(out)), resumable=True) == "new"
+    (out / "checkpoint").write_text("step 2")
+    assert claim_output(out, Cfg(str(out)), resumable=True) == "resume"
+    finish_output(out, Cfg(str(out)))
+    moved = Cfg(str(tmp_path / "elsewhere"), tracking={"uri": "b"}, overwrite=True)
+    assert claim_output(out, moved, resumable=True) == "finished"
+
+
+def test_another_config_is_refused_naming_the_key_and_the_fix_or_discarded_with_overwrite(tmp_path):
+    out = tmp_path / "run"
+    claim_output(out, Cfg(), resumable=True)
+    (out / "checkpoint").write_text("step 2 of 4")
+    finish_output(out, Cfg())
+    with pytest.raises(ConfigChanged, match=r"a finished result of another config \(train.steps: 4 -> 6\).*"
+                                            r"new output_dir.*overwrite=true"):
+        claim_output(out, Cfg(train=Train(steps=6)), resumable=True)
+    assert json.loads((out / RECORD).read_text())["config"]["train.steps"] == 4  # refused: nothing changed
+    assert claim_output(out, Cfg(train=Train(steps=6)), resumable=True, overwrite=True) == "new"
+    assert sorted(p.name for p in out.iterdir()) == [RECORD]  # the old checkpoint is gone
+
+
+def test_a_partial_run_of_another_config_and_files_without_a_record_are_refused(tmp_path):
+    out = tmp_path / "run"
+    claim_output(out, Cfg(), resumable=True)
+    with pytest.raises(ConfigChanged, match=r"a partial run of another config \(train.lr: 0.1 -> 0.2\)"):
+        claim_output(out, Cfg(train=Train(lr=0.2)), resumable=True)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "adapt.json").write_text("{}")
+    with pytest.raises(ConfigChanged, match="unknown"):
+        claim_output(legacy, Cfg(), resumable=True)
+
+
+def test_a_stage_that_redoes_its_output_honours_a_changed_config(tmp_path):
+    out = tmp_path / "export"
+    claim_output(out, Cfg(), resumable=False)
+    finish_output(out, Cfg())
+    assert claim_output(out, Cfg(train=Train(steps=6)), resumable=False) == "new"
+    record = provenance.read(out)
+    assert record["status"] == "started" and record["config"]["train.steps"] == 6
+
+
+def test_an_input_made_again_by_another_config_changes_the_result(tmp_path):
+    upstream, out = tmp_path / "export", tmp_path / "adapt"
+    claim_output(upstream, Cfg(), resumable=False)
+    finish_output(upstream, Cfg())
+    cfg = Cfg(model=str(upstream / "primary"))  # a path under the upstream's output directory
+    claim_output(out, cfg, resumable=True)
+    (out / "checkpoint").write_text("x")
+    finish_output(out, cfg)
+    assert claim_output(out, cfg, resumable=True) == "finished"
+    claim_output(upstream, Cfg(train=Train(steps=9)), resumable=False)  # re-exported from another pretraining
+    with pytest.raises(ConfigChanged, match="model: .*export/primary was made again"):
+        claim_output(out, cfg, resumable=True)
+    finish_output(upstream, Cfg(train=Train(steps=9)))
+    with pytest.raises(ConfigChanged, match="was made again"):
+        claim_output(out, cfg, resumable=True)
+
+
+@pytest.mark.slow
+def test_adapting_again_with_other_steps_is_refused_not_reported_as_the_old_result(tmp_path):
+    from adapt_helpers import PYTHON, REPO, launch_env, pretrain_primary_and_mini, prepare_tiny_data
+
+    data_dir = prepare_tiny_data(tmp_path / "data")
+    primary, _ = pretrain_primary_and_mini(data_dir, tmp_path / "models", steps=5)
+    out = tmp_path / "adapt"
+
+    def adapt(*extra: str) -> subprocess.CompletedProcess:
+        args = [f"output_dir={out}", "over=full", f"primary_model={primary}", f"data_dir={data_dir}",
+                "target_langs=[sw]", "seq_length=64", "train.micro_batch_size=4", "train.torch_adam=true",
+                "train.schedule.warmup_steps=1", "train.eval.every=2", "train.eval.batches=1",
+                "train.checkpoint.save_every=2", "tracking.enabled=false", *extra]
+        return subprocess.run([str(PYTHON), "adapt/train.py", *args], cwd=REPO, env=launch_env(),
+                              capture_output=True, text=True, timeout=600)
+
+    def steps() -> int:
+        return json.loads((out / "sw" / "adapt.json").read_text())["steps"]
+
+    first = adapt("train.steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert steps() == 4
+    changed = adapt("train.steps=6")
+    assert changed.returncode == 2, f"another config's result was accepted:\n{changed.stderr[-3000:]}"
+    assert "train.steps: 4 -> 6" in changed.stderr and "overwrite=true" in changed.stderr
+    assert steps() == 4
+    again = adapt("train.steps=6", "overwrite=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert steps() == 6 and "already adapted" not in again.stderr
+    same = adapt("train.steps=6", "overwrite=true")  # overwrite discards another config's result only
+    assert same.returncode == 0 and "already adapted with this config" in same.stderr, same.stderr[-3000:]
+    assert steps() == 6
