@@ -131,6 +131,12 @@ def build_deepspeed_config(cfg: DeepSpeedLoopConfig, precision: str) -> dict:
     return ds
 
 
+def zero_stage(cfg: DeepSpeedLoopConfig) -> int:
+    """The ZeRO stage `cfg.zero_config` names (0 when it has no zero_optimization section)."""
+    ds = json.loads(resolve_zero_config(cfg.zero_config).read_text())
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
 class _LossModule(nn.Module):
     """Lets DeepSpeed's engine.forward (ZeRO-3 hooks, backward scaling) run the caller's batch->loss function."""
 

@@ -1,0 +1,267 @@
+"""Lottery-ticket sparse fine-tuning (LT-SFT, Ansell et al. 2022) inside the shared DeepSpeed loop.
+
+Each iteration (`sft.iterations`, usually 1):
+  phase 1  full fine-tuning of every trainable parameter (`sft.full_steps` steps of the caller's `train:` config);
+  select   ONE threshold over |theta - theta0| across all eligible tensors: the K / iterations largest entries not
+           selected yet join the mask (ties with the threshold included);
+  rewind   EVERY parameter to its value before phase 1 (theta0 in the first iteration);
+  phase 2  a fresh engine (fresh optimizer and schedule) for `sft.sparse_steps` steps, with the gradient of each
+           eligible entry outside the mask zeroed before DeepSpeed accumulates, reduces, clips or steps it, so those
+           entries stay exactly at their rewound values (AdamW without weight decay never moves a zero-gradient
+           entry whose moments are zero). The dense parameters (the head) train fully.
+An optional L1 pull toward theta0, lambda * sum|theta - theta0| / N with N the model's parameter count (the
+reference's normalisation), adds lambda * sign(theta - theta0) / N to each optimizer step's gradient; in phase 2 it
+is masked like the rest.
+
+Output under output_dir (every file written atomically; a relaunch resumes where a kill left off):
+    iteration_<i>/full/      phase 1's loop directory (checkpoints/, metrics.jsonl)
+    iteration_<i>/mask.safetensors    the cumulative mask after iteration i's selection: a relaunch in phase 2
+                                      trains with exactly this mask
+    iteration_<i>/sparse/    phase 2's loop directory
+    iteration_<i>/end.safetensors     the trainable parameters after iteration i (all but the last): the next
+                                      iteration's rewind point
+    sft/                     the result (minimodel/sft/file.py): the masked entries' differences and the dense
+                             parameters, with the base model's hash and the compute spent
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from minimodel.config import ConfigError, require
+from minimodel.distributed import initialize_deepspeed
+from minimodel.sft.file import MANIFEST_FILE, SparseDiff, SparseFineTuning
+from minimodel.sft.select import Partition, partition_parameters, resolve_k, select_top_k
+from minimodel.training.config import DeepSpeedLoopConfig
+from minimodel.training.deepspeed_loop import gather_full_params, train, zero_stage
+from minimodel.training.metrics import read_metrics
+
+log = logging.getLogger(__name__)
+
+MASK_FILE = "mask.safetensors"
+END_FILE = "end.safetensors"
+SFT_DIR = "sft"
+
+
+@dataclass
+class SFTConfig:
+    """A stage config's `sft:` section. Each phase runs the stage's `train:` config with its own step count."""
+    k: int | None = None  # values the SFT may change; None: k_proportion of the eligible values
+    k_proportion: float = 0.01
+    iterations: int = 1  # select / rewind / sparse rounds, each freeing k / iterations more values
+    full_steps: int = 1000  # phase 1 (full fine-tuning) steps per iteration
+    sparse_steps: int = 1000  # phase 2 (sparse fine-tuning) steps per iteration
+    full_l1: float = 0.0  # lambda of the L1 pull toward theta0 in phase 1 (reference: 0.1 for language SFTs)
+    sparse_l1: float = 0.0  # ... and in phase 2
+    l1_eligible_only: bool = False  # L1 on the eligible parameters only (default: on the dense head too)
+    include_layer_norms: bool = False  # normalisation layers eligible (body) / dense (head) instead of frozen
+
+    def validate(self) -> None:
+        require(self.k is None or self.k >= 1, "sft.k", f"{self.k} must be >= 1 (or unset: sft.k_proportion)")
+        require(0 < self.k_proportion <= 1, "sft.k_proportion", f"{self.k_proportion} must be in (0, 1]")
+        require(self.iterations >= 1, "sft.iterations", f"{self.iterations} must be >= 1")
+        require(self.full_steps >= 1, "sft.full_steps", f"{self.full_steps} must be >= 1")
+        require(self.sparse_steps >= 1, "sft.sparse_steps", f"{self.sparse_steps} must be >= 1")
+        require(self.full_l1 >= 0, "sft.full_l1", f"{self.full_l1} must be >= 0")
+        require(self.sparse_l1 >= 0, "sft.sparse_l1", f"{self.sparse_l1} must be >= 0")
+
+
+@dataclass
+class SFTResult:
+    status: str  # "finished" | "interrupted" (relaunch with the same output_dir to resume)
+    sft_dir: Path | None  # <output_dir>/sft when finished
+
+
+def check_loop_config(train_cfg: DeepSpeedLoopConfig, cfg: SFTConfig) -> None:
+    """What LT-SFT needs of the loop: no weight decay (AdamW's decoupled decay would move masked entries), warmup
+    within each phase, ZeRO 0-2 (at stage 3 the parameters the gradient hooks and the rewind touch are partitions)."""
+    require(train_cfg.optim.weight_decay == 0, "train.optim.weight_decay",
+            f"{train_cfg.optim.weight_decay}: sparse fine-tuning needs 0 (AdamW's decoupled decay would move the "
+            "entries outside the mask away from theta0)")
+    require(train_cfg.schedule.warmup_steps <= min(cfg.full_steps, cfg.sparse_steps), "train.schedule.warmup_steps",
+            f"{train_cfg.schedule.warmup_steps} must be <= sft.full_steps ({cfg.full_steps}) and sft.sparse_steps "
+            f"({cfg.sparse_steps}): each phase has its own warmup")
+    stage = zero_stage(train_cfg)
+    if stage > 2:
+        raise ConfigError(f"train.zero_config: {train_cfg.zero_config} is ZeRO stage {stage}; sparse fine-tuning "
+                          "runs at stages 0-2 (configs/deepspeed/zero2.json): at stage 3 each rank holds only a "
+                          "partition of the parameters its gradient masks and rewind act on")
+
+
+def l1_gradient(p: torch.Tensor, p0: torch.Tensor, scale: float) -> torch.Tensor:
+    """d/dtheta of scale * sum|theta - theta0|: scale * sign(theta - theta0) (0 where theta == theta0)."""
+    return scale * torch.sign(p.detach().float() - p0)
+
+
+class GradientHooks:
+    """Tensor hooks on the trainable parameters: grad -> (grad + L1 term) masked. A parameter's tensor hook runs
+    before its gradient is accumulated, so DeepSpeed's reduction (ZeRO 1/2), clipping and step see the result."""
+
+    def __init__(self, params: dict[str, nn.Parameter], theta0: dict[str, torch.Tensor],
+                 masks: dict[str, torch.Tensor] | None, *, l1: float = 0.0, n_params: int = 1,
+                 accumulation: int = 1, l1_names: set[str] = frozenset()):
+        # the step's L1 gradient lambda * sign / N, spread over its micro-batches (DeepSpeed sums their gradients
+        # after scaling each loss by 1 / accumulation)
+        l1_scale = l1 / n_params / accumulation
+        self.theta0, self.masks, self.l1_scale, self.l1_names = theta0, masks or {}, l1_scale, l1_names
+        self._on_device: dict[tuple[str, str], torch.Tensor] = {}
+        self.handles = [p.register_hook(partial(self._hook, name, p)) for name, p in params.items()
+                        if name in self.masks or (l1_scale and name in l1_names)]
+
+    def _device(self, kind: str, name: str, source: torch.Tensor, device) -> torch.Tensor:
+        key = (kind, name)
+        if key not in self._on_device or self._on_device[key].device != device:
+            self._on_device[key] = source.to(device)
+        return self._on_device[key]
+
+    def _hook(self, name: str, p: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+        if self.l1_scale and name in self.l1_names:
+            p0 = self._device("theta0", name, self.theta0[name], grad.device)
+            grad = grad + l1_gradient(p, p0, self.l1_scale).to(grad.dtype)
+        if name in self.masks:
+            grad = grad.masked_fill(~self._device("mask", name, self.masks[name], grad.device), 0)
+        return grad
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _set_params(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    """Give each parameter a fresh fp32 copy of its value: also cuts it loose from a previous engine's flat buffers
+    and bf16 cast, so the next engine starts from exactly these values."""
+    for name, p in params.items():
+        p.data = values[name].detach().to(torch.float32).clone()
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class _PhaseTracker:
+    """The stage's tracker seen by one phase: steps continue across phases, each row says its phase."""
+
+    def __init__(self, tracker, offset: int, iteration: int, phase: int):
+        self.tracker, self.offset, self.extra = tracker, offset, {"sft/iteration": iteration, "sft/phase": phase}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.tracker.log_metrics({**metrics, **self.extra}, step=step + self.offset)
+
+    def flush(self) -> None:
+        self.tracker.flush()
+
+
+def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Callable,
+              flops_fn: Callable, *, output_dir: str | os.PathLike, base_sha256: str, base_path: str | None = None,
+              eval_data=None, tracker=None, info: dict | None = None, desc: str = "sft") -> SFTResult:
+    """Learn an SFT of `model` (whose current weights are theta0: the model loaded from the directory with hash
+    `base_sha256`, plus whatever SFT the caller applied) with the DeepSpeed loop. Call on every rank; rank 0 writes
+    <output_dir>/sft/. Arguments as deepspeed_loop.train's; `info` goes into the SFT's manifest."""
+    initialize_deepspeed()
+    check_loop_config(train_cfg, cfg)
+    rank = dist.get_rank()
+    out = Path(output_dir)
+    if (out / SFT_DIR / MANIFEST_FILE).is_file():
+        return SFTResult("finished", out / SFT_DIR)
+    part = partition_parameters(model, cfg.include_layer_norms)
+    k = resolve_k(cfg.k, cfg.k_proportion, part.eligible_numel)
+    if cfg.iterations > k:
+        raise ConfigError(f"sft.iterations={cfg.iterations} exceeds K={k}: each iteration must free >= 1 value")
+    n_params = sum(p.numel() for p in model.parameters())
+    l1_names = set(part.eligible) if cfg.l1_eligible_only else set(part.trainable)
+    theta0 = {n: p.detach().float().cpu().clone() for n, p in part.trainable.items()}
+    start, masks, offset, final = theta0, None, 0, None
+    for it in range(1, cfg.iterations + 1):
+        it_dir = out / f"iteration_{it}"
+        if it < cfg.iterations and (it_dir / END_FILE).is_file():  # finished in an earlier launch
+            start, masks = load_file(str(it_dir / END_FILE)), load_file(str(it_dir / MASK_FILE))
+            offset += cfg.full_steps + cfg.sparse_steps
+            continue
+        k_it = k // cfg.iterations + (k % cfg.iterations if it == cfg.iterations else 0)
+        phase = partial(_run_phase, train_cfg, model, part, train_data, loss_fn, flops_fn, eval_data=eval_data,
+                        theta0=theta0, n_params=n_params, l1_names=l1_names, tracker=tracker, iteration=it)
+        if not (it_dir / MASK_FILE).is_file():
+            _set_params(part.trainable, start)
+            result = phase(cfg.full_steps, it_dir / "full", None, cfg.full_l1, offset, f"{desc} it{it} full")
+            if result is None:
+                return SFTResult("interrupted", None)
+            if rank == 0:
+                deltas = {n: result[n] - theta0[n] for n in part.eligible}
+                masks = select_top_k(deltas, k_it, masks)
+                selected = sum(int(m.sum()) for m in masks.values())
+                log.info("%s: iteration %d selected %d of %d eligible values", desc, it, selected,
+                         part.eligible_numel)
+                _save_tensors(it_dir / MASK_FILE, masks)
+            dist.barrier()
+        offset += cfg.full_steps
+        masks = load_file(str(it_dir / MASK_FILE))
+        _set_params(part.trainable, start)  # the rewind
+        final = phase(cfg.sparse_steps, it_dir / "sparse", masks, cfg.sparse_l1, offset, f"{desc} it{it} sparse")
+        if final is None:
+            return SFTResult("interrupted", None)
+        offset += cfg.sparse_steps
+        if it < cfg.iterations:
+            if rank == 0:
+                _save_tensors(it_dir / END_FILE, final)
+            dist.barrier()
+            start = final
+    if rank == 0:
+        sft = difference(part, theta0, final, masks, base_sha256, base_path)
+        sft.info = {**(info or {}), **_compute(out, cfg.iterations), "k": k, "eligible_numel": part.eligible_numel,
+                    "iterations": cfg.iterations, "frozen": part.frozen, "dense": sorted(part.dense)}
+        sft.save(out / SFT_DIR)
+    dist.barrier()
+    return SFTResult("finished", out / SFT_DIR)
+
+
+def _run_phase(train_cfg, model, part: Partition, train_data, loss_fn, flops_fn, steps: int, run_dir: Path,
+               masks, l1: float, offset: int, desc: str, *, eval_data, theta0, n_params, l1_names, tracker,
+               iteration: int) -> dict[str, torch.Tensor] | None:
+    """One phase on a fresh engine; the trainable parameters' full fp32 values after it, or None if interrupted."""
+    hooks = GradientHooks(part.trainable, theta0, masks, l1=l1, n_params=n_params,
+                          accumulation=train_cfg.grad_accumulation, l1_names=l1_names)
+    phase_tracker = None if tracker is None else _PhaseTracker(tracker, offset, iteration, 1 if masks is None else 2)
+    try:
+        result = train(dataclasses.replace(train_cfg, steps=steps), model, train_data, loss_fn, flops_fn, output_dir=run_dir,
+                       eval_data=eval_data, tracker=phase_tracker, desc=desc)
+        values = None if result.interrupted else gather_full_params(result.engine, part.trainable)  # collective
+        result.engine.destroy()  # its ZeRO gradient hooks must not fire in the next phase
+    finally:
+        hooks.remove()
+    return values
+
+
+def difference(part: Partition, theta0: dict[str, torch.Tensor], final: dict[str, torch.Tensor],
+               masks: dict[str, torch.Tensor], base_sha256: str, base_path: str | None) -> SparseFineTuning:
+    """The SFT: theta - theta0 at every selected entry, the dense parameters' values."""
+    diffs = {}
+    for name in part.eligible:
+        indices = masks[name].flatten().nonzero().flatten()
+        values = (final[name] - theta0[name]).flatten()[indices]
+        diffs[name] = SparseDiff(tuple(theta0[name].shape), indices, values)
+    return SparseFineTuning(base_sha256, diffs, {n: final[n] for n in part.dense}, base_path)
+
+
+def _compute(out: Path, iterations: int) -> dict:
+    """FLOPs, tokens, wall-clock and steps of both phases of every iteration (each phase counts from 0)."""
+    total = {"flops": 0.0, "tokens": 0.0, "wall_clock_s": 0.0, "steps": 0}
+    for it in range(1, iterations + 1):
+        for phase in ("full", "sparse"):
+            rows = read_metrics(out / f"iteration_{it}" / phase / "metrics.jsonl")
+            step, last = list(rows.items())[-1]
+            total["steps"] += step
+            for key in ("flops", "tokens", "wall_clock_s"):
+                total[key] += last[f"compute/{key}"]
+    return total

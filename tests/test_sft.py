@@ -1,0 +1,251 @@
+"""The sparse fine-tuning library in one process, against numpy, hand computation and the reference's semantics:
+eligibility by module type, the global top-K (ties kept), the L1 gradient, the reference file layout, apply /
+revert / compose. (Training inside DeepSpeed, under real launchers: tests/test_sft_train.py.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification, XLMRobertaConfig,
+                          MegatronBertForMaskedLM, XLMRobertaForMaskedLM)
+
+from minimodel.config import ConfigError
+from minimodel.manifest import model_hash
+from minimodel.models.minijoint.config import ModelConfig
+from minimodel.models.minijoint.hf_format import hf_config
+from minimodel.sft.file import SFTError, SparseDiff, SparseFineTuning, compose, read_reference, write_reference
+from minimodel.sft.select import partition_parameters, resolve_k, select_top_k
+from minimodel.sft.train import GradientHooks, SFTConfig, check_loop_config, difference
+from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
+
+TINY = dict(vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+            max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def bert():
+    torch.manual_seed(0)
+    return BertForMaskedLM(BertConfig(**TINY))
+
+
+def xlmr():
+    torch.manual_seed(0)
+    return XLMRobertaForMaskedLM(XLMRobertaConfig(**TINY))
+
+
+def minijoint_export():
+    """The class and config the MiniJoint export writes (models/minijoint/hf_format.py): MegatronBert, whose
+    LayerNorms are named `ln`."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, hidden_size=8, num_layers=2, num_attention_heads=2, ffn_hidden_size=16,
+                      seq_length=16, mini_layers=1)
+    return MegatronBertForMaskedLM(hf_config(cfg, 2, tie_word_embeddings=True))
+
+
+def _expected_partition(model):
+    """Independently: LayerNorm params by class, head = outside base_model."""
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    body = {id(p) for p in model.base_model.parameters()}
+    named = dict(model.named_parameters())
+    eligible = {n for n, p in named.items() if id(p) in body and id(p) not in norms}
+    dense = {n for n, p in named.items() if id(p) not in body and id(p) not in norms}
+    return eligible, dense, {n for n, p in named.items() if id(p) in norms}
+
+
+@pytest.mark.parametrize("build", [bert, xlmr, minijoint_export])
+def test_selection_is_numpy_top_k_over_all_eligible_deltas_with_ties_and_never_a_norm_or_head(build):
+    model = build()
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    part = partition_parameters(model)
+    eligible, dense, norms = _expected_partition(model)
+    assert set(part.eligible) == eligible and set(part.dense) == dense and set(part.frozen) == norms
+    assert norms and dense  # the case has both kinds to exclude
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n in norms)
+    if build is minijoint_export:
+        assert any(".ln." in n or n.endswith("ln.weight") for n in norms)  # caught by class, not by name
+
+    # "training": every trainable entry moves; quarter-steps make many exact ties in |delta|
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in part.trainable.values():
+            p.add_(torch.round(torch.randn(p.shape, generator=g) * 4) / 4)
+    deltas = {n: p.detach() - theta0[n] for n, p in part.eligible.items()}
+    k = resolve_k(None, 0.05, part.eligible_numel)
+    masks = select_top_k(deltas, k)
+
+    flat = np.concatenate([deltas[n].abs().numpy().ravel() for n in part.eligible])
+    threshold = np.sort(flat)[-k]
+    expected = flat >= threshold
+    got = np.concatenate([masks[n].numpy().ravel() for n in part.eligible])
+    np.testing.assert_array_equal(got, expected)
+    assert got.sum() > k  # ties with the threshold are all kept
+    assert set(masks) == eligible  # no norm, no head entry can be selected
+
+    # a second iteration selects k more among the entries not selected yet (the threshold over those only)
+    more = select_top_k(deltas, 10, masks)
+    rest = np.where(expected, -1.0, flat)
+    expected2 = expected | (rest >= np.sort(rest)[-10])
+    np.testing.assert_array_equal(np.concatenate([more[n].numpy().ravel() for n in part.eligible]), expected2)
+
+
+def test_norms_can_be_made_eligible_and_k_counts_are_checked():
+    model = bert()
+    part = partition_parameters(model, include_layer_norms=True)
+    assert any("LayerNorm" in n for n in part.eligible) and not part.frozen
+    assert resolve_k(7, 0.5, 100) == 7 and resolve_k(None, 0.25, 100) == 25
+    with pytest.raises(ConfigError, match="must be in 1..100"):
+        resolve_k(101, 0.5, 100)
+
+
+def test_l1_gradient_is_lambda_sign_over_n_accumulated_over_micro_batches_and_masked():
+    theta0 = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
+    p = nn.Parameter(torch.tensor([[1.5, -2.0, 0.25], [2.0, 0.1, -1.0]]))
+    lam, n_params = 0.3, 40
+    hooks = GradientHooks({"w": p}, {"w": theta0}, None, l1=lam, n_params=n_params, accumulation=2,
+                          l1_names={"w"})
+    for _ in range(2):  # two micro-batches whose task loss has zero gradient: only the L1 term is left
+        (0.0 * p.sum() / 2).backward()
+    expected = lam * np.sign(p.detach().numpy() - theta0.numpy()) / n_params
+    np.testing.assert_allclose(p.grad.numpy(), expected, rtol=1e-6, atol=0)
+    assert p.grad[0, 1] == 0 and p.grad[1, 2] == 0  # at theta0 the subgradient is 0
+
+    # the reference's form: lambda * sum|theta - theta0| / N through autograd, same gradient
+    ref = p.detach().clone().requires_grad_(True)
+    (lam * (ref - theta0).abs().sum() / n_params).backward()
+    np.testing.assert_allclose(p.grad.numpy(), ref.grad.numpy(), rtol=1e-6)
+    hooks.remove()
+
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    p.grad = None
+    hooks = GradientHooks({"w": p}, {"w": theta0}, {"w": mask}, l1=lam, n_params=n_params, l1_names={"w"})
+    (p * torch.arange(6.0).view(2, 3)).sum().backward()
+    task = np.arange(6.0).reshape(2, 3)
+    np.testing.assert_allclose(p.grad.numpy(), np.where(mask.numpy(), task + expected, 0.0), rtol=1e-6)
+    hooks.remove()
+
+
+def test_loop_settings_that_would_break_sparsity_are_refused():
+    cfg = SFTConfig(full_steps=4, sparse_steps=4)
+    ok = DeepSpeedLoopConfig(steps=4, schedule=ScheduleConfig(warmup_steps=2))
+    check_loop_config(ok, cfg)
+    with pytest.raises(ConfigError, match="weight_decay"):
+        check_loop_config(DeepSpeedLoopConfig(optim=OptimizerConfig(weight_decay=0.01),
+                                              schedule=ScheduleConfig(warmup_steps=2)), cfg)
+    with pytest.raises(ConfigError, match="ZeRO stage 3"):
+        check_loop_config(DeepSpeedLoopConfig(zero_config="configs/deepspeed/zero3.json",
+                                              schedule=ScheduleConfig(warmup_steps=2)), cfg)
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        check_loop_config(DeepSpeedLoopConfig(schedule=ScheduleConfig(warmup_steps=5)), cfg)
+
+
+# -- files -----------------------------------------------------------------------------------------------------------
+def test_reference_layout_round_trips_a_hand_written_3x4_example(tmp_path):
+    # entries (0,1)=0.5, (2,1)=-1.25, (1,3)=2.0; column-major flat index = row + 3 * col: 3, 5, 10
+    written = {"diffs": {"w": {"size": torch.Size([3, 4]), "index_steps": [np.int64(3), 2, 5],
+                               "values": torch.tensor([0.5, -1.25, 2.0])}},
+               "abs": {"head.bias": torch.tensor([1.0, 2.0])}}
+    (tmp_path / "in").mkdir()
+    torch.save(written, tmp_path / "in" / "pytorch_diff.bin")
+    sft = read_reference(tmp_path / "in", base_sha256="abc")
+    dense = torch.zeros(3, 4)
+    dense[0, 1], dense[2, 1], dense[1, 3] = 0.5, -1.25, 2.0
+    assert torch.equal(sft.diffs["w"].dense(), dense)
+    assert sft.diffs["w"].indices.tolist() == [1, 7, 9]  # row-major, ascending
+    assert torch.equal(sft.abs["head.bias"], torch.tensor([1.0, 2.0]))
+
+    sft.save(tmp_path / "ours")
+    back = SparseFineTuning.load(tmp_path / "ours")
+    assert back.base_sha256 == "abc" and torch.equal(back.diffs["w"].dense(), dense)
+    write_reference(back, tmp_path / "out")
+    again = torch.load(tmp_path / "out" / "pytorch_diff.bin", weights_only=True)
+    assert again["diffs"]["w"]["size"] == torch.Size([3, 4])
+    assert again["diffs"]["w"]["index_steps"] == [3, 2, 5]
+    assert torch.equal(again["diffs"]["w"]["values"], torch.tensor([0.5, -1.25, 2.0]))
+    assert torch.equal(again["abs"]["head.bias"], written["abs"]["head.bias"])
+
+
+def _random_sft(part, theta0, masks, g, base_sha256):
+    """Move the selected entries and the dense parameters as training would, return (trained values, SFT)."""
+    final = {}
+    for n, p in part.trainable.items():
+        step = torch.randn(p.shape, generator=g) * 0.1
+        final[n] = theta0[n] + (step * masks[n] if n in masks else step)
+    return final, difference(part, theta0, final, masks, base_sha256, None)
+
+
+def _max_ulp(a: torch.Tensor, b: torch.Tensor) -> None:
+    np.testing.assert_array_max_ulp(a.detach().numpy(), b.detach().numpy(), maxulp=1)
+
+
+def test_language_plus_task_sft_reproduces_the_trained_task_model_and_revert_restores_theta0(tmp_path):
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    BertForPreTraining(BertConfig(**TINY)).save_pretrained(base_dir)  # with the pooler the task model reads
+    base_sha = model_hash(base_dir)
+    g = torch.Generator().manual_seed(3)
+
+    # language SFT: learned on the MLM model
+    lm = BertForMaskedLM.from_pretrained(base_dir)
+    lm_part = partition_parameters(lm)
+    lm0 = {n: p.detach().clone() for n, p in lm_part.trainable.items()}
+    lm_masks = select_top_k({n: torch.rand(p.shape, generator=g) for n, p in lm_part.eligible.items()}, 300)
+    _, lang = _random_sft(lm_part, lm0, lm_masks, g, base_sha)
+    lang.save(tmp_path / "lang")
+
+    # task SFT: learned on the task model with the language SFT applied (without its MLM head)
+    torch.manual_seed(5)
+    task_model = BertForSequenceClassification.from_pretrained(base_dir, num_labels=3)
+    SparseFineTuning.load(tmp_path / "lang").apply(task_model, base_sha, with_abs=False)
+    part = partition_parameters(task_model)
+    start = {n: p.detach().clone() for n, p in part.trainable.items()}
+    masks = select_top_k({n: torch.rand(p.shape, generator=g) for n, p in part.eligible.items()}, 300)
+    trained, task = _random_sft(part, start, masks, g, base_sha)
+    task.save(tmp_path / "task")
+    assert "classifier.weight" in task.abs and not any(n.startswith("cls.") for n in task.diffs)
+
+    # zero-shot: a fresh task model (another random head) + language SFT + task SFT
+    torch.manual_seed(6)
+    fresh = BertForSequenceClassification.from_pretrained(base_dir, num_labels=3)
+    theta0 = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    lang2, task2 = SparseFineTuning.load(tmp_path / "lang"), SparseFineTuning.load(tmp_path / "task")
+    lang2.apply(fresh, base_sha, with_abs=False)
+    task2.apply(fresh, base_sha)
+    params = dict(fresh.named_parameters())
+    for n, value in trained.items():
+        _max_ulp(params[n], value)
+    # revert: each addition rounded once, to within half a unit in the last place of the value it produced, and
+    # that cannot be undone: theta0 comes back to within 1 ulp of the largest value the entry took (2 applies +
+    # 2 reverts: 4 half-ulps)
+    lang_applied = {n: theta0[n] + lang2.diffs[n].dense() if n in lang2.diffs else theta0[n] for n in theta0}
+    both_applied = {n: p.detach().clone() for n, p in params.items()}
+    task2.revert(fresh, base_sha)
+    lang2.revert(fresh, base_sha)
+    for n, p in fresh.named_parameters():
+        if n in task.abs:  # the head keeps the task's values, as in the reference
+            continue
+        largest = np.maximum.reduce([theta0[n].abs().numpy(), lang_applied[n].abs().numpy(),
+                                     both_applied[n].abs().numpy()])
+        assert (np.abs(p.detach().numpy() - theta0[n].numpy()) <= 2 * np.spacing(largest)).all(), n
+
+    # one composed SFT moves the same entries by the sum of both differences
+    both = compose(lang2, task2)
+    for n, d in both.diffs.items():
+        expected = lang2.diffs[n].dense() + task2.diffs[n].dense() if n in lang2.diffs else task2.diffs[n].dense()
+        torch.testing.assert_close(d.dense(), expected, rtol=0, atol=1e-7)
+
+
+def test_an_sft_refuses_a_model_it_was_not_learned_from(tmp_path):
+    bert().save_pretrained(tmp_path / "a")
+    other = bert()
+    with torch.no_grad():
+        other.bert.embeddings.word_embeddings.weight[0, 0] += 1
+    other.save_pretrained(tmp_path / "b")
+    sha_a, sha_b = model_hash(tmp_path / "a"), model_hash(tmp_path / "b")
+    sft = SparseFineTuning(sha_a, {"bert.embeddings.word_embeddings.weight": SparseDiff(
+        (40, 8), torch.tensor([0, 5]), torch.tensor([1.0, 2.0]))})
+    model = BertForMaskedLM.from_pretrained(tmp_path / "b")
+    with pytest.raises(SFTError) as e:
+        sft.apply(model, sha_b)
+    assert sha_a in str(e.value) and sha_b in str(e.value)
+    with pytest.raises(SFTError, match="different base models"):
+        compose(sft, SparseFineTuning(sha_b))
