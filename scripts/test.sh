@@ -5,5 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_system.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
 exec .venv/bin/python -m pytest -q -ra "$@"

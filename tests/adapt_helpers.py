@@ -114,9 +114,7 @@ def free_port() -> int:
 
 def launch_env() -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                    str(Path.home() / ".cache" / "torch_extensions")))
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true")
     return env
 
 

@@ -24,10 +24,9 @@ COMMON = "and the of he said unto them lord his they all was is in".split()
 
 
 def stage_env() -> dict:
-    """Environment for a stage subprocess: one thread per rank, DeepSpeed on CPU, JIT ops cached across runs."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   str(Path.home() / ".cache" / "torch_extensions"))}
+    """Environment for a stage subprocess: one thread per rank, DeepSpeed on CPU (its JIT ops: the environment's
+    TORCH_EXTENSIONS_DIR, minimodel.compat.jit_builds)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
 def part_words(part: int) -> list[str]:

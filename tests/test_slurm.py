@@ -24,7 +24,7 @@ TEMPLATES = sorted((ROOT / "slurm").glob("*.sh"))
 SUBMITTED = [t for t in TEMPLATES if re.search(r"^#SBATCH ", t.read_text(), re.M)]
 TRAINING = ["pretrain_minijoint.sh", "minipost.sh", "adapt.sh", "evaluate.sh"]  # these checkpoint + requeue
 JOB_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions"), "MLFLOW_TRACKING_URI": ""}
+           "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"], "MLFLOW_TRACKING_URI": ""}  # minimodel's
 
 
 # -- static checks (fast) --------------------------------------------------------------------------------------------

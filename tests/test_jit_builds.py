@@ -1,0 +1,65 @@
+"""minimodel.compat.jit_builds: a torch-extension build killed half-way cannot hang later DeepSpeed processes.
+
+torch's FileBaton leaves an empty `<extensions dir>/<op>/lock` behind when its builder is killed, and every later
+build of the op waited for it forever, printing nothing (issue 20, defect 3)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minimodel.compat.jit_builds import LOCK, check_build_locks, extensions_root
+
+OP = "deepspeed_shm_comm"
+
+
+def test_minimodel_builds_in_its_own_environment_not_a_cache_every_clone_shares():
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    proc = subprocess.run([sys.executable, "-c", "import os, minimodel; print(os.environ['TORCH_EXTENSIONS_DIR'])"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == str(Path(sys.prefix) / "torch_extensions"), proc.stderr
+
+
+def test_a_lock_held_by_a_live_build_is_kept_and_its_owner_named(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / OP / LOCK
+    lock.parent.mkdir()
+    # a builder as torch's: creates the lock exclusively and keeps it open while it builds
+    holder = subprocess.Popen([sys.executable, "-c", f"import os, sys; fd = os.open({str(lock)!r}, "
+                               "os.O_CREAT | os.O_EXCL); print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with caplog.at_level(logging.WARNING, "minimodel.compat.jit_builds"):
+            check_build_locks()
+        assert lock.exists()
+        assert f"waiting for process {holder.pid}" in caplog.text and OP in caplog.text
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_deepspeed_process(tmp_path):
+    built = extensions_root() / OP  # built at setup time (scripts/setup.sh)
+    if not (built / f"{OP}.so").is_file():
+        pytest.skip(f"{built} holds no built {OP}: on this accelerator DeepSpeed builds none")
+    ext = tmp_path / "extensions"
+    shutil.copytree(built, ext / OP, ignore=shutil.ignore_patterns(LOCK))  # mtimes kept: ninja rebuilds nothing
+    lock = ext / OP / LOCK
+    lock.touch()  # what a killed FileBaton holder leaves: an empty file that no process holds
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1")
+    start = [sys.executable, "-c", "from minimodel import distributed; distributed.initialize_deepspeed(); "
+                                   "print('distributed up', flush=True)"]
+    try:
+        proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the DeepSpeed process hung on the stale lock {lock}: {e.stderr}")
+    assert proc.returncode == 0 and "distributed up" in proc.stdout, proc.stderr[-3000:]
+    assert f"removing {lock}: a build of {OP} was killed half-way" in proc.stderr
+    assert not lock.exists()
