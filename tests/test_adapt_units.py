@@ -52,8 +52,6 @@ def test_random_init_is_normal_with_zero_padding_row_and_copy_shared_copies_shar
                                                generator=torch.Generator().manual_seed(0))
     assert torch.equal(weight[3], src_weight[5]) and torch.equal(weight[5], src_weight[3])
     assert torch.equal(used, mapping)
-    with pytest.raises(NotImplementedError, match="OFA"):
-        INITIALISERS["aligned_vectors"](src_weight, mapping, target, std=0.02, pad_id=0, generator=g)
     assert remap_rows(torch.tensor([10.0, 11, 12, 13, 14, 15]), used[:6]).tolist() == [10, 11, 12, 15, 0, 13]
 
 

@@ -4,7 +4,9 @@
                             was initialised from, -1 if none: plug carries the LM-head bias over through it);
                             "output_embeddings" [V, h] only for untied models; "output_bias" [V] only if the bias
                             was trained; "embeddings.<name>" / "head.<name>" for any other parameter the config
-                            made trainable (names relative to base_model.embeddings / the LM head)
+                            made trainable (names relative to base_model.embeddings / the LM head); factorised
+                            (embedding.factorized_dim=d): "coordinates" [V, d] and "primitives" [d, h] instead of
+                            "input_embeddings" (plug installs their product)
     tokenizer/              the target-language Hugging Face tokenizer the rows belong to
     adapt.json              provenance: primary model (path + sha256), over mini|full, tokenizer fingerprint, shapes,
                             steps and compute spent (flops, wall_clock_s), the MLflow run (adapt_run_id); written

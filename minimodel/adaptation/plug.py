@@ -91,6 +91,8 @@ def plug_model(model, embeddings: str | os.PathLike, *, model_dir: str, primary_
     tokenizer = load_tokenizer(tokenizer_dir)
     check_compatible(info, model, model_dir, primary_dir or model_dir, tokenizer, primary_sha)
 
+    if "coordinates" in tensors:  # factorised (minimodel/ofa/factorized.py): a plain model gets E = C P
+        tensors["input_embeddings"] = tensors.pop("coordinates") @ tensors.pop("primitives")
     out = model.get_output_embeddings()
     install_vocabulary(model, tensors["input_embeddings"], tensors["token_map"], info["pad_token_id"],
                        output_weight=tensors.get("output_embeddings") if out is not None else None,

@@ -36,6 +36,9 @@ from minimodel.data.mlm import MaskedLMDataset
 from minimodel.data.tokenizer import FastEncoder, load_tokenizer, train_tokenizer
 from minimodel.manifest import check_aligned, model_hash
 from minimodel.methods import parse_method
+from minimodel.ofa.factorized import check_rank, factorize, install_factorized
+from minimodel.ofa.init import OFAConfig, OFAInputs
+from minimodel.ofa.vectors import VectorFileError, load_word_vectors
 from minimodel.provenance import ConfigChanged, claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -58,13 +61,24 @@ class TargetTokenizerConfig:
 
 @dataclass
 class EmbeddingInitConfig:
-    method: str = "random"  # random (the paper's baseline) | copy_shared | aligned_vectors (see adaptation/vocab.py)
+    method: str = "random"  # random (the paper's baseline) | copy_shared | ofa (see adaptation/vocab.py)
     std: float = 0.02
     seed: int = 0
+    ofa: OFAConfig = field(default_factory=OFAConfig)  # init.method=ofa: word vectors, k, temperature
 
     def validate(self) -> None:
         require(self.method in INITIALISERS, "init.method", f"{self.method!r} is not one of {sorted(INITIALISERS)}")
         require(self.std > 0, "init.std", "must be > 0")
+
+
+@dataclass
+class EmbeddingConfig:
+    # d: learn target coordinates C [V, d] over the primary's frozen SVD primitives P [d, h] (OFA's factorised
+    # embeddings, minimodel/ofa/factorized.py); the init runs in coordinate space. None: the full V x h matrix
+    factorized_dim: int | None = None
+
+    def validate(self) -> None:
+        check_rank(self.factorized_dim)
 
 
 @dataclass
@@ -95,6 +109,7 @@ class AdaptConfig:
     data_seed: int = 0
     tokenizer: TargetTokenizerConfig = field(default_factory=TargetTokenizerConfig)
     init: EmbeddingInitConfig = field(default_factory=EmbeddingInitConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     train: DeepSpeedLoopConfig = field(default_factory=lambda: DeepSpeedLoopConfig(
         steps=25000, optim=OptimizerConfig(lr=5e-4), schedule=ScheduleConfig(warmup_steps=1000)))
@@ -141,6 +156,7 @@ def select_trainable(model: nn.Module, choice: TrainableConfig) -> dict[str, nn.
     for p in model.parameters():
         p.requires_grad_(False)
     word = model.get_input_embeddings().weight
+    word_module = {id(p) for p in model.get_input_embeddings().parameters()}  # factorised: P with C, never trained
     out = model.get_output_embeddings()
     chosen = {"input_embeddings": word}
     if out.weight is not word:
@@ -150,13 +166,13 @@ def select_trainable(model: nn.Module, choice: TrainableConfig) -> dict[str, nn.
     embeddings = model.base_model.embeddings
     norm_params = {id(p) for m in embeddings.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
     for name, p in embeddings.named_parameters():
-        if p is word:
+        if id(p) in word_module:
             continue
         if choice.embedding_layer_norm if id(p) in norm_params else choice.position_embeddings:
             chosen[f"embeddings.{name}"] = p
     if choice.head_transform:
         for name, p in mlm_head(model).named_parameters():
-            if p is not out.weight and p is not out.bias:
+            if p is not out.weight and p is not out.bias and id(p) not in word_module:
                 chosen[f"head.{name}"] = p
     for p in chosen.values():
         p.requires_grad_(True)
@@ -224,20 +240,55 @@ def prepare_target_data(cfg: AdaptConfig, lang: str, run_dir: Path) -> tuple[Pat
 
 # -- one language ----------------------------------------------------------------------------------------------------
 
-def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer):
+def ofa_inputs(cfg: AdaptConfig, model_dir: str, lang: str) -> OFAInputs:
+    """The word vectors and settings init.method=ofa needs for target language `lang`."""
+    ofa = cfg.init.ofa
+    source_langs = ofa.source_langs or [cfg.source_lang]
+    vectors = load_word_vectors(ofa.vectors, [*source_langs, lang])
+    files = ", ".join(f.path for f in ofa.vectors)
+    for needed in (lang, *source_langs):
+        if not vectors.words(needed):
+            raise VectorFileError(f"{files}: no word vector of language {needed!r}: OFA needs vectors of the target "
+                                  f"and the source languages; learn them with pretrain/word_vectors.py (languages "
+                                  f"{[*source_langs, lang]}) or add a file for {needed}")
+    return OFAInputs(load_tokenizer(Path(model_dir)), vectors, source_langs, lang, ofa.neighbors, ofa.temperature)
+
+
+def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer, lang: str):
     """The model adaptation trains: `model_dir`'s *ForMaskedLM with the initial target vocabulary installed and
-    only the configured parameters trainable. Returns (model, {artifact name: trainable parameter}, the token map
-    the rows were initialised through)."""
+    only the configured parameters trainable. Returns (model, {artifact name: trainable parameter}, the tensors every
+    artifact carries besides them: the token map the rows were initialised through and, factorised, the primitives;
+    the initialiser's summary: rows per rule)."""
     model = load_model(model_dir, AutoModelForMaskedLM)
     if cfg.init.method == "random":
         mapping = torch.full((len(target_tokenizer),), -1, dtype=torch.long)
     else:
         mapping = token_map(load_tokenizer(Path(model_dir)), target_tokenizer)
+    source = model.get_input_embeddings().weight.detach()
+    rank = cfg.embedding.factorized_dim
+    if (cfg.init.method == "ofa" or rank) and cfg.over == "mini":
+        # OFA and the factorisation start from the primary's matrix: a mini-model works in the primary's space
+        source = load_model(cfg.primary_model, AutoModelForMaskedLM).get_input_embeddings().weight.detach()
+    primitives = None
+    if rank:
+        source, primitives, _ = factorize(source, rank)
+        primitives = primitives.float()
+    extra = {"ofa": ofa_inputs(cfg, model_dir, lang)} if cfg.init.method == "ofa" else {}
     weight, used_map = INITIALISERS[cfg.init.method](
-        model.get_input_embeddings().weight.detach(), mapping, target_tokenizer, std=cfg.init.std,
-        pad_id=target_tokenizer.pad_token_id, generator=torch.Generator().manual_seed(cfg.init.seed))
-    install_vocabulary(model, weight, used_map, target_tokenizer.pad_token_id)
-    return model, select_trainable(model, cfg.trainable), used_map
+        source, mapping, target_tokenizer, std=cfg.init.std, pad_id=target_tokenizer.pad_token_id,
+        generator=torch.Generator().manual_seed(cfg.init.seed), **extra)
+    weight = weight.float()
+    pad_id = target_tokenizer.pad_token_id
+    install_vocabulary(model, weight if primitives is None else weight @ primitives, used_map, pad_id)
+    fixed = {"token_map": used_map}
+    if primitives is not None:
+        install_factorized(model, weight, primitives, pad_id)
+        fixed["primitives"] = primitives
+    trainable = select_trainable(model, cfg.trainable)
+    if primitives is not None:  # what trains is the coordinates, not a V x h matrix
+        trainable["coordinates"] = trainable.pop("input_embeddings")
+    summary = extra["ofa"].summary if extra else {}
+    return model, trainable, fixed, summary
 
 
 def _rank0_then_everywhere(fn):
@@ -288,7 +339,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
 
     train_prefix, valid_prefix = _rank0_then_everywhere(prepare)
     target_tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
-    model, trainable, used_map = build_adaptation_model(cfg, model_dir, target_tokenizer)
+    model, trainable, fixed, init_summary = build_adaptation_model(cfg, model_dir, target_tokenizer, lang)
     flops_fn = MLMFlops(model)  # before DeepSpeed: ZeRO-3 empties the parameters it partitions
     train_data = MaskedLMDataset(train_prefix, target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
     valid_data = MaskedLMDataset(valid_prefix, target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
@@ -298,13 +349,15 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             "target_lang": lang, "zero_stage": zero_stage}
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"adapt-{method}-{lang}")
     with Tracker(tracking, lang_cfg, tags=tags) as tracker:
-        vocab_size, hidden_size = model.get_input_embeddings().weight.shape  # before ZeRO-3 partitions it
+        vocab_size = model.get_input_embeddings().weight.shape[0]  # before ZeRO-3 partitions it
+        hidden_size = model.config.hidden_size
         provenance = {
             "over": cfg.over, "method": method, "source_lang": cfg.source_lang, "target_lang": lang,
             "adapted_model": str(Path(model_dir).resolve()), "adapted_layers": model.config.num_hidden_layers,
             "primary_model": {"path": str(Path(cfg.primary_model).resolve()), "sha256": primary_sha},
             "vocab_size": vocab_size, "hidden_size": hidden_size, "pad_token_id": target_tokenizer.pad_token_id,
             "tokenizer_sha256": tokenizer_fingerprint(target_tokenizer), "init": cfg.init.method,
+            "init_summary": init_summary, "factorized_dim": cfg.embedding.factorized_dim,
             "trainable": sorted(trainable), "tied_output": "output_embeddings" not in trainable,
             "trainable_numel": sum(p.numel() for p in trainable.values()), "zero_stage": zero_stage,
             "adapt_run_id": tracker.run_id,  # a resumed run logs to a new MLflow run: snapshots name theirs
@@ -314,7 +367,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
         # MLM gain (zero-shot task target_mlm). Written before DeepSpeed partitions anything; kept on resume.
         if rank == 0 and read_info(snapshot_dir(run_dir, 0)) is None:
             write_artifact(snapshot_dir(run_dir, 0),
-                           {**{k: p.detach().float().clone() for k, p in trainable.items()}, "token_map": used_map},
+                           {**{k: p.detach().float().clone() for k, p in trainable.items()}, **fixed},
                            {**provenance, "steps": 0, "flops": 0.0, "wall_clock_s": 0.0})
 
         def snapshot(engine, state: dict) -> None:
@@ -322,7 +375,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
                 return
             tensors = gather_full_params(engine, trainable)  # collective
             if rank == 0:
-                write_artifact(snapshot_dir(run_dir, state["step"]), {**tensors, "token_map": used_map},
+                write_artifact(snapshot_dir(run_dir, state["step"]), {**tensors, **fixed},
                                {**provenance, "steps": state["step"], "flops": state["flops"],
                                 "wall_clock_s": state["wall_clock_s"]})
 
@@ -338,7 +391,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             info = {**provenance, "optimizer_state_numel": state_numel, "steps": result.step,
                     "flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"],
                     "final_train_loss": last["train/loss"], "final_eval_loss": last.get("eval/loss")}
-            write_artifact(run_dir, {**tensors, "token_map": used_map}, info)
+            write_artifact(run_dir, {**tensors, **fixed}, info)
             tracker.log_artifact(run_dir / "adapt.json")
             tracker.log_artifact(plot_losses(run_dir / "metrics.jsonl", run_dir / "loss_vs_flops.png",
                                              {"train/loss": "train", "eval/loss": "valid"}, x="compute/flops",

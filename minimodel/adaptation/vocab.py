@@ -6,7 +6,10 @@ Initialisations (`INITIALISERS`, selected by `init.method`), all with the signat
 - "random":          normal(0, std), padding row zeroed: the paper's baseline (nothing is copied).
 - "copy_shared":     rows of tokens the source vocabulary also has (same piece, or same special-token role) are
                      copied; the rest as "random".
-- "aligned_vectors": OFA-style initialisation from aligned multilingual word vectors: not implemented yet.
+- "ofa":             OFA (Liu et al., 2023): shared tokens copied (exactly, then after normalising case and the
+                     word-boundary marker), the others from their nearest source tokens in aligned word-vector space,
+                     random from the source matrix's spread without a vector (minimodel/ofa/init.py); it also takes
+                     `ofa=OFAInputs(...)`: the source tokenizer, the word vectors, the languages.
 The used map travels with the learned embeddings, so plugging can carry over the receiving model's LM-head bias for
 the copied tokens (zeros for the others) exactly as adaptation did.
 """
@@ -18,6 +21,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from minimodel.ofa import init as ofa_init
 
 _SPECIAL_ROLES = ("pad_token", "unk_token", "mask_token", "cls_token", "sep_token", "bos_token", "eos_token")
 
@@ -52,15 +57,7 @@ def _copy_shared(source_weight, mapping, target_tokenizer, *, std, pad_id, gener
     return weight, mapping.clone()
 
 
-def _aligned_vectors(source_weight, mapping, target_tokenizer, *, std, pad_id, generator):
-    raise NotImplementedError(
-        "init.method=aligned_vectors (OFA: initialise new subwords from aligned multilingual word vectors) is not "
-        "implemented yet: it is the OFA-initialisation issue (Liu et al. 2023, 'OFA'). Use "
-        "init.method=random (the paper's baseline) or init.method=copy_shared meanwhile")
-
-
-INITIALISERS: dict[str, Callable] = {"random": _random, "copy_shared": _copy_shared,
-                                      "aligned_vectors": _aligned_vectors}
+INITIALISERS: dict[str, Callable] = {"random": _random, "copy_shared": _copy_shared, "ofa": ofa_init.initialise}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -61,6 +61,9 @@ class MLMFlops:
                       + weight gradients = linear when the layer itself trains
       head forward:  2n(h^2 + hV); backward: activation gradients 2n(h^2 + hV) when anything below trains,
                       + 2nhV if the vocabulary projection trains, + 2nh^2 if the head's dense layer trains.
+    Factorised embeddings of rank d (minimodel/ofa/factorized.py: E = C P, tied): the projection hV becomes
+    hd + dV (its weight gradient dV, P frozen), and the input side costs 2s dh per sequence (C[ids] P), twice when
+    C trains (the gradient into C's rows).
     The trainability pattern is read once, at construction: build this after setting requires_grad.
     """
 
@@ -69,6 +72,7 @@ class MLMFlops:
         self.hidden = cfg.hidden_size
         self.ffn = cfg.intermediate_size
         self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.rank = getattr(model.get_output_embeddings(), "rank", None)  # factorised embeddings, else None
         head = mlm_head(model)
         out_weight = model.get_output_embeddings().weight
         out_bias = model.get_output_embeddings().bias
@@ -97,12 +101,18 @@ class MLMFlops:
             if backward:
                 body += linear + 2 * attention + (linear if weight_grads else 0.0)
         h, v = self.hidden, self.vocab
-        head = 2.0 * masked * (h * h + h * v)
+        if self.rank is None:
+            projection, projection_weights, inputs = h * v, h * v, 0.0
+        else:
+            d = self.rank
+            projection, projection_weights = h * d + d * v, d * v
+            inputs = 2.0 * batch_size * seq_len * d * h * (2 if self.decoder_trains else 1)
+        head = 2.0 * masked * (h * h + projection)
         if self.head_backward:
-            head += 2.0 * masked * (h * h + h * v)
-        head += (2.0 * masked * h * v if self.decoder_trains else 0.0)
+            head += 2.0 * masked * (h * h + projection)
+        head += (2.0 * masked * projection_weights if self.decoder_trains else 0.0)
         head += (2.0 * masked * h * h if self.head_dense_trains else 0.0)
-        return batch_size * body + head
+        return batch_size * body + head + inputs
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> float:
         batch_size, seq_len = batch["input_ids"].shape

@@ -1,0 +1,167 @@
+"""OFA's initialisation of a new vocabulary's embeddings (Liu et al., 2023), over any source embedding matrix.
+
+Rules, in order, for each target token (counts of each go to the log and adapt.json):
+1. copied:   the source vocabulary has the same token (same piece or special-token role: the token map) -> its row;
+2. copied (normalised): the same piece after normalising case and the word-boundary marker (SentencePiece "▁",
+   byte-level BPE "Ġ", WordPiece's unmarked word starts) -> that source row (the lowest id of equals);
+3. neighbours: the token has a subword vector -> sum_j softmax(cos(t, s_j) / T) E_src[j] over its k source tokens
+   of highest cosine (ties: lower id first). As in the reference implementation every source token is a candidate,
+   one without a subword vector at cosine 0;
+4. random: no vector -> a draw from N(mean, std) of the source matrix, per dimension.
+A subword's vector is the mean of the aligned word vectors of every word of the token's side (source languages for
+source tokens, the target language for target tokens) whose tokenisation contains it, each word counted once; a word
+is tokenised as is, with a leading space, and capitalised, both ways (OFA's variants).
+`E_src` is whatever matrix the caller passes: the primary's embeddings, or its SVD coordinates when the embeddings
+are factorised (minimodel/ofa/factorized.py), so the same rules run in coordinate space.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from minimodel.config import require
+from minimodel.ofa.vectors import VectorFileConfig, WordVectors
+
+log = logging.getLogger(__name__)
+
+RULES = ("copied", "copied_normalised", "neighbours", "random")
+ENCODE_BATCH = 4096
+
+
+@dataclass
+class OFAConfig:
+    # aligned word vectors (minimodel/ofa/vectors.py); the default is what pretrain/word_vectors.py writes
+    vectors: list[VectorFileConfig] = field(
+        default_factory=lambda: [VectorFileConfig("data/word_vectors/vectors.bin")])
+    # languages whose words give the source tokens their vectors (the primary's languages); empty: source_lang
+    source_langs: list[str] = field(default_factory=list)
+    neighbors: int = 10
+    temperature: float = 0.1
+
+    def validate(self) -> None:
+        require(self.neighbors >= 1, "init.ofa.neighbors", "must be >= 1")
+        require(self.temperature > 0, "init.ofa.temperature", "must be > 0")
+
+
+@dataclass
+class OFAInputs:
+    """What the OFA initialiser needs beyond the common initialiser arguments (adaptation/vocab.py)."""
+    source_tokenizer: object
+    vectors: WordVectors
+    source_langs: list[str]
+    target_lang: str
+    neighbors: int = 10
+    temperature: float = 0.1
+    summary: dict[str, int] = field(default_factory=dict)  # filled by the initialiser: rows per rule
+
+
+def _style(tokenizer) -> str:
+    pieces = tokenizer.get_vocab()
+    if any(p.startswith("▁") for p in pieces):
+        return "sentencepiece"
+    if any(p.startswith("Ġ") for p in pieces):
+        return "bpe"
+    if any(p.startswith("##") for p in pieces):
+        return "wordpiece"
+    return "plain"
+
+
+def normalised_pieces(tokenizer) -> dict[int, str]:
+    """id -> the piece lower-cased with a word start written as a leading space, whatever the tokenizer family."""
+    style = _style(tokenizer)
+    out = {}
+    for piece, tid in tokenizer.get_vocab().items():
+        if style == "sentencepiece":
+            piece = piece.replace("▁", " ")
+        elif style == "bpe":
+            piece = piece.replace("Ġ", " ")
+        elif style == "wordpiece":
+            piece = piece[2:] if piece.startswith("##") else " " + piece
+        out[tid] = piece.lower()
+    return out
+
+
+def subword_vectors(tokenizer, vectors: WordVectors, langs: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """([size, dim] mean word vector per token id, [size] bool: the token has one). Special tokens get none."""
+    rows = np.concatenate([vectors.rows(lang) for lang in langs]) if langs else np.zeros(0, np.int64)
+    words = [vectors.keys[r][1] for r in rows]
+    special = set(tokenizer.all_special_ids)
+    ids_of_word: list[set[int]] = [set() for _ in words]
+    variants = (lambda w: w, lambda w: " " + w, lambda w: w[:1].upper() + w[1:], lambda w: " " + w[:1].upper() + w[1:])
+    for variant in variants:
+        for start in range(0, len(words), ENCODE_BATCH):
+            batch = [variant(w) for w in words[start:start + ENCODE_BATCH]]
+            for i, ids in enumerate(tokenizer(batch, add_special_tokens=False)["input_ids"], start=start):
+                ids_of_word[i].update(t for t in ids if t not in special and t < size)
+    cols = [i for i, ids in enumerate(ids_of_word) for _ in ids]
+    token_rows = [t for ids in ids_of_word for t in sorted(ids)]
+    member = sp.csr_matrix((np.ones(len(cols)), (token_rows, cols)), shape=(size, len(words)))
+    count = np.asarray(member.sum(axis=1)).ravel()
+    sums = member @ vectors.matrix[rows].astype(np.float64) if len(words) else np.zeros((size, vectors.dim))
+    covered = count > 0
+    means = np.zeros((size, vectors.dim))
+    means[covered] = sums[covered] / count[covered, None]
+    return means, covered
+
+
+def neighbour_rows(target: np.ndarray, source_vectors: np.ndarray, source_matrix: np.ndarray, k: int,
+                   temperature: float, batch: int = 1024) -> np.ndarray:
+    """Each row of `target` -> sum softmax(cos / T) source_matrix over its k source rows of highest cosine."""
+    def unit(x):
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)  # a zero vector: cosine 0 with everything
+
+    source_unit = unit(source_vectors)
+    out = np.zeros((len(target), source_matrix.shape[1]))
+    k = min(k, len(source_vectors))
+    for start in range(0, len(target), batch):
+        sims = unit(target[start:start + batch]) @ source_unit.T
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        top_sims = np.take_along_axis(sims, top, axis=1) / temperature
+        weights = np.exp(top_sims - top_sims.max(axis=1, keepdims=True))
+        weights /= weights.sum(axis=1, keepdims=True)
+        out[start:start + batch] = np.einsum("bk,bkh->bh", weights, source_matrix[top])
+    return out
+
+
+def initialise(source_weight: torch.Tensor, mapping: torch.Tensor, target_tokenizer, *, std, pad_id, generator,
+               ofa: OFAInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The INITIALISERS signature (adaptation/vocab.py) plus `ofa`; `std` is unused: the fallback takes the source
+    matrix's own per-dimension spread. Returns (weight, used map: the source row of copied tokens, else -1)."""
+    source = source_weight.detach().double().cpu().numpy()
+    used = mapping.clone()
+    source_norm = normalised_pieces(ofa.source_tokenizer)
+    first_of = {}
+    for sid in sorted(source_norm):
+        if sid < len(source):
+            first_of.setdefault(source_norm[sid], sid)
+    counts = dict.fromkeys(RULES, 0)
+    counts["copied"] = int((mapping >= 0).sum())
+    for tid, piece in normalised_pieces(target_tokenizer).items():
+        if tid < len(used) and used[tid] < 0 and piece in first_of:
+            used[tid] = first_of[piece]
+            counts["copied_normalised"] += 1
+
+    weight = np.zeros((len(used), source.shape[1]))
+    copied = (used >= 0).numpy()
+    weight[copied] = source[used[used >= 0].numpy()]
+    source_vecs, _ = subword_vectors(ofa.source_tokenizer, ofa.vectors, ofa.source_langs, len(source))
+    target_vecs, covered = subword_vectors(target_tokenizer, ofa.vectors, [ofa.target_lang], len(used))
+    by_neighbours = covered & ~copied
+    weight[by_neighbours] = neighbour_rows(target_vecs[by_neighbours], source_vecs, source, ofa.neighbors,
+                                           ofa.temperature)
+    counts["neighbours"] = int(by_neighbours.sum())
+    rest = torch.from_numpy(~covered & ~copied)
+    result = torch.from_numpy(weight).float()
+    mean, spread = source_weight.detach().float().mean(0), source_weight.detach().float().std(0, unbiased=False)
+    draws = torch.randn(int(rest.sum()), source.shape[1], generator=generator)
+    result[rest] = mean + spread * draws
+    counts["random"] = int(rest.sum())
+    ofa.summary.update(counts)
+    log.info("OFA initialisation of %d %s rows: %s", len(used), ofa.target_lang,
+             ", ".join(f"{n} {rule}" for rule, n in counts.items()))
+    return result, used
