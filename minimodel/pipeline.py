@@ -47,6 +47,7 @@ class StageConfigs:
     zero_shot: list[str] = field(default_factory=lambda: ["configs/evaluate/zero_shot/verse_class_tiny.yaml",
                                                           "configs/evaluate/zero_shot/target_mlm_tiny.yaml"])
     report: str = "configs/evaluate/report.yaml"
+    word_vectors: str = "configs/word_vectors/default.yaml"  # methods with +ofa: aligned word vectors learned first
 
 
 @dataclass
@@ -84,7 +85,7 @@ class PipelineConfig:
             require(pretrain.model.secondary_head != "none", "methods",
                     "minijoint needs the secondary head, but the pretraining config sets model.secondary_head=none: "
                     "drop minijoint from methods or pick another secondary_head")
-        known = {"data", "pretrain", "export", "minipost", "adapt", "finetune", "zero_shot", "report"}
+        known = {"data", "word_vectors", "pretrain", "export", "minipost", "adapt", "finetune", "zero_shot", "report"}
         for stage in self.overrides:
             require(stage in known, f"overrides.{stage}", f"not a stage; stages are {sorted(known)}")
         for method in self.method_overrides:
@@ -147,6 +148,13 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                    f"output_dir={at.minipost}", *source_data, *extra("minipost")],
                                   at.minipost, [export])
 
+    # OFA's aligned word vectors, learned from the data config's verse-parallel corpora (minimodel/ofa/learn.py)
+    vectors = at.root / "word_vectors"
+    word_vectors = [add("word_vectors", "word_vectors",
+                        ["--config", cfg.configs.word_vectors, f"data={cfg.configs.data}", f"output_dir={vectors}",
+                         f"languages=[{', '.join([src, *cfg.target_langs])}]", f"eval.source_lang={src}",
+                         *extra("word_vectors")], vectors, [])] if any(m.init == "ofa" for m in methods) else []
+
     # one adaptation job per method: a task per language (a Slurm array)
     adapted: dict[tuple[str, str], Stage] = {}
     for method in methods:
@@ -156,10 +164,13 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                 *cfg.method_overrides.get(method.name, [])]
         if method.source.over == "mini":
             args.append(f"mini_model={at.model(method.model)}")
+        if method.init == "ofa":
+            args.append(f"init.ofa.vectors=[{{path: {vectors / 'vectors.bin'}}}]")
         for lang in cfg.target_langs:
             adapted[method.name, lang] = add(
                 f"adapt-{method.name}-{lang}", "adapt", args, at.adapt(method.name, lang),
-                [made_by[method.model], prepare], nproc=cfg.adapt_nproc, job=f"adapt-{method.name}", lang=lang,
+                [made_by[method.model], prepare, *(word_vectors if method.init == "ofa" else [])],
+                nproc=cfg.adapt_nproc, job=f"adapt-{method.name}", lang=lang,
                 lang_args=[f"target_langs=[{lang}]"])  # only its own language: adding another reruns nothing
 
     def zero_shot(config: str, method: str, source_model: Path, targets: list[str], after: list[Stage]) -> Stage:

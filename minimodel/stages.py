@@ -61,6 +61,9 @@ class StageKind:
 KINDS: dict[str, StageKind] = {
     "data": StageKind("pretrain/prepare_data.py", "minimodel.data.prepare:DataConfig",
                       "minimodel.data.prepare:prepare_data", "python", ("slurm/python.sh", "pretrain/prepare_data.py")),
+    "word_vectors": StageKind("pretrain/word_vectors.py", "minimodel.ofa.learn:WordVectorConfig",
+                              "minimodel.ofa.learn:build_word_vectors", "python",
+                              ("slurm/python.sh", "pretrain/word_vectors.py")),
     "pretrain": StageKind("pretrain/train.py", "minimodel.training.config:PretrainConfig",
                           "minimodel.training.pretrain:pretrain", "torchrun", ("slurm/pretrain_minijoint.sh",)),
     "export": StageKind("pretrain/export.py", "minimodel.models.minijoint.export:ExportConfig",

@@ -5,8 +5,7 @@
 Writes <output_dir>/vectors.bin (word2vec binary, keys <lang>:<word>) and summary.json with the alignment measured
 on held-out verses (bilingual word translation precision@1/@10); see minimodel/ofa/learn.py.
 """
-from minimodel.cli import run_stage
-from minimodel.ofa.learn import WordVectorConfig, build_word_vectors
+from minimodel.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(WordVectorConfig, build_word_vectors, __doc__))
+    main("word_vectors", __doc__)

@@ -17,7 +17,8 @@ def test_a_spec_names_the_model_and_the_initialisation():
     assert spec == Method("minijoint", "copy_shared") and spec.name == "minijoint+copy_shared"
     assert spec.adapt_overrides() == ["method=minijoint+copy_shared", "over=mini", "init.method=copy_shared"]
     assert parse_method("standard").adapt_overrides() == ["method=standard", "over=full"]
-    for bad in ("minipst", "minipost+", "minipost+ofa", "standard+copy_shared+random", ""):
+    assert parse_method("minipost+ofa").adapt_overrides() == ["method=minipost+ofa", "over=mini", "init.method=ofa"]
+    for bad in ("minipst", "minipost+", "minipost+aligned_vectors", "standard+copy_shared+random", ""):
         with pytest.raises(ConfigError, match=r"methods\[2\]: unknown method .*standard, minijoint, minipost"):
             parse_method(bad, "methods[2]")
 
