@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from minimodel.config import ConfigError, load_config, require, save_config
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.layout import PipelineLayout
 from minimodel.methods import REFERENCE, parse_method
-from minimodel.stages import Stage, StageFailed, StageInterrupted, jobs
+from minimodel.stages import Stage, StageFailed, StageInterrupted, StopSignals, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
 from minimodel.training.config import PretrainConfig
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
@@ -253,15 +254,19 @@ def run(cfg: PipelineConfig) -> Path:
     env, find_runs = _env(tracker), _runs_since(tracker)
     start = time.time()
     try:
-        for i, stage in enumerate(stages, 1):
-            if stage.done:
-                print(f"=== [{i}/{len(stages)}] {stage.name}: finished earlier with the same inputs: skipped",
-                      flush=True)
-                _link_earlier_runs(cfg, tracker, stage)
-                continue
-            print(f"=== [{i}/{len(stages)}] {stage.name}", flush=True)
-            seconds = stage.run(env, at.logs, find_runs)
-            tracker.log_metrics({f"seconds.{stage.name}": seconds}, step=0)
+        with StopSignals() as stop:  # a signal stops the running stage (checkpoint, exit 75), then the pipeline
+            for i, stage in enumerate(stages, 1):
+                if stop.received:
+                    raise StageInterrupted(f"stopped by {signal.Signals(stop.received).name} before stage "
+                                           f"{stage.name}: run the same command again to go on")
+                if stage.done:
+                    print(f"=== [{i}/{len(stages)}] {stage.name}: finished earlier with the same inputs: skipped",
+                          flush=True)
+                    _link_earlier_runs(cfg, tracker, stage)
+                    continue
+                print(f"=== [{i}/{len(stages)}] {stage.name}", flush=True)
+                seconds = stage.run(env, at.logs, find_runs, stop)
+                tracker.log_metrics({f"seconds.{stage.name}": seconds}, step=0)
     except StageInterrupted as e:  # a signal stopped it after checkpointing: not stamped, the next run resumes it
         tracker.finish("KILLED")
         print(f"pipeline: {e}", file=sys.stderr)

@@ -11,9 +11,13 @@ resuming, the next time; a changed config that the stage refuses (exit 2) names 
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +27,7 @@ from typing import Any, Literal
 
 from minimodel import provenance
 from minimodel.files import write_text_atomic
-from minimodel.training.preemption import PREEMPTED_EXIT_CODE
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, PreemptionSignal
 
 STAMP = ".stage.json"
 
@@ -97,6 +101,36 @@ class StageInterrupted(StageFailed):
     """Stopped by a signal after checkpointing (exit 75): not done, the same command resumes it."""
 
 
+class StopSignals(PreemptionSignal):
+    """While a pipeline runs: SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (Slurm's time-limit warning) are passed to the
+    running stage's process group as SIGTERM, every stage's preemption signal (checkpoint, exit 75), and no further
+    stage starts; a second signal kills the group. Each stage runs in its own process group (a terminal's Ctrl-C
+    reaches the pipeline only, which stops the stage as above) and dies with the pipeline: SIGTERM if the pipeline
+    is killed outright (Linux: PR_SET_PDEATHSIG), so no launcher or rank outlives it."""
+
+    SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)
+
+    def __init__(self):
+        super().__init__()
+        self.stage: subprocess.Popen | None = None  # the running stage's process, the leader of its group
+
+    def _record(self, signum, frame) -> None:
+        again = self.received is not None
+        self.received = signum
+        if self.stage is not None and self.stage.poll() is None:
+            print(f"pipeline: {signal.Signals(signum).name}: "
+                  f"{'killing' if again else 'stopping (press Ctrl-C again to kill)'} the running stage",
+                  file=sys.stderr, flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.stage.pid, signal.SIGKILL if again else signal.SIGTERM)
+
+
+def _die_with_parent() -> None:
+    """In the stage's process before exec: SIGTERM when the pipeline dies (Linux; elsewhere nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class Stage:
     name: str
@@ -149,9 +183,10 @@ class Stage:
         stamp = self.stamp()
         return not self.always_run and stamp is not None and stamp.get("input_hash") == self.input_hash
 
-    def run(self, env: dict[str, str], log_dir: Path, find_runs=None) -> float:
-        """Run the command (output teed to a log file); write the stamp if it finished (exit 0). Returns seconds
-        taken; raises StageInterrupted on exit 75, StageFailed on any other exit code.
+    def run(self, env: dict[str, str], log_dir: Path, find_runs=None, stop: StopSignals | None = None) -> float:
+        """Run the command (output teed to a log file) in its own process group; write the stamp if it finished
+        (exit 0). Returns seconds taken; raises StageInterrupted on exit 75 or when `stop` (the pipeline's
+        StopSignals) stopped it, StageFailed on any other exit code.
 
         `find_runs(start_time)` -> the ids of the MLflow runs the stage logged, kept in the stamp so that a later
         pipeline run can link to them instead of running the stage again."""
@@ -159,13 +194,19 @@ class Stage:
         log_path = log_dir / f"{self.name}.log"
         print(f"    {shlex.join(self.command)}", flush=True)
         start = time.time()
+        stop = stop or StopSignals()
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for line in proc.stdout:
-                log.write(line)
-                sys.stdout.write(line)
-            code = proc.wait()
-        if code == PREEMPTED_EXIT_CODE:
+            proc = subprocess.Popen(self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+            stop.stage = proc
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    sys.stdout.write(line)
+                code = proc.wait()
+            finally:
+                stop.stage = None
+        if code == PREEMPTED_EXIT_CODE or (code != 0 and stop.received):  # torchrun ends 1 whatever its ranks did
             raise StageInterrupted(f"stage {self.name} interrupted: run the same command again to resume; "
                                    f"its log: {log_path}")
         if code != 0:

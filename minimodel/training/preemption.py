@@ -14,12 +14,14 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class PreemptionSignal:
     """Context manager recording the last preemption signal received (`received`, None if none)."""
 
+    SIGNALS = PREEMPTION_SIGNALS
+
     def __init__(self):
         self.received: int | None = None
         self._previous: dict = {}
 
     def __enter__(self) -> "PreemptionSignal":
-        for sig in PREEMPTION_SIGNALS:
+        for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._record)
         return self
 
