@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, SUMMARY, arg_parser, header, parse_args, pyplot, save, summary  # noqa: E402
+from benchmarks.common import REPO, SUMMARY, arg_parser, header, language_axes, parse_args, save, summary  # noqa: E402
 from minimodel import pipeline  # noqa: E402
 from minimodel.adaptation.artifact import read_info  # noqa: E402
 from minimodel.evaluation.report import collect, summarize  # noqa: E402
@@ -44,6 +44,7 @@ from minimodel.tracking import TrackingConfig  # noqa: E402
 NAME = "adaptation_compute"
 METHODS = ("standard", "minijoint", "minipost")
 MINI_METHODS = METHODS[1:]
+COLOURS = {"standard": "tab:gray", "minijoint": "tab:blue", "minipost": "tab:orange"}  # per model, in the figures
 THRESHOLDS = (0.95, 0.99, 1.0)
 TASK = "target_mlm"
 QUALITY_SIGNAL = ("zero-shot target_mlm: mlm_gain = held-out target MLM loss of the primary model with the run's "
@@ -176,15 +177,14 @@ def savings(per_seed: dict[int, dict], langs: list[str]) -> tuple[list[dict], di
 
 def figure(result: dict):
     langs = result["setup"]["target_langs"]
-    fig, axes = pyplot().subplots(1, len(langs), figsize=(max(9.0, 5.2 * len(langs)), 4.6), squeeze=False)
-    colours = {"standard": "tab:gray", "minijoint": "tab:blue", "minipost": "tab:orange"}
+    fig, axes = language_axes(langs)
     first_seed = min(result["setup"]["seeds"])
-    for ax, lang in zip(axes[0], langs):
+    for ax, lang in zip(axes, langs):
         finals = []
         for c in (c for c in result["curves"] if c["lang"] == lang):
             label = c["method"] if c["seed"] == first_seed else None
             ax.plot([p["flops"] / 1e9 for p in c["points"]], [p["quality"] for p in c["points"]], "-",
-                    color=colours[c["method"]], alpha=0.8, lw=1.2, label=label)
+                    color=COLOURS[c["method"]], alpha=0.8, lw=1.2, label=label)
             if c["method"] == REFERENCE:
                 finals.append(c["points"][-1]["quality"])
         ax.axhline(statistics.mean(finals), color="tab:gray", ls=":", lw=1, label="standard, final")

@@ -188,6 +188,12 @@ def pyplot():
     return plt
 
 
+def language_axes(langs: list[str]):
+    """A figure with one panel per target language, side by side: (figure, [axes])."""
+    fig, axes = pyplot().subplots(1, len(langs), figsize=(max(9.0, 5.2 * len(langs)), 4.6), squeeze=False)
+    return fig, list(axes[0])
+
+
 def save(name: str, result: dict, schema: dict, figure, out_dir: Path) -> Path:
     """<out_dir>/<name>.json (checked against `schema`, see write_result) and `figure` as <name>.png."""
     path = write_result(out_dir / f"{name}.json", result, schema)

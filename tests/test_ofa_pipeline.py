@@ -1,6 +1,13 @@
-"""The pipeline with an OFA method: a word-vector stage feeds the +ofa adaptations only."""
-from minimodel.config import load_config
-from minimodel.pipeline import PipelineConfig, build_stages
+"""The pipeline with an OFA method: a word-vector stage feeds the +ofa adaptations only; the OFA benchmark's
+arithmetic (benchmarks/ofa_compute.py) on hand-made curves."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import ofa_compute  # noqa: E402
+from minimodel.config import load_config  # noqa: E402
+from minimodel.pipeline import PipelineConfig, build_stages  # noqa: E402
 
 
 def test_tiny_pipeline_learns_word_vectors_for_its_ofa_method_only():
@@ -16,3 +23,23 @@ def test_tiny_pipeline_learns_word_vectors_for_its_ofa_method_only():
         assert vectors not in stages[f"adapt-minijoint-{lang}"].after
     without = load_config(PipelineConfig, "configs/pipeline/tiny.yaml", ["methods=[standard, minipost]"])
     assert "word_vectors" not in {s.name for s in build_stages(without)}
+
+
+def _curve(method, seed, points, numel=100):
+    return {"method": method, "lang": "ny", "seed": seed, "trainable_numel": numel,
+            "points": [{"step": i, "flops": f, "quality": q} for i, (f, q) in enumerate(points)]}
+
+
+def test_ofa_benchmark_savings_are_against_standard_randoms_final_quality():
+    standard = [(0, 0.0), (10, 0.5), (20, 0.9), (30, 1.0)]  # final quality 1.0: 95% at 30, 99% at 30, 100% at 30
+    ofa_mini = [(0, 0.8), (2, 0.96), (4, 0.99), (6, 1.2)]  # 95% at 2 FLOPs, 99% at 4, 100% at 6
+    slow = [(0, 0.0), (10, 0.2), (20, 0.3)]  # never reaches 95%
+    curves = [_curve("standard", 0, standard)] + [_curve(m, 0, ofa_mini if m == "minijoint+ofa" else slow, 7)
+                                                   for m in ofa_compute.METHODS if m != "standard"]
+    rows = {r["method"]: r for r in ofa_compute.summarise(curves, ["ny"])}
+    mini = rows["minijoint+ofa"]
+    assert mini["initial_quality"] == 0.8 and mini["final_quality"] == 1.2 and mini["trainable_numel"] == 7
+    assert [(r["threshold"], r["reached"], r["saving"]) for r in mini["reach"]] == \
+        [(0.95, 1, 15.0), (0.99, 1, 7.5), (1.0, 1, 5.0)]
+    assert [r["saving"] for r in rows["minipost"]["reach"]] == [None, None, None]
+    assert [r["saving"] for r in rows["standard"]["reach"]] == [1.0, 1.0, 1.0]

@@ -1,0 +1,184 @@
+"""OFA x mini-models: compute to matched quality with random vs OFA-initialised new embeddings (issue #16).
+
+    python benchmarks/ofa_compute.py                        # full protocol -> benchmarks/results/ofa_compute.{json,png}
+    python benchmarks/ofa_compute.py --factorized-dim 100   # the same with factorised embeddings (rank 100) for +ofa
+    python benchmarks/ofa_compute.py --smoke                # tiny, for a check of the wiring
+
+Protocol: benchmarks/adaptation_compute.py's (RESULTS.md section 1: its Setup, one pipeline per seed, quality =
+held-out target MLM of the PRIMARY with each snapshot's embeddings plugged in), with six methods: standard,
+minijoint and minipost, each with random (the paper's baseline) and OFA initialisation (+ofa, word vectors learned by
+the pipeline's word_vectors stage from the same corpora). `--factorized-dim d` gives every +ofa method factorised
+embeddings of rank d (a separate work dir: its pipelines re-run from pretraining, with the same seeds).
+
+Unlike adaptation_compute.py's gain from each run's own step-0 embeddings, OFA's starting point is the thing being
+measured, so quality here has ONE zero per seed and language: quality = mlm_loss(standard-random's step-0
+embeddings) - mlm_loss(snapshot). Reported per method: the initial quality (step 0), the final quality, the FLOPs to
+first reach 95/99/100% of standard-random's final quality and the saving against standard-random's own FLOPs to get
+there, and the trainable parameters (adapt.json's trainable_numel). The goal it reports against: an OFA x mini-model
+method reaching 100% of standard's final quality with at least 5x less compute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.adaptation_compute import COLOURS, SMOKE, Setup  # noqa: E402
+from benchmarks.common import REPO, arg_parser, header, language_axes, parse_args, save  # noqa: E402
+from minimodel import pipeline  # noqa: E402
+from minimodel.adaptation.artifact import read_info, snapshot_dir  # noqa: E402
+from minimodel.layout import PipelineLayout  # noqa: E402
+from minimodel.methods import REFERENCE, parse_method  # noqa: E402
+
+NAME = "ofa_compute"
+METHODS = ("standard", "standard+ofa", "minijoint", "minijoint+ofa", "minipost", "minipost+ofa")
+THRESHOLDS = (0.95, 0.99, 1.0)
+TASK = "target_mlm"
+GOAL = 5.0  # the issue's goal: >= 5x less compute to 100% of standard's final quality
+
+SCHEMA = {
+    "setup": {"target_langs": [str], "seeds": [int], "factorized_dim": (int, None), "steps": {m: int for m in METHODS},
+              "work_dir": str},
+    "curves": [{"method": str, "lang": str, "seed": int, "trainable_numel": int,
+                "points": [{"step": int, "flops": float, "quality": float}]}],
+    "methods": [{"method": str, "lang": str, "initial_quality": float, "final_quality": float,
+                 "trainable_numel": int, "reach": [{"threshold": float, "seeds": int, "reached": int,
+                                                    "saving": (float, None)}]}],
+}
+
+
+def steps(setup: Setup, method: str) -> int:
+    """Standard (random or OFA) adaptation: setup.adapt_steps; mini-models: mini_steps_factor times as many."""
+    return setup.adapt_steps * (1 if parse_method(method).model == REFERENCE else setup.mini_steps_factor)
+
+
+def pipeline_config(setup: Setup, work: Path, seed: int, factorized_dim: int | None):
+    cfg = setup.pipeline(work, seed)
+    overrides = {}
+    for m in METHODS:
+        n = steps(setup, m)
+        overrides[m] = [f"train.steps={n}", f"train.schedule.warmup_steps={max(1, n // 10)}"]
+        if factorized_dim and parse_method(m).init == "ofa":
+            overrides[m].append(f"embedding.factorized_dim={factorized_dim}")
+    cfg = dataclasses.replace(cfg, methods=list(METHODS), method_overrides=overrides)
+    cfg.validate()
+    return cfg
+
+
+def losses(layout: PipelineLayout, method: str, lang: str) -> dict[int, tuple[float, float]]:
+    """{adaptation step: (cumulative FLOPs, held-out target MLM loss)} over the snapshots and the final embeddings."""
+    out = layout.zero_shot(TASK, method)
+    final = json.loads((out / "metrics.json").read_text())[lang]
+    snapshots = json.loads((out / "snapshots.json").read_text()).get(lang, {})
+    run_dir = layout.adapt(method, lang)
+    info = read_info(run_dir)
+    points = {int(step): (read_info(snapshot_dir(run_dir, int(step)))["flops"], m["mlm_loss"])
+              for step, m in snapshots.items()}
+    points[info["steps"]] = (info["flops"], final["mlm_loss"])
+    return dict(sorted(points.items()))
+
+
+def first_reach(points: list[dict], target: float) -> float | None:
+    """FLOPs of the first point (in step order) whose quality reaches `target`; None if none does."""
+    return next((p["flops"] for p in points if p["quality"] >= target), None)
+
+
+def summarise(curves: list[dict], langs: list[str]) -> list[dict]:
+    """Per method and language: median initial/final quality over seeds, and per threshold the median saving
+    (standard-random's FLOPs to reach X% of its own final quality / the method's) over the seeds that reached it."""
+    rows = []
+    for lang in langs:
+        by = {(c["method"], c["seed"]): c for c in curves if c["lang"] == lang}
+        seeds = sorted({seed for _, seed in by})
+        for method in METHODS:
+            mine = [by[method, s] for s in seeds]
+            reach = []
+            for t in THRESHOLDS:
+                savings = []
+                for s in seeds:
+                    reference = by[REFERENCE, s]["points"]
+                    target = t * reference[-1]["quality"]
+                    ours, theirs = first_reach(by[method, s]["points"], target), first_reach(reference, target)
+                    if ours is not None and theirs is not None:
+                        savings.append(theirs / ours if ours > 0 else float("inf"))
+                reach.append({"threshold": t, "seeds": len(seeds), "reached": len(savings),
+                              "saving": statistics.median(savings) if savings else None})
+            rows.append({"method": method, "lang": lang,
+                         "initial_quality": statistics.median(c["points"][0]["quality"] for c in mine),
+                         "final_quality": statistics.median(c["points"][-1]["quality"] for c in mine),
+                         "trainable_numel": mine[0]["trainable_numel"], "reach": reach})
+    return rows
+
+
+def figure(result: dict):
+    langs = result["setup"]["target_langs"]
+    fig, axes = language_axes(langs)
+    first_seed = min(result["setup"]["seeds"])
+    for ax, lang in zip(axes, langs):
+        for c in (c for c in result["curves"] if c["lang"] == lang):
+            method = parse_method(c["method"])
+            ax.plot([p["flops"] / 1e9 for p in c["points"]], [p["quality"] for p in c["points"]],
+                    "--" if method.init == "ofa" else "-", color=COLOURS[method.model], alpha=0.8, lw=1.2,
+                    label=c["method"] if c["seed"] == first_seed else None)
+        ax.set_xlabel("adaptation GFLOPs (cumulative)")
+        ax.set_ylabel("held-out MLM loss drop from standard-random's step 0 (nats)", fontsize=8)
+        ax.set_title(lang)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    s = result["setup"]
+    fig.suptitle(f"Random (solid) vs OFA (dashed) initialisation; factorised rank {s['factorized_dim']}; seeds "
+                 f"{s['seeds']}", fontsize=9)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = arg_parser(__doc__, "tiny model, data and runs (a wiring check)")
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--langs", nargs="+", default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--factorized-dim", type=int, default=None, help="rank of the +ofa methods' embeddings")
+    args = parse_args(parser, argv)
+    setup = dataclasses.replace(SMOKE) if args.smoke else Setup()
+    for key, value in (("target_langs", args.langs), ("seeds", args.seeds)):
+        if value is not None:
+            setattr(setup, key, value)
+    suffix = ("_smoke" if args.smoke else "") + (f"_rank{args.factorized_dim}" if args.factorized_dim else "")
+    work = (args.work or REPO / "runs" / "benchmarks" / (NAME + suffix)).resolve()
+
+    curves = []
+    for seed in setup.seeds:
+        cfg = pipeline_config(setup, work, seed, args.factorized_dim)
+        print(f"[{NAME}] seed {seed}: pipeline {cfg.output_dir}", flush=True)
+        pipeline.run(cfg)
+        layout = PipelineLayout(Path(cfg.output_dir))
+        for lang in setup.target_langs:
+            zero = losses(layout, REFERENCE, lang)[0][1]  # the common zero: standard-random's step-0 loss
+            for method in METHODS:
+                numel = read_info(layout.adapt(method, lang))["trainable_numel"]
+                curves.append({"method": method, "lang": lang, "seed": seed, "trainable_numel": numel,
+                               "points": [{"step": step, "flops": flops, "quality": zero - loss}
+                                          for step, (flops, loss) in losses(layout, method, lang).items()]})
+    result = header(NAME, args.smoke)
+    result["setup"] = {"target_langs": setup.target_langs, "seeds": setup.seeds,
+                       "factorized_dim": args.factorized_dim, "steps": {m: steps(setup, m) for m in METHODS},
+                       "work_dir": str(work)}
+    result["curves"] = curves
+    result["methods"] = summarise(curves, setup.target_langs)
+    save(NAME + suffix, result, SCHEMA, figure(result), args.out.resolve())
+    for row in result["methods"]:
+        saving = next(r for r in row["reach"] if r["threshold"] == 1.0)["saving"]
+        cell = "not reached" if saving is None else f"{saving:.2f}x"
+        if saving is not None and parse_method(row["method"]).model != REFERENCE:
+            cell += f" (goal {GOAL:g}x: {'met' if saving >= GOAL else 'not met'})"
+        print(f"[{NAME}] {row['lang']} {row['method']}: initial quality {row['initial_quality']:.3f}, final "
+              f"{row['final_quality']:.3f}, saving at 100% of standard's final: {cell}; trainable "
+              f"{row['trainable_numel']:,}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
