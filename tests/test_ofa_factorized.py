@@ -11,9 +11,11 @@ from transformers import BertConfig, BertForMaskedLM
 from minimodel.adaptation.artifact import write_artifact
 from minimodel.adaptation.plug import PlugConfig, plug
 from minimodel.adaptation.train import AdaptConfig, build_adaptation_model
-from minimodel.adaptation.vocab import tokenizer_fingerprint
+from minimodel.adaptation.vocab import INITIALISERS, token_map, tokenizer_fingerprint
 from minimodel.manifest import model_hash
 from minimodel.ofa.factorized import factorize
+from minimodel.ofa.init import OFAInputs
+from minimodel.ofa.vectors import VectorFileConfig, VectorFileError, load_word_vectors
 from minimodel.training.hf_mlm import MLMFlops
 
 H, D = 16, 4
@@ -102,3 +104,23 @@ def test_plugged_plain_model_gives_the_factorised_models_logits(primary, tmp_pat
         ours = model.eval()(input_ids=ids).logits
         theirs = plain(input_ids=ids).logits
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_ofa_runs_in_coordinate_space_from_the_configured_vectors(primary, tmp_path):
+    vec = tmp_path / "v.vec"
+    vec.write_text("en:house 1 0\nen:houses 1 1\nen:water 0 1\nen:dog 0.5 0.5\nsw:nyumba 1 -0.2\nsw:maji 0.1 1\n"
+                   "sw:mbwa 0.4 0.6\n")
+    cfg = AdaptConfig(over="full", primary_model=str(primary))
+    cfg.init.method, cfg.embedding.factorized_dim = "ofa", D
+    cfg.init.ofa.vectors = [VectorFileConfig(str(vec))]
+    _, trainable, fixed, summary = build_adaptation_model(cfg, str(primary), TARGET, "sw")
+    assert summary == {"copied": 7, "copied_normalised": 0, "neighbours": 3, "random": 2}
+    e_src = BertForMaskedLM.from_pretrained(primary).get_input_embeddings().weight.detach()
+    c_src, _, _ = factorize(e_src, D)
+    inputs = OFAInputs(SOURCE, load_word_vectors(cfg.init.ofa.vectors, ["en", "sw"]), ["en"], "sw")
+    expected, used = INITIALISERS["ofa"](c_src, token_map(SOURCE, TARGET), TARGET, std=0.02, pad_id=0,
+                                         generator=torch.Generator().manual_seed(cfg.init.seed), ofa=inputs)
+    assert torch.equal(trainable["coordinates"].detach(), expected.float()) and torch.equal(fixed["token_map"], used)
+    cfg.target_langs, cfg.init.ofa.source_langs = ["ny"], ["en"]
+    with pytest.raises(VectorFileError, match=r"v.vec: no word vector of language 'ny'"):
+        build_adaptation_model(cfg, str(primary), TARGET, "ny")
