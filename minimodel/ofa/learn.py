@@ -37,6 +37,7 @@ from minimodel.data.corpora import Source
 from minimodel.data.prepare import DataConfig, collect
 from minimodel.files import write_text_atomic
 from minimodel.ofa.vectors import WordVectors, write_word2vec_binary
+from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ def build_word_vectors(cfg: WordVectorConfig) -> StageResult:
     """Outputs: the vectors file and the precision@k figures."""
     start = time.perf_counter()
     out = Path(cfg.output_dir)
+    claim_output(out, cfg, resumable=False)
     data_text = Path(cfg.data).read_text() if Path(cfg.data).is_file() else ""
     input_hash = hashlib.sha256(json.dumps([to_dict(cfg), data_text], sort_keys=True).encode()).hexdigest()
     summary_path = out / SUMMARY_FILE
@@ -225,6 +227,7 @@ def build_word_vectors(cfg: WordVectorConfig) -> StageResult:
         old = json.loads(summary_path.read_text())
         if old.get("input_hash") == input_hash:
             log.info("%s is up to date (input hash %s): nothing to do", out, input_hash[:12])
+            finish_output(out, cfg)
             return StageResult("finished", {"vectors": out / VECTORS_FILE})
     texts = read_languages(cfg)
     vectors = learn_vectors(texts, cfg)
@@ -241,6 +244,7 @@ def build_word_vectors(cfg: WordVectorConfig) -> StageResult:
     log.info("%d word vectors (%s) in %s\n%s", len(vectors.keys),
              ", ".join(f"{lang} {n}" for lang, n in summary["words"].items()), out / VECTORS_FILE,
              _summary_table(summary))
+    finish_output(out, cfg)
     return StageResult("finished", {"vectors": out / VECTORS_FILE,
                                     **{pair: {k: r[k] for k in summary["ks"] if k in r}
                                        for pair, r in alignment.items()}})
