@@ -7,7 +7,7 @@ import torch
 from ofa_helpers import wordpiece
 
 from minimodel.adaptation.vocab import INITIALISERS, token_map
-from minimodel.ofa.init import OFAInputs, normalised_pieces, subword_vectors
+from minimodel.ofa.init import OFAInputs, normalised_pieces, subword_vectors, top_k
 from minimodel.ofa.vectors import WordVectors
 
 SOURCE = wordpiece(["house", "water", "##s", "big"])  # ids 5 6 7 8
@@ -83,3 +83,11 @@ def test_temperature_and_k_change_the_weights(temperature):
     source_vecs = np.array([[0, 0]] * 5 + [[1, 0.5], [0, 1], [1, 1], [0, 0]])
     row, _ = _expected_row(np.array([0.1, 1]), source_vecs, e_src.double().numpy(), 2, temperature)
     np.testing.assert_allclose(weight[6].double().numpy(), row, rtol=0, atol=1e-5)
+
+
+def test_top_k_orders_by_value_then_lower_id_like_a_full_stable_sort():
+    rng = np.random.default_rng(0)
+    sims = rng.integers(-3, 4, size=(50, 40)).astype(float) / 3  # many ties
+    for k in (1, 5, 40):
+        expected = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(top_k(sims, k), expected)

@@ -108,8 +108,20 @@ def subword_vectors(tokenizer, vectors: WordVectors, langs: list[str], size: int
     return means, covered
 
 
+def top_k(sims: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the ids of the k highest values, highest first, ties to the lower id; linear in the row length
+    (a full sort of a 250k-token source vocabulary per target token would dominate the initialisation)."""
+    kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+    out = np.empty((len(sims), k), dtype=np.int64)
+    for i, (row, bound) in enumerate(zip(sims, kth)):
+        above = np.flatnonzero(row > bound)
+        chosen = np.concatenate([above, np.flatnonzero(row == bound)[:k - len(above)]])
+        out[i] = chosen[np.lexsort((chosen, -row[chosen]))]
+    return out
+
+
 def neighbour_rows(target: np.ndarray, source_vectors: np.ndarray, source_matrix: np.ndarray, k: int,
-                   temperature: float, batch: int = 1024) -> np.ndarray:
+                   temperature: float) -> np.ndarray:
     """Each row of `target` -> sum softmax(cos / T) source_matrix over its k source rows of highest cosine."""
     def unit(x):
         norm = np.linalg.norm(x, axis=1, keepdims=True)
@@ -118,9 +130,10 @@ def neighbour_rows(target: np.ndarray, source_vectors: np.ndarray, source_matrix
     source_unit = unit(source_vectors)
     out = np.zeros((len(target), source_matrix.shape[1]))
     k = min(k, len(source_vectors))
+    batch = max(1, 2 ** 24 // len(source_vectors))  # similarity blocks of at most 16M entries
     for start in range(0, len(target), batch):
         sims = unit(target[start:start + batch]) @ source_unit.T
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        top = top_k(sims, k)
         top_sims = np.take_along_axis(sims, top, axis=1) / temperature
         weights = np.exp(top_sims - top_sims.max(axis=1, keepdims=True))
         weights /= weights.sum(axis=1, keepdims=True)
