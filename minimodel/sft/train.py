@@ -59,8 +59,8 @@ class SFTConfig:
     k: int | None = None  # values the SFT may change; None: k_proportion of the eligible values
     k_proportion: float = 0.01
     iterations: int = 1  # select / rewind / sparse rounds, each freeing k / iterations more values
-    full_steps: int = 1000  # phase 1 (full fine-tuning) steps per iteration
-    sparse_steps: int = 1000  # phase 2 (sparse fine-tuning) steps per iteration
+    full_steps: int | None = None  # phase 1 (full fine-tuning) steps per iteration; None: train.steps
+    sparse_steps: int | None = None  # phase 2 (sparse fine-tuning) steps per iteration; None: train.steps
     full_l1: float = 0.0  # lambda of the L1 pull toward theta0 in phase 1 (reference: 0.1 for language SFTs)
     sparse_l1: float = 0.0  # ... and in phase 2
     l1_eligible_only: bool = False  # L1 on the eligible parameters only (default: on the dense head too)
@@ -70,10 +70,15 @@ class SFTConfig:
         require(self.k is None or self.k >= 1, "sft.k", f"{self.k} must be >= 1 (or unset: sft.k_proportion)")
         require(0 < self.k_proportion <= 1, "sft.k_proportion", f"{self.k_proportion} must be in (0, 1]")
         require(self.iterations >= 1, "sft.iterations", f"{self.iterations} must be >= 1")
-        require(self.full_steps >= 1, "sft.full_steps", f"{self.full_steps} must be >= 1")
-        require(self.sparse_steps >= 1, "sft.sparse_steps", f"{self.sparse_steps} must be >= 1")
+        for key in ("full_steps", "sparse_steps"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, f"sft.{key}", f"{value} must be >= 1 (or unset: train.steps)")
         require(self.full_l1 >= 0, "sft.full_l1", f"{self.full_l1} must be >= 0")
         require(self.sparse_l1 >= 0, "sft.sparse_l1", f"{self.sparse_l1} must be >= 0")
+
+    def steps(self, train_cfg: DeepSpeedLoopConfig) -> tuple[int, int]:
+        """(phase 1, phase 2) steps per iteration."""
+        return self.full_steps or train_cfg.steps, self.sparse_steps or train_cfg.steps
 
 
 @dataclass
@@ -88,9 +93,10 @@ def check_loop_config(train_cfg: DeepSpeedLoopConfig, cfg: SFTConfig) -> None:
     require(train_cfg.optim.weight_decay == 0, "train.optim.weight_decay",
             f"{train_cfg.optim.weight_decay}: sparse fine-tuning needs 0 (AdamW's decoupled decay would move the "
             "entries outside the mask away from theta0)")
-    require(train_cfg.schedule.warmup_steps <= min(cfg.full_steps, cfg.sparse_steps), "train.schedule.warmup_steps",
-            f"{train_cfg.schedule.warmup_steps} must be <= sft.full_steps ({cfg.full_steps}) and sft.sparse_steps "
-            f"({cfg.sparse_steps}): each phase has its own warmup")
+    full_steps, sparse_steps = cfg.steps(train_cfg)
+    require(train_cfg.schedule.warmup_steps <= min(full_steps, sparse_steps), "train.schedule.warmup_steps",
+            f"{train_cfg.schedule.warmup_steps} must be <= the phases' steps (sft.full_steps {full_steps}, "
+            f"sft.sparse_steps {sparse_steps}): each phase has its own warmup")
     stage = zero_stage(train_cfg)
     if stage > 2:
         raise ConfigError(f"train.zero_config: {train_cfg.zero_config} is ZeRO stage {stage}; sparse fine-tuning "
@@ -182,19 +188,20 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
     n_params = sum(p.numel() for p in model.parameters())
     l1_names = set(part.eligible) if cfg.l1_eligible_only else set(part.trainable)
     theta0 = {n: p.detach().float().cpu().clone() for n, p in part.trainable.items()}
+    full_steps, sparse_steps = cfg.steps(train_cfg)
     start, masks, offset, final = theta0, None, 0, None
     for it in range(1, cfg.iterations + 1):
         it_dir = out / f"iteration_{it}"
         if it < cfg.iterations and (it_dir / END_FILE).is_file():  # finished in an earlier launch
             start, masks = load_file(str(it_dir / END_FILE)), load_file(str(it_dir / MASK_FILE))
-            offset += cfg.full_steps + cfg.sparse_steps
+            offset += full_steps + sparse_steps
             continue
         k_it = k // cfg.iterations + (k % cfg.iterations if it == cfg.iterations else 0)
         phase = partial(_run_phase, train_cfg, model, part, train_data, loss_fn, flops_fn, eval_data=eval_data,
                         theta0=theta0, n_params=n_params, l1_names=l1_names, tracker=tracker, iteration=it)
         if not (it_dir / MASK_FILE).is_file():
             _set_params(part.trainable, start)
-            result = phase(cfg.full_steps, it_dir / "full", None, cfg.full_l1, offset, f"{desc} it{it} full")
+            result = phase(full_steps, it_dir / "full", None, cfg.full_l1, offset, f"{desc} it{it} full")
             if result is None:
                 return SFTResult("interrupted", None)
             if rank == 0:
@@ -205,13 +212,13 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
                          part.eligible_numel)
                 _save_tensors(it_dir / MASK_FILE, masks)
             dist.barrier()
-        offset += cfg.full_steps
+        offset += full_steps
         masks = load_file(str(it_dir / MASK_FILE))
         _set_params(part.trainable, start)  # the rewind
-        final = phase(cfg.sparse_steps, it_dir / "sparse", masks, cfg.sparse_l1, offset, f"{desc} it{it} sparse")
+        final = phase(sparse_steps, it_dir / "sparse", masks, cfg.sparse_l1, offset, f"{desc} it{it} sparse")
         if final is None:
             return SFTResult("interrupted", None)
-        offset += cfg.sparse_steps
+        offset += sparse_steps
         if it < cfg.iterations:
             if rank == 0:
                 _save_tensors(it_dir / END_FILE, final)
