@@ -309,13 +309,20 @@ def _rank0_then_everywhere(fn):
 LANGUAGE_NEUTRAL = ("target_langs", "target_lang")
 
 
+def claim_language(cfg, lang: str):
+    """(run directory, config with target_lang=lang, what the directory holds for it: provenance.claim_output) of
+    one language of a per-language stage."""
+    run_dir = Path(cfg.output_dir) / lang
+    lang_cfg = dataclasses.replace(cfg, target_lang=lang)
+    return run_dir, lang_cfg, claim_output(run_dir, lang_cfg, resumable=True, overwrite=cfg.overwrite,
+                                           ignore=LANGUAGE_NEUTRAL)
+
+
 def adapt_language(cfg: AdaptConfig, lang: str) -> str:
     """Learn `lang` embeddings; returns "done" or "interrupted" (resume by running the same command again)."""
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
-    run_dir = Path(cfg.output_dir) / lang
-    lang_cfg = dataclasses.replace(cfg, target_lang=lang)
-    claimed = claim_output(run_dir, lang_cfg, resumable=True, overwrite=cfg.overwrite, ignore=LANGUAGE_NEUTRAL)
+    run_dir, lang_cfg, claimed = claim_language(cfg, lang)
     if claimed == "finished" and read_info(run_dir) is not None:
         if rank == 0:
             log.info("%s: already adapted with this config (%s): skipping", lang, run_dir / "adapt.json")
@@ -416,15 +423,21 @@ def record_statuses(output_dir: Path, statuses: dict[str, str]) -> Path:
 
 
 def run_adaptation(cfg: AdaptConfig) -> StageResult:
-    """Adapt to every selected language in turn; one failure does not stop the others. Outputs {lang: status},
-    status "done" | "interrupted" | "failed: <error>", also written to <output_dir>/summary.json (rank 0); the
-    stage failed if a language failed, else it is interrupted if a stop signal ended one."""
+    """Adapt to every selected language in turn (see run_languages)."""
+    return run_languages(cfg, adapt_language, "adaptation")
+
+
+def run_languages(cfg, run_one, what: str) -> StageResult:
+    """run_one(cfg, lang) for every language of cfg.languages() in turn; one failure does not stop the others.
+    Outputs {lang: status}, status "done" | "interrupted" | "failed: <error>", also written to
+    <cfg.output_dir>/summary.json (rank 0); the stage failed if a language failed, else it is interrupted if a stop
+    signal ended one."""
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
     statuses: dict[str, str] = {}
     for lang in cfg.languages():
         try:
-            statuses[lang] = adapt_language(cfg, lang)
+            statuses[lang] = run_one(cfg, lang)
         except ConfigChanged:
             raise  # the user's config against the directory's: every language would hit it (exit 2, its message)
         except Exception as e:  # noqa: BLE001 - recorded; the other languages still run
@@ -433,7 +446,7 @@ def run_adaptation(cfg: AdaptConfig) -> StageResult:
                 run_dir = Path(cfg.output_dir) / lang
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "error.txt").write_text(traceback.format_exc())
-                log.error("%s: adaptation failed (%s); traceback in %s", lang, e, run_dir / "error.txt")
+                log.error("%s: %s failed (%s); traceback in %s", lang, what, e, run_dir / "error.txt")
         if statuses[lang] == "interrupted":
             break  # a stop signal: checkpointed, leave the remaining languages to the resubmitted job
     if rank == 0:

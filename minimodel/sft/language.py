@@ -1,0 +1,118 @@
+"""Language SFTs (LT-SFT step 2, the reference's recipe): a sparse difference of the primary model learned by MLM
+on target-language text over the primary's own vocabulary. The output decoder is untied and frozen (the reference's
+--untie_embeddings --freeze_decoder), so the word embeddings change sparsely like the rest of the body while the
+output layer the task models never use stays put.
+
+Each target language is an independent run in <output_dir>/<lang>/ (minimodel/sft/train.py's layout: phase
+directories, the mask, and the SFT in sft/); `target_lang=<code>` selects one language of the list (a Slurm array
+task). Exit 75 when a stop signal interrupted it (relaunch to resume), 1 when a language failed.
+
+    deepspeed [--num_gpus N] adapt/sft.py primary_model=<export>/primary data_dir=<data> target_langs=[sw] ...
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+from torch import nn
+from transformers import AutoModelForMaskedLM
+
+from minimodel import distributed
+from minimodel.adaptation.artifact import TOKENIZER_DIR
+from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig, _rank0_then_everywhere,
+                                        claim_language, prepare_target_data, run_languages)
+from minimodel.config import require
+from minimodel.data.mlm import MaskedLMDataset
+from minimodel.data.tokenizer import load_tokenizer
+from minimodel.hf import load_model
+from minimodel.manifest import model_hash
+from minimodel.provenance import finish_output
+from minimodel.sft.train import SFTConfig, train_sft
+from minimodel.stages import StageResult
+from minimodel.tracking import Tracker, TrackingConfig
+from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
+from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
+
+METHOD = "lt_sft"
+
+
+@dataclass
+class LanguageSFTConfig:
+    output_dir: str = "runs/lang_sft"
+    primary_model: str | None = None  # HF masked-LM directory: theta0, and the vocabulary the target text is read in
+    source_lang: str = "en"
+    target_langs: list[str] = field(default_factory=lambda: ["sw"])
+    target_lang: str | None = None  # one language of target_langs (a Slurm array task); None: all, in turn
+    data_dir: str = "data/default"  # the data stage's output (<data_dir>/<lang>/verses.jsonl ...)
+    seq_length: int = 128
+    mask_prob: float = 0.15
+    data_seed: int = 0
+    freeze_decoder: bool = True  # untie and freeze the output embeddings (the reference's language SFTs)
+    # the reference's language SFTs: L1 0.1 in both phases; K: 1% of the eligible values unless sft.k is set
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(full_l1=0.1, sparse_l1=0.1))
+    train: DeepSpeedLoopConfig = field(default_factory=lambda: DeepSpeedLoopConfig(
+        steps=10000, optim=OptimizerConfig(lr=5e-5), schedule=ScheduleConfig(warmup_steps=100)))
+    overwrite: bool = False  # a language's directory holding another config's run: discard it (else: an error)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        require(self.primary_model is not None, "primary_model",
+                "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
+        require(bool(self.target_langs), "target_langs", "is empty: list at least one target language")
+        require(self.target_lang is None or self.target_lang in self.target_langs, "target_lang",
+                f"{self.target_lang!r} is not one of target_langs {self.target_langs}")
+        require(self.seq_length >= 8, "seq_length", "must be >= 8")
+        require(0 < self.mask_prob < 1, "mask_prob", "must be in (0, 1)")
+
+    def languages(self) -> list[str]:
+        return [self.target_lang] if self.target_lang else list(self.target_langs)
+
+
+def untie_and_freeze_decoder(model: nn.Module) -> None:
+    """Give the output layer its own frozen copy of the (tied) word embeddings."""
+    out = model.get_output_embeddings()
+    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+
+
+def train_language(cfg: LanguageSFTConfig, lang: str) -> str:
+    """One language's SFT; returns "done" or "interrupted"."""
+    distributed.initialize_deepspeed()
+    rank = dist.get_rank()
+    run_dir, lang_cfg, claimed = claim_language(cfg, lang)
+    if claimed == "finished" and (run_dir / "sft").is_dir():
+        return "done"
+    # the target text in the primary's own vocabulary (re-encoded when the data stage used another tokenizer)
+    data_cfg = AdaptConfig(primary_model=cfg.primary_model, data_dir=cfg.data_dir,
+                           tokenizer=TargetTokenizerConfig(mode="reuse", path=cfg.primary_model))
+    train_prefix, valid_prefix = _rank0_then_everywhere(lambda: prepare_target_data(data_cfg, lang, run_dir))
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
+    model = load_model(cfg.primary_model, AutoModelForMaskedLM)
+    if cfg.freeze_decoder:
+        untie_and_freeze_decoder(model)
+    flops_fn = MLMFlops(model)
+    train_data = MaskedLMDataset(train_prefix, tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
+    valid_data = MaskedLMDataset(valid_prefix, tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
+    primary_sha = model_hash(cfg.primary_model)
+    tags = {"stage": "lang_sft", "method": METHOD, "source_lang": cfg.source_lang, "target_lang": lang}
+    tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"lang-sft-{lang}")
+    with Tracker(tracking, lang_cfg, tags=tags) as tracker:
+        result = train_sft(cfg.sft, cfg.train, model, train_data, masked_lm_loss, flops_fn, output_dir=run_dir,
+                           base_sha256=primary_sha, base_path=str(Path(cfg.primary_model).resolve()),
+                           eval_data=valid_data, tracker=tracker, desc=f"language SFT {lang}",
+                           info={"kind": "language", "method": METHOD, "target_lang": lang,
+                                 "source_lang": cfg.source_lang, "lang_sft_run_id": tracker.run_id})
+        if result.status == "interrupted":
+            return "interrupted"
+        if rank == 0:
+            tracker.log_artifact(result.sft_dir / "sft.json")
+            finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
+    dist.barrier()
+    return "done"
+
+
+def run_language_sft(cfg: LanguageSFTConfig) -> StageResult:
+    """Every selected language in turn; one failure does not stop the others (adaptation's run_languages)."""
+    return run_languages(cfg, train_language, "language SFT")
