@@ -5,7 +5,8 @@ the report that reads them back (results live on disk; MLflow only shows them).
     <root>/config.yaml                                            the pipeline's resolved config
     <root>/logs/<stage>.log                                       each stage's output
     <root>/pretrain/checkpoints                                   step 1
-    <root>/export/{primary,mini}                                  primary + MiniJoint mini-model
+    <root>/export/{primary,mini}                                  primary + MiniJoint mini-model (or primary_model:
+                                                                  the user's Hugging Face model, used in place)
     <root>/minipost/mini                                          MiniPost mini-model
     <root>/adapt/<method>/<lang>/                                 step 2 (adapt.json, snapshots/step_N/, metrics.jsonl)
     <root>/finetune/model                                         step 3: the task model
@@ -23,6 +24,7 @@ from pathlib import Path
 class PipelineLayout:
     root: Path
     data_dir: Path | None = None  # the data stage's output (a reader of results only, like the report, needs none)
+    primary_model: Path | None = None  # a given Hugging Face model instead of the exported one
 
     def data(self, lang: str) -> Path:
         return Path(self.data_dir) / lang
@@ -52,7 +54,7 @@ class PipelineLayout:
 
     @property
     def primary(self) -> Path:
-        return self.export / "primary"
+        return self.primary_model or self.export / "primary"
 
     @property
     def minipost(self) -> Path:

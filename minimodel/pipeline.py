@@ -8,6 +8,10 @@
          -> step 4: zero-shot evaluation of the task model per method -> report (quality vs adaptation compute)
     (steps 3-4 only when configs.zero_shot lists a fine-tuned task; `seed=N` seeds every training stage: a replicate)
 
+From a model you have (`primary_model: <Hugging Face dir>`, e.g. XLM-R): no pretraining or export; the data stage
+encodes the source language with the primary's tokenizer and each target with a new one of its own, and MiniPost,
+standard and MiniPost adaptation, fine-tuning, zero-shot and the report follow (configs/pipeline/hf_tiny.yaml).
+
     python -m minimodel.pipeline --config configs/pipeline/tiny.yaml [key=value ...]
     python -m minimodel.pipeline --config configs/pipeline/tiny.yaml --plan   # the jobs as JSON (slurm/pipeline.sh)
 
@@ -26,10 +30,14 @@ from pathlib import Path
 
 import yaml
 
+from transformers import AutoConfig
+
 from minimodel.config import ConfigError, load_config, require, save_config
 from minimodel.evaluation.tasks import TASKS, TaskConfig
+from minimodel.hf import HFLoadError, load_tokenizer
 from minimodel.layout import PipelineLayout
 from minimodel.methods import REFERENCE, parse_method
+from minimodel.minipost.build import MiniPostError, check_tokenizer
 from minimodel.stages import Stage, StageFailed, StageInterrupted, StopSignals, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
 from minimodel.training.config import PretrainConfig
@@ -59,6 +67,9 @@ class PipelineConfig:
     target_langs: list[str] = field(default_factory=lambda: ["ny", "sw"])
     # adaptation methods run side by side, each `<model>[+<init>]` (minimodel/methods.py), e.g. minipost+copy_shared
     methods: list[str] = field(default_factory=lambda: ["standard", "minijoint", "minipost"])
+    # a Hugging Face masked LM directory (XLM-R, mBERT, ...) to start from instead of pretraining MiniJoint
+    primary_model: str | None = None
+    primary_tokenizer: str | None = None  # its tokenizer directory; None: the one saved in primary_model
     pretrain_nproc: int = 2  # torchrun processes for step 1
     adapt_nproc: int = 1  # deepspeed ranks per adaptation run
     configs: StageConfigs = field(default_factory=StageConfigs)
@@ -81,7 +92,9 @@ class PipelineConfig:
         require(len(set(self.methods)) == len(self.methods), "methods", "each method once")
         require(REFERENCE in self.methods, "methods",
                 f"the report measures every method against {REFERENCE} adaptation: keep {REFERENCE!r} in the list")
-        if "minijoint" in models and Path(self.configs.pretrain).is_file():
+        if self.primary_model is not None:
+            self._check_primary(models)
+        elif "minijoint" in models and Path(self.configs.pretrain).is_file():
             pretrain = load_config(PretrainConfig, self.configs.pretrain, self.overrides.get("pretrain", []))
             require(pretrain.model.secondary_head != "none", "methods",
                     "minijoint needs the secondary head, but the pretraining config sets model.secondary_head=none: "
@@ -91,7 +104,8 @@ class PipelineConfig:
             require(stage in known, f"overrides.{stage}", f"not a stage; stages are {sorted(known)}")
         for method in self.method_overrides:
             require(method in self.methods, f"method_overrides.{method}", f"not one of methods {self.methods}")
-        for name in ("data", "pretrain", "minipost", "adapt", "finetune", "report"):
+        for name in ("data", *(["pretrain"] if self.primary_model is None else []), "minipost", "adapt", "finetune",
+                     "report"):
             path = getattr(self.configs, name)
             require(Path(path).is_file(), f"configs.{name}", f"{path} does not exist")
         require(bool(self.configs.zero_shot), "configs.zero_shot", "list at least one zero-shot config")
@@ -99,6 +113,22 @@ class PipelineConfig:
             require(Path(path).is_file(), f"configs.zero_shot[{i}]", f"{path} does not exist")
             require(zero_shot_task(path) in TASKS, f"configs.zero_shot[{i}]",
                     f"{path}: task.name {zero_shot_task(path)!r} is not one of {sorted(TASKS)}")
+
+
+    def _check_primary(self, models: set[str]) -> None:
+        require("minijoint" not in models, "methods",
+                "minijoint needs the MiniJoint mini-model, which only MiniJoint pretraining makes; a primary_model "
+                "is not pretrained here: use minipost (a mini-model built from the primary) or drop primary_model")
+        config = Path(self.primary_model) / "config.json"
+        require(config.is_file(), "primary_model", f"{self.primary_model} is not a Hugging Face model directory (no "
+                "config.json): give a directory saved with save_pretrained (model + tokenizer)")
+        tokenizer_dir = self.primary_tokenizer or self.primary_model
+        try:
+            check_tokenizer(load_tokenizer(tokenizer_dir), AutoConfig.from_pretrained(str(config.parent)),
+                            tokenizer_dir)
+        except (HFLoadError, MiniPostError) as e:
+            key = "primary_tokenizer" if self.primary_tokenizer else "primary_model"
+            raise ConfigError(f"{key}: {e}") from None
 
 
 # The settings that seed each training stage (PipelineConfig.seed sets them all).
@@ -117,7 +147,7 @@ def zero_shot_task(config_path: str) -> str:
 
 def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[Stage]:
     """The pipeline as a list of stages in run order (each names the stages it depends on)."""
-    at = PipelineLayout(Path(cfg.output_dir), Path(cfg.data_dir))
+    at = layout(cfg)
     src = cfg.source_lang
     methods = [parse_method(spec) for spec in cfg.methods]
 
@@ -134,18 +164,25 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
 
     source_data = [f"data.train_prefix={at.dataset(src, 'train')}", f"data.valid_prefix={at.dataset(src, 'valid')}",
                    f"data.tokenizer_dir={at.tokenizer(src)}"]
-    prepare = add("data", "data", ["--config", cfg.configs.data, f"output_dir={at.data_dir}", *extra("data")],
-                  at.data_dir, [])
-    pretrain = add("pretrain", "pretrain", ["--config", cfg.configs.pretrain, f"output_dir={at.pretrain}",
-                                            *source_data, *extra("pretrain")],
-                   at.pretrain, [prepare], nproc=cfg.pretrain_nproc)
-    export = add("export", "export", [f"checkpoint={at.checkpoints}", f"tokenizer={at.tokenizer(src)}",
-                                      f"output_dir={at.export}", *extra("export")], at.export, [pretrain])
+    # a given primary's tokenizer encodes the source language (its data must be in the model's ids)
+    primary_tokenizer = cfg.primary_tokenizer or cfg.primary_model
+    given = [f"languages.{src}.tokenizer={primary_tokenizer}"] if cfg.primary_model else []
+    prepare = add("data", "data", ["--config", cfg.configs.data, f"output_dir={at.data_dir}", *given,
+                                   *extra("data")], at.data_dir, [])
+    if cfg.primary_model is None:
+        pretrain = add("pretrain", "pretrain", ["--config", cfg.configs.pretrain, f"output_dir={at.pretrain}",
+                                                *source_data, *extra("pretrain")],
+                       at.pretrain, [prepare], nproc=cfg.pretrain_nproc)
+        export = add("export", "export", [f"checkpoint={at.checkpoints}", f"tokenizer={at.tokenizer(src)}",
+                                          f"output_dir={at.export}", *extra("export")], at.export, [pretrain])
+    else:  # the primary exists: what waited for the export waits for the data
+        export = prepare
     # the stage that makes each model source's model for adaptation (minimodel/methods.py MODELS)
     made_by = {"standard": export, "minijoint": export}
     if any(m.model == "minipost" for m in methods):
         made_by["minipost"] = add("minipost", "minipost",
                                   ["--config", cfg.configs.minipost, f"source={at.primary}",
+                                   *([f"tokenizer={cfg.primary_tokenizer}"] if cfg.primary_tokenizer else []),
                                    f"output_dir={at.minipost}", *source_data, *extra("minipost")],
                                   at.minipost, [export])
 
@@ -219,6 +256,11 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     return stages
 
 
+def layout(cfg: PipelineConfig) -> PipelineLayout:
+    return PipelineLayout(Path(cfg.output_dir), Path(cfg.data_dir),
+                          Path(cfg.primary_model) if cfg.primary_model else None)
+
+
 def _runs_since(tracker: Tracker):
     """-> find_runs(start_time): the ids of this pipeline's child runs that ended since then (a stage that resumed
     its earlier run continues that run: it started before, but ends now)."""
@@ -246,7 +288,7 @@ def _env(tracker: Tracker) -> dict[str, str]:
 
 
 def run(cfg: PipelineConfig) -> Path:
-    at = PipelineLayout(Path(cfg.output_dir), Path(cfg.data_dir))
+    at = layout(cfg)
     save_config(cfg, at.config)
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
                                                        "target_langs": ",".join(cfg.target_langs)})

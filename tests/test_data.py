@@ -273,8 +273,9 @@ def test_pretrained_tokenizer_is_used_for_every_language(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(prepare_module, "build_language", lambda *a, **k: pytest.fail("rebuilt for a weights change"))
         assert prepare(config(None, out, "books=[57]", f"tokenizer.pretrained={model_dir}", langs)) == manifest
-    with pytest.raises(ConfigError, match="has no sentencepiece.bpe.model"):
-        (model_dir / "sentencepiece.bpe.model").unlink()
+    with pytest.raises(ConfigError, match="is not a Hugging Face tokenizer directory"):
+        for name in ("tokenizer_config.json", "tokenizer.json"):
+            (model_dir / name).unlink()
         config(None, out, f"tokenizer.pretrained={model_dir}", langs)
 
 

@@ -33,7 +33,7 @@ from minimodel.files import write_text_atomic
 from minimodel.hf import load_model
 from minimodel.data.indexed import write_indexed
 from minimodel.data.mlm import MaskedLMDataset
-from minimodel.data.tokenizer import FastEncoder, load_tokenizer, train_tokenizer
+from minimodel.data.tokenizer import load_tokenizer, make_encoder, train_tokenizer
 from minimodel.manifest import check_aligned, model_hash
 from minimodel.methods import parse_method
 from minimodel.ofa.factorized import check_rank, factorize, install_factorized
@@ -192,8 +192,7 @@ def _read_verses(lang_dir: Path) -> list[dict]:
 def _tokenize_corpus(lang_dir: Path, tokenizer_dir: Path, out_dir: Path) -> None:
     """Re-encode the data stage's verses with another tokenizer, into <out_dir>/{train,valid}.bin|.idx."""
     verses = _read_verses(lang_dir)
-    encoder = FastEncoder(tokenizer_dir)
-    encoder.check_agrees([v["text"] for v in verses[:64]])
+    encoder = make_encoder(tokenizer_dir, [v["text"] for v in verses[:64]])
     vocab_size = len(load_tokenizer(tokenizer_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     for split in ("train", "valid"):

@@ -1,7 +1,8 @@
 """The data stage: corpora -> cleaned, deduplicated verses -> train/valid split -> tokenizers -> indexed datasets.
 
 Layout under `output_dir`, per language L:
-    <L>/tokenizer/                 Hugging Face tokenizer directory (XLM-R ids)
+    <L>/tokenizer/                 Hugging Face tokenizer directory: trained here (XLM-R ids), or the files of a given
+                                   tokenizer of any family (languages.<L>.tokenizer, tokenizer.pretrained)
     <L>/train.bin|.idx, valid.*    megatron-core IndexedDataset, one document per verse (ids without <s> </s>)
     <L>/verses.jsonl               the documents in the order they were written, with their split
     <L>/build.json                 completion marker: input hash, file sizes, counts
@@ -33,7 +34,8 @@ from minimodel.config import require, save_config
 from minimodel.data.clean import CLEANING_VERSION, clean_verse, normalize_spaces
 from minimodel.data.corpora import Document, Source, SourceConfig, split_verse_id
 from minimodel.data.indexed import load_megatron_datasets, write_indexed
-from minimodel.data.tokenizer import SPM_FILE, FastEncoder, load_tokenizer, train_tokenizer
+from minimodel.data.tokenizer import SPM_FILE, TokenizerError, load_tokenizer, make_encoder, train_tokenizer
+from minimodel.hf import is_tokenizer_dir
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
@@ -45,9 +47,13 @@ FORMAT_VERSION = 1  # bump when the output layout or packing changes
 SPLITS = ("train", "valid")
 BUILD_MARKER = "build.json"
 MANIFEST = "manifest.json"
-# what a Hugging Face tokenizer directory holds besides a model (copied from tokenizer.pretrained)
-PRETRAINED_TOKENIZER_FILES = (SPM_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                              "added_tokens.json")
+# what a Hugging Face tokenizer directory of any family holds besides a model (copied from a given tokenizer):
+# SentencePiece (XLM-R, T5-style), WordPiece (vocab.txt), byte-level BPE (vocab.json + merges.txt), tokenizer.json
+PRETRAINED_TOKENIZER_FILES = (SPM_FILE, "spiece.model", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.json",
+                              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+# a language whose tokens are <unk> this often is refused (above a twentieth, warned about): a script the tokenizer
+# lacks gives a <unk> per word (about half the tokens, with the word markers), not "mostly" <unk> by count
+UNK_REFUSED, UNK_WARNED = 0.25, 0.05
 ENCODE_BATCH = 4096
 
 
@@ -55,6 +61,9 @@ ENCODE_BATCH = 4096
 class LanguageConfig:
     sources: list[SourceConfig] = field(default_factory=list)  # read in order and concatenated
     vocab_size: int | None = None  # None: tokenizer.vocab_size
+    # an existing Hugging Face tokenizer (or model) directory for this language instead of a trained tokenizer, e.g.
+    # the primary model's for the source language; overrides tokenizer.pretrained
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -67,7 +76,7 @@ class TokenizerConfig:
     input_sentence_size: int = 1_000_000  # documents sampled (with seed) to train on; 0: all
     joint: bool = False  # one tokenizer over all languages (copied into each <L>/tokenizer) instead of one each
     # An existing Hugging Face tokenizer directory (e.g. models/xlm-roberta-base) used for every language instead
-    # of training one: the data for a pretrained model (MiniPost from XLM-R). XLM-R-style SentencePiece only.
+    # of training one: the data for a pretrained model (MiniPost from XLM-R). Any family (PRETRAINED_TOKENIZER_FILES).
     pretrained: str | None = None
 
     def validate(self) -> None:
@@ -80,11 +89,7 @@ class TokenizerConfig:
         require(self.num_threads >= 1, "tokenizer.num_threads", "must be >= 1")
         require(self.input_sentence_size >= 0, "tokenizer.input_sentence_size", "must be >= 0 (0: all sentences)")
         if self.pretrained is not None:
-            require((Path(self.pretrained) / "tokenizer_config.json").is_file(), "tokenizer.pretrained",
-                    f"{self.pretrained} is not a Hugging Face tokenizer directory (no tokenizer_config.json)")
-            require((Path(self.pretrained) / SPM_FILE).is_file(), "tokenizer.pretrained",
-                    f"{self.pretrained} has no {SPM_FILE}: the data stage encodes with an XLM-R-style SentencePiece "
-                    "model (XLM-R and models that reuse its tokenizer)")
+            _check_tokenizer_dir(self.pretrained, "tokenizer.pretrained")
             require(not self.joint, "tokenizer.joint", "a pretrained tokenizer is shared by every language already: "
                     "set joint=false")
 
@@ -111,6 +116,10 @@ class DataConfig:
             for i, src in enumerate(lc.sources):
                 src.check(f"languages.{lang}.sources[{i}]", lang)
             require(self.vocab_size(lang) > 5, f"languages.{lang}.vocab_size", "must be > 5")
+            if lc.tokenizer is not None:
+                _check_tokenizer_dir(lc.tokenizer, f"languages.{lang}.tokenizer")
+                require(not self.tokenizer.joint, "tokenizer.joint", f"languages.{lang} has its own tokenizer: a "
+                        "joint tokenizer would replace it; set joint=false")
         require(all(1 <= b <= 66 for b in self.books), "books", "Bible books are numbered 1 (Genesis) to 66")
         require(0.0 <= self.valid_fraction < 1.0, "valid_fraction", "must be in [0, 1)")
         if self.tokenizer.joint:
@@ -120,6 +129,15 @@ class DataConfig:
 
     def vocab_size(self, lang: str) -> int:
         return self.languages[lang].vocab_size or self.tokenizer.vocab_size
+
+    def given_tokenizer(self, lang: str) -> str | None:
+        """The existing tokenizer directory `lang` is encoded with; None: a tokenizer is trained for it."""
+        return self.languages[lang].tokenizer or self.tokenizer.pretrained
+
+
+def _check_tokenizer_dir(path: str, key: str) -> None:
+    require(is_tokenizer_dir(path), key, f"{path} is not a Hugging Face tokenizer directory (no tokenizer_config.json "
+            "or tokenizer.json): give a directory saved with save_pretrained, e.g. the model's own directory")
 
 
 # -- split, cleaning, dedup ---------------------------------------------------------------------------------------
@@ -191,16 +209,16 @@ def language_hash(cfg: DataConfig, lang: str, fingerprints: dict[str, list[str]]
                        "fingerprints": fingerprints[l]} for l in langs},
         "books": sorted(cfg.books), "valid_fraction": cfg.valid_fraction, "split_seed": cfg.split_seed,
         "clean": cfg.clean, "dedup": cfg.dedup, "tokenizer": dataclasses.asdict(cfg.tokenizer),
-        "vocab_size": cfg.vocab_size(lang), "pretrained_tokenizer": _pretrained_fingerprint(cfg.tokenizer),
+        "vocab_size": cfg.vocab_size(lang), "pretrained_tokenizer": _pretrained_fingerprint(cfg.given_tokenizer(lang)),
         "libraries": {p: metadata.version(p) for p in ("sentencepiece", "transformers", "megatron-core")},
     })
 
 
-def _pretrained_fingerprint(tokenizer: TokenizerConfig) -> str | None:
-    """The pretrained tokenizer's content (its files may change under the same path)."""
-    if tokenizer.pretrained is None:
+def _pretrained_fingerprint(tokenizer_dir: str | None) -> str | None:
+    """A given tokenizer's content (its files may change under the same path)."""
+    if tokenizer_dir is None:
         return None
-    files = sorted(p for p in Path(tokenizer.pretrained).iterdir() if p.name in PRETRAINED_TOKENIZER_FILES)
+    files = sorted(p for p in Path(tokenizer_dir).iterdir() if p.name in PRETRAINED_TOKENIZER_FILES)
     return _digest({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
 
 
@@ -260,15 +278,23 @@ def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: d
     start = time.perf_counter()
     tmp = out / f".{lang}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    if joint_tokenizer is not None:
+    given = cfg.given_tokenizer(lang)
+    if given is not None:  # its tokenizer files only: the directory may hold a model too
+        (tmp / "tokenizer").mkdir()
+        for f in Path(given).iterdir():
+            if f.name in PRETRAINED_TOKENIZER_FILES:
+                shutil.copy2(f, tmp / "tokenizer" / f.name)
+        log.info("%s: encoding with the given tokenizer %s", lang, given)
+    elif joint_tokenizer is not None:
         shutil.copytree(joint_tokenizer, tmp / "tokenizer")
     else:
         train_texts = [r.text for r in records if r.split == "train"]
         log.info("%s: training a %d-token tokenizer on %d documents", lang, cfg.vocab_size(lang), len(train_texts))
         _train_tokenizer(cfg, train_texts, tmp / "tokenizer", cfg.vocab_size(lang))
-    vocab_size = len(load_tokenizer(tmp / "tokenizer"))
-    encoder = FastEncoder(tmp / "tokenizer")
-    encoder.check_agrees([r.text for r in records[:64]])
+    tokenizer = load_tokenizer(tmp / "tokenizer")
+    vocab_size = len(tokenizer)
+    encoder = make_encoder(tmp / "tokenizer", [r.text for r in records[:64]])
+    unknown = 0
 
     docs = {split: 0 for split in SPLITS}
     tokens = {split: 0 for split in SPLITS}
@@ -283,11 +309,14 @@ def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: d
                 writers[record.split].add(ids)
                 docs[record.split] += 1
                 tokens[record.split] += len(ids)
+                unknown += int((ids == tokenizer.unk_token_id).sum())
                 verses.write(record.to_json() + "\n")
             bar.update(len(batch))
+    _check_unknown(cfg, lang, unknown / max(sum(tokens.values()), 1), tmp)
     seconds = time.perf_counter() - start
     files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     stats = {"documents": docs, "tokens": tokens, "dropped": dropped, "vocab_size": vocab_size,
+             "unk_fraction": round(unknown / max(sum(tokens.values()), 1), 6), "encoder": type(encoder).__name__,
              "sources": [s.describe() for s in cfg.languages[lang].sources], "seconds": round(seconds, 2)}
     write_text_atomic(tmp / BUILD_MARKER, json.dumps({"input_hash": input_hash, "files": files, **stats}, indent=2))
 
@@ -295,17 +324,32 @@ def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: d
     return stats
 
 
+def _check_unknown(cfg: DataConfig, lang: str, fraction: float, tmp: Path) -> None:
+    """Refuse (or warn about) text the tokenizer cannot read: a model's tokenizer given for a script it lacks."""
+    if fraction <= UNK_WARNED:
+        return
+    where = f"{lang}: the tokenizer {cfg.given_tokenizer(lang) or 'trained here'} maps {fraction:.0%} of the tokens " \
+            f"of {', '.join(s.describe() for s in cfg.languages[lang].sources)} to its unknown token"
+    if fraction > UNK_REFUSED:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TokenizerError(f"{where}: it does not cover this language's script. Train a tokenizer for it (drop "
+                             f"languages.{lang}.tokenizer / tokenizer.pretrained: the language then gets its own) "
+                             f"or use a model whose tokenizer covers the script")
+    log.warning("%s: check that the tokenizer covers the language's script", where)
+
+
 # -- the stage -------------------------------------------------------------------------------------------------------
 
 def _summary(stats: dict[str, dict], built: list[str], seconds: float) -> str:
     header = f"{'lang':<6}{'train docs':>11}{'valid docs':>11}{'train tokens':>14}{'valid tokens':>14}" \
-             f"{'vocab':>7}{'dups':>6}{'tokens/s':>11}  sources"
+             f"{'vocab':>7}{'dups':>6}{'unk':>7}{'tokens/s':>11}{'encoder':>13}  sources"
     lines = [header, "-" * len(header)]
     for lang, s in stats.items():
         d, t = s["documents"], s["tokens"]
         rate = f"{sum(t.values()) / s['seconds']:,.0f}" if lang in built and s["seconds"] > 0 else "(cached)"
         lines.append(f"{lang:<6}{d['train']:>11,}{d['valid']:>11,}{t['train']:>14,}{t['valid']:>14,}"
-                     f"{s['vocab_size']:>7}{s['dropped']['duplicate']:>6}{rate:>11}  {', '.join(s['sources'])}")
+                     f"{s['vocab_size']:>7}{s['dropped']['duplicate']:>6}{s.get('unk_fraction', 0):>7.1%}{rate:>11}"
+                     f"{s.get('encoder', '?'):>13}  {', '.join(s['sources'])}")
     total_docs = sum(sum(s["documents"].values()) for s in stats.values())
     total_tokens = sum(sum(s["tokens"].values()) for s in stats.values())
     built_tokens = sum(sum(stats[lang]["tokens"].values()) for lang in built)
@@ -321,14 +365,7 @@ def _build(cfg: DataConfig, todo: list[str], sources: dict[str, list[Source]], h
     collected = {lang: collect(cfg, sources[lang]) for lang in todo}
     load_megatron_datasets()  # its import takes seconds: keep it out of the per-language timings
     joint = None
-    if cfg.tokenizer.pretrained is not None:  # its tokenizer files only: the directory may hold a model too
-        joint = out / f".pretrained-tokenizer.partial-{uuid.uuid4().hex[:8]}"
-        joint.mkdir()
-        for f in Path(cfg.tokenizer.pretrained).iterdir():
-            if f.name in PRETRAINED_TOKENIZER_FILES:
-                shutil.copy2(f, joint / f.name)
-        log.info("tokenizing every language with the pretrained tokenizer %s", cfg.tokenizer.pretrained)
-    elif cfg.tokenizer.joint:
+    if cfg.tokenizer.joint:
         for lang in cfg.languages:  # the joint tokenizer needs every language's text
             if lang not in collected:
                 collected[lang] = collect(cfg, sources[lang])
