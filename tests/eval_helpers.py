@@ -177,3 +177,31 @@ def write_indexed_verses(data_dir: Path, lang: str, tokenizer) -> Path:
                 if v["split"] == split:
                     writer.add(np.asarray(tokenizer(v["text"], add_special_tokens=False)["input_ids"]))
     return lang_dir
+
+
+def squad(verses, rng) -> dict:
+    """Questions "find w1 w2" whose answer is the span "w1 w2" of the verse (the context)."""
+    paragraphs = []
+    for v in verses:
+        words = v["text"].split()
+        i = rng.randrange(len(words) - 1)
+        answer = " ".join(words[i:i + 2])
+        paragraphs.append({"context": v["text"], "qas": [{
+            "id": str(v["verse_id"]), "question": f"find {answer}",
+            "answers": [{"text": answer, "answer_start": len(" ".join(words[:i])) + (1 if i else 0)}]}]})
+    return {"version": "1.0", "data": [{"title": "toy", "paragraphs": paragraphs}]}
+
+
+def mlqa_world(root: Path) -> tuple[Path, Path]:
+    """Extractive QA on the toy Bible in MLQA's layout (<root>/MLQA_V1/{dev,test}, 40 questions each) with a SQuAD
+    training file, and a tiny primary model over the source words + "find". Returns (primary, training file)."""
+    rng = random.Random(0)
+    verses = toy_bible()
+    train = root / "train-v1.1.json"
+    train.write_text(json.dumps(squad([v for v in verses if v["split"] == "train"], rng)))
+    for split in ("dev", "test"):
+        path = root / "MLQA_V1" / split / f"{split}-context-en-question-en.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(squad([v for v in verses if v["split"] == "valid"][:40], rng)))
+    tok = word_tokenizer(source_vocab() + ["find"], root / "tokenizer")
+    return tiny_mlm(len(tok), root / "primary", tok), train

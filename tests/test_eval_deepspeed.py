@@ -1,7 +1,6 @@
 """`deepspeed --num_gpus 2 evaluate/finetune.py`: extractive QA (MLQA / SQuAD-format files) on two ranks with
 ZeRO-3; the saved task model keeps the primary model's embeddings bit-identical and is scored with EM / F1."""
 import json
-import random
 import socket
 import subprocess
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eval_helpers import EMBEDDINGS, REPO, source_vocab, stage_env, tiny_mlm, toy_bible, word_tokenizer
+from eval_helpers import EMBEDDINGS, REPO, mlqa_world, stage_env
 from minimodel.evaluation.finetune import TaskFlops
 
 
@@ -19,31 +18,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _squad(verses, rng) -> dict:
-    """Questions "find w1 w2" whose answer is the span "w1 w2" of the verse (the context)."""
-    paragraphs = []
-    for v in verses:
-        words = v["text"].split()
-        i = rng.randrange(len(words) - 1)
-        answer = " ".join(words[i:i + 2])
-        paragraphs.append({"context": v["text"], "qas": [{
-            "id": str(v["verse_id"]), "question": f"find {answer}",
-            "answers": [{"text": answer, "answer_start": len(" ".join(words[:i])) + (1 if i else 0)}]}]})
-    return {"version": "1.0", "data": [{"title": "toy", "paragraphs": paragraphs}]}
-
-
 @pytest.mark.slow
 def test_deepspeed_two_ranks_qa_zero3(tmp_path):
-    rng = random.Random(0)
-    verses = toy_bible()
-    train = tmp_path / "train-v1.1.json"
-    train.write_text(json.dumps(_squad([v for v in verses if v["split"] == "train"], rng)))
-    for split in ("dev", "test"):
-        path = tmp_path / "MLQA_V1" / split / f"{split}-context-en-question-en.json"
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps(_squad([v for v in verses if v["split"] == "valid"][:40], rng)))
-    tok = word_tokenizer(source_vocab() + ["find"], tmp_path / "tokenizer")
-    primary = tiny_mlm(len(tok), tmp_path / "primary", tok)
+    primary, train = mlqa_world(tmp_path)
     out = tmp_path / "finetune"
     cmd = [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
            str(REPO / "evaluate" / "finetune.py"), "--config", str(REPO / "configs/evaluate/finetune/mlqa.yaml"),

@@ -31,6 +31,8 @@ from minimodel.evaluation.scoring import score
 from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
+from minimodel.sft.file import SparseFineTuning
+from minimodel.sft.train import SFTConfig, train_sft
 from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -54,6 +56,13 @@ class FinetuneConfig:
     eval_batch_size: int = 64
     # a directory holding another config's run (finished or not): discard it (else: an error naming the change)
     overwrite: bool = False
+    # LT-SFT (method lt_sft): a sparse task fine-tuning (minimodel/sft/; embeddings sparse like the rest of the body,
+    # the head dense) instead of dense fine-tuning with frozen embeddings, trained with the source-language SFT
+    # `language_sft` (adapt/sft.py's <output_dir>/<lang>/sft) applied, as the reference does. The task SFT goes to
+    # <output_dir>/train/sft/; model/ holds the primary + language SFT + task SFT.
+    sparse: bool = False
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    language_sft: str | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
@@ -61,6 +70,8 @@ class FinetuneConfig:
         require(self.task.spec.kind != "retrieval", "task.name",
                 f"{self.task.name} has no fine-tuning step: score it directly with evaluate/zero_shot.py")
         require(set(self.eval_splits) <= {"dev", "test"}, "eval_splits", "only dev and test can be evaluated")
+        require(self.language_sft is None or self.sparse, "language_sft",
+                "is applied before a task SFT only: set sparse=true, or drop language_sft")
 
 
 class TaskFlops:
@@ -95,18 +106,39 @@ def _save_task_model(cfg: FinetuneConfig, model, engine, tokenizer, labels) -> P
                 state[name] = value
         state.update(full)
         task_model.load_state_dict(state)
-        tmp = out.with_name("model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        task_model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        info = {"task": cfg.task.name, "kind": cfg.task.spec.kind, "labels": list(labels),
-                "source_lang": cfg.source_lang, "max_length": cfg.task.max_length,
-                "primary_model": {"path": str(Path(cfg.model_dir).resolve()), "sha256": model_hash(cfg.model_dir)},
-                "frozen": sorted(frozen_state)}
-        (tmp / TASK_FILE).write_text(json.dumps(info, indent=2))
-        replace_dir(tmp, out)
+        _write_task_model(cfg, task_model, tokenizer, labels, {"frozen": sorted(frozen_state)})
     dist.barrier()
     return out
+
+
+def _compose_task_model(cfg: FinetuneConfig, tokenizer, labels, language_sft, task_sft_dir: Path) -> Path:
+    """Write the task model of a task SFT: the primary + the language SFT (body only) + the task SFT (with its
+    head). Rank 0 writes; every rank returns the directory."""
+    if dist.get_rank() == 0:
+        task_model = load_task_model(cfg.model_dir, cfg.task.spec.kind, labels)
+        base_sha = model_hash(cfg.model_dir)
+        if language_sft is not None:
+            language_sft.apply(task_model, base_sha, with_abs=False)
+        SparseFineTuning.load(task_sft_dir).apply(task_model, base_sha)
+        _write_task_model(cfg, task_model, tokenizer, labels,
+                          {"frozen": [], "sft": {"language": cfg.language_sft, "task": str(task_sft_dir.resolve())}})
+    dist.barrier()
+    return Path(cfg.output_dir) / "model"
+
+
+def _write_task_model(cfg: FinetuneConfig, task_model, tokenizer, labels, extra: dict) -> None:
+    """<output_dir>/model: the task model, the source tokenizer and task.json, replaced atomically."""
+    out = Path(cfg.output_dir) / "model"
+    tmp = out.with_name("model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    task_model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    info = {"task": cfg.task.name, "kind": cfg.task.spec.kind, "labels": list(labels),
+            "source_lang": cfg.source_lang, "max_length": cfg.task.max_length,
+            "primary_model": {"path": str(Path(cfg.model_dir).resolve()), "sha256": model_hash(cfg.model_dir)},
+            **extra}
+    (tmp / TASK_FILE).write_text(json.dumps(info, indent=2))
+    replace_dir(tmp, out)
 
 
 def finetune(cfg: FinetuneConfig) -> StageResult:
@@ -124,7 +156,11 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     tokenizer = load_tokenizer(tokenizer_dir)
     model = load_task_model(cfg.model_dir, spec.kind, spec.labels)
     check_tokenizer(model, tokenizer, cfg.model_dir, tokenizer_dir)
-    frozen = freeze_embeddings(model)
+    base_sha = model_hash(cfg.model_dir)
+    language_sft = SparseFineTuning.load(cfg.language_sft) if cfg.language_sft else None
+    if language_sft is not None:
+        language_sft.apply(model, base_sha, with_abs=False)
+    frozen = [] if cfg.sparse else freeze_embeddings(model)
 
     task = cfg.task
     examples = load_examples(task, cfg.source_lang, "train")
@@ -142,19 +178,31 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     tags = {"stage": "finetune", "method": cfg.method, "source_lang": cfg.source_lang, "task": task.name}
     with Tracker(cfg.tracking, config=cfg, tags=tags) as tracker:
         tracker.set_tags({"frozen": ",".join(frozen)})
-        result = train(cfg.train, model, train_data, loss_fn, TaskFlops(model), output_dir=out / "train",
-                       eval_data=eval_data, tracker=tracker, desc=f"finetune {task.name}")
-        if result.interrupted:
-            tracker.set_tags({"interrupted_at_step": result.step})
-            return StageResult("interrupted", {"step": result.step})
-        model_dir = _save_task_model(cfg, model, result.engine, tokenizer, spec.labels)
+        if cfg.sparse:
+            sft = train_sft(cfg.sft, cfg.train, model, train_data, loss_fn, TaskFlops(model), output_dir=out / "train",
+                            base_sha256=base_sha, base_path=str(Path(cfg.model_dir).resolve()), eval_data=eval_data,
+                            tracker=tracker, desc=f"task SFT {task.name}",
+                            info={"kind": "task", "task": task.name, "source_lang": cfg.source_lang,
+                                  "language_sft": cfg.language_sft})
+            if sft.status == "interrupted":
+                return StageResult("interrupted", {})
+            model_dir = _compose_task_model(cfg, tokenizer, spec.labels, language_sft, sft.sft_dir)
+            step = sft.steps
+        else:
+            result = train(cfg.train, model, train_data, loss_fn, TaskFlops(model), output_dir=out / "train",
+                           eval_data=eval_data, tracker=tracker, desc=f"finetune {task.name}")
+            if result.interrupted:
+                tracker.set_tags({"interrupted_at_step": result.step})
+                return StageResult("interrupted", {"step": result.step})
+            model_dir = _save_task_model(cfg, model, result.engine, tokenizer, spec.labels)
+            step = result.step
         metrics: dict[str, float] = {}
         if rank == 0:
             task_model = load_task_model(model_dir, spec.kind)
             for split in cfg.eval_splits:
                 scores = score(task, task_model, tokenizer, cfg.source_lang, split, cfg.eval_batch_size)
                 metrics.update({f"{split}/{k}": v for k, v in scores.items()})
-            tracker.log_metrics(metrics, step=result.step)
+            tracker.log_metrics(metrics, step=step)
             write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
             finish_output(out, cfg, ("method",))
     dist.barrier()  # the other ranks wait while rank 0 scores: all return, and tear down (minimodel.cli), together

@@ -85,6 +85,7 @@ class SFTConfig:
 class SFTResult:
     status: str  # "finished" | "interrupted" (relaunch with the same output_dir to resume)
     sft_dir: Path | None  # <output_dir>/sft when finished
+    steps: int = 0  # optimizer steps of both phases of every iteration, when finished
 
 
 def check_loop_config(train_cfg: DeepSpeedLoopConfig, cfg: SFTConfig) -> None:
@@ -179,8 +180,10 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
     check_loop_config(train_cfg, cfg)
     rank = dist.get_rank()
     out = Path(output_dir)
+    full_steps, sparse_steps = cfg.steps(train_cfg)
+    total_steps = cfg.iterations * (full_steps + sparse_steps)
     if (out / SFT_DIR / MANIFEST_FILE).is_file():
-        return SFTResult("finished", out / SFT_DIR)
+        return SFTResult("finished", out / SFT_DIR, total_steps)
     part = partition_parameters(model, cfg.include_layer_norms)
     k = resolve_k(cfg.k, cfg.k_proportion, part.eligible_numel)
     if cfg.iterations > k:
@@ -188,7 +191,6 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
     n_params = sum(p.numel() for p in model.parameters())
     l1_names = set(part.eligible) if cfg.l1_eligible_only else set(part.trainable)
     theta0 = {n: p.detach().float().cpu().clone() for n, p in part.trainable.items()}
-    full_steps, sparse_steps = cfg.steps(train_cfg)
     start, masks, offset, final = theta0, None, 0, None
     for it in range(1, cfg.iterations + 1):
         it_dir = out / f"iteration_{it}"
@@ -230,7 +232,7 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
                     "iterations": cfg.iterations, "frozen": part.frozen, "dense": sorted(part.dense)}
         sft.save(out / SFT_DIR)
     dist.barrier()
-    return SFTResult("finished", out / SFT_DIR)
+    return SFTResult("finished", out / SFT_DIR, total_steps)
 
 
 def _run_phase(train_cfg, model, part: Partition, train_data, loss_fn, flops_fn, steps: int, run_dir: Path,
