@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from minimodel.errors import MissingInputError
 
@@ -68,3 +68,16 @@ def load_model(model_dir: str | os.PathLike, auto_class=None, **kwargs):
                           f"{e}") from None
     except OSError as e:  # missing or unreadable weights
         raise HFLoadError(f"cannot load the model in {model_dir}: {e}") from None
+
+
+def load_masked_lm(model_dir: str | os.PathLike):
+    """`model_dir` as its *ForMaskedLM, refusing a checkpoint saved without its MLM head (a *Model save, a
+    sentence-embedding model): transformers would give it a random head that adaptation cannot learn through."""
+    model, info = load_model(model_dir, AutoModelForMaskedLM, output_loading_info=True)
+    head_missing = sorted(k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix + "."))
+    if head_missing:
+        raise HFLoadError(f"{model_dir} has no masked-LM head (missing {', '.join(head_missing[:3])}...; saved as "
+                          f"{model.config.architectures}): train one first with MiniPost's head-only option "
+                          f"(pretrain/minipost.py source={model_dir} mini.head_only=true mini.head_init=random; in "
+                          f"the pipeline primary_head: train) and use its mini/ directory as the primary")
+    return model

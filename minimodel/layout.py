@@ -7,6 +7,7 @@ the report that reads them back (results live on disk; MLflow only shows them).
     <root>/pretrain/checkpoints                                   step 1
     <root>/export/{primary,mini}                                  primary + MiniJoint mini-model (or primary_model:
                                                                   the user's Hugging Face model, used in place)
+    <root>/head/mini                                              a headless primary_model with a learned MLM head
     <root>/minipost/mini                                          MiniPost mini-model
     <root>/adapt/<method>/<lang>/                                 step 2 (adapt.json, snapshots/step_N/, metrics.jsonl)
     <root>/finetune/model                                         step 3: the task model
@@ -55,6 +56,10 @@ class PipelineLayout:
     @property
     def primary(self) -> Path:
         return self.primary_model or self.export / "primary"
+
+    @property
+    def head(self) -> Path:
+        return self.root / "head"
 
     @property
     def minipost(self) -> Path:

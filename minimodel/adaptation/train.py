@@ -23,14 +23,13 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import AutoModelForMaskedLM
 
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, snapshot_dir, write_artifact
 from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map, tokenizer_fingerprint
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
-from minimodel.hf import load_model
+from minimodel.hf import load_masked_lm
 from minimodel.data.indexed import write_indexed
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.data.tokenizer import load_tokenizer, make_encoder, train_tokenizer
@@ -258,7 +257,7 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer, l
     only the configured parameters trainable. Returns (model, {artifact name: trainable parameter}, the tensors every
     artifact carries besides them: the token map the rows were initialised through and, factorised, the primitives;
     the initialiser's summary: rows per rule)."""
-    model = load_model(model_dir, AutoModelForMaskedLM)
+    model = load_masked_lm(model_dir)
     if cfg.init.method == "random":
         mapping = torch.full((len(target_tokenizer),), -1, dtype=torch.long)
     else:
@@ -267,7 +266,7 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer, l
     rank = cfg.embedding.factorized_dim
     if (cfg.init.method == "ofa" or rank) and cfg.over == "mini":
         # OFA and the factorisation start from the primary's matrix: a mini-model works in the primary's space
-        source = load_model(cfg.primary_model, AutoModelForMaskedLM).get_input_embeddings().weight.detach()
+        source = load_masked_lm(cfg.primary_model).get_input_embeddings().weight.detach()
     primitives = None
     if rank:
         source, primitives, _ = factorize(source, rank)

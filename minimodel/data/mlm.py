@@ -36,8 +36,9 @@ class MaskedLMDataset(torch.utils.data.Dataset):
         self.seq_length = seq_length
         self.mask_prob = mask_prob
         self.seed = seed
-        self.bos_id = tokenizer.bos_token_id
-        self.eos_id = tokenizer.eos_token_id
+        # a sequence's first and last special tokens: <s> </s> (XLM-R, RoBERTa), [CLS] [SEP] (BERT, which has no bos)
+        self.bos_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        self.eos_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
         self.mask_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)

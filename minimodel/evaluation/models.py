@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import (AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering,
+from transformers import (AutoModel, AutoModelForQuestionAnswering,
                           AutoModelForSequenceClassification)
 
 from minimodel.evaluation import EvaluationError
-from minimodel.hf import is_tokenizer_dir, load_model, load_tokenizer
+from minimodel.hf import is_tokenizer_dir, load_masked_lm, load_model, load_tokenizer
 
 TASK_FILE = "task.json"
 
@@ -44,7 +44,7 @@ def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, 
     if kind == "retrieval":
         return load_model(model_dir, AutoModel)
     if kind == "mlm":
-        return load_model(model_dir, AutoModelForMaskedLM)
+        return load_masked_lm(model_dir)
     raise ValueError(f"unknown task kind {kind!r}")
 
 

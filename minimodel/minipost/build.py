@@ -68,7 +68,8 @@ def load_source_model(model_dir: str | os.PathLike, head_init: Init = "source") 
             raise MiniPostError(
                 f"{model_dir} has no masked-LM head (missing {', '.join(head_missing)}): it was saved without one "
                 f"(as {model.config.architectures}). Use a checkpoint with its MLM head, or set mini.head_init=random "
-                f"to train a new head from scratch")
+                f"to train a new head from scratch (with mini.head_only=true: the whole model with a trained head, "
+                f"a primary for every adaptation method)")
         log.warning("%s has no masked-LM head: MiniPost creates a new one at random (mini.head_init=random)", model_dir)
     model.eval()
     return model
@@ -128,9 +129,11 @@ def build_mini_model(source: nn.Module, layers: int, new_layers: int = 1, new_la
     """The mini-model (same class as `source`, `layers + new_layers` layers) with only its new parameters
     trainable, and the names of those new parameters."""
     n_source = source.config.num_hidden_layers
-    if not 1 <= layers < n_source:
+    head_only = layers == n_source and new_layers == 0  # every layer frozen, the head trained (mini.head_only)
+    if not (1 <= layers < n_source or head_only):
         raise MiniPostError(f"mini.layers={layers}: the mini-model keeps the first k layers of the {n_source}-layer "
-                            f"source and adds new ones on top, so k must be between 1 and {n_source - 1}")
+                            f"source and adds new ones on top, so k must be between 1 and {n_source - 1} (or set "
+                            f"mini.head_only=true to keep all layers and train the head alone)")
     if new_layers < 0:
         raise MiniPostError(f"mini.new_layers={new_layers} must be >= 0")
     depth = layers + new_layers

@@ -49,6 +49,10 @@ class MiniConfig:
     new_layers: int = 1  # new trainable layers on top
     new_layer_init: Init = "source"  # source: from the source's layers k+1..k+new_layers; random: fresh init
     head_init: Init = "source"  # source: the source's MLM head; random: a new head (also for sources without one)
+    # every layer kept, frozen, no new layer: only the head trains. For a checkpoint saved without its MLM head (with
+    # head_init=random): the mini/ written is the whole model with a head, a primary standard and mini-model
+    # adaptation can learn through (the pipeline's primary_head: train)
+    head_only: bool = False
     seed: int = 0  # for whatever is initialised at random
 
 
@@ -124,11 +128,12 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
     if cfg.data.seq_length > _max_sequence(source.config):
         raise MiniPostError(f"data.seq_length={cfg.data.seq_length} is longer than the source model's positions "
                             f"allow ({_max_sequence(source.config)}): lower data.seq_length")
-    build = dict(layers=cfg.mini.layers, new_layers=cfg.mini.new_layers, new_layer_init=cfg.mini.new_layer_init,
+    layers, new_layers = (depth, 0) if cfg.mini.head_only else (cfg.mini.layers, cfg.mini.new_layers)
+    build = dict(layers=layers, new_layers=new_layers, new_layer_init=cfg.mini.new_layer_init,
                  head_init=cfg.mini.head_init, seed=cfg.mini.seed)
     mini, new_params = build_mini_model(source, **build)
     log.info("mini-model: %s, %d frozen + %d new layers; trainable: %d tensors, %.3gM values (of %.3gM)",
-             type(mini).__name__, cfg.mini.layers, cfg.mini.new_layers, len(new_params),
+             type(mini).__name__, layers, new_layers, len(new_params),
              count_values(mini, new_params) / 1e6, sum(p.numel() for p in mini.parameters()) / 1e6)
     train_data = cfg.data.dataset("train", tokenizer, cfg.data.seq_length, seed=cfg.train.seed)
     valid_data = cfg.data.dataset("valid", tokenizer, cfg.data.seq_length, seed=0)
@@ -141,7 +146,7 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
     if rank0:
         save_config(cfg, out / "config.yaml")
     tags = {"stage": "minipost", "method": "minipost", "source_lang": cfg.data.source_lang,
-            "source_model": str(source_dir), "mini_layers": f"{cfg.mini.layers}+{cfg.mini.new_layers}"}
+            "source_model": str(source_dir), "mini_layers": f"{layers}+{new_layers}"}
 
     def report(model) -> dict:
         return alignment_report(source, model, valid_data, cfg.alignment.batch_size, cfg.alignment.batches,
@@ -162,7 +167,7 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
             tracker.set_tags({"interrupted_at_step": result.step})
             return StageResult("interrupted", {"step": result.step})  # the same command resumes
         # Only the new parameters may have moved: checked on the trained model itself (collective).
-        frozen_params, _ = split_parameters(mini, cfg.mini.layers)
+        frozen_params, _ = split_parameters(mini, layers)
         changed = changed_frozen_parameters(mini, source, frozen_params)
         if changed:
             raise RuntimeError(f"frozen parameters changed during training: {changed[:5]}")
@@ -175,7 +180,7 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
             final, _ = build_mini_model(source, **build)
             final.load_state_dict(trained, strict=False)
             mini_dir = _write_mini_model(final, tokenizer, out / "mini", dict(
-                kind="minipost", layers=cfg.mini.layers, primary_dir=source_dir, new_layers=cfg.mini.new_layers,
+                kind="minipost", layers=layers, primary_dir=source_dir, new_layers=new_layers,
                 new_parameters=new_params, tokenizer=str(tokenizer_dir.resolve()), source_lang=cfg.data.source_lang))
             check_aligned(mini_dir, source_dir)
             alignment = {"start": start, "end": report(final), "frozen_parameters_checked": len(frozen_params)}
