@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
 from minimodel.config import ConfigError, parse_cli
-from minimodel import distributed
+from minimodel import distributed, faults
 from minimodel.errors import UserError
 from minimodel.stages import KINDS, StageResult
 
@@ -75,6 +75,7 @@ def run_stage(config_cls: type[C], stage: Callable[[C], StageResult], descriptio
 def main(kind: str, description: str) -> NoReturn:
     """The whole entry point of the stage kind `kind` (minimodel.stages.KINDS)."""
     stage = KINDS[kind]
+    faults.stage_kind = kind
     raise SystemExit(run_stage(_load(stage.config), _load(stage.function), description))
 
 

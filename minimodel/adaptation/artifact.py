@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from minimodel import faults
 from minimodel.errors import MissingInputError
 from minimodel.files import write_text_atomic
 
@@ -40,6 +41,7 @@ def write_artifact(run_dir: Path, tensors: dict[str, torch.Tensor], info: dict) 
     tmp = run_dir / (EMBEDDINGS_FILE + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, run_dir / EMBEDDINGS_FILE)
+    faults.point("snapshot", info.get("steps"))
     write_text_atomic(run_dir / INFO_FILE, json.dumps(info, indent=2))
 
 

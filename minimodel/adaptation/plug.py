@@ -27,6 +27,7 @@ import torch
 
 from minimodel.adaptation.artifact import read_artifact, tokenizer_dir as artifact_tokenizer
 from minimodel.adaptation.vocab import install_vocabulary, tokenizer_fingerprint
+from minimodel import faults
 from minimodel.config import require, save_config
 from minimodel.errors import UserError
 from minimodel.files import replace_dir
@@ -135,6 +136,7 @@ def plug(cfg: PlugConfig) -> StageResult:
         "primary_model": info["primary_model"], "target_lang": info["target_lang"], "method": info["method"],
         "over": info["over"], "adapt_run_id": info.get("adapt_run_id"), "adapt_steps": info.get("steps")}, indent=2))
     save_config(cfg, tmp / "plug_config.yaml")
+    faults.point("write")
     replace_dir(tmp, output_dir)
     finish_output(output_dir, cfg)
     return StageResult("finished", {"plugged": output_dir})

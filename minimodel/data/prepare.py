@@ -36,6 +36,7 @@ from minimodel.data.corpora import Document, Source, SourceConfig, split_verse_i
 from minimodel.data.indexed import load_megatron_datasets, write_indexed
 from minimodel.data.tokenizer import SPM_FILE, TokenizerError, load_tokenizer, make_encoder, train_tokenizer
 from minimodel.hf import is_tokenizer_dir
+from minimodel import faults
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
@@ -320,6 +321,7 @@ def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: d
              "sources": [s.describe() for s in cfg.languages[lang].sources], "seconds": round(seconds, 2)}
     write_text_atomic(tmp / BUILD_MARKER, json.dumps({"input_hash": input_hash, "files": files, **stats}, indent=2))
 
+    faults.point("build")
     replace_dir(tmp, out / lang)
     return stats
 

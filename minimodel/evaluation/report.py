@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from minimodel.adaptation.artifact import read_info, snapshot_dir
+from minimodel import faults
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
@@ -296,6 +297,7 @@ def report(cfg: ReportConfig) -> StageResult:
     if not summary["tasks"]:
         raise EvaluationError(f"{layout.root / 'zero_shot'} holds no zero-shot results (<task>/<method>/metrics.json):"
                               " set pipeline_dir to the pipeline's output_dir, and run its zero-shot stages first")
+    faults.point("write")
     paths = {"json": write_text_atomic(out / "report.json", json.dumps(summary, indent=2)),
              "markdown": write_text_atomic(out / "report.md", markdown(summary)),
              "png": plot(summary, out / "compute_vs_quality.png")}

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from minimodel.adaptation.artifact import list_snapshots, read_info
 from minimodel.adaptation.plug import plug_model
+from minimodel import faults
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
@@ -239,6 +240,7 @@ def zero_shot(cfg: ZeroShotConfig) -> StageResult:
         results[target.lang], snapshots = _evaluate_target(cfg, target, source, primary)
         if snapshots:
             snapshot_results[target.lang] = snapshots
+    faults.point("score")
     write_text_atomic(out / "metrics.json", json.dumps(results, indent=2))
     if snapshot_results:
         write_text_atomic(out / "snapshots.json", json.dumps(snapshot_results, indent=2))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from minimodel import distributed
+from minimodel import distributed, faults
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.training.config import CheckpointConfig
 
@@ -99,6 +99,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict
     state = dict(sharded_state_dict)
     state[RNG_KEY] = _rng_sharded_object(distributed.rng_state())
     dist_checkpointing.save(state, str(tmp))
+    faults.point("checkpoint", step)
     dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
     if dist.get_rank() == 0:
         replace_dir(tmp, final)  # a step saved again (after resuming from an older checkpoint) replaces the old one

@@ -76,6 +76,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from torch import nn
 from tqdm import tqdm
 
+from minimodel import faults
 from minimodel.config import ConfigError
 from minimodel.distributed import initialize_deepspeed
 from minimodel.training.config import DeepSpeedLoopConfig, resolve_zero_config
@@ -256,6 +257,7 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
             if eval_data is not None and cfg.eval.due(state["step"], done):
                 metrics["eval/loss"] = evaluate()
             sink.log(metrics, state["step"])
+            faults.point("step", state["step"])
             bar.update(1)
             bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens / elapsed:.0f}")
             if on_step is not None:

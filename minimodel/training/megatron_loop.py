@@ -20,7 +20,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from tqdm import tqdm
 
-from minimodel import distributed
+from minimodel import distributed, faults
 from minimodel.config import ConfigError, save_config
 from minimodel.distributed import ParallelConfig
 from minimodel.models.minijoint import parallelize
@@ -222,6 +222,7 @@ class Trainer:
             with PreemptionSignal() as preemption:
                 while self.step < train.steps and not stop_signal:
                     metrics = self.train_step()
+                    faults.point("step", self.step)
                     stop_signal = preemption.vote(self.device)
                     last = self.step == train.steps
                     if train.eval.due(self.step, last):

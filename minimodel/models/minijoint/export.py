@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from minimodel import distributed
+from minimodel import distributed, faults
 from minimodel.config import ConfigError, require, save_config
 from minimodel.distributed import ParallelConfig
 from minimodel.errors import MissingInputError
@@ -112,6 +112,7 @@ def export(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, outp
     output_dir.mkdir(parents=True, exist_ok=True)
     primary, mini_dir = output_dir / "primary", output_dir / "mini"
     _save(hf["primary"], tokenizer_dir, primary)
+    faults.point("write")
     if not with_mini:
         shutil.rmtree(mini_dir, ignore_errors=True)  # an earlier export's mini-model is not aligned with this primary
         return {"primary": str(primary), "mini": None, "max_logit_diff": diffs}
