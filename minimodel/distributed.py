@@ -134,10 +134,15 @@ def single_process_env() -> None:
     world of one process, so DeepSpeed and megatron form a one-process group instead of looking for MPI."""
     if _started_by_a_launcher():
         return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: the rendezvous port of a local launch, so that two jobs on one machine
+    never both take the launchers' default 29500."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        return s.getsockname()[1]
 
 
 def initialize_deepspeed() -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from minimodel import provenance
+from minimodel import distributed, provenance
 from minimodel.files import write_text_atomic
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, PreemptionSignal
 
@@ -160,9 +160,15 @@ class Stage:
             launcher = [DEEPSPEED, "--num_gpus", str(self.nproc)]
         return [*launcher, kind.script, *self.args, *self.lang_args]
 
-    @property
     def command(self) -> list[str]:
-        return self.argv + self.run_args
+        """argv + run_args, with a free rendezvous port for a multi-rank launcher (not hashed: any port will do, and
+        two pipelines on one machine must not share the launchers' default)."""
+        argv, kind = self.argv, KINDS[self.kind]
+        if self.nproc is not None and kind.launcher != "python":
+            at = argv.index(kind.script)
+            flag = "--master-port" if kind.launcher == "torchrun" else "--master_port"
+            argv = [*argv[:at], flag, str(distributed.free_port()), *argv[at:]]
+        return argv + self.run_args
 
     @property
     def input_hash(self) -> str:
@@ -192,11 +198,12 @@ class Stage:
         pipeline run can link to them instead of running the stage again."""
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{self.name}.log"
-        print(f"    {shlex.join(self.command)}", flush=True)
+        command = self.command()
+        print(f"    {shlex.join(command)}", flush=True)
         start = time.time()
         stop = stop or StopSignals()
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True, preexec_fn=_die_with_parent)
             stop.stage = proc
             try:
@@ -218,7 +225,7 @@ class Stage:
         seconds = time.time() - start
         self.run_ids = find_runs(start) if find_runs else []
         write_text_atomic(self.output_dir / STAMP, json.dumps({
-            "input_hash": self.input_hash, "seconds": seconds, "argv": self.command, "run_ids": self.run_ids}))
+            "input_hash": self.input_hash, "seconds": seconds, "argv": command, "run_ids": self.run_ids}))
         return seconds
 
 

@@ -24,7 +24,7 @@ def test_stages_follow_the_method_and_validate():
     assert "torch.distributed.run" in by_name["pretrain"].argv and "--nproc-per-node" in by_name["pretrain"].argv
     assert "over=full" in by_name["adapt-standard-ny"].argv
     assert [a.name for a in by_name["adapt-minipost-ny"].after] == ["minipost", "data"]
-    assert by_name["report"].command[-1] == "parent_run_id=abc" and by_name["report"].always_run
+    assert by_name["report"].command()[-1] == "parent_run_id=abc" and by_name["report"].always_run
     with pytest.raises(ConfigError, match="target_langs"):
         load_config(PipelineConfig, SMOKE, ["target_langs=[en]"])
     with pytest.raises(ConfigError, match="overrides.adapter"):

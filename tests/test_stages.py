@@ -209,3 +209,15 @@ def test_adding_a_target_language_leaves_the_other_languages_adaptation_done(tmp
     one, two = adapt_hashes("ny"), adapt_hashes("ny, sw")
     assert one and all(two[name] == digest for name, digest in one.items())
     assert len(two) == 2 * len(one)
+
+
+def test_multi_rank_launches_get_a_free_rendezvous_port_outside_the_input_hash(tmp_path):
+    # Two pipelines on one machine both launching on the launchers' default port 29500 collide (EADDRINUSE).
+    for kind, flag in (("adapt", "--master_port"), ("pretrain", "--master-port")):
+        stage = Stage(kind, kind, ["--config", "x.yaml"], tmp_path, nproc=2)
+        hash_before = stage.input_hash
+        command = stage.command()
+        at = command.index(flag)
+        assert command[at + 2] == KINDS[kind].script and 0 < int(command[at + 1]) < 65536
+        assert flag not in stage.argv and stage.input_hash == hash_before
+    assert "--master_port" not in Stage("adapt", "adapt", ["--config", "x.yaml"], tmp_path).command()
