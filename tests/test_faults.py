@@ -24,7 +24,11 @@ from pipeline_helpers import ROOT, SMOKE, failure_text
 
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
-pytestmark = pytest.mark.slow
+# Opt-in until the chain has passed end to end once and fits CI's budget (issue 20): about 3 minutes per kill point on
+# 2 loaded cores, 11 points. Run it with MINIMODEL_FAULT_HARNESS=1 .venv/bin/python -m pytest tests/test_faults.py
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.environ.get("MINIMODEL_FAULT_HARNESS") != "1",
+                                 reason="fault-injection chain is opt-in: set MINIMODEL_FAULT_HARNESS=1")]
 
 # In pipeline order; each names the stage it stops (the first stage of that kind not yet finished).
 FAULTS = [
