@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import socket
 import subprocess
@@ -86,6 +87,12 @@ class TrackingConfig:
     def on(self) -> bool:
         """Enabled here, and not turned off by the pipeline this stage runs in."""
         return self.enabled and os.environ.get(TRACKING_ENV) != "off"
+
+
+def metric_name(key: str) -> str:
+    """`key` as MLflow accepts it (alphanumerics, _ - . space : /): a method spec such as minijoint+ofa becomes
+    minijoint_ofa in metric names; the results on disk keep the spec."""
+    return re.sub(r"[^\w\-. :/]", "_", key)
 
 
 # -- where runs go ---------------------------------------------------------------------------------
@@ -214,7 +221,7 @@ def attach_to_run(cfg: TrackingConfig, run_id: str | None, paths: list[Path], ar
     for path in paths:
         store.client.log_artifact(run_id, str(path), artifact_path)
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    batch = [Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()]
     for i in range(0, len(batch), 1000):
         store.client.log_batch(run_id, metrics=batch[i:i + 1000])
 
@@ -437,7 +444,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer += [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+        self._buffer += [Metric(metric_name(key), float(value), now, int(step)) for key, value in metrics.items()]
         self._steps_buffered += 1
         if self._steps_buffered >= self.cfg.flush_every:
             self.flush()

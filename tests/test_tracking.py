@@ -354,3 +354,11 @@ def test_server_going_away_mid_run_does_not_stop_the_stage(store, tmp_path, capl
         t.finish()
     assert caplog.text.count("went away") == 1 and server.url in caplog.text and t.errors == []
     assert all_runs(store) == []  # nothing replayed elsewhere
+
+
+def test_metric_names_with_a_method_spec_are_made_acceptable_to_mlflow():
+    # MLflow rejects '+' in metric names (the whole batch of a report run failed on minijoint+ofa)
+    from minimodel.tracking import metric_name
+
+    assert metric_name("target_mlm/ny/minijoint+ofa/mlm_gain") == "target_mlm/ny/minijoint_ofa/mlm_gain"
+    assert metric_name("seconds.adapt-standard-ny") == "seconds.adapt-standard-ny"

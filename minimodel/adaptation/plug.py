@@ -118,10 +118,10 @@ def plug_model(model, embeddings: str | os.PathLike, *, model_dir: str, primary_
 
 def plug(cfg: PlugConfig) -> StageResult:
     """Outputs: the plugged model's directory."""
-    claim_output(cfg.output_dir, cfg, resumable=False)
     model = load_model(cfg.model)  # the class its config.json names: a masked LM or a task model
     tokenizer, tokenizer_dir, info = plug_model(model, cfg.embeddings, model_dir=cfg.model,
                                                 primary_dir=cfg.primary_model, tokenizer_dir=cfg.tokenizer)
+    claim_output(cfg.output_dir, cfg, resumable=False)  # after the input checks: a refusal writes nothing
 
     output_dir = Path(cfg.output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
