@@ -8,13 +8,14 @@ import textwrap
 import pytest
 import torch
 
-TOY_RUN = textwrap.dedent("""
+TOY = textwrap.dedent("""
+    import gc
     import sys
     import numpy as np
     import torch
     from torch import nn
     from minimodel.training.config import CheckpointConfig, DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
-    from minimodel.training.deepspeed_loop import train
+    from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
@@ -27,21 +28,43 @@ TOY_RUN = textwrap.dedent("""
     cfg = DeepSpeedLoopConfig(steps=8, schedule=ScheduleConfig(warmup_steps=4), optim=OptimizerConfig(lr=0.04),
                               micro_batch_size=4, torch_adam=True, zero_config="configs/deepspeed/zero1.json",
                               checkpoint=CheckpointConfig(save_every=0), precision="fp32")
-    train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=sys.argv[1])
+""")
+TOY_RUN = TOY + 'train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=sys.argv[1])\n'
+# LT-SFT's two phases: a second engine over the same parameters after the first is released; the first engine's
+# garbage collection (DeepSpeed's __del__ destroys it again) must not unlink the second's fp32 masters
+TWO_ENGINES = TOY + textwrap.dedent("""
+    cfg.zero_config = "configs/deepspeed/zero2.json"
+    first = train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=sys.argv[1] + "/first")
+    release_engine(first.engine)
+    second = train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=sys.argv[1] + "/second")
+    del first
+    gc.collect()
+    params = dict(model.named_parameters())
+    full = gather_full_params(second.engine, params)
+    assert all(torch.equal(full[n], p.detach().float()) for n, p in params.items()), "fp32 masters unlinked"
+    assert all(p.abs().sum() > 0 for p in full.values())
 """)
 
 
-def test_each_update_runs_at_the_scheduled_positive_lr_and_logs_it(tmp_path):
+def _run_toy(script: str, tmp_path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    run = subprocess.run([sys.executable, "-c", TOY_RUN, str(tmp_path)], env=env, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_each_update_runs_at_the_scheduled_positive_lr_and_logs_it(tmp_path):
+    _run_toy(TOY_RUN, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     lrs = [row["train/lr"] for row in rows]
     # linear warmup to 0.04 at update 4, then linear decay towards 0 at update 9 (never reached)
     expected = [0.01, 0.02, 0.03, 0.04, 0.032, 0.024, 0.016, 0.008]
     assert lrs == pytest.approx(expected), lrs
+
+
+def test_a_released_engine_leaves_the_next_engine_over_the_same_model_intact(tmp_path):
+    _run_toy(TWO_ENGINES, tmp_path)

@@ -43,7 +43,7 @@ from minimodel.distributed import initialize_deepspeed
 from minimodel.sft.file import MANIFEST_FILE, SparseDiff, SparseFineTuning
 from minimodel.sft.select import Partition, partition_parameters, resolve_k, select_top_k
 from minimodel.training.config import DeepSpeedLoopConfig
-from minimodel.training.deepspeed_loop import gather_full_params, train, zero_stage
+from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train, zero_stage
 from minimodel.training.metrics import read_metrics
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def _run_phase(train_cfg, model, part: Partition, train_data, loss_fn, flops_fn,
         result = train(dataclasses.replace(train_cfg, steps=steps), model, train_data, loss_fn, flops_fn, output_dir=run_dir,
                        eval_data=eval_data, tracker=phase_tracker, desc=desc)
         values = None if result.interrupted else gather_full_params(result.engine, part.trainable)  # collective
-        result.engine.destroy()  # its ZeRO gradient hooks must not fire in the next phase
+        release_engine(result.engine)
     finally:
         hooks.remove()
     return values

@@ -29,6 +29,7 @@ Interface
     full = gather_full_params(result.engine, {"embeddings": model.get_input_embeddings().weight})
     # collective: call on EVERY rank; returns full fp32 CPU tensors (on every rank) whatever the ZeRO stage
     optimizer_state_numel(result.engine)  # collective: Adam state elements over all ranks (= trainable numel)
+    release_engine(result.engine)  # before another engine trains the same model (LT-SFT's phases)
 
 For a BERT-class *ForMaskedLM, minimodel.training.hf_mlm gives both callables:
     train(cfg, model, data, masked_lm_loss, MLMFlops(model), output_dir=...)   # MLMFlops: after requires_grad
@@ -287,6 +288,15 @@ def gather_full_params(engine, params: dict[str, nn.Parameter]) -> dict[str, tor
         full = safe_get_full_fp32_param(p)
         out[name] = (p.detach() if full is None else full).float().cpu().clone()
     return out
+
+
+def release_engine(engine) -> None:
+    """Tear the engine down now, and only now. DeepSpeed's engine.__del__ destroys it again whenever Python's GC
+    reaches it, and a destroy unlinks every parameter from its fp32 master copy (`_hp_mapping = None`): run during a
+    later engine over the same parameters, it makes that engine's gather_full_params return zeros (seen: the second
+    phase of an LT-SFT, depending on when the GC ran)."""
+    engine.destroy()  # its ZeRO gradient hooks must not fire under the next engine
+    engine.destroy = lambda: None  # what __del__ calls
 
 
 def optimizer_state_numel(engine) -> int:
