@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+
+from minimodel.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -104,12 +105,6 @@ def build_world(root: Path) -> World:
     data_dir = prepare_tiny_data(root / "data")
     primary, mini = pretrain_primary_and_mini(data_dir, root / "models", seed=world_seed())
     return World(root, data_dir, primary, mini)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env() -> dict:

@@ -1,7 +1,6 @@
 """`deepspeed --num_gpus 2 evaluate/finetune.py`: extractive QA (MLQA / SQuAD-format files) on two ranks with
 ZeRO-3; the saved task model keeps the primary model's embeddings bit-identical and is scored with EM / F1."""
 import json
-import socket
 import subprocess
 
 import pytest
@@ -9,20 +8,15 @@ import torch
 from safetensors.torch import load_file
 
 from eval_helpers import EMBEDDINGS, REPO, mlqa_world, stage_env
+from minimodel.distributed import free_port
 from minimodel.evaluation.finetune import TaskFlops
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_deepspeed_two_ranks_qa_zero3(tmp_path):
     primary, train = mlqa_world(tmp_path)
     out = tmp_path / "finetune"
-    cmd = [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(REPO / "evaluate" / "finetune.py"), "--config", str(REPO / "configs/evaluate/finetune/mlqa.yaml"),
            f"model_dir={primary}", f"task.data_dir={tmp_path / 'MLQA_V1'}", f"task.train_file={train}",
            "task.max_length=24", "task.doc_stride=4", "train.steps=6", "train.schedule.warmup_steps=1",

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from adapt_helpers import run_and_signal
 from minimodel.config import ConfigError, load_config
+from minimodel.distributed import free_port
 from minimodel.manifest import ManifestError, check_aligned, read_manifest
 from minimodel.minipost.build import MiniPostError, load_source_model
 from minimodel.minipost.train import MiniPostConfig, run_minipost
@@ -76,14 +77,6 @@ def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     return env
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_script(overrides: list[str], log: Path, launcher: list[str] | None = None, timeout: float = 300):
@@ -264,7 +257,7 @@ def test_two_ranks_zero3_match_one_rank(runs, sources, data_dir, tmp_path):
     """`deepspeed --num_gpus 2` with ZeRO-3 (parameters partitioned) from the export dir: the same mini-model as one
     process accumulating the same two micro-batches with ZeRO-2."""
     out = tmp_path / "two"
-    launcher = [str(ROOT / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
+    launcher = [str(ROOT / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     overrides = _overrides(sources["export"], data_dir, out, "train.micro_batch_size=4",
                            "train.zero_config=configs/deepspeed/zero3.json")
     code, log = run_script(overrides, tmp_path / "two.log", launcher=launcher)
