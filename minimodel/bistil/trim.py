@@ -1,0 +1,164 @@
+"""BiStil step 1: trim a model's vocabulary to the tokens a language pair uses.
+
+A token is kept when its relative frequency in the source or in the target corpus (each encoded with the model's
+tokenizer) reaches `threshold` (the reference's 1e-6), plus every special token, in the old order. The model keeps
+the rows of its input embeddings, output embeddings and LM-head bias for the kept tokens
+(adaptation/vocab.install_vocabulary); the tokenizer keeps their pieces, renumbered.
+
+Re-tokenising text whose old tokens are all kept gives the old ids mapped to the new ones, by construction per
+tokenizer model: Unigram (XLM-R, SentencePiece) picks the best-scoring segmentation, and removing pieces that
+segmentation does not use leaves it the best; WordPiece (BERT) matches the longest piece left to right, and removed
+pieces were never those matches; BPE (RoBERTa) builds tokens by merges, so a kept token's merge parts are kept too
+(the only tokens kept beyond the threshold) and only the merges between kept tokens remain.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from minimodel.adaptation.vocab import install_vocabulary
+from minimodel.data.indexed import open_indexed
+from minimodel.files import replace_dir
+from minimodel.hf import load_tokenizer
+
+TOKENIZER_JSON = "tokenizer.json"
+# files a tokenizer directory may hold that describe the untrimmed vocabulary: dropped (tokenizer.json rules)
+UNTRIMMED_FILES = ("sentencepiece.bpe.model", "spiece.model", "vocab.txt", "vocab.json", "merges.txt")
+
+
+def token_counts(prefix: str | os.PathLike, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+    """How often each id occurs in the indexed dataset at `prefix` (a data stage's <lang>/train)."""
+    dataset = open_indexed(prefix)
+    tokens = np.memmap(f"{prefix}.bin", dtype=dataset.index.dtype, mode="r")
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(tokens), chunk):
+        counts += np.bincount(tokens[start:start + chunk], minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def kept_ids(counts: list[np.ndarray], special_ids: list[int], threshold: float = 1e-6) -> np.ndarray:
+    """The ids whose relative frequency in any of the corpora is >= threshold, plus the special ids, ascending."""
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold {threshold} must be in [0, 1]")
+    keep = np.zeros(len(counts[0]), dtype=bool)
+    for c in counts:
+        if c.sum() == 0:
+            raise ValueError("an empty corpus: no token counts to trim by")
+        keep |= c / c.sum() >= threshold
+    keep[np.asarray(special_ids, dtype=np.int64)] = True
+    return np.flatnonzero(keep)
+
+
+def trim_model(model: nn.Module, kept: np.ndarray, pad_id: int | None) -> None:
+    """Keep only the rows of `kept` (old ids, ascending) in the input/output embeddings and the LM-head bias."""
+    mapping = torch.as_tensor(kept, dtype=torch.long)
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is model.get_input_embeddings().weight
+    untied_output = None if out is None or tied else out.weight.detach()[mapping].clone()
+    install_vocabulary(model, model.get_input_embeddings().weight.detach()[mapping].clone(), mapping, pad_id,
+                       output_weight=untied_output)
+
+
+def _merge_parts(merge: str | list[str]) -> tuple[str, str]:
+    """A BPE merge as its two parts (tokenizer.json writes "a b" or ["a", "b"])."""
+    a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+    return a, b
+
+
+def _bpe_closure(model: dict, keep: set[str]) -> set[str]:
+    """`keep` plus, recursively, the two parts of every merge that makes a kept token."""
+    parts = {}
+    for merge in model["merges"]:
+        a, b = _merge_parts(merge)
+        parts.setdefault(a + b, (a, b))
+    todo, closed = list(keep), set(keep)
+    while todo:
+        for part in parts.get(todo.pop(), ()):
+            if part not in closed:
+                closed.add(part)
+                todo.append(part)
+    return closed
+
+
+def _trim_tokenizer_json(spec: dict, kept_pieces: set[str]) -> tuple[dict, dict[int, int]]:
+    """The tokenizer.json with only `kept_pieces` (BPE: and their merge parts); returns it and old id -> new id."""
+    model = spec["model"]
+    kind = model["type"]
+    if kind == "Unigram":
+        old = [piece for piece, _ in model["vocab"]]
+        model["vocab"] = [entry for entry in model["vocab"] if entry[0] in kept_pieces]
+        new_ids = {p: i for i, (p, _) in enumerate(model["vocab"])}
+        if model.get("unk_id") is not None:
+            model["unk_id"] = new_ids[old[model["unk_id"]]]
+    elif kind in ("WordPiece", "BPE"):
+        if kind == "BPE":
+            kept_pieces = _bpe_closure(model, kept_pieces)
+            model["merges"] = [m for m in model["merges"]
+                               if all(p in kept_pieces for p in (*_merge_parts(m), "".join(_merge_parts(m))))]
+        by_id = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+        old = [p for p, _ in by_id]
+        model["vocab"] = {p: i for i, p in enumerate(p for p in old if p in kept_pieces)}
+        new_ids = model["vocab"]
+    else:
+        raise ValueError(f"cannot trim a {kind} tokenizer model: BiStil trims Unigram (XLM-R), WordPiece (BERT) and "
+                         "BPE (RoBERTa) tokenizers")
+    # tokens added outside the model's vocabulary (specials such as <mask>) follow it, in their old order
+    added = sorted((t for t in spec.get("added_tokens", []) if t["content"] not in new_ids and
+                    t["content"] in kept_pieces), key=lambda t: t["id"])
+    next_id = len(new_ids)
+    for t in added:
+        new_ids[t["content"]] = next_id
+        next_id += 1
+    old_ids = {**{p: i for i, p in enumerate(old)}, **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
+    spec["added_tokens"] = [{**t, "id": new_ids[t["content"]]} for t in spec.get("added_tokens", [])
+                            if t["content"] in new_ids]
+    _renumber_post_processor(spec.get("post_processor"), new_ids)
+    if spec.get("padding"):
+        spec["padding"]["pad_id"] = new_ids[spec["padding"]["pad_token"]]
+    return spec, {old_ids[p]: i for p, i in new_ids.items()}
+
+
+def _renumber_post_processor(proc: dict | None, new_ids: dict[str, int]) -> None:
+    if not proc:
+        return
+    if proc["type"] == "Sequence":
+        for p in proc["processors"]:
+            _renumber_post_processor(p, new_ids)
+    elif proc["type"] == "TemplateProcessing":
+        for special in proc["special_tokens"].values():
+            special["ids"] = [new_ids[t] for t in special["tokens"]]
+    elif proc["type"] in ("RobertaProcessing", "BertProcessing"):
+        for key in ("sep", "cls"):
+            proc[key] = [proc[key][0], new_ids[proc[key][0]]]
+
+
+def trim_tokenizer(tokenizer_dir: str | os.PathLike, kept: np.ndarray, out_dir: str | os.PathLike) -> np.ndarray:
+    """Write the tokenizer of `tokenizer_dir` trimmed to the old ids `kept` into `out_dir` (atomically). Returns the
+    old ids of the written tokenizer in new-id order: `kept`, plus BPE merge parts."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{tokenizer_dir}: BiStil trims fast tokenizers (tokenizer.json); save this one with a "
+                         "transformers version that converts it")
+    vocab = {i: p for p, i in tokenizer.get_vocab().items()}
+    spec, old_to_new = _trim_tokenizer_json(json.loads(tokenizer.backend_tokenizer.to_str()),
+                                            {vocab[int(i)] for i in kept})
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    for name in UNTRIMMED_FILES:
+        (tmp / name).unlink(missing_ok=True)
+    (tmp / TOKENIZER_JSON).write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if "added_tokens_decoder" in config:  # keyed by id
+        by_old = {int(i): t for i, t in config["added_tokens_decoder"].items()}
+        config["added_tokens_decoder"] = {str(old_to_new[i]): t for i, t in by_old.items() if i in old_to_new}
+    (tmp / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    replace_dir(tmp, out)
+    return np.array(sorted(old_to_new, key=old_to_new.get), dtype=np.int64)
