@@ -1,0 +1,73 @@
+"""BiStil's distillation losses (both phases), on Hugging Face outputs with hidden states and attention maps.
+
+- hidden: mean over student states i = 0..L_s (0: the embeddings' output) of the MSE between the student's state i
+  and the teacher's state i*r, projected by M when the student is narrower (M: the teacher states' top-d right
+  singular vectors, `state_projection`); over the real (unpadded) tokens.
+- attention: mean over student layers i of the MSE between the student's attention probabilities and the teacher
+  layer (i+1)r-1's, over the entries where the teacher's attention is not 0 (padded keys are exactly 0).
+- soft cross-entropy (phase 2): -sum softmax(t / T) log softmax(s / T), mean over examples, no T^2 factor (the
+  reference's); gold labels are not used.
+The loss map is the reference's whatever the student's initialisation: the student learns the teacher's output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def state_projection(teacher_states: torch.Tensor, d: int) -> torch.Tensor:
+    """M [h, d]: the top-d right singular vectors of teacher states [N, h] (rows: tokens)."""
+    _, _, vh = torch.linalg.svd(teacher_states.detach().double(), full_matrices=False)
+    return vh[:d].T.to(teacher_states.dtype)
+
+
+def hidden_loss(student_states, teacher_states, ratio: int, mask: torch.Tensor,
+                projection: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over student states of the masked MSE against teacher state i * ratio (projected when given)."""
+    keep = mask.unsqueeze(-1).to(student_states[0].dtype)
+    terms = []
+    for i, s in enumerate(student_states):
+        t = teacher_states[i * ratio].detach()
+        if projection is not None:
+            t = t @ projection
+        terms.append(((s - t) ** 2 * keep).sum() / (keep.sum() * s.shape[-1]))
+    return torch.stack(terms).mean()
+
+
+def attention_loss(student_attentions, teacher_attentions, ratio: int) -> torch.Tensor:
+    """Mean over student layers i of the MSE against teacher layer (i+1)*ratio - 1, where the teacher's is not 0."""
+    terms = []
+    for i, s in enumerate(student_attentions):
+        t = teacher_attentions[(i + 1) * ratio - 1].detach()
+        where = (t != 0).to(s.dtype)
+        terms.append(((s - t) ** 2 * where).sum() / where.sum())
+    return torch.stack(terms).mean()
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       temperature: float = 2.0) -> torch.Tensor:
+    """-sum softmax(t/T) * log_softmax(s/T) over the last dimension, averaged over the rest."""
+    target = F.softmax(teacher_logits.detach() / temperature, dim=-1)
+    return -(target * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
+
+
+@dataclass
+class DistillationWeights:
+    hidden: float = 1.0
+    attention: float = 1.0
+    soft_ce: float = 0.0  # phase 2 (task distillation): 1.0
+    temperature: float = 2.0
+
+
+def distillation_loss(student_out, teacher_out, mask: torch.Tensor, ratio: int, weights: DistillationWeights,
+                      projection: torch.Tensor | None = None) -> torch.Tensor:
+    """The weighted sum of the three losses on outputs of model(..., output_hidden_states=True,
+    output_attentions=True); the teacher's outputs are constants."""
+    loss = weights.hidden * hidden_loss(student_out.hidden_states, teacher_out.hidden_states, ratio, mask, projection)
+    loss = loss + weights.attention * attention_loss(student_out.attentions, teacher_out.attentions, ratio)
+    if weights.soft_ce:
+        loss = loss + weights.soft_ce * soft_cross_entropy(student_out.logits, teacher_out.logits,
+                                                           weights.temperature)
+    return loss

@@ -1,0 +1,129 @@
+"""BiStil's student (its config, layer map and initialisation) and the distillation losses against hand
+computations on a 4-layer teacher and a 2-layer student."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
+from minimodel.bistil.loss import (DistillationWeights, attention_loss, distillation_loss, soft_cross_entropy,
+                                   state_projection)
+from minimodel.bistil.student import StudentConfig, build_student, embedding_projection, teacher_layers
+from minimodel.config import ConfigError
+
+
+def _teacher(hidden: int = 32) -> XLMRobertaForMaskedLM:
+    torch.manual_seed(0)
+    config = XLMRobertaConfig(vocab_size=60, hidden_size=hidden, num_hidden_layers=4, num_attention_heads=2,
+                              intermediate_size=4 * hidden, max_position_embeddings=40, pad_token_id=1,
+                              attn_implementation="eager")
+    return XLMRobertaForMaskedLM(config).eval()
+
+
+IDS = torch.tensor([[0, 5, 9, 12, 7, 2, 1, 1], [0, 33, 8, 2, 1, 1, 1, 1]])
+MASK = (IDS != 1).long()
+
+
+def _outputs(model):
+    return model(input_ids=IDS, attention_mask=MASK, output_hidden_states=True, output_attentions=True)
+
+
+def test_student_config_and_layer_maps():
+    teacher = _teacher()
+    student = build_student(teacher, StudentConfig(layer_ratio=2, hidden_ratio=2, init="svd"))
+    c = student.config
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads) == (2, 16, 64, 2)
+    assert c.hidden_dropout_prob == c.attention_probs_dropout_prob == 0 and type(student) is type(teacher)
+    assert teacher_layers(4, StudentConfig(layer_map="regular")) == [1, 3]
+    assert teacher_layers(12, StudentConfig(layer_ratio=3, layer_map="bottom")) == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="student.layer_ratio"):
+        build_student(teacher, StudentConfig(layer_ratio=3))
+    with pytest.raises(ConfigError, match="student.init"):
+        build_student(teacher, StudentConfig(hidden_ratio=2, init="teacher"))
+
+
+def test_a_bottom_student_is_the_teachers_first_layers():
+    teacher = _teacher()
+    student = build_student(teacher, StudentConfig(layer_map="bottom")).eval()
+    with torch.no_grad():
+        t, s = _outputs(teacher), _outputs(student)
+    for i in range(3):  # the embeddings' output and the two layers: the same computation
+        torch.testing.assert_close(s.hidden_states[i], t.hidden_states[i], rtol=0, atol=0)
+    regular = build_student(teacher, StudentConfig(layer_map="regular"))
+    for name, p in regular.roberta.encoder.layer[1].named_parameters():
+        assert torch.equal(p, dict(teacher.roberta.encoder.layer[3].named_parameters())[name])
+    assert torch.equal(regular.lm_head.dense.weight, teacher.lm_head.dense.weight)
+    assert regular.get_output_embeddings().weight is regular.get_input_embeddings().weight
+
+
+def test_svd_embeddings_are_the_rank_d_coordinates():
+    weight = _teacher().get_input_embeddings().weight.detach()
+    coords = embedding_projection(weight, 16)
+    s = np.linalg.svd(weight.double().numpy(), compute_uv=False)
+    _, _, vh = np.linalg.svd(weight.double().numpy(), full_matrices=False)
+    error = np.linalg.norm(coords.double().numpy() @ vh[:16] - weight.double().numpy())
+    assert error == pytest.approx(np.sqrt((s[16:] ** 2).sum()), rel=1e-5)  # the best rank-16 approximation
+
+
+def _hand_loss(s, t, ratio, mask, m):
+    """The losses with explicit loops over layers, sequences, tokens (numpy, float64)."""
+    hidden = []
+    for i in range(len(s.hidden_states)):
+        hs, ht = s.hidden_states[i].double().numpy(), t.hidden_states[i * ratio].double().numpy() @ m
+        errs = [((hs[b, k] - ht[b, k]) ** 2).mean() for b in range(hs.shape[0]) for k in range(hs.shape[1])
+                if mask[b, k]]
+        hidden.append(np.mean(errs))
+    attention = []
+    for i in range(len(s.attentions)):
+        a_s, a_t = s.attentions[i].double().numpy(), t.attentions[(i + 1) * ratio - 1].double().numpy()
+        where = a_t != 0
+        attention.append(((a_s - a_t) ** 2)[where].mean())
+    return np.mean(hidden), np.mean(attention)
+
+
+def test_distillation_loss_equals_a_hand_computation():
+    teacher = _teacher()
+    student = build_student(teacher, StudentConfig(hidden_ratio=2, init="svd")).eval()
+    with torch.no_grad():
+        t, s = _outputs(teacher), _outputs(student)
+    states = torch.cat([h[MASK.bool()] for h in t.hidden_states])
+    m = state_projection(states, 16)
+    hidden, attention = _hand_loss(s, t, 2, MASK.numpy(), m.double().numpy())
+    weights = DistillationWeights(hidden=0.5, attention=2.0)
+    loss = distillation_loss(s, t, MASK, 2, weights, m)
+    assert float(loss) == pytest.approx(0.5 * hidden + 2.0 * attention, rel=1e-6)
+    assert float(attention_loss(s.attentions, t.attentions, 2)) == pytest.approx(attention, rel=1e-6)
+    # M: orthonormal columns spanning the top-16 right singular vectors of the teacher states
+    _, _, vh = np.linalg.svd(states.double().numpy(), full_matrices=False)
+    md = m.double().numpy()
+    np.testing.assert_allclose(md.T @ md, np.eye(16), atol=1e-6)
+    np.testing.assert_allclose(md @ md.T, vh[:16].T @ vh[:16], atol=1e-6)
+
+
+def test_soft_cross_entropy_at_temperature_2():
+    torch.manual_seed(1)
+    s, t = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
+    p = np.exp(t.double().numpy() / 2)
+    p /= p.sum(-1, keepdims=True)
+    z = s.double().numpy() / 2
+    log_q = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    assert float(soft_cross_entropy(s, t, 2.0)) == pytest.approx(-(p * log_q).sum(-1).mean(), rel=1e-6)
+
+
+def test_training_the_student_leaves_the_teacher_unchanged():
+    teacher = _teacher().requires_grad_(False)
+    before = {n: p.clone() for n, p in teacher.state_dict().items()}
+    student = build_student(teacher, StudentConfig()).train()
+    start = {n: p.clone() for n, p in student.state_dict().items()}
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    for _ in range(3):
+        with torch.no_grad():
+            t = _outputs(teacher)
+        loss = distillation_loss(_outputs(student), t, MASK, 2, DistillationWeights(soft_ce=1.0))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(p, before[n]) for n, p in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not all(torch.equal(p, start[n]) for n, p in student.state_dict().items())  # the student did train
