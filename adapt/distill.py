@@ -1,0 +1,14 @@
+"""BiStil phase 1: distil a small bilingual student (source + one target language) from the primary model and, for a
+language the primary's vocabulary lacks, the primary with the target embeddings plugged in (minimodel/bistil/).
+
+    deepspeed [--num_gpus N | --hostfile H] adapt/distill.py teacher_model=<export>/primary \
+        target_teacher_model=<plugged>/sw data_dir=<data> target_langs=[sw] student.layer_ratio=2 [key=value ...]
+
+Exit status: 0 when every selected language finished, 75 when a signal stopped it after checkpointing (run the same
+command again to resume), 1 when a language failed (see <output_dir>/summary.json), 2 on a config error.
+"""
+from minimodel.bistil.distill import DistillConfig, run_distill
+from minimodel.cli import run_stage
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(DistillConfig, run_distill, __doc__))

@@ -1,0 +1,327 @@
+"""BiStil phase 1, general distillation: a small student for (source, target) learns the teacher's hidden states and
+attention maps on masked monolingual text of both languages, in the shared DeepSpeed loop.
+
+Teachers. `teacher_model` reads the source language (the primary). For the target language, `target_teacher_model`
+is the primary with the target embeddings plugged in (adapt/plug.py: same body, the target's own vocabulary), so the
+student can serve a language the primary's vocabulary never covered; unset, `teacher_model` reads both.
+
+The student's vocabulary (minimodel/bistil/trim.py): the teacher's tokens frequent in either corpus (one teacher), or
+the source block followed by the target's non-special tokens (two teachers: both kept sets, the target's special
+tokens mapped to the source's by role). With two teachers the student directory holds the source tokenizer
+(loaded by AutoTokenizer) and target_tokenizer/ with vocabulary.json's id map: StudentVocabulary routes each
+language to its pieces. In training the student reads the teachers' segmentation (positions must align for the
+state losses), a piece the trimming dropped as <unk>; its own tokenizer splits such rare words into kept pieces.
+
+Each micro-batch holds the same number of sequences of each language, and each forward is monolingual. The
+teachers are frozen outside the optimiser; the student's MLM head is not trained (phase 1 has no MLM loss).
+
+Output per target language, <output_dir>/<lang>/: source/ and target/ (the corpora in the teachers' vocabularies),
+projection.safetensors (M, narrower students), train/ (the loop's checkpoints and metrics.jsonl), student/ (a
+plain Hugging Face model directory with its tokenizer(s) and vocabulary.json).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForMaskedLM
+
+from minimodel import distributed
+from minimodel.adaptation.artifact import TOKENIZER_DIR
+from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig, _rank0_then_everywhere,
+                                        claim_language, prepare_target_data, run_languages)
+from minimodel.adaptation.vocab import install_vocabulary
+from minimodel.bistil.loss import DistillationWeights, distillation_loss, state_projection
+from minimodel.bistil.student import StudentConfig, build_student
+from minimodel.bistil.trim import kept_ids, token_counts, trim_tokenizer
+from minimodel.config import require
+from minimodel.data.mlm import MaskedLMDataset
+from minimodel.files import replace_dir, write_text_atomic
+from minimodel.hf import load_model, load_tokenizer
+from minimodel.provenance import finish_output
+from minimodel.stages import StageResult
+from minimodel.tracking import Tracker, TrackingConfig
+from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
+from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train
+from minimodel.training.hf_mlm import MLMFlops
+
+log = logging.getLogger(__name__)
+
+METHOD = "bistil"
+VOCABULARY_FILE = "vocabulary.json"
+TARGET_TOKENIZER_DIR = "target_tokenizer"
+PROJECTION_FILE = "projection.safetensors"
+SPECIAL_ROLES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token", "bos_token", "eos_token")
+
+
+@dataclass
+class DistillConfig:
+    output_dir: str = "runs/distill"
+    teacher_model: str | None = None  # HF masked-LM directory reading the source language (the primary)
+    target_teacher_model: str | None = None  # the plugged primary (adapt/plug.py output); None: teacher_model
+    source_lang: str = "en"
+    target_langs: list[str] = field(default_factory=lambda: ["sw"])
+    target_lang: str | None = None  # one language of target_langs (a Slurm array task); None: all, in turn
+    data_dir: str = "data/default"
+    seq_length: int = 128
+    mask_prob: float = 0.15
+    data_seed: int = 0
+    vocab_threshold: float = 1e-6  # keep a token whose relative frequency in either corpus reaches this
+    projection_tokens: int = 4096  # teacher states (per layer, first tokens of the corpora) that M is fitted on
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: DistillationWeights = field(default_factory=DistillationWeights)
+    train: DeepSpeedLoopConfig = field(default_factory=lambda: DeepSpeedLoopConfig(
+        steps=20000, optim=OptimizerConfig(lr=1e-4), schedule=ScheduleConfig(warmup_steps=500)))
+    overwrite: bool = False  # a language's directory holding another config's run: discard it (else: an error)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        require(self.teacher_model is not None, "teacher_model",
+                "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
+        require(bool(self.target_langs), "target_langs", "is empty: list at least one target language")
+        require(self.target_lang is None or self.target_lang in self.target_langs, "target_lang",
+                f"{self.target_lang!r} is not one of target_langs {self.target_langs}")
+        require(self.seq_length >= 8, "seq_length", "must be >= 8")
+        require(0 <= self.vocab_threshold < 1, "vocab_threshold", "must be in [0, 1)")
+        require(self.source_lang not in self.target_langs, "target_langs",
+                f"lists the source language {self.source_lang!r}: a student is for (source, target) pairs")
+        require(self.loss.soft_ce == 0, "loss.soft_ce", "phase 1 has no task logits to match: set it to 0")
+        self.student.validate()
+
+    def languages(self) -> list[str]:
+        return [self.target_lang] if self.target_lang else list(self.target_langs)
+
+
+class StudentVocabulary:
+    """Old (teacher) ids -> student ids per language, and the tokenizer each language is read with."""
+
+    def __init__(self, student_dir: str | Path):
+        self.dir = Path(student_dir)
+        spec = json.loads((self.dir / VOCABULARY_FILE).read_text())
+        self.to_student = {lang: np.asarray(ids, dtype=np.int64) for lang, ids in spec["to_student"].items()}
+        self.tokenizer_dirs = {lang: self.dir / sub for lang, sub in spec["tokenizer"].items()}
+
+    def encode(self, lang: str, text: str) -> list[int]:
+        """`text` in student ids (with the model's special tokens)."""
+        ids = load_tokenizer(self.tokenizer_dirs[lang])(text)["input_ids"]
+        return self.to_student[lang][ids].tolist()
+
+
+def _special_ids_by_role(tokenizer) -> dict[str, int]:
+    return {role: tokenizer.convert_tokens_to_ids(getattr(tokenizer, role)) for role in SPECIAL_ROLES
+            if getattr(tokenizer, role, None) is not None}
+
+
+def build_vocabulary(cfg: DistillConfig, lang: str, sources: dict[str, tuple[Path, Path]], student_dir: Path) -> dict:
+    """Trim the teachers' tokenizers into `student_dir`. `sources`: {language: (its teacher's tokenizer directory,
+    its corpus' dataset prefix)}. Returns {"to_student": {language: teacher id -> student id}, "rows": {language:
+    the teacher ids of its block of the student's vocabulary}, "tokenizer": {language: subdirectory}}. Rank 0."""
+    src = cfg.source_lang
+    tokenizers = {k: load_tokenizer(tok_dir) for k, (tok_dir, _) in sources.items()}
+    counts = {k: token_counts(prefix, len(tokenizers[k])) for k, (_, prefix) in sources.items()}
+    source_unk = tokenizers[src].unk_token_id
+    if cfg.target_teacher_model is None:  # one vocabulary reads both
+        kept = kept_ids([counts[src], counts[lang]], tokenizers[src].all_special_ids, cfg.vocab_threshold)
+        rows = trim_tokenizer(sources[src][0], kept, student_dir)
+        ids = _positions(rows, len(tokenizers[src]))
+        ids[ids < 0] = ids[source_unk]  # dropped rare tokens read as <unk>
+        return {"to_student": {src: ids.tolist(), lang: ids.tolist()}, "rows": {src: rows.tolist(), lang: []},
+                "tokenizer": {src: ".", lang: "."}}
+    src_rows = trim_tokenizer(sources[src][0], kept_ids([counts[src]], tokenizers[src].all_special_ids,
+                                                        cfg.vocab_threshold), student_dir)
+    tgt_rows = trim_tokenizer(sources[lang][0], kept_ids([counts[lang]], tokenizers[lang].all_special_ids,
+                                                         cfg.vocab_threshold), student_dir / TARGET_TOKENIZER_DIR)
+    src_ids = _positions(src_rows, len(tokenizers[src]))
+    src_ids[src_ids < 0] = src_ids[source_unk]
+    tgt_block = np.setdiff1d(tgt_rows, tokenizers[lang].all_special_ids)  # ascending
+    tgt_ids = _positions(tgt_block, len(tokenizers[lang]))
+    tgt_ids[tgt_ids >= 0] += len(src_rows)
+    src_roles, tgt_roles = _special_ids_by_role(tokenizers[src]), _special_ids_by_role(tokenizers[lang])
+    for role, tid in tgt_roles.items():  # the target's special tokens are the source's of the same role
+        tgt_ids[tid] = src_ids[src_roles.get(role, source_unk)]
+    tgt_ids[tgt_ids < 0] = src_ids[source_unk]
+    return {"to_student": {src: src_ids.tolist(), lang: tgt_ids.tolist()},
+            "rows": {src: src_rows.tolist(), lang: tgt_block.tolist()},
+            "tokenizer": {src: ".", lang: TARGET_TOKENIZER_DIR}}
+
+
+def _positions(rows: np.ndarray, size: int) -> np.ndarray:
+    """old id -> its position in `rows` (the old ids of a block, ascending); -1 where absent."""
+    out = np.full(size, -1, dtype=np.int64)
+    out[rows] = np.arange(len(rows))
+    return out
+
+
+def teacher_for_student(source_teacher: str, teachers: dict[str, torch.nn.Module], vocab: dict):
+    """A copy of the source teacher with the student's vocabulary: the source teacher's rows of the source block,
+    then the target teacher's rows of the target block (init=teacher / init=svd start the student from it)."""
+    model = load_model(source_teacher, AutoModelForMaskedLM)
+    weights, biases = [], []
+    for lang, rows in vocab["rows"].items():  # source first
+        if rows:
+            index = torch.as_tensor(rows, dtype=torch.long)
+            weights.append(teachers[lang].get_input_embeddings().weight.detach()[index])
+            biases.append(teachers[lang].get_output_embeddings().bias.detach()[index])
+    install_vocabulary(model, torch.cat(weights), torch.arange(sum(len(w) for w in weights)),
+                       model.config.pad_token_id, output_bias=torch.cat(biases))
+    return model
+
+
+class BilingualMLM(torch.utils.data.Dataset):
+    """item i: sequence i of each language (cycled), masked, in teacher ids and in student ids."""
+
+    def __init__(self, data: dict[str, MaskedLMDataset], to_student: dict[str, np.ndarray]):
+        self.data, self.to_student = data, to_student
+
+    def __len__(self) -> int:
+        return max(len(d) for d in self.data.values())
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        item = {}
+        for lang, data in self.data.items():
+            x = data[i % len(data)]
+            item[f"{lang}/teacher_ids"] = x["input_ids"]
+            item[f"{lang}/student_ids"] = self.to_student[lang][x["input_ids"]]
+            item[f"{lang}/attention_mask"] = x["attention_mask"]
+        return item
+
+
+class DistillStep:
+    """(student, batch) -> the mean over the two languages of the distillation loss, and its FLOPs."""
+
+    def __init__(self, teachers: dict[str, torch.nn.Module], ratio: int, weights: DistillationWeights,
+                 projection: torch.Tensor | None, student):
+        self.teachers, self.ratio, self.weights, self.projection = teachers, ratio, weights, projection
+        self.student_flops, self.teacher_flops = MLMFlops(student), {k: MLMFlops(t) for k, t in teachers.items()}
+
+    def loss(self, student, batch) -> torch.Tensor:
+        terms = []
+        for lang, teacher in self.teachers.items():
+            mask = batch[f"{lang}/attention_mask"]
+            teacher.to(mask.device)
+            projection = None if self.projection is None else self.projection.to(mask.device)
+            with torch.no_grad():
+                t = teacher.base_model(input_ids=batch[f"{lang}/teacher_ids"], attention_mask=mask,
+                                       output_hidden_states=True, output_attentions=True)
+            s = student.base_model(input_ids=batch[f"{lang}/student_ids"], attention_mask=mask,
+                                   output_hidden_states=True, output_attentions=True)
+            terms.append(distillation_loss(s, t, mask, self.ratio, self.weights, projection))
+        return torch.stack(terms).mean()
+
+    def flops(self, batch) -> float:
+        total = 0.0
+        for lang in self.teachers:
+            n, s = batch[f"{lang}/student_ids"].shape
+            total += self.student_flops.per_batch(n, s, 0) + self.teacher_flops[lang].per_batch(n, s, 0)
+        return total
+
+    def tokens(self, batch) -> int:
+        return int(sum(batch[f"{lang}/attention_mask"].sum() for lang in self.teachers))
+
+
+def _fit_projection(cfg: DistillConfig, teachers, data: dict[str, MaskedLMDataset], d: int) -> torch.Tensor:
+    """M from the teachers' states (every layer) on the first sequences of both corpora."""
+    states = []
+    for lang, teacher in teachers.items():
+        taken, i = 0, 0
+        while taken < cfg.projection_tokens // len(teachers) and i < len(data[lang]):
+            x = data[lang][i]
+            ids, mask = torch.as_tensor(x["input_ids"])[None], torch.as_tensor(x["attention_mask"])[None]
+            with torch.no_grad():
+                out = teacher.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            states += [h[mask.bool()] for h in out.hidden_states]
+            taken, i = taken + int(mask.sum()), i + 1
+    return state_projection(torch.cat(states), d)
+
+
+def distill_language(cfg: DistillConfig, lang: str) -> str:
+    """Distil one (source, lang) student; returns "done" or "interrupted" (run the same command to resume)."""
+    distributed.initialize_deepspeed()
+    rank = dist.get_rank()
+    run_dir, lang_cfg, claimed = claim_language(cfg, lang)
+    if claimed == "finished" and (run_dir / "student" / VOCABULARY_FILE).is_file():
+        return "done"
+    paths = {cfg.source_lang: cfg.teacher_model, lang: cfg.target_teacher_model or cfg.teacher_model}
+
+    def prepare():  # rank 0: each corpus in its teacher's vocabulary, then the student's vocabulary
+        sources = {}
+        for code, path in paths.items():
+            data_cfg = AdaptConfig(primary_model=path, data_dir=cfg.data_dir,
+                                   tokenizer=TargetTokenizerConfig(mode="reuse", path=path))
+            train_prefix, _ = prepare_target_data(data_cfg, code, run_dir / code)
+            sources[code] = (run_dir / code / TOKENIZER_DIR, train_prefix)
+        vocab_dir = run_dir / "vocabulary"
+        if not (vocab_dir / VOCABULARY_FILE).is_file():
+            tmp = run_dir / ".vocabulary.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            vocab = build_vocabulary(cfg, lang, sources, tmp)
+            write_text_atomic(tmp / VOCABULARY_FILE, json.dumps(vocab))
+            replace_dir(tmp, vocab_dir)
+        return {code: str(prefix) for code, (_, prefix) in sources.items()}
+
+    prefixes = _rank0_then_everywhere(prepare)
+    vocab = json.loads((run_dir / "vocabulary" / VOCABULARY_FILE).read_text())
+    teachers = {code: load_model(p, AutoModelForMaskedLM, attn_implementation="eager").eval().requires_grad_(False)
+                for code, p in paths.items()}
+    data = {code: MaskedLMDataset(prefixes[code], load_tokenizer(run_dir / code / TOKENIZER_DIR), cfg.seq_length,
+                                  cfg.mask_prob, cfg.data_seed) for code in paths}
+    student = build_student(teacher_for_student(cfg.teacher_model, teachers, vocab), cfg.student)
+    student.requires_grad_(True)
+    for name, p in student.named_parameters():  # phase 1 has no MLM loss: the head stays as initialised
+        if not name.startswith(student.base_model_prefix + "."):
+            p.requires_grad_(False)
+    projection = None
+    if student.config.hidden_size < teachers[cfg.source_lang].config.hidden_size:
+        proj_file = run_dir / PROJECTION_FILE
+        if rank == 0 and not proj_file.is_file():
+            m = _fit_projection(cfg, teachers, data, student.config.hidden_size)
+            save_file({"M": m.contiguous()}, str(run_dir / f".{PROJECTION_FILE}.partial"))
+            (run_dir / f".{PROJECTION_FILE}.partial").replace(proj_file)
+        dist.barrier()
+        projection = load_file(str(proj_file))["M"]
+    to_student = {k: np.asarray(v, dtype=np.int64) for k, v in vocab["to_student"].items()}
+    step = DistillStep(teachers, cfg.student.layer_ratio, cfg.loss, projection, student)
+    tags = {"stage": "distill", "method": METHOD, "source_lang": cfg.source_lang, "target_lang": lang}
+    tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"distill-{lang}")
+    with Tracker(tracking, lang_cfg, tags=tags) as tracker:
+        result = train(cfg.train, student, BilingualMLM(data, to_student), step.loss, step.flops,
+                       output_dir=run_dir / "train", tracker=tracker, tokens_fn=step.tokens,
+                       desc=f"distill {cfg.source_lang}+{lang}")
+        if result.interrupted:
+            release_engine(result.engine)
+            return "interrupted"
+        final = gather_full_params(result.engine, dict(student.named_parameters()))
+        release_engine(result.engine)
+        if rank == 0:
+            _save_student(student, final, run_dir, vocab, cfg, lang)
+            finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
+    dist.barrier()
+    return "done"
+
+
+def _save_student(student, final: dict[str, torch.Tensor], run_dir: Path, vocab: dict, cfg: DistillConfig,
+                  lang: str) -> None:
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            p.copy_(final[name])
+    tmp = run_dir / ".student.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run_dir / "vocabulary", tmp)
+    student.save_pretrained(tmp)
+    spec = {**json.loads((tmp / VOCABULARY_FILE).read_text()), "source_lang": cfg.source_lang, "target_lang": lang,
+            "teacher_model": cfg.teacher_model, "target_teacher_model": cfg.target_teacher_model}
+    write_text_atomic(tmp / VOCABULARY_FILE, json.dumps(spec))
+    replace_dir(tmp, run_dir / "student")
+
+
+def run_distill(cfg: DistillConfig) -> StageResult:
+    """Every selected target language in turn (adaptation's run_languages)."""
+    return run_languages(cfg, distill_language, "distillation")
