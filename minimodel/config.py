@@ -206,15 +206,24 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     return write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; used to log a config as MLflow params."""
+def flatten(value: Any, *, lists: bool = False) -> dict[str, Any]:
+    """Every leaf of nested mappings under its dotted key: {"a": {"b": 1}, "c": [2, {"d": 3}]} -> {"a.b": 1,
+    "c": [2, {"d": 3}]}. With `lists`, list (and tuple) items are leaves too, under an index: {"a.b": 1, "c[0]": 2,
+    "c[1].d": 3}. A config as MLflow params (a list is one param) or as a provenance record (lists=True: a change
+    names the item). An empty mapping or list has no leaves."""
     out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
+
+    def walk(v: Any, key: str) -> None:
         if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
+            for k, item in v.items():
+                walk(item, f"{key}.{k}" if key else str(k))
+        elif lists and isinstance(v, (list, tuple)):
+            for i, item in enumerate(v):
+                walk(item, f"{key}[{i}]")
         else:
             out[key] = v
+
+    walk(value, "")
     return out
 
 

@@ -16,6 +16,14 @@ from the same upstream results too.
         other stages (replace their outputs atomically, whole: data, export, plug, zero_shot, report): "new",
         the change honoured by redoing them
 Never a silent skip: a stage may skip only on "finished".
+
+Results made of parts (the data stage: one directory per language). Each part has a record of its own
+(`write_part`, in `<output_dir>/<lang>/`: the config less the other languages' keys, and the stage's hash of what
+the part depends on as its digest), and the whole's record lists the parts' digests (`finish_output(...,
+parts=...)`). A path under a part resolves to the part's record, so a consumer of one language depends on that
+language only; a consumer of the whole directory depends on the parts it saw and still matches when parts are added
+(`uses` narrows it to the parts it reads: adaptation of `sw` reads `<data_dir>/sw` only). A part made again under
+another config names what changed in the message of every consumer that refuses it.
 """
 from __future__ import annotations
 
@@ -25,10 +33,11 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Mapping
 
 import torch.distributed as dist
 
+from minimodel.config import flatten
 from minimodel.errors import UserError
 from minimodel.files import write_text_atomic
 
@@ -45,18 +54,6 @@ class ConfigChanged(UserError):
     """The output directory holds a result (or a partial run) of another config."""
 
 
-def _leaves(value: Any, key: str = "") -> Iterable[tuple[str, Any]]:
-    """("a.b", 1), ("c[0].d", "x"), ...: every scalar of a nested dict/list, under its dotted key."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _leaves(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            yield from _leaves(v, f"{key}[{i}]")
-    else:
-        yield key, value
-
-
 def _neutral(key: str, ignore: tuple[str, ...]) -> bool:
     return any(key == n or key.startswith((f"{n}.", f"{n}[")) for n in (*NEUTRAL_KEYS, *ignore))
 
@@ -68,28 +65,109 @@ def read(path: str | Path) -> dict | None:
         return None
 
 
-def identity(path: str | Path) -> str | None:
-    """The digest of the finished stage result `path` lies in (the nearest record at or above it), "unfinished"
-    if that stage has not finished, None if no stage made it (e.g. a model or corpus the user brought)."""
+def _nearest(path: str | Path) -> tuple[Path, dict] | tuple[None, None]:
     path = Path(path).absolute()
     for directory in (path, *path.parents):
         record = read(directory)
         if record is not None:
-            return record["digest"] if record["status"] == "finished" else "unfinished"
-    return None
+            return directory, record
+    return None, None
 
 
-def fingerprint(cfg: Any, ignore: tuple[str, ...] = ()) -> dict:
-    """{"config": {dotted key: value}, "inputs": {dotted key: identity}, "digest"}: what decides the result."""
-    config = {k: v for k, v in _leaves(dataclasses.asdict(cfg)) if not _neutral(k, ignore)}
+def identity(path: str | Path) -> str | dict | None:
+    """The digest of the finished stage result `path` lies in (the nearest record at or above it), {"parts":
+    {part: digest}} for a whole made of parts, "unfinished" if that stage has not finished, None if no stage made it
+    (e.g. a model or corpus the user brought)."""
+    _, record = _nearest(path)
+    if record is None:
+        return None
+    if record["status"] != "finished":
+        return "unfinished"
+    return {"parts": record["parts"]} if "parts" in record else record["digest"]
+
+
+def _json(value: Any) -> Any:
+    """As the record will read back (tuples as lists, other objects as their str)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _config(cfg: Any, ignore: tuple[str, ...]) -> dict:
+    return _json({k: v for k, v in flatten(dataclasses.asdict(cfg), lists=True).items() if not _neutral(k, ignore)})
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), uses: Mapping[str, Iterable[str]] | None = None) -> dict:
+    """{"config": {dotted key: value}, "inputs": {dotted key: identity}, "digest"}: what decides the result.
+    `uses`: for a config key naming a whole made of parts, the parts this result reads (the others do not count)."""
+    config = _config(cfg, ignore)
     inputs = {}
     for key, value in config.items():
         if isinstance(value, str) and value and ("/" in value or Path(value).exists()):
             found = identity(value)
+            if isinstance(found, dict) and uses and key in uses:
+                found = {"parts": {part: found["parts"].get(part) for part in uses[key]}}
             if found is not None:
                 inputs[key] = found
-    digest = hashlib.sha256(json.dumps([config, inputs], sort_keys=True, default=str).encode()).hexdigest()
-    return {"config": config, "inputs": inputs, "digest": digest}
+    return {"config": config, "inputs": inputs, "digest": _digest(config, inputs)}
+
+
+def part_fingerprint(cfg: Any, digest: str, ignore: tuple[str, ...] = ()) -> dict:
+    """The fingerprint of one part of a result (a language of the data stage): its config (`cfg` less `ignore`,
+    e.g. the other languages' keys), to name what changed, and `digest`, the stage's own hash of everything the part
+    depends on (settings, input content, library versions): it changes exactly when the part would be made again."""
+    return {"config": _config(cfg, ignore), "inputs": {}, "digest": digest}
+
+
+def _covers(new: Any, old: Any) -> bool:
+    """The input identity `new` still holds what `old` recorded: the same, or a whole with the old parts unchanged."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return all(part in new["parts"] and new["parts"][part] == d for part, d in old["parts"].items()) \
+            if old["parts"] else True
+    return new == old
+
+
+def _whole_digest(path: str | Path) -> str | None:
+    """The digest of the finished whole (a record with parts) at or above `path`: what a consumer recorded for a
+    path under it before parts had records of their own."""
+    path = Path(path).absolute()
+    for directory in (path, *path.parents):
+        record = read(directory)
+        if record is not None and "parts" in record:
+            return record["digest"] if record["status"] == "finished" else None
+    return None
+
+
+def _matches(old: dict, new: dict) -> tuple[bool, dict]:
+    """(whether the record `old` is of the config and inputs `new`, the inputs to upgrade in it): the same config,
+    and every input covering the recorded one (a whole that gained parts), or, for a record older than part records,
+    the whole's digest it recorded unchanged."""
+    if old.get("config") != new["config"]:
+        return False, {}
+    old_inputs, new_inputs = old.get("inputs", {}), new["inputs"]
+    if set(old_inputs) != set(new_inputs):
+        return False, {}
+    upgrade = {}
+    for key, value in new_inputs.items():
+        if _covers(value, old_inputs[key]):
+            continue
+        if isinstance(value, str) and isinstance(old_inputs[key], str) and \
+                old_inputs[key] == _whole_digest(new["config"][key]):
+            upgrade[key] = value
+            continue
+        return False, {}
+    return True, upgrade
+
+
+def _why(path: Path, old: Any) -> str:
+    """" (key: a -> b; ...)" when the record now at `path` replaced the one whose digest the consumer recorded."""
+    _, record = _nearest(path)
+    previous = (record or {}).get("previous") or {}
+    if previous.get("digest") == old and previous.get("changes"):
+        return f" ({'; '.join(previous['changes'])})"
+    return ""
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -98,28 +176,50 @@ def differences(old: dict, new: dict) -> list[str]:
     lines = [f"{key}: {old_config.get(key, '(unset)')!r} -> {new_config.get(key, '(unset)')!r}"
              for key in sorted(set(old_config) | set(new_config)) if old_config.get(key) != new_config.get(key)]
     old_inputs, new_inputs = old.get("inputs", {}), new["inputs"]
-    lines += [f"{key}: {new_config.get(key)} was made again since"
-              for key in sorted(set(old_inputs) | set(new_inputs))
-              if old_inputs.get(key) != new_inputs.get(key) and old_config.get(key) == new_config.get(key)]
+    for key in sorted(set(old_inputs) | set(new_inputs)):
+        before, now = old_inputs.get(key), new_inputs.get(key)
+        if old_config.get(key) != new_config.get(key) or (now is not None and _covers(now, before)):
+            continue
+        path = Path(str(new_config.get(key)))
+        if isinstance(before, dict):
+            changed = [part for part, d in before["parts"].items()
+                       if not isinstance(now, dict) or now["parts"].get(part) != d]
+            lines += [f"{key}: {path / part} was made again since{_why(path / part, before['parts'][part])}"
+                      for part in changed]
+        else:
+            lines.append(f"{key}: {path} was made again since{_why(path, before)}")
     return lines
 
 
-def _write(output_dir: Path, fingerprint_: dict, status: str) -> None:
-    write_text_atomic(output_dir / RECORD, json.dumps({**fingerprint_, "status": status}, indent=1, default=str))
+def _previous(old: dict | None, new: dict) -> dict | None:
+    """What a record replacing `old` keeps of it: the finished result it replaces (its digest and what changed),
+    for the messages of consumers that recorded it."""
+    if old is None:
+        return None
+    if old["status"] == "finished" and old["digest"] != new["digest"]:
+        return {"digest": old["digest"], "changes": differences(old, new)}
+    return old.get("previous")
+
+
+def _write(output_dir: Path, record: dict, status: str, previous: dict | None = None) -> None:
+    record = {k: v for k, v in record.items() if k not in ("status", "previous")}
+    record = {**record, "status": status, **({"previous": previous} if previous else {})}
+    write_text_atomic(Path(output_dir) / RECORD, json.dumps(record, indent=1, default=str))
 
 
 def claim_output(output_dir: str | Path, cfg: Any, *, resumable: bool, overwrite: bool = False,
-                 ignore: tuple[str, ...] = ()) -> Claim:
+                 ignore: tuple[str, ...] = (), uses: Mapping[str, Iterable[str]] | None = None) -> Claim:
     """Decide what `output_dir` holds for `cfg` (see the module doc) and record `cfg` as its config (status
     "started"). Raises ConfigChanged for a resumable stage whose directory holds another config's result or
-    partial run, unless `overwrite`. Under torch.distributed, rank 0 decides and writes and every rank returns
-    (or raises) the same; call it on rank 0 only before the process group is up."""
+    partial run, unless `overwrite`. `uses`: the parts of a whole this result reads, by config key (fingerprint).
+    Under torch.distributed, rank 0 decides and writes and every rank returns (or raises) the same; call it on
+    rank 0 only before the process group is up."""
     if not dist.is_initialized():
-        return _claim(Path(output_dir), fingerprint(cfg, ignore), resumable, overwrite)
+        return _claim(Path(output_dir), fingerprint(cfg, ignore, uses), resumable, overwrite)
     box: list = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = _claim(Path(output_dir), fingerprint(cfg, ignore), resumable, overwrite)
+            box[0] = _claim(Path(output_dir), fingerprint(cfg, ignore, uses), resumable, overwrite)
         except ConfigChanged as e:
             box[0] = e
     dist.broadcast_object_list(box, src=0)
@@ -130,8 +230,13 @@ def claim_output(output_dir: str | Path, cfg: Any, *, resumable: bool, overwrite
 
 def _claim(output_dir: Path, new: dict, resumable: bool, overwrite: bool) -> Claim:
     old = read(output_dir)
-    if old is not None and old["digest"] == new["digest"]:
-        return "finished" if old["status"] == "finished" else "resume"
+    if old is not None:
+        matched, upgrade = _matches(old, new)
+        if matched:
+            if upgrade:  # recorded before its input had part records: the same input, now named by its part
+                _write(output_dir, {**old, "inputs": {**old["inputs"], **upgrade}}, old["status"],
+                       old.get("previous"))
+            return "finished" if old["status"] == "finished" else "resume"
     holds_files = output_dir.is_dir() and any(p.name != RECORD for p in output_dir.iterdir())
     if resumable and (old is not None or holds_files):
         what = "files of a run whose config is unknown (no record)" if old is None else \
@@ -145,14 +250,38 @@ def _claim(output_dir: Path, new: dict, resumable: bool, overwrite: bool) -> Cla
         shutil.rmtree(output_dir)
     elif old is not None:
         log.info("%s: config changed (%s): redoing it", output_dir, "; ".join(differences(old, new)))
-    _write(output_dir, new, "started")
+    _write(output_dir, new, "started", _previous(old, new))
     return "new"
 
 
-def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = ()) -> None:
+def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = (), *,
+                  uses: Mapping[str, Iterable[str]] | None = None, parts: Mapping[str, str] | None = None) -> None:
     """Record `cfg`'s result in `output_dir` as complete (call it on one rank, after the last file is written).
-    Written afresh, not updated: a stage may have replaced its whole output directory (plug); left alone when it
-    already says so (a no-op rerun changes nothing)."""
-    new, old = fingerprint(cfg, ignore), read(output_dir)
-    if old is None or (old["digest"], old["status"]) != (new["digest"], "finished"):
-        _write(Path(output_dir), new, "finished")
+    The claimed record is marked finished when it is of this config (the inputs it recorded are those the result
+    was made from); else written afresh: a stage may have replaced its whole output directory (plug). Left alone
+    when it already says so (a no-op rerun changes nothing). `parts`: {part: digest} of a whole made of parts (each
+    part's own record written by write_part)."""
+    output_dir = Path(output_dir)
+    new, old = fingerprint(cfg, ignore, uses), read(output_dir)
+    if parts is not None:
+        new["parts"] = _json(dict(parts))
+    if old is not None:
+        matched, upgrade = _matches(old, new)
+        if matched and old.get("parts") == new.get("parts"):
+            if old["status"] != "finished" or upgrade:
+                _write(output_dir, {**old, "inputs": {**old["inputs"], **upgrade}}, "finished", old.get("previous"))
+            return
+    _write(output_dir, new, "finished", _previous(old, new))
+
+
+def write_part(directory: str | Path, fingerprint_: dict, replaces: str | Path | None = None) -> list[str]:
+    """Record a finished part (part_fingerprint) in `directory`, e.g. a language built in a hidden directory before
+    it is renamed to `replaces`; returns what differs from the record it replaces (empty: nothing, or no record).
+    The replaced result is kept as "previous", so a consumer that recorded it is told what changed."""
+    old = read(replaces if replaces is not None else directory)
+    if old is not None and old["status"] == "finished" and \
+            (old["digest"], old["config"]) == (fingerprint_["digest"], fingerprint_["config"]) and \
+            replaces is None:
+        return []
+    _write(Path(directory), fingerprint_, "finished", _previous(old, fingerprint_))
+    return differences(old, fingerprint_) if old is not None else []

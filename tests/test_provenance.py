@@ -123,3 +123,94 @@ def test_adapting_again_with_other_steps_is_refused_not_reported_as_the_old_resu
     same = adapt("train.steps=6", "overwrite=true")  # overwrite discards another config's result only
     assert same.returncode == 0 and "already adapted with this config" in same.stderr, same.stderr[-3000:]
     assert steps() == 6
+
+
+@dataclass
+class Part:  # one language's settings, as the data stage records them
+    vocab_size: int = 100
+
+
+@dataclass
+class Reader:
+    output_dir: str = ""
+    data: str = ""
+
+
+def _build_whole(whole, parts: dict[str, int]) -> None:
+    """A data-stage-like whole: a record per part (digest: its settings), then the whole's listing them."""
+    claim_output(whole, Cfg(), resumable=False)
+    digests = {}
+    for name, vocab in parts.items():
+        (whole / name).mkdir(parents=True, exist_ok=True)
+        fp = provenance.part_fingerprint(Part(vocab), f"{name}-{vocab}")
+        provenance.write_part(whole / name, fp)
+        digests[name] = fp["digest"]
+    finish_output(whole, Cfg(), parts=digests)
+
+
+def test_a_whole_made_of_parts_gains_a_part_without_invalidating_what_read_the_others(tmp_path):
+    whole = tmp_path / "data"
+    _build_whole(whole, {"en": 100})
+    of_en = Reader(str(tmp_path / "pretrain"), str(whole / "en" / "train"))  # a path under one part
+    of_whole = Reader(str(tmp_path / "finetune"), str(whole))  # the whole directory: the parts it saw
+    for cfg in (of_en, of_whole):
+        claim_output(cfg.output_dir, cfg, resumable=True)
+        finish_output(cfg.output_dir, cfg)
+    narrowed = Reader(str(tmp_path / "adapt_en"), str(whole))  # the whole directory, reading en only
+    claim_output(narrowed.output_dir, narrowed, resumable=True, uses={"data": ["en"]})
+    finish_output(narrowed.output_dir, narrowed)  # keeps what was claimed
+    assert provenance.read(narrowed.output_dir)["inputs"]["data"] == {"parts": {"en": "en-100"}}
+    digests = {cfg.output_dir: provenance.read(cfg.output_dir)["digest"] for cfg in (of_en, of_whole, narrowed)}
+
+    _build_whole(whole, {"en": 100, "sw": 100})  # a language added
+    assert claim_output(of_en.output_dir, of_en, resumable=True) == "finished"
+    assert claim_output(of_whole.output_dir, of_whole, resumable=True) == "finished"
+    assert claim_output(narrowed.output_dir, narrowed, resumable=True, uses={"data": ["en"]}) == "finished"
+    for cfg in (of_en, of_whole, narrowed):  # left alone: what was made from them stays valid too
+        finish_output(cfg.output_dir, cfg)
+        assert provenance.read(cfg.output_dir)["digest"] == digests[cfg.output_dir]
+
+    _build_whole(whole, {"en": 100, "sw": 200})  # sw's data changed: en's readers are not concerned
+    assert claim_output(of_en.output_dir, of_en, resumable=True) == "finished"
+    assert claim_output(narrowed.output_dir, narrowed, resumable=True, uses={"data": ["en"]}) == "finished"
+    assert claim_output(of_whole.output_dir, of_whole, resumable=True) == "finished"  # it saw en only
+
+    _build_whole(whole, {"en": 300, "sw": 200})  # en's data changed: every reader of en refuses, naming the key
+    for cfg, uses in ((of_en, None), (of_whole, None), (narrowed, {"data": ["en"]})):
+        with pytest.raises(ConfigChanged, match=r"data: .*data/en(/train)? was made again since "
+                                                r"\(vocab_size: 100 -> 300\).*overwrite=true"):
+            claim_output(cfg.output_dir, cfg, resumable=True, uses=uses)
+    redone = Reader(str(tmp_path / "export"), of_en.data)  # a stage that redoes its output: "new", a new digest
+    claim_output(redone.output_dir, redone, resumable=False)
+    finish_output(redone.output_dir, redone)
+    before = provenance.read(redone.output_dir)["digest"]
+    _build_whole(whole, {"en": 400, "sw": 200})
+    assert claim_output(redone.output_dir, redone, resumable=False) == "new"
+    finish_output(redone.output_dir, redone)
+    assert provenance.read(redone.output_dir)["digest"] != before
+
+
+def test_a_record_made_before_part_records_still_matches_while_the_whole_is_unchanged(tmp_path):
+    whole = tmp_path / "data"
+    claim_output(whole, Cfg(), resumable=False)
+    finish_output(whole, Cfg())  # a whole without parts: its readers record its digest
+    readers = [Reader(str(tmp_path / name), str(whole / "en" / "train")) for name in ("pretrain", "minipost")]
+    for reader in readers:
+        claim_output(reader.output_dir, reader, resumable=True)
+        finish_output(reader.output_dir, reader)
+    old = provenance.read(readers[0].output_dir)
+    assert old["inputs"]["data"] == provenance.read(whole)["digest"]
+
+    (whole / "en").mkdir()  # the same config built again, now with part records
+    provenance.write_part(whole / "en", provenance.part_fingerprint(Part(), "en-100"))
+    finish_output(whole, Cfg(), parts={"en": "en-100"})
+    assert claim_output(readers[0].output_dir, readers[0], resumable=True) == "finished"
+    upgraded = provenance.read(readers[0].output_dir)
+    assert upgraded["inputs"]["data"] == "en-100" and upgraded["digest"] == old["digest"]
+
+    claim_output(whole, Cfg(train=Train(steps=5)), resumable=False)  # the whole of another config
+    provenance.write_part(whole / "en", provenance.part_fingerprint(Part(), "en-other"))
+    finish_output(whole, Cfg(train=Train(steps=5)), parts={"en": "en-other"})
+    for reader in readers:  # the upgraded record and the one still naming the old whole
+        with pytest.raises(ConfigChanged, match="was made again"):
+            claim_output(reader.output_dir, reader, resumable=True)

@@ -309,11 +309,13 @@ LANGUAGE_NEUTRAL = ("target_langs", "target_lang")
 
 def claim_language(cfg, lang: str):
     """(run directory, config with target_lang=lang, what the directory holds for it: provenance.claim_output) of
-    one language of a per-language stage."""
+    one language of a per-language stage. The run reads `<data_dir>/<lang>` only: it depends on that language's
+    data (another language added to or changed in the data stage leaves it valid; its own, rebuilt, is refused
+    naming what changed). Finishing keeps what was claimed (provenance.finish_output)."""
     run_dir = Path(cfg.output_dir) / lang
     lang_cfg = dataclasses.replace(cfg, target_lang=lang)
     return run_dir, lang_cfg, claim_output(run_dir, lang_cfg, resumable=True, overwrite=cfg.overwrite,
-                                           ignore=LANGUAGE_NEUTRAL)
+                                           ignore=LANGUAGE_NEUTRAL, uses={"data_dir": (lang,)})
 
 
 def adapt_language(cfg: AdaptConfig, lang: str) -> str:

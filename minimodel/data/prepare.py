@@ -6,12 +6,19 @@ Layout under `output_dir`, per language L:
     <L>/train.bin|.idx, valid.*    megatron-core IndexedDataset, one document per verse (ids without <s> </s>)
     <L>/verses.jsonl               the documents in the order they were written, with their split
     <L>/build.json                 completion marker: input hash, file sizes, counts
+    <L>/.minimodel-config.json     the language's provenance record (minimodel/provenance.py, a part): its settings
+                                   (the config less the other languages'), its input hash as digest
     manifest.json                  what was built; config.yaml: the resolved config
 
 A language is built in a hidden sibling directory and renamed into place only once complete, so an interrupted
 build never leaves a directory that looks finished; the next run removes the leftover and rebuilds. A language
 whose build.json matches the current input hash (config, source fingerprints, code versions) and whose files have
 their recorded sizes is not rebuilt: re-running with the same inputs changes nothing.
+
+Provenance is per language: adding a language builds that language only and leaves the others' records, and so
+every stage that read them (pretraining on en/, the adaptation to sw), valid. A changed setting of a language
+(its sources, vocab_size, or a shared one) rebuilds it, logging the keys; the stages that consumed it then refuse
+their old result (or redo it) naming the keys.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from minimodel.data.tokenizer import SPM_FILE, TokenizerError, load_tokenizer, m
 from minimodel.hf import is_tokenizer_dir
 from minimodel import faults
 from minimodel.files import replace_dir, write_text_atomic
+from minimodel import provenance
 from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -215,6 +223,13 @@ def language_hash(cfg: DataConfig, lang: str, fingerprints: dict[str, list[str]]
     })
 
 
+def language_fingerprint(cfg: DataConfig, lang: str, input_hash: str) -> dict:
+    """The provenance record of `<output_dir>/<lang>` (a part): its digest is the language's input hash, its config
+    the data config less the other languages' keys (all of them count with a joint tokenizer)."""
+    others = () if cfg.tokenizer.joint else tuple(f"languages.{other}" for other in cfg.languages if other != lang)
+    return provenance.part_fingerprint(cfg, input_hash, ignore=others)
+
+
 def _pretrained_fingerprint(tokenizer_dir: str | None) -> str | None:
     """A given tokenizer's content (its files may change under the same path)."""
     if tokenizer_dir is None:
@@ -275,7 +290,8 @@ def _train_tokenizer(cfg: DataConfig, texts: list[str], out_dir: Path, vocab_siz
 
 def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: dict[str, int], input_hash: str,
                    out: Path, joint_tokenizer: Path | None = None) -> dict:
-    """Build `<out>/<lang>` in a hidden directory and rename it into place once complete; returns its stats."""
+    """Build `<out>/<lang>` in a hidden directory and rename it into place once complete, with its provenance
+    record; returns its stats."""
     start = time.perf_counter()
     tmp = out / f".{lang}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -320,6 +336,8 @@ def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: d
              "unk_fraction": round(unknown / max(sum(tokens.values()), 1), 6), "encoder": type(encoder).__name__,
              "sources": [s.describe() for s in cfg.languages[lang].sources], "seconds": round(seconds, 2)}
     write_text_atomic(tmp / BUILD_MARKER, json.dumps({"input_hash": input_hash, "files": files, **stats}, indent=2))
+    # after build.json's file list: the record may be rewritten in place (settings that do not change the build)
+    provenance.write_part(tmp, language_fingerprint(cfg, lang, input_hash), replaces=out / lang)
 
     faults.point("build")
     replace_dir(tmp, out / lang)
@@ -396,6 +414,14 @@ def _report(tracker: Tracker, stats: dict[str, dict], built: list[str], seconds:
     tracker.log_metrics(metrics, step=0)
 
 
+def _finish(cfg: DataConfig, out: Path, hashes: dict[str, str]) -> None:
+    """Every language's record (a language built before records were per language gets one now), then the
+    whole's, listing the languages' digests."""
+    for lang in cfg.languages:
+        provenance.write_part(out / lang, language_fingerprint(cfg, lang, hashes[lang]))
+    finish_output(out, cfg, parts=hashes)
+
+
 def prepare_data(cfg: DataConfig) -> StageResult:
     """Build every configured language under cfg.output_dir (skipping up-to-date ones); outputs: the manifest's
     path."""
@@ -410,6 +436,11 @@ def prepare_data(cfg: DataConfig) -> StageResult:
         hashes = {lang: language_hash(cfg, lang, fingerprints) for lang in cfg.languages}
         input_hash = _digest(hashes)
         todo = [lang for lang in cfg.languages if not is_complete(out / lang, hashes[lang])]
+        for lang in todo:
+            changed = provenance.differences(old, language_fingerprint(cfg, lang, hashes[lang])) \
+                if (old := provenance.read(out / lang)) is not None else []
+            if changed:
+                log.info("%s: settings changed (%s): rebuilding it", lang, "; ".join(changed))
         manifest_path = out / MANIFEST
         old_manifest = _read_json(manifest_path) or {}
         tags = {"stage": "data", "method": "prepare_data", "languages": ",".join(cfg.languages)}
@@ -417,7 +448,7 @@ def prepare_data(cfg: DataConfig) -> StageResult:
             if not todo and old_manifest.get("input_hash") == input_hash:
                 log.info("%s is up to date (input hash %s): nothing to do", out, input_hash[:12])
                 tracker.set_tags({"up_to_date": True})
-                finish_output(out, cfg)
+                _finish(cfg, out, hashes)
                 return StageResult("finished", {"manifest": manifest_path})
             for lang in cfg.languages:
                 log.info("%s: %s", lang, "building" if lang in todo else "up to date, kept")
@@ -432,5 +463,5 @@ def prepare_data(cfg: DataConfig) -> StageResult:
             write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
             _report(tracker, stats, todo, time.perf_counter() - start)
             tracker.log_artifact(manifest_path)
-        finish_output(out, cfg)
+        _finish(cfg, out, hashes)
         return StageResult("finished", {"manifest": manifest_path})
