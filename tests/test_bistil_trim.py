@@ -49,7 +49,7 @@ def test_the_trimmed_tokenizer_retokenises_to_the_old_ids_mapped(tmp_path, texts
     assert 50 < len(kept) < len(tokenizer) - 50  # the threshold really drops tokens
     new_to_old = trim_tokenizer(tmp_path / "full", kept, tmp_path / "trimmed")
     trimmed = load_tokenizer(tmp_path / "trimmed")
-    assert len(trimmed) == len(new_to_old) and np.all(np.diff(new_to_old) > 0)  # old order
+    assert len(trimmed) == len(new_to_old) and np.all(np.diff(new_to_old) > 0)  # numbered in old order
     if family == "roberta":  # BPE keeps the parts its kept tokens are merged from, nothing else
         assert set(kept) <= set(new_to_old.tolist())
     else:
@@ -58,11 +58,20 @@ def test_the_trimmed_tokenizer_retokenises_to_the_old_ids_mapped(tmp_path, texts
     assert {old_to_new[i] for i in tokenizer.all_special_ids} == set(trimmed.all_special_ids)
     assert trimmed.pad_token_id == old_to_new[tokenizer.pad_token_id]
 
+    # as a block of a larger vocabulary: specials keep their ids, the other pieces from 1000 on
+    specials = set(tokenizer.all_special_ids)
+    block = {**{old: 1000 + n for n, old in enumerate(o for o in new_to_old.tolist() if o not in specials)},
+             **{old: old for old in specials}}
+    trim_tokenizer(tmp_path / "full", kept, tmp_path / "block",
+                   renumber=lambda rows: {int(o): block[int(o)] for o in rows})
+    in_block = load_tokenizer(tmp_path / "block")
+
     checked = 0
     for text in english[400:] + swahili[400:]:  # held out: every text whose old tokens were all kept
         old = tokenizer(text)["input_ids"]
         if all(i in old_to_new for i in old):
             assert trimmed(text)["input_ids"] == [old_to_new[i] for i in old], text
+            assert in_block(text)["input_ids"] == [block[i] for i in old], text
             checked += 1
     assert checked >= 20, checked
 

@@ -8,8 +8,8 @@ student can serve a language the primary's vocabulary never covered; unset, `tea
 The student's vocabulary (minimodel/bistil/trim.py): the teacher's tokens frequent in either corpus (one teacher), or
 the source block followed by the target's non-special tokens (two teachers: both kept sets, the target's special
 tokens mapped to the source's by role). With two teachers the student directory holds the source tokenizer
-(loaded by AutoTokenizer) and target_tokenizer/ with vocabulary.json's id map: StudentVocabulary routes each
-language to its pieces. In training the student reads the teachers' segmentation (positions must align for the
+(loaded by AutoTokenizer) and target_tokenizer/, numbered in the student's ids (StudentVocabulary picks the one a
+language is read with), so each language reads its own pieces with a plain Hugging Face tokenizer. In training the student reads the teachers' segmentation (positions must align for the
 state losses), a piece the trimming dropped as <unk>; its own tokenizer splits such rare words into kept pieces.
 
 Each micro-batch holds the same number of sequences of each language, and each forward is monolingual. The
@@ -101,18 +101,15 @@ class DistillConfig:
 
 
 class StudentVocabulary:
-    """Old (teacher) ids -> student ids per language, and the tokenizer each language is read with."""
+    """The tokenizer each language of a student directory is read with (both give student ids)."""
 
     def __init__(self, student_dir: str | Path):
         self.dir = Path(student_dir)
         spec = json.loads((self.dir / VOCABULARY_FILE).read_text())
-        self.to_student = {lang: np.asarray(ids, dtype=np.int64) for lang, ids in spec["to_student"].items()}
         self.tokenizer_dirs = {lang: self.dir / sub for lang, sub in spec["tokenizer"].items()}
 
-    def encode(self, lang: str, text: str) -> list[int]:
-        """`text` in student ids (with the model's special tokens)."""
-        ids = load_tokenizer(self.tokenizer_dirs[lang])(text)["input_ids"]
-        return self.to_student[lang][ids].tolist()
+    def tokenizer(self, lang: str):
+        return load_tokenizer(self.tokenizer_dirs[lang])
 
 
 def _special_ids_by_role(tokenizer) -> dict[str, int]:
@@ -137,19 +134,26 @@ def build_vocabulary(cfg: DistillConfig, lang: str, sources: dict[str, tuple[Pat
                 "tokenizer": {src: ".", lang: "."}}
     src_rows = trim_tokenizer(sources[src][0], kept_ids([counts[src]], tokenizers[src].all_special_ids,
                                                         cfg.vocab_threshold), student_dir)
-    tgt_rows = trim_tokenizer(sources[lang][0], kept_ids([counts[lang]], tokenizers[lang].all_special_ids,
-                                                         cfg.vocab_threshold), student_dir / TARGET_TOKENIZER_DIR)
     src_ids = _positions(src_rows, len(tokenizers[src]))
     src_ids[src_ids < 0] = src_ids[source_unk]
-    tgt_block = np.setdiff1d(tgt_rows, tokenizers[lang].all_special_ids)  # ascending
-    tgt_ids = _positions(tgt_block, len(tokenizers[lang]))
-    tgt_ids[tgt_ids >= 0] += len(src_rows)
-    src_roles, tgt_roles = _special_ids_by_role(tokenizers[src]), _special_ids_by_role(tokenizers[lang])
-    for role, tid in tgt_roles.items():  # the target's special tokens are the source's of the same role
-        tgt_ids[tid] = src_ids[src_roles.get(role, source_unk)]
-    tgt_ids[tgt_ids < 0] = src_ids[source_unk]
+    src_roles = _special_ids_by_role(tokenizers[src])
+    # the target's special tokens are the source's of the same role (one without a counterpart is dropped)
+    specials = {tid: int(src_ids[src_roles[role]]) for role, tid in _special_ids_by_role(tokenizers[lang]).items()
+                if role in src_roles}
+
+    def target_block(rows: np.ndarray) -> dict[int, int]:  # the target's kept ids -> student ids
+        plain = [int(o) for o in rows if o not in specials]
+        return {**{o: len(src_rows) + n for n, o in enumerate(plain)}, **{int(o): specials[o] for o in rows
+                                                                          if o in specials}}
+
+    tgt_kept = kept_ids([counts[lang]], list(specials), cfg.vocab_threshold)
+    tgt_kept = tgt_kept[~np.isin(tgt_kept, list(set(tokenizers[lang].all_special_ids) - set(specials)))]
+    tgt_rows = trim_tokenizer(sources[lang][0], tgt_kept, student_dir / TARGET_TOKENIZER_DIR, renumber=target_block)
+    tgt_ids = np.full(len(tokenizers[lang]), src_ids[source_unk], dtype=np.int64)  # dropped rare tokens: <unk>
+    for old, new in target_block(tgt_rows).items():
+        tgt_ids[old] = new
     return {"to_student": {src: src_ids.tolist(), lang: tgt_ids.tolist()},
-            "rows": {src: src_rows.tolist(), lang: tgt_block.tolist()},
+            "rows": {src: src_rows.tolist(), lang: [int(o) for o in tgt_rows if o not in specials]},
             "tokenizer": {src: ".", lang: TARGET_TOKENIZER_DIR}}
 
 

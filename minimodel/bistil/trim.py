@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from minimodel.files import replace_dir
 from minimodel.hf import load_tokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
+Renumber = Callable[[np.ndarray], dict[int, int]]
 # files a tokenizer directory may hold that describe the untrimmed vocabulary: dropped (tokenizer.json rules)
 UNTRIMMED_FILES = ("sentencepiece.bpe.model", "spiece.model", "vocab.txt", "vocab.json", "merges.txt")
 
@@ -86,42 +88,41 @@ def _bpe_closure(model: dict, keep: set[str]) -> set[str]:
     return closed
 
 
-def _trim_tokenizer_json(spec: dict, kept_pieces: set[str]) -> tuple[dict, dict[int, int]]:
-    """The tokenizer.json with only `kept_pieces` (BPE: and their merge parts); returns it and old id -> new id."""
+def _trim_tokenizer_json(spec: dict, kept_pieces: set[str], renumber: Renumber | None) -> tuple[dict, dict]:
+    """The tokenizer.json with only `kept_pieces` (BPE: and their merge parts), numbered in old order or by
+    `renumber`; returns it and old id -> new id."""
     model = spec["model"]
     kind = model["type"]
-    if kind == "Unigram":
-        old = [piece for piece, _ in model["vocab"]]
-        model["vocab"] = [entry for entry in model["vocab"] if entry[0] in kept_pieces]
-        new_ids = {p: i for i, (p, _) in enumerate(model["vocab"])}
-        if model.get("unk_id") is not None:
-            model["unk_id"] = new_ids[old[model["unk_id"]]]
-    elif kind in ("WordPiece", "BPE"):
-        if kind == "BPE":
-            kept_pieces = _bpe_closure(model, kept_pieces)
-            model["merges"] = [m for m in model["merges"]
-                               if all(p in kept_pieces for p in (*_merge_parts(m), "".join(_merge_parts(m))))]
-        by_id = sorted(model["vocab"].items(), key=lambda kv: kv[1])
-        old = [p for p, _ in by_id]
-        model["vocab"] = {p: i for i, p in enumerate(p for p in old if p in kept_pieces)}
-        new_ids = model["vocab"]
-    else:
+    if kind not in ("Unigram", "WordPiece", "BPE"):
         raise ValueError(f"cannot trim a {kind} tokenizer model: BiStil trims Unigram (XLM-R), WordPiece (BERT) and "
                          "BPE (RoBERTa) tokenizers")
-    # tokens added outside the model's vocabulary (specials such as <mask>) follow it, in their old order
-    added = sorted((t for t in spec.get("added_tokens", []) if t["content"] not in new_ids and
-                    t["content"] in kept_pieces), key=lambda t: t["id"])
-    next_id = len(new_ids)
-    for t in added:
-        new_ids[t["content"]] = next_id
-        next_id += 1
-    old_ids = {**{p: i for i, p in enumerate(old)}, **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
+    if kind == "BPE":
+        kept_pieces = _bpe_closure(model, kept_pieces)
+        model["merges"] = [m for m in model["merges"]
+                           if all(p in kept_pieces for p in (*_merge_parts(m), "".join(_merge_parts(m))))]
+    in_model = ({p: i for i, (p, _) in enumerate(model["vocab"])} if kind == "Unigram" else dict(model["vocab"]))
+    old_ids = {**in_model, **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
+    kept_old = sorted(old_ids[p] for p in kept_pieces if p in old_ids)
+    old_to_new = renumber(np.array(kept_old)) if renumber else {old: i for i, old in enumerate(kept_old)}
+    new_ids = {p: old_to_new[i] for p, i in old_ids.items() if i in old_to_new}
+    if kind == "Unigram":  # ids are list positions: ids no kept piece takes hold a piece no text contains
+        scores = dict((p, score) for p, score in model["vocab"])
+        size = 1 + max(new_ids[p] for p in scores if p in new_ids)
+        vocab = [[f"<unused:{i}>", min(scores.values())] for i in range(size)]
+        for p in scores:
+            if p in new_ids:
+                vocab[new_ids[p]] = [p, scores[p]]
+        if model.get("unk_id") is not None:
+            model["unk_id"] = new_ids[model["vocab"][model["unk_id"]][0]]
+        model["vocab"] = vocab
+    else:
+        model["vocab"] = {p: new_ids[p] for p in in_model if p in new_ids}
     spec["added_tokens"] = [{**t, "id": new_ids[t["content"]]} for t in spec.get("added_tokens", [])
                             if t["content"] in new_ids]
     _renumber_post_processor(spec.get("post_processor"), new_ids)
     if spec.get("padding"):
         spec["padding"]["pad_id"] = new_ids[spec["padding"]["pad_token"]]
-    return spec, {old_ids[p]: i for p, i in new_ids.items()}
+    return spec, old_to_new
 
 
 def _renumber_post_processor(proc: dict | None, new_ids: dict[str, int]) -> None:
@@ -138,16 +139,18 @@ def _renumber_post_processor(proc: dict | None, new_ids: dict[str, int]) -> None
             proc[key] = [proc[key][0], new_ids[proc[key][0]]]
 
 
-def trim_tokenizer(tokenizer_dir: str | os.PathLike, kept: np.ndarray, out_dir: str | os.PathLike) -> np.ndarray:
+def trim_tokenizer(tokenizer_dir: str | os.PathLike, kept: np.ndarray, out_dir: str | os.PathLike,
+                   renumber: Renumber | None = None) -> np.ndarray:
     """Write the tokenizer of `tokenizer_dir` trimmed to the old ids `kept` into `out_dir` (atomically). Returns the
-    old ids of the written tokenizer in new-id order: `kept`, plus BPE merge parts."""
+    old ids it keeps, ascending: `kept`, plus BPE merge parts. Numbered 0.. in old order, or by `renumber` (the
+    kept old ids -> {old id: new id}): a block of a larger vocabulary (BiStil's two-teacher student)."""
     tokenizer = load_tokenizer(tokenizer_dir)
     if not tokenizer.is_fast:
         raise ValueError(f"{tokenizer_dir}: BiStil trims fast tokenizers (tokenizer.json); save this one with a "
                          "transformers version that converts it")
     vocab = {i: p for p, i in tokenizer.get_vocab().items()}
     spec, old_to_new = _trim_tokenizer_json(json.loads(tokenizer.backend_tokenizer.to_str()),
-                                            {vocab[int(i)] for i in kept})
+                                            {vocab[int(i)] for i in kept}, renumber)
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -161,4 +164,4 @@ def trim_tokenizer(tokenizer_dir: str | os.PathLike, kept: np.ndarray, out_dir: 
         config["added_tokens_decoder"] = {str(old_to_new[i]): t for i, t in by_old.items() if i in old_to_new}
     (tmp / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     replace_dir(tmp, out)
-    return np.array(sorted(old_to_new, key=old_to_new.get), dtype=np.int64)
+    return np.array(sorted(old_to_new), dtype=np.int64)
