@@ -3,7 +3,9 @@
 A method is written as a spec `<model>[+<init>]`:
 - `<model>` (MODELS): where the model for adaptation comes from: `standard` (the primary model itself, the baseline
   every other method is measured against), `minijoint` (the MiniJoint mini-model the export splits off the primary),
-  `minipost` (the MiniPost mini-model built from the primary);
+  `minipost` (the MiniPost mini-model built from the primary), or `none` (BASELINE: no adaptation at all, the
+  primary as it is reads the target text with its own tokenizer and embeddings; the pipeline evaluates it on every
+  zero-shot task whose metric compares tokenizers and the report draws it as the line an adapted method must beat);
 - `+<init>`: the initialisation of the new embedding matrix, one of adaptation/vocab.py's INITIALISERS (e.g.
   `minipost+copy_shared`); without it, the adaptation config's `init.method`.
 So `methods: [standard, minipost, minipost+copy_shared]` runs three adaptations per language side by side. The spec is
@@ -18,19 +20,28 @@ from minimodel.adaptation.vocab import INITIALISERS
 from minimodel.config import ConfigError
 
 REFERENCE = "standard"  # the report's reference: every method's compute is compared to this one's
+BASELINE = "none"  # the unadapted primary: the quality an adapted method must beat (the pipeline always adds it)
 
 
 @dataclass(frozen=True)
 class ModelSource:
     name: str
-    over: Literal["full", "mini"]  # adapt/train.py's `over`: the primary itself, or a mini-model aligned with it
+    # adapt/train.py's `over`: the primary itself, or a mini-model aligned with it; None: nothing is adapted
+    over: Literal["full", "mini"] | None
     description: str
+
+    @property
+    def adapted(self) -> bool:
+        """Whether the method learns target embeddings (an adaptation stage, plugging); `none` does not: zero-shot
+        scores the source model with its own tokenizer on the target text."""
+        return self.over is not None
 
 
 MODELS: dict[str, ModelSource] = {m.name: m for m in (
     ModelSource("standard", "full", "the primary model itself (standard adaptation)"),
     ModelSource("minijoint", "mini", "the MiniJoint mini-model exported with the primary"),
     ModelSource("minipost", "mini", "the MiniPost mini-model built from the primary"),
+    ModelSource(BASELINE, None, "no adaptation: the primary as it is, its own tokenizer and embeddings"),
 )}
 
 
@@ -46,6 +57,10 @@ class Method:
     @property
     def source(self) -> ModelSource:
         return MODELS[self.model]
+
+    @property
+    def adapted(self) -> bool:
+        return self.source.adapted
 
     def adapt_overrides(self) -> list[str]:
         """adapt/train.py settings that make a run this method (the mini-model's path is the caller's)."""
@@ -63,4 +78,18 @@ def parse_method(spec: str, key: str = "method") -> Method:
     model, plus, init = spec.partition("+")
     if model not in MODELS or (plus and init not in INITIALISERS):
         raise ConfigError(f"{key}: unknown method {spec!r}; methods are {known_methods()}")
+    if plus and not MODELS[model].adapted:
+        raise ConfigError(f"{key}: {spec!r}: method {model} adapts nothing, so it has no embedding initialisation: "
+                          f"write {model}")
     return Method(model, init if plus else None)
+
+
+def parse_adapted_method(spec: str, key: str = "method") -> Method:
+    """parse_method, refusing `none` where a setting names what adaptation learned (adapt/train.py, the pipeline's
+    methods, the report's reference)."""
+    method = parse_method(spec, key)
+    if not method.adapted:
+        raise ConfigError(f"{key}: {spec!r} is the unadapted baseline, not an adaptation method: the pipeline "
+                          f"evaluates it on its own and the report draws it as a line; name an adaptation method "
+                          f"({', '.join(m for m in MODELS if MODELS[m].adapted)}, with an optional +<init>)")
+    return method

@@ -6,6 +6,9 @@
          -> zero-shot tasks scored on the primary model itself (target_mlm: held-out target MLM loss), per method
          -> step 3: fine-tune the primary on the English task -> plug each language's embeddings into the task model
          -> step 4: zero-shot evaluation of the task model per method -> report (quality vs adaptation compute)
+    and always the unadapted baseline (method `none`): the primary as it is, reading the target text with its own
+    tokenizer (the source tokenizer), on every zero-shot task whose metric compares tokenizers; the report draws it
+    as a line and warns when an adapted method ends below it
     (steps 3-4 only when configs.zero_shot lists a fine-tuned task; `seed=N` seeds every training stage: a replicate)
 
 From a model you have (`primary_model: <Hugging Face dir>`, e.g. XLM-R): no pretraining or export; the data stage
@@ -37,7 +40,7 @@ from minimodel.config import ConfigError, load_config, require, save_config
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.hf import HFLoadError, load_tokenizer
 from minimodel.layout import PipelineLayout
-from minimodel.methods import REFERENCE, parse_method
+from minimodel.methods import BASELINE, REFERENCE, parse_method
 from minimodel.minipost.build import MiniPostError, check_tokenizer
 from minimodel.stages import Stage, StageFailed, StageInterrupted, StopSignals, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
@@ -66,7 +69,8 @@ class PipelineConfig:
     data_dir: str = "data/default"  # the data config's output_dir
     source_lang: str = "en"
     target_langs: list[str] = field(default_factory=lambda: ["ny", "sw"])
-    # adaptation methods run side by side, each `<model>[+<init>]` (minimodel/methods.py), e.g. minipost+copy_shared
+    # adaptation methods run side by side, each `<model>[+<init>]` (minimodel/methods.py), e.g. minipost+copy_shared;
+    # the unadapted baseline (none) is evaluated without being listed
     methods: list[str] = field(default_factory=lambda: ["standard", "minijoint", "minipost"])
     # a Hugging Face masked LM directory (XLM-R, mBERT, ...) to start from instead of pretraining MiniJoint
     primary_model: str | None = None
@@ -93,6 +97,8 @@ class PipelineConfig:
                 f"the source language {self.source_lang} cannot also be a target")
         require(len(self.target_langs) >= 1, "target_langs", "name at least one target language")
         models = {parse_method(spec, f"methods[{i}]").model for i, spec in enumerate(self.methods)}
+        require(BASELINE not in models, "methods", f"{BASELINE} (the unadapted primary) is evaluated on every "
+                "pipeline without being listed, as the report's baseline line: drop it from methods")
         require(len(set(self.methods)) == len(self.methods), "methods", "each method once")
         require(REFERENCE in self.methods, "methods",
                 f"the report measures every method against {REFERENCE} adaptation: keep {REFERENCE!r} in the list")
@@ -232,12 +238,21 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                     f"task.data_dir={at.data_dir}", f"targets=[{', '.join(targets)}]", f"output_dir={out}",
                     *extra("zero_shot")], out, after)
 
+    # The unadapted baseline (method none) on each task whose metric compares tokenizers: each target is only a
+    # language, read by the source model (the primary, or the task model fine-tuned from it) with its own tokenizer.
+    baseline = parse_method(BASELINE)
+    unadapted = [f"{{lang: {lang}}}" for lang in cfg.target_langs]
+
+    def evaluated(config: str) -> list:
+        return [*methods, *([baseline] if TASKS[zero_shot_task(config)].compares_tokenizers else [])]
+
     # Tasks on the primary itself need only the adaptation runs: each checkpoint's embeddings plugged in memory.
     fine_tuned = {config: TASKS[zero_shot_task(config)].fine_tuned for config in cfg.configs.zero_shot}
     evaluations = [zero_shot(config, m.name, at.primary,
                              [f"{{lang: {lang}, embeddings: {at.adapt(m.name, lang)}}}" for lang in cfg.target_langs],
-                             [adapted[m.name, lang] for lang in cfg.target_langs])
-                   for config in cfg.configs.zero_shot if not fine_tuned[config] for m in methods]
+                             [adapted[m.name, lang] for lang in cfg.target_langs]) if m.adapted else
+                   zero_shot(config, m.name, at.primary, unadapted, [export])
+                   for config in cfg.configs.zero_shot if not fine_tuned[config] for m in evaluated(config)]
 
     # Step 3 (fine-tuning, plugging into the task model) only when a configured task needs it.
     fine_tuned_configs = [config for config in cfg.configs.zero_shot if fine_tuned[config]]
@@ -258,6 +273,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                f"embeddings: {emb_dir}}}")
             evaluations += [zero_shot(config, method.name, at.task_model, targets, plugs)
                             for config in fine_tuned_configs]
+        evaluations += [zero_shot(config, baseline.name, at.task_model, unadapted, [finetune])
+                        for config in fine_tuned_configs if baseline in evaluated(config)]
     tasks = ", ".join(dict.fromkeys(zero_shot_task(config) for config in cfg.configs.zero_shot))
     report = add("report", "report", ["--config", cfg.configs.report, f"output_dir={at.report}",
                                       f"pipeline_dir={at.root}", f"methods=[{', '.join(cfg.methods)}]",
@@ -339,6 +356,8 @@ def run(cfg: PipelineConfig) -> Path:
     report_dir = at.report
     print(f"\npipeline finished in {time.time() - start:.0f} s")
     print(f"report:  {report_dir / 'report.md'} (+ report.json, compute_vs_quality.png)")
+    for warning in json.loads((report_dir / "report.json").read_text()).get("warnings", []):
+        print(f"WARNING: {warning}", flush=True)  # e.g. a method that ends below the unadapted baseline
     if tracker.run_id:
         print(f"MLflow:  `make ui`, then open run {tracker.run_id} (store: {tracker.uri})")
     return report_dir

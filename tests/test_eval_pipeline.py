@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from adapt_helpers import run_and_signal
 from eval_helpers import (EMBEDDINGS, REPO, adaptation_artifact, cipher, perfect_target_embeddings, plug,
                           source_vocab, stage_env, tiny_mlm, toy_bible, word_tokenizer, write_verses)
-from minimodel.config import load_config
+from minimodel.config import ConfigError, load_config
 from minimodel.evaluation.models import TokenizerMismatchError
 from minimodel.evaluation.zero_shot import ZeroShotConfig, zero_shot
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
@@ -174,6 +174,27 @@ def test_plugged_model_filed_under_wrong_method_is_refused(world, plugged_task_m
                                                         f"tokenizer: {world['root'] / 'data/xx/tokenizer'}}}]")
     with pytest.raises(ValueError, match="method='minijoint' embeddings .* fix method"):
         zero_shot(cfg)
+
+
+def test_unadapted_baseline_reads_each_target_with_the_source_tokenizer(world):
+    """Method none: the task model as fine-tuned, reading the target text with its own (source) tokenizer. yy is
+    English under another code: read in full, it scores exactly the source accuracy; xx (a cipher) is all <unk> to
+    the source tokenizer: not scored, recorded as unreadable."""
+    root = world["root"]
+    write_verses(root / "data", "yy", toy_bible())
+    cfg = _zero_shot_cfg(world, "zs_none", method="none", source_model_dir=world["task_model"],
+                         targets="[{lang: yy}, {lang: xx}]")
+    results = zero_shot(cfg).outputs
+    assert results["yy"]["accuracy"] == results["en"]["accuracy"] > 0.5 and results["yy"]["unk_fraction"] == 0.0
+    assert results["xx"] == {"unk_fraction": 1.0, "unreadable": 1.0}
+    assert json.loads((root / "zs_none" / "metrics.json").read_text()) == results
+    with pytest.raises(ConfigError, match=r"targets\[0\]: method none reads each target with the source model"):
+        _zero_shot_cfg(world, "zs_none2", method="none", source_model_dir=world["task_model"],
+                       targets=f"[{{lang: xx, model_dir: {world['task_model']}, tokenizer: {root / 'data/xx/tokenizer'}}}]")
+    with pytest.raises(ConfigError, match="method: none .* cannot be scored on target_mlm: its mlm_gain does not "
+                                          "compare tokenizers"):
+        _zero_shot_cfg(world, "zs_none3", method="none", source_model_dir=world["primary"],
+                       targets="[{lang: xx}]", **{"task.name": "target_mlm"})
 
 
 @pytest.fixture(scope="module")

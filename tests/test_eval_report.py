@@ -181,3 +181,74 @@ def test_methods_are_reported_in_the_configured_order_and_only_those():
     assert list(chosen["tasks"]["target_mlm"]["languages"]["ny"]["methods"]) == chosen["methods"] == [
         "standard", "minipost+copy_shared", "minipost"]
     assert "| ny | minipost+copy_shared | 2 | 0.9 |" in markdown(chosen) and "stale" not in markdown(chosen)
+
+
+def _report_with_baseline(root, baseline: dict, caplog):
+    """The PLAN's results plus the unadapted baseline's (zero_shot/verse_class/none/metrics.json, as zero_shot
+    writes it for method none), reported with tracking off; (summary, markdown, warnings logged)."""
+    import logging
+
+    layout = PipelineLayout(root / "run")
+    write_pipeline_results(layout)
+    out = layout.zero_shot("verse_class", "none")
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(yaml.safe_dump({"method": "none", "source_lang": "en"}))
+    write_json(out / "metrics.json", {"en": {"accuracy": 0.9, "baseline/majority": 0.3}, "sw": baseline})
+    cfg = load_config(ReportConfig, overrides=[f"output_dir={root / 'report'}", f"pipeline_dir={root / 'run'}",
+                                               "tracking.enabled=false", "methods=[standard, minijoint, minipost]"])
+    with caplog.at_level(logging.WARNING, logger="minimodel.evaluation.report"):
+        paths = report(cfg).outputs
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "unadapted" in r.getMessage()]
+    assert paths["png"].stat().st_size > 0
+    return json.loads(paths["json"].read_text()), paths["markdown"].read_text(), logged
+
+
+def _baseline_lines(summary) -> list[list[float]]:
+    """The y values of the unadapted baseline's lines on each plot of the report's figure."""
+    import matplotlib.pyplot as plt
+
+    from minimodel.evaluation.report import figure
+
+    fig = figure(summary)
+    lines = [list(line.get_ydata()) for ax in fig.axes for line in ax.lines
+             if line.get_label() == "unadapted (none) sw"]
+    plt.close(fig)
+    return lines
+
+
+def test_a_method_below_the_unadapted_baseline_is_warned_about_and_the_baseline_drawn(tmp_path, caplog):
+    """The unadapted primary scored 0.78 on sw: minipost ends at 0.75, below it (standard 0.80 and minijoint 0.81
+    are above): a warning naming method, language, task and both scores, logged and written to report.json and
+    report.md; the baseline is a horizontal line at 0.78 on both plots, not a method with compute."""
+    summary, md, logged = _report_with_baseline(tmp_path, {"accuracy": 0.78, "unk_fraction": 0.01}, caplog)
+    task = summary["tasks"]["verse_class"]
+    assert task["languages"]["sw"]["baseline"] == {"quality": 0.78, "unk_fraction": 0.01}
+    assert "none" not in summary["methods"] and "none" not in task["languages"]["sw"]["methods"]
+    assert task["below_baseline"] == [{"lang": "sw", "method": "minipost", "quality": 0.75, "baseline": 0.78}]
+    assert len(summary["warnings"]) == 1 and logged == summary["warnings"]
+    warning = summary["warnings"][0]
+    for part in ("verse_class sw", "minipost ends at accuracy 0.75", "below the unadapted primary (none",
+                 "at 0.78"):
+        assert part in warning
+    assert f"**Warning: below the unadapted baseline.** {warning}" in md
+    assert "Unadapted baseline (`none`" in md and "sw 0.78" in md
+    assert "standard ends" not in md and "minijoint ends" not in md
+    assert _baseline_lines(summary) == [[0.78, 0.78], [0.78, 0.78]]  # FLOPs and wall-clock plots
+
+
+def test_no_warning_when_every_method_ends_above_the_unadapted_baseline(tmp_path, caplog):
+    summary, md, logged = _report_with_baseline(tmp_path, {"accuracy": 0.70, "unk_fraction": 0.0}, caplog)
+    assert summary["warnings"] == [] and logged == []
+    assert summary["tasks"]["verse_class"]["below_baseline"] == []
+    assert "below the unadapted" not in md and "sw 0.7" in md
+    assert _baseline_lines(summary) == [[0.70, 0.70], [0.70, 0.70]]
+
+
+def test_a_language_the_primary_cannot_read_has_no_baseline_line(tmp_path, caplog):
+    """zero_shot records a language the source tokenizer mostly maps to <unk> as unreadable, unscored: no line, no
+    warning, and the report says why."""
+    summary, md, logged = _report_with_baseline(tmp_path, {"unk_fraction": 0.6, "unreadable": 1.0}, caplog)
+    assert summary["tasks"]["verse_class"]["languages"]["sw"]["baseline"] == {"quality": None, "unk_fraction": 0.6}
+    assert summary["warnings"] == [] and logged == []
+    assert "sw not scored (its tokenizer maps 60% of the text to <unk>)" in md
+    assert _baseline_lines(summary) == []

@@ -100,6 +100,19 @@ def test_hf_tiny_pipeline_end_to_end(tmp_path):
     report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
     assert set(report["methods"]) >= {"standard", "minipost"}
     assert not (tmp_path / "run" / "pretrain").exists()
+    # the unadapted baseline (method none): the task model reading Chichewa with the primary's own tokenizer, on
+    # verse_class only (target_mlm's metric does not compare tokenizers); a warning per method that ends below it
+    verse_class = report["tasks"]["verse_class"]
+    baseline = verse_class["languages"]["ny"]["baseline"]
+    assert 0 <= baseline["quality"] <= 1 and baseline["unk_fraction"] < 0.25
+    assert not (tmp_path / "run" / "zero_shot" / "target_mlm" / "none").exists()
+    assert report["tasks"]["target_mlm"]["languages"]["ny"]["baseline"] is None
+    below = {m for m, e in verse_class["languages"]["ny"]["methods"].items()
+             if e["final"]["quality"] < baseline["quality"]}
+    assert {case["method"] for case in verse_class["below_baseline"]} == below
+    assert [line for line in run.stdout.splitlines() if line.startswith("WARNING: verse_class ny")] == [
+        f"WARNING: {w}" for w in report["warnings"]]
+    assert "Unadapted baseline (`none`" in (tmp_path / "run" / "report" / "report.md").read_text()
 
 
 def test_headless_model_gets_a_head_from_minipost_head_only(models, tmp_path):

@@ -67,3 +67,41 @@ def test_pipeline_runs_a_method_and_its_variant_side_by_side():
         assert {a.name for a in zero_shot.after} <= {"adapt-minipost+copy_shared-ny", "adapt-minipost+copy_shared-sw",
                                                      "plug-minipost+copy_shared-ny", "plug-minipost+copy_shared-sw"}
     assert "methods=[standard, minipost, minipost+copy_shared]" in stages["report"].argv
+
+
+def test_none_is_the_unadapted_baseline_and_no_setting_adapts_it():
+    none = parse_method("none")
+    assert none == Method("none") and not none.adapted and parse_method("minipost+ofa").adapted
+    with pytest.raises(ConfigError, match="method none adapts nothing, so it has no embedding initialisation"):
+        parse_method("none+ofa")
+    with pytest.raises(ConfigError, match="methods: none .* is evaluated on every pipeline without being listed"):
+        load_config(PipelineConfig, SMOKE, ["methods=[standard, none]"])
+    with pytest.raises(ConfigError, match=r"methods\[1\]: 'none' is the unadapted baseline, not an adaptation"):
+        load_config(ReportConfig, overrides=["methods=[standard, none]"])
+    with pytest.raises(ConfigError, match="reference_method: 'none' is the unadapted baseline"):
+        load_config(ReportConfig, overrides=["reference_method=none"])
+
+
+def test_pipeline_evaluates_the_unadapted_primary_on_each_task_that_compares_tokenizers():
+    """Method none on every zero-shot task whose metric compares tokenizers: verse_class with the task model as
+    fine-tuned, verse_retrieval with the primary, each target only a language (read with the model's own
+    tokenizer); not target_mlm; no adaptation or plugging for it; the report waits for it."""
+    retrieval = "configs/evaluate/zero_shot/verse_retrieval_tiny.yaml"
+    cfg = load_config(PipelineConfig, SMOKE, ["target_langs=[ny, sw]", f"configs.zero_shot=[{retrieval}, "
+                      "configs/evaluate/zero_shot/verse_class_tiny.yaml, configs/evaluate/zero_shot/target_mlm_tiny.yaml]"])
+    stages = {s.name: s for s in build_stages(cfg)}
+    unadapted = {name for name in stages if "none" in name}
+    assert unadapted == {"zero_shot-verse_class-none", "zero_shot-verse_retrieval-none"}
+    out = cfg.output_dir
+    classes, retrieval = stages["zero_shot-verse_class-none"], stages["zero_shot-verse_retrieval-none"]
+    assert {"method=none", f"source_model_dir={out}/finetune/model", "targets=[{lang: ny}, {lang: sw}]",
+            f"output_dir={out}/zero_shot/verse_class/none"} <= set(classes.argv)
+    assert [a.name for a in classes.after] == ["finetune"]
+    assert {"method=none", f"source_model_dir={out}/export/primary", "targets=[{lang: ny}, {lang: sw}]"} <= set(
+        retrieval.argv)
+    assert [a.name for a in retrieval.after] == ["export"]
+    assert unadapted <= {a.name for a in stages["report"].after}
+    assert classes.args[0] == "--config"  # the stage's arguments make a valid zero-shot config of method none
+    parsed = load_config(ZeroShotConfig, classes.args[1], classes.args[2:])
+    assert parsed.method == "none" and [(t.lang, t.model_dir, t.embeddings) for t in parsed.targets] == [
+        ("ny", "", None), ("sw", "", None)]

@@ -11,6 +11,9 @@ For each task and language it finds, for every method, the compute at which its 
 final evaluations only, each method has one point), and the saving against the standard method. A task whose
 source-language reference is not above the majority-class share (logged by zero_shot as baseline/majority) by
 `chance_margin` gets a warning: its numbers are at chance and say nothing about the methods.
+The unadapted baseline (method `none`, <pipeline_dir>/zero_shot/<task>/none/: the primary reading the target text
+with its own tokenizer) is no method with compute: it is drawn as a horizontal line per language, and an adapted
+method whose final quality ends below it gets a warning (logged, and in report.json's `warnings` and report.md).
 Writes report.json, report.md and compute_vs_quality.png to output_dir; with tracking, they and the headline
 numbers are also attached to the pipeline's MLflow run, for people to look at.
 """
@@ -34,7 +37,7 @@ from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.scoring import MAJORITY_METRIC
 from minimodel.evaluation.tasks import TASKS
 from minimodel.layout import PipelineLayout
-from minimodel.methods import REFERENCE, parse_method
+from minimodel.methods import BASELINE, REFERENCE, parse_adapted_method
 from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import TrackingConfig, attach_to_run
@@ -58,8 +61,9 @@ class ReportConfig:
 
     def validate(self) -> None:
         require(all(0 < f <= 1.5 for f in self.fractions), "fractions", "each must be in (0, 1.5], e.g. 0.95")
+        parse_adapted_method(self.reference_method, "reference_method")
         for i, spec in enumerate(self.methods):
-            parse_method(spec, f"methods[{i}]")
+            parse_adapted_method(spec, f"methods[{i}]")
         require(not self.methods or self.reference_method in self.methods, "reference_method",
                 f"{self.reference_method!r} is not one of methods {self.methods}")
         for i, task in enumerate(self.tasks):
@@ -89,15 +93,24 @@ def _subdirs(path: Path) -> list[str]:
 
 def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: list[str] | None = None) -> dict:
     """{"points": {task: {lang: {method: [Point...]}}}, "source": {task: {lang: quality}}, "metric": {task: name},
-    "majority": {task: {lang: majority-class share of the source evaluation}}} from the zero-shot results of
-    `tasks` x `methods` (default: every one there is)."""
+    "majority": {task: {lang: majority-class share of the source evaluation}},
+    "baseline": {task: {lang: {"quality": the unadapted primary's (None: unreadable), "unk_fraction": ...}}}}
+    from the zero-shot results of `tasks` x `methods` (default: every one there is) and the baseline's."""
     points: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     source: dict = defaultdict(dict)
     majority: dict = defaultdict(dict)
+    baseline: dict = defaultdict(dict)
     metric_of: dict[str, str] = {}
     for task in tasks or _subdirs(layout.root / "zero_shot"):
         metric = TASKS[task].metric
-        for method in methods or _subdirs(layout.root / "zero_shot" / task):
+        unadapted = layout.zero_shot(task, BASELINE) / "metrics.json"
+        if unadapted.is_file():
+            metric_of[task] = metric
+            source_lang = yaml.safe_load((unadapted.parent / "config.yaml").read_text())["source_lang"]
+            for lang, final in json.loads(unadapted.read_text()).items():
+                if lang != source_lang:
+                    baseline[task][lang] = {"quality": final.get(metric), "unk_fraction": final.get("unk_fraction")}
+        for method in [m for m in methods or _subdirs(layout.root / "zero_shot" / task) if m != BASELINE]:
             out = layout.zero_shot(task, method)
             if not (out / "metrics.json").is_file():
                 log.warning("%s has no metrics.json (zero-shot %s of %s did not finish): left out", out, task, method)
@@ -121,7 +134,7 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
             for pts in per_method.values():
                 pts.sort(key=lambda p: (math.inf if p.flops is None else p.flops,
                                         math.inf if p.adapt_step is None else p.adapt_step))
-    return {"points": points, "source": source, "metric": metric_of, "majority": majority}
+    return {"points": points, "source": source, "metric": metric_of, "majority": majority, "baseline": baseline}
 
 
 def compute_to_reach(points: list[Point], target: float) -> Point | None:
@@ -135,10 +148,12 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
     (default: every method found, the reference first) chooses and orders the methods."""
     found = {m for per_lang in data["points"].values() for per_method in per_lang.values() for m in per_method}
     order = [m for m in methods or [reference, *sorted(found - {reference})] if m in found]
-    tasks = {}
-    for task, per_lang in sorted(data["points"].items()):
-        langs = {}
-        for lang, per_method in sorted(per_lang.items()):
+    baselines = data.get("baseline", {})
+    tasks, warnings = {}, []
+    for task in sorted(set(data["points"]) | set(baselines)):
+        per_lang, langs, below = data["points"].get(task, {}), {}, []
+        for lang in sorted(set(per_lang) | set(baselines.get(task, {}))):
+            per_method = per_lang.get(lang, {})
             ref_points = per_method.get(reference, [])
             ref_final = ref_points[-1].quality if ref_points else None
             methods = {}
@@ -163,16 +178,30 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                 methods[method] = entry
             # how much the reference method improved over its first checkpoint (step 0): none means noise
             ref_gain = ref_final - ref_points[0].quality if len(ref_points) > 1 else None
-            langs[lang] = {"reference_final": ref_final, "reference_gain": ref_gain, "methods": methods}
+            langs[lang] = {"reference_final": ref_final, "reference_gain": ref_gain, "methods": methods,
+                           "baseline": baselines.get(task, {}).get(lang)}
+            unadapted = (langs[lang]["baseline"] or {}).get("quality")
+            for method, m in methods.items():
+                if unadapted is not None and m["final"]["quality"] < unadapted:
+                    below.append({"lang": lang, "method": method, "quality": m["final"]["quality"],
+                                  "baseline": unadapted})
+                    warnings.append(_below_baseline(task, data["metric"].get(task), below[-1]))
         source, majority = dict(data["source"].get(task, {})), dict(data.get("majority", {}).get(task, {}))
         tasks[task] = {"metric": data["metric"].get(task), "languages": langs, "source": source,
                        "description": TASKS[task].description if task in TASKS else "",
                        "majority": majority, "at_chance": bool(majority) and all(
                            source[lang] <= majority[lang] + chance_margin for lang in majority if lang in source),
                        "no_gain": [lang for lang, e in langs.items()
-                                   if e["reference_gain"] is not None and e["reference_gain"] <= chance_margin]}
+                                   if e["reference_gain"] is not None and e["reference_gain"] <= chance_margin],
+                       "below_baseline": below}
     return {"reference_method": reference, "methods": order, "fractions": fractions, "chance_margin": chance_margin,
-            "tasks": tasks}
+            "baseline_method": BASELINE, "tasks": tasks, "warnings": warnings}
+
+
+def _below_baseline(task: str, metric: str | None, case: dict) -> str:
+    return (f"{task} {case['lang']}: {case['method']} ends at {metric} {case['quality']:.4g}, below the unadapted "
+            f"primary ({BASELINE}: its own tokenizer and embeddings) at {case['baseline']:.4g}: this adaptation made "
+            f"the model worse than not adapting it; ship the unadapted primary for {case['lang']} or adapt better")
 
 
 def _ratio(reference: float | None, value: float | None) -> float | None:
@@ -199,6 +228,13 @@ def markdown(summary: dict) -> str:
             lines += [f"{metric}: {t['description']}.", ""]
         if t["source"]:
             lines += [f"Source-language reference (upper bound): {source}", ""]
+        unadapted = {lang: e["baseline"] for lang, e in t["languages"].items() if e.get("baseline")}
+        if unadapted:
+            lines += [f"Unadapted baseline (`{BASELINE}`: the primary as it is, reading the target text with its own "
+                      "tokenizer and embeddings; a horizontal line on the plot): " + ", ".join(
+                          f"{lang} {_fmt(b['quality'], '.4g')}" if b["quality"] is not None else
+                          f"{lang} not scored (its tokenizer maps {b['unk_fraction']:.0%} of the text to <unk>)"
+                          for lang, b in unadapted.items()), ""]
         head = ["language", "method", "points", metric, "FLOPs", "wall-clock s"]
         head += [f"FLOPs to {float(f) * 100:g}% (saving)" for f in fracs]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -220,6 +256,8 @@ def markdown(summary: dict) -> str:
                           f"share ({chance}) by more than {_fmt(summary.get('chance_margin'), 'g')}: the model did not "
                           f"learn this task at this scale, so these {metric} numbers and savings are at chance and "
                           "say nothing about the adaptation methods."]
+        for case in t.get("below_baseline", []):
+            lines += ["", f"**Warning: below the unadapted baseline.** {_below_baseline(task, metric, case)}."]
         if t.get("no_gain"):
             lines += ["", f"**Warning: no gain.** `{ref}` adaptation did not improve {metric} over its first "
                           f"checkpoint by more than {_fmt(summary.get('chance_margin'), 'g')} for "
@@ -230,6 +268,19 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = figure(summary)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def figure(summary: dict):
+    """Quality against adaptation FLOPs and wall clock, a row per task: a curve per method and language, horizontal
+    lines for the source reference, the majority class and the unadapted baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,6 +306,10 @@ def plot(summary: dict, path: Path) -> Path:
                 ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"source {lang}")
             for lang, value in t.get("majority", {}).items():
                 ax.axhline(value, color="red", linestyle=":", linewidth=1, label=f"majority class {lang}")
+            for li, (lang, entry) in enumerate(t["languages"].items()):
+                if (entry.get("baseline") or {}).get("quality") is not None:  # no compute: a line across
+                    ax.axhline(entry["baseline"]["quality"], color="black", linestyle=styles[li % len(styles)],
+                               linewidth=1.5, label=f"unadapted ({BASELINE}) {lang}")
             ax.set_xlabel(label)  # linear: the step-0 snapshots sit at compute 0
             ax.set_ylabel(t["metric"])
             ax.set_title(f"{task}: zero-shot {t['metric']}" + (" (AT CHANCE)" if t.get("at_chance") else ""))
@@ -262,11 +317,7 @@ def plot(summary: dict, path: Path) -> Path:
             if ax.lines:
                 ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return fig
 
 
 
@@ -280,6 +331,8 @@ def headline_metrics(summary: dict) -> dict[str, float]:
                 saving = m["reach"].get("1", {}).get("flops_saving")
                 if saving is not None:
                     out[f"{task}/{lang}/{method}/flops_saving"] = saving
+            if (entry.get("baseline") or {}).get("quality") is not None:
+                out[f"{task}/{lang}/{BASELINE}/{t['metric']}"] = entry["baseline"]["quality"]
     return out
 
 
@@ -297,6 +350,8 @@ def report(cfg: ReportConfig) -> StageResult:
     if not summary["tasks"]:
         raise EvaluationError(f"{layout.root / 'zero_shot'} holds no zero-shot results (<task>/<method>/metrics.json):"
                               " set pipeline_dir to the pipeline's output_dir, and run its zero-shot stages first")
+    for warning in summary["warnings"]:
+        log.warning("%s", warning)
     faults.point("write")
     paths = {"json": write_text_atomic(out / "report.json", json.dumps(summary, indent=2)),
              "markdown": write_text_atomic(out / "report.md", markdown(summary)),

@@ -39,6 +39,18 @@ def score(task: TaskConfig, model, tokenizer, lang: str, split: str, batch_size:
     return {**metrics, "n_examples": float(len(examples))}
 
 
+def unknown_fraction(task: TaskConfig, tokenizer, lang: str, split: str) -> float:
+    """The share of the tokens of `lang`'s task text (`split`) that `tokenizer` maps to its unknown token: whether a
+    tokenizer can read the language at all (a script it lacks gives about one <unk> per word)."""
+    if tokenizer.unk_token_id is None:  # byte-level: reads anything
+        return 0.0
+    fields = ("text_a", "text_b", "question", "context", "text")
+    texts = [e[k] for e in load_examples(task, lang, split) for k in fields if e.get(k)]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    total = sum(len(x) for x in ids)
+    return sum(x.count(tokenizer.unk_token_id) for x in ids) / total if total else 0.0
+
+
 def retrieval_layer(model, layer: int | None) -> int:
     """hidden_states index for retrieval: `layer` (negative counts from the top), default 2/3 of the depth (layer
     8 of 12, as SR-B evaluations of XLM-R / Glot500 use)."""

@@ -58,6 +58,13 @@ class TaskSpec:
         language as the reference; the other kinds use the primary model with the target embeddings plugged in."""
         return self.kind in ("classification", "qa")
 
+    @property
+    def compares_tokenizers(self) -> bool:
+        """Its metric means the same whatever tokenizer reads the text, so the unadapted primary reading the target
+        with its own tokenizer (method `none`) is comparable with the adapted methods. Not target_mlm: a per-token
+        loss over the target tokenizer's held-out data, measured from the adaptation run's own initial embeddings."""
+        return self.kind != "mlm"
+
 
 TASKS = {
     "xnli": TaskSpec("classification", "accuracy", ("entailment", "neutral", "contradiction")),

@@ -12,6 +12,12 @@ Task target_mlm scores the PRIMARY model (source_model_dir) with each checkpoint
 held-out target MLM loss (mlm_loss) and by mlm_gain = the loss with the step-0 snapshot's embeddings - the loss
 now, so the report's fractions of the standard method's final quality are fractions of its improvement.
 
+Method `none` (minimodel/methods.py BASELINE) adapts nothing: each target is just a language, read by the source
+model with its own tokenizer (the primary as it is, or the task model fine-tuned from it): the unadapted baseline.
+A language the tokenizer maps to its unknown token more often than the data stage accepts (UNK_REFUSED) is not
+scored: its metrics are {unk_fraction, unreadable: 1}; a scored one carries its unk_fraction too. Not for target_mlm,
+whose metric does not compare tokenizers (TaskSpec.compares_tokenizers).
+
 One MLflow run per language and model scored, tagged stage=evaluate, method, target_lang, task and role ("target"
 or "source"); a target's runs carry adapt_run_id, and a snapshot's adapt_step, so the report can place them on the
 compute axis. Writes <output_dir>/metrics.json ({lang: {metric: value}}, final embeddings) and, with snapshots,
@@ -33,8 +39,9 @@ from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.models import check_tokenizer, load_task_model, read_task_info
-from minimodel.evaluation.scoring import score, score_mlm, score_retrieval
+from minimodel.evaluation.scoring import score, score_mlm, score_retrieval, unknown_fraction
 from minimodel.evaluation.tasks import TaskConfig
+from minimodel.data.prepare import UNK_REFUSED
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
 from minimodel.methods import parse_method
@@ -45,6 +52,7 @@ from minimodel.tracking import Tracker, TrackingConfig
 log = logging.getLogger(__name__)
 
 PLUG_FILE = "plug.json"  # provenance adapt/plug.py writes into a plugged model directory
+UNREADABLE = "unreadable"  # method none's metric where the source tokenizer cannot read the target language
 
 
 @dataclass
@@ -74,10 +82,18 @@ class ZeroShotConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        parse_method(self.method)
+        adapted = parse_method(self.method).adapted
         require(bool(self.source_model_dir), "source_model_dir", "set it to the fine-tuned task model directory")
         require(self.split in ("dev", "test"), "split", "must be dev or test")
+        require(adapted or self.task.spec.compares_tokenizers, "method",
+                f"{self.method} (the unadapted primary, its own tokenizer) cannot be scored on {self.task.name}: its "
+                f"{self.task.spec.metric} does not compare tokenizers; evaluate it on another task")
         for i, t in enumerate(self.targets):
+            if not adapted:
+                require(bool(t.lang) and not (t.model_dir or t.tokenizer or t.embeddings), f"targets[{i}]",
+                        f"method {self.method} reads each target with the source model and its own tokenizer: give "
+                        "only lang (no model_dir, tokenizer or embeddings)")
+                continue
             require(bool(t.lang and (t.model_dir and t.tokenizer or t.embeddings)), f"targets[{i}]",
                     "each target needs lang and model_dir (plugged model) + tokenizer, or embeddings (an adaptation "
                     "run dir, plugged in memory)")
@@ -195,10 +211,24 @@ def _add_mlm_gain(target: TargetConfig, scored: list[tuple[TargetConfig, dict]])
         metrics["mlm_gain"] = initial - metrics["mlm_loss"]
 
 
+def _score_unadapted(cfg: ZeroShotConfig, target: TargetConfig, source) -> dict[str, float]:
+    """Method none: the source model reads the target text with its own tokenizer, where that tokenizer can."""
+    unknown = unknown_fraction(cfg.task, source[1], target.lang, cfg.split)
+    if unknown > UNK_REFUSED:
+        log.warning("%s %s: the source tokenizer maps %.0f%% of %s's text to its unknown token: it cannot read the "
+                    "language, so there is no unadapted baseline for it", cfg.task.name, cfg.method, 100 * unknown,
+                    target.lang)
+        return {"unk_fraction": unknown, UNREADABLE: 1.0}
+    return {**_score(cfg, target, *source, source), "unk_fraction": unknown}
+
+
 def _evaluate_target(cfg: ZeroShotConfig, target: TargetConfig, source, primary) -> tuple[dict, dict[int, dict]]:
     """Score every checkpoint of one target and log a run for each; (final metrics, {snapshot step: metrics})."""
-    scored = [(at, _score(cfg, at, model, tokenizer, source)) for at, model, tokenizer in
-              _checkpoints(cfg, target, source, primary)]
+    if parse_method(cfg.method).adapted:
+        scored = [(at, _score(cfg, at, model, tokenizer, source)) for at, model, tokenizer in
+                  _checkpoints(cfg, target, source, primary)]
+    else:
+        scored = [(target, _score_unadapted(cfg, target, source))]
     if cfg.task.spec.kind == "mlm":
         _add_mlm_gain(target, scored)
     for at, metrics in scored:
