@@ -75,6 +75,16 @@ def test_a_two_teacher_student_is_distilled_and_reads_each_language_with_its_own
     rows = [json.loads(line) for line in (out / "sw" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["compute/flops"] > 0
 
+    # beside its teacher, in one run: half the layers at half the width cost about a quarter of the FLOPs
+    comparison = json.loads((out / "sw" / "comparison.json").read_text())
+    teacher_row, student_row = comparison["teacher"], comparison["student"]
+    assert student_row["parameters"] < teacher_row["parameters"]
+    ratio = student_row["flops_per_token"] / teacher_row["flops_per_token"]
+    assert ratio == pytest.approx(2 * (2 * (4 * 16**2 + 2 * 16 * 32) + 4 * 32 * 16) /
+                                  (4 * (2 * (4 * 32**2 + 2 * 32 * 64) + 4 * 32 * 32)))  # layers x (linear + attention)
+    assert all(0 <= row["retrieval/top1"] <= row["retrieval/top10"] <= 1 and row["tokens_per_s"] > 0
+               for row in comparison.values())
+
     # the same command again: the finished student is kept, not redone
     mtime = (student_dir / "model.safetensors").stat().st_mtime_ns
     again = subprocess.run([sys.executable, "adapt/distill.py", *overrides], env=env, cwd=REPO, capture_output=True,

@@ -17,7 +17,8 @@ teachers are frozen outside the optimiser; the student's MLM head is not trained
 
 Output per target language, <output_dir>/<lang>/: source/ and target/ (the corpora in the teachers' vocabularies),
 projection.safetensors (M, narrower students), train/ (the loop's checkpoints and metrics.jsonl), student/ (a
-plain Hugging Face model directory with its tokenizer(s) and vocabulary.json).
+plain Hugging Face model directory with its tokenizer(s) and vocabulary.json), comparison.json (student beside
+teacher: held-out verse retrieval, parameters, FLOPs per token, measured tokens/s; minimodel/bistil/compare.py).
 """
 from __future__ import annotations
 
@@ -39,11 +40,13 @@ from minimodel.adaptation.artifact import TOKENIZER_DIR
 from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig, _rank0_then_everywhere,
                                         claim_language, prepare_target_data, run_languages)
 from minimodel.adaptation.vocab import install_vocabulary
+from minimodel.bistil.compare import Reader, compare
 from minimodel.bistil.loss import DistillationWeights, distillation_loss, state_projection
 from minimodel.bistil.student import StudentConfig, build_student
 from minimodel.bistil.trim import kept_ids, token_counts, trim_tokenizer
 from minimodel.config import require
 from minimodel.data.mlm import MaskedLMDataset
+from minimodel.evaluation.tasks import TaskConfig, read_verses
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.hf import load_model, load_tokenizer
 from minimodel.provenance import finish_output
@@ -59,6 +62,7 @@ METHOD = "bistil"
 VOCABULARY_FILE = "vocabulary.json"
 TARGET_TOKENIZER_DIR = "target_tokenizer"
 PROJECTION_FILE = "projection.safetensors"
+COMPARISON_FILE = "comparison.json"
 SPECIAL_ROLES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token", "bos_token", "eos_token")
 
 
@@ -76,6 +80,7 @@ class DistillConfig:
     data_seed: int = 0
     vocab_threshold: float = 1e-6  # keep a token whose relative frequency in either corpus reaches this
     projection_tokens: int = 4096  # teacher states (per layer, first tokens of the corpora) that M is fitted on
+    compare_texts: int = 256  # held-out target verses the student's and teacher's throughput are measured on
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: DistillationWeights = field(default_factory=DistillationWeights)
     train: DeepSpeedLoopConfig = field(default_factory=lambda: DeepSpeedLoopConfig(
@@ -306,6 +311,10 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
         release_engine(result.engine)
         if rank == 0:
             _save_student(student, final, run_dir, vocab, cfg, lang)
+            comparison = _compare(cfg, lang, teachers, run_dir / "student")
+            write_text_atomic(run_dir / COMPARISON_FILE, json.dumps(comparison, indent=2))
+            tracker.log_metrics({f"compare/{who}/{k}": v for who, row in comparison.items() for k, v in row.items()},
+                                step=result.step)
             finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
     dist.barrier()
     return "done"
@@ -324,6 +333,23 @@ def _save_student(student, final: dict[str, torch.Tensor], run_dir: Path, vocab:
             "teacher_model": cfg.teacher_model, "target_teacher_model": cfg.target_teacher_model}
     write_text_atomic(tmp / VOCABULARY_FILE, json.dumps(spec))
     replace_dir(tmp, run_dir / "student")
+
+
+def _compare(cfg: DistillConfig, lang: str, teachers: dict, student_dir: Path) -> dict:
+    """The student beside its teachers on held-out verse retrieval (lang -> source), size and speed."""
+    vocab = StudentVocabulary(student_dir)
+    student = load_model(student_dir, AutoModelForMaskedLM)
+    teacher_tokenizers = {code: load_tokenizer(p) for code, p in
+                          ((cfg.source_lang, cfg.teacher_model), (lang, cfg.target_teacher_model or cfg.teacher_model))}
+    readers = {"teacher": Reader(teachers[cfg.source_lang], teacher_tokenizers[cfg.source_lang], teachers[lang],
+                                 teacher_tokenizers[lang]),
+               "student": Reader(student, vocab.tokenizer(cfg.source_lang), student, vocab.tokenizer(lang))}
+    task = TaskConfig(name="verse_retrieval", data_dir=cfg.data_dir, max_length=cfg.seq_length)
+    texts = [v["text"] for v in read_verses(cfg.data_dir, lang) if v["split"] == "valid"][:cfg.compare_texts]
+    result = compare(task, readers, cfg.source_lang, lang, "test", cfg.train.micro_batch_size, cfg.seq_length, texts)
+    log.info("%s: student %s", lang, ", ".join(f"{k} {v:.4g} (teacher {result['teacher'][k]:.4g})"
+                                               for k, v in result["student"].items()))
+    return result
 
 
 def run_distill(cfg: DistillConfig) -> StageResult:
