@@ -1,5 +1,6 @@
 """The pipeline report: zero-shot quality per language and method against the adaptation compute spent, and the
-compute each method needed to reach 95% / 99% / 100% of standard adaptation's final quality.
+compute each method needed to reach 95% / 99% / 100% of standard adaptation's final quality; the unadapted primary
+(method none) as a horizontal line, with a warning for each method that ends below it.
 
     python evaluate/report.py --config configs/evaluate/report.yaml pipeline_dir=<the pipeline's output_dir>
 

@@ -5,6 +5,8 @@ test sets (with the target tokenizers), and the source-language task model as th
         source_model_dir=runs/evaluate/verse_class_tiny/model \
         'targets=[{lang: ny, model_dir: runs/plugged/ny, tokenizer: data/tiny/ny/tokenizer}]'
 
+method=none scores the unadapted baseline: 'targets=[{lang: ny}]', read by source_model_dir with its own tokenizer.
+
 One MLflow run per language (tags stage=evaluate, method, target_lang); <output_dir>/metrics.json.
 """
 from minimodel.cli import main

@@ -12,7 +12,8 @@ the report that reads them back (results live on disk; MLflow only shows them).
     <root>/adapt/<method>/<lang>/                                 step 2 (adapt.json, snapshots/step_N/, metrics.jsonl)
     <root>/finetune/model                                         step 3: the task model
     <root>/plugged/<method>/<lang>/                               the task model with the target embeddings
-    <root>/zero_shot/<task>/<method>/                             step 4 (metrics.json, snapshots.json)
+    <root>/zero_shot/<task>/<method>/                             step 4 (metrics.json, snapshots.json); method
+                                                                  none: the unadapted primary (metrics.json)
     <root>/report/                                                report.json, report.md, compute_vs_quality.png
 """
 from __future__ import annotations

@@ -188,6 +188,9 @@ def test_unadapted_baseline_reads_each_target_with_the_source_tokenizer(world):
     assert results["yy"]["accuracy"] == results["en"]["accuracy"] > 0.5 and results["yy"]["unk_fraction"] == 0.0
     assert results["xx"] == {"unk_fraction": 1.0, "unreadable": 1.0}
     assert json.loads((root / "zs_none" / "metrics.json").read_text()) == results
+    retrieval = _zero_shot_cfg(world, "zs_none_retrieval", method="none", source_model_dir=world["primary"],
+                               targets="[{lang: yy}]", **{"task.name": "verse_retrieval", "retrieval_layer": 1})
+    assert zero_shot(retrieval).outputs["yy"]["top1"] == 1.0  # the primary finds each English verse from itself
     with pytest.raises(ConfigError, match=r"targets\[0\]: method none reads each target with the source model"):
         _zero_shot_cfg(world, "zs_none2", method="none", source_model_dir=world["task_model"],
                        targets=f"[{{lang: xx, model_dir: {world['task_model']}, tokenizer: {root / 'data/xx/tokenizer'}}}]")
