@@ -53,6 +53,7 @@ def test_language_sft_of_the_primary_over_its_own_vocabulary(tmp_path):
                          timeout=1800)
     assert run.returncode == 0, run.stderr[-4000:]
 
+    assert sorted(p.name for p in (out / "sw" / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     sft = SparseFineTuning.load(out / "sw" / "sft")
     assert sft.base_sha256 == model_hash(primary) and sft.info["target_lang"] == "sw"
     model = MegatronBertForMaskedLM.from_pretrained(primary)
