@@ -221,3 +221,74 @@ def test_multi_rank_launches_get_a_free_rendezvous_port_outside_the_input_hash(t
         assert command[at + 2] == KINDS[kind].script and 0 < int(command[at + 1]) < 65536
         assert flag not in stage.argv and stage.input_hash == hash_before
     assert "--master_port" not in Stage("adapt", "adapt", ["--config", "x.yaml"], tmp_path).command()
+
+
+# A rank that does nothing but wait, and a pipeline process that runs one stage of it under a real launcher.
+SLEEPING_RANK = '''
+import os, sys, time
+from pathlib import Path
+
+out = Path(sys.argv[-1])  # deepspeed puts --local_rank first
+(out / f"rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+time.sleep(600)
+'''
+
+ONE_STAGE_PIPELINE = '''
+import os, sys
+from pathlib import Path
+
+from minimodel.stages import KINDS, Stage, StageKind
+
+launcher, script, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+KINDS["sleeper"] = StageKind(script, "", "", launcher, ("slurm/python.sh", script))
+Stage("sleeper", "sleeper", [str(out)], out, nproc=2).run(dict(os.environ), out / "logs")
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_a_pipeline_killed_outright_leaves_no_launcher_or_rank_of_its_stage(launcher, tmp_path):
+    """SIGKILL to the pipeline while a 2-rank stage runs under a real launcher: within the stop grace, no process
+    of the stage is left (before the stage's supervisor, deepspeed's runner died of the kernel's parent-death signal
+    without passing it on, leaving launch.py and both ranks running; torchrun's ranks run in groups of their own)."""
+    import signal
+    import time
+
+    (tmp_path / "rank.py").write_text(SLEEPING_RANK)
+    (tmp_path / "pipeline.py").write_text(ONE_STAGE_PIPELINE)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "pipeline.py"), launcher, str(tmp_path / "rank.py"),
+                             str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("rank*.pid"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the ranks never started"
+            time.sleep(0.1)
+        ranks = {int(p.read_text()) for p in out.glob("rank*.pid")}
+        stage = stages.descendants(proc.pid)  # the supervisor, the launcher(s), the ranks
+        assert ranks <= stage and len(stage) >= 4, stage
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + stages.SUPERVISOR_GRACE_S + 30
+        while left := {pid for pid in stage if _alive(pid)}:
+            assert time.monotonic() < deadline, f"outlived the pipeline: {sorted(left)}"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in stage:  # never leave a sleeper behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
