@@ -153,8 +153,7 @@ def _matches(old: dict, new: dict) -> tuple[bool, dict]:
     for key, value in new_inputs.items():
         if _covers(value, old_inputs[key]):
             continue
-        if isinstance(value, str) and isinstance(old_inputs[key], str) and \
-                old_inputs[key] == _whole_digest(new["config"][key]):
+        if isinstance(old_inputs[key], str) and old_inputs[key] == _whole_digest(new["config"][key]):
             upgrade[key] = value
             continue
         return False, {}

@@ -195,7 +195,8 @@ def test_a_record_made_before_part_records_still_matches_while_the_whole_is_unch
     claim_output(whole, Cfg(), resumable=False)
     finish_output(whole, Cfg())  # a whole without parts: its readers record its digest
     readers = [Reader(str(tmp_path / name), str(whole / "en" / "train")) for name in ("pretrain", "minipost")]
-    for reader in readers:
+    adapt = Reader(str(tmp_path / "adapt"), str(whole))  # reads the whole directory's en
+    for reader in (*readers, adapt):
         claim_output(reader.output_dir, reader, resumable=True)
         finish_output(reader.output_dir, reader)
     old = provenance.read(readers[0].output_dir)
@@ -207,6 +208,8 @@ def test_a_record_made_before_part_records_still_matches_while_the_whole_is_unch
     assert claim_output(readers[0].output_dir, readers[0], resumable=True) == "finished"
     upgraded = provenance.read(readers[0].output_dir)
     assert upgraded["inputs"]["data"] == "en-100" and upgraded["digest"] == old["digest"]
+    assert claim_output(adapt.output_dir, adapt, resumable=True, uses={"data": ["en"]}) == "finished"
+    assert provenance.read(adapt.output_dir)["inputs"]["data"] == {"parts": {"en": "en-100"}}
 
     claim_output(whole, Cfg(train=Train(steps=5)), resumable=False)  # the whole of another config
     provenance.write_part(whole / "en", provenance.part_fingerprint(Part(), "en-other"))
