@@ -124,8 +124,7 @@ def part_fingerprint(cfg: Any, digest: str, ignore: tuple[str, ...] = ()) -> dic
 def _covers(new: Any, old: Any) -> bool:
     """The input identity `new` still holds what `old` recorded: the same, or a whole with the old parts unchanged."""
     if isinstance(new, dict) and isinstance(old, dict):
-        return all(part in new["parts"] and new["parts"][part] == d for part, d in old["parts"].items()) \
-            if old["parts"] else True
+        return all(part in new["parts"] and new["parts"][part] == d for part, d in old["parts"].items())
     return new == old
 
 
