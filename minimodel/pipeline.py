@@ -356,7 +356,8 @@ def run(cfg: PipelineConfig) -> Path:
     report_dir = at.report
     print(f"\npipeline finished in {time.time() - start:.0f} s")
     print(f"report:  {report_dir / 'report.md'} (+ report.json, compute_vs_quality.png)")
-    for warning in json.loads((report_dir / "report.json").read_text()).get("warnings", []):
+    summary = report_dir / "report.json"
+    for warning in json.loads(summary.read_text()).get("warnings", []) if summary.is_file() else []:
         print(f"WARNING: {warning}", flush=True)  # e.g. a method that ends below the unadapted baseline
     if tracker.run_id:
         print(f"MLflow:  `make ui`, then open run {tracker.run_id} (store: {tracker.uri})")

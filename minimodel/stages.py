@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import inspect
 import json
 import os
 import shlex
@@ -26,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from minimodel import distributed, provenance
+from minimodel import distributed, provenance, supervisor
+from minimodel.supervisor import descendants
 from minimodel.files import write_text_atomic
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, PreemptionSignal
 
@@ -107,7 +107,7 @@ class StopSignals(PreemptionSignal):
     running stage's process group as SIGTERM, every stage's preemption signal (checkpoint, exit 75), and no further
     stage starts; a second signal kills the group. Each stage runs in its own process group (a terminal's Ctrl-C
     reaches the pipeline only, which stops the stage as above) and dies with the pipeline: if the pipeline is killed
-    outright, its supervisor (SUPERVISOR) learns it from the kernel (Linux: PR_SET_PDEATHSIG) and stops every
+    outright, its supervisor (minimodel/supervisor.py) learns it from the kernel (Linux: PR_SET_PDEATHSIG) and stops every
     process under it as a signal would, so no launcher or rank outlives it."""
 
     SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)
@@ -135,92 +135,6 @@ def _die_with_parent() -> None:
     """In the stage's process before exec: SIGTERM when the pipeline dies (Linux; elsewhere nothing)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def descendants(root: int | None = None) -> set[int]:
-    """The live processes under `root` (default: this one) from Linux's /proc (elsewhere none are known)."""
-    parents = {}
-    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
-            if state != "Z":
-                parents[int(name)] = int(ppid)
-    found, frontier = set(), {os.getpid() if root is None else root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier and pid not in found}
-        found |= frontier
-    return found
-
-
-# The leader of a stage's process group (`python -c SUPERVISOR <pipeline pid> <command...>`): runs the command and
-# exits as it did. The kernel tells only the leader that the pipeline died (PR_SET_PDEATHSIG); a launcher told so may
-# die without passing it on (deepspeed's single-node runner does: its launch.py and ranks were left running), and
-# ranks may run in process groups of their own (torchrun's), so the supervisor sends SIGTERM, the signal a stop of
-# the pipeline sends, to every process under it. It is their subreaper (PR_SET_CHILD_SUBREAPER): whatever is left
-# under it once the command has exited (ranks a launcher left behind) gets SIGTERM, then SIGKILL after
-# SUPERVISOR_GRACE_S. A SIGTERM while the pipeline lives is the pipeline's own stop: the group has it already.
-SUPERVISOR_GRACE_S = 60
-SUPERVISOR = "import ctypes, os, signal, subprocess, sys, time\n\n\n" + \
-    inspect.getsource(descendants) + f"""
-
-pipeline, command = int(sys.argv[1]), sys.argv[2:]
-stopping = False
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans below come to us
-except (OSError, AttributeError):
-    pass
-
-
-def signal_all(signum, pids):
-    for pid in pids:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-
-def stop_all(signum=None, frame=None):
-    global stopping
-    if os.getppid() != pipeline and not stopping:  # the pipeline died: stop the stage as its signal would
-        stopping = time.monotonic()
-        signal_all(signal.SIGTERM, descendants())
-
-
-signal.signal(signal.SIGTERM, stop_all)
-signal.signal(signal.SIGINT, stop_all)
-child = subprocess.Popen(command)
-stop_all()  # the pipeline may have died before the kernel was told to tell us
-while True:
-    try:
-        code = child.wait(timeout=1)
-        break
-    except subprocess.TimeoutExpired:  # stopped, but still running after the grace: killed
-        if stopping and time.monotonic() > stopping + {SUPERVISOR_GRACE_S}:
-            signal_all(signal.SIGKILL, descendants())
-left = descendants()
-if left:
-    signal_all(signal.SIGTERM, left)
-    deadline = time.monotonic() + {SUPERVISOR_GRACE_S}
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        while True:  # reap the orphans that came to us
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-        left = descendants()
-    signal_all(signal.SIGKILL, left)
-if code < 0:  # died of a signal: so does the supervisor, for the pipeline to see
-    signal.signal(-code, signal.SIG_DFL)
-    os.kill(os.getpid(), -code)
-sys.exit(code)
-"""
 
 
 @dataclass
@@ -295,7 +209,7 @@ class Stage:
         start = time.time()
         stop = stop or StopSignals()
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(os.getpid()), *command], env=env,
+            proc = subprocess.Popen([sys.executable, supervisor.__file__, str(os.getpid()), *command], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True, preexec_fn=_die_with_parent)
             stop.stage = proc

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pipeline_helpers import SMOKE
 
-from minimodel import pipeline, stages
+from minimodel import pipeline, stages, supervisor
 from minimodel.config import load_config
 from minimodel.pipeline import PipelineConfig, build_stages, plan
 from minimodel.slurm_plan import RECORD, UNIT, lines
@@ -276,11 +276,11 @@ def test_a_pipeline_killed_outright_leaves_no_launcher_or_rank_of_its_stage(laun
             assert proc.poll() is None and time.monotonic() < deadline, "the ranks never started"
             time.sleep(0.1)
         ranks = {int(p.read_text()) for p in out.glob("rank*.pid")}
-        stage = stages.descendants(proc.pid)  # the supervisor, the launcher(s), the ranks
+        stage = supervisor.descendants(proc.pid)  # the supervisor, the launcher(s), the ranks
         assert ranks <= stage and len(stage) >= 4, stage
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + stages.SUPERVISOR_GRACE_S + 30
+        deadline = time.monotonic() + supervisor.GRACE_S + 30
         while left := {pid for pid in stage if _alive(pid)}:
             assert time.monotonic() < deadline, f"outlived the pipeline: {sorted(left)}"
             time.sleep(0.1)
