@@ -135,6 +135,8 @@ def test_adapt_config_names_the_problem():
                                             "target_lang=fr"])
     with pytest.raises(ConfigError, match="init.method"):
         load_config(AdaptConfig, overrides=["primary_model=p", "over=full", "init.method=glove"])
+    with pytest.raises(ConfigError, match="method: 'none' is the unadapted baseline"):
+        load_config(AdaptConfig, overrides=["primary_model=p", "over=full", "method=none"])
     cfg = load_config(AdaptConfig, REPO_ROOT / "configs/adapt/default.yaml", ["over=full", "target_lang=ny"])
     assert cfg.languages() == ["ny"] and cfg.train.precision == "auto"
     assert cfg.snapshot_interval == 5000

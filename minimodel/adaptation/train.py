@@ -34,7 +34,7 @@ from minimodel.data.indexed import write_indexed
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.data.tokenizer import load_tokenizer, make_encoder, train_tokenizer
 from minimodel.manifest import check_aligned, model_hash
-from minimodel.methods import parse_method
+from minimodel.methods import parse_adapted_method, parse_method
 from minimodel.ofa.factorized import check_rank, factorize, install_factorized
 from minimodel.ofa.init import OFAConfig, OFAInputs
 from minimodel.ofa.vectors import VectorFileError, load_word_vectors
@@ -127,7 +127,7 @@ class AdaptConfig:
                 "is required with over=mini (e.g. <export>/mini), or set over=full for standard adaptation")
         require(bool(self.target_langs), "target_langs", "is empty: list at least one target language")
         if self.method is not None:
-            method = parse_method(self.method)
+            method = parse_adapted_method(self.method)
             require(method.source.over == self.over, "over",
                     f"method {self.method} adapts over={method.source.over}, not over={self.over}")
             require(method.init in (None, self.init.method), "init.method",
