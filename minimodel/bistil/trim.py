@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -25,13 +23,10 @@ from torch import nn
 
 from minimodel.adaptation.vocab import install_vocabulary
 from minimodel.data.indexed import open_indexed
-from minimodel.files import replace_dir
+from minimodel.data.tokenizer import save_tokenizer_json
 from minimodel.hf import load_tokenizer
 
-TOKENIZER_JSON = "tokenizer.json"
 Renumber = Callable[[np.ndarray], dict[int, int]]
-# files a tokenizer directory may hold that describe the untrimmed vocabulary: dropped (tokenizer.json rules)
-UNTRIMMED_FILES = ("sentencepiece.bpe.model", "spiece.model", "vocab.txt", "vocab.json", "merges.txt")
 
 
 def token_counts(prefix: str | os.PathLike, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
@@ -151,17 +146,5 @@ def trim_tokenizer(tokenizer_dir: str | os.PathLike, kept: np.ndarray, out_dir: 
     vocab = {i: p for p, i in tokenizer.get_vocab().items()}
     spec, old_to_new = _trim_tokenizer_json(json.loads(tokenizer.backend_tokenizer.to_str()),
                                             {vocab[int(i)] for i in kept}, renumber)
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    for name in UNTRIMMED_FILES:
-        (tmp / name).unlink(missing_ok=True)
-    (tmp / TOKENIZER_JSON).write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    config = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
-    if "added_tokens_decoder" in config:  # keyed by id
-        by_old = {int(i): t for i, t in config["added_tokens_decoder"].items()}
-        config["added_tokens_decoder"] = {str(old_to_new[i]): t for i, t in by_old.items() if i in old_to_new}
-    (tmp / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
-    replace_dir(tmp, out)
+    save_tokenizer_json(tokenizer, spec, out_dir, old_to_new)
     return np.array(sorted(old_to_new), dtype=np.int64)

@@ -7,6 +7,7 @@ XLM-R, so `len(tokenizer) == vocab_size` and every consumer loads it with minimo
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import re
@@ -18,10 +19,35 @@ from typing import Iterable
 import numpy as np
 
 from minimodel.config import ConfigError
+from minimodel.files import replace_dir
 from minimodel.hf import load_tokenizer  # loads what train_tokenizer saves
 
 SPM_FILE = "sentencepiece.bpe.model"  # XLM-R's file name (the model inside may be unigram or bpe)
 NUM_SPECIAL_ADDED = 2  # <pad> and <mask> exist on the Hugging Face side only
+
+
+# files a tokenizer directory may hold beside tokenizer.json that describe its vocabulary another way
+VOCABULARY_FILES = (SPM_FILE, "spiece.model", "vocab.txt", "vocab.json", "merges.txt")
+
+
+def save_tokenizer_json(tokenizer, spec: dict, out_dir: str | os.PathLike,
+                        id_map: dict[int, int] | None = None) -> Path:
+    """Save the fast `tokenizer` to `out_dir` (atomically) with `spec` as its tokenizer.json (a vocabulary edited
+    there: trimmed, renumbered, extended). The other vocabulary files are dropped, tokenizer.json rules alone; with
+    `id_map` (old id -> new id) the added tokens' ids are renumbered, those it lacks dropped."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    for name in VOCABULARY_FILES:
+        (tmp / name).unlink(missing_ok=True)
+    (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if id_map is not None and "added_tokens_decoder" in config:  # keyed by id
+        by_old = {int(i): t for i, t in config["added_tokens_decoder"].items()}
+        config["added_tokens_decoder"] = {str(id_map[i]): t for i, t in by_old.items() if i in id_map}
+    (tmp / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    return replace_dir(tmp, out)
 
 
 class TokenizerError(ConfigError):
