@@ -26,6 +26,7 @@ from torch import nn
 
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, snapshot_dir, write_artifact
+from minimodel.adaptation.extend import extend_tokenizer
 from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map, tokenizer_fingerprint
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
@@ -39,10 +40,11 @@ from minimodel.ofa.factorized import check_rank, factorize, install_factorized
 from minimodel.ofa.init import OFAConfig, OFAInputs
 from minimodel.ofa.vectors import VectorFileError, load_word_vectors
 from minimodel.provenance import ConfigChanged, claim_output, finish_output
+from minimodel.sft.train import GradientHooks
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig, resolve_zero_config
-from minimodel.training.deepspeed_loop import gather_full_params, optimizer_state_numel, train
+from minimodel.training.deepspeed_loop import gather_full_params, optimizer_state_numel, train, zero_stage
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, mlm_head
 from minimodel.training.metrics import plot_losses
 
@@ -51,9 +53,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TargetTokenizerConfig:
-    mode: Literal["reuse", "train"] = "reuse"  # reuse an existing tokenizer, or train a new one on the corpus
-    path: str | None = None  # reuse: a tokenizer dir; None: <data_dir>/<lang>/tokenizer (built by the data stage)
+    # reuse an existing tokenizer, train a new one on the corpus, or extend the primary's vocabulary with pieces
+    # learned from the corpus (OFA's setting: the primary's tokens keep their ids and rows; minimodel/adaptation/extend.py)
+    mode: Literal["reuse", "train", "extend"] = "reuse"
+    # reuse: a tokenizer dir, None: <data_dir>/<lang>/tokenizer (built by the data stage); extend: the tokenizer
+    # extended, None: primary_model's
+    path: str | None = None
     vocab_size: int = 50000  # train: total size, special tokens included (the paper's setup: 50k per language)
+    new_pieces: int = 10000  # extend: at most this many target pieces added
+    freeze_source_rows: bool = True  # extend: the primary's tokens keep their embeddings bit for bit
     character_coverage: float = 0.9995
     seed: int = 0
 
@@ -126,6 +134,16 @@ class AdaptConfig:
         require(self.over == "full" or self.mini_model is not None, "mini_model",
                 "is required with over=mini (e.g. <export>/mini), or set over=full for standard adaptation")
         require(bool(self.target_langs), "target_langs", "is empty: list at least one target language")
+        if self.tokenizer.mode == "extend":
+            require(self.init.method != "random", "init.method",
+                    "random would discard the primary's rows that tokenizer.mode=extend keeps: use copy_shared or ofa")
+            require(self.tokenizer.new_pieces >= 1, "tokenizer.new_pieces", "must be >= 1")
+            require(not self.tokenizer.freeze_source_rows or self.train.optim.weight_decay == 0,
+                    "train.optim.weight_decay", "must be 0 with tokenizer.freeze_source_rows (AdamW's decay would "
+                    "move the frozen rows), or set tokenizer.freeze_source_rows=false")
+            require(not self.tokenizer.freeze_source_rows or zero_stage(self.train) <= 2, "train.zero_config",
+                    "ZeRO-3 partitions the rows tokenizer.freeze_source_rows masks: use ZeRO 0-2 "
+                    "(configs/deepspeed/zero2.json), or set tokenizer.freeze_source_rows=false")
         if self.method is not None:
             method = parse_adapted_method(self.method)
             require(method.source.over == self.over, "over",
@@ -226,6 +244,12 @@ def prepare_target_data(cfg: AdaptConfig, lang: str, run_dir: Path) -> tuple[Pat
             texts = [v["text"] for v in _read_verses(lang_dir) if v["split"] == "train"]
             train_tokenizer(texts, tmp, cfg.tokenizer.vocab_size, character_coverage=cfg.tokenizer.character_coverage,
                             seed=cfg.tokenizer.seed)
+        elif cfg.tokenizer.mode == "extend":
+            texts = [v["text"] for v in _read_verses(lang_dir) if v["split"] == "train"]
+            source = [v["text"] for v in _read_verses(Path(cfg.data_dir) / cfg.source_lang) if v["split"] == "train"]
+            summary = extend_tokenizer(cfg.tokenizer.path or cfg.primary_model, texts, source,
+                                       cfg.tokenizer.new_pieces, tmp)
+            log.info("%s: extended vocabulary: %s", lang, summary)
         else:
             source = Path(cfg.tokenizer.path) if cfg.tokenizer.path else data_tokenizer
             load_tokenizer(source)  # a clear error if it is not a tokenizer directory
@@ -295,6 +319,21 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer, l
     return model, trainable, fixed, summary
 
 
+def freeze_source_rows(cfg: AdaptConfig, trainable: dict[str, torch.nn.Parameter]) -> GradientHooks | None:
+    """tokenizer.mode=extend: the rows of the primary's own tokens (the ids below its vocabulary size) keep their
+    values: their gradient is zeroed before DeepSpeed reduces, clips or steps it (LT-SFT's gradient masks; AdamW
+    without weight decay never moves an entry whose gradient is always zero)."""
+    if cfg.tokenizer.mode != "extend" or not cfg.tokenizer.freeze_source_rows:
+        return None
+    base_size = len(load_tokenizer(cfg.tokenizer.path or cfg.primary_model))
+    masks = {}
+    for name in ("input_embeddings", "coordinates", "output_embeddings"):
+        if name in trainable:
+            masks[name] = torch.zeros(trainable[name].shape, dtype=torch.bool)
+            masks[name][base_size:] = True
+    return GradientHooks({n: trainable[n] for n in masks}, {}, masks)
+
+
 def _rank0_then_everywhere(fn):
     """Run `fn` on rank 0 and return its result on every rank; its exception is raised on every rank."""
     box = [None]
@@ -353,6 +392,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
     train_prefix, valid_prefix = _rank0_then_everywhere(prepare)
     target_tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
     model, trainable, fixed, init_summary = build_adaptation_model(cfg, model_dir, target_tokenizer, lang)
+    frozen_rows = freeze_source_rows(cfg, trainable)
     flops_fn = MLMFlops(model)  # before DeepSpeed: ZeRO-3 empties the parameters it partitions
     train_data = MaskedLMDataset(train_prefix, target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
     valid_data = MaskedLMDataset(valid_prefix, target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
@@ -394,6 +434,8 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
 
         result = train(cfg.train, model, train_data, masked_lm_loss, flops_fn, output_dir=run_dir,
                        eval_data=valid_data, tracker=tracker, on_step=snapshot, desc=f"adapt {lang} ({method})")
+        if frozen_rows is not None:
+            frozen_rows.remove()
         if result.interrupted:
             tracker.set_tags({"interrupted_at_step": result.step})
             return "interrupted"
