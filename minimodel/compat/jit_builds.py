@@ -66,13 +66,17 @@ def check_build_locks() -> None:
         fcntl.flock(serial, fcntl.LOCK_EX)
         for lock in sorted(root.glob(f"*/{LOCK}")):
             holders = _holders(lock)
+            try:
+                owner = lock.stat().st_uid
+            except FileNotFoundError:  # released meanwhile: a rank loading the op takes the lock for a moment
+                continue
             if holders:
                 log.warning("waiting for process %s (%s) to finish building the torch extension %s in %s",
                             holders[0], _command(holders[0]), lock.parent.name, lock.parent)
             elif holders is None:
                 log.warning("%s exists: if no process is building %s, delete it, or this run waits forever",
                             lock, lock.parent.name)
-            elif lock.stat().st_uid == os.getuid():
+            elif owner == os.getuid():
                 log.warning("removing %s: a build of %s was killed half-way and left it (no process holds it); "
                             "the extension is built again", lock, lock.parent.name)
                 lock.unlink(missing_ok=True)
