@@ -108,7 +108,7 @@ class SlurmCluster:
         for node in self.nodes:
             (self.root / "spool" / node).mkdir(exist_ok=True)
             # exec keeps the Popen pid == slurmd's pid, so stop() signals the daemon itself.
-            inner = f'mount --bind "$1" /etc/hosts && exec slurmd -D -N "$2" -f "$3"'
+            inner = 'mount --bind "$1" /etc/hosts && exec slurmd -D -N "$2" -f "$3"'
             self._spawn(f"slurmd-{node}", ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", inner,
                                            "sh", str(hosts), node, str(self.conf)])
         self._wait_nodes_idle(timeout)

