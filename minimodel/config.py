@@ -233,6 +233,22 @@ def require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+class PerLanguageRun:
+    """For configs of stages run once per target language over masked-LM text (adaptation, language SFT,
+    distillation): their fields `target_langs`, `target_lang` (one of them: a Slurm array task), `seq_length` and
+    `mask_prob` are checked, and the languages to run are listed, in one place."""
+
+    def validate_languages(self) -> None:
+        require(bool(self.target_langs), "target_langs", "is empty: list at least one target language")
+        require(self.target_lang is None or self.target_lang in self.target_langs, "target_lang",
+                f"{self.target_lang!r} is not one of target_langs {self.target_langs}")
+        require(self.seq_length >= 8, "seq_length", "must be >= 8")
+        require(0 < self.mask_prob < 1, "mask_prob", "must be in (0, 1)")
+
+    def languages(self) -> list[str]:
+        return [self.target_lang] if self.target_lang else list(self.target_langs)
+
+
 def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
     """`script.py --config file.yaml key.sub=value ...` -> a validated config of type `cls`.
 

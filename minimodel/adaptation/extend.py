@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tokenizers import BertWordPieceTokenizer, Tokenizer
 
-from minimodel.data.tokenizer import TokenizerError, save_tokenizer_json, train_tokenizer
+from minimodel.data.tokenizer import TokenizerError, save_tokenizer_json, train_tokenizer, unigram_vocab
 from minimodel.hf import load_tokenizer
 
 
@@ -56,9 +56,8 @@ def _with_pieces(spec: dict, pieces: list[tuple[str, float | None]], first_id: i
     spec = json.loads(json.dumps(spec))
     model = spec["model"]
     if model["type"] == "Unigram":  # ids are list positions
-        floor = min(s for _, s in model["vocab"])
-        model["vocab"] += [[f"<unused:{i}>", floor] for i in range(len(model["vocab"]), first_id)]
-        model["vocab"] += [[p, s] for p, s in pieces]
+        placed = {**dict(enumerate(model["vocab"])), **{first_id + i: [p, s] for i, (p, s) in enumerate(pieces)}}
+        model["vocab"] = unigram_vocab(placed, floor=min(s for _, s in model["vocab"]), size=first_id + len(pieces))
     else:
         model["vocab"].update({p: first_id + i for i, (p, _) in enumerate(pieces)})
     return spec

@@ -28,7 +28,7 @@ from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, snapshot_dir, write_artifact
 from minimodel.adaptation.extend import extend_tokenizer
 from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map, tokenizer_fingerprint
-from minimodel.config import require, save_config
+from minimodel.config import PerLanguageRun, require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.hf import load_masked_lm
 from minimodel.data.indexed import write_indexed
@@ -99,7 +99,7 @@ class TrainableConfig:
 
 
 @dataclass
-class AdaptConfig:
+class AdaptConfig(PerLanguageRun):
     output_dir: str = "runs/adapt"
     over: Literal["mini", "full"] = "mini"  # mini: mini-model adaptation; full: standard adaptation (baseline)
     primary_model: str | None = None  # HF dir of the primary model (the model adapted, when over=full)
@@ -133,7 +133,7 @@ class AdaptConfig:
                 "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
         require(self.over == "full" or self.mini_model is not None, "mini_model",
                 "is required with over=mini (e.g. <export>/mini), or set over=full for standard adaptation")
-        require(bool(self.target_langs), "target_langs", "is empty: list at least one target language")
+        self.validate_languages()
         if self.tokenizer.mode == "extend":
             require(self.init.method != "random", "init.method",
                     "random would discard the primary's rows that tokenizer.mode=extend keeps: use copy_shared or ofa")
@@ -150,19 +150,12 @@ class AdaptConfig:
                     f"method {self.method} adapts over={method.source.over}, not over={self.over}")
             require(method.init in (None, self.init.method), "init.method",
                     f"method {self.method} initialises with {method.init}, not {self.init.method}")
-        require(self.target_lang is None or self.target_lang in self.target_langs, "target_lang",
-                f"{self.target_lang!r} is not one of target_langs {self.target_langs}")
-        require(self.seq_length >= 8, "seq_length", "must be >= 8")
-        require(0 < self.mask_prob < 1, "mask_prob", "must be in (0, 1)")
         require(self.snapshot_every is None or self.snapshot_every >= 0, "snapshot_every",
                 "must be >= 0 (0: no snapshots; unset: at every train.eval.every)")
 
     @property
     def snapshot_interval(self) -> int:
         return self.train.eval.every if self.snapshot_every is None else self.snapshot_every
-
-    def languages(self) -> list[str]:
-        return [self.target_lang] if self.target_lang else list(self.target_langs)
 
 
 # -- the model ------------------------------------------------------------------------------------------------------

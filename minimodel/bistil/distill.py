@@ -43,7 +43,7 @@ from minimodel.bistil.compare import Reader, compare
 from minimodel.bistil.loss import DistillationWeights, distillation_loss, state_projection
 from minimodel.bistil.student import StudentConfig, build_student
 from minimodel.bistil.trim import install_rows, kept_ids, token_counts, trim_tokenizer
-from minimodel.config import require
+from minimodel.config import PerLanguageRun, require
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.evaluation.tasks import TaskConfig, read_verses
 from minimodel.files import replace_dir, write_text_atomic
@@ -66,7 +66,7 @@ SPECIAL_ROLES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(PerLanguageRun):
     output_dir: str = "runs/distill"
     teacher_model: str | None = None  # HF masked-LM directory reading the source language (the primary)
     target_teacher_model: str | None = None  # the plugged primary (adapt/plug.py output); None: teacher_model
@@ -90,18 +90,12 @@ class DistillConfig:
     def validate(self) -> None:
         require(self.teacher_model is not None, "teacher_model",
                 "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
-        require(bool(self.target_langs), "target_langs", "is empty: list at least one target language")
-        require(self.target_lang is None or self.target_lang in self.target_langs, "target_lang",
-                f"{self.target_lang!r} is not one of target_langs {self.target_langs}")
-        require(self.seq_length >= 8, "seq_length", "must be >= 8")
+        self.validate_languages()
         require(0 <= self.vocab_threshold < 1, "vocab_threshold", "must be in [0, 1)")
         require(self.source_lang not in self.target_langs, "target_langs",
                 f"lists the source language {self.source_lang!r}: a student is for (source, target) pairs")
         require(self.loss.soft_ce == 0, "loss.soft_ce", "phase 1 has no task logits to match: set it to 0")
         self.student.validate()
-
-    def languages(self) -> list[str]:
-        return [self.target_lang] if self.target_lang else list(self.target_langs)
 
 
 class StudentVocabulary:
@@ -201,21 +195,22 @@ class DistillStep:
 
     def __init__(self, teachers: dict[str, torch.nn.Module], ratio: int, weights: DistillationWeights,
                  projection: torch.Tensor | None, student):
-        self.teachers, self.ratio, self.weights, self.projection = teachers, ratio, weights, projection
+        device = distributed.device()  # the teachers run frozen beside the engine's student, on its device
+        self.teachers = {lang: t.to(device) for lang, t in teachers.items()}
+        self.projection = None if projection is None else projection.to(device)
+        self.ratio, self.weights = ratio, weights
         self.student_flops, self.teacher_flops = MLMFlops(student), {k: MLMFlops(t) for k, t in teachers.items()}
 
     def loss(self, student, batch) -> torch.Tensor:
         terms = []
         for lang, teacher in self.teachers.items():
             mask = batch[f"{lang}/attention_mask"]
-            teacher.to(mask.device)
-            projection = None if self.projection is None else self.projection.to(mask.device)
             with torch.no_grad():
                 t = teacher.base_model(input_ids=batch[f"{lang}/teacher_ids"], attention_mask=mask,
                                        output_hidden_states=True, output_attentions=True)
             s = student.base_model(input_ids=batch[f"{lang}/student_ids"], attention_mask=mask,
                                    output_hidden_states=True, output_attentions=True)
-            terms.append(distillation_loss(s, t, mask, self.ratio, self.weights, projection))
+            terms.append(distillation_loss(s, t, mask, self.ratio, self.weights, self.projection))
         return torch.stack(terms).mean()
 
     def flops(self, batch) -> float:
@@ -273,8 +268,9 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
     vocab = json.loads((run_dir / "vocabulary" / VOCABULARY_FILE).read_text())
     teachers = {code: load_model(p, AutoModelForMaskedLM, attn_implementation="eager").eval().requires_grad_(False)
                 for code, p in paths.items()}
-    data = {code: MaskedLMDataset(prefixes[code], load_tokenizer(run_dir / code / TOKENIZER_DIR), cfg.seq_length,
-                                  cfg.mask_prob, cfg.data_seed) for code in paths}
+    tokenizers = {code: load_tokenizer(run_dir / code / TOKENIZER_DIR) for code in paths}  # the teachers' own
+    data = {code: MaskedLMDataset(prefixes[code], tokenizers[code], cfg.seq_length, cfg.mask_prob, cfg.data_seed)
+            for code in paths}
     student = build_student(teacher_for_student(cfg.teacher_model, teachers, vocab), cfg.student)
     student.requires_grad_(True)
     for name, p in student.named_parameters():  # phase 1 has no MLM loss: the head stays as initialised
@@ -304,7 +300,7 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
         release_engine(result.engine)
         if rank == 0:
             _save_student(student, final, run_dir, vocab, cfg, lang)
-            comparison = _compare(cfg, lang, teachers, run_dir / "student")
+            comparison = _compare(cfg, lang, teachers, tokenizers, run_dir / "student")
             write_text_atomic(run_dir / COMPARISON_FILE, json.dumps(comparison, indent=2))
             tracker.log_metrics({f"compare/{who}/{k}": v for who, row in comparison.items() for k, v in row.items()},
                                 step=result.step)
@@ -328,14 +324,12 @@ def _save_student(student, final: dict[str, torch.Tensor], run_dir: Path, vocab:
     replace_dir(tmp, run_dir / "student")
 
 
-def _compare(cfg: DistillConfig, lang: str, teachers: dict, student_dir: Path) -> dict:
+def _compare(cfg: DistillConfig, lang: str, teachers: dict, tokenizers: dict, student_dir: Path) -> dict:
     """The student beside its teachers on held-out verse retrieval (lang -> source), size and speed."""
     vocab = StudentVocabulary(student_dir)
     student = load_model(student_dir, AutoModelForMaskedLM)
-    teacher_tokenizers = {code: load_tokenizer(p) for code, p in
-                          ((cfg.source_lang, cfg.teacher_model), (lang, cfg.target_teacher_model or cfg.teacher_model))}
-    readers = {"teacher": Reader(teachers[cfg.source_lang], teacher_tokenizers[cfg.source_lang], teachers[lang],
-                                 teacher_tokenizers[lang]),
+    readers = {"teacher": Reader(teachers[cfg.source_lang], tokenizers[cfg.source_lang], teachers[lang],
+                                 tokenizers[lang]),
                "student": Reader(student, vocab.tokenizer(cfg.source_lang), student, vocab.tokenizer(lang))}
     task = TaskConfig(name="verse_retrieval", data_dir=cfg.data_dir, max_length=cfg.seq_length)
     texts = [v["text"] for v in read_verses(cfg.data_dir, lang) if v["split"] == "valid"][:cfg.compare_texts]

@@ -23,7 +23,7 @@ from torch import nn
 
 from minimodel.adaptation.vocab import install_vocabulary
 from minimodel.data.indexed import open_indexed
-from minimodel.data.tokenizer import save_tokenizer_json
+from minimodel.data.tokenizer import save_tokenizer_json, unigram_vocab
 from minimodel.hf import load_tokenizer
 
 Renumber = Callable[[np.ndarray], dict[int, int]]
@@ -107,15 +107,10 @@ def _trim_tokenizer_json(spec: dict, kept_pieces: set[str], renumber: Renumber |
     old_to_new = renumber(np.array(kept_old)) if renumber else {old: i for i, old in enumerate(kept_old)}
     new_ids = {p: old_to_new[i] for p, i in old_ids.items() if i in old_to_new}
     if kind == "Unigram":  # ids are list positions: ids no kept piece takes hold a piece no text contains
-        scores = dict((p, score) for p, score in model["vocab"])
-        size = 1 + max(new_ids[p] for p in scores if p in new_ids)
-        vocab = [[f"<unused:{i}>", min(scores.values())] for i in range(size)]
-        for p in scores:
-            if p in new_ids:
-                vocab[new_ids[p]] = [p, scores[p]]
         if model.get("unk_id") is not None:
             model["unk_id"] = new_ids[model["vocab"][model["unk_id"]][0]]
-        model["vocab"] = vocab
+        model["vocab"] = unigram_vocab({new_ids[p]: [p, s] for p, s in model["vocab"] if p in new_ids},
+                                       floor=min(s for _, s in model["vocab"]))
     else:
         model["vocab"] = {p: new_ids[p] for p in in_model if p in new_ids}
     spec["added_tokens"] = [{**t, "id": new_ids[t["content"]]} for t in spec.get("added_tokens", [])

@@ -50,6 +50,14 @@ def save_tokenizer_json(tokenizer, spec: dict, out_dir: str | os.PathLike,
     return replace_dir(tmp, out)
 
 
+def unigram_vocab(pieces: dict[int, list], floor: float, size: int | None = None) -> list[list]:
+    """A Unigram model's vocab list (ids are list positions) of `size` entries (default: up to the highest id):
+    `pieces` ({id: [piece, score]}) at their ids, every other id a placeholder `<unused:i>` no text contains, scored
+    `floor` (for vocabularies trimmed, renumbered or extended at ids past their end)."""
+    size = 1 + max(pieces) if size is None else size
+    return [list(pieces[i]) if i in pieces else [f"<unused:{i}>", floor] for i in range(size)]
+
+
 class TokenizerError(ConfigError):
     """A tokenizer that cannot be built or loaded as asked; the message says how to fix it."""
 

@@ -23,7 +23,7 @@ from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR
 from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig, _rank0_then_everywhere,
                                         claim_language, prepare_target_data, run_languages)
-from minimodel.config import require
+from minimodel.config import PerLanguageRun, require
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.data.tokenizer import load_tokenizer
 from minimodel.hf import load_model
@@ -39,7 +39,7 @@ METHOD = "lt_sft"
 
 
 @dataclass
-class LanguageSFTConfig:
+class LanguageSFTConfig(PerLanguageRun):
     output_dir: str = "runs/lang_sft"
     primary_model: str | None = None  # HF masked-LM directory: theta0, and the vocabulary the target text is read in
     source_lang: str = "en"
@@ -60,14 +60,7 @@ class LanguageSFTConfig:
     def validate(self) -> None:
         require(self.primary_model is not None, "primary_model",
                 "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
-        require(bool(self.target_langs), "target_langs", "is empty: list at least one target language")
-        require(self.target_lang is None or self.target_lang in self.target_langs, "target_lang",
-                f"{self.target_lang!r} is not one of target_langs {self.target_langs}")
-        require(self.seq_length >= 8, "seq_length", "must be >= 8")
-        require(0 < self.mask_prob < 1, "mask_prob", "must be in (0, 1)")
-
-    def languages(self) -> list[str]:
-        return [self.target_lang] if self.target_lang else list(self.target_langs)
+        self.validate_languages()
 
 
 def untie_and_freeze_decoder(model: nn.Module) -> None:
