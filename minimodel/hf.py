@@ -6,11 +6,13 @@ what it lacks and where such a directory comes from (a user error: the entry poi
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from minimodel.errors import MissingInputError
@@ -81,3 +83,27 @@ def load_masked_lm(model_dir: str | os.PathLike):
                           f"(pretrain/minipost.py source={model_dir} mini.head_only=true mini.head_init=random; in "
                           f"the pipeline primary_head: train) and use its mini/ directory as the primary")
     return model
+
+
+def checkpoint_names(model_dir: str | os.PathLike) -> set[str]:
+    """The tensor names a Hugging Face model directory's weights hold (safetensors or PyTorch, sharded or not),
+    without loading the tensors."""
+    d = Path(model_dir)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (d / index).is_file():
+            return set(json.loads((d / index).read_text())["weight_map"])
+    if (d / "model.safetensors").is_file():
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            return set(f.keys())
+    if (d / "pytorch_model.bin").is_file():
+        return set(torch.load(d / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True))
+    raise HFLoadError(f"{d} holds no model weights (model.safetensors or pytorch_model.bin)")
+
+
+def initialised_at_load(model, model_dir: str | os.PathLike) -> set[str]:
+    """Names of `model`'s parameters that its directory's weights do not hold: initialised when it was loaded (a task
+    head, BERT's pooler on a masked-LM checkpoint), so they have no pretrained value to differ from."""
+    saved = checkpoint_names(model_dir)
+    prefix = f"{model.base_model_prefix}."
+    return {name for name, _ in model.named_parameters()
+            if name not in saved and name.removeprefix(prefix) not in saved and prefix + name not in saved}

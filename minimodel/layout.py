@@ -10,7 +10,9 @@ the report that reads them back (results live on disk; MLflow only shows them).
     <root>/head/mini                                              a headless primary_model with a learned MLM head
     <root>/minipost/mini                                          MiniPost mini-model
     <root>/adapt/<method>/<lang>/                                 step 2 (adapt.json, snapshots/step_N/, metrics.jsonl)
+    <root>/adapt/lt_sft/<lang>/sft/                               LT-SFT: the language SFT (the source language's too)
     <root>/finetune/model                                         step 3: the task model
+    <root>/task_sft/model                                         LT-SFT: the primary + source language SFT + task SFT
     <root>/plugged/<method>/<lang>/                               the task model with the target embeddings
     <root>/zero_shot/<task>/<method>/                             step 4 (metrics.json, snapshots.json); method
                                                                   none: the unadapted primary (metrics.json)
@@ -82,6 +84,15 @@ class PipelineLayout:
     @property
     def task_model(self) -> Path:
         return self.finetune / "model"
+
+    def language_sft(self, lang: str) -> Path:
+        """LT-SFT's language SFT of `lang` (adapt/sft.py's <output_dir>/<lang>/sft)."""
+        return self.adapt("lt_sft", lang) / "sft"
+
+    @property
+    def task_sft(self) -> Path:
+        """LT-SFT's step 3: the sparse task fine-tuning's output_dir (model/: the composed task model)."""
+        return self.root / "task_sft"
 
     def plugged(self, method: str, lang: str) -> Path:
         return self.root / "plugged" / method / lang

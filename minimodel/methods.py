@@ -3,9 +3,11 @@
 A method is written as a spec `<model>[+<init>]`:
 - `<model>` (MODELS): where the model for adaptation comes from: `standard` (the primary model itself, the baseline
   every other method is measured against), `minijoint` (the MiniJoint mini-model the export splits off the primary),
-  `minipost` (the MiniPost mini-model built from the primary), or `none` (BASELINE: no adaptation at all, the
-  primary as it is reads the target text with its own tokenizer and embeddings; the pipeline evaluates it on every
-  zero-shot task whose metric compares tokenizers and the report draws it as the line an adapted method must beat);
+  `minipost` (the MiniPost mini-model built from the primary), `lt_sft` (no new embeddings: a sparse fine-tuning of
+  the primary per language, adapt/sft.py, composed with a sparse task fine-tuning at zero-shot time: LT-SFT, Ansell
+  et al. 2022), or `none` (BASELINE: no adaptation at all, the primary as it is reads the target text with its own
+  tokenizer and embeddings; the pipeline evaluates it on every zero-shot task whose metric compares tokenizers and
+  the report draws it as the line an adapted method must beat);
 - `+<init>`: the initialisation of the new embedding matrix, one of adaptation/vocab.py's INITIALISERS (e.g.
   `minipost+copy_shared`); without it, the adaptation config's `init.method`.
 So `methods: [standard, minipost, minipost+copy_shared]` runs three adaptations per language side by side. The spec is
@@ -21,26 +23,31 @@ from minimodel.config import ConfigError
 
 REFERENCE = "standard"  # the report's reference: every method's compute is compared to this one's
 BASELINE = "none"  # the unadapted primary: the quality an adapted method must beat (the pipeline always adds it)
+SPARSE = "lt_sft"  # composable sparse fine-tuning: a language SFT + a task SFT of the primary, no new embeddings
 
 
 @dataclass(frozen=True)
 class ModelSource:
     name: str
-    # adapt/train.py's `over`: the primary itself, or a mini-model aligned with it; None: nothing is adapted
-    over: Literal["full", "mini"] | None
+    # what adaptation learns per target language: "embeddings" (adapt/train.py, plugged into the primary), "sft" (a
+    # language SFT of the primary, adapt/sft.py, read with the primary's own tokenizer); None: nothing
+    learns: Literal["embeddings", "sft"] | None
     description: str
+    # embeddings: adapt/train.py's `over`, the primary itself (full) or a mini-model aligned with it (mini)
+    over: Literal["full", "mini"] | None = None
 
     @property
     def adapted(self) -> bool:
-        """Whether the method learns target embeddings (an adaptation stage, plugging); `none` does not: zero-shot
+        """Whether the method adapts to each target language (an adaptation stage); `none` does not: zero-shot
         scores the source model with its own tokenizer on the target text."""
-        return self.over is not None
+        return self.learns is not None
 
 
 MODELS: dict[str, ModelSource] = {m.name: m for m in (
-    ModelSource("standard", "full", "the primary model itself (standard adaptation)"),
-    ModelSource("minijoint", "mini", "the MiniJoint mini-model exported with the primary"),
-    ModelSource("minipost", "mini", "the MiniPost mini-model built from the primary"),
+    ModelSource("standard", "embeddings", "the primary model itself (standard adaptation)", "full"),
+    ModelSource("minijoint", "embeddings", "the MiniJoint mini-model exported with the primary", "mini"),
+    ModelSource("minipost", "embeddings", "the MiniPost mini-model built from the primary", "mini"),
+    ModelSource(SPARSE, "sft", "sparse fine-tunings of the primary per language and for the task (LT-SFT)"),
     ModelSource(BASELINE, None, "no adaptation: the primary as it is, its own tokenizer and embeddings"),
 )}
 
@@ -62,6 +69,10 @@ class Method:
     def adapted(self) -> bool:
         return self.source.adapted
 
+    @property
+    def learns_embeddings(self) -> bool:
+        return self.source.learns == "embeddings"
+
     def adapt_overrides(self) -> list[str]:
         """adapt/train.py settings that make a run this method (the mini-model's path is the caller's)."""
         return [f"method={self.name}", f"over={self.source.over}",
@@ -78,9 +89,9 @@ def parse_method(spec: str, key: str = "method") -> Method:
     model, plus, init = spec.partition("+")
     if model not in MODELS or (plus and init not in INITIALISERS):
         raise ConfigError(f"{key}: unknown method {spec!r}; methods are {known_methods()}")
-    if plus and not MODELS[model].adapted:
-        raise ConfigError(f"{key}: {spec!r}: method {model} adapts nothing, so it has no embedding initialisation: "
-                          f"write {model}")
+    if plus and MODELS[model].learns != "embeddings":
+        raise ConfigError(f"{key}: {spec!r}: method {model} learns no new embeddings, so it has no embedding "
+                          f"initialisation: write {model}")
     return Method(model, init if plus else None)
 
 

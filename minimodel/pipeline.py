@@ -40,7 +40,7 @@ from minimodel.config import ConfigError, load_config, require, save_config
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.hf import HFLoadError, load_tokenizer
 from minimodel.layout import PipelineLayout
-from minimodel.methods import BASELINE, REFERENCE, parse_method
+from minimodel.methods import BASELINE, REFERENCE, SPARSE, parse_method
 from minimodel.minipost.build import MiniPostError, check_tokenizer
 from minimodel.stages import Stage, StageFailed, StageInterrupted, StopSignals, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
@@ -61,6 +61,8 @@ class StageConfigs:
                                                           "configs/evaluate/zero_shot/target_mlm_tiny.yaml"])
     report: str = "configs/evaluate/report.yaml"
     word_vectors: str = "configs/word_vectors/default.yaml"  # methods with +ofa: aligned word vectors learned first
+    lang_sft: str = "configs/sft/tiny.yaml"  # method lt_sft: a language SFT per language, the source language's too
+    task_sft: str = "configs/evaluate/finetune/verse_class_sft_tiny.yaml"  # method lt_sft: step 3, a task SFT
 
 
 @dataclass
@@ -109,13 +111,14 @@ class PipelineConfig:
             require(pretrain.model.secondary_head != "none", "methods",
                     "minijoint needs the secondary head, but the pretraining config sets model.secondary_head=none: "
                     "drop minijoint from methods or pick another secondary_head")
-        known = {"data", "word_vectors", "pretrain", "export", "minipost", "adapt", "finetune", "zero_shot", "report"}
+        known = {"data", "word_vectors", "pretrain", "export", "minipost", "adapt", "lang_sft", "finetune", "task_sft",
+                 "zero_shot", "report"}
         for stage in self.overrides:
             require(stage in known, f"overrides.{stage}", f"not a stage; stages are {sorted(known)}")
         for method in self.method_overrides:
             require(method in self.methods, f"method_overrides.{method}", f"not one of methods {self.methods}")
         for name in ("data", *(["pretrain"] if self.primary_model is None else []), "minipost", "adapt", "finetune",
-                     "report"):
+                     "report", *(["lang_sft", "task_sft"] if SPARSE in models else [])):
             path = getattr(self.configs, name)
             require(Path(path).is_file(), f"configs.{name}", f"{path} does not exist")
         require(bool(self.configs.zero_shot), "configs.zero_shot", "list at least one zero-shot config")
@@ -150,7 +153,9 @@ SEED_SETTINGS: dict[str, tuple[str, ...]] = {
     "pretrain": ("train.seed",),
     "minipost": ("train.seed", "mini.seed"),
     "adapt": ("data_seed", "init.seed", "train.seed"),
+    "lang_sft": ("data_seed", "train.seed"),
     "finetune": ("train.seed",),
+    "task_sft": ("train.seed",),
 }
 
 
@@ -164,6 +169,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     at = layout(cfg)
     src = cfg.source_lang
     methods = [parse_method(spec) for spec in cfg.methods]
+    embedding_methods = [m for m in methods if m.learns_embeddings]
+    sparse = next((m for m in methods if m.model == SPARSE), None)
 
     def extra(stage: str) -> list[str]:
         seeds = [f"{key}={cfg.seed}" for key in SEED_SETTINGS.get(stage, ())] if cfg.seed is not None else []
@@ -214,7 +221,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
 
     # one adaptation job per method: a task per language (a Slurm array)
     adapted: dict[tuple[str, str], Stage] = {}
-    for method in methods:
+    for method in embedding_methods:
         args = ["--config", cfg.configs.adapt, *method.adapt_overrides(), f"primary_model={at.primary}",
                 f"source_lang={src}", f"data_dir={at.data_dir}",
                 f"output_dir={at.adapt(method.name)}", *extra("adapt"),
@@ -229,6 +236,26 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                 [made_by[method.model], prepare, *(word_vectors if method.init == "ofa" else [])],
                 nproc=cfg.adapt_nproc, job=f"adapt-{method.name}", lang=lang,
                 lang_args=[f"target_langs=[{lang}]"])  # only its own language: adding another reruns nothing
+    if sparse:  # LT-SFT: a language SFT of the primary per language; the source's is applied while the task trains
+        for lang in [src, *cfg.target_langs]:
+            adapted[sparse.name, lang] = add(
+                f"lang_sft-{lang}", "lang_sft", ["--config", cfg.configs.lang_sft, f"primary_model={at.primary}",
+                                                 f"source_lang={src}", f"data_dir={at.data_dir}",
+                                                 f"output_dir={at.adapt(sparse.name)}", *extra("lang_sft")],
+                at.adapt(sparse.name, lang), [export, prepare], nproc=cfg.adapt_nproc, job="lang_sft", lang=lang,
+                lang_args=[f"target_langs=[{lang}]"])
+
+    def targets(method, plugged: bool = False) -> list[str]:
+        """zero_shot's targets of a method: its embeddings (plugged into the task model, or in memory) or language
+        SFTs, or (none) just the languages."""
+        if method.learns_embeddings and plugged:  # embeddings: zero_shot also scores the run's snapshots
+            return [f"{{lang: {lang}, model_dir: {at.plugged(method.name, lang)}, tokenizer: {at.tokenizer(lang)}, "
+                    f"embeddings: {at.adapt(method.name, lang)}}}" for lang in cfg.target_langs]
+        if method.learns_embeddings:
+            return [f"{{lang: {lang}, embeddings: {at.adapt(method.name, lang)}}}" for lang in cfg.target_langs]
+        if method.adapted:
+            return [f"{{lang: {lang}, language_sft: {at.language_sft(lang)}}}" for lang in cfg.target_langs]
+        return [f"{{lang: {lang}}}" for lang in cfg.target_langs]
 
     def zero_shot(config: str, method: str, source_model: Path, targets: list[str], after: list[Stage]) -> Stage:
         task = zero_shot_task(config)
@@ -240,18 +267,19 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
 
     # The unadapted baseline (method none) on each task whose metric compares tokenizers: each target is only a
     # language, read by the source model (the primary, or the task model fine-tuned from it) with its own tokenizer.
+    # So is LT-SFT, which keeps the primary's vocabulary.
     baseline = parse_method(BASELINE)
-    unadapted = [f"{{lang: {lang}}}" for lang in cfg.target_langs]
 
     def evaluated(config: str) -> list:
-        return [*methods, *([baseline] if TASKS[zero_shot_task(config)].compares_tokenizers else [])]
+        compares = TASKS[zero_shot_task(config)].compares_tokenizers
+        return [*(m for m in methods if m.learns_embeddings or compares), *([baseline] if compares else [])]
+
+    def adaptations(method) -> list[Stage]:
+        return [adapted[method.name, lang] for lang in cfg.target_langs] if method.adapted else [export]
 
     # Tasks on the primary itself need only the adaptation runs: each checkpoint's embeddings plugged in memory.
     fine_tuned = {config: TASKS[zero_shot_task(config)].fine_tuned for config in cfg.configs.zero_shot}
-    evaluations = [zero_shot(config, m.name, at.primary,
-                             [f"{{lang: {lang}, embeddings: {at.adapt(m.name, lang)}}}" for lang in cfg.target_langs],
-                             [adapted[m.name, lang] for lang in cfg.target_langs]) if m.adapted else
-                   zero_shot(config, m.name, at.primary, unadapted, [export])
+    evaluations = [zero_shot(config, m.name, at.primary, targets(m), adaptations(m))
                    for config in cfg.configs.zero_shot if not fine_tuned[config] for m in evaluated(config)]
 
     # Step 3 (fine-tuning, plugging into the task model) only when a configured task needs it.
@@ -260,20 +288,24 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         finetune = add("finetune", "finetune", ["--config", cfg.configs.finetune, f"model_dir={at.primary}",
                                                 f"task.data_dir={at.data_dir}", f"source_lang={src}",
                                                 f"output_dir={at.finetune}", *extra("finetune")], at.finetune, [export])
-        for method in methods:
-            targets, plugs = [], []
-            for lang in cfg.target_langs:
-                emb_dir, plugged = at.adapt(method.name, lang), at.plugged(method.name, lang)
-                plugs.append(add(f"plug-{method.name}-{lang}", "plug",
-                                 [f"embeddings={emb_dir}", f"model={at.task_model}", f"primary_model={at.primary}",
-                                  f"output_dir={plugged}"],
-                                 plugged, [adapted[method.name, lang], finetune]))
-                # embeddings: zero_shot also scores the run's snapshots (the report's quality-vs-compute curve)
-                targets.append(f"{{lang: {lang}, model_dir: {plugged}, tokenizer: {at.tokenizer(lang)}, "
-                               f"embeddings: {emb_dir}}}")
-            evaluations += [zero_shot(config, method.name, at.task_model, targets, plugs)
+        for method in embedding_methods:
+            plugs = [add(f"plug-{method.name}-{lang}", "plug",
+                         [f"embeddings={at.adapt(method.name, lang)}", f"model={at.task_model}",
+                          f"primary_model={at.primary}", f"output_dir={at.plugged(method.name, lang)}"],
+                         at.plugged(method.name, lang), [adapted[method.name, lang], finetune])
+                     for lang in cfg.target_langs]
+            evaluations += [zero_shot(config, method.name, at.task_model, targets(method, plugged=True), plugs)
                             for config in fine_tuned_configs]
-        evaluations += [zero_shot(config, baseline.name, at.task_model, unadapted, [finetune])
+        if sparse:  # the task SFT, trained with the source language's SFT applied; zero-shot swaps in the target's
+            task_sft = add("task_sft", "finetune", ["--config", cfg.configs.task_sft, f"model_dir={at.primary}",
+                                                    f"task.data_dir={at.data_dir}", f"source_lang={src}",
+                                                    f"method={sparse.name}", "sparse=true",
+                                                    f"language_sft={at.language_sft(src)}",
+                                                    f"output_dir={at.task_sft}", *extra("task_sft")],
+                           at.task_sft, [export, adapted[sparse.name, src]])
+            evaluations += [zero_shot(config, sparse.name, at.task_sft / "model", targets(sparse),
+                                      [task_sft, *adaptations(sparse)]) for config in fine_tuned_configs]
+        evaluations += [zero_shot(config, baseline.name, at.task_model, targets(baseline), [finetune])
                         for config in fine_tuned_configs if baseline in evaluated(config)]
     tasks = ", ".join(dict.fromkeys(zero_shot_task(config) for config in cfg.configs.zero_shot))
     report = add("report", "report", ["--config", cfg.configs.report, f"output_dir={at.report}",

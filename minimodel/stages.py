@@ -77,6 +77,8 @@ KINDS: dict[str, StageKind] = {
                           "minimodel.minipost.train:run_minipost", "deepspeed", ("slurm/minipost.sh",)),
     "adapt": StageKind("adapt/train.py", "minimodel.adaptation.train:AdaptConfig",
                        "minimodel.adaptation.train:run_adaptation", "deepspeed", ("slurm/adapt.sh",)),
+    "lang_sft": StageKind("adapt/sft.py", "minimodel.sft.language:LanguageSFTConfig",
+                          "minimodel.sft.language:run_language_sft", "deepspeed", ("slurm/adapt.sh", "sft")),
     "plug": StageKind("adapt/plug.py", "minimodel.adaptation.plug:PlugConfig", "minimodel.adaptation.plug:plug",
                       "python", ("slurm/python.sh", "adapt/plug.py")),
     "finetune": StageKind("evaluate/finetune.py", "minimodel.evaluation.finetune:FinetuneConfig",

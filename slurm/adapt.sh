@@ -1,7 +1,11 @@
 #!/bin/bash
-# Step 2: learn a target language's token embeddings (body frozen) with DeepSpeed; one array task per language.
-#   sbatch --array=0-1 slurm/adapt.sh [--config configs/adapt/default.yaml] [key.sub=value ...]
-#     array task i adapts the i-th of $TARGET_LANGS (space/comma-separated) or else of the config's target_langs
+# Step 2: adapt to a target language with DeepSpeed; one array task per language.
+#   sbatch --array=0-1 slurm/adapt.sh [train] [--config configs/adapt/default.yaml] [key.sub=value ...]
+#     new token embeddings (body frozen), adapt/train.py; array task i adapts the i-th of $TARGET_LANGS
+#     (space/comma-separated) or else of the config's target_langs
+#   sbatch --array=0-2 slurm/adapt.sh sft [--config configs/sft/default.yaml] [key.sub=value ...]
+#     LT-SFT: a sparse fine-tuning of the primary per language, adapt/sft.py (list the source language too: the
+#     task SFT is trained with its SFT applied)
 #   sbatch slurm/adapt.sh ... target_lang=sw        (one language, no array)
 #   sbatch slurm/adapt.sh ... over=full             (standard adaptation, the baseline)
 # 300 s before the time limit Slurm sends USR1: the trainer checkpoints, the job requeues itself and resumes.
@@ -19,9 +23,11 @@ MINIMODEL_HOME=${MINIMODEL_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
 # shellcheck source=slurm/common.sh
 source "$MINIMODEL_HOME/slurm/common.sh"
 
-mm_stage_args configs/adapt/default.yaml "$@"
-if [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [ -z "${MM_TASK_ARGS:-}" ]; then  # pipeline.sh's arrays: mm_launch
-  # The language list: $TARGET_LANGS, else target_langs of the config with its overrides applied.
+# An array task of its own (not one of pipeline.sh's, which name their language in MM_TASK_ARGS): its language is
+# the task id's entry of $TARGET_LANGS, else of target_langs in the config with its overrides applied.
+array_language() {
+  [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [ -z "${MM_TASK_ARGS:-}" ] || return 0
+  local lang
   lang=$("$MINIMODEL_PYTHON" - "$SLURM_ARRAY_TASK_ID" "${MM_ARGS[@]}" <<'PY'
 import os, sys, yaml
 from minimodel.config import parse_overrides
@@ -38,5 +44,19 @@ PY
   )
   mm_log "array task $SLURM_ARRAY_TASK_ID: target_lang=$lang"
   MM_ARGS+=("target_lang=$lang")
-fi
-mm_launch deepspeed adapt/train.py "${MM_ARGS[@]}"
+}
+
+adapt_step=train
+case ${1:-} in
+  train|sft) adapt_step=$1; shift ;;
+esac
+case $adapt_step in
+  train)
+    mm_stage_args configs/adapt/default.yaml "$@"
+    array_language
+    mm_launch deepspeed adapt/train.py "${MM_ARGS[@]}" ;;
+  sft)
+    mm_stage_args configs/sft/default.yaml "$@"
+    array_language
+    mm_launch deepspeed adapt/sft.py "${MM_ARGS[@]}" ;;
+esac

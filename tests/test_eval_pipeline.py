@@ -5,6 +5,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,14 @@ from adapt_helpers import run_and_signal
 from eval_helpers import (EMBEDDINGS, REPO, adaptation_artifact, cipher, perfect_target_embeddings, plug,
                           source_vocab, stage_env, tiny_mlm, toy_bible, word_tokenizer, write_verses)
 from minimodel.config import ConfigError, load_config
-from minimodel.evaluation.models import TokenizerMismatchError
+from minimodel.evaluation import EvaluationError
+from minimodel.evaluation.models import TokenizerMismatchError, load_task_model
+from minimodel.evaluation.scoring import score
+from minimodel.evaluation.tasks import TASKS
 from minimodel.evaluation.zero_shot import ZeroShotConfig, zero_shot
+from minimodel.hf import load_tokenizer
+from minimodel.manifest import model_hash
+from minimodel.sft.file import SparseDiff, SparseFineTuning
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 
@@ -253,3 +260,70 @@ def test_a_snapshot_plugs_in_memory_exactly_as_adapt_plug_writes_it(world, adapt
     assert set(on_disk) <= set(in_memory)
     assert all(torch.equal(on_disk[k], in_memory[k]) for k in on_disk)
     assert torch.equal(in_memory[EMBEDDINGS], load_file(snapshot / "embeddings.safetensors")["input_embeddings"])
+
+
+def _language_sft(world, lang: str, seed: int, out: Path) -> SparseFineTuning:
+    """A language SFT of the primary as adapt/sft.py files one: random differences on a few body entries."""
+    base = load_file(world["primary"] / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    diffs = {name: SparseDiff(tuple(base[name].shape), torch.randperm(base[name].numel(), generator=g)[:6].sort()[0],
+                              torch.randn(6, generator=g) * 0.5)
+             for name in (EMBEDDINGS, "bert.encoder.layer.0.attention.self.query.weight")}
+    sft = SparseFineTuning(model_hash(world["primary"]), diffs,
+                           info={"kind": "language", "method": "lt_sft", "target_lang": lang})
+    sft.save(out)
+    return sft
+
+
+@pytest.mark.slow
+def test_lt_sft_reads_each_target_through_its_language_sft_composed_with_the_task_sft(world):
+    """LT-SFT's step 3 for real (evaluate/finetune.py sparse=true, a classification head whose pooler the
+    masked-LM primary lacks) and step 4: zero_shot swaps the source language's SFT for each target's. ya is English
+    under another code with the English SFT filed under ya: it must score exactly the source task model; yb, with
+    an SFT of its own, exactly the primary + its differences + the task SFT composed by hand."""
+    root = world["root"]
+    for lang in ("ya", "yb"):
+        write_verses(root / "data", lang, toy_bible())
+    en = _language_sft(world, "en", 0, root / "sft_en")
+    same = SparseFineTuning(en.base_sha256, en.diffs, info={**en.info, "target_lang": "ya"})
+    same.save(root / "sft_ya")
+    yb = _language_sft(world, "yb", 1, root / "sft_yb")
+    out = root / "task_sft"
+    cmd = [sys.executable, str(REPO / "evaluate" / "finetune.py"), "--config",
+           str(REPO / "configs" / "evaluate" / "finetune" / "verse_class_sft_tiny.yaml"), f"model_dir={world['primary']}",
+           f"task.data_dir={root / 'data'}", f"output_dir={out}", "tracking.enabled=false", "method=lt_sft",
+           f"language_sft={root / 'sft_en'}", "sft.full_steps=4", "sft.sparse_steps=4", "train.steps=4",
+           "train.schedule.warmup_steps=1", "train.eval.every=0", "sft.k=300"]
+    proc = subprocess.run(cmd, cwd=root, env=stage_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    cfg = _zero_shot_cfg(world, "zs_lt_sft", method="lt_sft", source_model_dir=out / "model",
+                         targets=f"[{{lang: ya, language_sft: {root / 'sft_ya'}}}, "
+                                 f"{{lang: yb, language_sft: {root / 'sft_yb'}}}]")
+    results = zero_shot(cfg).outputs
+    assert results["ya"] == results["en"]  # the same SFT composed again: the source task model, bit for bit
+
+    task = SparseFineTuning.load(out / "train" / "sft")
+    assert {"bert.pooler.dense.weight", "classifier.weight"} <= set(task.abs)  # drawn at load: stored whole
+    by_hand = load_task_model(world["primary"], "classification", TASKS["verse_class"].labels)
+    params = dict(by_hand.named_parameters())
+    with torch.no_grad():
+        for sft in (yb, task):
+            for name, d in sft.diffs.items():
+                params[name].add_(d.dense())
+        for name, value in task.abs.items():
+            params[name].copy_(value)
+    expected = score(cfg.task, by_hand.eval(), load_tokenizer(world["primary"]), "yb", "test", 64)
+    assert results["yb"] == expected
+
+    dense = _zero_shot_cfg(world, "zs_lt_sft_dense", method="lt_sft", source_model_dir=world["task_model"],
+                           targets=f"[{{lang: yb, language_sft: {root / 'sft_yb'}}}]")
+    with pytest.raises(EvaluationError, match="was not fine-tuned sparsely .* evaluate/finetune.py sparse=true"):
+        zero_shot(dense)
+    wrong = _zero_shot_cfg(world, "zs_lt_sft_wrong", method="lt_sft", source_model_dir=out / "model",
+                           targets=f"[{{lang: ya, language_sft: {root / 'sft_yb'}}}]")
+    with pytest.raises(EvaluationError, match="holds target_lang='yb' embeddings .* fix targets\\[\\].lang"):
+        zero_shot(wrong)
+    with pytest.raises(ConfigError, match=r"targets\[0\]: method lt_sft reads each target with the primary's"):
+        _zero_shot_cfg(world, "zs_lt_sft_bad", method="lt_sft", source_model_dir=out / "model",
+                       targets=f"[{{lang: yb, embeddings: {root / 'sft_yb'}}}]")

@@ -252,3 +252,30 @@ def test_a_language_the_primary_cannot_read_has_no_baseline_line(tmp_path, caplo
     assert summary["warnings"] == [] and logged == []
     assert "sw not scored (its tokenizer maps 60% of the text to <unk>)" in md
     assert _baseline_lines(summary) == []
+
+
+def test_lt_sft_is_placed_at_its_language_sfts_compute_and_left_out_where_it_is_not_scored(tmp_path, caplog):
+    """LT-SFT's point: its zero-shot quality at the FLOPs and wall clock its language SFT's manifest records (both
+    phases, minimodel/sft/train.py); target_mlm does not score it, which is no missing result to warn about."""
+    import logging
+
+    layout = PipelineLayout(tmp_path / "run")
+    write_pipeline_results(layout)
+    write_json(layout.language_sft("sw") / "sft.json", {"format": "minimodel-sft", "info": {
+        "kind": "language", "method": "lt_sft", "target_lang": "sw", "flops": 300.0, "wall_clock_s": 12.0}})
+    out = layout.zero_shot("verse_class", "lt_sft")
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(yaml.safe_dump({"method": "lt_sft", "source_lang": "en"}))
+    write_json(out / "metrics.json", {"en": {"accuracy": 0.88}, "sw": {"accuracy": 0.83}})
+    (layout.root / "zero_shot" / "target_mlm").mkdir(parents=True)
+    cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'report'}", f"pipeline_dir={layout.root}",
+                                               "tracking.enabled=false", "methods=[standard, lt_sft]"])
+    with caplog.at_level(logging.WARNING, logger="minimodel.evaluation.report"):
+        summary = json.loads(report(cfg).outputs["json"].read_text())
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("zero-shot target_mlm of standard did not finish" in w for w in warned)  # missing: warned about
+    assert not any("of lt_sft" in w for w in warned)  # not scored there: nothing to warn about
+    found = summary["tasks"]["verse_class"]["languages"]["sw"]["methods"]["lt_sft"]
+    assert found["final"] == {"quality": 0.83, "flops": 300.0, "wall_clock_s": 12.0}
+    # 0.83 beats standard's final 0.80 at 300 FLOPs against standard's 400: a 1.33x saving at 100%
+    assert found["reach"]["1"]["flops_saving"] == pytest.approx(400 / 300)

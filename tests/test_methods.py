@@ -9,6 +9,7 @@ from minimodel.evaluation.report import ReportConfig
 from minimodel.evaluation.zero_shot import ZeroShotConfig
 from minimodel.methods import Method, parse_method
 from minimodel.pipeline import PipelineConfig, build_stages
+from minimodel.stages import jobs
 
 
 def test_a_spec_names_the_model_and_the_initialisation():
@@ -72,7 +73,7 @@ def test_pipeline_runs_a_method_and_its_variant_side_by_side():
 def test_none_is_the_unadapted_baseline_and_no_setting_adapts_it():
     none = parse_method("none")
     assert none == Method("none") and not none.adapted and parse_method("minipost+ofa").adapted
-    with pytest.raises(ConfigError, match="method none adapts nothing, so it has no embedding initialisation"):
+    with pytest.raises(ConfigError, match="method none learns no new embeddings, so it has no embedding initialisation"):
         parse_method("none+ofa")
     with pytest.raises(ConfigError, match="methods: none .* is evaluated on every pipeline without being listed"):
         load_config(PipelineConfig, SMOKE, ["methods=[standard, none]"])
@@ -105,3 +106,42 @@ def test_pipeline_evaluates_the_unadapted_primary_on_each_task_that_compares_tok
     parsed = load_config(ZeroShotConfig, classes.args[1], classes.args[2:])
     assert parsed.method == "none" and [(t.lang, t.model_dir, t.embeddings) for t in parsed.targets] == [
         ("ny", "", None), ("sw", "", None)]
+
+
+def test_lt_sft_is_an_entry_language_sfts_a_task_sft_and_zero_shot_swapping_them():
+    """Method lt_sft: one array job of language SFTs (the source language's and each target's) over the primary,
+    the task SFT trained with the source's applied, zero-shot with each target's SFT on every task whose metric
+    compares tokenizers (not target_mlm); no plugging; the report waits for it. adapt/train.py refuses it."""
+    retrieval = "configs/evaluate/zero_shot/verse_retrieval_tiny.yaml"
+    cfg = load_config(PipelineConfig, SMOKE, ["target_langs=[ny, sw]", "methods=[standard, lt_sft]",
+                                              f"configs.zero_shot=[{retrieval}, configs/evaluate/zero_shot/"
+                                              "verse_class_tiny.yaml, configs/evaluate/zero_shot/target_mlm_tiny.yaml]",
+                                              "seed=3"])
+    stages = {s.name: s for s in build_stages(cfg)}
+    out, sfts = cfg.output_dir, f"{cfg.output_dir}/adapt/lt_sft"
+    lang_sfts = [s for s in stages.values() if s.kind == "lang_sft"]
+    assert [(s.name, s.lang, s.job) for s in lang_sfts] == [
+        ("lang_sft-en", "en", "lang_sft"), ("lang_sft-ny", "ny", "lang_sft"), ("lang_sft-sw", "sw", "lang_sft")]
+    assert {"--config", "configs/sft/tiny.yaml", f"primary_model={out}/export/primary", f"output_dir={sfts}",
+            "data_seed=3", "train.seed=3", "target_langs=[ny]"} <= set(stages["lang_sft-ny"].argv)
+    task_sft = stages["task_sft"]
+    assert task_sft.kind == "finetune" and [a.name for a in task_sft.after] == ["export", "lang_sft-en"]
+    assert {"configs/evaluate/finetune/verse_class_sft_tiny.yaml", "sparse=true", "method=lt_sft",
+            f"language_sft={sfts}/en/sft", f"output_dir={out}/task_sft", "train.seed=3"} <= set(task_sft.argv)
+    targets = f"targets=[{{lang: ny, language_sft: {sfts}/ny/sft}}, {{lang: sw, language_sft: {sfts}/sw/sft}}]"
+    classes, found = stages["zero_shot-verse_class-lt_sft"], stages["zero_shot-verse_retrieval-lt_sft"]
+    assert {f"source_model_dir={out}/task_sft/model", targets} <= set(classes.argv)
+    assert [a.name for a in classes.after] == ["task_sft", "lang_sft-ny", "lang_sft-sw"]
+    assert {f"source_model_dir={out}/export/primary", targets} <= set(found.argv)
+    assert "zero_shot-target_mlm-lt_sft" not in stages and not any(n.startswith("plug-lt_sft") for n in stages)
+    assert {"zero_shot-verse_class-lt_sft", "zero_shot-verse_retrieval-lt_sft"} <= {a.name for a in stages["report"].after}
+    parsed = load_config(ZeroShotConfig, classes.args[1], classes.args[2:])  # a valid zero-shot config of lt_sft
+    assert [(t.lang, t.language_sft) for t in parsed.targets] == [("ny", f"{sfts}/ny/sft"), ("sw", f"{sfts}/sw/sft")]
+    # Slurm: one array job of language SFTs, a task per language
+    job = next(j for j in jobs(list(stages.values())) if j["name"] == "lang_sft")
+    assert job["slurm"] == ["slurm/adapt.sh", "sft"] and [t["lang"] for t in job["array"]] == ["en", "ny", "sw"]
+    with pytest.raises(ConfigError, match="method: lt_sft learns no embeddings: its language fine-tunings are "
+                                          "trained by adapt/sft.py"):
+        load_config(AdaptConfig, overrides=["method=lt_sft", "primary_model=p", "over=full"])
+    with pytest.raises(ConfigError, match="lt_sft learns no new embeddings, so it has no embedding initialisation"):
+        parse_method("lt_sft+ofa")

@@ -11,6 +11,7 @@ from transformers import (BertConfig, BertForMaskedLM, BertForPreTraining, BertF
                           MegatronBertForMaskedLM, XLMRobertaForMaskedLM)
 
 from minimodel.config import ConfigError
+from minimodel.hf import initialised_at_load
 from minimodel.manifest import model_hash
 from minimodel.models.minijoint.config import ModelConfig
 from minimodel.models.minijoint.hf_format import hf_config
@@ -249,3 +250,31 @@ def test_an_sft_refuses_a_model_it_was_not_learned_from(tmp_path):
     assert sha_a in str(e.value) and sha_b in str(e.value)
     with pytest.raises(SFTError, match="different base models"):
         compose(sft, SparseFineTuning(sha_b))
+
+
+def test_parameters_a_task_model_initialises_at_load_are_dense_so_the_composed_model_is_the_trained_one(tmp_path):
+    """A masked-LM checkpoint has no pooler: BERT's classification model draws one at load, as it does the
+    classifier. An SFT of such a parameter as a sparse difference would be added to ANOTHER random draw when the
+    task model is composed again (zero-shot); stored whole, the composed model is the trained one, whatever the
+    draw."""
+    base_dir = tmp_path / "mlm"
+    bert().save_pretrained(base_dir)
+    base_sha = model_hash(base_dir)
+    torch.manual_seed(1)
+    task_model = BertForSequenceClassification.from_pretrained(base_dir, num_labels=3)
+    new = initialised_at_load(task_model, base_dir)
+    assert new == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+    part = partition_parameters(task_model, new=new)
+    assert set(part.dense) == new and not new & set(part.eligible) and "bert.encoder.layer.0.output.dense.weight" \
+        in part.eligible
+    g = torch.Generator().manual_seed(2)
+    start = {n: p.detach().clone() for n, p in part.trainable.items()}
+    masks = select_top_k({n: torch.rand(p.shape, generator=g) for n, p in part.eligible.items()}, 200)
+    trained, sft = _random_sft(part, start, masks, g, base_sha)
+    torch.manual_seed(7)  # another draw of the pooler and classifier
+    fresh = BertForSequenceClassification.from_pretrained(base_dir, num_labels=3)
+    assert not torch.equal(fresh.bert.pooler.dense.weight, trained["bert.pooler.dense.weight"])
+    sft.apply(fresh, base_sha)
+    params = dict(fresh.named_parameters())
+    for n, value in trained.items():
+        _max_ulp(params[n], value)

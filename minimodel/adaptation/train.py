@@ -146,6 +146,8 @@ class AdaptConfig(PerLanguageRun):
                     "(configs/deepspeed/zero2.json), or set tokenizer.freeze_source_rows=false")
         if self.method is not None:
             method = parse_adapted_method(self.method)
+            require(method.learns_embeddings, "method", f"{self.method} learns no embeddings: its language "
+                    "fine-tunings are trained by adapt/sft.py")
             require(method.source.over == self.over, "over",
                     f"method {self.method} adapts over={method.source.over}, not over={self.over}")
             require(method.init in (None, self.init.method), "init.method",

@@ -26,7 +26,8 @@ from minimodel import distributed
 from minimodel.config import require, save_config
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.evaluation.features import classification_features, qa_train_features
-from minimodel.evaluation.models import TASK_FILE, check_tokenizer, freeze_embeddings, load_task_model
+from minimodel.evaluation.models import (TASK_FILE, check_tokenizer, freeze_embeddings, load_sft_task_model,
+                                         load_task_model)
 from minimodel.evaluation.scoring import score
 from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.hf import load_tokenizer
@@ -115,11 +116,7 @@ def _compose_task_model(cfg: FinetuneConfig, tokenizer, labels, language_sft, ta
     """Write the task model of a task SFT: the primary + the language SFT (body only) + the task SFT (with its
     head). Rank 0 writes; every rank returns the directory."""
     if dist.get_rank() == 0:
-        task_model = load_task_model(cfg.model_dir, cfg.task.spec.kind, labels)
-        base_sha = model_hash(cfg.model_dir)
-        if language_sft is not None:
-            language_sft.apply(task_model, base_sha, with_abs=False)
-        SparseFineTuning.load(task_sft_dir).apply(task_model, base_sha)
+        task_model = load_sft_task_model(cfg.model_dir, cfg.task.spec.kind, labels, task_sft_dir, language_sft)
         _write_task_model(cfg, task_model, tokenizer, labels,
                           {"frozen": [], "sft": {"language": cfg.language_sft, "task": str(task_sft_dir.resolve())}})
     dist.barrier()

@@ -19,6 +19,8 @@ from transformers import (AutoModel, AutoModelForQuestionAnswering,
 
 from minimodel.evaluation import EvaluationError
 from minimodel.hf import is_tokenizer_dir, load_masked_lm, load_model, load_tokenizer
+from minimodel.manifest import model_hash
+from minimodel.sft.file import SparseFineTuning
 
 TASK_FILE = "task.json"
 
@@ -46,6 +48,18 @@ def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, 
     if kind == "mlm":
         return load_masked_lm(model_dir)
     raise ValueError(f"unknown task kind {kind!r}")
+
+
+def load_sft_task_model(primary_dir: str | os.PathLike, kind: str, labels: tuple[str, ...], task_sft: str | os.PathLike,
+                        language_sft: SparseFineTuning | None = None, primary_sha: str | None = None):
+    """LT-SFT's task model: the primary loaded for the task `kind`, + a language SFT (body only) + the task SFT (with
+    its dense head). `primary_sha`: the primary's manifest hash, when the caller has it."""
+    model = load_task_model(primary_dir, kind, labels)
+    primary_sha = primary_sha or model_hash(primary_dir)
+    if language_sft is not None:
+        language_sft.apply(model, primary_sha, with_abs=False)
+    SparseFineTuning.load(task_sft).apply(model, primary_sha)
+    return model
 
 
 def freeze_embeddings(model) -> list[str]:

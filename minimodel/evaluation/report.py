@@ -4,7 +4,8 @@ Reads a pipeline's results from its output directory (minimodel/layout.py), neve
 - zero-shot results, <pipeline_dir>/zero_shot/<task>/<method>/: metrics.json (per language, the final embeddings';
   the source language's is the reference) and snapshots.json (per language and adaptation step);
 - the compute each evaluated checkpoint cost, <pipeline_dir>/adapt/<method>/<lang>/: adapt.json of the final
-  embeddings and of each snapshots/step_<N>/ (FLOPs and wall clock spent up to it).
+  embeddings and of each snapshots/step_<N>/ (FLOPs and wall clock spent up to it); LT-SFT: the language SFT's
+  manifest, sft/sft.json (both phases).
 
 For each task and language it finds, for every method, the compute at which its quality first reached 95% /
 99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute; with
@@ -37,8 +38,9 @@ from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.scoring import MAJORITY_METRIC
 from minimodel.evaluation.tasks import TASKS
 from minimodel.layout import PipelineLayout
-from minimodel.methods import BASELINE, REFERENCE, parse_adapted_method
+from minimodel.methods import BASELINE, REFERENCE, parse_adapted_method, parse_method
 from minimodel.provenance import claim_output, finish_output
+from minimodel.sft.file import SFT_DIR, read_sft_info
 from minimodel.stages import StageResult
 from minimodel.tracking import TrackingConfig, attach_to_run
 
@@ -79,8 +81,9 @@ class Point:
 
 
 def _compute(artifact: Path) -> tuple[float | None, float | None]:
-    """(FLOPs, wall-clock seconds) adaptation had spent when it wrote this artifact (final or snapshot)."""
-    info = read_info(artifact)
+    """(FLOPs, wall-clock seconds) adaptation had spent when it wrote this artifact (final or snapshot; LT-SFT: the
+    run directory of a language SFT)."""
+    info = read_info(artifact) or read_sft_info(artifact / SFT_DIR)
     if info is None:
         log.warning("%s holds no adapt.json: the compute of the checkpoint evaluated there is unknown", artifact)
         return None, None
@@ -111,6 +114,8 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
                 if lang != source_lang:
                     baseline[task][lang] = {"quality": final.get(metric), "unk_fraction": final.get("unk_fraction")}
         for method in [m for m in methods or _subdirs(layout.root / "zero_shot" / task) if m != BASELINE]:
+            if not (TASKS[task].compares_tokenizers or parse_method(method).learns_embeddings):
+                continue  # e.g. LT-SFT on target_mlm: the primary's own vocabulary, no gain comparable to the others'
             out = layout.zero_shot(task, method)
             if not (out / "metrics.json").is_file():
                 log.warning("%s has no metrics.json (zero-shot %s of %s did not finish): left out", out, task, method)

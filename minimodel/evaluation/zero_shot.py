@@ -12,6 +12,13 @@ Task target_mlm scores the PRIMARY model (source_model_dir) with each checkpoint
 held-out target MLM loss (mlm_loss) and by mlm_gain = the loss with the step-0 snapshot's embeddings - the loss
 now, so the report's fractions of the standard method's final quality are fractions of its improvement.
 
+Method `lt_sft` (LT-SFT) adapts by sparse fine-tunings instead of embeddings: each target names its language SFT
+(`language_sft: <adapt/sft.py output_dir>/<lang>/sft`), read with the source tokenizer (the primary's). For a
+fine-tuned task the target model is the primary + the target's language SFT + the task SFT the source task model
+(evaluate/finetune.py sparse=true) was composed with, in place of the source language's SFT; for retrieval, the
+primary + the language SFT. Not for target_mlm (its loss in the primary's vocabulary is no gain on the same scale
+as the other methods').
+
 Method `none` (minimodel/methods.py BASELINE) adapts nothing: each target is just a language, read by the source
 model with its own tokenizer (the primary as it is, or the task model fine-tuned from it): the unadapted baseline.
 A language the tokenizer maps to its unknown token more often than the data stage accepts (UNK_REFUSED) is not
@@ -38,14 +45,16 @@ from minimodel import faults
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
-from minimodel.evaluation.models import check_tokenizer, load_task_model, read_task_info
+from minimodel.evaluation.models import (TASK_FILE, check_tokenizer, load_sft_task_model, load_task_model,
+                                         read_task_info)
 from minimodel.evaluation.scoring import score, score_mlm, score_retrieval, unknown_fraction
 from minimodel.evaluation.tasks import TaskConfig
 from minimodel.data.prepare import UNK_REFUSED
-from minimodel.hf import load_tokenizer
+from minimodel.hf import load_masked_lm, load_tokenizer
 from minimodel.manifest import model_hash
 from minimodel.methods import parse_method
 from minimodel.provenance import claim_output, finish_output
+from minimodel.sft.file import MANIFEST_FILE, SparseFineTuning
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 
@@ -63,6 +72,7 @@ class TargetConfig:
     adapt_run_id: str | None = None  # the adaptation's MLflow run; None: the one model_dir's plug.json names
     adapt_step: int | None = None  # its checkpoint step (None: the final embeddings)
     embeddings: str | None = None  # the adaptation run dir (<adapt output_dir>/<lang>): also score its snapshots
+    language_sft: str | None = None  # method lt_sft: this language's SFT (<adapt/sft.py output_dir>/<lang>/sft)
 
 
 @dataclass
@@ -82,13 +92,21 @@ class ZeroShotConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        adapted = parse_method(self.method).adapted
+        method = parse_method(self.method)
+        adapted = method.adapted
         require(bool(self.source_model_dir), "source_model_dir", "set it to the fine-tuned task model directory")
         require(self.split in ("dev", "test"), "split", "must be dev or test")
-        require(adapted or self.task.spec.compares_tokenizers, "method",
-                f"{self.method} (the unadapted primary, its own tokenizer) cannot be scored on {self.task.name}: its "
+        require(method.learns_embeddings or self.task.spec.compares_tokenizers, "method",
+                f"{self.method} (read with the primary's own tokenizer) cannot be scored on {self.task.name}: its "
                 f"{self.task.spec.metric} does not compare tokenizers; evaluate it on another task")
         for i, t in enumerate(self.targets):
+            if adapted and not method.learns_embeddings:
+                require(bool(t.lang and t.language_sft) and not (t.model_dir or t.tokenizer or t.embeddings),
+                        f"targets[{i}]", f"method {self.method} reads each target with the primary's tokenizer and "
+                        "the language's SFT: give lang and language_sft (no model_dir, tokenizer or embeddings)")
+                continue
+            require(not t.language_sft, f"targets[{i}].language_sft",
+                    f"is for method lt_sft; method {self.method} reads a target through its embeddings")
             if not adapted:
                 require(bool(t.lang) and not (t.model_dir or t.tokenizer or t.embeddings), f"targets[{i}]",
                         f"method {self.method} reads each target with the source model and its own tokenizer: give "
@@ -211,6 +229,25 @@ def _add_mlm_gain(target: TargetConfig, scored: list[tuple[TargetConfig, dict]])
         metrics["mlm_gain"] = initial - metrics["mlm_loss"]
 
 
+def _sft_model(cfg: ZeroShotConfig, target: TargetConfig, primary):
+    """Method lt_sft: the primary with the target's language SFT; for a fine-tuned task, + the source task model's
+    task SFT (finetune's composition, the target's language SFT in place of the source's)."""
+    language_sft = SparseFineTuning.load(target.language_sft)
+    _check_provenance(cfg, target, language_sft.info, Path(target.language_sft) / MANIFEST_FILE)
+    if not cfg.task.spec.fine_tuned:
+        model = load_masked_lm(primary[0])
+        language_sft.apply(model, primary[1], with_abs=False)
+        return model.base_model  # the encoder, named as the masked LM the SFT was learned on
+    info = read_task_info(cfg.source_model_dir)
+    task_sft = (info.get("sft") or {}).get("task")
+    if task_sft is None:
+        raise EvaluationError(f"source_model_dir: {cfg.source_model_dir} was not fine-tuned sparsely (its "
+                              f"{TASK_FILE} names no task SFT): method {cfg.method} needs the task model of "
+                              "evaluate/finetune.py sparse=true")
+    return load_sft_task_model(primary[0], cfg.task.spec.kind, tuple(info["labels"]), task_sft, language_sft,
+                               primary[1])
+
+
 def _score_unadapted(cfg: ZeroShotConfig, target: TargetConfig, source) -> dict[str, float]:
     """Method none: the source model reads the target text with its own tokenizer, where that tokenizer can."""
     unknown = unknown_fraction(cfg.task, source[1], target.lang, cfg.split)
@@ -224,9 +261,12 @@ def _score_unadapted(cfg: ZeroShotConfig, target: TargetConfig, source) -> dict[
 
 def _evaluate_target(cfg: ZeroShotConfig, target: TargetConfig, source, primary) -> tuple[dict, dict[int, dict]]:
     """Score every checkpoint of one target and log a run for each; (final metrics, {snapshot step: metrics})."""
-    if parse_method(cfg.method).adapted:
+    method = parse_method(cfg.method)
+    if method.learns_embeddings:
         scored = [(at, _score(cfg, at, model, tokenizer, source)) for at, model, tokenizer in
                   _checkpoints(cfg, target, source, primary)]
+    elif method.adapted:
+        scored = [(target, _score(cfg, target, _sft_model(cfg, target, primary), source[1], source))]
     else:
         scored = [(target, _score_unadapted(cfg, target, source))]
     if cfg.task.spec.kind == "mlm":
@@ -264,7 +304,7 @@ def zero_shot(cfg: ZeroShotConfig) -> StageResult:
         results[cfg.source_lang] = score(cfg.task, *source, cfg.source_lang, cfg.split, cfg.batch_size)
         _log_run(cfg, cfg.source_lang, "source", results[cfg.source_lang], None)
     # the primary every run's embeddings must have been learned for: hashed once, not per target
-    primary = _primary_of(cfg) if any(t.embeddings for t in cfg.targets) else None
+    primary = _primary_of(cfg) if any(t.embeddings or t.language_sft for t in cfg.targets) else None
     snapshot_results = {}
     for target in cfg.targets:
         results[target.lang], snapshots = _evaluate_target(cfg, target, source, primary)

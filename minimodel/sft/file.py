@@ -35,6 +35,7 @@ VERSION = 1
 TENSORS_FILE = "sft.safetensors"
 MANIFEST_FILE = "sft.json"
 REFERENCE_FILE = "pytorch_diff.bin"
+SFT_DIR = "sft"  # where a training run (minimodel/sft/train.py) puts its SFT: <output_dir>/sft/
 
 
 class SFTError(UserError):
@@ -145,6 +146,13 @@ class SparseFineTuning:
         """theta -= diff in place (dense parameters keep their values, as the reference does)."""
         self.check_base(base_sha256)
         self._add(model, -1.0)
+
+
+def read_sft_info(sft_dir: str | os.PathLike) -> dict | None:
+    """The manifest's `info` of an SFT directory (how it was trained, its compute), without its tensors; None when
+    there is no SFT there."""
+    manifest = Path(sft_dir) / MANIFEST_FILE
+    return json.loads(manifest.read_text()).get("info", {}) if manifest.is_file() else None
 
 
 def compose(*sfts: SparseFineTuning) -> SparseFineTuning:

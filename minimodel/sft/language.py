@@ -29,13 +29,15 @@ from minimodel.data.tokenizer import load_tokenizer
 from minimodel.hf import load_model
 from minimodel.manifest import model_hash
 from minimodel.provenance import finish_output
+from minimodel.methods import SPARSE
+from minimodel.sft.file import SFT_DIR
 from minimodel.sft.train import SFTConfig, train_sft
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
 
-METHOD = "lt_sft"
+METHOD = SPARSE  # the pipeline's method these SFTs are filed under
 
 
 @dataclass
@@ -75,7 +77,7 @@ def train_language(cfg: LanguageSFTConfig, lang: str) -> str:
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
     run_dir, lang_cfg, claimed = claim_language(cfg, lang)
-    if claimed == "finished" and (run_dir / "sft").is_dir():
+    if claimed == "finished" and (run_dir / SFT_DIR).is_dir():
         return "done"
     # the target text in the primary's own vocabulary (re-encoded when the data stage used another tokenizer)
     data_cfg = AdaptConfig(primary_model=cfg.primary_model, data_dir=cfg.data_dir,

@@ -41,9 +41,12 @@ class Partition:
         return sum(p.numel() for p in self.eligible.values())
 
 
-def partition_parameters(model: nn.Module, include_layer_norms: bool = False) -> Partition:
+def partition_parameters(model: nn.Module, include_layer_norms: bool = False,
+                         new: set[str] = frozenset()) -> Partition:
     """Split `model`'s parameters (as named_parameters names them: a tied weight once, under its first name) and
-    set requires_grad accordingly: frozen norms get requires_grad False."""
+    set requires_grad accordingly: frozen norms get requires_grad False. `new`: parameters the base model does not
+    have (hf.initialised_at_load: a task model's pooler), dense even in the body: a difference from their random
+    initial values would mean nothing once the SFT is applied to a freshly loaded model."""
     body = model.base_model
     if body is model:
         raise ConfigError(f"{type(model).__name__} has no separate body (base_model): sparse fine-tuning needs a "
@@ -56,7 +59,7 @@ def partition_parameters(model: nn.Module, include_layer_norms: bool = False) ->
             p.requires_grad_(False)
         if not p.requires_grad:
             frozen.append(name)
-        elif id(p) in body_params:
+        elif id(p) in body_params and name not in new:
             eligible[name] = p
         else:
             dense[name] = p

@@ -40,7 +40,8 @@ from torch import nn
 
 from minimodel.config import ConfigError, require
 from minimodel.distributed import initialize_deepspeed
-from minimodel.sft.file import MANIFEST_FILE, SparseDiff, SparseFineTuning
+from minimodel.hf import initialised_at_load
+from minimodel.sft.file import MANIFEST_FILE, SFT_DIR, SparseDiff, SparseFineTuning
 from minimodel.sft.select import Partition, partition_parameters, resolve_k, select_top_k
 from minimodel.training.config import DeepSpeedLoopConfig
 from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train, zero_stage
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 
 MASK_FILE = "mask.safetensors"
 END_FILE = "end.safetensors"
-SFT_DIR = "sft"
 
 
 @dataclass
@@ -175,7 +175,8 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
               eval_data=None, tracker=None, info: dict | None = None, desc: str = "sft") -> SFTResult:
     """Learn an SFT of `model` (whose current weights are theta0: the model loaded from the directory with hash
     `base_sha256`, plus whatever SFT the caller applied) with the DeepSpeed loop. Call on every rank; rank 0 writes
-    <output_dir>/sft/. Arguments as deepspeed_loop.train's; `info` goes into the SFT's manifest."""
+    <output_dir>/sft/. Arguments as deepspeed_loop.train's; `info` goes into the SFT's manifest; `base_path`: that
+    directory, whose weights say which parameters were initialised at load (trained dense, stored whole)."""
     initialize_deepspeed()
     check_loop_config(train_cfg, cfg)
     rank = dist.get_rank()
@@ -184,7 +185,8 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
     total_steps = cfg.iterations * (full_steps + sparse_steps)
     if (out / SFT_DIR / MANIFEST_FILE).is_file():
         return SFTResult("finished", out / SFT_DIR, total_steps)
-    part = partition_parameters(model, cfg.include_layer_norms)
+    new = initialised_at_load(model, base_path) if base_path else set()  # e.g. a task head: stored whole
+    part = partition_parameters(model, cfg.include_layer_norms, new)
     k = resolve_k(cfg.k, cfg.k_proportion, part.eligible_numel)
     if cfg.iterations > k:
         raise ConfigError(f"sft.iterations={cfg.iterations} exceeds K={k}: each iteration must free >= 1 value")
