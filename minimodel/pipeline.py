@@ -6,6 +6,8 @@
          -> zero-shot tasks scored on the primary model itself (target_mlm: held-out target MLM loss), per method
          -> step 3: fine-tune the primary on the English task -> plug each language's embeddings into the task model
          -> step 4: zero-shot evaluation of the task model per method -> report (quality vs adaptation compute)
+    method lt_sft (LT-SFT) instead: language SFTs of the primary (the source language's too) -> a task SFT with the
+         source's applied -> zero-shot with each target's SFT composed with the task SFT
     and always the unadapted baseline (method `none`): the primary as it is, reading the target text with its own
     tokenizer (the source tokenizer), on every zero-shot task whose metric compares tokenizers; the report draws it
     as a line and warns when an adapted method ends below it

@@ -6,6 +6,8 @@
 #   sbatch --array=0-2 slurm/adapt.sh sft [--config configs/sft/default.yaml] [key.sub=value ...]
 #     LT-SFT: a sparse fine-tuning of the primary per language, adapt/sft.py (list the source language too: the
 #     task SFT is trained with its SFT applied)
+#   sbatch --array=0-1 slurm/adapt.sh distill [--config configs/distill/tiny.yaml] [key.sub=value ...]
+#     BiStil phase 1: a small bilingual student per (source, target) pair, adapt/distill.py
 #   sbatch slurm/adapt.sh ... target_lang=sw        (one language, no array)
 #   sbatch slurm/adapt.sh ... over=full             (standard adaptation, the baseline)
 # 300 s before the time limit Slurm sends USR1: the trainer checkpoints, the job requeues itself and resumes.
@@ -48,7 +50,7 @@ PY
 
 adapt_step=train
 case ${1:-} in
-  train|sft) adapt_step=$1; shift ;;
+  train|sft|distill) adapt_step=$1; shift ;;
 esac
 case $adapt_step in
   train)
@@ -59,4 +61,8 @@ case $adapt_step in
     mm_stage_args configs/sft/default.yaml "$@"
     array_language
     mm_launch deepspeed adapt/sft.py "${MM_ARGS[@]}" ;;
+  distill)
+    mm_stage_args configs/distill/tiny.yaml "$@"
+    array_language
+    mm_launch deepspeed adapt/distill.py "${MM_ARGS[@]}" ;;
 esac

@@ -2,6 +2,7 @@
 # Steps 3-4 and the report: one evaluation step per job.
 #   sbatch slurm/evaluate.sh finetune  [--config configs/evaluate/finetune/xnli.yaml] [key.sub=value ...]
 #   sbatch slurm/evaluate.sh zero_shot [--config configs/evaluate/zero_shot/xnli.yaml] [key.sub=value ...]
+#   sbatch slurm/evaluate.sh distill_task --config configs/distill/task_tiny.yaml student=<dir> teacher=<task model>
 #   sbatch slurm/evaluate.sh report    --config configs/evaluate/report.yaml pipeline_dir=<pipeline output_dir>
 # finetune runs with DeepSpeed on every GPU of the allocation (and checkpoints + requeues near the time limit);
 # zero_shot and report are single processes.
@@ -25,6 +26,9 @@ case $eval_step in
   finetune)
     mm_stage_args configs/evaluate/finetune/xnli.yaml "$@"
     mm_launch deepspeed evaluate/finetune.py "${MM_ARGS[@]}" ;;
+  distill_task)
+    mm_stage_args configs/distill/task_tiny.yaml "$@"
+    mm_launch deepspeed evaluate/distill_task.py "${MM_ARGS[@]}" ;;
   zero_shot)
     mm_stage_args configs/evaluate/zero_shot/xnli.yaml "$@"
     mm_launch python evaluate/zero_shot.py "${MM_ARGS[@]}" ;;
@@ -32,5 +36,5 @@ case $eval_step in
     mm_stage_args configs/evaluate/report.yaml "$@"
     mm_launch python evaluate/report.py "${MM_ARGS[@]}" ;;
   *)
-    mm_die "first argument: finetune, zero_shot or report (got '$eval_step')" ;;
+    mm_die "first argument: finetune, distill_task, zero_shot or report (got '$eval_step')" ;;
 esac

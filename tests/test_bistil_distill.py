@@ -10,13 +10,20 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, XLMRobertaConfig, XLMRobertaForMaskedLM
+from transformers import (AutoModelForMaskedLM, AutoModelForSequenceClassification, XLMRobertaConfig,
+                          XLMRobertaForMaskedLM)
 
 from adapt_helpers import REPO, launch_env, prepare_tiny_data
 from minimodel.adaptation.vocab import install_vocabulary
 from minimodel.bistil.distill import DistillConfig, StudentVocabulary, build_vocabulary
 from minimodel.data.indexed import write_indexed
 from minimodel.data.tokenizer import load_tokenizer
+from minimodel.evaluation.models import load_task_model, write_task_model
+from minimodel.evaluation.tasks import TASKS, TaskConfig
+from minimodel.hf import initialised_at_load
+from minimodel.manifest import model_hash
+from minimodel.sft.file import SparseFineTuning
+from minimodel.sft.select import partition_parameters
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +47,30 @@ def _ids(tokenizer, text):
     return tokenizer(text)["input_ids"]
 
 
+def _env() -> dict:
+    return {k: v for k, v in launch_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT")}
+
+
+def _phase1(world) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """adapt/distill.py for sw: a 2-layer half-width student (a rerun keeps the finished one)."""
+    root, data_dir = world
+    overrides = [f"output_dir={root / 'distill'}", f"teacher_model={root / 'teacher'}",
+                 f"target_teacher_model={root / 'plugged'}", f"data_dir={data_dir}", "target_langs=[sw]",
+                 "seq_length=32", "vocab_threshold=1e-3", "student.layer_ratio=2", "student.hidden_ratio=2",
+                 "student.init=svd", "projection_tokens=512", "train.steps=4", "train.micro_batch_size=4",
+                 "train.optim.lr=0.001", "train.schedule.warmup_steps=1", "train.torch_adam=true",
+                 "train.precision=fp32", "train.zero_config=configs/deepspeed/zero2.json", "tracking.enabled=false"]
+    run = subprocess.run([sys.executable, "adapt/distill.py", *overrides], env=_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=1200)
+    return run, overrides
+
+
 @pytest.mark.slow
 def test_a_two_teacher_student_is_distilled_and_reads_each_language_with_its_own_pieces(world):
     root, data_dir = world
     out = root / "distill"
-    overrides = [f"output_dir={out}", f"teacher_model={root / 'teacher'}", f"target_teacher_model={root / 'plugged'}",
-                 f"data_dir={data_dir}", "target_langs=[sw]", "seq_length=32", "vocab_threshold=1e-3",
-                 "student.layer_ratio=2", "student.hidden_ratio=2", "student.init=svd", "projection_tokens=512",
-                 "train.steps=4", "train.micro_batch_size=4", "train.optim.lr=0.001", "train.schedule.warmup_steps=1",
-                 "train.torch_adam=true", "train.precision=fp32", "train.zero_config=configs/deepspeed/zero2.json",
-                 "tracking.enabled=false"]
-    env = {k: v for k, v in launch_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    run = subprocess.run([sys.executable, "adapt/distill.py", *overrides], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=1200)
+    run, overrides = _phase1(world)
     assert run.returncode == 0, run.stderr[-4000:]
 
     student_dir = out / "sw" / "student"
@@ -87,8 +104,8 @@ def test_a_two_teacher_student_is_distilled_and_reads_each_language_with_its_own
 
     # the same command again: the finished student is kept, not redone
     mtime = (student_dir / "model.safetensors").stat().st_mtime_ns
-    again = subprocess.run([sys.executable, "adapt/distill.py", *overrides], env=env, cwd=REPO, capture_output=True,
-                           text=True, timeout=1200)
+    again = subprocess.run([sys.executable, "adapt/distill.py", *overrides], env=_env(), cwd=REPO,
+                           capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0 and (student_dir / "model.safetensors").stat().st_mtime_ns == mtime
 
 
@@ -114,3 +131,48 @@ def test_one_teacher_vocabulary_keeps_the_tokens_frequent_in_either_corpus(world
     assert [to_student[i] for i in expected] == list(range(len(expected)))
     assert all(to_student[i] == unk for i in set(range(len(en))) - set(expected))  # rare tokens read as <unk>
     assert len(load_tokenizer(tmp_path / "student")) == len(expected)
+
+
+@pytest.mark.slow
+def test_task_distillation_trains_the_students_body_at_the_configured_density_from_a_frozen_teacher(world):
+    """Phase 2 (evaluate/distill_task.py): the student learns verse classification from a task model of the teacher
+    as a sparse fine-tuning: K = k_proportion of its eligible body entries change (its pooler and classifier, new
+    at load, dense), the teacher's weights do not; the student task model is a plain Hugging Face directory that
+    reads each language with its own tokenizer."""
+    root, data_dir = world
+    run, _ = _phase1(world)
+    assert run.returncode == 0, run.stderr[-4000:]
+    student_dir = root / "distill" / "sw" / "student"
+    task = TaskConfig(name="verse_class", data_dir=str(data_dir), max_length=32)
+    teacher_dir = root / "teacher_task"
+    write_task_model(teacher_dir, load_task_model(root / "teacher", "classification", TASKS["verse_class"].labels),
+                     load_tokenizer(root / "teacher"), task, TASKS["verse_class"].labels, "en", root / "teacher",
+                     {"frozen": []})
+    teacher_sha = model_hash(teacher_dir)
+    out = root / "distill_task"
+    overrides = ["--config", "configs/distill/task_tiny.yaml", f"student={student_dir}", f"teacher={teacher_dir}",
+                 f"output_dir={out}", f"task.data_dir={data_dir}", "task.max_length=32", "sft.full_steps=3",
+                 "sft.sparse_steps=3", "train.steps=3", "train.micro_batch_size=4", "train.schedule.warmup_steps=1",
+                 "train.eval.every=0", "train.checkpoint.save_every=0", "train.precision=fp32",
+                 "task.max_eval_examples=40", "tracking.enabled=false"]
+    proc = subprocess.run([sys.executable, "evaluate/distill_task.py", *overrides], env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert model_hash(teacher_dir) == teacher_sha
+
+    sft = SparseFineTuning.load(out / "train" / "sft")
+    fresh = load_task_model(student_dir, "classification", TASKS["verse_class"].labels)
+    new = initialised_at_load(fresh, student_dir)
+    assert new == {f"classifier.{layer}.{p}" for layer in ("dense", "out_proj") for p in ("weight", "bias")}
+    part = partition_parameters(fresh, new=new)
+    k = int(0.1 * part.eligible_numel)
+    assert sft.info["k"] == k and k <= sft.numel < k + 20  # ties with the threshold are kept
+    assert set(sft.abs) == new and not new & set(sft.diffs)  # the head: dense, stored whole
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model", local_files_only=True)
+    assert model.config.num_hidden_layers == 2 and json.loads((out / "model" / "task.json").read_text())["sft"]
+    vocab = StudentVocabulary(out / "model")
+    assert vocab.tokenizer("sw")("Mungu")["input_ids"] == StudentVocabulary(student_dir).tokenizer("sw")("Mungu")[
+        "input_ids"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"student/en/test/accuracy", "teacher/en/test/accuracy", "student/sw/test/accuracy"} <= set(metrics)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+import torch.nn.functional as F
+from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaForSequenceClassification
 
-from minimodel.bistil.loss import (DistillationWeights, attention_loss, distillation_loss, soft_cross_entropy,
-                                   state_projection)
+from minimodel.bistil.loss import (DistillationWeights, attention_loss, distillation_loss, hidden_loss,
+                                   soft_cross_entropy, state_projection)
 from minimodel.bistil.student import StudentConfig, build_student, embedding_projection, teacher_layers
+from minimodel.bistil.task import TaskDistillStep
 from minimodel.config import ConfigError
 
 
@@ -127,3 +129,31 @@ def test_training_the_student_leaves_the_teacher_unchanged():
     assert all(torch.equal(p, before[n]) for n, p in teacher.state_dict().items())
     assert all(p.grad is None for p in teacher.parameters())
     assert not all(torch.equal(p, start[n]) for n, p in student.state_dict().items())  # the student did train
+
+
+def _classifier(layers: int, seed: int) -> XLMRobertaForSequenceClassification:
+    torch.manual_seed(seed)
+    return XLMRobertaForSequenceClassification(XLMRobertaConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=40, pad_token_id=1, num_labels=3, attn_implementation="eager")).eval()
+
+
+@torch.no_grad()
+def test_task_distillation_loss_is_the_formula_and_ignores_gold_labels_unless_weighted():
+    """Phase 2's step: hidden + attention MSE + soft CE of the classifier logits at T = 2 against the teacher's, the
+    same whatever the gold labels say; with loss.gold > 0 the student's own task loss on them is added."""
+    teacher, student = _classifier(4, 0), _classifier(2, 1)
+    batch = {"teacher_ids": IDS, "student_ids": IDS, "attention_mask": MASK, "labels": torch.tensor([0, 2])}
+    step = TaskDistillStep(teacher, student, DistillationWeights(soft_ce=1.0), None)
+    loss = step.loss(student, batch)
+    s, t = (m(input_ids=IDS, attention_mask=MASK, output_hidden_states=True, output_attentions=True)
+            for m in (student, teacher))
+    by_hand = (hidden_loss(s.hidden_states, t.hidden_states, 2, MASK) + attention_loss(s.attentions, t.attentions, 2)
+               + soft_cross_entropy(s.logits, t.logits, 2.0))
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-6)
+    assert float(step.loss(student, {**batch, "labels": torch.tensor([1, 1])})) == float(loss)
+    gold = TaskDistillStep(teacher, student, DistillationWeights(soft_ce=1.0, gold=0.5), None)
+    with_labels = float(gold.loss(student, batch))
+    assert with_labels == pytest.approx(float(loss) + 0.5 * float(F.cross_entropy(s.logits, batch["labels"])),
+                                        rel=1e-6)
+    assert float(gold.loss(student, {**batch, "labels": torch.tensor([1, 1])})) != with_labels

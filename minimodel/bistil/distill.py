@@ -94,7 +94,8 @@ class DistillConfig(PerLanguageRun):
         require(0 <= self.vocab_threshold < 1, "vocab_threshold", "must be in [0, 1)")
         require(self.source_lang not in self.target_langs, "target_langs",
                 f"lists the source language {self.source_lang!r}: a student is for (source, target) pairs")
-        require(self.loss.soft_ce == 0, "loss.soft_ce", "phase 1 has no task logits to match: set it to 0")
+        require(self.loss.soft_ce == 0 and self.loss.gold == 0, "loss.soft_ce",
+                "phase 1 has no task logits or labels to match: set loss.soft_ce and loss.gold to 0")
         self.student.validate()
 
 

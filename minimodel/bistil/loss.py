@@ -6,12 +6,13 @@
 - attention: mean over student layers i of the MSE between the student's attention probabilities and the teacher
   layer (i+1)r-1's, over the entries where the teacher's attention is not 0 (padded keys are exactly 0).
 - soft cross-entropy (phase 2): -sum softmax(t / T) log softmax(s / T), mean over examples, no T^2 factor (the
-  reference's); gold labels are not used.
+  reference's); gold labels are not used unless `gold` > 0 (the caller adds the model's own task loss).
 The loss map is the reference's whatever the student's initialisation: the student learns the teacher's output.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,15 +60,18 @@ class DistillationWeights:
     attention: float = 1.0
     soft_ce: float = 0.0  # phase 2 (task distillation): 1.0
     temperature: float = 2.0
+    gold: float = 0.0  # phase 2: weight of the task loss on the gold labels (the reference: none)
 
 
 def distillation_loss(student_out, teacher_out, mask: torch.Tensor, ratio: int, weights: DistillationWeights,
-                      projection: torch.Tensor | None = None) -> torch.Tensor:
+                      projection: torch.Tensor | None = None,
+                      logits: Callable = lambda out: out.logits) -> torch.Tensor:
     """The weighted sum of the three losses on outputs of model(..., output_hidden_states=True,
-    output_attentions=True); the teacher's outputs are constants."""
+    output_attentions=True); the teacher's outputs are constants. `logits`: output -> the logits soft
+    cross-entropy compares."""
     loss = weights.hidden * hidden_loss(student_out.hidden_states, teacher_out.hidden_states, ratio, mask, projection)
     loss = loss + weights.attention * attention_loss(student_out.attentions, teacher_out.attentions, ratio)
     if weights.soft_ce:
-        loss = loss + weights.soft_ce * soft_cross_entropy(student_out.logits, teacher_out.logits,
+        loss = loss + weights.soft_ce * soft_cross_entropy(logits(student_out), logits(teacher_out),
                                                            weights.temperature)
     return loss

@@ -15,7 +15,6 @@ Output <output_dir>/:
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +23,10 @@ import torch.distributed as dist
 
 from minimodel import distributed
 from minimodel.config import require, save_config
-from minimodel.files import replace_dir, write_text_atomic
+from minimodel.files import write_text_atomic
 from minimodel.evaluation.features import classification_features, qa_train_features
-from minimodel.evaluation.models import (TASK_FILE, check_tokenizer, freeze_embeddings, load_sft_task_model,
-                                         load_task_model)
+from minimodel.evaluation.models import (check_tokenizer, freeze_embeddings, load_sft_task_model, load_task_model,
+                                         write_task_model)
 from minimodel.evaluation.scoring import score
 from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.hf import load_tokenizer
@@ -86,7 +85,9 @@ class TaskFlops:
         self.layers, self.hidden = cfg.num_hidden_layers, cfg.hidden_size
 
     def __call__(self, batch) -> float:
-        batch_size, seq_length = batch["input_ids"].shape
+        return self.per_batch(*batch["input_ids"].shape)
+
+    def per_batch(self, batch_size: int, seq_length: int) -> float:
         return float(batch_size * seq_length * (6 * self.body + 12 * self.layers * self.hidden * seq_length))
 
 
@@ -124,18 +125,8 @@ def _compose_task_model(cfg: FinetuneConfig, tokenizer, labels, language_sft, ta
 
 
 def _write_task_model(cfg: FinetuneConfig, task_model, tokenizer, labels, extra: dict) -> None:
-    """<output_dir>/model: the task model, the source tokenizer and task.json, replaced atomically."""
-    out = Path(cfg.output_dir) / "model"
-    tmp = out.with_name("model.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    task_model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    info = {"task": cfg.task.name, "kind": cfg.task.spec.kind, "labels": list(labels),
-            "source_lang": cfg.source_lang, "max_length": cfg.task.max_length,
-            "primary_model": {"path": str(Path(cfg.model_dir).resolve()), "sha256": model_hash(cfg.model_dir)},
-            **extra}
-    (tmp / TASK_FILE).write_text(json.dumps(info, indent=2))
-    replace_dir(tmp, out)
+    write_task_model(Path(cfg.output_dir) / "model", task_model, tokenizer, cfg.task, labels, cfg.source_lang,
+                     cfg.model_dir, extra)
 
 
 def finetune(cfg: FinetuneConfig) -> StageResult:

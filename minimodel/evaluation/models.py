@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from transformers import (AutoModel, AutoModelForQuestionAnswering,
                           AutoModelForSequenceClassification)
 
 from minimodel.evaluation import EvaluationError
+from minimodel.files import replace_dir
 from minimodel.hf import is_tokenizer_dir, load_masked_lm, load_model, load_tokenizer
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseFineTuning
@@ -33,18 +35,20 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, ...] | None = None):
+def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, ...] | None = None, **kwargs):
     """The HF model class for a task `kind` from `model_dir`: a masked-LM directory (pass `labels`: a new
-    classification head) or a task model (labels from its config)."""
+    classification head) or a task model (labels from its config). `kwargs` go to from_pretrained (e.g.
+    attn_implementation="eager", for attention maps)."""
     if kind == "classification":
         if labels is None:
-            return load_model(model_dir, AutoModelForSequenceClassification)
+            return load_model(model_dir, AutoModelForSequenceClassification, **kwargs)
         return load_model(model_dir, AutoModelForSequenceClassification, num_labels=len(labels),
-                          id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+                          id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+                          **kwargs)
     if kind == "qa":
-        return load_model(model_dir, AutoModelForQuestionAnswering)
+        return load_model(model_dir, AutoModelForQuestionAnswering, **kwargs)
     if kind == "retrieval":
-        return load_model(model_dir, AutoModel)
+        return load_model(model_dir, AutoModel, **kwargs)
     if kind == "mlm":
         return load_masked_lm(model_dir)
     raise ValueError(f"unknown task kind {kind!r}")
@@ -60,6 +64,24 @@ def load_sft_task_model(primary_dir: str | os.PathLike, kind: str, labels: tuple
         language_sft.apply(model, primary_sha, with_abs=False)
     SparseFineTuning.load(task_sft).apply(model, primary_sha)
     return model
+
+
+def write_task_model(out: str | os.PathLike, task_model, tokenizer, task, labels, source_lang: str,
+                     primary_dir: str | os.PathLike, extra: dict, files: dict[str, Path] | None = None) -> Path:
+    """A task model directory, replaced atomically: the model, the source tokenizer, `files` ({name: file or
+    directory copied in}) and task.json naming the task and the primary it was fine-tuned from, plus `extra`."""
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    task_model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name, path in (files or {}).items():
+        (shutil.copytree if Path(path).is_dir() else shutil.copy2)(path, tmp / name)
+    info = {"task": task.name, "kind": task.spec.kind, "labels": list(labels), "source_lang": source_lang,
+            "max_length": task.max_length,
+            "primary_model": {"path": str(Path(primary_dir).resolve()), "sha256": model_hash(primary_dir)}, **extra}
+    (tmp / TASK_FILE).write_text(json.dumps(info, indent=2))
+    return replace_dir(tmp, out)
 
 
 def freeze_embeddings(model) -> list[str]:
