@@ -7,8 +7,7 @@ language the primary's vocabulary lacks, the primary with the target embeddings 
 Exit status: 0 when every selected language finished, 75 when a signal stopped it after checkpointing (run the same
 command again to resume), 1 when a language failed (see <output_dir>/summary.json), 2 on a config error.
 """
-from minimodel.bistil.distill import DistillConfig, run_distill
-from minimodel.cli import run_stage
+from minimodel.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(DistillConfig, run_distill, __doc__))
+    main("distill", __doc__)

@@ -7,8 +7,7 @@ text in the primary's own vocabulary (minimodel/sft/language.py; the SFT format:
 Exit status: 0 when every selected language finished, 75 when a signal stopped it after checkpointing (run the same
 command again to resume), 1 when a language failed (see <output_dir>/summary.json), 2 on a config error.
 """
-from minimodel.cli import run_stage
-from minimodel.sft.language import LanguageSFTConfig, run_language_sft
+from minimodel.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(LanguageSFTConfig, run_language_sft, __doc__))
+    main("lang_sft", __doc__)

@@ -7,8 +7,7 @@ model as a sparse fine-tuning (minimodel/bistil/task.py).
 Exit status: 0 when finished, 75 when a signal stopped it after checkpointing (run the same command again to resume),
 2 on a config error.
 """
-from minimodel.bistil.task import TaskDistillConfig, distill_task
-from minimodel.cli import run_stage
+from minimodel.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(TaskDistillConfig, distill_task, __doc__))
+    main("distill_task", __doc__)
