@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pipeline_helpers import ROOT, SMOKE, failure_text
@@ -55,7 +56,7 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
     report = json.loads((out / "report/report.json").read_text())
     assert (out / "report/compute_vs_quality.png").stat().st_size > 0
     text = json.dumps(report)
-    for method in ("standard", "minijoint", "minipost"):
+    for method in ("standard", "minijoint", "minipost", "lt_sft"):
         assert method in text
 
     assert not (smoke_pipeline.fallback_store / "mlflow.db").exists(), "runs went to the fallback, not the server"
@@ -63,7 +64,9 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
     assert parent.info.status == "FINISHED"
     kids = smoke_pipeline.children(parent.info.run_id)
     stages = {r.data.tags.get("stage") for r in kids}
-    assert {"data", "pretrain", "export", "minipost", "adapt", "finetune", "evaluate"} <= stages, stages
+    assert {"data", "pretrain", "export", "minipost", "adapt", "lang_sft", "finetune", "evaluate"} <= stages, stages
+    sft_runs = {r.data.tags["target_lang"]: r for r in kids if r.data.tags.get("stage") == "lang_sft"}
+    assert set(sft_runs) == {"en", "ny"}  # LT-SFT: the source language's SFT too (applied while the task trains)
     adapt_runs = [r for r in kids if r.data.tags.get("stage") == "adapt"]
     assert {r.data.tags.get("method") for r in adapt_runs} == {"standard", "minijoint", "minipost"}
     flops = {r.data.tags["method"]: r.data.metrics["compute/flops"] for r in adapt_runs}
@@ -123,6 +126,10 @@ def test_report_from_disk_with_tracking_off_gives_the_numbers_mlflow_shows(smoke
             compute[run.data.tags["method"], run.data.tags["target_lang"]] = {
                 key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
                 for key in ("compute/flops", "compute/wall_clock_s")}
+        elif run.data.tags.get("stage") == "lang_sft":  # LT-SFT: both phases' compute, in the run's sft.json
+            sft = json.loads(Path(client.download_artifacts(run.info.run_id, "sft.json", str(tmp_path))).read_text())
+            compute[run.data.tags["method"], run.data.tags["target_lang"]] = {
+                f"compute/{key}": {None: sft["info"][key]} for key in ("flops", "wall_clock_s")}
     shown, unadapted = {}, {}
     for run in runs:
         tags = run.data.tags
@@ -131,7 +138,8 @@ def test_report_from_disk_with_tracking_off_gives_the_numbers_mlflow_shows(smoke
         elif tags.get("stage") == "evaluate" and tags.get("role") == "target":
             step = int(tags["adapt_step"]) if "adapt_step" in tags else None
             history = compute[tags["method"], tags["target_lang"]]
-            at = [0.0 if step == 0 else history[k][max(history[k]) if step is None else step]
+            at = [0.0 if step == 0 else history[k][None] if None in history[k] else
+                  history[k][max(history[k]) if step is None else step]
                   for k in ("compute/flops", "compute/wall_clock_s")]  # step 0: the initial embeddings
             shown[tags["task"], tags["target_lang"], tags["method"], step] = (run.data.metrics[tags["metric"]], *at)
     assert shown.keys() == points.keys()

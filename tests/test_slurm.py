@@ -19,6 +19,8 @@ import yaml
 
 from slurm_cluster import SlurmCluster, ensure_packages
 
+from minimodel.methods import parse_method
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "slurm").glob("*.sh"))
 SUBMITTED = [t for t in TEMPLATES if re.search(r"^#SBATCH ", t.read_text(), re.M)]
@@ -251,12 +253,17 @@ def pipeline_args(out: Path, *overrides: str) -> list[str]:
 @pytest.mark.slow
 def test_real_plan_has_one_array_job_per_method_and_a_failure_cancels_its_dependants(cluster, tmp_path):
     """The plan of a pipeline config with two target languages: each method's adaptation is one array job with a
-    task per language. The data stage fails (a bad override): everything after it is cancelled, nothing pends."""
+    task per language (LT-SFT's: one per language, the source's too). The data stage fails (a bad override):
+    everything after it is cancelled, nothing pends."""
     jobs = run_pipeline(cluster, tmp_path, *pipeline_args(tmp_path, "overrides.data=[no_such_key=1]"))
-    methods = yaml.safe_load((ROOT / "configs/pipeline/smoke.yaml").read_text())["methods"]
+    smoke = yaml.safe_load((ROOT / "configs/pipeline/smoke.yaml").read_text())
+    methods = [parse_method(spec) for spec in smoke["methods"]]
+    embedding_methods = [m.name for m in methods if m.learns_embeddings]
+    assert "lt_sft" in [m.name for m in methods] and len(embedding_methods) == len(methods) - 1
     adapt_jobs = [name for name in jobs if name.startswith("adapt-")]
-    assert adapt_jobs == [f"adapt-{method}" for method in methods], jobs  # no adapt-<method>-<lang> jobs
-    assert sum(name.startswith("plug-") for name in jobs) == 2 * len(methods)
+    assert adapt_jobs == [f"adapt-{method}" for method in embedding_methods], jobs  # no adapt-<method>-<lang> jobs
+    assert sum(name.startswith("plug-") for name in jobs) == 2 * len(embedding_methods)
+    assert not [name for name in jobs if name.startswith("lang_sft-")], jobs
 
     data = cluster.wait(jobs["data"], timeout=180)
     assert (data.state, data.exit_code) == ("FAILED", "2:0"), data
@@ -266,6 +273,11 @@ def test_real_plan_has_one_array_job_per_method_and_a_failure_cancels_its_depend
         assert info["ArrayTaskId"] == "0-1" and info["JobName"] == name, info
         upstream = "minipost" if name == "adapt-minipost" else "export"  # the stage that made its model
         assert re.findall(r"afterok:(\d+)", info["Dependency"]) == [jobs[upstream], jobs["data"]], info
+    (info,) = cluster.job_info(jobs["lang_sft"])
+    assert info["ArrayTaskId"] == "0-2" and info["JobName"] == "lang_sft", info  # en, ny, sw
+    assert re.findall(r"afterok:(\d+)", info["Dependency"]) == [jobs["export"], jobs["data"]], info
+    (info,) = cluster.job_info(jobs["task_sft"])
+    assert re.findall(r"afterok:(\d+)", info["Dependency"]) == [jobs["export"], jobs["lang_sft"]], info
     for name in jobs:
         if name != "data":
             result = cluster.wait(jobs[name], timeout=60)
