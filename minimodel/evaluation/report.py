@@ -38,7 +38,7 @@ from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.scoring import MAJORITY_METRIC
 from minimodel.evaluation.tasks import TASKS
 from minimodel.layout import PipelineLayout
-from minimodel.methods import BASELINE, REFERENCE, parse_adapted_method, parse_method
+from minimodel.methods import BASELINE, MODELS, REFERENCE, parse_adapted_method, parse_method
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.file import SFT_DIR, read_sft_info
 from minimodel.stages import StageResult
@@ -52,7 +52,8 @@ class ReportConfig:
     output_dir: str = "runs/evaluate/report"
     pipeline_dir: str = "runs/pipeline/tiny"  # the pipeline's output_dir, whose results are reported
     reference_method: str = REFERENCE  # whose final quality the thresholds are fractions of
-    # the methods reported, in this order (minimodel/methods.py specs); []: every method found, the reference first
+    # the methods reported, in this order (minimodel/methods.py specs); []: every method found, the reference
+    # first, then in methods.py's order
     methods: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)  # the zero-shot tasks reported; []: every one found
     fractions: list[float] = field(default_factory=lambda: [0.95, 0.99, 1.0])
@@ -147,12 +148,19 @@ def compute_to_reach(points: list[Point], target: float) -> Point | None:
     return next((p for p in points if p.quality >= target), None)
 
 
+def _registry_order(spec: str) -> tuple[int, str]:
+    """minimodel/methods.py's order of models, then the spec; a name it does not know (an old run's) last."""
+    model = spec.partition("+")[0]
+    return (list(MODELS).index(model) if model in MODELS else len(MODELS), spec)
+
+
 def summarize(data: dict, reference: str, fractions: list[float], chance_margin: float = 0.02,
               methods: list[str] | None = None) -> dict:
     """The report as plain JSON-able data: per task and language, each method's points and thresholds; `methods`
-    (default: every method found, the reference first) chooses and orders the methods."""
+    (default: every method found, the reference first, then in minimodel/methods.py's order) chooses and orders the
+    methods."""
     found = {m for per_lang in data["points"].values() for per_method in per_lang.values() for m in per_method}
-    order = [m for m in methods or [reference, *sorted(found - {reference})] if m in found]
+    order = [m for m in methods or [reference, *sorted(found - {reference}, key=_registry_order)] if m in found]
     baselines = data.get("baseline", {})
     tasks, warnings = {}, []
     for task in sorted(set(data["points"]) | set(baselines)):
