@@ -150,7 +150,7 @@ class Stage:
     args: list[str]  # the entry point's arguments (--config FILE key=value ...)
     output_dir: Path
     after: list["Stage"] = field(default_factory=list)
-    nproc: int | None = None  # ranks for the kind's launcher; None: one plain python process
+    nproc: int | None = None  # ranks for the kind's launcher; None or 1: one plain python process
     # One task of an array job (Slurm): the stages of one `job` share kind, args and dependencies and differ in
     # their `lang` and its `lang_args` only.
     job: str | None = None
@@ -161,10 +161,15 @@ class Stage:
     always_run: bool = False  # e.g. the report: it summarises the current pipeline run, so it is never "done"
 
     @property
+    def launched(self) -> bool:
+        """Whether its ranks start under the kind's launcher (torchrun, deepspeed): only for more than one."""
+        return (self.nproc or 1) > 1 and KINDS[self.kind].launcher != "python"
+
+    @property
     def argv(self) -> list[str]:
         """The command, e.g. [python, -m, torch.distributed.run, --nproc-per-node, 2, pretrain/train.py, ...]."""
         kind = KINDS[self.kind]
-        if self.nproc is None or kind.launcher == "python":
+        if not self.launched:  # a world of one (minimodel/distributed.py): a launcher would only add its start-up
             launcher = [sys.executable]
         elif kind.launcher == "torchrun":
             launcher = [*TORCHRUN, "--nproc-per-node", str(self.nproc)]
@@ -176,7 +181,7 @@ class Stage:
         """argv + run_args, with a free rendezvous port for a multi-rank launcher (not hashed: any port will do, and
         two pipelines on one machine must not share the launchers' default)."""
         argv, kind = self.argv, KINDS[self.kind]
-        if self.nproc is not None and kind.launcher != "python":
+        if self.launched:
             at = argv.index(kind.script)
             flag = "--master-port" if kind.launcher == "torchrun" else "--master_port"
             argv = [*argv[:at], flag, str(distributed.free_port()), *argv[at:]]
