@@ -11,9 +11,15 @@ the report that reads them back (results live on disk; MLflow only shows them).
     <root>/minipost/mini                                          MiniPost mini-model
     <root>/adapt/<method>/<lang>/                                 step 2 (adapt.json, snapshots/step_N/, metrics.jsonl)
     <root>/adapt/lt_sft/<lang>/sft/                               LT-SFT: the language SFT (the source language's too)
+    <root>/plugged_mlm/<lang>/                                    BiStil: the primary (masked LM) with the standard
+                                                                  adaptation's embeddings, phase 1's target teacher
+    <root>/adapt/bistil/<lang>/                                   BiStil phase 1 (train/metrics.jsonl: its compute;
+                                                                  student/ with target_tokenizer/; comparison.json)
     <root>/finetune/model                                         step 3: the task model
     <root>/task_sft/model                                         LT-SFT: the primary + source language SFT + task SFT
     <root>/plugged/<method>/<lang>/                               the task model with the target embeddings
+    <root>/distill_task/<lang>/model/                             BiStil phase 2: the student task model (source
+                                                                  tokenizer; target_tokenizer/), metrics.json
     <root>/zero_shot/<task>/<method>/                             step 4 (metrics.json, snapshots.json); method
                                                                   none: the unadapted primary (metrics.json)
     <root>/report/                                                report.json, report.md, compute_vs_quality.png
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+STUDENT_TARGET_TOKENIZER = "target_tokenizer"  # a BiStil student's (and student task model's) target tokenizer
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,26 @@ class PipelineLayout:
     def task_sft(self) -> Path:
         """LT-SFT's step 3: the sparse task fine-tuning's output_dir (model/: the composed task model)."""
         return self.root / "task_sft"
+
+    def plugged_mlm(self, lang: str) -> Path:
+        """BiStil: the primary masked LM with the target embeddings of the method it builds on (phase 1's teacher
+        of the target language)."""
+        return self.root / "plugged_mlm" / lang
+
+    def student(self, lang: str) -> Path:
+        """BiStil phase 1's student for (source, lang) (adapt/distill.py's <output_dir>/<lang>/student)."""
+        return self.adapt("bistil", lang) / "student"
+
+    def distill_task(self, lang: str) -> Path:
+        """BiStil phase 2's output_dir for lang's student."""
+        return self.root / "distill_task" / lang
+
+    def student_task_model(self, lang: str) -> Path:
+        """BiStil: the student task model of lang (its source tokenizer at the top)."""
+        return self.distill_task(lang) / "model"
+
+    def student_target_tokenizer(self, lang: str) -> Path:
+        return self.student_task_model(lang) / STUDENT_TARGET_TOKENIZER
 
     def plugged(self, method: str, lang: str) -> Path:
         return self.root / "plugged" / method / lang

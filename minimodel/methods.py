@@ -5,7 +5,10 @@ A method is written as a spec `<model>[+<init>]`:
   every other method is measured against), `minijoint` (the MiniJoint mini-model the export splits off the primary),
   `minipost` (the MiniPost mini-model built from the primary), `lt_sft` (no new embeddings: a sparse fine-tuning of
   the primary per language, adapt/sft.py, composed with a sparse task fine-tuning at zero-shot time: LT-SFT, Ansell
-  et al. 2022), or `none` (BASELINE: no adaptation at all, the primary as it is reads the target text with its own
+  et al. 2022), `bistil` (DISTILLED, BiStil: a small bilingual student per target language distilled from the
+  primary with standard adaptation's embeddings plugged in, adapt/distill.py, then taught the task by the fine-tuned
+  task model, evaluate/distill_task.py; its compute is standard adaptation's plus the distillation's), or `none`
+  (BASELINE: no adaptation at all, the primary as it is reads the target text with its own
   tokenizer and embeddings; the pipeline evaluates it on every zero-shot task whose metric compares tokenizers and
   the report draws it as the line an adapted method must beat);
 - `+<init>`: the initialisation of the new embedding matrix, one of adaptation/vocab.py's INITIALISERS (e.g.
@@ -24,17 +27,21 @@ from minimodel.config import ConfigError
 REFERENCE = "standard"  # the report's reference: every method's compute is compared to this one's
 BASELINE = "none"  # the unadapted primary: the quality an adapted method must beat (the pipeline always adds it)
 SPARSE = "lt_sft"  # composable sparse fine-tuning: a language SFT + a task SFT of the primary, no new embeddings
+DISTILLED = "bistil"  # bilingual distillation: a student model per target language (minimodel/bistil/)
 
 
 @dataclass(frozen=True)
 class ModelSource:
     name: str
     # what adaptation learns per target language: "embeddings" (adapt/train.py, plugged into the primary), "sft" (a
-    # language SFT of the primary, adapt/sft.py, read with the primary's own tokenizer); None: nothing
-    learns: Literal["embeddings", "sft"] | None
+    # language SFT of the primary, adapt/sft.py, read with the primary's own tokenizer), "student" (a model of its
+    # own for the (source, target) pair, adapt/distill.py, with a tokenizer per language); None: nothing
+    learns: Literal["embeddings", "sft", "student"] | None
     description: str
     # embeddings: adapt/train.py's `over`, the primary itself (full) or a mini-model aligned with it (mini)
     over: Literal["full", "mini"] | None = None
+    # the method whose final adaptation per language this one starts from (its compute is counted in this one's)
+    builds_on: str | None = None
 
     @property
     def adapted(self) -> bool:
@@ -48,6 +55,8 @@ MODELS: dict[str, ModelSource] = {m.name: m for m in (
     ModelSource("minijoint", "embeddings", "the MiniJoint mini-model exported with the primary", "mini"),
     ModelSource("minipost", "embeddings", "the MiniPost mini-model built from the primary", "mini"),
     ModelSource(SPARSE, "sft", "sparse fine-tunings of the primary per language and for the task (LT-SFT)"),
+    ModelSource(DISTILLED, "student", "a bilingual student per language distilled from the primary with standard "
+                "adaptation's embeddings (BiStil)", builds_on=REFERENCE),
     ModelSource(BASELINE, None, "no adaptation: the primary as it is, its own tokenizer and embeddings"),
 )}
 
@@ -72,6 +81,15 @@ class Method:
     @property
     def learns_embeddings(self) -> bool:
         return self.source.learns == "embeddings"
+
+    def scored_on(self, task) -> bool:
+        """Whether zero-shot scores this method on a task (a TaskSpec): new embeddings on every task; a method read
+        with another tokenizer (an SFT of the primary, a student, none) only where the metric compares tokenizers;
+        a student, a model of its own per target language (source side included), only on fine-tuned tasks, where
+        each target's model is scored on its own (retrieval and target_mlm read one source model for all)."""
+        if self.source.learns == "student":
+            return task.fine_tuned and task.compares_tokenizers
+        return self.learns_embeddings or task.compares_tokenizers
 
     def adapt_overrides(self) -> list[str]:
         """adapt/train.py settings that make a run this method (the mini-model's path is the caller's)."""

@@ -8,6 +8,10 @@
          -> step 4: zero-shot evaluation of the task model per method -> report (quality vs adaptation compute)
     method lt_sft (LT-SFT) instead: language SFTs of the primary (the source language's too) -> a task SFT with the
          source's applied -> zero-shot with each target's SFT composed with the task SFT
+    method bistil (BiStil): standard adaptation's embeddings plugged into the primary masked LM per target language
+         -> phase 1, a small bilingual student per target language distilled from the primary (source) and that
+         plugged model (target) -> phase 2, the student learns the task from the step-3 task model -> zero-shot of
+         each student task model on the fine-tuned tasks (its target tokenizer)
     and always the unadapted baseline (method `none`): the primary as it is, reading the target text with its own
     tokenizer (the source tokenizer), on every zero-shot task whose metric compares tokenizers; the report draws it
     as a line and warns when an adapted method ends below it
@@ -42,7 +46,7 @@ from minimodel.config import ConfigError, load_config, require, save_config
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.hf import HFLoadError, load_tokenizer
 from minimodel.layout import PipelineLayout
-from minimodel.methods import BASELINE, REFERENCE, SPARSE, parse_method
+from minimodel.methods import BASELINE, DISTILLED, REFERENCE, SPARSE, parse_method
 from minimodel.minipost.build import MiniPostError, check_tokenizer
 from minimodel.stages import Stage, StageFailed, StageInterrupted, StopSignals, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
@@ -65,6 +69,8 @@ class StageConfigs:
     word_vectors: str = "configs/word_vectors/default.yaml"  # methods with +ofa: aligned word vectors learned first
     lang_sft: str = "configs/sft/tiny.yaml"  # method lt_sft: a language SFT per language, the source language's too
     task_sft: str = "configs/evaluate/finetune/verse_class_sft_tiny.yaml"  # method lt_sft: step 3, a task SFT
+    distill: str = "configs/distill/tiny.yaml"  # method bistil: phase 1, a student per target language
+    distill_task: str = "configs/distill/task_tiny.yaml"  # method bistil: phase 2, the student learns the task
 
 
 @dataclass
@@ -85,7 +91,8 @@ class PipelineConfig:
     pretrain_nproc: int = 2  # torchrun processes for step 1
     adapt_nproc: int = 1  # deepspeed ranks per adaptation run
     configs: StageConfigs = field(default_factory=StageConfigs)
-    # extra key=value overrides per stage name (data, pretrain, export, minipost, adapt, finetune, zero_shot, report)
+    # extra key=value overrides per stage name (data, pretrain, export, minipost, adapt, lang_sft, finetune, task_sft,
+    # distill, distill_task, zero_shot, report)
     overrides: dict[str, list[str]] = field(default_factory=dict)
     # extra adaptation overrides per method (a spec of `methods`), after overrides.adapt: e.g. give a mini-model
     # method more steps for about the standard method's compute, {minipost: [train.steps=300]}
@@ -114,13 +121,14 @@ class PipelineConfig:
                     "minijoint needs the secondary head, but the pretraining config sets model.secondary_head=none: "
                     "drop minijoint from methods or pick another secondary_head")
         known = {"data", "word_vectors", "pretrain", "export", "minipost", "adapt", "lang_sft", "finetune", "task_sft",
-                 "zero_shot", "report"}
+                 "distill", "distill_task", "zero_shot", "report"}
         for stage in self.overrides:
             require(stage in known, f"overrides.{stage}", f"not a stage; stages are {sorted(known)}")
         for method in self.method_overrides:
             require(method in self.methods, f"method_overrides.{method}", f"not one of methods {self.methods}")
         for name in ("data", *(["pretrain"] if self.primary_model is None else []), "minipost", "adapt", "finetune",
-                     "report", *(["lang_sft", "task_sft"] if SPARSE in models else [])):
+                     "report", *(["lang_sft", "task_sft"] if SPARSE in models else []),
+                     *(["distill", "distill_task"] if DISTILLED in models else [])):
             path = getattr(self.configs, name)
             require(Path(path).is_file(), f"configs.{name}", f"{path} does not exist")
         require(bool(self.configs.zero_shot), "configs.zero_shot", "list at least one zero-shot config")
@@ -128,7 +136,10 @@ class PipelineConfig:
             require(Path(path).is_file(), f"configs.zero_shot[{i}]", f"{path} does not exist")
             require(zero_shot_task(path) in TASKS, f"configs.zero_shot[{i}]",
                     f"{path}: task.name {zero_shot_task(path)!r} is not one of {sorted(TASKS)}")
-
+        fine_tuned = [path for path in self.configs.zero_shot if TASKS[zero_shot_task(path)].fine_tuned]
+        require(DISTILLED not in models or bool(fine_tuned), "methods", f"{DISTILLED} is scored on fine-tuned tasks "
+                "only (its student learns the task from the step-3 task model): list one in configs.zero_shot or drop "
+                "it")
 
     def _check_primary(self, models: set[str]) -> None:
         require("minijoint" not in models, "methods",
@@ -158,6 +169,8 @@ SEED_SETTINGS: dict[str, tuple[str, ...]] = {
     "lang_sft": ("data_seed", "train.seed"),
     "finetune": ("train.seed",),
     "task_sft": ("train.seed",),
+    "distill": ("data_seed", "student.seed", "train.seed"),
+    "distill_task": ("train.seed",),
 }
 
 
@@ -173,6 +186,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     methods = [parse_method(spec) for spec in cfg.methods]
     embedding_methods = [m for m in methods if m.learns_embeddings]
     sparse = next((m for m in methods if m.model == SPARSE), None)
+    distilled = next((m for m in methods if m.model == DISTILLED), None)
 
     def extra(stage: str) -> list[str]:
         seeds = [f"{key}={cfg.seed}" for key in SEED_SETTINGS.get(stage, ())] if cfg.seed is not None else []
@@ -255,26 +269,29 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                     f"embeddings: {at.adapt(method.name, lang)}}}" for lang in cfg.target_langs]
         if method.learns_embeddings:
             return [f"{{lang: {lang}, embeddings: {at.adapt(method.name, lang)}}}" for lang in cfg.target_langs]
+        if method.source.learns == "student":  # each language's student task model, read with its target tokenizer
+            return [f"{{lang: {lang}, model_dir: {at.student_task_model(lang)}, "
+                    f"tokenizer: {at.student_target_tokenizer(lang)}}}" for lang in cfg.target_langs]
         if method.adapted:
             return [f"{{lang: {lang}, language_sft: {at.language_sft(lang)}}}" for lang in cfg.target_langs]
         return [f"{{lang: {lang}}}" for lang in cfg.target_langs]
 
-    def zero_shot(config: str, method: str, source_model: Path, targets: list[str], after: list[Stage]) -> Stage:
+    def zero_shot(config: str, method: str, source_model: Path, targets: list[str], after: list[Stage],
+                  settings: tuple[str, ...] = ()) -> Stage:
         task = zero_shot_task(config)
         out = at.zero_shot(task, method)
         return add(f"zero_shot-{task}-{method}", "zero_shot",
                    ["--config", config, f"method={method}", f"source_lang={src}", f"source_model_dir={source_model}",
                     f"task.data_dir={at.data_dir}", f"targets=[{', '.join(targets)}]", f"output_dir={out}",
-                    *extra("zero_shot")], out, after)
+                    *settings, *extra("zero_shot")], out, after)
 
     # The unadapted baseline (method none) on each task whose metric compares tokenizers: each target is only a
     # language, read by the source model (the primary, or the task model fine-tuned from it) with its own tokenizer.
-    # So is LT-SFT, which keeps the primary's vocabulary.
+    # So is LT-SFT, which keeps the primary's vocabulary; BiStil's students on the fine-tuned ones (Method.scored_on).
     baseline = parse_method(BASELINE)
 
     def evaluated(config: str) -> list:
-        compares = TASKS[zero_shot_task(config)].compares_tokenizers
-        return [*(m for m in methods if m.learns_embeddings or compares), *([baseline] if compares else [])]
+        return [m for m in [*methods, baseline] if m.scored_on(TASKS[zero_shot_task(config)])]
 
     def adaptations(method) -> list[Stage]:
         return [adapted[method.name, lang] for lang in cfg.target_langs] if method.adapted else [export]
@@ -307,6 +324,30 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                            at.task_sft, [export, adapted[sparse.name, src]])
             evaluations += [zero_shot(config, sparse.name, at.task_sft / "model", targets(sparse),
                                       [task_sft, *adaptations(sparse)]) for config in fine_tuned_configs]
+        if distilled:  # BiStil: a student per target language, distilled from the primary and its adapted twin
+            base = distilled.source.builds_on  # the method whose final embeddings the target teacher reads with
+            distilled_tasks = []
+            for lang in cfg.target_langs:
+                plug_mlm = add(f"plug_mlm-{lang}", "plug", [f"model={at.primary}", f"primary_model={at.primary}"],
+                               at.plugged_mlm(lang), [adapted[base, lang]], job="plug_mlm", lang=lang,
+                               lang_args=[f"embeddings={at.adapt(base, lang)}", f"output_dir={at.plugged_mlm(lang)}"])
+                adapted[distilled.name, lang] = add(
+                    f"distill-{lang}", "distill", ["--config", cfg.configs.distill, f"teacher_model={at.primary}",
+                                                   f"source_lang={src}", f"data_dir={at.data_dir}",
+                                                   f"output_dir={at.adapt(distilled.name)}", *extra("distill")],
+                    at.adapt(distilled.name, lang), [plug_mlm, export, prepare], nproc=cfg.adapt_nproc, job="distill",
+                    lang=lang, lang_args=[f"target_langs=[{lang}]", f"target_teacher_model={at.plugged_mlm(lang)}"])
+                distilled_tasks.append(add(
+                    f"distill_task-{lang}", "distill_task", ["--config", cfg.configs.distill_task,
+                                                             f"teacher={at.task_model}", f"task.data_dir={at.data_dir}",
+                                                             *extra("distill_task")],
+                    at.distill_task(lang), [adapted[distilled.name, lang], finetune], job="distill_task", lang=lang,
+                    lang_args=[f"student={at.student(lang)}", f"output_dir={at.distill_task(lang)}"]))
+            # every language has its student task model (its source-language scores: distill_task's metrics.json);
+            # zero-shot scores each on its language, the first only standing in as the source model zero_shot loads
+            evaluations += [zero_shot(config, distilled.name, at.student_task_model(cfg.target_langs[0]),
+                                      targets(distilled), distilled_tasks, ("evaluate_source=false",))
+                            for config in fine_tuned_configs if distilled.scored_on(TASKS[zero_shot_task(config)])]
         evaluations += [zero_shot(config, baseline.name, at.task_model, targets(baseline), [finetune])
                         for config in fine_tuned_configs if baseline in evaluated(config)]
     tasks = ", ".join(dict.fromkeys(zero_shot_task(config) for config in cfg.configs.zero_shot))

@@ -145,3 +145,63 @@ def test_lt_sft_is_an_entry_language_sfts_a_task_sft_and_zero_shot_swapping_them
         load_config(AdaptConfig, overrides=["method=lt_sft", "primary_model=p", "over=full"])
     with pytest.raises(ConfigError, match="lt_sft learns no new embeddings, so it has no embedding initialisation"):
         parse_method("lt_sft+ofa")
+
+
+def test_bistil_is_an_entry_plugged_teachers_two_distillation_phases_and_zero_shot_of_each_student():
+    """Method bistil: standard adaptation's embeddings plugged into the primary masked LM (phase 1's target teacher),
+    phase 1 and phase 2 per target language, each an array job like the adaptations; zero-shot of each language's
+    student task model with its target tokenizer, on fine-tuned tasks only (not target_mlm, not retrieval); the
+    report waits for it. No +<init>, no adapt/train.py run."""
+    retrieval = "configs/evaluate/zero_shot/verse_retrieval_tiny.yaml"
+    tasks = [retrieval, *(f"configs/evaluate/zero_shot/{t}_tiny.yaml" for t in ("verse_class", "target_mlm"))]
+    cfg = load_config(PipelineConfig, SMOKE, ["target_langs=[ny, sw]", "methods=[standard, bistil]", "seed=5",
+                                              f"configs.zero_shot=[{', '.join(tasks)}]"])
+    stages = {s.name: s for s in build_stages(cfg)}
+    out = cfg.output_dir
+    plug = stages["plug_mlm-sw"]
+    assert plug.kind == "plug" and [a.name for a in plug.after] == ["adapt-standard-sw"]
+    assert {f"model={out}/export/primary", f"primary_model={out}/export/primary",
+            f"embeddings={out}/adapt/standard/sw", f"output_dir={out}/plugged_mlm/sw"} <= set(plug.argv)
+    distill = stages["distill-sw"]
+    assert [a.name for a in distill.after] == ["plug_mlm-sw", "export", "data"]
+    assert str(distill.output_dir) == f"{out}/adapt/bistil/sw"
+    assert {"configs/distill/tiny.yaml", f"teacher_model={out}/export/primary", f"output_dir={out}/adapt/bistil",
+            "target_langs=[sw]", f"target_teacher_model={out}/plugged_mlm/sw", "data_seed=5", "student.seed=5",
+            "train.seed=5"} <= set(distill.argv)
+    task = stages["distill_task-sw"]
+    assert [a.name for a in task.after] == ["distill-sw", "finetune"]
+    assert {"configs/distill/task_tiny.yaml", f"teacher={out}/finetune/model", f"student={out}/adapt/bistil/sw/student",
+            f"output_dir={out}/distill_task/sw", "train.seed=5"} <= set(task.argv)
+    classes = stages["zero_shot-verse_class-bistil"]
+    assert [a.name for a in classes.after] == ["distill_task-ny", "distill_task-sw"]
+    assert {"method=bistil", "evaluate_source=false", f"source_model_dir={out}/distill_task/ny/model"} <= set(
+        classes.argv)
+    assert not {"zero_shot-target_mlm-bistil", "zero_shot-verse_retrieval-bistil"} & set(stages)
+    assert "zero_shot-verse_class-bistil" in {a.name for a in stages["report"].after}
+    parsed = load_config(ZeroShotConfig, classes.args[1], classes.args[2:])  # a valid zero-shot config of bistil
+    assert [(t.lang, t.model_dir, t.tokenizer) for t in parsed.targets] == [
+        (lang, f"{out}/distill_task/{lang}/model", f"{out}/distill_task/{lang}/model/target_tokenizer")
+        for lang in ("ny", "sw")]
+    # Slurm: the plugging and both phases one array job each, a task per target language
+    planned = {j["name"]: j for j in jobs(list(stages.values()))}
+    for name, slurm, after in (("plug_mlm", ["slurm/python.sh", "adapt/plug.py"], ["adapt-standard"]),
+                               ("distill", ["slurm/adapt.sh", "distill"], ["plug_mlm", "export", "data"]),
+                               ("distill_task", ["slurm/evaluate.sh", "distill_task"], ["distill", "finetune"])):
+        assert planned[name]["slurm"] == slurm and planned[name]["after"] == after, planned[name]
+        assert [t["lang"] for t in planned[name]["array"]] == ["ny", "sw"]
+    assert planned["zero_shot-verse_class-bistil"]["after"] == ["distill_task"]
+    assert not [name for name in planned if name.startswith(("distill-", "distill_task-", "plug_mlm-"))]
+    with pytest.raises(ConfigError, match="bistil learns no new embeddings, so it has no embedding initialisation"):
+        parse_method("bistil+ofa")
+    with pytest.raises(ConfigError, match="bistil is scored on fine-tuned tasks only"):
+        load_config(PipelineConfig, SMOKE, ["methods=[standard, bistil]",
+                                            "configs.zero_shot=[configs/evaluate/zero_shot/target_mlm_tiny.yaml]"])
+    with pytest.raises(ConfigError, match="configs.distill: nowhere.yaml does not exist"):
+        load_config(PipelineConfig, SMOKE, ["methods=[standard, bistil]", "configs.distill=nowhere.yaml"])
+    load_config(PipelineConfig, SMOKE, ["methods=[standard]", "configs.distill=nowhere.yaml"])  # unused: not checked
+    with pytest.raises(ConfigError, match="method: bistil .* cannot be scored on target_mlm"):
+        load_config(ZeroShotConfig, overrides=["method=bistil", "source_model_dir=m", "task.name=target_mlm",
+                                               "task.data_dir=d"])
+    with pytest.raises(ConfigError, match=r"targets\[0\]: method bistil reads each target with its student task"):
+        load_config(ZeroShotConfig, overrides=["method=bistil", "source_model_dir=m", "task.name=verse_class",
+                                               "task.data_dir=d", "targets=[{lang: sw, embeddings: e}]"])

@@ -12,6 +12,8 @@ import pytest
 from pipeline_helpers import ROOT, SMOKE, failure_text
 
 from minimodel.config import ConfigError, load_config
+from minimodel.evaluation.tasks import TASKS
+from minimodel.methods import parse_method
 from minimodel.pipeline import PipelineConfig, build_stages
 
 
@@ -35,6 +37,7 @@ def test_stages_follow_the_method_and_validate():
 def test_seed_method_overrides_and_no_step_3_without_a_fine_tuned_task():
     target_mlm = "configs/evaluate/zero_shot/target_mlm_tiny.yaml"
     cfg = load_config(PipelineConfig, SMOKE, ["seed=7", "overrides.adapt=[init.seed=3]",
+                                              "methods=[standard, minijoint, minipost, lt_sft]",  # bistil: a task
                                               "method_overrides={minipost: [train.steps=18]}",
                                               f"configs.zero_shot=[{target_mlm}]"])
     by_name = {s.name: s for s in build_stages(cfg)}
@@ -45,7 +48,8 @@ def test_seed_method_overrides_and_no_step_3_without_a_fine_tuned_task():
     assert standard.index("init.seed=3") > standard.index("init.seed=7")  # an explicit override wins (last)
     assert "train.steps=18" in minipost and "train.steps=18" not in standard
     assert not {n for n in by_name if n.startswith(("finetune", "plug"))}  # target_mlm needs no step 3
-    assert {n for n in by_name if n.startswith("zero_shot")} == {f"zero_shot-target_mlm-{m}" for m in cfg.methods}
+    assert {n for n in by_name if n.startswith("zero_shot")} == {  # not lt_sft: its loss is in another vocabulary
+        f"zero_shot-target_mlm-{m}" for m in cfg.methods if parse_method(m).scored_on(TASKS["target_mlm"])}
     with pytest.raises(ConfigError, match="method_overrides.minijont"):
         load_config(PipelineConfig, SMOKE, ["method_overrides={minijont: [train.steps=1]}"])
 
@@ -56,15 +60,31 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
     report = json.loads((out / "report/report.json").read_text())
     assert (out / "report/compute_vs_quality.png").stat().st_size > 0
     text = json.dumps(report)
-    for method in ("standard", "minijoint", "minipost", "lt_sft"):
+    for method in ("standard", "minijoint", "minipost", "lt_sft", "bistil"):
         assert method in text
+    assert "bistil" in report["tasks"]["verse_class"]["languages"]["ny"]["methods"]
+    assert "bistil" not in report["tasks"]["target_mlm"]["languages"]["ny"]["methods"]  # no gain to compare
+
+    # BiStil: the phase-1 student and the student task model are plain Hugging Face directories, smaller than the
+    # primary; the student task model reads the source language with its own (source) tokenizer
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+    primary = AutoModelForMaskedLM.from_pretrained(out / "export/primary", local_files_only=True)
+    student = AutoModelForMaskedLM.from_pretrained(out / "adapt/bistil/ny/student", local_files_only=True)
+    task_model = AutoModelForSequenceClassification.from_pretrained(out / "distill_task/ny/model",
+                                                                    local_files_only=True)
+    assert student.config.num_hidden_layers == primary.config.num_hidden_layers // 2
+    assert student.num_parameters() < primary.num_parameters()
+    assert task_model.config.num_hidden_layers == student.config.num_hidden_layers
+    distilled = json.loads((out / "distill_task/ny/metrics.json").read_text())
+    assert {"student/en/test/accuracy", "student/ny/test/accuracy", "teacher/en/test/accuracy"} <= set(distilled)
 
     assert not (smoke_pipeline.fallback_store / "mlflow.db").exists(), "runs went to the fallback, not the server"
     parent = smoke_pipeline.client().get_run(smoke_pipeline.first_parent_run_id)
     assert parent.info.status == "FINISHED"
     kids = smoke_pipeline.children(parent.info.run_id)
     stages = {r.data.tags.get("stage") for r in kids}
-    assert {"data", "pretrain", "export", "minipost", "adapt", "lang_sft", "finetune", "evaluate"} <= stages, stages
+    assert {"data", "pretrain", "export", "minipost", "adapt", "lang_sft", "finetune", "distill", "distill_task",
+            "evaluate"} <= stages, stages
     sft_runs = {r.data.tags["target_lang"]: r for r in kids if r.data.tags.get("stage") == "lang_sft"}
     assert set(sft_runs) == {"en", "ny"}  # LT-SFT: the source language's SFT too (applied while the task trains)
     adapt_runs = [r for r in kids if r.data.tags.get("stage") == "adapt"]
@@ -130,6 +150,14 @@ def test_report_from_disk_with_tracking_off_gives_the_numbers_mlflow_shows(smoke
             sft = json.loads(Path(client.download_artifacts(run.info.run_id, "sft.json", str(tmp_path))).read_text())
             compute[run.data.tags["method"], run.data.tags["target_lang"]] = {
                 f"compute/{key}": {None: sft["info"][key]} for key in ("flops", "wall_clock_s")}
+    for run in runs:  # BiStil: standard adaptation's final compute + phase 1's (phase 2 is step 3: not counted)
+        if run.data.tags.get("stage") == "distill":
+            standard = compute["standard", run.data.tags["target_lang"]]
+            distilled = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+                         for key in ("compute/flops", "compute/wall_clock_s")}
+            compute[run.data.tags["method"], run.data.tags["target_lang"]] = {
+                key: {None: sum(history[max(history)] for history in (standard[key], distilled[key]))}
+                for key in distilled}
     shown, unadapted = {}, {}
     for run in runs:
         tags = run.data.tags

@@ -48,6 +48,8 @@ from minimodel.data.mlm import MaskedLMDataset
 from minimodel.evaluation.tasks import TaskConfig, read_verses
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.hf import load_model, load_tokenizer
+from minimodel.layout import STUDENT_TARGET_TOKENIZER
+from minimodel.methods import DISTILLED
 from minimodel.provenance import finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -57,9 +59,9 @@ from minimodel.training.hf_mlm import MLMFlops
 
 log = logging.getLogger(__name__)
 
-METHOD = "bistil"
+METHOD = DISTILLED
 VOCABULARY_FILE = "vocabulary.json"
-TARGET_TOKENIZER_DIR = "target_tokenizer"
+TARGET_TOKENIZER_DIR = STUDENT_TARGET_TOKENIZER
 PROJECTION_FILE = "projection.safetensors"
 COMPARISON_FILE = "comparison.json"
 SPECIAL_ROLES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token", "bos_token", "eos_token")

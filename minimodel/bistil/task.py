@@ -38,13 +38,14 @@ from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.files import write_text_atomic
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
+from minimodel.methods import DISTILLED
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.train import SFTConfig, train_sft
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 
-METHOD = "bistil"
+METHOD = DISTILLED
 GOLD = ("labels", "start_positions", "end_positions")  # the gold-label inputs of the task models
 
 

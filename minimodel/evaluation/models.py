@@ -21,6 +21,7 @@ from transformers import (AutoModel, AutoModelForQuestionAnswering,
 from minimodel.evaluation import EvaluationError
 from minimodel.files import replace_dir
 from minimodel.hf import is_tokenizer_dir, load_masked_lm, load_model, load_tokenizer
+from minimodel.layout import STUDENT_TARGET_TOKENIZER
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseFineTuning
 
@@ -131,6 +132,16 @@ def check_tokenizer(model, tokenizer, model_dir: str | os.PathLike, tokenizer_di
     n = len(tokenizer)
     fix = ("evaluate a model with the tokenizer its embeddings were learned with: the source tokenizer for the "
            "fine-tuned task model, the target tokenizer for a model plugged with target embeddings")
+    student = Path(model_dir).resolve()
+    if (student / STUDENT_TARGET_TOKENIZER).is_dir() and Path(tokenizer_dir).resolve() in (
+            student, student / STUDENT_TARGET_TOKENIZER):
+        # a BiStil student (task model) and one of its two tokenizers: each numbers its language's block of the
+        # rows (the source's at the directory's top, target_tokenizer/ the rest, the specials shared)
+        top = max(tokenizer.get_vocab().values())
+        if top >= rows:
+            raise TokenizerMismatchError(f"tokenizer {tokenizer_dir} has ids up to {top} but {model_dir} has {rows} "
+                                         f"token embeddings: {fix}")
+        return
     if not _padded_size(n, rows):
         raise TokenizerMismatchError(
             f"tokenizer {tokenizer_dir} has {n} tokens but {model_dir} has {rows} token embeddings: {fix}")

@@ -5,7 +5,9 @@ Reads a pipeline's results from its output directory (minimodel/layout.py), neve
   the source language's is the reference) and snapshots.json (per language and adaptation step);
 - the compute each evaluated checkpoint cost, <pipeline_dir>/adapt/<method>/<lang>/: adapt.json of the final
   embeddings and of each snapshots/step_<N>/ (FLOPs and wall clock spent up to it); LT-SFT: the language SFT's
-  manifest, sft/sft.json (both phases).
+  manifest, sft/sft.json (both phases); BiStil: standard adaptation's final adapt.json (the embeddings its target
+  teacher reads with) + phase 1's training compute, the last row of adapt/bistil/<lang>/train/metrics.jsonl (teachers'
+  forwards included). Phase 2 (the student learning the task) is step 3, which no method's compute counts.
 
 For each task and language it finds, for every method, the compute at which its quality first reached 95% /
 99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute; with
@@ -41,6 +43,7 @@ from minimodel.layout import PipelineLayout
 from minimodel.methods import BASELINE, MODELS, REFERENCE, parse_adapted_method, parse_method
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.file import SFT_DIR, read_sft_info
+from minimodel.training.metrics import read_metrics
 from minimodel.stages import StageResult
 from minimodel.tracking import TrackingConfig, attach_to_run
 
@@ -81,14 +84,39 @@ class Point:
     adapt_step: int | None  # None: final embeddings
 
 
-def _compute(artifact: Path) -> tuple[float | None, float | None]:
+def _compute(artifact: Path, learns: str = "embeddings") -> tuple[float | None, float | None]:
     """(FLOPs, wall-clock seconds) adaptation had spent when it wrote this artifact (final or snapshot; LT-SFT: the
-    run directory of a language SFT)."""
-    info = read_info(artifact) or read_sft_info(artifact / SFT_DIR)
+    run directory of a language SFT; BiStil: of phase 1), by what the method learns (ModelSource.learns)."""
+    if learns == "sft":
+        info = read_sft_info(artifact / SFT_DIR)
+    elif learns == "student":
+        info = _distill_info(artifact)
+    else:
+        info = read_info(artifact)
     if info is None:
-        log.warning("%s holds no adapt.json: the compute of the checkpoint evaluated there is unknown", artifact)
+        log.warning("%s holds no record of its compute (adapt.json, sft/sft.json or train/metrics.jsonl): the compute "
+                    "of the checkpoint evaluated there is unknown", artifact)
         return None, None
     return info["flops"], info["wall_clock_s"]
+
+
+def _distill_info(run_dir: Path) -> dict | None:
+    """BiStil phase 1's training compute: the cumulative totals of its loop's last metrics.jsonl row."""
+    path = run_dir / "train" / "metrics.jsonl"
+    if not path.is_file() or not (rows := read_metrics(path)):
+        return None
+    last = rows[max(rows)]
+    return {"flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"]}
+
+
+def _method_compute(layout: PipelineLayout, method: str, lang: str, artifact: Path) -> tuple[float | None, ...]:
+    """_compute of the artifact, plus the final compute of the method it builds on (BiStil: standard adaptation)."""
+    source = parse_method(method).source
+    own, base = _compute(artifact, source.learns), source.builds_on
+    if base is None:
+        return own
+    below = _compute(layout.adapt(base, lang), MODELS[base].learns)
+    return tuple(None if a is None or b is None else a + b for a, b in zip(own, below))
 
 
 def _subdirs(path: Path) -> list[str]:
@@ -115,7 +143,7 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
                 if lang != source_lang:
                     baseline[task][lang] = {"quality": final.get(metric), "unk_fraction": final.get("unk_fraction")}
         for method in [m for m in methods or _subdirs(layout.root / "zero_shot" / task) if m != BASELINE]:
-            if not (TASKS[task].compares_tokenizers or parse_method(method).learns_embeddings):
+            if not parse_method(method).scored_on(TASKS[task]):
                 continue  # e.g. LT-SFT on target_mlm: the primary's own vocabulary, no gain comparable to the others'
             out = layout.zero_shot(task, method)
             if not (out / "metrics.json").is_file():
@@ -133,8 +161,9 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
                 run_dir = layout.adapt(method, lang)
                 checkpoints = [(None, final, run_dir)] + [(int(step), m, snapshot_dir(run_dir, int(step)))
                                                           for step, m in snapshots.get(lang, {}).items()]
-                points[task][lang][method] += [Point(m[metric], *_compute(artifact), step)
-                                               for step, m, artifact in checkpoints]
+                points[task][lang][method] += [
+                    Point(m[metric], *_method_compute(layout, method, lang, artifact), step)
+                    for step, m, artifact in checkpoints]
     for per_lang in points.values():
         for per_method in per_lang.values():
             for pts in per_method.values():

@@ -19,6 +19,12 @@ fine-tuned task the target model is the primary + the target's language SFT + th
 primary + the language SFT. Not for target_mlm (its loss in the primary's vocabulary is no gain on the same scale
 as the other methods').
 
+Method `bistil` (BiStil) has a student task model per target language (evaluate/distill_task.py): each target names
+it (`model_dir`) and its target tokenizer (`tokenizer: <model_dir>/target_tokenizer`), scored as it is; the source
+model (a student task model, read with the source tokenizer saved at its top) is scored on the source language
+only when evaluate_source (the pipeline leaves it to distill_task's metrics.json, one student per language). Only on
+fine-tuned tasks (minimodel/methods.py Method.scored_on).
+
 Method `none` (minimodel/methods.py BASELINE) adapts nothing: each target is just a language, read by the source
 model with its own tokenizer (the primary as it is, or the task model fine-tuned from it): the unadapted baseline.
 A language the tokenizer maps to its unknown token more often than the data stage accepts (UNK_REFUSED) is not
@@ -96,10 +102,16 @@ class ZeroShotConfig:
         adapted = method.adapted
         require(bool(self.source_model_dir), "source_model_dir", "set it to the fine-tuned task model directory")
         require(self.split in ("dev", "test"), "split", "must be dev or test")
-        require(method.learns_embeddings or self.task.spec.compares_tokenizers, "method",
-                f"{self.method} (read with the primary's own tokenizer) cannot be scored on {self.task.name}: its "
-                f"{self.task.spec.metric} does not compare tokenizers; evaluate it on another task")
+        require(method.scored_on(self.task.spec), "method",
+                f"{self.method} (not read with new embeddings of the primary) cannot be scored on {self.task.name}: "
+                f"its {self.task.spec.metric} does not compare tokenizers, or (a student per language) the task is "
+                "not fine-tuned; evaluate it on another task")
         for i, t in enumerate(self.targets):
+            if method.source.learns == "student":
+                require(bool(t.lang and t.model_dir and t.tokenizer) and not (t.embeddings or t.language_sft),
+                        f"targets[{i}]", f"method {self.method} reads each target with its student task model: give "
+                        "lang, model_dir and tokenizer (its target tokenizer; no embeddings or language_sft)")
+                continue
             if adapted and not method.learns_embeddings:
                 require(bool(t.lang and t.language_sft) and not (t.model_dir or t.tokenizer or t.embeddings),
                         f"targets[{i}]", f"method {self.method} reads each target with the primary's tokenizer and "
@@ -262,7 +274,7 @@ def _score_unadapted(cfg: ZeroShotConfig, target: TargetConfig, source) -> dict[
 def _evaluate_target(cfg: ZeroShotConfig, target: TargetConfig, source, primary) -> tuple[dict, dict[int, dict]]:
     """Score every checkpoint of one target and log a run for each; (final metrics, {snapshot step: metrics})."""
     method = parse_method(cfg.method)
-    if method.learns_embeddings:
+    if method.learns_embeddings or method.source.learns == "student":  # a student: its model_dir, no snapshots
         scored = [(at, _score(cfg, at, model, tokenizer, source)) for at, model, tokenizer in
                   _checkpoints(cfg, target, source, primary)]
     elif method.adapted:
