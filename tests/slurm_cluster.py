@@ -21,6 +21,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,7 +82,10 @@ class SlurmCluster:
         self.gpus_per_node = gpus_per_node
         self.memory_mb = memory_mb
         self.conf = self.root / "slurm.conf"
-        self.munge_socket = self.root / "munge" / "munge.socket"
+        # Unix sockets (munge's, each job step's in the spool) allow 108 bytes of path: they live in a short
+        # directory of their own, since the root under pytest's tmp_path (a worker's, a long test name) may be longer
+        self.sockets = Path(tempfile.mkdtemp(prefix="slurm-"))
+        self.munge_socket = self.sockets / "munge" / "munge.socket"
         self._procs: dict[str, subprocess.Popen] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -97,16 +101,19 @@ class SlurmCluster:
 
     def start(self, timeout: float = 60) -> "SlurmCluster":
         ensure_slurm()
-        for sub in ("munge", "state", "spool", "log"):
+        for sub in ("munge", "state", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for sub in ("munge", "spool"):
+            (self.sockets / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
+        os.chmod(self.sockets / "munge", 0o700)
         self._start_munge()
         self._write_conf()
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
         hosts = self.root / "hosts"
         hosts.write_text(Path("/etc/hosts").read_text() + f"\n127.0.0.1 {' '.join(self.nodes)}\n")
         for node in self.nodes:
-            (self.root / "spool" / node).mkdir(exist_ok=True)
+            (self.sockets / "spool" / node).mkdir(exist_ok=True)
             # exec keeps the Popen pid == slurmd's pid, so stop() signals the daemon itself.
             inner = 'mount --bind "$1" /etc/hosts && exec slurmd -D -N "$2" -f "$3"'
             self._spawn(f"slurmd-{node}", ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", inner,
@@ -143,8 +150,8 @@ class SlurmCluster:
             # cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
             f"AuthInfo=socket={self.munge_socket},cred_expire=5",
             f"StateSaveLocation={r / 'state'}",
-            f"SlurmdSpoolDir={r / 'spool' / '%n'}",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'spool' / 'slurmd.%n.pid'}",
+            f"SlurmdSpoolDir={self.sockets / 'spool' / '%n'}",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={self.sockets / 'spool' / 'slurmd.%n.pid'}",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'log' / 'slurmd.%n.log'}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
@@ -221,6 +228,7 @@ class SlurmCluster:
                     proc.kill()
                     proc.wait()
         self._procs.clear()
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
     def __enter__(self) -> "SlurmCluster":
         return self.start()

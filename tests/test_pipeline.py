@@ -83,8 +83,10 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
     assert parent.info.status == "FINISHED"
     kids = smoke_pipeline.children(parent.info.run_id)
     stages = {r.data.tags.get("stage") for r in kids}
-    assert {"data", "pretrain", "export", "minipost", "adapt", "lang_sft", "finetune", "distill", "distill_task",
-            "evaluate"} <= stages, stages
+    assert {"data", "pretrain", "export", "minipost", "adapt", "lang_sft", "finetune", "task_sft", "distill",
+            "distill_task", "evaluate"} <= stages, stages
+    names = [r.info.run_name for r in kids]
+    assert len(names) == len(set(names)), names  # one name per stage run: each can be found in the UI
     sft_runs = {r.data.tags["target_lang"]: r for r in kids if r.data.tags.get("stage") == "lang_sft"}
     assert set(sft_runs) == {"en", "ny"}  # LT-SFT: the source language's SFT too (applied while the task trains)
     adapt_runs = [r for r in kids if r.data.tags.get("stage") == "adapt"]

@@ -19,6 +19,7 @@ from pipeline_helpers import SMOKE
 
 from minimodel import pipeline, stages, supervisor
 from minimodel.config import load_config
+from minimodel.methods import parse_method
 from minimodel.pipeline import PipelineConfig, build_stages, plan
 from minimodel.slurm_plan import RECORD, UNIT, lines
 from minimodel.stages import STAMP, KINDS, Stage, StageFailed, StageInterrupted, StageKind, jobs
@@ -130,9 +131,9 @@ def two_language_plan(tmp_path) -> dict:
 def test_plan_groups_each_methods_adaptation_into_one_array_job(tmp_path):
     planned = two_language_plan(tmp_path)
     by_name = {job["name"]: job for job in planned["jobs"]}
-    methods = load_config(PipelineConfig, SMOKE).methods
+    methods = [parse_method(spec) for spec in load_config(PipelineConfig, SMOKE).methods]
     adapt_jobs = [job for job in planned["jobs"] if job["kind"] == "adapt"]
-    assert [job["name"] for job in adapt_jobs] == [f"adapt-{m}" for m in methods]
+    assert [job["name"] for job in adapt_jobs] == [f"adapt-{m.name}" for m in methods if m.learns_embeddings]
     for job in adapt_jobs:
         assert job["script"] == "adapt/train.py" and job["slurm"] == ["slurm/adapt.sh"]
         assert [(t["lang"], t["args"]) for t in job["array"]] == [("ny", ["target_langs=[ny]"]),
@@ -142,10 +143,13 @@ def test_plan_groups_each_methods_adaptation_into_one_array_job(tmp_path):
     for name, job in by_name.items():
         assert set(job["after"]) <= set(by_name), name
         if job["kind"] == "plug":
-            assert any(dep.startswith("adapt-") for dep in job["after"]) and "finetune" in job["after"]
-    # one job per stage otherwise, in dependency order
+            assert any(dep.startswith("adapt-") for dep in job["after"]), name
+        if name.startswith("plug-"):  # into the fine-tuned task model (bistil's plug_mlm: into the primary MLM)
+            assert "finetune" in job["after"], name
+    # every stage is one job or one task of an array job (the per-language stages of every method), in dependency
+    # order
     stage_count = len(build_stages(load_config(PipelineConfig, SMOKE, ["target_langs=[ny, sw]"])))
-    assert len(planned["jobs"]) == stage_count - len(methods)
+    assert len(planned["jobs"]) + sum(len(job["array"]) - 1 for job in planned["jobs"] if job["array"]) == stage_count
     order = [job["name"] for job in planned["jobs"]]
     assert all(order.index(dep) < order.index(job["name"]) for job in planned["jobs"] for dep in job["after"])
 

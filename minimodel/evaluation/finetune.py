@@ -163,7 +163,10 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     def loss_fn(m, batch):
         return m(**batch).loss
 
-    tags = {"stage": "finetune", "method": cfg.method, "source_lang": cfg.source_lang, "task": task.name}
+    # the pipeline's stage name, which also names the run: a task SFT beside the dense fine-tuning is not a second
+    # "finetune-en"
+    tags = {"stage": "task_sft" if cfg.sparse else "finetune", "method": cfg.method, "source_lang": cfg.source_lang,
+            "task": task.name}
     with Tracker(cfg.tracking, config=cfg, tags=tags) as tracker:
         tracker.set_tags({"frozen": ",".join(frozen)})
         if cfg.sparse:

@@ -62,6 +62,7 @@ Semantics
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -84,6 +85,9 @@ from minimodel.training.config import DeepSpeedLoopConfig, resolve_zero_config
 from minimodel.training.metrics import MetricSink
 from minimodel.training.preemption import PreemptionSignal
 from minimodel.training.sampler import MicroBatches, stack
+
+# WarmupDecayLR's constructor reads its own rate before its first step and warns about it, once per run: noise
+logging.getLogger("DeepSpeed").addFilter(lambda record: "scheduler before it has started" not in record.getMessage())
 
 # Keys the loop derives from DeepSpeedLoopConfig; a ZeRO json must not set them too.
 _LOOP_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
