@@ -41,8 +41,8 @@ TASK = "target_mlm"
 GOAL = 5.0  # the issue's goal: >= 5x less compute to 100% of standard's final quality
 
 SCHEMA = {
-    "setup": {"target_langs": [str], "seeds": [int], "factorized_dim": (int, None), "steps": {m: int for m in METHODS},
-              "work_dir": str},
+    "setup": {"target_langs": [str], "seeds": [int], "secondary_head": str, "factorized_dim": (int, None),
+              "steps": {m: int for m in METHODS}, "work_dir": str},
     "curves": [{"method": str, "lang": str, "seed": int, "trainable_numel": int,
                 "points": [{"step": int, "flops": float, "quality": float}]}],
     "methods": [{"method": str, "lang": str, "initial_quality": float, "final_quality": float,
@@ -130,8 +130,9 @@ def figure(result: dict):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     s = result["setup"]
-    fig.suptitle(f"Random (solid) vs OFA (dashed) initialisation; factorised rank {s['factorized_dim']}; seeds "
-                 f"{s['seeds']}", fontsize=9)
+    rank = s["factorized_dim"] or "none (full)"
+    fig.suptitle(f"Random (solid) vs OFA (dashed) initialisation; factorised rank {rank}; MiniJoint "
+                 f"{s['secondary_head']} head; seeds {s['seeds']}", fontsize=9)
     return fig
 
 
@@ -141,9 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--langs", nargs="+", default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--factorized-dim", type=int, default=None, help="rank of the +ofa methods' embeddings")
+    parser.add_argument("--secondary-head", choices=["separate", "shared_transform"], default=None,
+                        help="MiniJoint's secondary MLM head (model.secondary_head)")
     args = parse_args(parser, argv)
     setup = dataclasses.replace(SMOKE) if args.smoke else Setup()
-    for key, value in (("target_langs", args.langs), ("seeds", args.seeds)):
+    for key, value in (("target_langs", args.langs), ("seeds", args.seeds), ("secondary_head", args.secondary_head)):
         if value is not None:
             setattr(setup, key, value)
     suffix = ("_smoke" if args.smoke else "") + (f"_rank{args.factorized_dim}" if args.factorized_dim else "")
@@ -164,8 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           for step, (flops, loss) in losses(layout, method, lang).items()]})
     result = header(NAME, args.smoke)
     result["setup"] = {"target_langs": setup.target_langs, "seeds": setup.seeds,
-                       "factorized_dim": args.factorized_dim, "steps": {m: steps(setup, m) for m in METHODS},
-                       "work_dir": str(work)}
+                       "secondary_head": setup.secondary_head, "factorized_dim": args.factorized_dim,
+                       "steps": {m: steps(setup, m) for m in METHODS}, "work_dir": str(work)}
     result["curves"] = curves
     result["methods"] = summarise(curves, setup.target_langs)
     save(NAME + suffix, result, SCHEMA, figure(result), args.out.resolve())
