@@ -140,6 +140,27 @@ SMOKE = Setup(data_config="configs/data/smoke.yaml", vocab_size=1000, target_lan
               pretrain_steps=20, pretrain_batch=8, minipost_steps=4, adapt_steps=8, mini_steps_factor=2,
               snapshot_every=4, eval_sequences=8)
 
+# Command-line flags that change a Setup field (flag dest -> field): add_setup_flags adds the ones every benchmark
+# on this protocol takes, a benchmark may add the others.
+SETUP_FLAGS = {"langs": "target_langs", "seeds": "seeds", "secondary_head": "secondary_head",
+               "adapt_steps": "adapt_steps", "pretrain_steps": "pretrain_steps"}
+
+
+def add_setup_flags(parser) -> None:
+    parser.add_argument("--langs", nargs="+", default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--secondary-head", choices=["separate", "shared_transform"], default=None,
+                        help="MiniJoint's secondary MLM head (model.secondary_head)")
+
+
+def setup_from_flags(args) -> Setup:
+    """SMOKE under --smoke, else the full Setup, with each Setup flag the command line gave."""
+    setup = dataclasses.replace(SMOKE) if args.smoke else Setup()
+    for dest, name in SETUP_FLAGS.items():
+        if getattr(args, dest, None) is not None:
+            setattr(setup, name, getattr(args, dest))
+    return setup
+
 
 def run_seed(setup: Setup, work: Path, seed: int) -> dict:
     """One seed's pipeline (finished stages are skipped), then its report summary of target_mlm."""
@@ -210,18 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=None,
                         help="work dir for the data and the per-seed pipelines (default: runs/benchmarks/"
                              "adaptation_compute[_smoke]); re-running the same command skips finished stages there")
-    parser.add_argument("--langs", nargs="+", default=None)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    add_setup_flags(parser)
     parser.add_argument("--adapt-steps", type=int, default=None, help="standard adaptation steps")
     parser.add_argument("--pretrain-steps", type=int, default=None)
-    parser.add_argument("--secondary-head", choices=["separate", "shared_transform"], default=None,
-                        help="MiniJoint's secondary MLM head (model.secondary_head)")
     args = parse_args(parser, argv)
-    setup = dataclasses.replace(SMOKE) if args.smoke else Setup()
-    for key, value in (("target_langs", args.langs), ("seeds", args.seeds), ("adapt_steps", args.adapt_steps),
-                       ("pretrain_steps", args.pretrain_steps), ("secondary_head", args.secondary_head)):
-        if value is not None:
-            setattr(setup, key, value)
+    setup = setup_from_flags(args)
     work = (args.work or REPO / "runs" / "benchmarks" / (NAME + ("_smoke" if args.smoke else ""))).resolve()
     out = args.out.resolve()
     os.chdir(REPO)  # the pipeline names its configs and entry points relative to the repository root

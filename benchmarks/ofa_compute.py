@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.adaptation_compute import COLOURS, SMOKE, Setup  # noqa: E402
+from benchmarks.adaptation_compute import COLOURS, Setup, add_setup_flags, setup_from_flags  # noqa: E402
 from benchmarks.common import REPO, arg_parser, header, language_axes, parse_args, save  # noqa: E402
 from minimodel import pipeline  # noqa: E402
 from minimodel.adaptation.artifact import read_info, snapshot_dir  # noqa: E402
@@ -139,16 +139,10 @@ def figure(result: dict):
 def main(argv: list[str] | None = None) -> dict:
     parser = arg_parser(__doc__, "tiny model, data and runs (a wiring check)")
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--langs", nargs="+", default=None)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    add_setup_flags(parser)
     parser.add_argument("--factorized-dim", type=int, default=None, help="rank of the +ofa methods' embeddings")
-    parser.add_argument("--secondary-head", choices=["separate", "shared_transform"], default=None,
-                        help="MiniJoint's secondary MLM head (model.secondary_head)")
     args = parse_args(parser, argv)
-    setup = dataclasses.replace(SMOKE) if args.smoke else Setup()
-    for key, value in (("target_langs", args.langs), ("seeds", args.seeds), ("secondary_head", args.secondary_head)):
-        if value is not None:
-            setattr(setup, key, value)
+    setup = setup_from_flags(args)
     suffix = ("_smoke" if args.smoke else "") + (f"_rank{args.factorized_dim}" if args.factorized_dim else "")
     work = (args.work or REPO / "runs" / "benchmarks" / (NAME + suffix)).resolve()
 
