@@ -79,6 +79,7 @@ class Setup:
     secondary_head: str = "separate"  # MiniJoint's secondary head: separate | shared_transform (ModelConfig)
     minipost_layers: int = 2  # MiniPost: the primary's first 2 layers, frozen ...
     minipost_new_layers: int = 1  # ... + 1 new layer (3 layers, like MiniJoint's mini-model)
+    minipost_distill: float = 1.0  # MiniPost's distill.weight (0: the paper's MLM alone; RESULTS.md section 1b)
     hidden_size: int = 128
     seq_length: int = 64
     pretrain_steps: int = 400
@@ -113,7 +114,8 @@ class Setup:
             f"mini.layers={s.minipost_layers}", f"mini.new_layers={s.minipost_new_layers}",
             f"data.seq_length={s.seq_length}", f"train.steps={s.minipost_steps}",
             f"train.schedule.warmup_steps={max(1, s.minipost_steps // 10)}",
-            f"train.checkpoint.save_every={s.minipost_steps}", f"train.eval.every={s.minipost_steps}"]
+            f"train.checkpoint.save_every={s.minipost_steps}", f"train.eval.every={s.minipost_steps}",
+            f"distill.weight={s.minipost_distill}"]
         adapt = [f"seq_length={s.seq_length}", f"train.micro_batch_size={s.adapt_batch}",
                  f"train.optim.lr={s.adapt_lr}", "train.eval.every=0", "train.eval.batches=4",
                  "train.checkpoint.save_every=0", "train.torch_adam=true", f"snapshot_every={s.snapshot_every}"]
@@ -143,7 +145,7 @@ SMOKE = Setup(data_config="configs/data/smoke.yaml", vocab_size=1000, target_lan
 # Command-line flags that change a Setup field (flag dest -> field): add_setup_flags adds the ones every benchmark
 # on this protocol takes, a benchmark may add the others.
 SETUP_FLAGS = {"langs": "target_langs", "seeds": "seeds", "secondary_head": "secondary_head",
-               "adapt_steps": "adapt_steps", "pretrain_steps": "pretrain_steps"}
+               "adapt_steps": "adapt_steps", "pretrain_steps": "pretrain_steps", "minipost_distill": "minipost_distill"}
 
 
 def add_setup_flags(parser) -> None:
@@ -151,6 +153,9 @@ def add_setup_flags(parser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--secondary-head", choices=["separate", "shared_transform"], default=None,
                         help="MiniJoint's secondary MLM head (model.secondary_head)")
+    parser.add_argument("--minipost-distill", type=float, default=None,
+                        help="MiniPost's distill.weight: 0 trains on the gold tokens alone (the paper's MLM), 1 on "
+                             "the primary's predictions alone")
 
 
 def setup_from_flags(args) -> Setup:

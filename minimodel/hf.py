@@ -80,7 +80,8 @@ def load_masked_lm(model_dir: str | os.PathLike):
     if head_missing:
         raise HFLoadError(f"{model_dir} has no masked-LM head (missing {', '.join(head_missing[:3])}...; saved as "
                           f"{model.config.architectures}): train one first with MiniPost's head-only option "
-                          f"(pretrain/minipost.py source={model_dir} mini.head_only=true mini.head_init=random; in "
+                          f"(pretrain/minipost.py source={model_dir} mini.head_only=true mini.head_init=random "
+                          f"distill.weight=0; in "
                           f"the pipeline primary_head: train) and use its mini/ directory as the primary")
     return model
 

@@ -216,7 +216,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         export = add("head", "minipost", ["--config", cfg.configs.minipost, f"source={cfg.primary_model}",
                                           *([f"tokenizer={cfg.primary_tokenizer}"] if cfg.primary_tokenizer else []),
                                           f"output_dir={at.head}", *source_data, "mini.head_only=true",
-                                          "mini.head_init=random", *extra("minipost")], at.head, [prepare])
+                                          "mini.head_init=random", "distill.weight=0", *extra("minipost")],
+                     at.head, [prepare])
     else:  # the primary exists: what waited for the export waits for the data
         export = prepare
     # the stage that makes each model source's model for adaptation (minimodel/methods.py MODELS)

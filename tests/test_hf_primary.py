@@ -197,7 +197,8 @@ def test_headless_model_gets_a_head_from_minipost_head_only(models, tmp_path):
     cfg = load_config(PipelineConfig, HF_TINY, [f"primary_model={bare}", "primary_head=train",
                                                  f"output_dir={tmp_path / 'run'}"])
     by_name = {s.name: s for s in build_stages(cfg)}
-    assert {"mini.head_only=true", "mini.head_init=random", f"source={bare}"} <= set(by_name["head"].args)
+    assert {"mini.head_only=true", "mini.head_init=random", "distill.weight=0",
+            f"source={bare}"} <= set(by_name["head"].args)
     assert f"source={tmp_path / 'run' / 'head' / 'mini'}" in by_name["minipost"].args
     assert f"primary_model={tmp_path / 'run' / 'head' / 'mini'}" in by_name["adapt-standard-ny"].args
 
@@ -210,6 +211,7 @@ def test_headless_model_gets_a_head_from_minipost_head_only(models, tmp_path):
         [sys.executable, "pretrain/minipost.py", "--config", "configs/minipost/tiny.yaml", f"source={bare}",
          f"output_dir={out}", f"data.train_prefix={data / 'en' / 'train'}", f"data.valid_prefix={data / 'en' / 'valid'}",
          f"data.tokenizer_dir={data / 'en' / 'tokenizer'}", "mini.head_only=true", "mini.head_init=random",
+         "distill.weight=0",
          "train.steps=4", "train.schedule.warmup_steps=1", "train.checkpoint.save_every=2", "train.eval.every=2",
          "train.eval.batches=1", "alignment.batches=1", "tracking.enabled=false"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

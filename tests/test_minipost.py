@@ -1,12 +1,15 @@
 """MiniPost (paper step 1b): building the mini-model from a pretrained masked LM, freezing, checks, alignment."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from minimodel.minipost.alignment import alignment_report, linear_cka, mean_cosine
 from minimodel.minipost.build import (MiniPostError, build_mini_model, changed_frozen_parameters, layers_name,
                                       load_source_model, resolve_source, split_parameters)
+from minimodel.training.hf_mlm import DistilledMLMLoss, masked_lm_loss
 from minipost_helpers import make_model, save_model
 
 KINDS = ["xlmr", "xlmr-xl", "roberta", "bert", "megatron"]
@@ -88,6 +91,8 @@ def test_source_without_mlm_head(tmp_path):
     save_model(make_model("xlmr", with_head=False), tmp_path / "bare")
     with pytest.raises(MiniPostError, match="no masked-LM head.*head_init=random"):
         load_source_model(tmp_path / "bare")
+    with pytest.raises(MiniPostError, match="no predictions to distill: set distill.weight=0"):
+        load_source_model(tmp_path / "bare", head_init="random", distill=True)
     model = load_source_model(tmp_path / "bare", head_init="random")
     mini, new = build_mini_model(model, layers=2, head_init="random")
     assert "lm_head.dense.weight" in new
@@ -143,6 +148,7 @@ def test_alignment_report_measures_the_right_depths():
     report = alignment_report(source, same, data, batch_size=4)
     assert report["mini_mlm_loss"] == pytest.approx(report["primary_mlm_loss"])
     assert report["cka"] == pytest.approx(1.0) and report["cosine"] == pytest.approx(1.0)
+    assert report["prediction_kl"] == pytest.approx(0.0, abs=1e-6)
     assert report["tokens"] == 6 * 12 and report["primary_layer"] == 4
     # With no new layer, the (post-LN) mini's top is the source's layer 2: identical there, not at the top.
     bottom, _ = build_mini_model(source, layers=2, new_layers=0)
@@ -150,3 +156,61 @@ def test_alignment_report_measures_the_right_depths():
     assert alignment_report(source, bottom, data)["cosine"] < 0.999
     with pytest.raises(ValueError, match="primary_layer=5"):
         alignment_report(source, bottom, data, primary_layer=5)
+
+
+def _masked_log_probs(model, items):
+    """The model's own full forward (HF logits at every position), at the masked positions."""
+    batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    selected = batch["labels"] != -100
+    return torch.log_softmax(logits[selected].double(), -1), batch["labels"][selected]
+
+
+def test_prediction_kl_is_the_mean_kl_of_the_masked_predictions():
+    source, data = make_model("xlmr"), _mlm_items()
+    mini, _ = build_mini_model(source, layers=2, new_layers=1, head_init="random", seed=3)
+    (p, labels), (q, _) = _masked_log_probs(source, data), _masked_log_probs(mini, data)
+    by_hand = float((p.exp() * (p - q)).sum(-1).mean())
+    report = alignment_report(source, mini, data, batch_size=4)
+    assert by_hand > 0.01 and report["prediction_kl"] == pytest.approx(by_hand, rel=1e-4)
+    assert report["mini_mlm_loss"] == pytest.approx(float(-q[torch.arange(len(labels)), labels].mean()), rel=1e-5)
+
+
+def test_distilled_mlm_loss_by_hand():
+    torch.manual_seed(0)
+    teacher, data = make_model("xlmr"), _mlm_items()
+    student, _ = build_mini_model(teacher, layers=2, new_layers=1)
+    batch = {k: torch.stack([item[k] for item in data]) for k in data[0]}
+    (t, labels), (s, _) = _masked_log_probs(teacher, data), _masked_log_probs(student, data)
+    gold = -s[torch.arange(len(labels)), labels].mean()
+    weight, temperature = 0.3, 2.0
+    t_soft, s_soft = torch.log_softmax(t / temperature, -1), torch.log_softmax(s / temperature, -1)
+    by_hand = (1 - weight) * gold + weight * -(t_soft.exp() * s_soft).sum(-1).mean()
+    with torch.no_grad():
+        assert float(DistilledMLMLoss(teacher, weight, temperature)(student, batch)) == pytest.approx(
+            float(by_hand), rel=1e-5)
+        assert float(DistilledMLMLoss(teacher, 0.0)(student, batch)) == pytest.approx(float(gold), rel=1e-5)
+        assert float(masked_lm_loss(student, batch)) == pytest.approx(float(gold), rel=1e-5)
+    # Pure distillation towards a copy of the model itself: a fixed point, no gradient (alignment is kept).
+    twin = copy.deepcopy(student)
+    DistilledMLMLoss(twin, 1.0)(student, batch).backward()
+    assert max(float(p.grad.abs().max()) for p in student.parameters() if p.grad is not None) < 1e-6
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        DistilledMLMLoss(teacher, 1.5)
+
+
+def test_distillation_counts_the_teachers_forward():
+    from minimodel.minipost.train import DistillConfig, _objective
+
+    source = make_model("xlmr")  # 4 layers, hidden 32, FFN 64, vocabulary 120
+    mini, _ = build_mini_model(source, layers=2, new_layers=1)
+    batch = {k: torch.stack([item[k] for item in _mlm_items()]) for k in ("input_ids", "labels", "attention_mask")}
+    loss_fn, flops_fn = _objective(DistillConfig(weight=0.0), mini, source, "cpu")
+    assert loss_fn is masked_lm_loss and all(p.requires_grad for p in source.parameters())
+    mlm_only = flops_fn(batch)
+    _, flops_fn = _objective(DistillConfig(weight=0.5), mini, source, "cpu")
+    b, s, h, f, v, n = 6, 12, 32, 64, 120, int((batch["labels"] != -100).sum())
+    teacher_forward = b * 4 * (2 * s * (4 * h * h + 2 * h * f) + 4 * s * s * h) + 2 * n * (h * h + h * v)
+    assert flops_fn(batch) == mlm_only + teacher_forward
+    assert not any(p.requires_grad for p in source.parameters())

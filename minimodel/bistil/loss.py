@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from minimodel.training.hf_mlm import soft_cross_entropy
 
 
 def state_projection(teacher_states: torch.Tensor, d: int) -> torch.Tensor:
@@ -45,13 +46,6 @@ def attention_loss(student_attentions, teacher_attentions, ratio: int) -> torch.
         where = (t != 0).to(s.dtype)
         terms.append(((s - t) ** 2 * where).sum() / where.sum())
     return torch.stack(terms).mean()
-
-
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                       temperature: float = 2.0) -> torch.Tensor:
-    """-sum softmax(t/T) * log_softmax(s/T) over the last dimension, averaged over the rest."""
-    target = F.softmax(teacher_logits.detach() / temperature, dim=-1)
-    return -(target * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
 
 
 @dataclass

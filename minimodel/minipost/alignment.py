@@ -1,6 +1,8 @@
 """How well a mini-model stays aligned with its primary model, measured on held-out source-language text.
 
 - MLM loss (token-weighted cross-entropy over the masked positions) of the primary model and of the mini-model;
+- prediction KL: KL(primary || mini) of their masked-LM predictions at those positions, mean over them (0: the
+  mini-model predicts exactly what the primary does);
 - linear CKA (Kornblith et al., 2019) and mean cosine similarity between the mini-model's top representation and
   the primary model's representation at a chosen depth (default: its final layer), over the non-padding tokens.
 """
@@ -56,6 +58,7 @@ def alignment_report(primary: nn.Module, mini: nn.Module, dataset: Dataset, batc
 def _measure(primary, mini, dataset, batch_size, max_batches, primary_layer, device) -> dict:
     depth = primary.config.num_hidden_layers
     loss_sums = {"primary": 0.0, "mini": 0.0}
+    kl_sum = 0.0
     reps: dict[str, list[torch.Tensor]] = {"primary": [], "mini": []}
     masked = 0
     for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, shuffle=False)):
@@ -66,20 +69,23 @@ def _measure(primary, mini, dataset, batch_size, max_batches, primary_layer, dev
         selected = labels != -100
         tokens = batch["attention_mask"].bool()
         masked += int(selected.sum())
+        log_probs = {}
         for name, model in (("primary", primary), ("mini", mini)):
             out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    output_hidden_states=True)
-            logits = mlm_head(model)(out.last_hidden_state[selected])
-            loss_sums[name] += float(F.cross_entropy(logits.float(), labels[selected], reduction="sum"))
+            log_probs[name] = F.log_softmax(mlm_head(model)(out.last_hidden_state[selected]).float(), dim=-1)
+            loss_sums[name] += float(F.nll_loss(log_probs[name], labels[selected], reduction="sum"))
             compare_at = primary_layer if name == "primary" and primary_layer not in (None, depth) else None
             hidden = out.last_hidden_state if compare_at is None else out.hidden_states[compare_at]
             reps[name].append(hidden[tokens].float())
+        kl_sum += float(F.kl_div(log_probs["mini"], log_probs["primary"], log_target=True, reduction="sum"))
     if masked == 0:
         raise ValueError("the held-out data has no masked tokens: is the validation split empty?")
     x, y = torch.cat(reps["mini"]), torch.cat(reps["primary"])
     return {
         "primary_mlm_loss": loss_sums["primary"] / masked,
         "mini_mlm_loss": loss_sums["mini"] / masked,
+        "prediction_kl": kl_sum / masked,
         "cka": linear_cka(x, y),
         "cosine": mean_cosine(x, y),
         "primary_layer": primary_layer or depth,

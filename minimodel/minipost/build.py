@@ -52,9 +52,10 @@ def resolve_source(path: str | os.PathLike) -> Path:
                         f"first")
 
 
-def load_source_model(model_dir: str | os.PathLike, head_init: Init = "source") -> nn.Module:
+def load_source_model(model_dir: str | os.PathLike, head_init: Init = "source", distill: bool = False) -> nn.Module:
     """Load the source masked LM (fp32, eval mode) offline; refuse a checkpoint without an MLM head unless
-    head_init="random" (then the head is created at random and the log says so)."""
+    head_init="random" (then the head is created at random and the log says so) and nothing distills from its
+    predictions (`distill`)."""
     model, info = load_model(model_dir, AutoModelForMaskedLM, output_loading_info=True)
     prefix = model.base_model_prefix + "."
     missing = set(info["missing_keys"])
@@ -70,6 +71,9 @@ def load_source_model(model_dir: str | os.PathLike, head_init: Init = "source") 
                 f"(as {model.config.architectures}). Use a checkpoint with its MLM head, or set mini.head_init=random "
                 f"to train a new head from scratch (with mini.head_only=true: the whole model with a trained head, "
                 f"a primary for every adaptation method)")
+        if distill:
+            raise MiniPostError(f"{model_dir} has no masked-LM head, so it has no predictions to distill: set "
+                                f"distill.weight=0 to train the new head on the gold tokens alone")
         log.warning("%s has no masked-LM head: MiniPost creates a new one at random (mini.head_init=random)", model_dir)
     model.eval()
     return model

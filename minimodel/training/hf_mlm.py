@@ -6,6 +6,8 @@ Works with MegatronBert (our exports), BERT, RoBERTa and XLM-R alike: the body i
 - `masked_lm_loss(model, batch)`: cross-entropy at the masked positions only. The head (dense + vocabulary
   projection) runs on those positions alone, not on every token as `model(...)` would: with a 50k vocabulary the
   projection is most of the step's cost at 15% masking.
+- `DistilledMLMLoss(teacher, weight, temperature)`: the same loss mixed with matching a frozen teacher's
+  predictions at those positions (soft cross-entropy), e.g. MiniPost's mini-model kept aligned with its primary.
 - `MLMFlops(model)(batch)`: FLOPs one forward + backward of that loss really costs, from the model's shapes and
   from which parameters require gradients (frozen weights get no weight-gradient matmul; layers below every
   trainable parameter get no backward at all). Matmul FLOPs only, the usual convention (elementwise ops, softmax,
@@ -36,16 +38,48 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
         raise ValueError(f"{type(model).__name__} is not a BERT-class encoder (no base_model.encoder.layer)") from None
 
 
-def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over positions with labels != -100; batch: input_ids, labels, attention_mask."""
+def masked_lm_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top hidden states [batch, seq, h], vocabulary logits at the positions with labels != -100 [n, V])."""
     body = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     hidden = body.last_hidden_state
+    return hidden, mlm_head(model)(hidden[batch["labels"] != -100])
+
+
+def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over positions with labels != -100; batch: input_ids, labels, attention_mask."""
+    hidden, logits = masked_lm_logits(model, batch)
     labels = batch["labels"]
-    selected = labels != -100
-    if not bool(selected.any()):
+    if logits.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph (and DeepSpeed's hooks) intact on an all-unmasked batch
-    logits = mlm_head(model)(hidden[selected])
-    return F.cross_entropy(logits.float(), labels[selected])
+    return F.cross_entropy(logits.float(), labels[labels != -100])
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       temperature: float = 2.0) -> torch.Tensor:
+    """-sum softmax(t/T) * log_softmax(s/T) over the last dimension, averaged over the rest."""
+    target = F.softmax(teacher_logits.detach() / temperature, dim=-1)
+    return -(target * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
+
+
+class DistilledMLMLoss:
+    """(model, batch) -> (1 - weight) x masked_lm_loss + weight x soft cross-entropy against a frozen teacher's
+    logits at the same masked positions (the teacher: a *ForMaskedLM with the model's vocabulary, on its device)."""
+
+    def __init__(self, teacher: nn.Module, weight: float, temperature: float = 1.0):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"distillation weight {weight} must be between 0 and 1")
+        self.teacher, self.weight, self.temperature = teacher, weight, temperature
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, logits = masked_lm_logits(model, batch)
+        labels = batch["labels"]
+        if logits.shape[0] == 0:
+            return hidden.sum() * 0.0  # as masked_lm_loss
+        with torch.no_grad():
+            _, teacher_logits = masked_lm_logits(self.teacher, batch)
+        gold = F.cross_entropy(logits.float(), labels[labels != -100])
+        soft = soft_cross_entropy(logits.float(), teacher_logits.float(), self.temperature)
+        return (1.0 - self.weight) * gold + self.weight * soft
 
 
 def _requires_grad(module: nn.Module | None, exclude: set[int] = frozenset()) -> bool:
