@@ -11,12 +11,16 @@ the report that reads them back (results live on disk; MLflow only shows them).
     <root>/minipost/mini                                          MiniPost mini-model
     <root>/adapt/<method>/<lang>/                                 step 2 (adapt.json, snapshots/step_N/, metrics.jsonl)
     <root>/adapt/lt_sft/<lang>/sft/                               LT-SFT: the language SFT (the source language's too)
-    <root>/plugged_mlm/<lang>/                                    BiStil: the primary (masked LM) with the standard
-                                                                  adaptation's embeddings, phase 1's target teacher
+    <root>/plugged_mlm/<lang>/                                    BiStil, LT-SFT over the target vocabulary: the
+                                                                  primary (masked LM) with the standard adaptation's
+                                                                  embeddings, phase 1's target teacher / the model
+                                                                  lt_sft_vocab's language SFT is learned over
+    <root>/adapt/lt_sft_vocab/<lang>/sft/                         lt_sft_vocab: the language SFT of plugged_mlm/<lang>
     <root>/adapt/bistil/<lang>/                                   BiStil phase 1 (train/metrics.jsonl: its compute;
                                                                   student/ with target_tokenizer/; comparison.json)
     <root>/finetune/model                                         step 3: the task model
-    <root>/task_sft/model                                         LT-SFT: the primary + source language SFT + task SFT
+    <root>/task_sft/model                                         LT-SFT (lt_sft and lt_sft_vocab): the primary +
+                                                                  source language SFT + task SFT
     <root>/plugged/<method>/<lang>/                               the task model with the target embeddings
     <root>/distill_task/<lang>/model/                             BiStil phase 2: the student task model (source
                                                                   tokenizer; target_tokenizer/), metrics.json
@@ -93,9 +97,10 @@ class PipelineLayout:
     def task_model(self) -> Path:
         return self.finetune / "model"
 
-    def language_sft(self, lang: str) -> Path:
-        """LT-SFT's language SFT of `lang` (adapt/sft.py's <output_dir>/<lang>/sft)."""
-        return self.adapt("lt_sft", lang) / "sft"
+    def language_sft(self, lang: str, method: str = "lt_sft") -> Path:
+        """A sparse method's language SFT of `lang` (adapt/sft.py's <output_dir>/<lang>/sft); the source language's,
+        which every task SFT is trained with, is lt_sft's."""
+        return self.adapt(method, lang) / "sft"
 
     @property
     def task_sft(self) -> Path:
@@ -103,8 +108,8 @@ class PipelineLayout:
         return self.root / "task_sft"
 
     def plugged_mlm(self, lang: str) -> Path:
-        """BiStil: the primary masked LM with the target embeddings of the method it builds on (phase 1's teacher
-        of the target language)."""
+        """The primary masked LM with the target embeddings of the method BiStil and lt_sft_vocab build on (BiStil
+        phase 1's teacher of the target language; the model lt_sft_vocab's language SFT is learned over)."""
         return self.root / "plugged_mlm" / lang
 
     def student(self, lang: str) -> Path:

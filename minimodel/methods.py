@@ -5,12 +5,17 @@ A method is written as a spec `<model>[+<init>]`:
   every other method is measured against), `minijoint` (the MiniJoint mini-model the export splits off the primary),
   `minipost` (the MiniPost mini-model built from the primary), `lt_sft` (no new embeddings: a sparse fine-tuning of
   the primary per language, adapt/sft.py, composed with a sparse task fine-tuning at zero-shot time: LT-SFT, Ansell
-  et al. 2022), `bistil` (DISTILLED, BiStil: a small bilingual student per target language distilled from the
-  primary with standard adaptation's embeddings plugged in, adapt/distill.py, then taught the task by the fine-tuned
-  task model, evaluate/distill_task.py; its compute is standard adaptation's plus the distillation's), or `none`
-  (BASELINE: no adaptation at all, the primary as it is reads the target text with its own
-  tokenizer and embeddings; the pipeline evaluates it on every zero-shot task whose metric compares tokenizers and
-  the report draws it as the line an adapted method must beat);
+  et al. 2022), `lt_sft_vocab` (SPARSE_VOCAB, LT-SFT beyond the reference: for a language the primary's vocabulary
+  cannot read, each target's language SFT is learned over the primary with standard adaptation's target embeddings
+  plugged in, reading the target text with the target tokenizer; zero-shot composes that plugged model + its language
+  SFT + lt_sft's task SFT; its compute is standard adaptation's plus the language SFT's; the plugged embeddings
+  stay eligible in the SFT like the reference's word embeddings: they are the target vocabulary's own rows, so a
+  sparse refinement of them applies to the very model it is composed with), `bistil` (DISTILLED, BiStil: a small
+  bilingual student per target language distilled from the primary with standard adaptation's embeddings plugged
+  in, adapt/distill.py, then taught the task by the fine-tuned task model, evaluate/distill_task.py; its compute is
+  standard adaptation's plus the distillation's), or `none` (BASELINE: no adaptation at all, the primary as it is
+  reads the target text with its own tokenizer and embeddings; the pipeline evaluates it on every zero-shot task
+  whose metric compares tokenizers and the report draws it as the line an adapted method must beat);
 - `+<init>`: the initialisation of the new embedding matrix, one of adaptation/vocab.py's INITIALISERS (e.g.
   `minipost+copy_shared`); without it, the adaptation config's `init.method`.
 So `methods: [standard, minipost, minipost+copy_shared]` runs three adaptations per language side by side. The spec is
@@ -27,6 +32,7 @@ from minimodel.config import ConfigError
 REFERENCE = "standard"  # the report's reference: every method's compute is compared to this one's
 BASELINE = "none"  # the unadapted primary: the quality an adapted method must beat (the pipeline always adds it)
 SPARSE = "lt_sft"  # composable sparse fine-tuning: a language SFT + a task SFT of the primary, no new embeddings
+SPARSE_VOCAB = "lt_sft_vocab"  # LT-SFT over a new vocabulary: standard's embeddings plugged in + a language SFT
 DISTILLED = "bistil"  # bilingual distillation: a student model per target language (minimodel/bistil/)
 
 
@@ -34,13 +40,15 @@ DISTILLED = "bistil"  # bilingual distillation: a student model per target langu
 class ModelSource:
     name: str
     # what adaptation learns per target language: "embeddings" (adapt/train.py, plugged into the primary), "sft" (a
-    # language SFT of the primary, adapt/sft.py, read with the primary's own tokenizer), "student" (a model of its
-    # own for the (source, target) pair, adapt/distill.py, with a tokenizer per language); None: nothing
+    # language SFT, adapt/sft.py, of the primary read with its own tokenizer, or with builds_on of the primary with
+    # that method's target embeddings plugged in read with the target tokenizer), "student" (a model of its own for
+    # the (source, target) pair, adapt/distill.py, with a tokenizer per language); None: nothing
     learns: Literal["embeddings", "sft", "student"] | None
     description: str
     # embeddings: adapt/train.py's `over`, the primary itself (full) or a mini-model aligned with it (mini)
     over: Literal["full", "mini"] | None = None
-    # the method whose final adaptation per language this one starts from (its compute is counted in this one's)
+    # the method whose final embeddings per language this one starts from, plugged into the primary masked LM
+    # (the pipeline's plug_mlm-<lang>, one per language: every builds_on is REFERENCE); its compute counts in this one's
     builds_on: str | None = None
 
     @property
@@ -55,6 +63,8 @@ MODELS: dict[str, ModelSource] = {m.name: m for m in (
     ModelSource("minijoint", "embeddings", "the MiniJoint mini-model exported with the primary", "mini"),
     ModelSource("minipost", "embeddings", "the MiniPost mini-model built from the primary", "mini"),
     ModelSource(SPARSE, "sft", "sparse fine-tunings of the primary per language and for the task (LT-SFT)"),
+    ModelSource(SPARSE_VOCAB, "sft", "LT-SFT over the target vocabulary: a language SFT of the primary with standard "
+                "adaptation's embeddings, composed with lt_sft's task SFT", builds_on=REFERENCE),
     ModelSource(DISTILLED, "student", "a bilingual student per language distilled from the primary with standard "
                 "adaptation's embeddings (BiStil)", builds_on=REFERENCE),
     ModelSource(BASELINE, None, "no adaptation: the primary as it is, its own tokenizer and embeddings"),
@@ -81,6 +91,12 @@ class Method:
     @property
     def learns_embeddings(self) -> bool:
         return self.source.learns == "embeddings"
+
+    @property
+    def reads_plugged(self) -> bool:
+        """Whether each target is read by the primary with the target embeddings of `builds_on` plugged in, with the
+        target tokenizer (lt_sft_vocab: the model its language SFT is learned over and applied to)."""
+        return self.source.learns == "sft" and self.source.builds_on is not None
 
     def scored_on(self, task) -> bool:
         """Whether zero-shot scores this method on a task (a TaskSpec): new embeddings on every task; a method read

@@ -8,6 +8,10 @@
          -> step 4: zero-shot evaluation of the task model per method -> report (quality vs adaptation compute)
     method lt_sft (LT-SFT) instead: language SFTs of the primary (the source language's too) -> a task SFT with the
          source's applied -> zero-shot with each target's SFT composed with the task SFT
+    method lt_sft_vocab (LT-SFT over the target vocabulary): standard adaptation's embeddings plugged into the primary
+         masked LM per target language (plug_mlm-<lang>, BiStil's too) -> a language SFT of that plugged model on the
+         target text read with the target tokenizer -> zero-shot of the plugged model + its SFT + lt_sft's task SFT
+         (the source-language SFT and the task SFT as for lt_sft, run for either)
     method bistil (BiStil): standard adaptation's embeddings plugged into the primary masked LM per target language
          -> phase 1, a small bilingual student per target language distilled from the primary (source) and that
          plugged model (target) -> phase 2, the student learns the task from the step-3 task model -> zero-shot of
@@ -46,7 +50,7 @@ from minimodel.config import ConfigError, load_config, require, save_config
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.hf import HFLoadError, load_tokenizer
 from minimodel.layout import PipelineLayout
-from minimodel.methods import BASELINE, DISTILLED, REFERENCE, SPARSE, parse_method
+from minimodel.methods import BASELINE, DISTILLED, MODELS, REFERENCE, SPARSE, parse_method
 from minimodel.minipost.build import MiniPostError, check_tokenizer
 from minimodel.stages import Stage, StageFailed, StageInterrupted, StopSignals, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
@@ -67,8 +71,9 @@ class StageConfigs:
                                                           "configs/evaluate/zero_shot/target_mlm_tiny.yaml"])
     report: str = "configs/evaluate/report.yaml"
     word_vectors: str = "configs/word_vectors/default.yaml"  # methods with +ofa: aligned word vectors learned first
-    lang_sft: str = "configs/sft/tiny.yaml"  # method lt_sft: a language SFT per language, the source language's too
-    task_sft: str = "configs/evaluate/finetune/verse_class_sft_tiny.yaml"  # method lt_sft: step 3, a task SFT
+    # methods lt_sft, lt_sft_vocab: a language SFT per language (lt_sft: the source language's too)
+    lang_sft: str = "configs/sft/tiny.yaml"
+    task_sft: str = "configs/evaluate/finetune/verse_class_sft_tiny.yaml"  # lt_sft, lt_sft_vocab: step 3, a task SFT
     distill: str = "configs/distill/tiny.yaml"  # method bistil: phase 1, a student per target language
     distill_task: str = "configs/distill/task_tiny.yaml"  # method bistil: phase 2, the student learns the task
 
@@ -127,7 +132,7 @@ class PipelineConfig:
         for method in self.method_overrides:
             require(method in self.methods, f"method_overrides.{method}", f"not one of methods {self.methods}")
         for name in ("data", *(["pretrain"] if self.primary_model is None else []), "minipost", "adapt", "finetune",
-                     "report", *(["lang_sft", "task_sft"] if SPARSE in models else []),
+                     "report", *(["lang_sft", "task_sft"] if any(MODELS[m].learns == "sft" for m in models) else []),
                      *(["distill", "distill_task"] if DISTILLED in models else [])):
             path = getattr(self.configs, name)
             require(Path(path).is_file(), f"configs.{name}", f"{path} does not exist")
@@ -185,7 +190,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     src = cfg.source_lang
     methods = [parse_method(spec) for spec in cfg.methods]
     embedding_methods = [m for m in methods if m.learns_embeddings]
-    sparse = next((m for m in methods if m.model == SPARSE), None)
+    sparse = [m for m in methods if m.source.learns == "sft"]  # LT-SFT: lt_sft, lt_sft_vocab
     distilled = next((m for m in methods if m.model == DISTILLED), None)
 
     def extra(stage: str) -> list[str]:
@@ -253,14 +258,34 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                 [made_by[method.model], prepare, *(word_vectors if method.init == "ofa" else [])],
                 nproc=cfg.adapt_nproc, job=f"adapt-{method.name}", lang=lang,
                 lang_args=[f"target_langs=[{lang}]"])  # only its own language: adding another reruns nothing
-    if sparse:  # LT-SFT: a language SFT of the primary per language; the source's is applied while the task trains
-        for lang in [src, *cfg.target_langs]:
-            adapted[sparse.name, lang] = add(
-                f"lang_sft-{lang}", "lang_sft", ["--config", cfg.configs.lang_sft, f"primary_model={at.primary}",
+    # BiStil and lt_sft_vocab: the primary masked LM with the final embeddings of the method they build on, per
+    # language (every builds_on is REFERENCE: one plugged model per language)
+    plugged_mlm: dict[str, Stage] = {}
+    for base in dict.fromkeys(m.source.builds_on for m in methods if m.source.builds_on):
+        for lang in cfg.target_langs:
+            plugged_mlm[lang] = add(f"plug_mlm-{lang}", "plug", [f"model={at.primary}", f"primary_model={at.primary}"],
+                                    at.plugged_mlm(lang), [adapted[base, lang]], job="plug_mlm", lang=lang,
+                                    lang_args=[f"embeddings={at.adapt(base, lang)}",
+                                               f"output_dir={at.plugged_mlm(lang)}"])
+
+    def language_sft(method: str, lang: str, over: Path, after: list[Stage]) -> Stage:
+        """A language SFT of `over` (the model it is learned over, whose tokenizer reads the text), filed under
+        `method`; lt_sft's stages keep their short names."""
+        job = "lang_sft" if method == SPARSE else f"lang_sft-{method}"
+        return add(f"{job}-{lang}", "lang_sft", ["--config", cfg.configs.lang_sft, f"method={method}",
                                                  f"source_lang={src}", f"data_dir={at.data_dir}",
-                                                 f"output_dir={at.adapt(sparse.name)}", *extra("lang_sft")],
-                at.adapt(sparse.name, lang), [export, prepare], nproc=cfg.adapt_nproc, job="lang_sft", lang=lang,
-                lang_args=[f"target_langs=[{lang}]"])
+                                                 f"output_dir={at.adapt(method)}", *extra("lang_sft")],
+                   at.adapt(method, lang), after, nproc=cfg.adapt_nproc, job=job, lang=lang,
+                   lang_args=[f"target_langs=[{lang}]", f"primary_model={over}"])
+
+    if sparse:  # LT-SFT: the source language's SFT of the primary is applied while the task SFT trains (every sparse
+        # method's); a language SFT per target language of the primary (lt_sft) or of the plugged model (lt_sft_vocab)
+        adapted[SPARSE, src] = language_sft(SPARSE, src, at.primary, [export, prepare])
+        for method in sparse:
+            for lang in cfg.target_langs:
+                over, after = ((at.plugged_mlm(lang), [plugged_mlm[lang], prepare]) if method.reads_plugged
+                               else (at.primary, [export, prepare]))
+                adapted[method.name, lang] = language_sft(method.name, lang, over, after)
 
     def targets(method, plugged: bool = False) -> list[str]:
         """zero_shot's targets of a method: its embeddings (plugged into the task model, or in memory) or language
@@ -273,6 +298,9 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         if method.source.learns == "student":  # each language's student task model, read with its target tokenizer
             return [f"{{lang: {lang}, model_dir: {at.student_task_model(lang)}, "
                     f"tokenizer: {at.student_target_tokenizer(lang)}}}" for lang in cfg.target_langs]
+        if method.reads_plugged:  # the plugged model its language SFT was learned over, with the target tokenizer
+            return [f"{{lang: {lang}, language_sft: {at.language_sft(lang, method.name)}, "
+                    f"model_dir: {at.plugged_mlm(lang)}}}" for lang in cfg.target_langs]
         if method.adapted:
             return [f"{{lang: {lang}, language_sft: {at.language_sft(lang)}}}" for lang in cfg.target_langs]
         return [f"{{lang: {lang}}}" for lang in cfg.target_langs]
@@ -319,25 +347,23 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         if sparse:  # the task SFT, trained with the source language's SFT applied; zero-shot swaps in the target's
             task_sft = add("task_sft", "finetune", ["--config", cfg.configs.task_sft, f"model_dir={at.primary}",
                                                     f"task.data_dir={at.data_dir}", f"source_lang={src}",
-                                                    f"method={sparse.name}", "sparse=true",
+                                                    f"method={SPARSE}", "sparse=true",
                                                     f"language_sft={at.language_sft(src)}",
                                                     f"output_dir={at.task_sft}", *extra("task_sft")],
-                           at.task_sft, [export, adapted[sparse.name, src]])
-            evaluations += [zero_shot(config, sparse.name, at.task_sft / "model", targets(sparse),
-                                      [task_sft, *adaptations(sparse)]) for config in fine_tuned_configs]
+                           at.task_sft, [export, adapted[SPARSE, src]])
+            evaluations += [zero_shot(config, method.name, at.task_sft / "model", targets(method),
+                                      [task_sft, *adaptations(method)])
+                            for method in sparse for config in fine_tuned_configs]
         if distilled:  # BiStil: a student per target language, distilled from the primary and its adapted twin
-            base = distilled.source.builds_on  # the method whose final embeddings the target teacher reads with
-            distilled_tasks = []
+            distilled_tasks = []  # phase 1's target teacher: plug_mlm-<lang>, the primary with builds_on's embeddings
             for lang in cfg.target_langs:
-                plug_mlm = add(f"plug_mlm-{lang}", "plug", [f"model={at.primary}", f"primary_model={at.primary}"],
-                               at.plugged_mlm(lang), [adapted[base, lang]], job="plug_mlm", lang=lang,
-                               lang_args=[f"embeddings={at.adapt(base, lang)}", f"output_dir={at.plugged_mlm(lang)}"])
                 adapted[distilled.name, lang] = add(
                     f"distill-{lang}", "distill", ["--config", cfg.configs.distill, f"teacher_model={at.primary}",
                                                    f"source_lang={src}", f"data_dir={at.data_dir}",
                                                    f"output_dir={at.adapt(distilled.name)}", *extra("distill")],
-                    at.adapt(distilled.name, lang), [plug_mlm, export, prepare], nproc=cfg.adapt_nproc, job="distill",
-                    lang=lang, lang_args=[f"target_langs=[{lang}]", f"target_teacher_model={at.plugged_mlm(lang)}"])
+                    at.adapt(distilled.name, lang), [plugged_mlm[lang], export, prepare], nproc=cfg.adapt_nproc,
+                    job="distill", lang=lang,
+                    lang_args=[f"target_langs=[{lang}]", f"target_teacher_model={at.plugged_mlm(lang)}"])
                 distilled_tasks.append(add(
                     f"distill_task-{lang}", "distill_task", ["--config", cfg.configs.distill_task,
                                                              f"teacher={at.task_model}", f"task.data_dir={at.data_dir}",

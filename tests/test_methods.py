@@ -7,8 +7,9 @@ from minimodel.adaptation.train import AdaptConfig
 from minimodel.config import ConfigError, load_config
 from minimodel.evaluation.report import ReportConfig
 from minimodel.evaluation.zero_shot import ZeroShotConfig
-from minimodel.methods import Method, parse_method
+from minimodel.methods import MODELS, Method, parse_method
 from minimodel.pipeline import PipelineConfig, build_stages
+from minimodel.sft.language import LanguageSFTConfig
 from minimodel.stages import jobs
 
 
@@ -145,6 +146,55 @@ def test_lt_sft_is_an_entry_language_sfts_a_task_sft_and_zero_shot_swapping_them
         load_config(AdaptConfig, overrides=["method=lt_sft", "primary_model=p", "over=full"])
     with pytest.raises(ConfigError, match="lt_sft learns no new embeddings, so it has no embedding initialisation"):
         parse_method("lt_sft+ofa")
+
+
+def test_lt_sft_vocab_is_an_entry_a_language_sft_of_the_plugged_model_composed_with_lt_sfts_task_sft():
+    """Method lt_sft_vocab without lt_sft: standard adaptation's embeddings plugged into the primary masked LM
+    (BiStil's plug_mlm stage, made once even with both methods), a language SFT of that plugged model per target
+    language (one array job), the source language's SFT of the primary and the task SFT as for lt_sft, zero-shot of
+    each target through its plugged model + its SFT on every task whose metric compares tokenizers."""
+    retrieval = "configs/evaluate/zero_shot/verse_retrieval_tiny.yaml"
+    tasks = [retrieval, *(f"configs/evaluate/zero_shot/{t}_tiny.yaml" for t in ("verse_class", "target_mlm"))]
+    cfg = load_config(PipelineConfig, SMOKE, ["target_langs=[ny, sw]", "methods=[standard, lt_sft_vocab]", "seed=4",
+                                              f"configs.zero_shot=[{', '.join(tasks)}]"])
+    stages = {s.name: s for s in build_stages(cfg)}
+    out, sfts = cfg.output_dir, f"{cfg.output_dir}/adapt/lt_sft_vocab"
+    assert [a.name for a in stages["plug_mlm-sw"].after] == ["adapt-standard-sw"]
+    lang_sft = stages["lang_sft-lt_sft_vocab-sw"]
+    assert lang_sft.kind == "lang_sft" and [a.name for a in lang_sft.after] == ["plug_mlm-sw", "data"]
+    assert {"configs/sft/tiny.yaml", "method=lt_sft_vocab", f"output_dir={sfts}", f"primary_model={out}/plugged_mlm/sw",
+            "target_langs=[sw]", "data_seed=4", "train.seed=4"} <= set(lang_sft.argv)
+    source = stages["lang_sft-en"]  # the source language's SFT of the primary, filed under lt_sft: the task SFT's
+    assert {"method=lt_sft", f"primary_model={out}/export/primary", "target_langs=[en]"} <= set(source.argv)
+    assert not {"lang_sft-ny", "lang_sft-sw", "zero_shot-verse_class-lt_sft"} & set(stages)  # lt_sft is not listed
+    assert [a.name for a in stages["task_sft"].after] == ["export", "lang_sft-en"]
+    targets = (f"targets=[{{lang: ny, language_sft: {sfts}/ny/sft, model_dir: {out}/plugged_mlm/ny}}, "
+               f"{{lang: sw, language_sft: {sfts}/sw/sft, model_dir: {out}/plugged_mlm/sw}}]")
+    classes, found = stages["zero_shot-verse_class-lt_sft_vocab"], stages["zero_shot-verse_retrieval-lt_sft_vocab"]
+    assert {f"source_model_dir={out}/task_sft/model", targets} <= set(classes.argv)
+    assert [a.name for a in classes.after] == ["task_sft", "lang_sft-lt_sft_vocab-ny", "lang_sft-lt_sft_vocab-sw"]
+    assert {f"source_model_dir={out}/export/primary", targets} <= set(found.argv)
+    assert "zero_shot-target_mlm-lt_sft_vocab" not in stages
+    parsed = load_config(ZeroShotConfig, classes.args[1], classes.args[2:])  # a valid zero-shot config of the method
+    assert [(t.lang, t.language_sft, t.model_dir) for t in parsed.targets] == [
+        (lang, f"{sfts}/{lang}/sft", f"{out}/plugged_mlm/{lang}") for lang in ("ny", "sw")]
+    planned = {j["name"]: j for j in jobs(list(stages.values()))}
+    assert planned["lang_sft-lt_sft_vocab"]["after"] == ["plug_mlm", "data"]
+    assert [t["lang"] for t in planned["lang_sft-lt_sft_vocab"]["array"]] == ["ny", "sw"]
+    assert planned["lang_sft-lt_sft_vocab"]["slurm"] == ["slurm/adapt.sh", "sft"]
+    both = build_stages(load_config(PipelineConfig, SMOKE, ["methods=[standard, lt_sft, lt_sft_vocab, bistil]"]))
+    assert [s.name for s in both].count("plug_mlm-ny") == 1 and [s.name for s in both].count("lang_sft-en") == 1
+    with pytest.raises(ConfigError, match="lt_sft_vocab learns no new embeddings, so it has no embedding init"):
+        parse_method("lt_sft_vocab+ofa")
+    with pytest.raises(ConfigError, match=r"targets\[0\]: method lt_sft_vocab reads each target with the plugged"):
+        load_config(ZeroShotConfig, overrides=["method=lt_sft_vocab", "source_model_dir=m", "task.name=verse_class",
+                                               "task.data_dir=d", "targets=[{lang: sw, language_sft: s}]"])
+    with pytest.raises(ConfigError, match="method: standard learns no language SFT"):
+        load_config(LanguageSFTConfig, overrides=["primary_model=p", "method=standard"])
+    with pytest.raises(ConfigError, match="primary_model: p has no plug.json: method lt_sft_vocab learns its SFT over"):
+        load_config(LanguageSFTConfig, overrides=["primary_model=p", "method=lt_sft_vocab"])
+    # one plugged model per language (layout.plugged_mlm(lang)) serves every method that builds on another's embeddings
+    assert {m.builds_on for m in MODELS.values()} - {None} == {"standard"}
 
 
 def test_bistil_is_an_entry_plugged_teachers_two_distillation_phases_and_zero_shot_of_each_student():

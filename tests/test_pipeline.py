@@ -13,7 +13,7 @@ from pipeline_helpers import ROOT, SMOKE, failure_text
 
 from minimodel.config import ConfigError, load_config
 from minimodel.evaluation.tasks import TASKS
-from minimodel.methods import parse_method
+from minimodel.methods import MODELS, parse_method
 from minimodel.pipeline import PipelineConfig, build_stages
 
 
@@ -60,7 +60,7 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
     report = json.loads((out / "report/report.json").read_text())
     assert (out / "report/compute_vs_quality.png").stat().st_size > 0
     text = json.dumps(report)
-    for method in ("standard", "minijoint", "minipost", "lt_sft", "bistil"):
+    for method in ("standard", "minijoint", "minipost", "lt_sft", "lt_sft_vocab", "bistil"):
         assert method in text
     assert "bistil" in report["tasks"]["verse_class"]["languages"]["ny"]["methods"]
     assert "bistil" not in report["tasks"]["target_mlm"]["languages"]["ny"]["methods"]  # no gain to compare
@@ -87,14 +87,96 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
             "distill_task", "evaluate"} <= stages, stages
     names = [r.info.run_name for r in kids]
     assert len(names) == len(set(names)), names  # one name per stage run: each can be found in the UI
-    sft_runs = {r.data.tags["target_lang"]: r for r in kids if r.data.tags.get("stage") == "lang_sft"}
-    assert set(sft_runs) == {"en", "ny"}  # LT-SFT: the source language's SFT too (applied while the task trains)
+    sft_runs = {(r.data.tags["method"], r.data.tags["target_lang"]) for r in kids
+                if r.data.tags.get("stage") == "lang_sft"}
+    # LT-SFT: the source language's SFT too (applied while the task trains); lt_sft_vocab: the target's only
+    assert sft_runs == {("lt_sft", "en"), ("lt_sft", "ny"), ("lt_sft_vocab", "ny")}
     adapt_runs = [r for r in kids if r.data.tags.get("stage") == "adapt"]
     assert {r.data.tags.get("method") for r in adapt_runs} == {"standard", "minijoint", "minipost"}
     flops = {r.data.tags["method"]: r.data.metrics["compute/flops"] for r in adapt_runs}
     assert flops["minijoint"] < flops["standard"]  # the mini-model runs fewer layers for the same steps
     pretrain = next(r for r in kids if r.data.tags.get("stage") == "pretrain")
     assert pretrain.data.tags.get("tp") == "2"  # the model-parallel layout
+
+
+@pytest.mark.slow
+def test_lt_sft_vocab_composes_the_plugged_model_its_language_sft_and_the_task_sft(smoke_pipeline, tmp_path):
+    check_lt_sft_vocab(smoke_pipeline.output_dir, tmp_path)
+
+
+def check_lt_sft_vocab(out: Path, tmp_path: Path) -> None:
+    """lt_sft_vocab in the smoke pipeline: the language SFT was learned over the primary with standard adaptation's
+    ny embeddings plugged in (its hash; word-embedding rows of the target vocabulary), changing no LayerNorm or head
+    entry; zero-shot scored exactly plugged model + language SFT + task SFT (without its input-embedding difference)
+    composed by hand, read with the target tokenizer; an SFT on a model it was not learned from is refused naming
+    both hashes; the report places it at standard adaptation's final compute + both SFT phases'."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from minimodel.adaptation.artifact import read_info
+    from minimodel.evaluation.models import load_sft_task_model, load_task_model
+    from minimodel.evaluation.scoring import score
+    from minimodel.evaluation.zero_shot import ZeroShotConfig
+    from minimodel.hf import load_tokenizer
+    from minimodel.manifest import model_hash
+    from minimodel.sft.file import SFTError, SparseFineTuning
+    from minimodel.sft.select import is_norm
+
+    plugged, primary = out / "plugged_mlm/ny", out / "export/primary"
+    language = SparseFineTuning.load(out / "adapt/lt_sft_vocab/ny/sft")
+    task_dir = out / "task_sft/train/sft"
+    task = SparseFineTuning.load(task_dir)
+    assert language.base_sha256 == model_hash(plugged) != task.base_sha256 == model_hash(primary)
+    assert language.info["method"] == "lt_sft_vocab" and language.info["target_lang"] == "ny"
+    mlm = AutoModelForMaskedLM.from_pretrained(plugged, local_files_only=True)
+    target_tokenizer = load_tokenizer(plugged)
+    assert target_tokenizer.get_vocab() == load_tokenizer(out.parent / "data/ny/tokenizer").get_vocab()
+    embedding = next(n for n, p in mlm.named_parameters() if p is mlm.get_input_embeddings().weight)
+    assert language.diffs[embedding].shape[0] == mlm.get_input_embeddings().num_embeddings
+    assert target_tokenizer.get_vocab() != load_tokenizer(primary).get_vocab()  # not the primary's vocabulary
+    norms = {f"{m_name}.{p_name}" for m_name, m in mlm.named_modules() if is_norm(m)
+             for p_name, _ in m.named_parameters(recurse=False)}
+    body = {f"{mlm.base_model_prefix}.{n}" for n, _ in mlm.base_model.named_parameters()}
+    selected = {n for n, d in language.diffs.items() if d.indices.numel()}
+    assert norms and selected and selected <= body - norms  # no LayerNorm, nothing of the head
+    assert language.numel >= language.info["k"]
+
+    zero_shot_dir = out / "zero_shot/verse_class/lt_sft_vocab"
+    cfg = load_config(ZeroShotConfig, str(zero_shot_dir / "config.yaml"))
+    labels = tuple(json.loads((out / "task_sft/model/task.json").read_text())["labels"])
+    by_hand = load_task_model(plugged, "classification", labels)
+    params = dict(by_hand.named_parameters())
+    with torch.no_grad():
+        for sft in (language, task):
+            for name, d in sft.diffs.items():
+                if not (sft is task and name == embedding):  # the primary's vocabulary: replaced by the plugged one
+                    params[name].add_(d.dense())
+        for name, value in task.abs.items():
+            params[name].copy_(value)
+    composed = load_sft_task_model(plugged, "classification", labels, task_dir, language)
+    state = composed.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in by_hand.state_dict().items())
+    expected = score(cfg.task, by_hand.eval(), target_tokenizer, "ny", cfg.split, cfg.batch_size)
+    assert json.loads((zero_shot_dir / "metrics.json").read_text())["ny"] == expected
+
+    with pytest.raises(SFTError, match=f"sha256 {language.base_sha256} .* not from {primary} .*{task.base_sha256}"):
+        load_sft_task_model(primary, "classification", labels, task_dir, language)  # not the model it learned over
+    claimed = tmp_path / "plugged"  # the same weights, plugged (its plug.json says) into another primary
+    shutil.copytree(plugged, claimed)
+    plug = json.loads((claimed / "plug.json").read_text())
+    plug["primary_model"]["sha256"] = "f" * 64
+    (claimed / "plug.json").write_text(json.dumps(plug))
+    with pytest.raises(SFTError, match=f"sha256 {task.base_sha256} .* not from the primary .*sha256 {'f' * 64}"):
+        load_sft_task_model(claimed, "classification", labels, task_dir, language)
+
+    report = json.loads((out / "report/report.json").read_text())
+    final = report["tasks"]["verse_class"]["languages"]["ny"]["methods"]["lt_sft_vocab"]["final"]
+    standard = read_info(out / "adapt/standard/ny")
+    assert final["quality"] == expected[TASKS["verse_class"].metric]
+    assert final["flops"] == pytest.approx(standard["flops"] + language.info["flops"], rel=1e-12)
+    assert language.info["flops"] > 0 and language.info["steps"] == 6  # both phases: 3 + 3 steps
 
 
 @pytest.mark.slow
@@ -152,6 +234,12 @@ def test_report_from_disk_with_tracking_off_gives_the_numbers_mlflow_shows(smoke
             sft = json.loads(Path(client.download_artifacts(run.info.run_id, "sft.json", str(tmp_path))).read_text())
             compute[run.data.tags["method"], run.data.tags["target_lang"]] = {
                 f"compute/{key}": {None: sft["info"][key]} for key in ("flops", "wall_clock_s")}
+    for run in runs:  # lt_sft_vocab: standard adaptation's final compute (its builds_on) + its language SFT's
+        tags = run.data.tags
+        if tags.get("stage") == "lang_sft" and MODELS[tags["method"]].builds_on:
+            key_of = (tags["method"], tags["target_lang"])
+            base, own = compute[MODELS[tags["method"]].builds_on, tags["target_lang"]], compute[key_of]
+            compute[key_of] = {key: {None: own[key][None] + base[key][max(base[key])]} for key in own}
     for run in runs:  # BiStil: standard adaptation's final compute + phase 1's (phase 2 is step 3: not counted)
         if run.data.tags.get("stage") == "distill":
             standard = compute["standard", run.data.tags["target_lang"]]

@@ -253,18 +253,19 @@ def pipeline_args(out: Path, *overrides: str) -> list[str]:
 @pytest.mark.slow
 def test_real_plan_has_one_array_job_per_method_and_a_failure_cancels_its_dependants(cluster, tmp_path):
     """The plan of a pipeline config with two target languages: each method's adaptation is one array job with a
-    task per language (LT-SFT's: one per language, the source's too; BiStil's plugging, phase 1 and phase 2: one
-    each, a task per target language). The data stage fails (a bad override): everything after it is cancelled,
-    nothing pends."""
+    task per language (LT-SFT's: one per language, the source's too; lt_sft_vocab's language SFTs, BiStil's
+    plugging, phase 1 and phase 2: one each, a task per target language). The data stage fails (a bad override):
+    everything after it is cancelled, nothing pends."""
     jobs = run_pipeline(cluster, tmp_path, *pipeline_args(tmp_path, "overrides.data=[no_such_key=1]"))
     smoke = yaml.safe_load((ROOT / "configs/pipeline/smoke.yaml").read_text())
     methods = [parse_method(spec) for spec in smoke["methods"]]
     embedding_methods = [m.name for m in methods if m.learns_embeddings]
-    assert {"lt_sft", "bistil"} <= {m.name for m in methods} and len(embedding_methods) == len(methods) - 2
+    assert {"lt_sft", "lt_sft_vocab", "bistil"} <= {m.name for m in methods}
+    assert len(embedding_methods) == len(methods) - 3
     adapt_jobs = [name for name in jobs if name.startswith("adapt-")]
     assert adapt_jobs == [f"adapt-{method}" for method in embedding_methods], jobs  # no adapt-<method>-<lang> jobs
     assert sum(name.startswith("plug-") for name in jobs) == 2 * len(embedding_methods)
-    assert not [name for name in jobs if name.startswith(("lang_sft-", "plug_mlm-", "distill-", "distill_task-"))], jobs
+    assert not [name for name in jobs if name.endswith(("-en", "-ny", "-sw")) and not name.startswith("plug-")], jobs
 
     data = cluster.wait(jobs["data"], timeout=180)
     assert (data.state, data.exit_code) == ("FAILED", "2:0"), data
@@ -279,8 +280,9 @@ def test_real_plan_has_one_array_job_per_method_and_a_failure_cancels_its_depend
     assert re.findall(r"afterok:(\d+)", info["Dependency"]) == [jobs["export"], jobs["data"]], info
     (info,) = cluster.job_info(jobs["task_sft"])
     assert re.findall(r"afterok:(\d+)", info["Dependency"]) == [jobs["export"], jobs["lang_sft"]], info
-    for name, upstream in (("plug_mlm", ["adapt-standard"]), ("distill", ["plug_mlm", "export", "data"]),
-                           ("distill_task", ["distill", "finetune"])):  # BiStil
+    for name, upstream in (("plug_mlm", ["adapt-standard"]), ("lang_sft-lt_sft_vocab", ["plug_mlm", "data"]),
+                           ("distill", ["plug_mlm", "export", "data"]),
+                           ("distill_task", ["distill", "finetune"])):  # lt_sft_vocab, BiStil
         (info,) = cluster.job_info(jobs[name])
         assert info["ArrayTaskId"] == "0-1" and info["JobName"] == name, info  # ny, sw
         assert re.findall(r"afterok:(\d+)", info["Dependency"]) == [jobs[u] for u in upstream], info

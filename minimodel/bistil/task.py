@@ -174,7 +174,7 @@ def distill_task(cfg: TaskDistillConfig) -> StageResult:
         metrics: dict[str, float] = {}
         if rank == 0:
             model = load_sft_task_model(cfg.student, spec.kind, tuple(info["labels"]), sft.sft_dir,
-                                        primary_sha=student_sha)
+                                        base_sha=student_sha)
             students = StudentVocabulary(cfg.student)
             write_task_model(model_dir, model, students.tokenizer(source_lang), task, info["labels"], source_lang,
                              cfg.student, {"frozen": [], "sft": {"task": str(sft.sft_dir.resolve())}},

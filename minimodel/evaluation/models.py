@@ -26,6 +26,7 @@ from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseFineTuning
 
 TASK_FILE = "task.json"
+PLUG_FILE = "plug.json"  # provenance adapt/plug.py writes into a plugged model directory
 
 
 class TokenizerMismatchError(EvaluationError):
@@ -55,15 +56,36 @@ def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, 
     raise ValueError(f"unknown task kind {kind!r}")
 
 
-def load_sft_task_model(primary_dir: str | os.PathLike, kind: str, labels: tuple[str, ...], task_sft: str | os.PathLike,
-                        language_sft: SparseFineTuning | None = None, primary_sha: str | None = None):
-    """LT-SFT's task model: the primary loaded for the task `kind`, + a language SFT (body only) + the task SFT (with
-    its dense head). `primary_sha`: the primary's manifest hash, when the caller has it."""
-    model = load_task_model(primary_dir, kind, labels)
-    primary_sha = primary_sha or model_hash(primary_dir)
+def plugged_info(model_dir: str | os.PathLike) -> dict | None:
+    """adapt/plug.py's record in a plugged model directory ({"primary_model": {"path", "sha256"}, "method",
+    "target_lang", ...}); None for a model that was not plugged."""
+    path = Path(model_dir) / PLUG_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_sft_task_model(base_dir: str | os.PathLike, kind: str, labels: tuple[str, ...], task_sft: str | os.PathLike,
+                        language_sft: SparseFineTuning | None = None, base_sha: str | None = None):
+    """LT-SFT's task model: `base_dir`, the model the language SFT was learned over, loaded for the task `kind`, + the
+    language SFT (body only) + the task SFT (with its dense head). `base_dir` is the primary (lt_sft) or the primary
+    with target embeddings plugged in (lt_sft_vocab: adapt/plug.py's output, with plug.json). Each SFT is checked
+    against the directory it was learned from: the language SFT against base_dir (`base_sha`: its manifest hash,
+    when the caller has it), the task SFT against the primary, which for a plugged base_dir is the one its plug.json
+    names; there the task SFT's difference of the input embeddings (rows of the primary's vocabulary, which the
+    plugged embeddings replaced) is left out, as plugging replaces a dense task model's embeddings."""
+    model = load_task_model(base_dir, kind, labels)
+    base_sha = base_sha or model_hash(base_dir)
     if language_sft is not None:
-        language_sft.apply(model, primary_sha, with_abs=False)
-    SparseFineTuning.load(task_sft).apply(model, primary_sha)
+        language_sft.apply(model, base_sha, with_abs=False, what=str(base_dir))
+    task = SparseFineTuning.load(task_sft)
+    plugged = plugged_info(base_dir)
+    if plugged is None:
+        task.apply(model, base_sha, what=str(base_dir))
+    else:
+        embeddings = model.get_input_embeddings().weight
+        name = next(n for n, p in model.named_parameters() if p is embeddings)
+        primary = plugged["primary_model"]
+        task.without({name}).apply(model, primary["sha256"],
+                                   what=f"the primary {primary['path']} that {base_dir} was plugged from")
     return model
 
 

@@ -5,9 +5,11 @@ Reads a pipeline's results from its output directory (minimodel/layout.py), neve
   the source language's is the reference) and snapshots.json (per language and adaptation step);
 - the compute each evaluated checkpoint cost, <pipeline_dir>/adapt/<method>/<lang>/: adapt.json of the final
   embeddings and of each snapshots/step_<N>/ (FLOPs and wall clock spent up to it); LT-SFT: the language SFT's
-  manifest, sft/sft.json (both phases); BiStil: standard adaptation's final adapt.json (the embeddings its target
-  teacher reads with) + phase 1's training compute, the last row of adapt/bistil/<lang>/train/metrics.jsonl (teachers'
-  forwards included). Phase 2 (the student learning the task) is step 3, which no method's compute counts.
+  manifest, sft/sft.json (both phases), for lt_sft_vocab + standard adaptation's final adapt.json (the embeddings
+  its SFT was learned over; a method's `builds_on`, methods.py); BiStil: standard adaptation's final adapt.json (the
+  embeddings its target teacher reads with) + phase 1's training compute, the last row of
+  adapt/bistil/<lang>/train/metrics.jsonl (teachers' forwards included). Phase 2 (the student learning the task) is
+  step 3, which no method's compute counts.
 
 For each task and language it finds, for every method, the compute at which its quality first reached 95% /
 99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute; with

@@ -19,6 +19,15 @@ fine-tuned task the target model is the primary + the target's language SFT + th
 primary + the language SFT. Not for target_mlm (its loss in the primary's vocabulary is no gain on the same scale
 as the other methods').
 
+Method `lt_sft_vocab` (LT-SFT over the target vocabulary) reads each target with the model its language SFT was
+learned over, the primary with standard adaptation's target embeddings plugged in (`model_dir:
+<pipeline>/plugged_mlm/<lang>`, adapt/plug.py's output; `tokenizer`: the target tokenizer saved there, the default),
++ the language SFT; for a fine-tuned task + the source task model's task SFT without its input-embedding
+difference (the primary's vocabulary, replaced). Each SFT is refused (naming both hashes) unless applied to the
+directory it was learned from: the language SFT to model_dir, the task SFT to the primary model_dir's plug.json
+names (evaluation/models.py load_sft_task_model). Like lt_sft, not for target_mlm (Method.scored_on: its mlm_gain is
+measured from an embedding run's step-0 snapshot).
+
 Method `bistil` (BiStil) has a student task model per target language (evaluate/distill_task.py): each target names
 it (`model_dir`) and its target tokenizer (`tokenizer: <model_dir>/target_tokenizer`), scored as it is; the source
 model (a student task model, read with the source tokenizer saved at its top) is scored on the source language
@@ -51,14 +60,14 @@ from minimodel import faults
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
-from minimodel.evaluation.models import (TASK_FILE, check_tokenizer, load_sft_task_model, load_task_model,
-                                         read_task_info)
+from minimodel.evaluation.models import (PLUG_FILE, TASK_FILE, check_tokenizer, load_sft_task_model, load_task_model,
+                                         plugged_info, read_task_info)
 from minimodel.evaluation.scoring import score, score_mlm, score_retrieval, unknown_fraction
 from minimodel.evaluation.tasks import TaskConfig
 from minimodel.data.prepare import UNK_REFUSED
 from minimodel.hf import load_masked_lm, load_tokenizer
 from minimodel.manifest import model_hash
-from minimodel.methods import parse_method
+from minimodel.methods import MODELS, parse_method
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.file import MANIFEST_FILE, SparseFineTuning
 from minimodel.stages import StageResult
@@ -66,7 +75,6 @@ from minimodel.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
 
-PLUG_FILE = "plug.json"  # provenance adapt/plug.py writes into a plugged model directory
 UNREADABLE = "unreadable"  # method none's metric where the source tokenizer cannot read the target language
 
 
@@ -78,7 +86,9 @@ class TargetConfig:
     adapt_run_id: str | None = None  # the adaptation's MLflow run; None: the one model_dir's plug.json names
     adapt_step: int | None = None  # its checkpoint step (None: the final embeddings)
     embeddings: str | None = None  # the adaptation run dir (<adapt output_dir>/<lang>): also score its snapshots
-    language_sft: str | None = None  # method lt_sft: this language's SFT (<adapt/sft.py output_dir>/<lang>/sft)
+    # methods lt_sft, lt_sft_vocab: this language's SFT (<adapt/sft.py output_dir>/<lang>/sft); lt_sft_vocab:
+    # model_dir is the plugged model it was learned over
+    language_sft: str | None = None
 
 
 @dataclass
@@ -111,6 +121,12 @@ class ZeroShotConfig:
                 require(bool(t.lang and t.model_dir and t.tokenizer) and not (t.embeddings or t.language_sft),
                         f"targets[{i}]", f"method {self.method} reads each target with its student task model: give "
                         "lang, model_dir and tokenizer (its target tokenizer; no embeddings or language_sft)")
+                continue
+            if method.reads_plugged:
+                require(bool(t.lang and t.language_sft and t.model_dir) and not t.embeddings, f"targets[{i}]",
+                        f"method {self.method} reads each target with the plugged model its language SFT was learned "
+                        "over: give lang, language_sft and model_dir (<pipeline>/plugged_mlm/<lang>; tokenizer: its "
+                        "own by default; no embeddings)")
                 continue
             if adapted and not method.learns_embeddings:
                 require(bool(t.lang and t.language_sft) and not (t.model_dir or t.tokenizer or t.embeddings),
@@ -151,9 +167,11 @@ def _check_target(cfg: ZeroShotConfig, target: TargetConfig, model, source_model
         _check_provenance(cfg, target, json.loads(plug_info.read_text()), plug_info)
 
 
-def _check_provenance(cfg: ZeroShotConfig, target: TargetConfig, info: dict, path: Path) -> None:
-    """Results must not be filed under another method or language than the embeddings were learned for."""
-    checks = (("method", cfg.method, "method"), ("target_lang", target.lang, "targets[].lang"))
+def _check_provenance(cfg: ZeroShotConfig, target: TargetConfig, info: dict, path: Path,
+                      method: str | None = None) -> None:
+    """Results must not be filed under another method (default: cfg.method) or language than the embeddings were
+    learned for."""
+    checks = (("method", method or cfg.method, "method"), ("target_lang", target.lang, "targets[].lang"))
     for key, expected, setting in checks:
         if info.get(key) not in (None, expected):
             raise EvaluationError(f"{target.model_dir} holds {key}={info[key]!r} embeddings (see {path}) "
@@ -241,14 +259,34 @@ def _add_mlm_gain(target: TargetConfig, scored: list[tuple[TargetConfig, dict]])
         metrics["mlm_gain"] = initial - metrics["mlm_loss"]
 
 
-def _sft_model(cfg: ZeroShotConfig, target: TargetConfig, primary):
-    """Method lt_sft: the primary with the target's language SFT; for a fine-tuned task, + the source task model's
-    task SFT (finetune's composition, the target's language SFT in place of the source's)."""
+def _sft_model(cfg: ZeroShotConfig, target: TargetConfig, source, primary):
+    """(model, tokenizer) of a sparse method's target: the model the target's language SFT was learned over with
+    that SFT applied, the primary read with the source tokenizer (lt_sft) or the plugged model_dir with the target
+    tokenizer (lt_sft_vocab); for a fine-tuned task, + the source task model's task SFT (finetune's composition, the
+    target's language SFT in place of the source's)."""
     language_sft = SparseFineTuning.load(target.language_sft)
     _check_provenance(cfg, target, language_sft.info, Path(target.language_sft) / MANIFEST_FILE)
+    if target.model_dir:  # lt_sft_vocab: plugged with the embeddings of the method it builds on, for this language
+        plugged = plugged_info(target.model_dir)
+        if plugged is None:
+            raise EvaluationError(f"targets[].model_dir: {target.model_dir} has no {PLUG_FILE}: give the primary "
+                                  "with the target embeddings plugged in by adapt/plug.py (<pipeline>/plugged_mlm/"
+                                  "<lang>), the model the language SFT was learned over")
+        _check_provenance(cfg, target, plugged, Path(target.model_dir) / PLUG_FILE,
+                          method=MODELS[parse_method(cfg.method).model].builds_on)
+        model = _sft_composition(cfg, (target.model_dir, model_hash(target.model_dir)), language_sft)
+        tokenizer = load_tokenizer(target.tokenizer or target.model_dir)
+        check_tokenizer(model, tokenizer, target.model_dir, target.tokenizer or target.model_dir)
+        return model, tokenizer
+    return _sft_composition(cfg, primary, language_sft), source[1]
+
+
+def _sft_composition(cfg: ZeroShotConfig, base: tuple[str, str], language_sft: SparseFineTuning):
+    """The model `base` = (directory, hash) with the language SFT; for a fine-tuned task, + the source task model's
+    task SFT."""
     if not cfg.task.spec.fine_tuned:
-        model = load_masked_lm(primary[0])
-        language_sft.apply(model, primary[1], with_abs=False)
+        model = load_masked_lm(base[0])
+        language_sft.apply(model, base[1], with_abs=False, what=base[0])
         return model.base_model  # the encoder, named as the masked LM the SFT was learned on
     info = read_task_info(cfg.source_model_dir)
     task_sft = (info.get("sft") or {}).get("task")
@@ -256,8 +294,7 @@ def _sft_model(cfg: ZeroShotConfig, target: TargetConfig, primary):
         raise EvaluationError(f"source_model_dir: {cfg.source_model_dir} was not fine-tuned sparsely (its "
                               f"{TASK_FILE} names no task SFT): method {cfg.method} needs the task model of "
                               "evaluate/finetune.py sparse=true")
-    return load_sft_task_model(primary[0], cfg.task.spec.kind, tuple(info["labels"]), task_sft, language_sft,
-                               primary[1])
+    return load_sft_task_model(base[0], cfg.task.spec.kind, tuple(info["labels"]), task_sft, language_sft, base[1])
 
 
 def _score_unadapted(cfg: ZeroShotConfig, target: TargetConfig, source) -> dict[str, float]:
@@ -278,7 +315,7 @@ def _evaluate_target(cfg: ZeroShotConfig, target: TargetConfig, source, primary)
         scored = [(at, _score(cfg, at, model, tokenizer, source)) for at, model, tokenizer in
                   _checkpoints(cfg, target, source, primary)]
     elif method.adapted:
-        scored = [(target, _score(cfg, target, _sft_model(cfg, target, primary), source[1], source))]
+        scored = [(target, _score(cfg, target, *_sft_model(cfg, target, source, primary), source))]
     else:
         scored = [(target, _score_unadapted(cfg, target, source))]
     if cfg.task.spec.kind == "mlm":

@@ -16,6 +16,7 @@ not name its base model: whoever reads one says which model it was learned from.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -105,6 +106,11 @@ class SparseFineTuning:
         return cls(base["sha256"], diffs, abs_, base.get("path"), manifest.get("info", {}))
 
     # -- on a model ------------------------------------------------------------------------------------------------
+    def without(self, names) -> "SparseFineTuning":
+        """The same SFT without the differences of the parameters `names` (e.g. a task SFT's input embeddings, where
+        the model it is applied to reads another vocabulary)."""
+        return dataclasses.replace(self, diffs={n: d for n, d in self.diffs.items() if n not in names})
+
     def check_base(self, base_sha256: str, what: str = "this model") -> None:
         if base_sha256 != self.base_sha256:
             raise SFTError(f"the SFT was learned from the model with sha256 {self.base_sha256} "
@@ -131,10 +137,11 @@ class SparseFineTuning:
                 p = params[name]
                 p.view(-1).index_add_(0, d.indices.to(p.device), d.values.to(p.device, p.dtype), alpha=sign)
 
-    def apply(self, model: nn.Module, base_sha256: str, with_abs: bool = True) -> None:
+    def apply(self, model: nn.Module, base_sha256: str, with_abs: bool = True, what: str = "this model") -> None:
         """theta += diff in place; with_abs: also set the dense parameters (a task SFT's head). `base_sha256`: the
-        hash of the directory `model` was loaded from (manifest.model_hash), refused unless it is the SFT's base."""
-        self.check_base(base_sha256)
+        hash of the directory `model` was loaded from (manifest.model_hash), refused unless it is the SFT's base;
+        `what`: that directory, for the refusal."""
+        self.check_base(base_sha256, what)
         self._add(model, 1.0)
         if with_abs:
             params = self._params(model, self.abs)

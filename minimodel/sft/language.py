@@ -1,7 +1,9 @@
 """Language SFTs (LT-SFT step 2, the reference's recipe): a sparse difference of the primary model learned by MLM
-on target-language text over the primary's own vocabulary. The output decoder is untied and frozen (the reference's
---untie_embeddings --freeze_decoder), so the word embeddings change sparsely like the rest of the body while the
-output layer the task models never use stays put.
+on target-language text over the primary's own vocabulary; or (method lt_sft_vocab, beyond the reference) over the
+primary with a target vocabulary's embeddings plugged in (the pipeline's plugged_mlm/<lang>), whose tokenizer reads
+the target text: primary_model is whichever model the SFT is learned over, and its hash is the SFT's base. The
+output decoder is untied and frozen (the reference's --untie_embeddings --freeze_decoder), so the word embeddings
+change sparsely like the rest of the body while the output layer the task models never use stays put.
 
 Each target language is an independent run in <output_dir>/<lang>/ (minimodel/sft/train.py's layout: phase
 directories, the mask, and the SFT in sft/); `target_lang=<code>` selects one language of the list (a Slurm array
@@ -26,10 +28,11 @@ from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTok
 from minimodel.config import PerLanguageRun, require
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.data.tokenizer import load_tokenizer
+from minimodel.evaluation.models import PLUG_FILE
 from minimodel.hf import load_model
 from minimodel.manifest import model_hash
 from minimodel.provenance import finish_output
-from minimodel.methods import SPARSE
+from minimodel.methods import SPARSE, parse_method
 from minimodel.sft.file import SFT_DIR
 from minimodel.sft.train import SFTConfig, train_sft
 from minimodel.stages import StageResult
@@ -37,13 +40,14 @@ from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
 
-METHOD = SPARSE  # the pipeline's method these SFTs are filed under
-
 
 @dataclass
 class LanguageSFTConfig(PerLanguageRun):
     output_dir: str = "runs/lang_sft"
-    primary_model: str | None = None  # HF masked-LM directory: theta0, and the vocabulary the target text is read in
+    # HF masked-LM directory: theta0, and the vocabulary the target text is read in (its tokenizer): the primary
+    # (lt_sft), or the primary with target embeddings plugged in (lt_sft_vocab: adapt/plug.py's output)
+    primary_model: str | None = None
+    method: str = SPARSE  # the pipeline's method these SFTs are filed under (minimodel/methods.py, learns="sft")
     source_lang: str = "en"
     target_langs: list[str] = field(default_factory=lambda: ["sw"])
     target_lang: str | None = None  # one language of target_langs (a Slurm array task); None: all, in turn
@@ -62,6 +66,13 @@ class LanguageSFTConfig(PerLanguageRun):
     def validate(self) -> None:
         require(self.primary_model is not None, "primary_model",
                 "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
+        method = parse_method(self.method)
+        require(method.source.learns == "sft", "method",
+                f"{self.method} learns no language SFT: name a sparse method (lt_sft, lt_sft_vocab)")
+        require(not method.reads_plugged or (Path(self.primary_model) / PLUG_FILE).is_file(), "primary_model",
+                f"{self.primary_model} has no {PLUG_FILE}: method {self.method} learns its SFT over the primary with "
+                "target embeddings plugged in by adapt/plug.py (the pipeline's plugged_mlm/<lang>): give that "
+                "directory, or method=lt_sft for an SFT of the primary itself")
         self.validate_languages()
 
 
@@ -79,7 +90,7 @@ def train_language(cfg: LanguageSFTConfig, lang: str) -> str:
     run_dir, lang_cfg, claimed = claim_language(cfg, lang)
     if claimed == "finished" and (run_dir / SFT_DIR).is_dir():
         return "done"
-    # the target text in the primary's own vocabulary (re-encoded when the data stage used another tokenizer)
+    # the target text in primary_model's vocabulary (re-encoded when the data stage used another tokenizer)
     data_cfg = AdaptConfig(primary_model=cfg.primary_model, data_dir=cfg.data_dir,
                            tokenizer=TargetTokenizerConfig(mode="reuse", path=cfg.primary_model))
     train_prefix, valid_prefix = _rank0_then_everywhere(lambda: prepare_target_data(data_cfg, lang, run_dir))
@@ -91,13 +102,14 @@ def train_language(cfg: LanguageSFTConfig, lang: str) -> str:
     train_data = MaskedLMDataset(train_prefix, tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
     valid_data = MaskedLMDataset(valid_prefix, tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
     primary_sha = model_hash(cfg.primary_model)
-    tags = {"stage": "lang_sft", "method": METHOD, "source_lang": cfg.source_lang, "target_lang": lang}
-    tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"lang-sft-{lang}")
+    tags = {"stage": "lang_sft", "method": cfg.method, "source_lang": cfg.source_lang, "target_lang": lang}
+    name = f"lang-sft-{lang}" if cfg.method == SPARSE else f"lang-sft-{cfg.method}-{lang}"  # the stage's, as named
+    tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or name)
     with Tracker(tracking, lang_cfg, tags=tags) as tracker:
         result = train_sft(cfg.sft, cfg.train, model, train_data, masked_lm_loss, flops_fn, output_dir=run_dir,
                            base_sha256=primary_sha, base_path=str(Path(cfg.primary_model).resolve()),
                            eval_data=valid_data, tracker=tracker, desc=f"language SFT {lang}",
-                           info={"kind": "language", "method": METHOD, "target_lang": lang,
+                           info={"kind": "language", "method": cfg.method, "target_lang": lang,
                                  "source_lang": cfg.source_lang, "lang_sft_run_id": tracker.run_id})
         if result.status == "interrupted":
             return "interrupted"
