@@ -39,6 +39,8 @@ from minimodel.training.hf_mlm import mlm_head
 
 log = logging.getLogger(__name__)
 
+PLUG_FILE = "plug.json"  # what `plug` records in a plugged model directory (plugged_info reads it)
+
 
 class PlugError(UserError):
     pass
@@ -116,6 +118,13 @@ def plug_model(model, embeddings: str | os.PathLike, *, model_dir: str, primary_
     return tokenizer, tokenizer_dir, info
 
 
+def plugged_info(model_dir: str | os.PathLike) -> dict | None:
+    """`plug`'s record in a plugged model directory ({"primary_model": {"path", "sha256"}, "method", "target_lang",
+    "adapt_run_id", ...}); None for a model that was not plugged."""
+    path = Path(model_dir) / PLUG_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def plug(cfg: PlugConfig) -> StageResult:
     """Outputs: the plugged model's directory."""
     model = load_model(cfg.model)  # the class its config.json names: a masked LM or a task model
@@ -131,7 +140,7 @@ def plug(cfg: PlugConfig) -> StageResult:
     for extra in tokenizer_dir.iterdir():  # e.g. sentencepiece.bpe.model, which save_pretrained may not write
         if extra.is_file() and not (tmp / extra.name).exists():
             shutil.copyfile(extra, tmp / extra.name)
-    (tmp / "plug.json").write_text(json.dumps({
+    (tmp / PLUG_FILE).write_text(json.dumps({
         "embeddings": str(Path(cfg.embeddings).resolve()), "model": str(Path(cfg.model).resolve()),
         "primary_model": info["primary_model"], "target_lang": info["target_lang"], "method": info["method"],
         "over": info["over"], "adapt_run_id": info.get("adapt_run_id"), "adapt_steps": info.get("steps")}, indent=2))

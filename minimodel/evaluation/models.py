@@ -18,6 +18,7 @@ from tqdm import tqdm
 from transformers import (AutoModel, AutoModelForQuestionAnswering,
                           AutoModelForSequenceClassification)
 
+from minimodel.adaptation.plug import plugged_info
 from minimodel.evaluation import EvaluationError
 from minimodel.files import replace_dir
 from minimodel.hf import is_tokenizer_dir, load_masked_lm, load_model, load_tokenizer
@@ -26,7 +27,6 @@ from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseFineTuning
 
 TASK_FILE = "task.json"
-PLUG_FILE = "plug.json"  # provenance adapt/plug.py writes into a plugged model directory
 
 
 class TokenizerMismatchError(EvaluationError):
@@ -54,13 +54,6 @@ def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, 
     if kind == "mlm":
         return load_masked_lm(model_dir)
     raise ValueError(f"unknown task kind {kind!r}")
-
-
-def plugged_info(model_dir: str | os.PathLike) -> dict | None:
-    """adapt/plug.py's record in a plugged model directory ({"primary_model": {"path", "sha256"}, "method",
-    "target_lang", ...}); None for a model that was not plugged."""
-    path = Path(model_dir) / PLUG_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_sft_task_model(base_dir: str | os.PathLike, kind: str, labels: tuple[str, ...], task_sft: str | os.PathLike,

@@ -55,13 +55,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimodel.adaptation.artifact import list_snapshots, read_info
-from minimodel.adaptation.plug import plug_model
+from minimodel.adaptation.plug import PLUG_FILE, plug_model, plugged_info
 from minimodel import faults
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
-from minimodel.evaluation.models import (PLUG_FILE, TASK_FILE, check_tokenizer, load_sft_task_model, load_task_model,
-                                         plugged_info, read_task_info)
+from minimodel.evaluation.models import (TASK_FILE, check_tokenizer, load_sft_task_model, load_task_model,
+                                         read_task_info)
 from minimodel.evaluation.scoring import score, score_mlm, score_retrieval, unknown_fraction
 from minimodel.evaluation.tasks import TaskConfig
 from minimodel.data.prepare import UNK_REFUSED
@@ -162,9 +162,9 @@ def _check_target(cfg: ZeroShotConfig, target: TargetConfig, model, source_model
         raise EvaluationError(f"{target.model_dir} has labels {model.config.id2label}, the task model "
                               f"{cfg.source_model_dir} {source_model.config.id2label}: plug the target embeddings "
                               "into the fine-tuned task model")
-    plug_info = Path(target.model_dir) / PLUG_FILE
-    if plug_info.is_file():  # written by adapt/plug.py
-        _check_provenance(cfg, target, json.loads(plug_info.read_text()), plug_info)
+    plugged = plugged_info(target.model_dir)
+    if plugged is not None:
+        _check_provenance(cfg, target, plugged, Path(target.model_dir) / PLUG_FILE)
 
 
 def _check_provenance(cfg: ZeroShotConfig, target: TargetConfig, info: dict, path: Path,
@@ -329,10 +329,10 @@ def _evaluate_target(cfg: ZeroShotConfig, target: TargetConfig, source, primary)
 
 def _with_run_id(target: TargetConfig) -> TargetConfig:
     """The adaptation run of a plugged model, from its plug.json, unless given."""
-    plug_info = Path(target.model_dir) / PLUG_FILE
-    if target.adapt_run_id or not plug_info.is_file():
+    plugged = plugged_info(target.model_dir)
+    if target.adapt_run_id or plugged is None:
         return target
-    return dataclasses.replace(target, adapt_run_id=json.loads(plug_info.read_text()).get("adapt_run_id"))
+    return dataclasses.replace(target, adapt_run_id=plugged.get("adapt_run_id"))
 
 
 def zero_shot(cfg: ZeroShotConfig) -> StageResult:

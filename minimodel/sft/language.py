@@ -23,12 +23,12 @@ from transformers import AutoModelForMaskedLM
 
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR
+from minimodel.adaptation.plug import PLUG_FILE
 from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig, _rank0_then_everywhere,
                                         claim_language, prepare_target_data, run_languages)
 from minimodel.config import PerLanguageRun, require
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.data.tokenizer import load_tokenizer
-from minimodel.evaluation.models import PLUG_FILE
 from minimodel.hf import load_model
 from minimodel.manifest import model_hash
 from minimodel.provenance import finish_output
