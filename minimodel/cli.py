@@ -4,7 +4,8 @@
         main("report", __doc__)      # a kind of minimodel.stages.KINDS
 
 Logging set up (progress from minimodel's own loggers on rank 0, warnings from everything), the config read from
-`--config file.yaml key.sub=value ...`, the stage run, its outputs printed, the process group (if the stage started
+`--config file.yaml key.sub=value ...`, torch's global generator seeded (it starts from a random seed in every
+process, so a draw a stage does not seed itself would differ between a run and its rerun), the stage run, its outputs printed, the process group (if the stage started
 one) closed, and the stage's status turned into the exit code: finished 0, interrupted 75 (stopped by a signal
 after checkpointing: run the same command again to resume; Slurm requeues), failed 1. The user's own mistakes
 (minimodel.errors.UserError: a bad config or input, a mismatched model) end the process with one line on stderr
@@ -17,6 +18,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
+
+import torch
 
 from minimodel.config import ConfigError, parse_cli
 from minimodel import distributed, faults
@@ -52,11 +55,15 @@ def run_stage(config_cls: type[C], stage: Callable[[C], StageResult], descriptio
     """Parse the command line into `config_cls`, run `stage(cfg)`; returns the exit code (see the module doc)."""
     setup_logging()
     cfg = parse_cli(config_cls, description=description)
+    torch.manual_seed(0)  # stages seed what they draw from their configs; this covers any draw that they do not
     try:
         result = stage(cfg)
     except UserError as e:
         kind = "config error: " if isinstance(e, ConfigError) else ""
         print(f"{_script_name()}: {kind}{e}", file=sys.stderr)
+        # local teardown (no barrier: another rank may be elsewhere): a process group left up can abort the
+        # interpreter's exit in gloo's threads ("terminate called without an active exception"), losing exit code 2
+        distributed.destroy()
         return USER_ERROR_EXIT_CODE
     # after a return only (on an error, another rank may still be in a collective): every rank has done its part
     # (rank 0 writes the summaries) before any exits, as a launcher ends the others once one exits with 75

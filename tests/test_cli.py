@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from minimodel.cli import run_stage
 from minimodel.config import ConfigError
@@ -58,6 +59,25 @@ def test_user_errors_end_in_one_line_and_exit_code_2(monkeypatch, capsys, error,
 
     assert run(monkeypatch, [], stage) == 2
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_stage_draws_the_same_unseeded_numbers_in_every_process(monkeypatch):
+    # torch seeds its global generator at random in each process: two fresh interpreters draw differently ...
+    draw = [sys.executable, "-c", "import torch; print(torch.rand(3).tolist())"]
+    fresh = [subprocess.run(draw, capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    assert fresh[0] != fresh[1]
+    # ... while a stage run through run_stage starts from the same state every time (here: twice in one process,
+    # after other draws in between)
+    drawn = []
+
+    def stage(cfg):
+        drawn.append(torch.rand(3))
+        return StageResult("finished", {})
+
+    for _ in range(2):
+        torch.rand(5)
+        assert run(monkeypatch, [], stage) == 0
+    assert torch.equal(drawn[0], drawn[1])
 
 
 def test_bugs_keep_their_traceback(monkeypatch):

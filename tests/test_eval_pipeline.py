@@ -24,6 +24,7 @@ from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseDiff, SparseFineTuning
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
+from minipost_helpers import make_model, save_model
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +328,12 @@ def test_lt_sft_reads_each_target_through_its_language_sft_composed_with_the_tas
     with pytest.raises(ConfigError, match=r"targets\[0\]: method lt_sft reads each target with the primary's"):
         _zero_shot_cfg(world, "zs_lt_sft_bad", method="lt_sft", source_model_dir=out / "model",
                        targets=f"[{{lang: yb, embeddings: {root / 'sft_yb'}}}]")
+
+
+def test_a_new_task_head_is_drawn_from_its_seed(tmp_path):
+    directory = save_model(make_model("xlmr"), tmp_path / "mlm")
+    before = torch.get_rng_state()
+    heads = [load_task_model(directory, "classification", ("a", "b", "c"), seed=s).classifier.out_proj.weight
+             for s in (0, 0, 1)]
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is left as it was

@@ -149,7 +149,8 @@ def distill_task(cfg: TaskDistillConfig) -> StageResult:
             f"{cfg.student} reads source language {source_lang}, the teacher was fine-tuned on {info['source_lang']}")
     teacher_tokenizer = load_tokenizer(cfg.teacher)
     teacher = load_task_model(cfg.teacher, spec.kind, attn_implementation="eager").eval().requires_grad_(False)
-    student = load_task_model(cfg.student, spec.kind, tuple(info["labels"]), attn_implementation="eager")
+    student = load_task_model(cfg.student, spec.kind, tuple(info["labels"]), seed=cfg.train.seed,
+                              attn_implementation="eager")
     projection = None
     if student.config.hidden_size < teacher.config.hidden_size:  # phase 1's projection of the teacher's states
         projection = load_file(str(Path(cfg.student).parent / PROJECTION_FILE))["M"]

@@ -142,7 +142,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     spec = cfg.task.spec
     tokenizer_dir = cfg.tokenizer or cfg.model_dir
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = load_task_model(cfg.model_dir, spec.kind, spec.labels)
+    model = load_task_model(cfg.model_dir, spec.kind, spec.labels, seed=cfg.train.seed)
     check_tokenizer(model, tokenizer, cfg.model_dir, tokenizer_dir)
     base_sha = model_hash(cfg.model_dir)
     language_sft = SparseFineTuning.load(cfg.language_sft) if cfg.language_sft else None

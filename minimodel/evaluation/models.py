@@ -37,10 +37,18 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, ...] | None = None, **kwargs):
+def load_task_model(model_dir: str | os.PathLike, kind: str, labels: tuple[str, ...] | None = None, seed: int = 0,
+                    **kwargs):
     """The HF model class for a task `kind` from `model_dir`: a masked-LM directory (pass `labels`: a new
-    classification head) or a task model (labels from its config). `kwargs` go to from_pretrained (e.g.
+    classification head) or a task model (labels from its config). A new head is initialised from `seed`, the same
+    in every process (the global RNG is left as it was). `kwargs` go to from_pretrained (e.g.
     attn_implementation="eager", for attention maps)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _load_task_model(model_dir, kind, labels, **kwargs)
+
+
+def _load_task_model(model_dir, kind: str, labels: tuple[str, ...] | None, **kwargs):
     if kind == "classification":
         if labels is None:
             return load_model(model_dir, AutoModelForSequenceClassification, **kwargs)
