@@ -101,10 +101,6 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
 
 @pytest.mark.slow
 def test_lt_sft_vocab_composes_the_plugged_model_its_language_sft_and_the_task_sft(smoke_pipeline, tmp_path):
-    check_lt_sft_vocab(smoke_pipeline.output_dir, tmp_path)
-
-
-def check_lt_sft_vocab(out: Path, tmp_path: Path) -> None:
     """lt_sft_vocab in the smoke pipeline: the language SFT was learned over the primary with standard adaptation's
     ny embeddings plugged in (its hash; word-embedding rows of the target vocabulary), changing no LayerNorm or head
     entry; zero-shot scored exactly plugged model + language SFT + task SFT (without its input-embedding difference)
@@ -124,6 +120,7 @@ def check_lt_sft_vocab(out: Path, tmp_path: Path) -> None:
     from minimodel.sft.file import SFTError, SparseFineTuning
     from minimodel.sft.select import is_norm
 
+    out = smoke_pipeline.output_dir
     plugged, primary = out / "plugged_mlm/ny", out / "export/primary"
     language = SparseFineTuning.load(out / "adapt/lt_sft_vocab/ny/sft")
     task_dir = out / "task_sft/train/sft"
