@@ -28,6 +28,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads as megatron_finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_model_config
 
@@ -119,7 +120,9 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[Distribute
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage)
-        chunks.append(chunk.to(distributed.device()))
+        chunk = chunk.to(distributed.device())
+        # bf16 the megatron way: every parameter (the norms too) cast, the loss returned in fp32
+        chunks.append(Float16Module(config, chunk) if config.bf16 else chunk)
     sync_tied_weights(chunks)
 
     ddp_config = DistributedDataParallelConfig(
