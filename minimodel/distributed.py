@@ -153,8 +153,11 @@ def initialize_deepspeed() -> None:
     single_process_env()
     import deepspeed  # here, not at the top: megatron-only processes do not pay its import
 
+    from minimodel.compat import cpu
+
     jit_builds.check_build_locks()  # init_distributed may build an op: never behind a killed build's lock
     deepspeed.init_distributed()
+    cpu.release_shared_memory()
 
 
 def initialize(parallel: ParallelConfig, seed: int, embedding_stages: Iterable[int] = (),

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,11 @@ import torch
 import yaml
 
 from minimodel.distributed import free_port
+from minimodel.stages import DEEPSPEED
+from process_helpers import describe_hang
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHON = REPO / ".venv" / "bin" / "python"
+PYTHON = Path(sys.executable)  # the venv's here; the GPU machine's python3 (scripts/gpu_check.sh)
 PRIMARY_LAYERS, MINI_LAYERS, HIDDEN, FFN, SEQ = 4, 2, 64, 256, 64
 LAUNCH_TIMEOUT = 900  # seconds; a launch takes ~20 s on an idle machine, minutes when the cores are shared
 
@@ -114,7 +117,7 @@ def launch_env() -> dict:
 
 
 def deepspeed_command(script: str, overrides: list[str], config: Path | None = None, ranks: int = 2) -> list[str]:
-    cmd = [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()),
            str(REPO / script)]
     if config is not None:
         cmd += ["--config", str(config)]
@@ -130,6 +133,8 @@ def run_deepspeed(script: str, overrides: list[str], log: Path, config: Path | N
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the launch hung (no exit in {timeout:.0f} s): {describe_hang(proc.pid, log)}") from None
     finally:
         if proc.poll() is None or _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)

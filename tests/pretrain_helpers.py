@@ -5,11 +5,14 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+from process_helpers import describe_hang
+
 ROOT = Path(__file__).resolve().parents[1]
-PYTHON = ROOT / ".venv" / "bin" / "python"
+PYTHON = Path(sys.executable)  # the venv's here; the GPU machine's python3 (scripts/gpu_check.sh)
 TRAIN_SCRIPT = ROOT / "pretrain" / "train.py"
 TINY_CONFIG = ROOT / "configs" / "pretrain" / "minijoint_tiny.yaml"
 
@@ -65,6 +68,9 @@ def run(nproc: int, overrides: list[str], log_path: Path, timeout: float = 300, 
     proc = launch(nproc, overrides, log_path, **kwargs)
     try:
         return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the launch hung (no exit in {timeout:.0f} s): "
+                             f"{describe_hang(proc.pid, log_path)}") from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
