@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ from minimodel.training.megatron_loop import Engine
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 SMOKE_DIR = REPO / "runs" / "benchmarks" / "smoke"
+BASE_DIR = RESULTS_DIR / "gpu"
 
 
 # -- statistics and timing ---------------------------------------------------------------------------------------
@@ -43,6 +45,28 @@ def summary(values: list[float]) -> dict[str, float]:
     q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
     return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
             "q25": q[0], "q75": q[2], "n": len(ordered)}
+
+
+def synchronize() -> None:
+    """Wait for the device work queued so far (CUDA kernels run asynchronously; the CPU has nothing queued)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds `fn()` takes, its device work included (not only the time to launch it)."""
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def free_memory() -> None:
+    """Hand the memory of finished workloads back (their engines hold reference cycles), so the next one fits."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -55,11 +79,7 @@ def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: in
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(fn))
     return times
 
 
@@ -69,14 +89,12 @@ def matmul_flops_per_s(size: int, dtype: torch.dtype = torch.float32, calls: int
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     torch.mm(a, b)  # warm-up (allocation, kernel choice)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        torch.mm(a, b)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2.0 * size ** 3 * calls / (time.perf_counter() - start)
+
+    def products():
+        for _ in range(calls):
+            torch.mm(a, b)
+
+    return 2.0 * size ** 3 * calls / timed(products)
 
 
 def count_flops(fn: Callable[[], Any]) -> float:
@@ -206,17 +224,25 @@ def save(name: str, result: dict, schema: dict, figure, out_dir: Path) -> Path:
 
 # -- the command line ------------------------------------------------------------------------------------------------
 SMOKE_SHAPE = {"layers": 2, "hidden": 64, "seq": 32, "micro_batch": 2, "mini_layers": 1}
+# configs/pretrain/minijoint_base.yaml's model (RoBERTa/XLM-R base: 12 heads of 64) and its micro-batch of 16, here on
+# one GPU without tensor parallelism (the config's TP=2 halves each GPU's share). 16 x 512 tokens also keeps
+# head_cost's full-sequence projection at 250k (fp32 logits, 8 GB per head) well inside an 80 GB card.
+BASE_SHAPE = {"layers": 12, "hidden": 768, "seq": 512, "micro_batch": 16, "mini_layers": 4}
 
 
 def arg_parser(doc: str, smoke_help: str, model_shape: bool = False) -> argparse.ArgumentParser:
     """--smoke and --out, which every benchmark takes; with `model_shape`, the MiniJoint model's shape flags
-    (see minijoint_config), which --smoke sets to SMOKE_SHAPE."""
+    (see minijoint_config), which --smoke sets to SMOKE_SHAPE, and --base, the GPU preset (see parse_args)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--smoke", action="store_true", help=smoke_help)
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output dir (default: {RESULTS_DIR.relative_to(REPO)}, "
-                             f"or {SMOKE_DIR.relative_to(REPO)} with --smoke)")
+                             f"{SMOKE_DIR.relative_to(REPO)} with --smoke, {BASE_DIR.relative_to(REPO)} with --base)")
     if model_shape:
+        preset.add_argument("--base", action="store_true",
+                            help=f"GPU preset, bf16: base-size shapes {BASE_SHAPE} and the benchmark's own "
+                                 "GPU settings, as defaults that explicit flags override; refused without CUDA")
         parser.add_argument("--layers", type=int, default=12)
         parser.add_argument("--hidden", type=int, default=256)
         parser.add_argument("--seq", type=int, default=128)
@@ -225,10 +251,18 @@ def arg_parser(doc: str, smoke_help: str, model_shape: bool = False) -> argparse
     return parser
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """The parsed flags, with --out resolved and, under --smoke, the model shape (if any) set to SMOKE_SHAPE."""
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+               base: dict[str, Any] | None = None) -> argparse.Namespace:
+    """The parsed flags, with --out resolved; under --smoke, the model shape (if any) set to SMOKE_SHAPE; under
+    --base, every flag not given defaults to BASE_SHAPE and the benchmark's own GPU settings `base`."""
     args = parser.parse_args(argv)
-    args.out = args.out or (SMOKE_DIR if args.smoke else RESULTS_DIR)
+    if getattr(args, "base", False):
+        if not torch.cuda.is_available():
+            parser.error("--base is the GPU preset (base-size shapes in bf16) and this machine has no CUDA device: "
+                         "on the CPU it would take hours. Use the CPU defaults or --smoke here")
+        parser.set_defaults(**BASE_SHAPE, **(base or {}))
+        args = parser.parse_args(argv)  # again, so that the flags given win over the preset
+    args.out = args.out or (SMOKE_DIR if args.smoke else BASE_DIR if getattr(args, "base", False) else RESULTS_DIR)
     if args.smoke and hasattr(args, "layers"):
         vars(args).update(SMOKE_SHAPE)
     return args

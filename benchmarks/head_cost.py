@@ -2,6 +2,7 @@
 
     python benchmarks/head_cost.py            # full run -> benchmarks/results/head_cost.{json,png}
     python benchmarks/head_cost.py --smoke    # tiny shapes, seconds (CI) -> runs/benchmarks/smoke/
+    python benchmarks/head_cost.py --base     # one GPU, bf16, base size -> benchmarks/results/gpu/
 
 A. The secondary (mini-model) MLM head: training steps of the same MiniJoint model, same layout, with and without
    the secondary head (`model.secondary_head=none`; `aux_weight=0` would not remove the head's compute). The
@@ -26,11 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 
-from benchmarks.common import (SUMMARY, MiniJointSteps, arg_parser, count_flops, header,  # noqa: E402
-                               interleaved, minijoint_config, parse_args, pyplot, save, summary)
+from benchmarks.common import (SUMMARY, MiniJointSteps, arg_parser, count_flops, free_memory,  # noqa: E402
+                               header, interleaved, minijoint_config, parse_args, pyplot, save, summary)
 from minimodel.models.minijoint.model import IGNORE_INDEX, MaskedLMHead  # noqa: E402
 
 NAME = "head_cost"
+# The GPU preset (--base) beside common.BASE_SHAPE: XLM-R's vocabulary for the large one, and repeats enough for
+# medians of steps that take tens of milliseconds there.
+BASE = {"vocabs": [32000, 250002], "repeats": 20}
 VARIANT = {"step_time_s": SUMMARY, "tokens_per_s": float, "counted_flops_per_step": float}
 SCHEMA = {
     "model": {"num_layers": int, "hidden_size": int, "seq_length": int, "mini_layers": int, "micro_batch": int,
@@ -111,9 +115,11 @@ def lm_head_cost(steps: MiniJointSteps, repeats: int) -> dict:
     cfg = steps.cfg
     b = steps.batch["input_ids"].shape[0]
     g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(cfg.seq_length, b, cfg.hidden_size, generator=g, requires_grad=True)
     weight = chunk.embedding.word_embeddings.weight
-    labels = steps.batch["labels"]
+    # what the head gets in training: hidden states on the model's device, in its dtype (bf16 on CUDA)
+    hidden = torch.randn(cfg.seq_length, b, cfg.hidden_size, generator=g).to(weight.device, weight.dtype)
+    hidden.requires_grad_()
+    labels = steps.batch["labels"].to(weight.device)
 
     def head_step():
         loss = chunk.lm_head(hidden, labels, weight)
@@ -168,7 +174,7 @@ def figure(result: dict):
     ax2.legend(fontsize=8, loc="upper left")
     m = result["model"]
     fig.suptitle(f"MiniJoint {m['num_layers']} layers, hidden {m['hidden_size']}, {m['micro_batch']}x"
-                 f"{m['seq_length']} tokens, 15% masked; {result['machine']['cpu']}, "
+                 f"{m['seq_length']} tokens, 15% masked; {result['machine']['cuda'] or result['machine']['cpu']}, "
                  f"{result['machine']['torch_threads']} threads", fontsize=9)
     return fig
 
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = arg_parser(__doc__, "tiny shapes, 2 repeats (CI)", model_shape=True)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 250000])
-    args = parse_args(parser, argv)
+    args = parse_args(parser, argv, base=BASE)
     if args.smoke:
         args.vocabs = [1000, 4000]
     repeats = args.repeats or (2 if args.smoke else 7)
@@ -200,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{NAME}] LM head forms, vocab {vocab}", flush=True)
             result["lm_head"].append(lm_head_cost(steps, repeats))
             del steps
+            free_memory()  # this vocabulary's models, before the next one's
     save(NAME, result, SCHEMA, figure(result), args.out)
     sh = result["secondary_head"]
     print(f"[{NAME}] secondary head: +{100 * sh['overhead_time_fraction']:.1f}% step time, "

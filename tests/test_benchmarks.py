@@ -2,7 +2,7 @@
 
 Timings are never asserted (they are what the benchmarks measure); what is asserted is that each benchmark runs
 from its one command, writes JSON that fits its schema plus a PNG, and that its FLOP accounting agrees with torch's
-FlopCounterMode and with itself.
+FlopCounterMode and with itself. Their GPU preset (--base) is checked here for its refusal without CUDA only.
 """
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -22,12 +24,17 @@ from benchmarks.common import HEADER, SchemaError, check_schema  # noqa: E402
 from minimodel.evaluation.report import Point, summarize  # noqa: E402
 
 
-def run_smoke(script: str, out: Path, *extra: str, timeout: int = 600) -> dict:
+def cpu_env() -> dict[str, str]:
+    """A benchmark process on the CPU, one thread, outside any launcher's world."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI="")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    return env
+
+
+def run_smoke(script: str, out: Path, *extra: str, timeout: int = 600) -> dict:
     proc = subprocess.run([sys.executable, f"benchmarks/{script}.py", "--smoke", "--out", str(out), *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert (out / f"{script}.png").stat().st_size > 0
     result = json.loads((out / f"{script}.json").read_text())
@@ -60,7 +67,75 @@ def test_mfu_smoke(tmp_path):
         assert 0 < w["mfu_vs_best_peak"] == pytest.approx(
             w["model_flops_per_step"] / w["step_time_s"]["median"] / r["peak"]["best_flops_per_s"])
     # the mini-model (1 of 2 layers) costs less per step than the full model
-    assert r["workloads"]["adapt_mini"]["model_flops_per_step"] < r["workloads"]["adapt_standard"]["model_flops_per_step"]
+    mini, full = r["workloads"]["adapt_mini"], r["workloads"]["adapt_standard"]
+    assert mini["model_flops_per_step"] < full["model_flops_per_step"]
+    # the peak is measured in the dtype every workload trains in
+    for name, w in r["workloads"].items():
+        assert {"float32": "fp32", "bfloat16": "bf16"}[r["peak"]["dtype"]] == w["precision"], name
+    # issue #19's targets, from the workloads' own numbers
+    t, full, mini = r["targets"], r["workloads"]["adapt_standard"], r["workloads"]["adapt_mini"]
+    assert t["pretrain_mfu"] == r["workloads"]["pretrain"]["mfu_vs_best_peak"]
+    assert t["pretrain_mfu_target"] == 0.45 and t["pretrain_mfu_reached"] == (t["pretrain_mfu"] >= 0.45)
+    assert 0 < t["adapt_flop_saving"] == pytest.approx(1 - mini["model_flops_per_step"] / full["model_flops_per_step"])
+    assert t["adapt_wallclock_saving"] == pytest.approx(
+        1 - mini["step_time_s"]["median"] / full["step_time_s"]["median"])
+    assert t["wallclock_over_flop_saving"] == pytest.approx(t["adapt_wallclock_saving"] / t["adapt_flop_saving"])
+    assert t["target"] == 0.9 and t["reached"] == (t["wallclock_over_flop_saving"] >= 0.9)
+
+
+def test_mfu_adaptation_runs_leave_no_engine_behind():
+    """A DeepSpeed engine left alive keeps GBs on the GPU at base size (its ZeRO gradient hooks keep it from the
+    GC): each adaptation run must release its engine before the next workload."""
+    code = textwrap.dedent("""
+        import gc, weakref
+        from benchmarks import common, mfu
+        engines, train = [], mfu.train
+
+        def recording_train(*args, **kwargs):
+            result = train(*args, **kwargs)
+            engines.append(weakref.ref(result.engine))
+            return result
+
+        mfu.train = recording_train
+        args = common.parse_args(common.arg_parser("", "", model_shape=True), ["--smoke"])
+        cfg = common.minijoint_config(args, 1000)
+        with common.MiniJointSteps.world(cfg, args.micro_batch):
+            adaptation = mfu.Adaptation(cfg, cfg.num_layers, args.micro_batch)
+            adaptation.run(1)
+            adaptation.run(1)
+            gc.collect()
+            print("engines alive:", sum(ref() is not None for ref in engines), "of", len(engines))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "engines alive: 0 of 2" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("module", [head_cost, mfu], ids=["head_cost", "mfu"])
+def test_base_preset_is_refused_without_cuda(module, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--base", "--out", str(tmp_path)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--base is the GPU preset" in err and "no CUDA device" in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("module", [head_cost, mfu], ids=["head_cost", "mfu"])
+def test_smoke_and_base_are_exclusive(module, capsys):
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--smoke", "--base"])
+    assert exited.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_mfu_refuses_a_mini_model_as_deep_as_the_full_one(capsys):
+    with pytest.raises(SystemExit) as exited:
+        mfu.main(["--layers", "4", "--mini-layers", "4"])
+    assert exited.value.code == 2
+    assert "must be below --layers 4" in capsys.readouterr().err
 
 
 @pytest.mark.slow
