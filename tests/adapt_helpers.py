@@ -35,15 +35,17 @@ class World:
     mini: Path
 
 
-def prepare_tiny_data(out: Path) -> Path:
+def prepare_tiny_data(out: Path, config: Path = REPO / "configs/data/tiny.yaml", target: str = "sw",
+                      book: int = 43) -> Path:
+    """English and `target`, one book (default: the Gospel of John) of a data config's corpora."""
     from minimodel.config import load_config
     from minimodel.data.prepare import DataConfig, prepare_data
 
-    d = yaml.safe_load((REPO / "configs/data/tiny.yaml").read_text())
-    d["languages"] = {k: v for k, v in d["languages"].items() if k in ("en", "sw")}
-    d.update(output_dir=str(out), books=[43], tracking={"enabled": False})  # the Gospel of John
+    d = yaml.safe_load(config.read_text())
+    d["languages"] = {k: v for k, v in d["languages"].items() if k in ("en", target)}
+    d.update(output_dir=str(out), books=[book], tracking={"enabled": False})
     d["tokenizer"]["vocab_size"] = 1000
-    d["languages"]["sw"]["vocab_size"] = 800  # unlike the source's: a shape error cannot hide
+    d["languages"][target]["vocab_size"] = 800  # unlike the source's: a shape error cannot hide
     path = out.parent / "data.yaml"
     path.write_text(yaml.safe_dump(d))
     prepare_data(load_config(DataConfig, path))
@@ -104,15 +106,18 @@ def world_seed() -> int:
     return int(os.environ.get("MINIMODEL_TEST_WORLD_SEED", "0"))
 
 
-def build_world(root: Path) -> World:
-    data_dir = prepare_tiny_data(root / "data")
+def build_world(root: Path, **data) -> World:
+    """The tiny world under `root`; `data`: prepare_tiny_data's choice of corpus."""
+    data_dir = prepare_tiny_data(root / "data", **data)
     primary, mini = pretrain_primary_and_mini(data_dir, root / "models", seed=world_seed())
     return World(root, data_dir, primary, mini)
 
 
 def launch_env() -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true")
+    env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
     return env
 
 
@@ -125,11 +130,11 @@ def deepspeed_command(script: str, overrides: list[str], config: Path | None = N
 
 
 def run_deepspeed(script: str, overrides: list[str], log: Path, config: Path | None = None,
-                  timeout: float = LAUNCH_TIMEOUT) -> int:
+                  timeout: float = LAUNCH_TIMEOUT, ranks: int = 2) -> int:
     """Run a launch to completion in the log's directory (MLflow's local artifacts land there, not in the repo).
     On a timeout every process of the launch is killed, not only the runner."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(deepspeed_command(script, overrides, config), cwd=log.parent, env=launch_env(),
+        proc = subprocess.Popen(deepspeed_command(script, overrides, config, ranks), cwd=log.parent, env=launch_env(),
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
@@ -151,10 +156,10 @@ def _group_alive(pgid: int) -> bool:
 
 def run_deepspeed_and_signal(script: str, overrides: list[str], log: Path, watch: Path, after_lines: int,
                              sig: int = signal.SIGTERM, timeout: float = LAUNCH_TIMEOUT,
-                             ranks_only: bool = False) -> tuple[bool, int]:
+                             ranks_only: bool = False, ranks: int = 2) -> tuple[bool, int]:
     """run_and_signal for a DeepSpeed launch of `script` with `overrides`."""
-    return run_and_signal(deepspeed_command(script, overrides), log, watch, after_lines, sig, timeout, ranks_only,
-                          env=launch_env(), cwd=log.parent)
+    return run_and_signal(deepspeed_command(script, overrides, ranks=ranks), log, watch, after_lines, sig, timeout,
+                          ranks_only, env=launch_env(), cwd=log.parent)
 
 
 def run_and_signal(cmd: list[str], log: Path, watch: Path, after_lines: int, sig: int = signal.SIGTERM,

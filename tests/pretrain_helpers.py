@@ -53,9 +53,10 @@ def corpus_overrides(corpus: Path) -> list[str]:
             f"data.tokenizer_dir={corpus / 'tokenizer'}"]
 
 
-def launch(nproc: int, overrides: list[str], log_path: Path, config: Path = TINY_CONFIG) -> subprocess.Popen:
-    """torchrun `nproc` gloo workers of pretrain/train.py in a new session; output to `log_path`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def launch(nproc: int, overrides: list[str], log_path: Path, config: Path = TINY_CONFIG,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
+    """torchrun `nproc` workers of pretrain/train.py in a new session (extra `env` variables); output to `log_path`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     port = 20000 + random.Random(f"{os.getpid()}{log_path}").randint(0, 20000)
     cmd = [str(PYTHON), "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port),

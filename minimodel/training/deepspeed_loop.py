@@ -86,6 +86,8 @@ from minimodel.training.metrics import MetricSink
 from minimodel.training.preemption import PreemptionSignal
 from minimodel.training.sampler import MicroBatches, stack
 
+log = logging.getLogger(__name__)
+
 # WarmupDecayLR's constructor reads its own rate before its first step and warns about it, once per run: noise
 logging.getLogger("DeepSpeed").addFilter(lambda record: "scheduler before it has started" not in record.getMessage())
 
@@ -195,6 +197,10 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
     # lr 0. Start it at 1, so update k uses the schedule's value at k. (A checkpoint restores its own position.)
     engine.lr_scheduler.step(1)
     device = engine.device
+    if rank == 0:
+        optimizer = "torch AdamW" if cfg.torch_adam else "DeepSpeed's fused Adam"
+        log.info("%s: ZeRO stage %d, %s, %s, %d rank(s) on %s", desc, engine.zero_optimization_stage(), precision,
+                 optimizer, world, torch.device(device).type)
 
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoints"

