@@ -160,13 +160,13 @@ def release_shared_memory() -> None:
     """Remove the name of this rank's DeepSpeed shared-memory segment once every rank has mapped it.
 
     DeepSpeed's CPU accelerator creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (69 MB) per
-    rank at init_distributed and never unlinks it: every multi-rank CPU run leaked 138 MB of memory until reboot
+    rank at init_distributed and never unlinks it: every run under its launcher leaked 69 MB a rank until reboot
     (20 GB of /dev/shm on a test machine after a day), and a later run on the same port opened a dead run's
     segment. After a barrier every rank has mapped its peers' segments; a mapping outlives its name, so each rank
     removes its own and the memory goes back when the run's processes exit, however they exit."""
     import torch.distributed as dist
 
-    if torch.cuda.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+    if torch.cuda.is_available() or not dist.is_initialized():
         return
     dist.barrier()
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
