@@ -38,8 +38,6 @@ _CPU_NOISE = (
     (r"(Transformer Engine and )?Apex (is|are) not installed", UserWarning, r"megatron\.core\."),
     # a CUDA setting for overlapping tensor-parallel communication with GEMMs
     (r".*CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, r"megatron\.core\.tensor_parallel\.layers"),
-    # TransformerConfig's own default cuda_graph_scope ("full") triggers it: CUDA graphs do not exist on a CPU
-    (r"full scope is deprecated", UserWarning, r"megatron\.core\.transformer\.transformer_config"),
 )
 
 

@@ -101,6 +101,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         # batch_p2p_comm=True gives silently wrong gradients with interleaved stages (upstream bug).
         batch_p2p_comm=False,
         masked_softmax_fusion=False, bias_dropout_fusion=False, gradient_accumulation_fusion=False,
+        cuda_graph_scope=[],  # the whole layer: what the default "full" means, without its deprecation warning
     )
 
 
