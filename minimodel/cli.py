@@ -6,8 +6,9 @@
 Logging set up (progress from minimodel's own loggers on rank 0, warnings from everything), the config read from
 `--config file.yaml key.sub=value ...`, torch's global generator seeded (it starts from a random seed in every
 process, so a draw a stage does not seed itself would differ between a run and its rerun), the stage run, its
-outputs printed, the process group (if the stage started one) closed, and the stage's status turned into the exit code: finished 0, interrupted 75 (stopped by a signal
-after checkpointing: run the same command again to resume; Slurm requeues), failed 1. The user's own mistakes
+outputs printed, the process group (if the stage started one) closed, and the stage's status turned into the exit
+code: finished 0, interrupted 75 (stopped by a signal after checkpointing: run the same command again to resume;
+Slurm requeues), failed 1. The user's own mistakes
 (minimodel.errors.UserError: a bad config or input, a mismatched model) end the process with one line on stderr
 and exit code 2, not a traceback; anything else is a bug and keeps its traceback.
 """

@@ -203,10 +203,6 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def log_tail(log: Path, n: int = 60) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
-
-
 def copy_language(data_dir: Path, src: str, dst: str) -> None:
     """A second language that is the same corpus: two runs that must agree exactly."""
     if not (data_dir / dst).exists():

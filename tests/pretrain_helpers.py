@@ -99,5 +99,3 @@ def wait_for_step(output_dir: Path, step: int, proc: subprocess.Popen, timeout: 
     raise AssertionError(f"step {step} not reached within {timeout} s")
 
 
-def tail(path: Path, n: int = 60) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else "(no log)"

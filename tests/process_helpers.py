@@ -1,4 +1,4 @@
-"""What a test says when a launch it started hangs: the end of the launch's log and the Python stack of every process
+"""The end of a launch's log (`tail`), and what a test says when a launch it started hangs: the end of the launch's log and the Python stack of every process
 in its group (py-spy), taken before the group is killed. A hang otherwise leaves only "timed out after N seconds"."""
 from __future__ import annotations
 
@@ -14,11 +14,15 @@ def group_pids(pgid: int) -> list[int]:
     return [int(pid) for pid in out.split()]
 
 
+def tail(log: Path, n: int = 60) -> str:
+    """The last `n` lines of a launch's log."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.is_file() else "(no log)"
+
+
 def describe_hang(pgid: int, log: Path | None = None, log_lines: int = 40) -> str:
     parts = []
-    if log is not None and log.is_file():
-        lines = log.read_text(errors="replace").splitlines()[-log_lines:]
-        parts.append(f"--- last {len(lines)} lines of {log}\n" + "\n".join(lines))
+    if log is not None:
+        parts.append(f"--- the end of {log}\n{tail(log, log_lines)}")
     for pid in group_pids(pgid):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:300]

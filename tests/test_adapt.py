@@ -23,7 +23,8 @@ from minimodel.adaptation.plug import PlugConfig, PlugError, plug
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 from adapt_helpers import (FFN, HIDDEN, MINI_LAYERS, PRIMARY_LAYERS, PYTHON, REPO, SEQ, build_world, copy_language,
-                           launch_env, log_tail, metrics, run_deepspeed, run_deepspeed_and_signal)
+                           launch_env, metrics, run_deepspeed, run_deepspeed_and_signal)
+from process_helpers import tail
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def runs(tmp_path_factory):
         batching = {"micro": MICRO // 2, "accumulation": 2} if (zero, over) == (2, "full") else {}
         log = root / f"z{zero}_{over}.log"
         rc = run_deepspeed("adapt/train.py", _overrides(world, d, zero, over, ["sw"], tracking, **batching), log)
-        assert rc == 0, log_tail(log)
+        assert rc == 0, tail(log)
         out[f"z{zero}_{over}"] = d
     return out
 
@@ -140,11 +141,11 @@ def test_the_frozen_body_is_bit_identical_after_training(runs):
 
 def test_a_stopped_run_resumes_with_exactly_the_same_losses_and_embeddings(runs):
     sig = runs["signal"]
-    assert sig["sent"], log_tail(sig["log"])
+    assert sig["sent"], tail(sig["log"])
     interrupted = [lang for lang, s in sig["summary"].items() if s == "interrupted"]
-    assert interrupted in (["sw"], ["swcopy"]), (sig["summary"], log_tail(sig["log"]))
+    assert interrupted in (["sw"], ["swcopy"]), (sig["summary"], tail(sig["log"]))
     assert "stop signal received" in sig["log"].read_text()
-    assert sig["exit_code"] == PREEMPTED_EXIT_CODE, log_tail(sig["log"])  # not done: the pipeline must not stamp it
+    assert sig["exit_code"] == PREEMPTED_EXIT_CODE, tail(sig["log"])  # not done: the pipeline must not stamp it
     d = runs["z1_mini"]
     stopped, uninterrupted = d / interrupted[0], d / ({"sw", "swcopy"} - set(interrupted)).pop()
     a, b = metrics(stopped), metrics(uninterrupted)

@@ -107,12 +107,13 @@ def test_deepspeed_shared_memory_is_not_left_behind(tmp_path, ranks):
     launch leaked 69 MB a rank of /dev/shm (minimodel.compat.cpu.release_shared_memory). The ranks still map every
     rank's segment; once the run is over, no name is left."""
     from minimodel.distributed import free_port
+    from minimodel.stages import DEEPSPEED
 
     script = tmp_path / "rank.py"
     script.write_text(SHARED_MEMORY_RANK)
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+    proc = subprocess.run([DEEPSPEED, "--num_gpus", str(ranks), "--master_port",
                            str(port), str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     names = [f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}" for rank in range(ranks)]

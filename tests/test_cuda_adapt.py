@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from adapt_helpers import build_world, copy_language, log_tail, metrics, run_deepspeed, run_deepspeed_and_signal
+from adapt_helpers import build_world, copy_language, metrics, run_deepspeed, run_deepspeed_and_signal
+from process_helpers import tail
 from cuda_helpers import CUDA, GPU_DATA_CONFIG, ROOT, record
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
@@ -49,11 +50,11 @@ def test_deepspeed_adaptation_in_bf16_with_fused_adam_resumes_exactly(world, tmp
     sent, code = run_deepspeed_and_signal("adapt/train.py", args, first, out / "ny" / "metrics.jsonl",
                                           after_lines=30, ranks_only=True, ranks=1)
     summary = json.loads((out / "summary.json").read_text())
-    assert sent and code == PREEMPTED_EXIT_CODE and summary.get("ny") == "interrupted", (summary, log_tail(first))
+    assert sent and code == PREEMPTED_EXIT_CODE and summary.get("ny") == "interrupted", (summary, tail(first))
     text = first.read_text()
-    assert f"ZeRO stage {zero}, bf16, DeepSpeed's fused Adam, 1 rank(s) on cuda" in text, log_tail(first)
-    assert "fused_adam" in text, log_tail(first)  # the op DeepSpeed built (or loaded) for this GPU
-    assert run_deepspeed("adapt/train.py", args, second, ranks=1) == 0, log_tail(second)
+    assert f"ZeRO stage {zero}, bf16, DeepSpeed's fused Adam, 1 rank(s) on cuda" in text, tail(first)
+    assert "fused_adam" in text, tail(first)  # the op DeepSpeed built (or loaded) for this GPU
+    assert run_deepspeed("adapt/train.py", args, second, ranks=1) == 0, tail(second)
 
     from safetensors.torch import load_file
 

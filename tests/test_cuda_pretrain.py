@@ -2,7 +2,6 @@
 (secondary head on), then the distributed optimizer's checkpoint and an exact resume on the GPU."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -11,7 +10,9 @@ import numpy as np
 import pytest
 
 from cuda_helpers import CUDA, record
-from pretrain_helpers import build_tiny_corpus, corpus_overrides, launch, run, tail, wait_for_step
+from minimodel.training.metrics import read_metrics
+from pretrain_helpers import build_tiny_corpus, corpus_overrides, launch, run, wait_for_step
+from process_helpers import tail
 
 pytestmark = CUDA
 
@@ -20,8 +21,8 @@ CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # the fp32 reference: the same command 
 
 
 def pretrain_metrics(output_dir: Path) -> dict[int, dict]:
-    return {row["step"]: row for row in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())
-            if "train/main_loss" in row}
+    """step -> the training row (losses, grad norm) of the run's metrics.jsonl."""
+    return {step: row for step, row in read_metrics(output_dir / "metrics.jsonl").items() if "train/main_loss" in row}
 
 
 @pytest.fixture(scope="module")

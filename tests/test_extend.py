@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapt_helpers import World, log_tail, prepare_tiny_data, pretrain_primary_and_mini, run_deepspeed
+from adapt_helpers import World, prepare_tiny_data, pretrain_primary_and_mini, run_deepspeed
+from process_helpers import tail
 from safetensors.torch import load_file
 from transformers import MegatronBertForMaskedLM
 
@@ -70,7 +71,7 @@ def test_extended_adaptation_over_the_mini_model_keeps_the_primary_rows_bit_iden
         "tokenizer.new_pieces=200", "init.method=copy_shared", "train.steps=10", "train.micro_batch_size=8",
         "train.optim.lr=0.01", "train.schedule.warmup_steps=2", "train.torch_adam=true", "train.eval.every=10",
         "train.eval.batches=2", "train.zero_config=configs/deepspeed/zero2.json", "tracking.enabled=false"], log)
-    assert rc == 0, log_tail(log)
+    assert rc == 0, tail(log)
     primary = MegatronBertForMaskedLM.from_pretrained(world.primary)
     source_rows = primary.get_input_embeddings().weight.detach()
     base = len(load_tokenizer(world.primary))

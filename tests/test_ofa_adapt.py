@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from adapt_helpers import World, log_tail, metrics, prepare_tiny_data, pretrain_primary_and_mini, run_deepspeed
+from adapt_helpers import World, metrics, prepare_tiny_data, pretrain_primary_and_mini, run_deepspeed
+from process_helpers import tail
 from safetensors.torch import load_file
 from transformers import MegatronBertForMaskedLM
 
@@ -35,7 +36,7 @@ def test_ofa_factorised_adaptation_over_the_mini_model_plugs_into_the_primary(tm
         "train.steps=20", "train.micro_batch_size=8", "train.optim.lr=0.01", "train.schedule.warmup_steps=2",
         "train.torch_adam=true", "train.eval.every=10", "train.eval.batches=2",
         "train.zero_config=configs/deepspeed/zero2.json", "tracking.enabled=false"], log)
-    assert rc == 0, log_tail(log)
+    assert rc == 0, tail(log)
     info = json.loads((out / "sw" / "adapt.json").read_text())
     counts = info["init_summary"]
     assert sum(counts.values()) == info["vocab_size"] and counts["neighbours"] > 0, counts

@@ -20,7 +20,8 @@ from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 from minimodel.training.config import PretrainConfig
 from minimodel.training.sampler import MicroBatches
 from pretrain_helpers import (PYTHON, ROOT, TINY_CONFIG, TRAIN_SCRIPT, build_tiny_corpus, corpus_overrides, launch,
-                              run, tail, train_losses, wait_for_step)
+                              run, train_losses, wait_for_step)
+from process_helpers import tail
 
 
 # -- sampling ------------------------------------------------------------------------------------------------------

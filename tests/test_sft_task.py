@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapt_helpers import deepspeed_command, log_tail
+from adapt_helpers import deepspeed_command
+from process_helpers import tail
 from eval_helpers import REPO, mlqa_world, stage_env
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseDiff, SparseFineTuning
@@ -42,7 +43,7 @@ def test_task_sft_with_the_source_language_sft_applied(tmp_path):
     with open(tmp_path / "launch.log", "w") as log:
         proc = subprocess.run(cmd, cwd=tmp_path, env=stage_env(), stdout=log,
                               stderr=subprocess.STDOUT, timeout=1500)
-    assert proc.returncode == 0, log_tail(tmp_path / "launch.log")
+    assert proc.returncode == 0, tail(tmp_path / "launch.log")
 
     task = SparseFineTuning.load(out / "train" / "sft")
     assert task.base_sha256 == model_hash(primary) and task.info["kind"] == "task"

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapt_helpers import log_tail, metrics, run_and_signal, run_deepspeed
+from adapt_helpers import metrics, run_and_signal, run_deepspeed
 from adapt_helpers import deepspeed_command, launch_env
+from process_helpers import tail
 from minimodel.sft.file import SparseFineTuning
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 from sft_helpers import BASE_SHA, GRAD_CLIP, SFT, plain_phase2, tiny_model
@@ -27,7 +28,7 @@ STAGES = (0, 1, 2)
 def _launch(out: Path, stages, log: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     code = run_deepspeed(SCRIPT, [str(out), *map(str, stages)], log)
-    assert code == 0, log_tail(log)
+    assert code == 0, tail(log)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_a_kill_in_phase2_resumes_with_the_same_mask_to_the_same_sft(trained, tm
     sparse_metrics = out / "zero2" / "iteration_1" / "sparse" / "metrics.jsonl"
     sent, code = run_and_signal(deepspeed_command(SCRIPT, [str(out), "2"]), tmp_path / "first.log", sparse_metrics,
                                 after_lines=2, sig=signal.SIGTERM, ranks_only=True, env=launch_env(), cwd=tmp_path)
-    assert sent and code == PREEMPTED_EXIT_CODE, log_tail(tmp_path / "first.log")
+    assert sent and code == PREEMPTED_EXIT_CODE, tail(tmp_path / "first.log")
     stopped_at = len(metrics(sparse_metrics.parent))
     assert 2 <= stopped_at < SFT.sparse_steps
     mask_before = load_file(str(out / "zero2" / "iteration_1" / "mask.safetensors"))
