@@ -24,7 +24,7 @@ def write_json(path, data):
     path.write_text(json.dumps(data))
 
 
-def write_pipeline_results(layout: PipelineLayout, plan=PLAN, lang="sw") -> None:
+def write_pipeline_results(layout: PipelineLayout, plan=PLAN, lang="sw", n_examples=None) -> None:
     for method, (flops, secs, steps, evals) in plan.items():
         run_dir = layout.adapt(method, lang)
         for step in [s for s in evals if s is not None] + [None]:
@@ -35,7 +35,8 @@ def write_pipeline_results(layout: PipelineLayout, plan=PLAN, lang="sw") -> None
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump({"method": method, "source_lang": "en"}))
         write_json(out / "metrics.json", {"en": {"accuracy": 0.9, "baseline/majority": 0.3, "n_examples": 100.0},
-                                          lang: {"accuracy": evals[None], "baseline/majority": 0.3}})
+                                          lang: {"accuracy": evals[None], "baseline/majority": 0.3,
+                                                 **({"n_examples": n_examples} if n_examples else {})}})
         snapshots = {str(step): {"accuracy": acc} for step, acc in evals.items() if step is not None}
         if snapshots:
             write_json(out / "snapshots.json", {lang: snapshots})
@@ -183,13 +184,13 @@ def test_methods_are_reported_in_the_configured_order_and_only_those():
     assert "| ny | minipost+copy_shared | 2 | 0.9 |" in markdown(chosen) and "stale" not in markdown(chosen)
 
 
-def _report_with_baseline(root, baseline: dict, caplog):
+def _report_with_baseline(root, baseline: dict, caplog, n_examples=None):
     """The PLAN's results plus the unadapted baseline's (zero_shot/verse_class/none/metrics.json, as zero_shot
     writes it for method none), reported with tracking off; (summary, markdown, warnings logged)."""
     import logging
 
     layout = PipelineLayout(root / "run")
-    write_pipeline_results(layout)
+    write_pipeline_results(layout, n_examples=n_examples)
     out = layout.zero_shot("verse_class", "none")
     out.mkdir(parents=True)
     (out / "config.yaml").write_text(yaml.safe_dump({"method": "none", "source_lang": "en"}))
@@ -222,9 +223,12 @@ def test_a_method_below_the_unadapted_baseline_is_warned_about_and_the_baseline_
     report.md; the baseline is a horizontal line at 0.78 on both plots, not a method with compute."""
     summary, md, logged = _report_with_baseline(tmp_path, {"accuracy": 0.78, "unk_fraction": 0.01}, caplog)
     task = summary["tasks"]["verse_class"]
-    assert task["languages"]["sw"]["baseline"] == {"quality": 0.78, "unk_fraction": 0.01}
+    assert task["languages"]["sw"]["baseline"] == {"quality": 0.78, "unk_fraction": 0.01, "n_examples": None}
     assert "none" not in summary["methods"] and "none" not in task["languages"]["sw"]["methods"]
-    assert task["below_baseline"] == [{"lang": "sw", "method": "minipost", "quality": 0.75, "baseline": 0.78}]
+    # no n_examples logged: the noise is unknown, so the gap is reported as it is
+    assert task["below_baseline"] == [{"lang": "sw", "method": "minipost", "quality": 0.75, "baseline": 0.78,
+                                       "noise": None, "within_noise": False}]
+    assert task["within_baseline_noise"] == []
     assert len(summary["warnings"]) == 1 and logged == summary["warnings"]
     warning = summary["warnings"][0]
     for part in ("verse_class sw", "minipost ends at accuracy 0.75", "below the unadapted primary (none",
@@ -234,6 +238,35 @@ def test_a_method_below_the_unadapted_baseline_is_warned_about_and_the_baseline_
     assert "Unadapted baseline (`none`" in md and "sw 0.78" in md
     assert "standard ends" not in md and "minijoint ends" not in md
     assert _baseline_lines(summary) == [[0.78, 0.78], [0.78, 0.78]]  # FLOPs and wall-clock plots
+
+
+def test_a_gap_within_noise_is_no_measurable_gain_and_one_beyond_it_is_harm(tmp_path, caplog):
+    """Against the unadapted primary's 0.76, minipost ends at 0.75, standard at 0.80, minijoint at 0.81. On 500
+    examples each, every gap is noise: two standard errors of the difference are 2 * sqrt(0.75 * 0.25 / 500 + 0.76 *
+    0.24 / 500) = 0.0544 for minipost (by hand), 0.0523 and 0.0519 for the others, each more than its gap (0.01,
+    0.04, 0.05): one warning, "no measurable gain", names all three. On 50,000 examples each they are ten times
+    smaller: minipost is measurably worse, the others measurably better (no warning)."""
+    from minimodel.evaluation.report import two_standard_errors
+
+    assert two_standard_errors(0.75, 500, 0.76, 500) == pytest.approx(0.05440, abs=1e-5)
+    assert two_standard_errors(0.75, None, 0.76, 500) is None and two_standard_errors(1.5, 9, 0.2, 9) is None
+    small, _, logged = _report_with_baseline(tmp_path / "500", {"accuracy": 0.76, "n_examples": 500}, caplog, 500)
+    task = small["tasks"]["verse_class"]
+    assert task["below_baseline"] == []
+    assert [(c["method"], round(c["noise"], 4)) for c in task["within_baseline_noise"]] == [
+        ("standard", 0.0523), ("minijoint", 0.0519), ("minipost", 0.0544)]
+    assert small["warnings"] == logged == [
+        "verse_class sw: standard, minijoint, minipost end at accuracy 0.8, 0.81, 0.75, within two standard errors "
+        "(0.054) of the unadapted primary (none: its own tokenizer and embeddings) at 0.76: no measurable gain over "
+        "not adapting; evaluate on more examples to tell them apart, or adapt better"]
+    caplog.clear()
+    large, md, logged = _report_with_baseline(tmp_path / "5e4", {"accuracy": 0.76, "n_examples": 50000}, caplog, 50000)
+    [case] = large["tasks"]["verse_class"]["below_baseline"]
+    assert case["method"] == "minipost" and not case["within_noise"] and case["noise"] == pytest.approx(0.00544, 1e-3)
+    assert large["tasks"]["verse_class"]["within_baseline_noise"] == []
+    assert large["warnings"] == logged and "minipost ends at accuracy 0.75, below the unadapted" in logged[0]
+    assert "more than two standard errors: adapting made the model worse" in logged[0]
+    assert f"**Warning: below the unadapted baseline.** {logged[0]}" in md
 
 
 def test_no_warning_when_every_method_ends_above_the_unadapted_baseline(tmp_path, caplog):
@@ -248,7 +281,8 @@ def test_a_language_the_primary_cannot_read_has_no_baseline_line(tmp_path, caplo
     """zero_shot records a language the source tokenizer mostly maps to <unk> as unreadable, unscored: no line, no
     warning, and the report says why."""
     summary, md, logged = _report_with_baseline(tmp_path, {"unk_fraction": 0.6, "unreadable": 1.0}, caplog)
-    assert summary["tasks"]["verse_class"]["languages"]["sw"]["baseline"] == {"quality": None, "unk_fraction": 0.6}
+    baseline = summary["tasks"]["verse_class"]["languages"]["sw"]["baseline"]
+    assert baseline == {"quality": None, "unk_fraction": 0.6, "n_examples": None}
     assert summary["warnings"] == [] and logged == []
     assert "sw not scored (its tokenizer maps 60% of the text to <unk>)" in md
     assert _baseline_lines(summary) == []

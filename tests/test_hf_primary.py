@@ -142,7 +142,8 @@ def test_hf_tiny_pipeline_end_to_end(tmp_path):
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(report["methods"]) >= {"standard", "minipost"}
     # the unadapted baseline (method none): the task model reading Chichewa with the primary's own tokenizer, on
-    # verse_class only (target_mlm's metric does not compare tokenizers); a warning per method that ends below it
+    # verse_class only (target_mlm's metric does not compare tokenizers); every method that ends below it is warned
+    # about: as worse, or as no measurable gain where the gap is within two standard errors
     verse_class = report["tasks"]["verse_class"]
     baseline = verse_class["languages"]["ny"]["baseline"]
     assert 0 <= baseline["quality"] <= 1 and baseline["unk_fraction"] < 0.25
@@ -150,7 +151,7 @@ def test_hf_tiny_pipeline_end_to_end(tmp_path):
     assert report["tasks"]["target_mlm"]["languages"]["ny"]["baseline"] is None
     below = {m for m, e in verse_class["languages"]["ny"]["methods"].items()
              if e["final"]["quality"] < baseline["quality"]}
-    assert {case["method"] for case in verse_class["below_baseline"]} == below
+    assert below <= {c["method"] for c in verse_class["below_baseline"] + verse_class["within_baseline_noise"]}
     assert [line for line in run.stdout.splitlines() if line.startswith("WARNING: verse_class ny")] == [
         f"WARNING: {w}" for w in report["warnings"]]
     assert "Unadapted baseline (`none`" in (out / "report" / "report.md").read_text()

@@ -18,7 +18,10 @@ source-language reference is not above the majority-class share (logged by zero_
 `chance_margin` gets a warning: its numbers are at chance and say nothing about the methods.
 The unadapted baseline (method `none`, <pipeline_dir>/zero_shot/<task>/none/: the primary reading the target text
 with its own tokenizer) is no method with compute: it is drawn as a horizontal line per language, and an adapted
-method whose final quality ends below it gets a warning (logged, and in report.json's `warnings` and report.md).
+method gets a warning (logged, and in report.json's `warnings` and report.md) where its final quality ends below
+it by more than two standard errors of the difference ("made the model worse"; `below_baseline`; any gap below it
+where the evaluations logged no n_examples) or within two standard errors of it, either side ("no measurable gain";
+`within_baseline_noise`): a 0.006 gap on 500 examples is noise, neither harm nor gain.
 Writes report.json, report.md and compute_vs_quality.png to output_dir; with tracking, they and the headline
 numbers are also attached to the pipeline's MLflow run, for people to look at.
 """
@@ -84,6 +87,7 @@ class Point:
     flops: float | None
     wall_clock_s: float | None
     adapt_step: int | None  # None: final embeddings
+    n_examples: float | None = None  # what the quality was measured on (None: not logged)
 
 
 def _compute(artifact: Path, learns: str = "embeddings") -> tuple[float | None, float | None]:
@@ -143,7 +147,8 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
             source_lang = yaml.safe_load((unadapted.parent / "config.yaml").read_text())["source_lang"]
             for lang, final in json.loads(unadapted.read_text()).items():
                 if lang != source_lang:
-                    baseline[task][lang] = {"quality": final.get(metric), "unk_fraction": final.get("unk_fraction")}
+                    baseline[task][lang] = {"quality": final.get(metric), "unk_fraction": final.get("unk_fraction"),
+                                            "n_examples": final.get("n_examples")}
         for method in [m for m in methods or _subdirs(layout.root / "zero_shot" / task) if m != BASELINE]:
             if not parse_method(method).scored_on(TASKS[task]):
                 continue  # e.g. LT-SFT on target_mlm: the primary's own vocabulary, no gain comparable to the others'
@@ -164,7 +169,7 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
                 checkpoints = [(None, final, run_dir)] + [(int(step), m, snapshot_dir(run_dir, int(step)))
                                                           for step, m in snapshots.get(lang, {}).items()]
                 points[task][lang][method] += [
-                    Point(m[metric], *_method_compute(layout, method, lang, artifact), step)
+                    Point(m[metric], *_method_compute(layout, method, lang, artifact), step, m.get("n_examples"))
                     for step, m, artifact in checkpoints]
     for per_lang in points.values():
         for per_method in per_lang.values():
@@ -195,7 +200,7 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
     baselines = data.get("baseline", {})
     tasks, warnings = {}, []
     for task in sorted(set(data["points"]) | set(baselines)):
-        per_lang, langs, below = data["points"].get(task, {}), {}, []
+        per_lang, langs, below, within = data["points"].get(task, {}), {}, [], []
         for lang in sorted(set(per_lang) | set(baselines.get(task, {}))):
             per_method = per_lang.get(lang, {})
             ref_points = per_method.get(reference, [])
@@ -224,12 +229,12 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
             ref_gain = ref_final - ref_points[0].quality if len(ref_points) > 1 else None
             langs[lang] = {"reference_final": ref_final, "reference_gain": ref_gain, "methods": methods,
                            "baseline": baselines.get(task, {}).get(lang)}
-            unadapted = (langs[lang]["baseline"] or {}).get("quality")
-            for method, m in methods.items():
-                if unadapted is not None and m["final"]["quality"] < unadapted:
-                    below.append({"lang": lang, "method": method, "quality": m["final"]["quality"],
-                                  "baseline": unadapted})
-                    warnings.append(_below_baseline(task, data["metric"].get(task), below[-1]))
+            cases = [c for m in methods
+                     if (c := _against_baseline(lang, m, per_method[m][-1], langs[lang]["baseline"] or {}))]
+            for verdict, into in ((False, below), (True, within)):
+                if group := [c for c in cases if c["within_noise"] is verdict]:
+                    into += group
+                    warnings.append(_baseline_warning(task, data["metric"].get(task), group))
         source, majority = dict(data["source"].get(task, {})), dict(data.get("majority", {}).get(task, {}))
         tasks[task] = {"metric": data["metric"].get(task), "languages": langs, "source": source,
                        "description": TASKS[task].description if task in TASKS else "",
@@ -237,15 +242,53 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                            source[lang] <= majority[lang] + chance_margin for lang in majority if lang in source),
                        "no_gain": [lang for lang, e in langs.items()
                                    if e["reference_gain"] is not None and e["reference_gain"] <= chance_margin],
-                       "below_baseline": below}
+                       "below_baseline": below, "within_baseline_noise": within}
     return {"reference_method": reference, "methods": order, "fractions": fractions, "chance_margin": chance_margin,
             "baseline_method": BASELINE, "tasks": tasks, "warnings": warnings}
 
 
-def _below_baseline(task: str, metric: str | None, case: dict) -> str:
-    return (f"{task} {case['lang']}: {case['method']} ends at {metric} {case['quality']:.4g}, below the unadapted "
-            f"primary ({BASELINE}: its own tokenizer and embeddings) at {case['baseline']:.4g}: this adaptation made "
-            f"the model worse than not adapting it; ship the unadapted primary for {case['lang']} or adapt better")
+def two_standard_errors(a: float, n_a: float | None, b: float, n_b: float | None) -> float | None:
+    """Two standard errors of the difference of two mean scores in [0, 1] over n_a and n_b examples (None: a count
+    unknown or a score outside [0, 1]). A per-example score in [0, 1] with mean p has variance at most p(1 - p), so
+    this bounds accuracy, top-1 and F1 alike; counting the two evaluations as independent over-states the noise of
+    two models scored on the same examples, so a gap beyond it is a real one."""
+    if not n_a or not n_b or not (0 <= a <= 1 and 0 <= b <= 1):
+        return None
+    return 2 * math.sqrt(a * (1 - a) / n_a + b * (1 - b) / n_b)
+
+
+def _against_baseline(lang: str, method: str, final: Point, unadapted: dict) -> dict | None:
+    """A method's final quality against the unadapted primary's: None where it is measurably above it (or there is
+    no baseline), else the case to warn about; `within_noise`: the gap is within two standard errors."""
+    if unadapted.get("quality") is None:
+        return None
+    noise = two_standard_errors(final.quality, final.n_examples, unadapted["quality"], unadapted.get("n_examples"))
+    within = noise is not None and abs(final.quality - unadapted["quality"]) <= noise
+    if not within and final.quality >= unadapted["quality"]:
+        return None
+    return {"lang": lang, "method": method, "quality": final.quality, "baseline": unadapted["quality"],
+            "noise": noise, "within_noise": within}
+
+
+def _baseline_warning(task: str, metric: str | None, cases: list[dict]) -> str:
+    """One warning for the cases of one task, language and verdict (_against_baseline's), naming each method."""
+    lang, unadapted = cases[0]["lang"], cases[0]["baseline"]
+    methods, scores = ", ".join(c["method"] for c in cases), ", ".join(f"{c['quality']:.4g}" for c in cases)
+    head = f"{task} {lang}: {methods} {'ends' if len(cases) == 1 else 'end'} at {metric} {scores}"
+    baseline = f"the unadapted primary ({BASELINE}: its own tokenizer and embeddings) at {unadapted:.4g}"
+    noises = [c["noise"] for c in cases if c["noise"] is not None]
+    if cases[0]["within_noise"]:
+        return (f"{head}, within two standard errors ({max(noises):.2g}) of {baseline}: no measurable gain over not "
+                f"adapting; evaluate on more examples to tell them apart, or adapt better")
+    beyond = ", by more than two standard errors" if noises else ""
+    return (f"{head}, below {baseline}{beyond}: adapting made the model worse than not adapting it; ship the "
+            f"unadapted primary for {lang} or adapt better")
+
+
+def _by_language(cases: list[dict]) -> list[list[dict]]:
+    """Cases grouped by language, in order (a warning each)."""
+    langs = dict.fromkeys(c["lang"] for c in cases)
+    return [[c for c in cases if c["lang"] == lang] for lang in langs]
 
 
 def _ratio(reference: float | None, value: float | None) -> float | None:
@@ -300,8 +343,10 @@ def markdown(summary: dict) -> str:
                           f"share ({chance}) by more than {_fmt(summary.get('chance_margin'), 'g')}: the model did not "
                           f"learn this task at this scale, so these {metric} numbers and savings are at chance and "
                           "say nothing about the adaptation methods."]
-        for case in t.get("below_baseline", []):
-            lines += ["", f"**Warning: below the unadapted baseline.** {_below_baseline(task, metric, case)}."]
+        for key, headline in (("below_baseline", "below"), ("within_baseline_noise", "no measurable gain over")):
+            for cases in _by_language(t.get(key, [])):
+                lines += ["", f"**Warning: {headline} the unadapted baseline.** "
+                              f"{_baseline_warning(task, metric, cases)}."]
         if t.get("no_gain"):
             lines += ["", f"**Warning: no gain.** `{ref}` adaptation did not improve {metric} over its first "
                           f"checkpoint by more than {_fmt(summary.get('chance_margin'), 'g')} for "
