@@ -11,10 +11,16 @@ import pytest
 from mlflow_helpers import new_store
 from pipeline_helpers import SmokePipeline, failure_text
 
+from minimodel.compat.cpu import quiet
 from minimodel.ui import MlflowServer
 
 # The files that use `smoke_pipeline` (minutes): one unit of work under pytest-xdist, so it runs once.
 SMOKE_PIPELINE_USERS = ("test_pipeline.py", "test_mlflow_ui.py", "test_faults.py")
+
+
+def pytest_configure(config):
+    """Without CUDA, the warnings that mean nothing there stay out of the summary, as at every stage's start."""
+    quiet()
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it, unused
