@@ -2,13 +2,15 @@
 
     python benchmarks/ofa_compute.py                        # full protocol -> benchmarks/results/ofa_compute.{json,png}
     python benchmarks/ofa_compute.py --factorized-dim 100   # the same with factorised embeddings (rank 100) for +ofa
+    python benchmarks/ofa_compute.py --ofa-lr 5e-4          # the +ofa methods at their own learning rate
     python benchmarks/ofa_compute.py --smoke                # tiny, for a check of the wiring
 
 Protocol: benchmarks/adaptation_compute.py's (RESULTS.md section 1: its Setup, one pipeline per seed, quality =
 held-out target MLM of the PRIMARY with each snapshot's embeddings plugged in), with six methods: standard,
 minijoint and minipost, each with random (the paper's baseline) and OFA initialisation (+ofa, word vectors learned by
 the pipeline's word_vectors stage from the same corpora). `--factorized-dim d` gives every +ofa method factorised
-embeddings of rank d (a separate work dir: its pipelines re-run from pretraining, with the same seeds).
+embeddings of rank d, and `--ofa-lr` their own adaptation learning rate (random init keeps Setup.adapt_lr, which was
+tuned for random rows); each flag gives a separate work dir whose pipelines re-run from pretraining, same seeds.
 
 Unlike adaptation_compute.py's gain from each run's own step-0 embeddings, OFA's starting point is the thing being
 measured, so quality here has ONE zero per seed and language: quality = mlm_loss(standard-random's step-0
@@ -42,7 +44,7 @@ GOAL = 5.0  # the issue's goal: >= 5x less compute to 100% of standard's final q
 
 SCHEMA = {
     "setup": {"target_langs": [str], "seeds": [int], "secondary_head": str, "factorized_dim": (int, None),
-              "steps": {m: int for m in METHODS}, "work_dir": str},
+              "ofa_lr": float, "random_lr": float, "steps": {m: int for m in METHODS}, "work_dir": str},
     "curves": [{"method": str, "lang": str, "seed": int, "trainable_numel": int,
                 "points": [{"step": int, "flops": float, "quality": float}]}],
     "methods": [{"method": str, "lang": str, "initial_quality": float, "final_quality": float,
@@ -56,14 +58,15 @@ def steps(setup: Setup, method: str) -> int:
     return setup.adapt_steps * (1 if parse_method(method).model == REFERENCE else setup.mini_steps_factor)
 
 
-def pipeline_config(setup: Setup, work: Path, seed: int, factorized_dim: int | None):
+def pipeline_config(setup: Setup, work: Path, seed: int, factorized_dim: int | None, ofa_lr: float | None):
     cfg = setup.pipeline(work, seed)
     overrides = {}
     for m in METHODS:
         n = steps(setup, m)
         overrides[m] = [f"train.steps={n}", f"train.schedule.warmup_steps={max(1, n // 10)}"]
-        if factorized_dim and parse_method(m).init == "ofa":
-            overrides[m].append(f"embedding.factorized_dim={factorized_dim}")
+        if parse_method(m).init == "ofa":
+            overrides[m] += [f"embedding.factorized_dim={factorized_dim}"] if factorized_dim else []
+            overrides[m] += [f"train.optim.lr={ofa_lr}"] if ofa_lr else []
     cfg = dataclasses.replace(cfg, methods=list(METHODS), method_overrides=overrides)
     cfg.validate()
     return cfg
@@ -131,8 +134,8 @@ def figure(result: dict):
         ax.legend(fontsize=7)
     s = result["setup"]
     rank = s["factorized_dim"] or "none (full)"
-    fig.suptitle(f"Random (solid) vs OFA (dashed) initialisation; factorised rank {rank}; MiniJoint "
-                 f"{s['secondary_head']} head; seeds {s['seeds']}", fontsize=9)
+    fig.suptitle(f"Random (solid, lr {s['random_lr']:g}) vs OFA (dashed, lr {s['ofa_lr']:g}) initialisation; "
+                 f"factorised rank {rank}; MiniJoint {s['secondary_head']} head; seeds {s['seeds']}", fontsize=9)
     return fig
 
 
@@ -141,14 +144,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=None)
     add_setup_flags(parser)
     parser.add_argument("--factorized-dim", type=int, default=None, help="rank of the +ofa methods' embeddings")
+    parser.add_argument("--ofa-lr", type=float, default=None,
+                        help="the +ofa methods' adaptation learning rate (default: the random-init methods')")
     args = parse_args(parser, argv)
     setup = setup_from_flags(args)
-    suffix = ("_smoke" if args.smoke else "") + (f"_rank{args.factorized_dim}" if args.factorized_dim else "")
+    suffix = (("_smoke" if args.smoke else "") + (f"_rank{args.factorized_dim}" if args.factorized_dim else "")
+              + (f"_lr{args.ofa_lr:g}" if args.ofa_lr else ""))
     work = (args.work or REPO / "runs" / "benchmarks" / (NAME + suffix)).resolve()
 
     curves = []
     for seed in setup.seeds:
-        cfg = pipeline_config(setup, work, seed, args.factorized_dim)
+        cfg = pipeline_config(setup, work, seed, args.factorized_dim, args.ofa_lr)
         print(f"[{NAME}] seed {seed}: pipeline {cfg.output_dir}", flush=True)
         pipeline.run(cfg)
         layout = PipelineLayout(Path(cfg.output_dir))
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = header(NAME, args.smoke)
     result["setup"] = {"target_langs": setup.target_langs, "seeds": setup.seeds,
                        "secondary_head": setup.secondary_head, "factorized_dim": args.factorized_dim,
+                       "ofa_lr": args.ofa_lr or setup.adapt_lr, "random_lr": setup.adapt_lr,
                        "steps": {m: steps(setup, m) for m in METHODS}, "work_dir": str(work)}
     result["curves"] = curves
     result["methods"] = summarise(curves, setup.target_langs)

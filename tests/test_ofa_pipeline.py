@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import ofa_compute  # noqa: E402
+from benchmarks.adaptation_compute import SMOKE  # noqa: E402
 from minimodel.config import load_config  # noqa: E402
 from minimodel.pipeline import PipelineConfig, build_stages  # noqa: E402
 
@@ -43,3 +44,16 @@ def test_ofa_benchmark_savings_are_against_standard_randoms_final_quality():
         [(0.95, 1, 15.0), (0.99, 1, 7.5), (1.0, 1, 5.0)]
     assert [r["saving"] for r in rows["minipost"]["reach"]] == [None, None, None]
     assert [r["saving"] for r in rows["standard"]["reach"]] == [1.0, 1.0, 1.0]
+
+
+def test_ofa_benchmark_flags_reach_the_ofa_methods_only(tmp_path):
+    # --factorized-dim and --ofa-lr change the +ofa adaptations; random init keeps the Setup's (tuned) settings
+    setup = SMOKE
+    cfg = ofa_compute.pipeline_config(setup, tmp_path, 0, factorized_dim=16, ofa_lr=5e-4)
+    for method, overrides in cfg.method_overrides.items():
+        ofa = method.endswith("+ofa")
+        assert ("train.optim.lr=0.0005" in overrides) == ofa
+        assert ("embedding.factorized_dim=16" in overrides) == ofa
+    assert f"train.optim.lr={setup.adapt_lr}" in cfg.overrides["adapt"]  # what the method overrides replace
+    plain = ofa_compute.pipeline_config(setup, tmp_path, 0, factorized_dim=None, ofa_lr=None)
+    assert not any(o.startswith(("train.optim.lr", "embedding.")) for v in plain.method_overrides.values() for o in v)
