@@ -342,3 +342,43 @@ def test_bistil_is_placed_at_standard_adaptations_compute_plus_phase_1s(tmp_path
     assert found["final"] == {"quality": 0.79, "flops": 400.0 + 90.0, "wall_clock_s": pytest.approx(40.0 + 4.5)}
     assert summary["tasks"]["verse_class"]["source"] == {"en": 0.9}  # the fine-tuned primary's, not a student's
     assert summary["methods"] == ["standard", "bistil"]
+
+
+def test_target_mlm_gains_share_the_reference_start_so_a_head_start_counts(tmp_path, caplog):
+    """zero_shot measures each run's mlm_gain from its own step 0: an OFA-initialised run that starts 0.5 nats lower
+    and ends at the same loss as standard adaptation would show 0.5 less gain. The report puts every method on
+    standard's step-0 loss (9.0): +ofa's points are its own gains + 0.5, a random-init run with the same start
+    (minijoint) is unchanged, and a run with another tokenizer keeps its own zero, with a warning."""
+    import logging
+
+    layout = PipelineLayout(tmp_path / "run")
+    runs = {  # method: (tokenizer fingerprint, {adaptation step (None = final): held-out MLM loss})
+        "standard": ("tok", {0: 9.0, 5: 8.0, None: 7.0}),
+        "minijoint": ("tok", {0: 9.0, 5: 7.5, None: 7.2}),
+        "minijoint+ofa": ("tok", {0: 8.5, 5: 7.4, None: 7.0}),
+        "minipost": ("other", {0: 9.5, None: 8.0}),
+    }
+    for method, (tokenizer, losses) in runs.items():
+        run_dir = layout.adapt(method, "ny")
+        for step, loss in losses.items():
+            write_json((run_dir if step is None else snapshot_dir(run_dir, step)) / "adapt.json",
+                       {"steps": 10 if step is None else step, "flops": 10.0 * (10 if step is None else step),
+                        "wall_clock_s": 1.0, "tokenizer_sha256": tokenizer})
+        out = layout.zero_shot("target_mlm", method)
+        out.mkdir(parents=True)
+        (out / "config.yaml").write_text(yaml.safe_dump({"method": method, "source_lang": "en"}))
+        gain = {step: {"mlm_loss": loss, "mlm_gain": losses[0] - loss} for step, loss in losses.items()}
+        write_json(out / "metrics.json", {"ny": gain[None]})
+        write_json(out / "snapshots.json", {"ny": {str(s): m for s, m in gain.items() if s is not None}})
+    cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'report'}", f"pipeline_dir={tmp_path / 'run'}",
+                                               "tracking.enabled=false"])
+    with caplog.at_level(logging.WARNING, logger="minimodel.evaluation.report"):
+        summary = json.loads(report(cfg).outputs["json"].read_text())
+    ny = summary["tasks"]["target_mlm"]["languages"]["ny"]["methods"]
+    curve = {m: [(p["adapt_step"], p["quality"]) for p in e["points"]] for m, e in ny.items()}
+    assert curve["standard"] == [(0, 0.0), (5, 1.0), (None, 2.0)]
+    assert curve["minijoint"] == [(0, 0.0), (5, 1.5), (None, pytest.approx(1.8))]
+    assert curve["minijoint+ofa"] == [(0, 0.5), (5, pytest.approx(1.6)), (None, 2.0)]  # own gains 0, 1.1, 1.5
+    assert curve["minipost"] == [(0, 0.0), (None, 1.5)]  # another tokenizer: its own zero
+    assert ny["minijoint+ofa"]["reach"]["1"]["flops"] == 100.0  # standard's final 2.0: reached at the end
+    assert any("minipost reads the target through another tokenizer" in r.getMessage() for r in caplog.records)

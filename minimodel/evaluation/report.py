@@ -125,16 +125,39 @@ def _method_compute(layout: PipelineLayout, method: str, lang: str, artifact: Pa
     return tuple(None if a is None or b is None else a + b for a, b in zip(own, below))
 
 
+def _from_common_zero(points: dict[str, list[Point]], starts: dict[str, tuple[float, str | None]], reference: str,
+                      where: str) -> None:
+    """target_mlm: each method's gain from the reference's initial embeddings instead of its own (mlm_gain as
+    zero_shot writes it): loss(reference's step 0) - loss, one zero per language, so that an initialisation's head
+    start (OFA's) counts. Random-init runs of one seed start from the same rows, so their gains do not move. A method
+    that reads the target through another tokenizer keeps its own zero (its losses are over other tokens), said."""
+    if reference not in starts:
+        log.warning("%s: %s has no step-0 result, so each method's mlm_gain stays measured from its own start (an "
+                    "initialisation's head start does not show)", where, reference)
+        return
+    zero, tokenizer = starts[reference]
+    for method, (start, its_tokenizer) in starts.items():
+        if its_tokenizer != tokenizer:
+            log.warning("%s: %s reads the target through another tokenizer than %s: its mlm_gain stays measured from "
+                        "its own start", where, method, reference)
+            continue
+        for point in points[method]:
+            point.quality += zero - start
+
+
 def _subdirs(path: Path) -> list[str]:
     return sorted(d.name for d in path.iterdir() if d.is_dir()) if path.is_dir() else []
 
 
-def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: list[str] | None = None) -> dict:
+def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: list[str] | None = None,
+            reference: str = REFERENCE) -> dict:
     """{"points": {task: {lang: {method: [Point...]}}}, "source": {task: {lang: quality}}, "metric": {task: name},
     "majority": {task: {lang: majority-class share of the source evaluation}},
     "baseline": {task: {lang: {"quality": the unadapted primary's (None: unreadable), "unk_fraction": ...}}}}
-    from the zero-shot results of `tasks` x `methods` (default: every one there is) and the baseline's."""
+    from the zero-shot results of `tasks` x `methods` (default: every one there is) and the baseline's; target_mlm's
+    gains from `reference`'s start (_from_common_zero)."""
     points: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    starts: dict = defaultdict(lambda: defaultdict(dict))  # mlm tasks: {task: {lang: {method: (step-0 loss, tok)}}}
     source: dict = defaultdict(dict)
     majority: dict = defaultdict(dict)
     baseline: dict = defaultdict(dict)
@@ -171,6 +194,12 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
                 points[task][lang][method] += [
                     Point(m[metric], *_method_compute(layout, method, lang, artifact), step, m.get("n_examples"))
                     for step, m, artifact in checkpoints]
+                if TASKS[task].kind == "mlm" and "0" in snapshots.get(lang, {}):
+                    starts[task][lang][method] = (snapshots[lang]["0"]["mlm_loss"],
+                                                  (read_info(run_dir) or {}).get("tokenizer_sha256"))
+    for task, per_lang in starts.items():
+        for lang, per_method in per_lang.items():
+            _from_common_zero(points[task][lang], per_method, reference, f"{task} {lang}")
     for per_lang in points.values():
         for per_method in per_lang.values():
             for pts in per_method.values():
@@ -434,8 +463,8 @@ def report(cfg: ReportConfig) -> StageResult:
     claim_output(out, cfg, resumable=False, ignore=REPORT_NEUTRAL)
     save_config(cfg, out / "config.yaml")
     layout = PipelineLayout(Path(cfg.pipeline_dir))
-    summary = summarize(collect(layout, cfg.methods, cfg.tasks), cfg.reference_method, cfg.fractions,
-                        cfg.chance_margin, cfg.methods)
+    data = collect(layout, cfg.methods, cfg.tasks, cfg.reference_method)
+    summary = summarize(data, cfg.reference_method, cfg.fractions, cfg.chance_margin, cfg.methods)
     if not summary["tasks"]:
         raise EvaluationError(f"{layout.root / 'zero_shot'} holds no zero-shot results (<task>/<method>/metrics.json):"
                               " set pipeline_dir to the pipeline's output_dir, and run its zero-shot stages first")

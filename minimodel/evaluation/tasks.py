@@ -74,8 +74,9 @@ TASKS = {
     "verse_retrieval": TaskSpec("retrieval", "top1"),
     "target_mlm": TaskSpec("mlm", "mlm_gain", description=(
         "held-out target-language masked-LM loss of the primary model with the target embeddings plugged in (fixed "
-        "masked positions); mlm_gain = that loss with the adaptation run's initial (step-0) embeddings minus the "
-        "loss now, in nats: 0 at the start of adaptation, higher is better")),
+        "masked positions); mlm_gain = that loss with the reference method's initial (step-0) embeddings minus the "
+        "loss now, in nats, higher is better: one zero per language, so an initialisation's head start counts "
+        "(zero_shot's own metrics.json measure each run from its own step 0)")),
 }
 SPLITS = ("train", "dev", "test")
 

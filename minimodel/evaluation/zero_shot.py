@@ -10,7 +10,9 @@ a `model_dir`, the run's final embeddings are plugged in memory too.
 
 Task target_mlm scores the PRIMARY model (source_model_dir) with each checkpoint's embeddings plugged in by its
 held-out target MLM loss (mlm_loss) and by mlm_gain = the loss with the step-0 snapshot's embeddings - the loss
-now, so the report's fractions of the standard method's final quality are fractions of its improvement.
+now (how much this run learned), so the report's fractions of the standard method's final quality are fractions
+of its improvement; the report re-measures every method's gain from the standard method's step 0, where an
+initialisation's head start counts (evaluation/report.py, _from_common_zero).
 
 Method `lt_sft` (LT-SFT) adapts by sparse fine-tunings instead of embeddings: each target names its language SFT
 (`language_sft: <adapt/sft.py output_dir>/<lang>/sft`), read with the source tokenizer (the primary's). For a
