@@ -12,9 +12,8 @@ the pipeline's word_vectors stage from the same corpora). `--factorized-dim d` g
 embeddings of rank d, and `--ofa-lr` their own adaptation learning rate (random init keeps Setup.adapt_lr, which was
 tuned for random rows); each flag gives a separate work dir whose pipelines re-run from pretraining, same seeds.
 
-Unlike adaptation_compute.py's gain from each run's own step-0 embeddings, OFA's starting point is the thing being
-measured, so quality here has ONE zero per seed and language: quality = mlm_loss(standard-random's step-0
-embeddings) - mlm_loss(snapshot). Reported per method: the initial quality (step 0), the final quality, the FLOPs to
+OFA's starting point is the thing being measured, so quality has ONE zero per seed and language, as in the
+pipeline's report: quality = mlm_loss(standard-random's step-0 embeddings) - mlm_loss(snapshot). Reported per method: the initial quality (step 0), the final quality, the FLOPs to
 first reach 95/99/100% of standard-random's final quality and the saving against standard-random's own FLOPs to get
 there, and the trainable parameters (adapt.json's trainable_numel). The goal it reports against: an OFA x mini-model
 method reaching 100% of standard's final quality with at least 5x less compute.
