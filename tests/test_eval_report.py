@@ -157,7 +157,7 @@ def test_classification_at_chance_gets_a_warning():
 
 
 def test_a_reference_that_did_not_improve_gets_a_warning():
-    from minimodel.evaluation.report import markdown, summarize
+    from minimodel.evaluation.report import Point, markdown, summarize
 
     data = {"metric": {"verse_class": "accuracy"}, "source": {"verse_class": {"en": 0.6}}, "majority": {},
             "points": {"verse_class": {
@@ -166,7 +166,16 @@ def test_a_reference_that_did_not_improve_gets_a_warning():
     summary = summarize(data, "standard", [0.95], chance_margin=0.02)
     assert summary["tasks"]["verse_class"]["no_gain"] == ["ny"]
     assert summary["tasks"]["verse_class"]["languages"]["sw"]["reference_gain"] == pytest.approx(0.19)
-    assert "**Warning: no gain.**" in markdown(summary) and "0.02 for ny:" in markdown(summary)
+    assert "**Warning: no gain.**" in markdown(summary) and "else 0.02: ny 0.02)" in markdown(summary)
+    # with example counts, noise is two standard errors of the difference: sw's 0.19 gain is real on 500 examples
+    # (2 * sqrt(0.40 * 0.60 / 500 + 0.21 * 0.79 / 500) = 0.057) and on 50 (0.180), noise on 40 (0.201)
+    for n, no_gain in ((500, ["ny"]), (50, ["ny"]), (40, ["ny", "sw"])):
+        data["points"]["verse_class"]["sw"]["standard"] = [
+            Point(0.21, 0.0, 0.0, 0, n), Point(0.40, 10.0, 10.0, None, n)]
+        counted = summarize(data, "standard", [0.95], chance_margin=0.02)
+        assert counted["tasks"]["verse_class"]["no_gain"] == no_gain, n
+    assert counted["tasks"]["verse_class"]["languages"]["sw"]["reference_gain_noise"] == pytest.approx(
+        2 * (0.40 * 0.60 / 40 + 0.21 * 0.79 / 40) ** 0.5)
 
 
 def test_methods_are_reported_in_the_configured_order_and_only_those():

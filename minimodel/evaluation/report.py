@@ -15,7 +15,9 @@ For each task and language it finds, for every method, the compute at which its 
 99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute; with
 final evaluations only, each method has one point), and the saving against the standard method. A task whose
 source-language reference is not above the majority-class share (logged by zero_shot as baseline/majority) by
-`chance_margin` gets a warning: its numbers are at chance and say nothing about the methods.
+`chance_margin` gets a warning: its numbers are at chance and say nothing about the methods; so does a language
+where the reference method's final quality is not above its first checkpoint's by more than two standard errors
+(`chance_margin` where the evaluations logged no n_examples): "no gain".
 The unadapted baseline (method `none`, <pipeline_dir>/zero_shot/<task>/none/: the primary reading the target text
 with its own tokenizer) is no method with compute: it is drawn as a horizontal line per language, and an adapted
 method gets a warning (logged, and in report.json's `warnings` and report.md) where its final quality ends below
@@ -254,10 +256,16 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                                                     hit.wall_clock_s if hit else None),
                     }
                 methods[method] = entry
-            # how much the reference method improved over its first checkpoint (step 0): none means noise
-            ref_gain = ref_final - ref_points[0].quality if len(ref_points) > 1 else None
-            langs[lang] = {"reference_final": ref_final, "reference_gain": ref_gain, "methods": methods,
-                           "baseline": baselines.get(task, {}).get(lang)}
+            # how much the reference method improved over its first checkpoint (step 0), and what is noise: two
+            # standard errors where both evaluations logged n_examples, else chance_margin
+            ref_gain, ref_noise = None, None
+            if len(ref_points) > 1:
+                first, last = ref_points[0], ref_points[-1]
+                ref_gain = last.quality - first.quality
+                ref_noise = two_standard_errors(last.quality, last.n_examples, first.quality, first.n_examples)
+            langs[lang] = {"reference_final": ref_final, "reference_gain": ref_gain,
+                           "reference_gain_noise": chance_margin if ref_noise is None else ref_noise,
+                           "methods": methods, "baseline": baselines.get(task, {}).get(lang)}
             cases = [c for m in methods
                      if (c := _against_baseline(lang, m, per_method[m][-1], langs[lang]["baseline"] or {}))]
             for verdict, into in ((False, below), (True, within)):
@@ -269,8 +277,8 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                        "description": TASKS[task].description if task in TASKS else "",
                        "majority": majority, "at_chance": bool(majority) and all(
                            source[lang] <= majority[lang] + chance_margin for lang in majority if lang in source),
-                       "no_gain": [lang for lang, e in langs.items()
-                                   if e["reference_gain"] is not None and e["reference_gain"] <= chance_margin],
+                       "no_gain": [lang for lang, e in langs.items() if e["reference_gain"] is not None
+                                   and e["reference_gain"] <= e["reference_gain_noise"]],
                        "below_baseline": below, "within_baseline_noise": within}
     return {"reference_method": reference, "methods": order, "fractions": fractions, "chance_margin": chance_margin,
             "baseline_method": BASELINE, "tasks": tasks, "warnings": warnings}
@@ -377,10 +385,13 @@ def markdown(summary: dict) -> str:
                 lines += ["", f"**Warning: {headline} the unadapted baseline.** "
                               f"{_baseline_warning(task, metric, cases)}."]
         if t.get("no_gain"):
+            noise = ", ".join(f"{lang} {_fmt(t['languages'][lang]['reference_gain_noise'], '.2g')}"
+                              for lang in t["no_gain"])
             lines += ["", f"**Warning: no gain.** `{ref}` adaptation did not improve {metric} over its first "
-                          f"checkpoint by more than {_fmt(summary.get('chance_margin'), 'g')} for "
-                          f"{', '.join(t['no_gain'])}: the thresholds there are reached by noise, and those rows' "
-                          "savings say nothing about the methods."]
+                          f"checkpoint by more than its noise (two standard errors where the evaluations' example "
+                          f"counts are known, else {_fmt(summary.get('chance_margin'), 'g')}: {noise}): the "
+                          "thresholds there are reached by noise, and those rows' savings say nothing about the "
+                          "methods."]
         lines.append("")
     return "\n".join(lines)
 
