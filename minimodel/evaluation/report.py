@@ -371,8 +371,11 @@ def markdown(summary: dict) -> str:
                     r = m["reach"].get(f)
                     if r is None or r["flops"] is None:
                         row.append("not reached" if r is not None else "—")
-                    else:
-                        row.append(f"{_fmt(r['flops'])} ({_fmt(r['flops_saving'], '.2f')}x)")
+                    elif r["flops"] == 0:  # its initial embeddings already reach it (an init's head start)
+                        row.append("0 (at its start)")
+                    else:  # no saving where the reference reached it at its start
+                        saving = r["flops_saving"]
+                        row.append(f"{_fmt(r['flops'])} ({'—' if saving is None else f'{saving:.2f}x'})")
                 lines.append("| " + " | ".join(row) + " |")
         if t.get("at_chance"):
             chance = ", ".join(f"{lang} {_fmt(v, '.4g')}" for lang, v in t["majority"].items())
