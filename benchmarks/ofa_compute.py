@@ -12,16 +12,16 @@ the pipeline's word_vectors stage from the same corpora). `--factorized-dim d` g
 embeddings of rank d, and `--ofa-lr` their own adaptation learning rate (random init keeps Setup.adapt_lr, which was
 tuned for random rows); each flag gives a separate work dir whose pipelines re-run from pretraining, same seeds.
 
-OFA's starting point is the thing being measured, so quality has ONE zero per seed and language, as in the
-pipeline's report: quality = mlm_loss(standard-random's step-0 embeddings) - mlm_loss(snapshot). Reported per method: the initial quality (step 0), the final quality, the FLOPs to
-first reach 95/99/100% of standard-random's final quality and the saving against standard-random's own FLOPs to get
-there, and the trainable parameters (adapt.json's trainable_numel). The goal it reports against: an OFA x mini-model
+OFA's starting point is the thing being measured, so quality has ONE zero per seed and language, the pipeline
+report's: quality = mlm_loss(standard-random's step-0 embeddings) - mlm_loss(snapshot). Reported per method: the
+initial quality (step 0), the final quality, the FLOPs to first reach 95/99/100% of standard-random's final quality
+and the saving against standard-random's own FLOPs to get there, and the trainable parameters (adapt.json's
+trainable_numel). The goal it reports against: an OFA x mini-model
 method reaching 100% of standard's final quality with at least 5x less compute.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.adaptation_compute import COLOURS, Setup, add_setup_flags, setup_from_flags  # noqa: E402
 from benchmarks.common import REPO, arg_parser, header, language_axes, parse_args, save  # noqa: E402
 from minimodel import pipeline  # noqa: E402
-from minimodel.adaptation.artifact import read_info, snapshot_dir  # noqa: E402
+from minimodel.adaptation.artifact import read_info  # noqa: E402
+from minimodel.evaluation.report import collect  # noqa: E402
 from minimodel.layout import PipelineLayout  # noqa: E402
 from minimodel.methods import REFERENCE, parse_method  # noqa: E402
 
@@ -71,17 +72,18 @@ def pipeline_config(setup: Setup, work: Path, seed: int, factorized_dim: int | N
     return cfg
 
 
-def losses(layout: PipelineLayout, method: str, lang: str) -> dict[int, tuple[float, float]]:
-    """{adaptation step: (cumulative FLOPs, held-out target MLM loss)} over the snapshots and the final embeddings."""
-    out = layout.zero_shot(TASK, method)
-    final = json.loads((out / "metrics.json").read_text())[lang]
-    snapshots = json.loads((out / "snapshots.json").read_text()).get(lang, {})
-    run_dir = layout.adapt(method, lang)
-    info = read_info(run_dir)
-    points = {int(step): (read_info(snapshot_dir(run_dir, int(step)))["flops"], m["mlm_loss"])
-              for step, m in snapshots.items()}
-    points[info["steps"]] = (info["flops"], final["mlm_loss"])
-    return dict(sorted(points.items()))
+def curves_of(layout: PipelineLayout, seed: int, langs: list[str]) -> list[dict]:
+    """Each method's curve of one seed's pipeline: the report's target_mlm points (one zero per language, standard's
+    step-0 loss: evaluation/report.py's collect), the final embeddings at their adaptation step."""
+    points = collect(layout, list(METHODS), [TASK])["points"][TASK]
+    curves = []
+    for lang in langs:
+        for method in METHODS:
+            info = read_info(layout.adapt(method, lang))
+            curves.append({"method": method, "lang": lang, "seed": seed, "trainable_numel": info["trainable_numel"],
+                           "points": [{"step": info["steps"] if p.adapt_step is None else p.adapt_step,
+                                       "flops": p.flops, "quality": p.quality} for p in points[lang][method]]})
+    return curves
 
 
 def first_reach(points: list[dict], target: float) -> float | None:
@@ -156,14 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = pipeline_config(setup, work, seed, args.factorized_dim, args.ofa_lr)
         print(f"[{NAME}] seed {seed}: pipeline {cfg.output_dir}", flush=True)
         pipeline.run(cfg)
-        layout = PipelineLayout(Path(cfg.output_dir))
-        for lang in setup.target_langs:
-            zero = losses(layout, REFERENCE, lang)[0][1]  # the common zero: standard-random's step-0 loss
-            for method in METHODS:
-                numel = read_info(layout.adapt(method, lang))["trainable_numel"]
-                curves.append({"method": method, "lang": lang, "seed": seed, "trainable_numel": numel,
-                               "points": [{"step": step, "flops": flops, "quality": zero - loss}
-                                          for step, (flops, loss) in losses(layout, method, lang).items()]})
+        curves += curves_of(PipelineLayout(Path(cfg.output_dir)), seed, setup.target_langs)
     result = header(NAME, args.smoke)
     result["setup"] = {"target_langs": setup.target_langs, "seeds": setup.seeds,
                        "secondary_head": setup.secondary_head, "factorized_dim": args.factorized_dim,
