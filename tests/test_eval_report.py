@@ -166,7 +166,7 @@ def test_a_reference_that_did_not_improve_gets_a_warning():
     summary = summarize(data, "standard", [0.95], chance_margin=0.02)
     assert summary["tasks"]["verse_class"]["no_gain"] == ["ny"]
     assert summary["tasks"]["verse_class"]["languages"]["sw"]["reference_gain"] == pytest.approx(0.19)
-    assert "**Warning: no gain.**" in markdown(summary) and "else 0.02: ny 0.02)" in markdown(summary)
+    assert "**Warning: no gain.**" in markdown(summary) and "else the chance margin: ny 0.02)" in markdown(summary)
     # with example counts, noise is two standard errors of the difference: sw's 0.19 gain is real on 500 examples
     # (2 * sqrt(0.40 * 0.60 / 500 + 0.21 * 0.79 / 500) = 0.057) and on 50 (0.180), noise on 40 (0.201)
     for n, no_gain in ((500, ["ny"]), (50, ["ny"]), (40, ["ny", "sw"])):
@@ -276,6 +276,31 @@ def test_a_gap_within_noise_is_no_measurable_gain_and_one_beyond_it_is_harm(tmp_
     assert large["warnings"] == logged and "minipost ends at accuracy 0.75, below the unadapted" in logged[0]
     assert "more than two standard errors: adapting made the model worse" in logged[0]
     assert f"**Warning: below the unadapted baseline.** {logged[0]}" in md
+
+
+def test_the_noise_bound_is_in_the_metrics_own_units_and_only_for_means_of_bounded_scores():
+    """MLQA's F1 is in percent (as the official script reports it): 60.0 against the unadapted 60.5 on 1000 questions
+    each is within two standard errors, 100 * 2 * sqrt(0.6 * 0.4 / 1000 + 0.605 * 0.395 / 1000) = 4.377 F1 points
+    (by hand), not "made the model worse". target_mlm's gain is in nats, no mean of per-example scores in [0, 1]:
+    its "no gain" noise is chance_margin whatever the gain and the sequence count (a 0.5-nat gain on 64 sequences
+    used to get a binomial 0.125)."""
+    from minimodel.evaluation.report import Point, summarize
+
+    data = {"metric": {"mlqa": "f1"}, "source": {}, "majority": {},
+            "points": {"mlqa": {"sw": {"standard": [
+                Point(10.0, 0.0, 0.0, 0, 1000), Point(60.0, 9.0, 1.0, None, 1000)]}}},
+            "baseline": {"mlqa": {"sw": {"quality": 60.5, "unk_fraction": 0.0, "n_examples": 1000}}}}
+    mlqa = summarize(data, "standard", [0.95], chance_margin=0.02)["tasks"]["mlqa"]
+    assert mlqa["below_baseline"] == []
+    [case] = mlqa["within_baseline_noise"]
+    assert case["noise"] == pytest.approx(4.377, abs=1e-3)
+    assert mlqa["languages"]["sw"]["reference_gain_noise"] == pytest.approx(
+        100 * 2 * (0.6 * 0.4 / 1000 + 0.1 * 0.9 / 1000) ** 0.5)
+    for gain in (0.04, 0.5, 1.2):
+        data = {"metric": {"target_mlm": "mlm_gain"}, "source": {}, "majority": {}, "points": {"target_mlm": {
+            "ny": {"standard": [Point(0.0, 0.0, 0.0, 0, 64), Point(gain, 9.0, 1.0, None, 64)]}}}}
+        mlm = summarize(data, "standard", [0.95], chance_margin=0.02)["tasks"]["target_mlm"]
+        assert mlm["languages"]["ny"]["reference_gain_noise"] == 0.02 and mlm["no_gain"] == [], gain
 
 
 def test_no_warning_when_every_method_ends_above_the_unadapted_baseline(tmp_path, caplog):

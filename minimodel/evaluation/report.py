@@ -17,7 +17,8 @@ final evaluations only, each method has one point), and the saving against the s
 source-language reference is not above the majority-class share (logged by zero_shot as baseline/majority) by
 `chance_margin` gets a warning: its numbers are at chance and say nothing about the methods; so does a language
 where the reference method's final quality is not above its first checkpoint's by more than two standard errors
-(`chance_margin` where the evaluations logged no n_examples): "no gain".
+(where they are unknown, `chance_margin` of a perfect score; target_mlm's nats are no mean of bounded scores, so
+always chance_margin nats there): "no gain".
 The unadapted baseline (method `none`, <pipeline_dir>/zero_shot/<task>/none/: the primary reading the target text
 with its own tokenizer) is no method with compute: it is drawn as a horizontal line per language, and an adapted
 method gets a warning (logged, and in report.json's `warnings` and report.md) where its final quality ends below
@@ -67,7 +68,9 @@ class ReportConfig:
     methods: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)  # the zero-shot tasks reported; []: every one found
     fractions: list[float] = field(default_factory=lambda: [0.95, 0.99, 1.0])
-    chance_margin: float = 0.02  # a source reference within this of the majority-class share is "at chance"
+    # a share of a perfect score: a source reference this close to the majority-class share is "at chance"; also the
+    # "no gain" noise where two standard errors are unknown
+    chance_margin: float = 0.02
     log_to_parent: bool = True  # attach the report files (and headline metrics) to the pipeline's MLflow run
     parent_run_id: str | None = None  # that run; None: tracking.parent_run_id or $MINIMODEL_PARENT_RUN_ID
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -235,6 +238,7 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
         for lang in sorted(set(per_lang) | set(baselines.get(task, {}))):
             per_method = per_lang.get(lang, {})
             ref_points = per_method.get(reference, [])
+            full_score = TASKS[task].full_score if task in TASKS else 1.0
             ref_final = ref_points[-1].quality if ref_points else None
             methods = {}
             for method, pts in ((m, per_method[m]) for m in order if m in per_method):
@@ -262,12 +266,15 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
             if len(ref_points) > 1:
                 first, last = ref_points[0], ref_points[-1]
                 ref_gain = last.quality - first.quality
-                ref_noise = two_standard_errors(last.quality, last.n_examples, first.quality, first.n_examples)
+                ref_noise = two_standard_errors(last.quality, last.n_examples, first.quality, first.n_examples,
+                                                full_score)
+            margin = chance_margin * (full_score or 1.0)  # chance_margin is a share of a perfect score
             langs[lang] = {"reference_final": ref_final, "reference_gain": ref_gain,
-                           "reference_gain_noise": chance_margin if ref_noise is None else ref_noise,
+                           "reference_gain_noise": margin if ref_noise is None else ref_noise,
                            "methods": methods, "baseline": baselines.get(task, {}).get(lang)}
             cases = [c for m in methods
-                     if (c := _against_baseline(lang, m, per_method[m][-1], langs[lang]["baseline"] or {}))]
+                     if (c := _against_baseline(lang, m, per_method[m][-1], langs[lang]["baseline"] or {},
+                                                full_score))]
             for verdict, into in ((False, below), (True, within)):
                 if group := [c for c in cases if c["within_noise"] is verdict]:
                     into += group
@@ -284,22 +291,26 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
             "baseline_method": BASELINE, "tasks": tasks, "warnings": warnings}
 
 
-def two_standard_errors(a: float, n_a: float | None, b: float, n_b: float | None) -> float | None:
-    """Two standard errors of the difference of two mean scores in [0, 1] over n_a and n_b examples (None: a count
-    unknown or a score outside [0, 1]). A per-example score in [0, 1] with mean p has variance at most p(1 - p), so
-    this bounds accuracy, top-1 and F1 alike; counting the two evaluations as independent over-states the noise of
-    two models scored on the same examples, so a gap beyond it is a real one."""
-    if not n_a or not n_b or not (0 <= a <= 1 and 0 <= b <= 1):
+def two_standard_errors(a: float, n_a: float | None, b: float, n_b: float | None,
+                        full_score: float | None = 1.0) -> float | None:
+    """Two standard errors of the difference of two mean scores in [0, full_score] over n_a and n_b examples, in
+    the scores' units (None: a count unknown, no full_score (not a mean of bounded scores), or a score outside the
+    range). A per-example score in [0, 1] with mean p has variance at most p(1 - p), so this bounds accuracy, top-1
+    and F1 alike; counting the two evaluations as independent over-states the noise of two models scored on the
+    same examples, so a gap beyond it is a real one."""
+    if full_score is None or not n_a or not n_b or not (0 <= a <= full_score and 0 <= b <= full_score):
         return None
-    return 2 * math.sqrt(a * (1 - a) / n_a + b * (1 - b) / n_b)
+    a, b = a / full_score, b / full_score
+    return full_score * 2 * math.sqrt(a * (1 - a) / n_a + b * (1 - b) / n_b)
 
 
-def _against_baseline(lang: str, method: str, final: Point, unadapted: dict) -> dict | None:
+def _against_baseline(lang: str, method: str, final: Point, unadapted: dict, full_score: float | None) -> dict | None:
     """A method's final quality against the unadapted primary's: None where it is measurably above it (or there is
     no baseline), else the case to warn about; `within_noise`: the gap is within two standard errors."""
     if unadapted.get("quality") is None:
         return None
-    noise = two_standard_errors(final.quality, final.n_examples, unadapted["quality"], unadapted.get("n_examples"))
+    noise = two_standard_errors(final.quality, final.n_examples, unadapted["quality"], unadapted.get("n_examples"),
+                                full_score)
     within = noise is not None and abs(final.quality - unadapted["quality"]) <= noise
     if not within and final.quality >= unadapted["quality"]:
         return None
@@ -392,7 +403,7 @@ def markdown(summary: dict) -> str:
                               for lang in t["no_gain"])
             lines += ["", f"**Warning: no gain.** `{ref}` adaptation did not improve {metric} over its first "
                           f"checkpoint by more than its noise (two standard errors where the evaluations' example "
-                          f"counts are known, else {_fmt(summary.get('chance_margin'), 'g')}: {noise}): the "
+                          f"counts are known, else the chance margin: {noise}): the "
                           "thresholds there are reached by noise, and those rows' savings say nothing about the "
                           "methods."]
         lines.append("")

@@ -51,6 +51,9 @@ class TaskSpec:
     metric: str  # the headline metric, as logged
     labels: tuple[str, ...] = ()
     description: str = ""  # what the metric measures, for the report
+    # a perfect score: the metric is a mean of per-example scores in [0, full_score] (MLQA's F1 is in percent, as the
+    # official script reports it); None: not such a mean (target_mlm's nats), so the report has no binomial noise bound
+    full_score: float | None = 1.0
 
     @property
     def fine_tuned(self) -> bool:
@@ -69,14 +72,14 @@ class TaskSpec:
 TASKS = {
     "xnli": TaskSpec("classification", "accuracy", ("entailment", "neutral", "contradiction")),
     "pawsx": TaskSpec("classification", "accuracy", ("different", "paraphrase")),
-    "mlqa": TaskSpec("qa", "f1"),
+    "mlqa": TaskSpec("qa", "f1", full_score=100.0),
     "verse_class": TaskSpec("classification", "accuracy", BIBLE_PARTS),
     "verse_retrieval": TaskSpec("retrieval", "top1"),
     "target_mlm": TaskSpec("mlm", "mlm_gain", description=(
         "held-out target-language masked-LM loss of the primary model with the target embeddings plugged in (fixed "
         "masked positions); mlm_gain = that loss with the reference method's initial (step-0) embeddings minus the "
         "loss now, in nats, higher is better: one zero per language, so an initialisation's head start counts "
-        "(zero_shot's own metrics.json measure each run from its own step 0)")),
+        "(zero_shot's own metrics.json measure each run from its own step 0)"), full_score=None),
 }
 SPLITS = ("train", "dev", "test")
 
