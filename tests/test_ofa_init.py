@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ofa_helpers import wordpiece
+from ofa_helpers import byte_level_bpe, wordpiece
 
 from minimodel.adaptation.vocab import INITIALISERS, token_map
 from minimodel.ofa.init import OFAInputs, normalised_pieces, subword_vectors, top_k
@@ -31,7 +31,22 @@ def test_subword_vectors_are_exact_means_over_the_words_containing_them():
 
 
 def test_normalised_pieces_mark_word_starts_whatever_the_family():
-    assert normalised_pieces(TARGET)[8] == " house" and normalised_pieces(SOURCE)[7] == "s"
+    assert normalised_pieces(TARGET)[8] == " HOUSE" and normalised_pieces(SOURCE)[7] == "s"
+    bpe = byte_level_bpe(["ĠThe", "Ã©", "Ã"])  # "Ã©" is the two bytes of "é"; "Ã" alone is half a character
+    assert [normalised_pieces(bpe)[i] for i in (2, 3, 4)] == [" The", "é", "Ã"]
+
+
+def test_a_piece_takes_the_source_row_of_its_own_case_first_then_of_any_case():
+    """As OFA's reference: exact (marker-normalised) matches before lower-cased ones, so "House" copies "House", not
+    the lower id "house"; "HOUSE" has no same-case match and takes the lowest id of "house" in any case. A byte-level
+    source's "Ã©" is the text "é", so a WordPiece continuation "##é" copies it."""
+    source = byte_level_bpe(["Ġhouse", "ĠHouse", "Ã©"])  # ids 2 3 4
+    target = wordpiece(["House", "HOUSE", "##é", "nyumba"])  # ids 5 6 7 8
+    inputs = OFAInputs(source, VECTORS, ["en"], "sw")
+    e_src = torch.randn(len(source), 3, generator=torch.Generator().manual_seed(0))
+    _, used = INITIALISERS["ofa"](e_src, token_map(source, target), target, std=0.02, pad_id=0,
+                                  generator=torch.Generator().manual_seed(0), ofa=inputs)
+    assert used[5:].tolist() == [3, 2, 4, -1]
 
 
 def _expected_row(target_vec, source_vecs, e_src, k, temperature):

@@ -2,8 +2,9 @@
 
 Rules, in order, for each target token (counts of each go to the log and adapt.json):
 1. copied:   the source vocabulary has the same token (same piece or special-token role: the token map) -> its row;
-2. copied (normalised): the same piece after normalising case and the word-boundary marker (SentencePiece "▁",
-   byte-level BPE "Ġ", WordPiece's unmarked word starts) -> that source row (the lowest id of equals);
+2. copied (normalised): the same piece after normalising the word-boundary marker (SentencePiece "▁", byte-level
+   BPE "Ġ" with its pieces decoded to text, WordPiece's unmarked word starts), in the same case if there is one, else
+   in any case (OFA's order: "▁The" takes "The", not "the") -> that source row (the lowest id of equals);
 3. neighbours: the token has a subword vector -> sum_j softmax(cos(t, s_j) / T) E_src[j] over its k source tokens
    of highest cosine (ties: lower id first). As in the reference implementation every source token is a candidate,
    one without a subword vector at cosine 0;
@@ -71,17 +72,18 @@ def _style(tokenizer) -> str:
 
 
 def normalised_pieces(tokenizer) -> dict[int, str]:
-    """id -> the piece lower-cased with a word start written as a leading space, whatever the tokenizer family."""
+    """id -> the piece's text with a word start written as a leading space, whatever the tokenizer family."""
     style = _style(tokenizer)
     out = {}
     for piece, tid in tokenizer.get_vocab().items():
         if style == "sentencepiece":
             piece = piece.replace("▁", " ")
-        elif style == "bpe":
-            piece = piece.replace("Ġ", " ")
+        elif style == "bpe":  # byte-level pieces spell non-ASCII text as bytes ("Ã©" is "é"); a partial character stays
+            text = tokenizer.convert_tokens_to_string([piece])
+            piece = piece.replace("Ġ", " ") if "\ufffd" in text else text
         elif style == "wordpiece":
             piece = piece[2:] if piece.startswith("##") else " " + piece
-        out[tid] = piece.lower()
+        out[tid] = piece
     return out
 
 
@@ -147,17 +149,18 @@ def initialise(source_weight: torch.Tensor, mapping: torch.Tensor, target_tokeni
     matrix's own per-dimension spread. Returns (weight, used map: the source row of copied tokens, else -1)."""
     source = source_weight.detach().double().cpu().numpy()
     used = mapping.clone()
-    source_norm = normalised_pieces(ofa.source_tokenizer)
-    first_of = {}
-    for sid in sorted(source_norm):
-        if sid < len(source):
-            first_of.setdefault(source_norm[sid], sid)
     counts = dict.fromkeys(RULES, 0)
     counts["copied"] = int((mapping >= 0).sum())
-    for tid, piece in normalised_pieces(target_tokenizer).items():
-        if tid < len(used) and used[tid] < 0 and piece in first_of:
-            used[tid] = first_of[piece]
-            counts["copied_normalised"] += 1
+    source_norm, target_norm = normalised_pieces(ofa.source_tokenizer), normalised_pieces(target_tokenizer)
+    for case in (str, str.lower):  # the same case first, then any case
+        first_of = {}
+        for sid in sorted(source_norm):
+            if sid < len(source):
+                first_of.setdefault(case(source_norm[sid]), sid)
+        for tid, piece in target_norm.items():
+            if tid < len(used) and used[tid] < 0 and case(piece) in first_of:
+                used[tid] = first_of[case(piece)]
+                counts["copied_normalised"] += 1
 
     weight = np.zeros((len(used), source.shape[1]))
     copied = (used >= 0).numpy()

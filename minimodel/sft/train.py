@@ -61,7 +61,10 @@ class SFTConfig:
     iterations: int = 1  # select / rewind / sparse rounds, each freeing k / iterations more values
     full_steps: int | None = None  # phase 1 (full fine-tuning) steps per iteration; None: train.steps
     sparse_steps: int | None = None  # phase 2 (sparse fine-tuning) steps per iteration; None: train.steps
-    full_l1: float = 0.0  # lambda of the L1 pull toward theta0 in phase 1 (reference: 0.1 for language SFTs)
+    # lambda of the L1 pull toward theta0 in phase 1 (reference: 0.1 for language SFTs), per optimizer step whatever
+    # train.grad_accumulation; the reference multiplies it by its accumulation (2 in its language-SFT scripts), so
+    # their 0.1 at accumulation 2 is 0.2 here
+    full_l1: float = 0.0
     sparse_l1: float = 0.0  # ... and in phase 2
     l1_eligible_only: bool = False  # L1 on the eligible parameters only (default: on the dense head too)
     include_layer_norms: bool = False  # normalisation layers eligible (body) / dense (head) instead of frozen
@@ -245,8 +248,8 @@ def _run_phase(train_cfg, model, part: Partition, train_data, loss_fn, flops_fn,
                           accumulation=train_cfg.grad_accumulation, l1_names=l1_names)
     phase_tracker = None if tracker is None else _PhaseTracker(tracker, offset, iteration, 1 if masks is None else 2)
     try:
-        result = train(dataclasses.replace(train_cfg, steps=steps), model, train_data, loss_fn, flops_fn, output_dir=run_dir,
-                       eval_data=eval_data, tracker=phase_tracker, desc=desc)
+        result = train(dataclasses.replace(train_cfg, steps=steps), model, train_data, loss_fn, flops_fn,
+                       output_dir=run_dir, eval_data=eval_data, tracker=phase_tracker, desc=desc)
         values = None if result.interrupted else gather_full_params(result.engine, part.trainable)  # collective
         release_engine(result.engine)
     finally:
