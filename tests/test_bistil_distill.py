@@ -6,18 +6,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForMaskedLM, AutoModelForSequenceClassification, XLMRobertaConfig,
                           XLMRobertaForMaskedLM)
 
 from adapt_helpers import REPO, launch_env, prepare_tiny_data
 from minimodel.adaptation.vocab import install_vocabulary
-from minimodel.bistil.distill import DistillConfig, StudentVocabulary, build_vocabulary
+from minimodel.bistil.distill import (DistillConfig, StudentVocabulary, build_vocabulary, fit_projections,
+                                      load_projections)
 from minimodel.data.indexed import write_indexed
 from minimodel.data.tokenizer import load_tokenizer
+from minimodel.errors import UserError
 from minimodel.evaluation.models import load_task_model, write_task_model
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.hf import initialised_at_load
@@ -79,6 +83,7 @@ def test_a_two_teacher_student_is_distilled_and_reads_each_language_with_its_own
     spec = json.loads((student_dir / "vocabulary.json").read_text())
     n_src, n_tgt = len(spec["rows"]["en"]), len(spec["rows"]["sw"])
     assert (student.config.num_hidden_layers, student.config.hidden_size) == (2, 16)
+    assert load_file(out / "sw" / "projection.safetensors")["M"].shape == (5, 32, 16)  # one M per teacher state
     assert student.config.vocab_size == n_src + n_tgt and n_tgt > 50
     en, sw = load_tokenizer(root / "teacher"), load_tokenizer(root / "plugged")
     kept = set(spec["rows"]["sw"]) | set(sw.all_special_ids)
@@ -176,3 +181,52 @@ def test_task_distillation_trains_the_students_body_at_the_configured_density_fr
         "input_ids"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"student/en/test/accuracy", "teacher/en/test/accuracy", "student/sw/test/accuracy"} <= set(metrics)
+
+
+class _ScaledTeacher(torch.nn.Module):
+    """A stand-in teacher whose state j is its embedding of each token scaled by SCALES[j]: each state has its own
+    dominant directions, and the last state dwarfs the others."""
+    SCALES = torch.tensor([[30.0, 30, 1, 1, 1, 1, 1, 1], [1, 1, 300, 300, 1, 1, 1, 1], [1, 1, 1, 1, 3000, 3000, 1, 1]])
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.config = SimpleNamespace(num_hidden_layers=2, hidden_size=8)
+        self.embed = torch.nn.Embedding(50, 8).requires_grad_(False)
+        torch.nn.init.normal_(self.embed.weight, generator=torch.Generator().manual_seed(seed))
+        self.base_model = self
+
+    def forward(self, input_ids, attention_mask, output_hidden_states):
+        e = self.embed(input_ids)
+        return SimpleNamespace(hidden_states=tuple(e * scale for scale in self.SCALES))
+
+
+def test_each_teacher_state_gets_the_top_singular_vectors_of_its_own_states(tmp_path):
+    """Phase 1's projections (the reference's per-layer mappings): M[j] spans the top-d right singular vectors of
+    teacher state j's unpadded token vectors from both teachers (numpy, by hand), not those of every state pooled;
+    phase 2 reads the same file back and refuses an older run's single M."""
+    rng = np.random.default_rng(0)
+    teachers = {"en": _ScaledTeacher(0), "sw": _ScaledTeacher(1)}
+    data = {lang: [{"input_ids": rng.integers(0, 50, 6), "attention_mask": np.array([1, 1, 1, 1, 0, 0])}
+                   for _ in range(8)] for lang in teachers}
+    m = fit_projections(teachers, data, tokens=10**6, d=2).double().numpy()
+
+    def projector(v):  # onto the span of v's columns (singular vectors have a sign of their own)
+        return v @ v.T
+
+    states = [np.concatenate([teachers[lang].embed(torch.as_tensor(x["input_ids"][:4])).numpy() * scales.numpy()
+                              for lang in teachers for x in data[lang]]) for scales in _ScaledTeacher.SCALES]
+    assert m.shape == (3, 8, 2)
+    for j, h in enumerate(states):
+        _, _, vh = np.linalg.svd(h.astype(np.float64), full_matrices=False)
+        np.testing.assert_allclose(projector(m[j]), projector(vh[:2].T), atol=1e-5)
+    _, _, pooled = np.linalg.svd(np.concatenate(states).astype(np.float64), full_matrices=False)
+    assert np.abs(projector(m[0]) - projector(pooled[:2].T)).max() > 0.5  # the pooled M is the loud last state's
+    with pytest.raises(UserError, match="raise projection_tokens to at least 9"):  # 2 x 4 token states, d = 9
+        fit_projections(teachers, data, tokens=2, d=9)
+
+    path = tmp_path / "projection.safetensors"
+    save_file({"M": torch.as_tensor(m).float()}, str(path))
+    torch.testing.assert_close(load_projections(path, teachers["en"].config, 2), torch.as_tensor(m).float())
+    save_file({"M": torch.as_tensor(m[0]).float()}, str(path))  # an older phase 1's one M for every state
+    with pytest.raises(UserError, match=r"not one projection per teacher state .*rerun adapt/distill.py"):
+        load_projections(path, teachers["en"].config, 2)

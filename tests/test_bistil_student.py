@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaForSequenceClassification
+from transformers import (XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaForQuestionAnswering,
+                          XLMRobertaForSequenceClassification)
 
 from minimodel.bistil.loss import (DistillationWeights, attention_loss, distillation_loss, hidden_loss,
                                    soft_cross_entropy, state_projection)
@@ -68,11 +69,20 @@ def test_svd_embeddings_are_the_rank_d_coordinates():
     assert error == pytest.approx(np.sqrt((s[16:] ** 2).sum()), rel=1e-5)  # the best rank-16 approximation
 
 
+def _projections(teacher, d: int = 16) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """M [L+1, h, d] fitted on each teacher state's own token vectors (64 tokens: more than d), and those states."""
+    torch.manual_seed(2)
+    with torch.no_grad():
+        out = teacher.base_model(input_ids=torch.randint(3, 60, (4, 16)), output_hidden_states=True)
+    states = [h.reshape(-1, h.shape[-1]) for h in out.hidden_states]
+    return torch.stack([state_projection(h, d) for h in states]), states
+
+
 def _hand_loss(s, t, ratio, mask, m):
-    """The losses with explicit loops over layers, sequences, tokens (numpy, float64)."""
+    """The losses with explicit loops over layers, sequences, tokens (numpy, float64); m[j] projects teacher state j."""
     hidden = []
     for i in range(len(s.hidden_states)):
-        hs, ht = s.hidden_states[i].double().numpy(), t.hidden_states[i * ratio].double().numpy() @ m
+        hs, ht = s.hidden_states[i].double().numpy(), t.hidden_states[i * ratio].double().numpy() @ m[i * ratio]
         errs = [((hs[b, k] - ht[b, k]) ** 2).mean() for b in range(hs.shape[0]) for k in range(hs.shape[1])
                 if mask[b, k]]
         hidden.append(np.mean(errs))
@@ -89,18 +99,20 @@ def test_distillation_loss_equals_a_hand_computation():
     student = build_student(teacher, StudentConfig(hidden_ratio=2, init="svd")).eval()
     with torch.no_grad():
         t, s = _outputs(teacher), _outputs(student)
-    states = torch.cat([h[MASK.bool()] for h in t.hidden_states])
-    m = state_projection(states, 16)
+    m, states = _projections(teacher)
     hidden, attention = _hand_loss(s, t, 2, MASK.numpy(), m.double().numpy())
     weights = DistillationWeights(hidden=0.5, attention=2.0)
     loss = distillation_loss(s, t, MASK, 2, weights, m)
     assert float(loss) == pytest.approx(0.5 * hidden + 2.0 * attention, rel=1e-6)
     assert float(attention_loss(s.attentions, t.attentions, 2)) == pytest.approx(attention, rel=1e-6)
-    # M: orthonormal columns spanning the top-16 right singular vectors of the teacher states
-    _, _, vh = np.linalg.svd(states.double().numpy(), full_matrices=False)
-    md = m.double().numpy()
+    # M[j]: orthonormal columns spanning the top-16 right singular vectors of teacher state j
+    _, _, vh = np.linalg.svd(states[2].double().numpy(), full_matrices=False)
+    md = m[2].double().numpy()
     np.testing.assert_allclose(md.T @ md, np.eye(16), atol=1e-6)
     np.testing.assert_allclose(md @ md.T, vh[:16].T @ vh[:16], atol=1e-6)
+    # the projections differ per state, so a shared one would give another loss
+    shared = m[0].expand_as(m)
+    assert float(distillation_loss(s, t, MASK, 2, weights, shared)) != pytest.approx(float(loss), rel=1e-3)
 
 
 def test_soft_cross_entropy_at_temperature_2():
@@ -157,3 +169,30 @@ def test_task_distillation_loss_is_the_formula_and_ignores_gold_labels_unless_we
     assert with_labels == pytest.approx(float(loss) + 0.5 * float(F.cross_entropy(s.logits, batch["labels"])),
                                         rel=1e-6)
     assert float(gold.loss(student, {**batch, "labels": torch.tensor([1, 1])})) != with_labels
+
+
+@torch.no_grad()
+def test_qa_task_distillation_sums_the_start_and_end_soft_cross_entropies():
+    """Phase 2 on QA, a half-width student: the soft cross-entropy is CE(start) + CE(end), each at T = 2 (the
+    reference's, not their mean), and the hidden loss projects teacher state j by M[j]."""
+    torch.manual_seed(0)
+    config = dict(vocab_size=60, num_attention_heads=2, max_position_embeddings=40, pad_token_id=1,
+                  attn_implementation="eager")
+    teacher = XLMRobertaForQuestionAnswering(XLMRobertaConfig(hidden_size=32, num_hidden_layers=4,
+                                                              intermediate_size=64, **config)).eval()
+    student = XLMRobertaForQuestionAnswering(XLMRobertaConfig(hidden_size=16, num_hidden_layers=2,
+                                                              intermediate_size=32, **config)).eval()
+    s, t = (model(input_ids=IDS, attention_mask=MASK, output_hidden_states=True, output_attentions=True)
+            for model in (student, teacher))
+    m, _ = _projections(teacher)
+    batch = {"teacher_ids": IDS, "student_ids": IDS, "attention_mask": MASK,
+             "start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3, 2])}
+    loss = float(TaskDistillStep(teacher, student, DistillationWeights(soft_ce=1.0), m).loss(student, batch))
+
+    def ce(s_logits, t_logits):  # -sum softmax(t / 2) log softmax(s / 2), mean over the examples
+        return float(-(torch.softmax(t_logits / 2, -1) * torch.log_softmax(s_logits / 2, -1)).sum(-1).mean())
+
+    hidden, attention = _hand_loss(s, t, 2, MASK.numpy(), m.double().numpy())
+    start, end = ce(s.start_logits, t.start_logits), ce(s.end_logits, t.end_logits)
+    assert loss == pytest.approx(hidden + attention + start + end, rel=1e-5)
+    assert loss != pytest.approx(hidden + attention + (start + end) / 2, rel=1e-3)

@@ -16,9 +16,10 @@ Each micro-batch holds the same number of sequences of each language, and each f
 teachers are frozen outside the optimiser; the student's MLM head is not trained (phase 1 has no MLM loss).
 
 Output per target language, <output_dir>/<lang>/: source/ and target/ (the corpora in the teachers' vocabularies),
-projection.safetensors (M, narrower students), train/ (the loop's checkpoints and metrics.jsonl), student/ (a
-plain Hugging Face model directory with its tokenizer(s) and vocabulary.json), comparison.json (student beside
-teacher: held-out verse retrieval, parameters, FLOPs per token, measured tokens/s; minimodel/bistil/compare.py).
+projection.safetensors (narrower students: M [L+1, h, d], M[j] projects teacher state j), train/ (the loop's
+checkpoints and metrics.jsonl), student/ (a plain Hugging Face model directory with its tokenizer(s) and
+vocabulary.json), comparison.json (student beside teacher: held-out verse retrieval, parameters, FLOPs per token,
+measured tokens/s; minimodel/bistil/compare.py).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from minimodel.bistil.student import StudentConfig, build_student
 from minimodel.bistil.trim import install_rows, kept_ids, token_counts, trim_tokenizer
 from minimodel.config import PerLanguageRun, require
 from minimodel.data.mlm import MaskedLMDataset
+from minimodel.errors import UserError
 from minimodel.evaluation.tasks import TaskConfig, read_verses
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.hf import load_model, load_tokenizer
@@ -80,7 +82,7 @@ class DistillConfig(PerLanguageRun):
     mask_prob: float = 0.15
     data_seed: int = 0
     vocab_threshold: float = 1e-6  # keep a token whose relative frequency in either corpus reaches this
-    projection_tokens: int = 4096  # teacher states (per layer, first tokens of the corpora) that M is fitted on
+    projection_tokens: int = 4096  # teacher states (first tokens of the corpora) each state's M[j] is fitted on
     compare_texts: int = 256  # held-out target verses the student's and teacher's throughput are measured on
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: DistillationWeights = field(default_factory=DistillationWeights)
@@ -197,10 +199,10 @@ class DistillStep:
     """(student, batch) -> the mean over the two languages of the distillation loss, and its FLOPs."""
 
     def __init__(self, teachers: dict[str, torch.nn.Module], ratio: int, weights: DistillationWeights,
-                 projection: torch.Tensor | None, student):
+                 projections: torch.Tensor | None, student):
         device = distributed.device()  # the teachers run frozen beside the engine's student, on its device
         self.teachers = {lang: t.to(device) for lang, t in teachers.items()}
-        self.projection = None if projection is None else projection.to(device)
+        self.projections = None if projections is None else projections.to(device)
         self.ratio, self.weights = ratio, weights
         self.student_flops, self.teacher_flops = MLMFlops(student), {k: MLMFlops(t) for k, t in teachers.items()}
 
@@ -213,7 +215,7 @@ class DistillStep:
                                        output_hidden_states=True, output_attentions=True)
             s = student.base_model(input_ids=batch[f"{lang}/student_ids"], attention_mask=mask,
                                    output_hidden_states=True, output_attentions=True)
-            terms.append(distillation_loss(s, t, mask, self.ratio, self.weights, self.projection))
+            terms.append(distillation_loss(s, t, mask, self.ratio, self.weights, self.projections))
         return torch.stack(terms).mean()
 
     def flops(self, batch) -> float:
@@ -227,19 +229,39 @@ class DistillStep:
         return int(sum(batch[f"{lang}/attention_mask"].sum() for lang in self.teachers))
 
 
-def _fit_projection(cfg: DistillConfig, teachers, data: dict[str, MaskedLMDataset], d: int) -> torch.Tensor:
-    """M from the teachers' states (every layer) on the first sequences of both corpora."""
-    states = []
+def fit_projections(teachers: dict[str, torch.nn.Module], data: dict[str, MaskedLMDataset], tokens: int,
+                    d: int) -> torch.Tensor:
+    """M [L+1, h, d]: M[j] from teacher state j alone (0: the embeddings' output; the reference's per-layer
+    mappings), on the first sequences of both corpora (about `tokens` states of each)."""
+    n_states = next(iter(teachers.values())).config.num_hidden_layers + 1  # the teachers share one body
+    states: list[list[torch.Tensor]] = [[] for _ in range(n_states)]
     for lang, teacher in teachers.items():
         taken, i = 0, 0
-        while taken < cfg.projection_tokens // len(teachers) and i < len(data[lang]):
+        while taken < tokens // len(teachers) and i < len(data[lang]):
             x = data[lang][i]
             ids, mask = torch.as_tensor(x["input_ids"])[None], torch.as_tensor(x["attention_mask"])[None]
             with torch.no_grad():
                 out = teacher.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            states += [h[mask.bool()] for h in out.hidden_states]
+            for j, h in enumerate(out.hidden_states):
+                states[j].append(h[mask.bool()])
             taken, i = taken + int(mask.sum()), i + 1
-    return state_projection(torch.cat(states), d)
+    n = sum(len(h) for h in states[0])
+    if n < d:  # each state's SVD alone: fewer token vectors than d give fewer than d singular vectors
+        raise UserError(f"projection_tokens: {n} teacher token states fit M, fewer than the student's width {d}: "
+                        f"raise projection_tokens to at least {d}")
+    return torch.stack([state_projection(torch.cat(s), d) for s in states])
+
+
+def load_projections(path: Path, teacher_config, d: int) -> torch.Tensor:
+    """Phase 1's M [L+1, h, d] for this teacher; an older run's single M [h, d] (fitted on every layer's states
+    pooled) is refused rather than applied to every state."""
+    m = load_file(str(path))["M"]
+    expected = (teacher_config.num_hidden_layers + 1, teacher_config.hidden_size, d)
+    if tuple(m.shape) != expected:
+        raise UserError(f"{path}: M is {tuple(m.shape)}, not one projection per teacher state {expected} (an older "
+                        f"phase 1 fitted one M on every state pooled): delete {path.parent} and rerun adapt/distill.py "
+                        "for its language")
+    return m
 
 
 def distill_language(cfg: DistillConfig, lang: str) -> str:
@@ -279,17 +301,18 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
     for name, p in student.named_parameters():  # phase 1 has no MLM loss: the head stays as initialised
         if not name.startswith(student.base_model_prefix + "."):
             p.requires_grad_(False)
-    projection = None
-    if student.config.hidden_size < teachers[cfg.source_lang].config.hidden_size:
+    projections = None
+    teacher_config = teachers[cfg.source_lang].config
+    if student.config.hidden_size < teacher_config.hidden_size:
         proj_file = run_dir / PROJECTION_FILE
         if rank == 0 and not proj_file.is_file():
-            m = _fit_projection(cfg, teachers, data, student.config.hidden_size)
+            m = fit_projections(teachers, data, cfg.projection_tokens, student.config.hidden_size)
             save_file({"M": m.contiguous()}, str(run_dir / f".{PROJECTION_FILE}.partial"))
             (run_dir / f".{PROJECTION_FILE}.partial").replace(proj_file)
         dist.barrier()
-        projection = load_file(str(proj_file))["M"]
+        projections = load_projections(proj_file, teacher_config, student.config.hidden_size)
     to_student = {k: np.asarray(v, dtype=np.int64) for k, v in vocab["to_student"].items()}
-    step = DistillStep(teachers, cfg.student.layer_ratio, cfg.loss, projection, student)
+    step = DistillStep(teachers, cfg.student.layer_ratio, cfg.loss, projections, student)
     tags = {"stage": "distill", "method": METHOD, "source_lang": cfg.source_lang, "target_lang": lang}
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"distill-{lang}")
     with Tracker(tracking, lang_cfg, tags=tags) as tracker:

@@ -1,8 +1,8 @@
 """BiStil phase 2, task distillation (step 3 for the student): the phase-1 student learns the source-language task
 from the fine-tuned task model, its teacher, as a sparse fine-tuning (LT-SFT, minimodel/sft/train.py): the body
 changes at `sft.k` / `sft.k_proportion` of its entries, the task head (new at load) trains dense. Loss: hidden-state
-MSE + attention-map MSE + soft cross-entropy to the teacher's logits at temperature `loss.temperature` (default 2),
-gold labels unused unless `loss.gold` > 0 (minimodel/bistil/loss.py).
+MSE + attention-map MSE + soft cross-entropy to the teacher's logits at temperature `loss.temperature` (default 2;
+QA: start's + end's), gold labels unused unless `loss.gold` > 0 (minimodel/bistil/loss.py).
 
 The student reads the teacher's segmentation of each example mapped to its own ids (the student's vocabulary.json,
 as in phase 1), so the state losses compare aligned positions; at evaluation it reads with its own tokenizers.
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from minimodel import distributed
-from minimodel.bistil.distill import PROJECTION_FILE, TARGET_TOKENIZER_DIR, VOCABULARY_FILE, StudentVocabulary
+from minimodel.bistil.distill import (PROJECTION_FILE, TARGET_TOKENIZER_DIR, VOCABULARY_FILE, StudentVocabulary,
+                                      load_projections)
 from minimodel.bistil.loss import DistillationWeights, distillation_loss
 from minimodel.config import require, save_config
 from minimodel.evaluation.features import classification_features, qa_train_features
@@ -77,18 +77,18 @@ class TaskDistillConfig:
         require(set(self.eval_splits) <= {"dev", "test"}, "eval_splits", "only dev and test can be evaluated")
 
 
-def task_logits(out) -> torch.Tensor:
-    """The logits soft cross-entropy compares: a classifier's, or a QA model's start and end logits, stacked."""
-    return out.logits if hasattr(out, "logits") else torch.cat([out.start_logits, out.end_logits])
+def task_logits(out) -> tuple[torch.Tensor, ...]:
+    """The logits soft cross-entropy compares: a classifier's, or a QA model's start and end logits (two terms)."""
+    return (out.logits,) if hasattr(out, "logits") else (out.start_logits, out.end_logits)
 
 
 class TaskDistillStep:
     """(student engine, batch) -> the phase-2 loss; the teacher frozen beside it on the same device."""
 
-    def __init__(self, teacher, student, weights: DistillationWeights, projection: torch.Tensor | None):
+    def __init__(self, teacher, student, weights: DistillationWeights, projections: torch.Tensor | None):
         device = distributed.device()
         self.teacher = teacher.to(device)
-        self.projection = None if projection is None else projection.to(device)
+        self.projections = None if projections is None else projections.to(device)
         self.weights = weights
         self.ratio = teacher.config.num_hidden_layers // student.config.num_hidden_layers
         self.student_flops, self.teacher_flops = TaskFlops(student), TaskFlops(teacher)
@@ -101,7 +101,7 @@ class TaskDistillStep:
                              output_attentions=True, **extra)
         s = student(input_ids=batch["student_ids"], attention_mask=mask, output_hidden_states=True,
                     output_attentions=True, **extra, **(gold if self.weights.gold else {}))
-        loss = distillation_loss(s, t, mask, self.ratio, self.weights, self.projection, task_logits)
+        loss = distillation_loss(s, t, mask, self.ratio, self.weights, self.projections, task_logits)
         return loss + self.weights.gold * s.loss if self.weights.gold else loss
 
     def flops(self, batch) -> float:
@@ -151,15 +151,16 @@ def distill_task(cfg: TaskDistillConfig) -> StageResult:
     teacher = load_task_model(cfg.teacher, spec.kind, attn_implementation="eager").eval().requires_grad_(False)
     student = load_task_model(cfg.student, spec.kind, tuple(info["labels"]), seed=cfg.train.seed,
                               attn_implementation="eager")
-    projection = None
-    if student.config.hidden_size < teacher.config.hidden_size:  # phase 1's projection of the teacher's states
-        projection = load_file(str(Path(cfg.student).parent / PROJECTION_FILE))["M"]
+    projections = None
+    if student.config.hidden_size < teacher.config.hidden_size:  # phase 1's projections of the teacher's states
+        projections = load_projections(Path(cfg.student).parent / PROJECTION_FILE, teacher.config,
+                                       student.config.hidden_size)
     to_student = np.asarray(vocab["to_student"][source_lang], dtype=np.int64)
     train_data = StudentFeatures(_features(task, load_examples(task, source_lang, "train"), teacher_tokenizer),
                                  to_student)
     eval_data = StudentFeatures(_features(task, load_examples(task, source_lang, "dev"), teacher_tokenizer),
                                 to_student)
-    step = TaskDistillStep(teacher, student, cfg.loss, projection)
+    step = TaskDistillStep(teacher, student, cfg.loss, projections)
     student_sha = model_hash(cfg.student)
     tags = {"stage": "distill_task", "method": METHOD, "source_lang": source_lang, "target_lang": target_lang,
             "task": task.name}
