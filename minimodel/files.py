@@ -4,6 +4,19 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Iterable
+
+
+def stat_signature(paths: Iterable[str | os.PathLike]) -> list:
+    """[path, size, mtime_ns] of each file and of every file under each directory ([path, None, None] for a missing
+    one): it changes when any of them is written, replaced or removed, and costs no read (a corpus may be large)."""
+    out = []
+    for path in map(Path, paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            stat = file.stat() if file.exists() else None
+            out.append([str(file), stat and stat.st_size, stat and stat.st_mtime_ns])
+    return out
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -46,7 +46,9 @@ import yaml
 
 from transformers import AutoConfig
 
+from minimodel.adaptation.vocab import tokenizer_fingerprint
 from minimodel.config import ConfigError, load_config, require, save_config
+from minimodel.data.prepare import DataConfig
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.hf import HFLoadError, load_tokenizer
 from minimodel.layout import PipelineLayout
@@ -89,7 +91,8 @@ class PipelineConfig:
     methods: list[str] = field(default_factory=lambda: ["standard", "minijoint", "minipost"])
     # a Hugging Face masked LM directory (XLM-R, mBERT, ...) to start from instead of pretraining MiniJoint
     primary_model: str | None = None
-    primary_tokenizer: str | None = None  # its tokenizer directory; None: the one saved in primary_model
+    # its tokenizer directory; None: the one saved in primary_model (with primary_head=keep, it must hold this one too)
+    primary_tokenizer: str | None = None
     # train: the primary was saved without its MLM head: a first MiniPost run with mini.head_only=true learns one
     # (every layer frozen) and its model is the primary of everything after
     primary_head: Literal["keep", "train"] = "keep"
@@ -131,11 +134,16 @@ class PipelineConfig:
             require(stage in known, f"overrides.{stage}", f"not a stage; stages are {sorted(known)}")
         for method in self.method_overrides:
             require(method in self.methods, f"method_overrides.{method}", f"not one of methods {self.methods}")
+            require(parse_method(method).learns_embeddings, f"method_overrides.{method}",
+                    "method_overrides set adaptation (adapt/train.py) settings of an embedding method; "
+                    f"{method}'s stages take overrides.lang_sft, overrides.distill, ... (every run of that stage)")
         for name in ("data", *(["pretrain"] if self.primary_model is None else []), "minipost", "adapt", "finetune",
                      "report", *(["lang_sft", "task_sft"] if any(MODELS[m].learns == "sft" for m in models) else []),
                      *(["distill", "distill_task"] if DISTILLED in models else [])):
             path = getattr(self.configs, name)
             require(Path(path).is_file(), f"configs.{name}", f"{path} does not exist")
+        # the data stage's sources: checked now, and the files among them watched for changes (build_stages)
+        load_config(DataConfig, self.configs.data, self.overrides.get("data", []))
         require(bool(self.configs.zero_shot), "configs.zero_shot", "list at least one zero-shot config")
         for i, path in enumerate(self.configs.zero_shot):
             require(Path(path).is_file(), f"configs.zero_shot[{i}]", f"{path} does not exist")
@@ -160,10 +168,22 @@ class PipelineConfig:
                 "primary_head=train so that a head is learned first (the body frozen), or give a *ForMaskedLM save")
         tokenizer_dir = self.primary_tokenizer or self.primary_model
         try:
-            check_tokenizer(load_tokenizer(tokenizer_dir), model_config, tokenizer_dir)
+            tokenizer = load_tokenizer(tokenizer_dir)
+            check_tokenizer(tokenizer, model_config, tokenizer_dir)
         except (HFLoadError, MiniPostError) as e:
             key = "primary_tokenizer" if self.primary_tokenizer else "primary_model"
             raise ConfigError(f"{key}: {e}") from None
+        if self.primary_tokenizer and self.primary_head == "keep":
+            # the data and head stages take it apart from the model; every later stage reads the one primary_model holds
+            try:
+                saved = tokenizer_fingerprint(load_tokenizer(self.primary_model))
+            except HFLoadError:
+                saved = None
+            require(saved == tokenizer_fingerprint(tokenizer), "primary_tokenizer",
+                    f"the stages after the data read the tokenizer saved in {self.primary_model}, which "
+                    f"{'has none' if saved is None else 'is another one'}: save this one there "
+                    f"(AutoTokenizer.from_pretrained({self.primary_tokenizer!r}).save_pretrained(...)), or set "
+                    "primary_head=train (its head stage writes the model with this tokenizer)")
 
 
 # The settings that seed each training stage (PipelineConfig.seed sets them all).
@@ -181,7 +201,15 @@ SEED_SETTINGS: dict[str, tuple[str, ...]] = {
 
 def zero_shot_task(config_path: str) -> str:
     """The task name a zero-shot config file evaluates (its task.name, else TaskConfig's default)."""
-    return ((yaml.safe_load(Path(config_path).read_text()) or {}).get("task") or {}).get("name", TaskConfig.name)
+    try:
+        config = yaml.safe_load(Path(config_path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"configs.zero_shot: {config_path} is not valid YAML: {e}") from None
+    task = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(task or {}, dict):
+        raise ConfigError(f"configs.zero_shot: {config_path}: task must be a mapping (task: {{name: verse_class, "
+                          f"...}}), not {task!r}")
+    return (task or {}).get("name", TaskConfig.name)
 
 
 def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[Stage]:
@@ -209,8 +237,12 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     # a given primary's tokenizer encodes the source language (its data must be in the model's ids)
     primary_tokenizer = cfg.primary_tokenizer or cfg.primary_model
     given = [f"languages.{src}.tokenizer={primary_tokenizer}"] if cfg.primary_model else []
-    prepare = add("data", "data", ["--config", cfg.configs.data, f"output_dir={at.data_dir}", *given,
-                                   *extra("data")], at.data_dir, [])
+    data_args = [f"output_dir={at.data_dir}", *given, *extra("data")]
+    data = load_config(DataConfig, cfg.configs.data, data_args)
+    read = [s.path for lc in data.languages.values() for s in lc.sources if s.path and Path(s.path).exists()]
+    read += [d for lang in data.languages if (d := data.given_tokenizer(lang))] + [cfg.primary_model or ""]
+    prepare = add("data", "data", ["--config", cfg.configs.data, *data_args], at.data_dir, [],
+                  watched=[path for path in dict.fromkeys(read) if path])
     if cfg.primary_model is None:
         pretrain = add("pretrain", "pretrain", ["--config", cfg.configs.pretrain, f"output_dir={at.pretrain}",
                                                 *source_data, *extra("pretrain")],
@@ -234,28 +266,34 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                    f"output_dir={at.minipost}", *source_data, *extra("minipost")],
                                   at.minipost, [export])
 
-    # OFA's aligned word vectors, learned from the data config's verse-parallel corpora (minimodel/ofa/learn.py)
+    def adapt_settings(method) -> list[str]:  # the user's, after the pipeline's: an explicit setting wins
+        return [*extra("adapt"), *cfg.method_overrides.get(method.name, [])]
+
+    # OFA's aligned word vectors, learned from the data stage's verse-parallel corpora and split (its resolved
+    # config; minimodel/ofa/learn.py), unless the user gives every +ofa method vectors of their own
+    learned_vectors = [m for m in embedding_methods if m.init == "ofa"
+                       and not any(s.startswith("init.ofa.vectors=") for s in adapt_settings(m))]
     vectors = at.root / "word_vectors"
     word_vectors = [add("word_vectors", "word_vectors",
-                        ["--config", cfg.configs.word_vectors, f"data={cfg.configs.data}", f"output_dir={vectors}",
-                         f"languages=[{', '.join([src, *cfg.target_langs])}]", f"eval.source_lang={src}",
-                         *extra("word_vectors")], vectors, [])] if any(m.init == "ofa" for m in methods) else []
+                        ["--config", cfg.configs.word_vectors, f"data={at.data_dir / 'config.yaml'}",
+                         f"output_dir={vectors}", f"languages=[{', '.join([src, *cfg.target_langs])}]",
+                         f"eval.source_lang={src}", *extra("word_vectors")], vectors, [prepare])
+                    ] if learned_vectors else []
 
     # one adaptation job per method: a task per language (a Slurm array)
     adapted: dict[tuple[str, str], Stage] = {}
     for method in embedding_methods:
         args = ["--config", cfg.configs.adapt, *method.adapt_overrides(), f"primary_model={at.primary}",
-                f"source_lang={src}", f"data_dir={at.data_dir}",
-                f"output_dir={at.adapt(method.name)}", *extra("adapt"),
-                *cfg.method_overrides.get(method.name, [])]
+                f"source_lang={src}", f"data_dir={at.data_dir}", f"output_dir={at.adapt(method.name)}"]
         if method.source.over == "mini":
             args.append(f"mini_model={at.model(method.model)}")
-        if method.init == "ofa":
+        if method in learned_vectors:
             args.append(f"init.ofa.vectors=[{{path: {vectors / 'vectors.bin'}}}]")
+        args += adapt_settings(method)
         for lang in cfg.target_langs:
             adapted[method.name, lang] = add(
                 f"adapt-{method.name}-{lang}", "adapt", args, at.adapt(method.name, lang),
-                [made_by[method.model], prepare, *(word_vectors if method.init == "ofa" else [])],
+                [made_by[method.model], prepare, *(word_vectors if method in learned_vectors else [])],
                 nproc=cfg.adapt_nproc, job=f"adapt-{method.name}", lang=lang,
                 lang_args=[f"target_langs=[{lang}]"])  # only its own language: adding another reruns nothing
     # BiStil and lt_sft_vocab: the primary masked LM with the final embeddings of the method they build on, per
@@ -290,9 +328,11 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     def targets(method, plugged: bool = False) -> list[str]:
         """zero_shot's targets of a method: its embeddings (plugged into the task model, or in memory) or language
         SFTs, or (none) just the languages."""
-        if method.learns_embeddings and plugged:  # embeddings: zero_shot also scores the run's snapshots
-            return [f"{{lang: {lang}, model_dir: {at.plugged(method.name, lang)}, tokenizer: {at.tokenizer(lang)}, "
-                    f"embeddings: {at.adapt(method.name, lang)}}}" for lang in cfg.target_langs]
+        if method.learns_embeddings and plugged:  # embeddings: zero_shot also scores the run's snapshots; the
+            # tokenizer is the adaptation run's, which plug saved beside the model (tokenizer.mode may differ per run)
+            return [f"{{lang: {lang}, model_dir: {at.plugged(method.name, lang)}, "
+                    f"tokenizer: {at.plugged(method.name, lang)}, embeddings: {at.adapt(method.name, lang)}}}"
+                    for lang in cfg.target_langs]
         if method.learns_embeddings:
             return [f"{{lang: {lang}, embeddings: {at.adapt(method.name, lang)}}}" for lang in cfg.target_langs]
         if method.source.learns == "student":  # each language's student task model, read with its target tokenizer

@@ -3,7 +3,8 @@
 Every stage function calls `claim_output(output_dir, cfg, ...)` before it writes anything and
 `finish_output(output_dir, cfg)` once its result is complete. The record (`.minimodel-config.json`, written
 atomically) holds the config that made the directory, minus the keys that do not change the result (NEUTRAL_KEYS:
-tracking, output_dir, overwrite, plus the stage's own), and the records of the inputs it read (any config value
+tracking, output_dir, overwrite, plus the stage's own) plus the number of ranks where it ran on more than one (a
+training stage's global batch depends on it), and the records of the inputs it read (any config value
 naming a path at or under another stage's output directory): so a result is "of this config" only if it was made
 from the same upstream results too.
 
@@ -37,6 +38,7 @@ from typing import Any, Iterable, Literal, Mapping
 
 import torch.distributed as dist
 
+from minimodel import distributed
 from minimodel.config import flatten
 from minimodel.errors import UserError
 from minimodel.files import write_text_atomic
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 RECORD = ".minimodel-config.json"
 # Keys whose value does not change a stage's result (where it logs, where it writes, whether it may replace).
 NEUTRAL_KEYS = ("tracking", "output_dir", "overwrite")
+RANKS = "world_size"  # recorded beside the config of a stage run on more than one rank
 
 Claim = Literal["new", "resume", "finished"]
 
@@ -103,6 +106,8 @@ def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), uses: Mapping[str, Itera
     """{"config": {dotted key: value}, "inputs": {dotted key: identity}, "digest"}: what decides the result.
     `uses`: for a config key naming a whole made of parts, the parts this result reads (the others do not count)."""
     config = _config(cfg, ignore)
+    if (ranks := distributed.world_size()) > 1:  # the global batch, and so the result, depends on it
+        config[RANKS] = ranks
     inputs = {}
     for key, value in config.items():
         if isinstance(value, str) and value and ("/" in value or Path(value).exists()):

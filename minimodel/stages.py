@@ -3,7 +3,8 @@ every stage function returns, and one stage of a pipeline run as a real process 
 skipped when already done.
 
 A stage is done when its output directory holds `.stage.json` with the same input hash: the hash covers the
-command line, the content of every config file it names and the hashes of the stages it depends on. So re-running
+command line, the content of every config file it names, the size and mtime of the files it reads without naming
+them (`watched`: the data stage's corpora and given model) and the hashes of the stages it depends on. So re-running
 a pipeline skips finished stages whose inputs did not change, and redoes a stage (and everything after it) when a
 config or an upstream result changed. Only a stage that exited 0 (finished) and recorded a finished result of its
 own config (minimodel/provenance.py) is stamped: one stopped by a signal after checkpointing exits 75 and runs again,
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 from minimodel import distributed, provenance, supervisor
 from minimodel.supervisor import descendants
-from minimodel.files import write_text_atomic
+from minimodel.files import stat_signature, write_text_atomic
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, PreemptionSignal
 
 STAMP = ".stage.json"
@@ -159,6 +160,9 @@ class Stage:
     run_args: list[str] = field(default_factory=list)  # appended when run, not hashed (e.g. this pipeline's run id)
     run_ids: list[str] = field(default_factory=list)  # the MLflow runs it logged (recorded in the stamp)
     always_run: bool = False  # e.g. the report: it summarises the current pipeline run, so it is never "done"
+    # files and directories it reads that its command line does not name (the data config's corpora, a given model):
+    # a change to any of them (size, mtime) redoes it and, through the hash, every stage after it
+    watched: list[str] = field(default_factory=list)
 
     @property
     def launched(self) -> bool:
@@ -191,8 +195,10 @@ class Stage:
     def input_hash(self) -> str:
         digest = hashlib.sha256(json.dumps(self.argv).encode())
         for arg in self.argv:
-            if arg.endswith((".yaml", ".yml", ".json")) and Path(arg).is_file():
-                digest.update(Path(arg).read_bytes())
+            path = Path(arg.partition("=")[2] or arg)  # --config FILE, or key=FILE
+            if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+                digest.update(path.read_bytes())
+        digest.update(json.dumps(stat_signature(self.watched)).encode())
         for upstream in self.after:
             digest.update(upstream.input_hash.encode())
         return digest.hexdigest()

@@ -81,9 +81,12 @@ def test_pipeline_from_a_primary_model_has_no_pretraining(models):
     (["primary_model={models}"], r"is not a Hugging Face model directory \(no config.json\)"),
     (["primary_tokenizer={bert}"], "primary_tokenizer: the tokenizer from .*bert pads with id 0 but the model's "
                                    "pad_token_id is 1: use the tokenizer the model was trained with"),
+    # only the data and head stages take it apart from the model: the model directory must hold it too
+    (["primary_tokenizer={roberta}"], "primary_tokenizer: the stages after the data read the tokenizer saved in "
+                                      ".*xlmr, which is another one: save this one there"),
 ])
 def test_wrong_primary_inputs_are_refused(models, overrides, message):
-    values = {"models": models["xlmr"].parent, "bert": models["bert"]}
+    values = {"models": models["xlmr"].parent, "bert": models["bert"], "roberta": models["roberta"]}
     overrides = [f"primary_model={models['xlmr']}", *(o.format(**values) for o in overrides)]
     with pytest.raises(ConfigError, match=message):
         load_config(PipelineConfig, HF_TINY, overrides)

@@ -17,6 +17,8 @@ def test_tiny_pipeline_learns_word_vectors_for_its_ofa_method_only():
     stages = {s.name: s for s in build_stages(cfg)}
     vectors = stages["word_vectors"]
     assert vectors.kind == "word_vectors" and "languages=[en, ny, sw]" in vectors.args
+    # the corpora and held-out split the data stage used, overrides.data included: its resolved config
+    assert f"data={cfg.data_dir}/config.yaml" in vectors.args and vectors.after == [stages["data"]]
     for lang in cfg.target_langs:
         ofa = stages[f"adapt-minijoint+ofa-{lang}"]
         assert vectors in ofa.after and "init.method=ofa" in ofa.args
@@ -24,6 +26,14 @@ def test_tiny_pipeline_learns_word_vectors_for_its_ofa_method_only():
         assert vectors not in stages[f"adapt-minijoint-{lang}"].after
     without = load_config(PipelineConfig, "configs/pipeline/tiny.yaml", ["methods=[standard, minipost]"])
     assert "word_vectors" not in {s.name for s in build_stages(without)}
+    # the user's own vectors win over the pipeline's (the last setting of a key is the one applied), and then
+    # no vectors are learned for it
+    own = load_config(PipelineConfig, "configs/pipeline/tiny.yaml", [
+        "method_overrides={minijoint+ofa: ['init.ofa.vectors=[{path: /v/colexnet.vec}]']}"])
+    stages = {s.name: s for s in build_stages(own)}
+    assert "word_vectors" not in stages
+    settings = [a for a in stages["adapt-minijoint+ofa-ny"].args if a.startswith("init.ofa.vectors=")]
+    assert settings == ["init.ofa.vectors=[{path: /v/colexnet.vec}]"]
 
 
 def _curve(method, seed, points, numel=100):

@@ -52,6 +52,18 @@ def test_seed_method_overrides_and_no_step_3_without_a_fine_tuned_task():
         f"zero_shot-target_mlm-{m}" for m in cfg.methods if parse_method(m).scored_on(TASKS["target_mlm"])}
     with pytest.raises(ConfigError, match="method_overrides.minijont"):
         load_config(PipelineConfig, SMOKE, ["method_overrides={minijont: [train.steps=1]}"])
+    # lt_sft's stages are no adaptation runs: an override there would be ignored, so it is refused
+    with pytest.raises(ConfigError, match="method_overrides.lt_sft: .*overrides.lang_sft"):
+        load_config(PipelineConfig, SMOKE, ["methods=[standard, lt_sft]", "method_overrides={lt_sft: [train.steps=9]}"])
+
+
+@pytest.mark.parametrize("text, problem", [("task: xnli\n", "task must be a mapping"),
+                                           ("task: {name: [\n", "not valid YAML")])
+def test_a_malformed_zero_shot_config_is_a_config_error(tmp_path, text, problem):
+    path = tmp_path / "zs.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"configs.zero_shot: {path}.*{problem}"):
+        load_config(PipelineConfig, SMOKE, [f"configs.zero_shot=[{path}]"])
 
 
 @pytest.mark.slow

