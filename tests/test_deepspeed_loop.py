@@ -1,9 +1,11 @@
-"""The shared DeepSpeed loop on a toy model, in a process of its own (one-process world, the CPU accelerator)."""
+"""The shared DeepSpeed loop on a toy model, in a process of its own (one-process world, the CPU accelerator; two
+ranks under the deepspeed launcher for ZeRO-3's evaluation)."""
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +70,48 @@ def test_each_update_runs_at_the_scheduled_positive_lr_and_logs_it(tmp_path):
 
 def test_a_released_engine_leaves_the_next_engine_over_the_same_model_intact(tmp_path):
     _run_toy(TWO_ENGINES, tmp_path)
+
+
+# Nine held-out items, micro-batches of 4 on two ranks: rank 0 scores items 0-3 and 8, rank 1 items 4-7 and then has
+# none left. Under ZeRO-3 every forward gathers the partitioned parameters collectively, so a rank that stopped early
+# left the other waiting in its second forward: the run hung.
+ZERO3_UNEVEN_EVAL = TOY + textwrap.dedent("""
+    import json
+    import torch.distributed as dist
+    from minimodel.training.config import EvalConfig
+    out = sys.argv[-1]  # after the launcher's --local_rank
+    cfg.zero_config, cfg.steps, cfg.eval = out + "/zero3.json", 2, EvalConfig(every=2, batches=5)
+    result = train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=out,
+                   eval_data=data[:9])
+    full = gather_full_params(result.engine, dict(model.named_parameters()))  # collective
+    if dist.get_rank() == 0:
+        plain = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+        plain.load_state_dict(full)
+        with torch.no_grad():  # the mean of the three batches' losses, by hand
+            losses = [float(loss_fn(plain, {"input_ids": torch.as_tensor(np.stack([d["input_ids"] for d in
+                                                                                  data[a:b]]))}))
+                      for a, b in ((0, 4), (4, 8), (8, 9))]
+        json.dump(sum(losses) / 3, open(out + "/expected_eval.json", "w"))
+""")
+
+
+@pytest.mark.slow
+def test_zero3_evaluation_on_a_held_out_set_two_ranks_do_not_split_evenly(tmp_path):
+    from adapt_helpers import launch_env
+    from minimodel.distributed import free_port
+
+    script = tmp_path / "toy.py"
+    script.write_text(ZERO3_UNEVEN_EVAL)
+    repo = Path(__file__).resolve().parents[1]
+    zero3 = json.loads((repo / "configs/deepspeed/zero3.json").read_text())
+    # the toy's parameters partitioned and released after each use, as a large model's are
+    zero3["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0,
+                                      stage3_max_live_parameters=0, stage3_prefetch_bucket_size=0)
+    (tmp_path / "zero3.json").write_text(json.dumps(zero3))
+    run = subprocess.run([str(repo / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port",
+                          str(free_port()), str(script), str(tmp_path)], env=launch_env(), cwd=repo,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = json.loads((tmp_path / "expected_eval.json").read_text())
+    assert rows[-1]["eval/loss"] == pytest.approx(expected, rel=1e-5)

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -218,15 +219,17 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
     def evaluate() -> float:
         engine.eval()
         total, count = 0.0, 0
-        n = len(eval_data)
+        n, micro = len(eval_data), cfg.micro_batch_size
         with torch.no_grad():
-            for b in range(cfg.eval.batches):
-                start = (b * world + rank) * cfg.micro_batch_size
-                if start >= n:
-                    break
-                items = [eval_data[i] for i in range(start, min(start + cfg.micro_batch_size, n))]
-                total += float(engine(_to_device(stack(items), device)))
-                count += 1
+            # every rank runs as many forwards (ZeRO-3 gathers parameters in each, collectively); a rank past the
+            # end of the held-out set runs its first batch again and counts nothing
+            for b in range(min(cfg.eval.batches, math.ceil(n / (world * micro)))):
+                start = (b * world + rank) * micro
+                items = [eval_data[i] for i in range(start, min(start + micro, n))] or \
+                    [eval_data[i] for i in range(min(micro, n))]
+                loss = float(engine(_to_device(stack(items), device)))
+                if start < n:
+                    total, count = total + loss, count + 1
         engine.train()
         total, count = _all_reduce_sum([total, count], device)
         return total / max(count, 1)
