@@ -93,6 +93,14 @@ def test_flops_follow_the_shapes_and_what_requires_grad():
     trainable_layer = linear + attention + 2 * linear + 2 * attention
     head_no_weights = 2 * n * (H * H + H * V) * 2
     assert MLMFlops(model)(batch) == 4 * (2 * (linear + attention) + trainable_layer) + head_no_weights
+    # A head of its own on a frozen body (MiniPost's head_only): the dense layer's weight gradient needs the
+    # gradient through the frozen projection, not through the dense layer to the body.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.cls.predictions.transform.parameters():
+        p.requires_grad_(True)
+    head_only = 2 * n * (H * H + H * V) + 2 * n * H * V + 2 * n * H * H  # forward + projection grad + dense weights
+    assert MLMFlops(model)(batch) == 4 * 3 * (linear + attention) + head_only
     loss = masked_lm_loss(model, batch)
     assert loss.ndim == 0 and loss.item() > 0
 

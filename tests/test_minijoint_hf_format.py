@@ -47,6 +47,13 @@ for head in ("separate", "shared_transform", "none"):
             with torch.no_grad():
                 theirs = models[name](input_ids=ids, attention_mask=mask).logits
             result["diff"][name] = (ours[keep] - theirs[keep]).abs().max().item()
+    if head == "separate":  # the same weights as megatron's Transformer Engine spec names them (norms fused)
+        te = sd
+        for local, fused in P.layer_spec().submodules.sharded_state_dict_keys_map.items():
+            te = {k.replace("." + local, "." + fused): t for k, t in te.items()}
+        again = hf_models(te, cfg, mini=True)
+        result["te_names"] = te.keys() != sd.keys() and all(
+            torch.equal(again[n].state_dict()[k], t) for n, m in models.items() for k, t in m.state_dict().items())
     if head == "shared_transform":
         primary, mini = (m.state_dict() for m in models.values())
         result["shared_head"] = all(torch.equal(mini[k], primary[k]) for k in mini if k.startswith("cls."))
@@ -66,4 +73,5 @@ def test_mapped_models_reproduce_megatron_logits():
         assert out[head]["layers"] == {"primary": 4, "mini": 2}
         assert max(out[head]["diff"].values()) < 1e-5, out[head]
     assert out["shared_transform"]["shared_head"]  # the mini-model's head is the main head's own parameters
+    assert out["separate"]["te_names"]  # a model built with the Transformer Engine spec maps to the same weights
     assert out["none"]["layers"] == {"primary": 4} and out["none"]["diff"]["primary"] < 1e-5

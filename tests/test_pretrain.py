@@ -13,6 +13,7 @@ import pytest
 
 from minimodel.config import ConfigError, load_config
 from minimodel.data.mlm_config import MLMDataConfig
+from minimodel.models.minijoint.model import flops_per_token
 from minimodel.training import checkpoint as ckpt
 from minimodel.training.metrics import plot_losses, read_metrics
 from minimodel.training.megatron_loop import LOSS_CURVES
@@ -218,9 +219,13 @@ def test_bf16_pretraining_tracks_fp32(corpus, tmp_path):
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
         code = run(1, _overrides(corpus, out, [], f"parallel.precision={precision}", "train.steps=3",
-                                 "train.schedule.warmup_steps=1"), tmp_path / f"{precision}.log")
+                                 "train.schedule.warmup_steps=1", "data.mask_prob=0.3"), tmp_path / f"{precision}.log")
         assert code == 0, (tmp_path / f"{precision}.log").read_text()[-3000:]
         losses[precision] = train_losses(out)
+    # the FLOPs counted are those of the configured masking: the MLM heads run at 30% of the positions here
+    cfg = load_config(PretrainConfig, str(tmp_path / "fp32" / "config.yaml"))
+    step_flops = flops_per_token(cfg.model, 0.3) * cfg.parallel.global_batch_size * cfg.model.seq_length
+    assert read_metrics(tmp_path / "fp32" / "metrics.jsonl")[3]["compute/flops"] == pytest.approx(3 * step_flops)
     assert losses["bf16"].keys() == losses["fp32"].keys() == {1, 2, 3}
     # measured: step-1 losses (4.85 nats) differ by 9e-5 (main) and 4e-4 (secondary); bar 0.01: 25x that margin,
     # still far below a wrong cast (a bf16 rounding of the logits alone moves them by ~4e-3 relative)

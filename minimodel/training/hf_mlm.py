@@ -93,8 +93,9 @@ class MLMFlops:
       layer forward: linear 2s(4h^2 + 2hf) + attention 4s^2h
       layer backward (if a gradient passes through it): activation gradients = linear + 2 x attention,
                       + weight gradients = linear when the layer itself trains
-      head forward:  2n(h^2 + hV); backward: activation gradients 2n(h^2 + hV) when anything below trains,
-                      + 2nhV if the vocabulary projection trains, + 2nh^2 if the head's dense layer trains.
+      head forward:  2n(h^2 + hV); backward: activation gradients through the projection 2nhV when anything
+                      below or the head's dense layer trains, through the dense layer 2nh^2 when anything below
+                      trains, + 2nhV if the vocabulary projection trains, + 2nh^2 if the head's dense layer trains.
     Factorised embeddings of rank d (minimodel/ofa/factorized.py: E = C P, tied): the projection hV becomes
     hd + dV (its weight gradient dV, P frozen), and the input side costs 2s dh per sequence (C[ids] P), twice when
     C trains (the gradient into C's rows).
@@ -142,8 +143,10 @@ class MLMFlops:
             projection, projection_weights = h * d + d * v, d * v
             inputs = 2.0 * batch_size * seq_len * d * h * (2 if self.decoder_trains else 1)
         head = 2.0 * masked * (h * h + projection)
-        if self.head_backward:
-            head += 2.0 * masked * (h * h + projection)
+        if self.head_backward or self.head_dense_trains:  # the gradient into the dense layer's output
+            head += 2.0 * masked * projection
+        if self.head_backward:  # ... and on through it to the layers below
+            head += 2.0 * masked * h * h
         head += (2.0 * masked * projection_weights if self.decoder_trains else 0.0)
         head += (2.0 * masked * h * h if self.head_dense_trains else 0.0)
         return batch_size * body + head + inputs

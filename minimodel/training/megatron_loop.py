@@ -115,7 +115,7 @@ class Trainer:
         self.layout = {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size,
                        "vpp": cfg.parallel.num_model_chunks, "dp": dp_size}
         self.tokens_per_step = cfg.parallel.global_batch_size * cfg.model.seq_length
-        self.flops_per_step = flops_per_token(cfg.model) * self.tokens_per_step
+        self.flops_per_step = flops_per_token(cfg.model, cfg.data.mask_prob) * self.tokens_per_step
         self.step = 0
         self.wall_clock_s = 0.0  # training time over all launches (compute/wall_clock_s)
         self.last_checkpoint: Path | None = None

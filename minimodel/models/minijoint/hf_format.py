@@ -16,6 +16,11 @@ from transformers import MegatronBertConfig, MegatronBertForMaskedLM
 
 from minimodel.models.minijoint.config import ModelConfig
 
+# Megatron's Transformer Engine layer spec (GPU clusters) fuses each norm into the linear after it: its names -> the
+# local spec's, which the mapping below reads (model.layer_spec's sharded_state_dict_keys_map, the other way round)
+TE_NORM_NAMES = {".self_attention.linear_qkv.layer_norm_": ".input_layernorm.",
+                 ".mlp.linear_fc1.layer_norm_": ".pre_mlp_layernorm."}
+
 # The megatron module whose parameters are the mini-model's MLM head, per ModelConfig.secondary_head ("none": the
 # model has no mini-model).
 MINI_HEAD = {"separate": "aux_head", "shared_transform": "lm_head"}
@@ -33,7 +38,9 @@ def hf_config(cfg: ModelConfig, layers: int, tie_word_embeddings: bool) -> Megat
 
 def hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, layers: int, head: str) -> dict[str, torch.Tensor]:
     """Map an unpipelined TP=1 MiniJoint state dict to MegatronBertForMaskedLM with `layers` layers and the
-    MLM head `head` ("lm_head" or "aux_head")."""
+    MLM head `head` ("lm_head" or "aux_head"), whichever layer spec (local or Transformer Engine) named it."""
+    for fused, local in TE_NORM_NAMES.items():
+        sd = {k.replace(fused, local): t for k, t in sd.items()}
     v, h, nh = cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads
     word = sd["embedding.word_embeddings.weight"][:v]
     out = {
