@@ -1,7 +1,10 @@
 # The two README commands: `make demo` (whole pipeline, tiny config, CPU) and `make test`.
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
-export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi),,cpu)
+# no GPU here: DeepSpeed's CPU accelerator; on a GPU machine DeepSpeed picks CUDA itself (it refuses an empty value)
+ifeq ($(shell command -v nvidia-smi),)
+export DS_ACCELERATOR ?= cpu
+endif
 
 .PHONY: setup demo test test-fast ui clean
 

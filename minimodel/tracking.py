@@ -169,29 +169,37 @@ class RunStore:
         return cls(client, uri, exp.experiment_id, fell_back_from)
 
     def find_run(self, run_id: str):
-        """The run `run_id`, or None (with a warning) when this store does not hold it."""
+        """The run `run_id`, or None (with a warning) when this store does not hold it or it was deleted (MLflow
+        keeps a deleted run, but refuses to log to it)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_run(run_id)
+            run = self.client.get_run(run_id)
         except MlflowException:
             log.warning("run %s is not in the MLflow store %s", run_id, self.uri)
             return None
+        if run.info.lifecycle_stage != "active":
+            log.warning("run %s was deleted from the MLflow store %s", run_id, self.uri)
+            return None
+        return run
 
 
 def _parent(cfg: TrackingConfig, parent_run_id: str | None = None) -> str | None:
     return parent_run_id or cfg.parent_run_id or os.environ.get(PARENT_RUN_ENV)
 
 
-def link_run(cfg: TrackingConfig, earlier_run_id: str, parent_run_id: str | None = None) -> str:
+def link_run(cfg: TrackingConfig, earlier_run_id: str, parent_run_id: str | None = None) -> str | None:
     """Show a finished run in pipeline `parent_run_id` without running or copying it again.
 
     If the earlier run already is a child of that parent it is returned as is; otherwise a small finished child run
-    is created that carries the earlier run's tags, a `reused_run_id` tag and a description linking to it.
+    is created that carries the earlier run's tags, a `reused_run_id` tag and a description linking to it. None
+    (with a warning) when this store no longer holds it (another store now, the run deleted): nothing to link.
     """
     parent = _parent(cfg, parent_run_id)
     store = RunStore.connect(cfg, parent)
-    earlier = store.client.get_run(earlier_run_id)
+    earlier = store.find_run(earlier_run_id)
+    if earlier is None:
+        return None
     if parent is None or earlier.data.tags.get("mlflow.parentRunId") == parent:
         return earlier_run_id
     tags = {k: v for k, v in earlier.data.tags.items() if not k.startswith("mlflow.")}

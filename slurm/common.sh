@@ -96,7 +96,7 @@ mm_launch() {
     wait "$MM_STEP_PID" || rc=$?
   done
   trap - USR1 TERM
-  if [ "$MM_SIGNAL" = USR1 ]; then
+  if [ "$MM_SIGNAL" = USR1 ] && [ "$rc" -ne 0 ]; then  # a stage that finished before the signal mattered is done
     mm_log "stage stopped (exit $rc); requeueing job $SLURM_JOB_ID to resume from its checkpoint"
     scontrol requeue "$SLURM_JOB_ID" ||
       { mm_log "requeue refused (submitted with --no-requeue?): resubmit the same command to resume"; exit 75; }

@@ -219,6 +219,11 @@ def test_finished_stage_is_linked_into_a_new_pipeline_not_rerun(store):
     assert stage.run_id in link.data.tags["mlflow.note.content"] and link.info.status == "FINISHED"
     assert link.data.metrics == {}  # a link, not a copy
     assert len(all_runs(store)) == 4
+    # a stamp naming a run this store no longer holds (deleted in the UI, or another store): nothing to link
+    client_for(store).delete_run(stage.run_id)
+    with Tracker(tracking, tags={"stage": "pipeline"}) as third_pipeline:
+        assert link_run(tracking, stage.run_id, third_pipeline.run_id) is None
+        assert link_run(tracking, "0" * 32, third_pipeline.run_id) is None
 
 
 def test_files_are_attached_to_a_run_without_changing_it(store, tmp_path, monkeypatch, caplog):
@@ -287,10 +292,17 @@ def test_resumed_stage_continues_its_run(store, tmp_path, monkeypatch, caplog):
         elsewhere = Tracker.resumable(tracking, out, tags={"stage": "pretrain"})
     elsewhere.finish()
     assert "not in the MLflow store" in caplog.text and elsewhere.run_id not in (None, "0" * 32, fresh.run_id)
+    # Its run deleted in the UI (MLflow refuses to log to it): a new run, with a warning.
+    client.delete_run(elsewhere.run_id)
+    with caplog.at_level(logging.WARNING, logger="minimodel.tracking"):
+        after_delete = Tracker.resumable(tracking, out, tags={"stage": "pretrain"})
+    after_delete.finish()
+    assert "was deleted" in caplog.text and after_delete.run_id not in (None, elsewhere.run_id)
+    assert json.loads((out / RUN_FILE).read_text())["run_id"] == after_delete.run_id
     # Inert ranks and disabled tracking leave the file alone.
     monkeypatch.setenv("RANK", "1")
     assert Tracker.resumable(tracking, out, resume=False).run_id is None
-    assert json.loads((out / RUN_FILE).read_text())["run_id"] == elsewhere.run_id
+    assert json.loads((out / RUN_FILE).read_text())["run_id"] == after_delete.run_id
 
 
 def test_pipeline_children_are_nested_under_the_parent(store):
