@@ -15,6 +15,10 @@
 mm_log() { echo "[minimodel $(date +%FT%T) job ${SLURM_JOB_ID:-?}] $*"; }
 mm_die() { echo "[minimodel] error: $*" >&2; exit 2; }
 
+# empty arrays under `set -u` and ${x@Q} need bash 4.4 (RHEL/CentOS 7 ship 4.2)
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404)) ||
+  mm_die "bash $BASH_VERSION is too old for the templates (4.4 or newer): load a newer bash (e.g. module load bash)"
+
 [ -f "$MINIMODEL_HOME/minimodel/__init__.py" ] ||
   mm_die "MINIMODEL_HOME=$MINIMODEL_HOME is not a minimodel checkout: run sbatch from the repo or export MINIMODEL_HOME"
 cd "$MINIMODEL_HOME" || exit 2

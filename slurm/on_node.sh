@@ -16,7 +16,17 @@ case $kind in
          --nproc-per-node="$NPROC_PER_NODE" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" "$@") ;;
   deepspeed)
     # The launcher's own Slurm mode needs mpi4py; instead every node starts its own ranks (--no_ssh) from a
-    # hostfile listing the allocation.
+    # hostfile listing the allocation. From a hostfile it sets CUDA_VISIBLE_DEVICES=0..n-1 on each node: on a node
+    # shared without device cgroups Slurm's GPUs are others, and the ranks would run on another job's GPUs
+    # (DS_ACCELERATOR=cpu: no GPU is used, whatever the numbers).
+    first=$(seq -s, 0 $((NPROC_PER_NODE - 1)))
+    if [ "${DS_ACCELERATOR:-}" != cpu ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ] &&
+      [[ "$CUDA_VISIBLE_DEVICES," != "$first,"* ]]; then
+      echo "on_node.sh: Slurm gave this node GPUs $CUDA_VISIBLE_DEVICES, but DeepSpeed's launcher would use" \
+        "$first: ask for whole nodes (sbatch --exclusive) or have Slurm number a job's GPUs from 0 (cgroup.conf:" \
+        "ConstrainDevices=yes)" >&2
+      exit 2
+    fi
     hostfile=$(mktemp "${TMPDIR:-/tmp}/minimodel-hostfile.XXXXXX")
     scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$NPROC_PER_NODE/" > "$hostfile"
     cmd=("$MINIMODEL_PYTHON" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --node_rank "$node_rank"

@@ -16,6 +16,8 @@
 # Environment: SBATCH_ARGS (extra sbatch options for every job, e.g. "--partition=gpu --account=me"), Slurm's own
 # SBATCH_* variables, and those of slurm/common.sh (MINIMODEL_HOME, MINIMODEL_PYTHON, ...).
 set -euo pipefail
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404)) ||
+  { echo "pipeline.sh: bash $BASH_VERSION is too old (4.4 or newer: its arrays and \${x@Q})" >&2; exit 2; }
 MINIMODEL_HOME=${MINIMODEL_HOME:-$PWD}
 [ -f "$MINIMODEL_HOME/slurm/common.sh" ] ||
   { echo "pipeline.sh: run it from the minimodel checkout or export MINIMODEL_HOME" >&2; exit 2; }

@@ -63,6 +63,30 @@ def test_a_lock_released_while_it_is_checked_is_no_error(tmp_path, monkeypatch, 
     assert not lock.exists() and "removing" not in caplog.text
 
 
+def test_the_filesystem_of_a_path_is_its_longest_mount_point():
+    mounts = "/dev/sda1 / ext4 rw 0 0\nserver:/home /home nfs4 rw 0 0\nfs /home/u/my\\040dir lustre rw 0 0\n"
+    assert jit_builds.filesystem_type(Path("/home/u/.venv/torch_extensions"), mounts) == "nfs4"
+    assert jit_builds.filesystem_type(Path("/home/u/my dir/x"), mounts) == "lustre"
+    assert jit_builds.filesystem_type(Path("/homework/x"), mounts) == "ext4"  # not under /home
+
+
+def test_on_a_shared_filesystem_an_unheld_lock_is_removed_only_once_older_than_any_build(tmp_path, monkeypatch,
+                                                                                        caplog):
+    """A cluster's venv on NFS: another node's build holds the lock where this node's /proc cannot see it."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(jit_builds, "filesystem_type", lambda path: "nfs4")
+    lock = tmp_path / OP / LOCK
+    lock.parent.mkdir()
+    lock.touch()
+    with caplog.at_level(logging.WARNING, "minimodel.compat.jit_builds"):
+        check_build_locks()
+    assert lock.exists() and "another node may be building" in caplog.text
+    old = lock.stat().st_mtime - jit_builds.STALE_AFTER_S - 60
+    os.utime(lock, (old, old))
+    check_build_locks()
+    assert not lock.exists()
+
+
 @pytest.mark.slow
 def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_deepspeed_process(tmp_path):
     built = extensions_root() / OP  # built at setup time (scripts/setup.sh)

@@ -48,6 +48,20 @@ def test_templates_hold_no_machine_path():
             assert path not in text, f"{template.name} mentions {path}"
 
 
+@pytest.mark.parametrize("visible, refused", [("3,5", True), ("0,1", False), ("0,1,2,3", False), ("0,10", True)])
+def test_deepspeed_ranks_refuse_gpus_its_launcher_would_renumber(visible, refused):
+    """DeepSpeed's launcher sets CUDA_VISIBLE_DEVICES=0..n-1 on each node of a hostfile: where Slurm gave other GPUs
+    (a shared node without device cgroups) the ranks would run on another job's. (Accepted ones go on to the
+    launch, here failing at scontrol outside an allocation.)"""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible, "NPROC_PER_NODE": "2", "MINIMODEL_PYTHON": "true",
+           "MASTER_ADDR": "x", "MASTER_PORT": "1", "SLURM_JOB_NODELIST": "not-a-host"}
+    env.pop("DS_ACCELERATOR", None)
+    r = subprocess.run(["bash", "slurm/on_node.sh", "deepspeed", "x.py"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert (f"Slurm gave this node GPUs {visible}, but DeepSpeed's launcher would use 0,1" in r.stderr) == refused
+    assert (r.returncode == 2) == refused
+
+
 @pytest.mark.parametrize("template", [t.name for t in SUBMITTED])
 def test_templates_log_per_job_id(template):
     directives = re.findall(r"^#SBATCH (\S+)", (ROOT / "slurm" / template).read_text(), re.M)
@@ -254,9 +268,12 @@ def pipeline_args(out: Path, *overrides: str) -> list[str]:
 def test_real_plan_has_one_array_job_per_method_and_a_failure_cancels_its_dependants(cluster, tmp_path):
     """The plan of a pipeline config with two target languages: each method's adaptation is one array job with a
     task per language (LT-SFT's: one per language, the source's too; lt_sft_vocab's language SFTs, BiStil's
-    plugging, phase 1 and phase 2: one each, a task per target language). The data stage fails (a bad override):
-    everything after it is cancelled, nothing pends."""
-    jobs = run_pipeline(cluster, tmp_path, *pipeline_args(tmp_path, "overrides.data=[no_such_key=1]"))
+    plugging, phase 1 and phase 2: one each, a task per target language). The data stage fails (a corpus whose
+    records lack the text field, found only when it is read): everything after it is cancelled, nothing pends."""
+    corpus = tmp_path / "sw.jsonl"
+    corpus.write_text('{"body": "habari ya asubuhi"}\n')
+    jobs = run_pipeline(cluster, tmp_path, *pipeline_args(
+        tmp_path, f"overrides.data=['languages.sw.sources=[{{type: jsonl, path: {corpus}}}]']"))
     smoke = yaml.safe_load((ROOT / "configs/pipeline/smoke.yaml").read_text())
     methods = [parse_method(spec) for spec in smoke["methods"]]
     embedding_methods = [m.name for m in methods if m.learns_embeddings]
@@ -269,7 +286,7 @@ def test_real_plan_has_one_array_job_per_method_and_a_failure_cancels_its_depend
 
     data = cluster.wait(jobs["data"], timeout=180)
     assert (data.state, data.exit_code) == ("FAILED", "2:0"), data
-    assert "config error: unknown key no_such_key" in job_log(tmp_path, jobs["data"])  # the stage's own message
+    assert f"{corpus}:1: no field 'text'" in job_log(tmp_path, jobs["data"])  # the stage's own message
     for name in adapt_jobs:
         (info,) = cluster.job_info(jobs[name])
         assert info["ArrayTaskId"] == "0-1" and info["JobName"] == name, info

@@ -8,7 +8,9 @@ init_distributed): built in this environment, at setup time, and never waited on
 - A build killed half-way (Ctrl-C, a test timeout, preemption) leaves torch's lock file (`<dir>/<op>/lock`) behind,
   and torch waits for it to go away forever, printing nothing. `check_build_locks` (before every DeepSpeed start)
   removes a lock no live process holds open, with a warning (torch's builder keeps the lock open while it builds),
-  and says which process a live lock belongs to before the wait.
+  and says which process a live lock belongs to before the wait. On a filesystem other machines share (a cluster's
+  venv on NFS, Lustre, ...) a build on another node holds the lock where this node cannot see it: such a lock is
+  only removed once older than any build (STALE_AFTER_S).
 """
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ import fcntl
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 LOCK = "lock"  # torch.utils.file_baton.FileBaton's file in each extension's build directory
+SHARED_FILESYSTEMS = ("nfs", "lustre", "gpfs", "beegfs", "cifs", "smb", "ceph", "glusterfs", "fuse.")  # type prefixes
+STALE_AFTER_S = 3600  # no op builds for an hour: a lock that old on a shared filesystem is a killed build's
 
 
 def use_environment_dir() -> None:
@@ -49,6 +54,20 @@ def _holders(lock: Path) -> list[int] | None:
     return holders
 
 
+def filesystem_type(path: Path, mounts: str | None = None) -> str:
+    """The type of the filesystem `path` lies on, from /proc/mounts (or `mounts`, its text); "" if unknown."""
+    try:
+        mounts = Path("/proc/mounts").read_text() if mounts is None else mounts
+    except OSError:
+        return ""
+    target, best, kind = str(Path(path).resolve()), "", ""
+    for fields in (line.split() for line in mounts.splitlines()):
+        point = fields[1].replace("\\040", " ") if len(fields) > 2 else None
+        if point and (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
 def _command(pid: int) -> str:
     try:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
@@ -67,16 +86,20 @@ def check_build_locks() -> None:
         for lock in sorted(root.glob(f"*/{LOCK}")):
             holders = _holders(lock)
             try:
-                owner = lock.stat().st_uid
+                stat = lock.stat()
             except FileNotFoundError:  # released meanwhile: a rank loading the op takes the lock for a moment
                 continue
+            shared = filesystem_type(lock).startswith(SHARED_FILESYSTEMS)
             if holders:
                 log.warning("waiting for process %s (%s) to finish building the torch extension %s in %s",
                             holders[0], _command(holders[0]), lock.parent.name, lock.parent)
             elif holders is None:
                 log.warning("%s exists: if no process is building %s, delete it, or this run waits forever",
                             lock, lock.parent.name)
-            elif owner == os.getuid():
+            elif shared and time.time() - stat.st_mtime < STALE_AFTER_S:
+                log.warning("%s is on a filesystem other machines share: no process here holds it, so another node "
+                            "may be building %s; waiting for it (if none is, delete the lock)", lock, lock.parent.name)
+            elif stat.st_uid == os.getuid():
                 log.warning("removing %s: a build of %s was killed half-way and left it (no process holds it); "
                             "the extension is built again", lock, lock.parent.name)
                 lock.unlink(missing_ok=True)
