@@ -4,11 +4,13 @@
 
 Fields are separated by the ASCII unit separator (\\x1f; a tab would not keep empty fields apart):
     env  NAME=VALUE                          the jobs' environment, one line each, first
-    NAME  AFTER  LANGS  TASK_ARGS  SUBMIT    one line per job to submit, in dependency order
+    NAME  AFTER  LANGS  TASK_ARGS  STAMPS  SUBMIT    one line per job to submit, in dependency order
 AFTER: the names of the jobs it waits for (space-separated; jobs already done are left out), LANGS: the languages of
 an array job (space-separated; empty for a plain job), TASK_ARGS: each array task's own arguments, shell-quoted,
-separated by \\x1e (slurm/common.sh appends task $SLURM_ARRAY_TASK_ID's), SUBMIT: the sbatch template, its leading
-arguments and the stage's arguments, shell-quoted. Array tasks already done are not submitted.
+separated by \\x1e (slurm/common.sh appends task $SLURM_ARRAY_TASK_ID's), STAMPS: the output directory and input
+hash the job (each array task: separated as TASK_ARGS) stamps when its stage finishes, shell-quoted (empty: none),
+SUBMIT: the sbatch template, its leading arguments and the stage's arguments, shell-quoted. Array tasks already
+done are not submitted.
 """
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ def lines(plan: dict) -> list[str]:
         if job["done"]:
             continue
         tasks = [task for task in job["array"] if not task["done"]]
+        stamps = [t.get("stamp") for t in tasks] if tasks else [job.get("stamp")]
         out.append(UNIT.join([
             job["name"], " ".join(a for a in job["after"] if a not in done), " ".join(t["lang"] for t in tasks),
-            RECORD.join(shlex.join(t["args"]) for t in tasks), shlex.join([*job["slurm"], *job["args"]])]))
+            RECORD.join(shlex.join(t["args"]) for t in tasks), RECORD.join(shlex.join(s or []) for s in stamps),
+            shlex.join([*job["slurm"], *job["args"]])]))
     return out
 
 

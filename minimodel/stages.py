@@ -209,8 +209,11 @@ class Stage:
 
     @property
     def done(self) -> bool:
+        return self.done_with(self.input_hash)
+
+    def done_with(self, input_hash: str) -> bool:
         stamp = self.stamp()
-        return not self.always_run and stamp is not None and stamp.get("input_hash") == self.input_hash
+        return not self.always_run and stamp is not None and stamp.get("input_hash") == input_hash
 
     def run(self, env: dict[str, str], log_dir: Path, find_runs=None, stop: StopSignals | None = None) -> float:
         """Run the command (output teed to a log file) in its own process group; write the stamp if it finished
@@ -242,21 +245,31 @@ class Stage:
                                    f"its log: {log_path}")
         if code != 0:
             raise StageFailed(f"stage {self.name} failed with exit code {code}; its log: {log_path}")
-        record = provenance.read(self.output_dir)
-        if record is None or record["status"] != "finished":
-            raise StageFailed(f"stage {self.name} exited 0 but {self.output_dir} holds no finished result of its "
-                              f"config ({provenance.RECORD}): not stamped; its log: {log_path}")
         seconds = time.time() - start
         self.run_ids = find_runs(start) if find_runs else []
-        write_text_atomic(self.output_dir / STAMP, json.dumps({
-            "input_hash": self.input_hash, "seconds": seconds, "argv": command, "run_ids": self.run_ids}))
+        try:
+            write_stamp(self.output_dir, self.input_hash, command, seconds, self.run_ids)
+        except StageFailed as e:
+            raise StageFailed(f"stage {self.name} exited 0 but {e}; its log: {log_path}") from None
         return seconds
+
+
+def write_stamp(output_dir: Path, input_hash: str, argv: list[str], seconds: float, run_ids: list[str]) -> None:
+    """Mark a stage that exited 0 done for `input_hash`, only if its output directory holds a finished result of
+    its config (provenance): an exit 0 alone proves nothing."""
+    record = provenance.read(output_dir)
+    if record is None or record["status"] != "finished":
+        raise StageFailed(f"{output_dir} holds no finished result of its config ({provenance.RECORD}): not stamped")
+    write_text_atomic(output_dir / STAMP, json.dumps({
+        "input_hash": input_hash, "seconds": seconds, "argv": argv, "run_ids": run_ids}))
 
 
 def jobs(stages: list[Stage]) -> list[dict]:
     """The stages as batch jobs, in run order (slurm/pipeline.sh submits them): the stages of one `job` become one
     job with an array task per language. Each job: name, kind, script, args, slurm (template + leading arguments),
-    array ([{lang, args, done}], empty for a plain job), after (the names of the jobs it needs), done."""
+    array ([{lang, args, done, stamp}], empty for a plain job), after (the names of the jobs it needs), done, stamp:
+    [output directory, input hash] that the job stamps when its stage finishes (slurm/common.sh), so that the plan
+    made again skips it; None for a stage that always runs (an array job's are its tasks')."""
     grouped: dict[str, dict] = {}
     job_of: dict[str, str] = {}
     for stage in stages:
@@ -270,8 +283,25 @@ def jobs(stages: list[Stage]) -> list[dict]:
         if (job["kind"], job["args"], job["after"]) != (stage.kind, args, after):
             raise ValueError(f"stage {stage.name} differs from the other tasks of job {name} in more than its "
                              f"language's arguments")
-        done = stage.done  # hashes its inputs and every upstream stage's: once per stage
+        input_hash = stage.input_hash  # hashes its inputs and every upstream stage's: once per stage
+        done, stamp = stage.done_with(input_hash), None if stage.always_run else [str(stage.output_dir), input_hash]
         if stage.job:
-            job["array"].append({"lang": stage.lang, "args": stage.lang_args, "done": done})
+            job["array"].append({"lang": stage.lang, "args": stage.lang_args, "done": done, "stamp": stamp})
+        job["stamp"] = None if stage.job else stamp
         job["done"] = job["done"] and done
     return list(grouped.values())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m minimodel.stages OUTPUT_DIR INPUT_HASH SECONDS`: slurm/common.sh, after the stage of a job that
+    slurm/pipeline.sh submitted from a plan exited 0 (write_stamp)."""
+    output_dir, input_hash, seconds = argv if argv is not None else sys.argv[1:]
+    try:
+        write_stamp(Path(output_dir), input_hash, [f"slurm job {os.environ.get('SLURM_JOB_ID', '?')}"],
+                    float(seconds), [])
+    except StageFailed as e:
+        sys.exit(f"minimodel: {e}")
+
+
+if __name__ == "__main__":
+    main()

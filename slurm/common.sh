@@ -11,6 +11,7 @@
 #   NPROC_PER_NODE    ranks per node (default: the GPUs Slurm gave the node, else 1)
 #   MASTER_PORT       rendezvous port (default: derived from the job id, so jobs sharing a node do not collide)
 #   MM_TASK_ARGS      set by pipeline.sh for an array job: each task's own arguments (see mm_launch)
+#   MM_STAMPS         set by pipeline.sh: where the finished stage is marked done, per task (see mm_stamp)
 
 mm_log() { echo "[minimodel $(date +%FT%T) job ${SLURM_JOB_ID:-?}] $*"; }
 mm_die() { echo "[minimodel] error: $*" >&2; exit 2; }
@@ -107,5 +108,18 @@ mm_launch() {
     exit 0
   fi
   mm_log "stage exited with code $rc"
+  if [ "$rc" -eq 0 ]; then mm_stamp || rc=1; fi  # exit 0 without a finished result of its config is a failure
   return "$rc"
+}
+
+# mm_stamp: the stage of a job pipeline.sh submitted finished: mark it done as the local pipeline would (MM_STAMPS:
+# its output directory and input hash, per array task as MM_TASK_ARGS), so that submitting the plan again skips it.
+mm_stamp() {
+  [ -n "${MM_STAMPS:-}" ] || return 0
+  local entries=() entry=()
+  IFS=$'\x1e' read -r -a entries <<< "$MM_STAMPS"
+  eval "entry=(${entries[${SLURM_ARRAY_TASK_ID:-0}]:-})"  # shell-quoted by minimodel.slurm_plan
+  [ "${#entry[@]}" -eq 2 ] || return 0
+  "$MINIMODEL_PYTHON" -m minimodel.stages "${entry[0]}" "${entry[1]}" "$SECONDS" || return 1
+  mm_log "stamped ${entry[0]}: a plan made again skips it"
 }

@@ -42,7 +42,7 @@ lines=$(PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}" "$MINIMODEL_PYTH
 job_env=()
 declare -A job_id
 read -r -a extra <<< "${SBATCH_ARGS:-}"
-while IFS=$'\x1f' read -r name after langs task_args command; do
+while IFS=$'\x1f' read -r name after langs task_args stamps command; do
   [ -n "$name" ] || continue  # nothing left to submit
   if [ "$name" = env ]; then
     job_env+=("$after")
@@ -58,7 +58,8 @@ while IFS=$'\x1f' read -r name after langs task_args command; do
     read -r -a lang_list <<< "$langs"
     options+=(--array="0-$((${#lang_list[@]} - 1))")
   fi
-  id=$(env "${job_env[@]}" MM_TASK_ARGS="$task_args" sbatch "${options[@]}" "${extra[@]}" "${submit[@]}")
+  id=$(env "${job_env[@]}" MM_TASK_ARGS="$task_args" MM_STAMPS="$stamps" sbatch "${options[@]}" "${extra[@]}" \
+    "${submit[@]}")
   job_id[$name]=${id%%;*}
   echo "submitted $name ${job_id[$name]}${deps:+ after$deps}${langs:+ array over: $langs}: ${submit[*]@Q}"
 done <<< "$lines"

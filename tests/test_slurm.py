@@ -341,9 +341,10 @@ PIPELINE_MODULE = ROOT / "minimodel" / "pipeline.py"
 @pytest.mark.skipif(not (PIPELINE_MODULE.is_file() and "--plan" in PIPELINE_MODULE.read_text()),
                     reason="minimodel.pipeline has no `--plan` yet (the interface: slurm/pipeline.sh's header)")
 def test_pipeline_runs_the_chain_to_the_report(cluster, tmp_path):
-    jobs = run_pipeline(cluster, tmp_path, "configs/pipeline/smoke.yaml", f"output_dir={tmp_path / 'run'}",
-                        f"data_dir={tmp_path / 'data'}", f"tracking.store_dir={tmp_path / 'store'}",
-                        "methods=[standard]")  # every kind of job; tests/test_pipeline.py runs all methods
+    """Then submitted again: every job stamped its finished stage, so only the report (it always runs) goes."""
+    args = ["configs/pipeline/smoke.yaml", f"output_dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}",
+            f"tracking.store_dir={tmp_path / 'store'}", "methods=[standard]"]  # every kind of job; tests/
+    jobs = run_pipeline(cluster, tmp_path, *args)  # test_pipeline.py runs all methods
     assert len(jobs) >= 5 and list(jobs)[-1].startswith("report"), jobs
     for name, job in jobs.items():  # in submission order, i.e. the order of the chain
         result = cluster.wait(job, timeout=900)
@@ -351,6 +352,9 @@ def test_pipeline_runs_the_chain_to_the_report(cluster, tmp_path):
     report_log = job_log(tmp_path, jobs[list(jobs)[-1]])
     written = dict(re.findall(r"^(\w+): (\S+)$", report_log, re.M))  # evaluate/report.py prints kind: path
     assert written and all(Path(path).is_file() for path in written.values()), report_log[-4000:]
+    again = run_pipeline(cluster, tmp_path, *args)
+    assert list(again) == ["report"], again
+    assert cluster.wait(again["report"], timeout=300).ok
 
 
 @pytest.mark.slow

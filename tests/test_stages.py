@@ -163,15 +163,21 @@ def test_slurm_lines_submit_the_plans_jobs_and_skip_what_is_done(tmp_path):
     assert rows[0] == ["env", "MINIMODEL_PARENT_RUN_ID=0123"]
     submitted = {row[0]: row[1:] for row in rows[1:]}
     assert "data" not in submitted and submitted["pretrain"][0] == ""  # its one dependency is done
-    after, langs, task_args, submit = submitted[adapt["name"]]
+    after, langs, task_args, stamps, submit = submitted[adapt["name"]]
     assert langs == "ny sw" and task_args.split(RECORD) == ["'target_langs=[ny]'", "'target_langs=[sw]'"]  # shell-quoted
+    # each task stamps its own language's output directory with its stage's input hash when it finishes
+    assert [shlex.split(entry) for entry in stamps.split(RECORD)] == [task["stamp"] for task in adapt["array"]]
+    assert [Path(task["stamp"][0]).name for task in adapt["array"]] == ["ny", "sw"]
     assert shlex.split(submit) == ["slurm/adapt.sh", *adapt["args"]]
-    report = shlex.split(submitted["report"][3])
-    assert report[:3] == ["slurm/evaluate.sh", "report", "--config"]
+    pretrain = next(job for job in planned["jobs"] if job["name"] == "pretrain")
+    assert shlex.split(submitted["pretrain"][3]) == pretrain["stamp"] == [str(tmp_path / "run" / "pretrain"),
+                                                                          pretrain["stamp"][1]]
+    report = shlex.split(submitted["report"][4])
+    assert report[:3] == ["slurm/evaluate.sh", "report", "--config"] and submitted["report"][3] == ""  # always runs
 
     adapt["array"][0]["done"] = True  # ny adapted already: only sw's task is submitted
     row = next(line.split(UNIT) for line in lines(planned) if line.startswith(adapt["name"] + UNIT))
-    assert row[2:4] == ["sw", "'target_langs=[sw]'"]
+    assert row[2:4] == ["sw", "'target_langs=[sw]'"] and shlex.split(row[4]) == adapt["array"][1]["stamp"]
 
 
 def test_slurm_plan_module_reads_a_plan_file(tmp_path):
@@ -187,7 +193,8 @@ def test_grouping_refuses_tasks_that_differ_beyond_their_language(tmp_path):
     b = Stage("adapt-x-sw", "adapt", ["--config", "b.yaml"], tmp_path, job="adapt-x", lang="sw")
     with pytest.raises(ValueError, match="adapt-x-sw differs from the other tasks of job adapt-x"):
         jobs([a, b])
-    assert stages.jobs([a])[0]["array"] == [{"lang": "ny", "args": [], "done": False}]
+    assert stages.jobs([a])[0]["array"] == [{"lang": "ny", "args": [], "done": False,
+                                             "stamp": [str(tmp_path), a.input_hash]}]
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
