@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -105,6 +106,8 @@ def initialised_at_load(model, model_dir: str | os.PathLike) -> set[str]:
     """Names of `model`'s parameters that its directory's weights do not hold: initialised when it was loaded (a task
     head, BERT's pooler on a masked-LM checkpoint), so they have no pretrained value to differ from."""
     saved = checkpoint_names(model_dir)
+    # LayerNorm's old names (bert-base-uncased's file), which transformers renames when it loads them
+    saved |= {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name)) for name in saved}
     prefix = f"{model.base_model_prefix}."
     return {name for name, _ in model.named_parameters()
             if name not in saved and name.removeprefix(prefix) not in saved and prefix + name not in saved}

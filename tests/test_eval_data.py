@@ -191,6 +191,14 @@ def test_classification_features_pairs(tmp_path):
     assert item["input_ids"].tolist() == [0, 4, 5, 2, 2, 6, 2, 1]  # <s> a b </s></s> c </s> <pad>
     assert item["attention_mask"].tolist() == [1] * 7 + [0]
     assert int(item["labels"]) == 1
+    assert "token_type_ids" not in item  # XLM-R's layout has none
+    # a model that embeds segments (BERT, mBERT) reading it: the second text is segment 1, as BERT's tokenizer says
+    segmented = classification_features([{"text_a": "a b", "text_b": "c", "label": 1}], tok, 8, segments=True)[0]
+    assert segmented["token_type_ids"].tolist() == [0, 0, 0, 0, 0, 1, 1, 0]
+    qa = qa_train_features([{"id": "q", "question": "a", "context": "b c", "answers": []}], tok, 8, 2,
+                           segments=True)[0]
+    assert qa["input_ids"].tolist() == [0, 4, 2, 2, 5, 6, 2, 1]
+    assert qa["token_type_ids"].tolist() == [0] * 4 + [1] * 3 + [0]
 
 
 def test_shipped_configs_load():

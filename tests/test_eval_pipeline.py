@@ -184,6 +184,23 @@ def test_plugged_model_filed_under_wrong_method_is_refused(world, plugged_task_m
         zero_shot(cfg)
 
 
+def test_a_target_that_is_not_the_plugged_task_model_is_refused(world, plugged_task_model):
+    """The primary masked LM plugged for xx, even with the task's labels written into its config (a QA head has no
+    labels to tell apart): loaded as a task model its head would be drawn at random."""
+    root = world["root"]
+    mlm = _plugged(world, world["primary"], "primary_xx_labelled", plugged_task_model[1])
+    config = json.loads((mlm / "config.json").read_text())
+    task_config = json.loads((world["task_model"] / "config.json").read_text())
+    config.update(id2label=task_config["id2label"], label2id=task_config["label2id"])
+    (mlm / "config.json").write_text(json.dumps(config))
+    cfg = _zero_shot_cfg(world, "zs_mlm_target", method="minijoint", source_model_dir=world["task_model"],
+                         evaluate_source=False,
+                         targets=f"[{{lang: xx, model_dir: {mlm}, tokenizer: {root / 'data/xx/tokenizer'}}}]")
+    with pytest.raises(ValueError, match=r"was saved as \w+ForMaskedLM, the task model .* as \w+ForSequence"
+                                         r"Classification \(its head would be drawn at random\)"):
+        zero_shot(cfg)
+
+
 def test_unadapted_baseline_reads_each_target_with_the_source_tokenizer(world):
     """Method none: the task model as fine-tuned, reading the target text with its own (source) tokenizer. yy is
     English under another code: read in full, it scores exactly the source accuracy; xx (a cipher) is all <unk> to
@@ -245,6 +262,10 @@ def test_zero_shot_scores_each_snapshot_of_the_adaptation_run(world, adaptation_
     assert len(runs) == 3 and set(by_step) == {"10", "20", None}  # None: the final embeddings
     assert all(r.data.tags["adapt_run_id"] == "adapt-run-1" for r in runs)  # the final's from plug.json
     assert by_step["10"].data.metrics["accuracy"] == curve["10"]["accuracy"]
+    # the same directory redone for targets without an adaptation run: the earlier curve is not this config's
+    cfg.targets[0].embeddings = None
+    zero_shot(cfg)
+    assert not (root / "zs_curve" / "snapshots.json").exists()
 
 
 def test_a_snapshot_plugs_in_memory_exactly_as_adapt_plug_writes_it(world, adaptation_run):

@@ -3,6 +3,8 @@ eligibility by module type, the global top-K (ties kept), the L1 gradient, the r
 revert / compose. (Training inside DeepSpeed, under real launchers: tests/test_sft_train.py.)"""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -250,6 +252,22 @@ def test_an_sft_refuses_a_model_it_was_not_learned_from(tmp_path):
     assert sha_a in str(e.value) and sha_b in str(e.value)
     with pytest.raises(SFTError, match="different base models"):
         compose(sft, SparseFineTuning(sha_b))
+
+
+def test_layer_norms_saved_under_their_old_names_are_not_taken_for_new_parameters(tmp_path):
+    """bert-base-uncased's file names its LayerNorms gamma/beta, which transformers renames when it loads them."""
+    from safetensors.torch import load_file, save_file
+
+    base_dir = tmp_path / "mlm"
+    bert().save_pretrained(base_dir)
+    weights = load_file(base_dir / "model.safetensors")
+    renamed = {re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v
+               for k, v in weights.items()}
+    assert renamed.keys() != weights.keys()
+    save_file(renamed, base_dir / "model.safetensors", metadata={"format": "pt"})
+    task_model = BertForSequenceClassification.from_pretrained(base_dir, num_labels=3)
+    assert initialised_at_load(task_model, base_dir) == {"bert.pooler.dense.weight", "bert.pooler.dense.bias",
+                                                         "classifier.weight", "classifier.bias"}
 
 
 def test_parameters_a_task_model_initialises_at_load_are_dense_so_the_composed_model_is_the_trained_one(tmp_path):

@@ -99,5 +99,12 @@ def install_vocabulary(model: nn.Module, weight: torch.Tensor, mapping: torch.Te
             out.weight.copy_(weight if output_weight is None else output_weight)
         if out is not None and out.bias is not None:
             out.bias.copy_(remap_rows(old_bias, mapping) if output_bias is None else output_bias)
+    if out is not None and out.bias is not None and not tied:
+        # an untied head keeps its own `bias` beside the decoder's (saved, not used): the resize left it at the old
+        # size (XLM-R: the save no longer loads) or made it the decoder's tensor (BERT: the save drops one of the
+        # two, and the reload draws the decoder's bias at random)
+        for head in (m for m in model.modules() if getattr(m, "decoder", None) is out):
+            if isinstance(getattr(head, "bias", None), nn.Parameter):
+                head.bias = nn.Parameter(out.bias.detach().clone())
     if pad_id is not None:
         model.config.pad_token_id = pad_id

@@ -22,6 +22,26 @@ def _model_inputs(encoding) -> list[str]:
     return [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoding]
 
 
+def reads_segments(model) -> bool:
+    """Whether `model` embeds token_type_ids (BERT, mBERT: a second segment), which a tokenizer of another layout
+    (the target tokenizers trained here, XLM-R's) does not produce."""
+    return getattr(model.config, "type_vocab_size", 1) > 1
+
+
+def _add_segments(encoding) -> None:
+    """BERT's segments for pairs a tokenizer encoded without them (else the model reads the second text as the
+    first): 1 from the second text's first token to the end of the input (its closing separator included), 0
+    before it and on padding."""
+    if "token_type_ids" in encoding:
+        return
+    types = []
+    for i, mask in enumerate(encoding["attention_mask"]):
+        ids = encoding.sequence_ids(i)
+        start = next((j for j, s in enumerate(ids) if s == 1), len(ids))
+        types.append([int(j >= start and m == 1) for j, m in enumerate(mask)])
+    encoding["token_type_ids"] = types
+
+
 class FeatureDataset(torch.utils.data.Dataset):
     def __init__(self, items: list[dict[str, np.ndarray]]):
         self.items = items
@@ -33,11 +53,15 @@ class FeatureDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def classification_features(examples: list[dict], tokenizer, max_length: int) -> FeatureDataset:
-    """{"input_ids", "attention_mask"[, "token_type_ids"], "labels"} per example, padded to max_length."""
+def classification_features(examples: list[dict], tokenizer, max_length: int, segments: bool = False
+                            ) -> FeatureDataset:
+    """{"input_ids", "attention_mask"[, "token_type_ids"], "labels"} per example, padded to max_length; `segments`:
+    the model reads token types (reads_segments), made here for pairs if the tokenizer gives none."""
     a = [e["text_a"] for e in examples]
     b = [e["text_b"] for e in examples] if examples and examples[0]["text_b"] is not None else None
     enc = tokenizer(a, b, truncation=True, max_length=max_length, padding="max_length")
+    if segments and b is not None:
+        _add_segments(enc)
     items = _arrays(enc, _model_inputs(enc))
     for item, e in zip(items, examples):
         item["labels"] = np.asarray(e["label"], dtype=np.int64)
@@ -50,19 +74,24 @@ def _require_fast(tokenizer) -> None:
                               f"{type(tokenizer).__name__} is not one: save the tokenizer with tokenizer.json")
 
 
-def _qa_windows(examples: list[dict], tokenizer, max_length: int, doc_stride: int):
+def _qa_windows(examples: list[dict], tokenizer, max_length: int, doc_stride: int, segments: bool):
     _require_fast(tokenizer)
     pad_right = tokenizer.padding_side == "right"
     if not pad_right:
         raise ValueError("QA windows assume right padding (question first, then context)")
-    return tokenizer([e["question"].lstrip() for e in examples], [e["context"] for e in examples],
-                     truncation="only_second", max_length=max_length, stride=doc_stride,
-                     return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+    enc = tokenizer([e["question"].lstrip() for e in examples], [e["context"] for e in examples],
+                    truncation="only_second", max_length=max_length, stride=doc_stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+    if segments:
+        _add_segments(enc)
+    return enc
 
 
-def qa_train_features(examples: list[dict], tokenizer, max_length: int, doc_stride: int) -> FeatureDataset:
-    """Windows with "start_positions"/"end_positions" of the first gold answer (0 when outside the window)."""
-    enc = _qa_windows(examples, tokenizer, max_length, doc_stride)
+def qa_train_features(examples: list[dict], tokenizer, max_length: int, doc_stride: int, segments: bool = False
+                      ) -> FeatureDataset:
+    """Windows with "start_positions"/"end_positions" of the first gold answer (0 when outside the window);
+    `segments` as classification_features."""
+    enc = _qa_windows(examples, tokenizer, max_length, doc_stride, segments)
     items = _arrays(enc, _model_inputs(enc))
     for i, item in enumerate(items):
         example = examples[enc["overflow_to_sample_mapping"][i]]
@@ -85,8 +114,8 @@ def qa_train_features(examples: list[dict], tokenizer, max_length: int, doc_stri
 class QAEvalFeatures:
     """Windows for prediction plus what is needed to map token spans back to context characters."""
 
-    def __init__(self, examples: list[dict], tokenizer, max_length: int, doc_stride: int):
-        enc = _qa_windows(examples, tokenizer, max_length, doc_stride)
+    def __init__(self, examples: list[dict], tokenizer, max_length: int, doc_stride: int, segments: bool = False):
+        enc = _qa_windows(examples, tokenizer, max_length, doc_stride, segments)
         self.examples = examples
         self.dataset = FeatureDataset(_arrays(enc, _model_inputs(enc)))
         self.example_index = list(enc["overflow_to_sample_mapping"])

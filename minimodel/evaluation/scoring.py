@@ -10,7 +10,7 @@ from tqdm import tqdm
 from minimodel.adaptation.vocab import tokenizer_fingerprint
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.evaluation import EvaluationError
-from minimodel.evaluation.features import QAEvalFeatures, classification_features
+from minimodel.evaluation.features import QAEvalFeatures, classification_features, reads_segments
 from minimodel.evaluation.metrics import accuracy, majority_share, qa_scores, retrieval_accuracy
 from minimodel.evaluation.models import batches, device, mean_pooled, predict_logits
 from minimodel.evaluation.tasks import TaskConfig, TaskDataError, load_examples
@@ -25,12 +25,12 @@ def score(task: TaskConfig, model, tokenizer, lang: str, split: str, batch_size:
     examples = load_examples(task, lang, split)
     desc = f"{task.name}/{lang}/{split}"
     if task.spec.kind == "classification":
-        (logits,) = predict_logits(model, classification_features(examples, tokenizer, task.max_length), batch_size,
-                                   desc)
+        features = classification_features(examples, tokenizer, task.max_length, reads_segments(model))
+        (logits,) = predict_logits(model, features, batch_size, desc)
         labels = [e["label"] for e in examples]
         metrics = {"accuracy": accuracy(logits.argmax(-1).tolist(), labels), MAJORITY_METRIC: majority_share(labels)}
     elif task.spec.kind == "qa":
-        features = QAEvalFeatures(examples, tokenizer, task.max_length, task.doc_stride)
+        features = QAEvalFeatures(examples, tokenizer, task.max_length, task.doc_stride, reads_segments(model))
         start, end = predict_logits(model, features.dataset, batch_size, desc, ("start_logits", "end_logits"))
         predictions = features.predictions(start, end, task.max_answer_length)
         metrics = qa_scores(predictions, {e["id"]: [a["text"] for a in e["answers"]] for e in examples}, lang)

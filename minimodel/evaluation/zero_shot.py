@@ -160,10 +160,14 @@ def _load(cfg: ZeroShotConfig, model_dir: str, tokenizer_dir: str):
 
 def _check_target(cfg: ZeroShotConfig, target: TargetConfig, model, source_model) -> None:
     """Refuse a target model that is not the source task model plugged for this language by this method."""
+    fix = "plug the target embeddings into the fine-tuned task model"
     if cfg.task.spec.fine_tuned and model.config.id2label != source_model.config.id2label:
         raise EvaluationError(f"{target.model_dir} has labels {model.config.id2label}, the task model "
-                              f"{cfg.source_model_dir} {source_model.config.id2label}: plug the target embeddings "
-                              "into the fine-tuned task model")
+                              f"{cfg.source_model_dir} {source_model.config.id2label}: {fix}")
+    theirs, ours = model.config.architectures, source_model.config.architectures
+    if cfg.task.spec.fine_tuned and theirs and ours and theirs != ours:  # QA heads have no labels to tell them apart
+        raise EvaluationError(f"{target.model_dir} was saved as {theirs[0]}, the task model {cfg.source_model_dir} "
+                              f"as {ours[0]} (its head would be drawn at random): {fix}")
     plugged = plugged_info(target.model_dir)
     if plugged is not None:
         _check_provenance(cfg, target, plugged, Path(target.model_dir) / PLUG_FILE)
@@ -365,5 +369,7 @@ def zero_shot(cfg: ZeroShotConfig) -> StageResult:
     write_text_atomic(out / "metrics.json", json.dumps(results, indent=2))
     if snapshot_results:
         write_text_atomic(out / "snapshots.json", json.dumps(snapshot_results, indent=2))
+    else:  # an earlier config's curves are not this one's
+        (out / "snapshots.json").unlink(missing_ok=True)
     finish_output(out, cfg)
     return StageResult("finished", results)
