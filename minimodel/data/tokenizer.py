@@ -46,6 +46,9 @@ def save_tokenizer_json(tokenizer, spec: dict, out_dir: str | os.PathLike,
     if id_map is not None and "added_tokens_decoder" in config:  # keyed by id
         by_old = {int(i): t for i, t in config["added_tokens_decoder"].items()}
         config["added_tokens_decoder"] = {str(id_map[i]): t for i, t in by_old.items() if i in id_map}
+    # loaded by its own class, a family's tokenizer may rebuild parts of tokenizer.json (transformers 5's
+    # XLMRobertaTokenizer: unk_id 3 whatever the file says, so a trimmed vocabulary read unknown text as </s>)
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=list(tokenizer.model_input_names))
     (tmp / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     return replace_dir(tmp, out)
 
