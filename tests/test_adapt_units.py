@@ -97,6 +97,22 @@ def test_an_untied_model_with_a_new_vocabulary_saves_and_loads_back_the_same(fam
     torch.testing.assert_close(again(input_ids=batch).logits, expected, rtol=0, atol=1e-6)
 
 
+def test_copied_rows_of_an_untied_model_keep_their_own_output_rows():
+    """copy_shared (or OFA's copies) over a model with untied output embeddings: a token the target vocabulary
+    shares predicts as it did (its output row was its input row before). With the source vocabulary itself as the
+    target, the model is unchanged."""
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=F, tie_word_embeddings=False)).eval()
+    batch = torch.tensor([[2, 5, 7, 9, 3]])
+    before = model(input_ids=batch).logits
+    source = model.get_input_embeddings().weight.detach().clone()
+    weight, used = INITIALISERS["copy_shared"](source, torch.arange(V), None, std=0.02, pad_id=0,
+                                               generator=torch.Generator().manual_seed(0))
+    install_vocabulary(model, weight, used, pad_id=0)
+    torch.testing.assert_close(model(input_ids=batch).logits, before, rtol=0, atol=1e-6)
+
+
 def test_flops_follow_the_shapes_and_what_requires_grad():
     model = _bert(MegatronBertForMaskedLM, MegatronBertConfig, layers=3)
     select_trainable(model, TrainableConfig())

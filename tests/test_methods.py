@@ -1,5 +1,7 @@
 """Methods as entries (minimodel/methods.py): specs, their validation in every config that names a method, and the
 pipeline's stages per configured method."""
+import json
+
 import pytest
 from pipeline_helpers import SMOKE
 
@@ -148,7 +150,7 @@ def test_lt_sft_is_an_entry_language_sfts_a_task_sft_and_zero_shot_swapping_them
         parse_method("lt_sft+ofa")
 
 
-def test_lt_sft_vocab_is_an_entry_a_language_sft_of_the_plugged_model_composed_with_lt_sfts_task_sft():
+def test_lt_sft_vocab_is_an_entry_a_language_sft_of_the_plugged_model_composed_with_lt_sfts_task_sft(tmp_path):
     """Method lt_sft_vocab without lt_sft: standard adaptation's embeddings plugged into the primary masked LM
     (BiStil's plug_mlm stage, made once even with both methods), a language SFT of that plugged model per target
     language (one array job), the source language's SFT of the primary and the task SFT as for lt_sft, zero-shot of
@@ -193,6 +195,13 @@ def test_lt_sft_vocab_is_an_entry_a_language_sft_of_the_plugged_model_composed_w
         load_config(LanguageSFTConfig, overrides=["primary_model=p", "method=standard"])
     with pytest.raises(ConfigError, match="primary_model: p has no plug.json: method lt_sft_vocab learns its SFT over"):
         load_config(LanguageSFTConfig, overrides=["primary_model=p", "method=lt_sft_vocab"])
+    plugged = tmp_path / "plugged_mlm_ny"  # Chichewa's plugged model: refused for Swahili, before any compute
+    plugged.mkdir()
+    (plugged / "plug.json").write_text(json.dumps({"target_lang": "ny", "method": "standard"}))
+    load_config(LanguageSFTConfig, overrides=[f"primary_model={plugged}", "method=lt_sft_vocab", "target_langs=[ny]"])
+    with pytest.raises(ConfigError, match=r"target_langs: .* holds ny embeddings .*, not those of \['sw'\]: run each"):
+        load_config(LanguageSFTConfig, overrides=[f"primary_model={plugged}", "method=lt_sft_vocab",
+                                                  "target_langs=[ny, sw]"])
     # one plugged model per language (layout.plugged_mlm(lang)) serves every method that builds on another's embeddings
     assert {m.builds_on for m in MODELS.values()} - {None} == {"standard"}
 

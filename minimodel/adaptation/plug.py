@@ -98,7 +98,8 @@ def plug_model(model, embeddings: str | os.PathLike, *, model_dir: str, primary_
         tensors["input_embeddings"] = tensors.pop("coordinates") @ tensors.pop("primitives")
     out = model.get_output_embeddings()
     install_vocabulary(model, tensors["input_embeddings"], tensors["token_map"], info["pad_token_id"],
-                       output_weight=tensors.get("output_embeddings") if out is not None else None,
+                       output_weight=tensors.get("output_embeddings", tensors["input_embeddings"]) if out is not None
+                       else None,  # untied, yet learned tied: the learned rows are the output's too
                        output_bias=tensors.get("output_bias") if out is not None else None)
     embeddings_module = dict(model.base_model.embeddings.named_parameters())
     head_params = {}

@@ -77,9 +77,9 @@ def remap_rows(old: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
 def install_vocabulary(model: nn.Module, weight: torch.Tensor, mapping: torch.Tensor, pad_id: int | None,
                        output_weight: torch.Tensor | None = None, output_bias: torch.Tensor | None = None) -> None:
     """Give `model` a new vocabulary: input embeddings `weight`, the output embeddings (tied: the same matrix;
-    untied: `output_weight`, default a copy of `weight`) and the LM-head bias (`output_bias`, default the model's
-    own bias carried over through `mapping`, zeros for unmapped tokens). Works for *ForMaskedLM and task models
-    (which have no output embeddings)."""
+    untied: `output_weight`, default the model's own output rows carried over through `mapping`, `weight`'s rows
+    for unmapped tokens) and the LM-head bias (`output_bias`, default the model's own bias carried over through
+    `mapping`, zeros for unmapped tokens). Works for *ForMaskedLM and task models (no output embeddings)."""
     old_embeddings = model.get_input_embeddings()
     roberta_style_padding = getattr(model.base_model.embeddings, "padding_idx", None)
     if roberta_style_padding is not None and pad_id is not None and roberta_style_padding != pad_id:
@@ -89,6 +89,10 @@ def install_vocabulary(model: nn.Module, weight: torch.Tensor, mapping: torch.Te
     out = model.get_output_embeddings()
     old_bias = out.bias.detach().clone() if out is not None and out.bias is not None else None
     tied = out is not None and out.weight is old_embeddings.weight
+    if out is not None and not tied and output_weight is None:  # a kept token predicts as it did
+        output_weight = weight.clone()
+        kept = mapping >= 0
+        output_weight[kept] = out.weight.detach()[mapping[kept]].to(weight.dtype)
     model.resize_token_embeddings(weight.shape[0], mean_resizing=False)
     new_embeddings = model.get_input_embeddings()
     with torch.no_grad():
@@ -96,7 +100,7 @@ def install_vocabulary(model: nn.Module, weight: torch.Tensor, mapping: torch.Te
         new_embeddings.padding_idx = pad_id
         out = model.get_output_embeddings()
         if out is not None and not tied:
-            out.weight.copy_(weight if output_weight is None else output_weight)
+            out.weight.copy_(output_weight)
         if out is not None and out.bias is not None:
             out.bias.copy_(remap_rows(old_bias, mapping) if output_bias is None else output_bias)
     if out is not None and out.bias is not None and not tied:

@@ -23,7 +23,7 @@ from transformers import AutoModelForMaskedLM
 
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR
-from minimodel.adaptation.plug import PLUG_FILE
+from minimodel.adaptation.plug import PLUG_FILE, plugged_info
 from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig, _rank0_then_everywhere,
                                         claim_language, prepare_target_data, run_languages)
 from minimodel.config import PerLanguageRun, require
@@ -73,6 +73,11 @@ class LanguageSFTConfig(PerLanguageRun):
                 f"{self.primary_model} has no {PLUG_FILE}: method {self.method} learns its SFT over the primary with "
                 "target embeddings plugged in by adapt/plug.py (the pipeline's plugged_mlm/<lang>): give that "
                 "directory, or method=lt_sft for an SFT of the primary itself")
+        if method.reads_plugged:  # one language's plugged model reads that language only
+            plugged = plugged_info(self.primary_model)["target_lang"]
+            others = [lang for lang in self.target_langs if lang != plugged]
+            require(not others, "target_langs", f"{self.primary_model} holds {plugged} embeddings (its {PLUG_FILE}), "
+                    f"not those of {others}: run each language over its own plugged model (plugged_mlm/<lang>)")
         self.validate_languages()
 
 
