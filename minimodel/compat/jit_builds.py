@@ -89,14 +89,14 @@ def check_build_locks() -> None:
                 stat = lock.stat()
             except FileNotFoundError:  # released meanwhile: a rank loading the op takes the lock for a moment
                 continue
-            shared = filesystem_type(lock).startswith(SHARED_FILESYSTEMS)
             if holders:
                 log.warning("waiting for process %s (%s) to finish building the torch extension %s in %s",
                             holders[0], _command(holders[0]), lock.parent.name, lock.parent)
             elif holders is None:
                 log.warning("%s exists: if no process is building %s, delete it, or this run waits forever",
                             lock, lock.parent.name)
-            elif shared and time.time() - stat.st_mtime < STALE_AFTER_S:
+            elif (time.time() - stat.st_mtime < STALE_AFTER_S
+                  and filesystem_type(lock).startswith(SHARED_FILESYSTEMS)):
                 log.warning("%s is on a filesystem other machines share: no process here holds it, so another node "
                             "may be building %s; waiting for it (if none is, delete the lock)", lock, lock.parent.name)
             elif stat.st_uid == os.getuid():

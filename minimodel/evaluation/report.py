@@ -235,10 +235,10 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
     tasks, warnings = {}, []
     for task in sorted(set(data["points"]) | set(baselines)):
         per_lang, langs, below, within = data["points"].get(task, {}), {}, [], []
+        full_score = TASKS[task].full_score if task in TASKS else 1.0
         for lang in sorted(set(per_lang) | set(baselines.get(task, {}))):
             per_method = per_lang.get(lang, {})
             ref_points = per_method.get(reference, [])
-            full_score = TASKS[task].full_score if task in TASKS else 1.0
             ref_final = ref_points[-1].quality if ref_points else None
             methods = {}
             for method, pts in ((m, per_method[m]) for m in order if m in per_method):
