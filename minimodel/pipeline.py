@@ -512,8 +512,12 @@ def plan(cfg: PipelineConfig) -> dict:
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
                                                        "target_langs": ",".join(cfg.target_langs)})
     stages = build_stages(cfg, tracker.run_id)
+    planned = jobs(stages)
+    for stage in stages:
+        if stage.done:  # not submitted: shown in this pipeline's run as links to the runs that did the work
+            _link_earlier_runs(cfg, tracker, stage)
     tracker.finish()  # the Slurm jobs log their runs under it
-    return {"env": tracker.child_env(), "jobs": jobs(stages)}
+    return {"env": tracker.child_env(), "jobs": planned}
 
 
 def main(argv: list[str] | None = None) -> None:

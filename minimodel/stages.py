@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from minimodel import distributed, provenance, supervisor
+from minimodel import distributed, provenance, supervisor, tracking
 from minimodel.supervisor import descendants
 from minimodel.files import stat_signature, write_text_atomic
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, PreemptionSignal
@@ -296,9 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m minimodel.stages OUTPUT_DIR INPUT_HASH SECONDS`: slurm/common.sh, after the stage of a job that
     slurm/pipeline.sh submitted from a plan exited 0 (write_stamp)."""
     output_dir, input_hash, seconds = argv if argv is not None else sys.argv[1:]
+    job_id = os.environ.get("SLURM_JOB_ID", "?")
     try:
-        write_stamp(Path(output_dir), input_hash, [f"slurm job {os.environ.get('SLURM_JOB_ID', '?')}"],
-                    float(seconds), [])
+        write_stamp(Path(output_dir), input_hash, [f"slurm job {job_id}"], float(seconds),
+                    tracking.runs_of_slurm_job(tracking.TrackingConfig(), job_id))
     except StageFailed as e:
         sys.exit(f"minimodel: {e}")
 

@@ -214,6 +214,22 @@ def link_run(cfg: TrackingConfig, earlier_run_id: str, parent_run_id: str | None
     return run.info.run_id
 
 
+def runs_of_slurm_job(cfg: TrackingConfig, job_id: str, parent_run_id: str | None = None) -> list[str]:
+    """The runs Slurm job `job_id` logged under pipeline `parent_run_id` (tagged by Tracker), for its stamp: a plan
+    made again links them as the local pipeline links a skipped stage's. [] when there is nothing to ask, or the
+    store cannot answer (the stage's result is on disk; only the view loses the link)."""
+    parent = _parent(cfg, parent_run_id)
+    if not (cfg.on and parent):
+        return []
+    try:
+        store = RunStore.connect(cfg, parent)
+        query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.{SLURM_TAGS['SLURM_JOB_ID']} = '{job_id}'"
+        return [r.info.run_id for r in store.client.search_runs([store.experiment_id], query)]
+    except Exception as e:  # noqa: BLE001 - any store failure: stamp without links
+        log.warning("could not list the MLflow runs of Slurm job %s: %s", job_id, e)
+        return []
+
+
 def attach_to_run(cfg: TrackingConfig, run_id: str | None, paths: list[Path], artifact_path: str,
                   metrics: dict[str, float]) -> None:
     """Attach files and step-0 metrics to an existing run (default: the pipeline's parent run) without touching its

@@ -20,6 +20,7 @@ import yaml
 from slurm_cluster import SlurmCluster, ensure_packages
 
 from minimodel.methods import parse_method
+from minimodel.tracking import REUSED_RUN_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "slurm").glob("*.sh"))
@@ -341,7 +342,8 @@ PIPELINE_MODULE = ROOT / "minimodel" / "pipeline.py"
 @pytest.mark.skipif(not (PIPELINE_MODULE.is_file() and "--plan" in PIPELINE_MODULE.read_text()),
                     reason="minimodel.pipeline has no `--plan` yet (the interface: slurm/pipeline.sh's header)")
 def test_pipeline_runs_the_chain_to_the_report(cluster, tmp_path):
-    """Then submitted again: every job stamped its finished stage, so only the report (it always runs) goes."""
+    """Then submitted again: every job stamped its finished stage, so only the report (it always runs) goes, and the
+    new pipeline run links every run the first one's jobs logged (as the local pipeline does)."""
     args = ["configs/pipeline/smoke.yaml", f"output_dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}",
             f"tracking.store_dir={tmp_path / 'store'}", "methods=[standard]"]  # every kind of job; tests/
     jobs = run_pipeline(cluster, tmp_path, *args)  # test_pipeline.py runs all methods
@@ -352,9 +354,20 @@ def test_pipeline_runs_the_chain_to_the_report(cluster, tmp_path):
     report_log = job_log(tmp_path, jobs[list(jobs)[-1]])
     written = dict(re.findall(r"^(\w+): (\S+)$", report_log, re.M))  # evaluate/report.py prints kind: path
     assert written and all(Path(path).is_file() for path in written.values()), report_log[-4000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    (first,) = client.search_runs(client.search_experiments()[0].experiment_id, "tags.stage = 'pipeline'")
+    children = client.search_runs(first.info.experiment_id, f"tags.`mlflow.parentRunId` = '{first.info.run_id}'")
+    first_runs = {r.info.run_id for r in children if r.data.tags["stage"] != "report"}
+    assert {r.data.tags["stage"] for r in children} >= {"pretrain", "adapt", "finetune", "evaluate"}, children
     again = run_pipeline(cluster, tmp_path, *args)
     assert list(again) == ["report"], again
     assert cluster.wait(again["report"], timeout=300).ok
+    (second,) = [r for r in client.search_runs(first.info.experiment_id, "tags.stage = 'pipeline'")
+                 if r.info.run_id != first.info.run_id]
+    relinked = client.search_runs(first.info.experiment_id, f"tags.`mlflow.parentRunId` = '{second.info.run_id}'")
+    assert {r.data.tags.get(REUSED_RUN_TAG) for r in relinked} - {None} == first_runs  # every job's runs, once
 
 
 @pytest.mark.slow
