@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out.resolve()
     os.chdir(REPO)  # the pipeline names its configs and entry points relative to the repository root
 
+    result = header(NAME, args.smoke)  # the machine, date and load as the runs start
     per_seed = {seed: run_seed(setup, work, seed) for seed in setup.seeds}
     curves, flops_per_step, seconds_per_step = [], {m: [] for m in METHODS}, {m: [] for m in METHODS}
     for seed, report in per_seed.items():
@@ -260,7 +261,6 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds_per_step[method].append(info["wall_clock_s"] / info["steps"])
     rows, average = savings(per_seed, setup.target_langs)
 
-    result = header(NAME, args.smoke)
     result["setup"] = {**dataclasses.asdict(setup), "steps": {m: setup.steps(m) for m in METHODS},
                        "minipost_layers": f"{setup.minipost_layers}+{setup.minipost_new_layers}",
                        "work_dir": str(work)}

@@ -42,7 +42,8 @@ BASE_DIR = RESULTS_DIR / "gpu"
 def summary(values: list[float]) -> dict[str, float]:
     """Median and spread of repeated measurements."""
     ordered = sorted(values)
-    q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
+    # inclusive: quartiles within the data (the default extrapolates beyond min/max for few values)
+    q = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) >= 2 else [ordered[0]] * 3
     return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
             "q25": q[0], "q75": q[2], "n": len(ordered)}
 
@@ -190,7 +191,7 @@ def write_result(path: Path, result: dict, schema: dict) -> Path:
     check_schema(result, {**HEADER, **schema})
     if hasattr(os, "getloadavg"):  # how shared the machine was by the end (the header has it at the start)
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    return write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+    return write_text_atomic(path, json.dumps(result, indent=2, allow_nan=False) + "\n")  # strict JSON only
 
 
 def header(name: str, smoke: bool) -> dict[str, Any]:

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import adaptation_compute, head_cost, mfu  # noqa: E402
-from benchmarks.common import HEADER, SchemaError, check_schema  # noqa: E402
+from benchmarks.common import HEADER, SchemaError, check_schema, summary, write_result  # noqa: E402
 from minimodel.evaluation.report import Point, summarize  # noqa: E402
 
 
@@ -196,3 +196,17 @@ def test_check_schema_names_the_problem():
                        ({"a": {"b": ["x"]}, "c": 1}, "$.a.b[0]"), ({"a": {"b": [True]}, "c": 1}, "$.a.b[0]")):
         with pytest.raises(SchemaError, match=where.replace("$", r"\$").replace("[", r"\[")):
             check_schema(bad, schema)
+
+
+def test_summary_quartiles_stay_within_the_data():
+    # statistics.quantiles' default ("exclusive") put them outside: q25 0.75, q75 2.25 for [1, 2]
+    assert summary([2.0, 1.0]) == {"median": 1.5, "min": 1.0, "max": 2.0, "q25": 1.25, "q75": 1.75, "n": 2}
+    assert summary([1.0, 2.0, 3.0, 4.0, 5.0])["q25"] == 2.0 and summary([7.0])["q75"] == 7.0
+
+
+def test_results_are_strict_json(tmp_path):
+    header = {"benchmark": "b", "smoke": True, "command": "c", "machine": {"date_utc": "d", "cpu": "x",
+                                                                           "torch_threads": 1}}
+    with pytest.raises(ValueError, match="Out of range float"):  # no Infinity/NaN that strict parsers reject
+        write_result(tmp_path / "b.json", {**header, "saving": float("inf")}, {"saving": float})
+    assert not (tmp_path / "b.json").exists()

@@ -56,6 +56,18 @@ def test_ofa_benchmark_savings_are_against_standard_randoms_final_quality():
     assert [r["saving"] for r in rows["standard"]["reach"]] == [1.0, 1.0, 1.0]
 
 
+def test_ofa_benchmark_counts_an_initialisation_that_reaches_the_target_apart():
+    """No finite saving when the method's step 0 already reaches the target (its initialisation's own cost is not
+    counted): counted as reached at start and kept out of the median (it was an infinite saving: not JSON)."""
+    standard = [(0, 0.0), (10, 0.5), (20, 1.0)]
+    curves = [_curve(m, s, standard) for m in ofa_compute.METHODS if m != "minijoint+ofa" for s in (0, 1)]
+    curves += [_curve("minijoint+ofa", 0, [(0, 0.97), (2, 1.0)]), _curve("minijoint+ofa", 1, [(0, 0.5), (4, 1.0)])]
+    (row,) = [r for r in ofa_compute.summarise(curves, ["ny"]) if r["method"] == "minijoint+ofa"]
+    # standard first reaches every threshold at 20 FLOPs; seed 0 reaches 95% at step 0 and the rest at 2, seed 1 at 4
+    assert [(r["reached"], r["reached_at_start"], r["saving"]) for r in row["reach"]] == \
+        [(2, 1, 5.0), (2, 0, 7.5), (2, 0, 7.5)]
+
+
 def test_ofa_benchmark_flags_reach_the_ofa_methods_only(tmp_path):
     # --factorized-dim and --ofa-lr change the +ofa adaptations; random init keeps the Setup's (tuned) settings
     setup = SMOKE
