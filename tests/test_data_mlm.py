@@ -73,6 +73,25 @@ def test_masking_rate_and_labels(corpus, items):
     assert 0.07 < replaced_randomly / selected < 0.13 and 0.07 < kept / selected < 0.13
 
 
+def test_special_tokens_in_the_text_are_never_targets(corpus, tmp_path):
+    """Text that spells "<mask>" or "</s>" encodes to those ids with a Hugging Face tokenizer: they stay in the input
+    and are never selected (they were, as ordinary tokens); <unk> is a target as in BERT."""
+    _, tokenizer = corpus
+    specials = [tokenizer.mask_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id]
+    rng = np.random.default_rng(0)
+    with write_indexed(tmp_path / "specials", len(tokenizer)) as writer:
+        for _ in range(40):
+            kind = rng.random(50)
+            writer.add(np.where(kind < 0.3, rng.choice(specials, 50),
+                                np.where(kind < 0.4, tokenizer.unk_token_id, rng.integers(5, 400, 50))))
+        writer.add(np.array(specials))  # a document of specials alone: nothing to select
+    dataset = MaskedLMDataset(tmp_path / "specials", tokenizer, SEQ, mask_prob=0.5)
+    targets = np.concatenate([item["labels"][item["labels"] != IGNORE_INDEX] for item in map(dataset.__getitem__,
+                                                                                                range(len(dataset)))])
+    assert targets.size > 500 and not np.isin(targets, specials).any()
+    assert (targets == tokenizer.unk_token_id).any()
+
+
 def test_same_items_in_every_instance_and_process(corpus, items):
     prefix, tokenizer = corpus
     _, batch = items

@@ -44,6 +44,8 @@ class MaskedLMDataset(torch.utils.data.Dataset):
         self.vocab_size = len(tokenizer)
         # Random replacements are ordinary tokens: every id except the special ones.
         self._replacement_ids = np.setdiff1d(np.arange(self.vocab_size), tokenizer.all_special_ids)
+        # never targets: specials that text spelling them ("<mask>", "</s>") put into the stream (<unk> stays one)
+        self._special_ids = np.setdiff1d(tokenizer.all_special_ids, [tokenizer.unk_token_id])
         self._docs = open_indexed(prefix)
         self._capacity = seq_length - 2
         self._doc_ends = np.cumsum(self._docs.sequence_lengths, dtype=np.int64)  # stream offset after each verse
@@ -70,9 +72,11 @@ class MaskedLMDataset(torch.utils.data.Dataset):
         tokens = self.tokens(index)
         n = len(tokens)
         rng = np.random.default_rng([self.seed, index])
-        selected = rng.random(n) < self.mask_prob
-        if not selected.any():
-            selected[rng.integers(n)] = True
+        ordinary = ~np.isin(tokens, self._special_ids)
+        selected = (rng.random(n) < self.mask_prob) & ordinary
+        candidates = np.flatnonzero(ordinary)
+        if not selected.any() and candidates.size:
+            selected[candidates[rng.integers(candidates.size)]] = True
         action = rng.random(n)
         replacements = rng.choice(self._replacement_ids, size=n)
         masked = np.where(action < 0.8, self.mask_id, np.where(action < 0.9, replacements, tokens))

@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from minimodel.config import require, save_config
 from minimodel.data.clean import CLEANING_VERSION, clean_verse, normalize_spaces
-from minimodel.data.corpora import Document, Source, SourceConfig, split_verse_id
+from minimodel.data.corpora import Document, Source, SourceConfig, SourceError, split_verse_id
 from minimodel.data.indexed import load_megatron_datasets, write_indexed
-from minimodel.data.tokenizer import SPM_FILE, TokenizerError, load_tokenizer, make_encoder, train_tokenizer
+from minimodel.data.tokenizer import TokenizerError, is_tokenizer_file, load_tokenizer, make_encoder, train_tokenizer
 from minimodel.hf import is_tokenizer_dir
 from minimodel import faults
 from minimodel.files import replace_dir, write_text_atomic
@@ -56,10 +56,6 @@ FORMAT_VERSION = 1  # bump when the output layout or packing changes
 SPLITS = ("train", "valid")
 BUILD_MARKER = "build.json"
 MANIFEST = "manifest.json"
-# what a Hugging Face tokenizer directory of any family holds besides a model (copied from a given tokenizer):
-# SentencePiece (XLM-R, T5-style), WordPiece (vocab.txt), byte-level BPE (vocab.json + merges.txt), tokenizer.json
-PRETRAINED_TOKENIZER_FILES = (SPM_FILE, "spiece.model", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.json",
-                              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 # a language whose tokens are <unk> this often is refused (above a twentieth, warned about): a script the tokenizer
 # lacks gives a <unk> per word (about half the tokens, with the word markers), not "mostly" <unk> by count
 UNK_REFUSED, UNK_WARNED = 0.25, 0.05
@@ -85,7 +81,7 @@ class TokenizerConfig:
     input_sentence_size: int = 1_000_000  # documents sampled (with seed) to train on; 0: all
     joint: bool = False  # one tokenizer over all languages (copied into each <L>/tokenizer) instead of one each
     # An existing Hugging Face tokenizer directory (e.g. models/xlm-roberta-base) used for every language instead
-    # of training one: the data for a pretrained model (MiniPost from XLM-R). Any family (PRETRAINED_TOKENIZER_FILES).
+    # of training one: the data for a pretrained model (MiniPost from XLM-R). Any family (is_tokenizer_file).
     pretrained: str | None = None
 
     def validate(self) -> None:
@@ -130,7 +126,8 @@ class DataConfig:
                 require(not self.tokenizer.joint, "tokenizer.joint", f"languages.{lang} has its own tokenizer: a "
                         "joint tokenizer would replace it; set joint=false")
         require(all(1 <= b <= 66 for b in self.books), "books", "Bible books are numbered 1 (Genesis) to 66")
-        require(0.0 <= self.valid_fraction < 1.0, "valid_fraction", "must be in [0, 1)")
+        require(0.0 < self.valid_fraction < 1.0, "valid_fraction",
+                "must be in (0, 1): every training stage evaluates on the held-out split")
         if self.tokenizer.joint:
             sizes = {self.vocab_size(lang) for lang in self.languages}
             require(len(sizes) == 1, "tokenizer.joint", "a joint tokenizer has one vocabulary size: remove the "
@@ -203,6 +200,25 @@ def collect(cfg: DataConfig, sources: list[Source]) -> tuple[list[Record], dict[
     return records, dropped
 
 
+def _check_splits(cfg: DataConfig, lang: str, records: list[Record], dropped: dict[str, int]) -> None:
+    """Both splits hold text, or a SourceError that says what the sources gave and what to change."""
+    counts = {split: sum(r.split == split for r in records) for split in SPLITS}
+    empty = [split for split in SPLITS if not counts[split]]
+    if not empty:
+        return
+    if not records:
+        fix = "check that the sources hold text (the field read, the path" + (", `books`" if cfg.books else "") + ")"
+    elif "valid" in empty:
+        fix = f"raise valid_fraction (now {cfg.valid_fraction}) or add text"
+    else:
+        fix = f"lower valid_fraction (now {cfg.valid_fraction}) or add text"
+    raise SourceError(
+        f"languages.{lang}: the {' and '.join(empty)} split(s) would be empty: {counts['train']} train and "
+        f"{counts['valid']} valid documents from {', '.join(s.describe() for s in cfg.languages[lang].sources)} "
+        f"({dropped['empty']} empty, {dropped['duplicate']} duplicate dropped"
+        f"{f'; books {cfg.books}' if cfg.books else ''}): {fix}")
+
+
 # -- hashing and completion markers -------------------------------------------------------------------------------
 
 def _digest(obj) -> str:
@@ -234,7 +250,7 @@ def _pretrained_fingerprint(tokenizer_dir: str | None) -> str | None:
     """A given tokenizer's content (its files may change under the same path)."""
     if tokenizer_dir is None:
         return None
-    files = sorted(p for p in Path(tokenizer_dir).iterdir() if p.name in PRETRAINED_TOKENIZER_FILES)
+    files = sorted(p for p in Path(tokenizer_dir).iterdir() if is_tokenizer_file(p.name))
     return _digest({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
 
 
@@ -299,7 +315,7 @@ def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: d
     if given is not None:  # its tokenizer files only: the directory may hold a model too
         (tmp / "tokenizer").mkdir()
         for f in Path(given).iterdir():
-            if f.name in PRETRAINED_TOKENIZER_FILES:
+            if is_tokenizer_file(f.name):
                 shutil.copy2(f, tmp / "tokenizer" / f.name)
         log.info("%s: encoding with the given tokenizer %s", lang, given)
     elif joint_tokenizer is not None:
@@ -383,6 +399,8 @@ def _build(cfg: DataConfig, todo: list[str], sources: dict[str, list[Source]], h
     if not todo:
         return
     collected = {lang: collect(cfg, sources[lang]) for lang in todo}
+    for lang, (records, dropped) in collected.items():
+        _check_splits(cfg, lang, records, dropped)
     load_megatron_datasets()  # its import takes seconds: keep it out of the per-language timings
     joint = None
     if cfg.tokenizer.joint:

@@ -26,8 +26,17 @@ SPM_FILE = "sentencepiece.bpe.model"  # XLM-R's file name (the model inside may 
 NUM_SPECIAL_ADDED = 2  # <pad> and <mask> exist on the Hugging Face side only
 
 
-# files a tokenizer directory may hold beside tokenizer.json that describe its vocabulary another way
-VOCABULARY_FILES = (SPM_FILE, "spiece.model", "vocab.txt", "vocab.json", "merges.txt")
+def is_vocabulary_file(name: str) -> bool:
+    """A file of a tokenizer directory that describes its vocabulary another way than tokenizer.json: a SentencePiece
+    model of any family's name (XLM-R's sentencepiece.bpe.model, T5's spiece.model, DeBERTa-v3's spm.model,
+    tokenizer.model), WordPiece's vocab.txt, byte-level BPE's vocab.json + merges.txt."""
+    return name.endswith(".model") or name in ("vocab.txt", "vocab.json", "merges.txt")
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """A file of a Hugging Face tokenizer directory (what a model directory holds besides weights and config)."""
+    return is_vocabulary_file(name) or name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                                "added_tokens.json")
 
 
 def save_tokenizer_json(tokenizer, spec: dict, out_dir: str | os.PathLike,
@@ -39,8 +48,9 @@ def save_tokenizer_json(tokenizer, spec: dict, out_dir: str | os.PathLike,
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save_pretrained(tmp)
-    for name in VOCABULARY_FILES:
-        (tmp / name).unlink(missing_ok=True)
+    for path in tmp.iterdir():
+        if is_vocabulary_file(path.name):
+            path.unlink()
     (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     config = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
     if id_map is not None and "added_tokens_decoder" in config:  # keyed by id
@@ -80,6 +90,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     if vocab_size <= NUM_SPECIAL_ADDED + 3:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: it must leave room for the 5 special tokens")
     texts = list(texts)
+    longest = max((len(t.encode("utf-8")) for t in texts), default=0)
     if 0 < input_sentence_size < len(texts):
         texts = random.Random(seed).sample(texts, input_sentence_size)
     model = io.BytesIO()
@@ -90,6 +101,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
             vocab_size=vocab_size - NUM_SPECIAL_ADDED, model_type=model_type,
             character_coverage=character_coverage, num_threads=num_threads,
             input_sentence_size=0,  # sampled above
+            max_sentence_length=max(4192, longest),  # its default (4192 bytes) skips longer documents silently
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # XLM-R's SentencePiece layout
             minloglevel=2,
         )
