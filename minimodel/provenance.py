@@ -102,15 +102,17 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), uses: Mapping[str, Iterable[str]] | None = None) -> dict:
+def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), uses: Mapping[str, Iterable[str]] | None = None,
+                writes: tuple[str, ...] = ()) -> dict:
     """{"config": {dotted key: value}, "inputs": {dotted key: identity}, "digest"}: what decides the result.
-    `uses`: for a config key naming a whole made of parts, the parts this result reads (the others do not count)."""
+    `uses`: for a config key naming a whole made of parts, the parts this result reads (the others do not count).
+    `writes`: config keys naming where the stage itself writes besides output_dir (a checkpoint dir): not inputs."""
     config = _config(cfg, ignore)
     if (ranks := distributed.world_size()) > 1:  # the global batch, and so the result, depends on it
         config[RANKS] = ranks
     inputs = {}
     for key, value in config.items():
-        if isinstance(value, str) and value and ("/" in value or Path(value).exists()):
+        if key not in writes and isinstance(value, str) and value and ("/" in value or Path(value).exists()):
             found = identity(value)
             if isinstance(found, dict) and uses and key in uses:
                 found = {"parts": {part: found["parts"].get(part) for part in uses[key]}}
@@ -211,18 +213,19 @@ def _write(output_dir: Path, record: dict, status: str, previous: dict | None = 
 
 
 def claim_output(output_dir: str | Path, cfg: Any, *, resumable: bool, overwrite: bool = False,
-                 ignore: tuple[str, ...] = (), uses: Mapping[str, Iterable[str]] | None = None) -> Claim:
+                 ignore: tuple[str, ...] = (), uses: Mapping[str, Iterable[str]] | None = None,
+                 writes: tuple[str, ...] = ()) -> Claim:
     """Decide what `output_dir` holds for `cfg` (see the module doc) and record `cfg` as its config (status
     "started"). Raises ConfigChanged for a resumable stage whose directory holds another config's result or
     partial run, unless `overwrite`. `uses`: the parts of a whole this result reads, by config key (fingerprint).
     Under torch.distributed, rank 0 decides and writes and every rank returns (or raises) the same; call it on
     rank 0 only before the process group is up."""
     if not dist.is_initialized():
-        return _claim(Path(output_dir), fingerprint(cfg, ignore, uses), resumable, overwrite)
+        return _claim(Path(output_dir), fingerprint(cfg, ignore, uses, writes), resumable, overwrite)
     box: list = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = _claim(Path(output_dir), fingerprint(cfg, ignore, uses), resumable, overwrite)
+            box[0] = _claim(Path(output_dir), fingerprint(cfg, ignore, uses, writes), resumable, overwrite)
         except ConfigChanged as e:
             box[0] = e
     dist.broadcast_object_list(box, src=0)
@@ -258,14 +261,15 @@ def _claim(output_dir: Path, new: dict, resumable: bool, overwrite: bool) -> Cla
 
 
 def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = (), *,
-                  uses: Mapping[str, Iterable[str]] | None = None, parts: Mapping[str, str] | None = None) -> None:
+                  uses: Mapping[str, Iterable[str]] | None = None, parts: Mapping[str, str] | None = None,
+                  writes: tuple[str, ...] = ()) -> None:
     """Record `cfg`'s result in `output_dir` as complete (call it on one rank, after the last file is written).
     The claimed record is marked finished when it is of this config (the inputs it recorded are those the result
     was made from); else written afresh: a stage may have replaced its whole output directory (plug). Left alone
     when it already says so (a no-op rerun changes nothing). `parts`: {part: digest} of a whole made of parts (each
     part's own record written by write_part)."""
     output_dir = Path(output_dir)
-    new, old = fingerprint(cfg, ignore, uses), read(output_dir)
+    new, old = fingerprint(cfg, ignore, uses, writes), read(output_dir)
     if parts is not None:
         new["parts"] = _json(dict(parts))
     if old is not None:

@@ -18,7 +18,7 @@ from minimodel.training import checkpoint as ckpt
 from minimodel.training.metrics import plot_losses, read_metrics
 from minimodel.training.megatron_loop import LOSS_CURVES
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
-from minimodel.training.config import PretrainConfig
+from minimodel.training.config import CheckpointConfig, PretrainConfig
 from minimodel.training.sampler import MicroBatches
 from pretrain_helpers import (PYTHON, ROOT, TINY_CONFIG, TRAIN_SCRIPT, build_tiny_corpus, corpus_overrides, launch,
                               run, train_losses, wait_for_step)
@@ -121,6 +121,16 @@ def test_latest_checkpoint_ignores_unfinished_saves(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path) == newest  # a pointer to an unfinished save is not trusted
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [10, 20]
     assert ckpt.step_of(newest) == 20
+
+
+def test_pruning_keeps_the_saved_checkpoint_and_drops_later_ones(tmp_path):
+    """keep_last counts back from the step just saved: checkpoints of later steps (a run this one did not continue)
+    go (they were the ones kept: the one just saved was deleted, and a resume jumped to step 1000)."""
+    for step in (10, 20, 30, 900, 1000):
+        _fake_checkpoint(tmp_path, f"iter_{step:07d}")
+    ckpt.prune(tmp_path, 30, CheckpointConfig(keep_last=2))
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [20, 30]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000020", "iter_0000030"]
 
 
 def test_loss_curve_plot(tmp_path):
@@ -305,3 +315,32 @@ def test_preempt_and_resume_is_exact(corpus, tmp_path, layout):
         assert run_.info.status == "FINISHED" and run_.data.tags["resumes"] == "1"
         steps = {m.step for m in client.get_metric_history(run_.info.run_id, "train/loss")}
         assert steps == set(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_dir_outside_output_dir_resumes_only_its_own_config(corpus, tmp_path):
+    """train.checkpoint.dir on scratch space is claimed as output_dir is: another config's run there is refused,
+    naming the change (it was resumed: its step, weights and optimizer taken for this config's), overwrite=true
+    discards it, and a same-config run from another output_dir resumes it."""
+    scratch = tmp_path / "scratch"
+    short = ["train.steps=10", "train.checkpoint.save_every=5", f"train.checkpoint.dir={scratch}"]
+    rc = run(1, _overrides(corpus, tmp_path / "a", [], *short), tmp_path / "a.log")
+    assert rc == 0, tail(tmp_path / "a.log")
+    assert ckpt.step_of(ckpt.latest_checkpoint(scratch)) == 10
+
+    other = _overrides(corpus, tmp_path / "b", [], *short, "train.optim.lr=1e-3")
+    assert run(1, other, tmp_path / "b.log") != 0
+    text = (tmp_path / "b.log").read_text()
+    assert f"{scratch} holds a finished result of another config (train.optim.lr: 0.002 -> 0.001)" in text, tail(
+        tmp_path / "b.log")
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+    rc = run(1, [*other, "overwrite=true"], tmp_path / "b2.log")
+    assert rc == 0, tail(tmp_path / "b2.log")
+    assert "resumed from" not in (tmp_path / "b2.log").read_text()
+    assert sorted(train_losses(tmp_path / "b")) == list(range(1, 11))  # trained from step 1
+    assert [s for s, _ in ckpt.complete_checkpoints(scratch)] == [5, 10]
+
+    rc = run(1, _overrides(corpus, tmp_path / "c", [], *short, "train.optim.lr=1e-3"), tmp_path / "c.log")
+    assert rc == 0, tail(tmp_path / "c.log")
+    assert f"resumed from {scratch / 'iter_0000010'} at step 10" in (tmp_path / "c.log").read_text()

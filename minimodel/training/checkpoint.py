@@ -105,10 +105,25 @@ def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict
         replace_dir(tmp, final)  # a step saved again (after resuming from an older checkpoint) replaces the old one
         write_text_atomic(root / LATEST, final.name + "\n")
         if policy is not None:
-            for old in policy.expired([path for _, path in complete_checkpoints(root)]):
-                shutil.rmtree(old, ignore_errors=True)
+            prune(root, step, policy)
     dist.barrier()
     return final
+
+
+def prune(root: Path, step: int, policy: CheckpointConfig) -> None:
+    """After saving `step`: delete the checkpoints `policy` says have expired, and any of later steps (a run this one
+    did not continue, train.checkpoint.resume=false: a later resume would jump to it)."""
+    complete = complete_checkpoints(root)
+    later = [path for s, path in complete if s > step]
+    for path in later + policy.expired([path for s, path in complete if s <= step]):
+        _delete(path)
+
+
+def _delete(path: Path) -> None:
+    """Out of the checkpoints' names first: a delete cut short must not leave a directory that looks complete."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_common(path: str | os.PathLike) -> dict:

@@ -21,6 +21,8 @@ PREEMPTED_EXIT_CODE.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from minimodel import distributed
 from minimodel.config import ConfigError
 from minimodel.hf import load_tokenizer
@@ -38,10 +40,17 @@ def pretrain(cfg: PretrainConfig) -> StageResult:
     if len(tokenizer) != cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} differs from the {len(tokenizer)} tokens of "
                           f"{cfg.data.tokenizer_dir}; set model.vocab_size={len(tokenizer)}")
+    # A checkpoint dir outside output_dir (scratch space) is claimed too: it resumes only this config's run
+    # (overwrite=true discards another's), as output_dir does. Where the stage writes is no input of it.
+    claimed = [cfg.output_dir] + ([] if cfg.checkpoint_root.resolve().is_relative_to(Path(cfg.output_dir).resolve())
+                                  else [cfg.checkpoint_root])
+    writes = ("train.checkpoint.dir",)
     if distributed.is_rank0():  # before the process group is up: the others wait for rank 0 in it
-        claim_output(cfg.output_dir, cfg, resumable=True, overwrite=cfg.overwrite)
+        for directory in claimed:
+            claim_output(directory, cfg, resumable=True, overwrite=cfg.overwrite, writes=writes)
     result = megatron_loop.run(cfg, tokenizer)
     if not result.preempted and distributed.is_rank0():
-        finish_output(cfg.output_dir, cfg)
+        for directory in claimed:
+            finish_output(directory, cfg, writes=writes)
     return StageResult("interrupted" if result.preempted else "finished",
                        {"checkpoint": result.checkpoint, "step": result.step})
