@@ -199,13 +199,15 @@ def initialize(parallel: ParallelConfig, seed: int, embedding_stages: Iterable[i
         distributed_timeout_minutes=parallel.timeout_minutes,
     )
     global _OUTPUT_HEAD_GROUP
-    _OUTPUT_HEAD_GROUP = _pipeline_subgroup([*head_extra, pp - 1]) if head_extra else None
+    _OUTPUT_HEAD_GROUP = _pipeline_subgroup([*head_extra, pp - 1], timedelta(minutes=parallel.timeout_minutes)) \
+        if head_extra else None
     seed_all(seed)
 
 
-def _pipeline_subgroup(stages: list[int]):
+def _pipeline_subgroup(stages: list[int], timeout: timedelta):
     """A new group per pipeline group, of its ranks at `stages`; returns this rank's (None if not a member).
-    Collective over the world: every rank creates every group, in the same order."""
+    Collective over the world: every rank creates every group, in the same order. `timeout`: the configured one
+    (a new group otherwise gets the backend's default, NCCL's 10 minutes, whatever the world's is)."""
     from megatron.core import parallel_state
 
     mine = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
@@ -213,7 +215,7 @@ def _pipeline_subgroup(stages: list[int]):
     dist.all_gather_object(pipelines, mine)
     own = None
     for ranks in sorted({tuple(p) for p in pipelines}):
-        group = dist.new_group([ranks[s] for s in sorted(set(stages))])
+        group = dist.new_group([ranks[s] for s in sorted(set(stages))], timeout=timeout)
         if dist.get_rank() in ranks:
             own = group if dist.get_rank() in [ranks[s] for s in stages] else None
     return own

@@ -61,10 +61,14 @@ def batches(seed: int = 0, count: int = GLOBAL // MICRO) -> list[dict]:
     return out
 
 
+TIMEOUT_MINUTES = 7  # not a backend's default (gloo 30, NCCL 10): every group must get the configured one
+
+
 def parallel(tp=1, pp=1, vpp=None, sp=False, distopt=False) -> ParallelConfig:
     return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                           virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp,
-                          use_distributed_optimizer=distopt, micro_batch_size=MICRO, global_batch_size=GLOBAL)
+                          use_distributed_optimizer=distopt, micro_batch_size=MICRO, global_batch_size=GLOBAL,
+                          timeout_minutes=TIMEOUT_MINUTES)
 
 
 def replica_batches(pc: ParallelConfig) -> tuple[list[dict], int]:
@@ -165,6 +169,10 @@ def layouts(out: Path) -> None:
         save(model, out / f"ckpt_{name}")
         results[name] = {"losses": losses, "tied_grad_spread": spread, "variant": variant,
                          "step_scale": STEP_SCALE if distopt else None}
+        head_group = distributed.output_head_group()  # the shared head's copies (rank 0 holds one at stage 0)
+        if head_group is not None:
+            results[name]["head_group_timeout_s"] = \
+                head_group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
 
     # Checkpoint round trip: fresh weights at TP2 x PP2 -> TP1 x PP1 -> TP2 x PP2.
     pc = parallel(2, 2)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from minijoint_helpers import TIMEOUT_MINUTES
 from minimodel.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,13 @@ def test_tied_weight_copies_get_one_gradient(layout, results):
     """Input embedding, last-stage and secondary-head copies (and, shared_transform, the main head and its copy)
     all end the step with the same gradient."""
     assert results[layout]["tied_grad_spread"] == 0.0
+
+
+@pytest.mark.slow
+def test_the_output_head_group_gets_the_configured_timeout(results):
+    """The group that keeps the shared head's copies in sync was made with the backend's default timeout (NCCL: 10
+    minutes) instead of parallel.timeout_minutes."""
+    assert results["shared_tp2_pp2"]["head_group_timeout_s"] == 60 * TIMEOUT_MINUTES
 
 
 @pytest.mark.slow
