@@ -34,9 +34,15 @@ def _type_name(tp: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _CommandLineScalar:
-    """A key=value override: parsed as YAML, with its text kept for str fields (run id 0123 is not the int 83)."""
+    """A key=value override: parsed as YAML, with its text kept for str fields (run id 0123 is not the int 83, a
+    run name "ablation #3" has no YAML comment in it, "2024-05-01" is no date). `error`: YAML refused the text
+    (e.g. "*.txt"), which matters only for a field that is not a string."""
     text: str
     value: Any
+    error: str | None = None
+
+# What YAML 1.1 reads as something other than a string where a string is meant (e.g. language code `no`).
+_QUOTE_IT = "YAML reads no/yes/on/off/true/false as booleans and bare digits as numbers: quote it, e.g. 'no'"
 
 
 def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
@@ -45,8 +51,14 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if isinstance(value, _CommandLineScalar):
-        wants_text = tp is str or (origin in (Union, types.UnionType) and str in args)
-        value = value.text if wants_text and isinstance(value.value, (bool, int, float)) else value.value
+        if tp is str or (origin in (Union, types.UnionType) and str in args):
+            text = value.text
+            quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and isinstance(value.value, str)
+            value = value.value if quoted or (value.value is None and value.error is None and text) else text
+        elif value.error is not None:
+            raise ConfigError(f"bad override {key}={value.text}: value is not valid YAML ({value.error})")
+        else:
+            value = value.value
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -60,7 +72,8 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
+        detail = f" ({errors[0]})" if len(errors) == 1 else ""  # one alternative (X | None): its own reason
+        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}{detail}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
@@ -73,7 +86,10 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        val_tp = args[1] if len(args) == 2 else Any
+        key_tp, val_tp = args if len(args) == 2 else (Any, Any)
+        for k in value:
+            if key_tp is str and not isinstance(k, str):
+                raise ConfigError(f"{key}: key {k!r} is not a string ({_QUOTE_IT})")
         return {k: _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -100,7 +116,8 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            hint = f" ({_QUOTE_IT})" if isinstance(value, (bool, int, float)) else ""
+            raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
         return value
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
 
@@ -116,7 +133,7 @@ def _build(cls: type[T], data: dict, prefix: str = "", base: T | None = None) ->
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     names = set(fields)
-    unknown = sorted(set(data) - names)
+    unknown = sorted(map(str, set(data) - names))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
@@ -155,9 +172,9 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"bad override {item!r}: value is not valid YAML ({e})") from None
-        if not isinstance(value, (dict, list)):
+        except yaml.YAMLError as e:  # an error only if the field is not a string (see _coerce)
+            value = _CommandLineScalar(raw, None, str(e).replace("\n", " "))
+        if not isinstance(value, (dict, list, _CommandLineScalar)):
             value = _CommandLineScalar(raw, value)
         _set_path(tree, key.strip(), value)
     return tree
@@ -170,13 +187,38 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _validate(obj: Any, prefix: str = "") -> None:
+def _validate(obj: Any) -> None:
+    """Every dataclass's validate(), nested ones first; those in lists and mappings too, their messages prefixed
+    with where they are (a section's own messages name their full key already)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            _validate(value, f"{prefix}{f.name}.")
+            _validate(value)
+        items = enumerate(value) if isinstance(value, list) else value.items() if isinstance(value, dict) else ()
+        for k, item in items:
+            if dataclasses.is_dataclass(item):
+                where = f"{f.name}[{k}]" if isinstance(value, list) else f"{f.name}.{k}"
+                try:
+                    _validate(item)
+                except ConfigError as e:
+                    raise ConfigError(f"{where}.{e}") from None
     if hasattr(obj, "validate"):
         obj.validate()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (the later one would silently
+    replace the whole earlier section)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -190,7 +232,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
@@ -258,7 +300,7 @@ def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = ""
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after --config alike
     try:
         return load_config(cls, args.config, args.overrides)
     except ConfigError as e:

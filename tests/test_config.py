@@ -94,6 +94,58 @@ def test_missing_file_and_cli_exit(tmp_path, capsys):
     assert exc.value.code == 2 and "model.layers" in capsys.readouterr().err
 
 
+@dataclass
+class Vectors:
+    path: str = ""
+
+    def validate(self):
+        require(bool(self.path), "path", "name a file")
+
+
+@dataclass
+class Languages:
+    langs: dict[str, Optim] = field(default_factory=dict)
+    targets: list[str] = field(default_factory=list)
+    vectors: list[Vectors] = field(default_factory=list)
+
+
+def test_a_string_override_is_its_text():
+    # YAML would cut "ablation #3" at its comment, read a date, and refuse "*.txt" (an alias); quotes are YAML's
+    cfg = load_config(Root, None, ["name=ablation #3", "model.tokenizer=2024-05-01"])
+    assert (cfg.name, cfg.model.tokenizer) == ("ablation #3", "2024-05-01")
+    assert load_config(Root, None, ["name=*.txt"]).name == "*.txt"
+    assert load_config(Root, None, ["name='no'"]).name == "no"
+    with pytest.raises(ConfigError, match=r"bad override model\.layers=\*x: value is not valid YAML"):
+        load_config(Root, None, ["model.layers=*x"])
+
+
+def test_yaml_booleans_where_strings_are_meant_are_named_with_the_fix(tmp_path):
+    """Norwegian's code `no` is a boolean to YAML: a traceback (a language key) or a message without the fix."""
+    quote = "quote it, e.g. 'no'"
+    with pytest.raises(ConfigError, match=rf"langs: key False is not a string .*{quote}"):
+        load_config(Languages, write(tmp_path, "langs:\n  no: {lr: 1}\n"))
+    with pytest.raises(ConfigError, match=rf"targets\[0\]: expected a string, got False .*{quote}"):
+        load_config(Languages, None, ["targets=[no, sw]"])
+    with pytest.raises(ConfigError, match="unknown key False"):  # a section's keys without the section: no crash
+        load_config(Languages, write(tmp_path, "no: {}\nsw: {}\n"))
+
+
+def test_a_key_given_twice_in_a_file_is_refused(tmp_path):
+    # the later section replaced the earlier one whole: optim.lr silently back to its default
+    with pytest.raises(ConfigError, match=r"key 'optim' is given twice"):
+        load_config(Root, write(tmp_path, "optim:\n  lr: 0.5\nmodel:\n  layers: 6\noptim:\n  warmup_steps: 3\n"))
+
+
+def test_sections_in_lists_are_validated_and_named():
+    with pytest.raises(ConfigError, match=r"^vectors\[1\]\.path: name a file"):
+        load_config(Languages, None, ["vectors=[{path: a.vec}, {}]"])
+
+
+def test_overrides_may_come_before_and_after_the_config_file(tmp_path):
+    cfg = parse_cli(Root, ["name=x", "--config", str(write(tmp_path, "model:\n  layers: 8\n")), "optim.lr=0.5"])
+    assert (cfg.name, cfg.model.layers, cfg.optim.lr) == ("x", 8, 0.5)
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(Root, None, ["model.layers=6", "optim.lr=0.5"])
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
