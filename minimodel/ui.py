@@ -66,17 +66,20 @@ class MlflowServer:
             # Own session: stop() signals the whole group (the server runs uvicorn/gunicorn children).
             self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
                                             env={**os.environ, **SERVER_ENV}, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with status {self.process.returncode}; "
-                                   f"its log: {self.log_file}")
-            if self.healthy():
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"mlflow server did not answer {self.url}/health within {timeout:.0f} s; "
-                           f"its log: {self.log_file}")
+        try:  # whatever ends the wait (an exit, the timeout, Ctrl-C), the server does not outlive it
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"mlflow server exited with status {self.process.returncode}; "
+                                       f"its log: {self.log_file}")
+                if self.healthy():
+                    return self
+                time.sleep(0.5)
+            raise TimeoutError(f"mlflow server did not answer {self.url}/health within {timeout:.0f} s; "
+                               f"its log: {self.log_file}")
+        except BaseException:
+            self.stop()
+            raise
 
     def healthy(self) -> bool:
         try:
@@ -86,14 +89,20 @@ class MlflowServer:
             return False
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """Stop the server's whole process group (its workers too, even when the leader has exited)."""
+        if self.process is None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return  # no process of the group is left
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # any that ignored SIGTERM
+        self.process.wait()
 
     def run_page(self, experiment_id: str, run_id: str | None = None, tab: str = "") -> str:
         """UI address of an experiment's runs table, a run, or a run's tab ("model-metrics", "artifacts/PATH")."""

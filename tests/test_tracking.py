@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -374,3 +375,37 @@ def test_metric_names_with_a_method_spec_are_made_acceptable_to_mlflow():
 
     assert metric_name("target_mlm/ny/minijoint+ofa/mlm_gain") == "target_mlm/ny/minijoint_ofa/mlm_gain"
     assert metric_name("seconds.adapt-standard-ny") == "seconds.adapt-standard-ny"
+
+
+
+@pytest.mark.parametrize("leader, error", [
+    ("sleep 300 & echo $! > worker.pid; sleep 300", KeyboardInterrupt),  # Ctrl-C while it starts
+    ("sleep 300 & echo $! > worker.pid", RuntimeError),  # the leader exits, its worker lives on
+])
+def test_a_server_that_does_not_start_leaves_no_process_behind(tmp_path, monkeypatch, leader, error):
+    """`python -m minimodel.ui` interrupted while the server starts left it running (its own session: the
+    terminal's SIGINT does not reach it), holding the port; a leader that exited left its workers running."""
+    import psutil
+
+    server = MlflowServer(tmp_path / "store", port=1)
+    monkeypatch.setattr(server, "command", lambda: ["bash", "-c", leader])
+    monkeypatch.chdir(tmp_path)
+
+    def healthy():  # Ctrl-C arrives once the worker runs
+        if (tmp_path / "worker.pid").is_file() and (tmp_path / "worker.pid").read_text().strip():
+            raise KeyboardInterrupt
+        return False
+
+    monkeypatch.setattr(server, "healthy", healthy if error is KeyboardInterrupt else lambda: False)
+    with pytest.raises(error):
+        server.start(timeout=30)
+    worker = int((tmp_path / "worker.pid").read_text())
+    assert server.process.poll() is not None
+
+    def dead() -> bool:  # a signalled process dies once scheduled: allow it a moment
+        return not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+
+    deadline = time.monotonic() + 10
+    while not dead() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dead()
