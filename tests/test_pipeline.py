@@ -189,6 +189,21 @@ def test_lt_sft_vocab_composes_the_plugged_model_its_language_sft_and_the_task_s
 
 
 @pytest.mark.slow
+def test_every_stage_saves_its_resolved_config(smoke_pipeline):
+    """config.yaml beside every result (plug: plug_config.yaml, in the plugged model's directory); LT-SFT, BiStil
+    phase 1 and the word vectors saved none."""
+    cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={smoke_pipeline.output_dir}",
+                                              f"data_dir={smoke_pipeline.root / 'data'}"])
+    missing = []
+    for stage in build_stages(cfg):
+        name = "plug_config.yaml" if stage.kind == "plug" else "config.yaml"
+        places = [stage.output_dir] + ([stage.output_dir / stage.lang] if stage.lang else [])  # per-language runs
+        if not any((d / name).is_file() for d in places):
+            missing.append(f"{stage.name}: {stage.output_dir}")
+    assert not missing, missing
+
+
+@pytest.mark.slow
 def test_rerun_skips_finished_stages_and_links_their_runs(smoke_pipeline):
     before = {r.info.run_id for r in smoke_pipeline.parent_runs()}
     second = smoke_pipeline.run()

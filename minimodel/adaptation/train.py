@@ -346,11 +346,15 @@ def claim_language(cfg, lang: str):
     """(run directory, config with target_lang=lang, what the directory holds for it: provenance.claim_output) of
     one language of a per-language stage. The run reads `<data_dir>/<lang>` only: it depends on that language's
     data (another language added to or changed in the data stage leaves it valid; its own, rebuilt, is refused
-    naming what changed). Finishing keeps what was claimed (provenance.finish_output)."""
+    naming what changed). Finishing keeps what was claimed (provenance.finish_output). The resolved config is saved
+    there as config.yaml."""
     run_dir = Path(cfg.output_dir) / lang
     lang_cfg = dataclasses.replace(cfg, target_lang=lang)
-    return run_dir, lang_cfg, claim_output(run_dir, lang_cfg, resumable=True, overwrite=cfg.overwrite,
-                                           ignore=LANGUAGE_NEUTRAL, uses={"data_dir": (lang,)})
+    claimed = claim_output(run_dir, lang_cfg, resumable=True, overwrite=cfg.overwrite, ignore=LANGUAGE_NEUTRAL,
+                           uses={"data_dir": (lang,)})
+    if distributed.is_rank0():
+        save_config(lang_cfg, run_dir / "config.yaml")
+    return run_dir, lang_cfg, claimed
 
 
 def adapt_language(cfg: AdaptConfig, lang: str) -> str:
@@ -376,7 +380,6 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
 
     def prepare():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(lang_cfg, run_dir / "config.yaml")
         return prepare_target_data(cfg, lang, run_dir)
 
     train_prefix, valid_prefix = _rank0_then_everywhere(prepare)

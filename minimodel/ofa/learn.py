@@ -32,7 +32,7 @@ import scipy.sparse as sp
 from sklearn.utils.extmath import randomized_svd
 from tqdm import tqdm
 
-from minimodel.config import load_config, require, to_dict
+from minimodel.config import load_config, require, save_config, to_dict
 from minimodel.data.corpora import Source
 from minimodel.data.prepare import DataConfig, collect
 from minimodel.files import write_text_atomic
@@ -220,6 +220,7 @@ def build_word_vectors(cfg: WordVectorConfig) -> StageResult:
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     claim_output(out, cfg, resumable=False)
+    save_config(cfg, out / "config.yaml")
     data_text = Path(cfg.data).read_text() if Path(cfg.data).is_file() else ""
     input_hash = hashlib.sha256(json.dumps([to_dict(cfg), data_text], sort_keys=True).encode()).hexdigest()
     summary_path = out / SUMMARY_FILE
