@@ -46,7 +46,7 @@ import yaml
 
 from transformers import AutoConfig
 
-from minimodel.adaptation.vocab import tokenizer_fingerprint
+from minimodel.data.tokenizer import tokenizer_fingerprint
 from minimodel.config import ConfigError, load_config, require, save_config
 from minimodel.data.prepare import DataConfig
 from minimodel.evaluation.tasks import TASKS, TaskConfig

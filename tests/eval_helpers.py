@@ -133,7 +133,7 @@ def adaptation_artifact(run_dir: Path, embeddings: torch.Tensor, target_tokenize
     from transformers import AutoTokenizer
 
     from minimodel.adaptation.artifact import TOKENIZER_DIR, snapshot_dir, write_artifact
-    from minimodel.adaptation.vocab import tokenizer_fingerprint
+    from minimodel.data.tokenizer import tokenizer_fingerprint
     from minimodel.manifest import model_hash
 
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from minimodel.minipost.build import MiniPostError, load_source_model
 from minimodel.minipost.train import MiniPostConfig, run_minipost
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 from minipost_helpers import make_model, save_model
+from pretrain_helpers import build_tiny_corpus, corpus_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -275,8 +276,12 @@ def test_data_tokenized_with_another_tokenizer(xlmr_source, data_dir, tmp_path):
     from minimodel.data.tokenizer import train_tokenizer
 
     other = train_tokenizer([f"word{i} other{i % 7} text" for i in range(300)], tmp_path / "other_tok", 40)
-    with pytest.raises(MiniPostError, match="vocabulary differs"):
+    with pytest.raises(ConfigError, match=rf"data\.train_prefix: .* was encoded with .*, another vocabulary than "
+                                          rf"data\.tokenizer_dir={other}"):
         run_minipost(_config(xlmr_source, data_dir, tmp_path / "out", f"data.tokenizer_dir={other}"))
+    other_data = build_tiny_corpus(tmp_path / "other_data", vocab_size=40)  # consistent, but not the model's ids
+    with pytest.raises(MiniPostError, match="vocabulary differs"):
+        run_minipost(_config(xlmr_source, data_dir, tmp_path / "out", *corpus_overrides(other_data)))
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ from transformers import BertConfig, BertForMaskedLM
 from minimodel.adaptation.artifact import write_artifact
 from minimodel.adaptation.plug import PlugConfig, plug
 from minimodel.adaptation.train import AdaptConfig, build_adaptation_model
-from minimodel.adaptation.vocab import INITIALISERS, token_map, tokenizer_fingerprint
+from minimodel.adaptation.vocab import INITIALISERS, token_map
+from minimodel.data.tokenizer import tokenizer_fingerprint
 from minimodel.manifest import model_hash
 from minimodel.ofa.factorized import factorize
 from minimodel.ofa.init import OFAInputs

@@ -100,6 +100,18 @@ def test_missing_data_names_the_fix(tmp_path):
         MLMDataConfig(train_prefix=str(tmp_path / "train")).check_files()
 
 
+def test_data_encoded_with_another_vocabulary_is_refused(tmp_path):
+    """sw's datasets with en's tokenizer (every language's default vocabulary is 8000 tokens): the ids were read as
+    other tokens, and nothing else noticed."""
+    first = build_tiny_corpus(tmp_path / "a", vocab_size=VOCAB)
+    other = build_tiny_corpus(tmp_path / "b", vocab_size=VOCAB, n_train=300)  # other text: another vocabulary
+    data = {key: str(first / split) for key, split in (("train_prefix", "train"), ("valid_prefix", "valid"))}
+    MLMDataConfig(**data, tokenizer_dir=str(first / "tokenizer")).check_files()
+    with pytest.raises(ConfigError, match=rf"data\.train_prefix: .* was encoded with {first / 'tokenizer'}, another "
+                                          rf"vocabulary than data\.tokenizer_dir={other / 'tokenizer'}"):
+        MLMDataConfig(**data, tokenizer_dir=str(other / "tokenizer")).check_files()
+
+
 # -- checkpoint directory logic ------------------------------------------------------------------------------------
 def _fake_checkpoint(root: Path, name: str) -> Path:
     path = root / name

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from minimodel.adaptation.artifact import read_artifact, tokenizer_dir as artifact_tokenizer
-from minimodel.adaptation.vocab import install_vocabulary, tokenizer_fingerprint
+from minimodel.adaptation.vocab import install_vocabulary
+from minimodel.data.tokenizer import tokenizer_fingerprint
 from minimodel import faults
 from minimodel.config import require, save_config
 from minimodel.errors import UserError

@@ -27,13 +27,14 @@ from torch import nn
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, snapshot_dir, write_artifact
 from minimodel.adaptation.extend import extend_tokenizer
-from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map, tokenizer_fingerprint
+from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map
 from minimodel.config import PerLanguageRun, require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.hf import load_masked_lm
 from minimodel.data.indexed import write_indexed
 from minimodel.data.mlm import MaskedLMDataset
-from minimodel.data.tokenizer import is_tokenizer_file, load_tokenizer, make_encoder, train_tokenizer
+from minimodel.data.tokenizer import (is_tokenizer_file, load_tokenizer, make_encoder, tokenizer_fingerprint,
+                                      train_tokenizer)
 from minimodel.manifest import check_aligned, model_hash
 from minimodel.methods import parse_adapted_method, parse_method
 from minimodel.ofa.factorized import check_rank, factorize, install_factorized

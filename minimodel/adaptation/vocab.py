@@ -15,8 +15,6 @@ the copied tokens (zeros for the others) exactly as adaptation did.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Callable
 
 import torch
@@ -58,12 +56,6 @@ def _copy_shared(source_weight, mapping, target_tokenizer, *, std, pad_id, gener
 
 
 INITIALISERS: dict[str, Callable] = {"random": _random, "copy_shared": _copy_shared, "ofa": ofa_init.initialise}
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of a tokenizer's (piece, id) table: equal fingerprints <=> the ids mean the same tokens."""
-    table = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()
 
 
 def remap_rows(old: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:

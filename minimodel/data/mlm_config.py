@@ -33,6 +33,24 @@ class MLMDataConfig:
                     raise ConfigError(f"data.{key}: {prefix}{ext} does not exist; {_FIX}")
         if not Path(self.tokenizer_dir).is_dir():
             raise ConfigError(f"data.tokenizer_dir: {self.tokenizer_dir} is not a directory; {_FIX}")
+        self._check_encoded_with_tokenizer_dir()
+
+    def _check_encoded_with_tokenizer_dir(self) -> None:
+        """The data stage keeps each language's tokenizer beside its datasets (<lang>/{train,valid,tokenizer}): data
+        encoded with another vocabulary than tokenizer_dir's would train on ids read as other tokens (every
+        language's default vocabulary is 8000: nothing else would notice)."""
+        from minimodel.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+        given = None
+        for key in ("train_prefix", "valid_prefix"):
+            encoded_with = Path(getattr(self, key)).parent / "tokenizer"
+            if not encoded_with.is_dir() or encoded_with.resolve() == Path(self.tokenizer_dir).resolve():
+                continue
+            given = given or tokenizer_fingerprint(load_tokenizer(self.tokenizer_dir))
+            if tokenizer_fingerprint(load_tokenizer(encoded_with)) != given:
+                raise ConfigError(f"data.{key}: {getattr(self, key)} was encoded with {encoded_with}, another "
+                                  f"vocabulary than data.tokenizer_dir={self.tokenizer_dir}: set "
+                                  f"data.tokenizer_dir={encoded_with}, or use data encoded with it")
 
     def dataset(self, split: Literal["train", "valid"], tokenizer, seq_length: int, seed: int):
         """The split as a MaskedLMDataset of `seq_length`-token sequences, masked with `seed`."""

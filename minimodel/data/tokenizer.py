@@ -6,6 +6,7 @@ XLM-R, so `len(tokenizer) == vocab_size` and every consumer loads it with minimo
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -24,6 +25,12 @@ from minimodel.hf import load_tokenizer  # loads what train_tokenizer saves
 
 SPM_FILE = "sentencepiece.bpe.model"  # XLM-R's file name (the model inside may be unigram or bpe)
 NUM_SPECIAL_ADDED = 2  # <pad> and <mask> exist on the Hugging Face side only
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of a tokenizer's (piece, id) table: equal fingerprints <=> the ids mean the same tokens."""
+    table = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()
 
 
 def is_vocabulary_file(name: str) -> bool:

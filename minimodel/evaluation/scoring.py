@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minimodel.adaptation.vocab import tokenizer_fingerprint
+from minimodel.data.tokenizer import tokenizer_fingerprint
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.features import QAEvalFeatures, classification_features, reads_segments
