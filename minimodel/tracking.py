@@ -221,6 +221,9 @@ def runs_of_slurm_job(cfg: TrackingConfig, job_id: str, parent_run_id: str | Non
     parent = _parent(cfg, parent_run_id)
     if not (cfg.on and parent):
         return []
+    if not _server_reachable(resolve_uri(cfg)):  # not the local fallback store: it never holds the pipeline's runs
+        log.warning("MLflow server %s is unreachable: Slurm job %s's runs are not linked", resolve_uri(cfg), job_id)
+        return []
     try:
         store = RunStore.connect(cfg, parent)
         query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.{SLURM_TAGS['SLURM_JOB_ID']} = '{job_id}'"

@@ -18,7 +18,7 @@ from mlflow_helpers import ToyStageConfig, log_synthetic_pipeline, new_store
 
 from minimodel.config import ConfigError, load_config
 from minimodel.tracking import (REUSED_RUN_TAG, RUN_FILE, TRACKING_ENV, Tracker, TrackingConfig, attach_to_run,
-                                link_run, local_store_uri)
+                                link_run, local_store_uri, runs_of_slurm_job)
 from minimodel.ui import MlflowServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -409,3 +409,12 @@ def test_a_server_that_does_not_start_leaves_no_process_behind(tmp_path, monkeyp
     while not dead() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert dead()
+
+
+def test_a_slurm_jobs_runs_are_not_looked_for_in_a_fallback_store(tmp_path, monkeypatch):
+    """The stamp of a Slurm job asks the pipeline's server for the job's runs; with the server down it links none
+    (and leaves no local store behind in the submit directory, which a connection would have created)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", parent_run_id="0" * 32)
+    assert runs_of_slurm_job(cfg, "42") == []
+    assert os.listdir(tmp_path) == []
