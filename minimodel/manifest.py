@@ -25,10 +25,19 @@ class ManifestError(UserError):
     pass
 
 
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The files transformers loads the weights from: the safetensors ones where there are any (a hub download often
+    holds pytorch_model.bin too), else the .bin ones; never a trainer's state (optimizer, scheduler, RNG, args)."""
+    found = [p for p in model_dir.iterdir() if p.suffix in _WEIGHT_SUFFIXES
+             and not any(state in p.name for state in ("optimizer", "scheduler", "rng_state", "training_args"))]
+    safetensors = [p for p in found if p.suffix == ".safetensors"]
+    return sorted(safetensors or found)
+
+
 def model_hash(model_dir: str | os.PathLike) -> str:
     """sha256 over a Hugging Face model directory's weight files (names and bytes, in sorted order)."""
     model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in _WEIGHT_SUFFIXES and "optimizer" not in p.name)
+    files = _weight_files(model_dir)
     if not files:
         raise ManifestError(f"{model_dir} holds no weight files (*.safetensors / *.bin): is it a model directory?")
     digest = hashlib.sha256()

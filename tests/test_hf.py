@@ -62,3 +62,24 @@ def test_tokenizer_dir_errors(tmp_path, model_dir):
     with pytest.raises(HFLoadError, match=r"not a tokenizer directory \(has no tokenizer_config.json or "
                                           r"tokenizer.json\): give <data output_dir>/<lang>/tokenizer"):
         load_tokenizer(model_dir)  # a model saved without its tokenizer
+
+
+def test_model_hash_covers_the_weights_transformers_loads_only(tmp_path):
+    """A trainer's training_args.bin, or the pytorch_model.bin a hub download holds beside model.safetensors, is
+    not the model: adding or deleting one refused every mini-model and SFT made from the directory."""
+    from minimodel.manifest import model_hash
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "config.json").write_text("{}")
+    before = model_hash(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"the same weights, pickled")
+    (tmp_path / "training_args.bin").write_bytes(b"args")
+    assert model_hash(tmp_path) == before
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    assert model_hash(tmp_path) != before
+    (tmp_path / "model.safetensors").unlink()  # .bin weights alone: they are the model, the trainer's args are not
+    bin_only = model_hash(tmp_path)
+    (tmp_path / "training_args.bin").write_bytes(b"other args")
+    assert model_hash(tmp_path) == bin_only
+    (tmp_path / "pytorch_model.bin").write_bytes(b"other weights, pickled")
+    assert model_hash(tmp_path) != bin_only
