@@ -33,7 +33,7 @@ from minimodel.files import write_text_atomic
 from minimodel.hf import load_masked_lm
 from minimodel.data.indexed import write_indexed
 from minimodel.data.mlm import MaskedLMDataset
-from minimodel.data.tokenizer import (is_tokenizer_file, load_tokenizer, make_encoder, tokenizer_fingerprint,
+from minimodel.data.tokenizer import (copy_tokenizer, load_tokenizer, make_encoder, tokenizer_fingerprint,
                                       train_tokenizer)
 from minimodel.manifest import check_aligned, model_hash
 from minimodel.methods import parse_adapted_method, parse_method
@@ -244,8 +244,7 @@ def prepare_target_data(cfg: AdaptConfig, lang: str, run_dir: Path) -> tuple[Pat
         else:
             source = Path(cfg.tokenizer.path) if cfg.tokenizer.path else data_tokenizer
             load_tokenizer(source)  # a clear error if it is not a tokenizer directory
-            # the tokenizer's files only: a model directory (primary_model as the tokenizer) also holds the weights
-            shutil.copytree(source, tmp, ignore=lambda _, names: [n for n in names if not is_tokenizer_file(n)])
+            copy_tokenizer(source, tmp)  # a model directory (primary_model as the tokenizer) also holds weights
         os.replace(tmp, tokenizer_dir)
     same_as_data = (data_tokenizer / "tokenizer_config.json").is_file() and \
         tokenizer_fingerprint(load_tokenizer(tokenizer_dir)) == tokenizer_fingerprint(load_tokenizer(data_tokenizer))

@@ -41,9 +41,11 @@ class MLMDataConfig:
         language's default vocabulary is 8000: nothing else would notice)."""
         from minimodel.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-        given = None
+        encoders: dict[Path, str] = {}  # each folder's tokenizer once: train and valid usually share it
         for key in ("train_prefix", "valid_prefix"):
-            encoded_with = Path(getattr(self, key)).parent / "tokenizer"
+            encoders.setdefault(Path(getattr(self, key)).parent / "tokenizer", key)
+        given = None
+        for encoded_with, key in encoders.items():
             if not encoded_with.is_dir() or encoded_with.resolve() == Path(self.tokenizer_dir).resolve():
                 continue
             given = given or tokenizer_fingerprint(load_tokenizer(self.tokenizer_dir))

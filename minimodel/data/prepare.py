@@ -41,7 +41,8 @@ from minimodel.config import require, save_config
 from minimodel.data.clean import CLEANING_VERSION, clean_verse, normalize_spaces
 from minimodel.data.corpora import Document, Source, SourceConfig, SourceError, split_verse_id
 from minimodel.data.indexed import load_megatron_datasets, write_indexed
-from minimodel.data.tokenizer import TokenizerError, is_tokenizer_file, load_tokenizer, make_encoder, train_tokenizer
+from minimodel.data.tokenizer import (TokenizerError, copy_tokenizer, is_tokenizer_file, load_tokenizer, make_encoder,
+                                      train_tokenizer)
 from minimodel.hf import is_tokenizer_dir
 from minimodel import faults
 from minimodel.files import replace_dir, write_text_atomic
@@ -313,10 +314,7 @@ def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: d
     tmp.mkdir()
     given = cfg.given_tokenizer(lang)
     if given is not None:  # its tokenizer files only: the directory may hold a model too
-        (tmp / "tokenizer").mkdir()
-        for f in Path(given).iterdir():
-            if is_tokenizer_file(f.name):
-                shutil.copy2(f, tmp / "tokenizer" / f.name)
+        copy_tokenizer(given, tmp / "tokenizer")
         log.info("%s: encoding with the given tokenizer %s", lang, given)
     elif joint_tokenizer is not None:
         shutil.copytree(joint_tokenizer, tmp / "tokenizer")

@@ -46,6 +46,12 @@ def is_tokenizer_file(name: str) -> bool:
                                                 "added_tokens.json")
 
 
+def copy_tokenizer(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """The tokenizer files of `source` (a tokenizer or model directory: its weights stay) into the new directory
+    `dest`."""
+    return Path(shutil.copytree(source, dest, ignore=lambda _, names: [n for n in names if not is_tokenizer_file(n)]))
+
+
 def save_tokenizer_json(tokenizer, spec: dict, out_dir: str | os.PathLike,
                         id_map: dict[int, int] | None = None) -> Path:
     """Save the fast `tokenizer` to `out_dir` (atomically) with `spec` as its tokenizer.json (a vocabulary edited
