@@ -108,7 +108,8 @@ def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), uses: Mapping[str, Itera
     `uses`: for a config key naming a whole made of parts, the parts this result reads (the others do not count).
     `writes`: config keys naming where the stage itself writes besides output_dir (a checkpoint dir): not inputs."""
     config = _config(cfg, ignore)
-    if (ranks := distributed.world_size()) > 1:  # the global batch, and so the result, depends on it
+    # the global batch, and so the result, depends on it (unless the config sets it: `ignore` then names RANKS)
+    if (ranks := distributed.world_size()) > 1 and not _neutral(RANKS, ignore):
         config[RANKS] = ranks
     inputs = {}
     for key, value in config.items():

@@ -125,5 +125,8 @@ def main(out: Path, stages: list[int]) -> int:
 
 
 if __name__ == "__main__":
+    from minimodel.cli import setup_logging
+
+    setup_logging()  # the stage's own console lines (the loop's "resumed from ...")
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     sys.exit(main(Path(args[0]), [int(s) for s in args[1:]]))

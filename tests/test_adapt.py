@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 
 import numpy as np
@@ -56,8 +57,10 @@ def runs(tmp_path_factory):
     sent, code = run_deepspeed_and_signal("adapt/train.py", args, root / "z1_mini.signal.log",
                                           d / "sw" / "metrics.jsonl", after_lines=SNAPSHOT_EVERY + 1, ranks_only=True)
     out["signal"] = {"sent": sent, "exit_code": code, "summary": json.loads((d / "summary.json").read_text()),
-                     "log": root / "z1_mini.signal.log", "snapshots": _snapshot_steps(d / "sw")}
+                     "log": root / "z1_mini.signal.log", "snapshots": _snapshot_steps(d / "sw"),
+                     "rows": {lang: metrics(d / lang) for lang in ("sw", "swcopy") if (d / lang).is_dir()}}
     out["z1_mini_rc"] = run_deepspeed("adapt/train.py", args, root / "z1_mini.log")
+    out["z1_mini_log"] = root / "z1_mini.log"
     out["z1_mini"] = d
     for zero, over in ((2, "mini"), (3, "mini"), (1, "full"), (2, "full"), (3, "full")):
         d = root / f"z{zero}_{over}"
@@ -150,6 +153,14 @@ def test_a_stopped_run_resumes_with_exactly_the_same_losses_and_embeddings(runs)
     stopped, uninterrupted = d / interrupted[0], d / ({"sw", "swcopy"} - set(interrupted)).pop()
     a, b = metrics(stopped), metrics(uninterrupted)
     assert [m["step"] for m in a] == list(range(1, STEPS + 1))  # no duplicates from the stopped launch
+    # resumed, not redone: the relaunch loaded the stop's checkpoint, and the stopped launch's rows stand (a step
+    # redone would measure its wall-clock time again); equal losses alone would not tell (data and dropout are a
+    # function of the step)
+    before = sig["rows"][interrupted[0]]
+    stopped_at = before[-1]["step"]
+    assert re.search(rf"resumed from \S+step_{stopped_at:08d} at step {stopped_at}\b",
+                     runs["z1_mini_log"].read_text()), tail(runs["z1_mini_log"])
+    assert a[:stopped_at] == before
     assert [m["train/loss"] for m in a] == [m["train/loss"] for m in b]
     assert [m.get("eval/loss") for m in a] == [m.get("eval/loss") for m in b]
     assert a[-1]["compute/flops"] == b[-1]["compute/flops"]

@@ -3,6 +3,7 @@ SIGTERM, resumed, and compared with an uninterrupted run of the same corpus."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -54,7 +55,14 @@ def test_deepspeed_adaptation_in_bf16_with_fused_adam_resumes_exactly(world, tmp
     text = first.read_text()
     assert f"ZeRO stage {zero}, bf16, DeepSpeed's fused Adam, 1 rank(s) on cuda" in text, tail(first)
     assert "fused_adam" in text, tail(first)  # the op DeepSpeed built (or loaded) for this GPU
+    before = metrics(out / "ny")
+    stopped_at = before[-1]["step"]
     assert run_deepspeed("adapt/train.py", args, second, ranks=1) == 0, tail(second)
+    # resumed from the stop's checkpoint, not redone: the stopped launch's rows stand (a redone step would measure
+    # its wall-clock time again; the stopped step's row may gain the evaluation the stop left to this launch)
+    assert re.search(rf"resumed from \S+step_{stopped_at:08d} at step {stopped_at}\b", second.read_text()), \
+        tail(second)
+    assert metrics(out / "ny")[:stopped_at - 1] == before[:-1]
 
     from safetensors.torch import load_file
 

@@ -81,8 +81,12 @@ def test_distributed_optimizer_checkpoint_resumes_on_the_gpu(corpus, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert "PREEMPTED by signal SIGTERM" in log.read_text() and proc.returncode != 0, tail(log)
-    assert max(pretrain_metrics(out)) < steps, tail(log)
+    stopped_at = max(pretrain_metrics(out))
+    assert stopped_at < steps, tail(log)
     assert run(1, _pretrain_args(corpus, out, *args), tmp_path / "resumed.log") == 0, tail(tmp_path / "resumed.log")
+    # resumed from the stop's checkpoint (a run redone from step 0 would match the reference as well)
+    assert f"resumed from {out / 'checkpoints' / f'iter_{stopped_at:07d}'} at step {stopped_at}" in \
+        (tmp_path / "resumed.log").read_text(), tail(tmp_path / "resumed.log")
     expected, resumed = pretrain_metrics(reference), pretrain_metrics(out)
     assert sorted(resumed) == list(range(1, steps + 1)), sorted(resumed)
     gaps = [abs(resumed[s][k] - expected[s][k]) for s in resumed for k in ("train/main_loss", "train/secondary_loss")]

@@ -48,13 +48,13 @@ TWO_ENGINES = TOY + textwrap.dedent("""
 """)
 
 
-def _run_toy(script: str, tmp_path) -> None:
+def _run_toy(script: str, tmp_path, *args: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path), *args], env=env, capture_output=True, text=True,
                          timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -115,3 +115,41 @@ def test_zero3_evaluation_on_a_held_out_set_two_ranks_do_not_split_evenly(tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     expected = json.loads((tmp_path / "expected_eval.json").read_text())
     assert rows[-1]["eval/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+# A run stopped by SIGTERM (sent from the step hook of step 3, so the vote after step 4 sees it) at step 4, where an
+# evaluation is due; the same script again resumes at step 4 and runs to step 8.
+STOPPED_AT_AN_EVALUATION = TOY + textwrap.dedent("""
+    import os
+    import signal
+    from minimodel.training.config import EvalConfig
+    out, stop = sys.argv[1], sys.argv[2] == "stop"
+    cfg.eval, cfg.checkpoint = EvalConfig(every=2, batches=2), CheckpointConfig(save_every=3)
+
+    def on_step(engine, state):
+        if stop and state["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=out, eval_data=data[:8],
+                   on_step=on_step)
+    assert result.interrupted == stop and result.step == (4 if stop else 8), (result.interrupted, result.step)
+""")
+
+
+def test_a_stop_signal_checkpoints_first_and_the_evaluation_due_runs_on_resume(tmp_path):
+    """The grace period after a stop signal goes to the checkpoint: the evaluation due at the stopping step is not
+    run then but at the start of the next launch, at the same step, so the curve misses no point (and gets it from
+    the same weights as an uninterrupted run)."""
+    for name, args in (("reference", ["run"]), ("stopped", ["stop"]), ("stopped", ["run"])):
+        _run_toy(STOPPED_AT_AN_EVALUATION, tmp_path / name, *args)
+        if args == ["stop"]:
+            rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            assert [r["step"] for r in rows] == [1, 2, 3, 4] and "eval/loss" in rows[1]
+            assert "eval/loss" not in rows[3]  # due, left to the next launch
+            assert (tmp_path / name / "checkpoints" / "step_00000004").is_dir()
+    reference = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 9))  # step 4's evaluation joined its row
+    assert resumed[3]["train/loss"] == reference[3]["train/loss"]
+    evaluated = {r["step"]: r["eval/loss"] for r in resumed if "eval/loss" in r}
+    assert evaluated == pytest.approx({s: reference[s - 1]["eval/loss"] for s in (2, 4, 6, 8)}, rel=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -197,12 +198,14 @@ def test_relaunch_resumes_finished_run(runs, sources, data_dir, tmp_path):
     same mini-model."""
     out = runs["xlmr"]
     before = load_file(out / "mini" / "model.safetensors")
+    curve = (out / "metrics.jsonl").read_text()
     code, log = run_script(_overrides(sources["xlmr"], data_dir, out), tmp_path / "relaunch.log")
     assert code == 0, log[-4000:]
+    assert re.search(rf"resumed from \S+step_{STEPS:08d} at step {STEPS}\b", log), log[-4000:]
     after = load_file(out / "mini" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, STEPS + 1))
+    # no step redone: a redone step would have measured its wall-clock time again
+    assert (out / "metrics.jsonl").read_text() == curve
 
 
 @pytest.mark.slow
@@ -216,10 +219,14 @@ def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(xlmr_source, 
     log = (tmp_path / "signal.log").read_text(errors="replace")
     assert sent and code == PREEMPTED_EXIT_CODE, log[-4000:]
     assert "interrupted: run the same command again to resume" in log and not (out / "mini").exists()
+    before = (out / "metrics.jsonl").read_text().splitlines()
+    stopped_at = json.loads(before[-1])["step"]
     code, log = run_script(overrides, tmp_path / "resumed.log")
     assert code == 0 and (out / "mini").is_dir(), log[-4000:]
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, STEPS + 1))
+    assert re.search(rf"resumed from \S+step_{stopped_at:08d} at step {stopped_at}\b", log), log[-4000:]
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rows] == list(range(1, STEPS + 1))
+    assert rows[:stopped_at] == before  # resumed, not redone (a redone step measures its wall-clock time again)
 
 
 # -- bad inputs: clear errors before anything is written ------------------------------------------------------------

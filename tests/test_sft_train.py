@@ -4,6 +4,7 @@ a plain PyTorch loop that masks gradients before clipping (and unequal to one th
 kill in phase 2 resuming to the same SFT. The world: tests/sft_helpers.py."""
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -99,12 +100,17 @@ def test_a_kill_in_phase2_resumes_with_the_same_mask_to_the_same_sft(trained, tm
     sent, code = run_and_signal(deepspeed_command(SCRIPT, [str(out), "2"]), tmp_path / "first.log", sparse_metrics,
                                 after_lines=2, sig=signal.SIGTERM, ranks_only=True, env=launch_env(), cwd=tmp_path)
     assert sent and code == PREEMPTED_EXIT_CODE, tail(tmp_path / "first.log")
-    stopped_at = len(metrics(sparse_metrics.parent))
+    rows_before = metrics(sparse_metrics.parent)
+    stopped_at = len(rows_before)
     assert 2 <= stopped_at < SFT.sparse_steps
     mask_before = load_file(str(out / "zero2" / "iteration_1" / "mask.safetensors"))
 
     _launch(out, [2], tmp_path / "second.log")
-    assert "it1 full" not in (tmp_path / "second.log").read_text()  # phase 1 is not redone
+    second = (tmp_path / "second.log").read_text()
+    assert "it1 full" not in second  # phase 1 is not redone
+    # phase 2 resumed from its checkpoint, not redone (a redone step would measure its wall-clock time again)
+    assert re.search(rf"resumed from \S+step_{stopped_at:08d} at step {stopped_at}\b", second), second[-3000:]
+    assert metrics(sparse_metrics.parent)[:stopped_at] == rows_before
     mask_after = load_file(str(out / "zero2" / "iteration_1" / "mask.safetensors"))
     assert all(torch.equal(mask_before[n], mask_after[n]) for n in mask_before)
     assert [row["step"] for row in metrics(sparse_metrics.parent)] == list(range(1, SFT.sparse_steps + 1))

@@ -41,10 +41,15 @@ def test_metric_sink_writes_one_row_per_step_and_a_resume_drops_the_redone_steps
     assert [row["step"] for row in map(json.loads, path.read_text().splitlines())] == [1, 2, 3, 4, 5]
     assert [step for step, _ in tracker.logged] == [1, 2, 3, 4, 5] and len(sink.history) == 5
 
-    resumed = MetricSink(path, None, rank0=True)  # a relaunch from the checkpoint of step 3
+    tracker = _Tracker()
+    resumed = MetricSink(path, tracker, rank0=True)  # a relaunch from the checkpoint of step 3
     resumed.resume(3)
+    resumed.amend({"eval/loss": 0.5}, 3)  # the evaluation the stopped launch left to this one: step 3's row
     resumed.log({"train/loss": 1.5, "compute/flops": 40.0}, 4)
-    assert [row["step"] for row in map(json.loads, path.read_text().splitlines())] == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert rows[2] == {"step": 3, "train/loss": 2.0, "compute/flops": 30.0, "eval/loss": 0.5}
+    assert tracker.logged == [(3, {"eval/loss": 0.5}), (4, {"train/loss": 1.5, "compute/flops": 40.0})]
     assert read_metrics(path)[4]["train/loss"] == 1.5
 
     MetricSink(path, None, rank0=False).resume(0)  # only rank 0 touches the file
@@ -61,3 +66,41 @@ def test_loss_curve_against_compute(tmp_path):
     out = plot_losses(path, tmp_path / "curve.png", {"train/loss": "train", "eval/loss": "valid"},
                       x="compute/flops", x_label="cumulative FLOPs", title="adaptation")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+HELPER = """
+import multiprocessing, sys
+from multiprocessing.managers import SyncManager
+from minimodel.training.preemption import leave_stop_signals_to_the_parent
+if __name__ == "__main__":
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=leave_stop_signals_to_the_parent)
+    print(manager._process.pid, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_checkpoint_helper_outlives_the_stop_signals_but_not_its_parent(tmp_path):
+    """The helper process serving megatron's checkpoint writer (checkpoint._shield_the_writer_queue) ignores SIGTERM
+    and SIGUSR1, which Slurm sends to every process of a job step, and is killed when the trainer dies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "helper.py"
+    script.write_text(HELPER)
+    parent = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        helper = psutil.Process(int(parent.stdout.readline()))
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            os.kill(helper.pid, sig)
+        time.sleep(0.5)
+        assert helper.is_running() and helper.status() != psutil.STATUS_ZOMBIE
+        parent.kill()
+        helper.wait(timeout=10)  # psutil.TimeoutExpired if it outlived its parent
+    finally:
+        parent.kill()

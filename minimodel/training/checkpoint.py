@@ -17,19 +17,23 @@ resumed run draws the same dropout masks as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import re
 import shutil
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from minimodel import distributed, faults
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.training.config import CheckpointConfig
+from minimodel.training.preemption import leave_stop_signals_to_the_parent
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,21 @@ def _rng_sharded_object(data: Any):
 
 
 # -- save / load -------------------------------------------------------------------------------------------------
+_writer_results: SyncManager | None = None
+
+
+def _shield_the_writer_queue() -> None:
+    """megatron's checkpoint writer reports through a queue served by a process it spawns at the first save. Slurm's
+    preemption SIGTERM reaches every process of the job step, so that process died of it, and the save the grace
+    period is for failed (BrokenPipeError) in any launch that had saved before. Serve the queue from a process that
+    leaves the stop signals to the trainer."""
+    global _writer_results
+    if _writer_results is None:
+        _writer_results = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        _writer_results.start(initializer=leave_stop_signals_to_the_parent)
+        filesystem_async._results_queue = _writer_results.Queue()
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict,
                     policy: CheckpointConfig | None = None) -> Path:
     """Collective: write `sharded_state_dict` + RNG states as checkpoint `step`, atomically; prune old ones.
@@ -98,6 +117,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict
     dist.barrier()
     state = dict(sharded_state_dict)
     state[RNG_KEY] = _rng_sharded_object(distributed.rng_state())
+    _shield_the_writer_queue()
     dist_checkpointing.save(state, str(tmp))
     faults.point("checkpoint", step)
     dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible

@@ -46,7 +46,9 @@ Semantics
   only) + what this dataclass says (batch sizes, AdamW, WarmupDecayLR, clipping, precision). A key set in both is
   refused. Precision "auto" is bf16 when the accelerator is CUDA with bf16 support, else fp32 (fp16 is not offered).
 - Checkpoints: every `checkpoint.save_every` steps, at the end, and on SIGTERM/SIGUSR1 (Slurm preemption: the signal is
-  noted, agreed on by all ranks at the next step boundary, then checkpoint + clean return). The signal must
+  noted, agreed on by all ranks at the next step boundary, then checkpoint + clean return; an evaluation due at that
+  step is left to the next launch, which runs it first, at that step; a signal during the last step ends nothing
+  early). The signal must
   reach the ranks themselves, as Slurm's `--signal` / `scancel --signal` do: the `deepspeed` runner does not
   forward it, and its launch.py dies on SIGUSR1 (the ranks still finish their checkpoint). A new launch with the
   same output_dir resumes from the latest checkpoint (model, optimizer, LR schedule, step, cumulative FLOPs,
@@ -206,9 +208,13 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoints"
     state = {"step": 0, "flops": 0.0, "tokens": 0.0, "wall_clock_s": 0.0}
+    eval_pending = False  # the evaluation due at state["step"] was left to the next launch (a stop signal came)
     if (ckpt_dir / "latest").is_file():
-        _, client_state = engine.load_checkpoint(str(ckpt_dir))
+        model_states, client_state = engine.load_checkpoint(str(ckpt_dir))
         state.update({k: client_state[k] for k in state})
+        if rank == 0:
+            log.info("%s: resumed from %s at step %d", desc, Path(model_states).parent, state["step"])
+        eval_pending = client_state.get("eval_pending", False)  # absent from checkpoints of older versions
     sink = MetricSink(output_dir / "metrics.jsonl", tracker, rank0=rank == 0)
     sink.resume(state["step"])
 
@@ -235,6 +241,8 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
         return total / max(count, 1)
 
     engine.train()
+    if eval_pending and eval_data is not None:
+        sink.amend({"eval/loss": evaluate()}, state["step"])
     interrupted = False
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=desc, disable=rank != 0, dynamic_ncols=True)
     with PreemptionSignal() as stop:
@@ -268,17 +276,20 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
             done = state["step"] == cfg.steps
-            if eval_data is not None and cfg.eval.due(state["step"], done):
+            faults.point("step", state["step"])
+            interrupted = bool(stop.vote(device)) and not done  # the last step ends the run anyway
+            # a stop signal's grace period goes to the checkpoint: the evaluation due runs on resume
+            eval_due = eval_data is not None and cfg.eval.due(state["step"], done)
+            eval_pending = eval_due and interrupted
+            if eval_due and not interrupted:
                 metrics["eval/loss"] = evaluate()
             sink.log(metrics, state["step"])
-            faults.point("step", state["step"])
             bar.update(1)
             bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens / elapsed:.0f}")
             if on_step is not None:
                 on_step(engine, dict(state))
-            interrupted = bool(stop.vote(device)) and not done
             if cfg.checkpoint.due(state["step"], done, interrupted):
-                _save(engine, ckpt_dir, state["step"], dict(state), cfg)
+                _save(engine, ckpt_dir, state["step"], {**state, "eval_pending": eval_pending}, cfg)
             if interrupted:
                 if rank == 0:
                     bar.write(f"{desc}: stop signal received: checkpointed step {state['step']} in {ckpt_dir}; "

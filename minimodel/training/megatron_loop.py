@@ -118,6 +118,7 @@ class Trainer:
         self.flops_per_step = flops_per_token(cfg.model, cfg.data.mask_prob) * self.tokens_per_step
         self.step = 0
         self.wall_clock_s = 0.0  # training time over all launches (compute/wall_clock_s)
+        self.eval_pending = False  # the evaluation due at `step` was left to the next launch (a stop signal came)
         self.last_checkpoint: Path | None = None
         self.tracker: Tracker | None = None
         self.metrics: MetricSink | None = None
@@ -136,7 +137,7 @@ class Trainer:
     def save(self) -> None:
         state = self._sharded_state_dict(is_loading=False)
         state.update(scheduler=self.scheduler.state_dict(), step=self.step, layout=self.layout,
-                     wall_clock_s=self.wall_clock_s)
+                     wall_clock_s=self.wall_clock_s, eval_pending=self.eval_pending)
         self.last_checkpoint = ckpt.save_checkpoint(self.checkpoint_root, self.step, state,
                                                     self.cfg.train.checkpoint)
         self.say(f"saved checkpoint {self.last_checkpoint}")
@@ -168,6 +169,7 @@ class Trainer:
         self.scheduler.load_state_dict(loaded["scheduler"])
         self.step = int(loaded["step"])
         self.wall_clock_s = float(loaded.get("wall_clock_s", 0.0))  # absent from checkpoints of older versions
+        self.eval_pending = bool(loaded.get("eval_pending", False))
         self.last_checkpoint = path
         log.info("resumed from %s at step %d%s", path, self.step,
                  "" if same_layout else f" (saved with layout {saved_layout}: RNG streams re-seeded)")
@@ -218,14 +220,19 @@ class Trainer:
                 self.say(f"training already complete: step {self.step} of train.steps={cfg.train.steps}")
             self.bar = tqdm(total=cfg.train.steps, initial=self.step, desc="pretrain", unit="step",
                             disable=not self.rank0, dynamic_ncols=True)
+            if self.eval_pending:  # the last launch stopped at a step whose evaluation was due
+                self.metrics.amend(self.evaluate(), self.step)
+                self.eval_pending = False
             stop_signal = 0
             with PreemptionSignal() as preemption:
                 while self.step < train.steps and not stop_signal:
                     metrics = self.train_step()
                     faults.point("step", self.step)
-                    stop_signal = preemption.vote(self.device)
                     last = self.step == train.steps
-                    if train.eval.due(self.step, last):
+                    stop_signal = 0 if last else preemption.vote(self.device)  # the last step ends the run anyway
+                    # a stop signal's grace period goes to the checkpoint: the evaluation due runs on resume
+                    self.eval_pending = train.eval.due(self.step, last) and bool(stop_signal)
+                    if train.eval.due(self.step, last) and not stop_signal:
                         metrics.update(self.evaluate())
                     self.metrics.log(metrics, self.step)
                     if train.checkpoint.due(self.step, last, bool(stop_signal)):

@@ -1,8 +1,9 @@
 """Where both training loops send their per-step metrics, and the loss curve drawn from them.
 
 `MetricSink.log` is called once per step with everything that step measured (training, and evaluation when it ran):
-the row goes to `<output_dir>/metrics.jsonl` (the whole curve across resumes) and to the tracker (MLflow). Only
-rank 0 writes; on other ranks the sink does nothing.
+the row goes to `<output_dir>/metrics.jsonl` (the whole curve across resumes, one row per step) and to the tracker
+(MLflow); `amend` adds to the row of a step already logged (an evaluation a stop signal left to the next launch).
+Only rank 0 writes; on other ranks the sink does nothing.
 """
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ class MetricSink:
         self.history.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=step)
+
+    def amend(self, metrics: dict[str, float], step: int) -> None:
+        """Add `metrics` to the row of `step`, logged by an earlier launch (a new row if it has none)."""
+        if not self.rank0:
+            return
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line] \
+            if self.path.is_file() else []
+        if rows and rows[-1]["step"] == step:  # resume(step) made it the last row
+            rows[-1].update(metrics)
+        else:
+            rows.append({"step": step, **metrics})
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in rows))
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=step)
 

@@ -2,13 +2,26 @@
 loops check at step boundaries, so every rank saves a checkpoint at the same step and exits cleanly."""
 from __future__ import annotations
 
+import ctypes
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
 PREEMPTED_EXIT_CODE = 75  # sysexits EX_TEMPFAIL, "try again later": requeue the job and it resumes
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def leave_stop_signals_to_the_parent() -> None:
+    """Initializer of a helper process that a training process needs to save its checkpoint: Slurm sends the stop
+    signals to every process of the job step, and they are the trainer's to act on. The helper ignores them and
+    dies with its parent instead (else, ignoring SIGTERM, it would outlive a killed trainer)."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class PreemptionSignal:

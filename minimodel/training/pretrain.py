@@ -16,8 +16,8 @@ The `train:` section uses the names every training loop shares (minimodel/traini
 Resume is exact: the sample a rank sees depends only on (seed, step, micro-batch, data-parallel rank), and the
 checkpoint holds model, optimizer, scheduler, step and every RNG state. Checkpoints are atomic
 (minimodel/training/checkpoint.py). SIGTERM / SIGUSR1 (Slurm preemption) make every rank save a checkpoint at the
-next step boundary and stop; `pretrain` then returns status "interrupted" and the entry point exits with
-PREEMPTED_EXIT_CODE.
+next step boundary and stop (an evaluation due at that step runs first thing in the next launch); `pretrain` then
+returns status "interrupted" and the entry point exits with PREEMPTED_EXIT_CODE.
 """
 from __future__ import annotations
 
@@ -26,10 +26,17 @@ from pathlib import Path
 from minimodel import distributed
 from minimodel.config import ConfigError
 from minimodel.hf import load_tokenizer
-from minimodel.provenance import claim_output, finish_output
+from minimodel.provenance import RANKS, claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.training import megatron_loop
 from minimodel.training.config import PretrainConfig
+
+
+# How a run is spread over processes, not what it computes (global_batch_size fixes the batch, the sampler's order
+# does not depend on the layout): a run resumes at another layout, as megatron's checkpoints load at any.
+LAYOUT_KEYS = tuple(f"parallel.{key}" for key in (
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+    "sequence_parallel", "overlap_grad_reduce", "timeout_minutes")) + (RANKS,)
 
 
 def pretrain(cfg: PretrainConfig) -> StageResult:
@@ -47,10 +54,10 @@ def pretrain(cfg: PretrainConfig) -> StageResult:
     writes = ("train.checkpoint.dir",)
     if distributed.is_rank0():  # before the process group is up: the others wait for rank 0 in it
         for directory in claimed:
-            claim_output(directory, cfg, resumable=True, overwrite=cfg.overwrite, writes=writes)
+            claim_output(directory, cfg, resumable=True, overwrite=cfg.overwrite, ignore=LAYOUT_KEYS, writes=writes)
     result = megatron_loop.run(cfg, tokenizer)
     if not result.preempted and distributed.is_rank0():
         for directory in claimed:
-            finish_output(directory, cfg, writes=writes)
+            finish_output(directory, cfg, LAYOUT_KEYS, writes=writes)
     return StageResult("interrupted" if result.preempted else "finished",
                        {"checkpoint": result.checkpoint, "step": result.step})
