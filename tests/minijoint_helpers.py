@@ -100,11 +100,15 @@ def grads_into_params(model) -> None:
             p.data.copy_(p.main_grad)
 
 
-def tied_grad_spread(model) -> float:
-    """Max difference between the gradients of all copies of each tied weight (all stages)."""
-    spread = 0.0
+def tied_grad_spread(model) -> tuple[float, list[list[int]]]:
+    """Max difference between the gradients of all copies of each tied weight (all stages, max over all ranks), and
+    per rank, per tied set (word embeddings; the main head under shared_transform), how many gradient tensors that
+    rank compared: its own owners and copies, plus the one gathered from each other rank of the set's group. With
+    one tensor (no copies anywhere: pp=1) the spread is 0 by construction, so the test checks the count too."""
+    spread, compared = 0.0, []
     for owners, copies, group in P._tied_weights(model):
         holders = owners + copies
+        compared.append(len(holders) + (dist.get_world_size(group) - 1 if group is not None and holders else 0))
         for i in range(len(holders[0]) if holders else 0):
             grads = [h[i].main_grad for h in holders]
             spread = max([spread] + [(g - grads[0]).abs().max().item() for g in grads])
@@ -112,7 +116,9 @@ def tied_grad_spread(model) -> float:
                 gathered = [torch.empty_like(grads[0]) for _ in range(dist.get_world_size(group))]
                 dist.all_gather(gathered, grads[0].contiguous(), group=group)
                 spread = max([spread] + [(g - gathered[0]).abs().max().item() for g in gathered])
-    return spread
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (spread, compared))  # every rank's view, not rank 0's alone
+    return max(s for s, _ in every), [c for _, c in every]
 
 
 def reference(out: Path) -> None:
@@ -161,13 +167,14 @@ def layouts(out: Path) -> None:
             losses = P.forward_backward(model, iter(data), n)
         finally:
             model_module._AddLossGradient.apply = original
-        spread = tied_grad_spread(model)
+        spread, compared = tied_grad_spread(model)
         if distopt:
             gradient_step(model)
         else:
             grads_into_params(model)
         save(model, out / f"ckpt_{name}")
-        results[name] = {"losses": losses, "tied_grad_spread": spread, "variant": variant,
+        results[name] = {"losses": losses, "tied_grad_spread": spread, "tied_grads_compared": compared,
+                         "variant": variant, "pipeline_stages": pp,
                          "step_scale": STEP_SCALE if distopt else None}
         head_group = distributed.output_head_group()  # the shared head's copies (rank 0 holds one at stage 0)
         if head_group is not None:

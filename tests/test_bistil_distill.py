@@ -23,7 +23,8 @@ from minimodel.data.indexed import write_indexed
 from minimodel.data.tokenizer import load_tokenizer
 from minimodel.errors import UserError
 from minimodel.evaluation.models import load_task_model, write_task_model
-from minimodel.evaluation.tasks import TASKS, TaskConfig
+from minimodel.evaluation.scoring import score
+from minimodel.evaluation.tasks import TASKS, TaskConfig, load_examples
 from minimodel.hf import initialised_at_load
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseFineTuning
@@ -149,10 +150,28 @@ def test_task_distillation_trains_the_students_body_at_the_configured_density_fr
     assert run.returncode == 0, run.stderr[-4000:]
     student_dir = root / "distill" / "sw" / "student"
     task = TaskConfig(name="verse_class", data_dir=str(data_dir), max_length=32)
+    labels = TASKS["verse_class"].labels
+    teacher = load_task_model(root / "teacher", "classification", labels).eval()
+    # the 40 test verses the stage scores (task.max_eval_examples=40) are all of one part of the Bible here, and a
+    # random head reads none of them as it: tilt the head to read `read` of them so (accuracy read / 40, 1/4 to
+    # 3/4), and the teacher's score tells this teacher from another
+    scored = TaskConfig(name="verse_class", data_dir=str(data_dir), max_length=32, max_eval_examples=40)
+    examples = load_examples(scored, "en", "test")
+    [gold] = {e["label"] for e in examples}
+    texts, tokenizer = [e["text_a"] for e in examples], load_tokenizer(root / "teacher")
+    with torch.no_grad():  # as here, and as the stage reads them (eager attention, padded to max_length)
+        logits = [model(**tokenizer(texts, truncation=True, max_length=32, padding=padding, return_tensors="pt")).logits
+                  for model, padding in ((teacher, True), (load_task_model(root / "teacher", "classification", labels,
+                                                                           attn_implementation="eager"), "max_length"))]
+        noise = (logits[0] - logits[1]).abs().max()
+        lacks = (logits[1].index_fill(1, torch.tensor([gold]), -torch.inf).amax(1) - logits[1][:, gold]).sort().values
+        read = 10 + int(lacks.diff()[9:30].argmax())  # the widest gap between the 10th and the 30th
+        # the tilt falls in a gap far wider than two forwards differ, so the stage's forward reads the same verses
+        # as their part (measured: gap 6.6e-6, difference 1.1e-8)
+        assert lacks[read] - lacks[read - 1] > 100 * noise, (lacks, noise)
+        teacher.classifier.out_proj.bias[gold] += (lacks[read - 1] + lacks[read]) / 2
     teacher_dir = root / "teacher_task"
-    write_task_model(teacher_dir, load_task_model(root / "teacher", "classification", TASKS["verse_class"].labels),
-                     load_tokenizer(root / "teacher"), task, TASKS["verse_class"].labels, "en", root / "teacher",
-                     {"frozen": []})
+    write_task_model(teacher_dir, teacher, tokenizer, task, labels, "en", root / "teacher", {"frozen": []})
     teacher_sha = model_hash(teacher_dir)
     out = root / "distill_task"
     overrides = ["--config", "configs/distill/task_tiny.yaml", f"student={student_dir}", f"teacher={teacher_dir}",
@@ -163,7 +182,7 @@ def test_task_distillation_trains_the_students_body_at_the_configured_density_fr
     proc = subprocess.run([sys.executable, "evaluate/distill_task.py", *overrides], env=_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert model_hash(teacher_dir) == teacher_sha
+    assert model_hash(teacher_dir) == teacher_sha  # its files untouched: re-scoring them below scores what it loaded
 
     sft = SparseFineTuning.load(out / "train" / "sft")
     fresh = load_task_model(student_dir, "classification", TASKS["verse_class"].labels)
@@ -181,6 +200,12 @@ def test_task_distillation_trains_the_students_body_at_the_configured_density_fr
         "input_ids"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"student/en/test/accuracy", "teacher/en/test/accuracy", "student/sw/test/accuracy"} <= set(metrics)
+    # the teacher it trained beside and scored is the frozen task model: re-scored here on the same 40 test verses
+    # (loaded as the stage loads it, with eager attention), `read` of them read as their part by the tilted head
+    teacher = load_task_model(teacher_dir, "classification", attn_implementation="eager").eval()
+    expected = score(scored, teacher, load_tokenizer(teacher_dir), "en", "test", 64)
+    assert (expected["accuracy"], expected["n_examples"]) == (read / 40, 40)
+    assert {k: metrics[f"teacher/en/test/{k}"] for k in expected} == expected
 
 
 class _ScaledTeacher(torch.nn.Module):

@@ -37,9 +37,17 @@ def test_smoke_pipeline_end_to_end_on_the_gpu(tmp_path):
     report = json.loads((tmp_path / "run/report/report.json").read_text())
     scored = report["tasks"]["target_mlm"]["languages"]["ny"]["methods"]
     assert set(methods) <= set(scored), sorted(scored)
+    # verse_class: every method, and the unadapted baseline (method none, the primary reading ny with its own
+    # tokenizer; minimodel/pipeline.py runs it only where the task's metric compares tokenizers, so not target_mlm)
+    verse_class = report["tasks"]["verse_class"]["languages"]["ny"]
+    assert set(methods) <= set(verse_class["methods"]), sorted(verse_class["methods"])
+    unadapted = verse_class["baseline"]["quality"]  # an accuracy; None would mean the primary could not read ny
+    assert isinstance(unadapted, float) and 0.0 <= unadapted <= 1.0, verse_class["baseline"]
+    assert report["tasks"]["target_mlm"]["languages"]["ny"]["baseline"] is None
     alignment = json.loads((tmp_path / "run/minipost/alignment.json").read_text()) if "minipost" in methods else {}
-    record("smoke_pipeline", methods=methods, report_warnings=report.get("warnings", []),
-           minipost_alignment=alignment, seconds_per_stage=_stage_seconds(tmp_path / "run"))
+    record("smoke_pipeline", methods=methods, unadapted_verse_class=unadapted,
+           report_warnings=report.get("warnings", []), minipost_alignment=alignment,
+           seconds_per_stage=_stage_seconds(tmp_path / "run"))
 
 
 def _stage_seconds(output_dir: Path) -> dict[str, float]:

@@ -10,6 +10,10 @@ from safetensors.torch import load_file
 from eval_helpers import EMBEDDINGS, REPO, mlqa_world, stage_env
 from minimodel.distributed import free_port
 from minimodel.evaluation.finetune import TaskFlops
+from minimodel.evaluation.models import load_task_model
+from minimodel.evaluation.scoring import score
+from minimodel.evaluation.tasks import TaskConfig
+from minimodel.hf import load_tokenizer
 
 
 @pytest.mark.slow
@@ -33,7 +37,15 @@ def test_deepspeed_two_ranks_qa_zero3(tmp_path):
     assert "qa_outputs.weight" in after
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {f"{s}/{m}" for s in ("dev", "test") for m in ("exact_match", "f1", "n_examples")}
-    assert metrics["test/n_examples"] == 40 and 0 <= metrics["test/exact_match"] <= metrics["test/f1"] <= 100
+    # as many questions as each MLQA file holds (counted here), and the scores of the saved model: re-scored here
+    for split in ("dev", "test"):
+        squad = json.loads((tmp_path / "MLQA_V1" / split / f"{split}-context-en-question-en.json").read_text())
+        questions = sum(len(p["qas"]) for article in squad["data"] for p in article["paragraphs"])
+        assert metrics[f"{split}/n_examples"] == questions == 40
+    task = TaskConfig(name="mlqa", data_dir=str(tmp_path / "MLQA_V1"), max_length=24, doc_stride=4)
+    saved = load_task_model(out / "model", "qa").eval()
+    assert score(task, saved, load_tokenizer(out / "model"), "en", "test", 64) == {
+        k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
     steps = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6] and "eval/loss" in steps[2]
     # two ranks each ran one micro-batch of 4 windows x 24 tokens: FLOPs are counted over both

@@ -156,7 +156,11 @@ def test_zero_shot_retrieval(world):
     assert "en" not in results  # retrieving English from English is no reference
     assert results["xx"] == {"top1": 1.0, "top10": 1.0, "n_examples": results["xx"]["n_examples"], "layer": 1.0}
     cfg.targets[0].model_dir = str(untrained)
-    assert zero_shot(cfg).outputs["xx"]["top1"] < 0.5  # random target embeddings: near chance (1/n)
+    random_targets = zero_shot(cfg).outputs["xx"]
+    n = random_targets["n_examples"]
+    # random target embeddings: chance, 1/n for top1 and 10/n for top10 (1 and 10 expected hits of n). The bars are
+    # 5 and 20 hits (P(Binomial(n, 1/n) >= 5) ~ 0.004, 20 = 10 + 3.3 sd). Measured: 1 and 10 hits of 99.
+    assert random_targets["top1"] < 5 / n and random_targets["top10"] < 20 / n, random_targets
 
 
 def test_mismatched_tokenizer_is_refused(world):
@@ -253,7 +257,10 @@ def test_zero_shot_scores_each_snapshot_of_the_adaptation_run(world, adaptation_
     curve = json.loads((root / "zs_curve" / "snapshots.json").read_text())["xx"]
     assert set(curve) == {"10", "20"}  # step 30 is the final artifact, scored through the plugged model
     assert curve["20"]["accuracy"] == results["xx"]["accuracy"] == results["en"]["accuracy"]
-    assert curve["10"]["accuracy"] < results["en"]["accuracy"] - 0.2
+    # a random snapshot scores at chance: at most the majority class's share plus two binomial standard errors
+    # (measured: 0.081 against a bar of 0.35; majority 0.26, source 0.91, 99 examples)
+    majority, n = curve["10"]["baseline/majority"], curve["10"]["n_examples"]
+    assert curve["10"]["accuracy"] < majority + 2 * (majority * (1 - majority) / n) ** 0.5, curve["10"]
 
     client = MlflowClient(f"sqlite:///{world['store'] / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("minimodel").experiment_id],

@@ -3,6 +3,7 @@ vocabulary (the data stage encoded it with another tokenizer: the stage re-encod
 process: what the SFT holds, that it names the primary, and that applying it lowers the primary's Swahili MLM loss."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import torch
 from transformers import MegatronBertForMaskedLM
 
 from adapt_helpers import REPO, launch_env, prepare_tiny_data, tiny_config
+from minimodel.data.indexed import open_indexed
 from minimodel.data.mlm import MaskedLMDataset
-from minimodel.data.tokenizer import load_tokenizer
+from minimodel.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseFineTuning
 from minimodel.sft.language import untie_and_freeze_decoder
@@ -49,8 +51,8 @@ def test_language_sft_of_the_primary_over_its_own_vocabulary(tmp_path):
                  "train.eval.batches=2", "tracking.enabled=false"]
     env = {k: v for k, v in launch_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
-    run = subprocess.run([sys.executable, "adapt/sft.py", *overrides], env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=1800)
+    run = subprocess.run([sys.executable, "adapt/sft.py", *overrides], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-4000:]
 
     assert sorted(p.name for p in (out / "sw" / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
@@ -64,6 +66,23 @@ def test_language_sft_of_the_primary_over_its_own_vocabulary(tmp_path):
     assert set(sft.abs) == {n for n in part.dense} and not any("decoder" in n for n in sft.abs)
     k = resolve_k(None, K_PROPORTION, part.eligible_numel)
     assert k <= sft.numel < k + 50 and sft.diffs["bert.embeddings.word_embeddings.weight"].indices.numel() > 0
+
+    # the stage re-encoded the data stage's Swahili verses with the primary's tokenizer (the data stage used sw's own)
+    stage_tokenizer = load_tokenizer(out / "sw" / "tokenizer")
+    assert tokenizer_fingerprint(stage_tokenizer) == tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(load_tokenizer(data_dir / "sw" / "tokenizer")) != tokenizer_fingerprint(tokenizer)
+    with open(data_dir / "sw" / "verses.jsonl", encoding="utf-8") as f:
+        verses = [json.loads(line) for line in f if line.strip()]
+    for split in ("train", "valid"):
+        texts = [v["text"] for v in verses if v["split"] == split]
+        written = open_indexed(out / "sw" / "data" / split)
+        data_stage = open_indexed(data_dir / "sw" / split)
+        assert len(written) == len(data_stage) == len(texts) > 0, split
+        # an independent encoding: the primary's HF tokenizer, no special tokens, one document per verse
+        expected = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        assert [written[i].tolist() for i in range(len(texts))] == expected, split
+        # not the data stage's ids (sw's vocabulary) copied over
+        assert sum(written[i].tolist() != data_stage[i].tolist() for i in range(len(texts))) > len(texts) // 2, split
 
     # the target text as the stage read it: in the primary's vocabulary
     valid = MaskedLMDataset(out / "sw" / "data" / "valid", tokenizer, SEQ, 0.15, 0)

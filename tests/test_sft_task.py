@@ -12,6 +12,10 @@ from safetensors.torch import load_file
 from adapt_helpers import deepspeed_command
 from process_helpers import tail
 from eval_helpers import REPO, mlqa_world, stage_env
+from minimodel.evaluation.models import load_task_model
+from minimodel.evaluation.scoring import score
+from minimodel.evaluation.tasks import TaskConfig
+from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseDiff, SparseFineTuning
 
@@ -50,7 +54,10 @@ def test_task_sft_with_the_source_language_sft_applied(tmp_path):
     assert {"qa_outputs.weight", "qa_outputs.bias"} <= set(task.abs) and not any("qa_outputs" in n for n in task.diffs)
     assert K <= task.numel < K + 20 and task.diffs[EMB].indices.numel() > 0  # embeddings are sparse, not frozen
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["test/exact_match"] <= metrics["test/f1"] <= 100
+    # the scores are the composed task model's: re-scored here on the same MLQA test file
+    qa = TaskConfig(name="mlqa", data_dir=str(tmp_path / "MLQA_V1"), max_length=24, doc_stride=4)
+    assert score(qa, load_task_model(out / "model", "qa").eval(), load_tokenizer(out / "model"), "en", "test", 64) == {
+        k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
 
     # the task model = primary + language SFT + task SFT; outside both SFTs' entries, the primary bit for bit
     model = load_file(out / "model" / "model.safetensors")
