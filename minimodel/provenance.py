@@ -222,11 +222,11 @@ def claim_output(output_dir: str | Path, cfg: Any, *, resumable: bool, overwrite
     Under torch.distributed, rank 0 decides and writes and every rank returns (or raises) the same; call it on
     rank 0 only before the process group is up."""
     if not dist.is_initialized():
-        return _claim(Path(output_dir), fingerprint(cfg, ignore, uses, writes), resumable, overwrite)
+        return _claim(Path(output_dir), fingerprint(cfg, ignore, uses, writes), resumable, overwrite, ignore)
     box: list = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = _claim(Path(output_dir), fingerprint(cfg, ignore, uses, writes), resumable, overwrite)
+            box[0] = _claim(Path(output_dir), fingerprint(cfg, ignore, uses, writes), resumable, overwrite, ignore)
         except ConfigChanged as e:
             box[0] = e
     dist.broadcast_object_list(box, src=0)
@@ -235,8 +235,16 @@ def claim_output(output_dir: str | Path, cfg: Any, *, resumable: bool, overwrite
     return box[0]
 
 
-def _claim(output_dir: Path, new: dict, resumable: bool, overwrite: bool) -> Claim:
-    old = read(output_dir)
+def _recorded(output_dir: Path, ignore: tuple[str, ...]) -> dict | None:
+    """The record in `output_dir`, less the config keys `ignore` names (one written when they still counted)."""
+    record = read(output_dir)
+    if record is not None and ignore:
+        record["config"] = {k: v for k, v in record.get("config", {}).items() if not _neutral(k, ignore)}
+    return record
+
+
+def _claim(output_dir: Path, new: dict, resumable: bool, overwrite: bool, ignore: tuple[str, ...]) -> Claim:
+    old = _recorded(output_dir, ignore)
     if old is not None:
         matched, upgrade = _matches(old, new)
         if matched:
@@ -270,7 +278,7 @@ def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = ()
     when it already says so (a no-op rerun changes nothing). `parts`: {part: digest} of a whole made of parts (each
     part's own record written by write_part)."""
     output_dir = Path(output_dir)
-    new, old = fingerprint(cfg, ignore, uses, writes), read(output_dir)
+    new, old = fingerprint(cfg, ignore, uses, writes), _recorded(output_dir, ignore)
     if parts is not None:
         new["parts"] = _json(dict(parts))
     if old is not None:

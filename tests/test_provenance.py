@@ -70,6 +70,22 @@ def test_the_number_of_ranks_is_part_of_a_multi_rank_result(tmp_path, monkeypatc
     assert claim_output(out, Cfg(), resumable=True) == "finished"
 
 
+def test_keys_a_stage_no_longer_counts_leave_its_records_valid(tmp_path, monkeypatch):
+    """A stage that makes keys neutral (pretraining: its layout and rank count) takes the runs recorded while they
+    counted as its own: the same config runs on at any value of them. The keys it still counts are still refused."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    claim_output(out, Cfg(), resumable=True)  # recorded when lr and the rank count counted
+    assert json.loads((out / RECORD).read_text())["config"]["world_size"] == 8
+    neutral = ("train.lr", provenance.RANKS)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert claim_output(out, Cfg(train=Train(lr=0.5)), resumable=True, ignore=neutral) == "resume"
+    finish_output(out, Cfg(train=Train(lr=0.5)), neutral)
+    assert claim_output(out, Cfg(), resumable=True, ignore=neutral) == "finished"
+    with pytest.raises(ConfigChanged, match=r"another config \(train.steps: 4 -> 6\):"):  # nothing else listed
+        claim_output(out, Cfg(train=Train(steps=6)), resumable=True, ignore=neutral)
+
+
 def test_a_partial_run_of_another_config_and_files_without_a_record_are_refused(tmp_path):
     out = tmp_path / "run"
     claim_output(out, Cfg(), resumable=True)
