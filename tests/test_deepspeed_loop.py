@@ -153,3 +153,27 @@ def test_a_stop_signal_checkpoints_first_and_the_evaluation_due_runs_on_resume(t
     assert resumed[3]["train/loss"] == reference[3]["train/loss"]
     evaluated = {r["step"]: r["eval/loss"] for r in resumed if "eval/loss" in r}
     assert evaluated == pytest.approx({s: reference[s - 1]["eval/loss"] for s in (2, 4, 6, 8)}, rel=1e-6)
+
+
+# Two trainings in one process (a stage's languages, LT-SFT's phases): SIGTERM during the first one's last step
+# (from its step hook) ends nothing early there, and is not forgotten: the second stops at its first step.
+SIGNAL_AT_THE_END_OF_THE_FIRST = TOY + textwrap.dedent("""
+    import os
+    import signal
+
+    def on_step(engine, state):
+        if state["step"] == cfg.steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first = train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=sys.argv[1] + "/first",
+                  on_step=on_step)
+    assert (first.interrupted, first.step) == (False, 8), (first.interrupted, first.step)
+    release_engine(first.engine)
+    second = train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=sys.argv[1] + "/second")
+    assert (second.interrupted, second.step) == (True, 1), (second.interrupted, second.step)
+""")
+
+
+def test_a_stop_signal_at_the_end_of_one_training_stops_the_next_in_the_same_process(tmp_path):
+    _run_toy(SIGNAL_AT_THE_END_OF_THE_FIRST, tmp_path)
+    assert (tmp_path / "second" / "checkpoints" / "step_00000001").is_dir()

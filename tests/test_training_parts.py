@@ -51,6 +51,10 @@ def test_metric_sink_writes_one_row_per_step_and_a_resume_drops_the_redone_steps
     assert rows[2] == {"step": 3, "train/loss": 2.0, "compute/flops": 30.0, "eval/loss": 0.5}
     assert tracker.logged == [(3, {"eval/loss": 0.5}), (4, {"train/loss": 1.5, "compute/flops": 40.0})]
     assert read_metrics(path)[4]["train/loss"] == 1.5
+    again = MetricSink(path, tracker, rank0=True)  # that launch killed before its next checkpoint: step 3 again
+    again.resume(3)
+    again.amend({"eval/loss": 0.5}, 3)
+    assert len(tracker.logged) == 2 and len(path.read_text().splitlines()) == 3  # logged once, one row per step
 
     MetricSink(path, None, rank0=False).resume(0)  # only rank 0 touches the file
     assert path.is_file()
@@ -69,18 +73,18 @@ def test_loss_curve_against_compute(tmp_path):
 
 
 HELPER = """
-import multiprocessing, sys
-from multiprocessing.managers import SyncManager
-from minimodel.training.preemption import leave_stop_signals_to_the_parent
+import sys
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from minimodel.training import checkpoint
 if __name__ == "__main__":
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=leave_stop_signals_to_the_parent)
-    print(manager._process.pid, flush=True)
+    checkpoint._shield_the_writer_queue()
+    assert filesystem_async._get_write_results_queue()._manager is checkpoint._writer_results  # what megatron uses
+    print(checkpoint._writer_results._process.pid, flush=True)
     sys.stdin.read()
 """
 
 
-def test_a_checkpoint_helper_outlives_the_stop_signals_but_not_its_parent(tmp_path):
+def test_the_checkpoint_writers_helper_outlives_the_stop_signals_but_not_its_trainer(tmp_path):
     """The helper process serving megatron's checkpoint writer (checkpoint._shield_the_writer_queue) ignores SIGTERM
     and SIGUSR1, which Slurm sends to every process of a job step, and is killed when the trainer dies."""
     import os
@@ -101,6 +105,15 @@ def test_a_checkpoint_helper_outlives_the_stop_signals_but_not_its_parent(tmp_pa
         time.sleep(0.5)
         assert helper.is_running() and helper.status() != psutil.STATUS_ZOMBIE
         parent.kill()
-        helper.wait(timeout=10)  # psutil.TimeoutExpired if it outlived its parent
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # gone, or a zombie where nothing reaps orphans
+            try:
+                if helper.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the helper outlived its trainer")
     finally:
         parent.kill()

@@ -96,8 +96,10 @@ def _shield_the_writer_queue() -> None:
     leaves the stop signals to the trainer."""
     global _writer_results
     if _writer_results is None:
+        # megatron's own queue, made on first use (a megatron-core without it would take ours silently)
+        assert hasattr(filesystem_async, "_results_queue"), "megatron-core moved its checkpoint writer's queue"
         _writer_results = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        _writer_results.start(initializer=leave_stop_signals_to_the_parent)
+        _writer_results.start(initializer=leave_stop_signals_to_the_parent, initargs=(os.getpid(),))
         filesystem_async._results_queue = _writer_results.Queue()
 
 

@@ -241,11 +241,11 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
         return total / max(count, 1)
 
     engine.train()
-    if eval_pending and eval_data is not None:
-        sink.amend({"eval/loss": evaluate()}, state["step"])
     interrupted = False
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=desc, disable=rank != 0, dynamic_ncols=True)
     with PreemptionSignal() as stop:
+        if eval_pending and eval_data is not None:  # the last launch stopped at a step whose evaluation was due
+            sink.amend({"eval/loss": evaluate()}, state["step"])
         while state["step"] < cfg.steps:
             step = state["step"]
             t0 = time.perf_counter()

@@ -171,6 +171,8 @@ class Trainer:
         self.wall_clock_s = float(loaded.get("wall_clock_s", 0.0))  # absent from checkpoints of older versions
         self.eval_pending = bool(loaded.get("eval_pending", False))
         self.last_checkpoint = path
+        if not same_layout:  # fresh streams for the steps to come, not a replay of those after the start-up seeding
+            distributed.seed_all(self.cfg.train.seed + 1_000_003 * self.step)
         log.info("resumed from %s at step %d%s", path, self.step,
                  "" if same_layout else f" (saved with layout {saved_layout}: RNG streams re-seeded)")
 
@@ -220,11 +222,11 @@ class Trainer:
                 self.say(f"training already complete: step {self.step} of train.steps={cfg.train.steps}")
             self.bar = tqdm(total=cfg.train.steps, initial=self.step, desc="pretrain", unit="step",
                             disable=not self.rank0, dynamic_ncols=True)
-            if self.eval_pending:  # the last launch stopped at a step whose evaluation was due
-                self.metrics.amend(self.evaluate(), self.step)
-                self.eval_pending = False
             stop_signal = 0
             with PreemptionSignal() as preemption:
+                if self.eval_pending:  # the last launch stopped at a step whose evaluation was due
+                    self.metrics.amend(self.evaluate(), self.step)
+                    self.eval_pending = False
                 while self.step < train.steps and not stop_signal:
                     metrics = self.train_step()
                     faults.point("step", self.step)

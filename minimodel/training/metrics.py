@@ -49,11 +49,13 @@ class MetricSink:
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line] \
             if self.path.is_file() else []
         if rows and rows[-1]["step"] == step:  # resume(step) made it the last row
+            logged = metrics.keys() <= rows[-1].keys()  # by a launch killed before its next checkpoint
             rows[-1].update(metrics)
         else:
+            logged = False
             rows.append({"step": step, **metrics})
         write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in rows))
-        if self.tracker is not None:
+        if self.tracker is not None and not logged:
             self.tracker.log_metrics(metrics, step=step)
 
 

@@ -3,6 +3,7 @@ loops check at step boundaries, so every rank saves a checkpoint at the same ste
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 
@@ -14,23 +15,31 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def leave_stop_signals_to_the_parent() -> None:
-    """Initializer of a helper process that a training process needs to save its checkpoint: Slurm sends the stop
-    signals to every process of the job step, and they are the trainer's to act on. The helper ignores them and
-    dies with its parent instead (else, ignoring SIGTERM, it would outlive a killed trainer)."""
+def leave_stop_signals_to_the_parent(parent: int) -> None:
+    """Initializer of a helper process that a training process (pid `parent`) needs to save its checkpoint: Slurm
+    sends the stop signals to every process of the job step, and they are the trainer's to act on. The helper ignores
+    them and dies with its parent instead (else, ignoring SIGTERM, it would outlive a killed trainer)."""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+# The last stop signal this process received in a PreemptionSignal context: one that came as a training ended is
+# not forgotten by the next training in the same process (a stage's next language or phase stops at its first step).
+_received: int | None = None
 
 
 class PreemptionSignal:
-    """Context manager recording the last preemption signal received (`received`, None if none)."""
+    """Context manager recording the last preemption signal received (`received`, None if none; one received in an
+    earlier context of this process counts)."""
 
     SIGNALS = PREEMPTION_SIGNALS
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = _received
         self._previous: dict = {}
 
     def __enter__(self) -> "PreemptionSignal":
@@ -43,7 +52,8 @@ class PreemptionSignal:
             signal.signal(sig, handler)
 
     def _record(self, signum, frame) -> None:
-        self.received = signum
+        global _received
+        self.received = _received = signum
 
     def vote(self, device: torch.device) -> int:
         """The signal any rank has received (0 if none), the same on every rank: all ranks agree to stop at the

@@ -14,7 +14,8 @@ throughput/flops_per_s every step; eval/loss, eval/main_loss, eval/secondary_los
 The `train:` section uses the names every training loop shares (minimodel/training/config.py).
 
 Resume is exact: the sample a rank sees depends only on (seed, step, micro-batch, data-parallel rank), and the
-checkpoint holds model, optimizer, scheduler, step and every RNG state. Checkpoints are atomic
+checkpoint holds model, optimizer, scheduler, step and every RNG state. At another layout a run resumes too, the same
+up to summation order and its dropout streams (per rank: re-seeded from the step). Checkpoints are atomic
 (minimodel/training/checkpoint.py). SIGTERM / SIGUSR1 (Slurm preemption) make every rank save a checkpoint at the
 next step boundary and stop (an evaluation due at that step runs first thing in the next launch); `pretrain` then
 returns status "interrupted" and the entry point exits with PREEMPTED_EXIT_CODE.
@@ -32,8 +33,9 @@ from minimodel.training import megatron_loop
 from minimodel.training.config import PretrainConfig
 
 
-# How a run is spread over processes, not what it computes (global_batch_size fixes the batch, the sampler's order
-# does not depend on the layout): a run resumes at another layout, as megatron's checkpoints load at any.
+# How a run is spread over processes: the same training up to summation order and the random streams (dropout, and
+# the initial weights on GPUs without use_cpu_initialization), as global_batch_size fixes the batch and the sampler's
+# order does not depend on the layout. A run resumes at another layout, as megatron's checkpoints load at any.
 LAYOUT_KEYS = tuple(f"parallel.{key}" for key in (
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
     "sequence_parallel", "overlap_grad_reduce", "timeout_minutes")) + (RANKS,)
