@@ -6,7 +6,9 @@ what it lacks and where such a directory comes from (a user error: the entry poi
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -22,6 +24,9 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 _WHERE_MODELS_COME_FROM = ("a directory written by pretrain/export.py, pretrain/minipost.py, evaluate/finetune.py or "
                            "adapt/plug.py, or a downloaded Hugging Face model (save_pretrained)")
+
+
+log = logging.getLogger(__name__)
 
 
 class HFLoadError(MissingInputError):
@@ -45,10 +50,40 @@ def load_tokenizer(path: str | os.PathLike):
         raise HFLoadError(f"cannot load the tokenizer in {path}: {e}") from None
 
 
+@contextlib.contextmanager
+def _own_load_report():
+    """transformers' table of missing and unexpected weights, silenced: load_model checks them itself."""
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report.setLevel(level)
+
+
+def _check_loaded(model, model_dir: Path, missing: list[str], unexpected: list[str]) -> None:
+    """Refuse a model whose body the directory lacks weights of (transformers would leave them random); say which
+    weights are new (a task head, BERT's pooler) and how many went unused (e.g. a masked-LM head under a task head)."""
+    prefix = f"{model.base_model_prefix}."
+    bare = not any(name.startswith(prefix) for name, _ in model.named_parameters())  # a body under its own names
+    body = sorted(k for k in missing if (bare or k.startswith(prefix)) and not k.removeprefix(prefix).startswith(
+        "pooler."))
+    if body:
+        raise HFLoadError(f"{model_dir} lacks weights of the {type(model).__name__} body ({', '.join(body[:4])}"
+                          f"{', ...' if len(body) > 4 else ''}: {len(body)} in all): the checkpoint is incomplete or "
+                          f"of another architecture ({_WHERE_MODELS_COME_FROM})")
+    if missing or unexpected:
+        log.info("%s from %s: %s new (initialised here)%s", type(model).__name__, model_dir,
+                 ", ".join(sorted(missing)) or "nothing", f"; {len(unexpected)} saved weights unused (e.g. "
+                 f"{sorted(unexpected)[0]})" if unexpected else "")
+
+
 def load_model(model_dir: str | os.PathLike, auto_class=None, **kwargs):
     """The model in `model_dir`, in fp32: as `auto_class` (e.g. transformers.AutoModelForMaskedLM, which picks the
     class for the model type) or, if None, as the architecture its config.json names. `kwargs` go to
-    from_pretrained (e.g. num_labels, output_loading_info)."""
+    from_pretrained (e.g. num_labels, output_loading_info). Refuses a directory that lacks weights of the model's
+    body; weights it lacks outside the body (a new task head) are initialised, and one line says which."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         what = "does not exist" if not model_dir.exists() else "has no config.json"
@@ -64,20 +99,25 @@ def load_model(model_dir: str | os.PathLike, auto_class=None, **kwargs):
         if auto_class is None:
             raise HFLoadError(f"{model_dir}/config.json names no architecture transformers has "
                               f"({config.architectures})")
+    want_info = kwargs.pop("output_loading_info", False)
     try:
-        return auto_class.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True, **kwargs)
+        with _own_load_report():
+            model, info = auto_class.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True,
+                                                     output_loading_info=True, **kwargs)
     except ValueError as e:  # e.g. an Auto class with no class for this model type
         raise HFLoadError(f"cannot load {model_dir} as {auto_class.__name__} (model type {config.model_type!r}): "
                           f"{e}") from None
     except OSError as e:  # missing or unreadable weights
         raise HFLoadError(f"cannot load the model in {model_dir}: {e}") from None
+    _check_loaded(model, model_dir, info["missing_keys"], info["unexpected_keys"])
+    return (model, info) if want_info else model
 
 
 def load_masked_lm(model_dir: str | os.PathLike):
     """`model_dir` as its *ForMaskedLM, refusing a checkpoint saved without its MLM head (a *Model save, a
     sentence-embedding model): transformers would give it a random head that adaptation cannot learn through."""
     model, info = load_model(model_dir, AutoModelForMaskedLM, output_loading_info=True)
-    head_missing = sorted(k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix + "."))
+    head_missing = sorted(info["missing_keys"])  # the body's, load_model refused
     if head_missing:
         raise HFLoadError(f"{model_dir} has no masked-LM head (missing {', '.join(head_missing[:3])}...; saved as "
                           f"{model.config.architectures}): train one first with MiniPost's head-only option "

@@ -31,6 +31,35 @@ def test_loads_in_fp32_as_asked_or_as_the_config_names(model_dir):
     assert not info["missing_keys"]
 
 
+def test_a_new_task_head_is_named_in_one_line_and_a_missing_body_weight_is_refused(model_dir, tmp_path, caplog):
+    """A task model over a masked-LM checkpoint gets a new head (and BERT's pooler): one log line names them, in
+    place of transformers' table. A checkpoint lacking a weight of the body (transformers would leave it random) is
+    refused, naming it."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    with caplog.at_level(logging.INFO):
+        load_model(model_dir, AutoModelForSequenceClassification, num_labels=3)
+    assert "LOAD REPORT" not in caplog.text
+    new = next(r.getMessage() for r in caplog.records if r.name == "minimodel.hf")
+    assert new.startswith("MegatronBertForSequenceClassification from ") and \
+        "bert.pooler.dense.bias, bert.pooler.dense.weight, classifier.bias, classifier.weight new" in new, new
+    assert "saved weights unused (e.g. cls.predictions" in new
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = load_file(broken / "model.safetensors")
+    del weights["bert.encoder.layer.0.attention.self.query.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    for auto_class in (AutoModelForMaskedLM, AutoModelForSequenceClassification):
+        with pytest.raises(HFLoadError, match=r"lacks weights of the MegatronBert\w+ body \(bert\.encoder\.layer\.0\."
+                                              r"attention\.self\.query\.weight: 1 in all\)"):
+            load_model(broken, auto_class)
+
+
 def test_tokenizer_round_trip(tmp_path):
     out = train_tokenizer([f"word{i} other{i % 7} text" for i in range(300)], tmp_path / "tok", 40)
     assert len(load_tokenizer(out)) == 40
