@@ -163,7 +163,8 @@ def launcher_module(launcher: str) -> str:
 
 
 # -- step 1 as a Slurm job -------------------------------------------------------------------------------------------
-PRETRAIN_STEPS = 30
+PRETRAIN_STEPS = 60
+FIRST_SAVE = 10  # train.checkpoint.save_every
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def pretrain_args(corpus: Path, out: Path) -> list[str]:
             f"data.valid_prefix={corpus / 'valid'}", f"data.tokenizer_dir={corpus / 'tokenizer'}",
             "model.vocab_size=50", f"output_dir={out / 'run'}", f"train.steps={PRETRAIN_STEPS}", "train.eval.every=15",
             "train.eval.batches=1", "train.log_every=10", "train.schedule.warmup_steps=5",
-            "train.checkpoint.save_every=10",
+            f"train.checkpoint.save_every={FIRST_SAVE}",
             f"tracking.store_dir={out / 'mlflow'}"]
 
 
@@ -219,15 +220,17 @@ def test_pretrain_template_on_one_node(one_node_pretrain):
 def test_pretrain_on_two_nodes_requeues_on_its_signal_and_resumes(cluster, corpus, one_node_pretrain, tmp_path):
     """Two nodes x one rank = the one-node run's layout spread over both nodes. USR1 to the batch shell (what
     `--signal=B:USR1@300` sends near the time limit) makes the trainer checkpoint and the job requeue itself;
-    the requeued job resumes from that checkpoint and ends with the uninterrupted run's losses at every step."""
+    the requeued job resumes from that checkpoint and ends with the uninterrupted run's losses at every step. The
+    signal comes after the job's first checkpoint: Slurm signals every process of the step, and the helper process
+    megatron's checkpoint writer spawned at that save must live through it (it died, and the second save failed)."""
     # --exclusive gives the job both GPUs of each node: NPROC_PER_NODE=1 chooses one rank per node
     job = submit(cluster, "pretrain_minijoint.sh", *pretrain_args(corpus, tmp_path), out=tmp_path, nodes=2,
                  env={"NPROC_PER_NODE": "1"})
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while not (metrics.is_file() and max(pretrain_losses(tmp_path), default=0) >= 3):
+    while not (metrics.is_file() and max(pretrain_losses(tmp_path), default=0) >= FIRST_SAVE + 1):
         assert cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), job_log(tmp_path, job)[-4000:]
-        assert time.monotonic() < deadline, "training did not reach step 3"
+        assert time.monotonic() < deadline, f"training did not reach step {FIRST_SAVE + 1}"
         time.sleep(0.3)
     cluster.run(["scancel", "--signal=USR1", "--batch", job])
     result = cluster.wait(job, timeout=400)
@@ -235,7 +238,7 @@ def test_pretrain_on_two_nodes_requeues_on_its_signal_and_resumes(cluster, corpu
     assert result.ok and result.restarts == 1, f"{result}\n{log[-4000:]}"
 
     stopped = int(re.search(r"PREEMPTED by signal SIGUSR1: checkpoint \S+ saved at step (\d+)", log).group(1))
-    assert 3 <= stopped < PRETRAIN_STEPS
+    assert FIRST_SAVE < stopped < PRETRAIN_STEPS
     assert f"requeueing job {job}" in log
     assert re.search(rf"resumed from \S+iter_{stopped:07d} at step {stopped}\b", log), log[-4000:]
     for node in (0, 1):  # both nodes started their ranks, in both runs of the job
