@@ -13,7 +13,6 @@ resuming, the next time; a changed config that the stage refuses (exit 2) names 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from minimodel import distributed, provenance, supervisor, tracking
-from minimodel.supervisor import descendants
+from minimodel.supervisor import descendants, die_with_parent
 from minimodel.files import stat_signature, write_text_atomic
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, PreemptionSignal
 
@@ -139,9 +138,8 @@ class StopSignals(PreemptionSignal):
 
 
 def _die_with_parent() -> None:
-    """In the stage's process before exec: SIGTERM when the pipeline dies (Linux; elsewhere nothing)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    """In the stage's process before exec: SIGTERM when the pipeline dies."""
+    die_with_parent(signal.SIGTERM)
 
 
 @dataclass

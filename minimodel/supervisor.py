@@ -21,6 +21,14 @@ import time
 GRACE_S = 60
 
 
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux: PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)
+    except (OSError, AttributeError):
+        pass
+
+
 def descendants(root: int | None = None) -> set[int]:
     """The live processes under `root` (default: this one) from Linux's /proc (elsewhere none are known)."""
     parents = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -197,6 +198,11 @@ def _ranks(runner_pid: int) -> list[int]:
     launchers = [p for p in psutil.Process(runner_pid).children(recursive=True)
                  if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
     return [rank.pid for launcher in launchers for rank in launcher.children()]
+
+
+def resumed_at(log: str, step: int) -> bool:
+    """Whether the DeepSpeed loop's log says it resumed from its checkpoint of `step` (training/deepspeed_loop.py)."""
+    return re.search(rf"resumed from \S+step_{step:08d} at step {step}\b", log) is not None
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 
 import numpy as np
@@ -24,7 +23,7 @@ from minimodel.adaptation.plug import PlugConfig, PlugError, plug
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 from adapt_helpers import (FFN, HIDDEN, MINI_LAYERS, PRIMARY_LAYERS, PYTHON, REPO, SEQ, build_world, copy_language,
-                           launch_env, metrics, run_deepspeed, run_deepspeed_and_signal)
+                           launch_env, metrics, resumed_at, run_deepspeed, run_deepspeed_and_signal)
 from process_helpers import tail
 
 pytestmark = pytest.mark.slow
@@ -158,8 +157,7 @@ def test_a_stopped_run_resumes_with_exactly_the_same_losses_and_embeddings(runs)
     # function of the step)
     before = sig["rows"][interrupted[0]]
     stopped_at = before[-1]["step"]
-    assert re.search(rf"resumed from \S+step_{stopped_at:08d} at step {stopped_at}\b",
-                     runs["z1_mini_log"].read_text()), tail(runs["z1_mini_log"])
+    assert resumed_at(runs["z1_mini_log"].read_text(), stopped_at), tail(runs["z1_mini_log"])
     assert a[:stopped_at] == before
     assert [m["train/loss"] for m in a] == [m["train/loss"] for m in b]
     assert [m.get("eval/loss") for m in a] == [m.get("eval/loss") for m in b]

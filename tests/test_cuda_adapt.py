@@ -3,14 +3,14 @@ SIGTERM, resumed, and compared with an uninterrupted run of the same corpus."""
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from adapt_helpers import build_world, copy_language, metrics, run_deepspeed, run_deepspeed_and_signal
+from adapt_helpers import (build_world, copy_language, metrics, resumed_at, run_deepspeed,
+                           run_deepspeed_and_signal)
 from process_helpers import tail
 from cuda_helpers import CUDA, GPU_DATA_CONFIG, ROOT, record
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
@@ -60,8 +60,7 @@ def test_deepspeed_adaptation_in_bf16_with_fused_adam_resumes_exactly(world, tmp
     assert run_deepspeed("adapt/train.py", args, second, ranks=1) == 0, tail(second)
     # resumed from the stop's checkpoint, not redone: the stopped launch's rows stand (a redone step would measure
     # its wall-clock time again; the stopped step's row may gain the evaluation the stop left to this launch)
-    assert re.search(rf"resumed from \S+step_{stopped_at:08d} at step {stopped_at}\b", second.read_text()), \
-        tail(second)
+    assert resumed_at(second.read_text(), stopped_at), tail(second)
     assert metrics(out / "ny")[:stopped_at - 1] == before[:-1]
 
     from safetensors.torch import load_file

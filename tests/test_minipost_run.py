@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapt_helpers import run_and_signal
+from adapt_helpers import resumed_at, run_and_signal
 from minimodel.config import ConfigError, load_config
 from minimodel.distributed import free_port
 from minimodel.manifest import ManifestError, check_aligned, read_manifest
@@ -201,7 +200,7 @@ def test_relaunch_resumes_finished_run(runs, sources, data_dir, tmp_path):
     curve = (out / "metrics.jsonl").read_text()
     code, log = run_script(_overrides(sources["xlmr"], data_dir, out), tmp_path / "relaunch.log")
     assert code == 0, log[-4000:]
-    assert re.search(rf"resumed from \S+step_{STEPS:08d} at step {STEPS}\b", log), log[-4000:]
+    assert resumed_at(log, STEPS), log[-4000:]
     after = load_file(out / "mini" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # no step redone: a redone step would have measured its wall-clock time again
@@ -223,7 +222,7 @@ def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(xlmr_source, 
     stopped_at = json.loads(before[-1])["step"]
     code, log = run_script(overrides, tmp_path / "resumed.log")
     assert code == 0 and (out / "mini").is_dir(), log[-4000:]
-    assert re.search(rf"resumed from \S+step_{stopped_at:08d} at step {stopped_at}\b", log), log[-4000:]
+    assert resumed_at(log, stopped_at), log[-4000:]
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in rows] == list(range(1, STEPS + 1))
     assert rows[:stopped_at] == before  # resumed, not redone (a redone step measures its wall-clock time again)

@@ -4,7 +4,6 @@ a plain PyTorch loop that masks gradients before clipping (and unequal to one th
 kill in phase 2 resuming to the same SFT. The world: tests/sft_helpers.py."""
 from __future__ import annotations
 
-import re
 import signal
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapt_helpers import metrics, run_and_signal, run_deepspeed
+from adapt_helpers import metrics, resumed_at, run_and_signal, run_deepspeed
 from adapt_helpers import deepspeed_command, launch_env
 from process_helpers import tail
 from minimodel.sft.file import SparseFineTuning
@@ -109,7 +108,7 @@ def test_a_kill_in_phase2_resumes_with_the_same_mask_to_the_same_sft(trained, tm
     second = (tmp_path / "second.log").read_text()
     assert "it1 full" not in second  # phase 1 is not redone
     # phase 2 resumed from its checkpoint, not redone (a redone step would measure its wall-clock time again)
-    assert re.search(rf"resumed from \S+step_{stopped_at:08d} at step {stopped_at}\b", second), second[-3000:]
+    assert resumed_at(second, stopped_at), second[-3000:]
     assert metrics(sparse_metrics.parent)[:stopped_at] == rows_before
     mask_after = load_file(str(out / "zero2" / "iteration_1" / "mask.safetensors"))
     assert all(torch.equal(mask_before[n], mask_after[n]) for n in mask_before)

@@ -233,8 +233,9 @@ class Trainer:
                     last = self.step == train.steps
                     stop_signal = 0 if last else preemption.vote(self.device)  # the last step ends the run anyway
                     # a stop signal's grace period goes to the checkpoint: the evaluation due runs on resume
-                    self.eval_pending = train.eval.due(self.step, last) and bool(stop_signal)
-                    if train.eval.due(self.step, last) and not stop_signal:
+                    eval_due = train.eval.due(self.step, last)
+                    self.eval_pending = eval_due and bool(stop_signal)
+                    if eval_due and not stop_signal:
                         metrics.update(self.evaluate())
                     self.metrics.log(metrics, self.step)
                     if train.checkpoint.due(self.step, last, bool(stop_signal)):

@@ -2,17 +2,16 @@
 loops check at step boundaries, so every rank saves a checkpoint at the same step and exits cleanly."""
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 
 import torch
 import torch.distributed as dist
 
+from minimodel.supervisor import die_with_parent
+
 PREEMPTED_EXIT_CODE = 75  # sysexits EX_TEMPFAIL, "try again later": requeue the job and it resumes
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def leave_stop_signals_to_the_parent(parent: int) -> None:
@@ -21,9 +20,8 @@ def leave_stop_signals_to_the_parent(parent: int) -> None:
     them and dies with its parent instead (else, ignoring SIGTERM, it would outlive a killed trainer)."""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before prctl took effect
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the kernel was told
         os._exit(1)
 
 
