@@ -16,7 +16,9 @@ from the same upstream results too.
         and the fix, unless `overwrite` (then the directory is emptied first: "new")
         other stages (replace their outputs atomically, whole: data, export, plug, zero_shot, report): "new",
         the change honoured by redoing them
-Never a silent skip: a stage may skip only on "finished".
+Never a silent skip: a stage may skip only on "finished". A record is read with the default of every setting its
+config class gained since it was written (a new setting's default keeps the behaviour the code had before): a result
+made then stays valid for a config that leaves the setting at its default, and not for one that sets it.
 
 Results made of parts (the data stage: one directory per language). Each part has a record of its own
 (`write_part`, in `<output_dir>/<lang>/`: the config less the other languages' keys, and the stage's hash of what
@@ -222,11 +224,11 @@ def claim_output(output_dir: str | Path, cfg: Any, *, resumable: bool, overwrite
     Under torch.distributed, rank 0 decides and writes and every rank returns (or raises) the same; call it on
     rank 0 only before the process group is up."""
     if not dist.is_initialized():
-        return _claim(Path(output_dir), fingerprint(cfg, ignore, uses, writes), resumable, overwrite, ignore)
+        return _claim(Path(output_dir), cfg, fingerprint(cfg, ignore, uses, writes), resumable, overwrite, ignore)
     box: list = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = _claim(Path(output_dir), fingerprint(cfg, ignore, uses, writes), resumable, overwrite, ignore)
+            box[0] = _claim(Path(output_dir), cfg, fingerprint(cfg, ignore, uses, writes), resumable, overwrite, ignore)
         except ConfigChanged as e:
             box[0] = e
     dist.broadcast_object_list(box, src=0)
@@ -235,16 +237,45 @@ def claim_output(output_dir: str | Path, cfg: Any, *, resumable: bool, overwrite
     return box[0]
 
 
-def _recorded(output_dir: Path, ignore: tuple[str, ...]) -> dict | None:
-    """The record in `output_dir`, less the config keys `ignore` names (one written when they still counted)."""
+def _setting_defaults(cfg: Any, ignore: tuple[str, ...]) -> dict[str, Any]:
+    """{dotted key: default} of the plain settings of cfg's config class (not entries of a mapping or list, whose
+    absence from a record says something), less `ignore`; {} for a class that has no default instance."""
+    try:
+        default = type(cfg)() if dataclasses.is_dataclass(cfg) else None
+    except TypeError:  # a field without a default
+        default = None
+    if default is None:
+        return {}
+    found: dict[str, Any] = {}
+
+    def walk(config: Any, prefix: str) -> None:
+        for f in dataclasses.fields(config):
+            value, key = getattr(config, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{key}.")
+            elif not isinstance(value, (dict, list, tuple)) and not _neutral(key, ignore):
+                found[key] = _json(value)
+
+    walk(default, "")
+    return found
+
+
+def _recorded(output_dir: Path, cfg: Any, ignore: tuple[str, ...]) -> dict | None:
+    """The record in `output_dir`, less the config keys `ignore` names (one written when they still counted), read
+    with the default of every setting added to the config since it was written (a new setting's default keeps the
+    behaviour it had before the setting existed, so a result made then is still of a config that leaves it there)."""
     record = read(output_dir)
-    if record is not None and ignore:
-        record["config"] = {k: v for k, v in record.get("config", {}).items() if not _neutral(k, ignore)}
+    if record is None or "config" not in record:
+        return record
+    config = {k: v for k, v in record["config"].items() if not _neutral(k, ignore)}
+    added = {k: v for k, v in _setting_defaults(cfg, ignore).items() if k not in config}
+    record["config"] = {**added, **config}
     return record
 
 
-def _claim(output_dir: Path, new: dict, resumable: bool, overwrite: bool, ignore: tuple[str, ...]) -> Claim:
-    old = _recorded(output_dir, ignore)
+def _claim(output_dir: Path, cfg: Any, new: dict, resumable: bool, overwrite: bool,
+           ignore: tuple[str, ...]) -> Claim:
+    old = _recorded(output_dir, cfg, ignore)
     if old is not None:
         matched, upgrade = _matches(old, new)
         if matched:
@@ -278,7 +309,7 @@ def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = ()
     when it already says so (a no-op rerun changes nothing). `parts`: {part: digest} of a whole made of parts (each
     part's own record written by write_part)."""
     output_dir = Path(output_dir)
-    new, old = fingerprint(cfg, ignore, uses, writes), _recorded(output_dir, ignore)
+    new, old = fingerprint(cfg, ignore, uses, writes), _recorded(output_dir, cfg, ignore)
     if parts is not None:
         new["parts"] = _json(dict(parts))
     if old is not None:

@@ -86,6 +86,46 @@ def test_keys_a_stage_no_longer_counts_leave_its_records_valid(tmp_path, monkeyp
         claim_output(out, Cfg(train=Train(steps=6)), resumable=True, ignore=neutral)
 
 
+@dataclass
+class TrainWithMomentum(Train):
+    momentum: float = 0.0  # a setting added later: its default is what the code did before
+
+
+@dataclass
+class CfgWithMethod(Cfg):
+    method: str = "bistil"
+    train: TrainWithMomentum = field(default_factory=TrainWithMomentum)
+
+
+@dataclass
+class CfgWithEntries(Cfg):
+    extra: dict = field(default_factory=lambda: {"a": 1})
+    schedule: list = field(default_factory=lambda: ["warmup"])
+
+
+def test_a_setting_added_since_a_record_was_written_counts_only_away_from_its_default(tmp_path):
+    """A config gains a setting (BiStil's `method`): a result recorded before it existed is still of the config that
+    leaves the setting at its default (the behaviour it had then), resumed or skipped as before; set to anything
+    else, it is another config, named. Entries of a mapping or list absent from the record still count."""
+    out = tmp_path / "run"
+    claim_output(out, Cfg(), resumable=True)
+    (out / "checkpoint").write_text("step 2")
+    recorded = json.loads((out / RECORD).read_text())
+    assert "method" not in recorded["config"] and "train.momentum" not in recorded["config"]
+    assert claim_output(out, CfgWithMethod(), resumable=True) == "resume"
+    finish_output(out, CfgWithMethod())
+    assert json.loads((out / RECORD).read_text())["digest"] == recorded["digest"]  # what consumers recorded holds
+    assert claim_output(out, CfgWithMethod(), resumable=True) == "finished"
+    with pytest.raises(ConfigChanged, match=r"another config \(method: 'bistil' -> 'bistil@minijoint'\)"):
+        claim_output(out, CfgWithMethod(method="bistil@minijoint"), resumable=True)
+    with pytest.raises(ConfigChanged, match=r"another config \(train.momentum: 0.0 -> 0.9\)"):
+        claim_output(out, CfgWithMethod(train=TrainWithMomentum(momentum=0.9)), resumable=True)
+    before = tmp_path / "before"  # recorded before both
+    claim_output(before, Cfg(), resumable=True)
+    with pytest.raises(ConfigChanged, match=r"\(extra.a: '\(unset\)' -> 1; schedule\[0\]: '\(unset\)' -> 'warmup'\)"):
+        claim_output(before, CfgWithEntries(), resumable=True)
+
+
 def test_a_partial_run_of_another_config_and_files_without_a_record_are_refused(tmp_path):
     out = tmp_path / "run"
     claim_output(out, Cfg(), resumable=True)
