@@ -11,10 +11,12 @@ the report that reads them back (results live on disk; MLflow only shows them).
     <root>/minipost/mini                                          MiniPost mini-model
     <root>/adapt/<method>/<lang>/                                 step 2 (adapt.json, snapshots/step_N/, metrics.jsonl)
     <root>/adapt/lt_sft/<lang>/sft/                               LT-SFT: the language SFT (the source language's too)
-    <root>/plugged_mlm/<lang>/                                    BiStil, LT-SFT over the target vocabulary: the
+    <root>/plugged_mlm[/<base>]/<lang>/                           BiStil, LT-SFT over the target vocabulary: the
                                                                   primary (masked LM) with the standard adaptation's
-                                                                  embeddings, phase 1's target teacher / the model
-                                                                  lt_sft_vocab's language SFT is learned over
+                                                                  embeddings (with <base>: that method's, for
+                                                                  bistil@<base>, lt_sft_vocab@<base>), phase 1's
+                                                                  target teacher / the model lt_sft_vocab's language
+                                                                  SFT is learned over
     <root>/adapt/lt_sft_vocab/<lang>/sft/                         lt_sft_vocab: the language SFT of plugged_mlm/<lang>
     <root>/adapt/bistil/<lang>/                                   BiStil phase 1 (train/metrics.jsonl: its compute;
                                                                   student/ with target_tokenizer/; comparison.json)
@@ -22,8 +24,9 @@ the report that reads them back (results live on disk; MLflow only shows them).
     <root>/task_sft/model                                         LT-SFT (lt_sft and lt_sft_vocab): the primary +
                                                                   source language SFT + task SFT
     <root>/plugged/<method>/<lang>/                               the task model with the target embeddings
-    <root>/distill_task/<lang>/model/                             BiStil phase 2: the student task model (source
-                                                                  tokenizer; target_tokenizer/), metrics.json
+    <root>/distill_task[/<method>]/<lang>/model/                  BiStil phase 2: the student task model (source
+                                                                  tokenizer; target_tokenizer/), metrics.json;
+                                                                  <method>: bistil@<base>'s
     <root>/zero_shot/<task>/<method>/                             step 4 (metrics.json, snapshots.json); method
                                                                   none: the unadapted primary (metrics.json)
     <root>/report/                                                report.json, report.md, compute_vs_quality.png
@@ -107,25 +110,26 @@ class PipelineLayout:
         """LT-SFT's step 3: the sparse task fine-tuning's output_dir (model/: the composed task model)."""
         return self.root / "task_sft"
 
-    def plugged_mlm(self, lang: str) -> Path:
+    def plugged_mlm(self, lang: str, base: str | None = None) -> Path:
         """The primary masked LM with the target embeddings of the method BiStil and lt_sft_vocab build on (BiStil
-        phase 1's teacher of the target language; the model lt_sft_vocab's language SFT is learned over)."""
-        return self.root / "plugged_mlm" / lang
+        phase 1's teacher of the target language; the model lt_sft_vocab's language SFT is learned over); `base`:
+        a Method.base, None for their default (standard adaptation)."""
+        return self.root / "plugged_mlm" / (f"{base}/{lang}" if base else lang)
 
-    def student(self, lang: str) -> Path:
+    def student(self, lang: str, method: str = "bistil") -> Path:
         """BiStil phase 1's student for (source, lang) (adapt/distill.py's <output_dir>/<lang>/student)."""
-        return self.adapt("bistil", lang) / "student"
+        return self.adapt(method, lang) / "student"
 
-    def distill_task(self, lang: str) -> Path:
-        """BiStil phase 2's output_dir for lang's student."""
-        return self.root / "distill_task" / lang
+    def distill_task(self, lang: str, method: str = "bistil") -> Path:
+        """BiStil phase 2's output_dir for lang's student (method: bistil or a bistil@<base>)."""
+        return self.root / "distill_task" / (lang if method == "bistil" else f"{method}/{lang}")
 
-    def student_task_model(self, lang: str) -> Path:
+    def student_task_model(self, lang: str, method: str = "bistil") -> Path:
         """BiStil: the student task model of lang (its source tokenizer at the top)."""
-        return self.distill_task(lang) / "model"
+        return self.distill_task(lang, method) / "model"
 
-    def student_target_tokenizer(self, lang: str) -> Path:
-        return self.student_task_model(lang) / STUDENT_TARGET_TOKENIZER
+    def student_target_tokenizer(self, lang: str, method: str = "bistil") -> Path:
+        return self.student_task_model(lang, method) / STUDENT_TARGET_TOKENIZER
 
     def plugged(self, method: str, lang: str) -> Path:
         return self.root / "plugged" / method / lang

@@ -17,7 +17,10 @@ A method is written as a spec `<model>[+<init>]`:
   reads the target text with its own tokenizer and embeddings; the pipeline evaluates it on every zero-shot task
   whose metric compares tokenizers and the report draws it as the line an adapted method must beat);
 - `+<init>`: the initialisation of the new embedding matrix, one of adaptation/vocab.py's INITIALISERS (e.g.
-  `minipost+copy_shared`); without it, the adaptation config's `init.method`.
+  `minipost+copy_shared`); without it, the adaptation config's `init.method`;
+- `@<method>` (lt_sft_vocab and bistil, which build on another method's target embeddings): the embedding method
+  they build on instead of standard adaptation, e.g. `bistil@minijoint` (BiStil x mini-models: its teacher reads the
+  target with the embeddings MiniJoint adaptation learned, for a fraction of the compute) or `lt_sft_vocab@minipost`.
 So `methods: [standard, minipost, minipost+copy_shared]` runs three adaptations per language side by side. The spec is
 the method's name everywhere: pipeline stage names, output directories, adapt.json, zero-shot results and the report.
 """
@@ -47,8 +50,8 @@ class ModelSource:
     description: str
     # embeddings: adapt/train.py's `over`, the primary itself (full) or a mini-model aligned with it (mini)
     over: Literal["full", "mini"] | None = None
-    # the method whose final embeddings per language this one starts from, plugged into the primary masked LM
-    # (the pipeline's plug_mlm-<lang>, one per language: every builds_on is REFERENCE); its compute counts in this one's
+    # the method whose final embeddings per language this one starts from by default (a spec's `@<method>` names
+    # another), plugged into the primary masked LM (the pipeline's plug_mlm-<lang>); its compute counts in this one's
     builds_on: str | None = None
 
     @property
@@ -75,14 +78,20 @@ MODELS: dict[str, ModelSource] = {m.name: m for m in (
 class Method:
     model: str  # a key of MODELS
     init: str | None = None  # a key of INITIALISERS; None: the adaptation config's init.method
+    base: str | None = None  # the embedding method it builds on when not its model's default builds_on
 
     @property
     def name(self) -> str:
-        return self.model if self.init is None else f"{self.model}+{self.init}"
+        return self.model + (f"@{self.base}" if self.base else "") + (f"+{self.init}" if self.init else "")
 
     @property
     def source(self) -> ModelSource:
         return MODELS[self.model]
+
+    @property
+    def builds_on(self) -> str | None:
+        """The spec of the embedding method whose final target embeddings this one starts from (None: none)."""
+        return self.base or self.source.builds_on
 
     @property
     def adapted(self) -> bool:
@@ -96,7 +105,7 @@ class Method:
     def reads_plugged(self) -> bool:
         """Whether each target is read by the primary with the target embeddings of `builds_on` plugged in, with the
         target tokenizer (lt_sft_vocab: the model its language SFT is learned over and applied to)."""
-        return self.source.learns == "sft" and self.source.builds_on is not None
+        return self.source.learns == "sft" and self.builds_on is not None
 
     def scored_on(self, task) -> bool:
         """Whether zero-shot scores this method on a task (a TaskSpec): new embeddings on every task; a method read
@@ -114,12 +123,25 @@ class Method:
 
 
 def known_methods() -> str:
+    building = ", ".join(m for m in MODELS if MODELS[m].builds_on)
     return (f"<model>[+<init>] with model one of {', '.join(MODELS)} and init one of {', '.join(INITIALISERS)} "
-            f"(e.g. minipost+copy_shared)")
+            f"(e.g. minipost+copy_shared), or <model>@<embedding method> for {building} (e.g. bistil@minijoint)")
 
 
 def parse_method(spec: str, key: str = "method") -> Method:
     """The method a spec names; for anything else a ConfigError naming the setting `key` and the known methods."""
+    model, at, base = spec.partition("@")
+    if at:  # the rest is the embedding method it builds on, itself a spec (minijoint+ofa)
+        if model not in MODELS or not MODELS[model].builds_on:
+            raise ConfigError(f"{key}: {spec!r}: only {', '.join(m for m in MODELS if MODELS[m].builds_on)} build "
+                              f"on another method's embeddings (<model>@<method>); methods are {known_methods()}")
+        below = parse_method(base, key)
+        if not below.learns_embeddings:
+            raise ConfigError(f"{key}: {spec!r}: {model} builds on the target embeddings of a method that learns "
+                              f"them ({', '.join(m for m in MODELS if MODELS[m].learns == 'embeddings')}, with "
+                              f"an optional +<init>), not on {base!r}")
+        # one name per method: building on the default is the plain model
+        return Method(model, base=None if below.name == MODELS[model].builds_on else below.name)
     model, plus, init = spec.partition("+")
     if model not in MODELS or (plus and init not in INITIALISERS):
         raise ConfigError(f"{key}: unknown method {spec!r}; methods are {known_methods()}")

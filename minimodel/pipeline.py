@@ -16,6 +16,8 @@
          -> phase 1, a small bilingual student per target language distilled from the primary (source) and that
          plugged model (target) -> phase 2, the student learns the task from the step-3 task model -> zero-shot of
          each student task model on the fine-tuned tasks (its target tokenizer)
+    bistil@<method>, lt_sft_vocab@<method>: the same over the embeddings another listed method learned (e.g.
+         bistil@minijoint: BiStil x mini-models, its compute the MiniJoint adaptation's instead of standard's)
     and always the unadapted baseline (method `none`): the primary as it is, reading the target text with its own
     tokenizer (the source tokenizer), on every zero-shot task whose metric compares tokenizers; the report draws it
     as a line and warns when an adapted method ends below it
@@ -115,7 +117,13 @@ class PipelineConfig:
         require(self.source_lang not in self.target_langs, "target_langs",
                 f"the source language {self.source_lang} cannot also be a target")
         require(len(self.target_langs) >= 1, "target_langs", "name at least one target language")
-        models = {parse_method(spec, f"methods[{i}]").model for i, spec in enumerate(self.methods)}
+        parsed = [parse_method(spec, f"methods[{i}]") for i, spec in enumerate(self.methods)]
+        for i, (spec, method) in enumerate(zip(self.methods, parsed)):  # one name per method, everywhere
+            require(spec == method.name, f"methods[{i}]", f"{spec!r} is written {method.name!r}")
+            require(method.builds_on is None or method.builds_on in self.methods, f"methods[{i}]",
+                    f"{spec} builds on the target embeddings {method.builds_on} adaptation learns: add "
+                    f"{method.builds_on!r} to methods")
+        models = {method.model for method in parsed}
         require(BASELINE not in models, "methods", f"{BASELINE} (the unadapted primary) is evaluated on every "
                 "pipeline without being listed, as the report's baseline line: drop it from methods")
         require(len(set(self.methods)) == len(self.methods), "methods", "each method once")
@@ -219,7 +227,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     methods = [parse_method(spec) for spec in cfg.methods]
     embedding_methods = [m for m in methods if m.learns_embeddings]
     sparse = [m for m in methods if m.source.learns == "sft"]  # LT-SFT: lt_sft, lt_sft_vocab
-    distilled = next((m for m in methods if m.model == DISTILLED), None)
+    distilled = [m for m in methods if m.model == DISTILLED]  # bistil, and bistil@<base> for another base
 
     def extra(stage: str) -> list[str]:
         seeds = [f"{key}={cfg.seed}" for key in SEED_SETTINGS.get(stage, ())] if cfg.seed is not None else []
@@ -297,14 +305,18 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                 nproc=cfg.adapt_nproc, job=f"adapt-{method.name}", lang=lang,
                 lang_args=[f"target_langs=[{lang}]"])  # only its own language: adding another reruns nothing
     # BiStil and lt_sft_vocab: the primary masked LM with the final embeddings of the method they build on, per
-    # language (every builds_on is REFERENCE: one plugged model per language)
-    plugged_mlm: dict[str, Stage] = {}
-    for base in dict.fromkeys(m.source.builds_on for m in methods if m.source.builds_on):
+    # language (standard adaptation's, or a spec's @<base>: one plugged model per base and language)
+    plugged_mlm: dict[tuple[str | None, str], Stage] = {}
+    for method in dict.fromkeys(m for m in methods if m.builds_on):
+        if (method.base, cfg.target_langs[0]) in plugged_mlm:
+            continue
+        job = "plug_mlm" + (f"-{method.base}" if method.base else "")
         for lang in cfg.target_langs:
-            plugged_mlm[lang] = add(f"plug_mlm-{lang}", "plug", [f"model={at.primary}", f"primary_model={at.primary}"],
-                                    at.plugged_mlm(lang), [adapted[base, lang]], job="plug_mlm", lang=lang,
-                                    lang_args=[f"embeddings={at.adapt(base, lang)}",
-                                               f"output_dir={at.plugged_mlm(lang)}"])
+            plugged_mlm[method.base, lang] = add(
+                f"{job}-{lang}", "plug", [f"model={at.primary}", f"primary_model={at.primary}"],
+                at.plugged_mlm(lang, method.base), [adapted[method.builds_on, lang]], job=job, lang=lang,
+                lang_args=[f"embeddings={at.adapt(method.builds_on, lang)}",
+                           f"output_dir={at.plugged_mlm(lang, method.base)}"])
 
     def language_sft(method: str, lang: str, over: Path, after: list[Stage]) -> Stage:
         """A language SFT of `over` (the model it is learned over, whose tokenizer reads the text), filed under
@@ -321,8 +333,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         adapted[SPARSE, src] = language_sft(SPARSE, src, at.primary, [export, prepare])
         for method in sparse:
             for lang in cfg.target_langs:
-                over, after = ((at.plugged_mlm(lang), [plugged_mlm[lang], prepare]) if method.reads_plugged
-                               else (at.primary, [export, prepare]))
+                over, after = ((at.plugged_mlm(lang, method.base), [plugged_mlm[method.base, lang], prepare])
+                               if method.reads_plugged else (at.primary, [export, prepare]))
                 adapted[method.name, lang] = language_sft(method.name, lang, over, after)
 
     def targets(method, plugged: bool = False) -> list[str]:
@@ -336,11 +348,11 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         if method.learns_embeddings:
             return [f"{{lang: {lang}, embeddings: {at.adapt(method.name, lang)}}}" for lang in cfg.target_langs]
         if method.source.learns == "student":  # each language's student task model, read with its target tokenizer
-            return [f"{{lang: {lang}, model_dir: {at.student_task_model(lang)}, "
-                    f"tokenizer: {at.student_target_tokenizer(lang)}}}" for lang in cfg.target_langs]
+            return [f"{{lang: {lang}, model_dir: {at.student_task_model(lang, method.name)}, "
+                    f"tokenizer: {at.student_target_tokenizer(lang, method.name)}}}" for lang in cfg.target_langs]
         if method.reads_plugged:  # the plugged model its language SFT was learned over, with the target tokenizer
             return [f"{{lang: {lang}, language_sft: {at.language_sft(lang, method.name)}, "
-                    f"model_dir: {at.plugged_mlm(lang)}}}" for lang in cfg.target_langs]
+                    f"model_dir: {at.plugged_mlm(lang, method.base)}}}" for lang in cfg.target_langs]
         if method.adapted:
             return [f"{{lang: {lang}, language_sft: {at.language_sft(lang)}}}" for lang in cfg.target_langs]
         return [f"{{lang: {lang}}}" for lang in cfg.target_langs]
@@ -394,27 +406,31 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
             evaluations += [zero_shot(config, method.name, at.task_sft / "model", targets(method),
                                       [task_sft, *adaptations(method)])
                             for method in sparse for config in fine_tuned_configs]
-        if distilled:  # BiStil: a student per target language, distilled from the primary and its adapted twin
-            distilled_tasks = []  # phase 1's target teacher: plug_mlm-<lang>, the primary with builds_on's embeddings
+        for method in distilled:  # BiStil: a student per target language, distilled from the primary and its
+            # adapted twin (phase 1's target teacher: the primary with the embeddings of the method it builds on)
+            name, job = method.name, ("" if method.base is None else f"-{method.name}")
+            named = [f"method={name}"] if method.base else []  # the default's command lines stay as they were
+            distilled_tasks = []
             for lang in cfg.target_langs:
-                adapted[distilled.name, lang] = add(
-                    f"distill-{lang}", "distill", ["--config", cfg.configs.distill, f"teacher_model={at.primary}",
-                                                   f"source_lang={src}", f"data_dir={at.data_dir}",
-                                                   f"output_dir={at.adapt(distilled.name)}", *extra("distill")],
-                    at.adapt(distilled.name, lang), [plugged_mlm[lang], export, prepare], nproc=cfg.adapt_nproc,
-                    job="distill", lang=lang,
-                    lang_args=[f"target_langs=[{lang}]", f"target_teacher_model={at.plugged_mlm(lang)}"])
+                adapted[name, lang] = add(
+                    f"distill{job}-{lang}", "distill", ["--config", cfg.configs.distill, *named,
+                                                        f"teacher_model={at.primary}", f"source_lang={src}",
+                                                        f"data_dir={at.data_dir}", f"output_dir={at.adapt(name)}",
+                                                        *extra("distill")],
+                    at.adapt(name, lang), [plugged_mlm[method.base, lang], export, prepare], nproc=cfg.adapt_nproc,
+                    job=f"distill{job}", lang=lang,
+                    lang_args=[f"target_langs=[{lang}]", f"target_teacher_model={at.plugged_mlm(lang, method.base)}"])
                 distilled_tasks.append(add(
-                    f"distill_task-{lang}", "distill_task", ["--config", cfg.configs.distill_task,
-                                                             f"teacher={at.task_model}", f"task.data_dir={at.data_dir}",
-                                                             *extra("distill_task")],
-                    at.distill_task(lang), [adapted[distilled.name, lang], finetune], job="distill_task", lang=lang,
-                    lang_args=[f"student={at.student(lang)}", f"output_dir={at.distill_task(lang)}"]))
+                    f"distill_task{job}-{lang}", "distill_task",
+                    ["--config", cfg.configs.distill_task, *named, f"teacher={at.task_model}",
+                     f"task.data_dir={at.data_dir}", *extra("distill_task")],
+                    at.distill_task(lang, name), [adapted[name, lang], finetune], job=f"distill_task{job}", lang=lang,
+                    lang_args=[f"student={at.student(lang, name)}", f"output_dir={at.distill_task(lang, name)}"]))
             # every language has its student task model (its source-language scores: distill_task's metrics.json);
             # zero-shot scores each on its language, the first only standing in as the source model zero_shot loads
-            evaluations += [zero_shot(config, distilled.name, at.student_task_model(cfg.target_langs[0]),
-                                      targets(distilled), distilled_tasks, ("evaluate_source=false",))
-                            for config in fine_tuned_configs if distilled.scored_on(TASKS[zero_shot_task(config)])]
+            evaluations += [zero_shot(config, name, at.student_task_model(cfg.target_langs[0], name),
+                                      targets(method), distilled_tasks, ("evaluate_source=false",))
+                            for config in fine_tuned_configs if method.scored_on(TASKS[zero_shot_task(config)])]
         evaluations += [zero_shot(config, baseline.name, at.task_model, targets(baseline), [finetune])
                         for config in fine_tuned_configs if baseline in evaluated(config)]
     tasks = ", ".join(dict.fromkeys(zero_shot_task(config) for config in cfg.configs.zero_shot))

@@ -349,33 +349,35 @@ def test_lt_sft_is_placed_at_its_language_sfts_compute_and_left_out_where_it_is_
     assert found["reach"]["1"]["flops_saving"] == pytest.approx(400 / 300)
 
 
-def test_bistil_is_placed_at_standard_adaptations_compute_plus_phase_1s(tmp_path, caplog):
+@pytest.mark.parametrize("bistil, base", [("bistil", (400.0, 40.0)), ("bistil@minijoint", (240.0, 30.0))])
+def test_bistil_is_placed_at_standard_adaptations_compute_plus_phase_1s(tmp_path, caplog, bistil, base):
     """BiStil's point: its zero-shot quality at standard adaptation's final compute (the embeddings its target
-    teacher read with) + phase 1's, the cumulative totals of its loop's last metrics.jsonl row (phase 2 is step 3,
-    which no method's compute counts); it is scored on fine-tuned tasks only: nothing to warn about elsewhere."""
+    teacher read with; bistil@minijoint: MiniJoint adaptation's) + phase 1's, the cumulative totals of its loop's last
+    metrics.jsonl row (phase 2 is step 3, which no method's compute counts); it is scored on fine-tuned tasks only:
+    nothing to warn about elsewhere."""
     import logging
 
     layout = PipelineLayout(tmp_path / "run")
-    write_pipeline_results(layout)  # standard: 4 steps of 100 FLOPs, 10 s
-    metrics = layout.adapt("bistil", "sw") / "train" / "metrics.jsonl"
+    write_pipeline_results(layout)  # standard: 4 steps of 100 FLOPs, 10 s; minijoint: 6 steps of 40 FLOPs, 5 s
+    metrics = layout.adapt(bistil, "sw") / "train" / "metrics.jsonl"
     metrics.parent.mkdir(parents=True)
     metrics.write_text("".join(json.dumps({"step": s, "train/loss": 1.0, "compute/flops": 30.0 * s,
                                            "compute/wall_clock_s": 1.5 * s}) + "\n" for s in (1, 2, 3)))
-    out = layout.zero_shot("verse_class", "bistil")
+    out = layout.zero_shot("verse_class", bistil)
     out.mkdir(parents=True)
-    (out / "config.yaml").write_text(yaml.safe_dump({"method": "bistil", "source_lang": "en"}))
+    (out / "config.yaml").write_text(yaml.safe_dump({"method": bistil, "source_lang": "en"}))
     write_json(out / "metrics.json", {"sw": {"accuracy": 0.79}})  # evaluate_source=false: a student per language
     for task in ("target_mlm", "verse_retrieval"):
         (layout.root / "zero_shot" / task).mkdir(parents=True)
     cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'report'}", f"pipeline_dir={layout.root}",
-                                               "tracking.enabled=false", "methods=[standard, bistil]"])
+                                               "tracking.enabled=false", f"methods=[standard, minijoint, {bistil}]"])
     with caplog.at_level(logging.WARNING, logger="minimodel.evaluation.report"):
         summary = json.loads(report(cfg).outputs["json"].read_text())
-    assert not any("of bistil" in r.getMessage() for r in caplog.records)
-    found = summary["tasks"]["verse_class"]["languages"]["sw"]["methods"]["bistil"]
-    assert found["final"] == {"quality": 0.79, "flops": 400.0 + 90.0, "wall_clock_s": pytest.approx(40.0 + 4.5)}
+    assert not any(f"of {bistil}" in r.getMessage() for r in caplog.records)
+    found = summary["tasks"]["verse_class"]["languages"]["sw"]["methods"][bistil]
+    assert found["final"] == {"quality": 0.79, "flops": base[0] + 90.0, "wall_clock_s": pytest.approx(base[1] + 4.5)}
     assert summary["tasks"]["verse_class"]["source"] == {"en": 0.9}  # the fine-tuned primary's, not a student's
-    assert summary["methods"] == ["standard", "bistil"]
+    assert summary["methods"] == ["standard", "minijoint", bistil]
 
 
 def test_target_mlm_gains_share_the_reference_start_so_a_head_start_counts(tmp_path, caplog):

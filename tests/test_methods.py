@@ -204,7 +204,7 @@ def test_lt_sft_vocab_is_an_entry_a_language_sft_of_the_plugged_model_composed_w
     with pytest.raises(ConfigError, match=r"target_langs: .* holds ny embeddings .*, not those of \['sw'\]: run each"):
         load_config(LanguageSFTConfig, overrides=[f"primary_model={plugged}", "method=lt_sft_vocab",
                                                   "target_langs=[ny, sw]"])
-    # one plugged model per language (layout.plugged_mlm(lang)) serves every method that builds on another's embeddings
+    # by default every method that builds on another's embeddings builds on standard adaptation's (plugged_mlm/<lang>)
     assert {m.builds_on for m in MODELS.values()} - {None} == {"standard"}
 
 
@@ -266,3 +266,71 @@ def test_bistil_is_an_entry_plugged_teachers_two_distillation_phases_and_zero_sh
     with pytest.raises(ConfigError, match=r"targets\[0\]: method bistil reads each target with its student task"):
         load_config(ZeroShotConfig, overrides=["method=bistil", "source_model_dir=m", "task.name=verse_class",
                                                "task.data_dir=d", "targets=[{lang: sw, embeddings: e}]"])
+
+
+def test_bistil_and_lt_sft_vocab_build_on_a_mini_models_embeddings_side_by_side_with_standards():
+    """`<model>@<method>`: BiStil and lt_sft_vocab over the target embeddings another listed method learned (here
+    MiniJoint adaptation's): their own plugged model per language (plugged_mlm/minijoint/<lang>), their own stages,
+    directories, jobs and MLflow names beside the default's, whose command lines stay as they were."""
+    from minimodel.bistil.distill import DistillConfig
+    from minimodel.bistil.task import TaskDistillConfig
+
+    tasks = [f"configs/evaluate/zero_shot/{t}_tiny.yaml" for t in ("verse_class", "target_mlm")]
+    base = ["target_langs=[ny, sw]", "seed=5", f"configs.zero_shot=[{', '.join(tasks)}]"]
+    both = ["methods=[standard, minijoint, bistil, bistil@minijoint, lt_sft_vocab, lt_sft_vocab@minijoint]"]
+    cfg = load_config(PipelineConfig, SMOKE, [*base, *both])
+    stages = {s.name: s for s in build_stages(cfg)}
+    alone = {s.name: s for s in build_stages(load_config(PipelineConfig, SMOKE, [
+        *base, "methods=[standard, minijoint, bistil, lt_sft_vocab]"]))}
+    for name in ("plug_mlm-sw", "distill-sw", "distill_task-sw", "lang_sft-lt_sft_vocab-sw",
+                 "zero_shot-verse_class-bistil", "zero_shot-verse_class-lt_sft_vocab"):
+        assert stages[name].argv == alone[name].argv, name  # the default variants: unchanged
+    out = cfg.output_dir
+    plug = stages["plug_mlm-minijoint-sw"]
+    assert [a.name for a in plug.after] == ["adapt-minijoint-sw"]
+    assert {f"embeddings={out}/adapt/minijoint/sw", f"output_dir={out}/plugged_mlm/minijoint/sw"} <= set(plug.argv)
+    distill = stages["distill-bistil@minijoint-sw"]
+    assert [a.name for a in distill.after] == ["plug_mlm-minijoint-sw", "export", "data"]
+    assert str(distill.output_dir) == f"{out}/adapt/bistil@minijoint/sw"
+    assert {"method=bistil@minijoint", f"output_dir={out}/adapt/bistil@minijoint",
+            f"target_teacher_model={out}/plugged_mlm/minijoint/sw", "student.seed=5"} <= set(distill.argv)
+    task = stages["distill_task-bistil@minijoint-sw"]
+    assert [a.name for a in task.after] == ["distill-bistil@minijoint-sw", "finetune"]
+    assert {"method=bistil@minijoint", f"student={out}/adapt/bistil@minijoint/sw/student",
+            f"output_dir={out}/distill_task/bistil@minijoint/sw"} <= set(task.argv)
+    assert load_config(DistillConfig, distill.args[1], distill.args[2:] + distill.lang_args).method == \
+        "bistil@minijoint"
+    classes = stages["zero_shot-verse_class-bistil@minijoint"]
+    assert [a.name for a in classes.after] == ["distill_task-bistil@minijoint-ny", "distill_task-bistil@minijoint-sw"]
+    parsed = load_config(ZeroShotConfig, classes.args[1], classes.args[2:])
+    assert [t.model_dir for t in parsed.targets] == [f"{out}/distill_task/bistil@minijoint/{lang}/model"
+                                                     for lang in ("ny", "sw")]
+    lang_sft = stages["lang_sft-lt_sft_vocab@minijoint-sw"]
+    assert [a.name for a in lang_sft.after] == ["plug_mlm-minijoint-sw", "data"]
+    assert {"method=lt_sft_vocab@minijoint", f"primary_model={out}/plugged_mlm/minijoint/sw"} <= set(lang_sft.argv)
+    parsed = load_config(ZeroShotConfig, *stages["zero_shot-verse_class-lt_sft_vocab@minijoint"].args[1:2],
+                         stages["zero_shot-verse_class-lt_sft_vocab@minijoint"].args[2:])
+    assert [t.model_dir for t in parsed.targets] == [f"{out}/plugged_mlm/minijoint/{lang}" for lang in ("ny", "sw")]
+    assert len([s for s in stages.values() if s.kind == "plug" and s.name.startswith("plug_mlm")]) == 4
+    planned = {j["name"]: j for j in jobs(list(stages.values()))}
+    assert planned["plug_mlm-minijoint"]["after"] == ["adapt-minijoint"]
+    assert planned["distill-bistil@minijoint"]["after"] == ["plug_mlm-minijoint", "export", "data"]
+    assert planned["distill_task-bistil@minijoint"]["after"] == ["distill-bistil@minijoint", "finetune"]
+    assert [t["lang"] for t in planned["distill_task-bistil@minijoint"]["array"]] == ["ny", "sw"]
+
+    assert parse_method("bistil@minijoint").builds_on == "minijoint"
+    assert parse_method("bistil").builds_on == "standard"
+    assert parse_method("lt_sft_vocab@minipost+ofa").name == "lt_sft_vocab@minipost+ofa"
+    with pytest.raises(ConfigError, match=r"methods\[2\]: 'bistil@standard' is written 'bistil'"):
+        load_config(PipelineConfig, SMOKE, ["methods=[standard, minijoint, bistil@standard]"])
+    with pytest.raises(ConfigError, match="bistil@minijoint builds on the target embeddings minijoint adaptation "
+                                          "learns: add 'minijoint' to methods"):
+        load_config(PipelineConfig, SMOKE, ["methods=[standard, bistil@minijoint]"])
+    with pytest.raises(ConfigError, match="only lt_sft_vocab, bistil build on another method's embeddings"):
+        parse_method("minipost@minijoint")
+    for below in ("lt_sft", "none", "bistil"):
+        with pytest.raises(ConfigError, match="bistil builds on the target embeddings of a method that learns them"):
+            parse_method(f"bistil@{below}")
+    for config, given in ((DistillConfig, ["teacher_model=t"]), (TaskDistillConfig, ["student=s", "teacher=t", "task.data_dir=d"])):
+        with pytest.raises(ConfigError, match="method: lt_sft_vocab is not BiStil: write bistil or bistil@<method"):
+            load_config(config, overrides=["method=lt_sft_vocab", *given])

@@ -13,7 +13,7 @@ from pipeline_helpers import ROOT, SMOKE, failure_text
 
 from minimodel.config import ConfigError, load_config
 from minimodel.evaluation.tasks import TASKS
-from minimodel.methods import MODELS, parse_method
+from minimodel.methods import parse_method
 from minimodel.pipeline import PipelineConfig, build_stages
 
 
@@ -73,11 +73,12 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
     assert (out / "report/compute_vs_quality.png").stat().st_size > 0
     # every configured method is reported, in the configured order, each with results on the task level
     methods = load_config(PipelineConfig, SMOKE).methods
-    assert methods == ["standard", "minijoint", "minipost", "lt_sft", "lt_sft_vocab", "bistil"]
+    assert methods == ["standard", "minijoint", "minipost", "lt_sft", "lt_sft_vocab", "lt_sft_vocab@minijoint",
+                       "bistil", "bistil@minijoint"]
     assert report["methods"] == methods
     verse_class = report["tasks"]["verse_class"]["languages"]["ny"]["methods"]
     assert set(verse_class) == set(methods) and all(verse_class[m]["points"] for m in methods)
-    assert "bistil" not in report["tasks"]["target_mlm"]["languages"]["ny"]["methods"]  # no gain to compare
+    assert not {"bistil", "bistil@minijoint"} & set(report["tasks"]["target_mlm"]["languages"]["ny"]["methods"])
 
     # BiStil: the phase-1 student and the student task model are plain Hugging Face directories, smaller than the
     # primary; the student task model reads the source language with its own (source) tokenizer
@@ -104,7 +105,13 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
     sft_runs = {(r.data.tags["method"], r.data.tags["target_lang"]) for r in kids
                 if r.data.tags.get("stage") == "lang_sft"}
     # LT-SFT: the source language's SFT too (applied while the task trains); lt_sft_vocab: the target's only
-    assert sft_runs == {("lt_sft", "en"), ("lt_sft", "ny"), ("lt_sft_vocab", "ny")}
+    assert sft_runs == {("lt_sft", "en"), ("lt_sft", "ny"), ("lt_sft_vocab", "ny"), ("lt_sft_vocab@minijoint", "ny")}
+    # bistil@minijoint: its teacher read the target with MiniJoint adaptation's embeddings, standard's with standard's
+    for base, plugged in (("standard", "plugged_mlm/ny"), ("minijoint", "plugged_mlm/minijoint/ny")):
+        assert json.loads((out / plugged / "plug.json").read_text())["method"] == base
+    distilled = {(r.data.tags["method"], r.data.tags["stage"]) for r in kids
+                 if r.data.tags.get("stage") in ("distill", "distill_task")}
+    assert distilled == {(m, stage) for m in ("bistil", "bistil@minijoint") for stage in ("distill", "distill_task")}
     adapt_runs = [r for r in kids if r.data.tags.get("stage") == "adapt"]
     assert {r.data.tags.get("method") for r in adapt_runs} == {"standard", "minijoint", "minipost"}
     flops = {r.data.tags["method"]: r.data.metrics["compute/flops"] for r in adapt_runs}
@@ -260,15 +267,16 @@ def test_report_from_disk_with_tracking_off_gives_the_numbers_mlflow_shows(smoke
             sft = json.loads(Path(client.download_artifacts(run.info.run_id, "sft.json", str(tmp_path))).read_text())
             compute[run.data.tags["method"], run.data.tags["target_lang"]] = {
                 f"compute/{key}": {None: sft["info"][key]} for key in ("flops", "wall_clock_s")}
-    for run in runs:  # lt_sft_vocab: standard adaptation's final compute (its builds_on) + its language SFT's
+    for run in runs:  # lt_sft_vocab: standard adaptation's final compute (its builds_on; @minijoint: MiniJoint
+        # adaptation's) + its language SFT's
         tags = run.data.tags
-        if tags.get("stage") == "lang_sft" and MODELS[tags["method"]].builds_on:
+        if tags.get("stage") == "lang_sft" and (below := parse_method(tags["method"]).builds_on):
             key_of = (tags["method"], tags["target_lang"])
-            base, own = compute[MODELS[tags["method"]].builds_on, tags["target_lang"]], compute[key_of]
+            base, own = compute[below, tags["target_lang"]], compute[key_of]
             compute[key_of] = {key: {None: own[key][None] + base[key][max(base[key])]} for key in own}
-    for run in runs:  # BiStil: standard adaptation's final compute + phase 1's (phase 2 is step 3: not counted)
+    for run in runs:  # BiStil: its builds_on's final compute + phase 1's (phase 2 is step 3: not counted)
         if run.data.tags.get("stage") == "distill":
-            standard = compute["standard", run.data.tags["target_lang"]]
+            standard = compute[parse_method(run.data.tags["method"]).builds_on, run.data.tags["target_lang"]]
             distilled = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
                          for key in ("compute/flops", "compute/wall_clock_s")}
             compute[run.data.tags["method"], run.data.tags["target_lang"]] = {

@@ -281,8 +281,8 @@ def test_real_plan_has_one_array_job_per_method_and_a_failure_cancels_its_depend
     smoke = yaml.safe_load((ROOT / "configs/pipeline/smoke.yaml").read_text())
     methods = [parse_method(spec) for spec in smoke["methods"]]
     embedding_methods = [m.name for m in methods if m.learns_embeddings]
-    assert {"lt_sft", "lt_sft_vocab", "bistil"} <= {m.name for m in methods}
-    assert len(embedding_methods) == len(methods) - 3
+    others = {"lt_sft", "lt_sft_vocab", "bistil", "lt_sft_vocab@minijoint", "bistil@minijoint"}
+    assert {m.name for m in methods} - set(embedding_methods) == others
     adapt_jobs = [name for name in jobs if name.startswith("adapt-")]
     assert adapt_jobs == [f"adapt-{method}" for method in embedding_methods], jobs  # no adapt-<method>-<lang> jobs
     assert sum(name.startswith("plug-") for name in jobs) == 2 * len(embedding_methods)
@@ -303,7 +303,12 @@ def test_real_plan_has_one_array_job_per_method_and_a_failure_cancels_its_depend
     assert re.findall(r"afterok:(\d+)", info["Dependency"]) == [jobs["export"], jobs["lang_sft"]], info
     for name, upstream in (("plug_mlm", ["adapt-standard"]), ("lang_sft-lt_sft_vocab", ["plug_mlm", "data"]),
                            ("distill", ["plug_mlm", "export", "data"]),
-                           ("distill_task", ["distill", "finetune"])):  # lt_sft_vocab, BiStil
+                           ("distill_task", ["distill", "finetune"]),  # lt_sft_vocab, BiStil
+                           # over MiniJoint adaptation's embeddings (a job name with '@')
+                           ("plug_mlm-minijoint", ["adapt-minijoint"]),
+                           ("lang_sft-lt_sft_vocab@minijoint", ["plug_mlm-minijoint", "data"]),
+                           ("distill-bistil@minijoint", ["plug_mlm-minijoint", "export", "data"]),
+                           ("distill_task-bistil@minijoint", ["distill-bistil@minijoint", "finetune"])):
         (info,) = cluster.job_info(jobs[name])
         assert info["ArrayTaskId"] == "0-1" and info["JobName"] == name, info  # ny, sw
         assert re.findall(r"afterok:(\d+)", info["Dependency"]) == [jobs[u] for u in upstream], info

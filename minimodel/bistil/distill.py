@@ -51,7 +51,7 @@ from minimodel.evaluation.tasks import TaskConfig, read_verses
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.hf import load_model, load_tokenizer
 from minimodel.layout import STUDENT_TARGET_TOKENIZER
-from minimodel.methods import DISTILLED
+from minimodel.methods import DISTILLED, parse_method
 from minimodel.provenance import finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -61,7 +61,6 @@ from minimodel.training.hf_mlm import MLMFlops
 
 log = logging.getLogger(__name__)
 
-METHOD = DISTILLED
 VOCABULARY_FILE = "vocabulary.json"
 TARGET_TOKENIZER_DIR = STUDENT_TARGET_TOKENIZER
 PROJECTION_FILE = "projection.safetensors"
@@ -72,6 +71,7 @@ SPECIAL_ROLES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token
 @dataclass
 class DistillConfig(PerLanguageRun):
     output_dir: str = "runs/distill"
+    method: str = DISTILLED  # its name in results and runs: bistil, or bistil@<base> (minimodel/methods.py)
     teacher_model: str | None = None  # HF masked-LM directory reading the source language (the primary)
     target_teacher_model: str | None = None  # the plugged primary (adapt/plug.py output); None: teacher_model
     source_lang: str = "en"
@@ -94,6 +94,8 @@ class DistillConfig(PerLanguageRun):
     def validate(self) -> None:
         require(self.teacher_model is not None, "teacher_model",
                 "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
+        require(parse_method(self.method, "method").model == DISTILLED, "method",
+                f"{self.method} is not BiStil: write {DISTILLED} or {DISTILLED}@<method it builds on>")
         self.validate_languages()
         require(0 <= self.vocab_threshold < 1, "vocab_threshold", "must be in [0, 1)")
         require(self.source_lang not in self.target_langs, "target_langs",
@@ -313,8 +315,9 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
         projections = load_projections(proj_file, teacher_config, student.config.hidden_size)
     to_student = {k: np.asarray(v, dtype=np.int64) for k, v in vocab["to_student"].items()}
     step = DistillStep(teachers, cfg.student.layer_ratio, cfg.loss, projections, student)
-    tags = {"stage": "distill", "method": METHOD, "source_lang": cfg.source_lang, "target_lang": lang}
-    tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"distill-{lang}")
+    tags = {"stage": "distill", "method": cfg.method, "source_lang": cfg.source_lang, "target_lang": lang}
+    name = f"distill-{lang}" if cfg.method == DISTILLED else f"distill-{cfg.method}-{lang}"  # the stage's, as named
+    tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or name)
     with Tracker(tracking, lang_cfg, tags=tags) as tracker:
         result = train(cfg.train, student, BilingualMLM(data, to_student), step.loss, step.flops,
                        output_dir=run_dir / "train", tracker=tracker, tokens_fn=step.tokens,

@@ -17,6 +17,7 @@ language's test split; the teacher on the source splits, for the side-by-side).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,20 +39,20 @@ from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.files import write_text_atomic
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
-from minimodel.methods import DISTILLED
+from minimodel.methods import DISTILLED, parse_method
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.train import SFTConfig, train_sft
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 
-METHOD = DISTILLED
 GOLD = ("labels", "start_positions", "end_positions")  # the gold-label inputs of the task models
 
 
 @dataclass
 class TaskDistillConfig:
     output_dir: str = "runs/distill_task"
+    method: str = DISTILLED  # its name in results and runs: bistil, or bistil@<base> (minimodel/methods.py)
     student: str | None = None  # phase 1's student directory (adapt/distill.py's <output_dir>/<lang>/student)
     teacher: str | None = None  # the fine-tuned task model (evaluate/finetune.py's <output_dir>/model)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -66,6 +67,8 @@ class TaskDistillConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
+        require(parse_method(self.method, "method").model == DISTILLED, "method",
+                f"{self.method} is not BiStil: write {DISTILLED} or {DISTILLED}@<method it builds on>")
         require(self.student is not None, "student",
                 "is required: phase 1's student directory (<adapt/distill.py output_dir>/<lang>/student)")
         require(self.teacher is not None, "teacher",
@@ -162,13 +165,15 @@ def distill_task(cfg: TaskDistillConfig) -> StageResult:
                                 to_student)
     step = TaskDistillStep(teacher, student, cfg.loss, projections)
     student_sha = model_hash(cfg.student)
-    tags = {"stage": "distill_task", "method": METHOD, "source_lang": source_lang, "target_lang": target_lang,
+    tags = {"stage": "distill_task", "method": cfg.method, "source_lang": source_lang, "target_lang": target_lang,
             "task": task.name}
-    with Tracker(cfg.tracking, config=cfg, tags=tags) as tracker:
+    name = f"distill_task-{target_lang}" if cfg.method == DISTILLED else f"distill_task-{cfg.method}-{target_lang}"
+    with Tracker(dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or name), config=cfg,
+                 tags=tags) as tracker:
         sft = train_sft(cfg.sft, cfg.train, student, train_data, step.loss, step.flops, output_dir=out / "train",
                         base_sha256=student_sha, base_path=str(Path(cfg.student).resolve()), eval_data=eval_data,
                         tracker=tracker, desc=f"task distillation {task.name}",
-                        info={"kind": "task", "method": METHOD, "task": task.name, "source_lang": source_lang,
+                        info={"kind": "task", "method": cfg.method, "task": task.name, "source_lang": source_lang,
                               "teacher": str(Path(cfg.teacher).resolve())})
         if sft.status == "interrupted":
             return StageResult("interrupted", {})

@@ -6,10 +6,10 @@ Reads a pipeline's results from its output directory (minimodel/layout.py), neve
 - the compute each evaluated checkpoint cost, <pipeline_dir>/adapt/<method>/<lang>/: adapt.json of the final
   embeddings and of each snapshots/step_<N>/ (FLOPs and wall clock spent up to it); LT-SFT: the language SFT's
   manifest, sft/sft.json (both phases), for lt_sft_vocab + standard adaptation's final adapt.json (the embeddings
-  its SFT was learned over; a method's `builds_on`, methods.py); BiStil: standard adaptation's final adapt.json (the
-  embeddings its target teacher reads with) + phase 1's training compute, the last row of
-  adapt/bistil/<lang>/train/metrics.jsonl (teachers' forwards included). Phase 2 (the student learning the task) is
-  step 3, which no method's compute counts.
+  its SFT was learned over; a method's `builds_on`, methods.py: another method's for lt_sft_vocab@<method>);
+  BiStil: standard adaptation's final adapt.json (the embeddings its target teacher reads with; bistil@<method>:
+  that method's) + phase 1's training compute, the last row of adapt/<bistil method>/<lang>/train/metrics.jsonl
+  (teachers' forwards included). Phase 2 (the student learning the task) is step 3, which no method's compute counts.
 
 For each task and language it finds, for every method, the compute at which its quality first reached 95% /
 99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute; with
@@ -121,12 +121,13 @@ def _distill_info(run_dir: Path) -> dict | None:
 
 
 def _method_compute(layout: PipelineLayout, method: str, lang: str, artifact: Path) -> tuple[float | None, ...]:
-    """_compute of the artifact, plus the final compute of the method it builds on (BiStil: standard adaptation)."""
-    source = parse_method(method).source
-    own, base = _compute(artifact, source.learns), source.builds_on
+    """_compute of the artifact, plus the final compute of the embedding method it builds on (BiStil: standard
+    adaptation's; bistil@minijoint: MiniJoint adaptation's)."""
+    method = parse_method(method)
+    own, base = _compute(artifact, method.source.learns), method.builds_on
     if base is None:
         return own
-    below = _compute(layout.adapt(base, lang), MODELS[base].learns)
+    below = _compute(layout.adapt(base, lang))
     return tuple(None if a is None or b is None else a + b for a, b in zip(own, below))
 
 
@@ -220,7 +221,7 @@ def compute_to_reach(points: list[Point], target: float) -> Point | None:
 
 def _registry_order(spec: str) -> tuple[int, str]:
     """minimodel/methods.py's order of models, then the spec; a name it does not know (an old run's) last."""
-    model = spec.partition("+")[0]
+    model = spec.partition("+")[0].partition("@")[0]
     return (list(MODELS).index(model) if model in MODELS else len(MODELS), spec)
 
 

@@ -69,7 +69,7 @@ from minimodel.evaluation.tasks import TaskConfig
 from minimodel.data.prepare import UNK_REFUSED
 from minimodel.hf import load_masked_lm, load_tokenizer
 from minimodel.manifest import model_hash
-from minimodel.methods import MODELS, parse_method
+from minimodel.methods import parse_method
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.file import MANIFEST_FILE, SparseFineTuning
 from minimodel.stages import StageResult
@@ -279,7 +279,7 @@ def _sft_model(cfg: ZeroShotConfig, target: TargetConfig, source, primary):
                                   "with the target embeddings plugged in by adapt/plug.py (<pipeline>/plugged_mlm/"
                                   "<lang>), the model the language SFT was learned over")
         _check_provenance(cfg, target, plugged, Path(target.model_dir) / PLUG_FILE,
-                          method=MODELS[parse_method(cfg.method).model].builds_on)
+                          method=parse_method(cfg.method).builds_on)
         model = _sft_composition(cfg, (target.model_dir, model_hash(target.model_dir)), language_sft)
         tokenizer = load_tokenizer(target.tokenizer or target.model_dir)
         check_tokenizer(model, tokenizer, target.model_dir, target.tokenizer or target.model_dir)
