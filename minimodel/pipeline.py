@@ -58,7 +58,7 @@ from minimodel.methods import BASELINE, DISTILLED, MODELS, REFERENCE, SPARSE, pa
 from minimodel.minipost.build import MiniPostError, check_tokenizer
 from minimodel.stages import Stage, StageFailed, StageInterrupted, StopSignals, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
-from minimodel.training.config import PretrainConfig
+from minimodel.training.config import LAYOUT_KEYS, PretrainConfig
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 
@@ -254,7 +254,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     if cfg.primary_model is None:
         pretrain = add("pretrain", "pretrain", ["--config", cfg.configs.pretrain, f"output_dir={at.pretrain}",
                                                 *source_data, *extra("pretrain")],
-                       at.pretrain, [prepare], nproc=cfg.pretrain_nproc)
+                       at.pretrain, [prepare], nproc=cfg.pretrain_nproc, layout_keys=LAYOUT_KEYS)
         export = add("export", "export", [f"checkpoint={at.checkpoints}", f"tokenizer={at.tokenizer(src)}",
                                           f"output_dir={at.export}", *extra("export")], at.export, [pretrain])
     elif cfg.primary_head == "train":  # a head for a headless primary: what waited for the export waits for it
@@ -307,16 +307,13 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     # BiStil and lt_sft_vocab: the primary masked LM with the final embeddings of the method they build on, per
     # language (standard adaptation's, or a spec's @<base>: one plugged model per base and language)
     plugged_mlm: dict[tuple[str | None, str], Stage] = {}
-    for method in dict.fromkeys(m for m in methods if m.builds_on):
-        if (method.base, cfg.target_langs[0]) in plugged_mlm:
-            continue
-        job = "plug_mlm" + (f"-{method.base}" if method.base else "")
+    for base, below in dict.fromkeys((m.base, m.builds_on) for m in methods if m.builds_on):
+        job = "plug_mlm" + (f"-{base}" if base else "")
         for lang in cfg.target_langs:
-            plugged_mlm[method.base, lang] = add(
+            plugged_mlm[base, lang] = add(
                 f"{job}-{lang}", "plug", [f"model={at.primary}", f"primary_model={at.primary}"],
-                at.plugged_mlm(lang, method.base), [adapted[method.builds_on, lang]], job=job, lang=lang,
-                lang_args=[f"embeddings={at.adapt(method.builds_on, lang)}",
-                           f"output_dir={at.plugged_mlm(lang, method.base)}"])
+                at.plugged_mlm(lang, base), [adapted[below, lang]], job=job, lang=lang,
+                lang_args=[f"embeddings={at.adapt(below, lang)}", f"output_dir={at.plugged_mlm(lang, base)}"])
 
     def language_sft(method: str, lang: str, over: Path, after: list[Stage]) -> Stage:
         """A language SFT of `over` (the model it is learned over, whose tokenizer reads the text), filed under
@@ -492,9 +489,10 @@ def run(cfg: PipelineConfig) -> Path:
                 if stop.received:
                     raise StageInterrupted(f"stopped by {signal.Signals(stop.received).name} before stage "
                                            f"{stage.name}: run the same command again to go on")
-                if stage.done:
-                    print(f"=== [{i}/{len(stages)}] {stage.name}: finished earlier with the same inputs: skipped",
-                          flush=True)
+                if done_by := stage.done_by():
+                    why = ("finished earlier at another layout (only its launch changed)" if done_by == "layout"
+                           else "finished earlier with the same inputs")
+                    print(f"=== [{i}/{len(stages)}] {stage.name}: {why}: skipped", flush=True)
                     _link_earlier_runs(cfg, tracker, stage)
                     continue
                 print(f"=== [{i}/{len(stages)}] {stage.name}", flush=True)

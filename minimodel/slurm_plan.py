@@ -7,10 +7,10 @@ Fields are separated by the ASCII unit separator (\\x1f; a tab would not keep em
     NAME  AFTER  LANGS  TASK_ARGS  STAMPS  SUBMIT    one line per job to submit, in dependency order
 AFTER: the names of the jobs it waits for (space-separated; jobs already done are left out), LANGS: the languages of
 an array job (space-separated; empty for a plain job), TASK_ARGS: each array task's own arguments, shell-quoted,
-separated by \\x1e (slurm/common.sh appends task $SLURM_ARRAY_TASK_ID's), STAMPS: the output directory and input
-hash the job (each array task: separated as TASK_ARGS) stamps when its stage finishes, shell-quoted (empty: none),
-SUBMIT: the sbatch template, its leading arguments and the stage's arguments, shell-quoted. Array tasks already
-done are not submitted.
+separated by \\x1e (slurm/common.sh appends task $SLURM_ARRAY_TASK_ID's), STAMPS: the output directory, input
+hash and identity hash the job (each array task: separated as TASK_ARGS) stamps when its stage finishes,
+shell-quoted (empty: none), SUBMIT: the sbatch template, its leading arguments and the stage's arguments,
+shell-quoted. Array tasks already done are not submitted.
 """
 from __future__ import annotations
 

@@ -6,9 +6,12 @@ A stage is done when its output directory holds `.stage.json` with the same inpu
 command line, the content of every config file it names, the size and mtime of the files it reads without naming
 them (`watched`: the data stage's corpora and given model) and the hashes of the stages it depends on. So re-running
 a pipeline skips finished stages whose inputs did not change, and redoes a stage (and everything after it) when a
-config or an upstream result changed. Only a stage that exited 0 (finished) and recorded a finished result of its
-own config (minimodel/provenance.py) is stamped: one stopped by a signal after checkpointing exits 75 and runs again,
-resuming, the next time; a changed config that the stage refuses (exit 2) names the fix.
+config or an upstream result changed. A stage with layout keys (pretraining: TP/PP sizes, its rank count) is also
+done when only those changed: its stamp records its identity hash too (the input hash less its launcher and layout
+settings), and the stages after it hash the input hash that its stamp records, so they stay done. Only a stage that
+exited 0 (finished) and recorded a finished result of its own config (minimodel/provenance.py) is stamped: one
+stopped by a signal after checkpointing exits 75 and runs again, resuming, the next time; a changed config that the
+stage refuses (exit 2) names the fix.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
+
+import yaml
 
 from minimodel import distributed, provenance, supervisor, tracking
 from minimodel.supervisor import descendants, die_with_parent
@@ -161,6 +166,9 @@ class Stage:
     # files and directories it reads that its command line does not name (the data config's corpora, a given model):
     # a change to any of them (size, mtime) redoes it and, through the hash, every stage after it
     watched: list[str] = field(default_factory=list)
+    # config keys that only lay the stage out over ranks (pretraining's TP/PP/...; with any, its rank count too): its
+    # result does not depend on them, so a change to them alone neither redoes it nor anything after it
+    layout_keys: tuple[str, ...] = ()
 
     @property
     def launched(self) -> bool:
@@ -191,15 +199,55 @@ class Stage:
 
     @property
     def input_hash(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.argv).encode())
-        for arg in self.argv:
+        return self._hash(False, {})
+
+    @property
+    def identity_hash(self) -> str:
+        """The input hash less what only lays the stage out (with layout keys: its launcher and rank count, those
+        keys on its command line and in its config files)."""
+        return self._hash(True, {})
+
+    @property
+    def effective_hash(self) -> str:
+        """What the stages after it hash: the input hash its stamp records (its earlier run at another layout),
+        else its input hash."""
+        return self._effective({})
+
+    def _hash(self, identity: bool, memo: dict[int, str]) -> str:
+        """input_hash, or with `identity` identity_hash. `memo`: upstream stages' effective hashes by id, for one
+        computation only (a stage's stamp changes when it runs)."""
+        layout = self.layout_keys if identity else ()
+        argv = self.argv
+        if layout:
+            argv = argv[argv.index(KINDS[self.kind].script):]  # from the script on: not its rank count
+            argv = [a for a in argv if not _is_layout(a.partition("=")[0], layout)]
+        digest = hashlib.sha256(json.dumps(argv).encode())
+        for arg in argv:
             path = Path(arg.partition("=")[2] or arg)  # --config FILE, or key=FILE
             if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
-                digest.update(path.read_bytes())
+                digest.update(_config_bytes(path, layout) if layout else path.read_bytes())
         digest.update(json.dumps(stat_signature(self.watched)).encode())
         for upstream in self.after:
-            digest.update(upstream.input_hash.encode())
+            digest.update(upstream._effective(memo).encode())
         return digest.hexdigest()
+
+    def _effective(self, memo: dict[int, str]) -> str:
+        if id(self) not in memo:
+            input_hash = self._hash(False, memo)
+            stamped = self._stamped_hash(input_hash, lambda: self._hash(True, memo)) if self.layout_keys else None
+            memo[id(self)] = stamped or input_hash
+        return memo[id(self)]
+
+    def _stamped_hash(self, input_hash: str, identity_hash: Callable[[], str]) -> str | None:
+        """The input hash its stamp records if it is done: input_hash, or (a stage with layout keys) that of its
+        earlier run at another layout, when the stamp records identity_hash(); else None."""
+        stamp = None if self.always_run else self.stamp()
+        if stamp is None:
+            return None
+        if stamp.get("input_hash") == input_hash:
+            return input_hash
+        recorded = stamp.get("identity_hash")  # none in a stamp written before identity hashes: exact match only
+        return stamp["input_hash"] if self.layout_keys and recorded and recorded == identity_hash() else None
 
     def stamp(self) -> dict | None:
         path = self.output_dir / STAMP
@@ -207,11 +255,19 @@ class Stage:
 
     @property
     def done(self) -> bool:
-        return self.done_with(self.input_hash)
+        return self.done_by() is not None
 
-    def done_with(self, input_hash: str) -> bool:
-        stamp = self.stamp()
-        return not self.always_run and stamp is not None and stamp.get("input_hash") == input_hash
+    def done_by(self) -> Literal["inputs", "layout"] | None:
+        """Why it is done: its stamp's inputs are these, or (layout) its earlier run's differ only in how it was laid
+        out over ranks (see identity_hash); None: not done."""
+        memo: dict[int, str] = {}
+        input_hash = self._hash(False, memo)
+        stamped = self._stamped_hash(input_hash, lambda: self._hash(True, memo))
+        return None if stamped is None else "inputs" if stamped == input_hash else "layout"
+
+    def done_with(self, input_hash: str, identity_hash: str) -> bool:
+        """Done, given its hashes (jobs() computes them once, for its stamp too)."""
+        return self._stamped_hash(input_hash, lambda: identity_hash) is not None
 
     def run(self, env: dict[str, str], log_dir: Path, find_runs=None, stop: StopSignals | None = None) -> float:
         """Run the command (output teed to a log file) in its own process group; write the stamp if it finished
@@ -246,30 +302,54 @@ class Stage:
         seconds = time.time() - start
         self.run_ids = find_runs(start) if find_runs else []
         try:
-            write_stamp(self.output_dir, self.input_hash, command, seconds, self.run_ids)
+            write_stamp(self.output_dir, self.input_hash, command, seconds, self.run_ids, self.identity_hash)
         except StageFailed as e:
             raise StageFailed(f"stage {self.name} exited 0 but {e}; its log: {log_path}") from None
         return seconds
 
 
-def write_stamp(output_dir: Path, input_hash: str, argv: list[str], seconds: float, run_ids: list[str]) -> None:
-    """Mark a stage that exited 0 done for `input_hash`, only if its output directory holds a finished result of
-    its config (provenance): an exit 0 alone proves nothing."""
+def _is_layout(key: str, layout: tuple[str, ...]) -> bool:
+    key = key.strip()
+    return any(key == k or key.startswith(f"{k}.") for k in layout)
+
+
+def _config_bytes(path: Path, layout: tuple[str, ...]) -> bytes:
+    """A config file's content less the dotted keys `layout` names (one that does not parse: its bytes, the stage
+    names the error)."""
+    def strip(value: Any, prefix: str) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {k: strip(v, f"{prefix}{k}.") for k, v in value.items() if not _is_layout(f"{prefix}{k}", layout)}
+
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return path.read_bytes()
+    return json.dumps(strip(content, ""), sort_keys=True, default=str).encode()
+
+
+def write_stamp(output_dir: Path, input_hash: str, argv: list[str], seconds: float, run_ids: list[str],
+                identity_hash: str | None) -> None:
+    """Mark a stage that exited 0 done for `input_hash` (and, for a stage with layout keys, for `identity_hash`),
+    only if its output directory holds a finished result of its config (provenance): an exit 0 alone proves
+    nothing."""
     record = provenance.read(output_dir)
     if record is None or record["status"] != "finished":
         raise StageFailed(f"{output_dir} holds no finished result of its config ({provenance.RECORD}): not stamped")
     write_text_atomic(output_dir / STAMP, json.dumps({
-        "input_hash": input_hash, "seconds": seconds, "argv": argv, "run_ids": run_ids}))
+        "input_hash": input_hash, "identity_hash": identity_hash, "seconds": seconds, "argv": argv,
+        "run_ids": run_ids}))
 
 
 def jobs(stages: list[Stage]) -> list[dict]:
     """The stages as batch jobs, in run order (slurm/pipeline.sh submits them): the stages of one `job` become one
     job with an array task per language. Each job: name, kind, script, args, slurm (template + leading arguments),
     array ([{lang, args, done, stamp}], empty for a plain job), after (the names of the jobs it needs), done, stamp:
-    [output directory, input hash] that the job stamps when its stage finishes (slurm/common.sh), so that the plan
-    made again skips it; None for a stage that always runs (an array job's are its tasks')."""
+    [output directory, input hash, identity hash] that the job stamps when its stage finishes (slurm/common.sh), so
+    that the plan made again skips it; None for a stage that always runs (an array job's are its tasks')."""
     grouped: dict[str, dict] = {}
     job_of: dict[str, str] = {}
+    memo: dict[int, str] = {}  # nothing runs meanwhile: each stage's effective hash once
     for stage in stages:
         name = stage.job or stage.name
         job_of[stage.name] = name
@@ -281,8 +361,10 @@ def jobs(stages: list[Stage]) -> list[dict]:
         if (job["kind"], job["args"], job["after"]) != (stage.kind, args, after):
             raise ValueError(f"stage {stage.name} differs from the other tasks of job {name} in more than its "
                              f"language's arguments")
-        input_hash = stage.input_hash  # hashes its inputs and every upstream stage's: once per stage
-        done, stamp = stage.done_with(input_hash), None if stage.always_run else [str(stage.output_dir), input_hash]
+        input_hash = stage._hash(False, memo)
+        identity_hash = stage._hash(True, memo) if stage.layout_keys else input_hash
+        done = stage.done_with(input_hash, identity_hash)
+        stamp = None if stage.always_run else [str(stage.output_dir), input_hash, identity_hash]
         if stage.job:
             job["array"].append({"lang": stage.lang, "args": stage.lang_args, "done": done, "stamp": stamp})
         job["stamp"] = None if stage.job else stamp
@@ -291,13 +373,14 @@ def jobs(stages: list[Stage]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m minimodel.stages OUTPUT_DIR INPUT_HASH SECONDS`: slurm/common.sh, after the stage of a job that
-    slurm/pipeline.sh submitted from a plan exited 0 (write_stamp)."""
-    output_dir, input_hash, seconds = argv if argv is not None else sys.argv[1:]
+    """`python -m minimodel.stages OUTPUT_DIR INPUT_HASH SECONDS [IDENTITY_HASH]`: slurm/common.sh, after the stage
+    of a job that slurm/pipeline.sh submitted from a plan exited 0 (write_stamp)."""
+    args = argv if argv is not None else sys.argv[1:]
+    output_dir, input_hash, seconds, identity_hash = args if len(args) == 4 else (*args, None)
     job_id = os.environ.get("SLURM_JOB_ID", "?")
     try:
         write_stamp(Path(output_dir), input_hash, [f"slurm job {job_id}"], float(seconds),
-                    tracking.runs_of_slurm_job(tracking.TrackingConfig(), job_id))
+                    tracking.runs_of_slurm_job(tracking.TrackingConfig(), job_id), identity_hash)
     except StageFailed as e:
         sys.exit(f"minimodel: {e}")
 

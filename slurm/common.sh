@@ -113,13 +113,14 @@ mm_launch() {
 }
 
 # mm_stamp: the stage of a job pipeline.sh submitted finished: mark it done as the local pipeline would (MM_STAMPS:
-# its output directory and input hash, per array task as MM_TASK_ARGS), so that submitting the plan again skips it.
+# its output directory, input hash and identity hash (a plan made before identity hashes: none), per array task as
+# MM_TASK_ARGS), so that submitting the plan again skips it.
 mm_stamp() {
   [ -n "${MM_STAMPS:-}" ] || return 0
   local entries=() entry=()
   IFS=$'\x1e' read -r -a entries <<< "$MM_STAMPS"
   eval "entry=(${entries[${SLURM_ARRAY_TASK_ID:-0}]:-})"  # shell-quoted by minimodel.slurm_plan
-  [ "${#entry[@]}" -eq 2 ] || return 0
-  "$MINIMODEL_PYTHON" -m minimodel.stages "${entry[0]}" "${entry[1]}" "$SECONDS" || return 1
+  [ "${#entry[@]}" -ge 2 ] || return 0
+  "$MINIMODEL_PYTHON" -m minimodel.stages "${entry[0]}" "${entry[1]}" "$SECONDS" "${entry[@]:2:1}" || return 1
   mm_log "stamped ${entry[0]}: a plan made again skips it"
 }

@@ -12,6 +12,7 @@ import os
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,10 @@ from minimodel import pipeline, stages, supervisor
 from minimodel.config import load_config
 from minimodel.methods import parse_method
 from minimodel.pipeline import PipelineConfig, build_stages, plan
+from minimodel.provenance import finish_output
 from minimodel.slurm_plan import RECORD, UNIT, lines
-from minimodel.stages import STAMP, KINDS, Stage, StageFailed, StageInterrupted, StageKind, jobs
+from minimodel.stages import STAMP, KINDS, Stage, StageFailed, StageInterrupted, StageKind, jobs, write_stamp
+from minimodel.training.config import LAYOUT_KEYS
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +174,8 @@ def test_slurm_lines_submit_the_plans_jobs_and_skip_what_is_done(tmp_path):
     assert shlex.split(submit) == ["slurm/adapt.sh", *adapt["args"]]
     pretrain = next(job for job in planned["jobs"] if job["name"] == "pretrain")
     assert shlex.split(submitted["pretrain"][3]) == pretrain["stamp"] == [str(tmp_path / "run" / "pretrain"),
-                                                                          pretrain["stamp"][1]]
+                                                                          *pretrain["stamp"][1:]]
+    assert len(pretrain["stamp"]) == 3 and pretrain["stamp"][2] != pretrain["stamp"][1]  # its identity hash
     report = shlex.split(submitted["report"][4])
     assert report[:3] == ["slurm/evaluate.sh", "report", "--config"] and submitted["report"][3] == ""  # always runs
 
@@ -194,7 +198,7 @@ def test_grouping_refuses_tasks_that_differ_beyond_their_language(tmp_path):
     with pytest.raises(ValueError, match="adapt-x-sw differs from the other tasks of job adapt-x"):
         jobs([a, b])
     assert stages.jobs([a])[0]["array"] == [{"lang": "ny", "args": [], "done": False,
-                                             "stamp": [str(tmp_path), a.input_hash]}]
+                                             "stamp": [str(tmp_path), a.input_hash, a.identity_hash]}]
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -248,6 +252,96 @@ def test_multi_rank_launches_get_a_free_rendezvous_port_outside_the_input_hash(t
         assert command[at + 2] == KINDS[kind].script and 0 < int(command[at + 1]) < 65536
         assert flag not in stage.argv and stage.input_hash == hash_before
     assert "--master_port" not in Stage("adapt", "adapt", ["--config", "x.yaml"], tmp_path).command()
+
+
+@dataclass
+class Finished:  # stands in for a stage's config: write_stamp needs a finished result of one in the directory
+    stage: str
+
+
+def stamp_finished(stage: Stage) -> dict:
+    """Mark `stage` done as its run would have."""
+    stage.output_dir.mkdir(parents=True, exist_ok=True)
+    finish_output(stage.output_dir, Finished(stage.name))
+    write_stamp(stage.output_dir, stage.input_hash, stage.argv, 1.0, [], stage.identity_hash)
+    return stage.stamp()
+
+
+def test_a_layout_change_alone_leaves_a_stage_with_layout_keys_and_everything_after_it_done(tmp_path):
+    config, text = tmp_path / "pretrain.yaml", "parallel: {tensor_model_parallel_size: 1, micro_batch_size: 8}\nlr: 1\n"
+    config.write_text(text)
+    out = tmp_path / "pretrain"
+
+    def pretrain(*overrides, nproc=2, layout_keys=LAYOUT_KEYS):
+        return Stage("pretrain", "pretrain", ["--config", str(config), f"output_dir={out}", *overrides], out,
+                     nproc=nproc, layout_keys=layout_keys)
+
+    def export(upstream):
+        return Stage("export", "export", [f"checkpoint={out}"], tmp_path / "export", [upstream])
+
+    stamp = stamp_finished(pretrain())
+    downstream = export(pretrain()).input_hash
+    # another rank count, TP size on the command line and in the config: only its launch changed
+    config.write_text(text.replace("tensor_model_parallel_size: 1", "tensor_model_parallel_size: 4"))
+    moved = pretrain("parallel.tensor_model_parallel_size=2", nproc=1)
+    assert moved.done_by() == "layout" and moved.effective_hash == stamp["input_hash"]
+    assert moved.input_hash != stamp["input_hash"] and moved.identity_hash == stamp["identity_hash"]
+    assert export(moved).input_hash == downstream
+    # what its result depends on is a change, on the command line or in the config
+    assert not pretrain("lr=2").done and not pretrain("parallel.micro_batch_size=4").done
+    config.write_text(text.replace("lr: 1", "lr: 2"))
+    assert not pretrain().done and export(pretrain()).input_hash != downstream
+    # a stamp written before identity hashes: the same inputs only
+    config.write_text(text)
+    (out / STAMP).write_text(json.dumps({k: v for k, v in stamp.items() if k != "identity_hash"}))
+    assert not pretrain(nproc=4).done and pretrain(nproc=4).effective_hash == pretrain(nproc=4).input_hash
+    assert pretrain().done
+    # a stage without layout keys: its rank count is an input (a DeepSpeed stage's global batch)
+    stamp_finished(pretrain(layout_keys=()))
+    assert not pretrain(nproc=4, layout_keys=()).done
+
+
+def test_a_slurm_job_stamps_its_identity_hash(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINIMODEL_PARENT_RUN_ID", raising=False)
+    finish_output(tmp_path, Finished("pretrain"))
+    stages.main([str(tmp_path), "in", "2.5", "id"])
+    assert {k: v for k, v in json.loads((tmp_path / STAMP).read_text()).items() if k.endswith("hash")} == \
+        {"input_hash": "in", "identity_hash": "id"}
+    stages.main([str(tmp_path), "in", "2.5"])  # a job of a plan made before identity hashes
+    assert json.loads((tmp_path / STAMP).read_text())["identity_hash"] is None
+
+
+def test_a_pipeline_run_on_another_pretraining_layout_redoes_nothing(tmp_path, monkeypatch, capsys):
+    """Pretraining resumes at any layout and its result does not depend on it: moving it to one rank (and TP 1)
+    leaves every finished stage done, pretraining's too, locally and in the plan."""
+    def config(*overrides):
+        return load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}",
+                                                   "tracking.enabled=false", *overrides])
+
+    cfg = config()
+    first = build_stages(cfg)
+    finished = [stage for stage in first if not stage.always_run]
+    assert len({stage.output_dir for stage in finished}) == len(finished)
+    for stage in finished:  # in run order, as the pipeline stamps them
+        stamp_finished(stage)
+    single = [o.replace("tensor_model_parallel_size=2", "tensor_model_parallel_size=1")
+              for o in cfg.overrides["pretrain"]]
+    moved = config("pretrain_nproc=1", f"overrides.pretrain=[{', '.join(single)}]")
+    again = build_stages(moved)
+    before, pretrain = (next(stage for stage in built if stage.name == "pretrain") for built in (first, again))
+    assert pretrain.argv != before.argv and pretrain.input_hash != before.input_hash
+    assert pretrain.done_by() == "layout"
+    assert [stage.name for stage in again if not stage.done] == ["report"]
+    assert [job["name"] for job in plan(moved)["jobs"] if not job["done"]] == ["report"]
+    # the pipeline skips them all, saying why for pretraining
+    monkeypatch.setattr(pipeline, "build_stages", lambda cfg, parent_run_id=None: [s for s in again if s.done])
+    pipeline.run(moved)
+    log = capsys.readouterr().out
+    assert "] pretrain: finished earlier at another layout (only its launch changed): skipped\n" in log
+    assert log.count("finished earlier with the same inputs: skipped") == len(finished) - 1
+    # a change to what pretraining learns is no layout: it and everything after it run again
+    steps = config(f"overrides.pretrain=[{', '.join([*cfg.overrides['pretrain'], 'train.steps=21'])}]")
+    assert {stage.name for stage in build_stages(steps) if stage.done} == {"data"}
 
 
 # A rank that does nothing but wait, and a pipeline process that runs one stage of it under a real launcher.

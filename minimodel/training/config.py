@@ -22,6 +22,7 @@ from typing import Literal
 from minimodel.config import ConfigError, require
 from minimodel.data.mlm_config import MLMDataConfig
 from minimodel.distributed import ParallelConfig
+from minimodel.provenance import RANKS
 from minimodel.models.minijoint.config import ModelConfig
 from minimodel.tracking import TrackingConfig
 
@@ -162,6 +163,14 @@ def resolve_zero_config(path: str) -> Path:
             return p
     shipped = ", ".join(sorted(p.name for p in (REPO_ROOT / "configs" / "deepspeed").glob("*.json")))
     raise ConfigError(f"train.zero_config: {path} does not exist (shipped in configs/deepspeed/: {shipped})")
+
+
+# How a run is spread over processes: the same training up to summation order and the random streams (dropout, and
+# the initial weights on GPUs without use_cpu_initialization), as global_batch_size fixes the batch and the sampler's
+# order does not depend on the layout. A run resumes at another layout, as megatron's checkpoints load at any.
+LAYOUT_KEYS = tuple(f"parallel.{key}" for key in (
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+    "sequence_parallel", "overlap_grad_reduce", "timeout_minutes")) + (RANKS,)
 
 
 @dataclass

@@ -27,18 +27,11 @@ from pathlib import Path
 from minimodel import distributed
 from minimodel.config import ConfigError
 from minimodel.hf import load_tokenizer
-from minimodel.provenance import RANKS, claim_output, finish_output
+from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.training import megatron_loop
-from minimodel.training.config import PretrainConfig
+from minimodel.training.config import LAYOUT_KEYS, PretrainConfig
 
-
-# How a run is spread over processes: the same training up to summation order and the random streams (dropout, and
-# the initial weights on GPUs without use_cpu_initialization), as global_batch_size fixes the batch and the sampler's
-# order does not depend on the layout. A run resumes at another layout, as megatron's checkpoints load at any.
-LAYOUT_KEYS = tuple(f"parallel.{key}" for key in (
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-    "sequence_parallel", "overlap_grad_reduce", "timeout_minutes")) + (RANKS,)
 
 
 def pretrain(cfg: PretrainConfig) -> StageResult:
