@@ -345,6 +345,8 @@ def test_lt_sft_is_placed_at_its_language_sfts_compute_and_left_out_where_it_is_
     assert not any("of lt_sft" in w for w in warned)  # not scored there: nothing to warn about
     found = summary["tasks"]["verse_class"]["languages"]["sw"]["methods"]["lt_sft"]
     assert found["final"] == {"quality": 0.83, "flops": 300.0, "wall_clock_s": 12.0}
+    # the source line is the reference's task model (0.9), not LT-SFT's task SFT read after it (0.88)
+    assert summary["tasks"]["verse_class"]["source"] == {"en": 0.9}
     # 0.83 beats standard's final 0.80 at 300 FLOPs against standard's 400: a 1.33x saving at 100%
     assert found["reach"]["1"]["flops_saving"] == pytest.approx(400 / 300)
 

@@ -189,10 +189,11 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
             snapshots = json.loads((out / "snapshots.json").read_text()) if (out / "snapshots.json").is_file() else {}
             for lang, final in json.loads((out / "metrics.json").read_text()).items():
                 metric_of[task] = metric
-                if lang == source_lang:
-                    source[task][lang] = final[metric]
-                    if MAJORITY_METRIC in final:
-                        majority[task][lang] = final[MAJORITY_METRIC]
+                if lang == source_lang:  # the reference's source model (LT-SFT's is another: its task SFT)
+                    if method == reference or lang not in source[task]:
+                        source[task][lang] = final[metric]
+                        if MAJORITY_METRIC in final:
+                            majority[task][lang] = final[MAJORITY_METRIC]
                     continue
                 run_dir = layout.adapt(method, lang)
                 checkpoints = [(None, final, run_dir)] + [(int(step), m, snapshot_dir(run_dir, int(step)))
@@ -431,7 +432,7 @@ def figure(summary: dict):
     import matplotlib.pyplot as plt
 
     tasks = list(summary["tasks"].items())
-    fig, axes = plt.subplots(max(len(tasks), 1), 2, figsize=(12, 4 * max(len(tasks), 1)), squeeze=False)
+    fig, axes = plt.subplots(max(len(tasks), 1), 2, figsize=(14, 4 * max(len(tasks), 1)), squeeze=False)
     colors = {m: f"C{i % 10}" for i, m in enumerate(summary["methods"])}  # one colour per method on every plot
     markers, styles = "osD^v<>p*h", ["-", "--", ":", "-."]
     for row, (task, t) in enumerate(tasks):
@@ -458,8 +459,8 @@ def figure(summary: dict):
             ax.set_ylabel(t["metric"])
             ax.set_title(f"{task}: zero-shot {t['metric']}" + (" (AT CHANCE)" if t.get("at_chance") else ""))
             ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=8)
+        if axes[row][1].lines:  # one legend per row (both plots draw the same lines), beside it: it hides no point
+            axes[row][1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
     return fig
 
