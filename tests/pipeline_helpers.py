@@ -24,13 +24,13 @@ class SmokePipeline:
         self.fallback_store = root / "fallback-store"  # where runs would go if the server were down: stays empty
         self.first_parent_run_id: str | None = None
 
-    def run(self) -> subprocess.CompletedProcess:
+    def run(self, *overrides: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         env.pop("MLFLOW_TRACKING_URI", None)
         return subprocess.run(
             [sys.executable, "-m", "minimodel.pipeline", "--config", str(SMOKE), f"output_dir={self.output_dir}",
              f"data_dir={self.root / 'data'}", f"tracking.uri={self.server.url}",
-             f"tracking.store_dir={self.fallback_store}"],
+             f"tracking.store_dir={self.fallback_store}", *overrides],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
     def client(self):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from pipeline_helpers import ROOT, SMOKE, failure_text
 
 from minimodel.config import ConfigError, load_config
@@ -227,6 +228,16 @@ def test_rerun_skips_finished_stages_and_links_their_runs(smoke_pipeline):
     reused = [r for r in relinked if r.data.tags.get("reused_run_id")]
     assert {r.data.tags["reused_run_id"] for r in reused} == first_runs  # every earlier run linked, none re-run
     assert not [r for r in relinked if r.data.tags.get("stage") == "adapt" and not r.data.tags.get("reused_run_id")]
+
+    # pretraining on one process at TP 1 instead of two at TP 2: its result is the same run's, nothing is redone
+    pretrain = yaml.safe_load(SMOKE.read_text())["overrides"]["pretrain"]
+    one_rank = [o.replace("tensor_model_parallel_size=2", "tensor_model_parallel_size=1") for o in pretrain]
+    assert one_rank != pretrain
+    third = smoke_pipeline.run("pretrain_nproc=1", f"overrides.pretrain=[{', '.join(one_rank)}]")
+    assert third.returncode == 0, failure_text(third)
+    skipped = [line for line in third.stdout.splitlines() if line.endswith("skipped")]
+    assert len(skipped) == len(build_stages(load_config(PipelineConfig, SMOKE))) - 1
+    assert "pretrain: finished earlier at another layout (only its launch changed): skipped" in third.stdout
 
 
 def _numbers(report: dict) -> dict:
