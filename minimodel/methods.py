@@ -140,8 +140,9 @@ def parse_method(spec: str, key: str = "method") -> Method:
             raise ConfigError(f"{key}: {spec!r}: {model} builds on the target embeddings of a method that learns "
                               f"them ({', '.join(m for m in MODELS if MODELS[m].learns == 'embeddings')}, with "
                               f"an optional +<init>), not on {base!r}")
-        # one name per method: building on the default is the plain model
-        return Method(model, base=None if below.name == MODELS[model].builds_on else below.name)
+        if below.name == MODELS[model].builds_on:  # one name per method
+            raise ConfigError(f"{key}: {spec!r} is written {model!r} ({model} builds on {below.name} by default)")
+        return Method(model, base=below.name)
     model, plus, init = spec.partition("+")
     if model not in MODELS or (plus and init not in INITIALISERS):
         raise ConfigError(f"{key}: unknown method {spec!r}; methods are {known_methods()}")
@@ -149,6 +150,15 @@ def parse_method(spec: str, key: str = "method") -> Method:
         raise ConfigError(f"{key}: {spec!r}: method {model} learns no new embeddings, so it has no embedding "
                           f"initialisation: write {model}")
     return Method(model, init if plus else None)
+
+
+def parse_method_of(spec: str, model: str, key: str = "method") -> Method:
+    """parse_method, refusing a method of another model than `model` (a stage of that model's, e.g. BiStil's)."""
+    method = parse_method(spec, key)
+    if method.model != model:
+        building = f" or {model}@<method it builds on>" if MODELS[model].builds_on else ""
+        raise ConfigError(f"{key}: {spec} is not a {model} method: write {model}{building}")
+    return method
 
 
 def parse_adapted_method(spec: str, key: str = "method") -> Method:

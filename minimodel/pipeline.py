@@ -118,8 +118,7 @@ class PipelineConfig:
                 f"the source language {self.source_lang} cannot also be a target")
         require(len(self.target_langs) >= 1, "target_langs", "name at least one target language")
         parsed = [parse_method(spec, f"methods[{i}]") for i, spec in enumerate(self.methods)]
-        for i, (spec, method) in enumerate(zip(self.methods, parsed)):  # one name per method, everywhere
-            require(spec == method.name, f"methods[{i}]", f"{spec!r} is written {method.name!r}")
+        for i, (spec, method) in enumerate(zip(self.methods, parsed)):
             require(method.builds_on is None or method.builds_on in self.methods, f"methods[{i}]",
                     f"{spec} builds on the target embeddings {method.builds_on} adaptation learns: add "
                     f"{method.builds_on!r} to methods")
@@ -490,8 +489,8 @@ def run(cfg: PipelineConfig) -> Path:
                     raise StageInterrupted(f"stopped by {signal.Signals(stop.received).name} before stage "
                                            f"{stage.name}: run the same command again to go on")
                 if done_by := stage.done_by():
-                    why = ("finished earlier at another layout (only its launch changed)" if done_by == "layout"
-                           else "finished earlier with the same inputs")
+                    why = ("finished earlier with the same settings but for its launch and layout"
+                           if done_by == "layout" else "finished earlier with the same inputs")
                     print(f"=== [{i}/{len(stages)}] {stage.name}: {why}: skipped", flush=True)
                     _link_earlier_runs(cfg, tracker, stage)
                     continue

@@ -322,10 +322,9 @@ def _config_bytes(path: Path, layout: tuple[str, ...]) -> bytes:
         return {k: strip(v, f"{prefix}{k}.") for k, v in value.items() if not _is_layout(f"{prefix}{k}", layout)}
 
     try:
-        content = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
+        return json.dumps(strip(yaml.safe_load(path.read_text()), ""), sort_keys=True, default=str).encode()
+    except (yaml.YAMLError, UnicodeDecodeError, TypeError):  # TypeError: keys json cannot sort (YAML's `on:`)
         return path.read_bytes()
-    return json.dumps(strip(content, ""), sort_keys=True, default=str).encode()
 
 
 def write_stamp(output_dir: Path, input_hash: str, argv: list[str], seconds: float, run_ids: list[str],

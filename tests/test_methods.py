@@ -1,6 +1,7 @@
 """Methods as entries (minimodel/methods.py): specs, their validation in every config that names a method, and the
 pipeline's stages per configured method."""
 import json
+import re
 
 import pytest
 from pipeline_helpers import SMOKE
@@ -268,7 +269,7 @@ def test_bistil_is_an_entry_plugged_teachers_two_distillation_phases_and_zero_sh
                                                "task.data_dir=d", "targets=[{lang: sw, embeddings: e}]"])
 
 
-def test_bistil_and_lt_sft_vocab_build_on_a_mini_models_embeddings_side_by_side_with_standards():
+def test_bistil_and_lt_sft_vocab_build_on_a_mini_models_embeddings_side_by_side_with_standards(tmp_path):
     """`<model>@<method>`: BiStil and lt_sft_vocab over the target embeddings another listed method learned (here
     MiniJoint adaptation's): their own plugged model per language (plugged_mlm/minijoint/<lang>), their own stages,
     directories, jobs and MLflow names beside the default's, whose command lines stay as they were."""
@@ -298,8 +299,40 @@ def test_bistil_and_lt_sft_vocab_build_on_a_mini_models_embeddings_side_by_side_
     assert [a.name for a in task.after] == ["distill-bistil@minijoint-sw", "finetune"]
     assert {"method=bistil@minijoint", f"student={out}/adapt/bistil@minijoint/sw/student",
             f"output_dir={out}/distill_task/bistil@minijoint/sw"} <= set(task.argv)
-    assert load_config(DistillConfig, distill.args[1], distill.args[2:] + distill.lang_args).method == \
-        "bistil@minijoint"
+    # a stage files its results under its method: the plugged teacher, the language SFT's plugged model and the
+    # student must hold the embeddings that method builds on, or they are refused before any compute
+    plugged = tmp_path / "plugged"
+    plugged.mkdir()
+    for made_by in ("standard", "minijoint"):
+        (plugged / "plug.json").write_text(json.dumps({"target_lang": "sw", "method": made_by}))
+        for method in ("bistil", "bistil@minijoint"):
+            settings = [f"method={method}", "teacher_model=t", f"target_teacher_model={plugged}"]
+            if parse_method(method).builds_on == made_by:
+                assert load_config(DistillConfig, overrides=settings).method == method
+            else:
+                with pytest.raises(ConfigError, match=f"target_teacher_model: {plugged} holds {made_by} embeddings "
+                                                      rf"\(its plug.json\), but method {method} builds on"):
+                    load_config(DistillConfig, overrides=settings)
+        for method in ("lt_sft_vocab", "lt_sft_vocab@minijoint"):
+            settings = [f"method={method}", f"primary_model={plugged}", "target_langs=[sw]"]
+            if parse_method(method).builds_on == made_by:
+                load_config(LanguageSFTConfig, overrides=settings)
+            else:
+                with pytest.raises(ConfigError, match=f"primary_model: {plugged} holds {made_by} embeddings"):
+                    load_config(LanguageSFTConfig, overrides=settings)
+    student = tmp_path / "student"  # phase 1's output names its method; phase 2 files results under the same
+    student.mkdir()
+    (student / "vocabulary.json").write_text(json.dumps({"method": "bistil@minijoint"}))
+    task_settings = [f"student={student}", "teacher=t", "task.data_dir=d"]
+    assert load_config(TaskDistillConfig, overrides=["method=bistil@minijoint", *task_settings])
+    with pytest.raises(ConfigError, match=f"method: {student} was distilled by method bistil@minijoint, not bistil"):
+        load_config(TaskDistillConfig, overrides=task_settings)
+    (student / "vocabulary.json").write_text(json.dumps({}))  # a student from before the key: bistil's
+    with pytest.raises(ConfigError, match="distilled by method bistil, not bistil@minijoint"):
+        load_config(TaskDistillConfig, overrides=["method=bistil@minijoint", *task_settings])
+    with pytest.raises(ConfigError, match="target_teacher_model: method bistil@minijoint distils from the primary "
+                                          "with minijoint adaptation's target embeddings plugged in"):
+        load_config(DistillConfig, overrides=["method=bistil@minijoint", "teacher_model=t"])
     classes = stages["zero_shot-verse_class-bistil@minijoint"]
     assert [a.name for a in classes.after] == ["distill_task-bistil@minijoint-ny", "distill_task-bistil@minijoint-sw"]
     parsed = load_config(ZeroShotConfig, classes.args[1], classes.args[2:])
@@ -321,8 +354,12 @@ def test_bistil_and_lt_sft_vocab_build_on_a_mini_models_embeddings_side_by_side_
     assert parse_method("bistil@minijoint").builds_on == "minijoint"
     assert parse_method("bistil").builds_on == "standard"
     assert parse_method("lt_sft_vocab@minipost+ofa").name == "lt_sft_vocab@minipost+ofa"
-    with pytest.raises(ConfigError, match=r"methods\[2\]: 'bistil@standard' is written 'bistil'"):
-        load_config(PipelineConfig, SMOKE, ["methods=[standard, minijoint, bistil@standard]"])
+    for config, key in ((PipelineConfig, "methods[2]"), (ZeroShotConfig, "method"), (ReportConfig, "methods[2]")):
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}: 'bistil@standard' is written 'bistil' \(bistil "
+                                              "builds on standard by default\)"):
+            spec = "method=bistil@standard" if key == "method" else "methods=[standard, minijoint, bistil@standard]"
+            load_config(config, SMOKE if config is PipelineConfig else None, [spec, "task.data_dir=d"]
+                        if config is ZeroShotConfig else [spec])
     with pytest.raises(ConfigError, match="bistil@minijoint builds on the target embeddings minijoint adaptation "
                                           "learns: add 'minijoint' to methods"):
         load_config(PipelineConfig, SMOKE, ["methods=[standard, bistil@minijoint]"])
@@ -331,6 +368,8 @@ def test_bistil_and_lt_sft_vocab_build_on_a_mini_models_embeddings_side_by_side_
     for below in ("lt_sft", "none", "bistil"):
         with pytest.raises(ConfigError, match="bistil builds on the target embeddings of a method that learns them"):
             parse_method(f"bistil@{below}")
-    for config, given in ((DistillConfig, ["teacher_model=t"]), (TaskDistillConfig, ["student=s", "teacher=t", "task.data_dir=d"])):
-        with pytest.raises(ConfigError, match="method: lt_sft_vocab is not BiStil: write bistil or bistil@<method"):
+    task_given = ["student=s", "teacher=t", "task.data_dir=d"]
+    for config, given in ((DistillConfig, ["teacher_model=t"]), (TaskDistillConfig, task_given)):
+        with pytest.raises(ConfigError, match="method: lt_sft_vocab is not a bistil method: write bistil or "
+                                              "bistil@<method it builds on>"):
             load_config(config, overrides=["method=lt_sft_vocab", *given])

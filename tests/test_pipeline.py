@@ -237,7 +237,7 @@ def test_rerun_skips_finished_stages_and_links_their_runs(smoke_pipeline):
     assert third.returncode == 0, failure_text(third)
     skipped = [line for line in third.stdout.splitlines() if line.endswith("skipped")]
     assert len(skipped) == len(build_stages(load_config(PipelineConfig, SMOKE))) - 1
-    assert "pretrain: finished earlier at another layout (only its launch changed): skipped" in third.stdout
+    assert "pretrain: finished earlier with the same settings but for its launch and layout: skipped" in third.stdout
 
 
 def _numbers(report: dict) -> dict:

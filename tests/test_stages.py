@@ -337,7 +337,7 @@ def test_a_pipeline_run_on_another_pretraining_layout_redoes_nothing(tmp_path, m
     monkeypatch.setattr(pipeline, "build_stages", lambda cfg, parent_run_id=None: [s for s in again if s.done])
     pipeline.run(moved)
     log = capsys.readouterr().out
-    assert "] pretrain: finished earlier at another layout (only its launch changed): skipped\n" in log
+    assert "] pretrain: finished earlier with the same settings but for its launch and layout: skipped\n" in log
     assert log.count("finished earlier with the same inputs: skipped") == len(finished) - 1
     # a change to what pretraining learns is no layout: it and everything after it run again
     steps = config(f"overrides.pretrain=[{', '.join([*cfg.overrides['pretrain'], 'train.steps=21'])}]")

@@ -38,6 +38,7 @@ from transformers import AutoModelForMaskedLM
 
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR
+from minimodel.adaptation.plug import plugged_info
 from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig, _rank0_then_everywhere,
                                         claim_language, prepare_target_data, run_languages)
 from minimodel.bistil.compare import Reader, compare
@@ -51,7 +52,7 @@ from minimodel.evaluation.tasks import TaskConfig, read_verses
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.hf import load_model, load_tokenizer
 from minimodel.layout import STUDENT_TARGET_TOKENIZER
-from minimodel.methods import DISTILLED, parse_method
+from minimodel.methods import DISTILLED, parse_method_of
 from minimodel.provenance import finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -94,8 +95,16 @@ class DistillConfig(PerLanguageRun):
     def validate(self) -> None:
         require(self.teacher_model is not None, "teacher_model",
                 "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
-        require(parse_method(self.method, "method").model == DISTILLED, "method",
-                f"{self.method} is not BiStil: write {DISTILLED} or {DISTILLED}@<method it builds on>")
+        method = parse_method_of(self.method, DISTILLED)
+        # results are filed under the method: its target teacher must hold the embeddings the method builds on
+        plugged = plugged_info(self.target_teacher_model) if self.target_teacher_model else None
+        require(plugged is not None or method.base is None, "target_teacher_model",
+                f"method {self.method} distils from the primary with {method.builds_on} adaptation's target "
+                f"embeddings plugged in: give that directory (adapt/plug.py; the pipeline's plugged_mlm/"
+                f"{method.base}/<lang>)")
+        require(plugged is None or plugged.get("method") in (None, method.builds_on), "target_teacher_model",
+                f"{self.target_teacher_model} holds {(plugged or {}).get('method')} embeddings (its plug.json), but "
+                f"method {self.method} builds on {method.builds_on}'s: plug those, or name the method it builds on")
         self.validate_languages()
         require(0 <= self.vocab_threshold < 1, "vocab_threshold", "must be in [0, 1)")
         require(self.source_lang not in self.target_langs, "target_langs",
@@ -348,7 +357,8 @@ def _save_student(student, final: dict[str, torch.Tensor], run_dir: Path, vocab:
     shutil.copytree(run_dir / "vocabulary", tmp)
     student.save_pretrained(tmp)
     spec = {**json.loads((tmp / VOCABULARY_FILE).read_text()), "source_lang": cfg.source_lang, "target_lang": lang,
-            "teacher_model": cfg.teacher_model, "target_teacher_model": cfg.target_teacher_model}
+            "method": cfg.method, "teacher_model": cfg.teacher_model,
+            "target_teacher_model": cfg.target_teacher_model}
     write_text_atomic(tmp / VOCABULARY_FILE, json.dumps(spec))
     replace_dir(tmp, run_dir / "student")
 

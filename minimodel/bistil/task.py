@@ -39,7 +39,7 @@ from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.files import write_text_atomic
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
-from minimodel.methods import DISTILLED, parse_method
+from minimodel.methods import DISTILLED, parse_method_of
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.train import SFTConfig, train_sft
 from minimodel.stages import StageResult
@@ -67,10 +67,13 @@ class TaskDistillConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        require(parse_method(self.method, "method").model == DISTILLED, "method",
-                f"{self.method} is not BiStil: write {DISTILLED} or {DISTILLED}@<method it builds on>")
+        parse_method_of(self.method, DISTILLED)
         require(self.student is not None, "student",
                 "is required: phase 1's student directory (<adapt/distill.py output_dir>/<lang>/student)")
+        spec = Path(self.student) / VOCABULARY_FILE
+        made_by = json.loads(spec.read_text()).get("method", DISTILLED) if spec.is_file() else self.method
+        require(made_by == self.method, "method", f"{self.student} was distilled by method {made_by}, not "
+                f"{self.method}: its results would be filed under another method; name the one that made it")
         require(self.teacher is not None, "teacher",
                 "is required: the fine-tuned task model (evaluate/finetune.py's <output_dir>/model)")
         require(self.task.spec.kind in ("classification", "qa"), "task.name",

@@ -459,8 +459,12 @@ def figure(summary: dict):
             ax.set_ylabel(t["metric"])
             ax.set_title(f"{task}: zero-shot {t['metric']}" + (" (AT CHANCE)" if t.get("at_chance") else ""))
             ax.grid(alpha=0.3)
-        if axes[row][1].lines:  # one legend per row (both plots draw the same lines), beside it: it hides no point
-            axes[row][1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+        labelled = {}  # one legend per row, beside it (inside, it hid points); a line may be on one plot only
+        for ax in axes[row]:
+            labelled.update(zip(*reversed(ax.get_legend_handles_labels())))
+        if labelled:
+            axes[row][1].legend(labelled.values(), labelled.keys(), fontsize=8, loc="upper left",
+                                bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
     return fig
 

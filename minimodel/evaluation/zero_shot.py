@@ -22,8 +22,9 @@ primary + the language SFT. Not for target_mlm (its loss in the primary's vocabu
 as the other methods').
 
 Method `lt_sft_vocab` (LT-SFT over the target vocabulary) reads each target with the model its language SFT was
-learned over, the primary with standard adaptation's target embeddings plugged in (`model_dir:
-<pipeline>/plugged_mlm/<lang>`, adapt/plug.py's output; `tokenizer`: the target tokenizer saved there, the default),
+learned over, the primary with standard adaptation's (lt_sft_vocab@<base>: that method's) target embeddings plugged
+in (`model_dir: <pipeline>/plugged_mlm[/<base>]/<lang>`, adapt/plug.py's output; `tokenizer`: the target tokenizer
+saved there, the default),
 + the language SFT; for a fine-tuned task + the source task model's task SFT without its input-embedding
 difference (the primary's vocabulary, replaced). Each SFT is refused (naming both hashes) unless applied to the
 directory it was learned from: the language SFT to model_dir, the task SFT to the primary model_dir's plug.json
@@ -127,8 +128,8 @@ class ZeroShotConfig:
             if method.reads_plugged:
                 require(bool(t.lang and t.language_sft and t.model_dir) and not t.embeddings, f"targets[{i}]",
                         f"method {self.method} reads each target with the plugged model its language SFT was learned "
-                        "over: give lang, language_sft and model_dir (<pipeline>/plugged_mlm/<lang>; tokenizer: its "
-                        "own by default; no embeddings)")
+                        "over: give lang, language_sft and model_dir (<pipeline>/plugged_mlm[/<base>]/<lang>; "
+                        "tokenizer: its own by default; no embeddings)")
                 continue
             if adapted and not method.learns_embeddings:
                 require(bool(t.lang and t.language_sft) and not (t.model_dir or t.tokenizer or t.embeddings),
@@ -276,8 +277,8 @@ def _sft_model(cfg: ZeroShotConfig, target: TargetConfig, source, primary):
         plugged = plugged_info(target.model_dir)
         if plugged is None:
             raise EvaluationError(f"targets[].model_dir: {target.model_dir} has no {PLUG_FILE}: give the primary "
-                                  "with the target embeddings plugged in by adapt/plug.py (<pipeline>/plugged_mlm/"
-                                  "<lang>), the model the language SFT was learned over")
+                                  "with the target embeddings plugged in by adapt/plug.py (<pipeline>/plugged_mlm"
+                                  "[/<base>]/<lang>), the model the language SFT was learned over")
         _check_provenance(cfg, target, plugged, Path(target.model_dir) / PLUG_FILE,
                           method=parse_method(cfg.method).builds_on)
         model = _sft_composition(cfg, (target.model_dir, model_hash(target.model_dir)), language_sft)

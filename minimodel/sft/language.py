@@ -1,7 +1,7 @@
 """Language SFTs (LT-SFT step 2, the reference's recipe): a sparse difference of the primary model learned by MLM
 on target-language text over the primary's own vocabulary; or (method lt_sft_vocab, beyond the reference) over the
-primary with a target vocabulary's embeddings plugged in (the pipeline's plugged_mlm/<lang>), whose tokenizer reads
-the target text: primary_model is whichever model the SFT is learned over, and its hash is the SFT's base. The
+primary with a target vocabulary's embeddings plugged in (the pipeline's plugged_mlm[/<base>]/<lang>), whose
+tokenizer reads the target text: primary_model is whichever model the SFT is learned over, and its hash is the SFT's base. The
 output decoder is untied and frozen (the reference's --untie_embeddings --freeze_decoder), so the word embeddings
 change sparsely like the rest of the body while the output layer the task models never use stays put.
 
@@ -71,13 +71,18 @@ class LanguageSFTConfig(PerLanguageRun):
                 f"{self.method} learns no language SFT: name a sparse method (lt_sft, lt_sft_vocab)")
         require(not method.reads_plugged or (Path(self.primary_model) / PLUG_FILE).is_file(), "primary_model",
                 f"{self.primary_model} has no {PLUG_FILE}: method {self.method} learns its SFT over the primary with "
-                "target embeddings plugged in by adapt/plug.py (the pipeline's plugged_mlm/<lang>): give that "
+                "target embeddings plugged in by adapt/plug.py (the pipeline's plugged_mlm[/<base>]/<lang>): give "
+                "that "
                 "directory, or method=lt_sft for an SFT of the primary itself")
-        if method.reads_plugged:  # one language's plugged model reads that language only
-            plugged = plugged_info(self.primary_model)["target_lang"]
-            others = [lang for lang in self.target_langs if lang != plugged]
-            require(not others, "target_langs", f"{self.primary_model} holds {plugged} embeddings (its {PLUG_FILE}), "
-                    f"not those of {others}: run each language over its own plugged model (plugged_mlm/<lang>)")
+        if method.reads_plugged:  # one language's plugged model, of the embeddings the method builds on
+            plugged = plugged_info(self.primary_model)
+            others = [lang for lang in self.target_langs if lang != plugged["target_lang"]]
+            require(not others, "target_langs", f"{self.primary_model} holds {plugged['target_lang']} embeddings "
+                    f"(its {PLUG_FILE}), not those of {others}: run each language over its own plugged model "
+                    "(plugged_mlm[/<base>]/<lang>)")
+            require(plugged.get("method") in (None, method.builds_on), "primary_model",
+                    f"{self.primary_model} holds {plugged.get('method')} embeddings (its {PLUG_FILE}), but method "
+                    f"{self.method} builds on {method.builds_on}'s: plug those, or name the method it builds on")
         self.validate_languages()
 
 
