@@ -413,3 +413,15 @@ def test_a_pipeline_killed_outright_leaves_no_launcher_or_rank_of_its_stage(laun
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_config_json_cannot_sort_is_hashed_by_its_bytes(tmp_path):
+    """YAML 1.1 reads `on:` as True: a mapping with bool and str keys, which json.dumps(sort_keys=True) refuses. The
+    layout-free hash falls back to the file's bytes (any edit then counts) instead of failing the pipeline."""
+    from minimodel.stages import _config_bytes
+
+    path = tmp_path / "pretrain.yaml"
+    path.write_text("on: 1\nparallel: {tensor_model_parallel_size: 2}\n")
+    assert _config_bytes(path, ("parallel.tensor_model_parallel_size",)) == path.read_bytes()
+    path.write_text("seed: 1\nparallel: {tensor_model_parallel_size: 2}\n")  # sortable: the layout key stripped
+    assert _config_bytes(path, ("parallel.tensor_model_parallel_size",)) == b'{"parallel": {}, "seed": 1}'
