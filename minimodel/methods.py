@@ -122,6 +122,12 @@ class Method:
                 *([f"init.method={self.init}"] if self.init else [])]
 
 
+def job_name(stage: str, method: str, default: str) -> str:
+    """The name of a method's per-language stages as one job (`-<lang>` added: each stage's and its MLflow run's):
+    `stage` for the stage's default method, else `<stage>-<method>` (e.g. distill-bistil@minijoint)."""
+    return stage if method == default else f"{stage}-{method}"
+
+
 def known_methods() -> str:
     building = ", ".join(m for m in MODELS if MODELS[m].builds_on)
     return (f"<model>[+<init>] with model one of {', '.join(MODELS)} and init one of {', '.join(INITIALISERS)} "

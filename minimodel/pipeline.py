@@ -54,7 +54,7 @@ from minimodel.data.prepare import DataConfig
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.hf import HFLoadError, load_tokenizer
 from minimodel.layout import PipelineLayout
-from minimodel.methods import BASELINE, DISTILLED, MODELS, REFERENCE, SPARSE, parse_method
+from minimodel.methods import BASELINE, DISTILLED, MODELS, REFERENCE, SPARSE, job_name, parse_method
 from minimodel.minipost.build import MiniPostError, check_tokenizer
 from minimodel.stages import Stage, StageFailed, StageInterrupted, StopSignals, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
@@ -317,7 +317,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     def language_sft(method: str, lang: str, over: Path, after: list[Stage]) -> Stage:
         """A language SFT of `over` (the model it is learned over, whose tokenizer reads the text), filed under
         `method`; lt_sft's stages keep their short names."""
-        job = "lang_sft" if method == SPARSE else f"lang_sft-{method}"
+        job = job_name("lang_sft", method, SPARSE)
         return add(f"{job}-{lang}", "lang_sft", ["--config", cfg.configs.lang_sft, f"method={method}",
                                                  f"source_lang={src}", f"data_dir={at.data_dir}",
                                                  f"output_dir={at.adapt(method)}", *extra("lang_sft")],
@@ -404,23 +404,24 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                             for method in sparse for config in fine_tuned_configs]
         for method in distilled:  # BiStil: a student per target language, distilled from the primary and its
             # adapted twin (phase 1's target teacher: the primary with the embeddings of the method it builds on)
-            name, job = method.name, ("" if method.base is None else f"-{method.name}")
+            name = method.name
+            distill_job, task_job = job_name("distill", name, DISTILLED), job_name("distill_task", name, DISTILLED)
             named = [f"method={name}"] if method.base else []  # the default's command lines stay as they were
             distilled_tasks = []
             for lang in cfg.target_langs:
                 adapted[name, lang] = add(
-                    f"distill{job}-{lang}", "distill", ["--config", cfg.configs.distill, *named,
-                                                        f"teacher_model={at.primary}", f"source_lang={src}",
-                                                        f"data_dir={at.data_dir}", f"output_dir={at.adapt(name)}",
-                                                        *extra("distill")],
+                    f"{distill_job}-{lang}", "distill", ["--config", cfg.configs.distill, *named,
+                                                         f"teacher_model={at.primary}", f"source_lang={src}",
+                                                         f"data_dir={at.data_dir}", f"output_dir={at.adapt(name)}",
+                                                         *extra("distill")],
                     at.adapt(name, lang), [plugged_mlm[method.base, lang], export, prepare], nproc=cfg.adapt_nproc,
-                    job=f"distill{job}", lang=lang,
+                    job=distill_job, lang=lang,
                     lang_args=[f"target_langs=[{lang}]", f"target_teacher_model={at.plugged_mlm(lang, method.base)}"])
                 distilled_tasks.append(add(
-                    f"distill_task{job}-{lang}", "distill_task",
+                    f"{task_job}-{lang}", "distill_task",
                     ["--config", cfg.configs.distill_task, *named, f"teacher={at.task_model}",
                      f"task.data_dir={at.data_dir}", *extra("distill_task")],
-                    at.distill_task(lang, name), [adapted[name, lang], finetune], job=f"distill_task{job}", lang=lang,
+                    at.distill_task(lang, name), [adapted[name, lang], finetune], job=task_job, lang=lang,
                     lang_args=[f"student={at.student(lang, name)}", f"output_dir={at.distill_task(lang, name)}"]))
             # every language has its student task model (its source-language scores: distill_task's metrics.json);
             # zero-shot scores each on its language, the first only standing in as the source model zero_shot loads
@@ -525,9 +526,9 @@ def plan(cfg: PipelineConfig) -> dict:
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
                                                        "target_langs": ",".join(cfg.target_langs)})
     stages = build_stages(cfg, tracker.run_id)
-    planned = jobs(stages)
+    planned, memo = jobs(stages), {}
     for stage in stages:
-        if stage.done:  # not submitted: shown in this pipeline's run as links to the runs that did the work
+        if stage.done_by(memo):  # not submitted: shown in this pipeline's run as links to the runs that did the work
             _link_earlier_runs(cfg, tracker, stage)
     tracker.finish()  # the Slurm jobs log their runs under it
     return {"env": tracker.child_env(), "jobs": planned}

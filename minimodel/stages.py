@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -231,23 +231,27 @@ class Stage:
             digest.update(upstream._effective(memo).encode())
         return digest.hexdigest()
 
+    def _hashes(self, memo: dict[int, str]) -> tuple[str, str]:
+        """(input hash, identity hash): one walk of the stages before it; the same twice without layout keys."""
+        input_hash = self._hash(False, memo)
+        return input_hash, self._hash(True, memo) if self.layout_keys else input_hash
+
     def _effective(self, memo: dict[int, str]) -> str:
         if id(self) not in memo:
-            input_hash = self._hash(False, memo)
-            stamped = self._stamped_hash(input_hash, lambda: self._hash(True, memo)) if self.layout_keys else None
-            memo[id(self)] = stamped or input_hash
+            input_hash, identity_hash = self._hashes(memo)
+            memo[id(self)] = (self.layout_keys and self._stamped_hash(input_hash, identity_hash)) or input_hash
         return memo[id(self)]
 
-    def _stamped_hash(self, input_hash: str, identity_hash: Callable[[], str]) -> str | None:
+    def _stamped_hash(self, input_hash: str, identity_hash: str) -> str | None:
         """The input hash its stamp records if it is done: input_hash, or (a stage with layout keys) that of its
-        earlier run at another layout, when the stamp records identity_hash(); else None."""
+        earlier run at another layout, when the stamp records identity_hash; else None."""
         stamp = None if self.always_run else self.stamp()
         if stamp is None:
             return None
         if stamp.get("input_hash") == input_hash:
             return input_hash
         recorded = stamp.get("identity_hash")  # none in a stamp written before identity hashes: exact match only
-        return stamp["input_hash"] if self.layout_keys and recorded and recorded == identity_hash() else None
+        return stamp["input_hash"] if self.layout_keys and recorded and recorded == identity_hash else None
 
     def stamp(self) -> dict | None:
         path = self.output_dir / STAMP
@@ -257,17 +261,13 @@ class Stage:
     def done(self) -> bool:
         return self.done_by() is not None
 
-    def done_by(self) -> Literal["inputs", "layout"] | None:
+    def done_by(self, memo: dict[int, str] | None = None) -> Literal["inputs", "layout"] | None:
         """Why it is done: its stamp's inputs are these, or (layout) its earlier run's differ only in how it was laid
-        out over ranks (see identity_hash); None: not done."""
-        memo: dict[int, str] = {}
-        input_hash = self._hash(False, memo)
-        stamped = self._stamped_hash(input_hash, lambda: self._hash(True, memo))
+        out over ranks (see identity_hash); None: not done. `memo`: shared by one pass over a pipeline's stages
+        in which nothing runs."""
+        input_hash, identity_hash = self._hashes({} if memo is None else memo)
+        stamped = self._stamped_hash(input_hash, identity_hash)
         return None if stamped is None else "inputs" if stamped == input_hash else "layout"
-
-    def done_with(self, input_hash: str, identity_hash: str) -> bool:
-        """Done, given its hashes (jobs() computes them once, for its stamp too)."""
-        return self._stamped_hash(input_hash, lambda: identity_hash) is not None
 
     def run(self, env: dict[str, str], log_dir: Path, find_runs=None, stop: StopSignals | None = None) -> float:
         """Run the command (output teed to a log file) in its own process group; write the stamp if it finished
@@ -279,6 +279,7 @@ class Stage:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{self.name}.log"
         command = self.command()
+        input_hash, identity_hash = self._hashes({})  # of the inputs it starts from: not of an edit made meanwhile
         print(f"    {shlex.join(command)}", flush=True)
         start = time.time()
         stop = stop or StopSignals()
@@ -302,7 +303,7 @@ class Stage:
         seconds = time.time() - start
         self.run_ids = find_runs(start) if find_runs else []
         try:
-            write_stamp(self.output_dir, self.input_hash, command, seconds, self.run_ids, self.identity_hash)
+            write_stamp(self.output_dir, input_hash, command, seconds, self.run_ids, identity_hash)
         except StageFailed as e:
             raise StageFailed(f"stage {self.name} exited 0 but {e}; its log: {log_path}") from None
         return seconds
@@ -360,9 +361,8 @@ def jobs(stages: list[Stage]) -> list[dict]:
         if (job["kind"], job["args"], job["after"]) != (stage.kind, args, after):
             raise ValueError(f"stage {stage.name} differs from the other tasks of job {name} in more than its "
                              f"language's arguments")
-        input_hash = stage._hash(False, memo)
-        identity_hash = stage._hash(True, memo) if stage.layout_keys else input_hash
-        done = stage.done_with(input_hash, identity_hash)
+        input_hash, identity_hash = stage._hashes(memo)
+        done = stage._stamped_hash(input_hash, identity_hash) is not None
         stamp = None if stage.always_run else [str(stage.output_dir), input_hash, identity_hash]
         if stage.job:
             job["array"].append({"lang": stage.lang, "args": stage.lang_args, "done": done, "stamp": stamp})

@@ -48,6 +48,7 @@ from minimodel.training.preemption import PreemptionSignal
 class FakeConfig:
     output_dir: str = "out"
     record_result: bool = True  # false: a stage that forgets to record its finished result
+    edit: str = ""  # a settings file (hashed: a .yaml on its command line) that a user edits while it runs
 
 
 def fake(cfg):
@@ -61,6 +62,8 @@ def fake(cfg):
             checkpoint.write_text("step 3")
             return StageResult("interrupted", {"checkpoint": checkpoint})
     (out / "result").write_text(f"resumed from {checkpoint.read_text()}")
+    if cfg.edit:
+        Path(cfg.edit).write_text("lr: 2")
     if cfg.record_result:
         finish_output(out, cfg)
     return StageResult("finished", {"result": out / "result"})
@@ -123,6 +126,19 @@ def test_a_stage_that_exits_0_without_a_finished_result_of_its_config_is_not_sta
     with pytest.raises(StageFailed, match="exited 0 but .* holds no finished result of its config"):
         stage.run(env, tmp_path / "logs")
     assert stage.stamp() is None and not stage.done
+
+
+def test_a_settings_file_edited_while_its_stage_runs_leaves_it_not_done(fake_kind, tmp_path):
+    """The stamp records the inputs the stage started from, not those of an edit made meanwhile."""
+    out, settings = tmp_path / "fake", tmp_path / "settings.yaml"
+    settings.write_text("lr: 1\n")
+    stage = Stage("fake", fake_kind, [f"output_dir={out}", f"edit={settings}"], out)
+    env, started_from = dict(os.environ, PYTHONPATH=str(ROOT)), stage.input_hash
+    with pytest.raises(StageInterrupted):
+        stage.run(env, tmp_path / "logs")
+    stage.run(env, tmp_path / "logs")  # resumes and finishes; the file is edited before it exits
+    assert settings.read_text() == "lr: 2" and stage.stamp()["input_hash"] == started_from
+    assert not stage.done  # the next pipeline run redoes it with the edited settings
 
 
 def two_language_plan(tmp_path) -> dict:

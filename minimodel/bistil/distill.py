@@ -52,7 +52,7 @@ from minimodel.evaluation.tasks import TaskConfig, read_verses
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.hf import load_model, load_tokenizer
 from minimodel.layout import STUDENT_TARGET_TOKENIZER
-from minimodel.methods import DISTILLED, parse_method_of
+from minimodel.methods import DISTILLED, job_name, parse_method_of
 from minimodel.provenance import finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -325,7 +325,7 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
     to_student = {k: np.asarray(v, dtype=np.int64) for k, v in vocab["to_student"].items()}
     step = DistillStep(teachers, cfg.student.layer_ratio, cfg.loss, projections, student)
     tags = {"stage": "distill", "method": cfg.method, "source_lang": cfg.source_lang, "target_lang": lang}
-    name = f"distill-{lang}" if cfg.method == DISTILLED else f"distill-{cfg.method}-{lang}"  # the stage's, as named
+    name = f"{job_name('distill', cfg.method, DISTILLED)}-{lang}"  # the pipeline stage's
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or name)
     with Tracker(tracking, lang_cfg, tags=tags) as tracker:
         result = train(cfg.train, student, BilingualMLM(data, to_student), step.loss, step.flops,

@@ -39,7 +39,7 @@ from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.files import write_text_atomic
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
-from minimodel.methods import DISTILLED, parse_method_of
+from minimodel.methods import DISTILLED, job_name, parse_method_of
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.train import SFTConfig, train_sft
 from minimodel.stages import StageResult
@@ -170,7 +170,7 @@ def distill_task(cfg: TaskDistillConfig) -> StageResult:
     student_sha = model_hash(cfg.student)
     tags = {"stage": "distill_task", "method": cfg.method, "source_lang": source_lang, "target_lang": target_lang,
             "task": task.name}
-    name = f"distill_task-{target_lang}" if cfg.method == DISTILLED else f"distill_task-{cfg.method}-{target_lang}"
+    name = f"{job_name('distill_task', cfg.method, DISTILLED)}-{target_lang}"  # the pipeline stage's
     with Tracker(dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or name), config=cfg,
                  tags=tags) as tracker:
         sft = train_sft(cfg.sft, cfg.train, student, train_data, step.loss, step.flops, output_dir=out / "train",

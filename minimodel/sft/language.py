@@ -32,7 +32,7 @@ from minimodel.data.tokenizer import load_tokenizer
 from minimodel.hf import load_model
 from minimodel.manifest import model_hash
 from minimodel.provenance import finish_output
-from minimodel.methods import SPARSE, parse_method
+from minimodel.methods import SPARSE, job_name, parse_method
 from minimodel.sft.file import SFT_DIR
 from minimodel.sft.train import SFTConfig, train_sft
 from minimodel.stages import StageResult
@@ -113,7 +113,7 @@ def train_language(cfg: LanguageSFTConfig, lang: str) -> str:
     valid_data = MaskedLMDataset(valid_prefix, tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
     primary_sha = model_hash(cfg.primary_model)
     tags = {"stage": "lang_sft", "method": cfg.method, "source_lang": cfg.source_lang, "target_lang": lang}
-    name = f"lang-sft-{lang}" if cfg.method == SPARSE else f"lang-sft-{cfg.method}-{lang}"  # the stage's, as named
+    name = f"{job_name('lang_sft', cfg.method, SPARSE)}-{lang}"  # the pipeline stage's
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or name)
     with Tracker(tracking, lang_cfg, tags=tags) as tracker:
         result = train_sft(cfg.sft, cfg.train, model, train_data, masked_lm_loss, flops_fn, output_dir=run_dir,
