@@ -187,23 +187,28 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _validate(obj: Any) -> None:
-    """Every dataclass's validate(), nested ones first; those in lists and mappings too, their messages prefixed
-    with where they are (a section's own messages name their full key already)."""
+def _validate(obj: Any, path: str = "") -> None:
+    """Every dataclass's validate(), nested ones first (those in lists and mappings too); `path`: where `obj` is,
+    e.g. "init.ofa.", which a nested section's message gets in front of its key unless it names it in full."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            _validate(value)
+            _validate_section(value, f"{path}{f.name}.")
         items = enumerate(value) if isinstance(value, list) else value.items() if isinstance(value, dict) else ()
         for k, item in items:
             if dataclasses.is_dataclass(item):
-                where = f"{f.name}[{k}]" if isinstance(value, list) else f"{f.name}.{k}"
-                try:
-                    _validate(item)
-                except ConfigError as e:
-                    raise ConfigError(f"{where}.{e}") from None
+                _validate_section(item, f"{path}{f.name}[{k}]." if isinstance(value, list) else f"{path}{f.name}.{k}.")
     if hasattr(obj, "validate"):
         obj.validate()
+
+
+def _validate_section(section: Any, path: str) -> None:
+    try:
+        _validate(section, path)
+    except ConfigError as e:
+        if str(e).startswith(path):
+            raise
+        raise ConfigError(f"{path}{e}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

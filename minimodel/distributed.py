@@ -59,7 +59,7 @@ class ParallelConfig:
                     "virtual (interleaved) stages need pipeline_model_parallel_size > 1; set it to null")
         require(not self.sequence_parallel or self.tensor_model_parallel_size > 1, "sequence_parallel",
                 "sequence parallelism splits activations over tensor-parallel ranks: it needs "
-                "tensor_model_parallel_size > 1 (or set sequence_parallel=false)")
+                "tensor_model_parallel_size > 1 (or set parallel.sequence_parallel=false)")
         require(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
                 f"{self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
 
@@ -72,7 +72,7 @@ class ParallelConfig:
         return self.virtual_pipeline_model_parallel_size or 1
 
     def data_parallel_size(self, world_size: int) -> int:
-        require(world_size % self.model_parallel_size == 0, "tensor_model_parallel_size",
+        require(world_size % self.model_parallel_size == 0, "parallel.tensor_model_parallel_size",
                 f"world size {world_size} is not divisible by tensor_model_parallel_size x "
                 f"pipeline_model_parallel_size = {self.tensor_model_parallel_size} x "
                 f"{self.pipeline_model_parallel_size}: launch a multiple of {self.model_parallel_size} processes")
@@ -81,12 +81,12 @@ class ParallelConfig:
     def num_microbatches(self, world_size: int) -> int:
         dp = self.data_parallel_size(world_size)
         per_step = self.micro_batch_size * dp
-        require(self.global_batch_size % per_step == 0, "global_batch_size",
+        require(self.global_batch_size % per_step == 0, "parallel.global_batch_size",
                 f"{self.global_batch_size} is not a multiple of micro_batch_size x data-parallel size = "
                 f"{self.micro_batch_size} x {dp}")
         n = self.global_batch_size // per_step
         if self.num_model_chunks > 1:
-            require(n % self.pipeline_model_parallel_size == 0, "global_batch_size",
+            require(n % self.pipeline_model_parallel_size == 0, "parallel.global_batch_size",
                     f"the interleaved schedule needs the number of microbatches ({n}) to be a multiple of "
                     f"pipeline_model_parallel_size={self.pipeline_model_parallel_size}")
         return n

@@ -117,6 +117,8 @@ class PipelineConfig:
         require(self.source_lang not in self.target_langs, "target_langs",
                 f"the source language {self.source_lang} cannot also be a target")
         require(len(self.target_langs) >= 1, "target_langs", "name at least one target language")
+        for key in ("pretrain_nproc", "adapt_nproc"):
+            require(getattr(self, key) >= 1, key, f"{getattr(self, key)} processes: give at least 1")
         parsed = [parse_method(spec, f"methods[{i}]") for i, spec in enumerate(self.methods)]
         for i, (spec, method) in enumerate(zip(self.methods, parsed)):
             require(method.builds_on is None or method.builds_on in self.methods, f"methods[{i}]",
@@ -150,7 +152,11 @@ class PipelineConfig:
             path = getattr(self.configs, name)
             require(Path(path).is_file(), f"configs.{name}", f"{path} does not exist")
         # the data stage's sources: checked now, and the files among them watched for changes (build_stages)
-        load_config(DataConfig, self.configs.data, self.overrides.get("data", []))
+        data = load_config(DataConfig, self.configs.data, self.overrides.get("data", []))
+        for lang in [self.source_lang, *self.target_langs]:
+            require(lang in data.languages, "source_lang" if lang == self.source_lang else "target_langs",
+                    f"{lang} is not a language of the data config {self.configs.data} (it has "
+                    f"{', '.join(data.languages)}): add languages.{lang}.sources there, or pick one of those")
         require(bool(self.configs.zero_shot), "configs.zero_shot", "list at least one zero-shot config")
         for i, path in enumerate(self.configs.zero_shot):
             require(Path(path).is_file(), f"configs.zero_shot[{i}]", f"{path} does not exist")

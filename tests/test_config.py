@@ -141,6 +141,29 @@ def test_sections_in_lists_are_validated_and_named():
         load_config(Languages, None, ["vectors=[{path: a.vec}, {}]"])
 
 
+@dataclass
+class Init:
+    method: str = "copy"
+    ofa: Languages = field(default_factory=Languages)  # a section two levels down, with a list of sections
+
+
+@dataclass
+class Nested:
+    init: Init = field(default_factory=Init)
+    model: Layout = field(default_factory=Layout)  # its messages name their full key (model.mini_layers)
+
+
+def test_a_nested_sections_messages_name_the_key_from_the_top():
+    """A section names its keys relative to itself (path) or in full (model.mini_layers): both reach the user as
+    the key they would type; the relative ones lacked the sections above them."""
+    with pytest.raises(ConfigError, match=r"^init\.ofa\.vectors\[0\]\.path: name a file"):
+        load_config(Nested, None, ["init.ofa.vectors=[{}]"])
+    with pytest.raises(ConfigError, match=r"^model\.mini_layers: 6 is more than"):
+        load_config(Nested, None, ["model.mini_layers=6"])
+    with pytest.raises(ConfigError, match=r"^parallel\.sequence_parallel: .* set parallel\.sequence_parallel=false"):
+        load_config(PretrainConfig, None, ["parallel.sequence_parallel=true"])
+
+
 def test_overrides_may_come_before_and_after_the_config_file(tmp_path):
     cfg = parse_cli(Root, ["name=x", "--config", str(write(tmp_path, "model:\n  layers: 8\n")), "optim.lr=0.5"])
     assert (cfg.name, cfg.model.layers, cfg.optim.lr) == ("x", 8, 0.5)

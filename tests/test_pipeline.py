@@ -33,6 +33,14 @@ def test_stages_follow_the_method_and_validate():
         load_config(PipelineConfig, SMOKE, ["target_langs=[en]"])
     with pytest.raises(ConfigError, match="overrides.adapter"):
         load_config(PipelineConfig, SMOKE, ["overrides.adapter=[x=1]"])
+    # a language the data config does not build is refused before any stage runs (it failed in adaptation)
+    with pytest.raises(ConfigError, match="target_langs: xx is not a language of the data config .* add "
+                                          "languages.xx.sources"):
+        load_config(PipelineConfig, SMOKE, ["target_langs=[ny, xx]"])
+    with pytest.raises(ConfigError, match="source_lang: de is not a language"):
+        load_config(PipelineConfig, SMOKE, ["source_lang=de"])
+    with pytest.raises(ConfigError, match="pretrain_nproc: 0 processes"):
+        load_config(PipelineConfig, SMOKE, ["pretrain_nproc=0"])
 
 
 def test_seed_method_overrides_and_no_step_3_without_a_fine_tuned_task():

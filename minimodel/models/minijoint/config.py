@@ -48,8 +48,9 @@ class ModelConfig:
                 f"got {self.mini_layers}")
         require(self.aux_weight >= 0, "aux_weight", f"must be >= 0, got {self.aux_weight}")
         require(self.secondary_head != "shared_transform" or self.share_aux_output_embedding,
-                "share_aux_output_embedding", "secondary_head=shared_transform uses the main head, whose projection "
-                "is the tied word embeddings: set share_aux_output_embedding=true (or secondary_head=separate)")
+                "share_aux_output_embedding", "secondary_head=shared_transform uses the main head, whose "
+                "projection is the tied word embeddings: set model.share_aux_output_embedding=true (or "
+                "model.secondary_head=separate)")
         for key in ("hidden_dropout", "attention_dropout"):
             require(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}")
         require(self.layernorm_epsilon > 0, "layernorm_epsilon", "must be > 0")

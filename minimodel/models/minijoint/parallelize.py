@@ -49,19 +49,19 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
     """Fail at start-up, naming the key, if the model cannot be split as `parallel` asks."""
     tp, pp, chunks = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, \
         parallel.num_model_chunks
-    require(model.num_attention_heads % tp == 0, "tensor_model_parallel_size",
+    require(model.num_attention_heads % tp == 0, "parallel.tensor_model_parallel_size",
             f"num_attention_heads={model.num_attention_heads} is not divisible by tensor_model_parallel_size={tp}")
-    require(model.ffn_size % tp == 0, "tensor_model_parallel_size",
+    require(model.ffn_size % tp == 0, "parallel.tensor_model_parallel_size",
             f"ffn_hidden_size={model.ffn_size} is not divisible by tensor_model_parallel_size={tp}")
-    require(model.padded_vocab_size % tp == 0, "tensor_model_parallel_size",
+    require(model.padded_vocab_size % tp == 0, "parallel.tensor_model_parallel_size",
             f"the padded vocabulary ({model.padded_vocab_size}, a multiple of make_vocab_size_divisible_by="
             f"{model.make_vocab_size_divisible_by}) is not divisible by tensor_model_parallel_size={tp}")
-    key = "virtual_pipeline_model_parallel_size" if chunks > 1 else "pipeline_model_parallel_size"
+    key = f"parallel.{'virtual_' if chunks > 1 else ''}pipeline_model_parallel_size"
     require(model.num_layers % (pp * chunks) == 0, key,
             f"num_layers={model.num_layers} cannot be split evenly into pipeline_model_parallel_size x "
             f"virtual_pipeline_model_parallel_size = {pp} x {chunks} stages")
     if parallel.sequence_parallel:
-        require(model.seq_length % tp == 0, "sequence_parallel",
+        require(model.seq_length % tp == 0, "parallel.sequence_parallel",
                 f"seq_length={model.seq_length} is not divisible by tensor_model_parallel_size={tp}")
 
 
