@@ -19,6 +19,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from minimodel.errors import MissingInputError
+from minimodel.training.hf_mlm import check_architecture
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
@@ -115,7 +116,8 @@ def load_model(model_dir: str | os.PathLike, auto_class=None, **kwargs):
 
 def load_masked_lm(model_dir: str | os.PathLike):
     """`model_dir` as its *ForMaskedLM, refusing a checkpoint saved without its MLM head (a *Model save, a
-    sentence-embedding model): transformers would give it a random head that adaptation cannot learn through."""
+    sentence-embedding model): transformers would give it a random head that adaptation cannot learn through; and
+    an architecture the masked-LM code would read wrong (hf_mlm.check_architecture)."""
     model, info = load_model(model_dir, AutoModelForMaskedLM, output_loading_info=True)
     head_missing = sorted(info["missing_keys"])  # the body's, load_model refused
     if head_missing:
@@ -124,6 +126,7 @@ def load_masked_lm(model_dir: str | os.PathLike):
                           f"(pretrain/minipost.py source={model_dir} mini.head_only=true mini.head_init=random "
                           f"distill.weight=0; in "
                           f"the pipeline primary_head: train) and use its mini/ directory as the primary")
+    check_architecture(model, str(model_dir))
     return model
 
 

@@ -59,6 +59,7 @@ from minimodel.minipost.build import MiniPostError, check_tokenizer
 from minimodel.stages import Stage, StageFailed, StageInterrupted, StopSignals, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
 from minimodel.training.config import LAYOUT_KEYS, PretrainConfig
+from minimodel.training.hf_mlm import UnsupportedModelError, check_model_config
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 
 
@@ -175,6 +176,10 @@ class PipelineConfig:
         require(config.is_file(), "primary_model", f"{self.primary_model} is not a Hugging Face model directory (no "
                 "config.json): give a directory saved with save_pretrained (model + tokenizer)")
         model_config = AutoConfig.from_pretrained(str(config.parent))
+        try:
+            check_model_config(model_config, self.primary_model)
+        except UnsupportedModelError as e:
+            raise ConfigError(f"primary_model: {e}") from None
         architectures = model_config.architectures or []
         require(self.primary_head == "train" or any(a.endswith("ForMaskedLM") for a in architectures),
                 "primary_head", f"{self.primary_model} was saved without a masked-LM head (as {architectures}): set "

@@ -11,7 +11,8 @@ SIZES = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, interme
 
 def make_model(kind: str, vocab_size: int = 120, pad_token_id: int = 1, seed: int = 0, with_head: bool = True,
                **overrides):
-    """A random-weight model of `kind` in {"xlmr", "xlmr-xl", "roberta", "bert", "megatron"} (pad id 1, as XLM-R)."""
+    """A random-weight model of `kind` in {"xlmr", "xlmr-xl", "roberta", "bert", "megatron", "camembert",
+    "deberta-v2", "mpnet"} (pad id 1, as XLM-R)."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -34,6 +35,19 @@ def make_model(kind: str, vocab_size: int = 120, pad_token_id: int = 1, seed: in
     elif kind == "megatron":
         config = tf.MegatronBertConfig(vocab_size=vocab_size, pad_token_id=pad_token_id, **sizes)
         cls = tf.MegatronBertForMaskedLM if with_head else tf.MegatronBertModel
+    elif kind == "camembert":  # positions numbered from the pad id, as RoBERTa's
+        config = tf.CamembertConfig(vocab_size=vocab_size, pad_token_id=pad_token_id, bos_token_id=0,
+                                    eos_token_id=2, type_vocab_size=1, **sizes)
+        cls = tf.CamembertForMaskedLM if with_head else tf.CamembertModel
+    elif kind == "deberta-v2":  # a relative-position table and its norm outside the layers, read by every layer
+        config = tf.DebertaV2Config(vocab_size=vocab_size, pad_token_id=pad_token_id, relative_attention=True,
+                                    position_buckets=16, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                                    position_biased_input=False, type_vocab_size=0, **sizes)
+        cls = tf.DebertaV2ForMaskedLM if with_head else tf.DebertaV2Model
+    elif kind == "mpnet":  # a relative attention bias outside the layers, read by every layer
+        config = tf.MPNetConfig(vocab_size=vocab_size, pad_token_id=pad_token_id, bos_token_id=0, eos_token_id=2,
+                                **sizes)
+        cls = tf.MPNetForMaskedLM if with_head else tf.MPNetModel
     else:
         raise ValueError(kind)
     model = cls(config)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoModelForMaskedLM, AutoModelForSequenceClassification, GPT2Config, GPT2Model,
+from transformers import (AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, GPT2Config, GPT2Model,
                           MegatronBertConfig, MegatronBertForMaskedLM)
 
 from minimodel.data.tokenizer import train_tokenizer
 from minimodel.errors import UserError
 from minimodel.hf import HFLoadError, load_model, load_tokenizer
+from minimodel.training.hf_mlm import (UnsupportedModelError, check_architecture, check_model_config,
+                                       masked_lm_logits, max_sequence_length)
+from minipost_helpers import make_model
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +115,43 @@ def test_model_hash_covers_the_weights_transformers_loads_only(tmp_path):
     assert model_hash(tmp_path) == bin_only
     (tmp_path / "pytorch_model.bin").write_bytes(b"other weights, pickled")
     assert model_hash(tmp_path) != bin_only
+
+
+# -- which masked LMs the masked-LM code reads right ----------------------------------------------------------------
+SMALL = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "xlmr-xl", "roberta", "bert", "megatron", "camembert", "deberta-v2",
+                                  "mpnet"])
+def test_supported_families_pass_the_architecture_check_and_take_their_longest_input(kind):
+    model = make_model(kind)
+    check_architecture(model, kind)
+    check_model_config(model.config, kind)
+    longest = max_sequence_length(model)
+    model(input_ids=torch.full((1, longest), 5))  # RoBERTa-style positions start at pad + 1: two rows fewer
+    if kind != "deberta-v2":  # relative positions only: any length
+        with pytest.raises((IndexError, RuntimeError)):
+            model(input_ids=torch.full((1, longest + 1), 5))
+
+
+@pytest.mark.parametrize("family, sizes, why", [
+    ("electra", {"embedding_size": 32}, "its logits are not its LM head applied to the top hidden states"),
+    ("electra", {"embedding_size": 16}, "its LM head does not take the top hidden states"),
+    ("distilbert", dict(vocab_size=120, dim=32, n_layers=2, n_heads=2, hidden_dim=64), "layers are not at"),
+    ("albert", {"embedding_size": 32}, "layers are not at base_model.encoder.layer"),
+    ("xlm", dict(vocab_size=120, emb_dim=32, n_layers=2, n_heads=2), "layers are not at base_model.encoder.layer"),
+    ("rembert", {"input_embedding_size": 16, "output_embedding_size": 24}, "output embeddings are not of its input"),
+])
+def test_families_the_masked_lm_code_would_read_wrong_are_refused_by_name(family, sizes, why):
+    config = AutoConfig.for_model(family, **(sizes if "vocab_size" in sizes else {**SMALL, **sizes}))
+    with pytest.raises(UnsupportedModelError, match=rf"models/x: \w+ is not supported \(.*{why}.*; supported are BERT"):
+        check_model_config(config, "models/x")
+
+
+def test_electras_masked_lm_logits_are_not_its_logits_which_is_why_it_is_refused():
+    """ELECTRA's head transform is a child of its own: the masked-LM code would train and score the bare decoder."""
+    model = AutoModelForMaskedLM.from_config(AutoConfig.for_model("electra", embedding_size=32, **SMALL)).eval()
+    ids = torch.arange(4, 12)[None]
+    batch = {"input_ids": ids, "labels": ids}
+    _, ours = masked_lm_logits(model, batch)
+    assert not torch.allclose(ours, model(input_ids=ids).logits[0], atol=1e-3)

@@ -92,6 +92,16 @@ def test_wrong_primary_inputs_are_refused(models, overrides, message):
         load_config(PipelineConfig, HF_TINY, overrides)
 
 
+@pytest.mark.parametrize("family, sizes", [
+    ("electra", dict(embedding_size=32, hidden_size=32, num_attention_heads=2, intermediate_size=64)),
+    ("xlm", dict(emb_dim=32, n_heads=2)),  # has a masked-LM head (XLMWithLMHeadModel): not said to lack one
+])
+def test_a_primary_of_a_family_the_masked_lm_code_reads_wrong_is_refused_by_name(family, sizes, tmp_path):
+    AutoConfig.for_model(family, vocab_size=120, **sizes).save_pretrained(tmp_path / family)
+    with pytest.raises(ConfigError, match=rf"primary_model: .*{family}: \w+ is not supported \(.*; supported are"):
+        load_config(PipelineConfig, HF_TINY, [f"primary_model={tmp_path / family}"])
+
+
 def run_hf_pipeline(family: str, tmp_path, *overrides: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """configs/pipeline/hf_tiny.yaml as a user runs it: the documented model command for `family`, then the pipeline
     over that model (multi-process: DeepSpeed adaptation, a process per stage), which must end with the report.

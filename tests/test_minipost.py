@@ -12,7 +12,7 @@ from minimodel.minipost.build import (MiniPostError, build_mini_model, changed_f
 from minimodel.training.hf_mlm import DistilledMLMLoss, masked_lm_loss
 from minipost_helpers import make_model, save_model
 
-KINDS = ["xlmr", "xlmr-xl", "roberta", "bert", "megatron"]
+KINDS = ["xlmr", "xlmr-xl", "roberta", "bert", "megatron", "camembert", "deberta-v2", "mpnet"]
 
 
 def _batch(vocab=120, seed=1):
@@ -63,6 +63,23 @@ def test_freezing_split(kind):
     logits.logsumexp(-1).mean().backward()
     grads = {n for n, p in mini.named_parameters() if p.grad is not None}
     assert grads == set(new)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_whatever_the_new_parameters_become_the_frozen_bottom_computes_what_the_sources_does(kind):
+    """Nothing the first k layers read is trained: DeBERTa's relative-position table and its norm, MPNet's attention
+    bias sit outside the layers (they were new, so training moved the frozen layers' outputs away from the
+    source's, and the mini-model out of alignment with the primary the embeddings are plugged into)."""
+    source = make_model(kind)
+    mini, new = build_mini_model(source, layers=2, new_layers=1)
+    params = dict(mini.named_parameters())
+    with torch.no_grad():
+        for name in new:
+            params[name].add_(torch.randn_like(params[name]))
+    batch = _batch()
+    ours = mini(**batch, output_hidden_states=True).hidden_states[2]
+    theirs = source(**batch, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_random_init_options():

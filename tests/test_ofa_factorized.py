@@ -51,7 +51,7 @@ def primary(tmp_path):
 
 
 def _factorised(primary, init="copy_shared"):
-    cfg = AdaptConfig(over="full", primary_model=str(primary))
+    cfg = AdaptConfig(over="full", primary_model=str(primary), seq_length=32)  # the model takes 40 positions
     cfg.init.method, cfg.embedding.factorized_dim = init, D
     return build_adaptation_model(cfg, str(primary), TARGET, "sw")
 
@@ -111,7 +111,7 @@ def test_ofa_runs_in_coordinate_space_from_the_configured_vectors(primary, tmp_p
     vec = tmp_path / "v.vec"
     vec.write_text("en:house 1 0\nen:houses 1 1\nen:water 0 1\nen:dog 0.5 0.5\nsw:nyumba 1 -0.2\nsw:maji 0.1 1\n"
                    "sw:mbwa 0.4 0.6\n")
-    cfg = AdaptConfig(over="full", primary_model=str(primary))
+    cfg = AdaptConfig(over="full", primary_model=str(primary), seq_length=32)  # the model takes 40 positions
     cfg.init.method, cfg.embedding.factorized_dim = "ofa", D
     cfg.init.ofa.vectors = [VectorFileConfig(str(vec))]
     _, trainable, fixed, summary = build_adaptation_model(cfg, str(primary), TARGET, "sw")

@@ -46,7 +46,7 @@ from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig, resolve_zero_config
 from minimodel.training.deepspeed_loop import gather_full_params, optimizer_state_numel, train, zero_stage
-from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, mlm_head
+from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, max_sequence_length, mlm_head
 from minimodel.training.metrics import plot_losses
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,8 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer, l
     artifact carries besides them: the token map the rows were initialised through and, factorised, the primitives;
     the initialiser's summary: rows per rule)."""
     model = load_masked_lm(model_dir)
+    require(cfg.seq_length <= max_sequence_length(model), "seq_length", f"{cfg.seq_length} is longer than the "
+            f"positions of {model_dir} allow ({max_sequence_length(model)}): lower seq_length")
     if cfg.init.method == "random":
         mapping = torch.full((len(target_tokenizer),), -1, dtype=torch.long)
     else:

@@ -23,7 +23,7 @@ from transformers import AutoModelForMaskedLM
 
 from minimodel.errors import UserError
 from minimodel.hf import load_model
-from minimodel.training.hf_mlm import encoder_layers
+from minimodel.training.hf_mlm import check_architecture, encoder_layers, mlm_head
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def load_source_model(model_dir: str | os.PathLike, head_init: Init = "source", 
             raise MiniPostError(f"{model_dir} has no masked-LM head, so it has no predictions to distill: set "
                                 f"distill.weight=0 to train the new head on the gold tokens alone")
         log.warning("%s has no masked-LM head: MiniPost creates a new one at random (mini.head_init=random)", model_dir)
+    check_architecture(model, str(model_dir))
     model.eval()
     return model
 
@@ -102,16 +103,23 @@ def layers_name(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is layers)
 
 
+# Norms applied after the last layer, by model type: the mini-model's own, trained with its new layers.
+TOP_NORMS = {"megatron-bert": ("encoder.ln",), "xlm-roberta-xl": ("encoder.LayerNorm",)}
+
+
 def split_parameters(mini: nn.Module, frozen_layers: int) -> tuple[list[str], list[str]]:
-    """(frozen, new) parameter names of a mini-model: embeddings and the first `frozen_layers` layers are frozen;
-    everything else (new layers, top norm, head except the tied decoder weight) is new. Decided by identity, so a
-    tied parameter counts once, as the embedding it is."""
-    frozen_ids = {id(p) for p in mini.base_model.embeddings.parameters()}
-    for layer in encoder_layers(mini)[:frozen_layers]:
-        frozen_ids.update(id(p) for p in layer.parameters())
+    """(frozen, new) parameter names of a mini-model: the layers after the first `frozen_layers`, the head except
+    the tied decoder weight, and a top norm (TOP_NORMS) are new; everything else is frozen: the embeddings, the
+    first layers and what they read besides (DeBERTa's relative-position table, MPNet's attention bias). Decided by
+    identity, so a tied parameter counts once, as the embedding it is."""
+    new_ids = {id(p) for layer in encoder_layers(mini)[frozen_layers:] for p in layer.parameters()}
+    new_ids.update(id(p) for p in mlm_head(mini).parameters())
+    for name in TOP_NORMS.get(mini.config.model_type, ()):
+        new_ids.update(id(p) for p in mini.base_model.get_submodule(name).parameters())
+    new_ids -= {id(p) for p in mini.base_model.embeddings.parameters()}
     frozen, new = [], []
     for name, p in mini.named_parameters():
-        (frozen if id(p) in frozen_ids else new).append(name)
+        (new if id(p) in new_ids else frozen).append(name)
     return frozen, new
 
 

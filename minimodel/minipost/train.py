@@ -42,7 +42,7 @@ from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig
 from minimodel.training.deepspeed_loop import gather_full_params, train
-from minimodel.training.hf_mlm import DistilledMLMLoss, MLMFlops, masked_lm_loss
+from minimodel.training.hf_mlm import DistilledMLMLoss, MLMFlops, masked_lm_loss, max_sequence_length
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,6 @@ class MiniPostConfig:
         require(self.distill.temperature > 0, "distill.temperature", "must be > 0")
 
 
-def _max_sequence(config) -> int:
-    # RoBERTa-style models (XLM-R) number positions from pad_token_id + 1, so two rows are never used.
-    offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta", "xlm-roberta-xl") else 0
-    return config.max_position_embeddings - offset
-
-
 def _write_mini_model(model, tokenizer, out_dir: Path, manifest: dict) -> Path:
     """Save atomically: a crash leaves the previous mini/ (if any) intact."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -142,9 +136,9 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
     if cfg.alignment.primary_layer is not None and not 1 <= cfg.alignment.primary_layer <= depth:
         raise MiniPostError(f"alignment.primary_layer={cfg.alignment.primary_layer}: the source has layers 1..{depth} "
                             f"(null compares with its final layer)")
-    if cfg.data.seq_length > _max_sequence(source.config):
+    if cfg.data.seq_length > max_sequence_length(source):
         raise MiniPostError(f"data.seq_length={cfg.data.seq_length} is longer than the source model's positions "
-                            f"allow ({_max_sequence(source.config)}): lower data.seq_length")
+                            f"allow ({max_sequence_length(source)}): lower data.seq_length")
     layers, new_layers = (depth, 0) if cfg.mini.head_only else (cfg.mini.layers, cfg.mini.new_layers)
     build = dict(layers=layers, new_layers=new_layers, new_layer_init=cfg.mini.new_layer_init,
                  head_init=cfg.mini.head_init, seed=cfg.mini.seed)

@@ -15,9 +15,20 @@ Works with MegatronBert (our exports), BERT, RoBERTa and XLM-R alike: the body i
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoModelForMaskedLM
+
+from minimodel.errors import UserError
+
+SUPPORTED = "BERT-class encoders: BERT, mBERT, RoBERTa, XLM-R, CamemBERT, DeBERTa-v2, MegatronBERT"
+
+
+class UnsupportedModelError(UserError):
+    """A masked LM whose layout the code here does not read right."""
 
 
 def mlm_head(model: nn.Module) -> nn.Module:
@@ -36,6 +47,60 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
         return model.base_model.encoder.layer
     except AttributeError:
         raise ValueError(f"{type(model).__name__} is not a BERT-class encoder (no base_model.encoder.layer)") from None
+
+
+def check_architecture(model: nn.Module, where: str) -> None:
+    """Refuse, naming the class, a masked LM this module would read wrong: layers not at base_model.encoder.layer
+    (ALBERT, DistilBERT, XLM, ModernBERT), input and output embeddings of different widths (RemBERT), or logits that
+    are not mlm_head applied to the top hidden states (ELECTRA, whose head transform is another child)."""
+    def refuse(why: str):
+        raise UnsupportedModelError(f"{where}: {type(model).__name__} is not supported ({why}); supported are "
+                                    f"{SUPPORTED}")
+
+    if not isinstance(getattr(getattr(model.base_model, "encoder", None), "layer", None), nn.ModuleList):
+        refuse("its layers are not at base_model.encoder.layer")
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or inputs.weight.shape[1] != outputs.weight.shape[1]:
+        refuse("its output embeddings are not of its input embeddings' width")
+    try:
+        head = mlm_head(model)
+    except ValueError as e:
+        refuse(str(e))
+    pad = model.config.pad_token_id
+    ids = torch.tensor([[i for i in range(1, 10) if i != pad][:8]], device=inputs.weight.device)
+    training = model.training
+    model.eval()  # dropout off: the two paths must agree exactly
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            direct = head(model.base_model(input_ids=ids).last_hidden_state)
+    except RuntimeError as e:  # e.g. a head that expects a projection of the hidden states
+        refuse(f"its LM head does not take the top hidden states: {e}")
+    finally:
+        model.train(training)
+    if not torch.allclose(direct, logits, rtol=1e-5, atol=1e-5 * float(logits.abs().max())):
+        refuse("its logits are not its LM head applied to the top hidden states: part of the head sits elsewhere")
+
+
+def check_model_config(config, where: str) -> None:
+    """check_architecture on a one-layer model of this config with random weights (and a small vocabulary when its
+    special ids allow): the check without loading the weights."""
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 1
+    special = [v for k, v in vars(config).items() if k.endswith("token_id") and isinstance(v, int)]
+    if max(special, default=0) < 64:
+        small.vocab_size = min(config.vocab_size, 64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForMaskedLM.from_config(small)
+    check_architecture(model, where)
+
+
+def max_sequence_length(model: nn.Module) -> int:
+    """The longest input its position embeddings take: RoBERTa-style embeddings (XLM-R, CamemBERT, MPNet) number
+    positions from padding_idx + 1, leaving those first rows unused."""
+    padding_idx = getattr(model.base_model.embeddings, "padding_idx", None)
+    return model.config.max_position_embeddings - (0 if padding_idx is None else padding_idx + 1)
 
 
 def masked_lm_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
