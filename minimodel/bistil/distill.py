@@ -58,7 +58,7 @@ from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train
-from minimodel.training.hf_mlm import MLMFlops
+from minimodel.training.hf_mlm import MLMFlops, check_architecture
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,10 @@ class BilingualMLM(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(len(d) for d in self.data.values())
 
+    def for_epoch(self, epoch: int) -> BilingualMLM:
+        """Each language masked as epoch `epoch` masks it (see MaskedLMDataset.for_epoch)."""
+        return BilingualMLM({lang: d.for_epoch(epoch) for lang, d in self.data.items()}, self.to_student)
+
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         item = {}
         for lang, data in self.data.items():
@@ -304,6 +308,8 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
     vocab = json.loads((run_dir / "vocabulary" / VOCABULARY_FILE).read_text())
     teachers = {code: load_model(p, AutoModelForMaskedLM, attn_implementation="eager").eval().requires_grad_(False)
                 for code, p in paths.items()}
+    for code, teacher in teachers.items():
+        check_architecture(teacher, paths[code])
     tokenizers = {code: load_tokenizer(run_dir / code / TOKENIZER_DIR) for code in paths}  # the teachers' own
     data = {code: MaskedLMDataset(prefixes[code], tokenizers[code], cfg.seq_length, cfg.mask_prob, cfg.data_seed)
             for code in paths}

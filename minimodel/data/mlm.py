@@ -2,11 +2,13 @@
 
 The verses, in order, form one token stream that is cut into windows of `seq_length - 2` tokens, each framed as
 `<s> tokens... </s>` (only the last window is padded): no compute is spent on padding, and a verse may continue in
-the next sequence, as in RoBERTa's FULL-SENTENCES packing. Masking is a pure function of (seed, index), so every
-process, worker and resumed run sees exactly the same item i.
+the next sequence, as in RoBERTa's FULL-SENTENCES packing. Masking is a pure function of (seed, epoch, index), so
+every process, worker and resumed run sees exactly the same item i; each epoch masks afresh (`for_epoch`: dynamic
+masking, as RoBERTa), so a long run on a small corpus does not learn the same masks over and over.
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -36,6 +38,7 @@ class MaskedLMDataset(torch.utils.data.Dataset):
         self.seq_length = seq_length
         self.mask_prob = mask_prob
         self.seed = seed
+        self.epoch = 0
         # a sequence's first and last special tokens: <s> </s> (XLM-R, RoBERTa), [CLS] [SEP] (BERT, which has no bos)
         self.bos_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         self.eos_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
@@ -54,6 +57,12 @@ class MaskedLMDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return -(-self.num_tokens // self._capacity)
 
+    def for_epoch(self, epoch: int) -> MaskedLMDataset:
+        """The same sequences masked as epoch `epoch` masks them (epoch 0: as this dataset does)."""
+        dataset = copy.copy(self)
+        dataset.epoch = epoch
+        return dataset
+
     def tokens(self, index: int) -> np.ndarray:
         """The unmasked tokens of sequence `index` (without <s>, </s> and padding)."""
         start = index * self._capacity
@@ -71,7 +80,7 @@ class MaskedLMDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} sequences")
         tokens = self.tokens(index)
         n = len(tokens)
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, index] + ([self.epoch] if self.epoch else []))
         ordinary = ~np.isin(tokens, self._special_ids)
         selected = (rng.random(n) < self.mask_prob) & ordinary
         candidates = np.flatnonzero(ordinary)

@@ -87,7 +87,7 @@ from minimodel.distributed import initialize_deepspeed
 from minimodel.training.config import DeepSpeedLoopConfig, resolve_zero_config
 from minimodel.training.metrics import MetricSink
 from minimodel.training.preemption import PreemptionSignal
-from minimodel.training.sampler import MicroBatches, stack
+from minimodel.training.sampler import MicroBatches, epochs_of, stack
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
     sink = MetricSink(output_dir / "metrics.jsonl", tracker, rank0=rank == 0)
     sink.resume(state["step"])
 
-    samples = MicroBatches(lambda epoch: train_data, seed=cfg.seed, shuffle=cfg.shuffle,
+    samples = MicroBatches(epochs_of(train_data), seed=cfg.seed, shuffle=cfg.shuffle,
                            global_batch=cfg.micro_batch_size * cfg.grad_accumulation * world,
                            micro_batch=cfg.micro_batch_size, dp_size=world, dp_rank=rank)
 

@@ -31,7 +31,7 @@ from minimodel.training import checkpoint as ckpt
 from minimodel.training.config import PretrainConfig, PretrainLoopConfig
 from minimodel.training.metrics import MetricSink, plot_losses
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PreemptionSignal
-from minimodel.training.sampler import MicroBatches
+from minimodel.training.sampler import MicroBatches, epochs_of
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ class Trainer:
         sampling = dict(global_batch=cfg.parallel.global_batch_size, micro_batch=cfg.parallel.micro_batch_size,
                         dp_size=dp_size, dp_rank=mpu.get_data_parallel_rank())
         data, seq = cfg.data, cfg.model.seq_length
-        self.train_data = MicroBatches(  # a new masking seed every epoch (dynamic masking), deterministic
-            lambda epoch: data.dataset("train", tokenizer, seq, seed=cfg.train.seed + epoch),
+        self.train_data = MicroBatches(  # each epoch masked afresh (dynamic masking), deterministic
+            epochs_of(data.dataset("train", tokenizer, seq, seed=cfg.train.seed)),
             seed=cfg.train.seed, shuffle=True, **sampling)
         self.valid_data = MicroBatches(  # the same validation batches every time
             lambda epoch: data.dataset("valid", tokenizer, seq, seed=0), seed=0, shuffle=False, **sampling)

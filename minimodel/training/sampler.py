@@ -20,6 +20,12 @@ def stack(items: list[dict]) -> dict[str, np.ndarray]:
     return {key: np.stack([np.asarray(item[key]) for item in items]) for key in items[0]}
 
 
+def epochs_of(dataset: Dataset) -> Callable[[int], Dataset]:
+    """epoch -> the dataset that epoch reads: its `for_epoch(epoch)` where it has one (a masked-LM dataset masks each
+    epoch afresh), else the dataset itself."""
+    return getattr(dataset, "for_epoch", None) or (lambda epoch: dataset)
+
+
 class MicroBatches:
     def __init__(self, make_dataset: Callable[[int], Dataset], *, seed: int, global_batch: int, micro_batch: int,
                  dp_size: int, dp_rank: int, shuffle: bool):
