@@ -19,7 +19,7 @@ from minimodel.models.minijoint.config import ModelConfig
 from minimodel.models.minijoint.hf_format import hf_config
 from minimodel.sft.file import SFTError, SparseDiff, SparseFineTuning, compose, read_reference, write_reference
 from minimodel.sft.select import partition_parameters, resolve_k, select_top_k
-from minimodel.sft.train import GradientHooks, SFTConfig, check_loop_config, difference
+from minimodel.sft.train import GradientHooks, SFTConfig, check_loop_config, difference, l1_gradient
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 
 TINY = dict(vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
@@ -125,6 +125,17 @@ def test_l1_gradient_is_lambda_sign_over_n_accumulated_over_micro_batches_and_ma
     task = np.arange(6.0).reshape(2, 3)
     np.testing.assert_allclose(p.grad.numpy(), np.where(mask.numpy(), task + expected, 0.0), rtol=1e-6)
     hooks.remove()
+
+
+def test_l1_gradient_of_an_untouched_bf16_entry_is_zero():
+    """DeepSpeed's bf16 module holds bf16(theta): an entry training never moved is bf16(theta0), no pull at all."""
+    theta0 = torch.tensor([0.1, 1.0 / 3.0, -2.7, 5.0])  # most not representable in bf16
+    untouched = theta0.to(torch.bfloat16)
+    assert not torch.equal(untouched.float(), theta0)
+    assert torch.equal(l1_gradient(untouched, theta0, 0.5), torch.zeros(4))
+    moved = untouched.clone()
+    moved[0] += 0.5
+    assert torch.equal(l1_gradient(moved, theta0, 0.5), torch.tensor([0.5, 0.0, 0.0, 0.0]))
 
 
 def test_loop_settings_that_would_break_sparsity_are_refused():

@@ -56,8 +56,9 @@ class LanguageSFTConfig(PerLanguageRun):
     mask_prob: float = 0.15
     data_seed: int = 0
     freeze_decoder: bool = True  # untie and freeze the output embeddings (the reference's language SFTs)
-    # the reference's language SFTs: L1 0.1 in both phases; K: 1% of the eligible values unless sft.k is set
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(full_l1=0.1, sparse_l1=0.1))
+    # the reference's language SFTs: L1 in both phases (its 0.1 at gradient accumulation 2: 0.2 per step, see
+    # SFTConfig.full_l1); K: 1% of the eligible values unless sft.k is set
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(full_l1=0.2, sparse_l1=0.2))
     train: DeepSpeedLoopConfig = field(default_factory=lambda: DeepSpeedLoopConfig(
         steps=10000, optim=OptimizerConfig(lr=5e-5), schedule=ScheduleConfig(warmup_steps=100)))
     overwrite: bool = False  # a language's directory holding another config's run: discard it (else: an error)

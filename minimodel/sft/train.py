@@ -109,8 +109,10 @@ def check_loop_config(train_cfg: DeepSpeedLoopConfig, cfg: SFTConfig) -> None:
 
 
 def l1_gradient(p: torch.Tensor, p0: torch.Tensor, scale: float) -> torch.Tensor:
-    """d/dtheta of scale * sum|theta - theta0|: scale * sign(theta - theta0) (0 where theta == theta0)."""
-    return scale * torch.sign(p.detach().float() - p0)
+    """d/dtheta of scale * sum|theta - theta0|: scale * sign(theta - theta0) (0 where theta == theta0). Compared in
+    the module's dtype: under bf16 the module holds bf16(theta), and an untouched entry is bf16(theta0), which an
+    fp32 theta0 would see as moved (a push every step, Adam moving it about lr each time)."""
+    return scale * torch.sign((p.detach() - p0.to(p.dtype)).float())
 
 
 class GradientHooks:
