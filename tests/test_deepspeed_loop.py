@@ -68,6 +68,28 @@ def test_each_update_runs_at_the_scheduled_positive_lr_and_logs_it(tmp_path):
     assert lrs == pytest.approx(expected), lrs
 
 
+# A dataset that varies by epoch (as masked-LM data masks afresh): the loop reads epoch e from for_epoch(e).
+EPOCHS = TOY + textwrap.dedent("""
+    import json
+
+    class Epochs(list):
+        requested = []
+
+        def for_epoch(self, epoch):
+            Epochs.requested.append(epoch)
+            return self
+
+    cfg.steps = 40  # 160 items of 64: epochs 0, 1 and 2
+    train(cfg, model, Epochs(data), loss_fn, flops_fn=lambda batch: 1.0, output_dir=sys.argv[1])
+    json.dump(sorted(set(Epochs.requested)), open(sys.argv[1] + "/epochs.json", "w"))
+""")
+
+
+def test_the_loop_reads_each_epoch_of_a_dataset_that_varies_by_epoch(tmp_path):
+    _run_toy(EPOCHS, tmp_path)
+    assert json.loads((tmp_path / "epochs.json").read_text()) == [0, 1, 2]
+
+
 def test_a_released_engine_leaves_the_next_engine_over_the_same_model_intact(tmp_path):
     _run_toy(TWO_ENGINES, tmp_path)
 
