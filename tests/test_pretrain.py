@@ -202,8 +202,8 @@ def _overrides(corpus: Path, out: Path, layout: list[str], *extra: str) -> list[
 @pytest.mark.parametrize("override, message", [
     (f"model.vocab_size={VOCAB + 1}", rf"config error: model\.vocab_size: {VOCAB + 1} differs from the {VOCAB} tokens "
                                       rf"of .*; set model\.vocab_size={VOCAB}"),
-    ("parallel.pipeline_model_parallel_size=3", r"config error: pipeline_model_parallel_size: num_layers=4 cannot be "
-                                                r"split evenly"),
+    ("parallel.pipeline_model_parallel_size=3", r"config error: parallel\.pipeline_model_parallel_size: "
+                                                r"num_layers=4 cannot be split evenly"),
 ])
 def test_startup_errors_exit_cleanly(corpus, tmp_path, override, message):
     """Problems found at start-up end the entry point with exit code 2 and one line naming the key, no traceback."""
