@@ -105,9 +105,10 @@ def test_every_stage_trains_the_embeddings_over_mini_and_full_and_losses_fall(ru
         losses = [m["train/loss"] for m in metrics(run)]
         assert len(losses) == STEPS and info["steps"] == STEPS
         # The fall from the first step stands clear of the batch-to-batch noise of the last steps (a fixed nat
-        # count sat near what this tiny world learns). Measured over world seeds 0/1 x OMP_NUM_THREADS 1/2 (which
-        # pretrain different worlds): falls of 1.13-1.20 nats, 12.6-16.3x the noise: a 2.5x margin over the bar.
-        assert losses[0] - np.mean(losses[-5:]) > 5 * np.std(losses[-10:]), (name, losses)
+        # count sat near what this tiny world learns). Measured with each epoch masked afresh (fixed masks, which
+        # the run half memorised, fell 1.13-1.20 nats) over world seeds 0/1: falls of 0.78-0.90 nats, 3.8-5.3x the
+        # noise: a 1.9x margin over the bar.
+        assert losses[0] - np.mean(losses[-5:]) > 2 * np.std(losses[-10:]), (name, losses)
         evals = [m["eval/loss"] for m in metrics(run) if "eval/loss" in m]
         assert len(evals) == 2 and evals[-1] < math.log(info["vocab_size"]), (name, evals)
         assert info["trainable"] == ["input_embeddings"] and info["tied_output"]
