@@ -69,6 +69,19 @@ def test_svd_embeddings_are_the_rank_d_coordinates():
     assert error == pytest.approx(np.sqrt((s[16:] ** 2).sum()), rel=1e-5)  # the best rank-16 approximation
 
 
+def test_svd_scale_unit_starts_from_the_left_singular_vectors_as_the_reference():
+    teacher = _teacher()
+    weight = teacher.get_input_embeddings().weight.detach()
+    unit = embedding_projection(weight, 16, unit=True).double()
+    np.testing.assert_allclose((unit.T @ unit).numpy(), np.eye(16), atol=1e-5)  # U_d: orthonormal columns
+    s = np.linalg.svd(weight.double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(unit.numpy() * s[:16], embedding_projection(weight, 16).double().numpy(), atol=1e-4)
+    student = build_student(teacher, StudentConfig(hidden_ratio=2, init="svd", svd_scale="unit"))
+    assert torch.equal(student.get_input_embeddings().weight.detach(), unit.float())
+    with pytest.raises(ConfigError, match="student.svd_scale: scales init=svd's embeddings"):
+        StudentConfig(svd_scale="unit").validate()
+
+
 def _projections(teacher, d: int = 16) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """M [L+1, h, d] fitted on each teacher state's own token vectors (64 tokens: more than d), and those states."""
     torch.manual_seed(2)

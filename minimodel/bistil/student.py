@@ -7,7 +7,7 @@ dropout. Initialisation (`init`):
   MiniJoint / MiniPost mini-model's layers: those students start aligned). Needs h = 1.
 - `svd`: with h > 1 only the word embeddings can come from the teacher: its (trimmed) embedding matrix projected on
   its top-d right singular vectors (E V_d = U_d S_d, the rank-d approximation in d coordinates, at the teacher's
-  scale); everything else random.
+  scale; `svd_scale: unit` starts from U_d alone, as the reference's released code does); everything else random.
 - `random`: nothing from the teacher.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ class StudentConfig:
     hidden_ratio: int = 1  # h: hidden and FFN sizes / h (the reference: 1, or 2 for "6 layers, 384 dims")
     init: Literal["teacher", "svd", "random"] = "teacher"
     layer_map: Literal["regular", "bottom"] = "regular"  # which teacher layers init=teacher copies
+    svd_scale: Literal["teacher", "unit"] = "teacher"  # init=svd: U_d S_d (the teacher's scale) or U_d (the reference)
     seed: int = 0
 
     def validate(self) -> None:
@@ -36,6 +37,8 @@ class StudentConfig:
         require(self.init != "teacher" or self.hidden_ratio == 1, "student.init",
                 f"teacher copies the teacher's layers, which needs student.hidden_ratio=1 (got "
                 f"{self.hidden_ratio}): use init=svd to start a narrower student from the teacher's embeddings")
+        require(self.svd_scale == "teacher" or self.init == "svd", "student.svd_scale",
+                f"scales init=svd's embeddings; student.init is {self.init}")
 
 
 def teacher_layers(teacher_layers_n: int, cfg: StudentConfig) -> list[int]:
@@ -63,10 +66,11 @@ def student_config(teacher_config, cfg: StudentConfig):
     return config
 
 
-def embedding_projection(weight: torch.Tensor, d: int) -> torch.Tensor:
-    """E V_d: each row of E [V, h] in the coordinates of E's top-d right singular vectors."""
-    _, _, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
-    return (weight.detach().double() @ vh[:d].T).to(weight.dtype)
+def embedding_projection(weight: torch.Tensor, d: int, unit: bool = False) -> torch.Tensor:
+    """E V_d = U_d S_d: each row of E [V, h] in the coordinates of E's top-d right singular vectors; `unit`: U_d,
+    the same directions with each coordinate divided by its singular value (orthonormal columns)."""
+    u, _, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    return (u[:, :d] if unit else weight.detach().double() @ vh[:d].T).to(weight.dtype)
 
 
 def build_student(teacher: nn.Module, cfg: StudentConfig) -> nn.Module:
@@ -87,6 +91,7 @@ def build_student(teacher: nn.Module, cfg: StudentConfig) -> nn.Module:
     elif cfg.init == "svd":
         with torch.no_grad():
             student.get_input_embeddings().weight.copy_(
-                embedding_projection(teacher.get_input_embeddings().weight, student.config.hidden_size))
+                embedding_projection(teacher.get_input_embeddings().weight, student.config.hidden_size,
+                                     unit=cfg.svd_scale == "unit"))
     student.tie_weights()
     return student
