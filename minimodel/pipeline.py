@@ -537,7 +537,8 @@ def plan(cfg: PipelineConfig) -> dict:
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
                                                        "target_langs": ",".join(cfg.target_langs)})
     stages = build_stages(cfg, tracker.run_id)
-    planned, memo = jobs(stages), {}
+    memo: dict[int, str] = {}
+    planned = jobs(stages, memo)
     for stage in stages:
         if stage.done_by(memo):  # not submitted: shown in this pipeline's run as links to the runs that did the work
             _link_earlier_runs(cfg, tracker, stage)

@@ -341,15 +341,16 @@ def write_stamp(output_dir: Path, input_hash: str, argv: list[str], seconds: flo
         "run_ids": run_ids}))
 
 
-def jobs(stages: list[Stage]) -> list[dict]:
+def jobs(stages: list[Stage], memo: dict[int, str] | None = None) -> list[dict]:
     """The stages as batch jobs, in run order (slurm/pipeline.sh submits them): the stages of one `job` become one
     job with an array task per language. Each job: name, kind, script, args, slurm (template + leading arguments),
     array ([{lang, args, done, stamp}], empty for a plain job), after (the names of the jobs it needs), done, stamp:
     [output directory, input hash, identity hash] that the job stamps when its stage finishes (slurm/common.sh), so
-    that the plan made again skips it; None for a stage that always runs (an array job's are its tasks')."""
+    that the plan made again skips it; None for a stage that always runs (an array job's are its tasks'). `memo`: as
+    done_by's, to share the hash walk with the caller's."""
     grouped: dict[str, dict] = {}
     job_of: dict[str, str] = {}
-    memo: dict[int, str] = {}  # nothing runs meanwhile: each stage's effective hash once
+    memo = {} if memo is None else memo  # nothing runs meanwhile: each stage's effective hash once
     for stage in stages:
         name = stage.job or stage.name
         job_of[stage.name] = name

@@ -278,8 +278,9 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer, l
     artifact carries besides them: the token map the rows were initialised through and, factorised, the primitives;
     the initialiser's summary: rows per rule)."""
     model = load_masked_lm(model_dir)
-    require(cfg.seq_length <= max_sequence_length(model), "seq_length", f"{cfg.seq_length} is longer than the "
-            f"positions of {model_dir} allow ({max_sequence_length(model)}): lower seq_length")
+    longest = max_sequence_length(model)
+    require(cfg.seq_length <= longest, "seq_length", f"{cfg.seq_length} is longer than the positions of {model_dir} "
+            f"allow ({longest}): lower seq_length")
     if cfg.init.method == "random":
         mapping = torch.full((len(target_tokenizer),), -1, dtype=torch.long)
     else:

@@ -80,6 +80,7 @@ class MaskedLMDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} sequences")
         tokens = self.tokens(index)
         n = len(tokens)
+        # epoch 0 seeds as before epochs varied the masks, so earlier runs stay reproducible
         rng = np.random.default_rng([self.seed, index] + ([self.epoch] if self.epoch else []))
         ordinary = ~np.isin(tokens, self._special_ids)
         selected = (rng.random(n) < self.mask_prob) & ordinary

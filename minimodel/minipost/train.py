@@ -136,9 +136,10 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
     if cfg.alignment.primary_layer is not None and not 1 <= cfg.alignment.primary_layer <= depth:
         raise MiniPostError(f"alignment.primary_layer={cfg.alignment.primary_layer}: the source has layers 1..{depth} "
                             f"(null compares with its final layer)")
-    if cfg.data.seq_length > max_sequence_length(source):
+    longest = max_sequence_length(source)
+    if cfg.data.seq_length > longest:
         raise MiniPostError(f"data.seq_length={cfg.data.seq_length} is longer than the source model's positions "
-                            f"allow ({max_sequence_length(source)}): lower data.seq_length")
+                            f"allow ({longest}): lower data.seq_length")
     layers, new_layers = (depth, 0) if cfg.mini.head_only else (cfg.mini.layers, cfg.mini.new_layers)
     build = dict(layers=layers, new_layers=new_layers, new_layer_init=cfg.mini.new_layer_init,
                  head_init=cfg.mini.head_init, seed=cfg.mini.seed)

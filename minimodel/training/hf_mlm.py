@@ -43,10 +43,11 @@ def mlm_head(model: nn.Module) -> nn.Module:
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    try:
-        return model.base_model.encoder.layer
-    except AttributeError:
-        raise ValueError(f"{type(model).__name__} is not a BERT-class encoder (no base_model.encoder.layer)") from None
+    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} is not a BERT-class encoder (its layers are not at "
+                         "base_model.encoder.layer)")
+    return layers
 
 
 def check_architecture(model: nn.Module, where: str) -> None:
@@ -57,15 +58,14 @@ def check_architecture(model: nn.Module, where: str) -> None:
         raise UnsupportedModelError(f"{where}: {type(model).__name__} is not supported ({why}); supported are "
                                     f"{SUPPORTED}")
 
-    if not isinstance(getattr(getattr(model.base_model, "encoder", None), "layer", None), nn.ModuleList):
-        refuse("its layers are not at base_model.encoder.layer")
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if outputs is None or inputs.weight.shape[1] != outputs.weight.shape[1]:
-        refuse("its output embeddings are not of its input embeddings' width")
     try:
+        encoder_layers(model)
         head = mlm_head(model)
     except ValueError as e:
         refuse(str(e))
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or inputs.weight.shape[1] != outputs.weight.shape[1]:
+        refuse("its output embeddings are not of its input embeddings' width")
     pad = model.config.pad_token_id
     ids = torch.tensor([[i for i in range(1, 10) if i != pad][:8]], device=inputs.weight.device)
     training = model.training
