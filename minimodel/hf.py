@@ -53,14 +53,19 @@ def load_tokenizer(path: str | os.PathLike):
 
 @contextlib.contextmanager
 def _own_load_report():
-    """transformers' table of missing and unexpected weights, silenced: load_model checks them itself."""
-    report = logging.getLogger("transformers.modeling_utils")
-    level = report.level
-    report.setLevel(logging.ERROR)
+    """transformers' table of missing and unexpected weights, silenced: load_model checks them itself. So is its
+    tensor-parallel plan check, which that level switches on (modeling_utils runs it when its logger's level is
+    WARNING or above) and which then lists every layer as "not sharded": no model here is loaded tensor-parallel."""
+    loggers = [logging.getLogger(name) for name in ("transformers.modeling_utils",
+                                                     "transformers.distributed.tensor_parallel")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        report.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _check_loaded(model, model_dir: Path, missing: list[str], unexpected: list[str]) -> None:

@@ -63,6 +63,21 @@ def test_a_new_task_head_is_named_in_one_line_and_a_missing_body_weight_is_refus
             load_model(broken, auto_class)
 
 
+def test_loading_prints_no_tensor_parallel_plan_check(model_dir):
+    """Raising transformers' load-report logger to ERROR (to silence its table) switches on its tensor-parallel plan
+    check, which printed every layer of every model a stage loaded as "not sharded"; nothing here loads with one.
+    (A process of its own: pytest's capture holds transformers' handler's stream.)"""
+    import subprocess
+    import sys
+
+    code = ("import sys; from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification; "
+            "from minimodel.hf import load_model; load_model(sys.argv[1], AutoModelForMaskedLM); "
+            "load_model(sys.argv[1], AutoModelForSequenceClassification, num_labels=3)")
+    run = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "not sharded" not in run.stderr and "TP rules" not in run.stderr, run.stderr
+
+
 def test_tokenizer_round_trip(tmp_path):
     out = train_tokenizer([f"word{i} other{i % 7} text" for i in range(300)], tmp_path / "tok", 40)
     assert len(load_tokenizer(out)) == 40
