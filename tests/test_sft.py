@@ -265,6 +265,23 @@ def test_an_sft_refuses_a_model_it_was_not_learned_from(tmp_path):
         compose(sft, SparseFineTuning(sha_b))
 
 
+def test_a_language_sft_applies_to_a_masked_lm_with_tied_embeddings_under_either_name():
+    """A language SFT is learned with the decoder untied, so it names the input embeddings; a masked LM loaded with
+    them tied lists that tensor under one name only (transformers 5: the decoder's). Either name reaches the tensor;
+    an SFT naming both names of one tied tensor (a reference SFT learned untied, decoder trained) is refused rather
+    than added twice."""
+    model = xlmr()
+    assert model.lm_head.decoder.weight is model.roberta.embeddings.word_embeddings.weight
+    before = model.roberta.embeddings.word_embeddings.weight.detach().clone()
+    diff = SparseDiff((40, 8), torch.tensor([3, 17]), torch.tensor([1.0, -2.0]))
+    SparseFineTuning("x", {"roberta.embeddings.word_embeddings.weight": diff}).apply(model, "x", with_abs=False)
+    assert torch.equal(model.roberta.embeddings.word_embeddings.weight, before + diff.dense())
+    both = {"roberta.embeddings.word_embeddings.weight": diff, "lm_head.decoder.weight": diff}
+    with pytest.raises(SFTError, match="changes both roberta.embeddings.word_embeddings.weight and "
+                                       "lm_head.decoder.weight, which are one tied tensor"):
+        SparseFineTuning("x", both).apply(model, "x", with_abs=False)
+
+
 def test_layer_norms_saved_under_their_old_names_are_not_taken_for_new_parameters(tmp_path):
     """bert-base-uncased's file names its LayerNorms gamma/beta, which transformers renames when it loads them."""
     from safetensors.torch import load_file, save_file

@@ -118,12 +118,19 @@ class SparseFineTuning:
                            "to the model it was trained from")
 
     def _params(self, model: nn.Module, names) -> dict[str, nn.Parameter]:
-        params = dict(model.named_parameters())
+        # every name of a tied parameter: a masked LM with tied embeddings lists them under one name only (which one
+        # depends on the transformers version), and a language SFT, learned untied, names the input embeddings
+        params = dict(model.named_parameters(remove_duplicate=False))
         missing = [n for n in names if n not in params]
         if missing:
             raise SFTError(f"the SFT changes {missing[:3]}, which {type(model).__name__} does not have: it is an SFT "
                            "of another architecture (a language SFT applies to a task model without its head: "
                            "with_abs=False)")
+        named: dict[int, str] = {}
+        for n in names:  # e.g. a reference SFT learned untied, naming both the embeddings and the decoder
+            if (other := named.setdefault(id(params[n]), n)) != n:
+                raise SFTError(f"the SFT changes both {other} and {n}, which are one tied tensor in "
+                               f"{type(model).__name__}: untie them before applying it")
         for n in self.diffs:
             if tuple(params[n].shape) != self.diffs[n].shape:
                 raise SFTError(f"{n}: the SFT's shape {self.diffs[n].shape} is not the model's "
