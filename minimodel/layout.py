@@ -10,8 +10,9 @@ the report that reads them back (results live on disk; MLflow only shows them).
     <root>/head/mini                                              a headless primary_model with a learned MLM head
     <root>/minipost/mini                                          MiniPost mini-model
     <root>/adapt/<method>/<lang>/                                 step 2 (adapt.json, snapshots/step_N/, metrics.jsonl)
-    <root>/adapt/lt_sft/<lang>/sft/                               LT-SFT: the language SFT (the source language's too)
-    <root>/plugged_mlm[/<base>]/<lang>/                           BiStil, LT-SFT over the target vocabulary: the
+    <root>/adapt/lt_sft/<lang>/sft/                               LT-SFT: the language SFT (the source language's too;
+                                                                  bistil@lt_sft: its teachers')
+    <root>/plugged_mlm[/<base>]/<lang>/                           BiStil (but @lt_sft), lt_sft_vocab: the
                                                                   primary (masked LM) with the standard adaptation's
                                                                   embeddings (with <base>: that method's, for
                                                                   bistil@<base>, lt_sft_vocab@<base>), phase 1's
@@ -19,10 +20,12 @@ the report that reads them back (results live on disk; MLflow only shows them).
                                                                   SFT is learned over
     <root>/adapt/lt_sft_vocab/<lang>/sft/                         lt_sft_vocab: the language SFT of plugged_mlm/<lang>
     <root>/adapt/bistil/<lang>/                                   BiStil phase 1 (train/metrics.jsonl: its compute;
-                                                                  student/ with target_tokenizer/; comparison.json)
+                                                                  student/ with target_tokenizer/, none with one
+                                                                  teacher vocabulary; comparison.json)
     <root>/finetune/model                                         step 3: the task model
     <root>/task_sft/model                                         LT-SFT (lt_sft and lt_sft_vocab): the primary +
-                                                                  source language SFT + task SFT
+                                                                  source language SFT + task SFT; bistil@lt_sft's
+                                                                  phase-2 teacher
     <root>/plugged/<method>/<lang>/                               the task model with the target embeddings
     <root>/distill_task[/<method>]/<lang>/model/                  BiStil phase 2: the student task model (source
                                                                   tokenizer; target_tokenizer/), metrics.json;

@@ -20,7 +20,10 @@ A method is written as a spec `<model>[+<init>]`:
   `minipost+copy_shared`); without it, the adaptation config's `init.method`;
 - `@<method>` (lt_sft_vocab and bistil, which build on another method's target embeddings): the embedding method
   they build on instead of standard adaptation, e.g. `bistil@minijoint` (BiStil x mini-models: its teacher reads the
-  target with the embeddings MiniJoint adaptation learned, for a fraction of the compute) or `lt_sft_vocab@minipost`.
+  target with the embeddings MiniJoint adaptation learned, for a fraction of the compute) or `lt_sft_vocab@minipost`;
+  or, for bistil, `bistil@lt_sft` (BiStil x LT-SFT, the BiStil reference's own teachers: the primary with lt_sft's
+  language SFT of each language applied reads that language with the primary's vocabulary, and phase 2's teacher is
+  lt_sft's task model, the primary + the source language's SFT + the task SFT; its compute counts both language SFTs).
 So `methods: [standard, minipost, minipost+copy_shared]` runs three adaptations per language side by side. The spec is
 the method's name everywhere: pipeline stage names, output directories, adapt.json, zero-shot results and the report.
 """
@@ -52,7 +55,10 @@ class ModelSource:
     over: Literal["full", "mini"] | None = None
     # the method whose final embeddings per language this one starts from by default (a spec's `@<method>` names
     # another), plugged into the primary masked LM (the pipeline's plug_mlm-<lang>); its compute counts in this one's
+    # (`@lt_sft`, where allowed: lt_sft's language SFTs instead, applied to the primary)
     builds_on: str | None = None
+    # whether `@lt_sft` may name lt_sft's language SFTs instead (applied to the primary, which reads every language)
+    builds_on_sft: bool = False
 
     @property
     def adapted(self) -> bool:
@@ -69,7 +75,7 @@ MODELS: dict[str, ModelSource] = {m.name: m for m in (
     ModelSource(SPARSE_VOCAB, "sft", "LT-SFT over the target vocabulary: a language SFT of the primary with standard "
                 "adaptation's embeddings, composed with lt_sft's task SFT", builds_on=REFERENCE),
     ModelSource(DISTILLED, "student", "a bilingual student per language distilled from the primary with standard "
-                "adaptation's embeddings (BiStil)", builds_on=REFERENCE),
+                "adaptation's embeddings (BiStil)", builds_on=REFERENCE, builds_on_sft=True),
     ModelSource(BASELINE, None, "no adaptation: the primary as it is, its own tokenizer and embeddings"),
 )}
 
@@ -90,7 +96,8 @@ class Method:
 
     @property
     def builds_on(self) -> str | None:
-        """The spec of the embedding method whose final target embeddings this one starts from (None: none)."""
+        """The spec of the method whose final result per target this one starts from: an embedding method's target
+        embeddings, or (bistil@lt_sft) lt_sft's language SFTs; None: none."""
         return self.base or self.source.builds_on
 
     @property
@@ -100,6 +107,23 @@ class Method:
     @property
     def learns_embeddings(self) -> bool:
         return self.source.learns == "embeddings"
+
+    @property
+    def builds_on_sfts(self) -> bool:
+        """Whether it builds on lt_sft's language SFTs (bistil@lt_sft) rather than on target embeddings."""
+        return self.builds_on == SPARSE
+
+    @property
+    def plugs_embeddings(self) -> bool:
+        """Whether it reads the primary with the target embeddings of `builds_on` plugged in (the pipeline's
+        plug_mlm stages): lt_sft_vocab, bistil and their @<embedding method>s."""
+        return self.builds_on is not None and not self.builds_on_sfts
+
+    def rests_on_source_sft(self, task) -> bool:
+        """Whether its results on `task` (a TaskSpec) rest on lt_sft's source-language SFT: bistil@lt_sft's always
+        (its source teacher applies it), a sparse method's on fine-tuned tasks (the task SFT was trained with it
+        applied; elsewhere zero-shot reads the primary + the target's SFT alone)."""
+        return self.builds_on_sfts or (self.source.learns == "sft" and task.fine_tuned)
 
     @property
     def reads_plugged(self) -> bool:
@@ -130,22 +154,27 @@ def job_name(stage: str, method: str, default: str) -> str:
 
 def known_methods() -> str:
     building = ", ".join(m for m in MODELS if MODELS[m].builds_on)
+    on_sft = ", ".join(f"{m}@{SPARSE}" for m in MODELS if MODELS[m].builds_on_sft)
     return (f"<model>[+<init>] with model one of {', '.join(MODELS)} and init one of {', '.join(INITIALISERS)} "
-            f"(e.g. minipost+copy_shared), or <model>@<embedding method> for {building} (e.g. bistil@minijoint)")
+            f"(e.g. minipost+copy_shared), <model>@<embedding method> for {building} (e.g. bistil@minijoint), or "
+            f"{on_sft}")
 
 
 def parse_method(spec: str, key: str = "method") -> Method:
     """The method a spec names; for anything else a ConfigError naming the setting `key` and the known methods."""
     model, at, base = spec.partition("@")
-    if at:  # the rest is the embedding method it builds on, itself a spec (minijoint+ofa)
+    if at:  # the rest is the method it builds on, itself a spec (minijoint+ofa), or lt_sft
         if model not in MODELS or not MODELS[model].builds_on:
             raise ConfigError(f"{key}: {spec!r}: only {', '.join(m for m in MODELS if MODELS[m].builds_on)} build "
                               f"on another method's embeddings (<model>@<method>); methods are {known_methods()}")
         below = parse_method(base, key)
+        if below.name == SPARSE and MODELS[model].builds_on_sft:
+            return Method(model, base=SPARSE)
         if not below.learns_embeddings:
+            also = f", or on {SPARSE}'s language SFTs ({model}@{SPARSE})" if MODELS[model].builds_on_sft else ""
             raise ConfigError(f"{key}: {spec!r}: {model} builds on the target embeddings of a method that learns "
                               f"them ({', '.join(m for m in MODELS if MODELS[m].learns == 'embeddings')}, with "
-                              f"an optional +<init>), not on {base!r}")
+                              f"an optional +<init>){also}, not on {base!r}")
         if below.name == MODELS[model].builds_on:  # one name per method
             raise ConfigError(f"{key}: {spec!r} is written {model!r} ({model} builds on {below.name} by default)")
         return Method(model, base=below.name)

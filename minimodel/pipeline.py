@@ -18,6 +18,8 @@
          each student task model on the fine-tuned tasks (its target tokenizer)
     bistil@<method>, lt_sft_vocab@<method>: the same over the embeddings another listed method learned (e.g.
          bistil@minijoint: BiStil x mini-models, its compute the MiniJoint adaptation's instead of standard's)
+    bistil@lt_sft (the BiStil reference's teachers): phase 1 from the primary with lt_sft's SFT of each language
+         applied (no plugging) -> phase 2 from lt_sft's task model (primary + source SFT + task SFT) -> zero-shot
     and always the unadapted baseline (method `none`): the primary as it is, reading the target text with its own
     tokenizer (the source tokenizer), on every zero-shot task whose metric compares tokenizers; the report draws it
     as a line and warns when an adapted method ends below it
@@ -122,9 +124,10 @@ class PipelineConfig:
             require(getattr(self, key) >= 1, key, f"{getattr(self, key)} processes: give at least 1")
         parsed = [parse_method(spec, f"methods[{i}]") for i, spec in enumerate(self.methods)]
         for i, (spec, method) in enumerate(zip(self.methods, parsed)):
+            what = "language SFTs" if method.builds_on_sfts else "target embeddings"
             require(method.builds_on is None or method.builds_on in self.methods, f"methods[{i}]",
-                    f"{spec} builds on the target embeddings {method.builds_on} adaptation learns: add "
-                    f"{method.builds_on!r} to methods")
+                    f"{spec} builds on the {what} {method.builds_on} adaptation learns: add {method.builds_on!r} to "
+                    "methods")
         models = {method.model for method in parsed}
         require(BASELINE not in models, "methods", f"{BASELINE} (the unadapted primary) is evaluated on every "
                 "pipeline without being listed, as the report's baseline line: drop it from methods")
@@ -317,7 +320,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     # BiStil and lt_sft_vocab: the primary masked LM with the final embeddings of the method they build on, per
     # language (standard adaptation's, or a spec's @<base>: one plugged model per base and language)
     plugged_mlm: dict[tuple[str | None, str], Stage] = {}
-    for base, below in dict.fromkeys((m.base, m.builds_on) for m in methods if m.builds_on):
+    for base, below in dict.fromkeys((m.base, m.builds_on) for m in methods if m.plugs_embeddings):
         job = "plug_mlm" + (f"-{base}" if base else "")
         for lang in cfg.target_langs:
             plugged_mlm[base, lang] = add(
@@ -355,8 +358,11 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         if method.learns_embeddings:
             return [f"{{lang: {lang}, embeddings: {at.adapt(method.name, lang)}}}" for lang in cfg.target_langs]
         if method.source.learns == "student":  # each language's student task model, read with its target tokenizer
-            return [f"{{lang: {lang}, model_dir: {at.student_task_model(lang, method.name)}, "
-                    f"tokenizer: {at.student_target_tokenizer(lang, method.name)}}}" for lang in cfg.target_langs]
+            # (bistil@lt_sft's: the model's own, the one vocabulary its teachers shared)
+            models = {lang: at.student_task_model(lang, method.name) for lang in cfg.target_langs}
+            return [f"{{lang: {lang}, model_dir: {model}, tokenizer: "
+                    f"{model if method.builds_on_sfts else at.student_target_tokenizer(lang, method.name)}}}"
+                    for lang, model in models.items()]
         if method.reads_plugged:  # the plugged model its language SFT was learned over, with the target tokenizer
             return [f"{{lang: {lang}, language_sft: {at.language_sft(lang, method.name)}, "
                     f"model_dir: {at.plugged_mlm(lang, method.base)}}}" for lang in cfg.target_langs]
@@ -414,25 +420,35 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                       [task_sft, *adaptations(method)])
                             for method in sparse for config in fine_tuned_configs]
         for method in distilled:  # BiStil: a student per target language, distilled from the primary and its
-            # adapted twin (phase 1's target teacher: the primary with the embeddings of the method it builds on)
+            # adapted twin (phase 1's target teacher: the primary with the embeddings of the method it builds on) or,
+            # bistil@lt_sft, from the primary with each language's SFT applied, taught the task by lt_sft's task model
             name = method.name
             distill_job, task_job = job_name("distill", name, DISTILLED), job_name("distill_task", name, DISTILLED)
             named = [f"method={name}"] if method.base else []  # the default's command lines stay as they were
+            if method.builds_on_sfts:
+                teachers, task_teacher = [f"teacher_sft={at.language_sft(src)}"], (at.task_sft / "model", task_sft)
+            else:
+                teachers, task_teacher = [], (at.task_model, finetune)
             distilled_tasks = []
             for lang in cfg.target_langs:
+                if method.builds_on_sfts:
+                    target_teacher = [adapted[SPARSE, src], adapted[SPARSE, lang]]
+                    target_args = [f"target_teacher_sft={at.language_sft(lang)}"]
+                else:
+                    target_teacher = [plugged_mlm[method.base, lang]]
+                    target_args = [f"target_teacher_model={at.plugged_mlm(lang, method.base)}"]
                 adapted[name, lang] = add(
                     f"{distill_job}-{lang}", "distill", ["--config", cfg.configs.distill, *named,
-                                                         f"teacher_model={at.primary}", f"source_lang={src}",
-                                                         f"data_dir={at.data_dir}", f"output_dir={at.adapt(name)}",
-                                                         *extra("distill")],
-                    at.adapt(name, lang), [plugged_mlm[method.base, lang], export, prepare], nproc=cfg.adapt_nproc,
-                    job=distill_job, lang=lang,
-                    lang_args=[f"target_langs=[{lang}]", f"target_teacher_model={at.plugged_mlm(lang, method.base)}"])
+                                                         f"teacher_model={at.primary}", *teachers,
+                                                         f"source_lang={src}", f"data_dir={at.data_dir}",
+                                                         f"output_dir={at.adapt(name)}", *extra("distill")],
+                    at.adapt(name, lang), [*target_teacher, export, prepare], nproc=cfg.adapt_nproc,
+                    job=distill_job, lang=lang, lang_args=[f"target_langs=[{lang}]", *target_args])
                 distilled_tasks.append(add(
                     f"{task_job}-{lang}", "distill_task",
-                    ["--config", cfg.configs.distill_task, *named, f"teacher={at.task_model}",
+                    ["--config", cfg.configs.distill_task, *named, f"teacher={task_teacher[0]}",
                      f"task.data_dir={at.data_dir}", *extra("distill_task")],
-                    at.distill_task(lang, name), [adapted[name, lang], finetune], job=task_job, lang=lang,
+                    at.distill_task(lang, name), [adapted[name, lang], task_teacher[1]], job=task_job, lang=lang,
                     lang_args=[f"student={at.student(lang, name)}", f"output_dir={at.distill_task(lang, name)}"]))
             # every language has its student task model (its source-language scores: distill_task's metrics.json);
             # zero-shot scores each on its language, the first only standing in as the source model zero_shot loads

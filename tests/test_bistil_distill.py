@@ -25,9 +25,9 @@ from minimodel.errors import UserError
 from minimodel.evaluation.models import load_task_model, write_task_model
 from minimodel.evaluation.scoring import score
 from minimodel.evaluation.tasks import TASKS, TaskConfig, load_examples
-from minimodel.hf import initialised_at_load
+from minimodel.hf import initialised_at_load, load_model
 from minimodel.manifest import model_hash
-from minimodel.sft.file import SparseFineTuning
+from minimodel.sft.file import SparseDiff, SparseFineTuning
 from minimodel.sft.select import partition_parameters
 
 
@@ -257,3 +257,60 @@ def test_each_teacher_state_gets_the_top_singular_vectors_of_its_own_states(tmp_
     save_file({"M": torch.as_tensor(m[0]).float()}, str(path))  # an older phase 1's one M for every state
     with pytest.raises(UserError, match=r"not one projection per teacher state .*rerun adapt/distill.py"):
         load_projections(path, teachers["en"].config, 2)
+
+
+def _language_sft(root, lang: str, seed: int, method: str = "lt_sft"):
+    """A hand-made language SFT of the teacher: 40 entries of its word embeddings and of every layer's query."""
+    teacher = load_model(root / "teacher", AutoModelForMaskedLM)
+    g = torch.Generator().manual_seed(seed)
+    names = ["roberta.embeddings.word_embeddings.weight",
+             *(f"roberta.encoder.layer.{i}.attention.self.query.weight" for i in range(4))]
+    diffs = {}
+    for name in names:
+        shape = tuple(teacher.get_parameter(name).shape)
+        indices = torch.randperm(int(np.prod(shape)), generator=g)[:40].sort().values
+        diffs[name] = SparseDiff(shape, indices, torch.randn(40, generator=g))
+    sft = SparseFineTuning(model_hash(root / "teacher"), diffs, info={"kind": "language", "method": method,
+                                                                      "target_lang": lang})
+    sft.save(root / "sfts" / method / lang)
+    return root / "sfts" / method / lang, sft
+
+
+def test_bistil_at_lt_sft_distils_from_the_primary_with_each_languages_sft_and_starts_the_student_without(world):
+    """bistil@lt_sft (the reference's teachers): the teacher of each language is the primary with lt_sft's SFT of
+    that language applied (the source SFT on the English copy, the target's on the Swahili one); the student starts
+    from the primary as it is. The settings are refused where they would file a run under the wrong method."""
+    from minimodel.bistil.distill import load_teachers_and_student
+    from minimodel.config import ConfigError, load_config
+
+    root, _ = world
+    (en_dir, en_sft), (sw_dir, sw_sft) = _language_sft(root, "en", 1), _language_sft(root, "sw", 2)
+    settings = ["method=bistil@lt_sft", f"teacher_model={root / 'teacher'}", "target_langs=[sw]",
+                f"teacher_sft={en_dir}", f"target_teacher_sft={sw_dir}", "student.layer_ratio=2",
+                "student.init=teacher"]
+    cfg = load_config(DistillConfig, overrides=settings)
+    primary = load_model(root / "teacher", AutoModelForMaskedLM)
+    vocab = {"rows": {"en": list(range(primary.config.vocab_size)), "sw": []}}
+    teachers, student = load_teachers_and_student(cfg, {"en": cfg.teacher_model, "sw": cfg.teacher_model}, vocab)
+    base = dict(primary.base_model.named_parameters(prefix="roberta"))
+    for lang, sft in (("en", en_sft), ("sw", sw_sft)):  # the body, which the loss reads (the tied decoder moves too)
+        for name, p in teachers[lang].base_model.named_parameters(prefix="roberta"):
+            expected = base[name] + sft.diffs[name].dense() if name in sft.diffs else base[name]
+            assert torch.equal(p, expected), (lang, name)
+    assert torch.equal(student.get_input_embeddings().weight, primary.get_input_embeddings().weight)
+    assert torch.equal(student.roberta.encoder.layer[0].attention.self.query.weight,
+                       primary.roberta.encoder.layer[1].attention.self.query.weight)  # layer_ratio 2: layers 1, 3
+    other_dir, _ = _language_sft(root, "sw", 3, method="lt_sft_vocab")
+    for change, refusal in (
+            (["target_teacher_sft=null"], "target_teacher_sft: is required by method bistil@lt_sft"),
+            ([f"teacher_sft={sw_dir}"], f"teacher_sft: {sw_dir} is the language SFT of sw, not of en"),
+            (["target_langs=[sw, ny]"], "the language SFT of sw, not of ny: run each target language with its own"),
+            ([f"target_teacher_sft={other_dir}"], "was learned by method lt_sft_vocab, over another model"),
+            ([f"target_teacher_sft={root / 'teacher'}"], "is not a language SFT"),
+            ([f"target_teacher_model={root / 'plugged'}"], "drop target_teacher_model"),
+            (["method=bistil"], "teacher_sft: language SFTs on the teachers are method bistil@lt_sft's"),
+            (["method=bistil", "teacher_sft=null"], "target_teacher_sft: language SFTs on the teachers are"),
+            ([f"teacher_model={root / 'plugged'}"], f"teacher_sft: {en_dir} was learned from .* not from teacher_model")):
+        with pytest.raises(ConfigError, match=refusal):
+            load_config(DistillConfig, overrides=[*settings, *change])
+    assert load_config(DistillConfig, overrides=[*settings, "target_langs=[sw, ny]", "target_lang=sw"])

@@ -365,7 +365,7 @@ def test_bistil_and_lt_sft_vocab_build_on_a_mini_models_embeddings_side_by_side_
         load_config(PipelineConfig, SMOKE, ["methods=[standard, bistil@minijoint]"])
     with pytest.raises(ConfigError, match="only lt_sft_vocab, bistil build on another method's embeddings"):
         parse_method("minipost@minijoint")
-    for below in ("lt_sft", "none", "bistil"):
+    for below in ("lt_sft_vocab", "none", "bistil"):  # bistil@lt_sft: lt_sft's language SFTs (the next test)
         with pytest.raises(ConfigError, match="bistil builds on the target embeddings of a method that learns them"):
             parse_method(f"bistil@{below}")
     task_given = ["student=s", "teacher=t", "task.data_dir=d"]
@@ -373,3 +373,67 @@ def test_bistil_and_lt_sft_vocab_build_on_a_mini_models_embeddings_side_by_side_
         with pytest.raises(ConfigError, match="method: lt_sft_vocab is not a bistil method: write bistil or "
                                               "bistil@<method it builds on>"):
             load_config(config, overrides=["method=lt_sft_vocab", *given])
+
+
+def test_bistil_builds_on_lt_sfts_language_sfts_as_the_references_teachers():
+    """`bistil@lt_sft`: phase 1's teachers are the primary with lt_sft's source SFT (English text) and each target's
+    SFT (the target's text), read with the primary's vocabulary (no plugged model); phase 2's teacher is lt_sft's task
+    model (the primary + the source SFT + the task SFT). Only bistil builds on SFTs, only on lt_sft's, and only with
+    lt_sft listed."""
+    tasks = [f"configs/evaluate/zero_shot/{t}_tiny.yaml" for t in ("verse_class", "target_mlm")]
+    zero_shot = f"configs.zero_shot=[{', '.join(tasks)}]"
+    cfg = load_config(PipelineConfig, SMOKE, ["target_langs=[ny, sw]", "seed=5", zero_shot,
+                                              "methods=[standard, lt_sft, bistil@lt_sft]"])
+    stages = {s.name: s for s in build_stages(cfg)}
+    out = cfg.output_dir
+    assert not [name for name in stages if name.startswith("plug_mlm-lt_sft")]
+    distill = stages["distill-bistil@lt_sft-sw"]
+    assert [a.name for a in distill.after] == ["lang_sft-en", "lang_sft-sw", "export", "data"]
+    assert str(distill.output_dir) == f"{out}/adapt/bistil@lt_sft/sw"
+    assert {"method=bistil@lt_sft", f"teacher_model={out}/export/primary", f"teacher_sft={out}/adapt/lt_sft/en/sft",
+            f"target_teacher_sft={out}/adapt/lt_sft/sw/sft", "target_langs=[sw]"} <= set(distill.argv)
+    assert not [a for a in distill.argv if a.startswith("target_teacher_model=")]
+    task = stages["distill_task-bistil@lt_sft-sw"]
+    assert [a.name for a in task.after] == ["distill-bistil@lt_sft-sw", "task_sft"]
+    assert {"method=bistil@lt_sft", f"teacher={out}/task_sft/model", f"student={out}/adapt/bistil@lt_sft/sw/student",
+            f"output_dir={out}/distill_task/bistil@lt_sft/sw"} <= set(task.argv)
+    classes = stages["zero_shot-verse_class-bistil@lt_sft"]
+    parsed = load_config(ZeroShotConfig, classes.args[1], classes.args[2:])  # read with the primary's pieces, trimmed
+    assert [(t.lang, t.model_dir, t.tokenizer) for t in parsed.targets] == [
+        (lang, f"{out}/distill_task/bistil@lt_sft/{lang}/model", f"{out}/distill_task/bistil@lt_sft/{lang}/model")
+        for lang in ("ny", "sw")]
+    planned = {j["name"]: j for j in jobs(list(stages.values()))}
+    assert planned["distill-bistil@lt_sft"]["after"] == ["lang_sft", "export", "data"]
+    assert planned["distill_task-bistil@lt_sft"]["after"] == ["distill-bistil@lt_sft", "task_sft"]
+    assert parse_method("bistil@lt_sft") == Method("bistil", base="lt_sft")
+    for spec, refusal in (("lt_sft_vocab@lt_sft", "lt_sft_vocab builds on the target embeddings of a method"),
+                          ("bistil@lt_sft_vocab", r"or on lt_sft's language SFTs \(bistil@lt_sft\), not on")):
+        with pytest.raises(ConfigError, match=refusal):
+            parse_method(spec)
+    with pytest.raises(ConfigError, match="bistil@lt_sft builds on the language SFTs lt_sft adaptation learns: add "
+                                          "'lt_sft' to methods"):
+        load_config(PipelineConfig, SMOKE, ["methods=[standard, bistil@lt_sft]"])
+
+
+def test_bistil_phase_2_refuses_a_teacher_fine_tuned_with_another_source_sft_than_phase_1s(tmp_path):
+    """Phase 2's teacher must be phase 1's source teacher fine-tuned: bistil@lt_sft's student (its source teacher the
+    primary + en's SFT) takes lt_sft's task model (task.json: that SFT), not the dense one, and the other way round."""
+    from minimodel.bistil.task import TaskDistillConfig
+
+    sft = tmp_path / "adapt/lt_sft/en/sft"
+    students = {"bistil@lt_sft": str(sft.resolve()), "bistil": None}
+    teachers = {"task_sft": {"sft": {"language": str(sft), "task": "t"}}, "finetune": {"frozen": []}}
+    for method, teacher_sft in students.items():
+        student = tmp_path / method / "student"
+        student.mkdir(parents=True)
+        (student / "vocabulary.json").write_text(json.dumps({"method": method, "teacher_sft": teacher_sft}))
+        for name, info in teachers.items():
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / "task.json").write_text(json.dumps({"task": "verse_class", **info}))
+            settings = [f"method={method}", f"student={student}", f"teacher={tmp_path / name}", "task.data_dir=d"]
+            if (name == "task_sft") == (method == "bistil@lt_sft"):
+                load_config(TaskDistillConfig, overrides=settings)
+            else:
+                with pytest.raises(ConfigError, match=f"teacher: {tmp_path / name} was fine-tuned with source-language"
+                                                      f" SFT {'none' if name == 'finetune' else sft}, but phase 1"):
+                    load_config(TaskDistillConfig, overrides=settings)

@@ -82,12 +82,14 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
     assert (out / "report/compute_vs_quality.png").stat().st_size > 0
     # every configured method is reported, in the configured order, each with results on the task level
     methods = load_config(PipelineConfig, SMOKE).methods
+    students = ["bistil", "bistil@lt_sft", "bistil@minijoint"]  # the registry's order: a report rebuilt without
+    # the configured methods lists them so (test_report_from_disk_...)
     assert methods == ["standard", "minijoint", "minipost", "lt_sft", "lt_sft_vocab", "lt_sft_vocab@minijoint",
-                       "bistil", "bistil@minijoint"]
+                       *students]
     assert report["methods"] == methods
     verse_class = report["tasks"]["verse_class"]["languages"]["ny"]["methods"]
     assert set(verse_class) == set(methods) and all(verse_class[m]["points"] for m in methods)
-    assert not {"bistil", "bistil@minijoint"} & set(report["tasks"]["target_mlm"]["languages"]["ny"]["methods"])
+    assert not set(students) & set(report["tasks"]["target_mlm"]["languages"]["ny"]["methods"])
 
     # BiStil: the phase-1 student and the student task model are plain Hugging Face directories, smaller than the
     # primary; the student task model reads the source language with its own (source) tokenizer
@@ -120,7 +122,13 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
         assert json.loads((out / plugged / "plug.json").read_text())["method"] == base
     distilled = {(r.data.tags["method"], r.data.tags["stage"]) for r in kids
                  if r.data.tags.get("stage") in ("distill", "distill_task")}
-    assert distilled == {(m, stage) for m in ("bistil", "bistil@minijoint") for stage in ("distill", "distill_task")}
+    assert distilled == {(m, stage) for m in students for stage in ("distill", "distill_task")}
+    # bistil@lt_sft: its teachers applied lt_sft's SFTs of en and ny; phase 2's teacher was lt_sft's task model
+    spec = json.loads((out / "adapt/bistil@lt_sft/ny/student/vocabulary.json").read_text())
+    assert (spec["teacher_sft"], spec["target_teacher_sft"], spec["target_teacher_model"]) == (
+        str((out / "adapt/lt_sft/en/sft").resolve()), str((out / "adapt/lt_sft/ny/sft").resolve()), None)
+    task_config = yaml.safe_load((out / "distill_task/bistil@lt_sft/ny/config.yaml").read_text())
+    assert Path(task_config["teacher"]).resolve() == (out / "task_sft/model").resolve()
     adapt_runs = [r for r in kids if r.data.tags.get("stage") == "adapt"]
     assert {r.data.tags.get("method") for r in adapt_runs} == {"standard", "minijoint", "minipost"}
     flops = {r.data.tags["method"]: r.data.metrics["compute/flops"] for r in adapt_runs}
@@ -135,7 +143,8 @@ def test_lt_sft_vocab_composes_the_plugged_model_its_language_sft_and_the_task_s
     ny embeddings plugged in (its hash; word-embedding rows of the target vocabulary), changing no LayerNorm or head
     entry; zero-shot scored exactly plugged model + language SFT + task SFT (without its input-embedding difference)
     composed by hand, read with the target tokenizer; an SFT on a model it was not learned from is refused naming
-    both hashes; the report places it at standard adaptation's final compute + both SFT phases'."""
+    both hashes; the report places it at standard adaptation's final compute + both SFT phases' + the source
+    language's SFT (lt_sft's: the task SFT was trained with it applied)."""
     import shutil
 
     import torch
@@ -202,7 +211,8 @@ def test_lt_sft_vocab_composes_the_plugged_model_its_language_sft_and_the_task_s
     final = report["tasks"]["verse_class"]["languages"]["ny"]["methods"]["lt_sft_vocab"]["final"]
     standard = read_info(out / "adapt/standard/ny")
     assert final["quality"] == expected[TASKS["verse_class"].metric]
-    assert final["flops"] == pytest.approx(standard["flops"] + language.info["flops"], rel=1e-12)
+    source = SparseFineTuning.load(out / "adapt/lt_sft/en/sft").info
+    assert final["flops"] == pytest.approx(standard["flops"] + language.info["flops"] + source["flops"], rel=1e-12)
     assert language.info["flops"] > 0 and language.info["steps"] == 6  # both phases: 3 + 3 steps
 
 
@@ -312,6 +322,9 @@ def test_report_from_disk_with_tracking_off_gives_the_numbers_mlflow_shows(smoke
             at = [0.0 if step == 0 else history[k][None] if None in history[k] else
                   history[k][max(history[k]) if step is None else step]
                   for k in ("compute/flops", "compute/wall_clock_s")]  # step 0: the initial embeddings
+            if parse_method(tags["method"]).rests_on_source_sft(TASKS[tags["task"]]):  # + lt_sft's en SFT
+                at = [a + compute["lt_sft", cfg.source_lang][k][None]
+                      for a, k in zip(at, ("compute/flops", "compute/wall_clock_s"))]
             shown[tags["task"], tags["target_lang"], tags["method"], step] = (run.data.metrics[tags["metric"]], *at)
     assert shown.keys() == points.keys()
     # the unadapted baseline: verse_class only (target_mlm does not compare tokenizers), the report's line

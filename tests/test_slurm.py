@@ -281,7 +281,7 @@ def test_real_plan_has_one_array_job_per_method_and_a_failure_cancels_its_depend
     smoke = yaml.safe_load((ROOT / "configs/pipeline/smoke.yaml").read_text())
     methods = [parse_method(spec) for spec in smoke["methods"]]
     embedding_methods = [m.name for m in methods if m.learns_embeddings]
-    others = {"lt_sft", "lt_sft_vocab", "bistil", "lt_sft_vocab@minijoint", "bistil@minijoint"}
+    others = {"lt_sft", "lt_sft_vocab", "bistil", "lt_sft_vocab@minijoint", "bistil@minijoint", "bistil@lt_sft"}
     assert {m.name for m in methods} - set(embedding_methods) == others
     adapt_jobs = [name for name in jobs if name.startswith("adapt-")]
     assert adapt_jobs == [f"adapt-{method}" for method in embedding_methods], jobs  # no adapt-<method>-<lang> jobs
@@ -308,7 +308,10 @@ def test_real_plan_has_one_array_job_per_method_and_a_failure_cancels_its_depend
                            ("plug_mlm-minijoint", ["adapt-minijoint"]),
                            ("lang_sft-lt_sft_vocab@minijoint", ["plug_mlm-minijoint", "data"]),
                            ("distill-bistil@minijoint", ["plug_mlm-minijoint", "export", "data"]),
-                           ("distill_task-bistil@minijoint", ["distill-bistil@minijoint", "finetune"])):
+                           ("distill_task-bistil@minijoint", ["distill-bistil@minijoint", "finetune"]),
+                           # over lt_sft's language SFTs: the source language's is a task of the lang_sft job
+                           ("distill-bistil@lt_sft", ["lang_sft", "export", "data"]),
+                           ("distill_task-bistil@lt_sft", ["distill-bistil@lt_sft", "task_sft"])):
         (info,) = cluster.job_info(jobs[name])
         assert info["ArrayTaskId"] == "0-1" and info["JobName"] == name, info  # ny, sw
         assert re.findall(r"afterok:(\d+)", info["Dependency"]) == [jobs[u] for u in upstream], info

@@ -18,7 +18,7 @@ from minimodel.training.hf_mlm import MLMFlops
 
 @dataclass
 class Reader:
-    """A model as it reads a language pair: the model (or two sharing a body) and each language's tokenizer."""
+    """A model as it reads a language pair: the model (or two of one architecture) and each language's tokenizer."""
     source_model: nn.Module
     source_tokenizer: object
     target_model: nn.Module

@@ -4,6 +4,9 @@ attention maps on masked monolingual text of both languages, in the shared DeepS
 Teachers. `teacher_model` reads the source language (the primary). For the target language, `target_teacher_model`
 is the primary with the target embeddings plugged in (adapt/plug.py: same body, the target's own vocabulary), so the
 student can serve a language the primary's vocabulary never covered; unset, `teacher_model` reads both.
+Method bistil@lt_sft (the reference's teachers): `teacher_model` reads both languages, with lt_sft's language SFT of
+each applied to that language's copy (`teacher_sft`: the source's, `target_teacher_sft`: the target's; adapt/sft.py's
+<output_dir>/<lang>/sft); the student starts from the primary without them, as the reference's does.
 
 The student's vocabulary (minimodel/bistil/trim.py): the teacher's tokens frequent in either corpus (one teacher), or
 the source block followed by the target's non-special tokens (two teachers: both kept sets, the target's special
@@ -52,8 +55,11 @@ from minimodel.evaluation.tasks import TaskConfig, read_verses
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.hf import load_model, load_tokenizer
 from minimodel.layout import STUDENT_TARGET_TOKENIZER
-from minimodel.methods import DISTILLED, job_name, parse_method_of
+from minimodel.manifest import model_hash
+from minimodel.methods import DISTILLED, SPARSE, job_name, parse_method_of
 from minimodel.provenance import finish_output
+from minimodel.sft.file import MANIFEST_FILE as SFT_MANIFEST
+from minimodel.sft.file import SparseFineTuning, read_sft_info
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
@@ -75,6 +81,8 @@ class DistillConfig(PerLanguageRun):
     method: str = DISTILLED  # its name in results and runs: bistil, or bistil@<base> (minimodel/methods.py)
     teacher_model: str | None = None  # HF masked-LM directory reading the source language (the primary)
     target_teacher_model: str | None = None  # the plugged primary (adapt/plug.py output); None: teacher_model
+    teacher_sft: str | None = None  # bistil@lt_sft: the source language's SFT of teacher_model, applied to it
+    target_teacher_sft: str | None = None  # bistil@lt_sft: the target language's SFT of teacher_model (its copy)
     source_lang: str = "en"
     target_langs: list[str] = field(default_factory=lambda: ["sw"])
     target_lang: str | None = None  # one language of target_langs (a Slurm array task); None: all, in turn
@@ -96,7 +104,23 @@ class DistillConfig(PerLanguageRun):
         require(self.teacher_model is not None, "teacher_model",
                 "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
         method = parse_method_of(self.method, DISTILLED)
-        # results are filed under the method: its target teacher must hold the embeddings the method builds on
+        self.validate_languages()
+        if method.builds_on_sfts:
+            self._validate_teacher_sfts()
+        else:
+            self._validate_target_teacher(method)
+        require(0 <= self.vocab_threshold < 1, "vocab_threshold", "must be in [0, 1)")
+        require(self.source_lang not in self.target_langs, "target_langs",
+                f"lists the source language {self.source_lang!r}: a student is for (source, target) pairs")
+        require(self.loss.soft_ce == 0 and self.loss.gold == 0, "loss.soft_ce",
+                "phase 1 has no task logits or labels to match: set loss.soft_ce and loss.gold to 0")
+        self.student.validate()
+
+    def _validate_target_teacher(self, method) -> None:
+        """Results are filed under the method: its target teacher must hold the embeddings the method builds on."""
+        for key in ("teacher_sft", "target_teacher_sft"):
+            require(getattr(self, key) is None, key, f"language SFTs on the teachers are method {DISTILLED}@{SPARSE}'s "
+                    f"(its results are filed under it): set method={DISTILLED}@{SPARSE}, or drop {key}")
         plugged = plugged_info(self.target_teacher_model) if self.target_teacher_model else None
         require(plugged is not None or method.base is None, "target_teacher_model",
                 f"method {self.method} distils from the primary with {method.builds_on} adaptation's target "
@@ -105,13 +129,31 @@ class DistillConfig(PerLanguageRun):
         require(plugged is None or plugged.get("method") in (None, method.builds_on), "target_teacher_model",
                 f"{self.target_teacher_model} holds {(plugged or {}).get('method')} embeddings (its plug.json), but "
                 f"method {self.method} builds on {method.builds_on}'s: plug those, or name the method it builds on")
-        self.validate_languages()
-        require(0 <= self.vocab_threshold < 1, "vocab_threshold", "must be in [0, 1)")
-        require(self.source_lang not in self.target_langs, "target_langs",
-                f"lists the source language {self.source_lang!r}: a student is for (source, target) pairs")
-        require(self.loss.soft_ce == 0 and self.loss.gold == 0, "loss.soft_ce",
-                "phase 1 has no task logits or labels to match: set loss.soft_ce and loss.gold to 0")
-        self.student.validate()
+
+    def _validate_teacher_sfts(self) -> None:
+        """bistil@lt_sft: lt_sft's language SFT of the source language and of each selected target language."""
+        require(self.target_teacher_model is None, "target_teacher_model",
+                f"method {self.method}: the primary (teacher_model) reads both languages, each with its SFT applied; "
+                "drop target_teacher_model")
+        for key, langs in (("teacher_sft", [self.source_lang]), ("target_teacher_sft", self.languages())):
+            path = getattr(self, key)
+            require(path is not None, key, f"is required by method {self.method}: lt_sft's language SFT of "
+                    f"{'the source language' if key == 'teacher_sft' else 'the target language'} (adapt/sft.py's "
+                    "<output_dir>/<lang>/sft)")
+            info = read_sft_info(path)
+            require(info is not None and info.get("kind") == "language", key,
+                    f"{path} is not a language SFT (no {SFT_MANIFEST} of kind language): give adapt/sft.py's "
+                    "<output_dir>/<lang>/sft")
+            others = [lang for lang in langs if lang != info.get("target_lang")]
+            require(not others, key, f"{path} is the language SFT of {info.get('target_lang')}, not of "
+                    f"{', '.join(others)}" + (": run each target language with its own" if len(langs) > 1 else ""))
+            require(info.get("method") == SPARSE, key, f"{path} was learned by method {info.get('method')}, over "
+                    f"another model than the primary: give {SPARSE}'s")
+            base = json.loads((Path(path) / SFT_MANIFEST).read_text())["base_model"]
+            if (Path(self.teacher_model) / "config.json").is_file():  # refused here, not after the data is prepared
+                require(base["sha256"] == model_hash(self.teacher_model), key, f"{path} was learned from "
+                        f"{base.get('path') or 'another model'} (sha256 {base['sha256']}), not from teacher_model "
+                        f"{self.teacher_model}: give the language SFTs of that primary")
 
 
 class StudentVocabulary:
@@ -248,7 +290,7 @@ def fit_projections(teachers: dict[str, torch.nn.Module], data: dict[str, Masked
                     d: int) -> torch.Tensor:
     """M [L+1, h, d]: M[j] from teacher state j alone (0: the embeddings' output; the reference's per-layer
     mappings), on the first sequences of both corpora (about `tokens` states of each)."""
-    n_states = next(iter(teachers.values())).config.num_hidden_layers + 1  # the teachers share one body
+    n_states = next(iter(teachers.values())).config.num_hidden_layers + 1  # the teachers share one architecture
     states: list[list[torch.Tensor]] = [[] for _ in range(n_states)]
     for lang, teacher in teachers.items():
         taken, i = 0, 0
@@ -279,6 +321,22 @@ def load_projections(path: Path, teacher_config, d: int) -> torch.Tensor:
     return m
 
 
+def load_teachers_and_student(cfg: DistillConfig, paths: dict[str, str], vocab: dict):
+    """({language: its frozen teacher, from `paths`; bistil@lt_sft: with that language's SFT applied}, the student
+    as initialised from the source teacher with the student's vocabulary, before any SFT: the reference's start)."""
+    teachers = {code: load_model(p, AutoModelForMaskedLM, attn_implementation="eager").eval().requires_grad_(False)
+                for code, p in paths.items()}
+    for code, teacher in teachers.items():
+        check_architecture(teacher, paths[code])
+    student = build_student(teacher_for_student(cfg.teacher_model, teachers, vocab), cfg.student)
+    target_lang = next(code for code in paths if code != cfg.source_lang)
+    for code, sft in ((cfg.source_lang, cfg.teacher_sft), (target_lang, cfg.target_teacher_sft)):
+        if sft:
+            SparseFineTuning.load(sft).apply(teachers[code], model_hash(paths[code]), with_abs=False,
+                                             what=paths[code])
+    return teachers, student
+
+
 def distill_language(cfg: DistillConfig, lang: str) -> str:
     """Distil one (source, lang) student; returns "done" or "interrupted" (run the same command to resume)."""
     distributed.initialize_deepspeed()
@@ -306,14 +364,10 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
 
     prefixes = _rank0_then_everywhere(prepare)
     vocab = json.loads((run_dir / "vocabulary" / VOCABULARY_FILE).read_text())
-    teachers = {code: load_model(p, AutoModelForMaskedLM, attn_implementation="eager").eval().requires_grad_(False)
-                for code, p in paths.items()}
-    for code, teacher in teachers.items():
-        check_architecture(teacher, paths[code])
+    teachers, student = load_teachers_and_student(cfg, paths, vocab)
     tokenizers = {code: load_tokenizer(run_dir / code / TOKENIZER_DIR) for code in paths}  # the teachers' own
     data = {code: MaskedLMDataset(prefixes[code], tokenizers[code], cfg.seq_length, cfg.mask_prob, cfg.data_seed)
             for code in paths}
-    student = build_student(teacher_for_student(cfg.teacher_model, teachers, vocab), cfg.student)
     student.requires_grad_(True)
     for name, p in student.named_parameters():  # phase 1 has no MLM loss: the head stays as initialised
         if not name.startswith(student.base_model_prefix + "."):
@@ -364,7 +418,9 @@ def _save_student(student, final: dict[str, torch.Tensor], run_dir: Path, vocab:
     student.save_pretrained(tmp)
     spec = {**json.loads((tmp / VOCABULARY_FILE).read_text()), "source_lang": cfg.source_lang, "target_lang": lang,
             "method": cfg.method, "teacher_model": cfg.teacher_model,
-            "target_teacher_model": cfg.target_teacher_model}
+            "target_teacher_model": cfg.target_teacher_model,
+            **{key: str(Path(path).resolve()) if path else None  # phase 2 checks its teacher against teacher_sft
+               for key, path in (("teacher_sft", cfg.teacher_sft), ("target_teacher_sft", cfg.target_teacher_sft))}}
     write_text_atomic(tmp / VOCABULARY_FILE, json.dumps(spec))
     replace_dir(tmp, run_dir / "student")
 

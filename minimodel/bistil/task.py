@@ -1,5 +1,6 @@
 """BiStil phase 2, task distillation (step 3 for the student): the phase-1 student learns the source-language task
-from the fine-tuned task model, its teacher, as a sparse fine-tuning (LT-SFT, minimodel/sft/train.py): the body
+from the fine-tuned task model, its teacher (bistil@lt_sft: lt_sft's task model, the primary + the source
+language's SFT + the task SFT, the reference's), as a sparse fine-tuning (LT-SFT, minimodel/sft/train.py): the body
 changes at `sft.k` / `sft.k_proportion` of its entries, the task head (new at load) trains dense. Loss: hidden-state
 MSE + attention-map MSE + soft cross-entropy to the teacher's logits at temperature `loss.temperature` (default 2;
 QA: start's + end's), gold labels unused unless `loss.gold` > 0 (minimodel/bistil/loss.py).
@@ -33,13 +34,14 @@ from minimodel.bistil.loss import DistillationWeights, distillation_loss
 from minimodel.config import require, save_config
 from minimodel.evaluation.features import classification_features, qa_train_features
 from minimodel.evaluation.finetune import TaskFlops
-from minimodel.evaluation.models import load_sft_task_model, load_task_model, read_task_info, write_task_model
+from minimodel.evaluation.models import (TASK_FILE, load_sft_task_model, load_task_model, read_task_info,
+                                         write_task_model)
 from minimodel.evaluation.scoring import score
 from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.files import write_text_atomic
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
-from minimodel.methods import DISTILLED, job_name, parse_method_of
+from minimodel.methods import DISTILLED, SPARSE, job_name, parse_method_of
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.train import SFTConfig, train_sft
 from minimodel.stages import StageResult
@@ -71,11 +73,21 @@ class TaskDistillConfig:
         require(self.student is not None, "student",
                 "is required: phase 1's student directory (<adapt/distill.py output_dir>/<lang>/student)")
         spec = Path(self.student) / VOCABULARY_FILE
-        made_by = json.loads(spec.read_text()).get("method", DISTILLED) if spec.is_file() else self.method
+        student = json.loads(spec.read_text()) if spec.is_file() else {"method": self.method}
+        made_by = student.get("method", DISTILLED)
         require(made_by == self.method, "method", f"{self.student} was distilled by method {made_by}, not "
                 f"{self.method}: its results would be filed under another method; name the one that made it")
         require(self.teacher is not None, "teacher",
                 "is required: the fine-tuned task model (evaluate/finetune.py's <output_dir>/model)")
+        task_file = Path(self.teacher) / TASK_FILE
+        if spec.is_file() and task_file.is_file():  # the teacher of phase 1's source language, fine-tuned
+            phase1 = student.get("teacher_sft")
+            composed = (json.loads(task_file.read_text()).get("sft") or {}).get("language")
+            require((phase1 and Path(phase1).resolve()) == (composed and Path(composed).resolve()), "teacher",
+                    f"{self.teacher} was fine-tuned with source-language SFT {composed or 'none'}, but phase 1's "
+                    f"source teacher applied {phase1 or 'none'}: the student would learn the task from another model "
+                    f"than it was distilled from; give lt_sft's task model (task_sft/model) for "
+                    f"{DISTILLED}@{SPARSE}, the dense fine-tuned one (finetune/model) for the other BiStil methods")
         require(self.task.spec.kind in ("classification", "qa"), "task.name",
                 f"{self.task.name} has no task head to distil: classification and QA tasks are")
         require(self.loss.soft_ce > 0 or self.loss.gold > 0, "loss.soft_ce",

@@ -119,7 +119,8 @@ def _compose_task_model(cfg: FinetuneConfig, tokenizer, labels, language_sft, ta
     if dist.get_rank() == 0:
         task_model = load_sft_task_model(cfg.model_dir, cfg.task.spec.kind, labels, task_sft_dir, language_sft)
         _write_task_model(cfg, task_model, tokenizer, labels,
-                          {"frozen": [], "sft": {"language": cfg.language_sft, "task": str(task_sft_dir.resolve())}})
+                          {"frozen": [], "sft": {"language": str(Path(cfg.language_sft).resolve()) if cfg.language_sft
+                                                 else None, "task": str(task_sft_dir.resolve())}})
     dist.barrier()
     return Path(cfg.output_dir) / "model"
 

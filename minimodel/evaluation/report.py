@@ -5,11 +5,15 @@ Reads a pipeline's results from its output directory (minimodel/layout.py), neve
   the source language's is the reference) and snapshots.json (per language and adaptation step);
 - the compute each evaluated checkpoint cost, <pipeline_dir>/adapt/<method>/<lang>/: adapt.json of the final
   embeddings and of each snapshots/step_<N>/ (FLOPs and wall clock spent up to it); LT-SFT: the language SFT's
-  manifest, sft/sft.json (both phases), for lt_sft_vocab + standard adaptation's final adapt.json (the embeddings
-  its SFT was learned over; a method's `builds_on`, methods.py: another method's for lt_sft_vocab@<method>);
-  BiStil: standard adaptation's final adapt.json (the embeddings its target teacher reads with; bistil@<method>:
-  that method's) + phase 1's training compute, the last row of adapt/<bistil method>/<lang>/train/metrics.jsonl
-  (teachers' forwards included). Phase 2 (the student learning the task) is step 3, which no method's compute counts.
+  manifest, sft/sft.json (both phases), + on fine-tuned tasks the source language's (adapt/lt_sft/<source>/sft/
+  sft.json: the task SFT was trained with it applied; one for all targets, counted whole for each, as one target
+  alone needs it; retrieval reads the primary + the target's SFT alone), for lt_sft_vocab + standard adaptation's
+  final adapt.json (the embeddings its SFT was learned over; a method's `builds_on`, methods.py: another method's
+  for lt_sft_vocab@<method>); BiStil: standard adaptation's final
+  adapt.json (the embeddings its target teacher reads with; bistil@<method>: that method's; bistil@lt_sft: lt_sft's
+  target and source language SFTs, its teachers') + phase 1's training compute, the last row of adapt/<bistil
+  method>/<lang>/train/metrics.jsonl (teachers' forwards included). Phase 2 (the student learning the task) is step
+  3, which no method's compute counts.
 
 For each task and language it finds, for every method, the compute at which its quality first reached 95% /
 99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute; with
@@ -48,7 +52,7 @@ from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.scoring import MAJORITY_METRIC
 from minimodel.evaluation.tasks import TASKS
 from minimodel.layout import PipelineLayout
-from minimodel.methods import BASELINE, MODELS, REFERENCE, parse_adapted_method, parse_method
+from minimodel.methods import BASELINE, MODELS, REFERENCE, SPARSE, parse_adapted_method, parse_method
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.file import SFT_DIR, read_sft_info
 from minimodel.training.metrics import read_metrics
@@ -120,15 +124,19 @@ def _distill_info(run_dir: Path) -> dict | None:
     return {"flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"]}
 
 
-def _method_compute(layout: PipelineLayout, method: str, lang: str, artifact: Path) -> tuple[float | None, ...]:
-    """_compute of the artifact, plus the final compute of the embedding method it builds on (BiStil: standard
-    adaptation's; bistil@minijoint: MiniJoint adaptation's)."""
+def _method_compute(layout: PipelineLayout, method: str, lang: str, artifact: Path, source_lang: str,
+                    task: str) -> tuple[float | None, ...]:
+    """_compute of the artifact, plus the final compute of the method it builds on (BiStil: standard adaptation's;
+    bistil@minijoint: MiniJoint adaptation's; bistil@lt_sft: lt_sft's language SFT) and, where its results on `task`
+    rest on lt_sft's source-language SFT, that SFT's whole: shared by every target, but one target alone needs it."""
     method = parse_method(method)
-    own, base = _compute(artifact, method.source.learns), method.builds_on
-    if base is None:
-        return own
-    below = _compute(layout.adapt(base, lang))
-    return tuple(None if a is None or b is None else a + b for a, b in zip(own, below))
+    parts = [_compute(artifact, method.source.learns)]
+    if method.builds_on:
+        below = parse_method(method.builds_on)
+        parts.append(_compute(layout.adapt(below.name, lang), below.source.learns))
+    if method.rests_on_source_sft(TASKS[task]):
+        parts.append(_compute(layout.adapt(SPARSE, source_lang), "sft"))
+    return tuple(None if any(p[i] is None for p in parts) else sum(p[i] for p in parts) for i in range(2))
 
 
 def _from_common_zero(points: dict[str, list[Point]], starts: dict[str, tuple[float, str | None]], reference: str,
@@ -199,7 +207,8 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
                 checkpoints = [(None, final, run_dir)] + [(int(step), m, snapshot_dir(run_dir, int(step)))
                                                           for step, m in snapshots.get(lang, {}).items()]
                 points[task][lang][method] += [
-                    Point(m[metric], *_method_compute(layout, method, lang, artifact), step, m.get("n_examples"))
+                    Point(m[metric], *_method_compute(layout, method, lang, artifact, source_lang, task), step,
+                          m.get("n_examples"))
                     for step, m, artifact in checkpoints]
                 if TASKS[task].kind == "mlm" and "0" in snapshots.get(lang, {}):
                     starts[task][lang][method] = (snapshots[lang]["0"]["mlm_loss"],

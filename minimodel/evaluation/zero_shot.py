@@ -32,7 +32,8 @@ names (evaluation/models.py load_sft_task_model). Like lt_sft, not for target_ml
 measured from an embedding run's step-0 snapshot).
 
 Method `bistil` (BiStil) has a student task model per target language (evaluate/distill_task.py): each target names
-it (`model_dir`) and its target tokenizer (`tokenizer: <model_dir>/target_tokenizer`), scored as it is; the source
+it (`model_dir`) and its target tokenizer (`tokenizer: <model_dir>/target_tokenizer`; bistil@lt_sft's students read
+both languages with one: `tokenizer: <model_dir>`), scored as it is; the source
 model (a student task model, read with the source tokenizer saved at its top) is scored on the source language
 only when evaluate_source (the pipeline leaves it to distill_task's metrics.json, one student per language). Only on
 fine-tuned tasks (minimodel/methods.py Method.scored_on).
