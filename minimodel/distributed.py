@@ -19,6 +19,7 @@ import os
 import random
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable, Literal
@@ -160,6 +161,15 @@ def initialize_deepspeed() -> None:
     cpu.release_shared_memory()
 
 
+# Deprecations of the torch.distributed calls megatron-core makes (its distributed optimizer's collectives, its
+# torch_dist checkpoint reader): printed by every such run, on GPUs as on CPUs, and nothing a user can act on.
+_MEGATRON_TORCH_DEPRECATIONS = (
+    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+    r"`load_state_dict` is deprecated",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
+)
+
+
 def initialize(parallel: ParallelConfig, seed: int, embedding_stages: Iterable[int] = (),
                head_stages: Iterable[int] = ()) -> None:
     """Start torch.distributed (if needed) and megatron's parallel groups, and seed every generator.
@@ -172,6 +182,8 @@ def initialize(parallel: ParallelConfig, seed: int, embedding_stages: Iterable[i
     from minimodel.compat import cpu
 
     cpu.apply()
+    for message in _MEGATRON_TORCH_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     from megatron.core import parallel_state
 
     init_process_group(timedelta(minutes=parallel.timeout_minutes))

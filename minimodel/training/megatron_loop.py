@@ -135,6 +135,10 @@ class Trainer:
         return state
 
     def save(self) -> None:
+        # one training time for the replicated state: each rank clocked its own (megatron warns when they differ)
+        wall_clock = torch.tensor(self.wall_clock_s, dtype=torch.float64, device=distributed.device())
+        dist.all_reduce(wall_clock, op=dist.ReduceOp.MAX)
+        self.wall_clock_s = float(wall_clock)
         state = self._sharded_state_dict(is_loading=False)
         state.update(scheduler=self.scheduler.state_dict(), step=self.step, layout=self.layout,
                      wall_clock_s=self.wall_clock_s, eval_pending=self.eval_pending)
