@@ -1,6 +1,6 @@
 """Fixtures shared across test files.
 
-`smoke_pipeline`: ONE real run of the shortened pipeline (configs/pipeline/smoke.yaml, ~4 min on 2 cores) logged to a
+`smoke_pipeline`: ONE real run of the shortened pipeline (configs/pipeline/smoke.yaml, ~5 min on 2 cores) logged to a
 real `mlflow server`, shared by everything that checks what a pipeline leaves behind: its outputs and runs
 (tests/test_pipeline.py, which also re-runs it) and what a reviewer sees in the UI (tests/test_mlflow_ui.py).
 
