@@ -157,7 +157,8 @@ def initialize_deepspeed() -> None:
     from minimodel.compat import cpu
 
     jit_builds.check_build_locks()  # init_distributed may build an op: never behind a killed build's lock
-    deepspeed.init_distributed()
+    with cpu.quiet_shm_op_load():
+        deepspeed.init_distributed()
     cpu.release_shared_memory()
 
 

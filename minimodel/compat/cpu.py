@@ -17,13 +17,17 @@ running megatron-core on a CPU-only machine with torch's CPU wheel):
   (its overhead is within measurement noise). It is not active inside autograd backward functions, hence
   current_device() returns the CPU device itself.
 
-`release_shared_memory()` runs after DeepSpeed's init_distributed: its CPU accelerator maps a shared-memory segment
-per rank of a one-node world and never removes its name (see the function).
+`quiet_shm_op_load()` wraps DeepSpeed's init_distributed, whose CPU accelerator prints a line from every process;
+`release_shared_memory()` runs after it: that accelerator maps a shared-memory segment per rank of a one-node world
+and never removes its name (see the function).
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -39,6 +43,9 @@ _CPU_NOISE = (
     # a CUDA setting for overlapping tensor-parallel communication with GEMMs
     (r".*CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, r"megatron\.core\.tensor_parallel\.layers"),
 )
+
+
+_SHM_OP_LOADED = re.compile(r"DeepSpeed \S+ built successfully")
 
 
 def _is_cuda_device(device) -> bool:
@@ -152,6 +159,23 @@ def apply() -> bool:
     _CudaDeviceToCpu().__enter__()  # process-wide, for the life of the process
     _applied = True
     return True
+
+
+@contextlib.contextmanager
+def quiet_shm_op_load():
+    """Around deepspeed.init_distributed: its CPU accelerator prints "DeepSpeed <shm op> built successfully" from
+    every process of every DeepSpeed stage (a bare print, also when the op was built long ago). That line is dropped;
+    anything else printed meanwhile passes. Nothing changes under CUDA."""
+    if torch.cuda.is_available():
+        yield
+        return
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                                 if not _SHM_OP_LOADED.fullmatch(line.strip())))
 
 
 def release_shared_memory() -> None:
