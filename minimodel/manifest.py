@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from minimodel.files import write_text_atomic
 
 MANIFEST_NAME = "minimodel.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_hashes: dict[tuple, str] = {}  # model_hash's: (path, inode, size, mtime) of each weight file -> sha256
+_SETTLED_NS = 2_000_000_000  # weights unchanged for this long are remembered by model_hash
 
 
 class ManifestError(UserError):
@@ -35,17 +38,27 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 
 def model_hash(model_dir: str | os.PathLike) -> str:
-    """sha256 over a Hugging Face model directory's weight files (names and bytes, in sorted order)."""
+    """sha256 over a Hugging Face model directory's weight files (names and bytes, in sorted order). Remembered per
+    process while every weight file keeps its inode, size and mtime: a stage checks one model several times (each
+    SFT's base, each teacher) and a large model's bytes take seconds to read."""
     model_dir = Path(model_dir)
     files = _weight_files(model_dir)
     if not files:
         raise ManifestError(f"{model_dir} holds no weight files (*.safetensors / *.bin): is it a model directory?")
+    now = time.time_ns()
+    stats = [path.stat() for path in files]
+    key = tuple((str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns) for path, st in zip(files, stats))
+    if key in _hashes:
+        return _hashes[key]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
+    # a file written moments ago could be rewritten within its mtime's granularity unseen (git's "racy" case)
+    if now - max(st.st_mtime_ns for st in stats) > _SETTLED_NS:
+        _hashes[key] = digest.hexdigest()
     return digest.hexdigest()
 
 

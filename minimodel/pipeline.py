@@ -426,9 +426,10 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
             distill_job, task_job = job_name("distill", name, DISTILLED), job_name("distill_task", name, DISTILLED)
             named = [f"method={name}"] if method.base else []  # the default's command lines stay as they were
             if method.builds_on_sfts:
-                teachers, task_teacher = [f"teacher_sft={at.language_sft(src)}"], (at.task_sft / "model", task_sft)
+                teachers = [f"teacher_sft={at.language_sft(src)}"]
+                task_teacher, task_teacher_job = at.task_sft / "model", task_sft
             else:
-                teachers, task_teacher = [], (at.task_model, finetune)
+                teachers, task_teacher, task_teacher_job = [], at.task_model, finetune
             distilled_tasks = []
             for lang in cfg.target_langs:
                 if method.builds_on_sfts:
@@ -446,9 +447,9 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                     job=distill_job, lang=lang, lang_args=[f"target_langs=[{lang}]", *target_args])
                 distilled_tasks.append(add(
                     f"{task_job}-{lang}", "distill_task",
-                    ["--config", cfg.configs.distill_task, *named, f"teacher={task_teacher[0]}",
+                    ["--config", cfg.configs.distill_task, *named, f"teacher={task_teacher}",
                      f"task.data_dir={at.data_dir}", *extra("distill_task")],
-                    at.distill_task(lang, name), [adapted[name, lang], task_teacher[1]], job=task_job, lang=lang,
+                    at.distill_task(lang, name), [adapted[name, lang], task_teacher_job], job=task_job, lang=lang,
                     lang_args=[f"student={at.student(lang, name)}", f"output_dir={at.distill_task(lang, name)}"]))
             # every language has its student task model (its source-language scores: distill_task's metrics.json);
             # zero-shot scores each on its language, the first only standing in as the source model zero_shot loads

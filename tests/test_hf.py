@@ -2,6 +2,8 @@
 be gives one clear user error (exit 2 at an entry point, no traceback) instead of a transformers traceback."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import (AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, GPT2Config, GPT2Model,
@@ -130,6 +132,31 @@ def test_model_hash_covers_the_weights_transformers_loads_only(tmp_path):
     assert model_hash(tmp_path) == bin_only
     (tmp_path / "pytorch_model.bin").write_bytes(b"other weights, pickled")
     assert model_hash(tmp_path) != bin_only
+
+
+def test_model_hash_reads_settled_weights_once_per_process(tmp_path, monkeypatch):
+    """BiStil x LT-SFT checks its primary's hash four times per rank (each SFT's base, each teacher): a large model's
+    bytes are read once; weights that changed (in place, replaced, or written moments ago) are read again."""
+    import hashlib
+    import os
+
+    from minimodel import manifest
+
+    reads, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda: reads.append(1) or sha256())
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights A")
+    hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(weights, ns=(hour_ago, hour_ago))
+    first = manifest.model_hash(tmp_path)
+    assert manifest.model_hash(tmp_path) == first and len(reads) == 1
+    weights.write_bytes(b"weights B")  # in place, same size: a new mtime, too new to be remembered
+    second = manifest.model_hash(tmp_path)
+    assert second != first and manifest.model_hash(tmp_path) == second and len(reads) == 3
+    (tmp_path / "new").write_bytes(b"weights A")  # replaced by rename (a new inode), with the first's old mtime
+    os.utime(tmp_path / "new", ns=(hour_ago, hour_ago))
+    (tmp_path / "new").replace(weights)
+    assert manifest.model_hash(tmp_path) == first and len(reads) == 4
 
 
 # -- which masked LMs the masked-LM code reads right ----------------------------------------------------------------

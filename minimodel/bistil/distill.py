@@ -59,7 +59,7 @@ from minimodel.manifest import model_hash
 from minimodel.methods import DISTILLED, SPARSE, job_name, parse_method_of
 from minimodel.provenance import finish_output
 from minimodel.sft.file import MANIFEST_FILE as SFT_MANIFEST
-from minimodel.sft.file import SparseFineTuning, read_sft_info
+from minimodel.sft.file import SparseFineTuning, read_sft_manifest
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
@@ -140,8 +140,9 @@ class DistillConfig(PerLanguageRun):
             require(path is not None, key, f"is required by method {self.method}: lt_sft's language SFT of "
                     f"{'the source language' if key == 'teacher_sft' else 'the target language'} (adapt/sft.py's "
                     "<output_dir>/<lang>/sft)")
-            info = read_sft_info(path)
-            require(info is not None and info.get("kind") == "language", key,
+            manifest = read_sft_manifest(path) or {}
+            info = manifest.get("info", {})
+            require(info.get("kind") == "language", key,
                     f"{path} is not a language SFT (no {SFT_MANIFEST} of kind language): give adapt/sft.py's "
                     "<output_dir>/<lang>/sft")
             others = [lang for lang in langs if lang != info.get("target_lang")]
@@ -149,7 +150,7 @@ class DistillConfig(PerLanguageRun):
                     f"{', '.join(others)}" + (": run each target language with its own" if len(langs) > 1 else ""))
             require(info.get("method") == SPARSE, key, f"{path} was learned by method {info.get('method')}, over "
                     f"another model than the primary: give {SPARSE}'s")
-            base = json.loads((Path(path) / SFT_MANIFEST).read_text())["base_model"]
+            base = manifest["base_model"]
             if (Path(self.teacher_model) / "config.json").is_file():  # refused here, not after the data is prepared
                 require(base["sha256"] == model_hash(self.teacher_model), key, f"{path} was learned from "
                         f"{base.get('path') or 'another model'} (sha256 {base['sha256']}), not from teacher_model "

@@ -162,11 +162,17 @@ class SparseFineTuning:
         self._add(model, -1.0)
 
 
-def read_sft_info(sft_dir: str | os.PathLike) -> dict | None:
-    """The manifest's `info` of an SFT directory (how it was trained, its compute), without its tensors; None when
-    there is no SFT there."""
+def read_sft_manifest(sft_dir: str | os.PathLike) -> dict | None:
+    """An SFT directory's manifest (its base model; `info`: how it was trained, its compute), without its tensors;
+    None when there is no SFT there."""
     manifest = Path(sft_dir) / MANIFEST_FILE
-    return json.loads(manifest.read_text()).get("info", {}) if manifest.is_file() else None
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
+def read_sft_info(sft_dir: str | os.PathLike) -> dict | None:
+    """The manifest's `info` (read_sft_manifest); None when there is no SFT there."""
+    manifest = read_sft_manifest(sft_dir)
+    return manifest.get("info", {}) if manifest is not None else None
 
 
 def compose(*sfts: SparseFineTuning) -> SparseFineTuning:
