@@ -9,7 +9,7 @@ import pytest
 from eval_helpers import cipher, toy_bible, word_tokenizer, write_verses
 from minimodel.config import ConfigError, load_config
 from minimodel.evaluation.features import QAEvalFeatures, classification_features, qa_train_features
-from minimodel.evaluation.tasks import TaskConfig, TaskDataError, load_examples
+from minimodel.evaluation.tasks import TaskConfig, TaskDataError, load_examples, load_verse_pairs
 
 XNLI_COLUMNS = ["language", "gold_label", "sentence1_binary_parse", "sentence2_binary_parse", "sentence1_parse",
                 "sentence2_parse", "sentence1", "sentence2", "promptID", "pairID", "genre", "label1", "label2",
@@ -148,6 +148,22 @@ def test_verse_tasks_split_by_verse_id_and_capped_alike(tmp_path):
     assert {e["verse_id"] for e in load_examples(retrieval, "xx", "test")} == {e["verse_id"] for e in test_en}
     with pytest.raises(TaskDataError, match="prepare_data"):
         load_examples(cfg, "fr", "test")
+
+
+def test_verse_retrieval_caps_the_verses_both_languages_hold(tmp_path):
+    """A target Bible with half the verses (a New Testament, a partial translation): the cap counts shared verses.
+    Capping each language first kept only those both caps picked (100 of 200 in RESULTS.md section 5)."""
+    verses = toy_bible()
+    write_verses(tmp_path, "en", verses)
+    write_verses(tmp_path, "xx", verses[::2], cipher)
+    cfg = TaskConfig(name="verse_retrieval", data_dir=str(tmp_path), max_eval_examples=20)
+    pairs = load_verse_pairs(cfg, "en", "xx", "test")
+    assert len(pairs) == 20 and all(" ".join(map(cipher, en.split())) == xx for en, xx in pairs)
+    uncapped = TaskConfig(name="verse_retrieval", data_dir=str(tmp_path))
+    assert 20 < len(load_verse_pairs(uncapped, "en", "xx", "test")) < len(load_examples(uncapped, "en", "test"))
+    write_verses(tmp_path, "yy", verses[1::2])  # the other half: no verse in common with xx
+    with pytest.raises(TaskDataError, match="no verse ids shared by xx and yy"):
+        load_verse_pairs(cfg, "xx", "yy", "test")
 
 
 def test_task_config_errors():

@@ -13,7 +13,7 @@ from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.features import QAEvalFeatures, classification_features, reads_segments
 from minimodel.evaluation.metrics import accuracy, majority_share, qa_scores, retrieval_accuracy
 from minimodel.evaluation.models import batches, device, mean_pooled, predict_logits
-from minimodel.evaluation.tasks import TaskConfig, TaskDataError, load_examples
+from minimodel.evaluation.tasks import TaskConfig, TaskDataError, load_examples, load_verse_pairs
 from minimodel.hf import load_tokenizer
 from minimodel.training.hf_mlm import masked_lm_loss
 
@@ -65,20 +65,16 @@ def retrieval_layer(model, layer: int | None) -> int:
 def score_retrieval(task: TaskConfig, source_model, source_tokenizer, source_lang: str, target_model,
                     target_tokenizer, target_lang: str, split: str, batch_size: int,
                     layer: int | None = None) -> dict[str, float]:
-    """SR-B-style retrieval: for each held-out target verse, find its source verse among all held-out source verses
-    by cosine of mean-pooled hidden states; top-1 / top-10 accuracy."""
-    source = {e["verse_id"]: e["text"] for e in load_examples(task, source_lang, split)}
-    target = {e["verse_id"]: e["text"] for e in load_examples(task, target_lang, split)}
-    ids = sorted(source.keys() & target.keys())
-    if not ids:
-        raise TaskDataError(f"no verse ids shared by {source_lang} and {target_lang} in split {split}")
+    """SR-B-style retrieval: for each held-out target verse, find its source verse among the held-out verses both
+    languages hold (tasks.load_verse_pairs) by cosine of mean-pooled hidden states; top-1 / top-10 accuracy."""
+    pairs = load_verse_pairs(task, source_lang, target_lang, split)
     index = retrieval_layer(source_model, layer)
-    candidates = mean_pooled(source_model, source_tokenizer, [source[i] for i in ids], index, task.max_length,
+    candidates = mean_pooled(source_model, source_tokenizer, [src for src, _ in pairs], index, task.max_length,
                              batch_size, f"retrieval/{source_lang}")
-    queries = mean_pooled(target_model, target_tokenizer, [target[i] for i in ids], index, task.max_length,
+    queries = mean_pooled(target_model, target_tokenizer, [tgt for _, tgt in pairs], index, task.max_length,
                           batch_size, f"retrieval/{target_lang}")
     metrics = retrieval_accuracy(queries, candidates, ks=(1, 10))
-    return {**metrics, "n_examples": float(len(ids)), "layer": float(index)}
+    return {**metrics, "n_examples": float(len(pairs)), "layer": float(index)}
 
 
 @torch.no_grad()

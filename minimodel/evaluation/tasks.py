@@ -24,6 +24,7 @@ Sources, per split ("train" | "dev" | "test"):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,6 +306,20 @@ def load_examples(cfg: TaskConfig, lang: str, split: str) -> list[dict]:
         raise TaskDataError(f"task {name}: no {split} examples in language {lang!r}")
     cap = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
     return _subsample(examples, cap) if cap else examples
+
+
+def load_verse_pairs(cfg: TaskConfig, source_lang: str, target_lang: str, split: str) -> list[tuple[str, str]]:
+    """verse_retrieval's (source text, target text) pairs: the held-out verses both languages hold, capped by
+    max_eval_examples among those (capping each language first kept only the verses both caps happened to pick)."""
+    uncapped = dataclasses.replace(cfg, max_eval_examples=None)
+    source, target = ({e["verse_id"]: e["text"] for e in load_examples(uncapped, lang, split)}
+                      for lang in (source_lang, target_lang))
+    shared = [{"verse_id": i} for i in sorted(source.keys() & target.keys())]
+    if not shared:
+        raise TaskDataError(f"no verse ids shared by {source_lang} and {target_lang} in split {split}")
+    if cfg.max_eval_examples:
+        shared = _subsample(shared, cfg.max_eval_examples)
+    return [(source[e["verse_id"]], target[e["verse_id"]]) for e in shared]
 
 
 def _subsample(examples: list[dict], cap: int) -> list[dict]:
