@@ -60,6 +60,25 @@ def test_a_bottom_student_is_the_teachers_first_layers():
     assert regular.get_output_embeddings().weight is regular.get_input_embeddings().weight
 
 
+@pytest.mark.parametrize("kind", ["xlmr", "bert", "megatron", "deberta-v2", "mpnet", "xlmr-xl"])
+def test_a_student_of_full_depth_is_the_teacher(kind):
+    """layer_ratio=1, init=teacher: the same model. MegatronBERT's final LayerNorm (where the MiniJoint export puts
+    the trained one), DeBERTa-v2's relative positions and MPNet's relative attention bias sit outside the layers,
+    and were left at their initial values."""
+    from minipost_helpers import make_model
+
+    teacher = make_model(kind, seed=3)
+    with torch.no_grad():  # every parameter away from its initial value, LayerNorms and position tables included
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher.eval()
+    student = build_student(teacher, StudentConfig(layer_ratio=1)).eval()
+    ids = torch.tensor([[0, 5, 9, 12, 7, 2], [0, 33, 8, 2, 1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=ids, attention_mask=(ids != 1).long()).logits,
+                                   teacher(input_ids=ids, attention_mask=(ids != 1).long()).logits)
+
+
 def test_svd_embeddings_are_the_rank_d_coordinates():
     weight = _teacher().get_input_embeddings().weight.detach()
     coords = embedding_projection(weight, 16)

@@ -2,7 +2,8 @@
 
 L / r layers (`layer_ratio` r), hidden and FFN sizes / h (`hidden_ratio` h), the teacher's attention heads, no
 dropout. Initialisation (`init`):
-- `teacher`: the teacher's embeddings, head and the layers of `layer_map`: `regular` takes teacher layer (i+1)r-1
+- `teacher`: every teacher weight outside its layers (embeddings, head, a final LayerNorm, a relative position
+  table), and the layers of `layer_map`: `regular` takes teacher layer (i+1)r-1
   for student layer i (spread over the depth, the reference's map), `bottom` the first L/r layers (exactly the
   MiniJoint / MiniPost mini-model's layers: those students start aligned). Needs h = 1.
 - `svd`: with h > 1 only the word embeddings can come from the teacher: its (trimmed) embedding matrix projected on
@@ -79,15 +80,15 @@ def build_student(teacher: nn.Module, cfg: StudentConfig) -> nn.Module:
     torch.manual_seed(cfg.seed)
     student = type(teacher)(student_config(teacher.config, cfg))
     if cfg.init == "teacher":
-        body, teacher_body = student.base_model, teacher.base_model
-        body.embeddings.load_state_dict(teacher_body.embeddings.state_dict())
+        # everything but the layers, whatever else the family keeps beside them (embeddings, head, MegatronBERT's
+        # final LayerNorm, DeBERTa-v2's relative position table): the student differs from the teacher in depth only
+        layers = f"{teacher.base_model_prefix}.encoder.layer."
+        missing, _ = student.load_state_dict({k: v for k, v in teacher.state_dict().items()
+                                              if not k.startswith(layers)}, strict=False)
+        if outside := [k for k in missing if not k.startswith(layers)]:
+            raise ValueError(f"{type(teacher).__name__}: init=teacher could not copy {outside[:3]} from the teacher")
         for i, j in enumerate(teacher_layers(teacher.config.num_hidden_layers, cfg)):
-            body.encoder.layer[i].load_state_dict(teacher_body.encoder.layer[j].state_dict())
-        own = dict(student.named_parameters())
-        for name, p in teacher.named_parameters():  # the head: every parameter outside the base model
-            if not name.startswith(teacher.base_model_prefix + ".") and name in own:
-                with torch.no_grad():
-                    own[name].copy_(p)
+            student.base_model.encoder.layer[i].load_state_dict(teacher.base_model.encoder.layer[j].state_dict())
     elif cfg.init == "svd":
         with torch.no_grad():
             student.get_input_embeddings().weight.copy_(
