@@ -1,6 +1,7 @@
 """Step 3 (fine-tuning through the DeepSpeed loop, embeddings frozen) and step 4 (zero-shot with swapped embeddings)
 on a toy verse-parallel Bible: the target language is a cipher of English, so perfectly learned target embeddings
 must reproduce the English scores exactly."""
+import dataclasses
 import json
 import random
 import subprocess
@@ -138,6 +139,32 @@ def test_zero_shot_with_perfect_target_embeddings_matches_source(world, plugged_
     assert by_lang["xx"].data.tags["role"] == "target" and by_lang["en"].data.tags["role"] == "source"
     assert by_lang["xx"].data.tags["adapt_step"] == "7"
     assert by_lang["xx"].data.metrics["accuracy"] == results["xx"]["accuracy"]
+
+
+def test_a_zero_shot_rerun_under_another_config_leaves_no_earlier_scores(world, monkeypatch):
+    """Its scores are replaced whole at its end: a rerun under a changed config that fails before that left the
+    earlier config's metrics.json beside the new config.yaml, for the report to read as this config's."""
+    from minimodel.evaluation import zero_shot as stage
+
+    cfg = _zero_shot_cfg(world, "zs_rerun", method="none", source_model_dir=world["primary"],
+                         targets="[{lang: xx}]", **{"task.name": "verse_retrieval", "retrieval_layer": 1})
+    zero_shot(cfg)
+    out = Path(cfg.output_dir)
+    assert (out / "metrics.json").is_file()
+
+    def fails(*args):
+        raise RuntimeError("scoring failed")
+
+    monkeypatch.setattr(stage, "_evaluate_target", fails)
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        zero_shot(dataclasses.replace(cfg, retrieval_layer=2))
+    assert not (out / "metrics.json").exists()
+    with pytest.raises(RuntimeError, match="scoring failed"):  # the same config: its finished scores stay
+        monkeypatch.undo()
+        zero_shot(cfg)
+        monkeypatch.setattr(stage, "_evaluate_target", fails)
+        zero_shot(cfg)
+    assert (out / "metrics.json").is_file()
 
 
 def test_zero_shot_retrieval(world):

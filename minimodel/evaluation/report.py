@@ -15,9 +15,12 @@ Reads a pipeline's results from its output directory (minimodel/layout.py), neve
   method>/<lang>/train/metrics.jsonl (teachers' forwards included). Phase 2 (the student learning the task) is step
   3, which no method's compute counts.
 
-For each task and language it finds, for every method, the compute at which its quality first reached 95% /
-99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute; with
-final evaluations only, each method has one point), and the saving against the standard method. A task whose
+For each task and language it finds, for every method, the compute from which on its quality stays at or above 95%
+/ 99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute: a noisy
+curve that falls back below a target had not reached it; with final evaluations only, each method has one point),
+and the saving against the standard method. What it leaves out, it says (report.json's `left_out`, report.md, the
+warnings): a zero-shot directory whose stage did not finish for its current config (its metrics.json is an older
+run's), a name this version does not know, a snapshot whose compute is unknown. A task whose
 source-language reference is not above the majority-class share (logged by zero_shot as baseline/majority) by
 `chance_margin` gets a warning: its numbers are at chance and say nothing about the methods; so does a language
 where the reference method's final quality is not above its first checkpoint's by more than two standard errors
@@ -45,8 +48,8 @@ from pathlib import Path
 import yaml
 
 from minimodel.adaptation.artifact import read_info, snapshot_dir
-from minimodel import faults
-from minimodel.config import require, save_config
+from minimodel import faults, provenance
+from minimodel.config import ConfigError, require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.scoring import MAJORITY_METRIC
@@ -163,13 +166,29 @@ def _subdirs(path: Path) -> list[str]:
     return sorted(d.name for d in path.iterdir() if d.is_dir()) if path.is_dir() else []
 
 
+def _not_a_result(out: Path) -> str | None:
+    """Why a zero-shot directory holds no result of its current config; None where it does."""
+    if not (out / "metrics.json").is_file():
+        return "no metrics.json (its zero-shot stage did not run or did not finish)"
+    record = provenance.read(out)
+    if record is not None and record["status"] != "finished":  # a changed config's rerun replaces it when done
+        return "its zero-shot stage did not finish for its current config: the metrics.json there is an older run's"
+    return None
+
+
 def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: list[str] | None = None,
             reference: str = REFERENCE) -> dict:
     """{"points": {task: {lang: {method: [Point...]}}}, "source": {task: {lang: quality}}, "metric": {task: name},
     "majority": {task: {lang: majority-class share of the source evaluation}},
     "baseline": {task: {lang: {"quality": the unadapted primary's (None: unreadable), "unk_fraction": ...}}}}
     from the zero-shot results of `tasks` x `methods` (default: every one there is) and the baseline's; target_mlm's
-    gains from `reference`'s start (_from_common_zero)."""
+    gains from `reference`'s start (_from_common_zero); "left_out": what was asked for or found but is not reported,
+    and why (a result of another config or none, an unknown name, a snapshot of unknown compute)."""
+    left_out: list[str] = []
+
+    def leave_out(what: Path | str, why: str) -> None:  # logged with the summary's warnings
+        left_out.append(f"{what}: {why}")
+
     points: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     starts: dict = defaultdict(lambda: defaultdict(dict))  # mlm tasks: {task: {lang: {method: (step-0 loss, tok)}}}
     source: dict = defaultdict(dict)
@@ -177,21 +196,35 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
     baseline: dict = defaultdict(dict)
     metric_of: dict[str, str] = {}
     for task in tasks or _subdirs(layout.root / "zero_shot"):
+        if task not in TASKS:  # found, not asked for (ReportConfig checks tasks): another version's name
+            leave_out(layout.root / "zero_shot" / task, f"not a task of this version ({', '.join(sorted(TASKS))}): "
+                      "set tasks, or remove the directory")
+            continue
+        if not (layout.root / "zero_shot" / task).is_dir():
+            leave_out(layout.root / "zero_shot" / task, "no zero-shot result of this task")
+            continue
         metric = TASKS[task].metric
         unadapted = layout.zero_shot(task, BASELINE) / "metrics.json"
-        if unadapted.is_file():
+        if unadapted.is_file() and not (why := _not_a_result(unadapted.parent)):
             metric_of[task] = metric
             source_lang = yaml.safe_load((unadapted.parent / "config.yaml").read_text())["source_lang"]
             for lang, final in json.loads(unadapted.read_text()).items():
                 if lang != source_lang:
                     baseline[task][lang] = {"quality": final.get(metric), "unk_fraction": final.get("unk_fraction"),
                                             "n_examples": final.get("n_examples")}
+        elif unadapted.is_file():
+            leave_out(unadapted.parent, why)
         for method in [m for m in methods or _subdirs(layout.root / "zero_shot" / task) if m != BASELINE]:
-            if not parse_method(method).scored_on(TASKS[task]):
-                continue  # e.g. LT-SFT on target_mlm: the primary's own vocabulary, no gain comparable to the others'
             out = layout.zero_shot(task, method)
-            if not (out / "metrics.json").is_file():
-                log.warning("%s has no metrics.json (zero-shot %s of %s did not finish): left out", out, task, method)
+            try:
+                parsed = parse_method(method)
+            except ConfigError as e:  # found, not asked for (ReportConfig checks methods): another version's name
+                leave_out(out, f"{e}; set methods, or remove the directory")
+                continue
+            if not parsed.scored_on(TASKS[task]):
+                continue  # e.g. LT-SFT on target_mlm: the primary's own vocabulary, no gain comparable to the others'
+            if why := _not_a_result(out):
+                leave_out(out, why)
                 continue
             source_lang = yaml.safe_load((out / "config.yaml").read_text())["source_lang"]
             snapshots = json.loads((out / "snapshots.json").read_text()) if (out / "snapshots.json").is_file() else {}
@@ -206,10 +239,13 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
                 run_dir = layout.adapt(method, lang)
                 checkpoints = [(None, final, run_dir)] + [(int(step), m, snapshot_dir(run_dir, int(step)))
                                                           for step, m in snapshots.get(lang, {}).items()]
-                points[task][lang][method] += [
-                    Point(m[metric], *_method_compute(layout, method, lang, artifact, source_lang, task), step,
-                          m.get("n_examples"))
-                    for step, m, artifact in checkpoints]
+                for step, m, artifact in checkpoints:
+                    point = Point(m[metric], *_method_compute(layout, method, lang, artifact, source_lang, task),
+                                  step, m.get("n_examples"))
+                    if point.flops is None and step is not None:  # no place on the compute axis
+                        leave_out(artifact, f"the {task} score of {method}'s {lang} snapshot: its compute is unknown")
+                    else:
+                        points[task][lang][method].append(point)
                 if TASKS[task].kind == "mlm" and "0" in snapshots.get(lang, {}):
                     starts[task][lang][method] = (snapshots[lang]["0"]["mlm_loss"],
                                                   (read_info(run_dir) or {}).get("tokenizer_sha256"))
@@ -218,21 +254,28 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
             _from_common_zero(points[task][lang], per_method, reference, f"{task} {lang}")
     for per_lang in points.values():
         for per_method in per_lang.values():
-            for pts in per_method.values():
-                pts.sort(key=lambda p: (math.inf if p.flops is None else p.flops,
-                                        math.inf if p.adapt_step is None else p.adapt_step))
-    return {"points": points, "source": source, "metric": metric_of, "majority": majority, "baseline": baseline}
+            for pts in per_method.values():  # the final embeddings last, whatever their compute
+                pts.sort(key=lambda p: (p.adapt_step is None, math.inf if p.flops is None else p.flops,
+                                        p.adapt_step or 0))
+    for task in tasks or []:
+        if task not in metric_of and (layout.root / "zero_shot" / task).is_dir():
+            leave_out(layout.root / "zero_shot" / task, "none of its zero-shot results could be reported")
+    return {"points": points, "source": source, "metric": metric_of, "majority": majority, "baseline": baseline,
+            "left_out": left_out}
 
 
 def compute_to_reach(points: list[Point], target: float) -> Point | None:
-    """The first point, in order of compute, whose quality reaches `target`."""
-    return next((p for p in points if p.quality >= target), None)
+    """The point, in order of compute, from which on the quality stays at or above `target` (a curve that falls
+    back below it had not reached it for good); None where the last point is below it."""
+    reached = None
+    for p in points:
+        reached = (reached or p) if p.quality >= target else None
+    return reached
 
 
 def _registry_order(spec: str) -> tuple[int, str]:
-    """minimodel/methods.py's order of models, then the spec; a name it does not know (an old run's) last."""
-    model = spec.partition("+")[0].partition("@")[0]
-    return (list(MODELS).index(model) if model in MODELS else len(MODELS), spec)
+    """minimodel/methods.py's order of models, then the spec."""
+    return list(MODELS).index(parse_method(spec).model), spec
 
 
 def summarize(data: dict, reference: str, fractions: list[float], chance_margin: float = 0.02,
@@ -246,7 +289,7 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
     tasks, warnings = {}, []
     for task in sorted(set(data["points"]) | set(baselines)):
         per_lang, langs, below, within = data["points"].get(task, {}), {}, [], []
-        full_score = TASKS[task].full_score if task in TASKS else 1.0
+        full_score = TASKS[task].full_score
         for lang in sorted(set(per_lang) | set(baselines.get(task, {}))):
             per_method = per_lang.get(lang, {})
             ref_points = per_method.get(reference, [])
@@ -263,7 +306,7 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                     hit = compute_to_reach(pts, frac * ref_final)
                     ref_hit = compute_to_reach(ref_points, frac * ref_final)
                     entry["reach"][f"{frac:g}"] = {
-                        "target_quality": frac * ref_final,
+                        "target_quality": frac * ref_final, "reached": hit is not None,
                         "flops": hit.flops if hit else None,
                         "wall_clock_s": hit.wall_clock_s if hit else None,
                         "flops_saving": _ratio(ref_hit.flops if ref_hit else None, hit.flops if hit else None),
@@ -292,14 +335,16 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                     warnings.append(_baseline_warning(task, data["metric"].get(task), group))
         source, majority = dict(data["source"].get(task, {})), dict(data.get("majority", {}).get(task, {}))
         tasks[task] = {"metric": data["metric"].get(task), "languages": langs, "source": source,
-                       "description": TASKS[task].description if task in TASKS else "",
+                       "description": TASKS[task].description,
                        "majority": majority, "at_chance": bool(majority) and all(
                            source[lang] <= majority[lang] + chance_margin for lang in majority if lang in source),
                        "no_gain": [lang for lang, e in langs.items() if e["reference_gain"] is not None
                                    and e["reference_gain"] <= e["reference_gain_noise"]],
                        "below_baseline": below, "within_baseline_noise": within}
+    left_out = list(data.get("left_out", []))
+    warnings += [f"left out: {what}" for what in left_out]
     return {"reference_method": reference, "methods": order, "fractions": fractions, "chance_margin": chance_margin,
-            "baseline_method": BASELINE, "tasks": tasks, "warnings": warnings}
+            "baseline_method": BASELINE, "tasks": tasks, "warnings": warnings, "left_out": left_out}
 
 
 def two_standard_errors(a: float, n_a: float | None, b: float, n_b: float | None,
@@ -363,9 +408,12 @@ def markdown(summary: dict) -> str:
     ref = summary["reference_method"]
     lines = ["# Zero-shot quality against adaptation compute", "",
              f"Reference: the final quality of `{ref}` adaptation; \"FLOPs to x%\" is the adaptation compute at the "
-             f"first evaluated checkpoint reaching x% of it (saving = {ref}'s compute to reach it / the method's); "
-             "points: the checkpoints evaluated (adaptation snapshots + the final embeddings); quality and compute "
-             "columns are the final embeddings'.", ""]
+             f"first evaluated checkpoint from which on the quality stays at or above x% of it (saving = {ref}'s "
+             "compute to reach it / the method's); points: the checkpoints evaluated (adaptation snapshots + the "
+             "final embeddings); quality and compute columns are the final embeddings'.", ""]
+    if summary.get("left_out"):
+        lines += ["**Left out** (no result of this config to report):", "",
+                  *(f"- {what}" for what in summary["left_out"]), ""]
     for task, t in summary["tasks"].items():
         metric = t["metric"]
         source = ", ".join(f"{lang} {_fmt(v, '.4g')}" for lang, v in t["source"].items())
@@ -391,8 +439,10 @@ def markdown(summary: dict) -> str:
                        _fmt(final["wall_clock_s"])]
                 for f in fracs:
                     r = m["reach"].get(f)
-                    if r is None or r["flops"] is None:
-                        row.append("not reached" if r is not None else "—")
+                    if r is None:
+                        row.append("—")
+                    elif r["flops"] is None:
+                        row.append("reached (compute unknown)" if r["reached"] else "not reached")
                     elif r["flops"] == 0:  # its initial embeddings already reach it (an init's head start)
                         row.append("0 (at its start)")
                     else:  # no saving where the reference reached it at its start

@@ -347,7 +347,9 @@ def zero_shot(cfg: ZeroShotConfig) -> StageResult:
     """Outputs: metrics per language ({lang: {metric: value}}) of the final embeddings, the source language
     included when evaluate_source."""
     out = Path(cfg.output_dir)
-    claim_output(out, cfg, resumable=False)
+    if claim_output(out, cfg, resumable=False) == "new":  # an earlier config's scores are never this one's
+        for stale in ("metrics.json", "snapshots.json"):
+            (out / stale).unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")
     source_tokenizer = cfg.source_tokenizer or cfg.source_model_dir
     if cfg.task.spec.fine_tuned:
@@ -371,7 +373,5 @@ def zero_shot(cfg: ZeroShotConfig) -> StageResult:
     write_text_atomic(out / "metrics.json", json.dumps(results, indent=2))
     if snapshot_results:
         write_text_atomic(out / "snapshots.json", json.dumps(snapshot_results, indent=2))
-    else:  # an earlier config's curves are not this one's
-        (out / "snapshots.json").unlink(missing_ok=True)
     finish_output(out, cfg)
     return StageResult("finished", results)
