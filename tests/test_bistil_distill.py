@@ -276,6 +276,33 @@ def _language_sft(root, lang: str, seed: int, method: str = "lt_sft"):
     return root / "sfts" / method / lang, sft
 
 
+def test_a_student_depends_on_the_source_languages_data_too(world, tmp_path):
+    """Phase 1 trains on both corpora: a student recorded the target's data only, so a rebuilt English corpus left
+    it "already distilled" (and phase 2, zero-shot and the report read it)."""
+    import shutil
+
+    from minimodel import provenance
+    from minimodel.adaptation.train import LANGUAGE_NEUTRAL
+    from minimodel.bistil.distill import claim_student
+    from minimodel.config import load_config
+
+    root, data_dir = world
+    data = shutil.copytree(data_dir, tmp_path / "data")
+    cfg = load_config(DistillConfig, overrides=[f"output_dir={tmp_path / 'distill'}", f"data_dir={data}",
+                                                f"teacher_model={root / 'teacher'}", "target_langs=[sw]",
+                                                f"target_teacher_model={root / 'plugged'}"])
+    run_dir, lang_cfg, claimed = claim_student(cfg, "sw")
+    assert claimed == "new"
+    provenance.finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
+    assert set(provenance.read(run_dir)["inputs"]["data_dir"]["parts"]) == {"en", "sw"}
+    assert claim_student(cfg, "sw")[2] == "finished"
+    whole = provenance.read(data)  # the data stage made English again: its part and the whole's list of parts
+    provenance.write_part(data / "en", {**provenance.read(data / "en"), "digest": "rebuilt"})
+    (data / provenance.RECORD).write_text(json.dumps({**whole, "parts": {**whole["parts"], "en": "rebuilt"}}))
+    with pytest.raises(provenance.ConfigChanged, match="en"):
+        claim_student(cfg, "sw")
+
+
 def test_bistil_at_lt_sft_distils_from_the_primary_with_each_languages_sft_and_starts_the_student_without(world):
     """bistil@lt_sft (the reference's teachers): the teacher of each language is the primary with lt_sft's SFT of
     that language applied (the source SFT on the English copy, the target's on the Swahili one); the student starts

@@ -345,16 +345,16 @@ def _rank0_then_everywhere(fn):
 LANGUAGE_NEUTRAL = ("target_langs", "target_lang")
 
 
-def claim_language(cfg, lang: str):
+def claim_language(cfg, lang: str, reads: tuple[str, ...] | None = None):
     """(run directory, config with target_lang=lang, what the directory holds for it: provenance.claim_output) of
-    one language of a per-language stage. The run reads `<data_dir>/<lang>` only: it depends on that language's
-    data (another language added to or changed in the data stage leaves it valid; its own, rebuilt, is refused
-    naming what changed). Finishing keeps what was claimed (provenance.finish_output). The resolved config is saved
-    there as config.yaml."""
+    one language of a per-language stage. The run reads `<data_dir>/<lang>` only (`reads`: the languages it reads
+    there, e.g. BiStil's source and target): it depends on that data (another language added to or changed in the
+    data stage leaves it valid; its own, rebuilt, is refused naming what changed). Finishing keeps what was claimed
+    (provenance.finish_output). The resolved config is saved there as config.yaml."""
     run_dir = Path(cfg.output_dir) / lang
     lang_cfg = dataclasses.replace(cfg, target_lang=lang)
     claimed = claim_output(run_dir, lang_cfg, resumable=True, overwrite=cfg.overwrite, ignore=LANGUAGE_NEUTRAL,
-                           uses={"data_dir": (lang,)})
+                           uses={"data_dir": reads or (lang,)})
     if distributed.is_rank0():
         save_config(lang_cfg, run_dir / "config.yaml")
     return run_dir, lang_cfg, claimed

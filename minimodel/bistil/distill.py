@@ -338,11 +338,16 @@ def load_teachers_and_student(cfg: DistillConfig, paths: dict[str, str], vocab: 
     return teachers, student
 
 
+def claim_student(cfg: DistillConfig, lang: str):
+    """claim_language of one student: it depends on the source language's data too (phase 1 trains on both)."""
+    return claim_language(cfg, lang, reads=(cfg.source_lang, lang))
+
+
 def distill_language(cfg: DistillConfig, lang: str) -> str:
     """Distil one (source, lang) student; returns "done" or "interrupted" (run the same command to resume)."""
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
-    run_dir, lang_cfg, claimed = claim_language(cfg, lang)
+    run_dir, lang_cfg, claimed = claim_student(cfg, lang)
     if claimed == "finished" and (run_dir / "student" / VOCABULARY_FILE).is_file():
         return "done"
     paths = {cfg.source_lang: cfg.teacher_model, lang: cfg.target_teacher_model or cfg.teacher_model}
