@@ -276,6 +276,31 @@ def _language_sft(root, lang: str, seed: int, method: str = "lt_sft"):
     return root / "sfts" / method / lang, sft
 
 
+def test_the_student_is_saved_at_the_fp32_values_bf16_training_left_a_bf16_module(world, tmp_path):
+    """DeepSpeed's bf16 training casts the module in place: the trained values come from its fp32 masters and the
+    frozen head from before training, and the student is saved in fp32, not rounded to bf16."""
+    from minimodel.bistil.distill import VOCABULARY_FILE, _save_student
+    from minimodel.bistil.student import StudentConfig, build_student
+    from minimodel.config import load_config
+
+    root, _ = world
+    student = build_student(load_model(root / "teacher", AutoModelForMaskedLM), StudentConfig(layer_ratio=2))
+    final = {name: p.detach().float() + 1e-3 * torch.randn_like(p, dtype=torch.float32)
+             for name, p in student.named_parameters()}
+    student.to(torch.bfloat16)
+    (tmp_path / "vocabulary").mkdir()
+    (tmp_path / "vocabulary" / VOCABULARY_FILE).write_text("{}")
+    cfg = load_config(DistillConfig, overrides=[f"teacher_model={root / 'teacher'}", "target_langs=[sw]",
+                                                f"target_teacher_model={root / 'plugged'}"])
+    _save_student(student, final, tmp_path, {}, cfg, "sw")
+    saved = load_file(tmp_path / "student" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    named = {id(p): name for name, p in student.named_parameters()}  # a tied tensor is saved under its other name
+    for name, p in student.named_parameters(remove_duplicate=False):
+        if name in saved:
+            assert torch.equal(saved[name], final[named[id(p)]]), name
+
+
 def test_a_student_depends_on_the_source_languages_data_too(world, tmp_path):
     """Phase 1 trains on both corpora: a student recorded the target's data only, so a rebuilt English corpus left
     it "already distilled" (and phase 2, zero-shot and the report read it)."""
@@ -337,7 +362,8 @@ def test_bistil_at_lt_sft_distils_from_the_primary_with_each_languages_sft_and_s
             ([f"target_teacher_model={root / 'plugged'}"], "drop target_teacher_model"),
             (["method=bistil"], "teacher_sft: language SFTs on the teachers are method bistil@lt_sft's"),
             (["method=bistil", "teacher_sft=null"], "target_teacher_sft: language SFTs on the teachers are"),
-            ([f"teacher_model={root / 'plugged'}"], f"teacher_sft: {en_dir} was learned from .* not from teacher_model")):
+            ([f"teacher_model={root / 'plugged'}"], f"teacher_sft: {en_dir} was learned from .* not from teacher_model"),
+            ([f"train.zero_config={REPO / 'configs/deepspeed/zero3.json'}"], "train.zero_config: .* is ZeRO stage 3")):
         with pytest.raises(ConfigError, match=refusal):
             load_config(DistillConfig, overrides=[*settings, *change])
     assert load_config(DistillConfig, overrides=[*settings, "target_langs=[sw, ny]", "target_lang=sw"])

@@ -228,3 +228,25 @@ def test_qa_task_distillation_sums_the_start_and_end_soft_cross_entropies():
     start, end = ce(s.start_logits, t.start_logits), ce(s.end_logits, t.end_logits)
     assert loss == pytest.approx(hidden + attention + start + end, rel=1e-5)
     assert loss != pytest.approx(hidden + attention + (start + end) / 2, rel=1e-3)
+
+
+def test_throughput_is_compared_at_one_attention_implementation():
+    """The teachers are loaded eager (their attention maps are phase 1's targets); the student came back from disk
+    at the library's default, sdpa, and was timed faster by that alone."""
+    from minimodel.bistil.compare import tokens_per_second
+    from minipost_helpers import make_model
+
+    teacher = _teacher()
+    student = build_student(teacher, StudentConfig())
+
+    def tokenizer(texts, **kwargs):  # ids ready-made
+        return {"input_ids": IDS[:len(texts)], "attention_mask": MASK[:len(texts)]}
+
+    speed = tokens_per_second({"teacher": teacher, "student": student}, {"teacher": tokenizer, "student": tokenizer},
+                              ["a", "b"], IDS.shape[1], 2, rounds=1)
+    assert set(speed) == {"teacher", "student"} and min(speed.values()) > 0
+    other = make_model("xlmr")
+    other.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="different attention implementations"):
+        tokens_per_second({"teacher": teacher, "student": other}, {"teacher": tokenizer, "student": tokenizer},
+                          ["a", "b"], IDS.shape[1], 2, rounds=1)

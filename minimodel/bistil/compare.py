@@ -35,7 +35,10 @@ def encoder_flops_per_token(model: nn.Module, seq_length: int) -> float:
 def tokens_per_second(models: dict[str, nn.Module], tokenizers: dict[str, object], texts: list[str],
                       seq_length: int, batch_size: int, rounds: int = 3) -> dict[str, float]:
     """Encoder forward throughput of each model on the same padded batches of `texts`, timed round-robin; the
-    median round per model."""
+    median round per model. The models must share an attention implementation (eager vs sdpa alone changes it)."""
+    implementations = {name: model.config._attn_implementation for name, model in models.items()}
+    if len(set(implementations.values())) > 1:
+        raise ValueError(f"timing models of different attention implementations compares those: {implementations}")
     times: dict[str, list[float]] = {name: [] for name in models}
     batches = {name: [tokenizers[name](texts[i:i + batch_size], padding="max_length", truncation=True,
                                        max_length=seq_length, return_tensors="pt")

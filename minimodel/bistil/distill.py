@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForMaskedLM
 
@@ -63,7 +62,7 @@ from minimodel.sft.file import SparseFineTuning, read_sft_manifest
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
-from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train
+from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train, zero_stage
 from minimodel.training.hf_mlm import MLMFlops, check_architecture
 
 log = logging.getLogger(__name__)
@@ -114,6 +113,9 @@ class DistillConfig(PerLanguageRun):
                 f"lists the source language {self.source_lang!r}: a student is for (source, target) pairs")
         require(self.loss.soft_ce == 0 and self.loss.gold == 0, "loss.soft_ce",
                 "phase 1 has no task logits or labels to match: set loss.soft_ce and loss.gold to 0")
+        require(zero_stage(self.train) <= 2, "train.zero_config",
+                f"{self.train.zero_config} is ZeRO stage 3: phase 1 runs at stages 0-2 (configs/deepspeed/"
+                "zero2.json), where every rank holds the whole student its teachers' states are matched on and saved")
         self.student.validate()
 
     def _validate_target_teacher(self, method) -> None:
@@ -346,7 +348,6 @@ def claim_student(cfg: DistillConfig, lang: str):
 def distill_language(cfg: DistillConfig, lang: str) -> str:
     """Distil one (source, lang) student; returns "done" or "interrupted" (run the same command to resume)."""
     distributed.initialize_deepspeed()
-    rank = dist.get_rank()
     run_dir, lang_cfg, claimed = claim_student(cfg, lang)
     if claimed == "finished" and (run_dir / "student" / VOCABULARY_FILE).is_file():
         return "done"
@@ -378,15 +379,20 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
     for name, p in student.named_parameters():  # phase 1 has no MLM loss: the head stays as initialised
         if not name.startswith(student.base_model_prefix + "."):
             p.requires_grad_(False)
+    # no optimizer keeps an fp32 copy of the frozen head, and bf16 training casts the module in place
+    frozen = {name: p.detach().float().cpu().clone() for name, p in student.named_parameters() if not p.requires_grad}
     projections = None
     teacher_config = teachers[cfg.source_lang].config
     if student.config.hidden_size < teacher_config.hidden_size:
         proj_file = run_dir / PROJECTION_FILE
-        if rank == 0 and not proj_file.is_file():
-            m = fit_projections(teachers, data, cfg.projection_tokens, student.config.hidden_size)
-            save_file({"M": m.contiguous()}, str(run_dir / f".{PROJECTION_FILE}.partial"))
-            (run_dir / f".{PROJECTION_FILE}.partial").replace(proj_file)
-        dist.barrier()
+
+        def fit():  # rank 0; its error (too few tokens) reaches every rank instead of leaving them in a barrier
+            if not proj_file.is_file():
+                m = fit_projections(teachers, data, cfg.projection_tokens, student.config.hidden_size)
+                save_file({"M": m.contiguous()}, str(run_dir / f".{PROJECTION_FILE}.partial"))
+                (run_dir / f".{PROJECTION_FILE}.partial").replace(proj_file)
+
+        _rank0_then_everywhere(fit)
         projections = load_projections(proj_file, teacher_config, student.config.hidden_size)
     to_student = {k: np.asarray(v, dtype=np.int64) for k, v in vocab["to_student"].items()}
     step = DistillStep(teachers, cfg.student.layer_ratio, cfg.loss, projections, student)
@@ -400,21 +406,26 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
         if result.interrupted:
             release_engine(result.engine)
             return "interrupted"
-        final = gather_full_params(result.engine, dict(student.named_parameters()))
+        trained = {name: p for name, p in student.named_parameters() if p.requires_grad}
+        final = {**frozen, **gather_full_params(result.engine, trained)}
         release_engine(result.engine)
-        if rank == 0:
+
+        def save():  # rank 0; its error reaches every rank instead of leaving them in a barrier
             _save_student(student, final, run_dir, vocab, cfg, lang)
             comparison = _compare(cfg, lang, teachers, tokenizers, run_dir / "student")
             write_text_atomic(run_dir / COMPARISON_FILE, json.dumps(comparison, indent=2))
             tracker.log_metrics({f"compare/{who}/{k}": v for who, row in comparison.items() for k, v in row.items()},
                                 step=result.step)
             finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
-    dist.barrier()
+
+        _rank0_then_everywhere(save)
     return "done"
 
 
 def _save_student(student, final: dict[str, torch.Tensor], run_dir: Path, vocab: dict, cfg: DistillConfig,
                   lang: str) -> None:
+    """The student with `final`'s fp32 values (bf16 training left the module in bf16), and its vocabulary."""
+    student.float()
     with torch.no_grad():
         for name, p in student.named_parameters():
             p.copy_(final[name])
@@ -432,9 +443,11 @@ def _save_student(student, final: dict[str, torch.Tensor], run_dir: Path, vocab:
 
 
 def _compare(cfg: DistillConfig, lang: str, teachers: dict, tokenizers: dict, student_dir: Path) -> dict:
-    """The student beside its teachers on held-out verse retrieval (lang -> source), size and speed."""
+    """The student beside its teachers on held-out verse retrieval (lang -> source), size and speed (timed with the
+    teachers' attention implementation: a student left at the library's default, sdpa, timed faster by that)."""
     vocab = StudentVocabulary(student_dir)
-    student = load_model(student_dir, AutoModelForMaskedLM)
+    student = load_model(student_dir, AutoModelForMaskedLM,
+                         attn_implementation=teachers[cfg.source_lang].config._attn_implementation)
     readers = {"teacher": Reader(teachers[cfg.source_lang], tokenizers[cfg.source_lang], teachers[lang],
                                  tokenizers[lang]),
                "student": Reader(student, vocab.tokenizer(cfg.source_lang), student, vocab.tokenizer(lang))}
