@@ -328,6 +328,51 @@ def test_a_student_depends_on_the_source_languages_data_too(world, tmp_path):
         claim_student(cfg, "sw")
 
 
+def test_the_target_teacher_must_hold_the_target_languages_embeddings_in_this_primary(world, tmp_path):
+    """plug.json names the language and the primary a plugged model was made for: Swahili's teacher distilling a
+    Chichewa student, or embeddings plugged into another primary, were filed as that language's bistil student."""
+    import shutil
+
+    from minimodel.config import ConfigError, load_config
+    from minimodel.adaptation.plug import PLUG_FILE
+
+    root, _ = world
+    plugged = shutil.copytree(root / "plugged", tmp_path / "plugged")
+    record = {"method": "standard", "target_lang": "sw",
+              "primary_model": {"path": str(root / "teacher"), "sha256": model_hash(root / "teacher")}}
+    (plugged / PLUG_FILE).write_text(json.dumps(record))
+    settings = [f"teacher_model={root / 'teacher'}", f"target_teacher_model={plugged}", "target_langs=[sw]"]
+    assert load_config(DistillConfig, overrides=settings).target_teacher_model == str(plugged)
+    with pytest.raises(ConfigError, match="holds the embeddings of sw, not of ny: run each target language"):
+        load_config(DistillConfig, overrides=[*settings, "target_langs=[sw, ny]"])
+    with pytest.raises(ConfigError, match="holds the embeddings of sw, not of ny$"):
+        load_config(DistillConfig, overrides=[*settings, "target_langs=[ny]"])
+    with pytest.raises(ConfigError, match=f"is {root / 'teacher'} with embeddings plugged in, not teacher_model"):
+        load_config(DistillConfig, overrides=[*settings, f"teacher_model={plugged}"])
+
+
+def test_phase_2s_teacher_must_be_fine_tuned_from_phase_1s_source_teacher(tmp_path):
+    """Its token ids are read through phase 1's map of the source teacher's ids: a task model of another primary gave
+    wrong ids silently (or an IndexError for a larger vocabulary)."""
+    from minimodel.bistil.task import TaskDistillConfig
+    from minimodel.config import ConfigError, load_config
+    from minimodel.evaluation.models import TASK_FILE
+
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    student.mkdir(), teacher.mkdir()
+    (student / "vocabulary.json").write_text(json.dumps({"method": "bistil", "teacher_model": "/models/primary",
+                                                         "teacher_sha256": "aaa"}))
+    settings = [f"student={student}", f"teacher={teacher}", "task.data_dir=d"]
+    for sha in ("aaa", "bbb"):
+        (teacher / TASK_FILE).write_text(json.dumps({"primary_model": {"path": f"/models/{sha}", "sha256": sha}}))
+        if sha == "aaa":
+            assert load_config(TaskDistillConfig, overrides=settings).teacher == str(teacher)
+        else:
+            with pytest.raises(ConfigError, match="teacher: .* was fine-tuned from /models/bbb, not from phase 1's "
+                                                  "source teacher /models/primary"):
+                load_config(TaskDistillConfig, overrides=settings)
+
+
 def test_bistil_at_lt_sft_distils_from_the_primary_with_each_languages_sft_and_starts_the_student_without(world):
     """bistil@lt_sft (the reference's teachers): the teacher of each language is the primary with lt_sft's SFT of
     that language applied (the source SFT on the English copy, the target's on the Swahili one); the student starts

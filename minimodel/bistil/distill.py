@@ -131,6 +131,17 @@ class DistillConfig(PerLanguageRun):
         require(plugged is None or plugged.get("method") in (None, method.builds_on), "target_teacher_model",
                 f"{self.target_teacher_model} holds {(plugged or {}).get('method')} embeddings (its plug.json), but "
                 f"method {self.method} builds on {method.builds_on}'s: plug those, or name the method it builds on")
+        if plugged is None:
+            return
+        others = [lang for lang in self.languages() if lang != plugged.get("target_lang")]
+        require(not others, "target_teacher_model", f"{self.target_teacher_model} holds the embeddings of "
+                f"{plugged.get('target_lang')}, not of {', '.join(others)}" +
+                (": run each target language with its own" if len(self.languages()) > 1 else ""))
+        primary = plugged.get("primary_model")
+        if primary and (Path(self.teacher_model) / "config.json").is_file():  # refused now, not after data prep
+            require(primary["sha256"] == model_hash(self.teacher_model), "target_teacher_model",
+                    f"{self.target_teacher_model} is {primary.get('path')} with embeddings plugged in, not "
+                    f"teacher_model {self.teacher_model}: plug the target embeddings into that primary")
 
     def _validate_teacher_sfts(self) -> None:
         """bistil@lt_sft: lt_sft's language SFT of the source language and of each selected target language."""
@@ -434,7 +445,7 @@ def _save_student(student, final: dict[str, torch.Tensor], run_dir: Path, vocab:
     shutil.copytree(run_dir / "vocabulary", tmp)
     student.save_pretrained(tmp)
     spec = {**json.loads((tmp / VOCABULARY_FILE).read_text()), "source_lang": cfg.source_lang, "target_lang": lang,
-            "method": cfg.method, "teacher_model": cfg.teacher_model,
+            "method": cfg.method, "teacher_model": cfg.teacher_model, "teacher_sha256": model_hash(cfg.teacher_model),
             "target_teacher_model": cfg.target_teacher_model,
             **{key: str(Path(path).resolve()) if path else None  # phase 2 checks its teacher against teacher_sft
                for key, path in (("teacher_sft", cfg.teacher_sft), ("target_teacher_sft", cfg.target_teacher_sft))}}

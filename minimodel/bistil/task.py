@@ -81,8 +81,14 @@ class TaskDistillConfig:
                 "is required: the fine-tuned task model (evaluate/finetune.py's <output_dir>/model)")
         task_file = Path(self.teacher) / TASK_FILE
         if spec.is_file() and task_file.is_file():  # the teacher of phase 1's source language, fine-tuned
+            info = json.loads(task_file.read_text())
+            primary = student.get("teacher_sha256")  # None: a student made before phase 1 recorded it
+            require(primary is None or info["primary_model"]["sha256"] == primary, "teacher",
+                    f"{self.teacher} was fine-tuned from {info['primary_model']['path']}, not from phase 1's source "
+                    f"teacher {student.get('teacher_model')}: its token ids and states are another model's; give "
+                    "the task model fine-tuned from that primary")
             phase1 = student.get("teacher_sft")
-            composed = (json.loads(task_file.read_text()).get("sft") or {}).get("language")
+            composed = (info.get("sft") or {}).get("language")
             require((phase1 and Path(phase1).resolve()) == (composed and Path(composed).resolve()), "teacher",
                     f"{self.teacher} was fine-tuned with source-language SFT {composed or 'none'}, but phase 1's "
                     f"source teacher applied {phase1 or 'none'}: the student would learn the task from another model "
