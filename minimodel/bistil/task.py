@@ -82,11 +82,11 @@ class TaskDistillConfig:
         task_file = Path(self.teacher) / TASK_FILE
         if spec.is_file() and task_file.is_file():  # the teacher of phase 1's source language, fine-tuned
             info = json.loads(task_file.read_text())
-            primary = student.get("teacher_sha256")  # None: a student made before phase 1 recorded it
-            require(primary is None or info["primary_model"]["sha256"] == primary, "teacher",
-                    f"{self.teacher} was fine-tuned from {info['primary_model']['path']}, not from phase 1's source "
-                    f"teacher {student.get('teacher_model')}: its token ids and states are another model's; give "
-                    "the task model fine-tuned from that primary")
+            if primary := student.get("teacher_sha256"):  # None: a student made before phase 1 recorded it
+                tuned_from = info["primary_model"]
+                require(tuned_from["sha256"] == primary, "teacher", f"{self.teacher} was fine-tuned from "
+                        f"{tuned_from['path']}, not from phase 1's source teacher {student.get('teacher_model')}: its "
+                        "token ids and states are another model's; give the task model fine-tuned from that primary")
             phase1 = student.get("teacher_sft")
             composed = (info.get("sft") or {}).get("language")
             require((phase1 and Path(phase1).resolve()) == (composed and Path(composed).resolve()), "teacher",
