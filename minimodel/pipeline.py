@@ -164,12 +164,30 @@ class PipelineConfig:
         require(bool(self.configs.zero_shot), "configs.zero_shot", "list at least one zero-shot config")
         for i, path in enumerate(self.configs.zero_shot):
             require(Path(path).is_file(), f"configs.zero_shot[{i}]", f"{path} does not exist")
-            require(zero_shot_task(path) in TASKS, f"configs.zero_shot[{i}]",
-                    f"{path}: task.name {zero_shot_task(path)!r} is not one of {sorted(TASKS)}")
-        fine_tuned = [path for path in self.configs.zero_shot if TASKS[zero_shot_task(path)].fine_tuned]
+            require(config_task(path) in TASKS, f"configs.zero_shot[{i}]",
+                    f"{path}: task.name {config_task(path)!r} is not one of {sorted(TASKS)}")
+        tasks = [config_task(path) for path in self.configs.zero_shot]
+        twice = sorted({task for task in tasks if tasks.count(task) > 1})
+        require(not twice, "configs.zero_shot", f"evaluates {', '.join(twice)} more than once: its results would "
+                "share one directory (zero_shot/<task>/<method>); keep one config per task")
+        fine_tuned = [path for path in self.configs.zero_shot if TASKS[config_task(path)].fine_tuned]
+        trained = {name: self._trained_task(name) for name in (
+            "finetune", *(["task_sft"] if any(MODELS[m].learns == "sft" for m in models) else []),
+            *(["distill_task"] if DISTILLED in models else []))}
+        for path in fine_tuned:  # scored with the one task model each of those stages trains
+            for name, task in trained.items():
+                require(config_task(path) == task, "configs.zero_shot",
+                        f"{path} evaluates {config_task(path)} zero-shot, but configs.{name} "
+                        f"({getattr(self.configs, name)}) trains the {task} model it would read: fine-tune that "
+                        "task there, or drop the config")
         require(DISTILLED not in models or bool(fine_tuned), "methods", f"{DISTILLED} is scored on fine-tuned tasks "
                 "only (its student learns the task from the step-3 task model): list one in configs.zero_shot or drop "
                 "it")
+
+    def _trained_task(self, name: str) -> str:
+        """The task configs.<name> (a training stage's config) learns: its overrides' task.name, else its file's."""
+        named = [o.partition("=")[2] for o in self.overrides.get(name, []) if o.startswith("task.name=")]
+        return named[-1] if named else config_task(getattr(self.configs, name), f"configs.{name}")
 
     def _check_primary(self, models: set[str]) -> None:
         require("minijoint" not in models, "methods",
@@ -220,16 +238,17 @@ SEED_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def zero_shot_task(config_path: str) -> str:
-    """The task name a zero-shot config file evaluates (its task.name, else TaskConfig's default)."""
+def config_task(config_path: str, key: str = "configs.zero_shot") -> str:
+    """The task name a stage's config file names (its task.name, else TaskConfig's default); `key`: the pipeline
+    setting that names the file, for errors."""
     try:
         config = yaml.safe_load(Path(config_path).read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"configs.zero_shot: {config_path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{key}: {config_path} is not valid YAML: {e}") from None
     task = config.get("task") if isinstance(config, dict) else None
     if not isinstance(task or {}, dict):
-        raise ConfigError(f"configs.zero_shot: {config_path}: task must be a mapping (task: {{name: verse_class, "
-                          f"...}}), not {task!r}")
+        raise ConfigError(f"{key}: {config_path}: task must be a mapping (task: {{name: verse_class, ...}}), not "
+                          f"{task!r}")
     return (task or {}).get("name", TaskConfig.name)
 
 
@@ -372,7 +391,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
 
     def zero_shot(config: str, method: str, source_model: Path, targets: list[str], after: list[Stage],
                   settings: tuple[str, ...] = ()) -> Stage:
-        task = zero_shot_task(config)
+        task = config_task(config)
         out = at.zero_shot(task, method)
         return add(f"zero_shot-{task}-{method}", "zero_shot",
                    ["--config", config, f"method={method}", f"source_lang={src}", f"source_model_dir={source_model}",
@@ -385,13 +404,13 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     baseline = parse_method(BASELINE)
 
     def evaluated(config: str) -> list:
-        return [m for m in [*methods, baseline] if m.scored_on(TASKS[zero_shot_task(config)])]
+        return [m for m in [*methods, baseline] if m.scored_on(TASKS[config_task(config)])]
 
     def adaptations(method) -> list[Stage]:
         return [adapted[method.name, lang] for lang in cfg.target_langs] if method.adapted else [export]
 
     # Tasks on the primary itself need only the adaptation runs: each checkpoint's embeddings plugged in memory.
-    fine_tuned = {config: TASKS[zero_shot_task(config)].fine_tuned for config in cfg.configs.zero_shot}
+    fine_tuned = {config: TASKS[config_task(config)].fine_tuned for config in cfg.configs.zero_shot}
     evaluations = [zero_shot(config, m.name, at.primary, targets(m), adaptations(m))
                    for config in cfg.configs.zero_shot if not fine_tuned[config] for m in evaluated(config)]
 
@@ -455,10 +474,10 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
             # zero-shot scores each on its language, the first only standing in as the source model zero_shot loads
             evaluations += [zero_shot(config, name, at.student_task_model(cfg.target_langs[0], name),
                                       targets(method), distilled_tasks, ("evaluate_source=false",))
-                            for config in fine_tuned_configs if method.scored_on(TASKS[zero_shot_task(config)])]
+                            for config in fine_tuned_configs if method.scored_on(TASKS[config_task(config)])]
         evaluations += [zero_shot(config, baseline.name, at.task_model, targets(baseline), [finetune])
                         for config in fine_tuned_configs if baseline in evaluated(config)]
-    tasks = ", ".join(dict.fromkeys(zero_shot_task(config) for config in cfg.configs.zero_shot))
+    tasks = ", ".join(dict.fromkeys(config_task(config) for config in cfg.configs.zero_shot))
     report = add("report", "report", ["--config", cfg.configs.report, f"output_dir={at.report}",
                                       f"pipeline_dir={at.root}", f"methods=[{', '.join(cfg.methods)}]",
                                       f"tasks=[{tasks}]", *extra("report")],

@@ -75,6 +75,26 @@ def test_a_malformed_zero_shot_config_is_a_config_error(tmp_path, text, problem)
         load_config(PipelineConfig, SMOKE, [f"configs.zero_shot=[{path}]"])
 
 
+def test_zero_shot_configs_must_match_the_task_models_and_each_other(tmp_path):
+    """Two configs of one task wrote one directory (each run redoing the other, the report showing the last); a
+    fine-tuned task that configs.finetune does not train failed only after every training stage had run."""
+    classes = "configs/evaluate/zero_shot/verse_class_tiny.yaml"
+    other = tmp_path / "verse_class_dev.yaml"
+    other.write_text(Path(classes).read_text().replace("split: test", "split: dev"))
+    with pytest.raises(ConfigError, match="configs.zero_shot: evaluates verse_class more than once"):
+        load_config(PipelineConfig, SMOKE, [f"configs.zero_shot=[{classes}, {other}]"])
+    xnli = tmp_path / "xnli.yaml"
+    xnli.write_text(Path(classes).read_text().replace("name: verse_class", "name: xnli"))
+    with pytest.raises(ConfigError, match=f"{xnli} evaluates xnli zero-shot, but configs.finetune .* trains the "
+                                          "verse_class model"):
+        load_config(PipelineConfig, SMOKE, [f"configs.zero_shot=[{xnli}]", "methods=[standard]"])
+    with pytest.raises(ConfigError, match="but configs.distill_task .* trains the verse_class model"):
+        load_config(PipelineConfig, SMOKE, [f"configs.zero_shot=[{xnli}]", "methods=[standard, bistil]",
+                                            "overrides.finetune=[task.name=xnli]"])
+    assert load_config(PipelineConfig, SMOKE, [f"configs.zero_shot=[{xnli}]", "methods=[standard]",
+                                               "overrides.finetune=[task.name=xnli]"])
+
+
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end(smoke_pipeline):
     out = smoke_pipeline.output_dir
