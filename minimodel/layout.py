@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STUDENT_TARGET_TOKENIZER = "target_tokenizer"  # a BiStil student's (and student task model's) target tokenizer
+STUDENT_VOCABULARY = "vocabulary.json"  # a BiStil student's (and student task model's) id maps, method and languages
 
 
 @dataclass(frozen=True)

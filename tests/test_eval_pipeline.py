@@ -167,6 +167,23 @@ def test_a_zero_shot_rerun_under_another_config_leaves_no_earlier_scores(world, 
     assert (out / "metrics.json").is_file()
 
 
+def test_a_student_task_model_is_scored_only_as_its_method_and_language(tmp_path):
+    """A BiStil student task model records its method and target language (vocabulary.json): Swahili's
+    bistil@minijoint student was scored and filed as Chichewa's bistil."""
+    from minimodel.evaluation.zero_shot import TargetConfig, _check_target
+    from minimodel.layout import STUDENT_VOCABULARY
+
+    model = make_model("xlmr")
+    (tmp_path / STUDENT_VOCABULARY).write_text(json.dumps({"method": "bistil@minijoint", "target_lang": "sw"}))
+    cfg = ZeroShotConfig(method="bistil@minijoint")
+    _check_target(cfg, TargetConfig(lang="sw", model_dir=str(tmp_path)), model, model)
+    for method, lang, wrong in (("bistil", "sw", "method='bistil@minijoint'"), ("bistil@minijoint", "ny",
+                                                                               "target_lang='sw'")):
+        with pytest.raises(EvaluationError, match=f"holds {wrong} .* but is evaluated as"):
+            _check_target(dataclasses.replace(cfg, method=method), TargetConfig(lang=lang, model_dir=str(tmp_path)),
+                          model, model)
+
+
 def test_zero_shot_retrieval(world):
     root = world["root"]
     embeddings = load_file(world["primary"] / "model.safetensors")[EMBEDDINGS]

@@ -53,7 +53,7 @@ from minimodel.errors import UserError
 from minimodel.evaluation.tasks import TaskConfig, read_verses
 from minimodel.files import replace_dir, write_text_atomic
 from minimodel.hf import load_model, load_tokenizer
-from minimodel.layout import STUDENT_TARGET_TOKENIZER
+from minimodel.layout import STUDENT_TARGET_TOKENIZER, STUDENT_VOCABULARY
 from minimodel.manifest import model_hash
 from minimodel.methods import DISTILLED, SPARSE, job_name, parse_method_of
 from minimodel.provenance import finish_output
@@ -67,7 +67,7 @@ from minimodel.training.hf_mlm import MLMFlops, check_architecture
 
 log = logging.getLogger(__name__)
 
-VOCABULARY_FILE = "vocabulary.json"
+VOCABULARY_FILE = STUDENT_VOCABULARY
 TARGET_TOKENIZER_DIR = STUDENT_TARGET_TOKENIZER
 PROJECTION_FILE = "projection.safetensors"
 COMPARISON_FILE = "comparison.json"

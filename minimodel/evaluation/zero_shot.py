@@ -70,6 +70,7 @@ from minimodel.evaluation.scoring import score, score_mlm, score_retrieval, unkn
 from minimodel.evaluation.tasks import TaskConfig
 from minimodel.data.prepare import UNK_REFUSED
 from minimodel.hf import load_masked_lm, load_tokenizer
+from minimodel.layout import STUDENT_VOCABULARY
 from minimodel.manifest import model_hash
 from minimodel.methods import parse_method
 from minimodel.provenance import claim_output, finish_output
@@ -173,6 +174,9 @@ def _check_target(cfg: ZeroShotConfig, target: TargetConfig, model, source_model
     plugged = plugged_info(target.model_dir)
     if plugged is not None:
         _check_provenance(cfg, target, plugged, Path(target.model_dir) / PLUG_FILE)
+    student = Path(target.model_dir) / STUDENT_VOCABULARY  # a BiStil student task model: its method and language
+    if student.is_file():
+        _check_provenance(cfg, target, json.loads(student.read_text()), student)
 
 
 def _check_provenance(cfg: ZeroShotConfig, target: TargetConfig, info: dict, path: Path,
