@@ -3,6 +3,7 @@ model with Swahili embeddings plugged in reads Swahili; a 2-layer, half-width st
 one-rank DeepSpeed process, and its vocabulary routes each language to its own pieces."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -384,7 +385,7 @@ def test_bistil_at_lt_sft_distils_from_the_primary_with_each_languages_sft_and_s
     (en_dir, en_sft), (sw_dir, sw_sft) = _language_sft(root, "en", 1), _language_sft(root, "sw", 2)
     settings = ["method=bistil@lt_sft", f"teacher_model={root / 'teacher'}", "target_langs=[sw]",
                 f"teacher_sft={en_dir}", f"target_teacher_sft={sw_dir}", "student.layer_ratio=2",
-                "student.init=teacher"]
+                "student.init=teacher", "seq_length=32"]
     cfg = load_config(DistillConfig, overrides=settings)
     primary = load_model(root / "teacher", AutoModelForMaskedLM)
     vocab = {"rows": {"en": list(range(primary.config.vocab_size)), "sw": []}}
@@ -395,6 +396,8 @@ def test_bistil_at_lt_sft_distils_from_the_primary_with_each_languages_sft_and_s
             expected = base[name] + sft.diffs[name].dense() if name in sft.diffs else base[name]
             assert torch.equal(p, expected), (lang, name)
     assert torch.equal(student.get_input_embeddings().weight, primary.get_input_embeddings().weight)
+    with pytest.raises(ConfigError, match="seq_length: 64 is longer than the positions of .* allow \\(38\\)"):
+        load_teachers_and_student(dataclasses.replace(cfg, seq_length=64), {"en": cfg.teacher_model}, vocab)
     assert torch.equal(student.roberta.encoder.layer[0].attention.self.query.weight,
                        primary.roberta.encoder.layer[1].attention.self.query.weight)  # layer_ratio 2: layers 1, 3
     other_dir, _ = _language_sft(root, "sw", 3, method="lt_sft_vocab")

@@ -63,7 +63,7 @@ from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train, zero_stage
-from minimodel.training.hf_mlm import MLMFlops, check_architecture
+from minimodel.training.hf_mlm import MLMFlops, check_architecture, max_sequence_length
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +342,9 @@ def load_teachers_and_student(cfg: DistillConfig, paths: dict[str, str], vocab: 
                 for code, p in paths.items()}
     for code, teacher in teachers.items():
         check_architecture(teacher, paths[code])
+        longest = max_sequence_length(teacher)
+        require(cfg.seq_length <= longest, "seq_length", f"{cfg.seq_length} is longer than the positions of "
+                f"{paths[code]} allow ({longest}): lower seq_length")
     student = build_student(teacher_for_student(cfg.teacher_model, teachers, vocab), cfg.student)
     target_lang = next(code for code in paths if code != cfg.source_lang)
     for code, sft in ((cfg.source_lang, cfg.teacher_sft), (target_lang, cfg.target_teacher_sft)):
