@@ -122,8 +122,8 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                        temperature: float = 2.0) -> torch.Tensor:
     """-sum softmax(t/T) * log_softmax(s/T) over the last dimension, averaged over the rest."""
-    target = F.softmax(teacher_logits.detach() / temperature, dim=-1)
-    return -(target * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
+    target = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)  # fp32: bf16 logits, a 250k softmax
+    return -(target * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(-1).mean()
 
 
 class DistilledMLMLoss:
