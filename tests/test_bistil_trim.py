@@ -112,3 +112,12 @@ def test_the_trimmed_model_gives_the_old_logits_of_the_kept_tokens(family):
     assert model.config.vocab_size == len(kept)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+def test_bpe_keeps_the_parts_of_every_merge_that_makes_a_kept_token():
+    """"abc" is made by "ab c" or "a bc", whichever the word's merge ranks reach first: both paths stay, or a word
+    the teacher read as "abc" via "bc" is cut differently after trimming."""
+    from minimodel.bistil.trim import _bpe_closure
+
+    model = {"merges": ["b c", "a b", "ab c", "a bc", "x y"]}
+    assert _bpe_closure(model, {"abc"}) == {"abc", "ab", "bc", "a", "b", "c"}

@@ -75,11 +75,12 @@ def _merge_parts(merge: str | list[str]) -> tuple[str, str]:
 
 
 def _bpe_closure(model: dict, keep: set[str]) -> set[str]:
-    """`keep` plus, recursively, the two parts of every merge that makes a kept token."""
-    parts = {}
+    """`keep` plus, recursively, the two parts of every merge that makes a kept token (of each merge: which one
+    applies to a word depends on the merges' ranks and its neighbours, so any may)."""
+    parts: dict[str, list[str]] = {}
     for merge in model["merges"]:
         a, b = _merge_parts(merge)
-        parts.setdefault(a + b, (a, b))
+        parts.setdefault(a + b, []).extend((a, b))
     todo, closed = list(keep), set(keep)
     while todo:
         for part in parts.get(todo.pop(), ()):
