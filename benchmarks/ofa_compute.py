@@ -14,7 +14,7 @@ tuned for random rows); each flag gives a separate work dir whose pipelines re-r
 
 OFA's starting point is the thing being measured, so quality has ONE zero per seed and language, the pipeline
 report's: quality = mlm_loss(standard-random's step-0 embeddings) - mlm_loss(snapshot). Reported per method: the
-initial quality (step 0), the final quality, the FLOPs to first reach 95/99/100% of standard-random's final quality
+initial quality (step 0), the final quality, the FLOPs to reach 95/99/100% of standard-random's final quality for good
 and the saving against standard-random's own FLOPs to get there, and the trainable parameters (adapt.json's
 trainable_numel). The goal it reports against: an OFA x mini-model
 method reaching 100% of standard's final quality with at least 5x less compute.
