@@ -18,8 +18,9 @@ seed under <work>/seed<N>/ (`seed=N`: every training stage seeded with N, an ind
 The savings are the report's (minimodel.evaluation.report: collect + summarize): per seed and language, the FLOPs
 the standard method needs to reach X% of its own final gain / the FLOPs the method needs (the snapshot from which on
 its gain stays at or above it); this benchmark aggregates them over seeds (median, min-max, how many seeds reached
-it) and averages over languages. Rerunning the same command skips every finished stage. Each seed's resolved pipeline config is
-<work>/seed<N>/config.yaml: `python -m minimodel.pipeline --config <that>` reruns that seed alone.
+it) and averages over languages. Rerunning the same command skips every finished stage. Each seed's resolved
+pipeline config is <work>/seed<N>/config.yaml: `python -m minimodel.pipeline --config <that>` reruns that seed
+alone.
 """
 from __future__ import annotations
 
