@@ -8,7 +8,7 @@ from ofa_helpers import byte_level_bpe, wordpiece
 
 from minimodel.adaptation.vocab import INITIALISERS, token_map
 from minimodel.ofa.init import OFAInputs, normalised_pieces, subword_vectors, top_k
-from minimodel.ofa.vectors import WordVectors
+from minimodel.ofa.vectors import VectorFileError, WordVectors
 
 SOURCE = wordpiece(["house", "water", "##s", "big"])  # ids 5 6 7 8
 TARGET = wordpiece(["nyumba", "maji", "##s", "HOUSE", "mbwa"])  # ids 5 6 7 8 9
@@ -42,7 +42,7 @@ def test_a_piece_takes_the_source_row_of_its_own_case_first_then_of_any_case():
     source's "Ã©" is the text "é", so a WordPiece continuation "##é" copies it."""
     source = byte_level_bpe(["Ġhouse", "ĠHouse", "Ã©"])  # ids 2 3 4
     target = wordpiece(["House", "HOUSE", "##é", "nyumba"])  # ids 5 6 7 8
-    inputs = OFAInputs(source, VECTORS, ["en"], "sw")
+    inputs = OFAInputs(source, VECTORS, ["en"], "xx")  # no target vectors: copying alone (no merges: no source vectors)
     e_src = torch.randn(len(source), 3, generator=torch.Generator().manual_seed(0))
     _, used = INITIALISERS["ofa"](e_src, token_map(source, target), target, std=0.02, pad_id=0,
                                   generator=torch.Generator().manual_seed(0), ofa=inputs)
@@ -87,6 +87,11 @@ def test_ofa_rows_copied_neighbour_weighted_and_random():
     expected = e_src.mean(0) + e_src.std(0, unbiased=False) * draw
     assert torch.allclose(weight[9], expected, atol=1e-6)
     assert inputs.summary == {"copied": 6, "copied_normalised": 1, "neighbours": 2, "random": 1}
+    # source_langs naming a language the primary's tokens are not words of: every cosine 0, every neighbour row
+    # the same mean of the lowest source ids; refused
+    with pytest.raises(VectorFileError, match="set init.ofa.source_langs"):
+        INITIALISERS["ofa"](e_src, mapping, TARGET, std=0.02, pad_id=0, generator=torch.Generator().manual_seed(7),
+                            ofa=OFAInputs(SOURCE, VECTORS, ["xx"], "sw", neighbors=3, temperature=0.1))
 
 
 @pytest.mark.parametrize("temperature", [0.1, 10.0])

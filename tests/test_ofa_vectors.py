@@ -30,6 +30,14 @@ def test_text_vectors_plain_and_gzipped_with_lang_prefixes(tmp_path):
         np.testing.assert_array_equal(vectors.matrix, np.array([[1, 0, 0.5], [0, 1, -2], [1, 0.1, 0.5]], np.float32))
 
 
+def test_a_language_named_by_its_iso3_code_keeps_its_vectors(tmp_path):
+    """OFA's files key languages by ISO 639-3 (eng:water -> en); a project language coded nya or swh was mapped to
+    ny / sw and dropped."""
+    path = tmp_path / "v.vec"
+    path.write_text("2 2\nnya:nyumba 1 0\neng:water 0 1\n")
+    assert load_word_vectors([VectorFileConfig(str(path))], ["en", "nya"]).keys == [("nya", "nyumba"), ("en", "water")]
+
+
 def test_per_file_language_and_binary_round_trip(tmp_path):
     words = tmp_path / "ny.txt"
     words.write_text("nyumba 0.25 -1\nmadzi 3 4\n")  # no header line: fastText's .txt without it
@@ -125,3 +133,18 @@ def test_learned_vectors_align_translations_and_are_deterministic(tmp_path, shuf
     cfg2.eval.min_verses = 3
     build_word_vectors(cfg2)
     assert (tmp_path / "wv2" / "vectors.bin").read_bytes() == first
+
+
+def test_vectors_are_made_again_when_a_corpus_changes_in_place(tmp_path):
+    """The stage skipped on a hash of its config and the data config's text: a corpus file edited in place kept
+    the old vectors, recorded as made from the new data."""
+    data = _corpus(tmp_path, False)
+    cfg = WordVectorConfig(data=data, output_dir=str(tmp_path / "wv"), dim=12, min_count=1)
+    build_word_vectors(cfg)
+    first = (tmp_path / "wv" / "vectors.bin").read_bytes()
+    build_word_vectors(cfg)  # nothing changed: kept
+    assert (tmp_path / "wv" / "vectors.bin").read_bytes() == first
+    corpus = tmp_path / "xx.jsonl"
+    corpus.write_text(corpus.read_text().replace("QAB", "QZZ"))  # a word of xx renamed
+    build_word_vectors(cfg)
+    assert (tmp_path / "wv" / "vectors.bin").read_bytes() != first

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 import torch
 
 from minimodel.config import require
-from minimodel.ofa.vectors import VectorFileConfig, WordVectors
+from minimodel.ofa.vectors import VectorFileConfig, VectorFileError, WordVectors
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,12 @@ def initialise(source_weight: torch.Tensor, mapping: torch.Tensor, target_tokeni
     weight = np.zeros((len(used), source.shape[1]))
     copied = (used >= 0).numpy()
     weight[copied] = source[used[used >= 0].numpy()]
-    source_vecs, _ = subword_vectors(ofa.source_tokenizer, ofa.vectors, ofa.source_langs, len(source))
+    source_vecs, source_covered = subword_vectors(ofa.source_tokenizer, ofa.vectors, ofa.source_langs, len(source))
     target_vecs, covered = subword_vectors(target_tokenizer, ofa.vectors, [ofa.target_lang], len(used))
     by_neighbours = covered & ~copied
+    if by_neighbours.any() and not source_covered.any():  # every cosine 0: each the mean of source rows 0..k-1
+        raise VectorFileError(f"no token of the primary's tokenizer is in a word vector of {ofa.source_langs}: set "
+                              "init.ofa.source_langs to the languages the primary's vocabulary reads")
     weight[by_neighbours] = neighbour_rows(target_vecs[by_neighbours], source_vecs, source, ofa.neighbors,
                                            ofa.temperature)
     counts["neighbours"] = int(by_neighbours.sum())

@@ -215,14 +215,25 @@ def _summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _input_hash(cfg: WordVectorConfig) -> str:
+    """What the vectors depend on: the config, the data config's text and the content of every corpus it reads
+    (the data stage's source fingerprints): a corpus file edited in place makes them again."""
+    data_text = Path(cfg.data).read_text() if Path(cfg.data).is_file() else ""
+    corpora = {}
+    if data_text:
+        data = load_config(DataConfig, cfg.data)
+        corpora = {lang: [Source(s).fingerprint for s in data.languages[lang].sources]
+                   for lang in cfg.languages or data.languages if lang in data.languages}
+    return hashlib.sha256(json.dumps([to_dict(cfg), data_text, corpora], sort_keys=True).encode()).hexdigest()
+
+
 def build_word_vectors(cfg: WordVectorConfig) -> StageResult:
     """Outputs: the vectors file and the precision@k figures."""
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     claim_output(out, cfg, resumable=False)
     save_config(cfg, out / "config.yaml")
-    data_text = Path(cfg.data).read_text() if Path(cfg.data).is_file() else ""
-    input_hash = hashlib.sha256(json.dumps([to_dict(cfg), data_text], sort_keys=True).encode()).hexdigest()
+    input_hash = _input_hash(cfg)
     summary_path = out / SUMMARY_FILE
     if summary_path.is_file() and (out / VECTORS_FILE).is_file():
         old = json.loads(summary_path.read_text())
@@ -232,6 +243,7 @@ def build_word_vectors(cfg: WordVectorConfig) -> StageResult:
             return StageResult("finished", {"vectors": out / VECTORS_FILE})
     texts = read_languages(cfg)
     vectors = learn_vectors(texts, cfg)
+    summary_path.unlink(missing_ok=True)  # from here on the vectors are not the old summary's
     write_word2vec_binary(vectors, out / VECTORS_FILE)
     log.info("measuring alignment on the held-out verses")
     alignment = evaluate_alignment(vectors, texts, cfg.eval)

@@ -73,7 +73,7 @@ def _split_key(key: str, file_lang: str | None, languages: set[str]) -> tuple[st
     if file_lang is not None:
         return (file_lang, key) if file_lang in languages else None
     prefix, sep, word = key.partition(":")
-    lang = ISO3.get(prefix, prefix)
+    lang = prefix if prefix in languages else ISO3.get(prefix, prefix)  # a language named by its ISO-3 code stays
     if not sep or not word or lang not in languages:
         return None
     return lang, word
