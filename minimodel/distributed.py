@@ -295,6 +295,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def on_rank0(fn):
+    """Run `fn` on rank 0 and return its result on every rank; its exception is raised on every rank (a rank-0
+    failure must not leave the others waiting in a collective: a hang under NCCL, mismatched collectives after)."""
+    box = [None]
+    if rank() == 0:
+        try:
+            box[0] = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            box[0] = e
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
 def destroy() -> None:
     """Tear down megatron's groups (if a stage made them) and the process group (if one is up)."""
     global _OUTPUT_HEAD_GROUP

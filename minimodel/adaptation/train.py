@@ -327,20 +327,6 @@ def freeze_source_rows(cfg: AdaptConfig, trainable: dict[str, torch.nn.Parameter
     return GradientHooks({n: trainable[n] for n in masks}, {}, masks)
 
 
-def _rank0_then_everywhere(fn):
-    """Run `fn` on rank 0 and return its result on every rank; its exception is raised on every rank."""
-    box = [None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
-            box[0] = e
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
-
-
 # A language's run is the same whichever other languages the stage (or its array job) lists.
 LANGUAGE_NEUTRAL = ("target_langs", "target_lang")
 
@@ -385,7 +371,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
         run_dir.mkdir(parents=True, exist_ok=True)
         return prepare_target_data(cfg, lang, run_dir)
 
-    train_prefix, valid_prefix = _rank0_then_everywhere(prepare)
+    train_prefix, valid_prefix = distributed.on_rank0(prepare)
     target_tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
     model, trainable, fixed, init_summary = build_adaptation_model(cfg, model_dir, target_tokenizer, lang)
     frozen_rows = freeze_source_rows(cfg, trainable)
@@ -423,10 +409,9 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             if not (cfg.snapshot_interval and state["step"] % cfg.snapshot_interval == 0):
                 return
             tensors = gather_full_params(engine, trainable)  # collective
-            if rank == 0:
-                write_artifact(snapshot_dir(run_dir, state["step"]), {**tensors, **fixed},
-                               {**provenance, "steps": state["step"], "flops": state["flops"],
-                                "wall_clock_s": state["wall_clock_s"]})
+            distributed.on_rank0(lambda: write_artifact(
+                snapshot_dir(run_dir, state["step"]), {**tensors, **fixed},
+                {**provenance, "steps": state["step"], "flops": state["flops"], "wall_clock_s": state["wall_clock_s"]}))
 
         result = train(cfg.train, model, train_data, masked_lm_loss, flops_fn, output_dir=run_dir,
                        eval_data=valid_data, tracker=tracker, on_step=snapshot, desc=f"adapt {lang} ({method})")
@@ -437,7 +422,8 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             return "interrupted"
         tensors = gather_full_params(result.engine, trainable)  # collective
         state_numel = optimizer_state_numel(result.engine)  # collective
-        if rank == 0:
+
+        def finish():  # rank 0; its error reaches every rank (run_languages goes on to the next language)
             last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
             info = {**provenance, "optimizer_state_numel": state_numel, "steps": result.step,
                     "flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"],
@@ -448,7 +434,8 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
                                              {"train/loss": "train", "eval/loss": "valid"}, x="compute/flops",
                                              x_label="cumulative FLOPs", title=f"{method} adaptation to {lang}"))
             finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
-        dist.barrier()
+
+        distributed.on_rank0(finish)
     return "done"
 
 

@@ -41,7 +41,7 @@ from transformers import AutoModelForMaskedLM
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR
 from minimodel.adaptation.plug import plugged_info
-from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig, _rank0_then_everywhere,
+from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig,
                                         claim_language, prepare_target_data, run_languages)
 from minimodel.bistil.compare import Reader, compare
 from minimodel.bistil.loss import DistillationWeights, distillation_loss, state_projection
@@ -383,7 +383,7 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
             replace_dir(tmp, vocab_dir)
         return {code: str(prefix) for code, (_, prefix) in sources.items()}
 
-    prefixes = _rank0_then_everywhere(prepare)
+    prefixes = distributed.on_rank0(prepare)
     vocab = json.loads((run_dir / "vocabulary" / VOCABULARY_FILE).read_text())
     teachers, student = load_teachers_and_student(cfg, paths, vocab)
     tokenizers = {code: load_tokenizer(run_dir / code / TOKENIZER_DIR) for code in paths}  # the teachers' own
@@ -406,7 +406,7 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
                 save_file({"M": m.contiguous()}, str(run_dir / f".{PROJECTION_FILE}.partial"))
                 (run_dir / f".{PROJECTION_FILE}.partial").replace(proj_file)
 
-        _rank0_then_everywhere(fit)
+        distributed.on_rank0(fit)
         projections = load_projections(proj_file, teacher_config, student.config.hidden_size)
     to_student = {k: np.asarray(v, dtype=np.int64) for k, v in vocab["to_student"].items()}
     step = DistillStep(teachers, cfg.student.layer_ratio, cfg.loss, projections, student)
@@ -432,7 +432,7 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
                                 step=result.step)
             finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
 
-        _rank0_then_everywhere(save)
+        distributed.on_rank0(save)
     return "done"
 
 

@@ -17,14 +17,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
 from torch import nn
 from transformers import AutoModelForMaskedLM
 
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR
 from minimodel.adaptation.plug import PLUG_FILE, plugged_info
-from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig, _rank0_then_everywhere,
+from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig,
                                         claim_language, prepare_target_data, run_languages)
 from minimodel.config import PerLanguageRun, require
 from minimodel.data.mlm import MaskedLMDataset
@@ -97,14 +96,13 @@ def untie_and_freeze_decoder(model: nn.Module) -> None:
 def train_language(cfg: LanguageSFTConfig, lang: str) -> str:
     """One language's SFT; returns "done" or "interrupted"."""
     distributed.initialize_deepspeed()
-    rank = dist.get_rank()
     run_dir, lang_cfg, claimed = claim_language(cfg, lang)
     if claimed == "finished" and (run_dir / SFT_DIR).is_dir():
         return "done"
     # the target text in primary_model's vocabulary (re-encoded when the data stage used another tokenizer)
     data_cfg = AdaptConfig(primary_model=cfg.primary_model, data_dir=cfg.data_dir,
                            tokenizer=TargetTokenizerConfig(mode="reuse", path=cfg.primary_model))
-    train_prefix, valid_prefix = _rank0_then_everywhere(lambda: prepare_target_data(data_cfg, lang, run_dir))
+    train_prefix, valid_prefix = distributed.on_rank0(lambda: prepare_target_data(data_cfg, lang, run_dir))
     tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
     model = load_model(cfg.primary_model, AutoModelForMaskedLM)
     if cfg.freeze_decoder:
@@ -124,10 +122,12 @@ def train_language(cfg: LanguageSFTConfig, lang: str) -> str:
                                  "source_lang": cfg.source_lang, "lang_sft_run_id": tracker.run_id})
         if result.status == "interrupted":
             return "interrupted"
-        if rank == 0:
+
+        def finish():
             tracker.log_artifact(result.sft_dir / "sft.json")
             finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
-    dist.barrier()
+
+        distributed.on_rank0(finish)
     return "done"
 
 

@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minimodel.config import ConfigError, require
-from minimodel.distributed import initialize_deepspeed
+from minimodel.distributed import initialize_deepspeed, on_rank0
 from minimodel.hf import initialised_at_load
 from minimodel.sft.file import MANIFEST_FILE, SFT_DIR, SparseDiff, SparseFineTuning
 from minimodel.sft.select import Partition, partition_parameters, resolve_k, select_top_k
@@ -184,7 +183,6 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
     directory, whose weights say which parameters were initialised at load (trained dense, stored whole)."""
     initialize_deepspeed()
     check_loop_config(train_cfg, cfg)
-    rank = dist.get_rank()
     out = Path(output_dir)
     full_steps, sparse_steps = cfg.steps(train_cfg)
     total_steps = cfg.iterations * (full_steps + sparse_steps)
@@ -213,14 +211,16 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
             result = phase(full_steps, it_dir / "full", None, cfg.full_l1, offset, f"{desc} it{it} full")
             if result is None:
                 return SFTResult("interrupted", None)
-            if rank == 0:
+
+            def select():
                 deltas = {n: result[n] - theta0[n] for n in part.eligible}
-                masks = select_top_k(deltas, k_it, masks)
-                selected = sum(int(m.sum()) for m in masks.values())
+                chosen = select_top_k(deltas, k_it, masks)
+                selected = sum(int(m.sum()) for m in chosen.values())
                 log.info("%s: iteration %d selected %d of %d eligible values", desc, it, selected,
                          part.eligible_numel)
-                _save_tensors(it_dir / MASK_FILE, masks)
-            dist.barrier()
+                _save_tensors(it_dir / MASK_FILE, chosen)
+
+            on_rank0(select)  # its errors (too few values left) on every rank, not rank 0 alone
         offset += full_steps
         masks = load_file(str(it_dir / MASK_FILE))
         _set_params(part.trainable, start)  # the rewind
@@ -229,16 +229,16 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
             return SFTResult("interrupted", None)
         offset += sparse_steps
         if it < cfg.iterations:
-            if rank == 0:
-                _save_tensors(it_dir / END_FILE, final)
-            dist.barrier()
+            on_rank0(partial(_save_tensors, it_dir / END_FILE, final))
             start = final
-    if rank == 0:
+
+    def save():
         sft = difference(part, theta0, final, masks, base_sha256, base_path)
         sft.info = {**(info or {}), **_compute(out, cfg.iterations), "k": k, "eligible_numel": part.eligible_numel,
                     "iterations": cfg.iterations, "frozen": part.frozen, "dense": sorted(part.dense)}
         sft.save(out / SFT_DIR)
-    dist.barrier()
+
+    on_rank0(save)
     return SFTResult("finished", out / SFT_DIR, total_steps)
 
 
