@@ -324,3 +324,24 @@ def test_parameters_a_task_model_initialises_at_load_are_dense_so_the_composed_m
     params = dict(fresh.named_parameters())
     for n, value in trained.items():
         _max_ulp(params[n], value)
+
+
+def test_the_selection_and_the_sft_measure_what_bf16_training_changed():
+    """Under bf16 the fp32 masters start at bf16(theta0): measured from the fp32 theta0, entries that never moved
+    carry their rounding (up to 2^-9 |w|), which outranked a task SFT's small real changes."""
+    from minimodel.sft.select import partition_parameters, select_top_k
+    from minimodel.sft.train import difference, learned_change, trained_from
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.base_model = torch.nn.Linear(64, 64)
+    model.head = torch.nn.Linear(64, 2)
+    part = partition_parameters(model)
+    theta0 = {n: p.detach().float().clone() for n, p in part.trainable.items()}
+    model.to(torch.bfloat16)  # what DeepSpeed's bf16 engine does to the module
+    final = {n: t.bfloat16().float() for n, t in theta0.items()}  # the masters, started from the cast
+    final["base_model.weight"].view(-1)[[5, 77]] += 1e-4  # the two values training moved
+    masks = select_top_k(learned_change(part, theta0, final), 2)
+    assert masks["base_model.weight"].view(-1).nonzero().flatten().tolist() == [5, 77]
+    sft = difference(part, trained_from(part, theta0), final, masks, "sha", None)
+    torch.testing.assert_close(sft.diffs["base_model.weight"].values, torch.full((2,), 1e-4), rtol=1e-3, atol=0)

@@ -213,8 +213,7 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
                 return SFTResult("interrupted", None)
 
             def select():
-                deltas = {n: result[n] - theta0[n] for n in part.eligible}
-                chosen = select_top_k(deltas, k_it, masks)
+                chosen = select_top_k(learned_change(part, theta0, result), k_it, masks)
                 selected = sum(int(m.sum()) for m in chosen.values())
                 log.info("%s: iteration %d selected %d of %d eligible values", desc, it, selected,
                          part.eligible_numel)
@@ -233,7 +232,7 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
             start = final
 
     def save():
-        sft = difference(part, theta0, final, masks, base_sha256, base_path)
+        sft = difference(part, trained_from(part, theta0), final, masks, base_sha256, base_path)
         sft.info = {**(info or {}), **_compute(out, cfg.iterations), "k": k, "eligible_numel": part.eligible_numel,
                     "iterations": cfg.iterations, "frozen": part.frozen, "dense": sorted(part.dense)}
         sft.save(out / SFT_DIR)
@@ -257,6 +256,19 @@ def _run_phase(train_cfg, model, part: Partition, train_data, loss_fn, flops_fn,
     finally:
         hooks.remove()
     return values
+
+
+def trained_from(part: Partition, theta0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """theta0 as training saw it: under bf16 DeepSpeed casts the module before it makes its fp32 masters, so an entry
+    that never moved differs from the fp32 theta0 by its rounding (up to 2^-9 of it), more than a task SFT's changes."""
+    return {n: theta0[n].to(p.dtype).float() for n, p in part.trainable.items()}
+
+
+def learned_change(part: Partition, theta0: dict[str, torch.Tensor],
+                   values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What training changed in each eligible parameter (the deltas the top-K selection ranks)."""
+    start = trained_from(part, theta0)
+    return {n: values[n] - start[n] for n in part.eligible}
 
 
 def difference(part: Partition, theta0: dict[str, torch.Tensor], final: dict[str, torch.Tensor],
