@@ -150,6 +150,10 @@ def test_loop_settings_that_would_break_sparsity_are_refused():
                                               schedule=ScheduleConfig(warmup_steps=2)), cfg)
     with pytest.raises(ConfigError, match="warmup_steps"):
         check_loop_config(DeepSpeedLoopConfig(schedule=ScheduleConfig(warmup_steps=5)), cfg)
+    stage0 = dict(zero_config="configs/deepspeed/zero0.json", schedule=ScheduleConfig(warmup_steps=2))
+    check_loop_config(DeepSpeedLoopConfig(**stage0, precision="fp32"), cfg)
+    with pytest.raises(ConfigError, match="ZeRO stage 0, whose bf16 optimizer keeps no fp32 copy"):
+        check_loop_config(DeepSpeedLoopConfig(**stage0, precision="bf16"), cfg)
 
 
 # -- files -----------------------------------------------------------------------------------------------------------
