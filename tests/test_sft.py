@@ -349,3 +349,12 @@ def test_the_selection_and_the_sft_measure_what_bf16_training_changed():
     assert masks["base_model.weight"].view(-1).nonzero().flatten().tolist() == [5, 77]
     sft = difference(part, trained_from(part, theta0), final, masks, "sha", None)
     torch.testing.assert_close(sft.diffs["base_model.weight"].values, torch.full((2,), 1e-4), rtol=1e-3, atol=0)
+
+
+def test_a_diverged_phase_is_refused_not_selected_from():
+    """NaN changes (a diverged full phase): kthvalue ranked them largest, the threshold came out NaN and nothing was
+    selected, and the stage finished as an SFT without body differences."""
+    from minimodel.sft.select import select_top_k
+
+    with pytest.raises(FloatingPointError, match="2 of the parameter changes are not finite"):
+        select_top_k({"w": torch.tensor([0.1, float("nan"), 0.3, float("nan")])}, 1)

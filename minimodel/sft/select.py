@@ -87,5 +87,8 @@ def select_top_k(deltas: dict[str, torch.Tensor], k: int,
     if k > free.numel():
         raise ConfigError(f"asked to select {k} more values but only {free.numel()} eligible values are left: "
                           "lower sft.k (or sft.k_proportion)")
+    if not torch.isfinite(free).all():  # kthvalue ranks NaN largest: a NaN threshold selects nothing, silently
+        raise FloatingPointError(f"{int((~torch.isfinite(free)).sum())} of the parameter changes are not finite: "
+                                 "the full phase diverged; lower train.optim.lr or check the data")
     threshold = torch.kthvalue(free, free.numel() - k + 1).values  # the k-th largest
     return {n: selected[n] | (d.abs() >= threshold) for n, d in deltas.items()}
