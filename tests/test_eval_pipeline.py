@@ -23,7 +23,7 @@ from minimodel.evaluation.tasks import TASKS
 from minimodel.evaluation.zero_shot import ZeroShotConfig, zero_shot
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
-from minimodel.sft.file import SparseDiff, SparseFineTuning
+from minimodel.sft.file import SFTError, SparseDiff, SparseFineTuning
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 from minipost_helpers import make_model, save_model
 
@@ -395,7 +395,7 @@ def test_lt_sft_reads_each_target_through_its_language_sft_composed_with_the_tas
         zero_shot(dense)
     wrong = _zero_shot_cfg(world, "zs_lt_sft_wrong", method="lt_sft", source_model_dir=out / "model",
                            targets=f"[{{lang: ya, language_sft: {root / 'sft_yb'}}}]")
-    with pytest.raises(EvaluationError, match="holds target_lang='yb' embeddings .* fix targets\\[\\].lang"):
+    with pytest.raises(SFTError, match="is the language SFT of yb, not of ya"):
         zero_shot(wrong)
     with pytest.raises(ConfigError, match=r"targets\[0\]: method lt_sft reads each target with the primary's"):
         _zero_shot_cfg(world, "zs_lt_sft_bad", method="lt_sft", source_model_dir=out / "model",

@@ -358,3 +358,15 @@ def test_a_diverged_phase_is_refused_not_selected_from():
 
     with pytest.raises(FloatingPointError, match="2 of the parameter changes are not finite"):
         select_top_k({"w": torch.tensor([0.1, float("nan"), 0.3, float("nan")])}, 1)
+
+
+def test_only_a_language_sft_of_the_language_read_is_composed_as_one():
+    """finetune's language_sft and zero-shot's targets[].language_sft: a task SFT (no language) or another
+    language's SFT passed the base-hash check and composed silently."""
+    from minimodel.sft.file import SFTError, SparseFineTuning
+
+    SparseFineTuning("sha", info={"kind": "language", "target_lang": "sw"}).check_language("sw", "d")
+    with pytest.raises(SFTError, match="d is a task SFT, not a language SFT: give adapt/sft.py's <output_dir>/sw/sft"):
+        SparseFineTuning("sha", info={"kind": "task"}).check_language("sw", "d")
+    with pytest.raises(SFTError, match="d is the language SFT of en, not of sw"):
+        SparseFineTuning("sha", info={"kind": "language", "target_lang": "en"}).check_language("sw", "d")

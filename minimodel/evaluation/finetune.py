@@ -148,6 +148,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     base_sha = model_hash(cfg.model_dir)
     language_sft = SparseFineTuning.load(cfg.language_sft) if cfg.language_sft else None
     if language_sft is not None:
+        language_sft.check_language(cfg.source_lang, f"language_sft {cfg.language_sft}")
         language_sft.apply(model, base_sha, with_abs=False)
     frozen = [] if cfg.sparse else freeze_embeddings(model)
 

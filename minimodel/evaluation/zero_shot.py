@@ -277,6 +277,7 @@ def _sft_model(cfg: ZeroShotConfig, target: TargetConfig, source, primary):
     tokenizer (lt_sft_vocab); for a fine-tuned task, + the source task model's task SFT (finetune's composition, the
     target's language SFT in place of the source's)."""
     language_sft = SparseFineTuning.load(target.language_sft)
+    language_sft.check_language(target.lang, f"targets[].language_sft {target.language_sft}")
     _check_provenance(cfg, target, language_sft.info, Path(target.language_sft) / MANIFEST_FILE)
     if target.model_dir:  # lt_sft_vocab: plugged with the embeddings of the method it builds on, for this language
         plugged = plugged_info(target.model_dir)

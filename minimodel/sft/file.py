@@ -105,6 +105,15 @@ class SparseFineTuning:
         base = manifest["base_model"]
         return cls(base["sha256"], diffs, abs_, base.get("path"), manifest.get("info", {}))
 
+    def check_language(self, lang: str, where: str) -> None:
+        """Refuse unless this is a language SFT (adapt/sft.py) of `lang`; `where`: its directory, for the message."""
+        kind, of = self.info.get("kind"), self.info.get("target_lang")
+        if kind != "language":
+            raise SFTError(f"{where} is {f'a {kind}' if kind else 'an'} SFT, not a language SFT: give adapt/sft.py's "
+                           f"<output_dir>/{lang}/sft")
+        if of != lang:
+            raise SFTError(f"{where} is the language SFT of {of}, not of {lang}: give <output_dir>/{lang}/sft")
+
     # -- on a model ------------------------------------------------------------------------------------------------
     def without(self, names) -> "SparseFineTuning":
         """The same SFT without the differences of the parameters `names` (e.g. a task SFT's input embeddings, where
