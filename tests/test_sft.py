@@ -370,3 +370,17 @@ def test_only_a_language_sft_of_the_language_read_is_composed_as_one():
         SparseFineTuning("sha", info={"kind": "task"}).check_language("sw", "d")
     with pytest.raises(SFTError, match="d is the language SFT of en, not of sw"):
         SparseFineTuning("sha", info={"kind": "language", "target_lang": "en"}).check_language("sw", "d")
+
+
+def test_the_loop_settings_sft_needs_are_checked_when_the_config_loads():
+    """Weight decay, a warmup longer than a phase, ZeRO-3: refused at config load (exit 2 naming the key), not after
+    the data was prepared and the model loaded (for a language SFT: one more "failed" language, exit 1)."""
+    from minimodel.config import load_config
+    from minimodel.evaluation.finetune import FinetuneConfig
+    from minimodel.sft.language import LanguageSFTConfig
+
+    for cls, settings in ((LanguageSFTConfig, ["primary_model=x"]),
+                          (FinetuneConfig, ["model_dir=x", "sparse=true", "task.data_dir=d"])):
+        with pytest.raises(ConfigError, match="train.optim.weight_decay: 0.01: sparse fine-tuning needs 0"):
+            load_config(cls, overrides=[*settings, "train.optim.weight_decay=0.01"])
+    load_config(FinetuneConfig, overrides=["model_dir=x", "task.data_dir=d", "train.optim.weight_decay=0.01"])

@@ -32,7 +32,7 @@ from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseFineTuning
-from minimodel.sft.train import SFTConfig, train_sft
+from minimodel.sft.train import SFTConfig, check_loop_config, train_sft
 from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -72,6 +72,8 @@ class FinetuneConfig:
         require(set(self.eval_splits) <= {"dev", "test"}, "eval_splits", "only dev and test can be evaluated")
         require(self.language_sft is None or self.sparse, "language_sft",
                 "is applied before a task SFT only: set sparse=true, or drop language_sft")
+        if self.sparse:  # now, not after the model is loaded
+            check_loop_config(self.train, self.sft)
 
 
 class TaskFlops:

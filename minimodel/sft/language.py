@@ -33,7 +33,7 @@ from minimodel.manifest import model_hash
 from minimodel.provenance import finish_output
 from minimodel.methods import SPARSE, job_name, parse_method
 from minimodel.sft.file import SFT_DIR
-from minimodel.sft.train import SFTConfig, train_sft
+from minimodel.sft.train import SFTConfig, check_loop_config, train_sft
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
@@ -84,6 +84,7 @@ class LanguageSFTConfig(PerLanguageRun):
                     f"{self.primary_model} holds {plugged.get('method')} embeddings (its {PLUG_FILE}), but method "
                     f"{self.method} builds on {method.builds_on}'s: plug those, or name the method it builds on")
         self.validate_languages()
+        check_loop_config(self.train, self.sft)  # now, not after the data is prepared and the model loaded
 
 
 def untie_and_freeze_decoder(model: nn.Module) -> None:
