@@ -155,6 +155,14 @@ class PipelineConfig:
                      *(["distill", "distill_task"] if DISTILLED in models else [])):
             path = getattr(self.configs, name)
             require(Path(path).is_file(), f"configs.{name}", f"{path} does not exist")
+        # OFA's word vectors are learned for the methods named +ofa only: init.method=ofa set anywhere else would read
+        # whatever vectors file lies at its default path
+        adapt_file = yaml.safe_load(Path(self.configs.adapt).read_text()) or {}
+        in_file = [f"init.method={(adapt_file.get('init') or {}).get('method')}"] if isinstance(adapt_file, dict) else []
+        for key, given in (("configs.adapt", in_file), ("overrides.adapt", self.overrides.get("adapt", [])),
+                           *((f"method_overrides.{m}", o) for m, o in self.method_overrides.items())):
+            require("init.method=ofa" not in given, key, "sets init.method=ofa, whose word vectors the pipeline "
+                    "learns for a method named with +ofa only: name it so in methods (e.g. minijoint+ofa)")
         # the data stage's sources: checked now, and the files among them watched for changes (build_stages)
         data = load_config(DataConfig, self.configs.data, self.overrides.get("data", []))
         for lang in [self.source_lang, *self.target_langs]:

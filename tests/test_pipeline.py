@@ -75,6 +75,19 @@ def test_a_malformed_zero_shot_config_is_a_config_error(tmp_path, text, problem)
         load_config(PipelineConfig, SMOKE, [f"configs.zero_shot=[{path}]"])
 
 
+def test_ofa_is_named_in_the_method_not_set_in_the_adaptation_settings(tmp_path):
+    """The word-vector stage is built for methods named +ofa: init.method=ofa set in the adaptation config or its
+    overrides ran OFA from whatever vectors file lay at the default path (or failed after pretraining)."""
+    adapt = tmp_path / "adapt.yaml"
+    adapt.write_text(Path("configs/adapt/default.yaml").read_text() + "\ninit: {method: ofa}\n")
+    for setting, key in ((f"configs.adapt={adapt}", "configs.adapt"), ("overrides.adapt=[init.method=ofa]",
+                                                                        "overrides.adapt"),
+                         ("method_overrides={minijoint: [init.method=ofa]}", "method_overrides.minijoint")):
+        with pytest.raises(ConfigError, match=f"{key}: sets init.method=ofa, .* name it so in methods"):
+            load_config(PipelineConfig, SMOKE, [setting])
+    assert "minijoint+ofa" in load_config(PipelineConfig, SMOKE, ["methods=[standard, minijoint+ofa]"]).methods
+
+
 def test_zero_shot_configs_must_match_the_task_models_and_each_other(tmp_path):
     """Two configs of one task wrote one directory (each run redoing the other, the report showing the last); a
     fine-tuned task that configs.finetune does not train failed only after every training stage had run."""
