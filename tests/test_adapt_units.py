@@ -191,6 +191,14 @@ def test_adapt_config_names_the_problem():
     assert tiny.snapshot_every is None and tiny.snapshot_interval == tiny.train.eval.every  # unset: at every eval
     with pytest.raises(ConfigError, match="snapshot_every"):
         load_config(AdaptConfig, overrides=["primary_model=p", "over=full", "snapshot_every=-1"])
+    # tokenizer.mode=extend keeps the primary's rows: nothing may train or approximate them
+    extend = ["primary_model=p", "over=full", "tokenizer.mode=extend", "init.method=copy_shared"]
+    load_config(AdaptConfig, overrides=extend)
+    for setting, key in (("embedding.factorized_dim=8", "embedding.factorized_dim: with tokenizer.freeze_source_rows"),
+                         ("trainable.head_bias=true", "trainable.head_bias: would train the output bias")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(AdaptConfig, overrides=[*extend, setting])
+        load_config(AdaptConfig, overrides=[*extend, setting, "tokenizer.freeze_source_rows=false"])
 
 
 def _record_many(output_dir: str, worker: int) -> None:

@@ -145,6 +145,12 @@ class AdaptConfig(PerLanguageRun):
             require(not self.tokenizer.freeze_source_rows or zero_stage(self.train) <= 2, "train.zero_config",
                     "ZeRO-3 partitions the rows tokenizer.freeze_source_rows masks: use ZeRO 0-2 "
                     "(configs/deepspeed/zero2.json), or set tokenizer.freeze_source_rows=false")
+            require(not self.tokenizer.freeze_source_rows or self.embedding.factorized_dim is None,
+                    "embedding.factorized_dim", "with tokenizer.freeze_source_rows the primary's rows stay as they "
+                    "are, but factorised embeddings hold every row as a rank-d approximation: drop one of them")
+            require(not self.tokenizer.freeze_source_rows or not self.trainable.head_bias, "trainable.head_bias",
+                    "would train the output bias of the primary's tokens, which tokenizer.freeze_source_rows keeps: "
+                    "set trainable.head_bias=false, or tokenizer.freeze_source_rows=false")
         if self.method is not None:
             method = parse_adapted_method(self.method)
             require(method.learns_embeddings, "method", f"{self.method} learns no embeddings: its language "
