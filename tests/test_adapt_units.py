@@ -219,3 +219,17 @@ def test_concurrent_array_tasks_keep_every_status_in_summary_json(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == {f"l{w}_{i}": "done" for w in range(4) for i in range(25)}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_extend_saves_the_primarys_rows_exactly_even_after_a_bf16_cast():
+    """bf16 training casts the module before DeepSpeed makes its fp32 masters: the frozen rows never move, but what
+    is read back of them is rounded. The saved embeddings take them from before the cast."""
+    from minimodel.adaptation.train import FrozenRows
+    from minimodel.sft.train import GradientHooks
+
+    weight = torch.nn.Parameter(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)))
+    rows = FrozenRows(GradientHooks({}, {}, {}), {"input_embeddings": weight.detach()[:6].clone()})
+    gathered = weight.detach().bfloat16().float()  # the masters after a bf16 cast
+    gathered[6:] += 1.0  # the new rows trained
+    saved = rows.restore({"input_embeddings": gathered, "other": torch.ones(2)})["input_embeddings"]
+    assert torch.equal(saved[:6], weight.detach()[:6]) and torch.equal(saved[6:], gathered[6:])

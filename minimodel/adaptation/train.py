@@ -318,7 +318,19 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer, l
     return model, trainable, fixed, summary
 
 
-def freeze_source_rows(cfg: AdaptConfig, trainable: dict[str, torch.nn.Parameter]) -> GradientHooks | None:
+@dataclass
+class FrozenRows:
+    """The primary's rows under tokenizer.mode=extend: their gradients masked in training (`hooks`), and their exact
+    fp32 values (`rows`) put back into what is saved: under bf16 DeepSpeed casts the module before it makes its fp32
+    masters, so rows that never move are still rounded there."""
+    hooks: GradientHooks
+    rows: dict[str, torch.Tensor]
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**tensors, **{n: torch.cat([kept, tensors[n][len(kept):]]) for n, kept in self.rows.items()}}
+
+
+def freeze_source_rows(cfg: AdaptConfig, trainable: dict[str, torch.nn.Parameter]) -> FrozenRows | None:
     """tokenizer.mode=extend: the rows of the primary's own tokens (the ids below its vocabulary size) keep their
     values: their gradient is zeroed before DeepSpeed reduces, clips or steps it (LT-SFT's gradient masks; AdamW
     without weight decay never moves an entry whose gradient is always zero)."""
@@ -330,7 +342,8 @@ def freeze_source_rows(cfg: AdaptConfig, trainable: dict[str, torch.nn.Parameter
         if name in trainable:
             masks[name] = torch.zeros(trainable[name].shape, dtype=torch.bool)
             masks[name][base_size:] = True
-    return GradientHooks({n: trainable[n] for n in masks}, {}, masks)
+    rows = {n: trainable[n].detach()[:base_size].float().cpu().clone() for n in masks}
+    return FrozenRows(GradientHooks({n: trainable[n] for n in masks}, {}, masks), rows)
 
 
 # A language's run is the same whichever other languages the stage (or its array job) lists.
@@ -415,6 +428,8 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             if not (cfg.snapshot_interval and state["step"] % cfg.snapshot_interval == 0):
                 return
             tensors = gather_full_params(engine, trainable)  # collective
+            if frozen_rows is not None:
+                tensors = frozen_rows.restore(tensors)
             distributed.on_rank0(lambda: write_artifact(
                 snapshot_dir(run_dir, state["step"]), {**tensors, **fixed},
                 {**provenance, "steps": state["step"], "flops": state["flops"], "wall_clock_s": state["wall_clock_s"]}))
@@ -422,11 +437,13 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
         result = train(cfg.train, model, train_data, masked_lm_loss, flops_fn, output_dir=run_dir,
                        eval_data=valid_data, tracker=tracker, on_step=snapshot, desc=f"adapt {lang} ({method})")
         if frozen_rows is not None:
-            frozen_rows.remove()
+            frozen_rows.hooks.remove()
         if result.interrupted:
             tracker.set_tags({"interrupted_at_step": result.step})
             return "interrupted"
         tensors = gather_full_params(result.engine, trainable)  # collective
+        if frozen_rows is not None:
+            tensors = frozen_rows.restore(tensors)
         state_numel = optimizer_state_numel(result.engine)  # collective
 
         def finish():  # rank 0; its error reaches every rank (run_languages goes on to the next language)
