@@ -75,3 +75,32 @@ def test_deepspeed_adaptation_in_bf16_with_fused_adam_resumes_exactly(world, tmp
     # relative is far below what a lost optimizer state or data position does (the loss curve's own steps, ~1e-2).
     np.testing.assert_allclose(losses[:, 0], losses[:, 1], rtol=1e-3)
     torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+
+
+def test_extend_keeps_the_primarys_rows_bit_identical_in_bf16(world, tmp_path):
+    """tokenizer.mode=extend under bf16 (ZeRO-2): DeepSpeed casts the module before it makes its fp32 masters, so
+    the frozen rows read back from them are rounded; the saved embeddings must still hold the primary's rows bit for
+    bit (the CPU's fp32 test cannot see this), and the new rows must train."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM
+
+    from minimodel.hf import load_tokenizer
+
+    out, log = tmp_path / "extend", tmp_path / "extend.log"
+    rc = run_deepspeed("adapt/train.py", [
+        f"output_dir={out}", "over=mini", f"primary_model={world.primary}", f"mini_model={world.mini}",
+        f"data_dir={world.data_dir}", "target_langs=[ny]", "source_lang=en", "seq_length=64",
+        "tokenizer.mode=extend", "tokenizer.new_pieces=200", "init.method=copy_shared", "train.steps=20",
+        "train.micro_batch_size=16", "train.optim.lr=0.01", "train.schedule.warmup_steps=2", "train.eval.every=20",
+        "train.eval.batches=2", "train.zero_config=configs/deepspeed/zero2.json", "tracking.enabled=false"],
+        log, ranks=1)
+    assert rc == 0, tail(log)
+    assert "bf16" in log.read_text(), tail(log)
+    source_rows = AutoModelForMaskedLM.from_pretrained(world.primary).get_input_embeddings().weight.detach().float()
+    base = len(load_tokenizer(world.primary))
+    learned = load_file(str(out / "ny" / "embeddings.safetensors"))["input_embeddings"]
+    start = load_file(str(out / "ny" / "snapshots" / "step_0" / "embeddings.safetensors"))["input_embeddings"]
+    record("adapt_extend_bf16", source_rows_equal=bool(torch.equal(learned[:base], source_rows)),
+           new_rows_moved=float((learned[base:] - start[base:]).abs().max()))
+    assert torch.equal(learned[:base], source_rows)
+    assert not torch.equal(learned[base:], start[base:])
