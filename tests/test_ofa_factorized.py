@@ -72,6 +72,18 @@ def test_adaptation_trains_coordinates_over_frozen_primitives_from_the_primarys_
     assert model.get_output_embeddings().weight is trainable["coordinates"]
 
 
+def test_a_factorised_random_row_has_init_std_in_the_embedding_space(primary):
+    """init.std is an embedding's spread: drawn in coordinate space (rows of U, about 1/sqrt(V) in scale) and
+    multiplied by P, a random row came out far smaller or larger than a plain model's; drawn in the embedding space
+    and put in coordinates, its rank-d part has std * sqrt(d / h) per entry."""
+    model, trainable, fixed, _ = _factorised(primary, "random")
+    embeddings = trainable["coordinates"].detach() @ fixed["primitives"]
+    drawn = [t for t in (fixed["token_map"] < 0).nonzero().flatten().tolist() if t != TARGET.pad_token_id]
+    spread = float(embeddings[drawn].std())
+    expected = 0.02 * (D / H) ** 0.5  # 0.01
+    assert 0.6 * expected < spread < 1.5 * expected, spread  # measured: 0.0092; the old draw 0.0012
+
+
 def test_flops_count_the_factorised_projection(primary):
     model, _, _, _ = _factorised(primary)
     b, s, n, v = 3, 10, 5, len(TARGET)

@@ -296,15 +296,22 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer, l
     if (cfg.init.method == "ofa" or rank) and cfg.over == "mini":
         # OFA and the factorisation start from the primary's matrix: a mini-model works in the primary's space
         source = load_masked_lm(cfg.primary_model).get_input_embeddings().weight.detach()
-    primitives = None
+    primitives = coordinates = None
     if rank:
-        source, primitives, _ = factorize(source, rank)
+        coordinates, primitives, _ = factorize(source, rank)
         primitives = primitives.float()
+        if cfg.init.method == "ofa":  # the reference's OFA works on the coordinates
+            source = coordinates
     extra = {"ofa": ofa_inputs(cfg, model_dir, lang)} if cfg.init.method == "ofa" else {}
     weight, used_map = INITIALISERS[cfg.init.method](
         source, mapping, target_tokenizer, std=cfg.init.std, pad_id=target_tokenizer.pad_token_id,
         generator=torch.Generator().manual_seed(cfg.init.seed), **extra)
     weight = weight.float()
+    if rank and cfg.init.method != "ofa":
+        # drawn in the embedding space, where init.std is meant (a coordinate row is ~1/sqrt(V) in scale), then put
+        # in coordinates (C P: their rank-d part); copied rows take the source's own coordinates
+        drawn = (weight.double() @ torch.linalg.pinv(primitives.double())).float()
+        weight = torch.where((used_map >= 0)[:, None], coordinates[used_map.clamp(min=0)].float(), drawn)
     pad_id = target_tokenizer.pad_token_id
     install_vocabulary(model, weight if primitives is None else weight @ primitives, used_map, pad_id)
     fixed = {"token_map": used_map}
