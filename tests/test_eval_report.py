@@ -411,6 +411,18 @@ def test_lt_sft_is_placed_at_its_language_sfts_compute_and_left_out_where_it_is_
     # retrieval reads the primary + sw's SFT alone: no source-language SFT in its compute
     retrieval = summary["tasks"]["verse_retrieval"]["languages"]["sw"]["methods"]["lt_sft"]
     assert retrieval["final"] == {"quality": 0.2, "flops": 300.0, "wall_clock_s": 12.0}
+    assert summary["tasks"]["verse_class"]["methods_at_chance"] == []  # its task SFT: 0.88 on English
+
+    # a task SFT that learned nothing (0.31 on English, the majority class 0.3): its rows are at chance, and said so
+    write_json(layout.zero_shot("verse_class", "lt_sft") / "metrics.json", {"en": {"accuracy": 0.31},
+                                                                            "sw": {"accuracy": 0.3}})
+    cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'chance'}", f"pipeline_dir={layout.root}",
+                                               "tracking.enabled=false", "methods=[standard, lt_sft]"])
+    paths = report(cfg).outputs
+    chance = json.loads(paths["json"].read_text())
+    assert chance["tasks"]["verse_class"]["methods_at_chance"] == ["lt_sft"]
+    assert any(w.startswith("verse_class: the task models of lt_sft score at chance") for w in chance["warnings"])
+    assert "The task models of lt_sft (their own" in paths["markdown"].read_text()
 
 
 @pytest.mark.parametrize("bistil, base", [("bistil", (400.0, 40.0)), ("bistil@minijoint", (240.0, 30.0)),

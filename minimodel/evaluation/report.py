@@ -192,6 +192,7 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
     points: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     starts: dict = defaultdict(lambda: defaultdict(dict))  # mlm tasks: {task: {lang: {method: (step-0 loss, tok)}}}
     source: dict = defaultdict(dict)
+    own_source: dict = defaultdict(dict)  # {task: {method: {source lang: quality}}}: a method's own task model's
     majority: dict = defaultdict(dict)
     baseline: dict = defaultdict(dict)
     metric_of: dict[str, str] = {}
@@ -231,6 +232,8 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
             for lang, final in json.loads((out / "metrics.json").read_text()).items():
                 metric_of[task] = metric
                 if lang == source_lang:  # the reference's source model (LT-SFT's is another: its task SFT)
+                    if method != reference:
+                        own_source[task][method] = {lang: final[metric]}
                     if method == reference or lang not in source[task]:
                         source[task][lang] = final[metric]
                         if MAJORITY_METRIC in final:
@@ -260,8 +263,8 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
     for task in tasks or []:
         if task not in metric_of and (layout.root / "zero_shot" / task).is_dir():
             leave_out(layout.root / "zero_shot" / task, "none of its zero-shot results could be reported")
-    return {"points": points, "source": source, "metric": metric_of, "majority": majority, "baseline": baseline,
-            "left_out": left_out}
+    return {"points": points, "source": source, "own_source": own_source, "metric": metric_of, "majority": majority,
+            "baseline": baseline, "left_out": left_out}
 
 
 def compute_to_reach(points: list[Point], target: float) -> Point | None:
@@ -340,7 +343,15 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                            source[lang] <= majority[lang] + chance_margin for lang in majority if lang in source),
                        "no_gain": [lang for lang, e in langs.items() if e["reference_gain"] is not None
                                    and e["reference_gain"] <= e["reference_gain_noise"]],
-                       "below_baseline": below, "within_baseline_noise": within}
+                       "below_baseline": below, "within_baseline_noise": within,
+                       # a method with a task model of its own (LT-SFT's task SFT) scoring at chance on the source
+                       "methods_at_chance": sorted(
+                           method for method, scores in data.get("own_source", {}).get(task, {}).items()
+                           if method in order and any(lang in majority and q <= majority[lang] + chance_margin
+                                                      for lang, q in scores.items()))}
+        if tasks[task]["methods_at_chance"]:
+            warnings.append(f"{task}: the task models of {', '.join(tasks[task]['methods_at_chance'])} score at chance "
+                            f"on the source language (majority class {majority}): their zero-shot rows say nothing")
     left_out = list(data.get("left_out", []))
     warnings += [f"left out: {what}" for what in left_out]
     return {"reference_method": reference, "methods": order, "fractions": fractions, "chance_margin": chance_margin,
@@ -455,6 +466,10 @@ def markdown(summary: dict) -> str:
                           f"share ({chance}) by more than {_fmt(summary.get('chance_margin'), 'g')}: the model did not "
                           f"learn this task at this scale, so these {metric} numbers and savings are at chance and "
                           "say nothing about the adaptation methods."]
+        if t.get("methods_at_chance"):
+            lines += ["", f"**Warning: at chance.** The task models of {', '.join(t['methods_at_chance'])} (their own, "
+                          "not the reference's) score the source language at the majority-class share: their rows "
+                          "say nothing about those methods."]
         for key, headline in (("below_baseline", "below"), ("within_baseline_noise", "no measurable gain over")):
             for cases in _by_language(t.get(key, [])):
                 lines += ["", f"**Warning: {headline} the unadapted baseline.** "
