@@ -74,6 +74,24 @@ def test_masking_rate_and_labels(corpus, items):
     assert 0.07 < replaced_randomly / selected < 0.13 and 0.07 < kept / selected < 0.13
 
 
+def test_random_replacements_come_from_the_given_ids(corpus, items):
+    """BiStil's phase 1 reads one masked stream with the teacher and (mapped) the trimmed student: a replacement the
+    student lacks was <unk> to it while the teacher read a real token. The same positions and masks otherwise."""
+    prefix, tokenizer = corpus
+    dataset, batch = items
+    allowed = np.arange(100, 200)
+    limited = MaskedLMDataset(prefix, tokenizer, SEQ, seed=1, replacement_ids=allowed)
+    replaced = 0
+    for i, item in enumerate(batch):
+        other = limited[i]
+        assert np.array_equal(other["labels"], item["labels"])  # the same positions chosen
+        chosen = item["labels"] != IGNORE_INDEX
+        random = chosen & (item["input_ids"] != item["labels"]) & (item["input_ids"] != tokenizer.mask_token_id)
+        assert np.isin(other["input_ids"][random], allowed).all()
+        replaced += random.sum()
+    assert replaced > 100
+
+
 def test_special_tokens_in_the_text_are_never_targets(corpus, tmp_path):
     """Text that spells "<mask>" or "</s>" encodes to those ids with a Hugging Face tokenizer: they stay in the input
     and are never selected (they were, as ordinary tokens); <unk> is a target as in BERT."""

@@ -387,8 +387,12 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
     vocab = json.loads((run_dir / "vocabulary" / VOCABULARY_FILE).read_text())
     teachers, student = load_teachers_and_student(cfg, paths, vocab)
     tokenizers = {code: load_tokenizer(run_dir / code / TOKENIZER_DIR) for code in paths}  # the teachers' own
-    data = {code: MaskedLMDataset(prefixes[code], tokenizers[code], cfg.seq_length, cfg.mask_prob, cfg.data_seed)
+    to_student = {k: np.asarray(v, dtype=np.int64) for k, v in vocab["to_student"].items()}
+    # a masked token's random replacement is one the student has too: teacher and student read the same text
+    kept = {code: np.flatnonzero(to_student[code] != to_student[code][tokenizers[code].unk_token_id])
             for code in paths}
+    data = {code: MaskedLMDataset(prefixes[code], tokenizers[code], cfg.seq_length, cfg.mask_prob, cfg.data_seed,
+                                  replacement_ids=kept[code]) for code in paths}
     student.requires_grad_(True)
     for name, p in student.named_parameters():  # phase 1 has no MLM loss: the head stays as initialised
         if not name.startswith(student.base_model_prefix + "."):
@@ -408,7 +412,6 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
 
         distributed.on_rank0(fit)
         projections = load_projections(proj_file, teacher_config, student.config.hidden_size)
-    to_student = {k: np.asarray(v, dtype=np.int64) for k, v in vocab["to_student"].items()}
     step = DistillStep(teachers, cfg.student.layer_ratio, cfg.loss, projections, student)
     tags = {"stage": "distill", "method": cfg.method, "source_lang": cfg.source_lang, "target_lang": lang}
     name = f"{job_name('distill', cfg.method, DISTILLED)}-{lang}"  # the pipeline stage's

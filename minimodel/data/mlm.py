@@ -24,10 +24,12 @@ class MaskedLMDataset(torch.utils.data.Dataset):
     """item i -> {"input_ids", "labels" (-100 where not predicted), "attention_mask"}: int64[seq_length] arrays.
 
     Of the non-special tokens, each is selected with probability `mask_prob` (at least one per sequence); a selected
-    token becomes <mask> 80% of the time, a random ordinary token 10%, and stays itself 10% (BERT's recipe).
+    token becomes <mask> 80% of the time, a random ordinary token 10% (of `replacement_ids` where given: e.g. those
+    a distilled student also has), and stays itself 10% (BERT's recipe).
     """
 
-    def __init__(self, prefix: str | os.PathLike, tokenizer, seq_length: int, mask_prob: float = 0.15, seed: int = 0):
+    def __init__(self, prefix: str | os.PathLike, tokenizer, seq_length: int, mask_prob: float = 0.15, seed: int = 0,
+                 replacement_ids: np.ndarray | None = None):
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer)
         if seq_length < 3:
@@ -45,8 +47,9 @@ class MaskedLMDataset(torch.utils.data.Dataset):
         self.pad_id = tokenizer.pad_token_id
         self.mask_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
-        # Random replacements are ordinary tokens: every id except the special ones.
-        self._replacement_ids = np.setdiff1d(np.arange(self.vocab_size), tokenizer.all_special_ids)
+        # Random replacements are ordinary tokens: every id except the special ones (of `replacement_ids`, if given)
+        self._replacement_ids = np.setdiff1d(np.arange(self.vocab_size) if replacement_ids is None else
+                                             replacement_ids, tokenizer.all_special_ids)
         # never targets: specials that text spelling them ("<mask>", "</s>") put into the stream (<unk> stays one)
         self._special_ids = np.setdiff1d(tokenizer.all_special_ids, [tokenizer.unk_token_id])
         self._docs = open_indexed(prefix)
