@@ -384,3 +384,12 @@ def test_the_loop_settings_sft_needs_are_checked_when_the_config_loads():
         with pytest.raises(ConfigError, match="train.optim.weight_decay: 0.01: sparse fine-tuning needs 0"):
             load_config(cls, overrides=[*settings, "train.optim.weight_decay=0.01"])
     load_config(FinetuneConfig, overrides=["model_dir=x", "task.data_dir=d", "train.optim.weight_decay=0.01"])
+
+
+def test_when_fewer_values_moved_than_k_only_those_are_selected():
+    """A threshold of 0 (fewer than K values changed in the full phase) selected every free value by the tie rule:
+    a 'sparse' file larger than the dense model, of exact zeros."""
+    from minimodel.sft.select import select_top_k
+
+    masks = select_top_k({"w": torch.tensor([0.0, 0.5, 0.0, -0.2, 0.0, 0.0])}, 4)
+    assert masks["w"].tolist() == [False, True, False, True, False, False]

@@ -91,4 +91,6 @@ def select_top_k(deltas: dict[str, torch.Tensor], k: int,
         raise FloatingPointError(f"{int((~torch.isfinite(free)).sum())} of the parameter changes are not finite: "
                                  "the full phase diverged; lower train.optim.lr or check the data")
     threshold = torch.kthvalue(free, free.numel() - k + 1).values  # the k-th largest
+    if threshold == 0:  # fewer than k values moved: the ones that did (ties at 0 would select every free value)
+        return {n: selected[n] | (d.abs() > 0) for n, d in deltas.items()}
     return {n: selected[n] | (d.abs() >= threshold) for n, d in deltas.items()}
