@@ -364,6 +364,8 @@ def test_phase_2s_teacher_must_be_fine_tuned_from_phase_1s_source_teacher(tmp_pa
     (student / "vocabulary.json").write_text(json.dumps({"method": "bistil", "teacher_model": "/models/primary",
                                                          "teacher_sha256": "aaa"}))
     settings = [f"student={student}", f"teacher={teacher}", "task.data_dir=d"]
+    with pytest.raises(ConfigError, match=f"student: {tmp_path} has no vocabulary.json: give phase 1's student"):
+        load_config(TaskDistillConfig, overrides=[f"student={tmp_path}", f"teacher={teacher}", "task.data_dir=d"])
     for sha in ("aaa", "bbb"):
         (teacher / TASK_FILE).write_text(json.dumps({"primary_model": {"path": f"/models/{sha}", "sha256": sha}}))
         if sha == "aaa":

@@ -73,14 +73,16 @@ class TaskDistillConfig:
         require(self.student is not None, "student",
                 "is required: phase 1's student directory (<adapt/distill.py output_dir>/<lang>/student)")
         spec = Path(self.student) / VOCABULARY_FILE
-        student = json.loads(spec.read_text()) if spec.is_file() else {"method": self.method}
+        require(spec.is_file(), "student", f"{self.student} has no {VOCABULARY_FILE}: give phase 1's student "
+                "directory (<adapt/distill.py output_dir>/<lang>/student), once phase 1 has finished")
+        student = json.loads(spec.read_text())
         made_by = student.get("method", DISTILLED)
         require(made_by == self.method, "method", f"{self.student} was distilled by method {made_by}, not "
                 f"{self.method}: its results would be filed under another method; name the one that made it")
         require(self.teacher is not None, "teacher",
                 "is required: the fine-tuned task model (evaluate/finetune.py's <output_dir>/model)")
         task_file = Path(self.teacher) / TASK_FILE
-        if spec.is_file() and task_file.is_file():  # the teacher of phase 1's source language, fine-tuned
+        if task_file.is_file():  # the teacher of phase 1's source language, fine-tuned
             info = json.loads(task_file.read_text())
             if primary := student.get("teacher_sha256"):  # None: a student made before phase 1 recorded it
                 tuned_from = info["primary_model"]
