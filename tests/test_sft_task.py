@@ -31,7 +31,8 @@ def test_task_sft_with_the_source_language_sft_applied(tmp_path):
     # a language SFT of the primary (as adapt/sft.py writes one): a few embedding and query entries
     lang = SparseFineTuning(model_hash(primary), {
         EMB: SparseDiff(tuple(base[EMB].shape), torch.tensor([3, 40, 41, 100]), torch.tensor([0.5, -0.25, 0.125, 1.0])),
-        QUERY: SparseDiff(tuple(base[QUERY].shape), torch.tensor([0, 7]), torch.tensor([0.03, -0.02]))})
+        QUERY: SparseDiff(tuple(base[QUERY].shape), torch.tensor([0, 7]), torch.tensor([0.03, -0.02]))},
+        info={"kind": "language", "method": "lt_sft", "target_lang": "en"})
     lang.save(tmp_path / "lang_sft")
 
     out = tmp_path / "finetune"

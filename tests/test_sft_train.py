@@ -103,6 +103,9 @@ def test_a_kill_in_phase2_resumes_with_the_same_mask_to_the_same_sft(trained, tm
     stopped_at = len(rows_before)
     assert 2 <= stopped_at < SFT.sparse_steps
     mask_before = load_file(str(out / "zero2" / "iteration_1" / "mask.safetensors"))
+    # phase 1's checkpoints went once its mask was written; phase 2's stay until the SFT is saved
+    assert not (out / "zero2" / "iteration_1" / "full" / "checkpoints").exists()
+    assert (out / "zero2" / "iteration_1" / "sparse" / "checkpoints").is_dir()
 
     _launch(out, [2], tmp_path / "second.log")
     second = (tmp_path / "second.log").read_text()
@@ -121,3 +124,4 @@ def test_a_kill_in_phase2_resumes_with_the_same_mask_to_the_same_sft(trained, tm
         assert torch.equal(resumed.diffs[n].indices, d.indices) and torch.equal(resumed.diffs[n].values, d.values), n
     for n, value in uninterrupted.abs.items():
         assert torch.equal(resumed.abs[n], value), n
+    assert not list(out.rglob("checkpoints"))  # several GB each at XLM-R's size: none outlives the saved SFT

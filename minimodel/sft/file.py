@@ -109,8 +109,8 @@ class SparseFineTuning:
         """Refuse unless this is a language SFT (adapt/sft.py) of `lang`; `where`: its directory, for the message."""
         kind, of = self.info.get("kind"), self.info.get("target_lang")
         if kind != "language":
-            raise SFTError(f"{where} is {f'a {kind}' if kind else 'an'} SFT, not a language SFT: give adapt/sft.py's "
-                           f"<output_dir>/{lang}/sft")
+            what = f"a {kind} SFT" if kind else "an SFT of no recorded kind"
+            raise SFTError(f"{where} is {what}, not a language SFT: give adapt/sft.py's <output_dir>/{lang}/sft")
         if of != lang:
             raise SFTError(f"{where} is the language SFT of {of}, not of {lang}: give <output_dir>/{lang}/sft")
 

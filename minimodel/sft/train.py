@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -222,6 +223,7 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
                 log.info("%s: iteration %d selected %d of %d eligible values", desc, it, selected,
                          part.eligible_numel)
                 _save_tensors(it_dir / MASK_FILE, chosen)
+                _drop_checkpoints(it_dir / "full")  # the mask is what phase 2 resumes from
 
             on_rank0(select)  # its errors (too few values left) on every rank, not rank 0 alone
         offset += full_steps
@@ -232,7 +234,11 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
             return SFTResult("interrupted", None)
         offset += sparse_steps
         if it < cfg.iterations:
-            on_rank0(partial(_save_tensors, it_dir / END_FILE, final))
+            def end():
+                _save_tensors(it_dir / END_FILE, final)
+                _drop_checkpoints(it_dir / "sparse")
+
+            on_rank0(end)
             start = final
 
     def save():
@@ -240,9 +246,18 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
         sft.info = {**(info or {}), **_compute(out, cfg.iterations), "k": k, "eligible_numel": part.eligible_numel,
                     "iterations": cfg.iterations, "frozen": part.frozen, "dense": sorted(part.dense)}
         sft.save(out / SFT_DIR)
+        _drop_checkpoints(*(out / f"iteration_{it}" / phase for it in range(1, cfg.iterations + 1)
+                            for phase in ("full", "sparse")))
 
     on_rank0(save)
     return SFTResult("finished", out / SFT_DIR, total_steps)
+
+
+def _drop_checkpoints(*phase_dirs: Path) -> None:
+    """A phase's DeepSpeed checkpoints (model + optimizer: several GB each at XLM-R's size), once what comes after it
+    no longer resumes from them; its metrics.jsonl (the SFT's compute) stays."""
+    for phase_dir in phase_dirs:
+        shutil.rmtree(phase_dir / "checkpoints", ignore_errors=True)
 
 
 def _run_phase(train_cfg, model, part: Partition, train_data, loss_fn, flops_fn, steps: int, run_dir: Path,
