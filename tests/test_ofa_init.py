@@ -34,6 +34,9 @@ def test_normalised_pieces_mark_word_starts_whatever_the_family():
     assert normalised_pieces(TARGET)[8] == " HOUSE" and normalised_pieces(SOURCE)[7] == "s"
     bpe = byte_level_bpe(["ĠThe", "Ã©", "Ã"])  # "Ã©" is the two bytes of "é"; "Ã" alone is half a character
     assert [normalised_pieces(bpe)[i] for i in (2, 3, 4)] == [" The", "é", "Ã"]
+    # one piece that happens to start with "▁" does not make a WordPiece vocabulary SentencePiece
+    stray = wordpiece(["house", "##s", "##ing", "▁x"])
+    assert [normalised_pieces(stray)[i] for i in (5, 6, 7)] == [" house", "s", "ing"]
 
 
 def test_a_piece_takes_the_source_row_of_its_own_case_first_then_of_any_case():
@@ -87,6 +90,11 @@ def test_ofa_rows_copied_neighbour_weighted_and_random():
     expected = e_src.mean(0) + e_src.std(0, unbiased=False) * draw
     assert torch.allclose(weight[9], expected, atol=1e-6)
     assert inputs.summary == {"copied": 6, "copied_normalised": 1, "neighbours": 2, "random": 1}
+    # a padding row no source row fills (a target whose padding token is mbwa's id here, which nothing covers) is
+    # zero, as `random` leaves it, not a random draw
+    weight, _ = INITIALISERS["ofa"](e_src, mapping, TARGET, std=0.02, pad_id=9,
+                                    generator=torch.Generator().manual_seed(7), ofa=inputs)
+    assert torch.equal(weight[9], torch.zeros(3))
     # source_langs naming a language the primary's tokens are not words of: every cosine 0, every neighbour row
     # the same mean of the lowest source ids; refused
     with pytest.raises(VectorFileError, match="set init.ofa.source_langs"):

@@ -61,14 +61,12 @@ class OFAInputs:
 
 
 def _style(tokenizer) -> str:
+    """The family whose marker most pieces carry (one stray "▁" piece in a WordPiece vocabulary does not decide)."""
     pieces = tokenizer.get_vocab()
-    if any(p.startswith("▁") for p in pieces):
-        return "sentencepiece"
-    if any(p.startswith("Ġ") for p in pieces):
-        return "bpe"
-    if any(p.startswith("##") for p in pieces):
-        return "wordpiece"
-    return "plain"
+    counts = {style: sum(p.startswith(marker) for p in pieces)
+              for style, marker in (("sentencepiece", "▁"), ("bpe", "Ġ"), ("wordpiece", "##"))}
+    style = max(counts, key=counts.get)
+    return style if counts[style] else "plain"
 
 
 def normalised_pieces(tokenizer) -> dict[int, str]:
@@ -179,6 +177,8 @@ def initialise(source_weight: torch.Tensor, mapping: torch.Tensor, target_tokeni
     mean, spread = source_weight.detach().float().mean(0), source_weight.detach().float().std(0, unbiased=False)
     draws = torch.randn(int(rest.sum()), source.shape[1], generator=generator)
     result[rest] = mean + spread * draws
+    if pad_id is not None and used[pad_id] < 0:  # a padding row no source row was copied to: zero, as `random` does
+        result[pad_id] = 0
     counts["random"] = int(rest.sum())
     ofa.summary.update(counts)
     log.info("OFA initialisation of %d %s rows: %s", len(used), ofa.target_lang,
