@@ -496,3 +496,20 @@ def test_target_mlm_gains_share_the_reference_start_so_a_head_start_counts(tmp_p
     assert curve["minipost"] == [(0, 0.0), (None, 1.5)]  # another tokenizer: its own zero
     assert ny["minijoint+ofa"]["reach"]["1"]["flops"] == 100.0  # standard's final 2.0: reached at the end
     assert any("minipost reads the target through another tokenizer" in r.getMessage() for r in caplog.records)
+
+
+def test_every_method_has_a_colour_of_its_own_on_the_plot():
+    """Eleven methods (the methods benchmark): the default ten colours gave the eleventh the first one's."""
+    import matplotlib.pyplot as plt
+
+    from minimodel.evaluation.report import figure, summarize
+
+    methods = ["standard", "minijoint", "minijoint+random", "minipost", "minipost+copy_shared", "lt_sft", "lt_sft_vocab",
+               "lt_sft_vocab@minijoint", "bistil", "bistil@minijoint", "bistil@lt_sft"]
+    data = {"metric": {"verse_class": "accuracy"}, "source": {}, "majority": {},
+            "points": {"verse_class": {"ny": {m: _points((0.1 + i / 100, 10.0 * i, None))
+                                              for i, m in enumerate(methods)}}}}
+    fig = figure(summarize(data, "standard", [1.0]))
+    colours = {line.get_label(): line.get_color() for line in fig.axes[0].lines}
+    plt.close(fig)
+    assert len({colours[f"{m} ny"] for m in methods}) == len(methods)

@@ -507,7 +507,9 @@ def figure(summary: dict):
 
     tasks = list(summary["tasks"].items())
     fig, axes = plt.subplots(max(len(tasks), 1), 2, figsize=(14, 4 * max(len(tasks), 1)), squeeze=False)
-    colors = {m: f"C{i % 10}" for i, m in enumerate(summary["methods"])}  # one colour per method on every plot
+    # one colour per method on every plot (tab20 past the 10 default colours: 11 methods made two share one)
+    palette = [f"C{i}" for i in range(10)] if len(summary["methods"]) <= 10 else list(plt.cm.tab20.colors)
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(summary["methods"])}
     markers, styles = "osD^v<>p*h", ["-", "--", ":", "-."]
     for row, (task, t) in enumerate(tasks):
         for col, (key, label) in enumerate([("flops", "adaptation FLOPs"),
