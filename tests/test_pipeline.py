@@ -14,6 +14,7 @@ from pipeline_helpers import ROOT, SMOKE, failure_text
 
 from minimodel.config import ConfigError, load_config
 from minimodel.evaluation.tasks import TASKS
+from minimodel.layout import PipelineLayout
 from minimodel.methods import parse_method
 from minimodel.pipeline import PipelineConfig, build_stages
 
@@ -336,14 +337,16 @@ def test_report_from_disk_with_tracking_off_gives_the_numbers_mlflow_shows(smoke
             key_of = (tags["method"], tags["target_lang"])
             base, own = compute[below, tags["target_lang"]], compute[key_of]
             compute[key_of] = {key: {None: own[key][None] + base[key][max(base[key])]} for key in own}
-    for run in runs:  # BiStil: its builds_on's final compute + phase 1's (phase 2 is step 3: not counted)
+    for run in runs:  # BiStil: its builds_on's final compute + phase 1's + phase 2's (its task SFT's sft.json)
         if run.data.tags.get("stage") == "distill":
-            standard = compute[parse_method(run.data.tags["method"]).builds_on, run.data.tags["target_lang"]]
+            method, lang = run.data.tags["method"], run.data.tags["target_lang"]
+            standard = compute[parse_method(method).builds_on, lang]
             distilled = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
                          for key in ("compute/flops", "compute/wall_clock_s")}
-            compute[run.data.tags["method"], run.data.tags["target_lang"]] = {
-                key: {None: sum(history[max(history)] for history in (standard[key], distilled[key]))}
-                for key in distilled}
+            task = json.loads((PipelineLayout(out).distill_task(lang, method) / "train/sft/sft.json").read_text())
+            compute[method, lang] = {
+                key: {None: sum(history[max(history)] for history in (standard[key], distilled[key]))
+                      + task["info"][key.removeprefix("compute/")]} for key in distilled}
     shown, unadapted = {}, {}
     for run in runs:
         tags = run.data.tags

@@ -12,8 +12,9 @@ Reads a pipeline's results from its output directory (minimodel/layout.py), neve
   for lt_sft_vocab@<method>); BiStil: standard adaptation's final
   adapt.json (the embeddings its target teacher reads with; bistil@<method>: that method's; bistil@lt_sft: lt_sft's
   target and source language SFTs, its teachers') + phase 1's training compute, the last row of adapt/<bistil
-  method>/<lang>/train/metrics.jsonl (teachers' forwards included). Phase 2 (the student learning the task) is step
-  3, which no method's compute counts.
+  method>/<lang>/train/metrics.jsonl (teachers' forwards included) + phase 2's, distill_task/.../<lang>/train/sft/
+  sft.json (the student learning the task: each language's own, where the other methods' step 3, not counted, is one
+  task model for every target).
 
 For each task and language it finds, for every method, the compute from which on its quality stays at or above 95%
 / 99% / 100% of the standard method's final quality (over the evaluated checkpoints, in order of compute: a noisy
@@ -130,8 +131,10 @@ def _distill_info(run_dir: Path) -> dict | None:
 def _method_compute(layout: PipelineLayout, method: str, lang: str, artifact: Path, source_lang: str,
                     task: str) -> tuple[float | None, ...]:
     """_compute of the artifact, plus the final compute of the method it builds on (BiStil: standard adaptation's;
-    bistil@minijoint: MiniJoint adaptation's; bistil@lt_sft: lt_sft's language SFT) and, where its results on `task`
-    rest on lt_sft's source-language SFT, that SFT's whole: shared by every target, but one target alone needs it."""
+    bistil@minijoint: MiniJoint adaptation's; bistil@lt_sft: lt_sft's language SFT), where its results on `task`
+    rest on lt_sft's source-language SFT, that SFT's whole (shared by every target, but one target alone needs it),
+    and BiStil's phase 2 (the language's student learning the task: per language, unlike every other method's step
+    3, one task model for all targets)."""
     method = parse_method(method)
     parts = [_compute(artifact, method.source.learns)]
     if method.builds_on:
@@ -139,6 +142,8 @@ def _method_compute(layout: PipelineLayout, method: str, lang: str, artifact: Pa
         parts.append(_compute(layout.adapt(below.name, lang), below.source.learns))
     if method.rests_on_source_sft(TASKS[task]):
         parts.append(_compute(layout.adapt(SPARSE, source_lang), "sft"))
+    if method.source.learns == "student":  # phase 2: each language's student learns the task itself
+        parts.append(_compute(layout.distill_task(lang, method.name) / "train", "sft"))
     return tuple(None if any(p[i] is None for p in parts) else sum(p[i] for p in parts) for i in range(2))
 
 
