@@ -413,11 +413,14 @@ def test_lt_sft_is_placed_at_its_language_sfts_compute_and_left_out_where_it_is_
     assert retrieval["final"] == {"quality": 0.2, "flops": 300.0, "wall_clock_s": 12.0}
     assert summary["tasks"]["verse_class"]["methods_at_chance"] == []  # its task SFT: 0.88 on English
 
-    # a task SFT that learned nothing (0.31 on English, the majority class 0.3): its rows are at chance, and said so
+    # a task SFT that learned nothing (0.31 on English, the majority class 0.3): its rows are at chance, and said so;
+    # a dense method's source score is the reference's task model read again (here one at chance): not its own
     write_json(layout.zero_shot("verse_class", "lt_sft") / "metrics.json", {"en": {"accuracy": 0.31},
                                                                             "sw": {"accuracy": 0.3}})
+    write_json(layout.zero_shot("verse_class", "minipost") / "metrics.json", {"en": {"accuracy": 0.31},
+                                                                              "sw": {"accuracy": 0.75}})
     cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'chance'}", f"pipeline_dir={layout.root}",
-                                               "tracking.enabled=false", "methods=[standard, lt_sft]"])
+                                               "tracking.enabled=false", "methods=[standard, minipost, lt_sft]"])
     paths = report(cfg).outputs
     chance = json.loads(paths["json"].read_text())
     assert chance["tasks"]["verse_class"]["methods_at_chance"] == ["lt_sft"]

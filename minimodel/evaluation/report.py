@@ -237,8 +237,8 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
             for lang, final in json.loads((out / "metrics.json").read_text()).items():
                 metric_of[task] = metric
                 if lang == source_lang:  # the reference's source model (LT-SFT's is another: its task SFT)
-                    if method != reference:
-                        own_source[task][method] = {lang: final[metric]}
+                    if parsed.source.learns == "sft":  # LT-SFT's own task model (its task SFT); the others
+                        own_source[task][method] = {lang: final[metric]}  # score the reference's again
                     if method == reference or lang not in source[task]:
                         source[task][lang] = final[metric]
                         if MAJORITY_METRIC in final:
