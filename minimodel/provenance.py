@@ -5,8 +5,9 @@ Every stage function calls `claim_output(output_dir, cfg, ...)` before it writes
 atomically) holds the config that made the directory, minus the keys that do not change the result (NEUTRAL_KEYS:
 tracking, output_dir, overwrite, plus the stage's own) plus the number of ranks where it ran on more than one (a
 training stage's global batch depends on it), and the records of the inputs it read (any config value
-naming a path at or under another stage's output directory): so a result is "of this config" only if it was made
-from the same upstream results too.
+naming a path at or under another stage's output directory, and any model directory no stage made, by the hash of
+its weights): so a result is "of this config" only if it was made from the same upstream results and given models
+too.
 
     same config and inputs, finished   -> "finished" (a training stage skips or resumes to the end: a no-op)
     same config and inputs, unfinished -> "resume"
@@ -44,6 +45,7 @@ from minimodel import distributed
 from minimodel.config import flatten
 from minimodel.errors import UserError
 from minimodel.files import write_text_atomic
+from minimodel.manifest import ManifestError, model_hash
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ RECORD = ".minimodel-config.json"
 # Keys whose value does not change a stage's result (where it logs, where it writes, whether it may replace).
 NEUTRAL_KEYS = ("tracking", "output_dir", "overwrite")
 RANKS = "world_size"  # recorded beside the config of a stage run on more than one rank
+GIVEN_MODEL = "weights sha256 "  # the identity of a model no stage made (the user's primary, a teacher): its weights
 
 Claim = Literal["new", "resume", "finished"]
 
@@ -91,6 +94,18 @@ def identity(path: str | Path) -> str | dict | None:
     return {"parts": record["parts"]} if "parts" in record else record["digest"]
 
 
+def given_model(path: str | Path) -> str | None:
+    """The identity of a Hugging Face model directory no stage made: the hash of its weights (a model replaced at the
+    same path is another input, not the one a result was made from); None for anything else."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        return GIVEN_MODEL + model_hash(path)
+    except ManifestError:  # a config without weights: not a model
+        return None
+
+
 def _json(value: Any) -> Any:
     """As the record will read back (tuples as lists, other objects as their str)."""
     return json.loads(json.dumps(value, default=str))
@@ -116,7 +131,7 @@ def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), uses: Mapping[str, Itera
     inputs = {}
     for key, value in config.items():
         if key not in writes and isinstance(value, str) and value and ("/" in value or Path(value).exists()):
-            found = identity(value)
+            found = identity(value) or given_model(value)
             if isinstance(found, dict) and uses and key in uses:
                 found = {"parts": {part: found["parts"].get(part) for part in uses[key]}}
             if found is not None:
@@ -152,15 +167,17 @@ def _whole_digest(path: str | Path) -> str | None:
 def _matches(old: dict, new: dict) -> tuple[bool, dict]:
     """(whether the record `old` is of the config and inputs `new`, the inputs to upgrade in it): the same config,
     and every input covering the recorded one (a whole that gained parts), or, for a record older than part records,
-    the whole's digest it recorded unchanged."""
+    the whole's digest it recorded unchanged (for one older than given models' identities, their identity)."""
     if old.get("config") != new["config"]:
         return False, {}
     old_inputs, new_inputs = old.get("inputs", {}), new["inputs"]
-    if set(old_inputs) != set(new_inputs):
+    # a record older than given models' identities lacks theirs: the same result, now naming the weights
+    upgrade = {key: value for key, value in new_inputs.items()
+               if key not in old_inputs and str(value).startswith(GIVEN_MODEL)}
+    if set(old_inputs) != set(new_inputs) - set(upgrade):
         return False, {}
-    upgrade = {}
     for key, value in new_inputs.items():
-        if _covers(value, old_inputs[key]):
+        if key in upgrade or _covers(value, old_inputs[key]):
             continue
         if isinstance(old_inputs[key], str) and old_inputs[key] == _whole_digest(new["config"][key]):
             upgrade[key] = value
@@ -194,9 +211,15 @@ def differences(old: dict, new: dict) -> list[str]:
                        if not isinstance(now, dict) or now["parts"].get(part) != d]
             lines += [f"{key}: {path / part} was made again since{_why(path / part, before['parts'][part])}"
                       for part in changed]
+        elif str(before).startswith(GIVEN_MODEL) and str(now).startswith(GIVEN_MODEL):
+            lines.append(f"{key}: {path} holds other weights since ({_short(before)} -> {_short(now)})")
         else:
             lines.append(f"{key}: {path} was made again since{_why(path, before)}")
     return lines
+
+
+def _short(given: str) -> str:
+    return given.removeprefix(GIVEN_MODEL)[:12]
 
 
 def _previous(old: dict | None, new: dict) -> dict | None:
@@ -279,7 +302,7 @@ def _claim(output_dir: Path, cfg: Any, new: dict, resumable: bool, overwrite: bo
     if old is not None:
         matched, upgrade = _matches(old, new)
         if matched:
-            if upgrade:  # recorded before its input had part records: the same input, now named by its part
+            if upgrade:  # recorded before part records or given models' hashes: the same inputs, now named so
                 _write(output_dir, {**old, "inputs": {**old["inputs"], **upgrade}}, old["status"],
                        old.get("previous"))
             return "finished" if old["status"] == "finished" else "resume"

@@ -164,6 +164,44 @@ def test_an_input_made_again_by_another_config_changes_the_result(tmp_path):
         claim_output(out, cfg, resumable=True)
 
 
+def _given_model(directory, weights: bytes) -> str:
+    """A model directory no stage made (a user's primary): a config and a weight file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text("{}")
+    (directory / "model.safetensors").write_bytes(weights)
+    return str(directory)
+
+
+def test_a_given_model_replaced_at_the_same_path_is_another_input(tmp_path, monkeypatch):
+    """A user's primary has no record: it is named by its weights, so a run made from the old weights is not resumed
+    or skipped with the new ones at the same path (the old code recorded the path only, and skipped)."""
+    monkeypatch.setattr("minimodel.manifest._SETTLED_NS", 0)  # hashes remembered at once: a rewrite still counts
+    out, cfg = tmp_path / "adapt", Cfg(model=_given_model(tmp_path / "xlmr", b"old weights"))
+    claim_output(out, cfg, resumable=True)
+    (out / "checkpoint").write_text("x")
+    finish_output(out, cfg)
+    recorded = provenance.read(out)["inputs"]["model"]
+    assert recorded.startswith(provenance.GIVEN_MODEL)
+    assert claim_output(out, cfg, resumable=True) == "finished"
+    _given_model(tmp_path / "xlmr", b"new weights!")  # another size: model_hash's memory does not hold it
+    with pytest.raises(ConfigChanged, match=r"model: .*xlmr holds other weights since \([0-9a-f]{12} -> "):
+        claim_output(out, cfg, resumable=True)
+    assert provenance.read(out)["inputs"]["model"] == recorded  # refused: nothing changed
+    assert claim_output(out, cfg, resumable=False) == "new"  # a stage that redoes its output redoes it
+
+
+def test_a_record_made_before_given_models_had_identities_still_matches(tmp_path):
+    out, cfg = tmp_path / "adapt", Cfg(model=_given_model(tmp_path / "xlmr", b"weights"))
+    claim_output(out, cfg, resumable=True)
+    finish_output(out, cfg)
+    record = provenance.read(out)
+    (out / RECORD).write_text(json.dumps({**record, "inputs": {}}))  # as the old code wrote it
+    assert claim_output(out, cfg, resumable=True) == "finished"
+    assert provenance.read(out)["inputs"] == record["inputs"]  # upgraded: the weights named from now on
+    (tmp_path / "xlmr" / "config.json").unlink()  # not a model directory any more: not an input
+    assert "model" not in provenance.fingerprint(cfg)["inputs"]
+
+
 @pytest.mark.slow
 def test_adapting_again_with_other_steps_is_refused_not_reported_as_the_old_result(tmp_path):
     from adapt_helpers import PYTHON, REPO, launch_env, pretrain_primary_and_mini, prepare_tiny_data
