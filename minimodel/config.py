@@ -295,6 +295,11 @@ class PerLanguageRun:
     def languages(self) -> list[str]:
         return [self.target_lang] if self.target_lang else list(self.target_langs)
 
+    def neutral_keys(self) -> tuple[str, ...]:
+        """The config keys one language's result does not depend on (provenance.claim_output's `ignore`): a
+        language's run is the same whichever other languages the stage (or its array job) lists."""
+        return "target_langs", "target_lang"
+
 
 def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
     """`script.py --config file.yaml key.sub=value ...` -> a validated config of type `cls`.

@@ -210,6 +210,33 @@ def _record_many(output_dir: str, worker: int) -> None:
         record_statuses(Path(output_dir), {f"l{worker}_{i}": "done"})
 
 
+def test_a_run_does_not_depend_on_what_it_does_not_read(tmp_path):
+    """Word vectors learned again (a mini-model built again) leave a random-init adaptation of the full model
+    finished (the old code recorded init.ofa.vectors and mini_model as inputs of every run and refused it as another
+    config's); an OFA run reading the vectors is refused."""
+    from minimodel.adaptation.train import claim_language
+    from minimodel.provenance import ConfigChanged, claim_output, finish_output
+
+    vectors, mini = tmp_path / "word_vectors", tmp_path / "mini"  # stages' results, as they record them
+    for made in (vectors, mini):
+        claim_output(made, AdaptConfig(), resumable=False)
+        finish_output(made, AdaptConfig())
+    runs = {}
+    for method in ("random", "ofa"):
+        cfg = load_config(AdaptConfig, overrides=[f"output_dir={tmp_path / method}", "primary_model=p", "over=full",
+                                                  f"mini_model={tmp_path / 'mini'}", f"init.method={method}",
+                                                  f"init.ofa.vectors=[{{path: {vectors / 'vectors.bin'}}}]"])
+        run_dir, lang_cfg, _ = claim_language(cfg, "sw")
+        finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())
+        runs[method] = cfg
+    for made in (vectors, mini):  # made again, under another config
+        claim_output(made, AdaptConfig(seq_length=64), resumable=False)
+        finish_output(made, AdaptConfig(seq_length=64))
+    assert claim_language(runs["random"], "sw")[2] == "finished"
+    with pytest.raises(ConfigChanged, match=r"init.ofa.vectors\[0\].path: .*vectors.bin was made again"):
+        claim_language(runs["ofa"], "sw")
+
+
 def test_concurrent_array_tasks_keep_every_status_in_summary_json(tmp_path):
     """Slurm array tasks (one language each) of one output_dir update summary.json at the same time."""
     import multiprocessing

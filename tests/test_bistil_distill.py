@@ -308,7 +308,6 @@ def test_a_student_depends_on_the_source_languages_data_too(world, tmp_path):
     import shutil
 
     from minimodel import provenance
-    from minimodel.adaptation.train import LANGUAGE_NEUTRAL
     from minimodel.bistil.distill import claim_student
     from minimodel.config import load_config
 
@@ -319,7 +318,7 @@ def test_a_student_depends_on_the_source_languages_data_too(world, tmp_path):
                                                 f"target_teacher_model={root / 'plugged'}"])
     run_dir, lang_cfg, claimed = claim_student(cfg, "sw")
     assert claimed == "new"
-    provenance.finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
+    provenance.finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())
     assert set(provenance.read(run_dir)["inputs"]["data_dir"]["parts"]) == {"en", "sw"}
     assert claim_student(cfg, "sw")[2] == "finished"
     whole = provenance.read(data)  # the data stage made English again: its part and the whole's list of parts

@@ -387,7 +387,7 @@ def test_provenance_is_per_language_adding_one_builds_it_alone_and_a_change_is_n
     """Adding sw to the data config builds sw only; en's record and the results made from en (a pretraining run on
     en/train, an adaptation to en over the whole data_dir) stay valid. A changed sw setting rebuilds sw, naming the
     key; the adaptation to sw then refuses its old result naming it too, the adaptation to en still matches."""
-    from minimodel.adaptation.train import LANGUAGE_NEUTRAL, AdaptConfig, claim_language
+    from minimodel.adaptation.train import AdaptConfig, claim_language
     from minimodel.provenance import RECORD, ConfigChanged, claim_output, finish_output, read
 
     out = tmp_path / "data"
@@ -414,7 +414,7 @@ def test_provenance_is_per_language_adding_one_builds_it_alone_and_a_change_is_n
     finish_output(pretrain.output_dir, pretrain)
     adapt = AdaptConfig(output_dir=str(tmp_path / "adapt"), data_dir=str(out), target_langs=["en", "sw"])
     run_dir, lang_cfg, _ = claim_language(adapt, "en")
-    finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
+    finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())
     assert read(run_dir)["inputs"]["data_dir"] == {"parts": {"en": en_record["digest"]}}
 
     en_files = snapshot(out / "en")
@@ -424,7 +424,7 @@ def test_provenance_is_per_language_adding_one_builds_it_alone_and_a_change_is_n
     assert claim_output(pretrain.output_dir, pretrain, resumable=True) == "finished"
     assert claim_language(adapt, "en")[2] == "finished"
     sw_dir, sw_cfg, _ = claim_language(adapt, "sw")
-    finish_output(sw_dir, sw_cfg, LANGUAGE_NEUTRAL)
+    finish_output(sw_dir, sw_cfg, sw_cfg.neutral_keys())
     sw_record = (sw_dir / RECORD).read_text()
 
     caplog.set_level("INFO", logger="minimodel.data.prepare")

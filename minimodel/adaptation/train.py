@@ -129,6 +129,12 @@ class AdaptConfig(PerLanguageRun):
     overwrite: bool = False
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def neutral_keys(self) -> tuple[str, ...]:
+        """Also what this run does not read: OFA's settings and vectors unless it initialises with OFA, the mini-model
+        when it adapts the full model (a rebuilt one is no reason to redo it)."""
+        unread = (() if self.init.method == "ofa" else ("init.ofa",)) + (("mini_model",) if self.over == "full" else ())
+        return *super().neutral_keys(), *unread
+
     def validate(self) -> None:
         require(self.primary_model is not None, "primary_model",
                 "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
@@ -353,20 +359,16 @@ def freeze_source_rows(cfg: AdaptConfig, trainable: dict[str, torch.nn.Parameter
     return FrozenRows(GradientHooks({n: trainable[n] for n in masks}, {}, masks), rows)
 
 
-# A language's run is the same whichever other languages the stage (or its array job) lists.
-LANGUAGE_NEUTRAL = ("target_langs", "target_lang")
-
-
 def claim_language(cfg, lang: str, reads: tuple[str, ...] | None = None):
     """(run directory, config with target_lang=lang, what the directory holds for it: provenance.claim_output) of
     one language of a per-language stage. The run reads `<data_dir>/<lang>` only (`reads`: the languages it reads
     there, e.g. BiStil's source and target): it depends on that data (another language added to or changed in the
-    data stage leaves it valid; its own, rebuilt, is refused naming what changed). Finishing keeps what was claimed
-    (provenance.finish_output). The resolved config is saved there as config.yaml."""
+    data stage leaves it valid; its own, rebuilt, is refused naming what changed). Finish it with
+    `finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())`: what was claimed. The resolved config is saved there as config.yaml."""
     run_dir = Path(cfg.output_dir) / lang
     lang_cfg = dataclasses.replace(cfg, target_lang=lang)
-    claimed = claim_output(run_dir, lang_cfg, resumable=True, overwrite=cfg.overwrite, ignore=LANGUAGE_NEUTRAL,
-                           uses={"data_dir": reads or (lang,)})
+    claimed = claim_output(run_dir, lang_cfg, resumable=True, overwrite=cfg.overwrite,
+                           ignore=lang_cfg.neutral_keys(), uses={"data_dir": reads or (lang,)})
     if distributed.is_rank0():
         save_config(lang_cfg, run_dir / "config.yaml")
     return run_dir, lang_cfg, claimed
@@ -463,7 +465,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             tracker.log_artifact(plot_losses(run_dir / "metrics.jsonl", run_dir / "loss_vs_flops.png",
                                              {"train/loss": "train", "eval/loss": "valid"}, x="compute/flops",
                                              x_label="cumulative FLOPs", title=f"{method} adaptation to {lang}"))
-            finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
+            finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())
 
         distributed.on_rank0(finish)
     return "done"

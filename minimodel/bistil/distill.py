@@ -41,8 +41,8 @@ from transformers import AutoModelForMaskedLM
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR
 from minimodel.adaptation.plug import plugged_info
-from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig,
-                                        claim_language, prepare_target_data, run_languages)
+from minimodel.adaptation.train import (AdaptConfig, TargetTokenizerConfig, claim_language, prepare_target_data,
+                                        run_languages)
 from minimodel.bistil.compare import Reader, compare
 from minimodel.bistil.loss import DistillationWeights, distillation_loss, state_projection
 from minimodel.bistil.student import StudentConfig, build_student
@@ -433,7 +433,7 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
             write_text_atomic(run_dir / COMPARISON_FILE, json.dumps(comparison, indent=2))
             tracker.log_metrics({f"compare/{who}/{k}": v for who, row in comparison.items() for k, v in row.items()},
                                 step=result.step)
-            finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
+            finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())
 
         distributed.on_rank0(save)
     return "done"

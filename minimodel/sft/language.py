@@ -23,8 +23,8 @@ from transformers import AutoModelForMaskedLM
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR
 from minimodel.adaptation.plug import PLUG_FILE, plugged_info
-from minimodel.adaptation.train import (LANGUAGE_NEUTRAL, AdaptConfig, TargetTokenizerConfig,
-                                        claim_language, prepare_target_data, run_languages)
+from minimodel.adaptation.train import (AdaptConfig, TargetTokenizerConfig, claim_language, prepare_target_data,
+                                        run_languages)
 from minimodel.config import PerLanguageRun, require
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.data.tokenizer import load_tokenizer
@@ -126,7 +126,7 @@ def train_language(cfg: LanguageSFTConfig, lang: str) -> str:
 
         def finish():
             tracker.log_artifact(result.sft_dir / "sft.json")
-            finish_output(run_dir, lang_cfg, LANGUAGE_NEUTRAL)
+            finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())
 
         distributed.on_rank0(finish)
     return "done"
