@@ -295,6 +295,14 @@ class PerLanguageRun:
     def languages(self) -> list[str]:
         return [self.target_lang] if self.target_lang else list(self.target_langs)
 
+    def require_language_of(self, key: str, artifact: str, held: str | None, langs: list[str] | None = None) -> None:
+        """Refuse `key`, naming one language's artifact (`artifact`: "<path> holds the embeddings of"), unless every
+        language it is read for (`langs`; default: the languages this run learns) is the one it holds."""
+        langs = self.languages() if langs is None else langs
+        others = [lang for lang in langs if lang != held]
+        require(not others, key, f"{artifact} {held}, not of {', '.join(others)}" +
+                (": run each target language with its own" if len(langs) > 1 else ""))
+
     def neutral_keys(self) -> tuple[str, ...]:
         """The config keys one language's result does not depend on (provenance.claim_output's `ignore`): a
         language's run is the same whichever other languages the stage (or its array job) lists."""

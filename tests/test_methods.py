@@ -202,9 +202,11 @@ def test_lt_sft_vocab_is_an_entry_a_language_sft_of_the_plugged_model_composed_w
     plugged.mkdir()
     (plugged / "plug.json").write_text(json.dumps({"target_lang": "ny", "method": "standard"}))
     load_config(LanguageSFTConfig, overrides=[f"primary_model={plugged}", "method=lt_sft_vocab", "target_langs=[ny]"])
-    with pytest.raises(ConfigError, match=r"target_langs: .* holds ny embeddings .*, not those of \['sw'\]: run each"):
+    with pytest.raises(ConfigError, match=r"primary_model: .* holds the embeddings of ny, not of sw: run each"):
         load_config(LanguageSFTConfig, overrides=[f"primary_model={plugged}", "method=lt_sft_vocab",
                                                   "target_langs=[ny, sw]"])
+    load_config(LanguageSFTConfig, overrides=[f"primary_model={plugged}", "method=lt_sft_vocab",  # an array task
+                                              "target_langs=[ny, sw]", "target_lang=ny"])
     # by default every method that builds on another's embeddings builds on standard adaptation's (plugged_mlm/<lang>)
     assert {m.builds_on for m in MODELS.values()} - {None} == {"standard"}
 

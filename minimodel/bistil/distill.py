@@ -133,10 +133,8 @@ class DistillConfig(PerLanguageRun):
                 f"method {self.method} builds on {method.builds_on}'s: plug those, or name the method it builds on")
         if plugged is None:
             return
-        others = [lang for lang in self.languages() if lang != plugged.get("target_lang")]
-        require(not others, "target_teacher_model", f"{self.target_teacher_model} holds the embeddings of "
-                f"{plugged.get('target_lang')}, not of {', '.join(others)}" +
-                (": run each target language with its own" if len(self.languages()) > 1 else ""))
+        self.require_language_of("target_teacher_model", f"{self.target_teacher_model} holds the embeddings of",
+                                 plugged.get("target_lang"))
         primary = plugged.get("primary_model")
         if primary and (Path(self.teacher_model) / "config.json").is_file():  # refused now, not after data prep
             require(primary["sha256"] == model_hash(self.teacher_model), "target_teacher_model",
@@ -158,9 +156,7 @@ class DistillConfig(PerLanguageRun):
             require(info.get("kind") == "language", key,
                     f"{path} is not a language SFT (no {SFT_MANIFEST} of kind language): give adapt/sft.py's "
                     "<output_dir>/<lang>/sft")
-            others = [lang for lang in langs if lang != info.get("target_lang")]
-            require(not others, key, f"{path} is the language SFT of {info.get('target_lang')}, not of "
-                    f"{', '.join(others)}" + (": run each target language with its own" if len(langs) > 1 else ""))
+            self.require_language_of(key, f"{path} is the language SFT of", info.get("target_lang"), langs)
             require(info.get("method") == SPARSE, key, f"{path} was learned by method {info.get('method')}, over "
                     f"another model than the primary: give {SPARSE}'s")
             base = manifest["base_model"]

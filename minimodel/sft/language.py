@@ -76,10 +76,8 @@ class LanguageSFTConfig(PerLanguageRun):
                 "directory, or method=lt_sft for an SFT of the primary itself")
         if method.reads_plugged:  # one language's plugged model, of the embeddings the method builds on
             plugged = plugged_info(self.primary_model)
-            others = [lang for lang in self.target_langs if lang != plugged["target_lang"]]
-            require(not others, "target_langs", f"{self.primary_model} holds {plugged['target_lang']} embeddings "
-                    f"(its {PLUG_FILE}), not those of {others}: run each language over its own plugged model "
-                    "(plugged_mlm[/<base>]/<lang>)")
+            self.require_language_of("primary_model", f"{self.primary_model} holds the embeddings of",
+                                     plugged["target_lang"])
             require(plugged.get("method") in (None, method.builds_on), "primary_model",
                     f"{self.primary_model} holds {plugged.get('method')} embeddings (its {PLUG_FILE}), but method "
                     f"{self.method} builds on {method.builds_on}'s: plug those, or name the method it builds on")
