@@ -175,8 +175,7 @@ def _not_a_result(out: Path) -> str | None:
     """Why a zero-shot directory holds no result of its current config; None where it does."""
     if not (out / "metrics.json").is_file():
         return "no metrics.json (its zero-shot stage did not run or did not finish)"
-    record = provenance.read(out)
-    if record is not None and record["status"] != "finished":  # a changed config's rerun replaces it when done
+    if provenance.identity(out) == "unfinished":  # a changed config's rerun replaces it when done
         return "its zero-shot stage did not finish for its current config: the metrics.json there is an older run's"
     return None
 
