@@ -101,6 +101,7 @@ def main(pipeline: int, command: list[str]) -> int:
 if __name__ == "__main__":
     code = main(int(sys.argv[1]), sys.argv[2:])
     if code < 0:  # died of a signal: so does the supervisor, for the pipeline to see
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset (and need none)
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     sys.exit(code)

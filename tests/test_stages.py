@@ -431,6 +431,18 @@ def test_a_pipeline_killed_outright_leaves_no_launcher_or_rank_of_its_stage(laun
                 pass
 
 
+@pytest.mark.parametrize("signum", ["SIGKILL", "SIGTERM"])
+def test_the_supervisor_dies_of_the_signal_its_stage_died_of(signum):
+    """A stage killed outright (the kernel's out-of-memory killer) shows as such: the old supervisor reset SIGKILL's
+    handler, which raises, and exited 1 with a traceback of its own instead of the stage's cause."""
+    import signal
+
+    kill = f"import os, signal; os.kill(os.getpid(), signal.{signum})"
+    done = subprocess.run([sys.executable, supervisor.__file__, str(os.getpid()), sys.executable, "-c", kill],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == -getattr(signal, signum) and done.stderr == ""
+
+
 def test_a_config_json_cannot_sort_is_hashed_by_its_bytes(tmp_path):
     """YAML 1.1 reads `on:` as True: a mapping with bool and str keys, which json.dumps(sort_keys=True) refuses. The
     layout-free hash falls back to the file's bytes (any edit then counts) instead of failing the pipeline."""
