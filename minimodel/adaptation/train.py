@@ -44,7 +44,7 @@ from minimodel.provenance import ConfigChanged, claim_output, finish_output
 from minimodel.sft.train import GradientHooks
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
-from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig, resolve_zero_config
+from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 from minimodel.training.deepspeed_loop import gather_full_params, optimizer_state_numel, train, zero_stage
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, max_sequence_length, mlm_head
 from minimodel.training.metrics import plot_losses
@@ -407,9 +407,8 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
     train_data = MaskedLMDataset(train_prefix, target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
     valid_data = MaskedLMDataset(valid_prefix, target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
 
-    zero_stage = json.loads(resolve_zero_config(cfg.train.zero_config).read_text())["zero_optimization"]["stage"]
     tags = {"stage": "adapt", "method": method, "over": cfg.over, "source_lang": cfg.source_lang,
-            "target_lang": lang, "zero_stage": zero_stage}
+            "target_lang": lang, "zero_stage": zero_stage(cfg.train)}
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"adapt-{method}-{lang}")
     with Tracker(tracking, lang_cfg, tags=tags) as tracker:
         vocab_size = model.get_input_embeddings().weight.shape[0]  # before ZeRO-3 partitions it
@@ -422,16 +421,19 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             "tokenizer_sha256": tokenizer_fingerprint(target_tokenizer), "init": cfg.init.method,
             "init_summary": init_summary, "factorized_dim": cfg.embedding.factorized_dim,
             "trainable": sorted(trainable), "tied_output": "output_embeddings" not in trainable,
-            "trainable_numel": sum(p.numel() for p in trainable.values()), "zero_stage": zero_stage,
+            "trainable_numel": sum(p.numel() for p in trainable.values()), "zero_stage": tags["zero_stage"],
             "adapt_run_id": tracker.run_id,  # a resumed run logs to a new MLflow run: snapshots name theirs
         }
 
         # Step 0: the initial embeddings, the start of every compute-vs-quality curve and the zero of the target
         # MLM gain (zero-shot task target_mlm). Written before DeepSpeed partitions anything; kept on resume.
-        if rank == 0 and read_info(snapshot_dir(run_dir, 0)) is None:
-            write_artifact(snapshot_dir(run_dir, 0),
-                           {**{k: p.detach().float().clone() for k, p in trainable.items()}, **fixed},
-                           {**provenance, "steps": 0, "flops": 0.0, "wall_clock_s": 0.0})
+        def write_step0() -> None:
+            if read_info(snapshot_dir(run_dir, 0)) is None:
+                write_artifact(snapshot_dir(run_dir, 0),
+                               {**{k: p.detach().float().clone() for k, p in trainable.items()}, **fixed},
+                               {**provenance, "steps": 0, "flops": 0.0, "wall_clock_s": 0.0})
+
+        distributed.on_rank0(write_step0)
 
         def snapshot(engine, state: dict) -> None:
             if not (cfg.snapshot_interval and state["step"] % cfg.snapshot_interval == 0):
