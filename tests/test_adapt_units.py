@@ -172,6 +172,18 @@ def test_deepspeed_config_is_assembled_at_runtime_and_refuses_clashes(tmp_path):
         build_deepspeed_config(DeepSpeedLoopConfig(zero_config=str(bad)), "fp32")
     with pytest.raises(ConfigError, match="zero_config.*shipped"):
         load_config(AdaptConfig, overrides=["primary_model=p", "over=full", "train.zero_config=nope.json"])
+    # bf16 at stage 0 would save bf16 roundings (its optimizer's fp32 masters cannot be read back): refused at load
+    # when set, where "auto" resolves to it at run time; a json without a zero_optimization section is stage 0
+    stage0 = ["primary_model=p", "over=full", "train.zero_config=configs/deepspeed/zero0.json"]
+    with pytest.raises(ConfigError, match="zero0.json is ZeRO stage 0, whose bf16 optimizer keeps no fp32 copy"):
+        load_config(AdaptConfig, overrides=[*stage0, "train.precision=bf16"])
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    for zero_config in ("configs/deepspeed/zero0.json", str(plain)):
+        cfg = DeepSpeedLoopConfig(zero_config=zero_config)
+        assert cfg.zero_stage() == 0 and build_deepspeed_config(cfg, "fp32")["bf16"] == {"enabled": False}
+        with pytest.raises(ConfigError, match="stage 0, whose bf16 optimizer"):
+            build_deepspeed_config(cfg, "bf16")
 
 
 def test_adapt_config_names_the_problem():

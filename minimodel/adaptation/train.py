@@ -45,7 +45,7 @@ from minimodel.sft.train import GradientHooks
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
-from minimodel.training.deepspeed_loop import gather_full_params, optimizer_state_numel, train, zero_stage
+from minimodel.training.deepspeed_loop import gather_full_params, optimizer_state_numel, train
 from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, max_sequence_length, mlm_head
 from minimodel.training.metrics import plot_losses
 
@@ -148,7 +148,7 @@ class AdaptConfig(PerLanguageRun):
             require(not self.tokenizer.freeze_source_rows or self.train.optim.weight_decay == 0,
                     "train.optim.weight_decay", "must be 0 with tokenizer.freeze_source_rows (AdamW's decay would "
                     "move the frozen rows), or set tokenizer.freeze_source_rows=false")
-            require(not self.tokenizer.freeze_source_rows or zero_stage(self.train) <= 2, "train.zero_config",
+            require(not self.tokenizer.freeze_source_rows or self.train.zero_stage() <= 2, "train.zero_config",
                     "ZeRO-3 partitions the rows tokenizer.freeze_source_rows masks: use ZeRO 0-2 "
                     "(configs/deepspeed/zero2.json), or set tokenizer.freeze_source_rows=false")
             require(not self.tokenizer.freeze_source_rows or self.embedding.factorized_dim is None,
@@ -408,7 +408,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
     valid_data = MaskedLMDataset(valid_prefix, target_tokenizer, cfg.seq_length, cfg.mask_prob, cfg.data_seed)
 
     tags = {"stage": "adapt", "method": method, "over": cfg.over, "source_lang": cfg.source_lang,
-            "target_lang": lang, "zero_stage": zero_stage(cfg.train)}
+            "target_lang": lang, "zero_stage": cfg.train.zero_stage()}
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"adapt-{method}-{lang}")
     with Tracker(tracking, lang_cfg, tags=tags) as tracker:
         vocab_size = model.get_input_embeddings().weight.shape[0]  # before ZeRO-3 partitions it

@@ -62,7 +62,7 @@ from minimodel.sft.file import SparseFineTuning, read_sft_manifest
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
-from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train, zero_stage
+from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train
 from minimodel.training.hf_mlm import MLMFlops, check_architecture, max_sequence_length
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class DistillConfig(PerLanguageRun):
                 f"lists the source language {self.source_lang!r}: a student is for (source, target) pairs")
         require(self.loss.soft_ce == 0 and self.loss.gold == 0, "loss.soft_ce",
                 "phase 1 has no task logits or labels to match: set loss.soft_ce and loss.gold to 0")
-        require(zero_stage(self.train) <= 2, "train.zero_config",
+        require(self.train.zero_stage() <= 2, "train.zero_config",
                 f"{self.train.zero_config} is ZeRO stage 3: phase 1 runs at stages 0-2 (configs/deepspeed/"
                 "zero2.json), where every rank holds the whole student its teachers' states are matched on and saved")
         self.student.validate()

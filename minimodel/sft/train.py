@@ -44,7 +44,7 @@ from minimodel.hf import initialised_at_load
 from minimodel.sft.file import MANIFEST_FILE, SFT_DIR, SparseDiff, SparseFineTuning
 from minimodel.sft.select import Partition, partition_parameters, resolve_k, select_top_k
 from minimodel.training.config import DeepSpeedLoopConfig
-from minimodel.training.deepspeed_loop import gather_full_params, release_engine, resolve_precision, train, zero_stage
+from minimodel.training.deepspeed_loop import gather_full_params, release_engine, resolve_precision, train
 from minimodel.training.metrics import read_metrics
 
 log = logging.getLogger(__name__)
@@ -101,15 +101,12 @@ def check_loop_config(train_cfg: DeepSpeedLoopConfig, cfg: SFTConfig) -> None:
     require(train_cfg.schedule.warmup_steps <= min(full_steps, sparse_steps), "train.schedule.warmup_steps",
             f"{train_cfg.schedule.warmup_steps} must be <= the phases' steps (sft.full_steps {full_steps}, "
             f"sft.sparse_steps {sparse_steps}): each phase has its own warmup")
-    stage = zero_stage(train_cfg)
+    stage = train_cfg.zero_stage()
     if stage > 2:
         raise ConfigError(f"train.zero_config: {train_cfg.zero_config} is ZeRO stage {stage}; sparse fine-tuning "
                           "runs at stages 0-2 (configs/deepspeed/zero2.json): at stage 3 each rank holds only a "
                           "partition of the parameters its gradient masks and rewind act on")
-    if stage == 0 and resolve_precision(train_cfg.precision) == "bf16":
-        raise ConfigError(f"train.zero_config: {train_cfg.zero_config} is ZeRO stage 0, whose bf16 optimizer keeps "
-                          "no fp32 copy a parameter can be read back from: the SFT's differences would be bf16 "
-                          "roundings; use stages 1-2 (configs/deepspeed/zero2.json) or train.precision=fp32")
+    train_cfg.check_precision(resolve_precision(train_cfg.precision))  # now, not after the data is prepared
 
 
 def l1_gradient(p: torch.Tensor, p0: torch.Tensor, scale: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ engine has (pretraining: the decay style, the checkpoint directory; DeepSpeed: b
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -153,7 +154,27 @@ class DeepSpeedLoopConfig(LoopConfig):
         require(self.grad_accumulation > 0, "train.grad_accumulation", "must be > 0")
         require(0 < self.schedule.warmup_steps <= self.steps, "train.schedule.warmup_steps",
                 f"must be in 1..train.steps ({self.steps}); DeepSpeed's WarmupDecayLR needs at least one step")
-        resolve_zero_config(self.zero_config)
+        self.zero_json()  # there, and JSON
+        self.check_precision(self.precision)  # "auto" is checked where it resolves (build_deepspeed_config)
+
+    def zero_json(self) -> dict:
+        path = resolve_zero_config(self.zero_config)
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"train.zero_config: {path} is not valid JSON ({e})") from None
+
+    def zero_stage(self) -> int:
+        """The ZeRO stage zero_config names (0 when it has no zero_optimization section)."""
+        return int(self.zero_json().get("zero_optimization", {}).get("stage", 0))
+
+    def check_precision(self, precision: str) -> None:
+        """Refuse bf16 at ZeRO stage 0: its optimizer keeps fp32 master weights no parameter can be read back from,
+        so every saved result (embeddings, SFT differences, a task model) would be its bf16 rounding."""
+        require(precision != "bf16" or self.zero_stage() > 0, "train.zero_config",
+                f"{self.zero_config} is ZeRO stage 0, whose bf16 optimizer keeps no fp32 copy the results can be read "
+                "back from (they would be bf16 roundings): use stages 1-2 (configs/deepspeed/zero2.json) or "
+                "train.precision=fp32")
 
 
 def resolve_zero_config(path: str) -> Path:

@@ -63,7 +63,6 @@ Semantics
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -84,7 +83,7 @@ from tqdm import tqdm
 from minimodel import faults
 from minimodel.config import ConfigError
 from minimodel.distributed import initialize_deepspeed
-from minimodel.training.config import DeepSpeedLoopConfig, resolve_zero_config
+from minimodel.training.config import DeepSpeedLoopConfig
 from minimodel.training.metrics import MetricSink
 from minimodel.training.preemption import PreemptionSignal
 from minimodel.training.sampler import MicroBatches, epochs_of, stack
@@ -116,14 +115,11 @@ def resolve_precision(precision: str) -> str:
 
 
 def build_deepspeed_config(cfg: DeepSpeedLoopConfig, precision: str) -> dict:
-    path = resolve_zero_config(cfg.zero_config)
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"train.zero_config: {path} is not valid JSON ({e})") from None
+    cfg.check_precision(precision)
+    ds = cfg.zero_json()
     clash = [k for k in _LOOP_OWNED_KEYS if k in ds]
     if clash:
-        raise ConfigError(f"train.zero_config: {path} sets {clash[0]!r}, which the loop derives from train.* "
+        raise ConfigError(f"train.zero_config: {cfg.zero_config} sets {clash[0]!r}, which the loop derives from train.* "
                           "(batch sizes, optimizer, schedule, clipping, precision): remove it from the json")
     ds.update({
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -140,12 +136,6 @@ def build_deepspeed_config(cfg: DeepSpeedLoopConfig, precision: str) -> dict:
     })
     ds.setdefault("steps_per_print", 10 ** 9)  # the loop does its own logging
     return ds
-
-
-def zero_stage(cfg: DeepSpeedLoopConfig) -> int:
-    """The ZeRO stage `cfg.zero_config` names (0 when it has no zero_optimization section)."""
-    ds = json.loads(resolve_zero_config(cfg.zero_config).read_text())
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 class _LossModule(nn.Module):
@@ -305,7 +295,7 @@ def gather_full_params(engine, params: dict[str, nn.Parameter]) -> dict[str, tor
     """Full fp32 values of (possibly ZeRO-partitioned) parameters, as CPU tensors on every rank. Collective.
 
     ZeRO 1-3 keep the fp32 master copy in the optimizer (safe_get_full_fp32_param); at stage 0 the module's own
-    parameter is the full tensor (fp32 runs) or its bf16 image (bf16 runs, the best that stage keeps).
+    parameter is the full fp32 tensor (bf16 is refused there: DeepSpeedLoopConfig.check_precision).
     """
     out = {}
     for name, p in params.items():
