@@ -68,6 +68,28 @@ def test_each_update_runs_at_the_scheduled_positive_lr_and_logs_it(tmp_path):
     assert lrs == pytest.approx(expected), lrs
 
 
+# Launch 1 saves steps 2 and 4 (keep_last 1); launch 2 resumes from 4 to 8 over a killed save's remains of step 10
+KILLED_SAVE = TOY + textwrap.dedent("""
+    import os
+    cfg.checkpoint = CheckpointConfig(save_every=2, keep_last=1)
+    cfg.steps = int(sys.argv[2])
+    if cfg.steps == 8:
+        os.makedirs(sys.argv[1] + "/checkpoints/step_00000010")
+    train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=sys.argv[1])
+""")
+
+
+def test_a_killed_saves_remains_are_never_kept_in_place_of_the_checkpoint_latest_names(tmp_path):
+    """The old code pruned every step_* by name: the remains of a later step counted as the newest, and keep_last=1
+    deleted the checkpoint `latest` named (a relaunch then found no checkpoint to resume)."""
+    _run_toy(KILLED_SAVE, tmp_path, "4")
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_00000004"
+    _run_toy(KILLED_SAVE, tmp_path, "8")
+    assert (ckpt / "latest").read_text() == "step_00000008"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step_00000008"]
+
+
 # A dataset that varies by epoch (as masked-LM data masks afresh): the loop reads epoch e from for_epoch(e).
 EPOCHS = TOY + textwrap.dedent("""
     import json

@@ -83,6 +83,7 @@ from tqdm import tqdm
 from minimodel import faults
 from minimodel.config import ConfigError
 from minimodel.distributed import initialize_deepspeed
+from minimodel.files import write_text_atomic
 from minimodel.training.config import DeepSpeedLoopConfig
 from minimodel.training.metrics import MetricSink
 from minimodel.training.preemption import PreemptionSignal
@@ -167,10 +168,17 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 def _save(engine, ckpt_dir: Path, step: int, state: dict, cfg: DeepSpeedLoopConfig) -> None:
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step:08d}", client_state=state)
+    """Save checkpoint `step`; name it `latest` (atomically) once every rank has written its part, where DeepSpeed's
+    rank 0 names it after its own part (a kill then left `latest` naming a checkpoint a shard is missing from). A
+    checkpoint of a later step is a killed save's remains (this run resumed before it): removed, never kept in its
+    place."""
+    tag = f"step_{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        for old in cfg.checkpoint.expired(sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())):
+        write_text_atomic(ckpt_dir / "latest", tag)
+        saved = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+        for old in [p for p in saved if p.name > tag] + cfg.checkpoint.expired([p for p in saved if p.name <= tag]):
             shutil.rmtree(old, ignore_errors=True)
 
 
