@@ -26,6 +26,7 @@ from minimodel.config import ConfigError, parse_cli
 from minimodel import distributed, faults
 from minimodel.errors import UserError
 from minimodel.stages import KINDS, StageResult
+from minimodel.training.preemption import Interrupted, stop_outside_training
 
 C = TypeVar("C")
 
@@ -57,8 +58,14 @@ def run_stage(config_cls: type[C], stage: Callable[[C], StageResult], descriptio
     setup_logging()
     cfg = parse_cli(config_cls, description=description)
     torch.manual_seed(0)  # stages seed what they draw from their configs; this covers any draw that they do not
+    stop_outside_training()
     try:
         result = stage(cfg)
+    except Interrupted as e:  # what it wrote is atomic, its claim unfinished: a rerun resumes or redoes it
+        print(f"{_script_name()}: interrupted ({e}, outside training): run the same command again to resume",
+              file=sys.stderr)
+        distributed.destroy()
+        return StageResult("interrupted").exit_code
     except UserError as e:
         kind = "config error: " if isinstance(e, ConfigError) else ""
         print(f"{_script_name()}: {kind}{e}", file=sys.stderr)

@@ -103,3 +103,48 @@ def test_an_entry_point_reports_a_stage_error_without_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"evaluate/report: {tmp_path / 'nothing' / 'zero_shot'} holds no zero-shot results" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# A stage whose rank inherited the stop signals ignored (a launcher under slurm/on_node.sh), stopped while it
+# prepares data: no training loop is listening yet.
+PREPARING = """
+import sys, time
+from pathlib import Path
+from minimodel.cli import run_stage
+from minimodel.stages import StageResult
+sys.path.insert(0, "tests")
+from test_cli import ToyConfig
+
+def stage(cfg):
+    Path(cfg.output_dir).write_text("preparing")
+    time.sleep(60)
+    return StageResult("finished")
+
+sys.argv = ["adapt/toy.py", "output_dir=" + sys.argv[1]]
+raise SystemExit(run_stage(ToyConfig, stage, "toy"))
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGUSR1", "SIGTERM"])
+def test_a_stop_signal_outside_training_interrupts_a_rank_that_inherited_it_ignored(tmp_path, signum):
+    """The old stage left the inherited SIG_IGN outside its training loops: Slurm's time-limit warning during data
+    preparation was lost, and the job ran to its time limit (TIMEOUT, never requeued)."""
+    import signal
+    import time
+
+    started = tmp_path / "started"
+
+    def ignore_stop_signals():  # as slurm/on_node.sh's launchers pass them on
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+    proc = subprocess.Popen([sys.executable, "-c", PREPARING, str(started)], cwd=REPO, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=ignore_stop_signals)
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(getattr(signal, signum))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    assert f"adapt/toy: interrupted ({signum}, outside training): run the same command again to resume" in err

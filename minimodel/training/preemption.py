@@ -30,6 +30,26 @@ def leave_stop_signals_to_the_parent(parent: int) -> None:
 _received: int | None = None
 
 
+class Interrupted(BaseException):
+    """A stop signal came while no training loop was listening: the stage ends as interrupted (exit 75)."""
+
+
+def stop_outside_training() -> None:
+    """Called as a stage starts. A rank under a launcher that must outlive it (slurm/on_node.sh) inherits the stop
+    signals ignored: one that came while no training loop listened (data preparation, model loading, between
+    languages, the final writes) was lost, and the job ran on to its time limit, unrequeued. Such a signal now
+    raises Interrupted there; a training loop's own handler (PreemptionSignal) checkpoints first."""
+    for sig in PREEMPTION_SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    global _received
+    _received = signum
+    raise Interrupted(signal.Signals(signum).name)
+
+
 class PreemptionSignal:
     """Context manager recording the last preemption signal received (`received`, None if none; one received in an
     earlier context of this process counts)."""
