@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -63,6 +64,8 @@ from minimodel.tracking import Tracker, TrackingConfig, link_run
 from minimodel.training.config import LAYOUT_KEYS, PretrainConfig
 from minimodel.training.hf_mlm import UnsupportedModelError, check_model_config
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -506,13 +509,18 @@ def layout(cfg: PipelineConfig) -> PipelineLayout:
 
 def _runs_since(tracker: Tracker):
     """-> find_runs(start_time): the ids of this pipeline's child runs that ended since then (a stage that resumed
-    its earlier run continues that run: it started before, but ends now)."""
+    its earlier run continues that run: it started before, but ends now). [] when the store cannot answer: the
+    stage's result is on disk and is stamped; only the view loses the link."""
     def find_runs(start_time: float) -> list[str]:
         if not tracker.run_id:
             return []
         query = (f"tags.`mlflow.parentRunId` = '{tracker.run_id}' "
                  f"and attributes.end_time >= {int(start_time * 1000)}")
-        return [r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id], query)]
+        try:
+            return [r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id], query)]
+        except Exception as e:  # noqa: BLE001 - any store failure
+            log.warning("could not list the MLflow runs of the stage that just finished: %s", e)
+            return []
     return find_runs
 
 

@@ -126,11 +126,22 @@ class StopSignals(PreemptionSignal):
     def __init__(self):
         super().__init__()
         self.stage: subprocess.Popen | None = None  # the running stage's process, the leader of its group
+        self.passed = False  # the running stage was told to stop
+
+    def attach(self, proc: subprocess.Popen) -> None:
+        """`proc` is the running stage: a signal that came while it was being started stops it now."""
+        self.stage, self.passed = proc, False
+        if self.received is not None:
+            self._pass(self.received, again=False)
 
     def _record(self, signum, frame) -> None:
         again = self.received is not None
         self.received = signum
-        if self.stage is not None and self.stage.poll() is None:
+        self._pass(signum, again)
+
+    def _pass(self, signum: int, again: bool) -> None:
+        if self.stage is not None and self.stage.poll() is None and (again or not self.passed):
+            self.passed = True
             print(f"pipeline: {signal.Signals(signum).name}: "
                   f"{'killing' if again else 'stopping (press Ctrl-C again to kill)'} the running stage",
                   file=sys.stderr, flush=True)
@@ -283,11 +294,13 @@ class Stage:
         print(f"    {shlex.join(command)}", flush=True)
         start = time.time()
         stop = stop or StopSignals()
+        if stop.received is not None:
+            raise StageInterrupted(f"stage {self.name} not started: the pipeline was told to stop")
         with open(log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, supervisor.__file__, str(os.getpid()), *command], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True, preexec_fn=_die_with_parent)
-            stop.stage = proc
+            stop.attach(proc)
             try:
                 for line in proc.stdout:
                     log.write(line)

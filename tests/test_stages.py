@@ -117,6 +117,34 @@ def test_stage_run_raises_interrupted_on_exit_75(fake_kind, tmp_path):
     assert stage.stamp() is not None and stage.done
 
 
+def test_a_stop_signal_while_a_stage_starts_stops_it_or_it_does_not_start(tmp_path, monkeypatch):
+    """A signal between the pipeline's check and the stage's start (its hashes, Popen) was only recorded: the stage
+    ran to its end (hours of pretraining), and a second signal killed it without a checkpoint."""
+    import signal
+    import time
+
+    script = tmp_path / "long_stage.py"
+    script.write_text("import time\ntime.sleep(120)\n")
+    monkeypatch.setitem(KINDS, "long", StageKind(str(script), "", "", "python", ("slurm/python.sh", str(script))))
+    stage = Stage("long", "long", [], tmp_path / "long")
+    popen = subprocess.Popen
+
+    def popen_then_signal(*args, **kwargs):  # the signal comes as the stage's process starts
+        proc = popen(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return proc
+
+    monkeypatch.setattr(stages.subprocess, "Popen", popen_then_signal)
+    start = time.monotonic()
+    with stages.StopSignals() as stop, pytest.raises(StageInterrupted, match="stage long interrupted"):
+        stage.run(dict(os.environ, PYTHONPATH=str(ROOT)), tmp_path / "logs", stop=stop)
+    assert time.monotonic() - start < 60 and stage.stamp() is None
+    with stages.StopSignals() as stop, pytest.raises(StageInterrupted, match="stage long not started"):
+        stop.received = signal.SIGTERM  # the pipeline was told to stop before: the next stage does not start
+        stage.run(dict(os.environ, PYTHONPATH=str(ROOT)), tmp_path / "logs2", stop=stop)
+    assert not (tmp_path / "logs2" / "long.log").exists()
+
+
 def test_a_stage_that_exits_0_without_a_finished_result_of_its_config_is_not_stamped(fake_kind, tmp_path):
     out = tmp_path / "fake"
     stage = Stage("fake", fake_kind, [f"output_dir={out}", "record_result=false"], out)
@@ -453,3 +481,17 @@ def test_a_config_json_cannot_sort_is_hashed_by_its_bytes(tmp_path):
     assert _config_bytes(path, ("parallel.tensor_model_parallel_size",)) == path.read_bytes()
     path.write_text("seed: 1\nparallel: {tensor_model_parallel_size: 2}\n")  # sortable: the layout key stripped
     assert _config_bytes(path, ("parallel.tensor_model_parallel_size",)) == b'{"parallel": {}, "seed": 1}'
+
+
+def test_a_tracking_store_that_cannot_answer_leaves_a_finished_stage_stamped(caplog):
+    """Listing a finished stage's MLflow runs for its stamp raised out of the pipeline when the server was down: the
+    stage went unstamped (run again next time) and the pipeline ended in a traceback."""
+    class Client:
+        def search_runs(self, *args):
+            raise ConnectionError("tracking server unreachable")
+
+    class Tracker:
+        run_id, experiment_id, client = "parent", "0", Client()
+
+    assert pipeline._runs_since(Tracker())(0.0) == []
+    assert "could not list the MLflow runs of the stage that just finished: tracking server unreachable" in caplog.text
