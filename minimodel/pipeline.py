@@ -160,12 +160,12 @@ class PipelineConfig:
             require(Path(path).is_file(), f"configs.{name}", f"{path} does not exist")
         # OFA's word vectors are learned for the methods named +ofa only: init.method=ofa set anywhere else would read
         # whatever vectors file lies at its default path
-        adapt_file = yaml.safe_load(Path(self.configs.adapt).read_text()) or {}
-        in_file = [f"init.method={(adapt_file.get('init') or {}).get('method')}"] if isinstance(adapt_file, dict) else []
-        for key, given in (("configs.adapt", in_file), ("overrides.adapt", self.overrides.get("adapt", [])),
-                           *((f"method_overrides.{m}", o) for m, o in self.method_overrides.items())):
-            require("init.method=ofa" not in given, key, "sets init.method=ofa, whose word vectors the pipeline "
-                    "learns for a method named with +ofa only: name it so in methods (e.g. minijoint+ofa)")
+        init = {"configs.adapt": file_setting(self.configs.adapt, "init.method", None, "configs.adapt"),
+                "overrides.adapt": override(self.overrides.get("adapt", []), "init.method"),
+                **{f"method_overrides.{m}": override(o, "init.method") for m, o in self.method_overrides.items()}}
+        for key, method in init.items():
+            require(method != "ofa", key, "sets init.method=ofa, whose word vectors the pipeline learns for a method "
+                    "named with +ofa only: name it so in methods (e.g. minijoint+ofa)")
         # the data stage's sources: checked now, and the files among them watched for changes (build_stages)
         data = load_config(DataConfig, self.configs.data, self.overrides.get("data", []))
         for lang in [self.source_lang, *self.target_langs]:
@@ -197,8 +197,8 @@ class PipelineConfig:
 
     def _trained_task(self, name: str) -> str:
         """The task configs.<name> (a training stage's config) learns: its overrides' task.name, else its file's."""
-        named = [o.partition("=")[2] for o in self.overrides.get(name, []) if o.startswith("task.name=")]
-        return named[-1] if named else config_task(getattr(self.configs, name), f"configs.{name}")
+        return override(self.overrides.get(name, []), "task.name") or config_task(getattr(self.configs, name),
+                                                                                   f"configs.{name}")
 
     def _check_primary(self, models: set[str]) -> None:
         require("minijoint" not in models, "methods",
@@ -249,18 +249,33 @@ SEED_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def config_task(config_path: str, key: str = "configs.zero_shot") -> str:
-    """The task name a stage's config file names (its task.name, else TaskConfig's default); `key`: the pipeline
-    setting that names the file, for errors."""
+def override(overrides: list[str], key: str) -> str | None:
+    """The value the last of a stage's `key=value` overrides gives dotted `key`; None if none does."""
+    named = [value.strip() for name, _, value in (o.partition("=") for o in overrides) if name.strip() == key]
+    return named[-1] if named else None
+
+
+def file_setting(config_path: str, key: str, default, what: str):
+    """The value of dotted `key` in a stage's config file, `default` where it is unset; `what`: the pipeline setting
+    that names the file, for errors."""
     try:
-        config = yaml.safe_load(Path(config_path).read_text()) or {}
+        value = yaml.safe_load(Path(config_path).read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: {config_path} is not valid YAML: {e}") from None
-    task = config.get("task") if isinstance(config, dict) else None
-    if not isinstance(task or {}, dict):
-        raise ConfigError(f"{key}: {config_path}: task must be a mapping (task: {{name: verse_class, ...}}), not "
-                          f"{task!r}")
-    return (task or {}).get("name", TaskConfig.name)
+        raise ConfigError(f"{what}: {config_path} is not valid YAML: {e}") from None
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(value, dict):
+            section = ".".join(parts[:i]) or "the file"
+            raise ConfigError(f"{what}: {config_path}: {section} must be a mapping (of {part}: ...), not {value!r}")
+        if value.get(part) is None:
+            return default
+        value = value[part]
+    return value
+
+
+def config_task(config_path: str, what: str = "configs.zero_shot") -> str:
+    """The task name a stage's config file names (its task.name, else TaskConfig's default)."""
+    return file_setting(config_path, "task.name", TaskConfig.name, what)
 
 
 def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[Stage]:

@@ -76,6 +76,16 @@ def test_a_malformed_zero_shot_config_is_a_config_error(tmp_path, text, problem)
         load_config(PipelineConfig, SMOKE, [f"configs.zero_shot=[{path}]"])
 
 
+def test_a_malformed_adaptation_config_is_a_config_error_not_a_traceback(tmp_path):
+    path = tmp_path / "adapt.yaml"
+    path.write_text("init: {method: [\n")
+    with pytest.raises(ConfigError, match=f"configs.adapt: {path} is not valid YAML"):
+        load_config(PipelineConfig, SMOKE, [f"configs.adapt={path}"])
+    path.write_text("init: ofa\n")
+    with pytest.raises(ConfigError, match=f"configs.adapt: {path}: init must be a mapping"):
+        load_config(PipelineConfig, SMOKE, [f"configs.adapt={path}"])
+
+
 def test_ofa_is_named_in_the_method_not_set_in_the_adaptation_settings(tmp_path):
     """The word-vector stage is built for methods named +ofa: init.method=ofa set in the adaptation config or its
     overrides ran OFA from whatever vectors file lay at the default path (or failed after pretraining)."""
@@ -83,6 +93,7 @@ def test_ofa_is_named_in_the_method_not_set_in_the_adaptation_settings(tmp_path)
     adapt.write_text(Path("configs/adapt/default.yaml").read_text() + "\ninit: {method: ofa}\n")
     for setting, key in ((f"configs.adapt={adapt}", "configs.adapt"), ("overrides.adapt=[init.method=ofa]",
                                                                         "overrides.adapt"),
+                         ("overrides.adapt=['init.method = ofa']", "overrides.adapt"),
                          ("method_overrides={minijoint: [init.method=ofa]}", "method_overrides.minijoint")):
         with pytest.raises(ConfigError, match=f"{key}: sets init.method=ofa, .* name it so in methods"):
             load_config(PipelineConfig, SMOKE, [setting])
