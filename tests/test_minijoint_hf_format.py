@@ -75,3 +75,29 @@ def test_mapped_models_reproduce_megatron_logits():
     assert out["shared_transform"]["shared_head"]  # the mini-model's head is the main head's own parameters
     assert out["separate"]["te_names"]  # a model built with the Transformer Engine spec maps to the same weights
     assert out["none"]["layers"] == {"primary": 4} and out["none"]["diff"]["primary"] < 1e-5
+
+
+
+def test_an_export_names_the_special_ids_of_the_tokenizer_it_was_trained_with(tmp_path):
+    """The exported config said pad 1 / bos 0 / eos 2 (XLM-R's) whatever the tokenizer: with a WordPiece tokenizer
+    (pad 0) MiniPost refused the export and row 1, a real token, became the padding row that never learns."""
+    from transformers import AutoModelForMaskedLM, MegatronBertForMaskedLM
+
+    from minimodel.models.minijoint.config import ModelConfig
+    from minimodel.models.minijoint.export import _save
+    from minimodel.models.minijoint.hf_format import hf_config
+    from minimodel.tiny_hf import _texts, train_family_tokenizer
+
+    texts = _texts([40])
+    for family in ("bert", "xlmr"):
+        tokenizer = train_family_tokenizer(family, texts, 300, tmp_path / family / "tokenizer")
+        cfg = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_attention_heads=2,
+                          ffn_hidden_size=64, seq_length=16, mini_layers=1)
+        _save(MegatronBertForMaskedLM(hf_config(cfg, 2, True)), tmp_path / family / "tokenizer",
+              tmp_path / family / "primary")
+        model = AutoModelForMaskedLM.from_pretrained(tmp_path / family / "primary")
+        ids = (model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id)
+        expected = {"bert": (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id),
+                    "xlmr": (1, 0, 2)}[family]  # the data stage's SentencePiece tokenizer: XLM-R's ids
+        assert ids == expected and model.get_input_embeddings().padding_idx == tokenizer.pad_token_id, family
+        assert family != "bert" or tokenizer.pad_token_id == 0  # [PAD] first: not XLM-R's layout

@@ -25,10 +25,11 @@ from minimodel.config import ConfigError, require, save_config
 from minimodel.distributed import ParallelConfig
 from minimodel.errors import MissingInputError
 from minimodel.files import replace_dir, write_text_atomic
+from minimodel.hf import load_tokenizer
 from minimodel.manifest import write_manifest
 from minimodel.models.minijoint import parallelize
 from minimodel.models.minijoint.config import ModelConfig
-from minimodel.models.minijoint.hf_format import hf_models
+from minimodel.models.minijoint.hf_format import hf_models, special_token_ids
 from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -38,9 +39,11 @@ PARITY_TOLERANCE = 1e-4
 
 
 def _save(model, tokenizer_dir: Path, final_dir: Path) -> None:
-    """save_pretrained + the tokenizer files into final_dir, atomically (a temporary directory renamed)."""
+    """save_pretrained, with the tokenizer's special ids, + the tokenizer files into final_dir, atomically (a
+    temporary directory renamed)."""
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    model.config.update(special_token_ids(load_tokenizer(tokenizer_dir)))
     model.save_pretrained(tmp)
     for f in tokenizer_dir.iterdir():
         if f.is_file():

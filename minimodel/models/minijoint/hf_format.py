@@ -32,8 +32,15 @@ def hf_config(cfg: ModelConfig, layers: int, tie_word_embeddings: bool) -> Megat
         num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.ffn_size, hidden_act="gelu",
         hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
         max_position_embeddings=cfg.seq_length, type_vocab_size=1, initializer_range=cfg.init_method_std,
-        layer_norm_eps=cfg.layernorm_epsilon, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        tie_word_embeddings=tie_word_embeddings)
+        layer_norm_eps=cfg.layernorm_epsilon, tie_word_embeddings=tie_word_embeddings)
+
+
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    """The config's special ids of the tokenizer a model was trained with: a model config's pad id is its embedding's
+    padding_idx (a row that never learns) and what loaders pad with. <s>/</s>, or [CLS]/[SEP] where there are none."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    return {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": bos, "eos_token_id": eos}
 
 
 def hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, layers: int, head: str) -> dict[str, torch.Tensor]:
