@@ -13,7 +13,7 @@ from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, remap_r
 from minimodel.config import ConfigError, load_config
 from minimodel.training.config import REPO_ROOT, DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 from minimodel.training.deepspeed_loop import build_deepspeed_config
-from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
+from minimodel.training.hf_mlm import MLMFlops, UnsupportedModelError, check_architecture, masked_lm_loss
 
 H, F, V = 32, 64, 50
 
@@ -142,6 +142,35 @@ def test_flops_follow_the_shapes_and_what_requires_grad():
     assert MLMFlops(model)(batch) == 4 * 3 * (linear + attention) + head_only
     loss = masked_lm_loss(model, batch)
     assert loss.ndim == 0 and loss.item() > 0
+
+
+@pytest.mark.parametrize("buckets", [8, -1])
+def test_flops_count_debertas_relative_attention_as_torch_counts_it(buckets):
+    """DeBERTa scores every position against 2k relative positions twice (c2p, p2c) and projects the relative
+    embeddings in every layer: about as much again as BERT's attention at k = 256, s = 512, which was left out.
+    The forward part is checked against torch's own FLOP counter (the body frozen: forward only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM
+
+    torch.manual_seed(0)
+    model = DebertaV2ForMaskedLM(DebertaV2Config(
+        vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=F,
+        max_position_embeddings=40, relative_attention=True, position_buckets=buckets, pos_att_type=["p2c", "c2p"],
+        position_biased_input=False, norm_rel_ebd="layer_norm", legacy=True)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batch = {"input_ids": torch.randint(5, V, (3, 20)), "labels": torch.full((3, 20), -100),
+             "attention_mask": torch.ones(3, 20, dtype=torch.long)}
+    batch["labels"][:, 4:9] = 7
+    with torch.no_grad(), FlopCounterMode(display=False) as counted:
+        masked_lm_loss(model, batch)
+    assert MLMFlops(model)(batch) == counted.get_total_flops()
+    flops = MLMFlops(model)
+    assert flops.relative_span == (8 if buckets > 0 else 40) and flops.relative_terms == 2
+    headless = DebertaV2ForMaskedLM(DebertaV2Config(vocab_size=V, hidden_size=H, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=F, legacy=False))
+    with pytest.raises(UnsupportedModelError, match="not a projection onto its vocabulary"):
+        check_architecture(headless, "model")  # the non-legacy head: was a TypeError traceback
 
 
 def test_masked_lm_loss_equals_the_models_own_loss():

@@ -24,7 +24,7 @@ from transformers import AutoModelForMaskedLM
 
 from minimodel.errors import UserError
 
-SUPPORTED = "BERT-class encoders: BERT, mBERT, RoBERTa, XLM-R, CamemBERT, DeBERTa-v2, MegatronBERT"
+SUPPORTED = "BERT-class encoders: BERT, mBERT, RoBERTa, XLM-R, CamemBERT, DeBERTa-v2/v3 (legacy MLM head), MegatronBERT"
 
 
 class UnsupportedModelError(UserError):
@@ -66,6 +66,8 @@ def check_architecture(model: nn.Module, where: str) -> None:
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     if outputs is None or inputs.weight.shape[1] != outputs.weight.shape[1]:
         refuse("its output embeddings are not of its input embeddings' width")
+    if inputs.weight.shape[0] != outputs.weight.shape[0]:  # e.g. DeBERTa-v2's non-legacy head names its h x h dense
+        refuse("its output embeddings are not a projection onto its vocabulary")
     pad = model.config.pad_token_id
     ids = torch.tensor([[i for i in range(1, 10) if i != pad][:8]], device=inputs.weight.device)
     training = model.training
@@ -74,7 +76,7 @@ def check_architecture(model: nn.Module, where: str) -> None:
         with torch.no_grad():
             logits = model(input_ids=ids).logits
             direct = head(model.base_model(input_ids=ids).last_hidden_state)
-    except RuntimeError as e:  # e.g. a head that expects a projection of the hidden states
+    except (RuntimeError, TypeError) as e:  # e.g. a head that expects a projection, or other arguments
         refuse(f"its LM head does not take the top hidden states: {e}")
     finally:
         model.train(training)
@@ -164,6 +166,9 @@ class MLMFlops:
     Factorised embeddings of rank d (minimodel/ofa/factorized.py: E = C P, tied): the projection hV becomes
     hd + dV (its weight gradient dV, P frozen), and the input side costs 2s dh per sequence (C[ids] P), twice when
     C trains (the gradient into C's rows).
+    DeBERTa's disentangled attention, with t of its c2p / p2c terms over a span of k relative positions: attention
+    + 4tskh per sequence, and per layer and batch the projection of the 2k relative embeddings, 2t(2k)h^2 (twice
+    when the layer trains: its weight gradient).
     The trainability pattern is read once, at construction: build this after setting requires_grad.
     """
 
@@ -171,6 +176,14 @@ class MLMFlops:
         cfg = model.config
         self.hidden = cfg.hidden_size
         self.ffn = cfg.intermediate_size
+        # DeBERTa(-v2)'s relative positions: 2 x span embeddings, each scored by t of c2p / p2c (0: BERT's attention)
+        self.relative_span, self.relative_terms = 0, 0
+        if getattr(cfg, "relative_attention", False):
+            span = getattr(cfg, "position_buckets", -1)
+            if span <= 0:
+                span = cfg.max_relative_positions if cfg.max_relative_positions > 0 else cfg.max_position_embeddings
+            self.relative_span = span
+            self.relative_terms = len({"c2p", "p2c"} & set(getattr(cfg, "pos_att_type", None) or []))
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.rank = getattr(model.get_output_embeddings(), "rank", None)  # factorised embeddings, else None
         head = mlm_head(model)
@@ -191,16 +204,19 @@ class MLMFlops:
     def layer_forward(self, seq_len: int) -> tuple[float, float]:
         """(linear, attention) forward FLOPs of one layer on one sequence."""
         h, f, s = self.hidden, self.ffn, seq_len
-        return 2.0 * s * (4 * h * h + 2 * h * f), 4.0 * s * s * h
+        relative = 4.0 * self.relative_terms * s * self.relative_span * h
+        return 2.0 * s * (4 * h * h + 2 * h * f), 4.0 * s * s * h + relative
 
     def per_batch(self, batch_size: int, seq_len: int, masked: int) -> float:
         linear, attention = self.layer_forward(seq_len)
-        body = 0.0
+        h, v = self.hidden, self.vocab
+        positions = 2.0 * self.relative_terms * 2 * self.relative_span * h * h  # once per batch, in every layer
+        body, shared = 0.0, 0.0
         for backward, weight_grads in self.layer_modes:
             body += linear + attention
+            shared += positions * (2 if weight_grads else 1)
             if backward:
                 body += linear + 2 * attention + (linear if weight_grads else 0.0)
-        h, v = self.hidden, self.vocab
         if self.rank is None:
             projection, projection_weights, inputs = h * v, h * v, 0.0
         else:
@@ -214,7 +230,7 @@ class MLMFlops:
             head += 2.0 * masked * h * h
         head += (2.0 * masked * projection_weights if self.decoder_trains else 0.0)
         head += (2.0 * masked * h * h if self.head_dense_trains else 0.0)
-        return batch_size * body + head + inputs
+        return batch_size * body + shared + head + inputs
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> float:
         batch_size, seq_len = batch["input_ids"].shape
