@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STUDENT_TARGET_TOKENIZER = "target_tokenizer"  # a BiStil student's (and student task model's) target tokenizer
+TASK_FILE = "task.json"  # a task model's (evaluate/finetune.py): its task, labels, and the primary it was tuned from
 STUDENT_VOCABULARY = "vocabulary.json"  # a BiStil student's (and student task model's) id maps, method and languages
 
 

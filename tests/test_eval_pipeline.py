@@ -335,6 +335,29 @@ def test_a_snapshot_plugs_in_memory_exactly_as_adapt_plug_writes_it(world, adapt
     assert torch.equal(in_memory[EMBEDDINGS], load_file(snapshot / "embeddings.safetensors")["input_embeddings"])
 
 
+def test_a_task_model_of_another_primary_is_refused_and_a_plugged_one_keeps_its_task_file(world, adaptation_run,
+                                                                                        tmp_path):
+    """Plugging read the primary it was given, never the task model's own record of its primary: a task model
+    fine-tuned from another primary of the same width was plugged silently; the plugged directory lost task.json."""
+    import shutil
+
+    from minimodel.adaptation.plug import plug_model
+    from minimodel.manifest import ManifestError
+
+    from minimodel.adaptation.artifact import snapshot_dir
+
+    snapshot = snapshot_dir(adaptation_run[0], 10)
+    plugged = plug(snapshot, world["task_model"], world["primary"], tmp_path / "plugged")
+    assert (plugged / "task.json").read_text() == (world["task_model"] / "task.json").read_text()
+    other = shutil.copytree(world["task_model"], tmp_path / "other_task_model")
+    task = json.loads((other / "task.json").read_text())
+    task["primary_model"] = {"path": "/models/another-primary", "sha256": "0" * 64}
+    (other / "task.json").write_text(json.dumps(task))
+    with pytest.raises(ManifestError, match="fine-tuned from /models/another-primary .*plug them into a task model"):
+        plug_model(load_task_model(other, "classification"), snapshot, model_dir=str(other),
+                   primary_dir=str(world["primary"]))
+
+
 def _language_sft(world, lang: str, seed: int, out: Path) -> SparseFineTuning:
     """A language SFT of the primary as adapt/sft.py files one: random differences on a few body entries."""
     base = load_file(world["primary"] / "model.safetensors")

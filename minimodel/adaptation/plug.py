@@ -33,6 +33,7 @@ from minimodel.config import require, save_config
 from minimodel.errors import UserError
 from minimodel.files import replace_dir
 from minimodel.hf import load_model, load_tokenizer
+from minimodel.layout import TASK_FILE
 from minimodel.manifest import ManifestError, check_aligned, model_hash
 from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
@@ -76,6 +77,13 @@ def check_compatible(info: dict, model, model_dir: str, primary_dir: str, tokeni
     if info["over"] == "mini" and Path(info["adapted_model"]).is_dir():
         check_aligned(info["adapted_model"], primary_dir)  # the mini-model's own word, when it is still there
     expected = info["primary_model"]["sha256"]
+    task_file = Path(model_dir) / TASK_FILE
+    tuned_from = json.loads(task_file.read_text()).get("primary_model") if task_file.is_file() else None
+    if tuned_from and tuned_from["sha256"] != expected:  # a task model: its own record of its primary
+        raise ManifestError(
+            f"{model_dir} was fine-tuned from {tuned_from['path']} (sha256 {tuned_from['sha256'][:12]}, its "
+            f"{TASK_FILE}), but the embeddings were learned for {info['primary_model']['path']} (sha256 "
+            f"{expected[:12]}): plug them into a task model fine-tuned from that primary")
     actual = primary_sha or model_hash(primary_dir)
     if actual != expected:
         learned_over = "its mini-model is" if info["over"] == "mini" else "they were learned over the model"
@@ -142,6 +150,8 @@ def plug(cfg: PlugConfig) -> StageResult:
     for extra in tokenizer_dir.iterdir():  # e.g. sentencepiece.bpe.model, which save_pretrained may not write
         if extra.is_file() and not (tmp / extra.name).exists():
             shutil.copyfile(extra, tmp / extra.name)
+    if (Path(cfg.model) / TASK_FILE).is_file():  # a task model's task, labels and primary stay with it
+        shutil.copyfile(Path(cfg.model) / TASK_FILE, tmp / TASK_FILE)
     (tmp / PLUG_FILE).write_text(json.dumps({
         "embeddings": str(Path(cfg.embeddings).resolve()), "model": str(Path(cfg.model).resolve()),
         "primary_model": info["primary_model"], "target_lang": info["target_lang"], "method": info["method"],

@@ -34,12 +34,12 @@ from minimodel.bistil.loss import DistillationWeights, distillation_loss
 from minimodel.config import require, save_config
 from minimodel.evaluation.features import classification_features, qa_train_features
 from minimodel.evaluation.finetune import TaskFlops
-from minimodel.evaluation.models import (TASK_FILE, load_sft_task_model, load_task_model, read_task_info,
-                                         write_task_model)
+from minimodel.evaluation.models import load_sft_task_model, load_task_model, read_task_info, write_task_model
 from minimodel.evaluation.scoring import score
 from minimodel.evaluation.tasks import TaskConfig, load_examples
 from minimodel.files import write_text_atomic
 from minimodel.hf import load_tokenizer
+from minimodel.layout import TASK_FILE
 from minimodel.manifest import model_hash
 from minimodel.methods import DISTILLED, SPARSE, job_name, parse_method_of
 from minimodel.provenance import claim_output, finish_output

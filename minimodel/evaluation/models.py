@@ -22,11 +22,10 @@ from minimodel.adaptation.plug import plugged_info
 from minimodel.evaluation import EvaluationError
 from minimodel.files import replace_dir
 from minimodel.hf import is_tokenizer_dir, load_masked_lm, load_model, load_tokenizer
-from minimodel.layout import STUDENT_TARGET_TOKENIZER
+from minimodel.layout import STUDENT_TARGET_TOKENIZER, TASK_FILE
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseFineTuning
 
-TASK_FILE = "task.json"
 
 
 class TokenizerMismatchError(EvaluationError):

@@ -64,13 +64,12 @@ from minimodel import faults
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
-from minimodel.evaluation.models import (TASK_FILE, check_tokenizer, load_sft_task_model, load_task_model,
-                                         read_task_info)
+from minimodel.evaluation.models import check_tokenizer, load_sft_task_model, load_task_model, read_task_info
 from minimodel.evaluation.scoring import score, score_mlm, score_retrieval, unknown_fraction
 from minimodel.evaluation.tasks import TaskConfig
 from minimodel.data.prepare import UNK_REFUSED
 from minimodel.hf import load_masked_lm, load_tokenizer
-from minimodel.layout import STUDENT_VOCABULARY
+from minimodel.layout import STUDENT_VOCABULARY, TASK_FILE
 from minimodel.manifest import model_hash
 from minimodel.methods import parse_method
 from minimodel.provenance import claim_output, finish_output
