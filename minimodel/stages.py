@@ -357,7 +357,9 @@ def write_stamp(output_dir: Path, input_hash: str, argv: list[str], seconds: flo
 def jobs(stages: list[Stage], memo: dict[int, str] | None = None) -> list[dict]:
     """The stages as batch jobs, in run order (slurm/pipeline.sh submits them): the stages of one `job` become one
     job with an array task per language. Each job: name, kind, script, args, slurm (template + leading arguments),
-    array ([{lang, args, done, stamp}], empty for a plain job), after (the names of the jobs it needs), done, stamp:
+    gpus_per_node (the ranks its hash counts, for a launched stage whose result depends on them; None: the
+    template's), array ([{lang, args, done, stamp}], empty for a plain job), after (the names of the jobs it needs),
+    done, stamp:
     [output directory, input hash, identity hash] that the job stamps when its stage finishes (slurm/common.sh), so
     that the plan made again skips it; None for a stage that always runs (an array job's are its tasks'). `memo`: as
     done_by's, to share the hash walk with the caller's."""
@@ -370,8 +372,12 @@ def jobs(stages: list[Stage], memo: dict[int, str] | None = None) -> list[dict]:
         after = list(dict.fromkeys(job_of[a.name] for a in stage.after))
         kind = KINDS[stage.kind]
         args = stage.args + stage.run_args + ([] if stage.job else stage.lang_args)
+        # a template's own GPU count would run another global batch under this plan's stamp (pretraining's result
+        # is the same at any count: its layout keys)
+        gpus = None if kind.launcher == "python" or stage.layout_keys else stage.nproc or 1
         job = grouped.setdefault(name, {"name": name, "kind": stage.kind, "script": kind.script, "args": args,
-                                        "slurm": list(kind.slurm), "array": [], "after": after, "done": True})
+                                        "slurm": list(kind.slurm), "gpus_per_node": gpus, "array": [],
+                                        "after": after, "done": True})
         if (job["kind"], job["args"], job["after"]) != (stage.kind, args, after):
             raise ValueError(f"stage {stage.name} differs from the other tasks of job {name} in more than its "
                              f"language's arguments")

@@ -169,9 +169,9 @@ def test_a_settings_file_edited_while_its_stage_runs_leaves_it_not_done(fake_kin
     assert not stage.done  # the next pipeline run redoes it with the edited settings
 
 
-def two_language_plan(tmp_path) -> dict:
+def two_language_plan(tmp_path, *overrides: str) -> dict:
     cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}",
-                                              "target_langs=[ny, sw]", "tracking.enabled=false"])
+                                              "target_langs=[ny, sw]", "tracking.enabled=false", *overrides])
     return plan(cfg)
 
 
@@ -215,7 +215,7 @@ def test_slurm_lines_submit_the_plans_jobs_and_skip_what_is_done(tmp_path):
     # each task stamps its own language's output directory with its stage's input hash when it finishes
     assert [shlex.split(entry) for entry in stamps.split(RECORD)] == [task["stamp"] for task in adapt["array"]]
     assert [Path(task["stamp"][0]).name for task in adapt["array"]] == ["ny", "sw"]
-    assert shlex.split(submit) == ["slurm/adapt.sh", *adapt["args"]]
+    assert shlex.split(submit) == ["--gpus-per-node=1", "slurm/adapt.sh", *adapt["args"]]
     pretrain = next(job for job in planned["jobs"] if job["name"] == "pretrain")
     assert shlex.split(submitted["pretrain"][3]) == pretrain["stamp"] == [str(tmp_path / "run" / "pretrain"),
                                                                           *pretrain["stamp"][1:]]
@@ -226,6 +226,21 @@ def test_slurm_lines_submit_the_plans_jobs_and_skip_what_is_done(tmp_path):
     adapt["array"][0]["done"] = True  # ny adapted already: only sw's task is submitted
     row = next(line.split(UNIT) for line in lines(planned) if line.startswith(adapt["name"] + UNIT))
     assert row[2:4] == ["sw", "'target_langs=[sw]'"] and shlex.split(row[4]) == adapt["array"][1]["stamp"]
+
+
+def test_a_job_asks_slurm_for_the_ranks_its_plan_hashed(tmp_path):
+    """A job ran with the GPUs its template asks (minipost.sh: 8, adapt.sh: 1) while its stamp carried the plan's
+    rank count (adapt_nproc=2: --num_gpus 2): a result of another global batch, skipped later as this config's.
+    Pretraining's result is the same at any count (its layout keys); one-process stages ask nothing."""
+    planned = two_language_plan(tmp_path, "adapt_nproc=2")
+    gpus = {job["name"]: job["gpus_per_node"] for job in planned["jobs"]}
+    assert {gpus[name] for name in gpus if name.startswith(("adapt-", "lang_sft", "distill-"))} == {2}
+    assert gpus["minipost"] == gpus["finetune"] == 1 and gpus["pretrain"] is None and gpus["data"] is None
+    rows = [line.split(UNIT) for line in lines(planned)]
+    submit = {row[0]: shlex.split(row[5]) for row in rows if row[0] != "env"}
+    assert submit["adapt-standard"][:2] == ["--gpus-per-node=2", "slurm/adapt.sh"]
+    assert submit["minipost"][:2] == ["--gpus-per-node=1", "slurm/minipost.sh"]
+    assert submit["pretrain"][0] == "slurm/pretrain_minijoint.sh" and submit["data"][0] == "slurm/python.sh"
 
 
 def test_slurm_plan_module_reads_a_plan_file(tmp_path):
