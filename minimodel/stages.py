@@ -233,14 +233,27 @@ class Stage:
             argv = argv[argv.index(KINDS[self.kind].script):]  # from the script on: not its rank count
             argv = [a for a in argv if not _is_layout(a.partition("=")[0], layout)]
         digest = hashlib.sha256(json.dumps(argv).encode())
+        made = self._made_before()
         for arg in argv:
             path = Path(arg.partition("=")[2] or arg)  # --config FILE, or key=FILE
-            if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+            # a file an earlier stage writes counts through that stage's hash: read here, a plan made before it
+            # ran (Slurm's) would hash it otherwise than one made after
+            if path.suffix in (".yaml", ".yml", ".json") and path.is_file() and not _under(path, made):
                 digest.update(_config_bytes(path, layout) if layout else path.read_bytes())
         digest.update(json.dumps(stat_signature(self.watched)).encode())
         for upstream in self.after:
             digest.update(upstream._effective(memo).encode())
         return digest.hexdigest()
+
+    def _made_before(self) -> set[Path]:
+        """The output directories of the stages it depends on, directly or not."""
+        made, todo = set(), list(self.after)
+        while todo:
+            stage = todo.pop()
+            if stage.output_dir.absolute() not in made:
+                made.add(stage.output_dir.absolute())
+                todo.extend(stage.after)
+        return made
 
     def _hashes(self, memo: dict[int, str]) -> tuple[str, str]:
         """(input hash, identity hash): one walk of the stages before it; the same twice without layout keys."""
@@ -320,6 +333,10 @@ class Stage:
         except StageFailed as e:
             raise StageFailed(f"stage {self.name} exited 0 but {e}; its log: {log_path}") from None
         return seconds
+
+
+def _under(path: Path, directories: set[Path]) -> bool:
+    return any(d == p for p in (path.absolute(), *path.absolute().parents) for d in directories)
 
 
 def _is_layout(key: str, layout: tuple[str, ...]) -> bool:

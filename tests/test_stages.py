@@ -510,3 +510,20 @@ def test_a_tracking_store_that_cannot_answer_leaves_a_finished_stage_stamped(cap
 
     assert pipeline._runs_since(Tracker())(0.0) == []
     assert "could not list the MLflow runs of the stage that just finished: tracking server unreachable" in caplog.text
+
+
+def test_a_file_an_earlier_stage_writes_counts_through_that_stage_not_as_it_appears(tmp_path):
+    """word_vectors reads <data>/config.yaml, which the data stage writes: a Slurm plan made before the data stage
+    ran hashed it absent, every plan after present, so each later plan resubmitted word_vectors and every +ofa
+    stage after it. A settings file of the user's own still counts by its content."""
+    data = Stage("data", "data", [], tmp_path / "data")
+    own = tmp_path / "word_vectors.yaml"
+    own.write_text("dim: 8\n")
+    vectors = Stage("word_vectors", "word_vectors", ["--config", str(own), f"data={tmp_path / 'data' / 'config.yaml'}"],
+                    tmp_path / "word_vectors", [data])
+    planned = vectors.input_hash
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "config.yaml").write_text("languages: {}\n")
+    assert vectors.input_hash == planned
+    own.write_text("dim: 16\n")
+    assert vectors.input_hash != planned
