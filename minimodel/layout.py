@@ -69,10 +69,6 @@ class PipelineLayout:
         return self.root / "pretrain"
 
     @property
-    def checkpoints(self) -> Path:
-        return self.pretrain / "checkpoints"
-
-    @property
     def export(self) -> Path:
         return self.root / "export"
 

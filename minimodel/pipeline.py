@@ -310,10 +310,12 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     prepare = add("data", "data", ["--config", cfg.configs.data, *data_args], at.data_dir, [],
                   watched=[path for path in dict.fromkeys(read) if path])
     if cfg.primary_model is None:
-        pretrain = add("pretrain", "pretrain", ["--config", cfg.configs.pretrain, f"output_dir={at.pretrain}",
-                                                *source_data, *extra("pretrain")],
+        pretrain_args = [f"output_dir={at.pretrain}", *source_data, *extra("pretrain")]
+        pretrain = add("pretrain", "pretrain", ["--config", cfg.configs.pretrain, *pretrain_args],
                        at.pretrain, [prepare], nproc=cfg.pretrain_nproc, layout_keys=LAYOUT_KEYS)
-        export = add("export", "export", [f"checkpoint={at.checkpoints}", f"tokenizer={at.tokenizer(src)}",
+        # where pretraining writes its checkpoints (train.checkpoint.dir may put them on scratch space)
+        checkpoints = load_config(PretrainConfig, cfg.configs.pretrain, pretrain_args).checkpoint_root
+        export = add("export", "export", [f"checkpoint={checkpoints}", f"tokenizer={at.tokenizer(src)}",
                                           f"output_dir={at.export}", *extra("export")], at.export, [pretrain])
     elif cfg.primary_head == "train":  # a head for a headless primary: what waited for the export waits for it
         export = add("head", "minipost", ["--config", cfg.configs.minipost, f"source={cfg.primary_model}",

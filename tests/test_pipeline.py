@@ -381,3 +381,14 @@ def test_report_from_disk_with_tracking_off_gives_the_numbers_mlflow_shows(smoke
     for key, numbers in points.items():
         assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(numbers, shown[key])), (key, numbers, shown[key])
 
+
+
+def test_the_export_reads_the_checkpoints_where_pretraining_writes_them(tmp_path):
+    """train.checkpoint.dir (scratch space) moved pretraining's checkpoints, but the export still read
+    <output_dir>/pretrain/checkpoints and failed with "holds no complete checkpoint" after the whole pretraining."""
+    scratch = tmp_path / "scratch" / "ck"
+    for overrides, expected in (([], tmp_path / "run" / "pretrain" / "checkpoints"),
+                                ([f"overrides.pretrain=[train.checkpoint.dir={scratch}]"], scratch)):
+        cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", *overrides])
+        (export,) = [stage for stage in build_stages(cfg) if stage.name == "export"]
+        assert f"checkpoint={expected}" in export.args
