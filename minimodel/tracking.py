@@ -445,6 +445,13 @@ class Tracker:
         path.write_text(yaml.safe_dump(settings, sort_keys=False))
         self._writer.submit("log_artifact", str(path))
 
+    def interrupted(self, step: int | None = None) -> None:
+        """End the run as KILLED, stopped by a signal (at `step`, where the stage knows it) after checkpointing: the
+        stage's next launch resumes it, and continues this run (Tracker.resumable)."""
+        if step is not None:
+            self.set_tags({"interrupted_at_step": step})
+        self.finish("KILLED")
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         if not self.active:
             return

@@ -70,20 +70,41 @@ def test_finetune_freezes_embeddings_bit_identical(world):
 
 
 @pytest.mark.slow
-def test_finetune_stopped_by_sigterm_checkpoints_and_exits_75(world, tmp_path):
+def test_finetune_stopped_by_sigterm_checkpoints_exits_75_and_its_rerun_continues_its_run(world, tmp_path):
     """SIGTERM mid-run (Slurm preemption): a checkpoint, exit code 75 and no task model yet (the stage is not done:
-    rerunning the same command resumes)."""
-    out = tmp_path / "finetune"
+    rerunning the same command resumes). The MLflow run ends KILLED and the resumed launch continues it (the old
+    code ended it FINISHED and started a second run); a third launch, finished, is skipped (it trained no step,
+    saved and scored again, and logged a third run)."""
+    from mlflow.tracking import MlflowClient
+
+    out, store = tmp_path / "finetune", tmp_path / "store"
     cmd = [sys.executable, str(REPO / "evaluate" / "finetune.py"), "--config",
            str(REPO / "configs" / "evaluate" / "finetune" / "verse_class_tiny.yaml"), f"model_dir={world['primary']}",
-           f"task.data_dir={world['root'] / 'data'}", f"output_dir={out}", "tracking.enabled=false",
-           "train.steps=200", "train.checkpoint.save_every=0"]
+           f"task.data_dir={world['root'] / 'data'}", f"output_dir={out}", f"tracking.store_dir={store}",
+           "train.steps=40", "train.checkpoint.save_every=0"]
     sent, code = run_and_signal(cmd, tmp_path / "signal.log", out / "train" / "metrics.jsonl", after_lines=3,
                                 env=stage_env(), cwd=tmp_path)
     log = (tmp_path / "signal.log").read_text(errors="replace")
     assert sent and code == PREEMPTED_EXIT_CODE, log[-4000:]
     assert "stop signal received: checkpointed step" in log and "interrupted: run the same command again" in log
     assert not (out / "model").exists() and not (out / "metrics.json").exists()
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+
+    def runs():
+        return client.search_runs([client.get_experiment_by_name("minimodel").experiment_id])
+
+    (killed,) = runs()
+    assert killed.info.status == "KILLED" and "interrupted_at_step" in killed.data.tags
+    for launch in ("resumed", "again"):
+        done = subprocess.run(cmd, cwd=tmp_path, env=stage_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        (run,) = runs()
+        assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED" and \
+            run.data.tags["resumes"] == "1"
+        if launch == "resumed":
+            metrics = (out / "metrics.json").read_text()
+    assert "already fine-tuned with this config: skipping" in done.stderr
+    assert (out / "metrics.json").read_text() == metrics
 
 
 def _zero_shot_cfg(world, name, **overrides):

@@ -192,15 +192,17 @@ def test_distillation_aligns_a_random_top_with_the_source(runs, xlmr_source, dat
 
 
 @pytest.mark.slow
-def test_relaunch_resumes_finished_run(runs, sources, data_dir, tmp_path):
-    """A second launch on the same output_dir resumes from the last checkpoint (no step redone) and rewrites the
-    same mini-model."""
+def test_relaunch_of_a_finished_run_skips_it(runs, sources, data_dir, tmp_path):
+    """A second launch on a finished output_dir of the same config is a no-op: no step redone, the mini-model and its
+    alignment report as they were (the old stage resumed at the last step, wrote both again and logged another
+    MLflow run)."""
     out = runs["xlmr"]
     before = load_file(out / "mini" / "model.safetensors")
-    curve = (out / "metrics.jsonl").read_text()
+    curve, report = (out / "metrics.jsonl").read_text(), (out / "alignment.json").stat().st_mtime_ns
     code, log = run_script(_overrides(sources["xlmr"], data_dir, out), tmp_path / "relaunch.log")
     assert code == 0, log[-4000:]
-    assert resumed_at(log, STEPS), log[-4000:]
+    assert "already built with this config: skipping" in log and not resumed_at(log, STEPS), log[-4000:]
+    assert (out / "alignment.json").stat().st_mtime_ns == report
     after = load_file(out / "mini" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # no step redone: a redone step would have measured its wall-clock time again

@@ -410,7 +410,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
     tags = {"stage": "adapt", "method": method, "over": cfg.over, "source_lang": cfg.source_lang,
             "target_lang": lang, "zero_stage": cfg.train.zero_stage()}
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"adapt-{method}-{lang}")
-    with Tracker(tracking, lang_cfg, tags=tags) as tracker:
+    with Tracker.resumable(tracking, run_dir, lang_cfg, tags=tags, resume=claimed == "resume") as tracker:
         vocab_size = model.get_input_embeddings().weight.shape[0]  # before ZeRO-3 partitions it
         hidden_size = model.config.hidden_size
         provenance = {
@@ -422,7 +422,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
             "init_summary": init_summary, "factorized_dim": cfg.embedding.factorized_dim,
             "trainable": sorted(trainable), "tied_output": "output_embeddings" not in trainable,
             "trainable_numel": sum(p.numel() for p in trainable.values()), "zero_stage": tags["zero_stage"],
-            "adapt_run_id": tracker.run_id,  # a resumed run logs to a new MLflow run: snapshots name theirs
+            "adapt_run_id": tracker.run_id,  # continued by a resumed run
         }
 
         # Step 0: the initial embeddings, the start of every compute-vs-quality curve and the zero of the target
@@ -450,7 +450,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
         if frozen_rows is not None:
             frozen_rows.hooks.remove()
         if result.interrupted:
-            tracker.set_tags({"interrupted_at_step": result.step})
+            tracker.interrupted(result.step)
             return "interrupted"
         tensors = gather_full_params(result.engine, trainable)  # collective
         if frozen_rows is not None:

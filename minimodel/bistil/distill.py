@@ -412,12 +412,13 @@ def distill_language(cfg: DistillConfig, lang: str) -> str:
     tags = {"stage": "distill", "method": cfg.method, "source_lang": cfg.source_lang, "target_lang": lang}
     name = f"{job_name('distill', cfg.method, DISTILLED)}-{lang}"  # the pipeline stage's
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or name)
-    with Tracker(tracking, lang_cfg, tags=tags) as tracker:
+    with Tracker.resumable(tracking, run_dir, lang_cfg, tags=tags, resume=claimed == "resume") as tracker:
         result = train(cfg.train, student, BilingualMLM(data, to_student), step.loss, step.flops,
                        output_dir=run_dir / "train", tracker=tracker, tokens_fn=step.tokens,
                        desc=f"distill {cfg.source_lang}+{lang}")
         if result.interrupted:
             release_engine(result.engine)
+            tracker.interrupted(result.step)
             return "interrupted"
         trained = {name: p for name, p in student.named_parameters() if p.requires_grad}
         final = {**frozen, **gather_full_params(result.engine, trained)}

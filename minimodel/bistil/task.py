@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,8 @@ from minimodel.sft.train import SFTConfig, train_sft
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
+
+log = logging.getLogger(__name__)
 
 GOLD = ("labels", "start_positions", "end_positions")  # the gold-label inputs of the task models
 
@@ -163,7 +166,12 @@ def distill_task(cfg: TaskDistillConfig) -> StageResult:
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
     out = Path(cfg.output_dir)
-    claim_output(out, cfg, resumable=True, overwrite=cfg.overwrite)
+    claimed = claim_output(out, cfg, resumable=True, overwrite=cfg.overwrite)
+    if claimed == "finished" and (out / "metrics.json").is_file():
+        if rank == 0:
+            log.info("%s: already distilled with this config: skipping", out / "model")
+        return StageResult("finished", {"task_model": out / "model",
+                                        "metrics": json.loads((out / "metrics.json").read_text())})
     if rank == 0:
         save_config(cfg, out / "config.yaml")
     task, spec = cfg.task, cfg.task.spec
@@ -191,14 +199,15 @@ def distill_task(cfg: TaskDistillConfig) -> StageResult:
     tags = {"stage": "distill_task", "method": cfg.method, "source_lang": source_lang, "target_lang": target_lang,
             "task": task.name}
     name = f"{job_name('distill_task', cfg.method, DISTILLED)}-{target_lang}"  # the pipeline stage's
-    with Tracker(dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or name), config=cfg,
-                 tags=tags) as tracker:
+    with Tracker.resumable(dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or name), out,
+                           config=cfg, tags=tags, resume=claimed == "resume") as tracker:
         sft = train_sft(cfg.sft, cfg.train, student, train_data, step.loss, step.flops, output_dir=out / "train",
                         base_sha256=student_sha, base_path=str(Path(cfg.student).resolve()), eval_data=eval_data,
                         tracker=tracker, desc=f"task distillation {task.name}",
                         info={"kind": "task", "method": cfg.method, "task": task.name, "source_lang": source_lang,
                               "teacher": str(Path(cfg.teacher).resolve())})
         if sft.status == "interrupted":
+            tracker.interrupted()
             return StageResult("interrupted", {})
         model_dir = out / "model"
         metrics: dict[str, float] = {}

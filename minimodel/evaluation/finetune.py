@@ -15,6 +15,7 @@ Output <output_dir>/:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 from minimodel.training.deepspeed_loop import gather_full_params, train
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,7 +141,12 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
     out = Path(cfg.output_dir)
-    claim_output(out, cfg, resumable=True, overwrite=cfg.overwrite, ignore=("method",))  # method: an MLflow tag
+    claimed = claim_output(out, cfg, resumable=True, overwrite=cfg.overwrite, ignore=("method",))  # a tag only
+    if claimed == "finished" and (out / "metrics.json").is_file():
+        if rank == 0:
+            log.info("%s: already fine-tuned with this config: skipping", out / "model")
+        return StageResult("finished", {"task_model": out / "model",
+                                        "metrics": json.loads((out / "metrics.json").read_text())})
     if rank == 0:
         save_config(cfg, out / "config.yaml")
     spec = cfg.task.spec
@@ -172,7 +179,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     # "finetune-en"
     tags = {"stage": "task_sft" if cfg.sparse else "finetune", "method": cfg.method, "source_lang": cfg.source_lang,
             "task": task.name}
-    with Tracker(cfg.tracking, config=cfg, tags=tags) as tracker:
+    with Tracker.resumable(cfg.tracking, out, config=cfg, tags=tags, resume=claimed == "resume") as tracker:
         tracker.set_tags({"frozen": ",".join(frozen)})
         if cfg.sparse:
             sft = train_sft(cfg.sft, cfg.train, model, train_data, loss_fn, TaskFlops(model), output_dir=out / "train",
@@ -181,6 +188,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
                             info={"kind": "task", "task": task.name, "source_lang": cfg.source_lang,
                                   "language_sft": cfg.language_sft})
             if sft.status == "interrupted":
+                tracker.interrupted()
                 return StageResult("interrupted", {})
             model_dir = _compose_task_model(cfg, tokenizer, spec.labels, language_sft, sft.sft_dir)
             step = sft.steps
@@ -188,7 +196,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
             result = train(cfg.train, model, train_data, loss_fn, TaskFlops(model), output_dir=out / "train",
                            eval_data=eval_data, tracker=tracker, desc=f"finetune {task.name}")
             if result.interrupted:
-                tracker.set_tags({"interrupted_at_step": result.step})
+                tracker.interrupted(result.step)
                 return StageResult("interrupted", {"step": result.step})
             model_dir = _save_task_model(cfg, model, result.engine, tokenizer, spec.labels)
             step = result.step

@@ -154,7 +154,12 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
     rank0 = dist.get_rank() == 0
     device = torch.device(get_accelerator().device_name(int(os.environ["LOCAL_RANK"])))
     out = Path(cfg.output_dir)
-    claim_output(out, cfg, resumable=True, overwrite=cfg.overwrite)
+    claimed = claim_output(out, cfg, resumable=True, overwrite=cfg.overwrite)
+    if claimed == "finished" and (out / "alignment.json").is_file():
+        if rank0:
+            log.info("%s: already built with this config: skipping", out / "mini")
+        return StageResult("finished", {"mini_model": out / "mini",
+                                        "alignment": json.loads((out / "alignment.json").read_text())["end"]})
     if rank0:
         save_config(cfg, out / "config.yaml")
     tags = {"stage": "minipost", "method": "minipost", "source_lang": cfg.data.source_lang,
@@ -169,7 +174,7 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
                                                                    "prediction_kl", "cka", "cosine")}, step=step)
         log.info("alignment at step %d: %s", step, values)
 
-    with Tracker(cfg.tracking, cfg, tags=tags) as tracker:
+    with Tracker.resumable(cfg.tracking, out, cfg, tags=tags, resume=claimed == "resume") as tracker:
         start = report(mini) if rank0 else None
         if rank0:
             log_report(tracker, start, step=0)
@@ -178,7 +183,7 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
                        eval_data=valid_data, tracker=tracker, desc="minipost")
         source.to("cpu")  # the teacher's place during training; the checks and the saved copy below read it there
         if result.interrupted:
-            tracker.set_tags({"interrupted_at_step": result.step})
+            tracker.interrupted(result.step)
             return StageResult("interrupted", {"step": result.step})  # the same command resumes
         # Only the new parameters may have moved: checked on the trained model itself (collective).
         frozen_params, _ = split_parameters(mini, layers)

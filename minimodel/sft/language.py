@@ -113,13 +113,14 @@ def train_language(cfg: LanguageSFTConfig, lang: str) -> str:
     tags = {"stage": "lang_sft", "method": cfg.method, "source_lang": cfg.source_lang, "target_lang": lang}
     name = f"{job_name('lang_sft', cfg.method, SPARSE)}-{lang}"  # the pipeline stage's
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or name)
-    with Tracker(tracking, lang_cfg, tags=tags) as tracker:
+    with Tracker.resumable(tracking, run_dir, lang_cfg, tags=tags, resume=claimed == "resume") as tracker:
         result = train_sft(cfg.sft, cfg.train, model, train_data, masked_lm_loss, flops_fn, output_dir=run_dir,
                            base_sha256=primary_sha, base_path=str(Path(cfg.primary_model).resolve()),
                            eval_data=valid_data, tracker=tracker, desc=f"language SFT {lang}",
                            info={"kind": "language", "method": cfg.method, "target_lang": lang,
                                  "source_lang": cfg.source_lang, "lang_sft_run_id": tracker.run_id})
         if result.status == "interrupted":
+            tracker.interrupted()
             return "interrupted"
 
         def finish():
