@@ -20,8 +20,8 @@ from minimodel.files import write_text_atomic
 
 MANIFEST_NAME = "minimodel.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_hashes: dict[tuple, str] = {}  # model_hash's: (path, inode, size, mtime) of each weight file -> sha256
-_SETTLED_NS = 2_000_000_000  # weights unchanged for this long are remembered by model_hash
+_hashes: dict[tuple, str] = {}  # _remembered's: (named, (path, inode, size, mtime) of each file) -> sha256
+_SETTLED_NS = 2_000_000_000  # files unchanged for this long are remembered by _remembered
 
 
 class ManifestError(UserError):
@@ -38,21 +38,32 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 
 def model_hash(model_dir: str | os.PathLike) -> str:
-    """sha256 over a Hugging Face model directory's weight files (names and bytes, in sorted order). Remembered per
-    process while every weight file keeps its inode, size and mtime: a stage checks one model several times (each
-    SFT's base, each teacher) and a large model's bytes take seconds to read."""
+    """sha256 over a Hugging Face model directory's weight files (names and bytes, in sorted order)."""
     model_dir = Path(model_dir)
     files = _weight_files(model_dir)
     if not files:
         raise ManifestError(f"{model_dir} holds no weight files (*.safetensors / *.bin): is it a model directory?")
+    return _remembered(files, named=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (a corpus, word vectors), remembered as model_hash's."""
+    return _remembered([Path(path)], named=False)
+
+
+def _remembered(files: list[Path], named: bool) -> str:
+    """sha256 over `files` (with `named`, each one's name before its bytes), remembered per process while every
+    file keeps its inode, size and mtime: a stage checks one model several times (each SFT's base, each teacher),
+    and a large model's (or corpus') bytes take seconds to read."""
     now = time.time_ns()
     stats = [path.stat() for path in files]
-    key = tuple((str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns) for path, st in zip(files, stats))
+    key = (named, *((str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns) for path, st in zip(files, stats)))
     if key in _hashes:
         return _hashes[key]
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.name.encode())
+        if named:
+            digest.update(path.name.encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)

@@ -5,9 +5,9 @@ Every stage function calls `claim_output(output_dir, cfg, ...)` before it writes
 atomically) holds the config that made the directory, minus the keys that do not change the result (NEUTRAL_KEYS:
 tracking, output_dir, overwrite, plus the stage's own) plus the number of ranks where it ran on more than one (a
 training stage's global batch depends on it), and the records of the inputs it read (any config value
-naming a path at or under another stage's output directory, and any model directory no stage made, by the hash of
-its weights): so a result is "of this config" only if it was made from the same upstream results and given models
-too.
+naming a path at or under another stage's output directory, and any model directory or file no stage made, by the
+hash of its weights or content): so a result is "of this config" only if it was made from the same upstream results
+and given inputs too.
 
     same config and inputs, finished   -> "finished" (a training stage skips or resumes to the end: a no-op)
     same config and inputs, unfinished -> "resume"
@@ -45,7 +45,7 @@ from minimodel import distributed
 from minimodel.config import flatten
 from minimodel.errors import UserError
 from minimodel.files import write_text_atomic
-from minimodel.manifest import ManifestError, model_hash
+from minimodel.manifest import ManifestError, file_sha256, model_hash
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,10 @@ RECORD = ".minimodel-config.json"
 # Keys whose value does not change a stage's result (where it logs, where it writes, whether it may replace).
 NEUTRAL_KEYS = ("tracking", "output_dir", "overwrite")
 RANKS = "world_size"  # recorded beside the config of a stage run on more than one rank
-GIVEN_MODEL = "weights sha256 "  # the identity of a model no stage made (the user's primary, a teacher): its weights
+# the identity of an input no stage made: a model (the user's primary, a teacher) by its weights, a file (word
+# vectors of the user's own) by its content
+GIVEN_MODEL, GIVEN_FILE = "weights sha256 ", "file sha256 "
+PROJECT = Path(__file__).resolve().parents[1]  # its own files (configs/) are versioned with the code: not inputs
 
 Claim = Literal["new", "resume", "finished"]
 
@@ -94,16 +97,19 @@ def identity(path: str | Path) -> str | dict | None:
     return {"parts": record["parts"]} if "parts" in record else record["digest"]
 
 
-def given_model(path: str | Path) -> str | None:
-    """The identity of a Hugging Face model directory no stage made: the hash of its weights (a model replaced at the
-    same path is another input, not the one a result was made from); None for anything else."""
+def given_input(path: str | Path) -> str | None:
+    """The identity of an input no stage made: a Hugging Face model directory by the hash of its weights, a file by
+    its content's (replaced at the same path, it is another input, not the one a result was made from); None for
+    anything else, and for the project's own files."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        return None
-    try:
-        return GIVEN_MODEL + model_hash(path)
-    except ManifestError:  # a config without weights: not a model
-        return None
+    if (path / "config.json").is_file():
+        try:
+            return GIVEN_MODEL + model_hash(path)
+        except ManifestError:  # a config without weights: not a model
+            return None
+    if path.is_file() and not path.resolve().is_relative_to(PROJECT):
+        return GIVEN_FILE + file_sha256(path)
+    return None
 
 
 def _json(value: Any) -> Any:
@@ -131,7 +137,7 @@ def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), uses: Mapping[str, Itera
     inputs = {}
     for key, value in config.items():
         if key not in writes and isinstance(value, str) and value and ("/" in value or Path(value).exists()):
-            found = identity(value) or given_model(value)
+            found = identity(value) or given_input(value)
             if isinstance(found, dict) and uses and key in uses:
                 found = {"parts": {part: found["parts"].get(part) for part in uses[key]}}
             if found is not None:
@@ -171,9 +177,9 @@ def _matches(old: dict, new: dict) -> tuple[bool, dict]:
     if old.get("config") != new["config"]:
         return False, {}
     old_inputs, new_inputs = old.get("inputs", {}), new["inputs"]
-    # a record older than given models' identities lacks theirs: the same result, now naming the weights
+    # a record older than given inputs' identities lacks theirs: the same result, now naming their content
     upgrade = {key: value for key, value in new_inputs.items()
-               if key not in old_inputs and str(value).startswith(GIVEN_MODEL)}
+               if key not in old_inputs and str(value).startswith((GIVEN_MODEL, GIVEN_FILE))}
     if set(old_inputs) != set(new_inputs) - set(upgrade):
         return False, {}
     for key, value in new_inputs.items():
@@ -211,15 +217,16 @@ def differences(old: dict, new: dict) -> list[str]:
                        if not isinstance(now, dict) or now["parts"].get(part) != d]
             lines += [f"{key}: {path / part} was made again since{_why(path / part, before['parts'][part])}"
                       for part in changed]
-        elif str(before).startswith(GIVEN_MODEL) and str(now).startswith(GIVEN_MODEL):
-            lines.append(f"{key}: {path} holds other weights since ({_short(before)} -> {_short(now)})")
+        elif str(before).startswith((GIVEN_MODEL, GIVEN_FILE)) and str(now).startswith((GIVEN_MODEL, GIVEN_FILE)):
+            what = "weights" if str(now).startswith(GIVEN_MODEL) else "content"
+            lines.append(f"{key}: {path} holds other {what} since ({_short(before)} -> {_short(now)})")
         else:
             lines.append(f"{key}: {path} was made again since{_why(path, before)}")
     return lines
 
 
 def _short(given: str) -> str:
-    return given.removeprefix(GIVEN_MODEL)[:12]
+    return given.removeprefix(GIVEN_MODEL).removeprefix(GIVEN_FILE)[:12]
 
 
 def _previous(old: dict | None, new: dict) -> dict | None:

@@ -240,7 +240,9 @@ class Stage:
             # ran (Slurm's) would hash it otherwise than one made after
             if path.suffix in (".yaml", ".yml", ".json") and path.is_file() and not _under(path, made):
                 digest.update(_config_bytes(path, layout) if layout else path.read_bytes())
-        digest.update(json.dumps(stat_signature(self.watched)).encode())
+        # files a setting names (word vectors of the user's own): a replaced one redoes the stage
+        named = [path for arg in argv for path in _files_named(arg.partition("=")[2]) if not _under(path, made)]
+        digest.update(json.dumps(stat_signature([*self.watched, *named])).encode())
         for upstream in self.after:
             digest.update(upstream._effective(memo).encode())
         return digest.hexdigest()
@@ -333,6 +335,26 @@ class Stage:
         except StageFailed as e:
             raise StageFailed(f"stage {self.name} exited 0 but {e}; its log: {log_path}") from None
         return seconds
+
+
+def _files_named(value: str) -> list[Path]:
+    """The existing files a `key=value` setting's value names, anywhere in it (a list of mappings too), but settings
+    files (hashed by content) and the project's own files."""
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError:
+        return []
+    found, todo = [], [parsed]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+        elif isinstance(item, str) and item and (path := Path(item)).is_file():
+            if path.suffix not in (".yaml", ".yml", ".json") and not path.resolve().is_relative_to(provenance.PROJECT):
+                found.append(path)
+    return found
 
 
 def _under(path: Path, directories: set[Path]) -> bool:

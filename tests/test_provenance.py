@@ -190,6 +190,23 @@ def test_a_given_model_replaced_at_the_same_path_is_another_input(tmp_path, monk
     assert claim_output(out, cfg, resumable=False) == "new"  # a stage that redoes its output redoes it
 
 
+def test_a_given_file_replaced_at_the_same_path_is_another_input_and_the_projects_own_files_are_none(tmp_path):
+    """Word vectors of the user's own (init.ofa.vectors) were recorded by path only: vectors learned again into the
+    same file left an OFA adaptation "already adapted"."""
+    vectors = tmp_path / "vec.txt"
+    vectors.write_text("en:house 0.1 0.2\n")
+    out, cfg = tmp_path / "adapt", Cfg(model=str(vectors))
+    claim_output(out, cfg, resumable=True)
+    finish_output(out, cfg)
+    assert provenance.read(out)["inputs"]["model"].startswith(provenance.GIVEN_FILE)
+    assert claim_output(out, cfg, resumable=True) == "finished"
+    vectors.write_text("en:house 0.3 0.4 0.5\n")
+    with pytest.raises(ConfigChanged, match=r"model: .*vec.txt holds other content since \([0-9a-f]{12} -> "):
+        claim_output(out, cfg, resumable=True)
+    shipped = provenance.PROJECT / "configs" / "deepspeed" / "zero2.json"  # versioned with the code
+    assert shipped.is_file() and "model" not in provenance.fingerprint(Cfg(model=str(shipped)))["inputs"]
+
+
 def test_a_record_made_before_given_models_had_identities_still_matches(tmp_path):
     out, cfg = tmp_path / "adapt", Cfg(model=_given_model(tmp_path / "xlmr", b"weights"))
     claim_output(out, cfg, resumable=True)

@@ -527,3 +527,15 @@ def test_a_file_an_earlier_stage_writes_counts_through_that_stage_not_as_it_appe
     assert vectors.input_hash == planned
     own.write_text("dim: 16\n")
     assert vectors.input_hash != planned
+
+
+def test_a_file_a_setting_names_counts_in_the_hash(tmp_path):
+    """Word vectors of the user's own named in a setting (a list of mappings): replacing the file redoes the stage
+    (the stage hash covered the setting's text only, and skipped it as finished earlier with the same inputs)."""
+    vectors = tmp_path / "vec.bin"
+    vectors.write_bytes(b"old")
+    stage = Stage("adapt", "adapt", [f"init.ofa.vectors=[{{path: {vectors}, lang: sw}}]"], tmp_path / "adapt")
+    before = stage.input_hash
+    assert stage.input_hash == before
+    vectors.write_bytes(b"new vectors")
+    assert stage.input_hash != before

