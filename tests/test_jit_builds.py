@@ -70,18 +70,31 @@ def test_the_filesystem_of_a_path_is_its_longest_mount_point():
     assert jit_builds.filesystem_type(Path("/homework/x"), mounts) == "ext4"  # not under /home
 
 
-def test_on_a_shared_filesystem_an_unheld_lock_is_removed_only_once_older_than_any_build(tmp_path, monkeypatch,
-                                                                                        caplog):
-    """A cluster's venv on NFS: another node's build holds the lock where this node's /proc cannot see it."""
+def test_on_a_shared_filesystem_an_unheld_lock_is_waited_for_until_it_goes_or_is_older_than_any_build(
+        tmp_path, monkeypatch, caplog):
+    """A cluster's venv on NFS: another node's build holds the lock where this node's /proc cannot see it. The lock
+    is waited for while it may be a live build's, then removed: the old check only warned, and torch's own wait for
+    a killed build's lock never ended (a whole allocation spent waiting)."""
+    import threading
+    import time
+
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(jit_builds, "filesystem_type", lambda path: "nfs4")
+    monkeypatch.setattr(jit_builds, "POLL_S", 0.05)
     lock = tmp_path / OP / LOCK
     lock.parent.mkdir()
     lock.touch()
+    threading.Timer(0.5, lock.unlink).start()  # the other node's build ends
     with caplog.at_level(logging.WARNING, "minimodel.compat.jit_builds"):
         check_build_locks()
-    assert lock.exists() and "another node may be building" in caplog.text
-    old = lock.stat().st_mtime - jit_builds.STALE_AFTER_S - 60
+    assert not lock.exists() and "another node may be building" in caplog.text and "removing" not in caplog.text
+    lock.touch()  # a killed build's: it never goes
+    monkeypatch.setattr(jit_builds, "STALE_AFTER_S", 1.0)
+    start = time.monotonic()
+    check_build_locks()
+    assert not lock.exists() and "removing" in caplog.text and time.monotonic() - start < 30
+    old = time.time() - 60  # already older than any build: removed at once
+    lock.touch()
     os.utime(lock, (old, old))
     check_build_locks()
     assert not lock.exists()

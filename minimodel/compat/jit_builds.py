@@ -10,7 +10,7 @@ init_distributed): built in this environment, at setup time, and never waited on
   removes a lock no live process holds open, with a warning (torch's builder keeps the lock open while it builds),
   and says which process a live lock belongs to before the wait. On a filesystem other machines share (a cluster's
   venv on NFS, Lustre, ...) a build on another node holds the lock where this node cannot see it: such a lock is
-  only removed once older than any build (STALE_AFTER_S).
+  waited for until it goes, or removed once older than any build (STALE_AFTER_S; torch's own wait never ends).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 LOCK = "lock"  # torch.utils.file_baton.FileBaton's file in each extension's build directory
 SHARED_FILESYSTEMS = ("nfs", "lustre", "gpfs", "beegfs", "cifs", "smb", "ceph", "glusterfs", "fuse.")  # type prefixes
 STALE_AFTER_S = 3600  # no op builds for an hour: a lock that old on a shared filesystem is a killed build's
+POLL_S = 5.0  # how often a lock another node may hold is looked at
 
 
 def use_environment_dir() -> None:
@@ -95,14 +96,30 @@ def check_build_locks() -> None:
             elif holders is None:
                 log.warning("%s exists: if no process is building %s, delete it, or this run waits forever",
                             lock, lock.parent.name)
-            elif (time.time() - stat.st_mtime < STALE_AFTER_S
-                  and filesystem_type(lock).startswith(SHARED_FILESYSTEMS)):
-                log.warning("%s is on a filesystem other machines share: no process here holds it, so another node "
-                            "may be building %s; waiting for it (if none is, delete the lock)", lock, lock.parent.name)
-            elif stat.st_uid == os.getuid():
-                log.warning("removing %s: a build of %s was killed half-way and left it (no process holds it); "
-                            "the extension is built again", lock, lock.parent.name)
-                lock.unlink(missing_ok=True)
+            else:
+                stale_at = stat.st_mtime + STALE_AFTER_S
+                if time.time() < stale_at and filesystem_type(lock).startswith(SHARED_FILESYSTEMS):
+                    log.warning("%s is on a filesystem other machines share: no process here holds it, so another "
+                                "node may be building %s; waiting for it, at most until the lock is %d s old (if no "
+                                "build is running, delete it)", lock, lock.parent.name, STALE_AFTER_S)
+                    if _gone_by(lock, stale_at):
+                        continue
+                if stat.st_uid == os.getuid():
+                    log.warning("removing %s: a build of %s was killed half-way and left it (no process holds "
+                                "it); the extension is built again", lock, lock.parent.name)
+                    lock.unlink(missing_ok=True)
+                else:
+                    log.warning("%s belongs to another user and no process here holds it: if no build of %s is "
+                                "running, ask them to delete it, or this run waits forever", lock, lock.parent.name)
+
+
+def _gone_by(lock: Path, deadline: float) -> bool:
+    """Whether `lock` goes before `deadline` (a time.time()), looked at every POLL_S."""
+    while lock.exists():
+        if time.time() >= deadline:
+            return False
+        time.sleep(min(POLL_S, max(0.0, deadline - time.time())))
+    return True
 
 
 def build_deepspeed_ops() -> None:
