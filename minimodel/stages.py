@@ -296,9 +296,9 @@ class Stage:
         return None if stamped is None else "inputs" if stamped == input_hash else "layout"
 
     def run(self, env: dict[str, str], log_dir: Path, find_runs=None, stop: StopSignals | None = None) -> float:
-        """Run the command (output teed to a log file) in its own process group; write the stamp if it finished
-        (exit 0). Returns seconds taken; raises StageInterrupted on exit 75 or when `stop` (the pipeline's
-        StopSignals) stopped it, StageFailed on any other exit code.
+        """Run the command (output teed to `<log_dir>/<name>.log`, after the earlier attempts' output) in its own
+        process group; write the stamp if it finished (exit 0). Returns seconds taken; raises StageInterrupted on
+        exit 75 or when `stop` (the pipeline's StopSignals) stopped it, StageFailed on any other exit code.
 
         `find_runs(start_time)` -> the ids of the MLflow runs the stage logged, kept in the stamp so that a later
         pipeline run can link to them instead of running the stage again."""
@@ -311,7 +311,9 @@ class Stage:
         stop = stop or StopSignals()
         if stop.received is not None:
             raise StageInterrupted(f"stage {self.name} not started: the pipeline was told to stop")
-        with open(log_path, "w") as log:
+        with open(log_path, "a") as log:  # a rerun keeps the log of the attempt that failed or was stopped
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+            log.flush()
             proc = subprocess.Popen([sys.executable, supervisor.__file__, str(os.getpid()), *command], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True, preexec_fn=_die_with_parent)

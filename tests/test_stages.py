@@ -114,6 +114,8 @@ def test_stage_run_raises_interrupted_on_exit_75(fake_kind, tmp_path):
     assert stage.stamp() is None
     assert "fake_stage: interrupted" in (tmp_path / "logs" / "fake.log").read_text()
     stage.run(env, tmp_path / "logs")
+    log = (tmp_path / "logs" / "fake.log").read_text()  # the interrupted attempt's output kept, then the rerun's
+    assert log.count("=== ") == 2 and log.index("fake_stage: interrupted") < log.rindex("=== ")
     assert stage.stamp() is not None and stage.done
 
 
