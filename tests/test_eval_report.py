@@ -520,3 +520,23 @@ def test_every_method_has_a_colour_of_its_own_on_the_plot():
     colours = {line.get_label(): line.get_color() for line in fig.axes[0].lines}
     plt.close(fig)
     assert len({colours[f"{m} ny"] for m in methods}) == len(methods)
+
+
+def test_one_off_costs_are_shown_beside_the_per_language_compute(tmp_path):
+    """MiniPost's step 1b (its mini-model) and OFA's word vectors are spent once for every target language: they
+    were in no number of the report, so minipost's saving read as free of them."""
+    plan = {**PLAN, "minipost+ofa": (20.0, 1.0, 10, {None: 0.5})}
+    layout = PipelineLayout(tmp_path / "run")
+    write_pipeline_results(layout, plan)
+    rows = [{"step": s, "compute/flops": 1e9 * s, "compute/wall_clock_s": 3.0 * s} for s in (1, 2)]
+    (layout.minipost / "metrics.jsonl").parent.mkdir(parents=True)
+    (layout.minipost / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_json(layout.root / "word_vectors" / "summary.json", {"seconds": 12.5})
+    cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'report'}", f"pipeline_dir={layout.root}",
+                                               "tracking.enabled=false"])
+    paths = report(cfg).outputs
+    one_off = json.loads(paths["json"].read_text())["one_off"]
+    assert one_off == {"minipost": {"flops": 2e9, "wall_clock_s": 6.0, "methods": ["minipost", "minipost+ofa"]},
+                       "word_vectors": {"flops": None, "wall_clock_s": 12.5, "methods": ["minipost+ofa"]}}
+    text = paths["markdown"].read_text()
+    assert "| minipost | 2e+09 | 6 | minipost, minipost+ofa |" in text and "| word_vectors | — | 12 |" in text

@@ -33,6 +33,8 @@ method gets a warning (logged, and in report.json's `warnings` and report.md) wh
 it by more than two standard errors of the difference ("made the model worse"; `below_baseline`; any gap below it
 where the evaluations logged no n_examples) or within two standard errors of it, either side ("no measurable gain";
 `within_baseline_noise`): a 0.006 gap on 500 examples is noise, neither harm nor gain.
+What is spent once for every target language (a head for a headless primary, MiniPost's step 1b, OFA's word
+vectors) is in no language's compute: report.json's `one_off` and report.md list it apart.
 Writes report.json, report.md and compute_vs_quality.png to output_dir; with tracking, they and the headline
 numbers are also attached to the pipeline's MLflow run, for people to look at.
 """
@@ -267,8 +269,30 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
     for task in tasks or []:
         if task not in metric_of and (layout.root / "zero_shot" / task).is_dir():
             leave_out(layout.root / "zero_shot" / task, "none of its zero-shot results could be reported")
+    found = {m for per_lang in points.values() for per_method in per_lang.values() for m in per_method}
     return {"points": points, "source": source, "own_source": own_source, "metric": metric_of, "majority": majority,
-            "baseline": baseline, "left_out": left_out}
+            "baseline": baseline, "left_out": left_out, "one_off": one_off_costs(layout, sorted(found))}
+
+
+def one_off_costs(layout: PipelineLayout, methods: list[str]) -> dict[str, dict]:
+    """What is spent once for every target language, in no language's compute above: a head learned for a headless
+    primary (all methods), MiniPost's step 1b (its mini-model), OFA's word vectors (wall clock only: the SVD's FLOPs
+    are not counted). {what: {"flops", "wall_clock_s", "methods"}} for those that ran."""
+    parsed = [parse_method(m) for m in methods]
+    costs = {}
+    for what, run_dir, users in (("head", layout.head, [m.name for m in parsed]),
+                                 ("minipost", layout.minipost, [m.name for m in parsed if m.model == "minipost"])):
+        rows = read_metrics(run_dir / "metrics.jsonl") if users and (run_dir / "metrics.jsonl").is_file() else {}
+        if rows:
+            last = rows[max(rows)]
+            costs[what] = {"flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"],
+                           "methods": users}
+    ofa = [m.name for m in parsed if m.init == "ofa"]
+    vectors = layout.root / "word_vectors" / "summary.json"
+    if ofa and vectors.is_file():
+        costs["word_vectors"] = {"flops": None, "wall_clock_s": json.loads(vectors.read_text())["seconds"],
+                                 "methods": ofa}
+    return costs
 
 
 def compute_to_reach(points: list[Point], target: float) -> Point | None:
@@ -359,7 +383,8 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
     left_out = list(data.get("left_out", []))
     warnings += [f"left out: {what}" for what in left_out]
     return {"reference_method": reference, "methods": order, "fractions": fractions, "chance_margin": chance_margin,
-            "baseline_method": BASELINE, "tasks": tasks, "warnings": warnings, "left_out": left_out}
+            "baseline_method": BASELINE, "tasks": tasks, "warnings": warnings, "left_out": left_out,
+            "one_off": data.get("one_off", {})}
 
 
 def two_standard_errors(a: float, n_a: float | None, b: float, n_b: float | None,
@@ -429,6 +454,11 @@ def markdown(summary: dict) -> str:
     if summary.get("left_out"):
         lines += ["**Left out** (no result of this config to report):", "",
                   *(f"- {what}" for what in summary["left_out"]), ""]
+    if summary.get("one_off"):
+        lines += ["**One-off costs** (spent once for every target language; in no language's compute below):", "",
+                  "| what | FLOPs | wall clock (s) | methods |", "|---|---|---|---|",
+                  *(f"| {what} | {_fmt(c['flops'])} | {_fmt(c['wall_clock_s'], '.0f')} | {', '.join(c['methods'])} |"
+                    for what, c in summary["one_off"].items()), ""]
     for task, t in summary["tasks"].items():
         metric = t["metric"]
         source = ", ".join(f"{lang} {_fmt(v, '.4g')}" for lang, v in t["source"].items())
