@@ -114,6 +114,16 @@ def build_world(root: Path, **data) -> World:
     return World(root, data_dir, primary, mini)
 
 
+def extend_args(world: World, out: Path, lang: str, steps: int, micro_batch_size: int) -> list[str]:
+    """adapt/train.py's settings of a short tokenizer.mode=extend adaptation (ZeRO-2) over `world`'s mini-model."""
+    return [f"output_dir={out}", "over=mini", f"primary_model={world.primary}", f"mini_model={world.mini}",
+            f"data_dir={world.data_dir}", f"target_langs=[{lang}]", "seq_length=64", "tokenizer.mode=extend",
+            "tokenizer.new_pieces=200", "init.method=copy_shared", f"train.steps={steps}",
+            f"train.micro_batch_size={micro_batch_size}", "train.optim.lr=0.01", "train.schedule.warmup_steps=2",
+            f"train.eval.every={steps}", "train.eval.batches=2", "train.zero_config=configs/deepspeed/zero2.json",
+            "tracking.enabled=false"]
+
+
 def launch_env() -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")

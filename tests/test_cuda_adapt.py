@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from adapt_helpers import (build_world, copy_language, metrics, resumed_at, run_deepspeed,
+from adapt_helpers import (build_world, copy_language, extend_args, metrics, resumed_at, run_deepspeed,
                            run_deepspeed_and_signal)
 from process_helpers import tail
 from cuda_helpers import CUDA, GPU_DATA_CONFIG, ROOT, record
@@ -87,13 +87,8 @@ def test_extend_keeps_the_primarys_rows_bit_identical_in_bf16(world, tmp_path):
     from minimodel.hf import load_tokenizer
 
     out, log = tmp_path / "extend", tmp_path / "extend.log"
-    rc = run_deepspeed("adapt/train.py", [
-        f"output_dir={out}", "over=mini", f"primary_model={world.primary}", f"mini_model={world.mini}",
-        f"data_dir={world.data_dir}", "target_langs=[ny]", "source_lang=en", "seq_length=64",
-        "tokenizer.mode=extend", "tokenizer.new_pieces=200", "init.method=copy_shared", "train.steps=20",
-        "train.micro_batch_size=16", "train.optim.lr=0.01", "train.schedule.warmup_steps=2", "train.eval.every=20",
-        "train.eval.batches=2", "train.zero_config=configs/deepspeed/zero2.json", "tracking.enabled=false"],
-        log, ranks=1)
+    rc = run_deepspeed("adapt/train.py", [*extend_args(world, out, "ny", steps=20, micro_batch_size=16),
+                                          "source_lang=en"], log, ranks=1)
     assert rc == 0, tail(log)
     assert "bf16" in log.read_text(), tail(log)
     source_rows = AutoModelForMaskedLM.from_pretrained(world.primary).get_input_embeddings().weight.detach().float()

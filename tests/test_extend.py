@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapt_helpers import World, prepare_tiny_data, pretrain_primary_and_mini, run_deepspeed
+from adapt_helpers import World, extend_args, prepare_tiny_data, pretrain_primary_and_mini, run_deepspeed
 from process_helpers import tail
 from safetensors.torch import load_file
 from transformers import MegatronBertForMaskedLM
@@ -65,12 +65,8 @@ def test_extended_adaptation_over_the_mini_model_keeps_the_primary_rows_bit_iden
     data_dir = prepare_tiny_data(tmp_path / "data")
     world = World(tmp_path, data_dir, *pretrain_primary_and_mini(data_dir, tmp_path / "models", steps=30))
     out, log = tmp_path / "adapt", tmp_path / "adapt.log"
-    rc = run_deepspeed("adapt/train.py", [
-        f"output_dir={out}", "over=mini", f"primary_model={world.primary}", f"mini_model={world.mini}",
-        f"data_dir={data_dir}", "target_langs=[sw]", "seq_length=64", "tokenizer.mode=extend",
-        "tokenizer.new_pieces=200", "init.method=copy_shared", "train.steps=10", "train.micro_batch_size=8",
-        "train.optim.lr=0.01", "train.schedule.warmup_steps=2", "train.torch_adam=true", "train.eval.every=10",
-        "train.eval.batches=2", "train.zero_config=configs/deepspeed/zero2.json", "tracking.enabled=false"], log)
+    rc = run_deepspeed("adapt/train.py", [*extend_args(world, out, "sw", steps=10, micro_batch_size=8),
+                                          "train.torch_adam=true"], log)
     assert rc == 0, tail(log)
     primary = MegatronBertForMaskedLM.from_pretrained(world.primary)
     source_rows = primary.get_input_embeddings().weight.detach()

@@ -435,12 +435,14 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
 
         distributed.on_rank0(write_step0)
 
+        def learned(engine) -> dict[str, torch.Tensor]:  # collective
+            tensors = gather_full_params(engine, trainable)
+            return tensors if frozen_rows is None else frozen_rows.restore(tensors)
+
         def snapshot(engine, state: dict) -> None:
             if not (cfg.snapshot_interval and state["step"] % cfg.snapshot_interval == 0):
                 return
-            tensors = gather_full_params(engine, trainable)  # collective
-            if frozen_rows is not None:
-                tensors = frozen_rows.restore(tensors)
+            tensors = learned(engine)
             distributed.on_rank0(lambda: write_artifact(
                 snapshot_dir(run_dir, state["step"]), {**tensors, **fixed},
                 {**provenance, "steps": state["step"], "flops": state["flops"], "wall_clock_s": state["wall_clock_s"]}))
@@ -452,9 +454,7 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
         if result.interrupted:
             tracker.interrupted(result.step)
             return "interrupted"
-        tensors = gather_full_params(result.engine, trainable)  # collective
-        if frozen_rows is not None:
-            tensors = frozen_rows.restore(tensors)
+        tensors = learned(result.engine)
         state_numel = optimizer_state_numel(result.engine)  # collective
 
         def finish():  # rank 0; its error reaches every rank (run_languages goes on to the next language)
