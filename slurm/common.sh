@@ -100,7 +100,7 @@ mm_launch() {
     rc=0
     wait "$MM_STEP_PID" || rc=$?
   done
-  trap - USR1 TERM
+  trap '' USR1 TERM  # the stage is over: a late signal must not kill the requeue, the stamping or the exit
   if [ "$MM_SIGNAL" = USR1 ] && [ "$rc" -ne 0 ]; then  # a stage that finished before the signal mattered is done
     mm_log "stage stopped (exit $rc); requeueing job $SLURM_JOB_ID to resume from its checkpoint"
     scontrol requeue "$SLURM_JOB_ID" ||

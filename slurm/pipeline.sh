@@ -51,7 +51,7 @@ while IFS=$'\x1f' read -r name after langs task_args stamps command; do
   fi
   eval "set -- $command"  # the shell-quoted template + arguments (shlex.join) back into words
   submit=("$@")
-  options=(--parsable --job-name="$name")
+  options=(--parsable --job-name="$name" --kill-on-invalid-dep=yes)  # a failed stage cancels what needs it
   deps=""
   for dep in $after; do deps+=":${job_id[$dep]}"; done
   [ -n "$deps" ] && options+=(--dependency="afterok$deps")

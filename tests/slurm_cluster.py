@@ -158,9 +158,10 @@ class SlurmCluster:
             "SchedulerType=sched/backfill", "SchedulerParameters=sched_interval=2,bf_interval=1",
             "MpiDefault=none", "SwitchType=switch/none", "MailProg=/bin/true",
             "ReturnToService=2", "SlurmdParameters=config_overrides",
-            # A dependant of a failed job is cancelled instead of pending forever; an impossible request is
-            # refused at submission instead of pending forever.
-            "DependencyParameters=kill_invalid_depend", "EnforcePartLimits=ALL",
+            # An impossible request is refused at submission instead of pending forever. (A dependant of a
+            # failed job pends forever on a cluster left at Slurm's default: slurm/pipeline.sh submits with
+            # --kill-on-invalid-dep=yes, which the pipeline test checks here, where nothing else cancels them.)
+            "EnforcePartLimits=ALL",
             "JobCompType=jobcomp/filetxt", f"JobCompLoc={r / 'log' / 'jobcomp.txt'}",
             "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
             "KillWait=10", "InactiveLimit=0", "MinJobAge=600",
