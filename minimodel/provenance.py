@@ -56,7 +56,7 @@ RANKS = "world_size"  # recorded beside the config of a stage run on more than o
 # the identity of an input no stage made: a model (the user's primary, a teacher) by its weights, a file (word
 # vectors of the user's own) by its content
 GIVEN_MODEL, GIVEN_FILE = "weights sha256 ", "file sha256 "
-PROJECT = Path(__file__).resolve().parents[1]  # its own files (configs/) are versioned with the code: not inputs
+SHIPPED = Path(__file__).resolve().parents[1] / "configs"  # the project's own settings files: versioned with the code
 
 Claim = Literal["new", "resume", "finished"]
 
@@ -100,14 +100,14 @@ def identity(path: str | Path) -> str | dict | None:
 def given_input(path: str | Path) -> str | None:
     """The identity of an input no stage made: a Hugging Face model directory by the hash of its weights, a file by
     its content's (replaced at the same path, it is another input, not the one a result was made from); None for
-    anything else, and for the project's own files."""
+    anything else, and for the project's own settings files (configs/)."""
     path = Path(path)
     if (path / "config.json").is_file():
         try:
             return GIVEN_MODEL + model_hash(path)
         except ManifestError:  # a config without weights: not a model
             return None
-    if path.is_file() and not path.resolve().is_relative_to(PROJECT):
+    if path.is_file() and not path.resolve().is_relative_to(SHIPPED):
         return GIVEN_FILE + file_sha256(path)
     return None
 
@@ -291,7 +291,7 @@ def _setting_defaults(cfg: Any, ignore: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _recorded(output_dir: Path, cfg: Any, ignore: tuple[str, ...]) -> dict | None:
-    """The record in `output_dir`, less the config keys `ignore` names (one written when they still counted), read
+    """The record in `output_dir`, less the config keys and inputs `ignore` names (one written when they counted), read
     with the default of every setting added to the config since it was written (a new setting's default keeps the
     behaviour it had before the setting existed, so a result made then is still of a config that leaves it there)."""
     record = read(output_dir)
@@ -300,6 +300,7 @@ def _recorded(output_dir: Path, cfg: Any, ignore: tuple[str, ...]) -> dict | Non
     config = {k: v for k, v in record["config"].items() if not _neutral(k, ignore)}
     added = {k: v for k, v in _setting_defaults(cfg, ignore).items() if k not in config}
     record["config"] = {**added, **config}
+    record["inputs"] = {k: v for k, v in record.get("inputs", {}).items() if not _neutral(k, ignore)}
     return record
 
 

@@ -341,7 +341,7 @@ class Stage:
 
 def _files_named(value: str) -> list[Path]:
     """The existing files a `key=value` setting's value names, anywhere in it (a list of mappings too), but settings
-    files (hashed by content) and the project's own files."""
+    files (hashed by content) and the project's own (configs/)."""
     try:
         parsed = yaml.safe_load(value) if value else None
     except yaml.YAMLError:
@@ -354,7 +354,7 @@ def _files_named(value: str) -> list[Path]:
         elif isinstance(item, list):
             todo.extend(item)
         elif isinstance(item, str) and item and (path := Path(item)).is_file():
-            if path.suffix not in (".yaml", ".yml", ".json") and not path.resolve().is_relative_to(provenance.PROJECT):
+            if path.suffix not in (".yaml", ".yml", ".json") and not path.resolve().is_relative_to(provenance.SHIPPED):
                 found.append(path)
     return found
 

@@ -103,6 +103,19 @@ class CfgWithEntries(Cfg):
     schedule: list = field(default_factory=lambda: ["warmup"])
 
 
+def test_an_input_a_stage_no_longer_counts_leaves_its_records_valid(tmp_path):
+    """A key made neutral (adaptation's init.ofa.* without OFA) drops from an old record's inputs too: a record that
+    listed the word vectors' result as an input was refused as another config's, naming "None was made again"."""
+    vectors, out = tmp_path / "word_vectors", tmp_path / "adapt"
+    claim_output(vectors, Cfg(), resumable=False)
+    finish_output(vectors, Cfg())
+    cfg = Cfg(model=str(vectors / "vectors.bin"))
+    claim_output(out, cfg, resumable=True)
+    finish_output(out, cfg)  # written when `model` counted
+    assert "model" in provenance.read(out)["inputs"]
+    assert claim_output(out, cfg, resumable=True, ignore=("model",)) == "finished"
+
+
 def test_a_setting_added_since_a_record_was_written_counts_only_away_from_its_default(tmp_path):
     """A config gains a setting (BiStil's `method`): a result recorded before it existed is still of the config that
     leaves the setting at its default (the behaviour it had then), resumed or skipped as before; set to anything
@@ -190,7 +203,7 @@ def test_a_given_model_replaced_at_the_same_path_is_another_input(tmp_path, monk
     assert claim_output(out, cfg, resumable=False) == "new"  # a stage that redoes its output redoes it
 
 
-def test_a_given_file_replaced_at_the_same_path_is_another_input_and_the_projects_own_files_are_none(tmp_path):
+def test_a_given_file_replaced_at_the_same_path_is_another_input_and_the_projects_settings_are_none(tmp_path):
     """Word vectors of the user's own (init.ofa.vectors) were recorded by path only: vectors learned again into the
     same file left an OFA adaptation "already adapted"."""
     vectors = tmp_path / "vec.txt"
@@ -203,7 +216,7 @@ def test_a_given_file_replaced_at_the_same_path_is_another_input_and_the_project
     vectors.write_text("en:house 0.3 0.4 0.5\n")
     with pytest.raises(ConfigChanged, match=r"model: .*vec.txt holds other content since \([0-9a-f]{12} -> "):
         claim_output(out, cfg, resumable=True)
-    shipped = provenance.PROJECT / "configs" / "deepspeed" / "zero2.json"  # versioned with the code
+    shipped = provenance.SHIPPED / "deepspeed" / "zero2.json"  # versioned with the code
     assert shipped.is_file() and "model" not in provenance.fingerprint(Cfg(model=str(shipped)))["inputs"]
 
 
