@@ -26,7 +26,7 @@ from minimodel.config import ConfigError, parse_cli
 from minimodel import distributed, faults
 from minimodel.errors import UserError
 from minimodel.stages import KINDS, StageResult
-from minimodel.training.preemption import Interrupted, stop_outside_training
+from minimodel.training.preemption import Interrupted, ignore_signals, stop_outside_training
 
 C = TypeVar("C")
 
@@ -58,10 +58,11 @@ def run_stage(config_cls: type[C], stage: Callable[[C], StageResult], descriptio
     setup_logging()
     cfg = parse_cli(config_cls, description=description)
     torch.manual_seed(0)  # stages seed what they draw from their configs; this covers any draw that they do not
-    stop_outside_training()
+    handled = stop_outside_training()
     try:
         result = stage(cfg)
     except Interrupted as e:  # what it wrote is atomic, its claim unfinished: a rerun resumes or redoes it
+        ignore_signals(handled)
         print(f"{_script_name()}: interrupted ({e}, outside training): run the same command again to resume",
               file=sys.stderr)
         distributed.destroy()
@@ -73,6 +74,8 @@ def run_stage(config_cls: type[C], stage: Callable[[C], StageResult], descriptio
         # interpreter's exit in gloo's threads ("terminate called without an active exception"), losing exit code 2
         distributed.destroy()
         return USER_ERROR_EXIT_CODE
+    finally:
+        ignore_signals(handled)  # the stage is over: a late signal must not turn its outcome into a traceback
     # after a return only (on an error, another rank may still be in a collective): every rank has done its part
     # (rank 0 writes the summaries) before any exits, as a launcher ends the others once one exits with 75
     distributed.barrier()

@@ -302,7 +302,7 @@ def on_rank0(fn):
     if rank() == 0:
         try:
             box[0] = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        except BaseException as e:  # noqa: BLE001 - re-raised below, on every rank (a stop signal's Interrupted too)
             box[0] = e
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)

@@ -58,6 +58,7 @@ import yaml
 from minimodel import distributed
 from minimodel.config import flatten, require, to_dict
 from minimodel.files import write_text_atomic
+from minimodel.training.preemption import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,14 @@ class BackgroundWriter:
 
 
 # -- the run ---------------------------------------------------------------------------------------
+
+def exit_status(exc_type: type | None) -> str:
+    """The MLflow status of a run its stage leaves with `exc_type` (None: returned): a stop signal outside training
+    (Interrupted) is KILLED, as an interrupted training's, and the next launch continues the run."""
+    if exc_type is None:
+        return "FINISHED"
+    return "KILLED" if issubclass(exc_type, Interrupted) else "FAILED"
+
 class Tracker:
     """An MLflow run for one stage (inert on ranks other than 0 and when tracking is off)."""
 
@@ -527,4 +536,4 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish("FINISHED" if exc_type is None else "FAILED")
+        self.finish(exit_status(exc_type))

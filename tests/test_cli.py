@@ -148,3 +148,35 @@ def test_a_stop_signal_outside_training_interrupts_a_rank_that_inherited_it_igno
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err
     assert f"adapt/toy: interrupted ({signum}, outside training): run the same command again to resume" in err
+
+
+# The stage has returned: its outputs are printed, and a late stop signal (Slurm's, as the job ends) comes meanwhile.
+LATE = """
+import os, signal, sys
+from minimodel.cli import run_stage
+from minimodel.stages import StageResult
+sys.path.insert(0, "tests")
+from test_cli import ToyConfig
+
+class Late:
+    def __str__(self):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return "printed"
+
+sys.argv = ["adapt/toy.py", "output_dir=x"]
+raise SystemExit(run_stage(ToyConfig, lambda cfg: StageResult("finished", {"result": Late()}), "toy"))
+"""
+
+
+def test_a_stop_signal_after_the_stage_returned_leaves_its_outcome():
+    """The handler stayed installed after the stage: a signal while its outputs were printed (or in the final
+    barrier) raised Interrupted there, a traceback and exit 1 for a finished stage."""
+    import signal
+
+    def ignore_stop_signals():
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+    done = subprocess.run([sys.executable, "-c", LATE], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          preexec_fn=ignore_stop_signals)
+    assert done.returncode == 0 and "result: printed" in done.stdout and "Traceback" not in done.stderr, done.stderr

@@ -13,16 +13,29 @@ RANKS = textwrap.dedent("""
     from datetime import timedelta
 
     from minimodel import distributed
+    from minimodel.training.preemption import Interrupted
 
     distributed.init_process_group(timeout=timedelta(seconds=60))
     rank = distributed.rank()
+
+    def say(line):  # one write: the two ranks' lines never interleave on the shared pipe
+        os.write(1, (line + "\\n").encode())
+
     try:  # rank 0 fails: every rank raises its error and goes on together (a per-language stage's next language)
         distributed.on_rank0(lambda: 1 / 0)
     except ZeroDivisionError as e:
-        print(f"rank {rank} raised {type(e).__name__}", flush=True)
+        say(f"rank {rank} raised {type(e).__name__}")
+
+    def stopped():  # a stop signal outside training on rank 0 (cli.run_stage ends every rank with exit 75)
+        raise Interrupted("SIGUSR1")
+
+    try:
+        distributed.on_rank0(stopped)
+    except Interrupted as e:
+        say(f"rank {rank} raised {type(e).__name__}")
     ran = []
     value = distributed.on_rank0(lambda: ran.append(rank) or 7)
-    print(f"rank {rank} got {value}, ran here: {bool(ran)}", flush=True)
+    say(f"rank {rank} got {value}, ran here: {bool(ran)}")
     distributed.destroy()
 """)
 
@@ -38,5 +51,5 @@ def test_a_rank0_failure_reaches_every_rank_and_the_collectives_stay_in_step(tmp
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
-    assert lines == ["rank 0 got 7, ran here: True", "rank 0 raised ZeroDivisionError",
-                     "rank 1 got 7, ran here: False", "rank 1 raised ZeroDivisionError"]
+    assert lines == ["rank 0 got 7, ran here: True", "rank 0 raised Interrupted", "rank 0 raised ZeroDivisionError",
+                     "rank 1 got 7, ran here: False", "rank 1 raised Interrupted", "rank 1 raised ZeroDivisionError"]

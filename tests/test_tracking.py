@@ -118,6 +118,17 @@ def test_failed_stage_is_marked_failed_and_keeps_its_metrics(store):
     assert run.info.status == "FAILED" and run.data.metrics["train/loss"] == 1.5
 
 
+def test_a_stage_stopped_outside_training_is_marked_killed_not_failed(store):
+    """A stop signal outside a training loop (Interrupted: the stage exits 75 and its next launch resumes) ended the
+    run FAILED, as a crash would."""
+    from minimodel.training.preemption import Interrupted
+
+    with pytest.raises(Interrupted):
+        with Tracker(TrackingConfig(store_dir=str(store))) as t:
+            raise Interrupted("SIGUSR1")
+    assert client_for(store).get_run(t.run_id).info.status == "KILLED"
+
+
 def test_stage_exiting_without_finish_keeps_its_metrics(store):
     script = ("import sys\nfrom minimodel.tracking import Tracker, TrackingConfig\n"
               f"t = Tracker(TrackingConfig(store_dir={str(store)!r}, flush_every=1000))\n"

@@ -30,7 +30,7 @@ from minimodel.tracking import Tracker, layout_tags
 from minimodel.training import checkpoint as ckpt
 from minimodel.training.config import PretrainConfig, PretrainLoopConfig
 from minimodel.training.metrics import MetricSink, plot_losses
-from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PreemptionSignal
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE, Interrupted, PreemptionSignal
 from minimodel.training.sampler import MicroBatches, epochs_of
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,9 @@ class Trainer:
                          f"command to resume")
             status = "KILLED" if stop_signal else "FINISHED"
             return PretrainResult(self.step, self.last_checkpoint, bool(stop_signal), self.tracker.run_id)
+        except Interrupted:  # a stop signal where the loop's own handler was not listening: resumed as well
+            status = "KILLED"
+            raise
         finally:
             self.tracker.finish(status)
 

@@ -34,14 +34,21 @@ class Interrupted(BaseException):
     """A stop signal came while no training loop was listening: the stage ends as interrupted (exit 75)."""
 
 
-def stop_outside_training() -> None:
+def stop_outside_training() -> list[int]:
     """Called as a stage starts. A rank under a launcher that must outlive it (slurm/on_node.sh) inherits the stop
     signals ignored: one that came while no training loop listened (data preparation, model loading, between
     languages, the final writes) was lost, and the job ran on to its time limit, unrequeued. Such a signal now
-    raises Interrupted there; a training loop's own handler (PreemptionSignal) checkpoints first."""
-    for sig in PREEMPTION_SIGNALS:
-        if signal.getsignal(sig) == signal.SIG_IGN:
-            signal.signal(sig, _interrupt)
+    raises Interrupted there; a training loop's own handler (PreemptionSignal) checkpoints first. Returns the signals
+    it handles (ignore_signals gives them back once the stage is over)."""
+    handled = [sig for sig in PREEMPTION_SIGNALS if signal.getsignal(sig) == signal.SIG_IGN]
+    for sig in handled:
+        signal.signal(sig, _interrupt)
+    return handled
+
+
+def ignore_signals(signals: list[int]) -> None:
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _interrupt(signum, frame) -> None:
