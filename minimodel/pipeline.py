@@ -105,7 +105,8 @@ class PipelineConfig:
     # (every layer frozen) and its model is the primary of everything after
     primary_head: Literal["keep", "train"] = "keep"
     pretrain_nproc: int = 2  # torchrun processes for step 1
-    adapt_nproc: int = 1  # deepspeed ranks per adaptation run
+    adapt_nproc: int = 1  # deepspeed ranks per adaptation run (language SFTs and BiStil's phase 1 too)
+    minipost_nproc: int = 1  # deepspeed ranks of MiniPost's step 1b (and of a head learned for a headless primary)
     configs: StageConfigs = field(default_factory=StageConfigs)
     # extra key=value overrides per stage name (data, pretrain, export, minipost, adapt, lang_sft, finetune, task_sft,
     # distill, distill_task, zero_shot, report)
@@ -123,7 +124,7 @@ class PipelineConfig:
         require(self.source_lang not in self.target_langs, "target_langs",
                 f"the source language {self.source_lang} cannot also be a target")
         require(len(self.target_langs) >= 1, "target_langs", "name at least one target language")
-        for key in ("pretrain_nproc", "adapt_nproc"):
+        for key in ("pretrain_nproc", "adapt_nproc", "minipost_nproc"):
             require(getattr(self, key) >= 1, key, f"{getattr(self, key)} processes: give at least 1")
         parsed = [parse_method(spec, f"methods[{i}]") for i, spec in enumerate(self.methods)]
         for i, (spec, method) in enumerate(zip(self.methods, parsed)):
@@ -322,7 +323,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                           *([f"tokenizer={cfg.primary_tokenizer}"] if cfg.primary_tokenizer else []),
                                           f"output_dir={at.head}", *source_data, "mini.head_only=true",
                                           "mini.head_init=random", "distill.weight=0", *extra("minipost")],
-                     at.head, [prepare])
+                     at.head, [prepare], nproc=cfg.minipost_nproc)
     else:  # the primary exists: what waited for the export waits for the data
         export = prepare
     # the stage that makes each model source's model for adaptation (minimodel/methods.py MODELS)
@@ -332,7 +333,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                   ["--config", cfg.configs.minipost, f"source={at.primary}",
                                    *([f"tokenizer={cfg.primary_tokenizer}"] if cfg.primary_tokenizer else []),
                                    f"output_dir={at.minipost}", *source_data, *extra("minipost")],
-                                  at.minipost, [export])
+                                  at.minipost, [export], nproc=cfg.minipost_nproc)
 
     def adapt_settings(method) -> list[str]:  # the user's, after the pipeline's: an explicit setting wins
         return [*extra("adapt"), *cfg.method_overrides.get(method.name, [])]

@@ -234,14 +234,14 @@ def test_a_job_asks_slurm_for_the_ranks_its_plan_hashed(tmp_path):
     """A job ran with the GPUs its template asks (minipost.sh: 8, adapt.sh: 1) while its stamp carried the plan's
     rank count (adapt_nproc=2: --num_gpus 2): a result of another global batch, skipped later as this config's.
     Pretraining's result is the same at any count (its layout keys); one-process stages ask nothing."""
-    planned = two_language_plan(tmp_path, "adapt_nproc=2")
+    planned = two_language_plan(tmp_path, "adapt_nproc=2", "minipost_nproc=4")
     gpus = {job["name"]: job["gpus_per_node"] for job in planned["jobs"]}
     assert {gpus[name] for name in gpus if name.startswith(("adapt-", "lang_sft", "distill-"))} == {2}
-    assert gpus["minipost"] == gpus["finetune"] == 1 and gpus["pretrain"] is None and gpus["data"] is None
+    assert gpus["minipost"] == 4 and gpus["finetune"] == 1 and gpus["pretrain"] is None and gpus["data"] is None
     rows = [line.split(UNIT) for line in lines(planned)]
     submit = {row[0]: shlex.split(row[5]) for row in rows if row[0] != "env"}
     assert submit["adapt-standard"][:2] == ["--gpus-per-node=2", "slurm/adapt.sh"]
-    assert submit["minipost"][:2] == ["--gpus-per-node=1", "slurm/minipost.sh"]
+    assert submit["minipost"][:2] == ["--gpus-per-node=4", "slurm/minipost.sh"]
     assert submit["pretrain"][0] == "slurm/pretrain_minijoint.sh" and submit["data"][0] == "slurm/python.sh"
 
 
