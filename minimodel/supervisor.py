@@ -59,13 +59,17 @@ def signal_all(signum, pids):
 
 def main(pipeline: int, command: list[str]) -> int:
     stopping = 0.0
+    early: list[int] = []  # the pipeline's stop for the group, come before the stage existed to get it
 
     def stop_all(signum=None, frame=None):
         nonlocal stopping
+        if signum is not None and child is None:
+            early.append(signum)
         if os.getppid() != pipeline and not stopping:  # the pipeline died: stop the stage as its signal would
             stopping = time.monotonic()
             signal_all(signal.SIGTERM, descendants())
 
+    child = None
     try:
         ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans below come to us
     except (OSError, AttributeError):
@@ -73,6 +77,8 @@ def main(pipeline: int, command: list[str]) -> int:
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
     child = subprocess.Popen(command)
+    if early:  # as the group's signal would have reached it
+        child.send_signal(signal.SIGTERM)
     stop_all()  # the pipeline may have died before the kernel was told to tell us
     while True:
         try:

@@ -541,3 +541,27 @@ def test_a_file_a_setting_names_counts_in_the_hash(tmp_path):
     assert stage.input_hash == before
     vectors.write_bytes(b"new vectors")
     assert stage.input_hash != before
+
+
+SUPERVISED_LATE = """
+import os, signal, subprocess, sys
+from minimodel import supervisor
+
+popen = subprocess.Popen
+def popen_after_a_stop(*args, **kwargs):  # the pipeline's stop reaches the group before the stage has started
+    os.kill(os.getpid(), signal.SIGTERM)
+    return popen(*args, **kwargs)
+subprocess.Popen = popen_after_a_stop
+print(supervisor.main(os.getppid(), [sys.executable, "-c", "import time; time.sleep(60)"]))
+"""
+
+
+def test_a_stop_that_reaches_the_supervisor_before_its_stage_starts_stops_the_stage():
+    """The supervisor ignores the pipeline's SIGTERM to its group (it stays to supervise): one that came before it
+    had started the stage reached no stage, which then ran to its end."""
+    import time
+
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", SUPERVISED_LATE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "-15" and time.monotonic() - start < 30, (done.stdout, done.stderr)
