@@ -102,7 +102,7 @@ def check_build_locks() -> None:
                     log.warning("%s is on a filesystem other machines share: no process here holds it, so another "
                                 "node may be building %s; waiting for it, at most until the lock is %d s old (if no "
                                 "build is running, delete it)", lock, lock.parent.name, STALE_AFTER_S)
-                    if _gone_by(lock, stale_at):
+                    if _gone_by(lock, stat, stale_at):
                         continue
                 if stat.st_uid == os.getuid():
                     log.warning("removing %s: a build of %s was killed half-way and left it (no process holds "
@@ -113,13 +113,19 @@ def check_build_locks() -> None:
                                 "running, ask them to delete it, or this run waits forever", lock, lock.parent.name)
 
 
-def _gone_by(lock: Path, deadline: float) -> bool:
-    """Whether `lock` goes before `deadline` (a time.time()), looked at every POLL_S."""
-    while lock.exists():
+def _gone_by(lock: Path, seen: os.stat_result, deadline: float) -> bool:
+    """Whether the lock file `seen` goes before `deadline` (a time.time()), looked at every POLL_S; one taken again
+    meanwhile (another inode or mtime: a new build's) counts as gone, and is left to torch to wait for."""
+    while True:
+        try:
+            now = lock.stat()
+        except FileNotFoundError:
+            return True
+        if (now.st_ino, now.st_mtime_ns) != (seen.st_ino, seen.st_mtime_ns):
+            return True
         if time.time() >= deadline:
             return False
         time.sleep(min(POLL_S, max(0.0, deadline - time.time())))
-    return True
 
 
 def build_deepspeed_ops() -> None:
