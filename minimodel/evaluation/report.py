@@ -277,22 +277,33 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
 def one_off_costs(layout: PipelineLayout, methods: list[str]) -> dict[str, dict]:
     """What is spent once for every target language, in no language's compute above: a head learned for a headless
     primary (all methods), MiniPost's step 1b (its mini-model), OFA's word vectors (wall clock only: the SVD's FLOPs
-    are not counted). {what: {"flops", "wall_clock_s", "methods"}} for those that ran."""
-    parsed = [parse_method(m) for m in methods]
+    are not counted), each for the methods that use it, themselves or through the method they build on.
+    {what: {"flops", "wall_clock_s", "methods"}} for those that finished for their current config."""
+    def lineage(name: str) -> list:  # the method and those it builds on
+        method = parse_method(name)
+        return [method, *(lineage(method.builds_on) if method.builds_on else [])]
+
+    uses = {name: lineage(name) for name in methods}
     costs = {}
-    for what, run_dir, users in (("head", layout.head, [m.name for m in parsed]),
-                                 ("minipost", layout.minipost, [m.name for m in parsed if m.model == "minipost"])):
-        rows = read_metrics(run_dir / "metrics.jsonl") if users and (run_dir / "metrics.jsonl").is_file() else {}
+    for what, run_dir, users in (
+            ("head", layout.head, list(methods)),
+            ("minipost", layout.minipost, [n for n, ms in uses.items() if any(m.model == "minipost" for m in ms)])):
+        rows = read_metrics(run_dir / "metrics.jsonl") if users and _finished(run_dir / "metrics.jsonl") else {}
         if rows:
             last = rows[max(rows)]
             costs[what] = {"flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"],
                            "methods": users}
-    ofa = [m.name for m in parsed if m.init == "ofa"]
+    ofa = [n for n, ms in uses.items() if any(m.init == "ofa" for m in ms)]
     vectors = layout.root / "word_vectors" / "summary.json"
-    if ofa and vectors.is_file():
+    if ofa and _finished(vectors):
         costs["word_vectors"] = {"flops": None, "wall_clock_s": json.loads(vectors.read_text())["seconds"],
                                  "methods": ofa}
     return costs
+
+
+def _finished(path: Path) -> bool:
+    """`path` is there, in a stage result finished for its current config."""
+    return path.is_file() and provenance.identity(path) not in (None, "unfinished")
 
 
 def compute_to_reach(points: list[Point], target: float) -> Point | None:
