@@ -250,10 +250,16 @@ SEED_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def override(overrides: list[str], key: str) -> str | None:
-    """The value the last of a stage's `key=value` overrides gives dotted `key`; None if none does."""
-    named = [value.strip() for name, _, value in (o.partition("=") for o in overrides) if name.strip() == key]
-    return named[-1] if named else None
+def override(overrides: list[str], key: str):
+    """The value the last of a stage's `key=value` overrides gives dotted `key`, read as the stage reads it (YAML:
+    'ofa' and "ofa" are ofa); None if none does."""
+    named = [value for name, _, value in (o.partition("=") for o in overrides) if name.strip() == key]
+    if not named:
+        return None
+    try:
+        return yaml.safe_load(named[-1])
+    except yaml.YAMLError:
+        return named[-1].strip()
 
 
 def file_setting(config_path: str, key: str, default, what: str):

@@ -94,6 +94,7 @@ def test_ofa_is_named_in_the_method_not_set_in_the_adaptation_settings(tmp_path)
     for setting, key in ((f"configs.adapt={adapt}", "configs.adapt"), ("overrides.adapt=[init.method=ofa]",
                                                                         "overrides.adapt"),
                          ("overrides.adapt=['init.method = ofa']", "overrides.adapt"),
+                         ("overrides.adapt=[\"init.method='ofa'\"]", "overrides.adapt"),
                          ("method_overrides={minijoint: [init.method=ofa]}", "method_overrides.minijoint")):
         with pytest.raises(ConfigError, match=f"{key}: sets init.method=ofa, .* name it so in methods"):
             load_config(PipelineConfig, SMOKE, [setting])
