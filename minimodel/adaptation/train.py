@@ -293,31 +293,36 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer, l
     longest = max_sequence_length(model)
     require(cfg.seq_length <= longest, "seq_length", f"{cfg.seq_length} is longer than the positions of {model_dir} "
             f"allow ({longest}): lower seq_length")
-    if cfg.init.method == "random":
-        mapping = torch.full((len(target_tokenizer),), -1, dtype=torch.long)
-    else:
-        mapping = token_map(load_tokenizer(Path(model_dir)), target_tokenizer)
-    source = model.get_input_embeddings().weight.detach()
     rank = cfg.embedding.factorized_dim
-    if (cfg.init.method == "ofa" or rank) and cfg.over == "mini":
-        # OFA and the factorisation start from the primary's matrix: a mini-model works in the primary's space
-        source = load_masked_lm(cfg.primary_model).get_input_embeddings().weight.detach()
-    primitives = coordinates = None
-    if rank:
-        coordinates, primitives, _ = factorize(source, rank)
-        primitives = primitives.float()
-        if cfg.init.method == "ofa":  # the reference's OFA works on the coordinates
-            source = coordinates
-    extra = {"ofa": ofa_inputs(cfg, model_dir, lang)} if cfg.init.method == "ofa" else {}
-    weight, used_map = INITIALISERS[cfg.init.method](
-        source, mapping, target_tokenizer, std=cfg.init.std, pad_id=target_tokenizer.pad_token_id,
-        generator=torch.Generator().manual_seed(cfg.init.seed), **extra)
-    weight = weight.float()
-    if rank and cfg.init.method != "ofa":
-        # drawn in the embedding space, where init.std is meant (a coordinate row is ~1/sqrt(V) in scale), then put
-        # in coordinates (C P: their rank-d part); copied rows take the source's own coordinates
-        drawn = (weight.double() @ torch.linalg.pinv(primitives.double())).float()
-        weight = torch.where((used_map >= 0)[:, None], coordinates[used_map.clamp(min=0)].float(), drawn)
+
+    def initial_rows():  # on rank 0 only: a large word-vector file and the SVD once, not once per rank
+        if cfg.init.method == "random":
+            mapping = torch.full((len(target_tokenizer),), -1, dtype=torch.long)
+        else:
+            mapping = token_map(load_tokenizer(Path(model_dir)), target_tokenizer)
+        source = model.get_input_embeddings().weight.detach()
+        if (cfg.init.method == "ofa" or rank) and cfg.over == "mini":
+            # OFA and the factorisation start from the primary's matrix: a mini-model works in the primary's space
+            source = load_masked_lm(cfg.primary_model).get_input_embeddings().weight.detach()
+        primitives = coordinates = None
+        if rank:
+            coordinates, primitives, _ = factorize(source, rank)
+            primitives = primitives.float()
+            if cfg.init.method == "ofa":  # the reference's OFA works on the coordinates
+                source = coordinates
+        extra = {"ofa": ofa_inputs(cfg, model_dir, lang)} if cfg.init.method == "ofa" else {}
+        weight, used_map = INITIALISERS[cfg.init.method](
+            source, mapping, target_tokenizer, std=cfg.init.std, pad_id=target_tokenizer.pad_token_id,
+            generator=torch.Generator().manual_seed(cfg.init.seed), **extra)
+        weight = weight.float()
+        if rank and cfg.init.method != "ofa":
+            # drawn in the embedding space, where init.std is meant (a coordinate row is ~1/sqrt(V) in scale), then
+            # put in coordinates (C P: their rank-d part); copied rows take the source's own coordinates
+            drawn = (weight.double() @ torch.linalg.pinv(primitives.double())).float()
+            weight = torch.where((used_map >= 0)[:, None], coordinates[used_map.clamp(min=0)].float(), drawn)
+        return weight, used_map, primitives, extra["ofa"].summary if extra else {}
+
+    weight, used_map, primitives, summary = distributed.on_rank0(initial_rows)
     pad_id = target_tokenizer.pad_token_id
     install_vocabulary(model, weight if primitives is None else weight @ primitives, used_map, pad_id)
     fixed = {"token_map": used_map}
@@ -327,7 +332,6 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer, l
     trainable = select_trainable(model, cfg.trainable)
     if primitives is not None:  # what trains is the coordinates, not a V x h matrix
         trainable["coordinates"] = trainable.pop("input_embeddings")
-    summary = extra["ofa"].summary if extra else {}
     return model, trainable, fixed, summary
 
 
