@@ -329,13 +329,13 @@ class BackgroundWriter:
 
 
 # -- the run ---------------------------------------------------------------------------------------
-
 def exit_status(exc_type: type | None) -> str:
     """The MLflow status of a run its stage leaves with `exc_type` (None: returned): a stop signal outside training
     (Interrupted) is KILLED, as an interrupted training's, and the next launch continues the run."""
     if exc_type is None:
         return "FINISHED"
     return "KILLED" if issubclass(exc_type, Interrupted) else "FAILED"
+
 
 class Tracker:
     """An MLflow run for one stage (inert on ranks other than 0 and when tracking is off)."""

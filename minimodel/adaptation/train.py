@@ -368,7 +368,8 @@ def claim_language(cfg, lang: str, reads: tuple[str, ...] | None = None):
     one language of a per-language stage. The run reads `<data_dir>/<lang>` only (`reads`: the languages it reads
     there, e.g. BiStil's source and target): it depends on that data (another language added to or changed in the
     data stage leaves it valid; its own, rebuilt, is refused naming what changed). Finish it with
-    `finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())`: what was claimed. The resolved config is saved there as config.yaml."""
+    `finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())`: what was claimed. The resolved config is saved
+    there as config.yaml."""
     run_dir = Path(cfg.output_dir) / lang
     lang_cfg = dataclasses.replace(cfg, target_lang=lang)
     claimed = claim_output(run_dir, lang_cfg, resumable=True, overwrite=cfg.overwrite,

@@ -120,8 +120,8 @@ def build_deepspeed_config(cfg: DeepSpeedLoopConfig, precision: str) -> dict:
     ds = cfg.zero_json()
     clash = [k for k in _LOOP_OWNED_KEYS if k in ds]
     if clash:
-        raise ConfigError(f"train.zero_config: {cfg.zero_config} sets {clash[0]!r}, which the loop derives from train.* "
-                          "(batch sizes, optimizer, schedule, clipping, precision): remove it from the json")
+        raise ConfigError(f"train.zero_config: {cfg.zero_config} sets {clash[0]!r}, which the loop derives from "
+                          "train.* (batch sizes, optimizer, schedule, clipping, precision): remove it from the json")
     ds.update({
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accumulation,

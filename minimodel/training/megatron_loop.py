@@ -26,11 +26,11 @@ from minimodel.distributed import ParallelConfig
 from minimodel.models.minijoint import parallelize
 from minimodel.models.minijoint.config import ModelConfig
 from minimodel.models.minijoint.model import flops_per_token
-from minimodel.tracking import Tracker, layout_tags
+from minimodel.tracking import Tracker, exit_status, layout_tags
 from minimodel.training import checkpoint as ckpt
 from minimodel.training.config import PretrainConfig, PretrainLoopConfig
 from minimodel.training.metrics import MetricSink, plot_losses
-from minimodel.training.preemption import PREEMPTED_EXIT_CODE, Interrupted, PreemptionSignal
+from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PreemptionSignal
 from minimodel.training.sampler import MicroBatches, epochs_of
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,6 @@ class Trainer:
         self.metrics = MetricSink(self.output_dir / "metrics.jsonl", self.tracker, rank0=self.rank0)
         self.metrics.resume(self.step)
         train = cfg.train
-        status = "FAILED"
         try:
             if self.step >= cfg.train.steps:
                 self.say(f"training already complete: step {self.step} of train.steps={cfg.train.steps}")
@@ -252,8 +251,8 @@ class Trainer:
                          f"command to resume")
             status = "KILLED" if stop_signal else "FINISHED"
             return PretrainResult(self.step, self.last_checkpoint, bool(stop_signal), self.tracker.run_id)
-        except Interrupted:  # a stop signal where the loop's own handler was not listening: resumed as well
-            status = "KILLED"
+        except BaseException as e:  # a crash: FAILED; a stop signal outside the steps' own handler: KILLED
+            status = exit_status(type(e))
             raise
         finally:
             self.tracker.finish(status)
