@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from minimodel.bistil.distill import (PROJECTION_FILE, TARGET_TOKENIZER_DIR, VOC
 from minimodel.bistil.loss import DistillationWeights, distillation_loss
 from minimodel.config import require, save_config
 from minimodel.evaluation.features import classification_features, qa_train_features
-from minimodel.evaluation.finetune import TaskFlops
+from minimodel.evaluation.finetune import TaskFlops, finished_task_model
 from minimodel.evaluation.models import load_sft_task_model, load_task_model, read_task_info, write_task_model
 from minimodel.evaluation.scoring import score
 from minimodel.evaluation.tasks import TaskConfig, load_examples
@@ -48,8 +47,6 @@ from minimodel.sft.train import SFTConfig, train_sft
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
-
-log = logging.getLogger(__name__)
 
 GOLD = ("labels", "start_positions", "end_positions")  # the gold-label inputs of the task models
 
@@ -167,11 +164,8 @@ def distill_task(cfg: TaskDistillConfig) -> StageResult:
     rank = dist.get_rank()
     out = Path(cfg.output_dir)
     claimed = claim_output(out, cfg, resumable=True, overwrite=cfg.overwrite)
-    if claimed == "finished" and (out / "metrics.json").is_file():
-        if rank == 0:
-            log.info("%s: already distilled with this config: skipping", out / "model")
-        return StageResult("finished", {"task_model": out / "model",
-                                        "metrics": json.loads((out / "metrics.json").read_text())})
+    if (done := finished_task_model(out, claimed, "distilled")) is not None:
+        return done
     if rank == 0:
         save_config(cfg, out / "config.yaml")
     task, spec = cfg.task, cfg.task.spec

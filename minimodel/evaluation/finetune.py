@@ -134,6 +134,17 @@ def _write_task_model(cfg: FinetuneConfig, task_model, tokenizer, labels, extra:
                      cfg.model_dir, extra)
 
 
+def finished_task_model(out: Path, claimed: str, done: str) -> StageResult | None:
+    """The outputs of a task-model stage whose directory `out` holds its finished result for this config (a rerun
+    skips it: no step, no scoring, no MLflow run again); None where there is work to do."""
+    if claimed != "finished" or not (out / "metrics.json").is_file():
+        return None
+    if distributed.is_rank0():
+        log.info("%s: already %s with this config: skipping", out / "model", done)
+    return StageResult("finished", {"task_model": out / "model",
+                                    "metrics": json.loads((out / "metrics.json").read_text())})
+
+
 def finetune(cfg: FinetuneConfig) -> StageResult:
     """Fine-tune, save the task model, score it on the source language. Outputs: the task model's directory and
     (rank 0) its metrics; interrupted when a stop signal ended training (relaunch with the same output_dir to
@@ -142,11 +153,8 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     rank = dist.get_rank()
     out = Path(cfg.output_dir)
     claimed = claim_output(out, cfg, resumable=True, overwrite=cfg.overwrite, ignore=("method",))  # a tag only
-    if claimed == "finished" and (out / "metrics.json").is_file():
-        if rank == 0:
-            log.info("%s: already fine-tuned with this config: skipping", out / "model")
-        return StageResult("finished", {"task_model": out / "model",
-                                        "metrics": json.loads((out / "metrics.json").read_text())})
+    if (done := finished_task_model(out, claimed, "fine-tuned")) is not None:
+        return done
     if rank == 0:
         save_config(cfg, out / "config.yaml")
     spec = cfg.task.spec

@@ -122,8 +122,12 @@ def _compute(artifact: Path, learns: str = "embeddings") -> tuple[float | None, 
 
 
 def _distill_info(run_dir: Path) -> dict | None:
-    """BiStil phase 1's training compute: the cumulative totals of its loop's last metrics.jsonl row."""
-    path = run_dir / "train" / "metrics.jsonl"
+    """BiStil phase 1's training compute."""
+    return _loop_compute(run_dir / "train" / "metrics.jsonl")
+
+
+def _loop_compute(path: Path) -> dict | None:
+    """A training loop's compute, {"flops", "wall_clock_s"}: the cumulative totals of its last metrics.jsonl row."""
     if not path.is_file() or not (rows := read_metrics(path)):
         return None
     last = rows[max(rows)]
@@ -279,20 +283,17 @@ def one_off_costs(layout: PipelineLayout, methods: list[str]) -> dict[str, dict]
     primary (all methods), MiniPost's step 1b (its mini-model), OFA's word vectors (wall clock only: the SVD's FLOPs
     are not counted), each for the methods that use it, themselves or through the method they build on.
     {what: {"flops", "wall_clock_s", "methods"}} for those that finished for their current config."""
-    def lineage(name: str) -> list:  # the method and those it builds on
-        method = parse_method(name)
-        return [method, *(lineage(method.builds_on) if method.builds_on else [])]
+    def lineage(method) -> list:  # the method and the one it builds on
+        return [method, *([parse_method(method.builds_on)] if method.builds_on else [])]
 
-    uses = {name: lineage(name) for name in methods}
+    uses = {name: lineage(parse_method(name)) for name in methods}
     costs = {}
     for what, run_dir, users in (
             ("head", layout.head, list(methods)),
             ("minipost", layout.minipost, [n for n, ms in uses.items() if any(m.model == "minipost" for m in ms)])):
-        rows = read_metrics(run_dir / "metrics.jsonl") if users and _finished(run_dir / "metrics.jsonl") else {}
-        if rows:
-            last = rows[max(rows)]
-            costs[what] = {"flops": last["compute/flops"], "wall_clock_s": last["compute/wall_clock_s"],
-                           "methods": users}
+        compute = _loop_compute(run_dir / "metrics.jsonl") if users and _finished(run_dir / "metrics.jsonl") else None
+        if compute:
+            costs[what] = {**compute, "methods": users}
     ofa = [n for n, ms in uses.items() if any(m.init == "ofa" for m in ms)]
     vectors = layout.root / "word_vectors" / "summary.json"
     if ofa and _finished(vectors):
