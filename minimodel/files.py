@@ -13,14 +13,14 @@ def stat_signature(paths: Iterable[str | os.PathLike]) -> list:
     one): it changes when any of them is written, replaced or removed, and costs no read (a corpus may be large)."""
     out = []
     for path in map(Path, paths):
-        files = _files_under(path) if path.is_dir() else [path]
+        files = files_under(path) if path.is_dir() else [path]
         for file in files:
             stat = file.stat() if file.exists() else None
             out.append([str(file), stat and stat.st_size, stat and stat.st_mtime_ns])
     return out
 
 
-def _files_under(root: Path) -> list[Path]:
+def files_under(root: Path) -> list[Path]:
     """Every file under `root`, symlinked directories followed (a corpus linked in from shared storage), each
     real directory once (a link loop ends)."""
     seen, files = set(), []
@@ -35,14 +35,19 @@ def _files_under(root: Path) -> list[Path]:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` so that readers, a crash or a preemption see the old content or the new, never half:
+    """Write `text` (UTF-8) to `path` atomically: see write_bytes_atomic."""
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str | os.PathLike, content: bytes) -> Path:
+    """Write `content` to `path` so that readers, a crash or a preemption see the old content or the new, never half:
     a temporary file beside it (one per process: concurrent writers do not clobber each other), fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

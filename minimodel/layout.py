@@ -3,6 +3,7 @@ the report that reads them back (results live on disk; MLflow only shows them).
 
     <data_dir>/<lang>/{tokenizer,train,valid,verses.jsonl}       data stage
     <root>/config.yaml                                            the pipeline's resolved config
+    <root>/plan/settings/<content hash>/<file>                    a Slurm plan's copies of the stages' settings files
     <root>/logs/<stage>.log                                       each stage's output
     <root>/pretrain/checkpoints                                   step 1
     <root>/export/{primary,mini}                                  primary + MiniJoint mini-model (or primary_model:
@@ -63,6 +64,10 @@ class PipelineLayout:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def plan_settings(self) -> Path:
+        return self.root / "plan" / "settings"
 
     @property
     def pretrain(self) -> Path:

@@ -609,12 +609,15 @@ def run(cfg: PipelineConfig) -> Path:
 
 def plan(cfg: PipelineConfig) -> dict:
     """The pipeline as batch jobs for slurm/pipeline.sh: {"env": the jobs' environment, "jobs": stages.jobs()},
-    the per-language stages of a method already one job with an array task per language."""
+    the per-language stages of a method already one job with an array task per language, reading copies of their
+    settings files."""
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
                                                        "target_langs": ",".join(cfg.target_langs)})
     stages = build_stages(cfg, tracker.run_id)
     memo: dict[int, str] = {}
-    planned = jobs(stages, memo)
+    # the jobs read the settings this plan hashed: copies, kept in the output directory (a file edited before a job
+    # starts would run under the hash of its old content)
+    planned = jobs(stages, memo, layout(cfg).plan_settings)
     for stage in stages:
         if stage.done_by(memo):  # not submitted: shown in this pipeline's run as links to the runs that did the work
             _link_earlier_runs(cfg, tracker, stage)

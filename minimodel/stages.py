@@ -32,10 +32,11 @@ import yaml
 
 from minimodel import distributed, provenance, supervisor, tracking
 from minimodel.supervisor import descendants, die_with_parent
-from minimodel.files import stat_signature, write_text_atomic
+from minimodel.files import stat_signature, write_bytes_atomic, write_text_atomic
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, PreemptionSignal
 
 STAMP = ".stage.json"
+SETTINGS_SUFFIXES = (".yaml", ".yml", ".json")  # a file of these named on a stage's command line is hashed by content
 
 # -- the result contract -------------------------------------------------------------------------------------------
 Status = Literal["finished", "interrupted", "failed"]
@@ -235,10 +236,7 @@ class Stage:
         digest = hashlib.sha256(json.dumps(argv).encode())
         made = self._made_before()
         for arg in argv:
-            path = Path(arg.partition("=")[2] or arg)  # --config FILE, or key=FILE
-            # a file an earlier stage writes counts through that stage's hash: read here, a plan made before it
-            # ran (Slurm's) would hash it otherwise than one made after
-            if path.suffix in (".yaml", ".yml", ".json") and path.is_file() and not _under(path, made):
+            if path := _settings_file(arg, made):
                 digest.update(_config_bytes(path, layout) if layout else path.read_bytes())
         # files a setting names (word vectors of the user's own): a replaced one redoes the stage
         named = [path for arg in argv for path in _files_named(arg.partition("=")[2]) if not _under(path, made)]
@@ -339,6 +337,33 @@ class Stage:
         return seconds
 
 
+def _settings_file(arg: str, made: set[Path]) -> Path | None:
+    """The settings file a command-line argument names (`--config FILE`'s FILE, or key=FILE), hashed by content; but
+    one that a stage it depends on writes (`made`: their output directories): it counts through that stage's hash
+    (read here, a plan made before it ran (Slurm's) would hash it otherwise than one made after)."""
+    path = Path(arg.partition("=")[2] or arg)
+    return path if path.suffix in SETTINGS_SUFFIXES and path.is_file() and not _under(path, made) else None
+
+
+def snapshot_settings(args: list[str], made: set[Path], directory: Path) -> list[str]:
+    """`args` with every settings file its stage's hash reads (_settings_file) replaced by a copy of it in
+    `directory`, named by its content (written once, atomically): a job submitted from a plan reads the settings the
+    plan hashed, even if the file is edited before the job starts."""
+    out = []
+    for arg in args:
+        path = _settings_file(arg, made)
+        if path is None:
+            out.append(arg)
+            continue
+        content = path.read_bytes()
+        copy = directory / hashlib.sha256(content).hexdigest()[:16] / path.name
+        if not copy.is_file():
+            write_bytes_atomic(copy, content)
+        key, eq, _ = arg.partition("=")
+        out.append(f"{key}={copy}" if eq else str(copy))
+    return out
+
+
 def _files_named(value: str) -> list[Path]:
     """The existing files a `key=value` setting's value names, anywhere in it (a list of mappings too), but settings
     files (hashed by content) and the project's own (configs/)."""
@@ -354,7 +379,7 @@ def _files_named(value: str) -> list[Path]:
         elif isinstance(item, list):
             todo.extend(item)
         elif isinstance(item, str) and item and (path := Path(item)).is_file():
-            if path.suffix not in (".yaml", ".yml", ".json") and not path.resolve().is_relative_to(provenance.SHIPPED):
+            if path.suffix not in SETTINGS_SUFFIXES and not path.resolve().is_relative_to(provenance.SHIPPED):
                 found.append(path)
     return found
 
@@ -395,7 +420,7 @@ def write_stamp(output_dir: Path, input_hash: str, argv: list[str], seconds: flo
         "run_ids": run_ids}))
 
 
-def jobs(stages: list[Stage], memo: dict[int, str] | None = None) -> list[dict]:
+def jobs(stages: list[Stage], memo: dict[int, str] | None = None, settings_dir: Path | None = None) -> list[dict]:
     """The stages as batch jobs, in run order (slurm/pipeline.sh submits them): the stages of one `job` become one
     job with an array task per language. Each job: name, kind, script, args, slurm (template + leading arguments),
     gpus_per_node (the ranks its hash counts, for a launched stage whose result depends on them; None: the
@@ -403,7 +428,8 @@ def jobs(stages: list[Stage], memo: dict[int, str] | None = None) -> list[dict]:
     done, stamp:
     [output directory, input hash, identity hash] that the job stamps when its stage finishes (slurm/common.sh), so
     that the plan made again skips it; None for a stage that always runs (an array job's are its tasks'). `memo`: as
-    done_by's, to share the hash walk with the caller's."""
+    done_by's, to share the hash walk with the caller's. `settings_dir`: the jobs read copies of the settings files
+    their hashes read, kept there (snapshot_settings), not the files themselves."""
     grouped: dict[str, dict] = {}
     job_of: dict[str, str] = {}
     memo = {} if memo is None else memo  # nothing runs meanwhile: each stage's effective hash once
@@ -412,7 +438,10 @@ def jobs(stages: list[Stage], memo: dict[int, str] | None = None) -> list[dict]:
         job_of[stage.name] = name
         after = list(dict.fromkeys(job_of[a.name] for a in stage.after))
         kind = KINDS[stage.kind]
-        args = stage.args + stage.run_args + ([] if stage.job else stage.lang_args)
+        args, lang_args = stage.args + stage.run_args + ([] if stage.job else stage.lang_args), stage.lang_args
+        if settings_dir is not None:
+            made = stage._made_before()
+            args, lang_args = (snapshot_settings(a, made, settings_dir) for a in (args, lang_args))
         # a template's own GPU count would run another global batch under this plan's stamp (pretraining's result
         # is the same at any count: its layout keys)
         gpus = None if kind.launcher == "python" or stage.layout_keys else stage.nproc or 1
@@ -426,7 +455,7 @@ def jobs(stages: list[Stage], memo: dict[int, str] | None = None) -> list[dict]:
         done = stage._stamped_hash(input_hash, identity_hash) is not None
         stamp = None if stage.always_run else [str(stage.output_dir), input_hash, identity_hash]
         if stage.job:
-            job["array"].append({"lang": stage.lang, "args": stage.lang_args, "done": done, "stamp": stamp})
+            job["array"].append({"lang": stage.lang, "args": lang_args, "done": done, "stamp": stamp})
         job["stamp"] = None if stage.job else stamp
         job["done"] = job["done"] and done
     return list(grouped.values())

@@ -245,6 +245,31 @@ def test_a_job_asks_slurm_for_the_ranks_its_plan_hashed(tmp_path):
     assert submit["pretrain"][0] == "slurm/pretrain_minijoint.sh" and submit["data"][0] == "slurm/python.sh"
 
 
+def test_a_plans_jobs_read_the_settings_it_hashed_not_an_edit_made_before_they_start(tmp_path):
+    """A job ran the settings file as it was when it started, stamped with the hash of the file as it was when the
+    plan was made: an edit in between ran under the old content's hash, and the plan made again skipped it."""
+    adapt = tmp_path / "adapt.yaml"
+    adapt.write_text(Path("configs/adapt/tiny.yaml").read_text())
+
+    def adapt_job(planned: dict) -> tuple[dict, Path]:
+        job = next(job for job in planned["jobs"] if job["name"] == "adapt-standard")
+        return job, Path(job["args"][job["args"].index("--config") + 1])
+
+    planned = two_language_plan(tmp_path, f"configs.adapt={adapt}")
+    settings = tmp_path / "run" / "plan" / "settings"
+    job, copy = adapt_job(planned)
+    assert copy.parent.parent == settings and copy.name == "adapt.yaml" and copy.read_bytes() == adapt.read_bytes()
+    for other in planned["jobs"]:  # every settings file a job reads is the plan's copy
+        named = [Path(a.partition("=")[2] or a) for a in other["args"] if a.endswith((".yaml", ".json"))]
+        assert ("--config" not in other["args"] or named) and all(settings in p.parents for p in named), other["name"]
+
+    adapt.write_text(adapt.read_text().replace("steps: 60", "steps: 61"))  # edited before the job starts
+    assert copy.read_bytes() != adapt.read_bytes()  # the job reads what its stamp's hash covers
+    again, again_copy = adapt_job(two_language_plan(tmp_path, f"configs.adapt={adapt}"))
+    assert again_copy != copy and again_copy.read_bytes() == adapt.read_bytes() and copy.is_file()
+    assert again["array"][0]["stamp"][1] != job["array"][0]["stamp"][1]  # the plan made again runs the edit
+
+
 def test_slurm_plan_module_reads_a_plan_file(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(two_language_plan(tmp_path)))
