@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from minimodel.errors import UserError
-from minimodel.files import write_text_atomic
+from minimodel.files import files_under, write_text_atomic
 
 MANIFEST_NAME = "minimodel.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_hashes: dict[tuple, str] = {}  # _remembered's: (named, (path, inode, size, mtime) of each file) -> sha256
+_hashes: dict[tuple, str] = {}  # _remembered's: (names, (path, inode, size, mtime) of each file) -> sha256
 _SETTLED_NS = 2_000_000_000  # files unchanged for this long are remembered by _remembered
 
 
@@ -43,32 +43,41 @@ def model_hash(model_dir: str | os.PathLike) -> str:
     files = _weight_files(model_dir)
     if not files:
         raise ManifestError(f"{model_dir} holds no weight files (*.safetensors / *.bin): is it a model directory?")
-    return _remembered(files, named=True)
+    return _remembered(files, [path.name for path in files])
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes (a corpus, word vectors), remembered as model_hash's."""
-    return _remembered([Path(path)], named=False)
+    return _remembered([Path(path)], None)
 
 
-def _remembered(files: list[Path], named: bool) -> str:
-    """sha256 over `files` (with `named`, each one's name before its bytes), remembered per process while every
-    file keeps its inode, size and mtime: a stage checks one model several times (each SFT's base, each teacher),
-    and a large model's (or corpus') bytes take seconds to read."""
+def directory_sha256(directory: str | os.PathLike) -> str:
+    """sha256 over every file under `directory` (a task's data: relative paths and bytes, in sorted order),
+    remembered as model_hash's."""
+    directory = Path(directory)
+    files = files_under(directory)
+    return _remembered(files, [str(path.relative_to(directory)) for path in files])
+
+
+def _remembered(files: list[Path], names: list[str] | None) -> str:
+    """sha256 over `files` (each one's name in `names` before its bytes), remembered per process while every file
+    keeps its inode, size and mtime: a stage checks one model several times (each SFT's base, each teacher), and a
+    large model's (or corpus') bytes take seconds to read."""
     now = time.time_ns()
     stats = [path.stat() for path in files]
-    key = (named, *((str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns) for path, st in zip(files, stats)))
+    key = (None if names is None else tuple(names),
+           *((str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns) for path, st in zip(files, stats)))
     if key in _hashes:
         return _hashes[key]
     digest = hashlib.sha256()
-    for path in files:
-        if named:
-            digest.update(path.name.encode())
+    for i, path in enumerate(files):
+        if names is not None:
+            digest.update(names[i].encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     # a file written moments ago could be rewritten within its mtime's granularity unseen (git's "racy" case)
-    if now - max(st.st_mtime_ns for st in stats) > _SETTLED_NS:
+    if now - max((st.st_mtime_ns for st in stats), default=0) > _SETTLED_NS:
         _hashes[key] = digest.hexdigest()
     return digest.hexdigest()
 

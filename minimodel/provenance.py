@@ -6,8 +6,8 @@ atomically) holds the config that made the directory, minus the keys that do not
 tracking, output_dir, overwrite, plus the stage's own) plus the number of ranks where it ran on more than one (a
 training stage's global batch depends on it), and the records of the inputs it read (any config value
 naming a path at or under another stage's output directory, and any model directory or file no stage made, by the
-hash of its weights or content): so a result is "of this config" only if it was made from the same upstream results
-and given inputs too.
+hash of its weights or content, and a directory of data a DATA setting names by its files'): so a result is "of this
+config" only if it was made from the same upstream results and given inputs too.
 
     same config and inputs, finished   -> "finished" (a training stage skips or resumes to the end: a no-op)
     same config and inputs, unfinished -> "resume"
@@ -45,7 +45,7 @@ from minimodel import distributed
 from minimodel.config import flatten
 from minimodel.errors import UserError
 from minimodel.files import write_text_atomic
-from minimodel.manifest import ManifestError, file_sha256, model_hash
+from minimodel.manifest import ManifestError, directory_sha256, file_sha256, model_hash
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,12 @@ RECORD = ".minimodel-config.json"
 NEUTRAL_KEYS = ("tracking", "output_dir", "overwrite")
 RANKS = "world_size"  # recorded beside the config of a stage run on more than one rank
 # the identity of an input no stage made: a model (the user's primary, a teacher) by its weights, a file (word
-# vectors of the user's own) by its content
-GIVEN_MODEL, GIVEN_FILE = "weights sha256 ", "file sha256 "
+# vectors of the user's own) by its content, a directory of data (a task's release files) by its files' content
+GIVEN_MODEL, GIVEN_FILE, GIVEN_DATA = "weights sha256 ", "file sha256 ", "data sha256 "
+GIVEN = {GIVEN_MODEL: "weights", GIVEN_FILE: "content", GIVEN_DATA: "files"}  # prefix -> what it hashes
+# Field metadata of a setting that names a directory of input data (TaskConfig.data_dir): one no stage made counts
+# by its files' content. Other directories count by path only (a run's own directory is no input to hash whole).
+DATA = {"provenance": "data"}
 SHIPPED = Path(__file__).resolve().parents[1] / "configs"  # the project's own settings files: versioned with the code
 
 Claim = Literal["new", "resume", "finished"]
@@ -97,10 +101,11 @@ def identity(path: str | Path) -> str | dict | None:
     return {"parts": record["parts"]} if "parts" in record else record["digest"]
 
 
-def given_input(path: str | Path) -> str | None:
+def given_input(path: str | Path, data: bool = False) -> str | None:
     """The identity of an input no stage made: a Hugging Face model directory by the hash of its weights, a file by
-    its content's (replaced at the same path, it is another input, not the one a result was made from); None for
-    anything else, and for the project's own settings files (configs/)."""
+    its content's, with `data` (a DATA setting) a directory by its files' (replaced at the same path, it is another
+    input, not the one a result was made from); None for anything else, and for the project's own settings files
+    (configs/)."""
     path = Path(path)
     if (path / "config.json").is_file():
         try:
@@ -109,7 +114,21 @@ def given_input(path: str | Path) -> str | None:
             return None
     if path.is_file() and not path.resolve().is_relative_to(SHIPPED):
         return GIVEN_FILE + file_sha256(path)
+    if data and path.is_dir():
+        return GIVEN_DATA + directory_sha256(path)
     return None
+
+
+def _data_keys(cfg: Any, prefix: str = "") -> set[str]:
+    """The dotted keys of `cfg`'s DATA settings, nested configs' included."""
+    keys = set()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("provenance") == DATA["provenance"]:
+            keys.add(prefix + f.name)
+        elif dataclasses.is_dataclass(value):
+            keys |= _data_keys(value, f"{prefix}{f.name}.")
+    return keys
 
 
 def _json(value: Any) -> Any:
@@ -134,10 +153,10 @@ def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), uses: Mapping[str, Itera
     # the global batch, and so the result, depends on it (unless the config sets it: `ignore` then names RANKS)
     if (ranks := distributed.world_size()) > 1 and not _neutral(RANKS, ignore):
         config[RANKS] = ranks
-    inputs = {}
+    inputs, data = {}, _data_keys(cfg)
     for key, value in config.items():
         if key not in writes and isinstance(value, str) and value and ("/" in value or Path(value).exists()):
-            found = identity(value) or given_input(value)
+            found = identity(value) or given_input(value, data=key in data)
             if isinstance(found, dict) and uses and key in uses:
                 found = {"parts": {part: found["parts"].get(part) for part in uses[key]}}
             if found is not None:
@@ -179,7 +198,7 @@ def _matches(old: dict, new: dict) -> tuple[bool, dict]:
     old_inputs, new_inputs = old.get("inputs", {}), new["inputs"]
     # a record older than given inputs' identities lacks theirs: the same result, now naming their content
     upgrade = {key: value for key, value in new_inputs.items()
-               if key not in old_inputs and str(value).startswith((GIVEN_MODEL, GIVEN_FILE))}
+               if key not in old_inputs and str(value).startswith(tuple(GIVEN))}
     if set(old_inputs) != set(new_inputs) - set(upgrade):
         return False, {}
     for key, value in new_inputs.items():
@@ -217,8 +236,8 @@ def differences(old: dict, new: dict) -> list[str]:
                        if not isinstance(now, dict) or now["parts"].get(part) != d]
             lines += [f"{key}: {path / part} was made again since{_why(path / part, before['parts'][part])}"
                       for part in changed]
-        elif str(before).startswith((GIVEN_MODEL, GIVEN_FILE)) and str(now).startswith((GIVEN_MODEL, GIVEN_FILE)):
-            what = "weights" if str(now).startswith(GIVEN_MODEL) else "content"
+        elif str(before).startswith(tuple(GIVEN)) and str(now).startswith(tuple(GIVEN)):
+            what = next(what for prefix, what in GIVEN.items() if str(now).startswith(prefix))
             lines.append(f"{key}: {path} holds other {what} since ({_short(before)} -> {_short(now)})")
         else:
             lines.append(f"{key}: {path} was made again since{_why(path, before)}")
@@ -226,7 +245,7 @@ def differences(old: dict, new: dict) -> list[str]:
 
 
 def _short(given: str) -> str:
-    return given.removeprefix(GIVEN_MODEL).removeprefix(GIVEN_FILE)[:12]
+    return next(given.removeprefix(p) for p in GIVEN if given.startswith(p))[:12]
 
 
 def _previous(old: dict | None, new: dict) -> dict | None:

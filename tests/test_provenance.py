@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from minimodel import provenance
+from minimodel.evaluation.tasks import TaskConfig
 from minimodel.provenance import RECORD, ConfigChanged, claim_output, finish_output
 
 
@@ -230,6 +231,35 @@ def test_a_record_made_before_given_models_had_identities_still_matches(tmp_path
     assert provenance.read(out)["inputs"] == record["inputs"]  # upgraded: the weights named from now on
     (tmp_path / "xlmr" / "config.json").unlink()  # not a model directory any more: not an input
     assert "model" not in provenance.fingerprint(cfg)["inputs"]
+
+
+@dataclass
+class TaskCfg:  # a fine-tuning stage's: its task's data directory is a DATA setting
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pipeline_dir: str = ""  # a directory but no DATA setting: by path only
+
+
+def test_a_task_data_directory_replaced_at_the_same_path_is_another_input(tmp_path):
+    """A task's release files of the user's own (task.data_dir) were recorded by path only: XNLI files replaced in
+    the same directory left a fine-tuned task model "finished", scored on data it was not trained on."""
+    data, other = tmp_path / "XNLI-1.0", tmp_path / "runs"
+    (data / "sub").mkdir(parents=True)
+    (data / "xnli.dev.jsonl").write_text('{"a": 1}\n')
+    (data / "sub" / "x.tsv").write_text("b\n")
+    other.mkdir()
+    out, cfg = tmp_path / "finetune", TaskCfg(TaskConfig(name="xnli", data_dir=str(data)), str(other))
+    claim_output(out, cfg, resumable=True)
+    finish_output(out, cfg)
+    inputs = provenance.read(out)["inputs"]
+    assert set(inputs) == {"task.data_dir"} and inputs["task.data_dir"].startswith(provenance.GIVEN_DATA)
+    assert claim_output(out, cfg, resumable=True) == "finished"
+    (data / "sub" / "x.tsv").write_text("c\n")  # a file under it replaced: the same size, other bytes
+    with pytest.raises(ConfigChanged, match=r"task.data_dir: .*XNLI-1.0 holds other files since \([0-9a-f]{12} -> "):
+        claim_output(out, cfg, resumable=True)
+    (data / "sub" / "x.tsv").write_text("b\n")
+    (out / RECORD).write_text(json.dumps({**provenance.read(out), "inputs": {}}))  # as the old code wrote it
+    assert claim_output(out, cfg, resumable=True) == "finished"  # the same files: upgraded, named from now on
+    assert provenance.read(out)["inputs"] == inputs
 
 
 @pytest.mark.slow

@@ -26,11 +26,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from minimodel.config import require
+from minimodel.provenance import DATA
 from minimodel.evaluation import EvaluationError
 
 # Parts of the Bible by book number (1-66, Protestant canon order): the labels of verse classification.
@@ -88,11 +89,14 @@ SPLITS = ("train", "dev", "test")
 @dataclass
 class TaskConfig:
     name: Literal["xnli", "pawsx", "mlqa", "verse_class", "verse_retrieval", "target_mlm"] = "verse_class"
-    data_dir: str | None = None  # official release directory, or prepare_data output for verse_* tasks
+    # official release directory, or prepare_data output for verse_* tasks (DATA: a result records its files' hash)
+    data_dir: str | None = field(default=None, metadata=DATA)
     train_file: str | None = None  # XNLI: MultiNLI train; MLQA: SQuAD-format train JSON
-    hf_dataset: str | None = None  # save_to_disk directory or load_dataset name ("{lang}" is substituted)
+    # save_to_disk directory or load_dataset name ("{lang}" is substituted)
+    hf_dataset: str | None = field(default=None, metadata=DATA)
     hf_config: str | None = None  # load_dataset config name ("{lang}" is substituted)
-    hf_train_dataset: str | None = None  # train split from another dataset (MLQA has none: e.g. "squad")
+    # train split from another dataset (MLQA has none: e.g. "squad")
+    hf_train_dataset: str | None = field(default=None, metadata=DATA)
     hf_train_config: str | None = None
     max_length: int = 128  # tokens per example (QA: per window; target_mlm: per packed sequence)
     doc_stride: int = 64  # QA: overlap between windows of a long context
