@@ -234,5 +234,17 @@ def test_shipped_configs_load():
     for path in sorted((configs / "zero_shot").glob("*.yaml")):
         assert load_config(ZeroShotConfig, path).task.name in path.stem
     load_config(ReportConfig, configs / "report.yaml")
-    with pytest.raises(ConfigError, match="no fine-tuning step"):
-        load_config(FinetuneConfig, configs / "finetune" / "verse_class_tiny.yaml", ["task.name=verse_retrieval"])
+    for task in ("verse_retrieval", "target_mlm"):  # target_mlm loaded the model, then a KeyError traceback
+        with pytest.raises(ConfigError, match="no fine-tuning step"):
+            load_config(FinetuneConfig, configs / "finetune" / "verse_class_tiny.yaml", [f"task.name={task}"])
+
+
+@pytest.mark.parametrize("targets, problem", [
+    ("[{lang: en, embeddings: a}]", "the source language en"),  # overwrote the source reference's score
+    ("[{lang: sw, embeddings: a}, {lang: sw, embeddings: b}]", "sw more than once")])  # the second overwrote the first
+def test_zero_shot_targets_are_distinct_languages_other_than_the_source(targets, problem):
+    from minimodel.evaluation.zero_shot import ZeroShotConfig
+
+    with pytest.raises(ConfigError, match=problem):
+        load_config(ZeroShotConfig, overrides=["source_model_dir=m", "task.name=verse_retrieval", "task.data_dir=d",
+                                               "source_lang=en", f"targets={targets}"])

@@ -69,7 +69,7 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         require(bool(self.model_dir), "model_dir", "set it to the primary model's Hugging Face directory")
-        require(self.task.spec.kind != "retrieval", "task.name",
+        require(self.task.spec.fine_tuned, "task.name",
                 f"{self.task.name} has no fine-tuning step: score it directly with evaluate/zero_shot.py")
         require(set(self.eval_splits) <= {"dev", "test"}, "eval_splits", "only dev and test can be evaluated")
         require(self.language_sft is None or self.sparse, "language_sft",

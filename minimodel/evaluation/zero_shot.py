@@ -151,6 +151,11 @@ class ZeroShotConfig:
                     "target_mlm needs the adaptation run dir: its step-0 snapshot is the zero of mlm_gain")
         require(bool(self.targets) or self.evaluate_source, "targets",
                 "nothing to evaluate: list target languages or set evaluate_source=true")
+        langs = [t.lang for t in self.targets]  # metrics.json holds one result per language
+        require(self.source_lang not in langs, "targets", f"names the source language {self.source_lang}: its "
+                "result is the source reference's (evaluate_source); list target languages only")
+        twice = sorted({lang for lang in langs if langs.count(lang) > 1})
+        require(not twice, "targets", f"names {', '.join(twice)} more than once: one target per language")
 
 
 def _load(cfg: ZeroShotConfig, model_dir: str, tokenizer_dir: str):
