@@ -53,12 +53,27 @@ def test_per_file_language_and_binary_round_trip(tmp_path):
     np.testing.assert_array_equal(again.matrix, vectors.matrix)
 
 
+def test_per_language_files_serve_each_target_with_its_own(tmp_path):
+    """fastText's aligned vectors come one file per language: an adaptation to sw was refused because ny.vec (the
+    other target's) holds no vector of en or sw; files of another language are not even read."""
+    files = []
+    for lang, text in (("en", "house 1 0\n"), ("sw", "nyumba 1 0.1\n"), ("ny", "nyumba 0 1\n")):
+        (tmp_path / f"{lang}.vec").write_text(text)
+        files.append(VectorFileConfig(str(tmp_path / f"{lang}.vec"), lang=lang))
+    assert load_word_vectors(files, ["en", "sw"]).keys == [("en", "house"), ("sw", "nyumba")]
+    (tmp_path / "ny.vec").write_text("broken\n")
+    assert load_word_vectors(files, ["en", "sw"]).keys == [("en", "house"), ("sw", "nyumba")]
+    with pytest.raises(VectorFileError, match=r"en.vec, .*sw.vec, .*ny.vec: no file holds a vector of the "
+                                              r"configured languages \['fr'\]"):
+        load_word_vectors(files, ["fr"])
+
+
 @pytest.mark.parametrize("text, message", [
     ("2 3\nen:a 1 2 3\nen:b 1 x 3\n", "v.vec, line 3: malformed line"),
     ("en:a 1 2 3\nen:b 1 2\n", "v.vec, line 2: dimension mismatch: 2 values, expected 3"),
     ("2 4\nen:a 1 2 3\n", "v.vec, line 2: dimension mismatch: 3 values, expected 4"),
     ("en:a\n", "v.vec, line 1: malformed line"),
-    ("fr:maison 1 2\nxx:y 3 4\n", "v.vec: holds no vector of the configured languages ['en', 'sw']"),
+    ("fr:maison 1 2\nxx:y 3 4\n", "v.vec: no file holds a vector of the configured languages ['en', 'sw']"),
 ])
 def test_bad_text_files_name_file_and_line(tmp_path, text, message):
     path = tmp_path / "v.vec"

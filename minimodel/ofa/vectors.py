@@ -174,7 +174,8 @@ def _read_binary(path: Path, file_lang, languages, dim: int | None):
 
 
 def load_word_vectors(files: list[VectorFileConfig], languages: list[str] | set[str]) -> WordVectors:
-    """The configured languages' vectors from `files` (a key seen twice: the later file's vector)."""
+    """The configured languages' vectors from `files` (a key seen twice: the later file's vector); a file of another
+    language (its `lang`) is not read: one file per language serves every target's adaptation."""
     languages = set(languages)
     if not files:
         raise VectorFileError("no word-vector file configured: learn them with pretrain/word_vectors.py or name "
@@ -186,13 +187,15 @@ def load_word_vectors(files: list[VectorFileConfig], languages: list[str] | set[
         if not path.is_file():
             raise VectorFileError(f"{path}: no such word-vector file: learn vectors with pretrain/word_vectors.py "
                                   f"or fix the path")
+        if file.lang is not None and file.lang not in languages:  # another target's file (one file per language)
+            continue
         reader = _read_text if _format(path) == "text" else _read_binary
         keys, rows, dim = reader(path, file.lang, languages, dim)
-        if not keys:
-            how = f"its language {file.lang!r} is" if file.lang else "no key's '<lang>:' prefix is"
-            raise VectorFileError(f"{path}: holds no vector of the configured languages {sorted(languages)}: {how} "
-                                  "not among them; set the file's lang or the languages")
         merged.update(zip(keys, rows))
+    if not merged:
+        raise VectorFileError(f"{', '.join(f.path for f in files)}: no file holds a vector of the configured languages "
+                              f"{sorted(languages)}: set each file's lang (or its keys' '<lang>:' prefixes) or the "
+                              "languages")
     keys = list(merged)
     return WordVectors(keys, np.stack([merged[k] for k in keys]).astype(np.float32))
 
