@@ -244,6 +244,22 @@ def differences(old: dict, new: dict) -> list[str]:
     return lines
 
 
+def changed_inputs(output_dir: str | Path) -> list[str]:
+    """What changed since the finished result in `output_dir` was made: `key: path was made again since (...)` for
+    each input another stage made that is not the result recorded (made again, or unfinished); [] where none did or
+    there is no record. Given inputs (hashed by content) are not read again here: a reader of results (the report)
+    checks that what it pairs a result with is still what made it."""
+    record = read(output_dir)
+    if record is None or "config" not in record:
+        return []
+    inputs = record.get("inputs", {})
+    now = {key: old if str(old).startswith(tuple(GIVEN)) else identity(record["config"][key])
+           for key, old in inputs.items()}
+    if _matches(record, {"config": record["config"], "inputs": now})[0]:
+        return []
+    return differences(record, {"config": record["config"], "inputs": now})
+
+
 def _short(given: str) -> str:
     return next(given.removeprefix(p) for p in GIVEN if given.startswith(p))[:12]
 

@@ -242,6 +242,44 @@ def test_what_the_report_cannot_report_is_left_out_and_said(tmp_path, caplog):
         f"{layout.root / 'zero_shot' / 'verse_retrieval'}: no zero-shot result of this task"]
 
 
+def test_a_zero_shot_result_of_an_adaptation_made_again_since_is_left_out(tmp_path):
+    """The report paired a zero-shot score with the compute in the adaptation directory it names: after that
+    adaptation was made again (another config) and before its zero-shot stage ran again (a pipeline stopped between
+    them, evaluate/report.py run alone), the old run's quality sat on the new run's compute axis."""
+    from dataclasses import dataclass
+
+    from minimodel.provenance import claim_output, finish_output
+
+    @dataclass
+    class Adapt:
+        steps: int = 6
+
+    @dataclass
+    class ZeroShot:
+        embeddings: str = ""
+
+    layout = PipelineLayout(tmp_path / "run")
+    write_pipeline_results(layout)
+    adapted, scored = layout.adapt("minijoint", "sw"), layout.zero_shot("verse_class", "minijoint")
+    for out, cfg in ((adapted, Adapt()), (scored, ZeroShot(str(adapted)))):
+        claim_output(out, cfg, resumable=False)
+        finish_output(out, cfg)
+    cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'report'}", f"pipeline_dir={layout.root}",
+                                               "tracking.enabled=false"])
+
+    def reported() -> tuple[list[str], list[str]]:
+        summary = json.loads(report(cfg).outputs["json"].read_text())
+        return list(summary["tasks"]["verse_class"]["languages"]["sw"]["methods"]), summary["left_out"]
+
+    assert reported() == (["standard", "minijoint", "minipost"], [])
+    claim_output(adapted, Adapt(steps=8), resumable=False)  # adapted again: its scores are not yet this run's
+    methods, [left_out] = reported()
+    assert methods == ["standard", "minipost"]
+    assert f"{scored}: scored results that changed since (embeddings: {adapted} was made again since" in left_out
+    finish_output(adapted, Adapt(steps=8))
+    assert "steps: 6 -> 8" in reported()[1][0]  # finished under the new config: what changed is named
+
+
 def _report_with_baseline(root, baseline: dict, caplog, n_examples=None):
     """The PLAN's results plus the unadapted baseline's (zero_shot/verse_class/none/metrics.json, as zero_shot
     writes it for method none), reported with tracking off; (summary, markdown, warnings logged)."""

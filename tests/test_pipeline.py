@@ -133,6 +133,7 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
     assert methods == ["standard", "minijoint", "minipost", "lt_sft", "lt_sft_vocab", "lt_sft_vocab@minijoint",
                        *students]
     assert report["methods"] == methods
+    assert report["left_out"] == []  # every result is of its current config and inputs
     verse_class = report["tasks"]["verse_class"]["languages"]["ny"]["methods"]
     assert set(verse_class) == set(methods) and all(verse_class[m]["points"] for m in methods)
     assert not set(students) & set(report["tasks"]["target_mlm"]["languages"]["ny"]["methods"])

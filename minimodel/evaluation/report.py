@@ -183,6 +183,8 @@ def _not_a_result(out: Path) -> str | None:
         return "no metrics.json (its zero-shot stage did not run or did not finish)"
     if provenance.identity(out) == "unfinished":  # a changed config's rerun replaces it when done
         return "its zero-shot stage did not finish for its current config: the metrics.json there is an older run's"
+    if changed := provenance.changed_inputs(out):  # its scores beside the new run's compute would be another's
+        return f"scored results that changed since ({'; '.join(changed)}): run its zero-shot stage again"
     return None
 
 
