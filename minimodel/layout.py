@@ -31,7 +31,8 @@ the report that reads them back (results live on disk; MLflow only shows them).
     <root>/distill_task[/<method>]/<lang>/model/                  BiStil phase 2: the student task model (source
                                                                   tokenizer; target_tokenizer/), metrics.json;
                                                                   <method>: bistil@<base>'s
-    <root>/zero_shot/<task>/<method>/                             step 4 (metrics.json, snapshots.json); method
+    <root>/zero_shot/<task>/<method>/                             step 4 (metrics.json, snapshots.json,
+                                                                  per_example.json); method
                                                                   none: the unadapted primary (metrics.json)
     <root>/report/                                                report.json, report.md, compute_vs_quality.png
 """
@@ -41,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STUDENT_TARGET_TOKENIZER = "target_tokenizer"  # a BiStil student's (and student task model's) target tokenizer
+# a zero-shot result's per-example scores of its headline metric: {lang: {"final" or snapshot step: {"examples": a
+# digest of what was scored, "scores": [...]}}}, so that the report compares two results on the same examples paired
+PER_EXAMPLE_FILE = "per_example.json"
 TASK_FILE = "task.json"  # a task model's (evaluate/finetune.py): its task, labels, and the primary it was tuned from
 STUDENT_VOCABULARY = "vocabulary.json"  # a BiStil student's (and student task model's) id maps, method and languages
 

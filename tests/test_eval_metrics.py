@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from minimodel.evaluation.metrics import (accuracy, normalize_answer, qa_exact_match, qa_f1, qa_scores,
-                                          retrieval_accuracy)
+from minimodel.evaluation.metrics import (correct, normalize_answer, qa_exact_match, qa_f1, qa_question_scores,
+                                          retrieval_hits)
 from minimodel.evaluation.tasks import BIBLE_PARTS, bible_part
 
 
@@ -39,13 +39,13 @@ def test_mlqa_exact_match_and_f1_hand_computed():
 def test_qa_scores_max_over_answers_and_unanswered():
     answers = {"q1": ["Paris", "the city of Paris"], "q2": ["1999"], "q3": ["red fox"]}
     predictions = {"q1": "city of Paris", "q3": "a fox"}  # q2 unanswered: scores 0
-    scores = qa_scores(predictions, answers, "en")
-    # q1: EM with the 2nd answer; q3: EM 0, F1 = 2 * (1/1 * 1/2) / (1 + 1/2) = 2/3
-    assert scores["exact_match"] == pytest.approx(100 / 3)
-    assert scores["f1"] == pytest.approx(100 * (1 + 0 + 2 / 3) / 3)
+    scores = qa_question_scores(predictions, answers, "en")
+    # q1: EM with the 2nd answer; q3: EM 0, F1 = 2 * (1/1 * 1/2) / (1 + 1/2) = 2/3; per question, in percent
+    assert scores["exact_match"] == [100.0, 0.0, 0.0]
+    assert scores["f1"] == pytest.approx([100.0, 0.0, 100 * 2 / 3])
 
 
-def test_retrieval_accuracy_constructed_case():
+def test_retrieval_hits_constructed_case():
     candidates = np.eye(4)
     queries = np.array([
         [1.0, 0.0, 0.0, 0.0],  # gold 0: rank 0
@@ -53,18 +53,17 @@ def test_retrieval_accuracy_constructed_case():
         [0.0, 0.0, 1.0, 0.1],  # gold 2: rank 0
         [0.9, 0.8, 0.7, 0.1],  # gold 3: last -> rank 3
     ])
-    scores = retrieval_accuracy(queries, candidates, ks=(1, 2, 4))
-    assert scores == {"top1": 0.5, "top2": 0.75, "top4": 1.0}
+    hits = retrieval_hits(queries, candidates, ks=(1, 2, 4))
+    assert {k: h.tolist() for k, h in hits.items()} == {"top1": [1, 0, 1, 0], "top2": [1, 1, 1, 0], "top4": [1] * 4}
     # explicit gold indices; cosine ignores scale; a tie is not a hit
-    scores = retrieval_accuracy(3 * queries[[2, 0]], candidates, gold=[2, 1], ks=(1,))
-    assert scores == {"top1": 0.5}
-    assert retrieval_accuracy(np.ones((2, 3)), np.ones((2, 3)), ks=(1,)) == {"top1": 0.0}
+    assert retrieval_hits(3 * queries[[2, 0]], candidates, gold=[2, 1], ks=(1,))["top1"].tolist() == [1, 0]
+    assert retrieval_hits(np.ones((2, 3)), np.ones((2, 3)), ks=(1,))["top1"].tolist() == [0, 0]
 
 
 def test_accuracy_and_bible_parts():
-    assert accuracy([1, 2, 0, 0], [1, 2, 1, 0]) == 0.75
+    assert correct([1, 2, 0, 0], [1, 2, 1, 0]).tolist() == [1, 1, 0, 1]  # accuracy 0.75
     with pytest.raises(ValueError):
-        accuracy([1], [1, 2])
+        correct([1], [1, 2])
     expected = {1: "law", 5: "law", 6: "history", 17: "history", 18: "wisdom", 22: "wisdom", 23: "prophets",
                 39: "prophets", 40: "gospels", 43: "gospels", 44: "epistles", 65: "epistles", 66: "apocalypse"}
     assert {b: BIBLE_PARTS[bible_part(b)] for b in expected} == expected
@@ -77,4 +76,4 @@ def test_majority_share_is_the_accuracy_of_the_most_frequent_label():
     from minimodel.evaluation.metrics import majority_share
 
     assert majority_share([2, 0, 2, 1, 2]) == 0.6
-    assert accuracy([2] * 5, [2, 0, 2, 1, 2]) == majority_share([2, 0, 2, 1, 2])
+    assert correct([2] * 5, [2, 0, 2, 1, 2]).mean() == majority_share([2, 0, 2, 1, 2])

@@ -220,6 +220,8 @@ def test_zero_shot_retrieval(world):
     results = zero_shot(cfg).outputs
     assert "en" not in results  # retrieving English from English is no reference
     assert results["xx"] == {"top1": 1.0, "top10": 1.0, "n_examples": results["xx"]["n_examples"], "layer": 1.0}
+    [hits] = json.loads((root / "zs_retrieval" / "per_example.json").read_text())["xx"].values()
+    assert hits["scores"] == [1.0] * int(results["xx"]["n_examples"])  # each query's top-1 hit
     cfg.targets[0].model_dir = str(untrained)
     random_targets = zero_shot(cfg).outputs["xx"]
     n = random_targets["n_examples"]
@@ -334,10 +336,19 @@ def test_zero_shot_scores_each_snapshot_of_the_adaptation_run(world, adaptation_
     assert len(runs) == 3 and set(by_step) == {"10", "20", None}  # None: the final embeddings
     assert all(r.data.tags["adapt_run_id"] == "adapt-run-1" for r in runs)  # the final's from plug.json
     assert by_step["10"].data.metrics["accuracy"] == curve["10"]["accuracy"]
+    # each checkpoint's per-example scores, of one set of examples: their means are its accuracy (the report's
+    # paired comparisons)
+    per_example = json.loads((root / "zs_curve" / "per_example.json").read_text())["xx"]
+    assert set(per_example) == {"final", "10", "20"} and len({e["examples"] for e in per_example.values()}) == 1
+    for key, metrics in (("final", results["xx"]), ("10", curve["10"]), ("20", curve["20"])):
+        scores = per_example[key]["scores"]
+        assert len(scores) == metrics["n_examples"] and set(scores) <= {0.0, 1.0}
+        assert sum(scores) / len(scores) == pytest.approx(metrics["accuracy"], abs=1e-12)
     # the same directory redone for targets without an adaptation run: the earlier curve is not this config's
     cfg.targets[0].embeddings = None
     zero_shot(cfg)
     assert not (root / "zs_curve" / "snapshots.json").exists()
+    assert set(json.loads((root / "zs_curve" / "per_example.json").read_text())["xx"]) == {"final"}
 
 
 def test_a_snapshot_plugs_in_memory_exactly_as_adapt_plug_writes_it(world, adaptation_run):

@@ -288,7 +288,7 @@ def _report_with_baseline(root, baseline: dict, caplog, n_examples=None):
     layout = PipelineLayout(root / "run")
     write_pipeline_results(layout, n_examples=n_examples)
     out = layout.zero_shot("verse_class", "none")
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump({"method": "none", "source_lang": "en"}))
     write_json(out / "metrics.json", {"en": {"accuracy": 0.9, "baseline/majority": 0.3}, "sw": baseline})
     cfg = load_config(ReportConfig, overrides=[f"output_dir={root / 'report'}", f"pipeline_dir={root / 'run'}",
@@ -363,6 +363,40 @@ def test_a_gap_within_noise_is_no_measurable_gain_and_one_beyond_it_is_harm(tmp_
     assert large["warnings"] == logged and "minipost ends at accuracy 0.75, below the unadapted" in logged[0]
     assert "more than two standard errors: adapting made the model worse" in logged[0]
     assert f"**Warning: below the unadapted baseline.** {logged[0]}" in md
+
+
+def test_two_results_on_the_same_examples_are_compared_paired(tmp_path, caplog):
+    """Every method and the unadapted baseline are scored on one test set, so their per-example scores are
+    correlated: the independent-samples bound called real harm noise. By hand: on 500 examples a method at 0.55 and
+    the baseline at 0.60 disagree on 49 (the method loses 37, wins 12): d_i in {-1 x 37, +1 x 12, 0 x 451}, mean
+    -0.05, var (49 - 500 * 0.05^2) / 499 = 0.095691, two standard errors 2 * sqrt(0.095691 / 500) = 0.027668 (the
+    independent bound: 0.0624). In the report: minipost at 0.75 against the baseline's 0.76 on 500 examples, losing
+    5 and winning none: paired 2 * sqrt((5 - 500 * 0.01^2) / 499 / 500) = 0.008908 < 0.01, so "made the model worse",
+    where the independent bound (0.0544) said "no measurable gain"; scores of other examples are not paired."""
+    from minimodel.evaluation.report import two_standard_errors
+
+    baseline = {"examples": "xnli-sw-test", "scores": [1.0] * 300 + [0.0] * 200}
+    method = {"examples": "xnli-sw-test", "scores": [1.0] * 263 + [0.0] * 37 + [1.0] * 12 + [0.0] * 188}
+    assert sum(method["scores"]) / 500 == 0.55
+    assert two_standard_errors(0.55, 500, 0.60, 500, 1.0, (method, baseline)) == pytest.approx(0.027668, abs=1e-6)
+    assert two_standard_errors(0.55, 500, 0.60, 500) == pytest.approx(0.06245, abs=1e-5)
+    other = {**method, "examples": "xnli-sw-dev"}
+    assert two_standard_errors(0.55, 500, 0.60, 500, 1.0, (other, baseline)) == pytest.approx(0.06245, abs=1e-5)
+
+    layout = PipelineLayout(tmp_path / "run")
+    unadapted = [1.0] * 380 + [0.0] * 120  # 0.76
+    write_json(layout.zero_shot("verse_class", "minipost") / "per_example.json",
+               {"sw": {"final": {"examples": "e", "scores": [1.0] * 375 + [0.0] * 125}}})  # 0.75: 5 lost
+    write_json(layout.zero_shot("verse_class", "none") / "per_example.json",
+               {"sw": {"final": {"examples": "e", "scores": unadapted}}})
+    summary, _, logged = _report_with_baseline(tmp_path, {"accuracy": 0.76, "n_examples": 500}, caplog, 500)
+    task = summary["tasks"]["verse_class"]
+    [case] = task["below_baseline"]
+    assert case["method"] == "minipost" and case["noise"] == pytest.approx(0.008908, abs=1e-6)
+    assert [c["method"] for c in task["within_baseline_noise"]] == ["standard", "minijoint"]  # not paired: 0.05
+    assert any("minipost ends at accuracy 0.75, below the unadapted" in w for w in logged)
+    points = task["languages"]["sw"]["methods"]["minipost"]["points"]
+    assert "per_example" not in points[0]  # report.json stays small
 
 
 def test_the_noise_bound_is_in_the_metrics_own_units_and_only_for_means_of_bounded_scores():

@@ -29,10 +29,11 @@ _ARTICLES = {
 _CJK = re.compile(r"[\u4e00-\u9fa5]")
 
 
-def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
-    if len(predictions) != len(labels) or not labels:
+def correct(predictions: Sequence[int], labels: Sequence[int]) -> np.ndarray:
+    """1.0 for each prediction equal to its label, else 0.0: accuracy is their mean."""
+    if len(predictions) != len(labels) or not len(labels):
         raise ValueError(f"accuracy needs as many predictions as labels (>0), got {len(predictions)} and {len(labels)}")
-    return float(np.mean(np.asarray(predictions) == np.asarray(labels)))
+    return (np.asarray(predictions) == np.asarray(labels)).astype(np.float64)
 
 
 def majority_share(labels: Sequence[int]) -> float:
@@ -80,22 +81,23 @@ def qa_f1(prediction: str, truth: str, lang: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def qa_scores(predictions: dict[str, str], answers: dict[str, list[str]], lang: str) -> dict[str, float]:
-    """{"exact_match", "f1"} in percent, each the max over a question's gold answers; unanswered questions score 0."""
+def qa_question_scores(predictions: dict[str, str], answers: dict[str, list[str]], lang: str) -> dict[str, list]:
+    """{"exact_match", "f1"}: each question's score in percent (answers' order), the max over its gold answers;
+    an unanswered question scores 0."""
     if not answers:
-        raise ValueError("qa_scores: no questions to score")
-    em = f1 = 0.0
+        raise ValueError("qa_question_scores: no questions to score")
+    scores = {"exact_match": [], "f1": []}
     for qid, truths in answers.items():
-        if qid not in predictions:
-            continue
-        em += max(qa_exact_match(predictions[qid], t, lang) for t in truths)
-        f1 += max(qa_f1(predictions[qid], t, lang) for t in truths)
-    return {"exact_match": 100.0 * em / len(answers), "f1": 100.0 * f1 / len(answers)}
+        answered = qid in predictions
+        scores["exact_match"].append(100.0 * max(qa_exact_match(predictions[qid], t, lang) for t in truths)
+                                     if answered else 0.0)
+        scores["f1"].append(100.0 * max(qa_f1(predictions[qid], t, lang) for t in truths) if answered else 0.0)
+    return scores
 
 
-def retrieval_accuracy(queries: np.ndarray, candidates: np.ndarray, gold: Iterable[int] | None = None,
-                       ks: Sequence[int] = (1, 10)) -> dict[str, float]:
-    """Top-k accuracy of retrieving candidate gold[i] for query i by cosine similarity.
+def retrieval_hits(queries: np.ndarray, candidates: np.ndarray, gold: Iterable[int] | None = None,
+                   ks: Sequence[int] = (1, 10)) -> dict[str, np.ndarray]:
+    """{"top<k>": 1.0 for each query whose gold candidate gold[i] is among its k most cosine-similar, else 0.0}.
 
     queries: [n, d], candidates: [m, d]; gold defaults to the identity (query i pairs with candidate i).
     Ties are broken against the gold candidate (a constant embedding never counts as a hit).
@@ -104,11 +106,11 @@ def retrieval_accuracy(queries: np.ndarray, candidates: np.ndarray, gold: Iterab
     candidates = np.asarray(candidates, dtype=np.float64)
     gold_idx = np.arange(len(queries)) if gold is None else np.asarray(list(gold))
     if len(gold_idx) != len(queries) or len(queries) == 0:
-        raise ValueError(f"retrieval_accuracy: {len(queries)} queries but {len(gold_idx)} gold indices")
+        raise ValueError(f"retrieval_hits: {len(queries)} queries but {len(gold_idx)} gold indices")
     q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
     c = candidates / np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True), 1e-12)
     sims = q @ c.T
     gold_sim = sims[np.arange(len(q)), gold_idx]
     # rank of the gold candidate = number of candidates at least as similar, other than itself
     rank = (sims >= gold_sim[:, None]).sum(axis=1) - 1
-    return {f"top{k}": float(np.mean(rank < k)) for k in ks}
+    return {f"top{k}": (rank < k).astype(np.float64) for k in ks}

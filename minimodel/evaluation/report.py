@@ -32,7 +32,9 @@ with its own tokenizer) is no method with compute: it is drawn as a horizontal l
 method gets a warning (logged, and in report.json's `warnings` and report.md) where its final quality ends below
 it by more than two standard errors of the difference ("made the model worse"; `below_baseline`; any gap below it
 where the evaluations logged no n_examples) or within two standard errors of it, either side ("no measurable gain";
-`within_baseline_noise`): a 0.006 gap on 500 examples is noise, neither harm nor gain.
+`within_baseline_noise`): a 0.006 gap on 500 examples is noise, neither harm nor gain. Two results scored on the same
+examples (zero_shot's per_example.json) are compared paired, example by example; else as independent samples, which
+over-states the noise.
 What is spent once for every target language (a head for a headless primary, MiniPost's step 1b, OFA's word
 vectors) is in no language's compute: report.json's `one_off` and report.md list it apart.
 Writes report.json, report.md and compute_vs_quality.png to output_dir; with tracking, they and the headline
@@ -48,6 +50,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from minimodel.adaptation.artifact import read_info, snapshot_dir
@@ -57,7 +60,7 @@ from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.scoring import MAJORITY_METRIC
 from minimodel.evaluation.tasks import TASKS
-from minimodel.layout import PipelineLayout
+from minimodel.layout import PER_EXAMPLE_FILE, PipelineLayout
 from minimodel.methods import BASELINE, MODELS, REFERENCE, SPARSE, parse_adapted_method, parse_method
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.file import SFT_DIR, read_sft_info
@@ -103,6 +106,11 @@ class Point:
     wall_clock_s: float | None
     adapt_step: int | None  # None: final embeddings
     n_examples: float | None = None  # what the quality was measured on (None: not logged)
+    # each example's score, {"examples": digest, "scores": [...]} (zero_shot's per_example.json); not in report.json
+    per_example: dict | None = None
+
+    def as_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "per_example"}
 
 
 def _compute(artifact: Path, learns: str = "embeddings") -> tuple[float | None, float | None]:
@@ -207,6 +215,7 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
     own_source: dict = defaultdict(dict)  # {task: {method: {source lang: quality}}}: a method's own task model's
     majority: dict = defaultdict(dict)
     baseline: dict = defaultdict(dict)
+    baseline_examples: dict = defaultdict(dict)  # {task: {lang: the baseline's per-example scores}}
     metric_of: dict[str, str] = {}
     for task in tasks or _subdirs(layout.root / "zero_shot"):
         if task not in TASKS:  # found, not asked for (ReportConfig checks tasks): another version's name
@@ -221,10 +230,12 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
         if unadapted.is_file() and not (why := _not_a_result(unadapted.parent)):
             metric_of[task] = metric
             source_lang = yaml.safe_load((unadapted.parent / "config.yaml").read_text())["source_lang"]
+            examples = _json_or_empty(unadapted.parent / PER_EXAMPLE_FILE)
             for lang, final in json.loads(unadapted.read_text()).items():
                 if lang != source_lang:
                     baseline[task][lang] = {"quality": final.get(metric), "unk_fraction": final.get("unk_fraction"),
                                             "n_examples": final.get("n_examples")}
+                    baseline_examples[task][lang] = examples.get(lang, {}).get("final")
         elif unadapted.is_file():
             leave_out(unadapted.parent, why)
         for method in [m for m in methods or _subdirs(layout.root / "zero_shot" / task) if m != BASELINE]:
@@ -240,7 +251,7 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
                 leave_out(out, why)
                 continue
             source_lang = yaml.safe_load((out / "config.yaml").read_text())["source_lang"]
-            snapshots = json.loads((out / "snapshots.json").read_text()) if (out / "snapshots.json").is_file() else {}
+            snapshots, examples = _json_or_empty(out / "snapshots.json"), _json_or_empty(out / PER_EXAMPLE_FILE)
             for lang, final in json.loads((out / "metrics.json").read_text()).items():
                 metric_of[task] = metric
                 if lang == source_lang:  # the reference's source model (LT-SFT's is another: its task SFT)
@@ -256,7 +267,8 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
                                                           for step, m in snapshots.get(lang, {}).items()]
                 for step, m, artifact in checkpoints:
                     point = Point(m[metric], *_method_compute(layout, method, lang, artifact, source_lang, task),
-                                  step, m.get("n_examples"))
+                                  step, m.get("n_examples"),
+                                  examples.get(lang, {}).get("final" if step is None else str(step)))
                     if point.flops is None and step is not None:  # no place on the compute axis
                         leave_out(artifact, f"the {task} score of {method}'s {lang} snapshot: its compute is unknown")
                     else:
@@ -277,7 +289,12 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
             leave_out(layout.root / "zero_shot" / task, "none of its zero-shot results could be reported")
     found = {m for per_lang in points.values() for per_method in per_lang.values() for m in per_method}
     return {"points": points, "source": source, "own_source": own_source, "metric": metric_of, "majority": majority,
-            "baseline": baseline, "left_out": left_out, "one_off": one_off_costs(layout, sorted(found))}
+            "baseline": baseline, "baseline_examples": baseline_examples, "left_out": left_out,
+            "one_off": one_off_costs(layout, sorted(found))}
+
+
+def _json_or_empty(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def one_off_costs(layout: PipelineLayout, methods: list[str]) -> dict[str, dict]:
@@ -344,7 +361,7 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                 final = pts[-1]
                 entry = {"final": {"quality": final.quality, "flops": final.flops,
                                    "wall_clock_s": final.wall_clock_s},
-                         "points": [vars(p) for p in pts], "reach": {}}
+                         "points": [p.as_json() for p in pts], "reach": {}}
                 for frac in fractions:
                     if ref_final is None:
                         continue
@@ -366,14 +383,13 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                 first, last = ref_points[0], ref_points[-1]
                 ref_gain = last.quality - first.quality
                 ref_noise = two_standard_errors(last.quality, last.n_examples, first.quality, first.n_examples,
-                                                full_score)
+                                                full_score, (last.per_example, first.per_example))
             margin = chance_margin * (full_score or 1.0)  # chance_margin is a share of a perfect score
             langs[lang] = {"reference_final": ref_final, "reference_gain": ref_gain,
                            "reference_gain_noise": margin if ref_noise is None else ref_noise,
                            "methods": methods, "baseline": baselines.get(task, {}).get(lang)}
-            cases = [c for m in methods
-                     if (c := _against_baseline(lang, m, per_method[m][-1], langs[lang]["baseline"] or {},
-                                                full_score))]
+            unadapted = (langs[lang]["baseline"] or {}, data.get("baseline_examples", {}).get(task, {}).get(lang))
+            cases = [c for m in methods if (c := _against_baseline(lang, m, per_method[m][-1], *unadapted, full_score))]
             for verdict, into in ((False, below), (True, within)):
                 if group := [c for c in cases if c["within_noise"] is verdict]:
                     into += group
@@ -401,26 +417,32 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
             "one_off": data.get("one_off", {})}
 
 
-def two_standard_errors(a: float, n_a: float | None, b: float, n_b: float | None,
-                        full_score: float | None = 1.0) -> float | None:
-    """Two standard errors of the difference of two mean scores in [0, full_score] over n_a and n_b examples, in
-    the scores' units (None: a count unknown, no full_score (not a mean of bounded scores), or a score outside the
-    range). A per-example score in [0, 1] with mean p has variance at most p(1 - p), so this bounds accuracy, top-1
-    and F1 alike; counting the two evaluations as independent over-states the noise of two models scored on the
-    same examples, so a gap beyond it is a real one."""
+def two_standard_errors(a: float, n_a: float | None, b: float, n_b: float | None, full_score: float | None = 1.0,
+                        per_example: tuple[dict | None, dict | None] = (None, None)) -> float | None:
+    """Two standard errors of the difference a - b of two mean scores in [0, full_score] over n_a and n_b examples,
+    in the scores' units (None: a count unknown, no full_score (not a mean of bounded scores), or a score outside
+    the range). Where both `per_example` scores are of the same examples (one digest), paired: 2 sd(a_i - b_i) /
+    sqrt(n), as two models scored on one test set differ. Else as independent samples: a per-example score in [0, 1]
+    with mean p has variance at most p(1 - p), so this bounds accuracy, top-1 and F1 alike, and over-states the noise
+    of two results on the same examples (their scores are correlated), so a gap beyond it is a real one."""
     if full_score is None or not n_a or not n_b or not (0 <= a <= full_score and 0 <= b <= full_score):
         return None
+    ours, theirs = per_example
+    if ours and theirs and ours["examples"] == theirs["examples"] and len(ours["scores"]) > 1:
+        differences = np.asarray(ours["scores"]) - np.asarray(theirs["scores"])
+        return 2 * float(differences.std(ddof=1)) / math.sqrt(len(differences))
     a, b = a / full_score, b / full_score
     return full_score * 2 * math.sqrt(a * (1 - a) / n_a + b * (1 - b) / n_b)
 
 
-def _against_baseline(lang: str, method: str, final: Point, unadapted: dict, full_score: float | None) -> dict | None:
+def _against_baseline(lang: str, method: str, final: Point, unadapted: dict, unadapted_examples: dict | None,
+                      full_score: float | None) -> dict | None:
     """A method's final quality against the unadapted primary's: None where it is measurably above it (or there is
     no baseline), else the case to warn about; `within_noise`: the gap is within two standard errors."""
     if unadapted.get("quality") is None:
         return None
     noise = two_standard_errors(final.quality, final.n_examples, unadapted["quality"], unadapted.get("n_examples"),
-                                full_score)
+                                full_score, (final.per_example, unadapted_examples))
     within = noise is not None and abs(final.quality - unadapted["quality"]) <= noise
     if not within and final.quality >= unadapted["quality"]:
         return None

@@ -1,6 +1,8 @@
 """Score a model on a task's examples in one language: the shared evaluation of fine-tuning and zero-shot."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from minimodel.data.tokenizer import tokenizer_fingerprint
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.features import QAEvalFeatures, classification_features, reads_segments
-from minimodel.evaluation.metrics import accuracy, majority_share, qa_scores, retrieval_accuracy
+from minimodel.evaluation.metrics import correct, majority_share, qa_question_scores, retrieval_hits
 from minimodel.evaluation.models import batches, device, mean_pooled, predict_logits
 from minimodel.evaluation.tasks import TaskConfig, TaskDataError, load_examples, load_verse_pairs
 from minimodel.hf import load_tokenizer
@@ -20,23 +22,37 @@ from minimodel.training.hf_mlm import masked_lm_loss
 MAJORITY_METRIC = "baseline/majority"  # logged with every classification score: the chance level to beat
 
 
-def score(task: TaskConfig, model, tokenizer, lang: str, split: str, batch_size: int) -> dict[str, float]:
-    """Metrics of a classification or QA task model on `split` of `task` in `lang` (plus n_examples)."""
+def score(task: TaskConfig, model, tokenizer, lang: str, split: str, batch_size: int,
+          per_example: dict | None = None) -> dict[str, float]:
+    """Metrics of a classification or QA task model on `split` of `task` in `lang` (plus n_examples); with
+    `per_example`, also each example's score of the headline metric, for paired comparisons (see _per_example)."""
     examples = load_examples(task, lang, split)
     desc = f"{task.name}/{lang}/{split}"
     if task.spec.kind == "classification":
         features = classification_features(examples, tokenizer, task.max_length, reads_segments(model))
         (logits,) = predict_logits(model, features, batch_size, desc)
         labels = [e["label"] for e in examples]
-        metrics = {"accuracy": accuracy(logits.argmax(-1).tolist(), labels), MAJORITY_METRIC: majority_share(labels)}
+        scores = {"accuracy": correct(logits.argmax(-1).tolist(), labels)}
+        metrics = {"accuracy": float(np.mean(scores["accuracy"])), MAJORITY_METRIC: majority_share(labels)}
     elif task.spec.kind == "qa":
         features = QAEvalFeatures(examples, tokenizer, task.max_length, task.doc_stride, reads_segments(model))
         start, end = predict_logits(model, features.dataset, batch_size, desc, ("start_logits", "end_logits"))
         predictions = features.predictions(start, end, task.max_answer_length)
-        metrics = qa_scores(predictions, {e["id"]: [a["text"] for a in e["answers"]] for e in examples}, lang)
+        scores = qa_question_scores(predictions, {e["id"]: [a["text"] for a in e["answers"]] for e in examples},
+                                    lang)
+        metrics = {metric: float(np.mean(values)) for metric, values in scores.items()}
     else:
         raise ValueError(f"task {task.name} is scored with score_retrieval")
+    _per_example(per_example, task, examples, scores)
     return {**metrics, "n_examples": float(len(examples))}
+
+
+def _per_example(into: dict | None, task: TaskConfig, examples: list, scores: dict) -> None:
+    """Fill `into` (when given) with {"examples": a digest of what was scored, "scores": each example's score of
+    the task's headline metric, in its units}: two evaluations of the same examples compare example by example."""
+    if into is not None:
+        digest = hashlib.sha256(json.dumps(examples, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        into.update(examples=digest, scores=[round(float(x), 6) for x in scores[task.spec.metric]])
 
 
 def unknown_fraction(task: TaskConfig, tokenizer, lang: str, split: str) -> float:
@@ -64,17 +80,20 @@ def retrieval_layer(model, layer: int | None) -> int:
 
 def score_retrieval(task: TaskConfig, source_model, source_tokenizer, source_lang: str, target_model,
                     target_tokenizer, target_lang: str, split: str, batch_size: int,
-                    layer: int | None = None) -> dict[str, float]:
+                    layer: int | None = None, per_example: dict | None = None) -> dict[str, float]:
     """SR-B-style retrieval: for each held-out target verse, find its source verse among the held-out verses both
-    languages hold (tasks.load_verse_pairs) by cosine of mean-pooled hidden states; top-1 / top-10 accuracy."""
+    languages hold (tasks.load_verse_pairs) by cosine of mean-pooled hidden states; top-1 / top-10 accuracy
+    (`per_example`: as score's)."""
     pairs = load_verse_pairs(task, source_lang, target_lang, split)
     index = retrieval_layer(source_model, layer)
     candidates = mean_pooled(source_model, source_tokenizer, [src for src, _ in pairs], index, task.max_length,
                              batch_size, f"retrieval/{source_lang}")
     queries = mean_pooled(target_model, target_tokenizer, [tgt for _, tgt in pairs], index, task.max_length,
                           batch_size, f"retrieval/{target_lang}")
-    metrics = retrieval_accuracy(queries, candidates, ks=(1, 10))
-    return {**metrics, "n_examples": float(len(pairs)), "layer": float(index)}
+    hits = retrieval_hits(queries, candidates, ks=(1, 10))
+    _per_example(per_example, task, pairs, hits)
+    return {**{metric: float(np.mean(h)) for metric, h in hits.items()}, "n_examples": float(len(pairs)),
+            "layer": float(index)}
 
 
 @torch.no_grad()

@@ -46,8 +46,9 @@ whose metric does not compare tokenizers (TaskSpec.compares_tokenizers).
 
 One MLflow run per language and model scored, tagged stage=evaluate, method, target_lang, task and role ("target"
 or "source"); a target's runs carry adapt_run_id, and a snapshot's adapt_step, so the report can place them on the
-compute axis. Writes <output_dir>/metrics.json ({lang: {metric: value}}, final embeddings) and, with snapshots,
-<output_dir>/snapshots.json ({lang: {step: {metric: value}}}).
+compute axis. Writes <output_dir>/metrics.json ({lang: {metric: value}}, final embeddings), with snapshots
+<output_dir>/snapshots.json ({lang: {step: {metric: value}}}), and per_example.json (each target example's score of the
+headline metric at each checkpoint: the report compares two results on the same examples paired).
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ from minimodel.evaluation.scoring import score, score_mlm, score_retrieval, unkn
 from minimodel.evaluation.tasks import TaskConfig
 from minimodel.data.prepare import UNK_REFUSED
 from minimodel.hf import load_masked_lm, load_tokenizer
-from minimodel.layout import STUDENT_VOCABULARY, TASK_FILE
+from minimodel.layout import PER_EXAMPLE_FILE, STUDENT_VOCABULARY, TASK_FILE
 from minimodel.manifest import model_hash
 from minimodel.methods import parse_method
 from minimodel.provenance import claim_output, finish_output
@@ -207,15 +208,18 @@ def _log_run(cfg: ZeroShotConfig, lang: str, role: str, metrics: dict[str, float
         tracker.log_metrics(metrics, step=(target.adapt_step or 0) if target else 0)
 
 
-def _score(cfg: ZeroShotConfig, target: TargetConfig, model, tokenizer, source) -> dict[str, float]:
+def _score(cfg: ZeroShotConfig, target: TargetConfig, model, tokenizer, source,
+           per_example: dict | None = None) -> dict[str, float]:
+    """The target's metrics; `per_example` (not for target_mlm: no mean of per-example scores) gets each example's
+    score (scoring.score's)."""
     source_model, source_tok = source
     kind = cfg.task.spec.kind
     if kind == "retrieval":
         return score_retrieval(cfg.task, source_model, source_tok, cfg.source_lang, model, tokenizer, target.lang,
-                               cfg.split, cfg.batch_size, cfg.retrieval_layer)
+                               cfg.split, cfg.batch_size, cfg.retrieval_layer, per_example)
     if kind == "mlm":
         return score_mlm(cfg.task, model, tokenizer, target.lang, cfg.split, cfg.batch_size)
-    return score(cfg.task, model, tokenizer, target.lang, cfg.split, cfg.batch_size)
+    return score(cfg.task, model, tokenizer, target.lang, cfg.split, cfg.batch_size, per_example)
 
 
 def _primary_of(cfg: ZeroShotConfig) -> tuple[str, str]:
@@ -314,7 +318,7 @@ def _sft_composition(cfg: ZeroShotConfig, base: tuple[str, str], language_sft: S
     return load_sft_task_model(base[0], cfg.task.spec.kind, tuple(info["labels"]), task_sft, language_sft, base[1])
 
 
-def _score_unadapted(cfg: ZeroShotConfig, target: TargetConfig, source) -> dict[str, float]:
+def _score_unadapted(cfg: ZeroShotConfig, target: TargetConfig, source, per_example: dict) -> dict[str, float]:
     """Method none: the source model reads the target text with its own tokenizer, where that tokenizer can."""
     unknown = unknown_fraction(cfg.task, source[1], target.lang, cfg.split)
     if unknown > UNK_REFUSED:
@@ -322,26 +326,35 @@ def _score_unadapted(cfg: ZeroShotConfig, target: TargetConfig, source) -> dict[
                     "language, so there is no unadapted baseline for it", cfg.task.name, cfg.method, 100 * unknown,
                     target.lang)
         return {"unk_fraction": unknown, UNREADABLE: 1.0}
-    return {**_score(cfg, target, *source, source), "unk_fraction": unknown}
+    return {**_score(cfg, target, *source, source, per_example), "unk_fraction": unknown}
 
 
-def _evaluate_target(cfg: ZeroShotConfig, target: TargetConfig, source, primary) -> tuple[dict, dict[int, dict]]:
-    """Score every checkpoint of one target and log a run for each; (final metrics, {snapshot step: metrics})."""
+def _evaluate_target(cfg: ZeroShotConfig, target: TargetConfig, source,
+                     primary) -> tuple[dict, dict[int, dict], dict[str, dict]]:
+    """Score every checkpoint of one target and log a run for each; (final metrics, {snapshot step: metrics},
+    {"final" or snapshot step: its per-example scores} where the task has them)."""
     method = parse_method(cfg.method)
     if method.learns_embeddings or method.source.learns == "student":  # a student: its model_dir, no snapshots
-        scored = [(at, _score(cfg, at, model, tokenizer, source)) for at, model, tokenizer in
-                  _checkpoints(cfg, target, source, primary)]
+        checkpoints = _checkpoints(cfg, target, source, primary)  # lazy: one model at a time
     elif method.adapted:
-        scored = [(target, _score(cfg, target, *_sft_model(cfg, target, source, primary), source))]
+        checkpoints = [(target, *_sft_model(cfg, target, source, primary))]
     else:
-        scored = [(target, _score_unadapted(cfg, target, source))]
+        checkpoints = [(target, None, None)]
+    scored = []
+    for at, model, tokenizer in checkpoints:
+        per_example: dict = {}
+        metrics = _score(cfg, at, model, tokenizer, source, per_example) if model is not None else \
+            _score_unadapted(cfg, target, source, per_example)
+        scored.append((at, metrics, per_example))
     if cfg.task.spec.kind == "mlm":
-        _add_mlm_gain(target, scored)
-    for at, metrics in scored:
+        _add_mlm_gain(target, [(at, metrics) for at, metrics, _ in scored])
+    for at, metrics, _ in scored:
         log.info("%s %s %s (%s): %s", cfg.task.name, cfg.method, target.lang,
                  "final" if at.adapt_step is None else f"step {at.adapt_step}", metrics)
         _log_run(cfg, target.lang, "target", metrics, at)
-    return scored[0][1], {at.adapt_step: metrics for at, metrics in scored[1:]}
+    per_example = {"final" if i == 0 else str(at.adapt_step): scores
+                   for i, (at, _, scores) in enumerate(scored) if scores}
+    return scored[0][1], {at.adapt_step: metrics for at, metrics, _ in scored[1:]}, per_example
 
 
 def _with_run_id(target: TargetConfig) -> TargetConfig:
@@ -357,7 +370,7 @@ def zero_shot(cfg: ZeroShotConfig) -> StageResult:
     included when evaluate_source."""
     out = Path(cfg.output_dir)
     if claim_output(out, cfg, resumable=False) == "new":  # an earlier config's scores are never this one's
-        for stale in ("metrics.json", "snapshots.json"):
+        for stale in ("metrics.json", "snapshots.json", PER_EXAMPLE_FILE):
             (out / stale).unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")
     source_tokenizer = cfg.source_tokenizer or cfg.source_model_dir
@@ -373,14 +386,16 @@ def zero_shot(cfg: ZeroShotConfig) -> StageResult:
         _log_run(cfg, cfg.source_lang, "source", results[cfg.source_lang], None)
     # the primary every run's embeddings must have been learned for: hashed once, not per target
     primary = _primary_of(cfg) if any(t.embeddings or t.language_sft for t in cfg.targets) else None
-    snapshot_results = {}
+    snapshot_results, per_example = {}, {}
     for target in cfg.targets:
-        results[target.lang], snapshots = _evaluate_target(cfg, target, source, primary)
+        results[target.lang], snapshots, per_example[target.lang] = _evaluate_target(cfg, target, source, primary)
         if snapshots:
             snapshot_results[target.lang] = snapshots
     faults.point("score")
     write_text_atomic(out / "metrics.json", json.dumps(results, indent=2))
     if snapshot_results:
         write_text_atomic(out / "snapshots.json", json.dumps(snapshot_results, indent=2))
+    if per_example := {lang: scores for lang, scores in per_example.items() if scores}:
+        write_text_atomic(out / PER_EXAMPLE_FILE, json.dumps(per_example))  # the report's paired comparisons
     finish_output(out, cfg)
     return StageResult("finished", results)
