@@ -8,6 +8,7 @@ import pytest
 
 from eval_helpers import cipher, toy_bible, word_tokenizer, write_verses
 from minimodel.config import ConfigError, load_config
+from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.features import QAEvalFeatures, classification_features, qa_train_features
 from minimodel.evaluation.tasks import TaskConfig, TaskDataError, load_examples, load_verse_pairs
 
@@ -188,6 +189,10 @@ def test_qa_windows_and_span_decoding(tmp_path):
         assert tok.decode(span) == "1889"
     misses = [item for item in train.items if item["start_positions"] == 0]
     assert misses and all(item["end_positions"] == 0 for item in misses)  # windows without it point at <s>
+    tok.padding_side = "left"  # a user error, not a traceback
+    with pytest.raises(EvaluationError, match="pads on the left: .* padding_side='right'"):
+        qa_train_features(examples, tok, max_length=16, doc_stride=4)
+    tok.padding_side = "right"
 
     ev = QAEvalFeatures(examples, tok, max_length=16, doc_stride=4)
     n, length = len(ev.dataset), 16

@@ -498,6 +498,12 @@ def test_lt_sft_is_placed_at_its_language_sfts_compute_and_left_out_where_it_is_
     assert chance["tasks"]["verse_class"]["methods_at_chance"] == ["lt_sft"]
     assert any(w.startswith("verse_class: the task models of lt_sft score at chance") for w in chance["warnings"])
     assert "The task models of lt_sft (their own" in paths["markdown"].read_text()
+    # without the reference's result, another dense method's (the same task model) stands in, never LT-SFT's own
+    for method in ("standard", "minipost", "minijoint"):
+        (layout.zero_shot("verse_class", method) / "metrics.json").unlink()
+    alone = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'alone'}", f"pipeline_dir={layout.root}",
+                                                 "tracking.enabled=false", "methods=[standard, lt_sft]"])
+    assert json.loads(report(alone).outputs["json"].read_text())["tasks"]["verse_class"]["source"] == {}
 
 
 @pytest.mark.parametrize("bistil, base", [("bistil", (400.0, 40.0)), ("bistil@minijoint", (240.0, 30.0)),

@@ -1,5 +1,5 @@
 """Evaluation: task data (tasks), metrics, task models (models, features, scoring), step 3 (finetune), step 4
-(zero_shot) and the pipeline report (runs, report)."""
+(zero_shot) and the pipeline report (report)."""
 
 from minimodel.errors import UserError
 

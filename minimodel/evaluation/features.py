@@ -76,9 +76,9 @@ def _require_fast(tokenizer) -> None:
 
 def _qa_windows(examples: list[dict], tokenizer, max_length: int, doc_stride: int, segments: bool):
     _require_fast(tokenizer)
-    pad_right = tokenizer.padding_side == "right"
-    if not pad_right:
-        raise ValueError("QA windows assume right padding (question first, then context)")
+    if tokenizer.padding_side != "right":
+        raise EvaluationError(f"the tokenizer pads on the {tokenizer.padding_side}: QA windows put the question first, "
+                              "then the context, then padding; save the tokenizer with padding_side='right'")
     enc = tokenizer([e["question"].lstrip() for e in examples], [e["context"] for e in examples],
                     truncation="only_second", max_length=max_length, stride=doc_stride,
                     return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")

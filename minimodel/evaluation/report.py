@@ -257,7 +257,7 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
                 if lang == source_lang:  # the reference's source model (LT-SFT's is another: its task SFT)
                     if parsed.source.learns == "sft":  # LT-SFT's own task model (its task SFT); the others
                         own_source[task][method] = {lang: final[metric]}  # score the reference's again
-                    if method == reference or lang not in source[task]:
+                    elif method == reference or lang not in source[task]:  # another's stands in for a missing one
                         source[task][lang] = final[metric]
                         if MAJORITY_METRIC in final:
                             majority[task][lang] = final[MAJORITY_METRIC]
