@@ -258,6 +258,8 @@ def test_each_teacher_state_gets_the_top_singular_vectors_of_its_own_states(tmp_
     save_file({"M": torch.as_tensor(m[0]).float()}, str(path))  # an older phase 1's one M for every state
     with pytest.raises(UserError, match=r"not one projection per teacher state .*rerun adapt/distill.py"):
         load_projections(path, teachers["en"].config, 2)
+    with pytest.raises(UserError, match="does not exist: phase 1 writes its projections"):  # a student moved alone
+        load_projections(tmp_path / "moved" / "projection.safetensors", teachers["en"].config, 2)
 
 
 def _language_sft(root, lang: str, seed: int, method: str = "lt_sft"):

@@ -225,6 +225,17 @@ def test_classification_features_pairs(tmp_path):
                            segments=True)[0]
     assert qa["input_ids"].tolist() == [0, 4, 2, 2, 5, 6, 2, 1]
     assert qa["token_type_ids"].tolist() == [0] * 4 + [1] * 3 + [0]
+    # fine-tuning's and BiStil's task distillation's features: segments where the model embeds them (distillation
+    # built them without: a BERT teacher was distilled on inputs it was not fine-tuned on)
+    from types import SimpleNamespace
+
+    from minimodel.evaluation.features import training_features
+
+    pair = [{"text_a": "a b", "text_b": "c", "label": 1}]
+    for types, expected in ((2, [0, 0, 0, 0, 0, 1, 1, 0]), (1, None)):
+        model = SimpleNamespace(config=SimpleNamespace(type_vocab_size=types))
+        item = training_features(TaskConfig(name="xnli", max_length=8), pair, tok, model)[0]
+        assert (item["token_type_ids"].tolist() if "token_type_ids" in item else None) == expected
 
 
 def test_shipped_configs_load():

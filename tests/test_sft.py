@@ -267,6 +267,12 @@ def test_an_sft_refuses_a_model_it_was_not_learned_from(tmp_path):
     assert sha_a in str(e.value) and sha_b in str(e.value)
     with pytest.raises(SFTError, match="different base models"):
         compose(sft, SparseFineTuning(sha_b))
+    # a dense part of another shape (a task head of another label count) is refused before the model changes
+    head = {"cls.predictions.bias": torch.zeros(7)}
+    before = model.bert.embeddings.word_embeddings.weight.clone()
+    with pytest.raises(SFTError, match=r"cls.predictions.bias: the SFT's dense part is \(7,\), the model's \(40,\)"):
+        SparseFineTuning(sha_b, sft.diffs, head).apply(model, sha_b)
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, before)
 
 
 def test_a_language_sft_applies_to_a_masked_lm_with_tied_embeddings_under_either_name():
@@ -375,12 +381,14 @@ def test_only_a_language_sft_of_the_language_read_is_composed_as_one():
 def test_the_loop_settings_sft_needs_are_checked_when_the_config_loads():
     """Weight decay, a warmup longer than a phase, ZeRO-3: refused at config load (exit 2 naming the key), not after
     the data was prepared and the model loaded (for a language SFT: one more "failed" language, exit 1)."""
+    from minimodel.bistil.task import TaskDistillConfig
     from minimodel.config import load_config
     from minimodel.evaluation.finetune import FinetuneConfig
     from minimodel.sft.language import LanguageSFTConfig
 
     for cls, settings in ((LanguageSFTConfig, ["primary_model=x"]),
-                          (FinetuneConfig, ["model_dir=x", "sparse=true", "task.data_dir=d"])):
+                          (FinetuneConfig, ["model_dir=x", "sparse=true", "task.data_dir=d"]),
+                          (TaskDistillConfig, ["task.data_dir=d"])):  # BiStil's phase 2: its student's task SFT
         with pytest.raises(ConfigError, match="train.optim.weight_decay: 0.01: sparse fine-tuning needs 0"):
             load_config(cls, overrides=[*settings, "train.optim.weight_decay=0.01"])
     load_config(FinetuneConfig, overrides=["model_dir=x", "task.data_dir=d", "train.optim.weight_decay=0.01"])

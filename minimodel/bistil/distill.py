@@ -322,6 +322,9 @@ def fit_projections(teachers: dict[str, torch.nn.Module], data: dict[str, Masked
 def load_projections(path: Path, teacher_config, d: int) -> torch.Tensor:
     """Phase 1's M [L+1, h, d] for this teacher; an older run's single M [h, d] (fitted on every layer's states
     pooled) is refused rather than applied to every state."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: phase 1 writes its projections of the teacher's states beside the "
+                        "student directory; give the student where phase 1 wrote it (<output_dir>/<lang>/student)")
     m = load_file(str(path))["M"]
     expected = (teacher_config.num_hidden_layers + 1, teacher_config.hidden_size, d)
     if tuple(m.shape) != expected:

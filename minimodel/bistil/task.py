@@ -32,7 +32,7 @@ from minimodel.bistil.distill import (PROJECTION_FILE, TARGET_TOKENIZER_DIR, VOC
                                       load_projections)
 from minimodel.bistil.loss import DistillationWeights, distillation_loss
 from minimodel.config import require, save_config
-from minimodel.evaluation.features import classification_features, qa_train_features
+from minimodel.evaluation.features import training_features
 from minimodel.evaluation.finetune import TaskFlops, finished_task_model
 from minimodel.evaluation.models import load_sft_task_model, load_task_model, read_task_info, write_task_model
 from minimodel.evaluation.scoring import score
@@ -43,7 +43,7 @@ from minimodel.layout import TASK_FILE
 from minimodel.manifest import model_hash
 from minimodel.methods import DISTILLED, SPARSE, job_name, parse_method_of
 from minimodel.provenance import claim_output, finish_output
-from minimodel.sft.train import SFTConfig, train_sft
+from minimodel.sft.train import SFTConfig, check_loop_config, train_sft
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
@@ -70,6 +70,7 @@ class TaskDistillConfig:
 
     def validate(self) -> None:
         parse_method_of(self.method, DISTILLED)
+        check_loop_config(self.train, self.sft)  # now, not after both models are loaded and the features built
         require(self.student is not None, "student",
                 "is required: phase 1's student directory (<adapt/distill.py output_dir>/<lang>/student)")
         spec = Path(self.student) / VOCABULARY_FILE
@@ -151,12 +152,6 @@ class StudentFeatures(torch.utils.data.Dataset):
         return {**item, "teacher_ids": ids, "student_ids": self.to_student[ids]}
 
 
-def _features(task: TaskConfig, examples: list[dict], tokenizer):
-    if task.spec.kind == "classification":
-        return classification_features(examples, tokenizer, task.max_length)
-    return qa_train_features(examples, tokenizer, task.max_length, task.doc_stride)
-
-
 def distill_task(cfg: TaskDistillConfig) -> StageResult:
     """Learn the student's task SFT, write the student task model and score it (and the teacher) on rank 0.
     Outputs: the student task model's directory and its metrics; interrupted when a stop signal ended training."""
@@ -184,10 +179,10 @@ def distill_task(cfg: TaskDistillConfig) -> StageResult:
         projections = load_projections(Path(cfg.student).parent / PROJECTION_FILE, teacher.config,
                                        student.config.hidden_size)
     to_student = np.asarray(vocab["to_student"][source_lang], dtype=np.int64)
-    train_data = StudentFeatures(_features(task, load_examples(task, source_lang, "train"), teacher_tokenizer),
-                                 to_student)
-    eval_data = StudentFeatures(_features(task, load_examples(task, source_lang, "dev"), teacher_tokenizer),
-                                to_student)
+    # in the teacher's ids and segments (the student copies its layout): the inputs it was fine-tuned on
+    train_data, eval_data = (
+        StudentFeatures(training_features(task, load_examples(task, source_lang, split), teacher_tokenizer, teacher),
+                        to_student) for split in ("train", "dev"))
     step = TaskDistillStep(teacher, student, cfg.loss, projections)
     student_sha = model_hash(cfg.student)
     tags = {"stage": "distill_task", "method": cfg.method, "source_lang": source_lang, "target_lang": target_lang,

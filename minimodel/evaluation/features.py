@@ -87,6 +87,15 @@ def _qa_windows(examples: list[dict], tokenizer, max_length: int, doc_stride: in
     return enc
 
 
+def training_features(task, examples: list[dict], tokenizer, model):
+    """A classification or QA task's (`task`: a TaskConfig) examples as training features for `model` (its segments
+    where it embeds them): what fine-tuning and BiStil's task distillation train and evaluate the loss on."""
+    segments = reads_segments(model)
+    if task.spec.kind == "classification":
+        return classification_features(examples, tokenizer, task.max_length, segments)
+    return qa_train_features(examples, tokenizer, task.max_length, task.doc_stride, segments)
+
+
 def qa_train_features(examples: list[dict], tokenizer, max_length: int, doc_stride: int, segments: bool = False
                       ) -> FeatureDataset:
     """Windows with "start_positions"/"end_positions" of the first gold answer (0 when outside the window);

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from minimodel import distributed
 from minimodel.config import require, save_config
 from minimodel.files import write_text_atomic
-from minimodel.evaluation.features import classification_features, qa_train_features, reads_segments
+from minimodel.evaluation.features import training_features
 from minimodel.evaluation.models import (check_tokenizer, freeze_embeddings, load_sft_task_model, load_task_model,
                                          write_task_model)
 from minimodel.evaluation.scoring import score
@@ -172,13 +172,7 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     task = cfg.task
     examples = load_examples(task, cfg.source_lang, "train")
     dev = load_examples(task, cfg.source_lang, "dev")
-    segments = reads_segments(model)
-    if spec.kind == "classification":
-        train_data = classification_features(examples, tokenizer, task.max_length, segments)
-        eval_data = classification_features(dev, tokenizer, task.max_length, segments)
-    else:
-        train_data = qa_train_features(examples, tokenizer, task.max_length, task.doc_stride, segments)
-        eval_data = qa_train_features(dev, tokenizer, task.max_length, task.doc_stride, segments)
+    train_data, eval_data = (training_features(task, split, tokenizer, model) for split in (examples, dev))
 
     def loss_fn(m, batch):
         return m(**batch).loss

@@ -158,12 +158,15 @@ class SparseFineTuning:
         hash of the directory `model` was loaded from (manifest.model_hash), refused unless it is the SFT's base;
         `what`: that directory, for the refusal."""
         self.check_base(base_sha256, what)
+        dense = self._params(model, self.abs) if with_abs else {}  # checked before anything changes
+        for name, value in self.abs.items() if with_abs else ():
+            if tuple(dense[name].shape) != tuple(value.shape):
+                raise SFTError(f"{name}: the SFT's dense part is {tuple(value.shape)}, the model's "
+                               f"{tuple(dense[name].shape)} (a task head of another label count?)")
         self._add(model, 1.0)
-        if with_abs:
-            params = self._params(model, self.abs)
-            with torch.no_grad():
-                for name, value in self.abs.items():
-                    params[name].copy_(value)
+        with torch.no_grad():
+            for name, value in self.abs.items() if with_abs else ():
+                dense[name].copy_(value)
 
     def revert(self, model: nn.Module, base_sha256: str) -> None:
         """theta -= diff in place (dense parameters keep their values, as the reference does)."""
