@@ -307,6 +307,24 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert f"{bad}:2: not valid JSON" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', r"x.jsonl:2: not UTF-8 \(invalid continuation byte\): convert"),
+    ('{"text": "a", "verse_id": "Gen 1:1"}\n'.encode(), r"x.jsonl:1: not a verse id \(invalid literal"),
+    # chapter 2 verse 0 and chapter 1 verse 1000 both packed to 1002000: one verse's split and alignment column
+    ('{"text": "a", "book": 1, "chapter": 1, "verse": 1000}\n'.encode(), r"x.jsonl:1: not a verse id \(chapter 1 "
+                                                                         r"and verse 1000 must each be in 1-999\)"),
+])
+def test_a_corpus_line_the_reader_cannot_take_names_its_file_and_line(content, message, tmp_path):
+    """Non-UTF-8 text and a verse id that is not one were a bare UnicodeDecodeError / ValueError traceback, naming
+    neither file nor line; a verse number past 999 silently collided with the next chapter's."""
+    from minimodel.data.corpora import read_jsonl
+
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(SourceError, match=message):
+        list(read_jsonl(str(path), "text"))
+
+
 @pytest.mark.parametrize("lines, fraction, message", [
     (["", "   "], 0.05, r"the train and valid split\(s\) would be empty: 0 train and 0 valid documents from .*"
                       r"\(0 empty, 0 duplicate dropped\): check that the sources hold text"),

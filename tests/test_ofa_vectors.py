@@ -163,3 +163,17 @@ def test_vectors_are_made_again_when_a_corpus_changes_in_place(tmp_path):
     corpus.write_text(corpus.read_text().replace("QAB", "QZZ"))  # a word of xx renamed
     build_word_vectors(cfg)
     assert (tmp_path / "wv" / "vectors.bin").read_bytes() != first
+
+
+def test_vectors_are_made_again_when_the_data_stages_cleaning_or_splitting_changes(tmp_path, monkeypatch):
+    """The vectors read the corpora through the data stage's cleaning and split: a new cleaning rule rebuilt the
+    data but left the vectors "up to date", learned from the old text."""
+    from minimodel.ofa import learn
+
+    cfg = WordVectorConfig(data=_corpus(tmp_path, False), output_dir=str(tmp_path / "wv"), dim=12, min_count=1)
+    before = learn._input_hash(cfg)
+    assert learn._input_hash(cfg) == before
+    for name in ("CLEANING_VERSION", "FORMAT_VERSION"):
+        with monkeypatch.context() as patched:
+            patched.setattr(learn, name, getattr(learn, name) + 1)
+            assert learn._input_hash(cfg) != before, name

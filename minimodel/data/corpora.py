@@ -138,32 +138,59 @@ def _record_document(record: dict, text_field: str, where: str) -> Document:
                           f"source's text_field")
     text = record[text_field]
     vid = record.get("verse_id")
-    if vid is None and all(record.get(k) is not None for k in ("book", "chapter", "verse")):
-        vid = verse_id(int(record["book"]), int(record["chapter"]), int(record["verse"]))
-    return Document(str(text) if text is not None else "", None if vid is None else int(vid))
+    try:
+        if vid is None and all(record.get(k) is not None for k in ("book", "chapter", "verse")):
+            book, chapter, verse = (int(record[k]) for k in ("book", "chapter", "verse"))
+            if not (1 <= chapter <= 999 and 1 <= verse <= 999):  # verse_id packs them in three digits each
+                raise ValueError(f"chapter {chapter} and verse {verse} must each be in 1-999")
+            vid = verse_id(book, chapter, verse)
+        vid = None if vid is None else int(vid)
+    except ValueError as e:
+        raise SourceError(f"{where}: not a verse id ({e}): verse_id is an integer (book * 1000000 + chapter * 1000 + "
+                          "verse), book/chapter/verse are integers") from None
+    return Document(str(text) if text is not None else "", vid)
+
+
+def _utf8_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file (universal newlines, as open() reads text); a file that is not UTF-8
+    is a SourceError naming the first line that is not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield from enumerate(f, start=1)
+    except UnicodeDecodeError as e:
+        with open(path, "rb") as f:  # the decoder reads ahead: find the line again
+            n = next((n for n, raw in enumerate(f, start=1) if not _decodes(raw)), "?")
+        raise SourceError(f"{path}:{n}: not UTF-8 ({e.reason}): convert the file to UTF-8 (e.g. iconv -f <its "
+                          "encoding> -t utf-8)") from None
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def read_text(path: str) -> Iterator[Document]:
     """One document per non-empty line."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield Document(line.rstrip("\n"))
+    for _, line in _utf8_lines(path):
+        if line.strip():
+            yield Document(line.rstrip("\n"))
 
 
 def read_jsonl(path: str, text_field: str) -> Iterator[Document]:
     """One document per line `{"text": ..., optional "verse_id" or "book"/"chapter"/"verse"}`."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{path}:{n}: not valid JSON ({e}): JSONL needs one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise SourceError(f"{path}:{n}: expected a JSON object per line, got {type(record).__name__}")
-            yield _record_document(record, text_field, f"{path}:{n}")
+    for n, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{path}:{n}: not valid JSON ({e}): JSONL needs one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise SourceError(f"{path}:{n}: expected a JSON object per line, got {type(record).__name__}")
+        yield _record_document(record, text_field, f"{path}:{n}")
 
 
 def load_hf_dataset(path: str, name: str | None = None, split: str = "train"):

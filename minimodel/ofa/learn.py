@@ -24,6 +24,7 @@ import logging
 import re
 import time
 from collections import Counter
+from importlib import metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +34,10 @@ from sklearn.utils.extmath import randomized_svd
 from tqdm import tqdm
 
 from minimodel.config import load_config, require, save_config, to_dict
+from minimodel.errors import UserError
 from minimodel.data.corpora import Source
-from minimodel.data.prepare import DataConfig, collect
+from minimodel.data.clean import CLEANING_VERSION
+from minimodel.data.prepare import FORMAT_VERSION, DataConfig, collect
 from minimodel.files import write_text_atomic
 from minimodel.ofa.vectors import WordVectors, write_word2vec_binary
 from minimodel.provenance import claim_output, finish_output
@@ -99,8 +102,9 @@ def read_languages(cfg: WordVectorConfig) -> dict[str, VerseText]:
         records, _ = collect(data, [Source(s) for s in data.languages[lang].sources])
         verses = [(r.verse_id, words_of(r.text), r.split) for r in records if r.verse_id is not None]
         if not verses:
-            raise ValueError(f"{lang}: no Bible verse in its sources: word vectors are learned from verse-parallel "
-                             f"text (sources with verse ids)")
+            raise UserError(f"{lang}: no Bible verse in its sources: word vectors are learned from verse-parallel "
+                            f"text (sources with verse ids: verse_id or book/chapter/verse fields); drop {lang} from "
+                            "languages or give it a verse-aligned source")
         out[lang] = VerseText([(v, w) for v, w, s in verses if s == "train"],
                               [(v, w) for v, w, s in verses if s == "valid"])
     return out
@@ -216,15 +220,19 @@ def _summary_table(summary: dict) -> str:
 
 
 def _input_hash(cfg: WordVectorConfig) -> str:
-    """What the vectors depend on: the config, the data config's text and the content of every corpus it reads
-    (the data stage's source fingerprints): a corpus file edited in place makes them again."""
+    """What the vectors depend on: the config, the data config's text, the content of every corpus it reads (the
+    data stage's source fingerprints: a corpus file edited in place makes them again), the data stage's cleaning and
+    splitting (its versions: the text is read through them) and the libraries that learn them."""
     data_text = Path(cfg.data).read_text() if Path(cfg.data).is_file() else ""
     corpora = {}
     if data_text:
         data = load_config(DataConfig, cfg.data)
         corpora = {lang: [Source(s).fingerprint for s in data.languages[lang].sources]
                    for lang in cfg.languages or data.languages if lang in data.languages}
-    return hashlib.sha256(json.dumps([to_dict(cfg), data_text, corpora], sort_keys=True).encode()).hexdigest()
+    versions = {"cleaning": CLEANING_VERSION, "format": FORMAT_VERSION,
+                "libraries": {p: metadata.version(p) for p in ("numpy", "scipy", "scikit-learn")}}
+    return hashlib.sha256(json.dumps([to_dict(cfg), data_text, corpora, versions],
+                                     sort_keys=True).encode()).hexdigest()
 
 
 def build_word_vectors(cfg: WordVectorConfig) -> StageResult:
