@@ -4,6 +4,7 @@ must reproduce the English scores exactly."""
 import dataclasses
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -448,6 +449,13 @@ def test_lt_sft_reads_each_target_through_its_language_sft_composed_with_the_tas
                            targets=f"[{{lang: yb, language_sft: {root / 'sft_yb'}}}]")
     with pytest.raises(EvaluationError, match="was not fine-tuned sparsely .* evaluate/finetune.py sparse=true"):
         zero_shot(dense)
+    bare = root / "task_sft_bare"  # a task SFT learned with no source-language SFT applied: not LT-SFT's setup
+    shutil.copytree(out / "model", bare)
+    info = json.loads((bare / "task.json").read_text())
+    (bare / "task.json").write_text(json.dumps({**info, "sft": {**info["sft"], "language": None}}))
+    with pytest.raises(EvaluationError, match="task SFT was learned over the bare primary"):
+        zero_shot(_zero_shot_cfg(world, "zs_lt_sft_bare", method="lt_sft", source_model_dir=bare,
+                                 targets=f"[{{lang: yb, language_sft: {root / 'sft_yb'}}}]"))
     wrong = _zero_shot_cfg(world, "zs_lt_sft_wrong", method="lt_sft", source_model_dir=out / "model",
                            targets=f"[{{lang: ya, language_sft: {root / 'sft_yb'}}}]")
     with pytest.raises(SFTError, match="is the language SFT of yb, not of ya"):

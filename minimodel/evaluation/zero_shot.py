@@ -315,6 +315,11 @@ def _sft_composition(cfg: ZeroShotConfig, base: tuple[str, str], language_sft: S
         raise EvaluationError(f"source_model_dir: {cfg.source_model_dir} was not fine-tuned sparsely (its "
                               f"{TASK_FILE} names no task SFT): method {cfg.method} needs the task model of "
                               "evaluate/finetune.py sparse=true")
+    if not info["sft"].get("language"):  # the target's SFT takes the place of the source's: there must be one
+        raise EvaluationError(f"source_model_dir: {cfg.source_model_dir}'s task SFT was learned over the bare primary "
+                              f"(no source-language SFT applied): method {cfg.method} composes a target's language "
+                              "SFT with a task SFT learned over the source's (evaluate/finetune.py sparse=true "
+                              "language_sft=<the source language's SFT>)")
     return load_sft_task_model(base[0], cfg.task.spec.kind, tuple(info["labels"]), task_sft, language_sft, base[1])
 
 
