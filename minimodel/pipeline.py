@@ -107,6 +107,7 @@ class PipelineConfig:
     pretrain_nproc: int = 2  # torchrun processes for step 1
     adapt_nproc: int = 1  # deepspeed ranks per adaptation run (language SFTs and BiStil's phase 1 too)
     minipost_nproc: int = 1  # deepspeed ranks of MiniPost's step 1b (and of a head learned for a headless primary)
+    finetune_nproc: int = 1  # deepspeed ranks of step 3: fine-tuning, LT-SFT's task SFT, BiStil's phase 2
     configs: StageConfigs = field(default_factory=StageConfigs)
     # extra key=value overrides per stage name (data, pretrain, export, minipost, adapt, lang_sft, finetune, task_sft,
     # distill, distill_task, zero_shot, report)
@@ -124,7 +125,7 @@ class PipelineConfig:
         require(self.source_lang not in self.target_langs, "target_langs",
                 f"the source language {self.source_lang} cannot also be a target")
         require(len(self.target_langs) >= 1, "target_langs", "name at least one target language")
-        for key in ("pretrain_nproc", "adapt_nproc", "minipost_nproc"):
+        for key in ("pretrain_nproc", "adapt_nproc", "minipost_nproc", "finetune_nproc"):
             require(getattr(self, key) >= 1, key, f"{getattr(self, key)} processes: give at least 1")
         parsed = [parse_method(spec, f"methods[{i}]") for i, spec in enumerate(self.methods)]
         for i, (spec, method) in enumerate(zip(self.methods, parsed)):
@@ -454,7 +455,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     if fine_tuned_configs:
         finetune = add("finetune", "finetune", ["--config", cfg.configs.finetune, f"model_dir={at.primary}",
                                                 f"task.data_dir={at.data_dir}", f"source_lang={src}",
-                                                f"output_dir={at.finetune}", *extra("finetune")], at.finetune, [export])
+                                                f"output_dir={at.finetune}", *extra("finetune")], at.finetune, [export],
+                       nproc=cfg.finetune_nproc)
         for method in embedding_methods:
             plugs = [add(f"plug-{method.name}-{lang}", "plug",
                          [f"embeddings={at.adapt(method.name, lang)}", f"model={at.task_model}",
@@ -469,7 +471,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                                     f"method={SPARSE}", "sparse=true",
                                                     f"language_sft={at.language_sft(src)}",
                                                     f"output_dir={at.task_sft}", *extra("task_sft")],
-                           at.task_sft, [export, adapted[SPARSE, src]])
+                           at.task_sft, [export, adapted[SPARSE, src]], nproc=cfg.finetune_nproc)
             evaluations += [zero_shot(config, method.name, at.task_sft / "model", targets(method),
                                       [task_sft, *adaptations(method)])
                             for method in sparse for config in fine_tuned_configs]
@@ -503,7 +505,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                     f"{task_job}-{lang}", "distill_task",
                     ["--config", cfg.configs.distill_task, *named, f"teacher={task_teacher}",
                      f"task.data_dir={at.data_dir}", *extra("distill_task")],
-                    at.distill_task(lang, name), [adapted[name, lang], task_teacher_job], job=task_job, lang=lang,
+                    at.distill_task(lang, name), [adapted[name, lang], task_teacher_job], nproc=cfg.finetune_nproc,
+                    job=task_job, lang=lang,
                     lang_args=[f"student={at.student(lang, name)}", f"output_dir={at.distill_task(lang, name)}"]))
             # every language has its student task model (its source-language scores: distill_task's metrics.json);
             # zero-shot scores each on its language, the first only standing in as the source model zero_shot loads

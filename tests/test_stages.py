@@ -238,6 +238,12 @@ def test_a_job_asks_slurm_for_the_ranks_its_plan_hashed(tmp_path):
     gpus = {job["name"]: job["gpus_per_node"] for job in planned["jobs"]}
     assert {gpus[name] for name in gpus if name.startswith(("adapt-", "lang_sft", "distill-"))} == {2}
     assert gpus["minipost"] == 4 and gpus["finetune"] == 1 and gpus["pretrain"] is None and gpus["data"] is None
+    # step 3 on several ranks too (it ran on one, whatever the cluster): fine-tuning, the task SFT, BiStil's phase 2
+    step3 = {job["name"]: job["gpus_per_node"] for job in two_language_plan(tmp_path, "finetune_nproc=3")["jobs"]}
+    assert {n for n, g in step3.items() if g == 3} == {"finetune", "task_sft", *(n for n in step3
+                                                                                  if n.startswith("distill_task"))}
+    stages = {s.name: s for s in build_stages(load_config(PipelineConfig, SMOKE, ["finetune_nproc=3"]))}
+    assert stages["finetune"].argv[1:3] == ["--num_gpus", "3"]
     rows = [line.split(UNIT) for line in lines(planned)]
     submit = {row[0]: shlex.split(row[5]) for row in rows if row[0] != "env"}
     assert submit["adapt-standard"][:2] == ["--gpus-per-node=2", "slurm/adapt.sh"]
