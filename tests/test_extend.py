@@ -58,6 +58,16 @@ def test_a_bpe_vocabulary_is_refused_naming_the_alternative(tmp_path, texts):
         extend_tokenizer(tmp_path / "base", swahili[:100], english[:100], 50, tmp_path / "extended")
 
 
+def test_a_small_target_text_gives_the_candidates_it_holds(tmp_path, texts):
+    """Candidates were learned at a fixed size of 2 x new_pieces + 100: 200 verses of Swahili hold fewer, and the
+    error named the data stage's vocabulary settings, which do nothing here. The size is only a buffer: the text's
+    own limit will do."""
+    english, swahili = texts
+    train_family_tokenizer("xlmr", english, 800, tmp_path / "base")
+    summary = extend_tokenizer(tmp_path / "base", swahili[:200], english[:200], 2000, tmp_path / "extended")
+    assert 0 < summary.added < 2000, summary  # all the text had, not an error
+
+
 @pytest.mark.slow
 def test_extended_adaptation_over_the_mini_model_keeps_the_primary_rows_bit_identical(tmp_path):
     """tokenizer.mode=extend end to end: DeepSpeed adaptation (ZeRO-2) over the mini-model of a briefly pretrained

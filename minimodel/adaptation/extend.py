@@ -20,7 +20,8 @@ from pathlib import Path
 
 from tokenizers import BertWordPieceTokenizer, Tokenizer
 
-from minimodel.data.tokenizer import TokenizerError, save_tokenizer_json, train_tokenizer, unigram_vocab
+from minimodel.data.tokenizer import (TokenizerError, VocabularyTooLarge, save_tokenizer_json, train_tokenizer,
+                                      unigram_vocab)
 from minimodel.hf import load_tokenizer
 
 
@@ -36,11 +37,16 @@ class ExtendSummary:
                 f"source text reads; {self.rounds} rounds)")
 
 
-def _candidates(kind: str, texts: list[str], size: int, base_vocab: set[str], floor: float | None):
-    """[(piece, score)] learned from `texts` that the base vocabulary lacks, best first."""
+def _candidates(kind: str, texts: list[str], size: int, base_vocab: set[str], floor: float | None, **options):
+    """[(piece, score)] learned from `texts` that the base vocabulary lacks, best first (`options`: SentencePiece's
+    seed and character coverage)."""
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "Unigram":
-            specials = set(load_tokenizer(train_tokenizer(texts, tmp, size)).all_special_tokens)
+            try:
+                trained = train_tokenizer(texts, tmp, size, **options)
+            except VocabularyTooLarge as e:  # `size` is a buffer over the pieces wanted: as many as the text holds
+                trained = train_tokenizer(texts, tmp, e.most, **options)
+            specials = set(load_tokenizer(trained).all_special_tokens)
             learned = json.loads((Path(tmp) / "tokenizer.json").read_text())["model"]["vocab"]
             pieces = sorted(((p, max(s, floor)) for p, s in learned if p not in specials), key=lambda ps: -ps[1])
         else:
@@ -64,9 +70,10 @@ def _with_pieces(spec: dict, pieces: list[tuple[str, float | None]], first_id: i
 
 
 def extend_tokenizer(base_dir: str | os.PathLike, target_texts: list[str], source_texts: list[str], new_pieces: int,
-                     out_dir: str | os.PathLike) -> ExtendSummary:
-    """Write the base tokenizer extended with up to `new_pieces` pieces learned from `target_texts` to `out_dir`;
-    `source_texts` read exactly as with the base tokenizer."""
+                     out_dir: str | os.PathLike, seed: int = 0, character_coverage: float = 0.9995) -> ExtendSummary:
+    """Write the base tokenizer extended with up to `new_pieces` pieces learned from `target_texts` (a SentencePiece
+    unigram model of `seed` and `character_coverage` for a Unigram base) to `out_dir`; `source_texts` read exactly
+    as with the base tokenizer."""
     tokenizer = load_tokenizer(base_dir)
     if not tokenizer.is_fast:
         raise TokenizerError(f"{base_dir}: tokenizer.mode=extend edits tokenizer.json: save the tokenizer with a "
@@ -78,7 +85,8 @@ def extend_tokenizer(base_dir: str | os.PathLike, target_texts: list[str], sourc
                              f"vocabularies, not {kind}: use tokenizer.mode=train (a new target vocabulary)")
     base_vocab = set(tokenizer.get_vocab())
     floor = min(s for _, s in spec["model"]["vocab"]) if kind == "Unigram" else None
-    pieces = _candidates(kind, target_texts, new_pieces * 2 + 100, base_vocab, floor)[:new_pieces]
+    pieces = _candidates(kind, target_texts, new_pieces * 2 + 100, base_vocab, floor, seed=seed,
+                         character_coverage=character_coverage)[:new_pieces]
     first_id, wanted = len(tokenizer), len(pieces)
     base = Tokenizer.from_str(json.dumps(spec))
     before = [e.ids for e in base.encode_batch(source_texts, add_special_tokens=False)]

@@ -251,7 +251,8 @@ def prepare_target_data(cfg: AdaptConfig, lang: str, run_dir: Path) -> tuple[Pat
             texts = [v["text"] for v in _read_verses(lang_dir) if v["split"] == "train"]
             source = [v["text"] for v in _read_verses(Path(cfg.data_dir) / cfg.source_lang) if v["split"] == "train"]
             summary = extend_tokenizer(cfg.tokenizer.path or cfg.primary_model, texts, source,
-                                       cfg.tokenizer.new_pieces, tmp)
+                                       cfg.tokenizer.new_pieces, tmp, seed=cfg.tokenizer.seed,
+                                       character_coverage=cfg.tokenizer.character_coverage)
             log.info("%s: extended vocabulary: %s", lang, summary)
         else:
             source = Path(cfg.tokenizer.path) if cfg.tokenizer.path else data_tokenizer

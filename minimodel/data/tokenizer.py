@@ -88,6 +88,14 @@ class TokenizerError(ConfigError):
     """A tokenizer that cannot be built or loaded as asked; the message says how to fix it."""
 
 
+class VocabularyTooLarge(TokenizerError):
+    """The text holds too few distinct pieces for the vocabulary size asked; `most`: the largest size it allows."""
+
+    def __init__(self, message: str, most: int):
+        super().__init__(message)
+        self.most = most
+
+
 def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int, model_type: str = "unigram",
                     character_coverage: float = 0.9995, seed: int = 0, num_threads: int = 1,
                     input_sentence_size: int = 1_000_000) -> Path:
@@ -121,10 +129,10 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     except RuntimeError as e:
         limit = re.search(r"Vocabulary size too high.*<= (\d+)", str(e))
         if limit:
-            raise TokenizerError(
+            most = int(limit.group(1)) + NUM_SPECIAL_ADDED
+            raise VocabularyTooLarge(
                 f"the text is too small for a vocabulary of {vocab_size}: set the vocabulary size "
-                f"(tokenizer.vocab_size or languages.<lang>.vocab_size) to at most "
-                f"{int(limit.group(1)) + NUM_SPECIAL_ADDED}, or add text") from None
+                f"(tokenizer.vocab_size or languages.<lang>.vocab_size) to at most {most}, or add text", most) from None
         raise
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
