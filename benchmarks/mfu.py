@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
         precision = {"pretrain": "bf16" if pretrain.engine.bf16 else "fp32",
                      **{name: a.precision for name, a in adapt.items()}}
         free_memory()  # the FLOP counts' activations
+        flops = {"pretrain": (pretrain.model_flops_per_step(), pretrain_counted, pretrain.tokens),
+                 **{n: (a.model_flops_per_step, a.counted_flops_per_step, a.tokens) for n, a in adapt.items()}}
         peaks: list[float] = []
         times: dict[str, list[list[float]]] = {name: [] for name in WORKLOADS}
         for r in range(rounds):
@@ -214,20 +216,20 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{statistics.median(pretrain_times):.3f} s, adaptation step full "
                   f"{statistics.median(times['adapt_standard'][-1]):.3f} s / mini "
                   f"{statistics.median(times['adapt_mini'][-1]):.3f} s", flush=True)
-
-    best = max(peaks)
-    result["peak"] = {"dtype": str(dtype).removeprefix("torch."), "matmul_size": args.matmul_size,
-                      "matmul_calls": args.matmul_calls, "flops_per_s": summary(peaks), "best_flops_per_s": best}
-    result["model"] = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "seq_length": cfg.seq_length,
-                       "mini_layers": cfg.mini_layers, "vocab_size": cfg.vocab_size, "micro_batch": args.micro_batch,
-                       "rounds": rounds, "steps_per_round": steps}
-    flops = {"pretrain": (pretrain.model_flops_per_step(), pretrain_counted, pretrain.tokens),
-             **{n: (a.model_flops_per_step, a.counted_flops_per_step, a.tokens) for n, a in adapt.items()}}
-    result["workloads"] = {
-        name: workload_summary(precision[name], [t for ts in times[name] for t in ts],
-                               list(zip(times[name], peaks)), *flops[name], best) for name in WORKLOADS}
-    result["targets"] = targets(result["workloads"])
-    save(NAME, result, SCHEMA, figure(result), args.out)
+            best = max(peaks)
+            result["peak"] = {"dtype": str(dtype).removeprefix("torch."), "matmul_size": args.matmul_size,
+                              "matmul_calls": args.matmul_calls, "flops_per_s": summary(peaks),
+                              "best_flops_per_s": best}
+            result["model"] = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+                               "seq_length": cfg.seq_length, "mini_layers": cfg.mini_layers,
+                               "vocab_size": cfg.vocab_size, "micro_batch": args.micro_batch,
+                               "rounds": r + 1, "steps_per_round": steps}
+            result["workloads"] = {
+                name: workload_summary(precision[name], [t for ts in times[name] for t in ts],
+                                       list(zip(times[name], peaks)), *flops[name], best) for name in WORKLOADS}
+            result["targets"] = targets(result["workloads"])
+            # after every round: a run stopped at its time limit (the GPU check's) keeps the rounds it finished
+            save(NAME, result, SCHEMA, figure(result), args.out)
     for name in WORKLOADS:
         w = result["workloads"][name]
         print(f"[{NAME}] {name}: {w['model_flops_per_s']['median'] / 1e9:.1f} GFLOP/s, MFU "

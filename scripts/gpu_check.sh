@@ -12,11 +12,16 @@
 # logs.tgz, cuda_report.jsonl (tests/test_cuda_*.py's measurements) and benchmarks/. Exit 0: every part passed;
 # 1: a part failed or timed out; 2: refused (no CUDA, nothing carried); 3: nothing failed but a part was skipped.
 #
+# Parts, in order: install, imports, fused_adam, the benchmarks (mfu, head_cost: the issue's figures, before the
+# tests so that a slow test run cannot starve them), pytest (the CUDA tests, with what the budget has left).
+# summary.txt is rewritten after every part: a call cut short still says what ran.
+#
 # Settings (environment): GPU_CHECK_DIR (gpu: wheels/, corpus/ under it), GPU_CHECK_LIST (scripts/gpu_wheels.txt),
 # GPU_CHECK_LIMIT_MIB (64), GPU_CHECK_PYTHON (prepare: .venv/bin/python, run: python3), GPU_CHECK_SITE (run's
-# install target), GPU_CHECK_BUDGET_S (560: all of run's parts, inside the device call's 600 s),
-# GPU_CHECK_TIMEOUT_{INSTALL,IMPORTS,FUSED_ADAM,PYTEST,MFU,HEAD} (60, 45, 150, 300, 100, 50 s; each cut to what the
-# budget has left).
+# install target), GPU_CHECK_BUDGET_S (420: all of run's parts, inside the device call's 600 s, leaving the
+# session's device time room for a second call), GPU_CHECK_PARTS (the parts after install to run, default all:
+# e.g. "pytest" to rerun only what failed), GPU_CHECK_TIMEOUT_{INSTALL,IMPORTS,FUSED_ADAM,MFU,HEAD,PYTEST} (60, 45,
+# 150, 100, 50, 300 s; each cut to what the budget has left).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -141,13 +146,22 @@ carry_note() {
 # -- run (on the GPU machine) --------------------------------------------------------------------------------------
 START=$SECONDS
 RESULTS=()  # "part|result|seconds|detail"
-record() { RESULTS+=("$1|$2|$3|$4"); echo "[gpu_check] $1: $2 (${3} s) $4"; }
+record() {
+  RESULTS+=("$1|$2|$3|$4")
+  echo "[gpu_check] $1: $2 (${3} s) $4"
+  write_summary running >/dev/null || true  # what ran so far, should the call end before the rest
+}
 
 # run_part NAME TIMEOUT CMD...: CMD under `timeout`, its output in $LOGS/NAME.log, never past the whole budget.
 # Sets PART_RC (124: timed out; -1: skipped). PART_SIGNAL: what ends it at its timeout (TERM).
 run_part() {
   local name=$1 limit=$2 left t0
   shift 2
+  if [ "$name" != install ] && [[ " ${GPU_CHECK_PARTS:-$ALL_PARTS} " != *" $name "* ]]; then
+    PART_RC=-1
+    record "$name" skipped 0 "not in GPU_CHECK_PARTS=${GPU_CHECK_PARTS:-}"
+    return
+  fi
   left=$((BUDGET - (SECONDS - START)))
   if [ "$left" -lt 20 ]; then
     PART_RC=-1
@@ -180,6 +194,8 @@ bench_part() {
   esac
 }
 
+# write_summary [running]: summary.txt from the parts so far; "running": while parts are still to come (no exit
+# status, nothing printed but the file).
 write_summary() {
   local failed=0 skipped=0 line name result s detail status
   {
@@ -194,14 +210,17 @@ write_summary() {
       case $result in passed) ;; skipped) skipped=$((skipped + 1));; *) failed=$((failed + 1));; esac
     done
     if [ -n "${REFUSED:-}" ]; then status="REFUSED: $REFUSED"
+    elif [ "${1:-}" = running ]; then status="RUNNING: the parts after the last one above had not ended"
     elif [ "$failed" -gt 0 ]; then status="FAILED: $failed part(s) failed or timed out, $skipped skipped"
     elif [ "$skipped" -gt 0 ]; then status="INCOMPLETE: nothing failed, $skipped part(s) skipped"
     else status="PASSED: every part"; fi
     echo
     echo "overall: $status"
-    [ -n "${REFUSED:-}" ] || echo "logs: logs.tgz (a log per part, pytest.xml, requirements.txt)"
+    [ -n "${REFUSED:-}" ] || echo "logs: $(if [ "${1:-}" = running ]; then echo logs/; else echo logs.tgz; fi)" \
+      "(a log per part, pytest.xml, requirements.txt)"
     [ ! -f "$OUT_DIR/cuda_report.jsonl" ] || echo "measured by tests/test_cuda_*.py: cuda_report.jsonl"
   } >"$OUT_DIR/summary.txt"
+  [ "${1:-}" != running ] || return 0
   echo "--- $OUT_DIR/summary.txt"
   cat "$OUT_DIR/summary.txt"
   if [ -n "${REFUSED:-}" ]; then return 2; fi
@@ -213,7 +232,8 @@ write_summary() {
 run() {
   PY=${GPU_CHECK_PYTHON:-python3}
   OUT_DIR=${OUT:-$DIR/out}
-  BUDGET=${GPU_CHECK_BUDGET_S:-560}
+  BUDGET=${GPU_CHECK_BUDGET_S:-420}
+  ALL_PARTS="imports fused_adam mfu head_cost pytest"
   VERSIONS=("python: $(timeout 30 "$PY" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null ||
     echo "$PY: not found")")
   mkdir -p "$OUT_DIR"
@@ -272,7 +292,7 @@ print(torch.__version__, "CUDA", torch.version.cuda, "CUDA_HOME", CUDA_HOME)' 2>
 
   if [ "$installed" = no ]; then
     local part
-    for part in imports fused_adam pytest mfu head_cost; do record "$part" skipped 0 "the install did not pass"; done
+    for part in $ALL_PARTS; do record "$part" skipped 0 "the install did not pass"; done
   else
     # 2. What imports, at which version; the carried packages' requirements against the image (a warning).
     run_part imports "${GPU_CHECK_TIMEOUT_IMPORTS:-45}" "$PY" -c '
@@ -301,7 +321,11 @@ print("fused Adam built and loaded")'
            "$LOGS/fused_adam.log" | cut -c1-150)";;
     esac
 
-    # 4. The CUDA tests (tests/test_cuda_*.py, marker `cuda`; the smoke pipeline on the GPU is one of them): one
+    # 4. The GPU benchmarks at base-size shapes.
+    bench_part mfu "${GPU_CHECK_TIMEOUT_MFU:-100}" benchmarks/mfu.py
+    bench_part head_cost "${GPU_CHECK_TIMEOUT_HEAD:-50}" benchmarks/head_cost.py
+
+    # 5. The CUDA tests (tests/test_cuda_*.py, marker `cuda`; the smoke pipeline on the GPU is one of them): one
     # xdist worker per file, side by side on the one GPU (tiny models; the machine has 16 cores).
     local cuda_tests=(tests/test_cuda_*.py)
     if [ ! -f "${cuda_tests[0]}" ]; then
@@ -323,9 +347,6 @@ print("fused Adam built and loaded")'
       esac
     fi
 
-    # 5. The GPU benchmarks at base-size shapes.
-    bench_part mfu "${GPU_CHECK_TIMEOUT_MFU:-100}" benchmarks/mfu.py
-    bench_part head_cost "${GPU_CHECK_TIMEOUT_HEAD:-50}" benchmarks/head_cost.py
   fi
 
   # One archive for the logs: the device call returns at most 8 files.
