@@ -14,7 +14,6 @@ and exit code 2, not a traceback; anything else is a bug and keeps its traceback
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from pathlib import Path
@@ -94,9 +93,4 @@ def main(kind: str, description: str) -> NoReturn:
     """The whole entry point of the stage kind `kind` (minimodel.stages.KINDS)."""
     stage = KINDS[kind]
     faults.stage_kind = kind
-    raise SystemExit(run_stage(_load(stage.config), _load(stage.function), description))
-
-
-def _load(spec: str):
-    module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
+    raise SystemExit(run_stage(stage.config_class(), stage.stage_function(), description))

@@ -53,6 +53,9 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
     if isinstance(value, _CommandLineScalar):
         if tp is str or (origin in (Union, types.UnionType) and str in args):
             text = value.text
+            if text == "None" and type(None) in args:  # Python's spelling: YAML reads the text "None"
+                raise ConfigError(f"{key}=None: write {key}=null for no value (None is the text 'None'; quote it "
+                                  "to mean that)")
             quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and isinstance(value.value, str)
             value = value.value if quoted or (value.value is None and value.error is None and text) else text
         elif value.error is not None:
@@ -160,7 +163,8 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted}: {part} is not a section")
         node = child
-    node[parts[-1]] = value
+    old = node.get(parts[-1])  # a section given after some of its keys keeps them (train.seed=7 train={steps: 5})
+    node[parts[-1]] = _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -230,22 +234,51 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+def _settings(path: str | os.PathLike | None, overrides: list[str] | None) -> dict:
+    """A config file's mapping (none: {}) with `overrides` applied, as load_config reads them."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {what} (see configs/ for the shipped ones)")
         try:
             data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    data = _merge(data, parse_overrides(overrides or []))
-    cfg = _build(cls, data)
+    return _merge(data, parse_overrides(overrides or []))
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    cfg = _build(cls, _settings(path, overrides))
     _validate(cfg)
     return cfg
+
+
+def check_overrides(cls: type, path: str | os.PathLike | None, overrides: list[str]) -> None:
+    """Raise ConfigError where `overrides`, over the config file `path`, name a key `cls` lacks or give a value of
+    the wrong type: what load_config would refuse before the stage's own validation (which needs its inputs, e.g. a
+    pipeline's results that do not exist yet)."""
+    _build(cls, _settings(path, overrides))
+
+
+def setting(path: str | os.PathLike | None, overrides: list[str], key: str, default: Any = None) -> Any:
+    """The value dotted `key` has in the config file `path` (None: no file) with `overrides` applied, as a stage reads
+    them (a section given whole included: task={name: xnli}); `default` where neither sets it."""
+    value: Any = _settings(path, overrides)
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(value, dict):
+            section = ".".join(parts[:i]) or "the file"
+            raise ConfigError(f"{path or 'overrides'}: {section} must be a mapping (of {part}: ...), not {value!r}")
+        if value.get(part) is None:
+            return default
+        value = value[part]
+    if isinstance(value, _CommandLineScalar):
+        return value.text if value.error is not None else value.value
+    return value
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:

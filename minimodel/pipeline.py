@@ -48,18 +48,17 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-
 from transformers import AutoConfig
 
 from minimodel.data.tokenizer import tokenizer_fingerprint
-from minimodel.config import ConfigError, load_config, require, save_config
+from minimodel.config import ConfigError, check_overrides, load_config, require, save_config, setting
 from minimodel.data.prepare import DataConfig
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.hf import HFLoadError, load_tokenizer
 from minimodel.layout import PipelineLayout
 from minimodel.methods import BASELINE, DISTILLED, MODELS, REFERENCE, SPARSE, job_name, parse_method
 from minimodel.minipost.build import MiniPostError, check_tokenizer
-from minimodel.stages import Stage, StageFailed, StageInterrupted, StopSignals, jobs
+from minimodel.stages import KINDS, Stage, StageFailed, StageInterrupted, StopSignals, jobs
 from minimodel.tracking import Tracker, TrackingConfig, link_run
 from minimodel.training.config import LAYOUT_KEYS, PretrainConfig
 from minimodel.training.hf_mlm import UnsupportedModelError, check_model_config
@@ -150,6 +149,8 @@ class PipelineConfig:
                  "distill", "distill_task", "zero_shot", "report"}
         for stage in self.overrides:
             require(stage in known, f"overrides.{stage}", f"not a stage; stages are {sorted(known)}")
+        require(len(set(self.target_langs)) == len(self.target_langs), "target_langs",
+                f"{self.target_langs} names a language twice: each once")
         for method in self.method_overrides:
             require(method in self.methods, f"method_overrides.{method}", f"not one of methods {self.methods}")
             require(parse_method(method).learns_embeddings, f"method_overrides.{method}",
@@ -163,8 +164,8 @@ class PipelineConfig:
         # OFA's word vectors are learned for the methods named +ofa only: init.method=ofa set anywhere else would read
         # whatever vectors file lies at its default path
         init = {"configs.adapt": file_setting(self.configs.adapt, "init.method", None, "configs.adapt"),
-                "overrides.adapt": override(self.overrides.get("adapt", []), "init.method"),
-                **{f"method_overrides.{m}": override(o, "init.method") for m, o in self.method_overrides.items()}}
+                "overrides.adapt": setting(None, self.overrides.get("adapt", []), "init.method"),
+                **{f"method_overrides.{m}": setting(None, o, "init.method") for m, o in self.method_overrides.items()}}
         for key, method in init.items():
             require(method != "ofa", key, "sets init.method=ofa, whose word vectors the pipeline learns for a method "
                     "named with +ofa only: name it so in methods (e.g. minijoint+ofa)")
@@ -196,11 +197,26 @@ class PipelineConfig:
         require(DISTILLED not in models or bool(fine_tuned), "methods", f"{DISTILLED} is scored on fine-tuned tasks "
                 "only (its student learns the task from the step-3 task model): list one in configs.zero_shot or drop "
                 "it")
+        self._check_overrides()  # last: over config files checked above
 
     def _trained_task(self, name: str) -> str:
         """The task configs.<name> (a training stage's config) learns: its overrides' task.name, else its file's."""
-        return override(self.overrides.get(name, []), "task.name") or config_task(getattr(self.configs, name),
-                                                                                   f"configs.{name}")
+        return setting(None, self.overrides.get(name, []), "task.name") or config_task(getattr(self.configs, name),
+                                                                                        f"configs.{name}")
+
+    def _check_overrides(self) -> None:
+        """Every stage's overrides against its config class: a mistyped key or a value of the wrong type failed only
+        when its stage started, after the stages before it had run."""
+        given = [*((f"overrides.{s}", s, o) for s, o in self.overrides.items()),
+                 *((f"method_overrides.{m}", "adapt", o) for m, o in self.method_overrides.items())]
+        for what, stage, overrides in given:
+            files = self.configs.zero_shot if stage == "zero_shot" else [getattr(self.configs, stage, None)]
+            cls = KINDS["finetune" if stage == "task_sft" else stage].config_class()
+            for path in files:
+                try:
+                    check_overrides(cls, path if path and Path(path).is_file() else None, overrides)
+                except ConfigError as e:
+                    raise ConfigError(f"{what}: {e}") from None
 
     def _check_primary(self, models: set[str]) -> None:
         require("minijoint" not in models, "methods",
@@ -251,34 +267,33 @@ SEED_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def override(overrides: list[str], key: str):
-    """The value the last of a stage's `key=value` overrides gives dotted `key`, read as the stage reads it (YAML:
-    'ofa' and "ofa" are ofa); None if none does."""
-    named = [value for name, _, value in (o.partition("=") for o in overrides) if name.strip() == key]
-    if not named:
-        return None
-    try:
-        return yaml.safe_load(named[-1])
-    except yaml.YAMLError:
-        return named[-1].strip()
-
-
 def file_setting(config_path: str, key: str, default, what: str):
     """The value of dotted `key` in a stage's config file, `default` where it is unset; `what`: the pipeline setting
     that names the file, for errors."""
     try:
-        value = yaml.safe_load(Path(config_path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what}: {config_path} is not valid YAML: {e}") from None
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if not isinstance(value, dict):
-            section = ".".join(parts[:i]) or "the file"
-            raise ConfigError(f"{what}: {config_path}: {section} must be a mapping (of {part}: ...), not {value!r}")
-        if value.get(part) is None:
-            return default
-        value = value[part]
-    return value
+        return setting(config_path, [], key, default)
+    except ConfigError as e:
+        raise ConfigError(f"{what}: {e}") from None
+
+
+def flow(value) -> str:
+    """A string (or path) as a YAML flow scalar on a stage's command line: as it is where YAML reads it back as that
+    string (so every stage's command line, and its hash, stays as it was), else quoted (language code no, a path
+    holding ', ')."""
+    text = str(value)
+    try:
+        plain = yaml.safe_load(f"[{text}]") == [text]
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else json.dumps(text)
+
+
+def flow_list(items) -> str:
+    return f"[{', '.join(map(flow, items))}]"
+
+
+def flow_mapping(**fields) -> str:
+    return "{" + ", ".join(f"{key}: {flow(value)}" for key, value in fields.items()) + "}"
 
 
 def config_task(config_path: str, what: str = "configs.zero_shot") -> str:
@@ -348,11 +363,11 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     # OFA's aligned word vectors, learned from the data stage's verse-parallel corpora and split (its resolved
     # config; minimodel/ofa/learn.py), unless the user gives every +ofa method vectors of their own
     learned_vectors = [m for m in embedding_methods if m.init == "ofa"
-                       and not any(s.startswith("init.ofa.vectors=") for s in adapt_settings(m))]
+                       and setting(None, adapt_settings(m), "init.ofa.vectors") is None]
     vectors = at.root / "word_vectors"
     word_vectors = [add("word_vectors", "word_vectors",
                         ["--config", cfg.configs.word_vectors, f"data={at.data_dir / 'config.yaml'}",
-                         f"output_dir={vectors}", f"languages=[{', '.join([src, *cfg.target_langs])}]",
+                         f"output_dir={vectors}", f"languages={flow_list([src, *cfg.target_langs])}",
                          f"eval.source_lang={src}", *extra("word_vectors")], vectors, [prepare])
                     ] if learned_vectors else []
 
@@ -371,7 +386,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                 f"adapt-{method.name}-{lang}", "adapt", args, at.adapt(method.name, lang),
                 [made_by[method.model], prepare, *(word_vectors if method in learned_vectors else [])],
                 nproc=cfg.adapt_nproc, job=f"adapt-{method.name}", lang=lang,
-                lang_args=[f"target_langs=[{lang}]"])  # only its own language: adding another reruns nothing
+                lang_args=[f"target_langs={flow_list([lang])}"])  # only its own language: adding another reruns nothing
     # BiStil and lt_sft_vocab: the primary masked LM with the final embeddings of the method they build on, per
     # language (standard adaptation's, or a spec's @<base>: one plugged model per base and language)
     plugged_mlm: dict[tuple[str | None, str], Stage] = {}
@@ -391,7 +406,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                                  f"source_lang={src}", f"data_dir={at.data_dir}",
                                                  f"output_dir={at.adapt(method)}", *extra("lang_sft")],
                    at.adapt(method, lang), after, nproc=cfg.adapt_nproc, job=job, lang=lang,
-                   lang_args=[f"target_langs=[{lang}]", f"primary_model={over}"])
+                   lang_args=[f"target_langs={flow_list([lang])}", f"primary_model={over}"])
 
     if sparse:  # LT-SFT: the source language's SFT of the primary is applied while the task SFT trains (every sparse
         # method's); a language SFT per target language of the primary (lt_sft) or of the plugged model (lt_sft_vocab)
@@ -407,23 +422,23 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         SFTs, or (none) just the languages."""
         if method.learns_embeddings and plugged:  # embeddings: zero_shot also scores the run's snapshots; the
             # tokenizer is the adaptation run's, which plug saved beside the model (tokenizer.mode may differ per run)
-            return [f"{{lang: {lang}, model_dir: {at.plugged(method.name, lang)}, "
-                    f"tokenizer: {at.plugged(method.name, lang)}, embeddings: {at.adapt(method.name, lang)}}}"
+            return [flow_mapping(lang=lang, model_dir=at.plugged(method.name, lang),
+                                 tokenizer=at.plugged(method.name, lang), embeddings=at.adapt(method.name, lang))
                     for lang in cfg.target_langs]
         if method.learns_embeddings:
-            return [f"{{lang: {lang}, embeddings: {at.adapt(method.name, lang)}}}" for lang in cfg.target_langs]
+            return [flow_mapping(lang=lang, embeddings=at.adapt(method.name, lang)) for lang in cfg.target_langs]
         if method.source.learns == "student":  # each language's student task model, read with its target tokenizer
             # (bistil@lt_sft's: the model's own, the one vocabulary its teachers shared)
             models = {lang: at.student_task_model(lang, method.name) for lang in cfg.target_langs}
-            return [f"{{lang: {lang}, model_dir: {model}, tokenizer: "
-                    f"{model if method.builds_on_sfts else at.student_target_tokenizer(lang, method.name)}}}"
+            return [flow_mapping(lang=lang, model_dir=model, tokenizer=model if method.builds_on_sfts
+                                 else at.student_target_tokenizer(lang, method.name))
                     for lang, model in models.items()]
         if method.reads_plugged:  # the plugged model its language SFT was learned over, with the target tokenizer
-            return [f"{{lang: {lang}, language_sft: {at.language_sft(lang, method.name)}, "
-                    f"model_dir: {at.plugged_mlm(lang, method.base)}}}" for lang in cfg.target_langs]
+            return [flow_mapping(lang=lang, language_sft=at.language_sft(lang, method.name),
+                                 model_dir=at.plugged_mlm(lang, method.base)) for lang in cfg.target_langs]
         if method.adapted:
-            return [f"{{lang: {lang}, language_sft: {at.language_sft(lang)}}}" for lang in cfg.target_langs]
-        return [f"{{lang: {lang}}}" for lang in cfg.target_langs]
+            return [flow_mapping(lang=lang, language_sft=at.language_sft(lang)) for lang in cfg.target_langs]
+        return [flow_mapping(lang=lang) for lang in cfg.target_langs]
 
     def zero_shot(config: str, method: str, source_model: Path, targets: list[str], after: list[Stage],
                   settings: tuple[str, ...] = ()) -> Stage:
@@ -500,7 +515,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                                          f"source_lang={src}", f"data_dir={at.data_dir}",
                                                          f"output_dir={at.adapt(name)}", *extra("distill")],
                     at.adapt(name, lang), [*target_teacher, export, prepare], nproc=cfg.adapt_nproc,
-                    job=distill_job, lang=lang, lang_args=[f"target_langs=[{lang}]", *target_args])
+                    job=distill_job, lang=lang, lang_args=[f"target_langs={flow_list([lang])}", *target_args])
                 distilled_tasks.append(add(
                     f"{task_job}-{lang}", "distill_task",
                     ["--config", cfg.configs.distill_task, *named, f"teacher={task_teacher}",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import shlex
@@ -67,6 +68,17 @@ class StageKind:
     function: str
     launcher: Launcher  # what starts its ranks on a node (with one rank, plain python will do locally)
     slurm: tuple[str, ...]  # the sbatch template and the arguments before the stage's own
+
+    def config_class(self) -> type:
+        return _import(self.config)
+
+    def stage_function(self):
+        return _import(self.function)
+
+
+def _import(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 KINDS: dict[str, StageKind] = {

@@ -45,7 +45,8 @@ print(langs[int(index)])
 PY
   )
   mm_log "array task $SLURM_ARRAY_TASK_ID: target_lang=$lang"
-  MM_ARGS+=("target_langs=[$lang]" "target_lang=$lang")  # a TARGET_LANGS language need not be in the config's list
+  MM_ARGS+=("target_langs=[\"$lang\"]" "target_lang=$lang")  # quoted: YAML reads no as false; a TARGET_LANGS
+  # language need not be in the config's list
 }
 
 adapt_step=train

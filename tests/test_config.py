@@ -219,3 +219,28 @@ def test_flatten_names_every_leaf_and_list_items_only_when_asked():
     assert flatten(nested) == {"a.b": 1, "d": [2, {"e": (3, 4)}], "f": None}  # MLflow params: a list is one value
     assert flatten(nested, lists=True) == {"a.b": 1, "d[0]": 2, "d[1].e[0]": 3, "d[1].e[1]": 4, "f": None}
     assert flatten({}) == {} and flatten({"x": []}, lists=True) == {}
+
+
+def test_a_section_given_after_some_of_its_keys_keeps_them():
+    """`train.seed=7 train={steps: 50}` trained with the file's seed: the section replaced the key given before it
+    (the pipeline puts its seed=N first, so a replicate with overrides.adapt=['train={steps: 400}'] was none)."""
+    from minimodel.config import parse_overrides
+
+    for order in (["train.seed=7", "train={steps: 50}"], ["train={steps: 50}", "train.seed=7"]):
+        tree = parse_overrides(order)
+        assert {k: getattr(v, "value", v) for k, v in tree["train"].items()} == {"seed": 7, "steps": 50}, order
+
+
+def test_none_is_no_null_and_a_tracking_uri_must_name_a_store():
+    """`tracking.uri=None` became the text "None" and failed inside MLflow with a traceback ("filesystem tracking
+    backend"); so did any other value that is no store."""
+    from minimodel.evaluation.report import ReportConfig
+
+    with pytest.raises(ConfigError, match=r"tracking.run_name=None: write tracking.run_name=null for no value"):
+        load_config(ReportConfig, overrides=["tracking.run_name=None"])
+    assert load_config(ReportConfig, overrides=["tracking.run_name=null"]).tracking.run_name is None
+    assert load_config(ReportConfig, overrides=["tracking.run_name='None'"]).tracking.run_name == "None"
+    with pytest.raises(ConfigError, match=r"tracking.uri: 'runs/mlflow' is no MLflow store"):
+        load_config(ReportConfig, overrides=["tracking.uri=runs/mlflow"])
+    for uri in ("http://127.0.0.1:5000", "sqlite:////tmp/x/mlflow.db", "postgresql://u@h/db"):
+        assert load_config(ReportConfig, overrides=[f"tracking.uri={uri}"]).tracking.uri == uri

