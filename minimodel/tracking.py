@@ -70,6 +70,9 @@ SLURM_TAGS = {"SLURM_JOB_ID": "slurm_job_id", "SLURM_ARRAY_JOB_ID": "slurm_array
               "SLURM_ARRAY_TASK_ID": "slurm_array_task_id", "SLURM_RESTART_COUNT": "slurm_restart_count"}
 
 
+URI_SCHEMES = ("http://", "https://", "sqlite:///", "postgresql", "mysql", "mssql", "databricks", "file:")
+
+
 @dataclass
 class TrackingConfig:
     enabled: bool = True
@@ -83,6 +86,9 @@ class TrackingConfig:
     def validate(self) -> None:
         require(self.flush_every >= 1, "tracking.flush_every", f"must be >= 1, got {self.flush_every}")
         require(bool(self.experiment), "tracking.experiment", "must be a non-empty experiment name")
+        require(self.uri is None or self.uri.startswith(URI_SCHEMES), "tracking.uri",
+                f"{self.uri!r} is no MLflow store: a server (http://host:5000) or a database (sqlite:///path/mlflow.db, "
+                "postgresql://...); leave it unset for the local store under store_dir")
 
     @property
     def on(self) -> bool:
@@ -137,6 +143,7 @@ class RunStore:
     uri: str
     experiment_id: str
     fell_back_from: str | None = None  # the unreachable server, when this is the local fallback
+    parent_run_id: str | None = None  # the parent run asked for, when this store holds it (runs nest under it)
 
     @classmethod
     def connect(cls, cfg: TrackingConfig, parent_run_id: str | None = None) -> "RunStore":
@@ -154,7 +161,8 @@ class RunStore:
         client = MlflowClient(tracking_uri=uri)
         if parent_run_id:
             try:
-                return cls(client, uri, client.get_run(parent_run_id).info.experiment_id, fell_back_from)
+                return cls(client, uri, client.get_run(parent_run_id).info.experiment_id, fell_back_from,
+                           parent_run_id)
             except MlflowException:
                 log.warning("parent run %s is not in the MLflow store %s: the run will not be nested under it",
                             parent_run_id, uri)
@@ -243,15 +251,18 @@ def attach_to_run(cfg: TrackingConfig, run_id: str | None, paths: list[Path], ar
         return
     from mlflow.entities import Metric
 
-    store = RunStore.connect(cfg, run_id)
-    if store.find_run(run_id) is None:
-        return
-    for path in paths:
-        store.client.log_artifact(run_id, str(path), artifact_path)
-    now = int(time.time() * 1000)
-    batch = [Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()]
-    for i in range(0, len(batch), 1000):
-        store.client.log_batch(run_id, metrics=batch[i:i + 1000])
+    try:
+        store = RunStore.connect(cfg, run_id)
+        if store.find_run(run_id) is None:
+            return
+        for path in paths:
+            store.client.log_artifact(run_id, str(path), artifact_path)
+        now = int(time.time() * 1000)
+        batch = [Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            store.client.log_batch(run_id, metrics=batch[i:i + 1000])
+    except Exception as e:  # noqa: BLE001 - any store failure: the files are on disk, only the view lacks them
+        log.warning("could not attach %s to MLflow run %s: %s", ", ".join(p.name for p in paths), run_id, e)
 
 
 # -- what the run is -------------------------------------------------------------------------------
@@ -363,7 +374,7 @@ class Tracker:
             from mlflow.entities import RunTag
 
             self.run_id, self.run_name = run_id, earlier.info.run_name
-            resumed_tags = self._resumed_tags(earlier, parent)
+            resumed_tags = self._resumed_tags(earlier, store.parent_run_id)
             resumed_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
             self.experiment_id = earlier.info.experiment_id
             self._earlier_params = dict(earlier.data.params)
@@ -372,8 +383,8 @@ class Tracker:
         else:
             run_tags = self._default_tags()
             run_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
-            if parent:
-                run_tags["mlflow.parentRunId"] = parent
+            if store.parent_run_id:  # not one this store lacks: the run would point at nothing
+                run_tags["mlflow.parentRunId"] = store.parent_run_id
             if store.fell_back_from:
                 run_tags["tracking_fallback_from"] = store.fell_back_from
             self.run_name = cfg.run_name or self._default_run_name(run_tags)

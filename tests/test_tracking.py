@@ -258,6 +258,28 @@ def test_files_are_attached_to_a_run_without_changing_it(store, tmp_path, monkey
     monkeypatch.setenv("RANK", "1")
     attach_to_run(tracking, parent.run_id, [report], "rank1", {"x": 1.0})
     assert client.get_run(parent.run_id).data.metrics == {"task/sw/minipost/accuracy": 0.5}
+    monkeypatch.delenv("RANK")
+    # a store that fails while attaching: a warning, not a failed report stage (its files are on disk)
+    from mlflow import MlflowClient
+
+    def refuse(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", refuse)
+    with caplog.at_level(logging.WARNING, logger="minimodel.tracking"):
+        attach_to_run(tracking, parent.run_id, [report], "report", {"x": 1.0})
+    assert "could not attach report.md to MLflow run" in caplog.text and "disk full" in caplog.text
+
+
+def test_a_run_is_not_tagged_with_a_parent_its_store_lacks(store, caplog):
+    """The store warned that the parent is not there, and the run pointed at it all the same (a parent the UI
+    cannot show)."""
+    tracking = TrackingConfig(store_dir=str(store), parent_run_id="0" * 32)
+    with caplog.at_level(logging.WARNING, logger="minimodel.tracking"):
+        with Tracker(tracking, tags={"stage": "adapt"}) as orphan:
+            pass
+    assert "not in the MLflow store" in caplog.text
+    assert "mlflow.parentRunId" not in client_for(store).get_run(orphan.run_id).data.tags
     assert len(all_runs(store)) == 1
 
 
