@@ -32,7 +32,7 @@ from benchmarks.adaptation_compute import COLOURS, Setup, add_setup_flags, setup
 from benchmarks.common import REPO, arg_parser, header, language_axes, parse_args, save  # noqa: E402
 from minimodel import pipeline  # noqa: E402
 from minimodel.adaptation.artifact import read_info  # noqa: E402
-from minimodel.evaluation.report import collect  # noqa: E402
+from minimodel.evaluation.report import Point, collect, compute_to_reach  # noqa: E402
 from minimodel.layout import PipelineLayout  # noqa: E402
 from minimodel.methods import REFERENCE, parse_method  # noqa: E402
 
@@ -86,9 +86,11 @@ def curves_of(layout: PipelineLayout, seed: int, langs: list[str]) -> list[dict]
     return curves
 
 
-def first_reach(points: list[dict], target: float) -> float | None:
-    """FLOPs of the first point (in step order) whose quality reaches `target`; None if none does."""
-    return next((p["flops"] for p in points if p["quality"] >= target), None)
+def flops_to_reach(points: list[dict], target: float) -> float | None:
+    """FLOPs from which on the curve (in step order) stays at or above `target`, the pipeline report's rule
+    (report.compute_to_reach: a curve that falls back below it had not reached it); None where it ends below."""
+    hit = compute_to_reach([Point(p["quality"], p["flops"], None, p["step"]) for p in points], target)
+    return None if hit is None else hit.flops
 
 
 def summarise(curves: list[dict], langs: list[str]) -> list[dict]:
@@ -106,7 +108,7 @@ def summarise(curves: list[dict], langs: list[str]) -> list[dict]:
                 for s in seeds:
                     reference = by[REFERENCE, s]["points"]
                     target = t * reference[-1]["quality"]
-                    ours, theirs = first_reach(by[method, s]["points"], target), first_reach(reference, target)
+                    ours, theirs = flops_to_reach(by[method, s]["points"], target), flops_to_reach(reference, target)
                     if ours == 0:  # its initialisation alone reaches it: no finite saving (init cost not counted)
                         at_start += 1
                     elif ours is not None and theirs is not None:

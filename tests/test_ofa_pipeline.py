@@ -56,6 +56,16 @@ def test_ofa_benchmark_savings_are_against_standard_randoms_final_quality():
     assert [r["saving"] for r in rows["standard"]["reach"]] == [1.0, 1.0, 1.0]
 
 
+def test_ofa_benchmark_reaches_a_threshold_where_the_curve_stays_above_it():
+    """The report's rule: a curve that crosses a threshold and falls back below it had not reached it (the benchmark
+    took the first crossing: 99% of standard's gain at 2 FLOPs here, 3.23x in RESULTS.md where the rule gives 1.94x)."""
+    standard = [(0, 0.0), (10, 0.5), (20, 1.0)]
+    dipping = [(0, 0.0), (2, 0.995), (4, 0.9), (8, 1.0)]  # 99% at 2, below it at 4, for good from 8
+    curves = [_curve(m, 0, dipping if m == "minijoint+ofa" else standard) for m in ofa_compute.METHODS]
+    (row,) = [r for r in ofa_compute.summarise(curves, ["ny"]) if r["method"] == "minijoint+ofa"]
+    assert [r["saving"] for r in row["reach"]] == [20 / 8, 20 / 8, 20 / 8]
+
+
 def test_ofa_benchmark_counts_an_initialisation_that_reaches_the_target_apart():
     """No finite saving when the method's step 0 already reaches the target (its initialisation's own cost is not
     counted): counted as reached at start and kept out of the median (it was an infinite saving: not JSON)."""
