@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/pipeline/tiny.yaml")
     parser.add_argument("--plan", action="store_true", help="print the jobs as JSON and exit")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after --config alike, as every stage's
     try:
         cfg = load_config(PipelineConfig, args.config, args.overrides)
     except ConfigError as e:

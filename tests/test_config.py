@@ -244,3 +244,27 @@ def test_none_is_no_null_and_a_tracking_uri_must_name_a_store():
         load_config(ReportConfig, overrides=["tracking.uri=runs/mlflow"])
     for uri in ("http://127.0.0.1:5000", "sqlite:////tmp/x/mlflow.db", "postgresql://u@h/db"):
         assert load_config(ReportConfig, overrides=[f"tracking.uri={uri}"]).tracking.uri == uri
+
+
+def test_yaml_merge_keys_load_and_non_finite_numbers_are_refused(tmp_path):
+    """`<<: *defaults` (plain YAML) failed with "could not determine a constructor"; lr=.inf passed `lr > 0`."""
+    from minimodel.evaluation.report import ReportConfig
+
+    path = tmp_path / "report.yaml"
+    path.write_text("defaults: &defaults {chance_margin: 0.05}\n")
+    with pytest.raises(ConfigError, match="unknown key defaults"):  # the anchor's own key stays a key
+        load_config(ReportConfig, path)
+    path.write_text("tracking: &off {enabled: false}\nfractions: [0.9]\n<<: {chance_margin: 0.05}\n")
+    cfg = load_config(ReportConfig, path)
+    assert cfg.chance_margin == 0.05 and cfg.fractions == [0.9] and not cfg.tracking.enabled
+    for bad in (".inf", ".nan", "-.inf"):
+        with pytest.raises(ConfigError, match="chance_margin: expected a finite number"):
+            load_config(ReportConfig, overrides=[f"chance_margin={bad}"])
+
+
+def test_the_pipeline_takes_overrides_before_and_after_its_config(tmp_path, capsys):
+    from minimodel import pipeline
+
+    with pytest.raises(SystemExit) as e:  # stops at the first stage-independent check: not an argparse error
+        pipeline.main([f"output_dir={tmp_path}", "--config", "configs/pipeline/smoke.yaml", "target_langs=[xx]"])
+    assert e.value.code == 2 and "xx is not a language of the data config" in capsys.readouterr().err
