@@ -27,8 +27,7 @@ from minimodel import distributed
 from minimodel.distributed import ParallelConfig
 from minimodel.files import write_text_atomic
 from minimodel.models.minijoint import parallelize
-from minimodel.models.minijoint.config import ModelConfig
-from minimodel.models.minijoint.model import flops_per_token
+from minimodel.models.minijoint.config import ModelConfig, flops_per_token
 from minimodel.training.config import OptimizerConfig, PretrainLoopConfig
 from minimodel.training.megatron_loop import Engine
 
@@ -320,7 +319,7 @@ class MiniJointSteps:
         self.engine.update(iter([self.batch]), 1)
 
     def model_flops_per_step(self) -> float:
-        """Model FLOPs of one step from the model's shapes (minimodel.models.minijoint.model.flops_per_token)."""
+        """Model FLOPs of one step from the model's shapes (minimodel.models.minijoint.config.flops_per_token)."""
         return flops_per_token(self.cfg, self.mask_fraction) * self.tokens
 
     def chunk(self):

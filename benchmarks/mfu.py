@@ -9,7 +9,7 @@ In one process, for several rounds: the peak (square fp32 matmuls, or bf16 where
 DeepSpeed loop (minimodel.training.deepspeed_loop.train, ZeRO config of configs/adapt/default.yaml, body frozen)
 over the full model (standard) and over its mini-model (embeddings + first m layers + head).
 MFU = model FLOPs per second / peak FLOPs per second, where model FLOPs come from the shapes
-(models.minijoint.model.flops_per_token; training.hf_mlm.MLMFlops) and are checked once against torch's
+(models.minijoint.config.flops_per_token; training.hf_mlm.MLMFlops) and are checked once against torch's
 FlopCounterMode. Reported against the best peak of the run (the machine's capability) and, round by round,
 against that round's peak (which cancels part of the load other processes put on a shared machine).
 `targets` holds what issue #19 asks to report against: pretraining MFU >= 45% of the measured peak, and the

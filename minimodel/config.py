@@ -262,11 +262,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     return cfg
 
 
-def check_overrides(cls: type, path: str | os.PathLike | None, overrides: list[str]) -> None:
-    """Raise ConfigError where `overrides`, over the config file `path`, name a key `cls` lacks or give a value of
-    the wrong type: what load_config would refuse before the stage's own validation (which needs its inputs, e.g. a
-    pipeline's results that do not exist yet)."""
-    _build(cls, _settings(path, overrides))
+def build_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] | None = None) -> T:
+    """load_config without the config's own validation (which needs its inputs: a pipeline's results that do not
+    exist yet, the data a finished run read): still a ConfigError for a key `cls` lacks or a value of the wrong
+    type."""
+    return _build(cls, _settings(path, overrides))
 
 
 def setting(path: str | os.PathLike | None, overrides: list[str], key: str, default: Any = None) -> Any:

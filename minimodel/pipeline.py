@@ -51,7 +51,7 @@ import yaml
 from transformers import AutoConfig
 
 from minimodel.data.tokenizer import tokenizer_fingerprint
-from minimodel.config import ConfigError, check_overrides, load_config, require, save_config, setting
+from minimodel.config import ConfigError, build_config, load_config, require, save_config, setting
 from minimodel.data.prepare import DataConfig
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.hf import HFLoadError, load_tokenizer
@@ -214,7 +214,7 @@ class PipelineConfig:
             cls = KINDS["finetune" if stage == "task_sft" else stage].config_class()
             for path in files:
                 try:
-                    check_overrides(cls, path if path and Path(path).is_file() else None, overrides)
+                    build_config(cls, path if path and Path(path).is_file() else None, overrides)
                 except ConfigError as e:
                     raise ConfigError(f"{what}: {e}") from None
 

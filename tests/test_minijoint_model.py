@@ -330,7 +330,7 @@ def test_secondary_head_stage_follows_megatron_layer_assignment():
 
 
 def test_flops_per_token_counts_layers_and_heads():
-    from minimodel.models.minijoint.model import flops_per_token
+    from minimodel.models.minijoint.config import flops_per_token
 
     m = _model()
     base = flops_per_token(m)

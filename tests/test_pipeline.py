@@ -119,7 +119,7 @@ def test_a_stage_override_the_stage_would_refuse_is_refused_when_the_pipeline_lo
 def test_a_language_code_yaml_reads_as_a_boolean_reaches_every_stage_as_itself(tmp_path):
     """Stages got `target_langs=[no]` and `{lang: no, ...}`: Norwegian read as false, refused after the stages
     before it had run. Codes and paths YAML reads back as themselves are written as before (their hashes stay)."""
-    from minimodel.config import _build, _settings  # the stage's own reading, without its input checks
+    from minimodel.config import build_config  # the stage's own reading, without its input checks
     from minimodel.stages import KINDS
 
     data = tmp_path / "data.yaml"
@@ -133,7 +133,7 @@ def test_a_language_code_yaml_reads_as_a_boolean_reaches_every_stage_as_itself(t
         argv = stage.argv[stage.argv.index(KINDS[stage.kind].script) + 1:]
         path = argv[argv.index("--config") + 1] if "--config" in argv else None
         rest = [a for a in argv if "=" in a]
-        read = _build(KINDS[stage.kind].config_class(), _settings(path, rest))
+        read = build_config(KINDS[stage.kind].config_class(), path, rest)
         for value in (getattr(read, "target_langs", None), getattr(read, "languages", None),
                       [t.lang for t in getattr(read, "targets", [])]):
             if value and not callable(value):

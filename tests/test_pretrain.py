@@ -13,7 +13,7 @@ import pytest
 
 from minimodel.config import ConfigError, load_config
 from minimodel.data.mlm_config import MLMDataConfig
-from minimodel.models.minijoint.model import flops_per_token
+from minimodel.models.minijoint.config import flops_per_token
 from minimodel.training import checkpoint as ckpt
 from minimodel.training.metrics import plot_losses, read_metrics
 from minimodel.training.megatron_loop import LOSS_CURVES

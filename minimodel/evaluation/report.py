@@ -55,7 +55,7 @@ import yaml
 
 from minimodel.adaptation.artifact import read_info, snapshot_dir
 from minimodel import faults, provenance
-from minimodel.config import ConfigError, require, save_config
+from minimodel.config import ConfigError, build_config, require, save_config
 from minimodel.files import write_text_atomic
 from minimodel.evaluation import EvaluationError
 from minimodel.evaluation.scoring import MAJORITY_METRIC
@@ -64,6 +64,8 @@ from minimodel.layout import PER_EXAMPLE_FILE, PipelineLayout
 from minimodel.methods import BASELINE, MODELS, REFERENCE, SPARSE, parse_adapted_method, parse_method
 from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.file import SFT_DIR, read_sft_info
+from minimodel.models.minijoint.config import flops_per_token, head_flops_per_token
+from minimodel.training.config import PretrainConfig
 from minimodel.training.metrics import read_metrics
 from minimodel.stages import StageResult
 from minimodel.tracking import TrackingConfig, attach_to_run
@@ -299,8 +301,9 @@ def _json_or_empty(path: Path) -> dict:
 
 def one_off_costs(layout: PipelineLayout, methods: list[str]) -> dict[str, dict]:
     """What is spent once for every target language, in no language's compute above: a head learned for a headless
-    primary (all methods), MiniPost's step 1b (its mini-model), OFA's word vectors (wall clock only: the SVD's FLOPs
-    are not counted), each for the methods that use it, themselves or through the method they build on.
+    primary (all methods), MiniPost's step 1b (its mini-model), MiniJoint's secondary head (the FLOPs it adds to
+    pretraining; no wall clock of its own), OFA's word vectors (wall clock only: the SVD's FLOPs are not counted), each
+    for the methods that use it, themselves or through the method they build on.
     {what: {"flops", "wall_clock_s", "methods"}} for those that finished for their current config."""
     def lineage(method) -> list:  # the method and the one it builds on
         return [method, *([parse_method(method.builds_on)] if method.builds_on else [])]
@@ -313,6 +316,13 @@ def one_off_costs(layout: PipelineLayout, methods: list[str]) -> dict[str, dict]
         compute = _loop_compute(run_dir / "metrics.jsonl") if users and _finished(run_dir / "metrics.jsonl") else None
         if compute:
             costs[what] = {**compute, "methods": users}
+    minijoint = [n for n, ms in uses.items() if any(m.model == "minijoint" for m in ms)]
+    pretrained = layout.pretrain / "metrics.jsonl"
+    if minijoint and _finished(pretrained) and (compute := _loop_compute(pretrained)):
+        pretraining = build_config(PretrainConfig, layout.pretrain / "config.yaml")  # the data may be gone since
+        share = head_flops_per_token(pretraining.model, pretraining.data.mask_prob) / flops_per_token(
+            pretraining.model, pretraining.data.mask_prob)
+        costs["minijoint_head"] = {"flops": compute["flops"] * share, "wall_clock_s": None, "methods": minijoint}
     ofa = [n for n, ms in uses.items() if any(m.init == "ofa" for m in ms)]
     vectors = layout.root / "word_vectors" / "summary.json"
     if ofa and _finished(vectors):

@@ -24,8 +24,7 @@ from minimodel import distributed, faults
 from minimodel.config import ConfigError, save_config
 from minimodel.distributed import ParallelConfig
 from minimodel.models.minijoint import parallelize
-from minimodel.models.minijoint.config import ModelConfig
-from minimodel.models.minijoint.model import flops_per_token
+from minimodel.models.minijoint.config import ModelConfig, flops_per_token
 from minimodel.tracking import Tracker, exit_status, layout_tags
 from minimodel.training import checkpoint as ckpt
 from minimodel.training.config import PretrainConfig, PretrainLoopConfig

@@ -64,3 +64,23 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         d = self.make_vocab_size_divisible_by
         return math.ceil(self.vocab_size / d) * d
+
+
+def flops_per_token(cfg: ModelConfig, mask_fraction: float = 0.15) -> float:
+    """Model FLOPs per sequence token of a training step (forward + backward = 3 x forward; matmuls, 2 per MAC).
+
+    Every token goes through each layer's QKV, attention-output and MLP matmuls and attends over seq_length keys;
+    only the masked tokens (`mask_fraction` of them) go through the MLM heads (dense + vocabulary projection): two,
+    or one with secondary_head "none".
+    """
+    h, s, f, v = cfg.hidden_size, cfg.seq_length, cfg.ffn_size, cfg.padded_vocab_size
+    per_layer = 2 * (4 * h * h + 2 * h * f) + 2 * 2 * s * h
+    num_heads = 1 if cfg.secondary_head == "none" else 2
+    heads = mask_fraction * num_heads * 2 * (h * h + h * v)
+    return 3.0 * (cfg.num_layers * per_layer + heads)
+
+
+def head_flops_per_token(cfg: ModelConfig, mask_fraction: float = 0.15) -> float:
+    """What one MLM head adds to flops_per_token (MiniJoint's secondary head: its cost in pretraining)."""
+    h, v = cfg.hidden_size, cfg.padded_vocab_size
+    return 3.0 * mask_fraction * 2 * (h * h + h * v)

@@ -58,20 +58,6 @@ from minimodel.models.minijoint.config import ModelConfig
 IGNORE_INDEX = -100  # labels at positions that are not predicted
 
 
-def flops_per_token(cfg: ModelConfig, mask_fraction: float = 0.15) -> float:
-    """Model FLOPs per sequence token of a training step (forward + backward = 3 x forward; matmuls, 2 per MAC).
-
-    Every token goes through each layer's QKV, attention-output and MLP matmuls and attends over seq_length keys;
-    only the masked tokens (`mask_fraction` of them) go through the MLM heads (dense + vocabulary projection): two,
-    or one with secondary_head "none".
-    """
-    h, s, f, v = cfg.hidden_size, cfg.seq_length, cfg.ffn_size, cfg.padded_vocab_size
-    per_layer = 2 * (4 * h * h + 2 * h * f) + 2 * 2 * s * h
-    num_heads = 1 if cfg.secondary_head == "none" else 2
-    heads = mask_fraction * num_heads * 2 * (h * h + h * v)
-    return 3.0 * (cfg.num_layers * per_layer + heads)
-
-
 class LayerNorm(torch.nn.LayerNorm):
     """torch LayerNorm with megatron's norm-constructor signature.
 
