@@ -138,6 +138,23 @@ def test_l1_gradient_of_an_untouched_bf16_entry_is_zero():
     assert torch.equal(l1_gradient(moved, theta0, 0.5), torch.tensor([0.5, 0.0, 0.0, 0.0]))
 
 
+def test_bf16_drops_the_l1_term_where_gradients_are_large_and_a_run_says_so():
+    """The reference adds lambda / N to fp32 gradients; under bf16 (a GPU's precision: auto) the sum rounds it away
+    wherever |g| is much larger, so an LT-SFT run there trains without L1 for those entries: measured here, and
+    said by a warning naming the fp32 setting that keeps it."""
+    from minimodel.sft.train import SFTConfig, bf16_l1_caveat
+
+    n, l1 = 278_000_000, 0.2  # XLM-R base, the language SFT's default L1
+    term = torch.tensor(l1 / n)
+    for g, kept in ((1e-4, False), (1e-5, False), (1e-8, True)):
+        grad = torch.tensor(g, dtype=torch.bfloat16)
+        assert ((grad + term.to(torch.bfloat16)) != grad).item() is kept, g
+        assert (torch.tensor(g) + term != torch.tensor(g)).item()  # fp32 keeps it at each
+    caveat = bf16_l1_caveat(SFTConfig(full_l1=l1), "bf16", n)
+    assert "7.2e-10 per entry" in caveat and "train.precision=fp32" in caveat
+    assert bf16_l1_caveat(SFTConfig(full_l1=l1), "fp32", n) is None and bf16_l1_caveat(SFTConfig(), "bf16", n) is None
+
+
 def test_loop_settings_that_would_break_sparsity_are_refused():
     cfg = SFTConfig(full_steps=4, sparse_steps=4)
     ok = DeepSpeedLoopConfig(steps=4, schedule=ScheduleConfig(warmup_steps=2))
