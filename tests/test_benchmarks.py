@@ -81,6 +81,13 @@ def test_mfu_smoke(tmp_path):
         1 - mini["step_time_s"]["median"] / full["step_time_s"]["median"])
     assert t["wallclock_over_flop_saving"] == pytest.approx(t["adapt_wallclock_saving"] / t["adapt_flop_saving"])
     assert t["target"] == 0.9 and t["reached"] == (t["wallclock_over_flop_saving"] >= 0.9)
+    # the raw step times per round (2 x 2 here): the ratio recomputed round by round from them
+    import statistics
+    assert [len(ts) for ts in full["step_times_s"]] == [2, 2] and [len(ts) for ts in mini["step_times_s"]] == [2, 2]
+    rounds = [(1 - statistics.median(m) / statistics.median(f)) / t["adapt_flop_saving"]
+              for f, m in zip(full["step_times_s"], mini["step_times_s"])]
+    assert t["wallclock_over_flop_saving_per_round"]["min"] == pytest.approx(min(rounds))
+    assert t["wallclock_over_flop_saving_per_round"]["max"] == pytest.approx(max(rounds))
 
 
 def test_mfu_adaptation_runs_leave_no_engine_behind():
