@@ -144,6 +144,8 @@ def test_model_hash_reads_settled_weights_once_per_process(tmp_path, monkeypatch
 
     reads, sha256 = [], hashlib.sha256
     monkeypatch.setattr(hashlib, "sha256", lambda: reads.append(1) or sha256())
+    # "moments ago": within 10 minutes here (2 s in the code), so that a stalled test process reads the same
+    monkeypatch.setattr(manifest, "_SETTLED_NS", 600 * 10**9)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"weights A")
     hour_ago = time.time_ns() - 3600 * 10**9

@@ -89,15 +89,14 @@ def test_on_a_shared_filesystem_an_unheld_lock_is_waited_for_until_it_goes_or_is
         check_build_locks()
     assert not lock.exists() and "another node may be building" in caplog.text and "removing" not in caplog.text
     lock.touch()
-    monkeypatch.setattr(jit_builds, "STALE_AFTER_S", 1.0)
+    monkeypatch.setattr(jit_builds, "STALE_AFTER_S", 3.0)  # 2.7 s for the timer below to fire first
     threading.Timer(0.3, lambda: (lock.unlink(), lock.touch())).start()  # ... and another node's new build starts
     check_build_locks()
     assert lock.exists() and "removing" not in caplog.text  # the new build's lock: never removed at the old one's age
     lock.unlink()
     lock.touch()  # a killed build's: it never goes
-    start = time.monotonic()
-    check_build_locks()
-    assert not lock.exists() and "removing" in caplog.text and time.monotonic() - start < 30
+    check_build_locks()  # returns once the lock is older than any build (a hang: CI's timeout)
+    assert not lock.exists() and "removing" in caplog.text
     old = time.time() - 60  # already older than any build: removed at once
     lock.touch()
     os.utime(lock, (old, old))

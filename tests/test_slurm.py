@@ -346,12 +346,7 @@ def test_array_tasks_get_their_languages_arguments_from_the_plan(cluster, tmp_pa
             log[-3000:]
 
 
-PIPELINE_MODULE = ROOT / "minimodel" / "pipeline.py"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (PIPELINE_MODULE.is_file() and "--plan" in PIPELINE_MODULE.read_text()),
-                    reason="minimodel.pipeline has no `--plan` yet (the interface: slurm/pipeline.sh's header)")
 def test_pipeline_runs_the_chain_to_the_report(cluster, tmp_path):
     """Then submitted again: every job stamped its finished stage, so only the report (it always runs) goes, and the
     new pipeline run links every run the first one's jobs logged (as the local pipeline does)."""
