@@ -142,7 +142,7 @@ def test_bf16_drops_the_l1_term_where_gradients_are_large_and_a_run_says_so():
     """The reference adds lambda / N to fp32 gradients; under bf16 (a GPU's precision: auto) the sum rounds it away
     wherever |g| is much larger, so an LT-SFT run there trains without L1 for those entries: measured here, and
     said by a warning naming the fp32 setting that keeps it."""
-    from minimodel.sft.train import SFTConfig, bf16_l1_caveat
+    from minimodel.sft.train import SFTConfig, bf16_caveats
 
     n, l1 = 278_000_000, 0.2  # XLM-R base, the language SFT's default L1
     term = torch.tensor(l1 / n)
@@ -150,9 +150,12 @@ def test_bf16_drops_the_l1_term_where_gradients_are_large_and_a_run_says_so():
         grad = torch.tensor(g, dtype=torch.bfloat16)
         assert ((grad + term.to(torch.bfloat16)) != grad).item() is kept, g
         assert (torch.tensor(g) + term != torch.tensor(g)).item()  # fp32 keeps it at each
-    caveat = bf16_l1_caveat(SFTConfig(full_l1=l1), "bf16", n)
+    [caveat] = bf16_caveats(SFTConfig(full_l1=l1), "bf16", n)
     assert "7.2e-10 per entry" in caveat and "train.precision=fp32" in caveat
-    assert bf16_l1_caveat(SFTConfig(full_l1=l1), "fp32", n) is None and bf16_l1_caveat(SFTConfig(), "bf16", n) is None
+    assert bf16_caveats(SFTConfig(full_l1=l1), "fp32", n) == [] and bf16_caveats(SFTConfig(), "bf16", n) == []
+    # a later iteration starts from the bf16 image of the one before: said too
+    [later] = bf16_caveats(SFTConfig(iterations=2), "bf16", n)
+    assert "sft.iterations=2" in later and "bf16 rounding" in later
 
 
 def test_loop_settings_that_would_break_sparsity_are_refused():

@@ -109,16 +109,23 @@ def check_loop_config(train_cfg: DeepSpeedLoopConfig, cfg: SFTConfig) -> None:
     train_cfg.check_precision(resolve_precision(train_cfg.precision))  # now, not after the data is prepared
 
 
-def bf16_l1_caveat(cfg: SFTConfig, precision: str, n_params: int) -> str | None:
-    """What bf16 does to LT-SFT's L1 term, where it applies: it is added to bf16 gradients, whose rounding drops a
-    term of lambda / N (the reference adds it to fp32 ones); None where it does not apply."""
-    l1 = max(cfg.full_l1, cfg.sparse_l1)
-    if precision != "bf16" or l1 == 0:
-        return None
-    return (f"LT-SFT under bf16: the L1 pull toward the pretrained values ({l1} / {n_params} parameters = "
-            f"{l1 / n_params:.1e} per entry) is added to bf16 gradients, which keep it only where |gradient| is "
-            f"below about {256 * l1 / n_params:.0e}: elsewhere this trains without it; train.precision=fp32 keeps "
-            "the reference's regularisation")
+def bf16_caveats(cfg: SFTConfig, precision: str, n_params: int) -> list[str]:
+    """What bf16 does to LT-SFT where it applies (the reference trains in fp32): its L1 term is added to bf16
+    gradients, whose rounding drops a term of lambda / N; an iteration after the first starts from the bf16 image of
+    the one before (DeepSpeed makes its fp32 masters from the bf16 module)."""
+    if precision != "bf16":
+        return []
+    caveats = []
+    if (l1 := max(cfg.full_l1, cfg.sparse_l1)) > 0:
+        caveats.append(f"LT-SFT under bf16: the L1 pull toward the pretrained values ({l1} / {n_params} parameters "
+                       f"= {l1 / n_params:.1e} per entry) is added to bf16 gradients, which keep it only where "
+                       f"|gradient| is below about {256 * l1 / n_params:.0e}: elsewhere this trains without it; "
+                       "train.precision=fp32 keeps the reference's regularisation")
+    if cfg.iterations > 1:
+        caveats.append(f"LT-SFT under bf16 with sft.iterations={cfg.iterations}: each iteration after the first "
+                       "starts from the bf16 rounding of the one before (2^-9 of each value, a sizeable part of small "
+                       "changes); train.precision=fp32 carries them over exactly")
+    return caveats
 
 
 def l1_gradient(p: torch.Tensor, p0: torch.Tensor, scale: float) -> torch.Tensor:
@@ -208,7 +215,7 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
     if cfg.iterations > k:
         raise ConfigError(f"sft.iterations={cfg.iterations} exceeds K={k}: each iteration must free >= 1 value")
     n_params = sum(p.numel() for p in model.parameters())
-    if caveat := bf16_l1_caveat(cfg, resolve_precision(train_cfg.precision), n_params):
+    for caveat in bf16_caveats(cfg, resolve_precision(train_cfg.precision), n_params):
         log.warning(caveat)
     l1_names = set(part.eligible) if cfg.l1_eligible_only else set(part.trainable)
     theta0 = {n: p.detach().float().cpu().clone() for n, p in part.trainable.items()}
