@@ -314,7 +314,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "pretrain" / "prepare_data.py"),
                           f"output_dir={tmp_path / 'out'}", "tracking.enabled=false",
                           f"languages={{xx: {{sources: [{{type: jsonl, path: {bad}}}]}}}}"],
-                         capture_output=True, text=True, cwd=ROOT)
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 2
     assert f"{bad}:2: not valid JSON" in run.stderr and "Traceback" not in run.stderr
 
@@ -391,7 +391,7 @@ def test_default_corpora_build_with_the_cli(tmp_path):
     args = [sys.executable, str(ROOT / "pretrain" / "prepare_data.py"), "--config", str(DEFAULT),
             f"output_dir={out}", f"tracking.store_dir={tmp_path / 'runs'}", "tracking.experiment=data-test"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
-    run = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    run = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)  # a hang: fails
     assert run.returncode == 0, run.stderr
     assert "tokens/s" in run.stderr
     manifest = json.loads((out / "manifest.json").read_text())
@@ -407,7 +407,7 @@ def test_default_corpora_build_with_the_cli(tmp_path):
     assert run_info.data.metrics["en.train_tokens"] == manifest["languages"]["en"]["tokens"]["train"]
 
     before = snapshot(out)
-    rerun = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    rerun = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert rerun.returncode == 0 and "up to date" in rerun.stderr
     assert snapshot(out) == before
 
