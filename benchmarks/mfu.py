@@ -247,10 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[{NAME}] target: pretraining MFU {100 * t['pretrain_mfu']:.1f}% of the best measured peak "
           f"(target >= {100 * t['pretrain_mfu_target']:.0f}%: "
           f"{'reached' if t['pretrain_mfu_reached'] else 'NOT reached'})")
+    rounds = t["wallclock_over_flop_saving_per_round"]
     print(f"[{NAME}] target: the mini-model saves {100 * t['adapt_flop_saving']:.1f}% of the FLOPs and "
           f"{100 * t['adapt_wallclock_saving']:.1f}% of the wall-clock per adaptation step: "
-          f"{t['wallclock_over_flop_saving']:.2f} of the FLOP saving (per round "
-          f"{t['wallclock_over_flop_saving_per_round']['min']:.2f}-{t['wallclock_over_flop_saving_per_round']['max']:.2f}"
+          f"{t['wallclock_over_flop_saving']:.2f} of the FLOP saving (per round {rounds['min']:.2f}-{rounds['max']:.2f}"
           f"; target >= {t['target']:.2f}: "
           f"{'reached' if t['reached'] else 'NOT reached'})")
     return result

@@ -87,8 +87,8 @@ class TrackingConfig:
         require(self.flush_every >= 1, "tracking.flush_every", f"must be >= 1, got {self.flush_every}")
         require(bool(self.experiment), "tracking.experiment", "must be a non-empty experiment name")
         require(self.uri is None or self.uri.startswith(URI_SCHEMES), "tracking.uri",
-                f"{self.uri!r} is no MLflow store: a server (http://host:5000) or a database (sqlite:///path/mlflow.db, "
-                "postgresql://...); leave it unset for the local store under store_dir")
+                f"{self.uri!r} is no MLflow store: a server (http://host:5000) or a database "
+                "(sqlite:///path/mlflow.db, postgresql://...); leave it unset for the local store under store_dir")
 
     @property
     def on(self) -> bool:

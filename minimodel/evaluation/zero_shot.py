@@ -338,19 +338,18 @@ def _evaluate_target(cfg: ZeroShotConfig, target: TargetConfig, source,
                      primary) -> tuple[dict, dict[int, dict], dict[str, dict]]:
     """Score every checkpoint of one target and log a run for each; (final metrics, {snapshot step: metrics},
     {"final" or snapshot step: its per-example scores} where the task has them)."""
+    def scored_at(at: TargetConfig, model, tokenizer) -> tuple[TargetConfig, dict, dict]:
+        per_example: dict = {}
+        return at, _score(cfg, at, model, tokenizer, source, per_example), per_example
+
     method = parse_method(cfg.method)
     if method.learns_embeddings or method.source.learns == "student":  # a student: its model_dir, no snapshots
-        checkpoints = _checkpoints(cfg, target, source, primary)  # lazy: one model at a time
+        scored = [scored_at(*checkpoint) for checkpoint in _checkpoints(cfg, target, source, primary)]
     elif method.adapted:
-        checkpoints = [(target, *_sft_model(cfg, target, source, primary))]
+        scored = [scored_at(target, *_sft_model(cfg, target, source, primary))]
     else:
-        checkpoints = [(target, None, None)]
-    scored = []
-    for at, model, tokenizer in checkpoints:
         per_example: dict = {}
-        metrics = _score(cfg, at, model, tokenizer, source, per_example) if model is not None else \
-            _score_unadapted(cfg, target, source, per_example)
-        scored.append((at, metrics, per_example))
+        scored = [(target, _score_unadapted(cfg, target, source, per_example), per_example)]
     if cfg.task.spec.kind == "mlm":
         _add_mlm_gain(target, [(at, metrics) for at, metrics, _ in scored])
     for at, metrics, _ in scored:
