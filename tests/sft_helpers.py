@@ -4,10 +4,14 @@ that trains it under a real DeepSpeed launcher, and the plain PyTorch loop it is
 Worker (run by `deepspeed --num_gpus 2 tests/sft_helpers.py <out> <zero stage>...`): for each ZeRO stage, trains an
 SFT in <out>/zero<N>/ and writes (rank 0) theta0.pt (every parameter before training), rewound.pt (every parameter
 as phase 2's first forward sees it) and final.pt (every parameter after phase 2). Exit 75 when a stop signal
-interrupted it (relaunch to resume)."""
+interrupted it (relaunch to resume). With HOLD_PHASE2_AT_STEP=<n> in its environment, every rank waits at phase 2's
+step n until it has received a stop signal (up to 10 minutes): a test that stops it after step n-1 cannot miss the
+window, however late its signal comes."""
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,7 @@ from minimodel.sft.train import SFTConfig
 from minimodel.training.config import CheckpointConfig, DeepSpeedLoopConfig, EvalConfig, OptimizerConfig, \
     ScheduleConfig
 from minimodel.training.hf_mlm import masked_lm_loss
+from minimodel.training.preemption import PreemptionSignal
 from minimodel.training.sampler import MicroBatches
 
 WORLD, MICRO, ACCUMULATION = 2, 4, 2
@@ -107,11 +112,16 @@ def main(out: Path, stages: list[int]) -> int:
             torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, run_dir / "theta0.pt")
         calls = [0]
         phase1_calls = SFT.full_steps * ACCUMULATION
+        hold = int(os.environ.get("HOLD_PHASE2_AT_STEP", 0))
 
         def loss_fn(m, batch):
             calls[0] += 1
             if calls[0] == phase1_calls + 1 and rank == 0 and not (run_dir / "rewound.pt").exists():
                 torch.save({n: p.detach().clone() for n, p in m.named_parameters()}, run_dir / "rewound.pt")
+            if hold and calls[0] == phase1_calls + (hold - 1) * ACCUMULATION + 1:  # phase 2's step `hold` begins
+                deadline = time.time() + 600
+                while PreemptionSignal().received is None and time.time() < deadline:
+                    time.sleep(0.05)
             return masked_lm_loss(m, batch)
 
         result = train_sft(SFT, loop_config(zero), model, tiny_data(), loss_fn, lambda batch: 1.0,

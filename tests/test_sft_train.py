@@ -96,12 +96,14 @@ def test_a_kill_in_phase2_resumes_with_the_same_mask_to_the_same_sft(trained, tm
     out = tmp_path / "resumed"
     out.mkdir()
     sparse_metrics = out / "zero2" / "iteration_1" / "sparse" / "metrics.jsonl"
+    # the ranks wait at phase 2's step 3 for the signal sent once step 2 is logged: they stop at the end of step 3
     sent, code = run_and_signal(deepspeed_command(SCRIPT, [str(out), "2"]), tmp_path / "first.log", sparse_metrics,
-                                after_lines=2, sig=signal.SIGTERM, ranks_only=True, env=launch_env(), cwd=tmp_path)
+                                after_lines=2, sig=signal.SIGTERM, ranks_only=True,
+                                env=dict(launch_env(), HOLD_PHASE2_AT_STEP="3"), cwd=tmp_path)
     assert sent and code == PREEMPTED_EXIT_CODE, tail(tmp_path / "first.log")
     rows_before = metrics(sparse_metrics.parent)
     stopped_at = len(rows_before)
-    assert 2 <= stopped_at < SFT.sparse_steps
+    assert stopped_at == 3 < SFT.sparse_steps
     mask_before = load_file(str(out / "zero2" / "iteration_1" / "mask.safetensors"))
     # phase 1's checkpoints went once its mask was written; phase 2's stay until the SFT is saved
     assert not (out / "zero2" / "iteration_1" / "full" / "checkpoints").exists()
