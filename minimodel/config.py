@@ -8,7 +8,9 @@ the resolved config next to a run's outputs.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -248,12 +250,19 @@ def _settings(path: str | os.PathLike | None, overrides: list[str] | None) -> di
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise ConfigError(f"config file {path} {what} (see configs/ for the shipped ones)")
         try:
-            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+            data = copy.deepcopy(_parsed_yaml(path.read_text())) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return _merge(data, parse_overrides(overrides or []))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_yaml(text: str) -> Any:
+    """A config file's text parsed, once per process and content: a pipeline reads each of its config files dozens of
+    times as it validates and hashes its stages (each caller gets a copy: nothing it changes reaches the next)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:

@@ -16,6 +16,7 @@ stage refuses (exit 2) names the fix.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -380,7 +381,7 @@ def _files_named(value: str) -> list[Path]:
     """The existing files a `key=value` setting's value names, anywhere in it (a list of mappings too), but settings
     files (hashed by content) and the project's own (configs/)."""
     try:
-        parsed = yaml.safe_load(value) if value else None
+        parsed = _parsed_value(value) if value else None
     except yaml.YAMLError:
         return []
     found, todo = [], [parsed]
@@ -394,6 +395,12 @@ def _files_named(value: str) -> list[Path]:
             if path.suffix not in SETTINGS_SUFFIXES and not path.resolve().is_relative_to(provenance.SHIPPED):
                 found.append(path)
     return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_value(value: str) -> Any:
+    """A setting's value as YAML, parsed once per process (a pipeline hashes each stage's settings several times)."""
+    return yaml.safe_load(value)
 
 
 def _under(path: Path, directories: set[Path]) -> bool:

@@ -6,7 +6,7 @@ from typing import Literal
 import pytest
 
 from minimodel.adaptation.train import AdaptConfig
-from minimodel.config import ConfigError, flatten, load_config, parse_cli, require, save_config
+from minimodel.config import ConfigError, flatten, load_config, parse_cli, require, save_config, setting
 from minimodel.training.config import PretrainConfig
 
 
@@ -268,3 +268,13 @@ def test_the_pipeline_takes_overrides_before_and_after_its_config(tmp_path, caps
     with pytest.raises(SystemExit) as e:  # stops at the first stage-independent check: not an argparse error
         pipeline.main([f"output_dir={tmp_path}", "--config", "configs/pipeline/smoke.yaml", "target_langs=[xx]"])
     assert e.value.code == 2 and "xx is not a language of the data config" in capsys.readouterr().err
+
+
+def test_a_config_file_read_again_is_read_as_it_is_now(tmp_path):
+    """A file's parse is kept for the process (a pipeline reads each config dozens of times): an edited file is
+    read anew, and a change made to one loaded config does not reach the next load."""
+    path = write(tmp_path, "model:\n  langs: [sw]\n")
+    setting(path, [], "model.langs").append("yo")  # the value as the file holds it
+    assert load_config(Root, path).model.langs == ["sw"]
+    path.write_text("model:\n  langs: [ny]\n")  # same size, in place: the same inode and maybe the same mtime
+    assert load_config(Root, path).model.langs == ["ny"]
