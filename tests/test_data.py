@@ -17,7 +17,7 @@ from minimodel.data.clean import clean_verse
 from minimodel.data.corpora import Document, SourceError, verse_id
 from minimodel.data.indexed import open_indexed
 from minimodel.data.prepare import DataConfig, prepare_data, split_of
-from minimodel.data.tokenizer import load_tokenizer, train_tokenizer
+from minimodel.data.tokenizer import FastEncoder, load_tokenizer, make_encoder, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "data" / "tiny.yaml"
@@ -153,6 +153,18 @@ def test_tokenizer_is_reproducible_and_has_xlmr_ids(tmp_path):
     assert ids[0] == 0 and ids[-1] == 2 and all(3 <= i < 299 for i in ids[1:-1])
     with pytest.raises(ConfigError, match="to at most"):
         train_tokenizer(texts[:3], tmp_path / "d", 5000)
+
+
+def test_a_special_tokens_text_is_encoded_as_the_hugging_face_tokenizer_reads_it(tmp_path):
+    """SentencePiece alone reads "<mask>" in a text as pieces, the Hugging Face tokenizer (evaluation, the user's own
+    code) as the mask token: the data stage's fast encoder gives the latter's ids, text by text."""
+    tok_dir = train_tokenizer(book(MARK), tmp_path / "tok", 300)
+    texts = ["And he said <mask> unto them", "</s> the <s> end <unk> and <pad>", "plain words of Mark"]
+    encoder = make_encoder(tok_dir, texts)
+    assert isinstance(encoder, FastEncoder)  # not the slow fallback: it agrees on these texts
+    hf = load_tokenizer(tok_dir)
+    assert [ids.tolist() for ids in encoder.encode(texts)] == hf(texts, add_special_tokens=False)["input_ids"]
+    assert hf.mask_token_id in encoder.encode(texts[:1])[0]
 
 
 def test_interrupted_build_is_detected_and_rebuilt(tmp_path, monkeypatch):

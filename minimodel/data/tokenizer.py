@@ -186,17 +186,25 @@ class FastEncoder:
 
         self.dir = Path(tokenizer_dir)
         self.sp = spm.SentencePieceProcessor(model_file=str(self.dir / SPM_FILE))
+        self.tokenizer = load_tokenizer(self.dir)
+        # the Hugging Face tokenizer reads an added token's text ("<mask>", "</s>", ...) in a text as that token,
+        # SentencePiece as pieces: a text holding one is encoded by the former (rare in real text)
+        added = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
+        self.added_token = re.compile("|".join(map(re.escape, added))) if added else None
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         out = []
-        for ids in self.sp.encode(texts):
+        for text, ids in zip(texts, self.sp.encode(texts)):
+            if self.added_token is not None and self.added_token.search(text):
+                out.append(np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64))
+                continue
             ids = np.asarray(ids, dtype=np.int64) + 1  # pieces: SentencePiece id + 1
             ids[ids == 1] = 3  # SentencePiece <unk> (0) -> XLM-R <unk> (3)
             out.append(ids)
         return out
 
     def check_agrees(self, texts: list[str]) -> None:
-        hf = load_tokenizer(self.dir)(texts, add_special_tokens=False)["input_ids"]
+        hf = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         for text, ours, theirs in zip(texts, self.encode(texts), hf):
             if ours.tolist() != list(theirs):
                 raise TokenizerError(f"SentencePiece and the Hugging Face tokenizer in {self.dir} disagree on "
