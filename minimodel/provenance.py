@@ -244,20 +244,30 @@ def differences(old: dict, new: dict) -> list[str]:
     return lines
 
 
-def changed_inputs(output_dir: str | Path) -> list[str]:
+def changed_inputs(output_dir: str | Path, _seen: set[Path] | None = None) -> list[str]:
     """What changed since the finished result in `output_dir` was made: `key: path was made again since (...)` for
-    each input another stage made that is not the result recorded (made again, or unfinished); [] where none did or
+    each input another stage made that is not the result recorded (made again, or unfinished), else the first input
+    whose own inputs changed so, up the chain (zero-shot scores of a plugged model whose embeddings were learned again
+    since the plugging: a reader pairing them with that adaptation's compute pairs two runs); [] where none did or
     there is no record. Given inputs (hashed by content) are not read again here: a reader of results (the report)
     checks that what it pairs a result with is still what made it."""
     record = read(output_dir)
     if record is None or "config" not in record:
         return []
     inputs = record.get("inputs", {})
-    now = {key: old if str(old).startswith(tuple(GIVEN)) else identity(record["config"][key])
-           for key, old in inputs.items()}
-    if _matches(record, {"config": record["config"], "inputs": now})[0]:
-        return []
-    return differences(record, {"config": record["config"], "inputs": now})
+    made = {key: old for key, old in inputs.items() if not str(old).startswith(tuple(GIVEN))}
+    now = {**inputs, **{key: identity(record["config"][key]) for key in made}}
+    if not _matches(record, {"config": record["config"], "inputs": now})[0]:
+        return differences(record, {"config": record["config"], "inputs": now})
+    seen = set() if _seen is None else _seen
+    for key in made:
+        upstream, _ = _nearest(record["config"][key])
+        if upstream is None or upstream in seen:
+            continue
+        seen.add(upstream)
+        if changed := changed_inputs(upstream, seen):
+            return [f"{key}: {record['config'][key]} was made from results that changed since ({'; '.join(changed)})"]
+    return []
 
 
 def _short(given: str) -> str:

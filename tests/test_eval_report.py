@@ -242,10 +242,13 @@ def test_what_the_report_cannot_report_is_left_out_and_said(tmp_path, caplog):
         f"{layout.root / 'zero_shot' / 'verse_retrieval'}: no zero-shot result of this task"]
 
 
-def test_a_zero_shot_result_of_an_adaptation_made_again_since_is_left_out(tmp_path):
+@pytest.mark.parametrize("through_plug", [False, True], ids=["direct", "through_a_plugged_model"])
+def test_a_zero_shot_result_of_an_adaptation_made_again_since_is_left_out(tmp_path, through_plug):
     """The report paired a zero-shot score with the compute in the adaptation directory it names: after that
     adaptation was made again (another config) and before its zero-shot stage ran again (a pipeline stopped between
-    them, evaluate/report.py run alone), the old run's quality sat on the new run's compute axis."""
+    them, evaluate/report.py run alone), the old run's quality sat on the new run's compute axis. Also where the
+    scores read a model plugged with those embeddings (lt_sft_vocab, BiStil: their compute includes the adaptation's)
+    and the plugging has not run again either: the chain of inputs is followed."""
     from dataclasses import dataclass
 
     from minimodel.provenance import claim_output, finish_output
@@ -255,13 +258,21 @@ def test_a_zero_shot_result_of_an_adaptation_made_again_since_is_left_out(tmp_pa
         steps: int = 6
 
     @dataclass
+    class Plug:
+        embeddings: str = ""
+
+    @dataclass
     class ZeroShot:
         embeddings: str = ""
+        model_dir: str = ""
 
     layout = PipelineLayout(tmp_path / "run")
     write_pipeline_results(layout)
     adapted, scored = layout.adapt("minijoint", "sw"), layout.zero_shot("verse_class", "minijoint")
-    for out, cfg in ((adapted, Adapt()), (scored, ZeroShot(str(adapted)))):
+    plugged = layout.root / "plugged_mlm" / "sw"
+    chain = [(adapted, Adapt()), *([(plugged, Plug(str(adapted)))] if through_plug else []),
+             (scored, ZeroShot(model_dir=str(plugged)) if through_plug else ZeroShot(embeddings=str(adapted)))]
+    for out, cfg in chain:
         claim_output(out, cfg, resumable=False)
         finish_output(out, cfg)
     cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'report'}", f"pipeline_dir={layout.root}",
@@ -275,7 +286,10 @@ def test_a_zero_shot_result_of_an_adaptation_made_again_since_is_left_out(tmp_pa
     claim_output(adapted, Adapt(steps=8), resumable=False)  # adapted again: its scores are not yet this run's
     methods, [left_out] = reported()
     assert methods == ["standard", "minipost"]
-    assert f"{scored}: scored results that changed since (embeddings: {adapted} was made again since" in left_out
+    changed = f"embeddings: {adapted} was made again since"
+    if through_plug:
+        changed = f"model_dir: {plugged} was made from results that changed since ({changed}"
+    assert f"{scored}: scored results that changed since ({changed}" in left_out
     finish_output(adapted, Adapt(steps=8))
     assert "steps: 6 -> 8" in reported()[1][0]  # finished under the new config: what changed is named
 

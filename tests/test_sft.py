@@ -137,6 +137,14 @@ def test_l1_gradient_of_an_untouched_bf16_entry_is_zero():
     moved[0] += 0.5
     assert torch.equal(l1_gradient(moved, theta0, 0.5), torch.tensor([0.5, 0.0, 0.0, 0.0]))
 
+    # the hooks keep theta0 on the parameter's device in its dtype (half an fp32 copy's memory), same gradient
+    p = nn.Parameter(moved.clone())
+    hooks = GradientHooks({"w": p}, {"w": theta0}, None, l1=2.0, n_params=4, l1_names={"w"})
+    (0.0 * p.sum()).backward()
+    assert torch.equal(p.grad.float(), l1_gradient(moved, theta0, 0.5))
+    assert hooks._on_device["theta0", "w"].dtype == torch.bfloat16
+    hooks.remove()
+
 
 def test_bf16_drops_the_l1_term_where_gradients_are_large_and_a_run_says_so():
     """The reference adds lambda / N to fp32 gradients; under bf16 (a GPU's precision: auto) the sum rounds it away

@@ -150,18 +150,19 @@ class GradientHooks:
         self.handles = [p.register_hook(partial(self._hook, name, p)) for name, p in params.items()
                         if name in self.masks or (l1_scale and name in l1_names)]
 
-    def _device(self, kind: str, name: str, source: torch.Tensor, device) -> torch.Tensor:
+    def _device(self, kind: str, name: str, source: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
         key = (kind, name)
-        if key not in self._on_device or self._on_device[key].device != device:
-            self._on_device[key] = source.to(device)
+        if key not in self._on_device or (self._on_device[key].device, self._on_device[key].dtype) != (device, dtype):
+            self._on_device[key] = source.to(device=device, dtype=dtype)
         return self._on_device[key]
 
     def _hook(self, name: str, p: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
         if self.l1_scale and name in self.l1_names:
-            p0 = self._device("theta0", name, self.theta0[name], grad.device)
+            # kept in the module's dtype, all l1_gradient compares in: under bf16 half the memory of an fp32 copy
+            p0 = self._device("theta0", name, self.theta0[name], grad.device, p.dtype)
             grad = grad + l1_gradient(p, p0, self.l1_scale).to(grad.dtype)
         if name in self.masks:
-            grad = grad.masked_fill(~self._device("mask", name, self.masks[name], grad.device), 0)
+            grad = grad.masked_fill(~self._device("mask", name, self.masks[name], grad.device, torch.bool), 0)
         return grad
 
     def remove(self) -> None:
