@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from adapt_helpers import run_and_signal
 from eval_helpers import (EMBEDDINGS, REPO, adaptation_artifact, cipher, perfect_target_embeddings, plug,
@@ -25,6 +26,7 @@ from minimodel.evaluation.zero_shot import ZeroShotConfig, zero_shot
 from minimodel.hf import load_tokenizer
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SFTError, SparseDiff, SparseFineTuning
+from minimodel.training.hf_mlm import max_sequence_length
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
 from minipost_helpers import make_model, save_model
 
@@ -138,6 +140,12 @@ def test_plug_changes_only_the_embeddings(world, plugged_task_model):
     assert set(before) == set(after)
     assert torch.equal(after[EMBEDDINGS], perfect) and not torch.equal(after[EMBEDDINGS][:103], before[EMBEDDINGS])
     assert [k for k in before if k != EMBEDDINGS and not torch.equal(before[k], after[k])] == []
+    # its tokenizer (the target's, trained with no length limit) cuts where the model's positions end
+    model = AutoModelForSequenceClassification.from_pretrained(plugged_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(plugged_dir, local_files_only=True)
+    ids = tokenizer(" ".join(["ambuye"] * 2000), truncation=True, return_tensors="pt")
+    assert ids["input_ids"].shape[1] == max_sequence_length(model) < 2000
+    assert torch.isfinite(model(**ids).logits).all()
 
 
 def test_zero_shot_with_perfect_target_embeddings_matches_source(world, plugged_task_model):

