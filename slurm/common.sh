@@ -8,7 +8,7 @@
 #   MINIMODEL_PYTHON  the Python to run (default: $MINIMODEL_HOME/.venv/bin/python if present, else python on PATH)
 #   CONFIG            the stage's YAML config when the command line has no --config
 #   OVERRIDES         extra key.sub=value overrides, space-separated (command-line overrides win)
-#   NPROC_PER_NODE    ranks per node (default: the GPUs Slurm gave the node, else 1)
+#   NPROC_PER_NODE    ranks per node (default: the GPUs per node the job asked for, else those Slurm gave, else 1)
 #   MASTER_PORT       rendezvous port (default: derived from the job id, so jobs sharing a node do not collide)
 #   MM_TASK_ARGS      set by pipeline.sh for an array job: each task's own arguments (see mm_launch)
 #   MM_STAMPS         set by pipeline.sh: where the finished stage is marked done, per task (see mm_stamp)
@@ -40,6 +40,10 @@ export MINIMODEL_PYTHON
 # Rendezvous: the first node of the allocation hosts it.
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" | head -n1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+# Ranks per node: the GPUs per node the job asked for ([type:]count), else those it was given. Not the latter first:
+# under --exclusive the batch shell is given all of the node's GPUs, the step only those asked for.
+gpus_asked=${SLURM_GPUS_PER_NODE:-}
+NPROC_PER_NODE=${NPROC_PER_NODE:-${gpus_asked##*:}}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 node_cpus=${SLURM_CPUS_ON_NODE:-$NPROC_PER_NODE}
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( node_cpus > NPROC_PER_NODE ? node_cpus / NPROC_PER_NODE : 1 ))}
@@ -101,7 +105,10 @@ mm_launch() {
     wait "$MM_STEP_PID" || rc=$?
   done
   trap '' USR1 TERM  # the stage is over: a late signal must not kill the requeue, the stamping or the exit
-  if [ "$MM_SIGNAL" = USR1 ] && [ "$rc" -ne 0 ]; then  # a stage that finished before the signal mattered is done
+  # requeued to resume: a stage stopped by the signal after its checkpoint (exit 75; torchrun exits 1 whatever its
+  # ranks did). One that finished before the signal mattered is done; a single process that has no checkpoint
+  # (zero_shot, report, ...) died of it and would only die of it again: it fails.
+  if [ "$MM_SIGNAL" = USR1 ] && { [ "$rc" -eq 75 ] || { [ "$1" != python ] && [ "$rc" -ne 0 ]; }; }; then
     mm_log "stage stopped (exit $rc); requeueing job $SLURM_JOB_ID to resume from its checkpoint"
     scontrol requeue "$SLURM_JOB_ID" ||
       { mm_log "requeue refused (submitted with --no-requeue?): resubmit the same command to resume"; exit 75; }

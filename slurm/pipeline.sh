@@ -40,28 +40,43 @@ fi
 
 lines=$(PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}" "$MINIMODEL_PYTHON" -m minimodel.slurm_plan "$plan")
 
+# The jobs run what the plan hashed: settings meant for a template run by hand (slurm/common.sh) are not theirs, and
+# sbatch passes on this shell's environment.
+unset CONFIG OVERRIDES NPROC_PER_NODE MASTER_PORT TARGET_LANGS
 job_env=()
 declare -A job_id
 read -r -a extra <<< "${SBATCH_ARGS:-}"
-while IFS=$'\x1f' read -r name after langs task_args stamps command; do
-  [ -n "$name" ] || continue  # nothing left to submit
-  if [ "$name" = env ]; then
-    job_env+=("$after")
-    continue
-  fi
-  eval "set -- $command"  # the shell-quoted template + arguments (shlex.join) back into words
-  submit=("$@")
-  options=(--parsable --job-name="$name" --kill-on-invalid-dep=yes)  # a failed stage cancels what needs it
-  deps=""
-  for dep in $after; do deps+=":${job_id[$dep]}"; done
-  [ -n "$deps" ] && options+=(--dependency="afterok$deps")
-  if [ -n "$langs" ]; then
-    read -r -a lang_list <<< "$langs"
-    options+=(--array="0-$((${#lang_list[@]} - 1))")
-  fi
-  id=$(env "${job_env[@]}" MM_TASK_ARGS="$task_args" MM_STAMPS="$stamps" sbatch "${options[@]}" "${extra[@]}" \
-    "${submit[@]}")
-  job_id[$name]=${id%%;*}
-  echo "submitted $name ${job_id[$name]}${deps:+ after$deps}${langs:+ array over: $langs}: ${submit[*]@Q}"
-done <<< "$lines"
+# each_job check|submit: check asks Slurm whether it would take every job (sbatch --test-only: nothing submitted),
+# so that one it refuses (e.g. more GPUs per node than a node has) stops the pipeline before any of its jobs runs;
+# submit submits them, each after the jobs it needs.
+each_job() {
+  local mode=$1 name after langs task_args stamps command options deps refused lang_list
+  while IFS=$'\x1f' read -r name after langs task_args stamps command; do
+    [ -n "$name" ] || continue  # nothing left to submit
+    if [ "$name" = env ]; then
+      if [ "$mode" = submit ]; then job_env+=("$after"); fi
+      continue
+    fi
+    eval "set -- $command"  # the shell-quoted template + arguments (shlex.join) back into words
+    options=(--job-name="$name")
+    if [ -n "$langs" ]; then
+      read -r -a lang_list <<< "$langs"
+      options+=(--array="0-$((${#lang_list[@]} - 1))")
+    fi
+    if [ "$mode" = check ]; then
+      refused=$(sbatch --test-only "${options[@]}" "${extra[@]}" "$@" 2>&1) ||
+        { echo "pipeline.sh: Slurm would refuse job $name (${*@Q}): $refused; nothing was submitted" >&2; exit 2; }
+      continue
+    fi
+    options+=(--parsable --kill-on-invalid-dep=yes)  # a failed stage cancels what needs it
+    deps=""
+    for dep in $after; do deps+=":${job_id[$dep]}"; done
+    [ -n "$deps" ] && options+=(--dependency="afterok$deps")
+    id=$(env "${job_env[@]}" MM_TASK_ARGS="$task_args" MM_STAMPS="$stamps" sbatch "${options[@]}" "${extra[@]}" "$@")
+    job_id[$name]=${id%%;*}
+    echo "submitted $name ${job_id[$name]}${deps:+ after$deps}${langs:+ array over: $langs}: ${*@Q}"
+  done <<< "$lines"
+}
+each_job check
+each_job submit
 echo "follow with: squeue -u ${USER:-$(id -un)}   (logs: slurm/logs/<stage>-<job id>.out)"

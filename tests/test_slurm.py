@@ -254,6 +254,74 @@ def test_pretrain_on_two_nodes_requeues_on_its_signal_and_resumes(cluster, corpu
     assert run.data.tags["slurm_restart_count"] == "1" and run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_an_exclusive_template_runs_as_many_ranks_as_gpus_asked_for(cluster, tmp_path):
+    """pipeline.sh asks minipost.sh (--exclusive: whole nodes) for --gpus-per-node=<minipost_nproc>; the batch shell
+    is given all of the node's GPUs (2 here), the step only those asked for: the ranks are the GPUs asked for (the
+    count the plan hashed), not the node's (a DeepSpeed stage refused to start, torchrun started ranks without
+    GPUs). The stage fails at once on a config error: only its launch matters here."""
+    job = submit(cluster, "minipost.sh", "configs/minipost/tiny.yaml", "no_such_key=1", out=tmp_path, gpus=1)
+    result = cluster.wait(job, timeout=300)
+    log = job_log(tmp_path, job)
+    assert result.state == "FAILED" and "config error: " in log, log[-3000:]
+    assert "(1 x 1 ranks)" in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_single_process_stage_at_its_time_limit_fails_instead_of_requeueing_forever(cluster, tmp_path):
+    """zero_shot and report have no checkpoint: the time-limit signal kills them, and a requeued job would start
+    over and be killed at the same point again, forever. They fail (a training stage that checkpointed, exit 75,
+    is requeued: test_pretrain_on_two_nodes_requeues_on_its_signal_and_resumes)."""
+    stand_in = tmp_path / "python"  # a zero-shot run that outlasts its time limit
+    stand_in.write_text("#!/bin/bash\necho scoring; exec sleep 600\n")
+    stand_in.chmod(0o755)
+    job = submit(cluster, "evaluate.sh", "zero_shot", out=tmp_path, env={"MINIMODEL_PYTHON": str(stand_in)})
+    log_file, deadline = tmp_path / f"evaluate-{job}.out", time.monotonic() + 120
+    while "scoring" not in (log_file.read_text() if log_file.is_file() else ""):  # the stage is running
+        assert time.monotonic() < deadline and cluster.state(job) in ("PENDING", "CONFIGURING", "RUNNING")
+        time.sleep(0.3)
+    cluster.run(["scancel", "--signal=USR1", "--batch", job])  # what --signal=B:USR1@300 sends near the limit
+    result = cluster.wait(job, timeout=120)
+    log = job_log(tmp_path, job)
+    assert result.state == "FAILED" and result.restarts == 0, f"{result}\n{log[-3000:]}"
+    assert "requeueing" not in log and "stage exited with code" in log
+
+
+@pytest.mark.slow
+def test_a_pipeline_slurm_would_refuse_in_part_submits_nothing(cluster, tmp_path):
+    """A stage asking more GPUs per node than a node has (adapt_nproc=4 here, 2 GPUs a node) is refused at its
+    submission, when the jobs before it were submitted already and would run with nothing after them. Every job is
+    checked first (sbatch --test-only): the refusal names the job, and no job is submitted."""
+    r = cluster.run(["bash", "slurm/pipeline.sh", *pipeline_args(tmp_path, "adapt_nproc=4")], cwd=ROOT, check=False,
+                    env={**JOB_ENV, "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out --gpus-per-node=1"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Slurm would refuse job adapt-" in r.stderr and "nothing was submitted" in r.stderr, r.stderr
+    assert "submitted" not in r.stdout and not list(tmp_path.glob("*.out"))
+
+
+def test_the_pipeline_jobs_run_what_the_plan_hashed_not_the_submitting_shells_settings(tmp_path):
+    """sbatch passes its shell's environment on: OVERRIDES, NPROC_PER_NODE or MASTER_PORT exported for a template
+    run by hand reached every job of pipeline.sh, which ran other settings under the plan's stamp. (A stand-in
+    sbatch records what each job would see.)"""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"env": {}, "jobs": [{
+        "name": "report", "kind": "report", "script": "evaluate/report.py", "args": ["--config", "x.yaml"],
+        "slurm": ["slurm/evaluate.sh", "report"], "gpus_per_node": None, "array": [], "after": [], "done": False,
+        "stamp": None}]}))
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.parent.mkdir()
+    sbatch.write_text(f"#!/bin/bash\nenv > {tmp_path}/env-$$.txt\necho 1\n")
+    sbatch.chmod(0o755)
+    env = {**os.environ, "PATH": f"{sbatch.parent}:{os.environ['PATH']}", "PLAN": str(plan),
+           "OVERRIDES": "train.steps=5", "NPROC_PER_NODE": "3", "MASTER_PORT": "1234", "CONFIG": "other.yaml"}
+    r = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "submitted report 1" in r.stdout, r.stdout + r.stderr
+    seen = [f.read_text() for f in tmp_path.glob("env-*.txt")]
+    assert len(seen) == 2  # the check, then the submission
+    for job_env in seen:
+        assert not re.search(r"^(OVERRIDES|NPROC_PER_NODE|MASTER_PORT|CONFIG)=", job_env, re.M), job_env
+
+
 # -- the pipeline as a dependency chain ------------------------------------------------------------------------------
 def run_pipeline(cluster: SlurmCluster, out: Path, *args: str, env: dict | None = None) -> dict[str, str]:
     """bash slurm/pipeline.sh ...; returns stage name -> job id (from its `submitted NAME ID` lines)."""
