@@ -1,6 +1,7 @@
 """The data stage: sources, cleaning, split, tokenizers, indexed datasets, atomic and idempotent builds."""
 import dataclasses
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from minimodel.data.clean import clean_verse
 from minimodel.data.corpora import Document, SourceError, verse_id
 from minimodel.data.indexed import open_indexed
 from minimodel.data.prepare import DataConfig, prepare_data, split_of
-from minimodel.data.tokenizer import FastEncoder, load_tokenizer, make_encoder, train_tokenizer
+from minimodel.data.tokenizer import FastEncoder, TokenizerError, load_tokenizer, make_encoder, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "data" / "tiny.yaml"
@@ -358,6 +359,8 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     # chapter 2 verse 0 and chapter 1 verse 1000 both packed to 1002000: one verse's split and alignment column
     ('{"text": "a", "book": 1, "chapter": 1, "verse": 1000}\n'.encode(), r"x.jsonl:1: not a verse id \(chapter 1 "
                                                                          r"and verse 1000 must each be in 1-999\)"),
+    # stored as the string "['first sentence', 'second']", trained on as text
+    ('{"text": ["first sentence", "second"]}\n'.encode(), r"x.jsonl:1: 'text' holds a list, not a text: point "),
 ])
 def test_a_corpus_line_the_reader_cannot_take_names_its_file_and_line(content, message, tmp_path):
     """Non-UTF-8 text and a verse id that is not one were a bare UnicodeDecodeError / ValueError traceback, naming
@@ -368,6 +371,53 @@ def test_a_corpus_line_the_reader_cannot_take_names_its_file_and_line(content, m
     path.write_bytes(content)
     with pytest.raises(SourceError, match=message):
         list(read_jsonl(str(path), "text"))
+
+
+def test_a_text_in_two_unicode_forms_is_one_text(tmp_path):
+    """The same sentence composed (NFC) and decomposed (NFD, as Vietnamese web text mixes them) was two documents:
+    not deduplicated, and one could land in train and the other in valid with the same ids (SentencePiece reads both
+    alike): the held-out split leaked. Text is stored in NFC."""
+    import unicodedata
+
+    lines = [f"Tiếng Việt câu số {i} có dấu" for i in range(60)]
+    decomposed = [unicodedata.normalize("NFD", line) for line in lines]
+    assert decomposed[0] != lines[0]
+    (tmp_path / "x.txt").write_text("\n".join(decomposed[:30] + lines + decomposed[30:]) + "\n")
+    out = tmp_path / "out"
+    manifest = prepare(config(None, out, f"languages={{xx: {{sources: [{{type: text, path: {tmp_path / 'x.txt'}}}]}}}}",
+                              "tokenizer.vocab_size=36", "valid_fraction=0.2"))
+    assert [r["text"] for r in read_verses(out / "xx")] == lines  # the first of each, in NFC
+    assert manifest["languages"]["xx"]["dropped"]["duplicate"] == 60
+
+
+def test_a_byte_order_mark_is_no_part_of_the_first_document(tmp_path):
+    """Files saved by Windows tools start with a UTF-8 byte order mark: it stayed in the first line's text (another
+    text for dedup, the split and the tokenizer), and JSON refused the first line."""
+    from minimodel.data.corpora import read_jsonl, read_text
+
+    (tmp_path / "x.txt").write_bytes("\ufefffirst line\r\nsecond line\r\n".encode())
+    (tmp_path / "x.jsonl").write_bytes("\ufeff{\"text\": \"first\"}\n".encode())
+    assert [d.text for d in read_text(str(tmp_path / "x.txt"))] == ["first line", "second line"]
+    assert [d.text for d in read_jsonl(str(tmp_path / "x.jsonl"), "text")] == ["first"]
+
+
+def test_a_vocabulary_too_small_for_the_texts_characters_names_the_size_that_fits(tmp_path):
+    """SentencePiece's own RuntimeError ("Vocabulary size is smaller than required_chars") was a traceback."""
+    texts = [chr(0x4E00 + i) * 3 for i in range(300)]  # 300 distinct CJK characters
+    with pytest.raises(TokenizerError, match=r"characters need \d+ pieces .* to at least (\d+)") as refused:
+        train_tokenizer(texts, tmp_path / "small", 200)
+    least = int(re.search(r"at least (\d+)", str(refused.value)).group(1))
+    assert len(load_tokenizer(train_tokenizer(texts, tmp_path / "fits", least))) == least
+
+
+def test_a_dataset_script_is_refused_naming_what_to_give_instead(tmp_path):
+    """`datasets` no longer runs loading scripts: its RuntimeError was a traceback."""
+    from minimodel.data.corpora import load_hf_dataset
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "corpus.py").write_text("import datasets\n")
+    with pytest.raises(SourceError, match="cannot load the Hugging Face dataset .*save_to_disk"):
+        load_hf_dataset(str(tmp_path / "corpus" / "corpus.py"))
 
 
 @pytest.mark.parametrize("lines, fraction, message", [

@@ -6,6 +6,7 @@ Bump CLEANING_VERSION when a rule changes: it is part of the data's input hash, 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from minimodel.data.corpora import split_verse_id
 
@@ -31,7 +32,9 @@ PSALMS = 19
 
 
 def normalize_spaces(text: str) -> str:
-    return " ".join(text.split())
+    """One Unicode form (NFC: the same sentence composed and decomposed, as Vietnamese web text mixes them, is one
+    text to deduplication and the split, as it is to the tokenizer) and single spaces."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 def clean_verse(text: str, vid: int) -> str:

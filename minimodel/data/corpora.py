@@ -148,6 +148,9 @@ def _record_document(record: dict, text_field: str, where: str) -> Document:
     except ValueError as e:
         raise SourceError(f"{where}: not a verse id ({e}): verse_id is an integer (book * 1000000 + chapter * 1000 + "
                           "verse), book/chapter/verse are integers") from None
+    if isinstance(text, (list, tuple, dict)):  # str() would store it as its Python repr
+        raise SourceError(f"{where}: {text_field!r} holds a {type(text).__name__}, not a text: point text_field at a "
+                          "field of strings (a list of sentences: one record, or one line, per document)")
     return Document(str(text) if text is not None else "", vid)
 
 
@@ -155,7 +158,7 @@ def _utf8_lines(path: str) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 text file (universal newlines, as open() reads text); a file that is not UTF-8
     is a SourceError naming the first line that is not."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark is no part of the first line
             yield from enumerate(f, start=1)
     except UnicodeDecodeError as e:
         with open(path, "rb") as f:  # the decoder reads ahead: find the line again
@@ -195,7 +198,7 @@ def read_jsonl(path: str, text_field: str) -> Iterator[Document]:
 
 def load_hf_dataset(path: str, name: str | None = None, split: str = "train"):
     """A Hugging Face dataset: a `save_to_disk` directory (Dataset or DatasetDict), else `load_dataset(path, name)`
-    (a local data directory or script, or a hub name on machines that reach the hub)."""
+    (a local data directory, or a hub name on machines that reach the hub; `datasets` no longer runs scripts)."""
     import datasets
 
     if Path(path).is_dir() and any((Path(path) / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
@@ -208,7 +211,7 @@ def load_hf_dataset(path: str, name: str | None = None, split: str = "train"):
         return ds
     try:
         return datasets.load_dataset(path, name, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError, RuntimeError) as e:  # RuntimeError: a dataset script
         raise SourceError(f"cannot load the Hugging Face dataset {path!r} (name={name!r}, split={split!r}): {e}. "
                           f"Give a directory written by Dataset.save_to_disk, a local data directory, or a hub name "
                           f"on a machine that reaches the hub") from None

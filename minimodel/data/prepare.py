@@ -53,7 +53,7 @@ from minimodel.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the output layout or packing changes
+FORMAT_VERSION = 2  # bump when the output layout, packing or text normalisation changes (2: Unicode NFC)
 SPLITS = ("train", "valid")
 BUILD_MARKER = "build.json"
 MANIFEST = "manifest.json"

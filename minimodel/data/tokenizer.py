@@ -133,6 +133,13 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
             raise VocabularyTooLarge(
                 f"the text is too small for a vocabulary of {vocab_size}: set the vocabulary size "
                 f"(tokenizer.vocab_size or languages.<lang>.vocab_size) to at most {most}, or add text", most) from None
+        chars = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if chars:  # a piece per character kept, <unk> <s> </s> and the Hugging Face side's <pad> <mask> besides
+            least = int(chars.group(1)) + 3 + NUM_SPECIAL_ADDED + 1
+            raise TokenizerError(
+                f"the text's characters need {chars.group(1)} pieces (at character_coverage={character_coverage}), "
+                f"more than a vocabulary of {vocab_size} holds: set the vocabulary size (tokenizer.vocab_size or "
+                f"languages.<lang>.vocab_size) to at least {least}, or lower tokenizer.character_coverage") from None
         raise
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
