@@ -293,7 +293,7 @@ def test_a_pipeline_slurm_would_refuse_in_part_submits_nothing(cluster, tmp_path
     submission, when the jobs before it were submitted already and would run with nothing after them. Every job is
     checked first (sbatch --test-only): the refusal names the job, and no job is submitted."""
     r = cluster.run(["bash", "slurm/pipeline.sh", *pipeline_args(tmp_path, "adapt_nproc=4")], cwd=ROOT, check=False,
-                    env={**JOB_ENV, "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out --gpus-per-node=1"})
+                    env={**JOB_ENV, "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out --gpus-per-node=2"})
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Slurm would refuse job adapt-" in r.stderr and "nothing was submitted" in r.stderr, r.stderr
     assert "submitted" not in r.stdout and not list(tmp_path.glob("*.out"))
@@ -325,8 +325,10 @@ def test_the_pipeline_jobs_run_what_the_plan_hashed_not_the_submitting_shells_se
 # -- the pipeline as a dependency chain ------------------------------------------------------------------------------
 def run_pipeline(cluster: SlurmCluster, out: Path, *args: str, env: dict | None = None) -> dict[str, str]:
     """bash slurm/pipeline.sh ...; returns stage name -> job id (from its `submitted NAME ID` lines)."""
+    # --gpus-per-node: the nodes' 2 GPUs for the jobs whose count the plan leaves to the template (8): pretraining
+    # (TP=2); the plan's own count wins for the others
     r = cluster.run(["bash", "slurm/pipeline.sh", *args], cwd=ROOT, env={
-        **JOB_ENV, "SBATCH_ARGS": f"--output={out}/%x-%j.out --gpus-per-node=1", **(env or {})})
+        **JOB_ENV, "SBATCH_ARGS": f"--output={out}/%x-%j.out --gpus-per-node=2", **(env or {})})
     return dict(re.findall(r"^submitted (\S+) (\d+)", r.stdout, re.M))
 
 
