@@ -126,12 +126,26 @@ def test_datasets_on_disk(tmp_path):
     assert load_examples(TaskConfig(name="pawsx", hf_dataset=str(tmp_path / "paws")), "fr", "test") == [
         {"text_a": "s1", "text_b": "s2", "label": 1}]
 
+    # a saved directory is one configuration: a config naming the language would be ignored (every language would
+    # read the one saved there); one Dataset has no splits (train, dev and test would read the same rows)
+    with pytest.raises(TaskDataError, match="leave task.hf_config unset .* with {lang}"):
+        load_examples(TaskConfig(name="mlqa", hf_dataset=str(tmp_path / "mlqa"), hf_config="mlqa.{lang}.{lang}"),
+                      "de", "test")
+    paws["test"].save_to_disk(tmp_path / "paws_one")
+    with pytest.raises(TaskDataError, match="holds one Dataset, not its splits"):
+        load_examples(TaskConfig(name="pawsx", hf_dataset=str(tmp_path / "paws_one")), "fr", "test")
+
     # load_dataset on a directory of data files (as a hub dataset's files look once downloaded)
     files = tmp_path / "paws-x" / "fr"
     files.mkdir(parents=True)
     (files / "test.jsonl").write_text(json.dumps({"id": 3, "sentence1": "u", "sentence2": "v", "label": 0}) + "\n")
     cfg = TaskConfig(name="pawsx", hf_dataset=str(tmp_path / "paws-x" / "{lang}"))
     assert load_examples(cfg, "fr", "test") == [{"text_a": "u", "text_b": "v", "label": 0}]
+    # but not the official TSVs: pandas' quoting merged rows with a stray quote, or failed
+    (tmp_path / "x-final" / "fr").mkdir(parents=True)
+    (tmp_path / "x-final" / "fr" / "test_2k.tsv").write_text('id\tsentence1\tsentence2\tlabel\n2\t"quoted\tx\t0\n')
+    with pytest.raises(TaskDataError, match="TSV files: give the official release's directory as task.data_dir"):
+        load_examples(TaskConfig(name="pawsx", hf_dataset=str(tmp_path / "x-final" / "{lang}")), "fr", "test")
 
 
 def test_verse_tasks_split_by_verse_id_and_capped_alike(tmp_path):

@@ -17,9 +17,10 @@ Sources, per split ("train" | "dev" | "test"):
     MLQA    data_dir = MLQA_V1 ({dev,test}/{split}-context-<lang>-question-<lang>.json, SQuAD format);
             train_file = a SQuAD-format train file (SQuAD v1.1 train-v1.1.json)
     verse_* data_dir = a prepare_data output (<lang>/verses.jsonl); train = split "train", dev/test = split "valid"
-- or a `datasets` dataset (`hf_dataset`): a directory written by save_to_disk (load_from_disk), else anything
-  load_dataset takes (a hub name such as "xnli", or a local directory of data files); "{lang}" in the path /
-  `hf_config` is replaced by the language (e.g. hf_config "mlqa.{lang}.{lang}").
+- or a `datasets` dataset (`hf_dataset`): a directory written by save_to_disk (load_from_disk: a DatasetDict of one
+  configuration's splits, one directory per language), else anything load_dataset takes (a hub name such as "xnli",
+  or a local directory of data files other than the official TSVs); "{lang}" in the path / `hf_config` is replaced by
+  the language (e.g. hf_config "mlqa.{lang}.{lang}"; a saved directory: hf_dataset "xnli_{lang}", no hf_config).
 """
 from __future__ import annotations
 
@@ -245,8 +246,17 @@ def _load_hf_split(name: str, config: str | None, lang: str, split: str):
     path = Path(name)
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # written by save_to_disk
         ds = datasets.load_from_disk(name)
-        if isinstance(ds, datasets.DatasetDict) and config is not None and config in ds:
-            ds = ds[config]  # a DatasetDict keyed by language, e.g. saved per language
+        if config is not None:  # ignored, every language would read the one configuration saved there
+            raise TaskDataError(f"{name} was written by save_to_disk, one configuration (it holds "
+                                f"{list(ds) if isinstance(ds, datasets.DatasetDict) else 'one Dataset'}): leave "
+                                f"task.hf_config unset and save one directory per language, named in task.hf_dataset "
+                                f"with {{lang}} (e.g. xnli_{{lang}})")
+        if not isinstance(ds, datasets.DatasetDict):  # every split would read the same rows
+            raise TaskDataError(f"{name} holds one Dataset, not its splits: save a DatasetDict of them "
+                                f"(train / validation / test)")
+    elif path.is_dir() and any(path.rglob("*.tsv")):  # pandas' quoting merges or drops rows of the official TSVs
+        raise TaskDataError(f"{name} holds TSV files: give the official release's directory as task.data_dir, whose "
+                            "readers take its columns and quoting, not as task.hf_dataset")
     else:  # a hub name (a cluster with hub access or its cache), or a local directory of data files
         ds = datasets.load_dataset(name, config)
     if isinstance(ds, datasets.DatasetDict):
