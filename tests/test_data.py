@@ -433,6 +433,24 @@ def test_a_vocabulary_too_small_for_the_texts_characters_names_the_size_that_fit
     assert len(load_tokenizer(train_tokenizer(texts, tmp_path / "fits", least))) == least
 
 
+def test_a_long_document_trains_the_tokenizer_as_its_pieces(tmp_path, monkeypatch):
+    """SentencePiece's seed search slows down steeply on a long line with repeated spans (a user's book or article
+    per line): documents are cut at spaces (or, without spaces, at the limit) for training, and only for training."""
+    from minimodel.data import tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "TRAINING_PIECE_CHARS", 50)
+    words = " ".join(f"word{i}" for i in range(40))  # 269 characters
+    pieces = tokenizer_module.training_pieces(words)
+    assert len(pieces) > 1 and all(len(p) <= 50 for p in pieces) and " ".join(pieces) == words
+    assert tokenizer_module.training_pieces("字" * 120) == ["字" * 50, "字" * 50, "字" * 20]
+    mark = book(MARK)
+    long_doc = " ".join(mark)  # the whole Gospel as one document
+    whole = train_tokenizer([long_doc], tmp_path / "whole", 300)
+    cut = train_tokenizer([p for p in tokenizer_module.training_pieces(long_doc)], tmp_path / "cut", 300)
+    assert (whole / "tokenizer.json").read_bytes() == (cut / "tokenizer.json").read_bytes()
+    assert make_encoder(whole, mark[:20]).encode([long_doc])[0].size > 1000  # encoded whole, as ever
+
+
 def test_a_dataset_script_is_refused_naming_what_to_give_instead(tmp_path):
     """`datasets` no longer runs loading scripts: its RuntimeError was a traceback."""
     from minimodel.data.corpora import load_hf_dataset
