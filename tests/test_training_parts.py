@@ -1,6 +1,8 @@
 """What both training loops share (minimodel/training/): the checkpoint and evaluation policies, the metric sink."""
 import json
 
+import pytest
+
 from minimodel.training.config import CheckpointConfig, EvalConfig
 from minimodel.training.metrics import MetricSink, plot_losses, read_metrics
 
@@ -60,6 +62,27 @@ def test_metric_sink_writes_one_row_per_step_and_a_resume_drops_the_redone_steps
     assert path.is_file()
     MetricSink(path, None, rank0=True).resume(0)  # a run from step 0 starts a new file
     assert not path.exists()
+
+
+def test_a_row_cut_short_by_a_kill_does_not_block_the_resume(tmp_path):
+    """A process killed mid-append leaves a last line cut short (NULs on some shared filesystems): every relaunch
+    failed on it before training started. It is a step after the checkpoint, redone; damage before the end still
+    fails."""
+    path = tmp_path / "metrics.jsonl"
+    sink = MetricSink(path, None, rank0=True)
+    sink.resume(0)
+    for step in range(1, 4):
+        sink.log({"train/loss": float(step)}, step)
+    for torn in ('{"st', "\0\0\0\0"):
+        with open(path, "a") as f:
+            f.write(torn)
+        assert list(read_metrics(path)) == [1, 2, 3]
+        MetricSink(path, None, rank0=True).resume(2)
+        assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+        sink.log({"train/loss": 3.0}, 3)
+    path.write_text('{"st\n' + path.read_text())
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(path)
 
 
 def test_loss_curve_against_compute(tmp_path):

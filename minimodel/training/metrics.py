@@ -29,8 +29,8 @@ class MetricSink:
         if step == 0:
             self.path.unlink(missing_ok=True)
         elif self.path.is_file():
-            keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            write_text_atomic(self.path, "".join(line + "\n" for line in keep))
+            keep = [row for row in _rows(self.path) if row["step"] <= step]
+            write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.rank0:
@@ -46,8 +46,7 @@ class MetricSink:
         """Add `metrics` to the row of `step`, logged by an earlier launch (a new row if it has none)."""
         if not self.rank0:
             return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line] \
-            if self.path.is_file() else []
+        rows = _rows(self.path) if self.path.is_file() else []
         if rows and rows[-1]["step"] == step:  # resume(step) made it the last row
             logged = metrics.keys() <= rows[-1].keys()  # by a launch killed before its next checkpoint
             rows[-1].update(metrics)
@@ -62,11 +61,23 @@ class MetricSink:
 def read_metrics(path: str | Path) -> dict[int, dict]:
     """step -> metrics from a metrics.jsonl; a step logged again replaces the earlier row."""
     by_step: dict[int, dict] = {}
-    for line in Path(path).read_text().splitlines():
-        if line:
-            row = json.loads(line)
-            by_step.setdefault(row["step"], {}).update(row)
+    for row in _rows(Path(path)):
+        by_step.setdefault(row["step"], {}).update(row)
     return dict(sorted(by_step.items()))
+
+
+def _rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line cut short (a process killed mid-append; on a shared filesystem it may
+    read as NULs) is dropped: its step came after the last checkpoint, and the resumed run logs it again."""
+    lines = [line for line in path.read_text().splitlines() if line]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # damage before the end is no interrupted append: not dropped silently
+                raise
+    return rows
 
 
 def plot_losses(metrics_path: str | Path, out_path: str | Path, curves: dict[str, str], *, title: str,
