@@ -322,6 +322,9 @@ class Stage:
         stop = stop or StopSignals()
         if stop.received is not None:
             raise StageInterrupted(f"stage {self.name} not started: the pipeline was told to stop")
+        # what the stamp vouched for may be replaced from here on (another config's run takes the directory over):
+        # until this run finishes, no config's result is stamped there, so going back to the old one reruns it
+        (self.output_dir / STAMP).unlink(missing_ok=True)
         with open(log_path, "a") as log:  # a rerun keeps the log of the attempt that failed or was stopped
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
             log.flush()

@@ -90,6 +90,7 @@ mm_launch() {
     mm_log "array task $SLURM_ARRAY_TASK_ID: ${task_args[*]}"
     set -- "$@" "${task_args[@]}"
   fi
+  mm_unstamp
   local step=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash "$MINIMODEL_HOME/slurm/on_node.sh" "$@")
   mm_log "launch: ${step[*]@Q}"
   MM_SIGNAL=""
@@ -119,15 +120,28 @@ mm_launch() {
   return "$rc"
 }
 
+# mm_stamp_entry: this job's (array task's) MM_STAMPS entry, in the array MM_STAMP (empty: none).
+mm_stamp_entry() {
+  MM_STAMP=()
+  [ -n "${MM_STAMPS:-}" ] || return 0
+  local entries=()
+  IFS=$'\x1e' read -r -a entries <<< "$MM_STAMPS"
+  eval "MM_STAMP=(${entries[${SLURM_ARRAY_TASK_ID:-0}]:-})"  # shell-quoted by minimodel.slurm_plan
+}
+
+# mm_unstamp: before the stage runs, its old stamp goes: what it vouched for may be replaced from here on (another
+# config's run takes the directory over), so a plan made again for the old config reruns the stage.
+mm_unstamp() {
+  mm_stamp_entry
+  if [ "${#MM_STAMP[@]}" -ge 1 ]; then rm -f "${MM_STAMP[0]}/.stage.json"; fi
+}
+
 # mm_stamp: the stage of a job pipeline.sh submitted finished: mark it done as the local pipeline would (MM_STAMPS:
 # its output directory, input hash and identity hash (a plan made before identity hashes: none), per array task as
 # MM_TASK_ARGS), so that submitting the plan again skips it.
 mm_stamp() {
-  [ -n "${MM_STAMPS:-}" ] || return 0
-  local entries=() entry=()
-  IFS=$'\x1e' read -r -a entries <<< "$MM_STAMPS"
-  eval "entry=(${entries[${SLURM_ARRAY_TASK_ID:-0}]:-})"  # shell-quoted by minimodel.slurm_plan
-  [ "${#entry[@]}" -ge 2 ] || return 0
-  "$MINIMODEL_PYTHON" -m minimodel.stages "${entry[0]}" "${entry[1]}" "$SECONDS" "${entry[@]:2:1}" || return 1
-  mm_log "stamped ${entry[0]}: a plan made again skips it"
+  mm_stamp_entry
+  [ "${#MM_STAMP[@]}" -ge 2 ] || return 0
+  "$MINIMODEL_PYTHON" -m minimodel.stages "${MM_STAMP[0]}" "${MM_STAMP[1]}" "$SECONDS" "${MM_STAMP[@]:2:1}" || return 1
+  mm_log "stamped ${MM_STAMP[0]}: a plan made again skips it"
 }

@@ -299,6 +299,29 @@ def test_a_pipeline_slurm_would_refuse_in_part_submits_nothing(cluster, tmp_path
     assert "submitted" not in r.stdout and not list(tmp_path.glob("*.out"))
 
 
+def test_a_job_voids_its_stages_old_stamp_before_the_stage_starts(tmp_path):
+    """As a local pipeline run does (test_stages): a job of another config that takes the stage's directory over and
+    fails leaves no stamp there for a plan of the old config to skip the stage by. (A stand-in srun: the stage
+    fails.)"""
+    import shlex
+
+    from minimodel.stages import STAMP
+
+    out = tmp_path / "stage"
+    out.mkdir()
+    (out / STAMP).write_text("{}")
+    srun = tmp_path / "bin" / "srun"
+    srun.parent.mkdir()
+    srun.write_text("#!/bin/bash\nexit 1\n")
+    srun.chmod(0o755)
+    env = {**os.environ, "PATH": f"{srun.parent}:{os.environ['PATH']}", "MINIMODEL_HOME": str(ROOT),
+           "MM_STAMPS": shlex.join([str(out), "input-hash", "identity-hash"])}
+    r = subprocess.run(["bash", "-c", "source slurm/common.sh && mm_launch python x.py"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "stage exited with code 1" in r.stdout, r.stdout + r.stderr
+    assert not (out / STAMP).exists()
+
+
 def test_the_pipeline_jobs_run_what_the_plan_hashed_not_the_submitting_shells_settings(tmp_path):
     """sbatch passes its shell's environment on: OVERRIDES, NPROC_PER_NODE or MASTER_PORT exported for a template
     run by hand reached every job of pipeline.sh, which ran other settings under the plan's stamp. (A stand-in

@@ -49,11 +49,12 @@ class FakeConfig:
     output_dir: str = "out"
     record_result: bool = True  # false: a stage that forgets to record its finished result
     edit: str = ""  # a settings file (hashed: a .yaml on its command line) that a user edits while it runs
+    resumable: bool = True  # false: another config's result in its directory is redone, not refused
 
 
 def fake(cfg):
     out = Path(cfg.output_dir)
-    claim_output(out, cfg, resumable=True)
+    claim_output(out, cfg, resumable=cfg.resumable)
     checkpoint = out / "checkpoint"
     with PreemptionSignal() as stop:
         if not checkpoint.exists():
@@ -156,6 +157,23 @@ def test_a_stage_that_exits_0_without_a_finished_result_of_its_config_is_not_sta
     with pytest.raises(StageFailed, match="exited 0 but .* holds no finished result of its config"):
         stage.run(env, tmp_path / "logs")
     assert stage.stamp() is None and not stage.done
+
+
+def test_a_stamp_is_void_once_another_run_takes_its_directory_over(fake_kind, tmp_path):
+    """A finished, stamped stage is run under another config (a stage that redoes its directory for a new config,
+    as zero-shot does), which fails half-way: going back to the first config found its old stamp and skipped the
+    stage, over a directory holding the other run's remains."""
+    out = tmp_path / "fake"
+    first = Stage("fake", fake_kind, [f"output_dir={out}"], out)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with pytest.raises(StageInterrupted):
+        first.run(env, tmp_path / "logs")
+    first.run(env, tmp_path / "logs")
+    assert first.done
+    other = Stage("fake", fake_kind, [f"output_dir={out}", "resumable=false", "record_result=false"], out)
+    with pytest.raises(StageFailed, match="holds no finished result of its config"):
+        other.run(env, tmp_path / "logs")
+    assert not first.done
 
 
 def test_a_settings_file_edited_while_its_stage_runs_leaves_it_not_done(fake_kind, tmp_path):
