@@ -361,9 +361,10 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         return [*extra("adapt"), *cfg.method_overrides.get(method.name, [])]
 
     # OFA's aligned word vectors, learned from the data stage's verse-parallel corpora and split (its resolved
-    # config; minimodel/ofa/learn.py), unless the user gives every +ofa method vectors of their own
+    # config; minimodel/ofa/learn.py), unless the user gives every +ofa method vectors of their own (in the adaptation
+    # config file or its overrides)
     learned_vectors = [m for m in embedding_methods if m.init == "ofa"
-                       and setting(None, adapt_settings(m), "init.ofa.vectors") is None]
+                       and setting(cfg.configs.adapt, adapt_settings(m), "init.ofa.vectors") is None]
     vectors = at.root / "word_vectors"
     word_vectors = [add("word_vectors", "word_vectors",
                         ["--config", cfg.configs.word_vectors, f"data={at.data_dir / 'config.yaml'}",

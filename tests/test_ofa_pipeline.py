@@ -3,6 +3,8 @@ arithmetic (benchmarks/ofa_compute.py) on hand-made curves."""
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import ofa_compute  # noqa: E402
@@ -34,6 +36,19 @@ def test_tiny_pipeline_learns_word_vectors_for_its_ofa_method_only():
     assert "word_vectors" not in stages
     settings = [a for a in stages["adapt-minijoint+ofa-ny"].args if a.startswith("init.ofa.vectors=")]
     assert settings == ["init.ofa.vectors=[{path: /v/colexnet.vec}]"]
+
+
+def test_word_vectors_named_in_the_adaptation_config_file_are_not_replaced(tmp_path):
+    """Vectors given in configs.adapt's file (not its overrides) were replaced by the pipeline's learned ones,
+    appended on the command line, which win."""
+    settings = yaml.safe_load(Path("configs/adapt/tiny.yaml").read_text())
+    settings["init"].setdefault("ofa", {})["vectors"] = [{"path": "/v/colexnet.vec"}]  # the user's own
+    adapt = tmp_path / "adapt.yaml"
+    adapt.write_text(yaml.safe_dump(settings))
+    cfg = load_config(PipelineConfig, "configs/pipeline/tiny.yaml", [f"configs.adapt={adapt}"])
+    stages = {s.name: s for s in build_stages(cfg)}
+    assert "word_vectors" not in stages
+    assert not [a for a in stages["adapt-minijoint+ofa-ny"].args if a.startswith("init.ofa.vectors=")]
 
 
 def _curve(method, seed, points, numel=100):
