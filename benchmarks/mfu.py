@@ -100,7 +100,7 @@ class Adaptation:
         self.counted_flops_per_step = count_flops(lambda: masked_lm_loss(self.model, batch).backward())
         self.model.zero_grad(set_to_none=True)
         self.loop = DeepSpeedLoopConfig(micro_batch_size=micro_batch, optim=OptimizerConfig(lr=1e-4),
-                                        schedule=ScheduleConfig(warmup_steps=1),
+                                        schedule=ScheduleConfig(warmup_steps=2),
                                         checkpoint=CheckpointConfig(save_every=0), torch_adam=True,
                                         zero_config=AdaptConfig().train.zero_config)
         self.precision = resolve_precision(self.loop.precision)  # what train() runs in: bf16 on CUDA

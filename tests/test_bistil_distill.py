@@ -65,7 +65,7 @@ def _phase1(world) -> tuple[subprocess.CompletedProcess, list[str]]:
                  f"target_teacher_model={root / 'plugged'}", f"data_dir={data_dir}", "target_langs=[sw]",
                  "seq_length=32", "vocab_threshold=1e-3", "student.layer_ratio=2", "student.hidden_ratio=2",
                  "student.init=svd", "projection_tokens=512", "train.steps=4", "train.micro_batch_size=4",
-                 "train.optim.lr=0.001", "train.schedule.warmup_steps=1", "train.torch_adam=true",
+                 "train.optim.lr=0.001", "train.schedule.warmup_steps=2", "train.torch_adam=true",
                  "train.precision=fp32", "train.zero_config=configs/deepspeed/zero2.json", "tracking.enabled=false"]
     run = subprocess.run([sys.executable, "adapt/distill.py", *overrides], env=_env(), cwd=REPO, capture_output=True,
                          text=True, timeout=1200)
@@ -177,7 +177,7 @@ def test_task_distillation_trains_the_students_body_at_the_configured_density_fr
     out = root / "distill_task"
     overrides = ["--config", "configs/distill/task_tiny.yaml", f"student={student_dir}", f"teacher={teacher_dir}",
                  f"output_dir={out}", f"task.data_dir={data_dir}", "task.max_length=32", "sft.full_steps=3",
-                 "sft.sparse_steps=3", "train.steps=3", "train.micro_batch_size=4", "train.schedule.warmup_steps=1",
+                 "sft.sparse_steps=3", "train.steps=3", "train.micro_batch_size=4", "train.schedule.warmup_steps=2",
                  "train.eval.every=0", "train.checkpoint.save_every=0", "train.precision=fp32",
                  "task.max_eval_examples=40", "tracking.enabled=false"]
     proc = subprocess.run([sys.executable, "evaluate/distill_task.py", *overrides], env=_env(), cwd=REPO,

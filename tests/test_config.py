@@ -7,7 +7,7 @@ import pytest
 
 from minimodel.adaptation.train import AdaptConfig
 from minimodel.config import ConfigError, flatten, load_config, parse_cli, require, save_config, setting
-from minimodel.training.config import PretrainConfig
+from minimodel.training.config import DeepSpeedLoopConfig, PretrainConfig
 
 
 @dataclass
@@ -278,3 +278,11 @@ def test_a_config_file_read_again_is_read_as_it_is_now(tmp_path):
     assert load_config(Root, path).model.langs == ["sw"]
     path.write_text("model:\n  langs: [ny]\n")  # same size, in place: the same inode and maybe the same mtime
     assert load_config(Root, path).model.langs == ["ny"]
+
+
+def test_a_one_step_warmup_is_refused_where_deepspeed_would_run_two():
+    """DeepSpeed's WarmupDecayLR takes max(2, warmup): warmup_steps=1 silently ran the first update at half the lr
+    and decayed over one step fewer (what 2 gives)."""
+    with pytest.raises(ConfigError, match=r"train.schedule.warmup_steps: 1: .* at least 2 updates .*set 2 or more"):
+        load_config(DeepSpeedLoopConfig, None, ["steps=10", "schedule.warmup_steps=1"])
+    assert load_config(DeepSpeedLoopConfig, None, ["steps=10", "schedule.warmup_steps=2"]).schedule.warmup_steps == 2

@@ -23,7 +23,7 @@ def test_deepspeed_two_ranks_qa_zero3(tmp_path):
     cmd = [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(REPO / "evaluate" / "finetune.py"), "--config", str(REPO / "configs/evaluate/finetune/mlqa.yaml"),
            f"model_dir={primary}", f"task.data_dir={tmp_path / 'MLQA_V1'}", f"task.train_file={train}",
-           "task.max_length=24", "task.doc_stride=4", "train.steps=6", "train.schedule.warmup_steps=1",
+           "task.max_length=24", "task.doc_stride=4", "train.steps=6", "train.schedule.warmup_steps=2",
            "train.micro_batch_size=4", "train.optim.lr=0.001", "train.zero_config=configs/deepspeed/zero3.json",
            "train.torch_adam=true", "train.checkpoint.save_every=0", "train.eval.every=3", "train.eval.batches=2",
            f"output_dir={out}", f"tracking.store_dir={tmp_path / 'mlflow'}"]

@@ -430,7 +430,7 @@ def test_lt_sft_reads_each_target_through_its_language_sft_composed_with_the_tas
            str(REPO / "configs" / "evaluate" / "finetune" / "verse_class_sft_tiny.yaml"), f"model_dir={world['primary']}",
            f"task.data_dir={root / 'data'}", f"output_dir={out}", "tracking.enabled=false", "method=lt_sft",
            f"language_sft={root / 'sft_en'}", "sft.full_steps=4", "sft.sparse_steps=4", "train.steps=4",
-           "train.schedule.warmup_steps=1", "train.eval.every=0", "sft.k=300"]
+           "train.schedule.warmup_steps=2", "train.eval.every=0", "sft.k=300"]
     proc = subprocess.run(cmd, cwd=root, env=stage_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 

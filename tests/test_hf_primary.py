@@ -184,7 +184,7 @@ def test_model_family_end_to_end(family, tmp_path):
     training stage, target_mlm only (no fine-tuning). Wall time measured on 2 CPU cores shared with other jobs
     (the whole pipeline a process per stage, DeepSpeed startup dominating): bert 221 s, roberta 213 s, bert_headless
     171 s (with the head stage; the load on the cores moves each by a minute)."""
-    short = "train.steps=2, train.schedule.warmup_steps=1, train.checkpoint.save_every=1, train.eval.every=1, " \
+    short = "train.steps=2, train.schedule.warmup_steps=2, train.checkpoint.save_every=1, train.eval.every=1, " \
             "train.eval.batches=1"
     model, out, _ = run_hf_pipeline(
         family, tmp_path, "overrides.data=['books=[41]']", f"overrides.minipost=[{short}, alignment.batches=1]",
@@ -229,7 +229,7 @@ def test_headless_model_gets_a_head_from_minipost_head_only(models, tmp_path):
          f"output_dir={out}", f"data.train_prefix={data / 'en' / 'train'}", f"data.valid_prefix={data / 'en' / 'valid'}",
          f"data.tokenizer_dir={data / 'en' / 'tokenizer'}", "mini.head_only=true", "mini.head_init=random",
          "distill.weight=0",
-         "train.steps=4", "train.schedule.warmup_steps=1", "train.checkpoint.save_every=2", "train.eval.every=2",
+         "train.steps=4", "train.schedule.warmup_steps=2", "train.checkpoint.save_every=2", "train.eval.every=2",
          "train.eval.batches=1", "alignment.batches=1", "tracking.enabled=false"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, failure_text(run)

@@ -273,7 +273,7 @@ def test_adapting_again_with_other_steps_is_refused_not_reported_as_the_old_resu
     def adapt(*extra: str) -> subprocess.CompletedProcess:
         args = [f"output_dir={out}", "over=full", f"primary_model={primary}", f"data_dir={data_dir}",
                 "target_langs=[sw]", "seq_length=64", "train.micro_batch_size=4", "train.torch_adam=true",
-                "train.schedule.warmup_steps=1", "train.eval.every=2", "train.eval.batches=1",
+                "train.schedule.warmup_steps=2", "train.eval.every=2", "train.eval.batches=1",
                 "train.checkpoint.save_every=2", "tracking.enabled=false", *extra]
         return subprocess.run([str(PYTHON), "adapt/train.py", *args], cwd=REPO, env=launch_env(),
                               capture_output=True, text=True, timeout=600)

@@ -39,7 +39,7 @@ def test_task_sft_with_the_source_language_sft_applied(tmp_path):
     overrides = ["--config", str(REPO / "configs/evaluate/finetune/mlqa.yaml"), f"model_dir={primary}",
                  f"task.data_dir={tmp_path / 'MLQA_V1'}", f"task.train_file={train}", "task.max_length=24",
                  "task.doc_stride=4", "sparse=true", f"language_sft={tmp_path / 'lang_sft'}", f"sft.k={K}",
-                 "sft.full_steps=4", "sft.sparse_steps=4", "train.steps=4", "train.schedule.warmup_steps=1",
+                 "sft.full_steps=4", "sft.sparse_steps=4", "train.steps=4", "train.schedule.warmup_steps=2",
                  "train.micro_batch_size=4", "train.optim.lr=0.001", "train.optim.weight_decay=0",
                  "train.zero_config=configs/deepspeed/zero2.json",
                  "train.torch_adam=true", "train.checkpoint.save_every=0", "train.eval.batches=2",

@@ -152,8 +152,10 @@ class DeepSpeedLoopConfig(LoopConfig):
         super().validate()
         require(self.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
         require(self.grad_accumulation > 0, "train.grad_accumulation", "must be > 0")
-        require(0 < self.schedule.warmup_steps <= self.steps, "train.schedule.warmup_steps",
-                f"must be in 1..train.steps ({self.steps}); DeepSpeed's WarmupDecayLR needs at least one step")
+        require(self.schedule.warmup_steps >= 2, "train.schedule.warmup_steps", f"{self.schedule.warmup_steps}: "
+                "DeepSpeed's WarmupDecayLR warms up over at least 2 updates (it runs 1 as 2): set 2 or more")
+        require(self.schedule.warmup_steps <= self.steps, "train.schedule.warmup_steps",
+                f"{self.schedule.warmup_steps} must be <= train.steps ({self.steps})")
         self.zero_json()  # there, and JSON
         self.check_precision(self.precision)  # "auto" is checked where it resolves (build_deepspeed_config)
 
