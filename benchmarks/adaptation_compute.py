@@ -114,7 +114,7 @@ class Setup:
         minipost = [
             f"mini.layers={s.minipost_layers}", f"mini.new_layers={s.minipost_new_layers}",
             f"data.seq_length={s.seq_length}", f"train.steps={s.minipost_steps}",
-            f"train.schedule.warmup_steps={max(1, s.minipost_steps // 10)}",
+            f"train.schedule.warmup_steps={max(2, s.minipost_steps // 10)}",
             f"train.checkpoint.save_every={s.minipost_steps}", f"train.eval.every={s.minipost_steps}",
             f"distill.weight={s.minipost_distill}"]
         adapt = [f"seq_length={s.seq_length}", f"train.micro_batch_size={s.adapt_batch}",
@@ -123,7 +123,7 @@ class Setup:
 
         def method_steps(method: str) -> list[str]:
             n = s.steps(method)
-            return [f"train.steps={n}", f"train.schedule.warmup_steps={max(1, n // 10)}"]
+            return [f"train.steps={n}", f"train.schedule.warmup_steps={max(2, n // 10)}"]
 
         cfg = PipelineConfig(
             output_dir=str(work / f"seed{seed}"), data_dir=str(work / "data"), target_langs=list(s.target_langs),

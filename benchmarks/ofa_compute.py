@@ -63,7 +63,7 @@ def pipeline_config(setup: Setup, work: Path, seed: int, factorized_dim: int | N
     overrides = {}
     for m in METHODS:
         n = steps(setup, m)
-        overrides[m] = [f"train.steps={n}", f"train.schedule.warmup_steps={max(1, n // 10)}"]
+        overrides[m] = [f"train.steps={n}", f"train.schedule.warmup_steps={max(2, n // 10)}"]
         if parse_method(m).init == "ofa":
             overrides[m] += [f"embedding.factorized_dim={factorized_dim}"] if factorized_dim else []
             overrides[m] += [f"train.optim.lr={ofa_lr}"] if ofa_lr else []
