@@ -87,6 +87,14 @@ def submit(cluster: SlurmCluster, template: str | Path, *args: str, out: Path, n
                                                 f"--output={out}/%x-%j.out", *options])
 
 
+def stand_in(path: Path, body: str) -> Path:
+    """An executable bash script at `path` (a program the test replaces: python, srun, sbatch)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/bash\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
 def job_log(out: Path, job: str) -> str:
     (log,) = out.glob(f"*-{job}.out")
     return log.read_text(errors="replace")
@@ -272,10 +280,8 @@ def test_a_single_process_stage_at_its_time_limit_fails_instead_of_requeueing_fo
     """zero_shot and report have no checkpoint: the time-limit signal kills them, and a requeued job would start
     over and be killed at the same point again, forever. They fail (a training stage that checkpointed, exit 75,
     is requeued: test_pretrain_on_two_nodes_requeues_on_its_signal_and_resumes)."""
-    stand_in = tmp_path / "python"  # a zero-shot run that outlasts its time limit
-    stand_in.write_text("#!/bin/bash\necho scoring; exec sleep 600\n")
-    stand_in.chmod(0o755)
-    job = submit(cluster, "evaluate.sh", "zero_shot", out=tmp_path, env={"MINIMODEL_PYTHON": str(stand_in)})
+    python = stand_in(tmp_path / "python", "echo scoring; exec sleep 600")  # a run that outlasts its time limit
+    job = submit(cluster, "evaluate.sh", "zero_shot", out=tmp_path, env={"MINIMODEL_PYTHON": str(python)})
     log_file, deadline = tmp_path / f"evaluate-{job}.out", time.monotonic() + 120
     while "scoring" not in (log_file.read_text() if log_file.is_file() else ""):  # the stage is running
         assert time.monotonic() < deadline and cluster.state(job) in ("PENDING", "CONFIGURING", "RUNNING")
@@ -310,10 +316,7 @@ def test_a_job_voids_its_stages_old_stamp_before_the_stage_starts(tmp_path):
     out = tmp_path / "stage"
     out.mkdir()
     (out / STAMP).write_text("{}")
-    srun = tmp_path / "bin" / "srun"
-    srun.parent.mkdir()
-    srun.write_text("#!/bin/bash\nexit 1\n")
-    srun.chmod(0o755)
+    srun = stand_in(tmp_path / "bin" / "srun", "exit 1")
     env = {**os.environ, "PATH": f"{srun.parent}:{os.environ['PATH']}", "MINIMODEL_HOME": str(ROOT),
            "MM_STAMPS": shlex.join([str(out), "input-hash", "identity-hash"])}
     r = subprocess.run(["bash", "-c", "source slurm/common.sh && mm_launch python x.py"], cwd=ROOT, env=env,
@@ -331,10 +334,7 @@ def test_the_pipeline_jobs_run_what_the_plan_hashed_not_the_submitting_shells_se
         "name": "report", "kind": "report", "script": "evaluate/report.py", "args": ["--config", "x.yaml"],
         "slurm": ["slurm/evaluate.sh", "report"], "gpus_per_node": None, "array": [], "after": [], "done": False,
         "stamp": None}]}))
-    sbatch = tmp_path / "bin" / "sbatch"
-    sbatch.parent.mkdir()
-    sbatch.write_text(f"#!/bin/bash\nenv > {tmp_path}/env-$$.txt\necho 1\n")
-    sbatch.chmod(0o755)
+    sbatch = stand_in(tmp_path / "bin" / "sbatch", f"env > {tmp_path}/env-$$.txt\necho 1")
     env = {**os.environ, "PATH": f"{sbatch.parent}:{os.environ['PATH']}", "PLAN": str(plan),
            "OVERRIDES": "train.steps=5", "NPROC_PER_NODE": "3", "MASTER_PORT": "1234", "CONFIG": "other.yaml"}
     r = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

