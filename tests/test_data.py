@@ -446,7 +446,7 @@ def test_a_long_document_trains_the_tokenizer_as_its_pieces(tmp_path, monkeypatc
     mark = book(MARK)
     long_doc = " ".join(mark)  # the whole Gospel as one document
     whole = train_tokenizer([long_doc], tmp_path / "whole", 300)
-    cut = train_tokenizer([p for p in tokenizer_module.training_pieces(long_doc)], tmp_path / "cut", 300)
+    cut = train_tokenizer(tokenizer_module.training_pieces(long_doc), tmp_path / "cut", 300)
     assert (whole / "tokenizer.json").read_bytes() == (cut / "tokenizer.json").read_bytes()
     assert make_encoder(whole, mark[:20]).encode([long_doc])[0].size > 1000  # encoded whole, as ever
 
