@@ -290,9 +290,21 @@ def setting(path: str | os.PathLike | None, overrides: list[str], key: str, defa
         if value.get(part) is None:
             return default
         value = value[part]
+    return _as_read(value)
+
+
+def _as_read(value: Any) -> Any:
+    """A setting's value: an override's parsed value (its text where YAML refused it)."""
     if isinstance(value, _CommandLineScalar):
         return value.text if value.error is not None else value.value
     return value
+
+
+def settings(path: str | os.PathLike | None, overrides: list[str]) -> dict[str, Any]:
+    """Every value the config file `path` (None: no file) with `overrides` applied sets, under its dotted key (a list
+    item under its index: `targets[0].model_dir`), as a stage reads them."""
+    leaves = flatten(_settings(path, overrides), lists=True)
+    return {key: _as_read(value) for key, value in leaves.items()}
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:

@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import shutil
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
@@ -119,15 +120,14 @@ def given_input(path: str | Path, data: bool = False) -> str | None:
     return None
 
 
-def _data_keys(cfg: Any, prefix: str = "") -> set[str]:
-    """The dotted keys of `cfg`'s DATA settings, nested configs' included."""
-    keys = set()
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
+def data_keys(cls: type, prefix: str = "") -> set[str]:
+    """The dotted keys of the DATA settings of config class `cls`, its sections' included."""
+    keys, hints = set(), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         if f.metadata.get("provenance") == DATA["provenance"]:
             keys.add(prefix + f.name)
-        elif dataclasses.is_dataclass(value):
-            keys |= _data_keys(value, f"{prefix}{f.name}.")
+        elif isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name]):
+            keys |= data_keys(hints[f.name], f"{prefix}{f.name}.")
     return keys
 
 
@@ -153,7 +153,7 @@ def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), uses: Mapping[str, Itera
     # the global batch, and so the result, depends on it (unless the config sets it: `ignore` then names RANKS)
     if (ranks := distributed.world_size()) > 1 and not _neutral(RANKS, ignore):
         config[RANKS] = ranks
-    inputs, data = {}, _data_keys(cfg)
+    inputs, data = {}, data_keys(type(cfg))
     for key, value in config.items():
         if key not in writes and isinstance(value, str) and value and ("/" in value or Path(value).exists()):
             found = identity(value) or given_input(value, data=key in data)

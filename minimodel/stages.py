@@ -3,8 +3,10 @@ every stage function returns, and one stage of a pipeline run as a real process 
 skipped when already done.
 
 A stage is done when its output directory holds `.stage.json` with the same input hash: the hash covers the
-command line, the content of every config file it names, the size and mtime of the files it reads without naming
-them (`watched`: the data stage's corpora and given model) and the hashes of the stages it depends on. So re-running
+command line (its launcher by name), the content of every config file it names, the size and mtime of the inputs
+its settings name (a task's train file and data directory, in its config file or on its command line) and of those
+it reads without naming them (`watched`: the data stage's corpora and given model), and the hashes of the stages it
+depends on. So re-running
 a pipeline skips finished stages whose inputs did not change, and redoes a stage (and everything after it) when a
 config or an upstream result changed. A stage with layout keys (pretraining: TP/PP sizes, its rank count) is also
 done when only those changed: its stamp records its identity hash too (the input hash less its launcher and layout
@@ -21,6 +23,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -33,6 +36,7 @@ from typing import Any, Literal
 import yaml
 
 from minimodel import distributed, provenance, supervisor, tracking
+from minimodel.config import ConfigError, settings
 from minimodel.supervisor import descendants, die_with_parent
 from minimodel.files import stat_signature, write_bytes_atomic, write_text_atomic
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, PreemptionSignal
@@ -242,21 +246,46 @@ class Stage:
         """input_hash, or with `identity` identity_hash. `memo`: upstream stages' effective hashes by id, for one
         computation only (a stage's stamp changes when it runs)."""
         layout = self.layout_keys if identity else ()
-        argv = self.argv
-        if layout:
-            argv = argv[argv.index(KINDS[self.kind].script):]  # from the script on: not its rank count
-            argv = [a for a in argv if not _is_layout(a.partition("=")[0], layout)]
-        digest = hashlib.sha256(json.dumps(argv).encode())
+        kind = KINDS[self.kind]
+        args = self.argv[self.argv.index(kind.script) + 1:]
+        if layout:  # not its rank count either
+            args = [a for a in args if not _is_layout(a.partition("=")[0], layout)]
+            hashed = [kind.script, *args]
+        else:  # its launcher by name, not by path: the same environment at another path or name redoes nothing
+            hashed = [kind.launcher if self.launched else "python", self.nproc or 1, kind.script, *args]
+        digest = hashlib.sha256(json.dumps(hashed).encode())
         made = self._made_before()
-        for arg in argv:
+        for arg in args:
             if path := _settings_file(arg, made):
                 digest.update(_config_bytes(path, layout) if layout else path.read_bytes())
-        # files a setting names (word vectors of the user's own): a replaced one redoes the stage
-        named = [path for arg in argv for path in _files_named(arg.partition("=")[2]) if not _under(path, made)]
-        digest.update(json.dumps(stat_signature([*self.watched, *named])).encode())
+        named = self._named_inputs(args, made)
+        for path in named:  # a settings file a setting names (a DeepSpeed config of the user's own): by content
+            if path.suffix in SETTINGS_SUFFIXES:
+                digest.update(path.read_bytes())
+        other = [path for path in named if path.suffix not in SETTINGS_SUFFIXES]
+        digest.update(json.dumps(stat_signature([*self.watched, *other])).encode())
         for upstream in self.after:
             digest.update(upstream._effective(memo).encode())
         return digest.hexdigest()
+
+    def _named_inputs(self, args: list[str], made: set[Path]) -> list[Path]:
+        """What its settings (its config file's, its command line's) name that no stage before it makes, and that a
+        change to redoes it: every file (a task's train file, word vectors of the user's own), and a directory a DATA
+        setting names (a task's data). Not the project's own settings files (configs/): versioned with the code."""
+        config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+        try:
+            values = settings(config, [a for a in args if "=" in a and not a.startswith("-")])
+        except ConfigError:  # the stage names it when it runs
+            return []
+        named = []
+        for key, value in values.items():
+            if not isinstance(value, str) or not value or _under(path := Path(value), made):
+                continue
+            if path.is_dir() and re.sub(r"\[\d+\]", "", key) in _data_keys(self.kind):
+                named.append(path)
+            elif path.is_file() and not path.resolve().is_relative_to(provenance.SHIPPED):
+                named.append(path)
+        return named
 
     def _made_before(self) -> set[Path]:
         """The output directories of the stages it depends on, directly or not."""
@@ -380,30 +409,10 @@ def snapshot_settings(args: list[str], made: set[Path], directory: Path) -> list
     return out
 
 
-def _files_named(value: str) -> list[Path]:
-    """The existing files a `key=value` setting's value names, anywhere in it (a list of mappings too), but settings
-    files (hashed by content) and the project's own (configs/)."""
-    try:
-        parsed = _parsed_value(value) if value else None
-    except yaml.YAMLError:
-        return []
-    found, todo = [], [parsed]
-    while todo:
-        item = todo.pop()
-        if isinstance(item, dict):
-            todo.extend(item.values())
-        elif isinstance(item, list):
-            todo.extend(item)
-        elif isinstance(item, str) and item and (path := Path(item)).is_file():
-            if path.suffix not in SETTINGS_SUFFIXES and not path.resolve().is_relative_to(provenance.SHIPPED):
-                found.append(path)
-    return found
-
-
-@functools.lru_cache(maxsize=4096)
-def _parsed_value(value: str) -> Any:
-    """A setting's value as YAML, parsed once per process (a pipeline hashes each stage's settings several times)."""
-    return yaml.safe_load(value)
+@functools.cache
+def _data_keys(kind: str) -> set[str]:
+    """The dotted keys of the DATA settings of a kind's config (imported only when a setting names a directory)."""
+    return provenance.data_keys(KINDS[kind].config_class()) if KINDS[kind].config else set()
 
 
 def _under(path: Path, directories: set[Path]) -> bool:

@@ -614,3 +614,55 @@ def test_a_stop_that_reaches_the_supervisor_before_its_stage_starts_stops_the_st
     done = subprocess.run([sys.executable, "-c", SUPERVISED_LATE], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.stdout.strip() == "-15" and time.monotonic() - start < 30, (done.stdout, done.stderr)
+
+
+def test_the_data_and_files_a_stages_config_file_names_count_in_its_hash(tmp_path):
+    """A task's train file and data directory named in the stage's config file (not on its command line) were not
+    hashed: a pipeline run after the user replaced the task's data skipped fine-tuning and zero-shot as done, and its
+    report showed the results of the old data. A directory counts where a DATA setting names it (task.data_dir,
+    task.hf_dataset), and by the value the stage reads: the command line's, not the file's it overrides."""
+    train, data, other = tmp_path / "train.jsonl", tmp_path / "xnli", tmp_path / "other"
+    train.write_text('{"premise": "a"}\n')
+    for directory in (data, other):
+        directory.mkdir()
+        (directory / "dev.tsv").write_text("a\n")
+    config = tmp_path / "finetune.yaml"
+    config.write_text(f"task: {{name: xnli, data_dir: {data}, train_file: {train}}}\n")
+    stage = Stage("finetune", "finetune", ["--config", str(config), f"output_dir={tmp_path / 'out'}"], tmp_path / "out")
+    before = stage.input_hash
+    train.write_text('{"premise": "a longer premise"}\n')
+    assert stage.input_hash != before
+    before = stage.input_hash
+    (data / "test.tsv").write_text("b\n")
+    assert stage.input_hash != before
+
+    overridden = Stage("finetune", "finetune", ["--config", str(config), f"task.data_dir={other}"], tmp_path / "out")
+    before = overridden.input_hash
+    (data / "train.tsv").write_text("c\n")  # the file's data_dir: not what the stage reads
+    assert overridden.input_hash == before
+    (other / "test.tsv").write_text("d\n")
+    assert overridden.input_hash != before
+
+
+def test_a_directory_no_data_setting_names_does_not_count(tmp_path):
+    """A directory a stage may write to (a checkpoint directory on scratch space) would redo the stage after every
+    run if it counted: only DATA settings' directories do."""
+    checkpoints = tmp_path / "scratch"
+    checkpoints.mkdir()
+    stage = Stage("export", "export", [f"checkpoint={checkpoints}"], tmp_path / "export")
+    before = stage.input_hash
+    (checkpoints / "iter_0000010").mkdir()
+    (checkpoints / "iter_0000010" / "shard").write_text("weights")
+    assert stage.input_hash == before
+
+
+def test_the_same_environment_at_another_path_or_interpreter_name_redoes_nothing(tmp_path, monkeypatch):
+    """The interpreter's path was hashed: a pipeline run as `python3` after `python`, or from a venv recreated
+    elsewhere, redid every stage (hours of GPU time for nothing)."""
+    one = Stage("plug", "plug", ["model=m"], tmp_path / "plug")
+    ranks = Stage("adapt", "adapt", ["lr=1"], tmp_path / "adapt", nproc=2)
+    before = one.input_hash, ranks.input_hash
+    monkeypatch.setattr(sys, "executable", "/elsewhere/venv/bin/python3")
+    monkeypatch.setattr(stages, "DEEPSPEED", "/elsewhere/venv/bin/deepspeed")
+    assert (one.input_hash, ranks.input_hash) == before
+    assert Stage("adapt", "adapt", ["lr=1"], tmp_path / "adapt", nproc=4).input_hash != before[1]
