@@ -256,6 +256,7 @@ class PipelineConfig:
 
 # The settings that seed each training stage (PipelineConfig.seed sets them all).
 SEED_SETTINGS: dict[str, tuple[str, ...]] = {
+    "word_vectors": ("seed",),  # the randomized SVD's
     "pretrain": ("train.seed",),
     "minipost": ("train.seed", "mini.seed"),
     "adapt": ("data_seed", "init.seed", "train.seed"),

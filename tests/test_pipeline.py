@@ -47,13 +47,14 @@ def test_stages_follow_the_method_and_validate():
 def test_seed_method_overrides_and_no_step_3_without_a_fine_tuned_task():
     target_mlm = "configs/evaluate/zero_shot/target_mlm_tiny.yaml"
     cfg = load_config(PipelineConfig, SMOKE, ["seed=7", "overrides.adapt=[init.seed=3]",
-                                              "methods=[standard, minijoint, minipost, lt_sft]",  # bistil: a task
-                                              "method_overrides={minipost: [train.steps=18]}",
+                                              "methods=[standard, minijoint, minipost+ofa, lt_sft]",  # bistil: a task
+                                              "method_overrides={minipost+ofa: [train.steps=18]}",
                                               f"configs.zero_shot=[{target_mlm}]"])
     by_name = {s.name: s for s in build_stages(cfg)}
     assert {"train.seed=7", "mini.seed=7"} <= set(by_name["minipost"].args)
     assert "train.seed=7" in by_name["pretrain"].args and "seed=7" not in " ".join(by_name["data"].args)
-    standard, minipost = by_name["adapt-standard-ny"].args, by_name["adapt-minipost-ny"].args
+    assert "seed=7" in by_name["word_vectors"].args  # its randomized SVD: a replicate learns its own vectors
+    standard, minipost = by_name["adapt-standard-ny"].args, by_name["adapt-minipost+ofa-ny"].args
     assert {"data_seed=7", "train.seed=7"} <= set(standard)
     assert standard.index("init.seed=3") > standard.index("init.seed=7")  # an explicit override wins (last)
     assert "train.steps=18" in minipost and "train.steps=18" not in standard
