@@ -70,6 +70,15 @@ class ConfigChanged(UserError):
     """The output directory holds a result (or a partial run) of another config."""
 
 
+class InputsChanged(UserError):
+    """An input of a stage changed while it ran (a model replaced at its path, an upstream stage redone): its result
+    is of neither version."""
+
+
+# The fingerprint each output directory was claimed with, in this process: what its finished record may vouch for.
+_claimed: dict[Path, dict] = {}
+
+
 def _neutral(key: str, ignore: tuple[str, ...]) -> bool:
     return any(key == n or key.startswith((f"{n}.", f"{n}[")) for n in (*NEUTRAL_KEYS, *ignore))
 
@@ -298,12 +307,16 @@ def claim_output(output_dir: str | Path, cfg: Any, *, resumable: bool, overwrite
     partial run, unless `overwrite`. `uses`: the parts of a whole this result reads, by config key (fingerprint).
     Under torch.distributed, rank 0 decides and writes and every rank returns (or raises) the same; call it on
     rank 0 only before the process group is up."""
+    def decide() -> Claim:
+        claimed = _claimed[Path(output_dir).absolute()] = fingerprint(cfg, ignore, uses, writes)
+        return _claim(Path(output_dir), cfg, claimed, resumable, overwrite, ignore)
+
     if not dist.is_initialized():
-        return _claim(Path(output_dir), cfg, fingerprint(cfg, ignore, uses, writes), resumable, overwrite, ignore)
+        return decide()
     box: list = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = _claim(Path(output_dir), cfg, fingerprint(cfg, ignore, uses, writes), resumable, overwrite, ignore)
+            box[0] = decide()
         except ConfigChanged as e:
             box[0] = e
     dist.broadcast_object_list(box, src=0)
@@ -383,9 +396,14 @@ def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = ()
     The claimed record is marked finished when it is of this config (the inputs it recorded are those the result
     was made from); else written afresh: a stage may have replaced its whole output directory (plug). Left alone
     when it already says so (a no-op rerun changes nothing). `parts`: {part: digest} of a whole made of parts (each
-    part's own record written by write_part)."""
+    part's own record written by write_part). Raises InputsChanged, recording nothing, when the inputs are not those
+    this process claimed the directory with (one changed while the stage ran)."""
     output_dir = Path(output_dir)
     new, old = fingerprint(cfg, ignore, uses, writes), _recorded(output_dir, cfg, ignore)
+    claimed = _claimed.get(output_dir.absolute())
+    if claimed is not None and not _matches(claimed, new)[0]:  # a whole that gained parts still matches
+        raise InputsChanged(f"{output_dir}: its inputs changed while it ran ({'; '.join(differences(claimed, new))}): "
+                            "its result is of neither version and is not marked finished. Run it again")
     if parts is not None:
         new["parts"] = _json(dict(parts))
     if old is not None:

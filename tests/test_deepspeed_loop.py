@@ -68,26 +68,34 @@ def test_each_update_runs_at_the_scheduled_positive_lr_and_logs_it(tmp_path):
     assert lrs == pytest.approx(expected), lrs
 
 
-# Launch 1 saves steps 2 and 4 (keep_last 1); launch 2 resumes from 4 to 8 over a killed save's remains of step 10
+# Launch 1 saves every 2 steps up to STEPS; launch 2 (REMAINS given) resumes over a killed save's remains of that step
 KILLED_SAVE = TOY + textwrap.dedent("""
     import os
-    cfg.checkpoint = CheckpointConfig(save_every=2, keep_last=1)
-    cfg.steps = int(sys.argv[2])
-    if cfg.steps == 8:
-        os.makedirs(sys.argv[1] + "/checkpoints/step_00000010")
+    steps, keep_last, remains = map(int, sys.argv[2:5])
+    cfg.checkpoint = CheckpointConfig(save_every=2, keep_last=keep_last)
+    cfg.steps = steps
+    if remains:
+        os.makedirs(sys.argv[1] + f"/checkpoints/step_{remains:08d}")
+        open(sys.argv[1] + f"/checkpoints/step_{remains:08d}/mp_rank_00_model_states.pt", "w").close()
     train(cfg, model, data, loss_fn, flops_fn=lambda batch: 1.0, output_dir=sys.argv[1])
 """)
 
 
-def test_a_killed_saves_remains_are_never_kept_in_place_of_the_checkpoint_latest_names(tmp_path):
+@pytest.mark.parametrize("remains", [10, 5])
+def test_a_killed_saves_remains_are_never_kept_in_place_of_a_complete_checkpoint(tmp_path, remains):
     """The old code pruned every step_* by name: the remains of a later step counted as the newest, and keep_last=1
-    deleted the checkpoint `latest` named (a relaunch then found no checkpoint to resume)."""
-    _run_toy(KILLED_SAVE, tmp_path, "4")
+    deleted the checkpoint `latest` named (a relaunch then found no checkpoint to resume); the remains of a step
+    before the next save (a preemption's save at step 5, killed at the end of the grace period) counted among the
+    keep_last kept, and deleted the last complete checkpoint but one."""
+    keep_last = 1 if remains == 10 else 2
+    _run_toy(KILLED_SAVE, tmp_path, "4", str(keep_last), "0")
     ckpt = tmp_path / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_00000004"
-    _run_toy(KILLED_SAVE, tmp_path, "8")
-    assert (ckpt / "latest").read_text() == "step_00000008"
-    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step_00000008"]
+    (ckpt / "step_00000004" / ".complete").unlink()  # saved by a version without completion marks: `latest` vouches
+    _run_toy(KILLED_SAVE, tmp_path, "8" if remains == 10 else "6", str(keep_last), str(remains))
+    kept = ["step_00000008"] if remains == 10 else ["step_00000004", "step_00000006"]
+    assert (ckpt / "latest").read_text() == kept[-1]
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == kept
 
 
 # A dataset that varies by epoch (as masked-LM data masks afresh): the loop reads epoch e from for_epoch(e).

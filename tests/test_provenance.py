@@ -221,6 +221,22 @@ def test_a_given_file_replaced_at_the_same_path_is_another_input_and_the_project
     assert shipped.is_file() and "model" not in provenance.fingerprint(Cfg(model=str(shipped)))["inputs"]
 
 
+def test_an_input_replaced_while_the_stage_runs_leaves_its_result_unfinished(tmp_path, monkeypatch):
+    """finish_output fingerprinted the inputs as they were at the end: a model replaced at its path while the stage
+    trained was recorded as the input of a result made from the old one, and a run with the new model skipped it as
+    finished."""
+    monkeypatch.setattr("minimodel.manifest._SETTLED_NS", 0)
+    out, cfg = tmp_path / "adapt", Cfg(model=_given_model(tmp_path / "xlmr", b"old weights"))
+    claim_output(out, cfg, resumable=True)
+    claimed = provenance.read(out)
+    _given_model(tmp_path / "xlmr", b"new weights!")  # replaced while it trains
+    with pytest.raises(provenance.InputsChanged, match=r"inputs changed while it ran \(model: .*xlmr holds other "):
+        finish_output(out, cfg)
+    assert provenance.read(out) == claimed and claimed["status"] == "started"
+    with pytest.raises(ConfigChanged, match="a partial run of another config"):  # its checkpoints: the old model's
+        claim_output(out, cfg, resumable=True)
+
+
 def test_a_record_made_before_given_models_had_identities_still_matches(tmp_path):
     out, cfg = tmp_path / "adapt", Cfg(model=_given_model(tmp_path / "xlmr", b"weights"))
     claim_output(out, cfg, resumable=True)

@@ -168,18 +168,27 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 def _save(engine, ckpt_dir: Path, step: int, state: dict, cfg: DeepSpeedLoopConfig) -> None:
-    """Save checkpoint `step`; name it `latest` (atomically) once every rank has written its part, where DeepSpeed's
-    rank 0 names it after its own part (a kill then left `latest` naming a checkpoint a shard is missing from). A
-    checkpoint of a later step is a killed save's remains (this run resumed before it): removed, never kept in its
-    place."""
+    """Save checkpoint `step`; mark it complete and name it `latest` (atomically) once every rank has written its
+    part, where DeepSpeed's rank 0 names it after its own part (a kill then left `latest` naming a checkpoint a shard
+    is missing from). A folder never marked complete is a killed save's remains: removed, never counted among the
+    `keep_last` kept."""
     tag = f"step_{step:08d}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
+        _mark_complete(ckpt_dir / tag)
         write_text_atomic(ckpt_dir / "latest", tag)
         saved = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-        for old in [p for p in saved if p.name > tag] + cfg.checkpoint.expired([p for p in saved if p.name <= tag]):
+        complete = [p for p in saved if p.name <= tag and (p / COMPLETE).is_file()]
+        for old in [p for p in saved if p not in complete] + cfg.checkpoint.expired(complete):
             shutil.rmtree(old, ignore_errors=True)
+
+
+COMPLETE = ".complete"  # in a checkpoint folder every rank finished writing
+
+
+def _mark_complete(folder: Path) -> None:
+    write_text_atomic(folder / COMPLETE, "")
 
 
 def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Callable, flops_fn: Callable, *,
@@ -212,6 +221,7 @@ def train(cfg: DeepSpeedLoopConfig, model: nn.Module, train_data, loss_fn: Calla
         state.update({k: client_state[k] for k in state})
         if rank == 0:
             log.info("%s: resumed from %s at step %d", desc, Path(model_states).parent, state["step"])
+            _mark_complete(Path(model_states).parent)  # `latest` named it (saved before completion marks)
         eval_pending = client_state.get("eval_pending", False)  # absent from checkpoints of older versions
     sink = MetricSink(output_dir / "metrics.jsonl", tracker, rank0=rank == 0)
     sink.resume(state["step"])
