@@ -145,6 +145,19 @@ def test_pruning_keeps_the_saved_checkpoint_and_drops_later_ones(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000020", "iter_0000030"]
 
 
+def test_pruning_removes_what_killed_saves_and_deletes_left(tmp_path):
+    """A preemption's save killed at the end of the grace period left iter_<step>.tmp (a checkpoint's size), a
+    delete cut short .deleting-iter_<step>; neither went away, and the latter made the next prune of that step
+    raise (its rename onto a non-empty directory) after `latest` was written: every later launch crashed there."""
+    for step in (10, 20, 30):
+        _fake_checkpoint(tmp_path, f"iter_{step:07d}")
+    _fake_checkpoint(tmp_path, "iter_0000347.tmp")
+    _fake_checkpoint(tmp_path, ".deleting-iter_0000010")  # a delete of step 10, cut short
+    _fake_checkpoint(tmp_path, ".iter_0000020.old-4242")  # replace_dir's fallback, cut short
+    ckpt.prune(tmp_path, 30, CheckpointConfig(keep_last=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000020", "iter_0000030"]
+
+
 def test_loss_curve_plot(tmp_path):
     rows = [{"step": s, "train/main_loss": 5 - s / 10, "train/secondary_loss": 5.5 - s / 12} for s in range(1, 11)]
     rows.append({"step": 10, "eval/main_loss": 4.2, "eval/secondary_loss": 4.6})

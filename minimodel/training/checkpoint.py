@@ -8,8 +8,7 @@ Layout under a checkpoint root:
 
 Every rank writes its shards into `iter_XXXXXXX.tmp/`; only after all ranks finished (barrier) does rank 0 rename it
 to `iter_XXXXXXX/` and then replace `latest` atomically. A crash mid-save therefore leaves at most a `*.tmp`
-directory, which resume ignores (and the next save of that step overwrites): the last good checkpoint is never
-touched. Only complete directories count, so resume also works if `latest` itself was lost.
+directory, which resume ignores (and the next prune deletes): the last good checkpoint is never touched. Only complete directories count, so resume also works if `latest` itself was lost.
 
 The caller builds the sharded state dict (model, optimizer, ...); this module adds the per-rank RNG states so a
 resumed run draws the same dropout masks as an uninterrupted one.
@@ -133,17 +132,21 @@ def save_checkpoint(root: str | os.PathLike, step: int, sharded_state_dict: dict
 
 
 def prune(root: Path, step: int, policy: CheckpointConfig) -> None:
-    """After saving `step`: delete the checkpoints `policy` says have expired, and any of later steps (a run this one
-    did not continue, train.checkpoint.resume=false: a later resume would jump to it)."""
+    """After saving `step`: delete the checkpoints `policy` says have expired, any of later steps (a run this one
+    did not continue, train.checkpoint.resume=false: a later resume would jump to it), and what killed saves and
+    deletes left (a checkpoint's size each: a run preempted often would fill its quota with them)."""
     complete = complete_checkpoints(root)
     later = [path for s, path in complete if s > step]
     for path in later + policy.expired([path for s, path in complete if s <= step]):
         _delete(path)
+    for leftover in [*root.glob("iter_*.tmp"), *root.glob(".deleting-iter_*"), *root.glob(".iter_*.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _delete(path: Path) -> None:
     """Out of the checkpoints' names first: a delete cut short must not leave a directory that looks complete."""
     doomed = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)  # an earlier delete of this step, cut short
     path.rename(doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
