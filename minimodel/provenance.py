@@ -3,11 +3,11 @@
 Every stage function calls `claim_output(output_dir, cfg, ...)` before it writes anything and
 `finish_output(output_dir, cfg)` once its result is complete. The record (`.minimodel-config.json`, written
 atomically) holds the config that made the directory, minus the keys that do not change the result (NEUTRAL_KEYS:
-tracking, output_dir, overwrite, plus the stage's own) plus the number of ranks where it ran on more than one (a
-training stage's global batch depends on it), and the records of the inputs it read (any config value
-naming a path at or under another stage's output directory, and any model directory or file no stage made, by the
-hash of its weights or content, and a directory of data a DATA setting names by its files'): so a result is "of this
-config" only if it was made from the same upstream results and given inputs too.
+tracking, output_dir, overwrite, how often a loop saves and prints, plus the stage's own) plus the number of ranks
+where it ran on more than one (a training stage's global batch depends on it), and the records of the inputs it read
+(any config value naming a path at or under another stage's output directory, and any model directory or file no
+stage made, by the hash of its weights or content, and a directory of data a DATA setting names by its files'): so a
+result is "of this config" only if it was made from the same upstream results and given inputs too.
 
     same config and inputs, finished   -> "finished" (a training stage skips or resumes to the end: a no-op)
     same config and inputs, unfinished -> "resume"
@@ -52,7 +52,10 @@ log = logging.getLogger(__name__)
 
 RECORD = ".minimodel-config.json"
 # Keys whose value does not change a stage's result (where it logs, where it writes, whether it may replace).
-NEUTRAL_KEYS = ("tracking", "output_dir", "overwrite")
+NEUTRAL_KEYS = ("tracking", "output_dir", "overwrite",
+                # how often a training loop saves and prints, and how many checkpoints it keeps: a resumed run may
+                # change them (checkpoint more often after a preemption)
+                "train.checkpoint.save_every", "train.checkpoint.keep_last", "train.log_every")
 RANKS = "world_size"  # recorded beside the config of a stage run on more than one rank
 # the identity of an input no stage made: a model (the user's primary, a teacher) by its weights, a file (word
 # vectors of the user's own) by its content, a directory of data (a task's release files) by its files' content
@@ -129,14 +132,15 @@ def given_input(path: str | Path, data: bool = False) -> str | None:
     return None
 
 
-def data_keys(cls: type, prefix: str = "") -> set[str]:
-    """The dotted keys of the DATA settings of config class `cls`, its sections' included."""
-    keys, hints = set(), typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+def data_keys(config: Any, prefix: str = "") -> set[str]:
+    """The dotted keys of the DATA settings of `config` (a config, or a config class), its sections' included."""
+    keys = set()
+    sections = typing.get_type_hints(config) if isinstance(config, type) else vars(config)
+    for f in dataclasses.fields(config):
         if f.metadata.get("provenance") == DATA["provenance"]:
             keys.add(prefix + f.name)
-        elif isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name]):
-            keys |= data_keys(hints[f.name], f"{prefix}{f.name}.")
+        elif dataclasses.is_dataclass(section := sections[f.name]):
+            keys |= data_keys(section, f"{prefix}{f.name}.")
     return keys
 
 
@@ -162,7 +166,7 @@ def fingerprint(cfg: Any, ignore: tuple[str, ...] = (), uses: Mapping[str, Itera
     # the global batch, and so the result, depends on it (unless the config sets it: `ignore` then names RANKS)
     if (ranks := distributed.world_size()) > 1 and not _neutral(RANKS, ignore):
         config[RANKS] = ranks
-    inputs, data = {}, data_keys(type(cfg))
+    inputs, data = {}, data_keys(cfg)
     for key, value in config.items():
         if key not in writes and isinstance(value, str) and value and ("/" in value or Path(value).exists()):
             found = identity(value) or given_input(value, data=key in data)

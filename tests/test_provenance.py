@@ -41,6 +41,25 @@ def test_same_config_resumes_then_skips_and_neutral_keys_do_not_count(tmp_path):
     assert claim_output(out, moved, resumable=True) == "finished"
 
 
+def test_a_resumed_run_may_checkpoint_and_log_at_other_intervals(tmp_path):
+    """After a preemption, checkpointing more often (train.checkpoint.save_every) was refused as another config,
+    and the fix the message named (overwrite=true) discarded every checkpoint: how often a run saves, how many
+    checkpoints it keeps and how often it prints change nothing it computes."""
+    from minimodel.training.config import CheckpointDirConfig, PretrainLoopConfig
+
+    @dataclass
+    class Trained:
+        output_dir: str = ""
+        train: PretrainLoopConfig = field(default_factory=PretrainLoopConfig)
+
+    out = tmp_path / "run"
+    assert claim_output(out, Trained(str(out)), resumable=True) == "new"
+    loop = PretrainLoopConfig(log_every=1, checkpoint=CheckpointDirConfig(save_every=100, keep_last=5))
+    assert claim_output(out, Trained(str(out), loop), resumable=True) == "resume"
+    with pytest.raises(ConfigChanged, match="train.steps"):
+        claim_output(out, Trained(str(out), PretrainLoopConfig(steps=7)), resumable=True)
+
+
 def test_another_config_is_refused_naming_the_key_and_the_fix_or_discarded_with_overwrite(tmp_path):
     out = tmp_path / "run"
     claim_output(out, Cfg(), resumable=True)

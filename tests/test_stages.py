@@ -54,7 +54,7 @@ class FakeConfig:
 
 def fake(cfg):
     out = Path(cfg.output_dir)
-    claim_output(out, cfg, resumable=cfg.resumable)
+    claim_output(out, cfg, resumable=cfg.resumable, ignore=("edit",))  # the pipeline's hash alone watches `edit`
     checkpoint = out / "checkpoint"
     with PreemptionSignal() as stop:
         if not checkpoint.exists():
@@ -66,7 +66,7 @@ def fake(cfg):
     if cfg.edit:
         Path(cfg.edit).write_text("lr: 2")
     if cfg.record_result:
-        finish_output(out, cfg)
+        finish_output(out, cfg, ("edit",))
     return StageResult("finished", {"result": out / "result"})
 
 
