@@ -25,6 +25,9 @@ def write_json(path, data):
 
 
 def write_pipeline_results(layout: PipelineLayout, plan=PLAN, lang="sw", n_examples=None) -> None:
+    baseline = layout.zero_shot("verse_class", "none")  # the unadapted primary, below every method
+    write_json(baseline / "metrics.json", {"en": {"accuracy": 0.9}, lang: {"accuracy": 0.5}})
+    (baseline / "config.yaml").write_text(yaml.safe_dump({"method": "none", "source_lang": "en"}))
     for method, (flops, secs, steps, evals) in plan.items():
         run_dir = layout.adapt(method, lang)
         for step in [s for s in evals if s is not None] + [None]:
@@ -455,6 +458,70 @@ def test_a_language_the_primary_cannot_read_has_no_baseline_line(tmp_path, caplo
     assert summary["warnings"] == [] and logged == []
     assert "sw not scored (its tokenizer maps 60% of the text to <unk>)" in md
     assert _baseline_lines(summary) == []
+
+
+def _report_of(layout: PipelineLayout, tmp_path) -> dict:
+    cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'report'}", f"pipeline_dir={layout.root}",
+                                               "tracking.enabled=false"])
+    return json.loads(report(cfg).outputs["json"].read_text())
+
+
+def test_a_missing_unadapted_baseline_is_left_out_and_said(tmp_path):
+    """The baseline's result was reported only where a stale one was there: with its zero-shot stage not run or not
+    finished, the line to beat was gone from the report without a word (a method's gap is left out and said)."""
+    layout = PipelineLayout(tmp_path / "run")
+    write_pipeline_results(layout)
+    (layout.zero_shot("verse_class", "none") / "metrics.json").unlink()
+    summary = _report_of(layout, tmp_path)
+    assert summary["tasks"]["verse_class"]["languages"]["sw"]["baseline"] is None
+    assert summary["left_out"] == [f"{layout.zero_shot('verse_class', 'none')}: the unadapted baseline, the line to "
+                                   "beat: no metrics.json (its zero-shot stage did not run or did not finish)"]
+
+
+def test_a_score_that_is_not_a_number_is_left_out_and_report_json_stays_json(tmp_path):
+    """A diverged run's NaN made every method 'not reached' without a warning (every threshold a NaN) and report.json
+    held a bare NaN, which strict JSON readers refuse."""
+    layout = PipelineLayout(tmp_path / "run")
+    write_pipeline_results(layout)
+    metrics = layout.zero_shot("verse_class", "minijoint") / "metrics.json"
+    metrics.write_text(metrics.read_text().replace('"accuracy": 0.81', '"accuracy": NaN'))
+    snapshots = layout.zero_shot("verse_class", "standard") / "snapshots.json"
+    snapshots.write_text(snapshots.read_text().replace('"accuracy": 0.6', '"accuracy": NaN'))
+    baseline = layout.zero_shot("verse_class", "none") / "metrics.json"
+    baseline.write_text(baseline.read_text().replace('"accuracy": 0.5', '"accuracy": NaN'))
+    text = (tmp_path / "report" / "report.json")
+    summary = _report_of(layout, tmp_path)
+    json.loads(text.read_text(), parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))
+    sw = summary["tasks"]["verse_class"]["languages"]["sw"]
+    assert list(sw["methods"]) == ["standard", "minipost"]
+    assert [p["adapt_step"] for p in sw["methods"]["standard"]["points"]] == [0, None]  # step 2's NaN left out
+    assert sw["methods"]["minipost"]["reach"]["0.95"]["target_quality"] == pytest.approx(0.95 * 0.80)
+    assert sw["baseline"] is None
+    assert [x.split(": ", 1)[1] for x in summary["left_out"]] == [
+        "the unadapted baseline's sw accuracy is nan", "minijoint's sw accuracy is nan",
+        "the verse_class score of standard's sw snapshot is nan"]
+
+
+def test_savings_where_the_reference_is_at_chance_or_did_not_gain_are_warned_of_and_not_headlines():
+    """at_chance and no_gain were said in report.md only: the pipeline's closing warnings left them out, and the
+    parent MLflow run got a FLOPs saving that said nothing as its headline."""
+    from minimodel.evaluation.report import headline_metrics, summarize
+
+    data = {"metric": {"verse_class": "accuracy"}, "source": {"verse_class": {"en": 0.6}}, "majority": {},
+            "points": {"verse_class": {
+                "ny": {"standard": _points((0.21, 0.0, 0), (0.22, 10.0, None)),  # noise
+                       "minijoint": _points((0.22, 4.0, None))},
+                "sw": {"standard": _points((0.21, 0.0, 0), (0.40, 10.0, None)),  # learned
+                       "minijoint": _points((0.41, 4.0, None))}}}}
+    summary = summarize(data, "standard", [1.0], chance_margin=0.02)
+    assert summary["warnings"] == ["verse_class: standard adaptation did not improve on its first checkpoint beyond "
+                                   "noise in ny: the savings there are reached by noise"]
+    savings = {k: v for k, v in headline_metrics(summary).items() if k.endswith("flops_saving")}
+    assert savings == {"verse_class/sw/standard/flops_saving": 1.0, "verse_class/sw/minijoint/flops_saving": 2.5}
+    data["majority"] = {"verse_class": {"en": 0.59}}  # the task model did not learn the task
+    summary = summarize(data, "standard", [1.0], chance_margin=0.02)
+    assert summary["warnings"][0].startswith("verse_class: the source-language reference scores at chance")
+    assert not [k for k in headline_metrics(summary) if k.endswith("flops_saving")]
 
 
 def _language_sfts(layout: PipelineLayout) -> None:

@@ -229,17 +229,22 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
             continue
         metric = TASKS[task].metric
         unadapted = layout.zero_shot(task, BASELINE) / "metrics.json"
-        if unadapted.is_file() and not (why := _not_a_result(unadapted.parent)):
+        if not (why := _not_a_result(unadapted.parent)):
             metric_of[task] = metric
             source_lang = yaml.safe_load((unadapted.parent / "config.yaml").read_text())["source_lang"]
             examples = _json_or_empty(unadapted.parent / PER_EXAMPLE_FILE)
             for lang, final in json.loads(unadapted.read_text()).items():
-                if lang != source_lang:
-                    baseline[task][lang] = {"quality": final.get(metric), "unk_fraction": final.get("unk_fraction"),
-                                            "n_examples": final.get("n_examples")}
-                    baseline_examples[task][lang] = examples.get(lang, {}).get("final")
-        elif unadapted.is_file():
-            leave_out(unadapted.parent, why)
+                if lang == source_lang:
+                    continue
+                quality = final.get(metric)
+                if quality is not None and not math.isfinite(quality):
+                    leave_out(unadapted.parent, f"the unadapted baseline's {lang} {metric} is {quality}")
+                    continue
+                baseline[task][lang] = {"quality": quality, "unk_fraction": final.get("unk_fraction"),
+                                        "n_examples": final.get("n_examples")}
+                baseline_examples[task][lang] = examples.get(lang, {}).get("final")
+        elif unadapted.parent.is_dir() or parse_method(BASELINE).scored_on(TASKS[task]):
+            leave_out(unadapted.parent, f"the unadapted baseline, the line to beat: {why}")
         for method in [m for m in methods or _subdirs(layout.root / "zero_shot" / task) if m != BASELINE]:
             out = layout.zero_shot(task, method)
             try:
@@ -256,6 +261,9 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
             snapshots, examples = _json_or_empty(out / "snapshots.json"), _json_or_empty(out / PER_EXAMPLE_FILE)
             for lang, final in json.loads((out / "metrics.json").read_text()).items():
                 metric_of[task] = metric
+                if not math.isfinite(final[metric]):  # a diverged run: no place on the quality axis
+                    leave_out(out, f"{method}'s {lang} {metric} is {final[metric]}")
+                    continue
                 if lang == source_lang:  # the reference's source model (LT-SFT's is another: its task SFT)
                     if parsed.source.learns == "sft":  # LT-SFT's own task model (its task SFT); the others
                         own_source[task][method] = {lang: final[metric]}  # score the reference's again
@@ -268,6 +276,9 @@ def collect(layout: PipelineLayout, methods: list[str] | None = None, tasks: lis
                 checkpoints = [(None, final, run_dir)] + [(int(step), m, snapshot_dir(run_dir, int(step)))
                                                           for step, m in snapshots.get(lang, {}).items()]
                 for step, m, artifact in checkpoints:
+                    if not math.isfinite(m[metric]):
+                        leave_out(artifact, f"the {task} score of {method}'s {lang} snapshot is {m[metric]}")
+                        continue
                     point = Point(m[metric], *_method_compute(layout, method, lang, artifact, source_lang, task),
                                   step, m.get("n_examples"),
                                   examples.get(lang, {}).get("final" if step is None else str(step)))
@@ -417,6 +428,12 @@ def summarize(data: dict, reference: str, fractions: list[float], chance_margin:
                            method for method, scores in data.get("own_source", {}).get(task, {}).items()
                            if method in order and any(lang in majority and q <= majority[lang] + chance_margin
                                                       for lang, q in scores.items()))}
+        if tasks[task]["at_chance"]:
+            warnings.append(f"{task}: the source-language reference scores at chance (majority class {majority}): "
+                            "its numbers and savings say nothing about the methods")
+        if tasks[task]["no_gain"]:
+            warnings.append(f"{task}: {reference} adaptation did not improve on its first checkpoint beyond noise in "
+                            f"{', '.join(tasks[task]['no_gain'])}: the savings there are reached by noise")
         if tasks[task]["methods_at_chance"]:
             warnings.append(f"{task}: the task models of {', '.join(tasks[task]['methods_at_chance'])} score at chance "
                             f"on the source language (majority class {majority}): their zero-shot rows say nothing")
@@ -627,14 +644,17 @@ def figure(summary: dict):
 
 
 def headline_metrics(summary: dict) -> dict[str, float]:
-    """Final quality per task/language/method and the FLOPs saving at 100% of the reference, for the parent run."""
+    """Final quality per task/language/method and the FLOPs saving at 100% of the reference, for the parent run; no
+    saving where the reference is at chance or did not gain beyond noise (the report's warnings): it would say
+    nothing."""
     out = {}
     for task, t in summary["tasks"].items():
         for lang, entry in t["languages"].items():
+            meaningless = t.get("at_chance") or lang in t.get("no_gain", [])
             for method, m in entry["methods"].items():
                 out[f"{task}/{lang}/{method}/{t['metric']}"] = m["final"]["quality"]
                 saving = m["reach"].get("1", {}).get("flops_saving")
-                if saving is not None:
+                if saving is not None and not meaningless:
                     out[f"{task}/{lang}/{method}/flops_saving"] = saving
             if (entry.get("baseline") or {}).get("quality") is not None:
                 out[f"{task}/{lang}/{BASELINE}/{t['metric']}"] = entry["baseline"]["quality"]
@@ -658,7 +678,7 @@ def report(cfg: ReportConfig) -> StageResult:
     for warning in summary["warnings"]:
         log.warning("%s", warning)
     faults.point("write")
-    paths = {"json": write_text_atomic(out / "report.json", json.dumps(summary, indent=2)),
+    paths = {"json": write_text_atomic(out / "report.json", json.dumps(summary, indent=2, allow_nan=False)),
              "markdown": write_text_atomic(out / "report.md", markdown(summary)),
              "png": plot(summary, out / "compute_vs_quality.png")}
     if cfg.log_to_parent:
