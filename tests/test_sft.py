@@ -3,7 +3,12 @@ eligibility by module type, the global top-K (ties kept), the L1 gradient, the r
 revert / compose. (Training inside DeepSpeed, under real launchers: tests/test_sft_train.py.)"""
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -429,3 +434,45 @@ def test_when_fewer_values_moved_than_k_only_those_are_selected():
 
     masks = select_top_k({"w": torch.tensor([0.0, 0.5, 0.0, -0.2, 0.0, 0.0])}, 4)
     assert masks["w"].tolist() == [False, True, False, True, False, False]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Both phases of one iteration in one process (a world of one), logging to a tracker that records each row
+PHASES_LOGGED = """
+import dataclasses, json, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from sft_helpers import BASE_SHA, SFT, loop_config, tiny_data, tiny_model
+from minimodel.sft.file import read_sft_info
+from minimodel.sft.train import train_sft
+from minimodel.training.hf_mlm import masked_lm_loss
+
+class Recorded:
+    rows = []
+    def log_metrics(self, metrics, step):
+        self.rows.append([step, metrics["compute/flops"], metrics["compute/wall_clock_s"]])
+    def flush(self):
+        pass
+
+out = Path(sys.argv[1])
+train_sft(dataclasses.replace(SFT, full_steps=3, sparse_steps=3), loop_config(0), tiny_model(), tiny_data(),
+          masked_lm_loss, lambda batch: 10.0, output_dir=out, base_sha256=BASE_SHA, tracker=Recorded())
+json.dump({"rows": Recorded.rows, "info": read_sft_info(out / "sft")}, open(out / "logged.json", "w"))
+"""
+
+
+def test_an_sfts_mlflow_compute_counts_on_across_its_phases(tmp_path):
+    """Each phase is a fresh loop whose cumulative compute starts at 0: the run's compute/flops in MLflow fell back at
+    phase 2 and ended at phase 2's alone, half of what the SFT (and the report) counts."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **({} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    run = subprocess.run([sys.executable, "-c", PHASES_LOGGED, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logged = json.loads((tmp_path / "logged.json").read_text())
+    steps, flops, seconds = zip(*logged["rows"])
+    assert steps == (1, 2, 3, 4, 5, 6) and flops == tuple(flops[0] * step for step in steps)  # same work per step
+    assert list(seconds) == sorted(seconds)
+    assert flops[-1] == logged["info"]["flops"] and seconds[-1] == pytest.approx(logged["info"]["wall_clock_s"])

@@ -184,13 +184,16 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 class _PhaseTracker:
-    """The stage's tracker seen by one phase: steps continue across phases, each row says its phase."""
+    """The stage's tracker seen by one phase: steps and cumulative compute continue across phases (`before`: the
+    earlier phases' compute, _compute's), each row says its phase."""
 
-    def __init__(self, tracker, offset: int, iteration: int, phase: int):
+    def __init__(self, tracker, offset: int, iteration: int, phase: int, before: dict[str, float]):
         self.tracker, self.offset, self.extra = tracker, offset, {"sft/iteration": iteration, "sft/phase": phase}
+        self.before = {f"compute/{key}": before[key] for key in COMPUTE_KEYS}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.tracker.log_metrics({**metrics, **self.extra}, step=step + self.offset)
+        so_far = {key: value + self.before[key] for key, value in metrics.items() if key in self.before}
+        self.tracker.log_metrics({**metrics, **so_far, **self.extra}, step=step + self.offset)
 
     def flush(self) -> None:
         self.tracker.flush()
@@ -262,11 +265,11 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
 
     def save():
         sft = difference(part, trained_from(part, theta0), final, masks, base_sha256, base_path)
-        sft.info = {**(info or {}), **_compute(out, cfg.iterations), "k": k, "eligible_numel": part.eligible_numel,
-                    "iterations": cfg.iterations, "frozen": part.frozen, "dense": sorted(part.dense)}
+        sft.info = {**(info or {}), **_compute(_phase_dirs(out, cfg.iterations)), "k": k,
+                    "eligible_numel": part.eligible_numel, "iterations": cfg.iterations, "frozen": part.frozen,
+                    "dense": sorted(part.dense)}
         sft.save(out / SFT_DIR)
-        _drop_checkpoints(*(out / f"iteration_{it}" / phase for it in range(1, cfg.iterations + 1)
-                            for phase in ("full", "sparse")))
+        _drop_checkpoints(*_phase_dirs(out, cfg.iterations))
 
     on_rank0(save)
     return SFTResult("finished", out / SFT_DIR, total_steps)
@@ -285,10 +288,13 @@ def _run_phase(train_cfg, model, part: Partition, train_data, loss_fn, flops_fn,
     """One phase on a fresh engine; the trainable parameters' full fp32 values after it, or None if interrupted."""
     hooks = GradientHooks(part.trainable, theta0, masks, l1=l1, n_params=n_params,
                           accumulation=train_cfg.grad_accumulation, l1_names=l1_names)
-    phase_tracker = None if tracker is None else _PhaseTracker(tracker, offset, iteration, 1 if masks is None else 2)
+    if tracker is not None:
+        phases = _phase_dirs(run_dir.parent.parent, iteration)
+        before = _compute(phases[:phases.index(run_dir)])
+        tracker = _PhaseTracker(tracker, offset, iteration, 1 if masks is None else 2, before)
     try:
         result = train(dataclasses.replace(train_cfg, steps=steps), model, train_data, loss_fn, flops_fn,
-                       output_dir=run_dir, eval_data=eval_data, tracker=phase_tracker, desc=desc)
+                       output_dir=run_dir, eval_data=eval_data, tracker=tracker, desc=desc)
         values = None if result.interrupted else gather_full_params(result.engine, part.trainable)  # collective
         release_engine(result.engine)
     finally:
@@ -320,14 +326,20 @@ def difference(part: Partition, theta0: dict[str, torch.Tensor], final: dict[str
     return SparseFineTuning(base_sha256, diffs, {n: final[n] for n in part.dense}, base_path)
 
 
-def _compute(out: Path, iterations: int) -> dict:
-    """FLOPs, tokens, wall-clock and steps of both phases of every iteration (each phase counts from 0)."""
+COMPUTE_KEYS = ("flops", "tokens", "wall_clock_s")
+
+
+def _phase_dirs(out: Path, iterations: int) -> list[Path]:
+    """The run directories of both phases of every iteration up to `iterations`, in order."""
+    return [out / f"iteration_{it}" / phase for it in range(1, iterations + 1) for phase in ("full", "sparse")]
+
+
+def _compute(phase_dirs: list[Path]) -> dict:
+    """FLOPs, tokens, wall-clock and steps of the phases run in `phase_dirs` (each phase counts from 0)."""
     total = {"flops": 0.0, "tokens": 0.0, "wall_clock_s": 0.0, "steps": 0}
-    for it in range(1, iterations + 1):
-        for phase in ("full", "sparse"):
-            rows = read_metrics(out / f"iteration_{it}" / phase / "metrics.jsonl")
-            step, last = list(rows.items())[-1]
-            total["steps"] += step
-            for key in ("flops", "tokens", "wall_clock_s"):
-                total[key] += last[f"compute/{key}"]
+    for phase_dir in phase_dirs:
+        step, last = list(read_metrics(phase_dir / "metrics.jsonl").items())[-1]
+        total["steps"] += step
+        for key in COMPUTE_KEYS:
+            total[key] += last[f"compute/{key}"]
     return total
