@@ -180,6 +180,12 @@ def test_runs_are_tagged_for_the_report(world, scored):
     assert all(r.data.tags["metric"] == "mlm_gain" and r.data.tags["role"] == "target" for r in runs)
     assert {r.data.tags["adapt_run_id"] for r in runs} == {"adapt-run-1"}
     assert by_step[None].data.metrics["mlm_gain"] == scored["xx"]["mlm_gain"]
+    # on MLflow's step axis each at its adaptation step: the final embeddings' at the run's 20 (were at 0, beside
+    # the initial embeddings)
+    steps = {tag: client.get_metric_history(r.info.run_id, "mlm_gain")[0].step for tag, r in by_step.items()}
+    assert steps == {"0": 0, "5": 5, "10": 10, None: 20}
+    assert {r.data.tags["checkpoint"] for r in runs if r.data.tags.get("adapt_step")} == {"snapshot"}
+    assert by_step[None].data.tags["checkpoint"] == "final"
 
 
 def test_a_run_without_step_0_snapshot_or_run_dir_is_refused(world):

@@ -198,14 +198,19 @@ def _check_provenance(cfg: ZeroShotConfig, target: TargetConfig, info: dict, pat
 def _log_run(cfg: ZeroShotConfig, lang: str, role: str, metrics: dict[str, float], target: TargetConfig | None):
     tags = {"stage": "evaluate", "method": cfg.method, "target_lang": lang, "source_lang": cfg.source_lang,
             "task": cfg.task.name, "role": role, "metric": cfg.task.spec.metric}
+    step = 0  # MLflow's: the adaptation step of the embeddings scored (the final's: the run's step count)
     if target is not None:
-        tags.update(adapt_run_id=target.adapt_run_id, adapt_step=target.adapt_step, model_dir=target.model_dir)
+        final = target.adapt_step is None
+        tags.update(adapt_run_id=target.adapt_run_id, adapt_step=target.adapt_step, model_dir=target.model_dir,
+                    checkpoint="final" if final else "snapshot")
+        step = target.adapt_step if not final else (read_info(target.embeddings) or {}).get("steps", 0) \
+            if target.embeddings else 0
     tracking = cfg.tracking
     if tracking.run_name is None:
-        step = f"-step{target.adapt_step}" if target is not None and target.adapt_step is not None else ""
-        tracking = dataclasses.replace(tracking, run_name=f"evaluate-{cfg.task.name}-{cfg.method}-{lang}{step}")
+        suffix = f"-step{target.adapt_step}" if target is not None and target.adapt_step is not None else ""
+        tracking = dataclasses.replace(tracking, run_name=f"evaluate-{cfg.task.name}-{cfg.method}-{lang}{suffix}")
     with Tracker(tracking, config=cfg, tags=tags) as tracker:
-        tracker.log_metrics(metrics, step=(target.adapt_step or 0) if target else 0)
+        tracker.log_metrics(metrics, step=step)
 
 
 def _score(cfg: ZeroShotConfig, target: TargetConfig, model, tokenizer, source,
