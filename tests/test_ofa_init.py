@@ -30,6 +30,17 @@ def test_subword_vectors_are_exact_means_over_the_words_containing_them():
     np.testing.assert_allclose(target[5], [1.0, -0.2], rtol=0, atol=1e-7)
 
 
+def test_words_are_spelled_as_ofas_reference_tokenises_them():
+    """cisnlp/ofa utils.py: the word, after a space, and capitalised after a space (not capitalised alone, which gave
+    a byte-level BPE's pieces without the word-start mark vectors the reference never gives them); ColexNet+'s `$` is
+    a space, and a word starting with one is capitalised without it."""
+    from minimodel.ofa.init import _spellings
+
+    assert _spellings("house") == ("house", " house", " House")
+    assert _spellings("$nyumba") == (" nyumba", "  nyumba", "Nyumba")
+    assert _spellings("big$dog") == ("big dog", " big dog", " Big dog")
+
+
 def test_normalised_pieces_mark_word_starts_whatever_the_family():
     assert normalised_pieces(TARGET)[8] == " HOUSE" and normalised_pieces(SOURCE)[7] == "s"
     bpe = byte_level_bpe(["ĠThe", "Ã©", "Ã"])  # "Ã©" is the two bytes of "é"; "Ã" alone is half a character

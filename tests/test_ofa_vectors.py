@@ -38,6 +38,14 @@ def test_a_language_named_by_its_iso3_code_keeps_its_vectors(tmp_path):
     assert load_word_vectors([VectorFileConfig(str(path))], ["en", "nya"]).keys == [("nya", "nyumba"), ("en", "water")]
 
 
+def test_a_key_without_a_language_is_an_english_word(tmp_path):
+    """OFA reads an unprefixed key as eng:<key>; it was dropped (a file of such keys lost every English vector)."""
+    path = tmp_path / "v.vec"
+    path.write_text("3 2\nhouse 1 0\nswh:nyumba 0 1\n$big$dog 1 1\n")
+    assert load_word_vectors([VectorFileConfig(str(path))], ["en", "sw"]).keys == [
+        ("en", "house"), ("sw", "nyumba"), ("en", "$big$dog")]
+
+
 def test_per_file_language_and_binary_round_trip(tmp_path):
     words = tmp_path / "ny.txt"
     words.write_text("nyumba 0.25 -1\nmadzi 3 4\n")  # no header line: fastText's .txt without it

@@ -11,7 +11,7 @@ Rules, in order, for each target token (counts of each go to the log and adapt.j
 4. random: no vector -> a draw from N(mean, std) of the source matrix, per dimension.
 A subword's vector is the mean of the aligned word vectors of every word of the token's side (source languages for
 source tokens, the target language for target tokens) whose tokenisation contains it, each word counted once; a word
-is tokenised as is, with a leading space, and capitalised, both ways (OFA's variants).
+is tokenised as is, with a leading space, and capitalised with a leading space (OFA's spellings: _spellings).
 `E_src` is whatever matrix the caller passes: the primary's embeddings, or its SVD coordinates when the embeddings
 are factorised (minimodel/ofa/factorized.py), so the same rules run in coordinate space.
 """
@@ -85,16 +85,24 @@ def normalised_pieces(tokenizer) -> dict[int, str]:
     return out
 
 
+def _spellings(word: str) -> tuple[str, str, str]:
+    """A word as OFA's reference tokenises it: as is, after a space, and capitalised after a space; a `$` in it
+    (ColexNet+'s keys) is read as a space, and a word starting with one is capitalised without it."""
+    text = word.replace("$", " ")
+    capitalised = text[1:2].upper() + text[2:] if word.startswith("$") else " " + text[:1].upper() + text[1:]
+    return text, " " + text, capitalised
+
+
 def subword_vectors(tokenizer, vectors: WordVectors, langs: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     """([size, dim] mean word vector per token id, [size] bool: the token has one). Special tokens get none."""
     rows = np.concatenate([vectors.rows(lang) for lang in langs]) if langs else np.zeros(0, np.int64)
     words = [vectors.keys[r][1] for r in rows]
     special = set(tokenizer.all_special_ids)
     ids_of_word: list[set[int]] = [set() for _ in words]
-    variants = (lambda w: w, lambda w: " " + w, lambda w: w[:1].upper() + w[1:], lambda w: " " + w[:1].upper() + w[1:])
-    for variant in variants:
+    spelled = [_spellings(w) for w in words]
+    for variant in range(3):
         for start in range(0, len(words), ENCODE_BATCH):
-            batch = [variant(w) for w in words[start:start + ENCODE_BATCH]]
+            batch = [spellings[variant] for spellings in spelled[start:start + ENCODE_BATCH]]
             for i, ids in enumerate(tokenizer(batch, add_special_tokens=False)["input_ids"], start=start):
                 ids_of_word[i].update(t for t in ids if t not in special and t < size)
     cols = [i for i, ids in enumerate(ids_of_word) for _ in ids]
