@@ -306,6 +306,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     """The pipeline as a list of stages in run order (each names the stages it depends on)."""
     at = layout(cfg)
     src = cfg.source_lang
+    # in one order whatever the config's: reordering target_langs redoes nothing (word vectors, zero-shot)
+    target_langs = sorted(cfg.target_langs)
     methods = [parse_method(spec) for spec in cfg.methods]
     embedding_methods = [m for m in methods if m.learns_embeddings]
     sparse = [m for m in methods if m.source.learns == "sft"]  # LT-SFT: lt_sft, lt_sft_vocab
@@ -369,7 +371,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     vectors = at.root / "word_vectors"
     word_vectors = [add("word_vectors", "word_vectors",
                         ["--config", cfg.configs.word_vectors, f"data={at.data_dir / 'config.yaml'}",
-                         f"output_dir={vectors}", f"languages={flow_list([src, *cfg.target_langs])}",
+                         f"output_dir={vectors}", f"languages={flow_list([src, *target_langs])}",
                          f"eval.source_lang={src}", *extra("word_vectors")], vectors, [prepare])
                     ] if learned_vectors else []
 
@@ -383,7 +385,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         if method in learned_vectors:
             args.append(f"init.ofa.vectors=[{{path: {vectors / 'vectors.bin'}}}]")
         args += adapt_settings(method)
-        for lang in cfg.target_langs:
+        for lang in target_langs:
             adapted[method.name, lang] = add(
                 f"adapt-{method.name}-{lang}", "adapt", args, at.adapt(method.name, lang),
                 [made_by[method.model], prepare, *(word_vectors if method in learned_vectors else [])],
@@ -394,7 +396,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     plugged_mlm: dict[tuple[str | None, str], Stage] = {}
     for base, below in dict.fromkeys((m.base, m.builds_on) for m in methods if m.plugs_embeddings):
         job = "plug_mlm" + (f"-{base}" if base else "")
-        for lang in cfg.target_langs:
+        for lang in target_langs:
             plugged_mlm[base, lang] = add(
                 f"{job}-{lang}", "plug", [f"model={at.primary}", f"primary_model={at.primary}"],
                 at.plugged_mlm(lang, base), [adapted[below, lang]], job=job, lang=lang,
@@ -414,7 +416,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         # method's); a language SFT per target language of the primary (lt_sft) or of the plugged model (lt_sft_vocab)
         adapted[SPARSE, src] = language_sft(SPARSE, src, at.primary, [export, prepare])
         for method in sparse:
-            for lang in cfg.target_langs:
+            for lang in target_langs:
                 over, after = ((at.plugged_mlm(lang, method.base), [plugged_mlm[method.base, lang], prepare])
                                if method.reads_plugged else (at.primary, [export, prepare]))
                 adapted[method.name, lang] = language_sft(method.name, lang, over, after)
@@ -426,21 +428,21 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
             # tokenizer is the adaptation run's, which plug saved beside the model (tokenizer.mode may differ per run)
             return [flow_mapping(lang=lang, model_dir=at.plugged(method.name, lang),
                                  tokenizer=at.plugged(method.name, lang), embeddings=at.adapt(method.name, lang))
-                    for lang in cfg.target_langs]
+                    for lang in target_langs]
         if method.learns_embeddings:
-            return [flow_mapping(lang=lang, embeddings=at.adapt(method.name, lang)) for lang in cfg.target_langs]
+            return [flow_mapping(lang=lang, embeddings=at.adapt(method.name, lang)) for lang in target_langs]
         if method.source.learns == "student":  # each language's student task model, read with its target tokenizer
             # (bistil@lt_sft's: the model's own, the one vocabulary its teachers shared)
-            models = {lang: at.student_task_model(lang, method.name) for lang in cfg.target_langs}
+            models = {lang: at.student_task_model(lang, method.name) for lang in target_langs}
             return [flow_mapping(lang=lang, model_dir=model, tokenizer=model if method.builds_on_sfts
                                  else at.student_target_tokenizer(lang, method.name))
                     for lang, model in models.items()]
         if method.reads_plugged:  # the plugged model its language SFT was learned over, with the target tokenizer
             return [flow_mapping(lang=lang, language_sft=at.language_sft(lang, method.name),
-                                 model_dir=at.plugged_mlm(lang, method.base)) for lang in cfg.target_langs]
+                                 model_dir=at.plugged_mlm(lang, method.base)) for lang in target_langs]
         if method.adapted:
-            return [flow_mapping(lang=lang, language_sft=at.language_sft(lang)) for lang in cfg.target_langs]
-        return [flow_mapping(lang=lang) for lang in cfg.target_langs]
+            return [flow_mapping(lang=lang, language_sft=at.language_sft(lang)) for lang in target_langs]
+        return [flow_mapping(lang=lang) for lang in target_langs]
 
     def zero_shot(config: str, method: str, source_model: Path, targets: list[str], after: list[Stage],
                   settings: tuple[str, ...] = ()) -> Stage:
@@ -460,7 +462,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         return [m for m in [*methods, baseline] if m.scored_on(TASKS[config_task(config)])]
 
     def adaptations(method) -> list[Stage]:
-        return [adapted[method.name, lang] for lang in cfg.target_langs] if method.adapted else [export]
+        return [adapted[method.name, lang] for lang in target_langs] if method.adapted else [export]
 
     # Tasks on the primary itself need only the adaptation runs: each checkpoint's embeddings plugged in memory.
     fine_tuned = {config: TASKS[config_task(config)].fine_tuned for config in cfg.configs.zero_shot}
@@ -479,7 +481,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                          [f"embeddings={at.adapt(method.name, lang)}", f"model={at.task_model}",
                           f"primary_model={at.primary}", f"output_dir={at.plugged(method.name, lang)}"],
                          at.plugged(method.name, lang), [adapted[method.name, lang], finetune])
-                     for lang in cfg.target_langs]
+                     for lang in target_langs]
             evaluations += [zero_shot(config, method.name, at.task_model, targets(method, plugged=True), plugs)
                             for config in fine_tuned_configs]
         if sparse:  # the task SFT, trained with the source language's SFT applied; zero-shot swaps in the target's
@@ -504,7 +506,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
             else:
                 teachers, task_teacher, task_teacher_job = [], at.task_model, finetune
             distilled_tasks = []
-            for lang in cfg.target_langs:
+            for lang in target_langs:
                 if method.builds_on_sfts:
                     target_teacher = [adapted[SPARSE, src], adapted[SPARSE, lang]]
                     target_args = [f"target_teacher_sft={at.language_sft(lang)}"]
@@ -527,7 +529,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                     lang_args=[f"student={at.student(lang, name)}", f"output_dir={at.distill_task(lang, name)}"]))
             # every language has its student task model (its source-language scores: distill_task's metrics.json);
             # zero-shot scores each on its language, the first only standing in as the source model zero_shot loads
-            evaluations += [zero_shot(config, name, at.student_task_model(cfg.target_langs[0], name),
+            evaluations += [zero_shot(config, name, at.student_task_model(target_langs[0], name),
                                       targets(method), distilled_tasks, ("evaluate_source=false",))
                             for config in fine_tuned_configs if method.scored_on(TASKS[config_task(config)])]
         evaluations += [zero_shot(config, baseline.name, at.task_model, targets(baseline), [finetune])

@@ -666,3 +666,15 @@ def test_the_same_environment_at_another_path_or_interpreter_name_redoes_nothing
     monkeypatch.setattr(stages, "DEEPSPEED", "/elsewhere/venv/bin/deepspeed")
     assert (one.input_hash, ranks.input_hash) == before
     assert Stage("adapt", "adapt", ["lr=1"], tmp_path / "adapt", nproc=4).input_hash != before[1]
+
+
+def test_reordering_the_target_languages_redoes_nothing(tmp_path):
+    """The languages went into the word-vector and zero-shot stages' command lines in the config's order: listing
+    them in another order redid the word vectors, every +ofa adaptation after them and every zero-shot stage."""
+    def hashes(order: str) -> dict[str, str]:
+        cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", f"data_dir={tmp_path / 'data'}",
+                                                  f"target_langs={order}", "methods=[standard, minipost+ofa]",
+                                                  "tracking.enabled=false"])
+        return {stage.name: stage.input_hash for stage in build_stages(cfg)}
+
+    assert hashes("[ny, sw]") == hashes("[sw, ny]")
