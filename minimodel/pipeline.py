@@ -107,6 +107,12 @@ class PipelineConfig:
     adapt_nproc: int = 1  # deepspeed ranks per adaptation run (language SFTs and BiStil's phase 1 too)
     minipost_nproc: int = 1  # deepspeed ranks of MiniPost's step 1b (and of a head learned for a headless primary)
     finetune_nproc: int = 1  # deepspeed ranks of step 3: fine-tuning, LT-SFT's task SFT, BiStil's phase 2
+    # Slurm nodes of each of those jobs (slurm/pipeline.sh), each with its *_nproc ranks (pretraining: its template's
+    # GPUs per node); a local run has one node
+    pretrain_nodes: int = 1
+    adapt_nodes: int = 1
+    minipost_nodes: int = 1
+    finetune_nodes: int = 1
     configs: StageConfigs = field(default_factory=StageConfigs)
     # extra key=value overrides per stage name (data, pretrain, export, minipost, adapt, lang_sft, finetune, task_sft,
     # distill, distill_task, zero_shot, report)
@@ -124,8 +130,9 @@ class PipelineConfig:
         require(self.source_lang not in self.target_langs, "target_langs",
                 f"the source language {self.source_lang} cannot also be a target")
         require(len(self.target_langs) >= 1, "target_langs", "name at least one target language")
-        for key in ("pretrain_nproc", "adapt_nproc", "minipost_nproc", "finetune_nproc"):
-            require(getattr(self, key) >= 1, key, f"{getattr(self, key)} processes: give at least 1")
+        for group in ("pretrain", "adapt", "minipost", "finetune"):
+            for key, what in ((f"{group}_nproc", "processes"), (f"{group}_nodes", "nodes")):
+                require(getattr(self, key) >= 1, key, f"{getattr(self, key)} {what}: give at least 1")
         parsed = [parse_method(spec, f"methods[{i}]") for i, spec in enumerate(self.methods)]
         for i, (spec, method) in enumerate(zip(self.methods, parsed)):
             what = "language SFTs" if method.builds_on_sfts else "target embeddings"
@@ -313,6 +320,9 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     sparse = [m for m in methods if m.source.learns == "sft"]  # LT-SFT: lt_sft, lt_sft_vocab
     distilled = [m for m in methods if m.model == DISTILLED]  # bistil, and bistil@<base> for another base
 
+    def ranks(group: str) -> dict[str, int]:  # a training stage's ranks per node and nodes
+        return {"nproc": getattr(cfg, f"{group}_nproc"), "nodes": getattr(cfg, f"{group}_nodes")}
+
     def extra(stage: str) -> list[str]:
         seeds = [f"{key}={cfg.seed}" for key in SEED_SETTINGS.get(stage, ())] if cfg.seed is not None else []
         return [*seeds, *cfg.overrides.get(stage, [])]  # an explicit override wins over the pipeline's seed
@@ -338,7 +348,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     if cfg.primary_model is None:
         pretrain_args = [f"output_dir={at.pretrain}", *source_data, *extra("pretrain")]
         pretrain = add("pretrain", "pretrain", ["--config", cfg.configs.pretrain, *pretrain_args],
-                       at.pretrain, [prepare], nproc=cfg.pretrain_nproc, layout_keys=LAYOUT_KEYS)
+                       at.pretrain, [prepare], **ranks("pretrain"), layout_keys=LAYOUT_KEYS)
         # where pretraining writes its checkpoints (train.checkpoint.dir may put them on scratch space)
         checkpoints = load_config(PretrainConfig, cfg.configs.pretrain, pretrain_args).checkpoint_root
         export = add("export", "export", [f"checkpoint={checkpoints}", f"tokenizer={at.tokenizer(src)}",
@@ -348,7 +358,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                           *([f"tokenizer={cfg.primary_tokenizer}"] if cfg.primary_tokenizer else []),
                                           f"output_dir={at.head}", *source_data, "mini.head_only=true",
                                           "mini.head_init=random", "distill.weight=0", *extra("minipost")],
-                     at.head, [prepare], nproc=cfg.minipost_nproc)
+                     at.head, [prepare], **ranks("minipost"))
     else:  # the primary exists: what waited for the export waits for the data
         export = prepare
     # the stage that makes each model source's model for adaptation (minimodel/methods.py MODELS)
@@ -358,7 +368,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                   ["--config", cfg.configs.minipost, f"source={at.primary}",
                                    *([f"tokenizer={cfg.primary_tokenizer}"] if cfg.primary_tokenizer else []),
                                    f"output_dir={at.minipost}", *source_data, *extra("minipost")],
-                                  at.minipost, [export], nproc=cfg.minipost_nproc)
+                                  at.minipost, [export], **ranks("minipost"))
 
     def adapt_settings(method) -> list[str]:  # the user's, after the pipeline's: an explicit setting wins
         return [*extra("adapt"), *cfg.method_overrides.get(method.name, [])]
@@ -389,7 +399,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
             adapted[method.name, lang] = add(
                 f"adapt-{method.name}-{lang}", "adapt", args, at.adapt(method.name, lang),
                 [made_by[method.model], prepare, *(word_vectors if method in learned_vectors else [])],
-                nproc=cfg.adapt_nproc, job=f"adapt-{method.name}", lang=lang,
+                **ranks("adapt"), job=f"adapt-{method.name}", lang=lang,
                 lang_args=[f"target_langs={flow_list([lang])}"])  # only its own language: adding another reruns nothing
     # BiStil and lt_sft_vocab: the primary masked LM with the final embeddings of the method they build on, per
     # language (standard adaptation's, or a spec's @<base>: one plugged model per base and language)
@@ -409,7 +419,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         return add(f"{job}-{lang}", "lang_sft", ["--config", cfg.configs.lang_sft, f"method={method}",
                                                  f"source_lang={src}", f"data_dir={at.data_dir}",
                                                  f"output_dir={at.adapt(method)}", *extra("lang_sft")],
-                   at.adapt(method, lang), after, nproc=cfg.adapt_nproc, job=job, lang=lang,
+                   at.adapt(method, lang), after, **ranks("adapt"), job=job, lang=lang,
                    lang_args=[f"target_langs={flow_list([lang])}", f"primary_model={over}"])
 
     if sparse:  # LT-SFT: the source language's SFT of the primary is applied while the task SFT trains (every sparse
@@ -475,7 +485,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         finetune = add("finetune", "finetune", ["--config", cfg.configs.finetune, f"model_dir={at.primary}",
                                                 f"task.data_dir={at.data_dir}", f"source_lang={src}",
                                                 f"output_dir={at.finetune}", *extra("finetune")], at.finetune, [export],
-                       nproc=cfg.finetune_nproc)
+                       **ranks("finetune"))
         for method in embedding_methods:
             plugs = [add(f"plug-{method.name}-{lang}", "plug",
                          [f"embeddings={at.adapt(method.name, lang)}", f"model={at.task_model}",
@@ -490,7 +500,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                                     f"method={SPARSE}", "sparse=true",
                                                     f"language_sft={at.language_sft(src)}",
                                                     f"output_dir={at.task_sft}", *extra("task_sft")],
-                           at.task_sft, [export, adapted[SPARSE, src]], nproc=cfg.finetune_nproc)
+                           at.task_sft, [export, adapted[SPARSE, src]], **ranks("finetune"))
             evaluations += [zero_shot(config, method.name, at.task_sft / "model", targets(method),
                                       [task_sft, *adaptations(method)])
                             for method in sparse for config in fine_tuned_configs]
@@ -518,13 +528,13 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                                          f"teacher_model={at.primary}", *teachers,
                                                          f"source_lang={src}", f"data_dir={at.data_dir}",
                                                          f"output_dir={at.adapt(name)}", *extra("distill")],
-                    at.adapt(name, lang), [*target_teacher, export, prepare], nproc=cfg.adapt_nproc,
+                    at.adapt(name, lang), [*target_teacher, export, prepare], **ranks("adapt"),
                     job=distill_job, lang=lang, lang_args=[f"target_langs={flow_list([lang])}", *target_args])
                 distilled_tasks.append(add(
                     f"{task_job}-{lang}", "distill_task",
                     ["--config", cfg.configs.distill_task, *named, f"teacher={task_teacher}",
                      f"task.data_dir={at.data_dir}", *extra("distill_task")],
-                    at.distill_task(lang, name), [adapted[name, lang], task_teacher_job], nproc=cfg.finetune_nproc,
+                    at.distill_task(lang, name), [adapted[name, lang], task_teacher_job], **ranks("finetune"),
                     job=task_job, lang=lang,
                     lang_args=[f"student={at.student(lang, name)}", f"output_dir={at.distill_task(lang, name)}"]))
             # every language has its student task model (its source-language scores: distill_task's metrics.json);
@@ -585,6 +595,10 @@ def _env(tracker: Tracker) -> dict[str, str]:
 
 
 def run(cfg: PipelineConfig) -> Path:
+    for group in ("pretrain", "adapt", "minipost", "finetune"):
+        require(getattr(cfg, f"{group}_nodes") == 1, f"{group}_nodes",
+                "a local run has one node: submit the pipeline to Slurm (bash slurm/pipeline.sh CONFIG) to run a "
+                "stage on several")
     at = layout(cfg)
     save_config(cfg, at.config)
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,

@@ -9,9 +9,9 @@ AFTER: the names of the jobs it waits for (space-separated; jobs already done ar
 an array job (space-separated; empty for a plain job), TASK_ARGS: each array task's own arguments, shell-quoted,
 separated by \\x1e (slurm/common.sh appends task $SLURM_ARRAY_TASK_ID's), STAMPS: the output directory, input
 hash and identity hash the job (each array task: separated as TASK_ARGS) stamps when its stage finishes,
-shell-quoted (empty: none), SUBMIT: the job's own sbatch options (--gpus-per-node: the ranks the plan hashed,
-where its result depends on them), the sbatch template, its leading arguments and the stage's arguments,
-shell-quoted. Array tasks already done are not submitted.
+shell-quoted (empty: none), SUBMIT: the job's own sbatch options (--nodes: where more than one; --gpus-per-node:
+the ranks per node the plan hashed, where its result depends on them), the sbatch template, its leading arguments
+and the stage's arguments, shell-quoted. Array tasks already done are not submitted.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def lines(plan: dict) -> list[str]:
         out.append(UNIT.join([
             job["name"], " ".join(a for a in job["after"] if a not in done), " ".join(t["lang"] for t in tasks),
             RECORD.join(shlex.join(t["args"]) for t in tasks), RECORD.join(shlex.join(s or []) for s in stamps),
-            shlex.join([*([f"--gpus-per-node={job['gpus_per_node']}"] if job.get("gpus_per_node") else []),
+            shlex.join([*([f"--nodes={job['nodes']}"] if job.get("nodes", 1) > 1 else []),
+                        *([f"--gpus-per-node={job['gpus_per_node']}"] if job.get("gpus_per_node") else []),
                         *job["slurm"], *job["args"]])]))
     return out
 

@@ -183,7 +183,8 @@ class Stage:
     args: list[str]  # the entry point's arguments (--config FILE key=value ...)
     output_dir: Path
     after: list["Stage"] = field(default_factory=list)
-    nproc: int | None = None  # ranks for the kind's launcher; None or 1: one plain python process
+    nproc: int | None = None  # ranks per node for the kind's launcher; None or 1 (on one node): one python process
+    nodes: int = 1  # a batch job's (slurm/pipeline.sh); a local run has one
     # One task of an array job (Slurm): the stages of one `job` share kind, args and dependencies and differ in
     # their `lang` and its `lang_args` only.
     job: str | None = None
@@ -202,7 +203,11 @@ class Stage:
     @property
     def launched(self) -> bool:
         """Whether its ranks start under the kind's launcher (torchrun, deepspeed): only for more than one."""
-        return (self.nproc or 1) > 1 and KINDS[self.kind].launcher != "python"
+        return self.ranks > 1 and KINDS[self.kind].launcher != "python"
+
+    @property
+    def ranks(self) -> int:
+        return (self.nproc or 1) * self.nodes
 
     @property
     def argv(self) -> list[str]:
@@ -251,8 +256,9 @@ class Stage:
         if layout:  # not its rank count either
             args = [a for a in args if not _is_layout(a.partition("=")[0], layout)]
             hashed = [kind.script, *args]
-        else:  # its launcher by name, not by path: the same environment at another path or name redoes nothing
-            hashed = [kind.launcher if self.launched else "python", self.nproc or 1, kind.script, *args]
+        else:  # its launcher by name, not by path (the same environment at another path or name redoes nothing), and
+            # its world size, however laid over nodes
+            hashed = [kind.launcher if self.launched else "python", self.ranks, kind.script, *args]
         digest = hashlib.sha256(json.dumps(hashed).encode())
         made = self._made_before()
         for arg in args:
@@ -454,9 +460,9 @@ def write_stamp(output_dir: Path, input_hash: str, argv: list[str], seconds: flo
 def jobs(stages: list[Stage], memo: dict[int, str] | None = None, settings_dir: Path | None = None) -> list[dict]:
     """The stages as batch jobs, in run order (slurm/pipeline.sh submits them): the stages of one `job` become one
     job with an array task per language. Each job: name, kind, script, args, slurm (template + leading arguments),
-    gpus_per_node (the ranks its hash counts, for a launched stage whose result depends on them; None: the
-    template's), array ([{lang, args, done, stamp}], empty for a plain job), after (the names of the jobs it needs),
-    done, stamp:
+    gpus_per_node (the ranks per node its hash counts, for a launched stage whose result depends on them; None: the
+    template's), nodes, array ([{lang, args, done, stamp}], empty for a plain job), after (the names of the jobs it
+    needs), done, stamp:
     [output directory, input hash, identity hash] that the job stamps when its stage finishes (slurm/common.sh), so
     that the plan made again skips it; None for a stage that always runs (an array job's are its tasks'). `memo`: as
     done_by's, to share the hash walk with the caller's. `settings_dir`: the jobs read copies of the settings files
@@ -477,7 +483,8 @@ def jobs(stages: list[Stage], memo: dict[int, str] | None = None, settings_dir: 
         # is the same at any count: its layout keys)
         gpus = None if kind.launcher == "python" or stage.layout_keys else stage.nproc or 1
         job = grouped.setdefault(name, {"name": name, "kind": stage.kind, "script": kind.script, "args": args,
-                                        "slurm": list(kind.slurm), "gpus_per_node": gpus, "array": [],
+                                        "slurm": list(kind.slurm), "gpus_per_node": gpus, "nodes": stage.nodes,
+                                        "array": [],
                                         "after": after, "done": True})
         if (job["kind"], job["args"], job["after"]) != (stage.kind, args, after):
             raise ValueError(f"stage {stage.name} differs from the other tasks of job {name} in more than its "

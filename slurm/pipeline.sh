@@ -8,11 +8,12 @@
 # locally: `python -m minimodel.pipeline --config CONFIG --plan` prints JSON
 #   {"env": {"MINIMODEL_PARENT_RUN_ID": "..."},
 #    "jobs": [{"name": "adapt-minipost", "kind": "adapt", "script": "adapt/train.py", "args": ["--config", ...],
-#              "slurm": ["slurm/adapt.sh"], "gpus_per_node": 1, "after": ["minipost", "data"], "done": false,
-#              "array": [{"lang": "ny", "args": ["target_langs=[ny]"], "done": false}, ...]}, ...]}
-# Each job runs its stage with the template in "slurm" (ranks = GPUs Slurm gives: the plan's gpus_per_node, the
-# ranks its result was planned with, where it sets one); an array job runs a task per language, task i with the
-# arguments of the i-th language appended. Jobs and tasks marked done are not submitted.
+#              "slurm": ["slurm/adapt.sh"], "gpus_per_node": 1, "nodes": 1, "after": ["minipost", "data"],
+#              "done": false, "array": [{"lang": "ny", "args": ["target_langs=[ny]"], "done": false}, ...]}, ...]}
+# Each job runs its stage with the template in "slurm" on the plan's nodes (the pipeline config's *_nodes), ranks =
+# GPUs Slurm gives per node (the plan's gpus_per_node, the ranks its result was planned with, where it sets one); an
+# array job runs a task per language, task i with the arguments of the i-th language appended. Jobs and tasks marked
+# done are not submitted.
 # `python -m minimodel.slurm_plan PLAN` turns the plan into the lines this script reads.
 # Environment: SBATCH_ARGS (extra sbatch options for every job, e.g. "--partition=gpu --account=me"), Slurm's own
 # SBATCH_* variables, and those of slurm/common.sh (MINIMODEL_HOME, MINIMODEL_PYTHON, ...).

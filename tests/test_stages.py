@@ -19,7 +19,7 @@ import pytest
 from pipeline_helpers import SMOKE
 
 from minimodel import pipeline, stages, supervisor
-from minimodel.config import load_config
+from minimodel.config import ConfigError, load_config
 from minimodel.methods import parse_method
 from minimodel.pipeline import PipelineConfig, build_stages, plan
 from minimodel.provenance import finish_output
@@ -267,6 +267,29 @@ def test_a_job_asks_slurm_for_the_ranks_its_plan_hashed(tmp_path):
     assert submit["adapt-standard"][:2] == ["--gpus-per-node=2", "slurm/adapt.sh"]
     assert submit["minipost"][:2] == ["--gpus-per-node=4", "slurm/minipost.sh"]
     assert submit["pretrain"][0] == "slurm/pretrain_minijoint.sh" and submit["data"][0] == "slurm/python.sh"
+
+
+def test_a_training_stage_may_run_on_several_nodes_of_a_cluster(tmp_path, monkeypatch):
+    """A stage could not be laid over several nodes from the pipeline (every job asked one, SBATCH_ARGS' --nodes
+    every job): pretraining at scale had to leave it. A job asks the nodes its group names, each with its ranks per
+    node; its result depends on the world size only, so 2 nodes x 2 ranks is done by 1 x 4; a local run refuses."""
+    planned = two_language_plan(tmp_path, "pretrain_nodes=4", "adapt_nodes=2", "adapt_nproc=2")
+    rows = [line.split(UNIT) for line in lines(planned)]
+    submit = {row[0]: shlex.split(row[5]) for row in rows if row[0] != "env"}
+    assert submit["pretrain"][:2] == ["--nodes=4", "slurm/pretrain_minijoint.sh"]  # its template's GPUs per node
+    assert submit["adapt-standard"][:3] == ["--nodes=2", "--gpus-per-node=2", "slurm/adapt.sh"]
+    assert submit["finetune"][:2] == ["--gpus-per-node=1", "slurm/evaluate.sh"]
+    assert submit["data"][0] == "slurm/python.sh"
+
+    def adapt_hash(*overrides: str) -> str:
+        cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", *overrides])
+        return next(s.input_hash for s in build_stages(cfg) if s.name == "adapt-standard-ny")
+
+    assert adapt_hash("adapt_nodes=2", "adapt_nproc=2") == adapt_hash("adapt_nproc=4") != adapt_hash("adapt_nproc=2")
+    with pytest.raises(ConfigError, match="adapt_nodes: a local run has one node: submit the pipeline to Slurm"):
+        pipeline.run(load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", "adapt_nodes=2"]))
+    with pytest.raises(ConfigError, match="finetune_nodes: 0 nodes: give at least 1"):
+        load_config(PipelineConfig, SMOKE, ["finetune_nodes=0"])
 
 
 def test_a_plans_jobs_read_the_settings_it_hashed_not_an_edit_made_before_they_start(tmp_path):
