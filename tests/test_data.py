@@ -1,6 +1,7 @@
 """The data stage: sources, cleaning, split, tokenizers, indexed datasets, atomic and idempotent builds."""
 import dataclasses
 import json
+import random
 import re
 import os
 import shutil
@@ -384,6 +385,9 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
                                                                          r"and verse 1000 must each be in 1-999\)"),
     # stored as the string "['first sentence', 'second']", trained on as text
     ('{"text": ["first sentence", "second"]}\n'.encode(), r"x.jsonl:1: 'text' holds a list, not a text: point "),
+    # web text with an emoji cut in two: json.loads takes the escape, and the UTF-8 encoding later failed unnamed
+    (b'{"text": "fine"}\n{"text": "cut \\ud83d here"}\n', r"x.jsonl:2: 'text' holds '\\ud83d' at character 4, "
+                                                          r"half of a UTF-16 pair"),
 ])
 def test_a_corpus_line_the_reader_cannot_take_names_its_file_and_line(content, message, tmp_path):
     """Non-UTF-8 text and a verse id that is not one were a bare UnicodeDecodeError / ValueError traceback, naming
@@ -394,6 +398,29 @@ def test_a_corpus_line_the_reader_cannot_take_names_its_file_and_line(content, m
     path.write_bytes(content)
     with pytest.raises(SourceError, match=message):
         list(read_jsonl(str(path), "text"))
+
+
+def test_compressed_corpus_files_are_read_as_their_suffix_says(tmp_path):
+    """A .jsonl.gz shard (corpora mostly come so) was refused as "not UTF-8: convert it with iconv"."""
+    import bz2
+    import gzip
+    import lzma
+
+    from minimodel.data.corpora import read_jsonl, read_text
+
+    lines = '{"text": "first"}\n{"text": "second"}\n'
+    for suffix, module in ((".gz", gzip), (".bz2", bz2), (".xz", lzma)):
+        (tmp_path / f"x.jsonl{suffix}").write_bytes(module.compress(lines.encode()))
+        assert [d.text for d in read_jsonl(str(tmp_path / f"x.jsonl{suffix}"), "text")] == ["first", "second"]
+    (tmp_path / "x.txt.gz").write_bytes(gzip.compress("caf\xe9\n".encode("latin-1")))
+    with pytest.raises(SourceError, match=r"x.txt.gz:1: not UTF-8"):
+        list(read_text(str(tmp_path / "x.txt.gz")))
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(lines.encode())[:20])
+    with pytest.raises(SourceError, match=r"cut.txt.gz: cannot be decompressed .*check the file"):
+        list(read_text(str(tmp_path / "cut.txt.gz")))
+    (tmp_path / "x.jsonl.zst").write_bytes(b"(\xb5/\xfd")
+    with pytest.raises(SourceError, match=r"zstd-compressed, which is not read here: decompress it"):
+        list(read_jsonl(str(tmp_path / "x.jsonl.zst"), "text"))
 
 
 def test_a_text_in_two_unicode_forms_is_one_text(tmp_path):
@@ -443,6 +470,20 @@ def test_a_long_document_trains_the_tokenizer_as_its_pieces(tmp_path, monkeypatc
     pieces = tokenizer_module.training_pieces(words)
     assert len(pieces) > 1 and all(len(p) <= 50 for p in pieces) and " ".join(pieces) == words
     assert tokenizer_module.training_pieces("字" * 120) == ["字" * 50, "字" * 50, "字" * 20]
+
+    def sliced(text: str) -> list[str]:  # the first version, which copied the rest at every cut (quadratic time)
+        pieces = []
+        while len(text) > 50:
+            cut = text.rfind(" ", 0, 51)
+            cut = cut if cut > 0 else 50
+            pieces.append(text[:cut])
+            text = text[cut:].lstrip(" ")
+        return [*pieces, text] if text else pieces
+
+    draw = random.Random(0)
+    for _ in range(300):  # runs of spaces, none at all, at the cut, at either end
+        text = "".join(draw.choice("ab   字") for _ in range(draw.randint(0, 400)))
+        assert tokenizer_module.training_pieces(text) == sliced(text), text
     mark = book(MARK)
     long_doc = " ".join(mark)  # the whole Gospel as one document
     whole = train_tokenizer([long_doc], tmp_path / "whole", 300)

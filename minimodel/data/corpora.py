@@ -7,7 +7,10 @@ held out in every language. Documents from free text have no verse id.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -151,20 +154,44 @@ def _record_document(record: dict, text_field: str, where: str) -> Document:
     if isinstance(text, (list, tuple, dict)):  # str() would store it as its Python repr
         raise SourceError(f"{where}: {text_field!r} holds a {type(text).__name__}, not a text: point text_field at a "
                           "field of strings (a list of sentences: one record, or one line, per document)")
-    return Document(str(text) if text is not None else "", vid)
+    text = str(text) if text is not None else ""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud83d" escape alone: half of a character cut in two
+        raise SourceError(f"{where}: {text_field!r} holds {text[e.start]!r} at character {e.start}, half of a UTF-16 "
+                          "pair (a character cut in two): fix or drop that record") from None
+    return Document(text, vid)
+
+
+# A corpus file compressed as its suffix says is read through the module that decompresses it.
+COMPRESSED = {".gz": gzip, ".bz2": bz2, ".xz": lzma}
+
+
+def _open(path: str, mode: str, **kwargs):
+    opener = COMPRESSED.get(Path(path).suffix)
+    if opener is None and Path(path).suffix == ".zst":
+        raise SourceError(f"{path}: zstd-compressed, which is not read here: decompress it (zstd -d) or recompress it "
+                          f"as .gz, .bz2 or .xz (read as they are)")
+    return opener.open(path, mode, **kwargs) if opener else open(path, mode.removesuffix("t"), **kwargs)
 
 
 def _utf8_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a UTF-8 text file (universal newlines, as open() reads text); a file that is not UTF-8
-    is a SourceError naming the first line that is not."""
+    """(line number, line) of a UTF-8 text file (universal newlines, as open() reads text), gzip-, bzip2- or
+    xz-compressed where its suffix says so; a file that is not UTF-8 is a SourceError naming the first line that is
+    not."""
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark is no part of the first line
+        with _open(path, "rt", encoding="utf-8-sig") as f:  # -sig: a byte order mark is no part of the first line
             yield from enumerate(f, start=1)
     except UnicodeDecodeError as e:
-        with open(path, "rb") as f:  # the decoder reads ahead: find the line again
+        with _open(path, "rb") as f:  # the decoder reads ahead: find the line again
             n = next((n for n, raw in enumerate(f, start=1) if not _decodes(raw)), "?")
         raise SourceError(f"{path}:{n}: not UTF-8 ({e.reason}): convert the file to UTF-8 (e.g. iconv -f <its "
                           "encoding> -t utf-8)") from None
+    except (OSError, EOFError, lzma.LZMAError) as e:  # gzip.BadGzipFile, a truncated archive
+        if Path(path).suffix not in COMPRESSED:
+            raise
+        raise SourceError(f"{path}: cannot be decompressed ({e}): check the file (its suffix says "
+                          f"{Path(path).suffix})") from None
 
 
 def _decodes(raw: bytes) -> bool:
