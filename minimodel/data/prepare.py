@@ -10,6 +10,10 @@ Layout under `output_dir`, per language L:
                                    (the config less the other languages'), its input hash as digest
     manifest.json                  what was built; config.yaml: the resolved config
 
+A language's documents are written to its verses.jsonl as they are read (deduplicated by a digest of each) and read
+back from it to train its tokenizer and to encode: memory does not grow with the corpus, but for the tokenizer's
+sample (tokenizer.input_sentence_size pieces, which SentencePiece holds).
+
 A language is built in a hidden sibling directory and renamed into place only once complete, so an interrupted
 build never leaves a directory that looks finished; the next run removes the leftover and rebuilds. A language
 whose build.json matches the current input hash (config, source fingerprints, code versions) and whose files have
@@ -26,6 +30,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -34,6 +39,7 @@ import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -56,6 +62,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # bump when the output layout, packing or text normalisation changes (2: Unicode NFC)
 SPLITS = ("train", "valid")
 BUILD_MARKER = "build.json"
+VERSES = "verses.jsonl"
 MANIFEST = "manifest.json"
 # a language whose tokens are <unk> this often is refused (above a twentieth, warned about): a script the tokenizer
 # lacks gives a <unk> per word (about half the tokens, with the word markers), not "mostly" <unk> by count
@@ -173,41 +180,72 @@ class Record:
                            "text": self.text, "split": self.split, "source": self.source}, ensure_ascii=False)
 
 
-def collect(cfg: DataConfig, sources: list[Source]) -> tuple[list[Record], dict[str, int]]:
-    """A language's documents, in source order then document order: cleaned, filtered, deduplicated, split."""
+@dataclass
+class Collected:
+    """A language's documents as collected (cleaned, filtered, deduplicated, split), spooled to `path` one Record
+    per line (the language's verses.jsonl): read again as often as needed, never all held in memory."""
+    path: Path
+    counts: dict[str, int]  # documents per split
+    dropped: dict[str, int]
+
+    def __iter__(self) -> Iterator[Record]:
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                yield Record(row["text"], row["verse_id"], row["source"], row["split"])
+
+    def texts(self, split: str) -> Iterable[str]:
+        """The texts of one split, in order, as an iterable that reads them anew each time (a tokenizer's two
+        passes)."""
+        return _Texts([self], split)
+
+
+class _Texts:
+    def __init__(self, collected: list[Collected], split: str):
+        self.collected, self.split = collected, split
+
+    def __iter__(self) -> Iterator[str]:
+        return (r.text for c in self.collected for r in c if r.split == self.split)
+
+
+def collect(cfg: DataConfig, sources: list[Source], into: Path) -> Collected:
+    """A language's documents, in source order then document order: cleaned, filtered, deduplicated (by a digest of
+    each text: a corpus larger than memory), split, and written to `into`."""
     books = set(cfg.books)
-    records: list[Record] = []
-    seen: set[str] = set()
-    dropped = {"empty": 0, "duplicate": 0}
-    for source in sources:
-        name = source.cfg.describe()
-        for doc in source.documents():
-            if doc.verse_id is not None:
-                if books and doc.verse_id // 1_000_000 not in books:
+    seen: set[bytes] = set()
+    counts, dropped = {split: 0 for split in SPLITS}, {"empty": 0, "duplicate": 0}
+    with open(into, "w", encoding="utf-8") as spool:
+        for source in sources:
+            name = source.cfg.describe()
+            for doc in source.documents():
+                if doc.verse_id is not None:
+                    if books and doc.verse_id // 1_000_000 not in books:
+                        continue
+                    text = clean_verse(doc.text, doc.verse_id) if cfg.clean else normalize_spaces(doc.text)
+                else:
+                    text = normalize_spaces(doc.text)
+                if not text:
+                    dropped["empty"] += 1
                     continue
-                text = clean_verse(doc.text, doc.verse_id) if cfg.clean else normalize_spaces(doc.text)
-            else:
-                text = normalize_spaces(doc.text)
-            if not text:
-                dropped["empty"] += 1
-                continue
-            if cfg.dedup:
-                if text in seen:
-                    dropped["duplicate"] += 1
-                    continue
-                seen.add(text)
-            split = split_of(Document(text, doc.verse_id), cfg.valid_fraction, cfg.split_seed)
-            records.append(Record(text, doc.verse_id, name, split))
-    return records, dropped
+                if cfg.dedup:
+                    digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+                    if digest in seen:
+                        dropped["duplicate"] += 1
+                        continue
+                    seen.add(digest)
+                split = split_of(Document(text, doc.verse_id), cfg.valid_fraction, cfg.split_seed)
+                spool.write(Record(text, doc.verse_id, name, split).to_json() + "\n")
+                counts[split] += 1
+    return Collected(into, counts, dropped)
 
 
-def _check_splits(cfg: DataConfig, lang: str, records: list[Record], dropped: dict[str, int]) -> None:
+def _check_splits(cfg: DataConfig, lang: str, collected: Collected) -> None:
     """Both splits hold text, or a SourceError that says what the sources gave and what to change."""
-    counts = {split: sum(r.split == split for r in records) for split in SPLITS}
+    counts, dropped = collected.counts, collected.dropped
     empty = [split for split in SPLITS if not counts[split]]
     if not empty:
         return
-    if not records:
+    if not sum(counts.values()):
         fix = "check that the sources hold text (the field read, the path" + (", `books`" if cfg.books else "") + ")"
     elif "valid" in empty:
         fix = f"raise valid_fraction (now {cfg.valid_fraction}) or add text"
@@ -301,20 +339,18 @@ def _remove_interrupted(out: Path) -> None:
 
 # -- building one language ------------------------------------------------------------------------------------------
 
-def _train_tokenizer(cfg: DataConfig, texts: list[str], out_dir: Path, vocab_size: int) -> Path:
+def _train_tokenizer(cfg: DataConfig, texts: Iterable[str], out_dir: Path, vocab_size: int) -> Path:
     t = cfg.tokenizer
     return train_tokenizer(texts, out_dir, vocab_size, model_type=t.model_type,
                            character_coverage=t.character_coverage, seed=t.seed, num_threads=t.num_threads,
                            input_sentence_size=t.input_sentence_size)
 
 
-def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: dict[str, int], input_hash: str,
-                   out: Path, joint_tokenizer: Path | None = None) -> dict:
-    """Build `<out>/<lang>` in a hidden directory and rename it into place once complete, with its provenance
-    record; returns its stats."""
+def build_language(cfg: DataConfig, lang: str, tmp: Path, collected: Collected, input_hash: str, out: Path,
+                   joint_tokenizer: Path | None = None) -> dict:
+    """Build `<out>/<lang>` in the hidden directory `tmp` (which holds the collected documents, its verses.jsonl)
+    and rename it into place once complete, with its provenance record; returns its stats."""
     start = time.perf_counter()
-    tmp = out / f".{lang}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     given = cfg.given_tokenizer(lang)
     if given is not None:  # its tokenizer files only: the directory may hold a model too
         copy_tokenizer(given, tmp / "tokenizer")
@@ -322,34 +358,32 @@ def build_language(cfg: DataConfig, lang: str, records: list[Record], dropped: d
     elif joint_tokenizer is not None:
         shutil.copytree(joint_tokenizer, tmp / "tokenizer")
     else:
-        train_texts = [r.text for r in records if r.split == "train"]
-        log.info("%s: training a %d-token tokenizer on %d documents", lang, cfg.vocab_size(lang), len(train_texts))
-        _train_tokenizer(cfg, train_texts, tmp / "tokenizer", cfg.vocab_size(lang))
+        log.info("%s: training a %d-token tokenizer on %d documents", lang, cfg.vocab_size(lang),
+                 collected.counts["train"])
+        _train_tokenizer(cfg, collected.texts("train"), tmp / "tokenizer", cfg.vocab_size(lang))
     tokenizer = load_tokenizer(tmp / "tokenizer")
     vocab_size = len(tokenizer)
-    encoder = make_encoder(tmp / "tokenizer", [r.text for r in records[:64]])
+    encoder = make_encoder(tmp / "tokenizer", [r.text for r in itertools.islice(collected, 64)])
     unknown = 0
 
     docs = {split: 0 for split in SPLITS}
     tokens = {split: 0 for split in SPLITS}
     with contextlib.ExitStack() as stack:
         writers = {split: stack.enter_context(write_indexed(tmp / split, vocab_size)) for split in SPLITS}
-        verses = stack.enter_context(open(tmp / "verses.jsonl", "w", encoding="utf-8"))
-        bar = stack.enter_context(tqdm(total=len(records), desc=f"{lang}: tokenize + write", unit="doc",
-                                       dynamic_ncols=True))
-        for i in range(0, len(records), ENCODE_BATCH):
-            batch = records[i:i + ENCODE_BATCH]
+        bar = stack.enter_context(tqdm(total=sum(collected.counts.values()), desc=f"{lang}: tokenize + write",
+                                       unit="doc", dynamic_ncols=True))
+        records = iter(collected)
+        while batch := list(itertools.islice(records, ENCODE_BATCH)):
             for record, ids in zip(batch, encoder.encode([r.text for r in batch])):
                 writers[record.split].add(ids)
                 docs[record.split] += 1
                 tokens[record.split] += len(ids)
                 unknown += int((ids == tokenizer.unk_token_id).sum())
-                verses.write(record.to_json() + "\n")
             bar.update(len(batch))
     _check_unknown(cfg, lang, unknown / max(sum(tokens.values()), 1), tmp)
     seconds = time.perf_counter() - start
     files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    stats = {"documents": docs, "tokens": tokens, "dropped": dropped, "vocab_size": vocab_size,
+    stats = {"documents": docs, "tokens": tokens, "dropped": collected.dropped, "vocab_size": vocab_size,
              "unk_fraction": round(unknown / max(sum(tokens.values()), 1), 6), "encoder": type(encoder).__name__,
              "sources": [s.describe() for s in cfg.languages[lang].sources], "seconds": round(seconds, 2)}
     write_text_atomic(tmp / BUILD_MARKER, json.dumps({"input_hash": input_hash, "files": files, **stats}, indent=2))
@@ -397,29 +431,31 @@ def _summary(stats: dict[str, dict], built: list[str], seconds: float) -> str:
 
 def _build(cfg: DataConfig, todo: list[str], sources: dict[str, list[Source]], hashes: dict[str, str],
            out: Path) -> None:
+    """Build the languages in `todo`, each in a hidden directory that only a complete build leaves (renamed into
+    place), one language's documents in memory at a time: a batch of them."""
     if not todo:
         return
-    collected = {lang: collect(cfg, sources[lang]) for lang in todo}
-    for lang, (records, dropped) in collected.items():
-        _check_splits(cfg, lang, records, dropped)
-    load_megatron_datasets()  # its import takes seconds: keep it out of the per-language timings
+    partial = {lang: out / f".{lang}.partial-{uuid.uuid4().hex[:8]}" for lang in todo}
     joint = None
-    if cfg.tokenizer.joint:
-        for lang in cfg.languages:  # the joint tokenizer needs every language's text
-            if lang not in collected:
-                collected[lang] = collect(cfg, sources[lang])
-        joint = out / f".joint-tokenizer.partial-{uuid.uuid4().hex[:8]}"
-        # in sorted order, as the hash sees the languages: a reordered config trains the same tokenizer
-        texts = [r.text for lang in sorted(cfg.languages) for r in collected[lang][0] if r.split == "train"]
-        log.info("training a joint %d-token tokenizer on %d documents", cfg.tokenizer.vocab_size, len(texts))
-        _train_tokenizer(cfg, texts, joint, cfg.tokenizer.vocab_size)
     try:
+        collected = {}
         for lang in todo:
-            records, dropped = collected[lang]
-            build_language(cfg, lang, records, dropped, hashes[lang], out, joint)
-    finally:
-        if joint is not None:
-            shutil.rmtree(joint, ignore_errors=True)
+            partial[lang].mkdir()
+            collected[lang] = collect(cfg, sources[lang], partial[lang] / VERSES)
+            _check_splits(cfg, lang, collected[lang])
+        load_megatron_datasets()  # its import takes seconds: keep it out of the per-language timings
+        if cfg.tokenizer.joint:  # every language is in todo: the joint tokenizer needs every language's text
+            joint = out / f".joint-tokenizer.partial-{uuid.uuid4().hex[:8]}"
+            # in sorted order, as the hash sees the languages: a reordered config trains the same tokenizer
+            texts = _Texts([collected[lang] for lang in sorted(cfg.languages)], "train")
+            log.info("training a joint %d-token tokenizer on %d documents", cfg.tokenizer.vocab_size,
+                     sum(c.counts["train"] for c in collected.values()))
+            _train_tokenizer(cfg, texts, joint, cfg.tokenizer.vocab_size)
+        for lang in todo:
+            build_language(cfg, lang, partial[lang], collected[lang], hashes[lang], out, joint)
+    finally:  # what did not become a language (a built one was renamed away)
+        for path in [*partial.values(), *([joint] if joint else [])]:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _report(tracker: Tracker, stats: dict[str, dict], built: list[str], seconds: float) -> None:

@@ -122,17 +122,30 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     The model is a pure function of (texts, arguments): a text longer than TRAINING_PIECE_CHARS counts as its
     pieces (training_pieces), and at most `input_sentence_size` texts (0: all) are sampled
     with `seed` (here, since SentencePiece's own sampler ignores its seed when fed an iterator), and the result
-    also depends on `num_threads`, which is therefore an argument rather than the machine's core count.
+    also depends on `num_threads`, which is therefore an argument rather than the machine's core count. `texts` is
+    read twice, to count its pieces and to keep the sample, and never held whole: a list, or an object each iteration
+    of which reads the texts anew (a corpus larger than memory, spooled to a file); a one-pass iterator is listed.
     """
     import sentencepiece as spm
     from transformers import XLMRobertaTokenizer
 
     if vocab_size <= NUM_SPECIAL_ADDED + 3:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: it must leave room for the 5 special tokens")
-    texts = [piece for text in texts for piece in training_pieces(text)]
-    longest = max((len(t.encode("utf-8")) for t in texts), default=0)
-    if 0 < input_sentence_size < len(texts):
-        texts = random.Random(seed).sample(texts, input_sentence_size)
+    if iter(texts) is texts:  # a generator: it would be empty the second time
+        texts = list(texts)
+    count, longest = 0, 0
+    for piece in (piece for text in texts for piece in training_pieces(text)):
+        count, longest = count + 1, max(longest, len(piece.encode("utf-8")))
+    # random.sample draws its indices from the population's size alone: sampling range(count) picks the pieces
+    # sampling the list of every piece would, in the same order
+    chosen = random.Random(seed).sample(range(count), input_sentence_size) if 0 < input_sentence_size < count \
+        else range(count)
+    position = {index: i for i, index in enumerate(chosen)}
+    sample: list[str] = [""] * len(chosen)
+    for index, piece in enumerate(piece for text in texts for piece in training_pieces(text)):
+        if (i := position.get(index)) is not None:
+            sample[i] = piece
+    texts = sample
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
