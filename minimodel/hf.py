@@ -152,10 +152,19 @@ def checkpoint_names(model_dir: str | os.PathLike) -> set[str]:
 
 def initialised_at_load(model, model_dir: str | os.PathLike) -> set[str]:
     """Names of `model`'s parameters that its directory's weights do not hold: initialised when it was loaded (a task
-    head, BERT's pooler on a masked-LM checkpoint), so they have no pretrained value to differ from."""
+    head, BERT's pooler on a masked-LM checkpoint), so they have no pretrained value to differ from; every name of
+    a tied one."""
     saved = checkpoint_names(model_dir)
     # LayerNorm's old names (bert-base-uncased's file), which transformers renames when it loads them
     saved |= {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name)) for name in saved}
     prefix = f"{model.base_model_prefix}."
-    return {name for name, _ in model.named_parameters()
-            if name not in saved and name.removeprefix(prefix) not in saved and prefix + name not in saved}
+
+    def in_file(name: str) -> bool:
+        return name in saved or name.removeprefix(prefix) in saved or prefix + name in saved
+
+    # a tied matrix is saved under one of its names (XLM-R's safetensors: the input embeddings', while the model
+    # lists it as lm_head.decoder.weight): it was loaded if any of them is in the file
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    return {name for names in aliases.values() if not any(map(in_file, names)) for name in names}

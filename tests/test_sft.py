@@ -51,10 +51,11 @@ def minijoint_export():
 
 
 def _expected_partition(model):
-    """Independently: LayerNorm params by class, head = outside base_model."""
+    """Independently: LayerNorm params by class, head = outside base_model; a tied weight by its name in the body."""
     norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
     body = {id(p) for p in model.base_model.parameters()}
-    named = dict(model.named_parameters())
+    body_names = {id(p): f"{model.base_model_prefix}.{n}" for n, p in model.base_model.named_parameters()}
+    named = {body_names.get(id(p), n): p for n, p in model.named_parameters()}
     eligible = {n for n, p in named.items() if id(p) in body and id(p) not in norms}
     dense = {n for n, p in named.items() if id(p) not in body and id(p) not in norms}
     return eligible, dense, {n for n, p in named.items() if id(p) in norms}
@@ -63,7 +64,7 @@ def _expected_partition(model):
 @pytest.mark.parametrize("build", [bert, xlmr, minijoint_export])
 def test_selection_is_numpy_top_k_over_all_eligible_deltas_with_ties_and_never_a_norm_or_head(build):
     model = build()
-    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}  # every tied name
     part = partition_parameters(model)
     eligible, dense, norms = _expected_partition(model)
     assert set(part.eligible) == eligible and set(part.dense) == dense and set(part.frozen) == norms
@@ -367,6 +368,31 @@ def test_parameters_a_task_model_initialises_at_load_are_dense_so_the_composed_m
     params = dict(fresh.named_parameters())
     for n, value in trained.items():
         _max_ulp(params[n], value)
+
+
+@pytest.mark.parametrize("build", [bert, xlmr])
+def test_a_language_sft_of_tied_embeddings_saved_under_one_name_reaches_the_task_model(build, tmp_path):
+    """XLM-R saved as safetensors holds its tied embeddings under the input embeddings' name while transformers lists
+    the tied matrix as lm_head.decoder.weight: it counted as initialised at load, was stored whole, and a language
+    SFT applied to a task model (no head: with_abs=False) dropped every embedding change. A tied weight is loaded if
+    any of its names is in the file, and the SFT names it as the body does."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    base_dir = tmp_path / "mlm"
+    build().save_pretrained(base_dir)  # safetensors
+    base_sha, mlm = model_hash(base_dir), AutoModelForMaskedLM.from_pretrained(base_dir)
+    part = partition_parameters(mlm, new=initialised_at_load(mlm, base_dir))
+    embeddings = f"{mlm.base_model_prefix}.embeddings.word_embeddings.weight"
+    assert embeddings in part.eligible and not [n for n in part.dense if "embeddings" in n or "decoder.weight" in n]
+    g = torch.Generator().manual_seed(2)
+    start = {n: p.detach().clone() for n, p in part.trainable.items()}
+    masks = select_top_k({n: torch.rand(p.shape, generator=g) for n, p in part.eligible.items()}, 200)
+    trained, sft = _random_sft(part, start, masks, g, base_sha)
+    task = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    before = task.get_input_embeddings().weight.detach().clone()
+    sft.apply(task, base_sha, with_abs=False)
+    changed = task.get_input_embeddings().weight != before
+    assert changed.any() and torch.equal(changed, masks[embeddings].bool())
 
 
 def test_the_selection_and_the_sft_measure_what_bf16_training_changed():

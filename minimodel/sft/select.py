@@ -43,7 +43,8 @@ class Partition:
 
 def partition_parameters(model: nn.Module, include_layer_norms: bool = False,
                          new: set[str] = frozenset()) -> Partition:
-    """Split `model`'s parameters (as named_parameters names them: a tied weight once, under its first name) and
+    """Split `model`'s parameters (as named_parameters names them: a tied weight once, under its name in the body,
+    the one a task model, which has no output layer to tie it to, knows it by) and
     set requires_grad accordingly: frozen norms get requires_grad False. `new`: parameters the base model does not
     have (hf.initialised_at_load: a task model's pooler), dense even in the body: a difference from their random
     initial values would mean nothing once the SFT is applied to a freshly loaded model."""
@@ -54,7 +55,11 @@ def partition_parameters(model: nn.Module, include_layer_norms: bool = False,
     norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
     body_params = {id(p) for p in body.parameters()}
     eligible, dense, frozen = {}, {}, []
+    prefix = getattr(model, "base_model_prefix", "")
+    in_body = {id(p): f"{prefix}.{name}" for name, p in body.named_parameters()} \
+        if prefix and getattr(model, prefix, None) is body else {}
     for name, p in model.named_parameters():
+        name = in_body.get(id(p), name)
         if id(p) in norm_params and not include_layer_norms:
             p.requires_grad_(False)
         if not p.requires_grad:
