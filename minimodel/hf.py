@@ -22,6 +22,14 @@ from minimodel.errors import MissingInputError
 from minimodel.training.hf_mlm import check_architecture
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+# A model may have more token embeddings than its tokenizer has tokens, up to this many: Megatron pads its vocabulary
+# to a multiple of 128 x tensor-parallel size, others by their own rule (DeBERTa-v3: 128100 rows for 128001 tokens).
+MAX_VOCAB_PADDING = 1024
+
+
+def embeddings_fit(tokens: int, rows: int) -> bool:
+    """Whether a tokenizer of `tokens` tokens fits a model with `rows` token embeddings: one per id, plus padding."""
+    return 0 <= rows - tokens <= MAX_VOCAB_PADDING
 
 _WHERE_MODELS_COME_FROM = ("a directory written by pretrain/export.py, pretrain/minipost.py, evaluate/finetune.py or "
                            "adapt/plug.py, or a downloaded Hugging Face model (save_pretrained)")

@@ -216,3 +216,28 @@ def test_electras_masked_lm_logits_are_not_its_logits_which_is_why_it_is_refused
     batch = {"input_ids": ids, "labels": ids}
     _, ours = masked_lm_logits(model, batch)
     assert not torch.allclose(ours, model(input_ids=ids).logits[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("padding, fits", [(0, True), (99, True), (1024, True), (1025, False), (-1, False)])
+def test_one_rule_says_how_many_more_embeddings_than_tokens_a_model_may_have(padding, fits, tmp_path):
+    """DeBERTa-v3 has 128100 rows for 128001 tokens: the pipeline and MiniPost took it (up to 1024 rows of padding),
+    then fine-tuning and zero-shot refused its own tokenizer (padding to a power-of-two multiple only)."""
+    from ofa_helpers import wordpiece
+    from transformers import BertConfig, BertForMaskedLM
+
+    from minimodel.evaluation.models import TokenizerMismatchError, check_tokenizer as evaluation_check
+    from minimodel.minipost.build import MiniPostError, check_tokenizer as minipost_check
+
+    tokenizer = wordpiece([f"w{i}" for i in range(95)])  # 100 tokens
+    model = BertForMaskedLM(BertConfig(vocab_size=100 + padding, hidden_size=8, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=16))
+    model_dir = tmp_path / "model"  # carries no tokenizer: only the sizes are checked
+    model_dir.mkdir()
+    for check, error in ((lambda: evaluation_check(model, tokenizer, model_dir, tmp_path / "tok"),
+                          TokenizerMismatchError),
+                         (lambda: minipost_check(tokenizer, model.config, "models/x"), MiniPostError)):
+        if fits:
+            check()
+        else:
+            with pytest.raises(error, match="100 tokens but"):
+                check()

@@ -21,7 +21,7 @@ from transformers import (AutoModel, AutoModelForQuestionAnswering,
 from minimodel.adaptation.plug import plugged_info
 from minimodel.evaluation import EvaluationError
 from minimodel.files import replace_dir
-from minimodel.hf import is_tokenizer_dir, load_masked_lm, load_model, load_tokenizer
+from minimodel.hf import embeddings_fit, is_tokenizer_dir, load_masked_lm, load_model, load_tokenizer
 from minimodel.layout import STUDENT_TARGET_TOKENIZER, TASK_FILE
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseFineTuning
@@ -129,16 +129,6 @@ def read_task_info(model_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def _padded_size(n: int, rows: int) -> bool:
-    """True if `rows` is `n` rounded up to a multiple of some power of two (Megatron pads vocabularies so)."""
-    multiple = 1
-    while multiple <= rows:
-        if -(-n // multiple) * multiple == rows:
-            return True
-        multiple *= 2
-    return False
-
-
 def _dir_vocab(model_dir: Path) -> dict | None:
     return load_tokenizer(model_dir).get_vocab() if is_tokenizer_dir(model_dir) else None
 
@@ -146,8 +136,8 @@ def _dir_vocab(model_dir: Path) -> dict | None:
 def check_tokenizer(model, tokenizer, model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> None:
     """Refuse a tokenizer whose ids do not fit the model's token embeddings.
 
-    The embedding matrix must have exactly one row per token id (or that count padded to a multiple of a power of
-    two, as Megatron pads), and if the model directory carries a tokenizer (a plugged model carries the one its
+    The embedding matrix must have one row per token id, plus padding (hf.embeddings_fit: the rule every stage
+    checks a model and its tokenizer by), and if the model directory carries a tokenizer (a plugged model carries the one its
     embeddings were learned with) it must be the same vocabulary.
     """
     rows = model.get_input_embeddings().num_embeddings
@@ -164,7 +154,7 @@ def check_tokenizer(model, tokenizer, model_dir: str | os.PathLike, tokenizer_di
             raise TokenizerMismatchError(f"tokenizer {tokenizer_dir} has ids up to {top} but {model_dir} has {rows} "
                                          f"token embeddings: {fix}")
         return
-    if not _padded_size(n, rows):
+    if not embeddings_fit(n, rows):
         raise TokenizerMismatchError(
             f"tokenizer {tokenizer_dir} has {n} tokens but {model_dir} has {rows} token embeddings: {fix}")
     own = _dir_vocab(Path(model_dir))

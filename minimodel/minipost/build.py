@@ -22,15 +22,12 @@ from torch import nn
 from transformers import AutoModelForMaskedLM
 
 from minimodel.errors import UserError
-from minimodel.hf import load_model
+from minimodel.hf import embeddings_fit, load_model
 from minimodel.training.hf_mlm import check_architecture, encoder_layers, mlm_head
 
 log = logging.getLogger(__name__)
 
 Init = Literal["source", "random"]
-
-# Megatron pads its vocabulary to a multiple of 128 x tensor-parallel size: that many unused rows are normal.
-MAX_VOCAB_PADDING = 1024
 
 
 class MiniPostError(UserError):
@@ -80,7 +77,7 @@ def check_tokenizer(tokenizer, config, where: str) -> None:
     if n > vocab:
         raise MiniPostError(f"the tokenizer from {where} has {n} tokens but the model has only {vocab} embedding "
                             f"rows: they do not belong together; use the tokenizer the model was trained with")
-    if vocab - n > MAX_VOCAB_PADDING:
+    if not embeddings_fit(n, vocab):
         raise MiniPostError(f"the tokenizer from {where} has {n} tokens but the model has {vocab} embedding rows "
                             f"(more than vocabulary padding explains): use the tokenizer the model was trained with")
     if tokenizer.mask_token_id is None:
