@@ -49,6 +49,25 @@ def test_extension_keeps_the_primary_ids_adds_target_pieces_and_reads_source_tex
     assert any(i >= len(base) for ids in after for i in ids)
 
 
+@pytest.mark.parametrize("family", ["xlmr", "bert"])
+def test_tokens_added_to_the_primarys_tokenizer_keep_their_ids(tmp_path, texts, family):
+    """Tokens added with add_tokens sit past the tokenizer model's vocabulary: new pieces were placed at their ids,
+    and a reload moved them after the new pieces (Unigram: their old ids became placeholders; WordPiece: two tokens
+    per id), so text with them read otherwise, and freezing the primary's rows froze the wrong ones."""
+    english, swahili = texts
+    base = train_family_tokenizer(family, english, 800, tmp_path / "trained")
+    base.add_tokens(["<dom>", "zzqq"])
+    base.save_pretrained(tmp_path / "base")
+    base = load_tokenizer(tmp_path / "base")
+    extend_tokenizer(tmp_path / "base", swahili[:700], english[:700], 100, tmp_path / "extended")
+    extended = load_tokenizer(tmp_path / "extended")
+    vocab = extended.get_vocab()
+    assert all(vocab[piece] == i for piece, i in base.get_vocab().items())
+    assert len(set(vocab.values())) == len(vocab) == len(extended)  # one token per id
+    text = "in the beginning zzqq <dom> was"
+    assert _ids(extended, [text]) == _ids(base, [text])
+
+
 def test_a_bpe_vocabulary_is_refused_naming_the_alternative(tmp_path, texts):
     english, swahili = texts
     train_family_tokenizer("roberta", english, 600, tmp_path / "base")

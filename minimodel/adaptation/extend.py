@@ -57,15 +57,21 @@ def _candidates(kind: str, texts: list[str], size: int, base_vocab: set[str], fl
     return [(p, s) for p, s in pieces if p not in base_vocab]
 
 
-def _with_pieces(spec: dict, pieces: list[tuple[str, float | None]], first_id: int) -> dict:
-    """`spec` (tokenizer.json) with `pieces` at ids first_id, first_id + 1, ..."""
+def _with_pieces(spec: dict, pieces: list[tuple[str, float | None]], first_id: int,
+                 added: dict[int, str]) -> dict:
+    """`spec` (tokenizer.json) with `pieces` at ids first_id, first_id + 1, ..., and the added tokens past its
+    model's vocabulary (`added`: {id: content}, tokenizer.add_tokens') in it at their ids: left out, a reload would
+    move them after the new pieces and leave their ids to others."""
     spec = json.loads(json.dumps(spec))
     model = spec["model"]
-    if model["type"] == "Unigram":  # ids are list positions
-        placed = {**dict(enumerate(model["vocab"])), **{first_id + i: [p, s] for i, (p, s) in enumerate(pieces)}}
-        model["vocab"] = unigram_vocab(placed, floor=min(s for _, s in model["vocab"]), size=first_id + len(pieces))
+    if model["type"] == "Unigram":  # ids are list positions; an added token at the lowest score (matched before the
+        floor = min(s for _, s in model["vocab"])  # model segments the text, it changes no segmentation)
+        placed = {**dict(enumerate(model["vocab"])), **{i: [content, floor] for i, content in added.items()},
+                  **{first_id + i: [p, s] for i, (p, s) in enumerate(pieces)}}
+        model["vocab"] = unigram_vocab(placed, floor=floor, size=first_id + len(pieces))
     else:
-        model["vocab"].update({p: first_id + i for i, (p, _) in enumerate(pieces)})
+        model["vocab"].update({**{content: i for i, content in added.items()},
+                               **{p: first_id + i for i, (p, _) in enumerate(pieces)}})
     return spec
 
 
@@ -88,12 +94,14 @@ def extend_tokenizer(base_dir: str | os.PathLike, target_texts: list[str], sourc
     pieces = _candidates(kind, target_texts, new_pieces * 2 + 100, base_vocab, floor, seed=seed,
                          character_coverage=character_coverage)[:new_pieces]
     first_id, wanted = len(tokenizer), len(pieces)
+    size = len(spec["model"]["vocab"])
+    added = {i: token.content for i, token in tokenizer.added_tokens_decoder.items() if i >= size}
     base = Tokenizer.from_str(json.dumps(spec))
     before = [e.ids for e in base.encode_batch(source_texts, add_special_tokens=False)]
     rounds = 0
     while True:
         rounds += 1
-        extended = Tokenizer.from_str(json.dumps(_with_pieces(spec, pieces, first_id)))
+        extended = Tokenizer.from_str(json.dumps(_with_pieces(spec, pieces, first_id, added)))
         after = [e.ids for e in extended.encode_batch(source_texts, add_special_tokens=False)]
         changed = [a for b, a in zip(before, after) if a != b]
         if not changed:
@@ -102,5 +110,9 @@ def extend_tokenizer(base_dir: str | os.PathLike, target_texts: list[str], sourc
         if not used:  # cannot happen by the argument above; never loop on it
             raise TokenizerError(f"{base_dir}: extending changed how source text reads without using a new piece")
         pieces = [ps for i, ps in enumerate(pieces) if first_id + i not in used]
-    save_tokenizer_json(tokenizer, _with_pieces(spec, pieces, first_id), out_dir)
+    save_tokenizer_json(tokenizer, _with_pieces(spec, pieces, first_id, added), out_dir)
+    vocab = tokenizer.get_vocab()
+    if moved := {t: i for t, i in load_tokenizer(out_dir).get_vocab().items() if t in vocab and vocab[t] != i}:
+        raise TokenizerError(f"{base_dir}: extending moved tokens {sorted(moved.items())[:5]}: every source token must "
+                             "keep its id; use tokenizer.mode=train (a new target vocabulary)")
     return ExtendSummary(first_id, len(pieces), wanted - len(pieces), rounds)
