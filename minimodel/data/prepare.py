@@ -86,7 +86,9 @@ class TokenizerConfig:
     character_coverage: float = 0.9995
     seed: int = 0
     num_threads: int = 1  # SentencePiece's result depends on it: part of reproducibility, not of the machine
-    input_sentence_size: int = 1_000_000  # documents sampled (with seed) to train on; 0: all
+    # documents (each long one as pieces of up to 16k characters) sampled with seed to train on; 0: all.
+    # SentencePiece holds the sample, about 20 bytes a character: lower it for long documents (web pages)
+    input_sentence_size: int = 1_000_000
     joint: bool = False  # one tokenizer over all languages (copied into each <L>/tokenizer) instead of one each
     # An existing Hugging Face tokenizer directory (e.g. models/xlm-roberta-base) used for every language instead
     # of training one: the data for a pretrained model (MiniPost from XLM-R). Any family (is_tokenizer_file).
