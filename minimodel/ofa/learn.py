@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 import time
 from collections import Counter
 from importlib import metadata
@@ -99,8 +100,9 @@ def read_languages(cfg: WordVectorConfig) -> dict[str, VerseText]:
     require(cfg.eval.source_lang in langs, "eval.source_lang", f"{cfg.eval.source_lang!r} is not one of {langs}")
     out = {}
     for lang in tqdm(langs, desc="read verses", unit="lang", dynamic_ncols=True):
-        records, _ = collect(data, [Source(s) for s in data.languages[lang].sources])
-        verses = [(r.verse_id, words_of(r.text), r.split) for r in records if r.verse_id is not None]
+        with tempfile.TemporaryDirectory() as tmp:  # the documents as the data stage collects them
+            collected = collect(data, [Source(s) for s in data.languages[lang].sources], Path(tmp) / "verses.jsonl")
+            verses = [(r.verse_id, words_of(r.text), r.split) for r in collected if r.verse_id is not None]
         if not verses:
             raise UserError(f"{lang}: no Bible verse in its sources: word vectors are learned from verse-parallel "
                             f"text (sources with verse ids: verse_id or book/chapter/verse fields); drop {lang} from "
