@@ -41,9 +41,9 @@ def test_a_language_named_by_its_iso3_code_keeps_its_vectors(tmp_path):
 def test_a_key_without_a_language_is_an_english_word(tmp_path):
     """OFA reads an unprefixed key as eng:<key>; it was dropped (a file of such keys lost every English vector)."""
     path = tmp_path / "v.vec"
-    path.write_text("3 2\nhouse 1 0\nswh:nyumba 0 1\n$big$dog 1 1\n")
+    path.write_text("5 2\nhouse 1 0\nswh:nyumba 0 1\n$big$dog 1 1\n12:30 1 2\ndeu:haus 2 2\n")
     assert load_word_vectors([VectorFileConfig(str(path))], ["en", "sw"]).keys == [
-        ("en", "house"), ("sw", "nyumba"), ("en", "$big$dog")]
+        ("en", "house"), ("sw", "nyumba"), ("en", "$big$dog"), ("en", "12:30")]
 
 
 def test_per_file_language_and_binary_round_trip(tmp_path):

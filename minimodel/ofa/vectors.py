@@ -10,9 +10,9 @@ Formats (chosen by the file name; `.gz` on top of either is read through gzip):
   with save_word2vec_format).
 
 Keys follow OFA's convention: `<lang>:<word>` (e.g. `eng:house`, `sw:nyumba`) where <lang> is a configured language
-code or its ISO 639-3 code (OFA's ColexNet+ uses those), and a key without one is an English word (as OFA reads
-them); a file given with `lang` holds plain words of that language instead. Only the configured languages' words are
-kept.
+code or its ISO 639-3 code (OFA's ColexNet+ uses those), and a key without one (no code of two or three letters
+before a colon) is an English word, as OFA reads them; a file given with `lang` holds plain words of that language
+instead. Only the configured languages' words are kept.
 """
 from __future__ import annotations
 
@@ -74,8 +74,9 @@ def _split_key(key: str, file_lang: str | None, languages: set[str]) -> tuple[st
     if file_lang is not None:
         return (file_lang, key) if file_lang in languages else None
     prefix, sep, word = key.partition(":")
-    if not sep:  # OFA's reading of an unprefixed key
-        prefix, sep, word = "eng", ":", key
+    code = prefix in languages or 2 <= len(prefix) <= 3 and prefix.isascii() and prefix.isalpha()  # ISO 639-1/3
+    if not sep or not code:  # no language in front (a word with a colon: 12:30): OFA reads it as English
+        prefix, word = "eng", key
     lang = prefix if prefix in languages else ISO3.get(prefix, prefix)  # a language named by its ISO-3 code stays
     if not word or lang not in languages:
         return None
