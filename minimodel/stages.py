@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import importlib
 import json
@@ -277,7 +278,8 @@ class Stage:
     def _named_inputs(self, args: list[str], made: set[Path]) -> list[Path]:
         """What its settings (its config file's, its command line's) name that no stage before it makes, and that a
         change to redoes it: every file (a task's train file, word vectors of the user's own), and a directory a DATA
-        setting names (a task's data). Not the project's own settings files (configs/): versioned with the code."""
+        setting names (a task's data; one per language for a "{lang}" in it). Not the project's own settings files
+        (configs/): versioned with the code."""
         config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
         try:
             values = settings(config, [a for a in args if "=" in a and not a.startswith("-")])
@@ -285,12 +287,17 @@ class Stage:
             return []
         named = []
         for key, value in values.items():
-            if not isinstance(value, str) or not value or _under(path := Path(value), made):
+            if not isinstance(value, str) or not value:
                 continue
-            if path.is_dir() and re.sub(r"\[\d+\]", "", key) in _data_keys(self.kind):
-                named.append(path)
-            elif path.is_file() and not path.resolve().is_relative_to(provenance.SHIPPED):
-                named.append(path)
+            paths = [Path(value)] if "{lang}" not in value else [  # task.hf_dataset=xnli_{lang}: every language's
+                Path(p) for p in sorted(glob.glob(glob.escape(value).replace("{lang}", "*")))]
+            for path in paths:
+                if _under(path, made):
+                    continue
+                if path.is_dir() and re.sub(r"\[\d+\]", "", key) in _data_keys(self.kind):
+                    named.append(path)
+                elif path.is_file() and not path.resolve().is_relative_to(provenance.SHIPPED):
+                    named.append(path)
         return named
 
     def _made_before(self) -> set[Path]:

@@ -667,6 +667,18 @@ def test_the_data_and_files_a_stages_config_file_names_count_in_its_hash(tmp_pat
     assert overridden.input_hash != before
 
 
+def test_each_languages_dataset_a_lang_template_names_counts(tmp_path):
+    """task.hf_dataset=xnli_{lang} (a save_to_disk directory per language) named no existing directory as written:
+    rewriting a language's dataset left fine-tuning and zero-shot done."""
+    for lang in ("en", "sw"):
+        (tmp_path / f"xnli_{lang}").mkdir()
+        (tmp_path / f"xnli_{lang}" / "dataset_dict.json").write_text("{}")
+    stage = Stage("zero_shot", "zero_shot", [f"task.hf_dataset={tmp_path / 'xnli_{lang}'}"], tmp_path / "zs")
+    before = stage.input_hash
+    (tmp_path / "xnli_sw" / "dataset_dict.json").write_text('{"splits": ["test"]}')
+    assert stage.input_hash != before
+
+
 def test_a_directory_no_data_setting_names_does_not_count(tmp_path):
     """A directory a stage may write to (a checkpoint directory on scratch space) would redo the stage after every
     run if it counted: only DATA settings' directories do."""
