@@ -502,3 +502,51 @@ def test_an_sfts_mlflow_compute_counts_on_across_its_phases(tmp_path):
     assert steps == (1, 2, 3, 4, 5, 6) and flops == tuple(flops[0] * step for step in steps)  # same work per step
     assert list(seconds) == sorted(seconds)
     assert flops[-1] == logged["info"]["flops"] and seconds[-1] == pytest.approx(logged["info"]["wall_clock_s"])
+
+
+# One iteration over a tiny XLM-R whose decoder is tied to its input embeddings (a language SFT with
+# freeze_decoder=false); argv: output dir, then "rename" to make the saved mask an earlier version's and resume
+TIED_RESUMED = """
+import dataclasses, json, shutil, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+sys.path.insert(0, "tests")
+from sft_helpers import BASE_SHA, SFT, loop_config, tiny_data
+from minimodel.sft.file import SparseFineTuning
+from minimodel.sft.train import train_sft
+from minimodel.training.hf_mlm import masked_lm_loss
+
+out = Path(sys.argv[1])
+if sys.argv[2] == "rename":  # phase 1 done by an earlier version: its mask names the tied matrix as it was listed
+    mask = out / "iteration_1" / "mask.safetensors"
+    tensors = load_file(str(mask))
+    tensors["lm_head.decoder.weight"] = tensors.pop("roberta.embeddings.word_embeddings.weight")
+    save_file(tensors, str(mask))
+    shutil.rmtree(out / "sft")
+    shutil.rmtree(out / "iteration_1" / "sparse")
+torch.manual_seed(0)
+model = XLMRobertaForMaskedLM(XLMRobertaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=32, max_position_embeddings=18,
+                                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+train_sft(dataclasses.replace(SFT, full_steps=3, sparse_steps=3), loop_config(0), model, tiny_data(),
+          masked_lm_loss, lambda batch: 10.0, output_dir=out, base_sha256=BASE_SHA)
+sft = SparseFineTuning.load(out / "sft")
+json.dump({n: d.indices.tolist() for n, d in sft.diffs.items()}, open(out / f"diffs-{sys.argv[2]}.json", "w"))
+"""
+
+
+def test_an_sft_resumes_from_a_mask_an_earlier_version_saved_under_a_tied_weights_other_name(tmp_path):
+    """The SFT now names a tied weight as the body does (roberta.embeddings...); a mask saved before, under the
+    name transformers lists first (lm_head.decoder.weight), left the embeddings unmasked in phase 2 and the save
+    raised KeyError."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **({} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    for step in ("first", "rename"):
+        run = subprocess.run([sys.executable, "-c", TIED_RESUMED, str(tmp_path), step], env=env, capture_output=True,
+                             text=True, timeout=600, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-3000:]
+    first, resumed = (json.loads((tmp_path / f"diffs-{step}.json").read_text()) for step in ("first", "rename"))
+    assert resumed == first and "roberta.embeddings.word_embeddings.weight" in first

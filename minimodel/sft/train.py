@@ -223,11 +223,17 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
         log.warning(caveat)
     l1_names = set(part.eligible) if cfg.l1_eligible_only else set(part.trainable)
     theta0 = {n: p.detach().float().cpu().clone() for n, p in part.trainable.items()}
+    # a tied parameter by the partition's name (an earlier version saved it under the first one transformers lists)
+    alias = {other: name for name, p in part.trainable.items()
+             for other, q in model.named_parameters(remove_duplicate=False) if q is p}
+
+    def saved(path: Path) -> dict[str, torch.Tensor]:  # a mask or an iteration's end, as saved in an earlier launch
+        return {alias.get(name, name): tensor for name, tensor in load_file(str(path)).items()}
     start, masks, offset, final = theta0, None, 0, None
     for it in range(1, cfg.iterations + 1):
         it_dir = out / f"iteration_{it}"
         if it < cfg.iterations and (it_dir / END_FILE).is_file():  # finished in an earlier launch
-            start, masks = load_file(str(it_dir / END_FILE)), load_file(str(it_dir / MASK_FILE))
+            start, masks = (saved(it_dir / name) for name in (END_FILE, MASK_FILE))
             offset += full_steps + sparse_steps
             continue
         k_it = k // cfg.iterations + (k % cfg.iterations if it == cfg.iterations else 0)
@@ -249,7 +255,7 @@ def train_sft(cfg: SFTConfig, train_cfg: DeepSpeedLoopConfig, model: nn.Module, 
 
             on_rank0(select)  # its errors (too few values left) on every rank, not rank 0 alone
         offset += full_steps
-        masks = load_file(str(it_dir / MASK_FILE))
+        masks = saved(it_dir / MASK_FILE)
         _set_params(part.trainable, start)  # the rewind
         final = phase(sparse_steps, it_dir / "sparse", masks, cfg.sparse_l1, offset, f"{desc} it{it} sparse")
         if final is None:
