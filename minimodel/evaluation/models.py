@@ -137,8 +137,8 @@ def check_tokenizer(model, tokenizer, model_dir: str | os.PathLike, tokenizer_di
     """Refuse a tokenizer whose ids do not fit the model's token embeddings.
 
     The embedding matrix must have one row per token id, plus padding (hf.embeddings_fit: the rule every stage
-    checks a model and its tokenizer by), and if the model directory carries a tokenizer (a plugged model carries the one its
-    embeddings were learned with) it must be the same vocabulary.
+    checks a model and its tokenizer by), and if the model directory carries a tokenizer (a plugged model carries
+    the one its embeddings were learned with) it must be the same vocabulary.
     """
     rows = model.get_input_embeddings().num_embeddings
     n = len(tokenizer)

@@ -8,7 +8,8 @@ Layout under a checkpoint root:
 
 Every rank writes its shards into `iter_XXXXXXX.tmp/`; only after all ranks finished (barrier) does rank 0 rename it
 to `iter_XXXXXXX/` and then replace `latest` atomically. A crash mid-save therefore leaves at most a `*.tmp`
-directory, which resume ignores (and the next prune deletes): the last good checkpoint is never touched. Only complete directories count, so resume also works if `latest` itself was lost.
+directory, which resume ignores (and the next prune deletes): the last good checkpoint is never touched. Only
+complete directories count, so resume also works if `latest` itself was lost.
 
 The caller builds the sharded state dict (model, optimizer, ...); this module adds the per-rank RNG states so a
 resumed run draws the same dropout masks as an uninterrupted one.
