@@ -78,8 +78,9 @@ class InputsChanged(UserError):
     is of neither version."""
 
 
-# The fingerprint each output directory was claimed with, in this process: what its finished record may vouch for.
-_claimed: dict[Path, dict] = {}
+# What each output directory was claimed with in this process, (fingerprint, uses): what its finished record may
+# vouch for.
+_claimed: dict[Path, tuple[dict, Mapping[str, Iterable[str]] | None]] = {}
 
 
 def _neutral(key: str, ignore: tuple[str, ...]) -> bool:
@@ -312,7 +313,8 @@ def claim_output(output_dir: str | Path, cfg: Any, *, resumable: bool, overwrite
     Under torch.distributed, rank 0 decides and writes and every rank returns (or raises) the same; call it on
     rank 0 only before the process group is up."""
     def decide() -> Claim:
-        claimed = _claimed[Path(output_dir).absolute()] = fingerprint(cfg, ignore, uses, writes)
+        claimed = fingerprint(cfg, ignore, uses, writes)
+        _claimed[Path(output_dir).absolute()] = claimed, uses
         return _claim(Path(output_dir), cfg, claimed, resumable, overwrite, ignore)
 
     if not dist.is_initialized():
@@ -404,10 +406,12 @@ def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = ()
     this process claimed the directory with (one changed while the stage ran)."""
     output_dir = Path(output_dir)
     new, old = fingerprint(cfg, ignore, uses, writes), _recorded(output_dir, cfg, ignore)
-    claimed = _claimed.get(output_dir.absolute())
-    if claimed is not None and not _matches(claimed, new)[0]:  # a whole that gained parts still matches
-        raise InputsChanged(f"{output_dir}: its inputs changed while it ran ({'; '.join(differences(claimed, new))}): "
-                            "its result is of neither version and is not marked finished. Run it again")
+    if (claim := _claimed.get(output_dir.absolute())) is not None:
+        claimed, claimed_uses = claim
+        now = new if uses == claimed_uses else fingerprint(cfg, ignore, claimed_uses, writes)  # the parts it read
+        if not _matches(claimed, now)[0]:  # a whole that gained parts still matches
+            raise InputsChanged(f"{output_dir}: its inputs changed while it ran ({'; '.join(differences(claimed, now))})"
+                                ": its result is of neither version and is not marked finished. Run it again")
     if parts is not None:
         new["parts"] = _json(dict(parts))
     if old is not None:

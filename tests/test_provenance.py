@@ -354,6 +354,25 @@ def _build_whole(whole, parts: dict[str, int]) -> None:
     finish_output(whole, Cfg(), parts=digests)
 
 
+def test_a_stage_that_read_some_parts_finishes_unless_those_changed_while_it_ran(tmp_path):
+    """Adaptation claims its directory reading one part of the data (`uses`) and finishes without naming them: the
+    check of the inputs it was claimed with compared the part it read with the whole, and refused a finished run
+    (a language the whole's record does not list: copied in by hand)."""
+    whole = tmp_path / "data"
+    _build_whole(whole, {"en": 100, "sw": 100})
+    (whole / "swcopy").mkdir()
+    for lang in ("en", "swcopy"):
+        reader = Reader(str(tmp_path / f"adapt_{lang}"), str(whole))
+        claim_output(reader.output_dir, reader, resumable=True, uses={"data": [lang]})
+        finish_output(reader.output_dir, reader)
+        assert provenance.read(reader.output_dir)["status"] == "finished"
+    reader = Reader(str(tmp_path / "adapt_sw"), str(whole))
+    claim_output(reader.output_dir, reader, resumable=True, uses={"data": ["sw"]})
+    _build_whole(whole, {"en": 100, "sw": 300})  # the part it reads, made again while it ran
+    with pytest.raises(provenance.InputsChanged, match=r"data: .*data/sw was made again since"):
+        finish_output(reader.output_dir, reader)
+
+
 def test_a_whole_made_of_parts_gains_a_part_without_invalidating_what_read_the_others(tmp_path):
     whole = tmp_path / "data"
     _build_whole(whole, {"en": 100})
