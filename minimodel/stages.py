@@ -262,10 +262,10 @@ class Stage:
             hashed = [kind.launcher if self.launched else "python", self.ranks, kind.script, *args]
         digest = hashlib.sha256(json.dumps(hashed).encode())
         made = self._made_before()
-        for arg in args:
-            if path := _settings_file(arg, made):
-                digest.update(_config_bytes(path, layout) if layout else path.read_bytes())
-        named = self._named_inputs(args, made)
+        read = [path for arg in args if (path := _settings_file(arg, made))]
+        for path in read:
+            digest.update(_config_bytes(path, layout) if layout else path.read_bytes())
+        named = [path for path in self._named_inputs(args, made) if path not in read]  # those: read above
         for path in named:  # a settings file a setting names (a DeepSpeed config of the user's own): by content
             if path.suffix in SETTINGS_SUFFIXES:
                 digest.update(path.read_bytes())
