@@ -181,6 +181,37 @@ def test_verse_retrieval_caps_the_verses_both_languages_hold(tmp_path):
         load_verse_pairs(cfg, "xx", "yy", "test")
 
 
+def test_verse_tasks_read_the_verses_of_a_language_with_free_text_besides(tmp_path):
+    """A language built from a Bible and a plain-text corpus: its free text (verse_id null) is no verse, and a
+    deuterocanonical book (67) has no Bible part; both were read (TypeError, ValueError at the zero-shot stage)."""
+    verses = toy_bible()
+    free = [{"verse_id": None, "book": None, "chapter": None, "verse": None, "text": f"free text {i}", "split": split}
+            for i, split in enumerate(["valid", "train"] * 5)]
+    extra = [{**verses[0], "verse_id": 67_001_001, "book": 67}, {**verses[1], "verse_id": 67_001_002, "book": 67,
+                                                                 "split": "valid"}]
+    write_verses(tmp_path, "en", verses + free + extra)
+    write_verses(tmp_path, "xx", free[::-1] + verses + extra, cipher)
+    plain = [{**v, "text": " ".join(map(cipher, v["text"].split()))} for v in verses]  # the languages' verses alone
+    write_verses(tmp_path / "plain", "en", verses)
+    write_verses(tmp_path / "plain", "xx", plain)
+    for name, cap in [("verse_class", None), ("verse_class", 20), ("verse_retrieval", None), ("verse_retrieval", 20)]:
+        cfg, only_verses = (TaskConfig(name=name, data_dir=str(d), max_eval_examples=cap, max_train_examples=cap)
+                            for d in (tmp_path, tmp_path / "plain"))
+        for split in ("train", "test"):
+            got = load_examples(cfg, "xx", split)
+            expected = load_examples(only_verses, "xx", split)
+            if name == "verse_retrieval" and cap is None:  # retrieval keeps the verses of book 67
+                expected += [{"verse_id": v["verse_id"], "text": " ".join(map(cipher, v["text"].split()))}
+                             for v in extra if (v["split"] == "train") == (split == "train")]
+            assert got == expected, (name, cap, split)
+        if name == "verse_retrieval":
+            assert len(load_verse_pairs(cfg, "en", "xx", "test")) == len(
+                load_verse_pairs(only_verses, "en", "xx", "test")) + (0 if cap else 1)
+    write_verses(tmp_path, "zz", free)
+    with pytest.raises(TaskDataError, match="no test verses in language 'zz'.*Bible source"):
+        load_examples(TaskConfig(name="verse_class", data_dir=str(tmp_path)), "zz", "test")
+
+
 def test_task_config_errors():
     with pytest.raises(ConfigError, match="task.data_dir"):
         load_config(TaskConfig, overrides=["name=xnli"])

@@ -231,8 +231,18 @@ def read_verses(data_dir: str | Path, lang: str) -> list[dict]:
 
 
 def _verse_split(cfg: TaskConfig, lang: str, split: str) -> list[dict]:
+    """The verses of a split: records with a verse id (a language's free text, from its other sources, is none), for
+    verse_class those of the 66 books it has parts for (a deuterocanonical book has none)."""
     wanted = "train" if split == "train" else "valid"  # held-out verse ids, the same in every language
-    return [v for v in read_verses(cfg.data_dir, lang) if v["split"] == wanted]
+    verses = [v for v in read_verses(cfg.data_dir, lang) if v["split"] == wanted and v["verse_id"] is not None]
+    if cfg.name == "verse_class":
+        verses = [v for v in verses if 1 <= v["book"] <= 66]
+    if not verses:
+        raise TaskDataError(f"task {cfg.name}: no {split} verses in language {lang!r} "
+                            f"({Path(cfg.data_dir) / lang / 'verses.jsonl'} holds no {wanted} record with a verse id"
+                            f"{' of books 1-66' if cfg.name == 'verse_class' else ''}): give the language a Bible "
+                            f"source, or evaluate it on a task of its own data")
+    return verses
 
 
 # -- `datasets` --------------------------------------------------------------------------------------
