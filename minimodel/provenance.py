@@ -12,11 +12,13 @@ result is "of this config" only if it was made from the same upstream results an
     same config and inputs, finished   -> "finished" (a training stage skips or resumes to the end: a no-op)
     same config and inputs, unfinished -> "resume"
     no record and nothing there        -> "new"
-    another config, or files without a record (unknown config):
+    another config:
         resumable stages (checkpoints: pretrain, minipost, adapt, finetune): UserError naming the differing keys
         and the fix, unless `overwrite` (then the directory is emptied first: "new")
         other stages (replace their outputs atomically, whole: data, export, plug, zero_shot, report): "new",
         the change honoured by redoing them
+    files without a record (no stage wrote them), the working or home directory: NotAnOutputDirectory, whatever
+        `overwrite` says (a stage may empty or replace its directory whole)
 Never a silent skip: a stage may skip only on "finished". A record is read with the default of every setting its
 config class gained since it was written (a new setting's default keeps the behaviour the code had before): a result
 made then stays valid for a config that leaves the setting at its default, and not for one that sets it.
@@ -71,6 +73,11 @@ Claim = Literal["new", "resume", "finished"]
 
 class ConfigChanged(UserError):
     """The output directory holds a result (or a partial run) of another config."""
+
+
+class NotAnOutputDirectory(UserError):
+    """The output directory named is not a stage's own: the working directory or one above it, the home directory,
+    or a directory of files no stage wrote."""
 
 
 class InputsChanged(UserError):
@@ -323,10 +330,10 @@ def claim_output(output_dir: str | Path, cfg: Any, *, resumable: bool, overwrite
     if dist.get_rank() == 0:
         try:
             box[0] = decide()
-        except ConfigChanged as e:
+        except UserError as e:  # every rank raises it (the others would wait for rank 0 forever)
             box[0] = e
     dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], ConfigChanged):
+    if isinstance(box[0], UserError):
         raise box[0]
     return box[0]
 
@@ -368,8 +375,21 @@ def _recorded(output_dir: Path, cfg: Any, ignore: tuple[str, ...]) -> dict | Non
     return record
 
 
+def _check_own_directory(output_dir: Path) -> None:
+    """Refuse an output directory a stage must not empty or replace: an empty path (`output_dir=$UNSET`), the
+    working directory, one above it, or the home directory."""
+    path, cwd, home = output_dir.resolve(), Path.cwd().resolve(), Path.home().resolve()
+    if path in (home, cwd, *cwd.parents):
+        what = "the home directory" if path == home else \
+            "the working directory" if path == cwd else "a directory above the working directory"
+        raise NotAnOutputDirectory(
+            f"output directory {str(output_dir)!r} is {path}, {what}: a stage's output directory is its own (it may "
+            "be emptied or replaced whole); name one, e.g. runs/<name>")
+
+
 def _claim(output_dir: Path, cfg: Any, new: dict, resumable: bool, overwrite: bool,
            ignore: tuple[str, ...]) -> Claim:
+    _check_own_directory(output_dir)
     old = _recorded(output_dir, cfg, ignore)
     if old is not None:
         matched, upgrade = _matches(old, new)
@@ -378,12 +398,15 @@ def _claim(output_dir: Path, cfg: Any, new: dict, resumable: bool, overwrite: bo
                 _write(output_dir, {**old, "inputs": {**old["inputs"], **upgrade}}, old["status"],
                        old.get("previous"))
             return "finished" if old["status"] == "finished" else "resume"
-    holds_files = output_dir.is_dir() and any(p.name != RECORD for p in output_dir.iterdir())
-    if resumable and (old is not None or holds_files):
-        what = "files of a run whose config is unknown (no record)" if old is None else \
-            f"{'a finished result' if old['status'] == 'finished' else 'a partial run'} of another config"
+    # a stage may empty or replace its directory whole; a lock (the data stage takes `.lock` before it claims) is none
+    if old is None and output_dir.is_dir() and any(not p.name.endswith(".lock") for p in output_dir.iterdir()):
+        raise NotAnOutputDirectory(
+            f"{output_dir} holds files no minimodel stage wrote (no {RECORD}): nothing there is replaced or deleted, "
+            f"with overwrite=true neither; name a new or empty output directory")
+    if resumable and old is not None:
+        what = f"{'a finished result' if old['status'] == 'finished' else 'a partial run'} of another config"
         if not overwrite:
-            changed = "; ".join(differences(old, new)) if old is not None else f"no {RECORD}"
+            changed = "; ".join(differences(old, new))
             raise ConfigChanged(
                 f"{output_dir} holds {what} ({changed}): its checkpoints and results are not this config's. Use a "
                 f"new output_dir to keep both, or pass overwrite=true to discard the old one")
@@ -410,8 +433,9 @@ def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = ()
         claimed, claimed_uses = claim
         now = new if uses == claimed_uses else fingerprint(cfg, ignore, claimed_uses, writes)  # the parts it read
         if not _matches(claimed, now)[0]:  # a whole that gained parts still matches
-            raise InputsChanged(f"{output_dir}: its inputs changed while it ran ({'; '.join(differences(claimed, now))})"
-                                ": its result is of neither version and is not marked finished. Run it again")
+            raise InputsChanged(f"{output_dir}: its inputs changed while it ran "
+                                f"({'; '.join(differences(claimed, now))}): its result is of neither version and is "
+                                "not marked finished. Run it again")
     if parts is not None:
         new["parts"] = _json(dict(parts))
     if old is not None:

@@ -270,14 +270,14 @@ def test_a_zero_shot_result_of_an_adaptation_made_again_since_is_left_out(tmp_pa
         model_dir: str = ""
 
     layout = PipelineLayout(tmp_path / "run")
-    write_pipeline_results(layout)
     adapted, scored = layout.adapt("minijoint", "sw"), layout.zero_shot("verse_class", "minijoint")
     plugged = layout.root / "plugged_mlm" / "sw"
     chain = [(adapted, Adapt()), *([(plugged, Plug(str(adapted)))] if through_plug else []),
              (scored, ZeroShot(model_dir=str(plugged)) if through_plug else ZeroShot(embeddings=str(adapted)))]
-    for out, cfg in chain:
+    for out, cfg in chain:  # records first: a directory of files without one is no stage's
         claim_output(out, cfg, resumable=False)
         finish_output(out, cfg)
+    write_pipeline_results(layout)
     cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'report'}", f"pipeline_dir={layout.root}",
                                                "tracking.enabled=false"])
 

@@ -13,7 +13,7 @@ import pytest
 
 from minimodel import provenance
 from minimodel.evaluation.tasks import TaskConfig
-from minimodel.provenance import RECORD, ConfigChanged, claim_output, finish_output
+from minimodel.provenance import RECORD, ConfigChanged, NotAnOutputDirectory, claim_output, finish_output
 
 
 @dataclass
@@ -164,11 +164,30 @@ def test_a_partial_run_of_another_config_and_files_without_a_record_are_refused(
     claim_output(out, Cfg(), resumable=True)
     with pytest.raises(ConfigChanged, match=r"a partial run of another config \(train.lr: 0.1 -> 0.2\)"):
         claim_output(out, Cfg(train=Train(lr=0.2)), resumable=True)
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    (legacy / "adapt.json").write_text("{}")
-    with pytest.raises(ConfigChanged, match="unknown"):
-        claim_output(legacy, Cfg(), resumable=True)
+
+
+def test_a_directory_no_stage_wrote_is_never_emptied_or_replaced(tmp_path, monkeypatch):
+    """overwrite=true discards another config's result, not a user's files: a checkpoint dir pointed at a scratch
+    folder lost it whole, and an unset variable (output_dir=$OUT: empty, the working directory) emptied the cwd."""
+    scratch = tmp_path / "scratch"
+    (scratch / "other_project").mkdir(parents=True)
+    (scratch / "other_project" / "results.csv").write_text("data")
+    for resumable, overwrite in [(True, False), (True, True), (False, False)]:  # plug/export replace theirs whole
+        with pytest.raises(NotAnOutputDirectory, match=r"scratch holds files no minimodel stage wrote.*new or empty"):
+            claim_output(scratch, Cfg(), resumable=resumable, overwrite=overwrite)
+    assert (scratch / "other_project" / "results.csv").read_text() == "data"
+    assert sorted(p.name for p in scratch.iterdir()) == ["other_project"]  # no record written either
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    for output_dir, what in [("", "working directory"), (".", "working directory"), ("..", "above the working directory"),
+                             (str(tmp_path / "home"), "home directory")]:
+        with pytest.raises(NotAnOutputDirectory, match=f"{what}.*name one"):
+            claim_output(output_dir, Cfg(), resumable=True, overwrite=True)
+    assert list(work.iterdir()) == [] and list((tmp_path / "home").iterdir()) == []
+    assert claim_output(work / "run", Cfg(), resumable=True) == "new"  # below it: a directory of its own
 
 
 def test_a_stage_that_redoes_its_output_honours_a_changed_config(tmp_path):
