@@ -28,7 +28,11 @@ T = TypeVar("T")
 
 
 class ConfigError(UserError):
-    """A configuration problem; the message names the key and how to fix it."""
+    """A configuration problem; the message names the key and how to fix it (`key`: that key, where one is named)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _type_name(tp: Any) -> str:
@@ -336,7 +340,7 @@ def flatten(value: Any, *, lists: bool = False) -> dict[str, Any]:
 def require(condition: bool, key: str, message: str) -> None:
     """Raise a ConfigError naming `key` unless `condition` holds; for validate() methods."""
     if not condition:
-        raise ConfigError(f"{key}: {message}")
+        raise ConfigError(f"{key}: {message}", key)
 
 
 class PerLanguageRun:

@@ -55,6 +55,7 @@ from minimodel.config import ConfigError, build_config, load_config, require, sa
 from minimodel.data.prepare import DataConfig
 from minimodel.evaluation.tasks import TASKS, TaskConfig
 from minimodel.hf import HFLoadError, load_tokenizer
+from minimodel.errors import UserError
 from minimodel.layout import PipelineLayout
 from minimodel.methods import BASELINE, DISTILLED, MODELS, REFERENCE, SPARSE, job_name, parse_method
 from minimodel.minipost.build import MiniPostError, check_tokenizer
@@ -177,7 +178,10 @@ class PipelineConfig:
             require(method != "ofa", key, "sets init.method=ofa, whose word vectors the pipeline learns for a method "
                     "named with +ofa only: name it so in methods (e.g. minijoint+ofa)")
         # the data stage's sources: checked now, and the files among them watched for changes (build_stages)
-        data = load_config(DataConfig, self.configs.data, self.overrides.get("data", []))
+        try:
+            data = load_config(DataConfig, self.configs.data, self.overrides.get("data", []))
+        except ConfigError as e:
+            raise ConfigError(f"configs.data ({self.configs.data}) with overrides.data: {e}", e.key) from None
         for lang in [self.source_lang, *self.target_langs]:
             require(lang in data.languages, "source_lang" if lang == self.source_lang else "target_langs",
                     f"{lang} is not a language of the data config {self.configs.data} (it has "
@@ -599,6 +603,8 @@ def run(cfg: PipelineConfig) -> Path:
         require(getattr(cfg, f"{group}_nodes") == 1, f"{group}_nodes",
                 "a local run has one node: submit the pipeline to Slurm (bash slurm/pipeline.sh CONFIG) to run a "
                 "stage on several")
+    for stage in build_stages(cfg, None):  # before anything is written or logged
+        stage.check_config()
     at = layout(cfg)
     save_config(cfg, at.config)
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
@@ -647,6 +653,8 @@ def plan(cfg: PipelineConfig) -> dict:
     """The pipeline as batch jobs for slurm/pipeline.sh: {"env": the jobs' environment, "jobs": stages.jobs()},
     the per-language stages of a method already one job with an array task per language, reading copies of their
     settings files."""
+    for stage in build_stages(cfg, None):  # before anything is logged
+        stage.check_config()
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
                                                        "target_langs": ",".join(cfg.target_langs)})
     stages = build_stages(cfg, tracker.run_id)
@@ -669,13 +677,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)  # overrides before and after --config alike, as every stage's
     try:
         cfg = load_config(PipelineConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        if args.plan:
+            print(json.dumps(plan(cfg)))
+        else:
+            run(cfg)
+    except UserError as e:  # before any stage ran (a stage's failure is its own)
+        print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.plan:
-        print(json.dumps(plan(cfg)))
-    else:
-        run(cfg)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import yaml
 
 from minimodel import distributed, provenance, supervisor, tracking
-from minimodel.config import ConfigError, settings
+from minimodel.config import ConfigError, load_config, settings
 from minimodel.supervisor import descendants, die_with_parent
 from minimodel.files import stat_signature, write_bytes_atomic, write_text_atomic
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS, PreemptionSignal
@@ -221,6 +221,22 @@ class Stage:
         else:
             launcher = [DEEPSPEED, "--num_gpus", str(self.nproc)]
         return [*launcher, kind.script, *self.args, *self.lang_args]
+
+    def check_config(self) -> None:
+        """Load and validate its whole config (its file, the pipeline's settings, the user's overrides) as the stage
+        will, at the pipeline's start: a bad value (train.steps=0) failed only when its stage started, hours in. A
+        check of an input a stage before it makes (not there yet) is left to the stage."""
+        if not KINDS[self.kind].config:  # a script of no config class
+            return
+        args = [*self.args, *self.lang_args]
+        config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+        overrides = [a for a in args if "=" in a and not a.startswith("-")]
+        try:
+            load_config(KINDS[self.kind].config_class(), config, overrides)
+        except ConfigError as e:
+            value = settings(config, overrides).get(e.key) if e.key else None
+            if not (isinstance(value, str) and value and _under(Path(value), self._made_before())):
+                raise ConfigError(f"stage {self.name}: {e}", e.key) from None
 
     def command(self) -> list[str]:
         """argv + run_args, with a free rendezvous port for a multi-rank launcher (not hashed: any port will do, and

@@ -4,6 +4,7 @@ and links to their runs instead of duplicating them, and its report rebuilt from
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from minimodel.config import ConfigError, load_config
 from minimodel.evaluation.tasks import TASKS
 from minimodel.layout import PipelineLayout
 from minimodel.methods import parse_method
-from minimodel.pipeline import PipelineConfig, build_stages
+from minimodel.pipeline import PipelineConfig, build_stages, main
 
 
 def test_stages_follow_the_method_and_validate():
@@ -115,6 +116,32 @@ def test_a_stage_override_the_stage_would_refuse_is_refused_when_the_pipeline_lo
     after the stages before it had run (overrides.pretrain's, without minijoint, as a traceback)."""
     with pytest.raises(ConfigError, match=problem):
         load_config(PipelineConfig, SMOKE, ["methods=[standard, minipost]", override])
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("overrides.adapt=[train.steps=0]", "stage adapt-standard-ny: train.steps: 0 must be >= 1"),
+    ("method_overrides.minipost=[train.optim.lr=-1]", "stage adapt-minipost-ny: train.optim.lr: -1.0 must be"),
+    ("overrides.finetune=[train.schedule.warmup_steps=1]", "stage finetune: train.schedule.warmup_steps: 1:"),
+    ("overrides.data=[valid_fraction=0]", r"configs.data \(.*\) with overrides.data: valid_fraction: must be"),
+    ("adapt_nodes=2", "adapt_nodes: a local run has one node"),
+])
+@pytest.mark.parametrize("plan", [False, True], ids=["run", "plan"])
+def test_a_stage_value_the_stage_would_refuse_stops_the_pipeline_before_it_writes(tmp_path, capsys, override,
+                                                                                   problem, plan):
+    """A value a stage refuses (its config's own validation) passed the pipeline's check of keys and types and
+    failed when that stage started, hours in (adaptation after data, pretraining, export); a nodes count or a data
+    value as a traceback, with config.yaml written."""
+    out = tmp_path / "run"
+    argv = ["--config", str(SMOKE), f"output_dir={out}", "tracking.enabled=false", "methods=[standard, minipost]",
+            override, *(["--plan"] if plan else [])]
+    if plan and override.startswith("adapt_nodes"):
+        main(argv)  # a batch job may span nodes
+        assert json.loads(capsys.readouterr().out)["jobs"]
+        return
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2 and re.search(f"^config error: {problem}", capsys.readouterr().err, re.M)
+    assert not out.exists()
 
 
 def test_a_language_code_yaml_reads_as_a_boolean_reaches_every_stage_as_itself(tmp_path):
