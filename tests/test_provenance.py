@@ -182,8 +182,8 @@ def test_a_directory_no_stage_wrote_is_never_emptied_or_replaced(tmp_path, monke
     monkeypatch.chdir(work)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
-    for output_dir, what in [("", "working directory"), (".", "working directory"), ("..", "above the working directory"),
-                             (str(tmp_path / "home"), "home directory")]:
+    for output_dir, what in [("", "working directory"), (".", "working directory"),
+                             ("..", "above the working directory"), (str(tmp_path / "home"), "home directory")]:
         with pytest.raises(NotAnOutputDirectory, match=f"{what}.*name one"):
             claim_output(output_dir, Cfg(), resumable=True, overwrite=True)
     assert list(work.iterdir()) == [] and list((tmp_path / "home").iterdir()) == []
