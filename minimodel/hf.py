@@ -93,16 +93,30 @@ def _check_loaded(model, model_dir: Path, missing: list[str], unexpected: list[s
                  f"{sorted(unexpected)[0]})" if unexpected else "")
 
 
+def _not_a_model_dir(model_dir: str | os.PathLike) -> str | None:
+    """Why `model_dir` is no Hugging Face model directory, or None."""
+    model_dir = Path(model_dir)
+    if (model_dir / "config.json").is_file():
+        return None
+    what = "does not exist" if not model_dir.exists() else "has no config.json"
+    return f"{model_dir} is not a Hugging Face model directory ({what}): give {_WHERE_MODELS_COME_FROM}"
+
+
+def require_model_dir(model_dir: str | os.PathLike, key: str) -> None:
+    """`key`'s value names a Hugging Face model directory, checked before a stage claims its output directory (a
+    typo's run would hold it, and refuse the corrected command as another config)."""
+    if problem := _not_a_model_dir(model_dir):
+        raise MissingInputError(f"{key}: {problem}")
+
+
 def load_model(model_dir: str | os.PathLike, auto_class=None, **kwargs):
     """The model in `model_dir`, in fp32: as `auto_class` (e.g. transformers.AutoModelForMaskedLM, which picks the
     class for the model type) or, if None, as the architecture its config.json names. `kwargs` go to
     from_pretrained (e.g. num_labels, output_loading_info). Refuses a directory that lacks weights of the model's
     body; weights it lacks outside the body (a new task head) are initialised, and one line says which."""
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        what = "does not exist" if not model_dir.exists() else "has no config.json"
-        raise HFLoadError(f"{model_dir} is not a Hugging Face model directory ({what}): give "
-                          f"{_WHERE_MODELS_COME_FROM}")
+    if problem := _not_a_model_dir(model_dir):
+        raise HFLoadError(problem)
     try:
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:

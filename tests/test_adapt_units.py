@@ -262,20 +262,22 @@ def test_a_run_does_not_depend_on_what_it_does_not_read(tmp_path):
     for made in (vectors, mini):
         claim_output(made, AdaptConfig(), resumable=False)
         finish_output(made, AdaptConfig())
+    (tmp_path / "data" / "sw").mkdir(parents=True)
     runs = {}
     for method in ("random", "ofa"):
         cfg = load_config(AdaptConfig, overrides=[f"output_dir={tmp_path / method}", "primary_model=p", "over=full",
+                                                  f"data_dir={tmp_path / 'data'}",
                                                   f"mini_model={tmp_path / 'mini'}", f"init.method={method}",
                                                   f"init.ofa.vectors=[{{path: {vectors / 'vectors.bin'}}}]"])
-        run_dir, lang_cfg, _ = claim_language(cfg, "sw")
+        run_dir, lang_cfg, _ = claim_language(cfg, "sw", {})
         finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())
         runs[method] = cfg
     for made in (vectors, mini):  # made again, under another config
         claim_output(made, AdaptConfig(seq_length=64), resumable=False)
         finish_output(made, AdaptConfig(seq_length=64))
-    assert claim_language(runs["random"], "sw")[2] == "finished"
+    assert claim_language(runs["random"], "sw", {})[2] == "finished"
     with pytest.raises(ConfigChanged, match=r"init.ofa.vectors\[0\].path: .*vectors.bin was made again"):
-        claim_language(runs["ofa"], "sw")
+        claim_language(runs["ofa"], "sw", {})
 
 
 def test_concurrent_array_tasks_keep_every_status_in_summary_json(tmp_path):

@@ -180,3 +180,28 @@ def test_a_stop_signal_after_the_stage_returned_leaves_its_outcome():
     done = subprocess.run([sys.executable, "-c", LATE], cwd=REPO, capture_output=True, text=True, timeout=120,
                           preexec_fn=ignore_stop_signals)
     assert done.returncode == 0 and "result: printed" in done.stdout and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("script, args, problem", [
+    ("adapt/train.py", ["primary_model={typo}", "over=full"], "primary_model: {typo} is not a Hugging Face model"),
+    ("adapt/train.py", ["primary_model={model}", "mini_model={typo}"], "mini_model: {typo} is not a Hugging Face"),
+    ("adapt/train.py", ["primary_model={model}", "over=full", "data_dir={typo}"], "data_dir: {typo} holds no data"),
+    ("adapt/sft.py", ["primary_model={typo}"], "primary_model: {typo} is not a Hugging Face model"),
+    ("evaluate/finetune.py", ["--config", "configs/evaluate/finetune/verse_class_tiny.yaml", "model_dir={typo}"],
+     "model_dir: {typo} is not a Hugging Face model"),
+    ("evaluate/finetune.py", ["--config", "configs/evaluate/finetune/verse_class_tiny.yaml", "model_dir={model}",
+                              "task.data_dir={typo}"], "{typo}/en/verses.jsonl does not exist"),
+])
+def test_a_mistyped_input_claims_nothing_so_the_corrected_command_runs(tmp_path, script, args, problem):
+    """A stage checks what it reads before it claims its output directory: the run of a mistyped path held it, and
+    the corrected command was refused as another config's partial run (pass overwrite=true)."""
+    model, typo, out = tmp_path / "model", tmp_path / "tpyo", tmp_path / "out"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # a model directory as far as the check before the claim looks
+    args = [a.format(model=model, typo=typo) for a in args]
+    proc = subprocess.run([sys.executable, script, *args, f"output_dir={out}", "target_langs=[sw]",
+                           "tracking.enabled=false"] if script.startswith("adapt") else
+                          [sys.executable, script, *args, f"output_dir={out}", "tracking.enabled=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and problem.format(typo=typo) in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()

@@ -635,7 +635,7 @@ def test_provenance_is_per_language_adding_one_builds_it_alone_and_a_change_is_n
     claim_output(pretrain.output_dir, pretrain, resumable=True)
     finish_output(pretrain.output_dir, pretrain)
     adapt = AdaptConfig(output_dir=str(tmp_path / "adapt"), data_dir=str(out), target_langs=["en", "sw"])
-    run_dir, lang_cfg, _ = claim_language(adapt, "en")
+    run_dir, lang_cfg, _ = claim_language(adapt, "en", {})
     finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())
     assert read(run_dir)["inputs"]["data_dir"] == {"parts": {"en": en_record["digest"]}}
 
@@ -644,8 +644,8 @@ def test_provenance_is_per_language_adding_one_builds_it_alone_and_a_change_is_n
     assert built == ["en", "sw"] and snapshot(out / "en") == en_files  # en untouched, its record too
     assert set(read(out)["parts"]) == {"en", "sw"}
     assert claim_output(pretrain.output_dir, pretrain, resumable=True) == "finished"
-    assert claim_language(adapt, "en")[2] == "finished"
-    sw_dir, sw_cfg, _ = claim_language(adapt, "sw")
+    assert claim_language(adapt, "en", {})[2] == "finished"
+    sw_dir, sw_cfg, _ = claim_language(adapt, "sw", {})
     finish_output(sw_dir, sw_cfg, sw_cfg.neutral_keys())
     sw_record = (sw_dir / RECORD).read_text()
 
@@ -655,7 +655,7 @@ def test_provenance_is_per_language_adding_one_builds_it_alone_and_a_change_is_n
     assert "sw: settings changed (languages.sw.vocab_size: None -> 500): rebuilding it" in caplog.text
     with pytest.raises(ConfigChanged, match=r"data_dir: .*data/sw was made again since "
                                             r"\(languages.sw.vocab_size: None -> 500\).*overwrite=true"):
-        claim_language(adapt, "sw")
+        claim_language(adapt, "sw", {})
     assert (sw_dir / RECORD).read_text() == sw_record  # refused: nothing changed
-    assert claim_language(adapt, "en")[2] == "finished"
+    assert claim_language(adapt, "en", {})[2] == "finished"
     assert claim_output(pretrain.output_dir, pretrain, resumable=True) == "finished"

@@ -24,13 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minimodel import distributed
+from minimodel import distributed, provenance
 from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, snapshot_dir, write_artifact
 from minimodel.adaptation.extend import extend_tokenizer
 from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map
 from minimodel.config import PerLanguageRun, require, save_config
+from minimodel.errors import MissingInputError
 from minimodel.files import write_text_atomic
-from minimodel.hf import load_masked_lm
+from minimodel.hf import load_masked_lm, require_model_dir
 from minimodel.data.indexed import write_indexed
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.data.tokenizer import (copy_tokenizer, load_tokenizer, make_encoder, tokenizer_fingerprint,
@@ -40,7 +41,7 @@ from minimodel.methods import parse_adapted_method, parse_method
 from minimodel.ofa.factorized import check_rank, factorize, install_factorized
 from minimodel.ofa.init import OFAConfig, OFAInputs
 from minimodel.ofa.vectors import VectorFileError, load_word_vectors
-from minimodel.provenance import ConfigChanged, claim_output, finish_output
+from minimodel.provenance import ConfigChanged, NotAnOutputDirectory, claim_output, finish_output
 from minimodel.sft.train import GradientHooks
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -234,10 +235,7 @@ def prepare_target_data(cfg: AdaptConfig, lang: str, run_dir: Path) -> tuple[Pat
 
     The data stage's datasets are used when the tokenizer is the one they were encoded with; otherwise (a trained
     or a different given tokenizer) the corpus is re-encoded into <run_dir>/data/."""
-    lang_dir = Path(cfg.data_dir) / lang
-    if not lang_dir.is_dir():
-        raise FileNotFoundError(f"no data for target language {lang!r} in {cfg.data_dir}: add languages.{lang} to "
-                                f"the data config and run pretrain/prepare_data.py, or fix data_dir")
+    lang_dir = Path(cfg.data_dir) / lang  # there: checked by claim_language
     tokenizer_dir = run_dir / TOKENIZER_DIR
     data_tokenizer = lang_dir / "tokenizer"
     if not tokenizer_dir.is_dir():
@@ -364,13 +362,20 @@ def freeze_source_rows(cfg: AdaptConfig, trainable: dict[str, torch.nn.Parameter
     return FrozenRows(GradientHooks({n: trainable[n] for n in masks}, {}, masks), rows)
 
 
-def claim_language(cfg, lang: str, reads: tuple[str, ...] | None = None):
+def claim_language(cfg, lang: str, models: dict[str, str | None], reads: tuple[str, ...] | None = None):
     """(run directory, config with target_lang=lang, what the directory holds for it: provenance.claim_output) of
     one language of a per-language stage. The run reads `<data_dir>/<lang>` only (`reads`: the languages it reads
     there, e.g. BiStil's source and target): it depends on that data (another language added to or changed in the
     data stage leaves it valid; its own, rebuilt, is refused naming what changed). Finish it with
     `finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())`: what was claimed. The resolved config is saved
-    there as config.yaml."""
+    there as config.yaml. Its data and `models` ({config key: Hugging Face directory}) are checked first: the run
+    of a mistyped path would hold the directory, and refuse the corrected command as another config's."""
+    for key, model_dir in models.items():
+        require_model_dir(model_dir, key)
+    missing = [code for code in reads or (lang,) if not (Path(cfg.data_dir) / code).is_dir()]
+    if missing:
+        raise MissingInputError(f"data_dir: {cfg.data_dir} holds no data of {', '.join(missing)}: build it with "
+                                "pretrain/prepare_data.py (languages.<lang> in its config), or fix data_dir")
     run_dir = Path(cfg.output_dir) / lang
     lang_cfg = dataclasses.replace(cfg, target_lang=lang)
     claimed = claim_output(run_dir, lang_cfg, resumable=True, overwrite=cfg.overwrite,
@@ -384,7 +389,8 @@ def adapt_language(cfg: AdaptConfig, lang: str) -> str:
     """Learn `lang` embeddings; returns "done" or "interrupted" (resume by running the same command again)."""
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
-    run_dir, lang_cfg, claimed = claim_language(cfg, lang)
+    models = {"primary_model": cfg.primary_model, **({"mini_model": cfg.mini_model} if cfg.over == "mini" else {})}
+    run_dir, lang_cfg, claimed = claim_language(cfg, lang, models)
     if claimed == "finished" and read_info(run_dir) is not None:
         if rank == 0:
             log.info("%s: already adapted with this config (%s): skipping", lang, run_dir / "adapt.json")
@@ -509,13 +515,14 @@ def run_languages(cfg, run_one, what: str) -> StageResult:
     for lang in cfg.languages():
         try:
             statuses[lang] = run_one(cfg, lang)
-        except ConfigChanged:
-            raise  # the user's config against the directory's: every language would hit it (exit 2, its message)
+        except (ConfigChanged, MissingInputError, NotAnOutputDirectory):
+            raise  # the user's settings or inputs: every language would hit it (exit 2, its message)
         except Exception as e:  # noqa: BLE001 - recorded; the other languages still run
             statuses[lang] = f"failed: {type(e).__name__}: {e}"
-            if rank == 0:
-                run_dir = Path(cfg.output_dir) / lang
-                run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir = Path(cfg.output_dir) / lang
+            if rank == 0 and provenance.read(run_dir) is None:  # not claimed: a file there would make it no stage's
+                log.error("%s: %s failed", lang, what, exc_info=True)
+            elif rank == 0:
                 (run_dir / "error.txt").write_text(traceback.format_exc())
                 log.error("%s: %s failed (%s); traceback in %s", lang, what, e, run_dir / "error.txt")
         if statuses[lang] == "interrupted":

@@ -355,7 +355,8 @@ def load_teachers_and_student(cfg: DistillConfig, paths: dict[str, str], vocab: 
 
 def claim_student(cfg: DistillConfig, lang: str):
     """claim_language of one student: it depends on the source language's data too (phase 1 trains on both)."""
-    return claim_language(cfg, lang, reads=(cfg.source_lang, lang))
+    teachers = {"teacher_model": cfg.teacher_model, "target_teacher_model": cfg.target_teacher_model}
+    return claim_language(cfg, lang, {k: v for k, v in teachers.items() if v}, reads=(cfg.source_lang, lang))
 
 
 def distill_language(cfg: DistillConfig, lang: str) -> str:

@@ -30,7 +30,7 @@ from minimodel.evaluation.models import (check_tokenizer, freeze_embeddings, loa
                                          write_task_model)
 from minimodel.evaluation.scoring import score
 from minimodel.evaluation.tasks import TaskConfig, load_examples
-from minimodel.hf import load_tokenizer
+from minimodel.hf import load_tokenizer, require_model_dir
 from minimodel.manifest import model_hash
 from minimodel.sft.file import SparseFineTuning
 from minimodel.sft.train import SFTConfig, check_loop_config, train_sft
@@ -152,6 +152,10 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
     distributed.initialize_deepspeed()
     rank = dist.get_rank()
     out = Path(cfg.output_dir)
+    # its inputs before its claim: the run of a mistyped path would hold the directory and refuse the corrected one
+    require_model_dir(cfg.model_dir, "model_dir")
+    task = cfg.task
+    examples, dev = (load_examples(task, cfg.source_lang, split) for split in ("train", "dev"))
     claimed = claim_output(out, cfg, resumable=True, overwrite=cfg.overwrite, ignore=("method",))  # a tag only
     if (done := finished_task_model(out, claimed, "fine-tuned")) is not None:
         return done
@@ -169,9 +173,6 @@ def finetune(cfg: FinetuneConfig) -> StageResult:
         language_sft.apply(model, base_sha, with_abs=False)
     frozen = [] if cfg.sparse else freeze_embeddings(model)
 
-    task = cfg.task
-    examples = load_examples(task, cfg.source_lang, "train")
-    dev = load_examples(task, cfg.source_lang, "dev")
     train_data, eval_data = (training_features(task, split, tokenizer, model) for split in (examples, dev))
 
     def loss_fn(m, batch):

@@ -95,7 +95,7 @@ def untie_and_freeze_decoder(model: nn.Module) -> None:
 def train_language(cfg: LanguageSFTConfig, lang: str) -> str:
     """One language's SFT; returns "done" or "interrupted"."""
     distributed.initialize_deepspeed()
-    run_dir, lang_cfg, claimed = claim_language(cfg, lang)
+    run_dir, lang_cfg, claimed = claim_language(cfg, lang, {"primary_model": cfg.primary_model})
     if claimed == "finished" and (run_dir / SFT_DIR).is_dir():
         return "done"
     # the target text in primary_model's vocabulary (re-encoded when the data stage used another tokenizer)
