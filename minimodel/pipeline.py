@@ -397,7 +397,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         if method.source.over == "mini":
             args.append(f"mini_model={at.model(method.model)}")
         if method in learned_vectors:
-            args.append(f"init.ofa.vectors=[{{path: {vectors / 'vectors.bin'}}}]")
+            args.append(f"init.ofa.vectors=[{flow_mapping(path=vectors / 'vectors.bin')}]")
         args += adapt_settings(method)
         for lang in target_langs:
             adapted[method.name, lang] = add(

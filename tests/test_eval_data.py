@@ -219,6 +219,20 @@ def test_task_config_errors():
         load_config(TaskConfig, overrides=["name=squad", "data_dir=x"])
 
 
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_evaluation_batch_sizes_are_checked_when_the_config_loads(value):
+    """eval_batch_size=0 passed and failed in scoring after fine-tuning had trained and saved (ZeroDivisionError),
+    and the fixed value then counted as another config's run."""
+    from minimodel.evaluation.finetune import FinetuneConfig
+    from minimodel.evaluation.zero_shot import ZeroShotConfig
+
+    with pytest.raises(ConfigError, match=f"eval_batch_size: {value} must be >= 1"):
+        load_config(FinetuneConfig, "configs/evaluate/finetune/verse_class_tiny.yaml",
+                    ["model_dir=some/primary", f"eval_batch_size={value}"])
+    with pytest.raises(ConfigError, match=f"batch_size: {value} must be >= 1"):
+        load_config(ZeroShotConfig, "configs/evaluate/zero_shot/verse_retrieval_tiny.yaml", [f"batch_size={value}"])
+
+
 def test_qa_windows_and_span_decoding(tmp_path):
     words = "the eiffel tower is in paris it was built 1889 where when".split()
     tok = word_tokenizer(words, tmp_path / "tok")

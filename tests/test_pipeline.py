@@ -171,6 +171,27 @@ def test_a_language_code_yaml_reads_as_a_boolean_reaches_every_stage_as_itself(t
     assert any(a == 'target_langs=["no"]' for s in build_stages(cfg) for a in s.lang_args)
 
 
+@pytest.mark.parametrize("name", ["exp #2", "a, b"])
+def test_an_output_directory_yaml_would_cut_reaches_every_stage_whole(tmp_path, name):
+    """The word vectors' path went into the OFA adaptation's command line unquoted: under `runs/exp #2` the stage
+    refused it as invalid YAML, under `runs/a, b` as an unknown key, after data, pretraining and the vectors."""
+    from minimodel.config import build_config
+    from minimodel.stages import KINDS
+
+    out = tmp_path / name
+    cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={out}", "methods=[standard, minijoint+ofa]"])
+    checked = 0
+    for stage in build_stages(cfg):
+        argv = stage.argv[stage.argv.index(KINDS[stage.kind].script) + 1:]
+        path = argv[argv.index("--config") + 1] if "--config" in argv else None
+        read = build_config(KINDS[stage.kind].config_class(), path, [a for a in argv if "=" in a])
+        assert Path(read.output_dir) in (stage.output_dir, stage.output_dir.parent), stage.name  # parent: per lang
+        if stage.name.startswith("adapt-minijoint+ofa"):
+            assert [v.path for v in read.init.ofa.vectors] == [str(out / "word_vectors" / "vectors.bin")]
+            checked += 1
+    assert checked == 1
+
+
 def test_a_setting_given_as_a_section_is_read_as_the_stage_reads_it():
     """The pipeline's own checks read `key=value` overrides only: `init={method: ofa}` and `task={name: xnli}` set
     the same settings and slipped past them."""

@@ -72,6 +72,8 @@ class FinetuneConfig:
         require(self.task.spec.fine_tuned, "task.name",
                 f"{self.task.name} has no fine-tuning step: score it directly with evaluate/zero_shot.py")
         require(set(self.eval_splits) <= {"dev", "test"}, "eval_splits", "only dev and test can be evaluated")
+        require(self.eval_batch_size >= 1, "eval_batch_size", f"{self.eval_batch_size} must be >= 1 (scoring after "
+                "training would fail on it)")
         require(self.language_sft is None or self.sparse, "language_sft",
                 "is applied before a task SFT only: set sparse=true, or drop language_sft")
         if self.sparse:  # now, not after the model is loaded

@@ -117,6 +117,7 @@ class ZeroShotConfig:
         adapted = method.adapted
         require(bool(self.source_model_dir), "source_model_dir", "set it to the fine-tuned task model directory")
         require(self.split in ("dev", "test"), "split", "must be dev or test")
+        require(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
         require(method.scored_on(self.task.spec), "method",
                 f"{self.method} (not read with new embeddings of the primary) cannot be scored on {self.task.name}: "
                 f"its {self.task.spec.metric} does not compare tokenizers, or (a student per language) the task is "
