@@ -50,6 +50,7 @@ from typing import Literal
 import yaml
 from transformers import AutoConfig
 
+from minimodel import provenance
 from minimodel.data.tokenizer import tokenizer_fingerprint
 from minimodel.config import ConfigError, build_config, load_config, require, save_config, setting
 from minimodel.data.prepare import DataConfig
@@ -327,8 +328,11 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     def ranks(group: str) -> dict[str, int]:  # a training stage's ranks per node and nodes
         return {"nproc": getattr(cfg, f"{group}_nproc"), "nodes": getattr(cfg, f"{group}_nodes")}
 
+    user_given: dict[str, str] = {}  # each of the user's overrides: the setting that gave it
+
     def extra(stage: str) -> list[str]:
         seeds = [f"{key}={cfg.seed}" for key in SEED_SETTINGS.get(stage, ())] if cfg.seed is not None else []
+        user_given.update(dict.fromkeys(cfg.overrides.get(stage, []), f"overrides.{stage}"))
         return [*seeds, *cfg.overrides.get(stage, [])]  # an explicit override wins over the pipeline's seed
 
     stages: list[Stage] = []
@@ -375,6 +379,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                                   at.minipost, [export], **ranks("minipost"))
 
     def adapt_settings(method) -> list[str]:  # the user's, after the pipeline's: an explicit setting wins
+        user_given.update(dict.fromkeys(cfg.method_overrides.get(method.name, []), f"method_overrides.{method.name}"))
         return [*extra("adapt"), *cfg.method_overrides.get(method.name, [])]
 
     # OFA's aligned word vectors, learned from the data stage's verse-parallel corpora and split (its resolved
@@ -556,7 +561,30 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     report.always_run = True  # its files and headline numbers go to this pipeline run too
     if parent_run_id:
         report.run_args.append(f"parent_run_id={parent_run_id}")
+    for stage in stages:
+        _refuse_rewiring(stage, user_given, at.root)
     return stages
+
+
+def _refuse_rewiring(stage: Stage, given: dict[str, str], root: Path) -> None:
+    """A user's override may not replace a path the pipeline wires between its stages (a stage's output directory,
+    an upstream result under the pipeline's output_dir; a DATA setting, a task's data, may be the user's own): the
+    pipeline skips, stamps and reads its layout's paths, and would take another directory's results as this run's."""
+    data = provenance.data_keys(KINDS[stage.kind].config_class()) if KINDS[stage.kind].config else set()
+    wired = {}
+    for arg in [*stage.args, *stage.lang_args]:
+        key, _, value = arg.partition("=")
+        path = Path(value).absolute()
+        if arg not in given and value and key not in data and root.absolute() in (path, *path.parents):
+            wired[key] = value
+    for arg in (arg for arg in stage.args if arg in given):
+        key = arg.partition("=")[0].strip()
+        for set_key, value in wired.items():
+            if key == set_key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}."):
+                raise ConfigError(f"{given[arg]}: {key} of stage {stage.name} is the pipeline's ({set_key}={value}): "
+                                  "it lays out and reads its stages' outputs under output_dir; set output_dir (or "
+                                  "primary_model, data_dir) of the pipeline instead, or run the stage by itself",
+                                  given[arg])
 
 
 def layout(cfg: PipelineConfig) -> PipelineLayout:

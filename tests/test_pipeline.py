@@ -192,6 +192,28 @@ def test_an_output_directory_yaml_would_cut_reaches_every_stage_whole(tmp_path, 
     assert checked == 1
 
 
+@pytest.mark.parametrize("override, problem", [
+    ("overrides.zero_shot=[output_dir={tmp}/zs]", "overrides.zero_shot: output_dir of stage zero_shot-"),
+    ("overrides.finetune=[model_dir={tmp}/m]", "overrides.finetune: model_dir of stage finetune is the pipeline's"),
+    ("method_overrides.minipost=[mini_model={tmp}/mm]", "method_overrides.minipost: mini_model of stage adapt-"),
+    ("overrides.report=['pipeline_dir={tmp}/other']", "overrides.report: pipeline_dir of stage report"),
+    ("overrides.finetune=[task.data_dir={tmp}/xnli]", None),  # a task's data: the user's own
+    ("overrides.adapt=[train.steps=7, overwrite=true]", None),
+])
+def test_an_override_of_a_path_the_pipeline_wires_between_its_stages_is_refused(tmp_path, override, problem):
+    """overrides.zero_shot=[output_dir=...] sent every zero-shot stage to one directory (each redoing the last, the
+    report reading the layout's, an earlier run's finished scores stamped as this run's)."""
+    override = override.format(tmp=tmp_path)
+    cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", "methods=[standard, minipost]",
+                                              override])
+    if problem is None:  # reaches the stage, after the pipeline's value: it wins
+        first = override.partition("[")[2].rstrip("]").split(",")[0]
+        assert any(first in s.args for s in build_stages(cfg))
+        return
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        build_stages(cfg)
+
+
 def test_a_setting_given_as_a_section_is_read_as_the_stage_reads_it():
     """The pipeline's own checks read `key=value` overrides only: `init={method: ofa}` and `task={name: xnli}` set
     the same settings and slipped past them."""
