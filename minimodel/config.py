@@ -130,7 +130,8 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
         if not isinstance(value, str):
             hint = f" ({_QUOTE_IT})" if isinstance(value, (bool, int, float)) else ""
             raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
-        return value
+        # a path under the home directory: a shell expands `key=~/x` only at the start of a word, YAML never
+        return os.path.expanduser(value) if value.startswith("~") else value
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
 
 

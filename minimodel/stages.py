@@ -305,6 +305,7 @@ class Stage:
         for key, value in values.items():
             if not isinstance(value, str) or not value:
                 continue
+            value = os.path.expanduser(value)  # as the stage reads it
             paths = [Path(value)] if "{lang}" not in value else [  # task.hf_dataset=xnli_{lang}: every language's
                 Path(p) for p in sorted(glob.glob(glob.escape(value).replace("{lang}", "*")))]
             for path in paths:

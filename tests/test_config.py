@@ -119,6 +119,18 @@ def test_a_string_override_is_its_text():
         load_config(Root, None, ["model.layers=*x"])
 
 
+def test_a_path_under_the_home_directory_is_read_there(tmp_path, monkeypatch):
+    """`train.checkpoint.dir=~/scratch` (a shell expands ~ at a word's start only) and `~/...` in a YAML file wrote to
+    a directory named `~` under the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {tokenizer: ~/tok}\nname: '~'\n")
+    cfg = load_config(Root, config, ["model.langs=[~/a, b~]"])
+    assert (cfg.name, cfg.model.tokenizer) == (str(tmp_path), f"{tmp_path}/tok")
+    assert cfg.model.langs == [f"{tmp_path}/a", "b~"]
+    assert load_config(Root, None, ["model.tokenizer=~"]).model.tokenizer is None  # YAML's null, as before
+
+
 def test_yaml_booleans_where_strings_are_meant_are_named_with_the_fix(tmp_path):
     """Norwegian's code `no` is a boolean to YAML: a traceback (a language key) or a message without the fix."""
     quote = "quote it, e.g. 'no'"
