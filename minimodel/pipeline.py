@@ -109,8 +109,7 @@ class PipelineConfig:
     adapt_nproc: int = 1  # deepspeed ranks per adaptation run (language SFTs and BiStil's phase 1 too)
     minipost_nproc: int = 1  # deepspeed ranks of MiniPost's step 1b (and of a head learned for a headless primary)
     finetune_nproc: int = 1  # deepspeed ranks of step 3: fine-tuning, LT-SFT's task SFT, BiStil's phase 2
-    # Slurm nodes of each of those jobs (slurm/pipeline.sh), each with its *_nproc ranks (pretraining: its template's
-    # GPUs per node); a local run has one node
+    # Slurm nodes of each of those jobs (slurm/pipeline.sh), each with its *_nproc ranks; a local run has one node
     pretrain_nodes: int = 1
     adapt_nodes: int = 1
     minipost_nodes: int = 1

@@ -503,9 +503,9 @@ def jobs(stages: list[Stage], memo: dict[int, str] | None = None, settings_dir: 
         if settings_dir is not None:
             made = stage._made_before()
             args, lang_args = (snapshot_settings(a, made, settings_dir) for a in (args, lang_args))
-        # a template's own GPU count would run another global batch under this plan's stamp (pretraining's result
-        # is the same at any count: its layout keys)
-        gpus = None if kind.launcher == "python" or stage.layout_keys else stage.nproc or 1
+        # the ranks it was planned with: a template's own GPU count would run another global batch under this plan's
+        # stamp, or (pretraining, the same result at any count) one its config's global batch does not divide
+        gpus = None if kind.launcher == "python" else stage.nproc or 1
         job = grouped.setdefault(name, {"name": name, "kind": stage.kind, "script": kind.script, "args": args,
                                         "slurm": list(kind.slurm), "gpus_per_node": gpus, "nodes": stage.nodes,
                                         "array": [],

@@ -21,7 +21,7 @@ mm_die() { echo "[minimodel] error: $*" >&2; exit 2; }
   mm_die "bash $BASH_VERSION is too old for the templates (4.4 or newer): load a newer bash (e.g. module load bash)"
 
 [ -f "$MINIMODEL_HOME/minimodel/__init__.py" ] ||
-  mm_die "MINIMODEL_HOME=$MINIMODEL_HOME is not a minimodel checkout: run sbatch from the repo or export MINIMODEL_HOME"
+  mm_die "MINIMODEL_HOME=$MINIMODEL_HOME is not a minimodel checkout: run sbatch from the repo, or sbatch --chdir=<repo>"
 cd "$MINIMODEL_HOME" || exit 2
 export MINIMODEL_HOME
 export PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}"
@@ -106,10 +106,13 @@ mm_launch() {
     wait "$MM_STEP_PID" || rc=$?
   done
   trap '' USR1 TERM  # the stage is over: a late signal must not kill the requeue, the stamping or the exit
-  # requeued to resume: a stage stopped by the signal after its checkpoint (exit 75; torchrun exits 1 whatever its
-  # ranks did). One that finished before the signal mattered is done; a single process that has no checkpoint
-  # (zero_shot, report, ...) died of it and would only die of it again: it fails.
-  if [ "$MM_SIGNAL" = USR1 ] && { [ "$rc" -eq 75 ] || { [ "$1" != python ] && [ "$rc" -ne 0 ]; }; }; then
+  # requeued to resume: a stage stopped after its checkpoint (exit 75), also by a USR1 sent to the job's steps only
+  # (scancel --signal=USR1 JOB, sbatch --signal=USR1@N without B:), unless this shell got TERM (scancel, preemption:
+  # Slurm decides whether the job comes back); torchrun exits 1 whatever its ranks did: requeued after this shell's
+  # USR1. One that finished before the signal mattered is done; a single process that has no checkpoint (zero_shot,
+  # report, ...) died of it and would only die of it again: it fails.
+  if [ "$MM_SIGNAL" != TERM ] && { [ "$rc" -eq 75 ] || { [ "$MM_SIGNAL" = USR1 ] && [ "$1" != python ] &&
+                                                        [ "$rc" -ne 0 ]; }; }; then
     mm_log "stage stopped (exit $rc); requeueing job $SLURM_JOB_ID to resume from its checkpoint"
     scontrol requeue "$SLURM_JOB_ID" ||
       { mm_log "requeue refused (submitted with --no-requeue?): resubmit the same command to resume"; exit 75; }

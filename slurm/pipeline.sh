@@ -59,10 +59,12 @@ each_job() {
       continue
     fi
     eval "set -- $command"  # the shell-quoted template + arguments (shlex.join) back into words
-    options=(--job-name="$name")
+    # --export=ALL: the plan's environment (MM_TASK_ARGS, MM_STAMPS, ...) reaches the job under a site default of
+    # SBATCH_EXPORT=NONE too (an array task would fall back to the config's languages, and stamp nothing)
+    options=(--job-name="$name" --export=ALL)
     if [ -n "$langs" ]; then
       read -r -a lang_list <<< "$langs"
-      options+=(--array="0-$((${#lang_list[@]} - 1))")
+      options+=(--array="0-$((${#lang_list[@]} - 1))" --output="slurm/logs/%x-%A_%a.out")  # a task's log by its index
     fi
     if [ "$mode" = check ]; then
       refused=$(sbatch --test-only "${options[@]}" "${extra[@]}" "$@" 2>&1) ||
@@ -80,4 +82,4 @@ each_job() {
 }
 each_job check
 each_job submit
-echo "follow with: squeue -u ${USER:-$(id -un)}   (logs: slurm/logs/<stage>-<job id>.out)"
+echo "follow with: squeue -u ${USER:-$(id -un)}   (logs: slurm/logs/<stage>-<job id>.out, an array's <stage>-<job id>_<task>.out)"

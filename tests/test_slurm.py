@@ -276,6 +276,34 @@ def test_an_exclusive_template_runs_as_many_ranks_as_gpus_asked_for(cluster, tmp
 
 
 @pytest.mark.slow
+def test_a_stage_that_checkpointed_on_a_signal_to_its_steps_only_is_requeued(cluster, tmp_path):
+    """`scancel --signal=USR1 JOB` (or --signal=USR1@N without B:) reaches the steps only: the stage checkpointed and
+    exited 75, and the job FAILED (its dependants cancelled) because the batch shell had not seen the signal."""
+    # the DeepSpeed stage (a launcher that inherits USR1 ignored, slurm/on_node.sh, and a rank that handles it)
+    python = tmp_path / "python"
+    python.write_text(f"""#!{sys.executable}
+import os, signal, sys, time
+if int(os.environ.get("SLURM_RESTART_COUNT", "0")) >= 1:
+    sys.exit(print("resumed", flush=True))
+signal.signal(signal.SIGUSR1, lambda *_: sys.exit(print("checkpointed", flush=True) or 75))
+print("training", flush=True)
+while True:
+    time.sleep(0.2)
+""")
+    python.chmod(0o755)
+    job = submit(cluster, "evaluate.sh", "finetune", out=tmp_path, env={"MINIMODEL_PYTHON": str(python)})
+    log_file, deadline = tmp_path / f"evaluate-{job}.out", time.monotonic() + 120
+    while "training" not in (log_file.read_text() if log_file.is_file() else ""):
+        assert time.monotonic() < deadline and cluster.state(job) in ("PENDING", "CONFIGURING", "RUNNING")
+        time.sleep(0.3)
+    cluster.run(["scancel", "--signal=USR1", job])  # the steps, not the batch shell
+    result = cluster.wait(job, timeout=180)
+    log = job_log(tmp_path, job)
+    assert result.ok and result.restarts == 1, f"{result}\n{log[-3000:]}"
+    assert "checkpointed" in log and f"requeueing job {job}" in log and "resumed" in log
+
+
+@pytest.mark.slow
 def test_a_single_process_stage_at_its_time_limit_fails_instead_of_requeueing_forever(cluster, tmp_path):
     """zero_shot and report have no checkpoint: the time-limit signal kills them, and a requeued job would start
     over and be killed at the same point again, forever. They fail (a training stage that checkpointed, exit 75,
@@ -327,31 +355,43 @@ def test_a_job_voids_its_stages_old_stamp_before_the_stage_starts(tmp_path):
 
 def test_the_pipeline_jobs_run_what_the_plan_hashed_not_the_submitting_shells_settings(tmp_path):
     """sbatch passes its shell's environment on: OVERRIDES, NPROC_PER_NODE or MASTER_PORT exported for a template
-    run by hand reached every job of pipeline.sh, which ran other settings under the plan's stamp. (A stand-in
-    sbatch records what each job would see.)"""
+    run by hand reached every job of pipeline.sh, which ran other settings under the plan's stamp. And under a site
+    default of SBATCH_EXPORT=NONE the plan's own (MM_TASK_ARGS) did not reach an array task, which adapted the
+    config's first language instead; its tasks logged by their own job ids. (A stand-in sbatch records what each job
+    would see.)"""
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"env": {}, "jobs": [{
+        "name": "adapt-standard", "kind": "adapt", "script": "adapt/train.py", "args": ["--config", "x.yaml"],
+        "slurm": ["slurm/adapt.sh"], "gpus_per_node": 1, "after": [], "done": False, "stamp": None,
+        "array": [{"lang": lang, "args": [f"target_langs=[{lang}]"], "done": False, "stamp": None}
+                  for lang in ("ny", "sw")]}, {
         "name": "report", "kind": "report", "script": "evaluate/report.py", "args": ["--config", "x.yaml"],
         "slurm": ["slurm/evaluate.sh", "report"], "gpus_per_node": None, "array": [], "after": [], "done": False,
         "stamp": None}]}))
-    sbatch = stand_in(tmp_path / "bin" / "sbatch", f"env > {tmp_path}/env-$$.txt\necho 1")
-    env = {**os.environ, "PATH": f"{sbatch.parent}:{os.environ['PATH']}", "PLAN": str(plan),
+    sbatch = stand_in(tmp_path / "bin" / "sbatch", f"env > {tmp_path}/env-$$.txt\n"
+                                                   f'printf "%s\\n" "$@" > {tmp_path}/args-$$.txt\necho 1')
+    env = {**os.environ, "PATH": f"{sbatch.parent}:{os.environ['PATH']}", "PLAN": str(plan), "SBATCH_EXPORT": "NONE",
            "OVERRIDES": "train.steps=5", "NPROC_PER_NODE": "3", "MASTER_PORT": "1234", "CONFIG": "other.yaml"}
     r = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "submitted report 1" in r.stdout, r.stdout + r.stderr
     seen = [f.read_text() for f in tmp_path.glob("env-*.txt")]
-    assert len(seen) == 2  # the check, then the submission
+    assert len(seen) == 4  # the check, then the submission, of each job
     for job_env in seen:
         assert not re.search(r"^(OVERRIDES|NPROC_PER_NODE|MASTER_PORT|CONFIG)=", job_env, re.M), job_env
+    calls = [f.read_text().splitlines() for f in tmp_path.glob("args-*.txt")]
+    assert len(calls) == 4 and all("--export=ALL" in args for args in calls), calls
+    arrays = [args for args in calls if "--array=0-1" in args]
+    assert len(arrays) == 2 and all("--output=slurm/logs/%x-%A_%a.out" in args for args in arrays), calls
+    assert any(re.search(r"^MM_TASK_ARGS=.*target_langs=\[ny\].*\x1e.*target_langs=\[sw\]", job_env, re.M)
+               for job_env in seen)
 
 
 # -- the pipeline as a dependency chain ------------------------------------------------------------------------------
 def run_pipeline(cluster: SlurmCluster, out: Path, *args: str, env: dict | None = None) -> dict[str, str]:
     """bash slurm/pipeline.sh ...; returns stage name -> job id (from its `submitted NAME ID` lines)."""
-    # --gpus-per-node: the nodes' 2 GPUs for the jobs whose count the plan leaves to the template (8): pretraining
-    # (TP=2); the plan's own count wins for the others
+    # every training job asks the GPUs of its plan (pretrain_nproc: 2, the nodes' 2); the others none
     r = cluster.run(["bash", "slurm/pipeline.sh", *args], cwd=ROOT, env={
-        **JOB_ENV, "SBATCH_ARGS": f"--output={out}/%x-%j.out --gpus-per-node=2", **(env or {})})
+        **JOB_ENV, "SBATCH_ARGS": f"--output={out}/%x-%j.out", **(env or {})})
     return dict(re.findall(r"^submitted (\S+) (\d+)", r.stdout, re.M))
 
 

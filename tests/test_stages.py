@@ -251,11 +251,12 @@ def test_slurm_lines_submit_the_plans_jobs_and_skip_what_is_done(tmp_path):
 def test_a_job_asks_slurm_for_the_ranks_its_plan_hashed(tmp_path):
     """A job ran with the GPUs its template asks (minipost.sh: 8, adapt.sh: 1) while its stamp carried the plan's
     rank count (adapt_nproc=2: --num_gpus 2): a result of another global batch, skipped later as this config's.
-    Pretraining's result is the same at any count (its layout keys); one-process stages ask nothing."""
-    planned = two_language_plan(tmp_path, "adapt_nproc=2", "minipost_nproc=4")
+    Pretraining's result is the same at any count (its layout keys), but it ran on the template's 8 GPUs, which the
+    tiny config's global batch (16 at micro-batch 8, TP 2) does not divide; one-process stages ask nothing."""
+    planned = two_language_plan(tmp_path, "adapt_nproc=2", "minipost_nproc=4", "pretrain_nproc=2")
     gpus = {job["name"]: job["gpus_per_node"] for job in planned["jobs"]}
     assert {gpus[name] for name in gpus if name.startswith(("adapt-", "lang_sft", "distill-"))} == {2}
-    assert gpus["minipost"] == 4 and gpus["finetune"] == 1 and gpus["pretrain"] is None and gpus["data"] is None
+    assert gpus["minipost"] == 4 and gpus["finetune"] == 1 and gpus["pretrain"] == 2 and gpus["data"] is None
     # step 3 on several ranks too (it ran on one, whatever the cluster): fine-tuning, the task SFT, BiStil's phase 2
     step3 = {job["name"]: job["gpus_per_node"] for job in two_language_plan(tmp_path, "finetune_nproc=3")["jobs"]}
     assert {n for n, g in step3.items() if g == 3} == {"finetune", "task_sft", *(n for n in step3
@@ -266,7 +267,8 @@ def test_a_job_asks_slurm_for_the_ranks_its_plan_hashed(tmp_path):
     submit = {row[0]: shlex.split(row[5]) for row in rows if row[0] != "env"}
     assert submit["adapt-standard"][:2] == ["--gpus-per-node=2", "slurm/adapt.sh"]
     assert submit["minipost"][:2] == ["--gpus-per-node=4", "slurm/minipost.sh"]
-    assert submit["pretrain"][0] == "slurm/pretrain_minijoint.sh" and submit["data"][0] == "slurm/python.sh"
+    assert submit["pretrain"][:2] == ["--gpus-per-node=2", "slurm/pretrain_minijoint.sh"]
+    assert submit["data"][0] == "slurm/python.sh"
 
 
 def test_a_training_stage_may_run_on_several_nodes_of_a_cluster(tmp_path, monkeypatch):
@@ -276,7 +278,7 @@ def test_a_training_stage_may_run_on_several_nodes_of_a_cluster(tmp_path, monkey
     planned = two_language_plan(tmp_path, "pretrain_nodes=4", "adapt_nodes=2", "adapt_nproc=2")
     rows = [line.split(UNIT) for line in lines(planned)]
     submit = {row[0]: shlex.split(row[5]) for row in rows if row[0] != "env"}
-    assert submit["pretrain"][:2] == ["--nodes=4", "slurm/pretrain_minijoint.sh"]  # its template's GPUs per node
+    assert submit["pretrain"][:3] == ["--nodes=4", "--gpus-per-node=2", "slurm/pretrain_minijoint.sh"]
     assert submit["adapt-standard"][:3] == ["--nodes=2", "--gpus-per-node=2", "slurm/adapt.sh"]
     assert submit["finetune"][:2] == ["--gpus-per-node=1", "slurm/evaluate.sh"]
     assert submit["data"][0] == "slurm/python.sh"

@@ -157,5 +157,6 @@ def run(cfg: ExportConfig) -> StageResult:
             {"checkpoint": str(checkpoint), "max_logit_diff": result["max_logit_diff"]}, indent=2))
         tracker.log_metrics({f"max_logit_diff_{k}": v for k, v in result["max_logit_diff"].items()}, step=0)
     finish_output(cfg.output_dir, cfg)
-    mini = result["mini"] or "none (the model has no secondary head; build one with pretrain/minipost.py)"
+    mini = result["mini"] or ("not exported (mini=false)" if cfg.mini is False else
+                              "none (the model has no secondary head; build one with pretrain/minipost.py)")
     return StageResult("finished", {**result, "mini": mini})
