@@ -21,7 +21,7 @@ mm_die() { echo "[minimodel] error: $*" >&2; exit 2; }
   mm_die "bash $BASH_VERSION is too old for the templates (4.4 or newer): load a newer bash (e.g. module load bash)"
 
 [ -f "$MINIMODEL_HOME/minimodel/__init__.py" ] ||
-  mm_die "MINIMODEL_HOME=$MINIMODEL_HOME is not a minimodel checkout: run sbatch from the repo, or sbatch --chdir=<repo>"
+  mm_die "MINIMODEL_HOME=$MINIMODEL_HOME is not a minimodel checkout: run sbatch from the repo (or --chdir=<repo>)"
 cd "$MINIMODEL_HOME" || exit 2
 export MINIMODEL_HOME
 export PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}"

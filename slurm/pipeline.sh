@@ -82,4 +82,4 @@ each_job() {
 }
 each_job check
 each_job submit
-echo "follow with: squeue -u ${USER:-$(id -un)}   (logs: slurm/logs/<stage>-<job id>.out, an array's <stage>-<job id>_<task>.out)"
+echo "follow with: squeue -u ${USER:-$(id -un)}   (logs: slurm/logs/<stage>-<job id>[_<array task>].out)"
