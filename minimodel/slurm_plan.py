@@ -4,14 +4,15 @@
 
 Fields are separated by the ASCII unit separator (\\x1f; a tab would not keep empty fields apart):
     env  NAME=VALUE                          the jobs' environment, one line each, first
-    NAME  AFTER  LANGS  TASK_ARGS  STAMPS  SUBMIT    one line per job to submit, in dependency order
+    NAME  AFTER  LANGS  TASK_ARGS  STAMPS  SUBMIT  KEY    one line per job to submit, in dependency order
 AFTER: the names of the jobs it waits for (space-separated; jobs already done are left out), LANGS: the languages of
 an array job (space-separated; empty for a plain job), TASK_ARGS: each array task's own arguments, shell-quoted,
 separated by \\x1e (slurm/common.sh appends task $SLURM_ARRAY_TASK_ID's), STAMPS: the output directory, input
 hash and identity hash the job (each array task: separated as TASK_ARGS) stamps when its stage finishes,
 shell-quoted (empty: none), SUBMIT: the job's own sbatch options (--nodes: where more than one; --gpus-per-node:
 the ranks per node the plan hashed, where its result depends on them), the sbatch template, its leading arguments
-and the stage's arguments, shell-quoted. Array tasks already done are not submitted.
+and the stage's arguments, shell-quoted, KEY: the job's stages at their inputs (a job of that key still in the queue
+is not submitted again; empty: no key). Array tasks already done are not submitted.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def lines(plan: dict) -> list[str]:
             RECORD.join(shlex.join(t["args"]) for t in tasks), RECORD.join(shlex.join(s or []) for s in stamps),
             shlex.join([*([f"--nodes={job['nodes']}"] if job.get("nodes", 1) > 1 else []),
                         *([f"--gpus-per-node={job['gpus_per_node']}"] if job.get("gpus_per_node") else []),
-                        *job["slurm"], *job["args"]])]))
+                        *job["slurm"], *job["args"]]), job.get("key", "")]))
     return out
 
 

@@ -488,7 +488,9 @@ def jobs(stages: list[Stage], memo: dict[int, str] | None = None, settings_dir: 
     template's), nodes, array ([{lang, args, done, stamp}], empty for a plain job), after (the names of the jobs it
     needs), done, stamp:
     [output directory, input hash, identity hash] that the job stamps when its stage finishes (slurm/common.sh), so
-    that the plan made again skips it; None for a stage that always runs (an array job's are its tasks'). `memo`: as
+    that the plan made again skips it; None for a stage that always runs (an array job's are its tasks'), key: its
+    stages' output directories and input hashes, hashed (a job of the same key still queued is not submitted
+    again). `memo`: as
     done_by's, to share the hash walk with the caller's. `settings_dir`: the jobs read copies of the settings files
     their hashes read, kept there (snapshot_settings), not the files themselves."""
     grouped: dict[str, dict] = {}
@@ -520,6 +522,9 @@ def jobs(stages: list[Stage], memo: dict[int, str] | None = None, settings_dir: 
             job["array"].append({"lang": stage.lang, "args": lang_args, "done": done, "stamp": stamp})
         job["stamp"] = None if stage.job else stamp
         job["done"] = job["done"] and done
+        # the job of these stages at these inputs: one already in the queue is not submitted again (slurm/pipeline.sh)
+        key = f"{job.get('key')} {stage.output_dir.absolute()} {input_hash}"
+        job["key"] = hashlib.sha256(key.encode()).hexdigest()[:16]
     return list(grouped.values())
 
 

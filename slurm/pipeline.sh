@@ -45,14 +45,15 @@ lines=$(PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}" "$MINIMODEL_PYTH
 # sbatch passes on this shell's environment.
 unset CONFIG OVERRIDES NPROC_PER_NODE MASTER_PORT TARGET_LANGS
 job_env=()
+queued=""
 declare -A job_id
 read -r -a extra <<< "${SBATCH_ARGS:-}"
 # each_job check|submit: check asks Slurm whether it would take every job (sbatch --test-only: nothing submitted),
 # so that one it refuses (e.g. more GPUs per node than a node has) stops the pipeline before any of its jobs runs;
 # submit submits them, each after the jobs it needs.
 each_job() {
-  local mode=$1 name after langs task_args stamps command options deps refused lang_list
-  while IFS=$'\x1f' read -r name after langs task_args stamps command; do
+  local mode=$1 name after langs task_args stamps command key options deps refused lang_list queued_id
+  while IFS=$'\x1f' read -r name after langs task_args stamps command key; do
     [ -n "$name" ] || continue  # nothing left to submit
     if [ "$name" = env ]; then
       if [ "$mode" = submit ]; then job_env+=("$after"); fi
@@ -71,7 +72,15 @@ each_job() {
         { echo "pipeline.sh: Slurm would refuse job $name (${*@Q}): $refused; nothing was submitted" >&2; exit 2; }
       continue
     fi
-    options+=(--parsable --kill-on-invalid-dep=yes)  # a failed stage cancels what needs it
+    # the same job (its stages at the same inputs) still queued or running, from an earlier pipeline.sh: not a
+    # second copy writing the same checkpoints; what needs it waits for that one
+    queued_id=$(awk -v key="minimodel:$key" '$1 == key { print $2; exit }' <<< "$queued")
+    if [ -n "$key" ] && [ -n "$queued_id" ]; then
+      job_id[$name]=$queued_id
+      echo "queued already: $name $queued_id"
+      continue
+    fi
+    options+=(--comment="minimodel:$key" --parsable --kill-on-invalid-dep=yes)  # a failed stage cancels what needs it
     deps=""
     for dep in $after; do deps+=":${job_id[$dep]}"; done
     [ -n "$deps" ] && options+=(--dependency="afterok$deps")
@@ -81,5 +90,6 @@ each_job() {
   done <<< "$lines"
 }
 each_job check
+queued=$(squeue -h -u "${USER:-$(id -un)}" -o "%k %F" 2>/dev/null || true)  # the jobs' comments and (array) ids
 each_job submit
 echo "follow with: squeue -u ${USER:-$(id -un)}   (logs: slurm/logs/<stage>-<job id>[_<array task>].out)"

@@ -333,6 +333,27 @@ def test_a_pipeline_slurm_would_refuse_in_part_submits_nothing(cluster, tmp_path
     assert "submitted" not in r.stdout and not list(tmp_path.glob("*.out"))
 
 
+@pytest.mark.slow
+def test_pipeline_sh_run_again_leaves_the_jobs_still_queued_alone(cluster, tmp_path):
+    """Running pipeline.sh again while its jobs wait or run (the recovery after one branch failed) submitted a second
+    copy of each, writing the same checkpoints. A job of the same stages at the same inputs still in the queue is
+    not submitted again, and what needs it waits for it; another config's job is. (Held: nothing runs.)"""
+    env = {**JOB_ENV, "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out --hold"}
+    first = cluster.run(["bash", "slurm/pipeline.sh", *pipeline_args(tmp_path)], cwd=ROOT, env=env)
+    submitted, report = dict(re.findall(r"^submitted (\S+) (\d+)", first.stdout, re.M)), []
+    try:
+        again = cluster.run(["bash", "slurm/pipeline.sh", *pipeline_args(tmp_path)], cwd=ROOT, env=env)
+        assert "submitted" not in again.stdout, again.stdout
+        assert dict(re.findall(r"^queued already: (\S+) (\d+)", again.stdout, re.M)) == submitted
+        changed = cluster.run(["bash", "slurm/pipeline.sh",
+                               *pipeline_args(tmp_path, "overrides.report=[chance_margin=0.03]")], cwd=ROOT, env=env)
+        report = re.findall(r"^submitted report (\d+) after:(\d+)", changed.stdout, re.M)
+        assert report and report[0][0] != submitted["report"], changed.stdout  # its dependencies: the queued ones
+        assert set(re.findall(r"^submitted (\S+)", changed.stdout, re.M)) == {"report"}, changed.stdout
+    finally:
+        cluster.run(["scancel", *submitted.values(), *(r[0] for r in report)], check=False)
+
+
 def test_a_job_voids_its_stages_old_stamp_before_the_stage_starts(tmp_path):
     """As a local pipeline run does (test_stages): a job of another config that takes the stage's directory over and
     fails leaves no stamp there for a plan of the old config to skip the stage by. (A stand-in srun: the stage

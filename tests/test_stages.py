@@ -230,7 +230,8 @@ def test_slurm_lines_submit_the_plans_jobs_and_skip_what_is_done(tmp_path):
     assert rows[0] == ["env", "MINIMODEL_PARENT_RUN_ID=0123"]
     submitted = {row[0]: row[1:] for row in rows[1:]}
     assert "data" not in submitted and submitted["pretrain"][0] == ""  # its one dependency is done
-    after, langs, task_args, stamps, submit = submitted[adapt["name"]]
+    after, langs, task_args, stamps, submit, key = submitted[adapt["name"]]
+    assert key == adapt["key"] and len({job["key"] for job in planned["jobs"]}) == len(planned["jobs"])
     assert langs == "ny sw" and task_args.split(RECORD) == ["'target_langs=[ny]'", "'target_langs=[sw]'"]  # shell-quoted
     # each task stamps its own language's output directory with its stage's input hash when it finishes
     assert [shlex.split(entry) for entry in stamps.split(RECORD)] == [task["stamp"] for task in adapt["array"]]
