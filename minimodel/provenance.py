@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import typing
 from pathlib import Path
@@ -378,7 +379,8 @@ def _recorded(output_dir: Path, cfg: Any, ignore: tuple[str, ...]) -> dict | Non
 def _check_own_directory(output_dir: Path) -> None:
     """Refuse an output directory a stage must not empty or replace: an empty path (`output_dir=$UNSET`), the
     working directory, one above it, or the home directory."""
-    path, cwd, home = output_dir.resolve(), Path.cwd().resolve(), Path.home().resolve()
+    path, cwd, home = output_dir.resolve(), Path.cwd().resolve(), Path(os.path.expanduser("~"))
+    home = home.resolve() if home.is_absolute() else None  # a process with no home directory (Path.home raises)
     if path in (home, cwd, *cwd.parents):
         what = "the home directory" if path == home else \
             "the working directory" if path == cwd else "a directory above the working directory"
