@@ -420,6 +420,13 @@ def _claim(output_dir: Path, cfg: Any, new: dict, resumable: bool, overwrite: bo
     return "new"
 
 
+def keep_claim(output_dir: str | Path, replacement: str | Path) -> None:
+    """Copy `output_dir`'s record into `replacement`, the finished directory about to replace it whole (plug): cut
+    short between the swap and finish_output, it is still a claimed run of this config, redone by the next run (else
+    a directory no stage wrote, refused)."""
+    shutil.copy2(Path(output_dir) / RECORD, Path(replacement) / RECORD)
+
+
 def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = (), *,
                   uses: Mapping[str, Iterable[str]] | None = None, parts: Mapping[str, str] | None = None,
                   writes: tuple[str, ...] = ()) -> None:

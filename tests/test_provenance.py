@@ -13,7 +13,8 @@ import pytest
 
 from minimodel import provenance
 from minimodel.evaluation.tasks import TaskConfig
-from minimodel.provenance import RECORD, ConfigChanged, NotAnOutputDirectory, claim_output, finish_output
+from minimodel.provenance import (RECORD, ConfigChanged, InputsChanged, NotAnOutputDirectory, claim_output,
+                                  finish_output, keep_claim)
 
 
 @dataclass
@@ -461,3 +462,27 @@ def test_a_record_made_before_part_records_still_matches_while_the_whole_is_unch
     for reader in readers:  # the upgraded record and the one still naming the old whole
         with pytest.raises(ConfigChanged, match="was made again"):
             claim_output(reader.output_dir, reader, resumable=True)
+
+
+def test_a_directory_replaced_whole_keeps_its_claim_until_it_is_finished(tmp_path):
+    """plug replaces its output directory whole, then finishes it: cut short between the two (killed, or its input
+    made again meanwhile: InputsChanged, "run it again"), the directory held no record, and every rerun was refused
+    as a directory no stage wrote."""
+    from minimodel.files import replace_dir
+
+    upstream, out = tmp_path / "adapt", tmp_path / "plugged"
+    claim_output(upstream, Cfg(), resumable=False)
+    finish_output(upstream, Cfg())
+    cfg = Cfg(model=str(upstream))
+    assert claim_output(out, cfg, resumable=False) == "new"
+    tmp = tmp_path / ".plugged.partial"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_text("weights")
+    keep_claim(out, tmp)
+    replace_dir(tmp, out)
+    claim_output(upstream, Cfg(train=Train(steps=6)), resumable=False)  # the adaptation made again meanwhile
+    finish_output(upstream, Cfg(train=Train(steps=6)))
+    with pytest.raises(InputsChanged):
+        finish_output(out, cfg)
+    assert provenance.read(out)["status"] == "started"
+    assert claim_output(out, cfg, resumable=False) == "new"  # the rerun redoes it

@@ -35,7 +35,7 @@ from minimodel.files import replace_dir
 from minimodel.hf import load_model, load_tokenizer
 from minimodel.layout import TASK_FILE
 from minimodel.manifest import ManifestError, check_aligned, model_hash
-from minimodel.provenance import claim_output, finish_output
+from minimodel.provenance import claim_output, finish_output, keep_claim
 from minimodel.stages import StageResult
 from minimodel.training.hf_mlm import max_sequence_length, mlm_head
 
@@ -161,6 +161,7 @@ def plug(cfg: PlugConfig) -> StageResult:
         "over": info["over"], "adapt_run_id": info.get("adapt_run_id"), "adapt_steps": info.get("steps")}, indent=2))
     save_config(cfg, tmp / "plug_config.yaml")
     faults.point("write")
+    keep_claim(output_dir, tmp)
     replace_dir(tmp, output_dir)
     finish_output(output_dir, cfg)
     return StageResult("finished", {"plugged": output_dir})
