@@ -489,8 +489,8 @@ def jobs(stages: list[Stage], memo: dict[int, str] | None = None, settings_dir: 
     needs), done, stamp:
     [output directory, input hash, identity hash] that the job stamps when its stage finishes (slurm/common.sh), so
     that the plan made again skips it; None for a stage that always runs (an array job's are its tasks'), key: its
-    stages' output directories and input hashes, hashed (a job of the same key still queued is not submitted
-    again). `memo`: as
+    stage's output directory and input hash, hashed (an array job's: its tasks'; a job or task of a key still
+    queued is not submitted again). `memo`: as
     done_by's, to share the hash walk with the caller's. `settings_dir`: the jobs read copies of the settings files
     their hashes read, kept there (snapshot_settings), not the files themselves."""
     grouped: dict[str, dict] = {}
@@ -518,13 +518,12 @@ def jobs(stages: list[Stage], memo: dict[int, str] | None = None, settings_dir: 
         input_hash, identity_hash = stage._hashes(memo)
         done = stage._stamped_hash(input_hash, identity_hash) is not None
         stamp = None if stage.always_run else [str(stage.output_dir), input_hash, identity_hash]
+        # this stage at these inputs: one still in the queue is not submitted again (slurm/pipeline.sh)
+        key = hashlib.sha256(f"{stage.output_dir.absolute()} {input_hash}".encode()).hexdigest()[:16]
         if stage.job:
-            job["array"].append({"lang": stage.lang, "args": lang_args, "done": done, "stamp": stamp})
-        job["stamp"] = None if stage.job else stamp
+            job["array"].append({"lang": stage.lang, "args": lang_args, "done": done, "stamp": stamp, "key": key})
+        job["stamp"], job["key"] = (None, None) if stage.job else (stamp, key)
         job["done"] = job["done"] and done
-        # the job of these stages at these inputs: one already in the queue is not submitted again (slurm/pipeline.sh)
-        key = f"{job.get('key')} {stage.output_dir.absolute()} {input_hash}"
-        job["key"] = hashlib.sha256(key.encode()).hexdigest()[:16]
     return list(grouped.values())
 
 

@@ -33,30 +33,41 @@ export MINIMODEL_PYTHON
 config=${1:-configs/pipeline/tiny.yaml}
 shift || true  # the rest: key=value overrides of the pipeline config
 plan=${PLAN:-}
+plan_tmp=""
 if [ -z "$plan" ]; then
   plan=$(mktemp "${TMPDIR:-/tmp}/minimodel-plan.XXXXXX")
-  trap 'rm -f "$plan"' EXIT
+  plan_tmp=$plan
+  trap 'rm -f "$plan_tmp"' EXIT
   PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}" "$MINIMODEL_PYTHON" -m minimodel.pipeline --config "$config" --plan "$@" > "$plan"
 fi
 
-lines=$(PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}" "$MINIMODEL_PYTHON" -m minimodel.slurm_plan "$plan")
+# the jobs still queued or running (their comments: the keys of an earlier pipeline.sh's jobs and array tasks): a job
+# or task of the same stage at the same inputs is not submitted a second time (two writers of one checkpoint)
+queued=$(mktemp "${TMPDIR:-/tmp}/minimodel-queued.XXXXXX")
+trap 'rm -f "$queued" ${plan_tmp:+"$plan_tmp"}' EXIT
+squeue -h -r -u "${USER:-$(id -un)}" -o "%k %F %K" > "$queued" 2>/dev/null || true
+lines=$(PYTHONPATH="$MINIMODEL_HOME${PYTHONPATH:+:$PYTHONPATH}" "$MINIMODEL_PYTHON" -m minimodel.slurm_plan "$plan" \
+  "$queued")
 
 # The jobs run what the plan hashed: settings meant for a template run by hand (slurm/common.sh) are not theirs, and
 # sbatch passes on this shell's environment.
 unset CONFIG OVERRIDES NPROC_PER_NODE MASTER_PORT TARGET_LANGS
 job_env=()
-queued=""
 declare -A job_id
 read -r -a extra <<< "${SBATCH_ARGS:-}"
 # each_job check|submit: check asks Slurm whether it would take every job (sbatch --test-only: nothing submitted),
 # so that one it refuses (e.g. more GPUs per node than a node has) stops the pipeline before any of its jobs runs;
 # submit submits them, each after the jobs it needs.
 each_job() {
-  local mode=$1 name after langs task_args stamps command key options deps refused lang_list queued_id
-  while IFS=$'\x1f' read -r name after langs task_args stamps command key; do
+  local mode=$1 name after langs task_args stamps command keys waiting options deps refused lang_list
+  while IFS=$'\x1f' read -r name after langs task_args stamps command keys waiting; do
     [ -n "$name" ] || continue  # nothing left to submit
     if [ "$name" = env ]; then
       if [ "$mode" = submit ]; then job_env+=("$after"); fi
+      continue
+    fi
+    if [ -z "$command" ]; then  # every task of it still queued from an earlier pipeline.sh
+      if [ "$mode" = submit ]; then job_id[$name]=$waiting; echo "queued already: $name $waiting"; fi
       continue
     fi
     eval "set -- $command"  # the shell-quoted template + arguments (shlex.join) back into words
@@ -72,24 +83,19 @@ each_job() {
         { echo "pipeline.sh: Slurm would refuse job $name (${*@Q}): $refused; nothing was submitted" >&2; exit 2; }
       continue
     fi
-    # the same job (its stages at the same inputs) still queued or running, from an earlier pipeline.sh: not a
-    # second copy writing the same checkpoints; what needs it waits for that one
-    queued_id=$(awk -v key="minimodel:$key" '$1 == key { print $2; exit }' <<< "$queued")
-    if [ -n "$key" ] && [ -n "$queued_id" ]; then
-      job_id[$name]=$queued_id
-      echo "queued already: $name $queued_id"
-      continue
-    fi
-    options+=(--comment="minimodel:$key" --parsable --kill-on-invalid-dep=yes)  # a failed stage cancels what needs it
+    options+=(--comment="minimodel:$keys" --parsable --kill-on-invalid-dep=yes)  # a failed stage cancels what needs it
     deps=""
     for dep in $after; do deps+=":${job_id[$dep]}"; done
     [ -n "$deps" ] && options+=(--dependency="afterok$deps")
     id=$(env "${job_env[@]}" MM_TASK_ARGS="$task_args" MM_STAMPS="$stamps" sbatch "${options[@]}" "${extra[@]}" "$@")
     job_id[$name]=${id%%;*}
     echo "submitted $name ${job_id[$name]}${deps:+ after$deps}${langs:+ array over: $langs}: ${*@Q}"
+    if [ -n "$waiting" ]; then  # its other tasks, still queued from an earlier pipeline.sh: what needs it waits too
+      job_id[$name]+=":$waiting"
+      echo "queued already: $name $waiting"
+    fi
   done <<< "$lines"
 }
 each_job check
-queued=$(squeue -h -u "${USER:-$(id -un)}" -o "%k %F" 2>/dev/null || true)  # the jobs' comments and (array) ids
 each_job submit
 echo "follow with: squeue -u ${USER:-$(id -un)}   (logs: slurm/logs/<stage>-<job id>[_<array task>].out)"

@@ -336,22 +336,33 @@ def test_a_pipeline_slurm_would_refuse_in_part_submits_nothing(cluster, tmp_path
 @pytest.mark.slow
 def test_pipeline_sh_run_again_leaves_the_jobs_still_queued_alone(cluster, tmp_path):
     """Running pipeline.sh again while its jobs wait or run (the recovery after one branch failed) submitted a second
-    copy of each, writing the same checkpoints. A job of the same stages at the same inputs still in the queue is
-    not submitted again, and what needs it waits for it; another config's job is. (Held: nothing runs.)"""
+    copy of each, writing the same checkpoints. A job, or an array task, of the same stage at the same inputs still
+    in the queue is not submitted again, and what needs it waits for it: a language added to the pipeline submits
+    that language's tasks alone. (Held: nothing runs.)"""
     env = {**JOB_ENV, "SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out --hold"}
-    first = cluster.run(["bash", "slurm/pipeline.sh", *pipeline_args(tmp_path)], cwd=ROOT, env=env)
-    submitted, report = dict(re.findall(r"^submitted (\S+) (\d+)", first.stdout, re.M)), []
+
+    def pipeline(*overrides: str) -> str:
+        args = pipeline_args(tmp_path, *overrides)
+        return cluster.run(["bash", "slurm/pipeline.sh", *args], cwd=ROOT, env=env).stdout
+
+    first = pipeline("target_langs=[ny]")
+    submitted = dict(re.findall(r"^submitted (\S+) (\d+)", first, re.M))
+    ids = list(submitted.values())
     try:
-        again = cluster.run(["bash", "slurm/pipeline.sh", *pipeline_args(tmp_path)], cwd=ROOT, env=env)
-        assert "submitted" not in again.stdout, again.stdout
-        assert dict(re.findall(r"^queued already: (\S+) (\d+)", again.stdout, re.M)) == submitted
-        changed = cluster.run(["bash", "slurm/pipeline.sh",
-                               *pipeline_args(tmp_path, "overrides.report=[chance_margin=0.03]")], cwd=ROOT, env=env)
-        report = re.findall(r"^submitted report (\d+) after:(\d+)", changed.stdout, re.M)
-        assert report and report[0][0] != submitted["report"], changed.stdout  # its dependencies: the queued ones
-        assert set(re.findall(r"^submitted (\S+)", changed.stdout, re.M)) == {"report"}, changed.stdout
+        again = pipeline("target_langs=[ny]")
+        assert "submitted" not in again, again
+        assert dict(re.findall(r"^queued already: (\S+) (\d+)", again, re.M)) == submitted
+        more = pipeline("target_langs=[ny, sw]")
+        ids += re.findall(r"^submitted \S+ (\d+)", more, re.M)
+        adapt = re.search(r"^submitted (adapt-\S+) (\d+) after(\S+) array over: (.*?):", more, re.M)
+        assert adapt and adapt.group(4) == "sw", more  # ny's task is the first pipeline's, still queued
+        assert re.search(rf"^queued already: {adapt.group(1)} {submitted[adapt.group(1)]}_0$", more, re.M), more
+        assert {"data", "pretrain"} <= set(re.findall(r"^queued already: (\S+)", more, re.M))
+        # what needs the adaptation waits for both arrays: sw's new one and ny's queued task
+        needs = [line for line in more.splitlines() if re.search(rf"after\S*:{adapt.group(2)}\b", line)]
+        assert needs and all(f":{submitted[adapt.group(1)]}_0" in line for line in needs), more
     finally:
-        cluster.run(["scancel", *submitted.values(), *(r[0] for r in report)], check=False)
+        cluster.run(["scancel", *ids], check=False)
 
 
 def test_a_job_voids_its_stages_old_stamp_before_the_stage_starts(tmp_path):

@@ -23,7 +23,7 @@ from minimodel.config import ConfigError, load_config
 from minimodel.methods import parse_method
 from minimodel.pipeline import PipelineConfig, build_stages, plan
 from minimodel.provenance import finish_output
-from minimodel.slurm_plan import RECORD, UNIT, lines
+from minimodel.slurm_plan import RECORD, UNIT, lines, queued_jobs
 from minimodel.stages import STAMP, KINDS, Stage, StageFailed, StageInterrupted, StageKind, jobs, write_stamp
 from minimodel.training.config import LAYOUT_KEYS
 from minimodel.training.preemption import PREEMPTED_EXIT_CODE
@@ -230,8 +230,8 @@ def test_slurm_lines_submit_the_plans_jobs_and_skip_what_is_done(tmp_path):
     assert rows[0] == ["env", "MINIMODEL_PARENT_RUN_ID=0123"]
     submitted = {row[0]: row[1:] for row in rows[1:]}
     assert "data" not in submitted and submitted["pretrain"][0] == ""  # its one dependency is done
-    after, langs, task_args, stamps, submit, key = submitted[adapt["name"]]
-    assert key == adapt["key"] and len({job["key"] for job in planned["jobs"]}) == len(planned["jobs"])
+    after, langs, task_args, stamps, submit, keys, waiting = submitted[adapt["name"]]
+    assert keys == ",".join(task["key"] for task in adapt["array"]) and waiting == ""
     assert langs == "ny sw" and task_args.split(RECORD) == ["'target_langs=[ny]'", "'target_langs=[sw]'"]  # shell-quoted
     # each task stamps its own language's output directory with its stage's input hash when it finishes
     assert [shlex.split(entry) for entry in stamps.split(RECORD)] == [task["stamp"] for task in adapt["array"]]
@@ -247,6 +247,27 @@ def test_slurm_lines_submit_the_plans_jobs_and_skip_what_is_done(tmp_path):
     adapt["array"][0]["done"] = True  # ny adapted already: only sw's task is submitted
     row = next(line.split(UNIT) for line in lines(planned) if line.startswith(adapt["name"] + UNIT))
     assert row[2:4] == ["sw", "'target_langs=[sw]'"] and shlex.split(row[4]) == adapt["array"][1]["stamp"]
+
+
+def test_jobs_and_array_tasks_still_queued_are_not_submitted_again(tmp_path):
+    """pipeline.sh run again (a branch fixed while the others wait) submitted a second copy of every queued job, and
+    keyed per job, a language added to an array resubmitted the languages still queued: two writers of the same
+    checkpoints. Keys are per stage: what is queued (squeue's comments) is left out, and what needs it waits for it."""
+    planned = two_language_plan(tmp_path)
+    adapt = next(job for job in planned["jobs"] if job["kind"] == "adapt")
+    pretrain = next(job for job in planned["jobs"] if job["name"] == "pretrain")
+    ny, sw = (task["key"] for task in adapt["array"])
+    squeue = (f"minimodel:{pretrain['key']} 7 N/A\nsomeone else's comment 8 N/A\n(null) 9 N/A\n"
+              f"minimodel:{ny},{sw} 12 0\n")  # pretraining queued, and ny's task of an earlier array
+    queued = queued_jobs(squeue)
+    assert queued == {pretrain["key"]: "7", ny: "12_0"}
+    rows = {row[0]: row[1:] for row in (line.split(UNIT) for line in lines(planned, queued)) if row[0] != "env"}
+    assert rows["pretrain"][4:] == ["", "", "7"]  # nothing to submit: the queued job stands for it
+    after, langs, task_args, stamps, submit, keys, waiting = rows[adapt["name"]]
+    assert (langs, task_args, keys, waiting) == ("sw", "'target_langs=[sw]'", sw, "12_0") and submit
+    assert len({task["key"] for job in planned["jobs"] for task in job["array"]} |
+               {job["key"] for job in planned["jobs"] if not job["array"]}) == sum(
+        len(job["array"]) or 1 for job in planned["jobs"])  # a key per stage
 
 
 def test_a_job_asks_slurm_for_the_ranks_its_plan_hashed(tmp_path):
