@@ -561,28 +561,42 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     if parent_run_id:
         report.run_args.append(f"parent_run_id={parent_run_id}")
     for stage in stages:
-        _refuse_rewiring(stage, user_given, at.root)
+        _refuse_rewiring(stage, user_given, (at.root, at.data_dir))
     return stages
 
 
-def _refuse_rewiring(stage: Stage, given: dict[str, str], root: Path) -> None:
+def _refuse_rewiring(stage: Stage, given: dict[str, str], roots: tuple[Path, ...]) -> None:
     """A user's override may not replace a path the pipeline wires between its stages (a stage's output directory,
-    an upstream result under the pipeline's output_dir; a DATA setting, a task's data, may be the user's own): the
-    pipeline skips, stamps and reads its layout's paths, and would take another directory's results as this run's."""
+    an upstream result, under the pipeline's output_dir or data_dir, also inside a list or mapping: zero-shot
+    targets; a DATA setting, a task's data, may be the user's own): the pipeline skips, stamps and reads its
+    layout's paths, and would take another directory's results as this run's."""
     data = provenance.data_keys(KINDS[stage.kind].config_class()) if KINDS[stage.kind].config else set()
+    roots = tuple(root.absolute() for root in roots)
+
+    def wired_path(value) -> bool:
+        if isinstance(value, dict):
+            return any(wired_path(v) for v in value.values())
+        if isinstance(value, list):
+            return any(wired_path(v) for v in value)
+        path = Path(str(value)).absolute()
+        return isinstance(value, str) and bool(value) and any(root in (path, *path.parents) for root in roots)
+
     wired = {}
     for arg in [*stage.args, *stage.lang_args]:
         key, _, value = arg.partition("=")
-        path = Path(value).absolute()
-        if arg not in given and value and key not in data and root.absolute() in (path, *path.parents):
+        try:
+            read = yaml.safe_load(value) if value.startswith(("[", "{")) else value
+        except yaml.YAMLError:
+            read = value
+        if arg not in given and key not in data and wired_path(read):
             wired[key] = value
     for arg in (arg for arg in stage.args if arg in given):
         key = arg.partition("=")[0].strip()
         for set_key, value in wired.items():
             if key == set_key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}."):
                 raise ConfigError(f"{given[arg]}: {key} of stage {stage.name} is the pipeline's ({set_key}={value}): "
-                                  "it lays out and reads its stages' outputs under output_dir; set output_dir (or "
-                                  "primary_model, data_dir) of the pipeline instead, or run the stage by itself",
+                                  "it lays out and reads its stages' outputs under output_dir and data_dir; set "
+                                  "those (or primary_model) of the pipeline instead, or run the stage by itself",
                                   given[arg])
 
 

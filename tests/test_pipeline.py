@@ -197,6 +197,8 @@ def test_an_output_directory_yaml_would_cut_reaches_every_stage_whole(tmp_path, 
     ("overrides.finetune=[model_dir={tmp}/m]", "overrides.finetune: model_dir of stage finetune is the pipeline's"),
     ("method_overrides.minipost=[mini_model={tmp}/mm]", "method_overrides.minipost: mini_model of stage adapt-"),
     ("overrides.report=['pipeline_dir={tmp}/other']", "overrides.report: pipeline_dir of stage report"),
+    ("overrides.data=[output_dir={tmp}/d]", "overrides.data: output_dir of stage data is the pipeline's"),
+    ("overrides.zero_shot=['targets=[{{lang: ny, embeddings: {tmp}/x}}]']", "overrides.zero_shot: targets of stage"),
     ("overrides.finetune=[task.data_dir={tmp}/xnli]", None),  # a task's data: the user's own
     ("overrides.adapt=[train.steps=7, overwrite=true]", None),
 ])
