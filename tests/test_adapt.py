@@ -196,7 +196,8 @@ def test_a_failed_language_does_not_lose_the_others(runs):
     summary = json.loads((runs["z1_mini"] / "summary.json").read_text())
     assert summary["sw"] == "done" and summary["swcopy"] == "done"
     assert summary["zz"].startswith("failed") and "zz" in summary["zz"]
-    assert "prepare_data" in (runs["z1_mini"] / "zz" / "error.txt").read_text()
+    assert "prepare_data" in (runs["z1_mini"] / "zz.error.txt").read_text()
+    assert not (runs["z1_mini"] / "zz").exists()  # nothing claimed: data added later, the same command runs it
 
 
 def test_zero_stage_1_and_3_learn_the_same_embeddings(runs):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minimodel import distributed, provenance
+from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR, read_info, snapshot_dir, write_artifact
 from minimodel.adaptation.extend import extend_tokenizer
 from minimodel.adaptation.vocab import INITIALISERS, install_vocabulary, token_map
@@ -373,8 +373,8 @@ def claim_language(cfg, lang: str, models: dict[str, str | None], reads: tuple[s
     for key, model_dir in models.items():
         require_model_dir(model_dir, key)
     missing = [code for code in reads or (lang,) if not (Path(cfg.data_dir) / code).is_dir()]
-    if missing:
-        raise MissingInputError(f"data_dir: {cfg.data_dir} holds no data of {', '.join(missing)}: build it with "
+    if missing:  # this language's failure (FileNotFoundError): the others still run
+        raise FileNotFoundError(f"data_dir: {cfg.data_dir} holds no data of {', '.join(missing)}: build it with "
                                 "pretrain/prepare_data.py (languages.<lang> in its config), or fix data_dir")
     run_dir = Path(cfg.output_dir) / lang
     lang_cfg = dataclasses.replace(cfg, target_lang=lang)
@@ -505,8 +505,9 @@ def run_adaptation(cfg: AdaptConfig) -> StageResult:
 
 
 def run_languages(cfg, run_one, what: str) -> StageResult:
-    """run_one(cfg, lang) for every language of cfg.languages() in turn; one failure does not stop the others.
-    Outputs {lang: status}, status "done" | "interrupted" | "failed: <error>", also written to
+    """run_one(cfg, lang) for every language of cfg.languages() in turn; one failure does not stop the others (its
+    traceback: <cfg.output_dir>/<lang>.error.txt), a changed config or a missing model every language reads does
+    (exit 2). Outputs {lang: status}, status "done" | "interrupted" | "failed: <error>", also written to
     <cfg.output_dir>/summary.json (rank 0); the stage failed if a language failed, else it is interrupted if a stop
     signal ended one."""
     distributed.initialize_deepspeed()
@@ -515,16 +516,16 @@ def run_languages(cfg, run_one, what: str) -> StageResult:
     for lang in cfg.languages():
         try:
             statuses[lang] = run_one(cfg, lang)
+            if rank == 0:  # an earlier failure's traceback is not this run's
+                (Path(cfg.output_dir) / f"{lang}.error.txt").unlink(missing_ok=True)
         except (ConfigChanged, MissingInputError, NotAnOutputDirectory):
             raise  # the user's settings or inputs: every language would hit it (exit 2, its message)
         except Exception as e:  # noqa: BLE001 - recorded; the other languages still run
             statuses[lang] = f"failed: {type(e).__name__}: {e}"
-            run_dir = Path(cfg.output_dir) / lang
-            if rank == 0 and provenance.read(run_dir) is None:  # not claimed: a file there would make it no stage's
-                log.error("%s: %s failed", lang, what, exc_info=True)
-            elif rank == 0:
-                (run_dir / "error.txt").write_text(traceback.format_exc())
-                log.error("%s: %s failed (%s); traceback in %s", lang, what, e, run_dir / "error.txt")
+            if rank == 0:  # beside its directory: one it did not claim holds nothing (else it would be no stage's)
+                error = Path(cfg.output_dir) / f"{lang}.error.txt"
+                write_text_atomic(error, traceback.format_exc())
+                log.error("%s: %s failed (%s); traceback in %s", lang, what, e, error)
         if statuses[lang] == "interrupted":
             break  # a stop signal: checkpointed, leave the remaining languages to the resubmitted job
     if rank == 0:
