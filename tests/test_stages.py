@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -354,8 +355,9 @@ def test_grouping_refuses_tasks_that_differ_beyond_their_language(tmp_path):
     b = Stage("adapt-x-sw", "adapt", ["--config", "b.yaml"], tmp_path, job="adapt-x", lang="sw")
     with pytest.raises(ValueError, match="adapt-x-sw differs from the other tasks of job adapt-x"):
         jobs([a, b])
-    assert stages.jobs([a])[0]["array"] == [{"lang": "ny", "args": [], "done": False,
-                                             "stamp": [str(tmp_path), a.input_hash, a.identity_hash]}]
+    [task] = stages.jobs([a])[0]["array"]
+    assert task == {"lang": "ny", "args": [], "done": False, "stamp": [str(tmp_path), a.input_hash, a.identity_hash],
+                    "key": task["key"]} and re.fullmatch(r"[0-9a-f]{16}", task["key"])
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
