@@ -578,8 +578,10 @@ def _refuse_rewiring(stage: Stage, given: dict[str, str], roots: tuple[Path, ...
             return any(wired_path(v) for v in value.values())
         if isinstance(value, list):
             return any(wired_path(v) for v in value)
-        path = Path(str(value)).absolute()
-        return isinstance(value, str) and bool(value) and any(root in (path, *path.parents) for root in roots)
+        if not isinstance(value, str) or not value:
+            return False
+        path = Path(value).absolute()
+        return any(root in (path, *path.parents) for root in roots)
 
     wired = {}
     for arg in [*stage.args, *stage.lang_args]:
@@ -639,13 +641,19 @@ def _env(tracker: Tracker) -> dict[str, str]:
     return env
 
 
+def check_stage_configs(cfg: PipelineConfig) -> None:
+    """Every stage's whole config loaded and validated as the stage will (Stage.check_config), before the pipeline
+    starts its tracking run: a bad value fails at once."""
+    for stage in build_stages(cfg, None):
+        stage.check_config()
+
+
 def run(cfg: PipelineConfig) -> Path:
     for group in ("pretrain", "adapt", "minipost", "finetune"):
         require(getattr(cfg, f"{group}_nodes") == 1, f"{group}_nodes",
                 "a local run has one node: submit the pipeline to Slurm (bash slurm/pipeline.sh CONFIG) to run a "
                 "stage on several")
-    for stage in build_stages(cfg, None):  # before anything is written or logged
-        stage.check_config()
+    check_stage_configs(cfg)  # before anything is written or logged
     at = layout(cfg)
     save_config(cfg, at.config)
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
@@ -694,8 +702,7 @@ def plan(cfg: PipelineConfig) -> dict:
     """The pipeline as batch jobs for slurm/pipeline.sh: {"env": the jobs' environment, "jobs": stages.jobs()},
     the per-language stages of a method already one job with an array task per language, reading copies of their
     settings files."""
-    for stage in build_stages(cfg, None):  # before anything is logged
-        stage.check_config()
+    check_stage_configs(cfg)  # before anything is logged
     tracker = Tracker(cfg.tracking, config=cfg, tags={"stage": "pipeline", "source_lang": cfg.source_lang,
                                                        "target_langs": ",".join(cfg.target_langs)})
     stages = build_stages(cfg, tracker.run_id)

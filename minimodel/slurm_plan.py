@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from pathlib import Path
 
 UNIT, RECORD = "\x1f", "\x1e"
 COMMENT = "minimodel:"  # pipeline.sh's jobs: --comment=minimodel:<key>[,<key> per array task]
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     path, *squeue = argv if argv is not None else sys.argv[1:]
     with open(path) as f:
         plan = json.load(f)
-    queued = queued_jobs(open(squeue[0]).read()) if squeue else {}
+    queued = queued_jobs(Path(squeue[0]).read_text()) if squeue else {}
     print("\n".join(lines(plan, queued)))
 
 

@@ -228,9 +228,7 @@ class Stage:
         check of an input a stage before it makes (not there yet) is left to the stage."""
         if not KINDS[self.kind].config:  # a script of no config class
             return
-        args = [*self.args, *self.lang_args]
-        config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
-        overrides = [a for a in args if "=" in a and not a.startswith("-")]
+        config, overrides = _config_and_overrides([*self.args, *self.lang_args])
         try:
             load_config(KINDS[self.kind].config_class(), config, overrides)
         except ConfigError as e:
@@ -296,9 +294,8 @@ class Stage:
         change to redoes it: every file (a task's train file, word vectors of the user's own), and a directory a DATA
         setting names (a task's data; one per language for a "{lang}" in it). Not the project's own settings files
         (configs/): versioned with the code."""
-        config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
         try:
-            values = settings(config, [a for a in args if "=" in a and not a.startswith("-")])
+            values = settings(*_config_and_overrides(args))
         except ConfigError:  # the stage names it when it runs
             return []
         named = []
@@ -443,6 +440,12 @@ def snapshot_settings(args: list[str], made: set[Path], directory: Path) -> list
 def _data_keys(kind: str) -> set[str]:
     """The dotted keys of the DATA settings of a kind's config (imported only when a setting names a directory)."""
     return provenance.data_keys(KINDS[kind].config_class()) if KINDS[kind].config else set()
+
+
+def _config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    """A stage's config file (--config FILE) and key=value overrides, from its arguments."""
+    config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+    return config, [a for a in args if "=" in a and not a.startswith("-")]
 
 
 def _under(path: Path, directories: set[Path]) -> bool:
