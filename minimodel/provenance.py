@@ -400,8 +400,7 @@ def _claim(output_dir: Path, cfg: Any, new: dict, resumable: bool, overwrite: bo
                 _write(output_dir, {**old, "inputs": {**old["inputs"], **upgrade}}, old["status"],
                        old.get("previous"))
             return "finished" if old["status"] == "finished" else "resume"
-    # a stage may empty or replace its directory whole; a lock (the data stage takes `.lock` before it claims) is none
-    if old is None and output_dir.is_dir() and any(not p.name.endswith(".lock") for p in output_dir.iterdir()):
+    if old is None and output_dir.is_dir() and any(output_dir.iterdir()):  # a stage may empty or replace it whole
         raise NotAnOutputDirectory(
             f"{output_dir} holds files no minimodel stage wrote (no {RECORD}): nothing there is replaced or deleted, "
             f"with overwrite=true neither; name a new or empty output directory")

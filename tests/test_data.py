@@ -41,7 +41,7 @@ def read_verses(lang_dir):
 
 def snapshot(out):
     return {p.relative_to(out).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(Path(out).rglob("*")) if p.is_file() and p.name != ".lock"}
+            for p in sorted(Path(out).rglob("*")) if p.is_file()}
 
 
 def prepare(cfg: DataConfig) -> dict:

@@ -324,8 +324,9 @@ def is_complete(lang_dir: Path, input_hash: str) -> bool:
 
 @contextlib.contextmanager
 def _locked(out: Path):
-    """One build per output directory at a time (e.g. several jobs of a pipeline starting together)."""
-    with open(out / ".lock", "w") as f:
+    """One build per output directory at a time (e.g. several jobs of a pipeline starting together); the lock lies
+    beside it (inside, it would be a file no stage's record covers)."""
+    with open(out.parent / f".{out.name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
