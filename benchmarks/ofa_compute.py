@@ -8,9 +8,10 @@
 Protocol: benchmarks/adaptation_compute.py's (RESULTS.md section 1: its Setup, one pipeline per seed, quality =
 held-out target MLM of the PRIMARY with each snapshot's embeddings plugged in), with six methods: standard,
 minijoint and minipost, each with random (the paper's baseline) and OFA initialisation (+ofa, word vectors learned by
-the pipeline's word_vectors stage from the same corpora). `--factorized-dim d` gives every +ofa method factorised
-embeddings of rank d, and `--ofa-lr` their own adaptation learning rate (random init keeps Setup.adapt_lr, which was
-tuned for random rows); each flag gives a separate work dir whose pipelines re-run from pretraining, same seeds.
+the pipeline's word_vectors stages from the same corpora, one per language pair). `--factorized-dim d` gives every
++ofa method factorised embeddings of rank d, and `--ofa-lr` their own adaptation learning rate (random init keeps
+Setup.adapt_lr, which was tuned for random rows); each flag gives a separate work dir whose pipelines re-run from
+pretraining, same seeds.
 
 OFA's starting point is the thing being measured, so quality has ONE zero per seed and language, the pipeline
 report's: quality = mlm_loss(standard-random's step-0 embeddings) - mlm_loss(snapshot). Reported per method: the

@@ -73,6 +73,10 @@ class PipelineLayout:
     def plan_settings(self) -> Path:
         return self.root / "plan" / "settings"
 
+    def word_vectors(self, lang: str) -> Path:
+        """OFA's aligned word vectors of (source, lang), learned for the +ofa methods' adaptation to lang."""
+        return self.root / "word_vectors" / lang
+
     @property
     def pretrain(self) -> Path:
         return self.root / "pretrain"

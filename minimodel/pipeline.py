@@ -383,15 +383,17 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
 
     # OFA's aligned word vectors, learned from the data stage's verse-parallel corpora and split (its resolved
     # config; minimodel/ofa/learn.py), unless the user gives every +ofa method vectors of their own (in the adaptation
-    # config file or its overrides)
+    # config file or its overrides); per (source, target) pair: vectors learned jointly change with every language
+    # added, and so would every finished +ofa adaptation's input
     learned_vectors = [m for m in embedding_methods if m.init == "ofa"
                        and setting(cfg.configs.adapt, adapt_settings(m), "init.ofa.vectors") is None]
-    vectors = at.root / "word_vectors"
-    word_vectors = [add("word_vectors", "word_vectors",
-                        ["--config", cfg.configs.word_vectors, f"data={at.data_dir / 'config.yaml'}",
-                         f"output_dir={vectors}", f"languages={flow_list([src, *target_langs])}",
-                         f"eval.source_lang={src}", *extra("word_vectors")], vectors, [prepare])
-                    ] if learned_vectors else []
+    word_vectors = {lang: add(f"word_vectors-{lang}", "word_vectors",
+                              ["--config", cfg.configs.word_vectors, f"data={at.data_dir / 'config.yaml'}",
+                               f"eval.source_lang={src}", *extra("word_vectors")],
+                              at.word_vectors(lang), [prepare], job="word_vectors", lang=lang,
+                              lang_args=[f"languages={flow_list([src, lang])}",
+                                         f"output_dir={at.word_vectors(lang)}"])
+                    for lang in (target_langs if learned_vectors else [])}
 
     # one adaptation job per method: a task per language (a Slurm array)
     adapted: dict[tuple[str, str], Stage] = {}
@@ -400,15 +402,16 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                 f"source_lang={src}", f"data_dir={at.data_dir}", f"output_dir={at.adapt(method.name)}"]
         if method.source.over == "mini":
             args.append(f"mini_model={at.model(method.model)}")
-        if method in learned_vectors:
-            args.append(f"init.ofa.vectors=[{flow_mapping(path=vectors / 'vectors.bin')}]")
         args += adapt_settings(method)
         for lang in target_langs:
+            learned = method in learned_vectors
             adapted[method.name, lang] = add(
                 f"adapt-{method.name}-{lang}", "adapt", args, at.adapt(method.name, lang),
-                [made_by[method.model], prepare, *(word_vectors if method in learned_vectors else [])],
+                [made_by[method.model], prepare, *([word_vectors[lang]] if learned else [])],
                 **ranks("adapt"), job=f"adapt-{method.name}", lang=lang,
-                lang_args=[f"target_langs={flow_list([lang])}"])  # only its own language: adding another reruns nothing
+                lang_args=[f"target_langs={flow_list([lang])}",  # only its own language: adding another reruns nothing
+                           *([f"init.ofa.vectors=[{flow_mapping(path=at.word_vectors(lang) / 'vectors.bin')}]"]
+                             if learned else [])])
     # BiStil and lt_sft_vocab: the primary masked LM with the final embeddings of the method they build on, per
     # language (standard adaptation's, or a spec's @<base>: one plugged model per base and language)
     plugged_mlm: dict[tuple[str | None, str], Stage] = {}

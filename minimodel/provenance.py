@@ -19,6 +19,9 @@ result is "of this config" only if it was made from the same upstream results an
         the change honoured by redoing them
     files without a record (no stage wrote them), the working or home directory: NotAnOutputDirectory, whatever
         `overwrite` says (a stage may empty or replace its directory whole)
+A stage may give its result's content hash (`finish_output(..., content=...)`: the word vectors' bytes): its
+consumers record that, so the result made again byte for byte (after a change of how it is evaluated) is still their
+input, and made again otherwise (from a corpus edited in place) is not, whatever the config says.
 Never a silent skip: a stage may skip only on "finished". A record is read with the default of every setting its
 config class gained since it was written (a new setting's default keeps the behaviour the code had before): a result
 made then stays valid for a config that leaves the setting at its default, and not for one that sets it.
@@ -120,7 +123,14 @@ def identity(path: str | Path) -> str | dict | None:
         return None
     if record["status"] != "finished":
         return "unfinished"
-    return {"parts": record["parts"]} if "parts" in record else record["digest"]
+    return {"parts": record["parts"]} if "parts" in record else _result(record)
+
+
+def _result(record: dict) -> str:
+    """What a consumer records of a finished result: the hash of its content where the stage gave one (finish_output's
+    `content`: made again the same, e.g. after a change of how it is evaluated, it is the same input), else its
+    config's digest."""
+    return record.get("content") or record["digest"]
 
 
 def given_input(path: str | Path, data: bool = False) -> str | None:
@@ -301,8 +311,9 @@ def _previous(old: dict | None, new: dict) -> dict | None:
     for the messages of consumers that recorded it."""
     if old is None:
         return None
-    if old["status"] == "finished" and old["digest"] != new["digest"]:
-        return {"digest": old["digest"], "changes": differences(old, new)}
+    if old["status"] == "finished" and _result(old) != _result(new):
+        # the same config and inputs making other content: something it read in place changed (a corpus)
+        return {"digest": _result(old), "changes": differences(old, new) or ["other content from the same config"]}
     return old.get("previous")
 
 
@@ -428,13 +439,15 @@ def keep_claim(output_dir: str | Path, replacement: str | Path) -> None:
 
 def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = (), *,
                   uses: Mapping[str, Iterable[str]] | None = None, parts: Mapping[str, str] | None = None,
-                  writes: tuple[str, ...] = ()) -> None:
+                  content: str | None = None, writes: tuple[str, ...] = ()) -> None:
     """Record `cfg`'s result in `output_dir` as complete (call it on one rank, after the last file is written).
     The claimed record is marked finished when it is of this config (the inputs it recorded are those the result
     was made from); else written afresh: a stage may have replaced its whole output directory (plug). Left alone
     when it already says so (a no-op rerun changes nothing). `parts`: {part: digest} of a whole made of parts (each
-    part's own record written by write_part). Raises InputsChanged, recording nothing, when the inputs are not those
-    this process claimed the directory with (one changed while the stage ran)."""
+    part's own record written by write_part). `content`: the hash of the result's content, what its consumers then
+    record of it instead of the config's digest (a result made again byte for byte stays theirs). Raises
+    InputsChanged, recording nothing, when the inputs are not those this process claimed the directory with (one
+    changed while the stage ran)."""
     output_dir = Path(output_dir)
     new, old = fingerprint(cfg, ignore, uses, writes), _recorded(output_dir, cfg, ignore)
     if (claim := _claimed.get(output_dir.absolute())) is not None:
@@ -446,9 +459,11 @@ def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = ()
                                 "not marked finished. Run it again")
     if parts is not None:
         new["parts"] = _json(dict(parts))
+    if content is not None:
+        new["content"] = content
     if old is not None:
         matched, upgrade = _matches(old, new)
-        if matched and old.get("parts") == new.get("parts"):
+        if matched and (old.get("parts"), old.get("content")) == (new.get("parts"), new.get("content")):
             if old["status"] != "finished" or upgrade:
                 _write(output_dir, {**old, "inputs": {**old["inputs"], **upgrade}}, "finished", old.get("previous"))
             return

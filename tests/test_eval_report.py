@@ -684,8 +684,9 @@ def test_every_method_has_a_colour_of_its_own_on_the_plot():
 def test_one_off_costs_are_shown_beside_the_per_language_compute(tmp_path):
     """MiniPost's step 1b (its mini-model) and OFA's word vectors are spent once for every target language: they
     were in no number of the report, so minipost's saving read as free of them. Only a result finished for its
-    current config counts (word vectors being learned again under another config are not the ones used)."""
-    from dataclasses import dataclass
+    current config counts (word vectors being learned again under another config are not the ones used), for the
+    methods that read them."""
+    from dataclasses import dataclass, field
 
     from minimodel.provenance import claim_output, finish_output
 
@@ -693,29 +694,49 @@ def test_one_off_costs_are_shown_beside_the_per_language_compute(tmp_path):
     class Stage:
         seed: int = 0
 
+    @dataclass
+    class Adapt:  # what the report reads of an adaptation's record: the word vectors it read
+        init: dict = field(default_factory=dict)
+
     plan = {**PLAN, "minipost+ofa": (20.0, 1.0, 10, {None: 0.5})}
     layout = PipelineLayout(tmp_path / "run")
+
+    def learn_vectors(lang: str, seconds: float, seed: int = 0):
+        claim_output(layout.word_vectors(lang), Stage(seed), resumable=False)
+        write_json(layout.word_vectors(lang) / "summary.json", {"seconds": seconds})
+        (layout.word_vectors(lang) / "vectors.bin").write_text(f"vectors {seed}")
+        finish_output(layout.word_vectors(lang), Stage(seed))
+        return layout.word_vectors(lang) / "vectors.bin"
+
+    def adapted(method: str, lang: str, vectors) -> None:
+        claim_output(layout.adapt(method, lang), Adapt({"ofa": {"vectors": [{"path": str(vectors)}]}}),
+                     resumable=False)
+
+    adapted("minipost+ofa", "sw", learn_vectors("sw", 12.5))  # one vectors file per language pair, its time summed
+    adapted("minipost+ofa", "ny", learn_vectors("ny", 2.5))
+    learn_vectors("tl", 100.0)  # a language no +ofa adaptation read
     write_pipeline_results(layout, plan)
     rows = [{"step": s, "compute/flops": 1e9 * s, "compute/wall_clock_s": 3.0 * s} for s in (1, 2)]
     claim_output(layout.minipost, Stage(), resumable=True)
     (layout.minipost / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     finish_output(layout.minipost, Stage())
-    claim_output(layout.root / "word_vectors", Stage(), resumable=False)
-    write_json(layout.root / "word_vectors" / "summary.json", {"seconds": 12.5})
-    finish_output(layout.root / "word_vectors", Stage())
     cfg = load_config(ReportConfig, overrides=[f"output_dir={tmp_path / 'report'}", f"pipeline_dir={layout.root}",
                                                "tracking.enabled=false"])
     paths = report(cfg).outputs
     one_off = json.loads(paths["json"].read_text())["one_off"]
     assert one_off == {"minipost": {"flops": 2e9, "wall_clock_s": 6.0, "methods": ["minipost", "minipost+ofa"]},
-                       "word_vectors": {"flops": None, "wall_clock_s": 12.5, "methods": ["minipost+ofa"]}}
+                       "word_vectors": {"flops": None, "wall_clock_s": 15.0, "methods": ["minipost+ofa"]}}
     text = paths["markdown"].read_text()
-    assert "| minipost | 2e+09 | 6 | minipost, minipost+ofa |" in text and "| word_vectors | — | 12 |" in text
+    assert "| minipost | 2e+09 | 6 | minipost, minipost+ofa |" in text and "| word_vectors | — | 15 |" in text
     from minimodel.evaluation.report import one_off_costs  # a method building on minipost's embeddings uses it too
     assert one_off_costs(layout, ["bistil@minipost+ofa"]) == {
         "minipost": {**one_off["minipost"], "methods": ["bistil@minipost+ofa"]},
         "word_vectors": {**one_off["word_vectors"], "methods": ["bistil@minipost+ofa"]}}
-    claim_output(layout.root / "word_vectors", Stage(seed=1), resumable=False)  # learning again: not yet this one
+    claim_output(layout.word_vectors("ny"), Stage(seed=1), resumable=False)  # learning again: not yet this one
+    assert json.loads(report(cfg).outputs["json"].read_text())["one_off"]["word_vectors"]["wall_clock_s"] == 12.5
+    # a method given vectors of its own read none of the pipeline's, which may still lie there from an earlier config
+    for lang in ("sw", "ny"):
+        adapted("minipost+ofa", lang, tmp_path / "own.vec")
     assert "word_vectors" not in json.loads(report(cfg).outputs["json"].read_text())["one_off"]
 
 

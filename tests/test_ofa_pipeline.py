@@ -17,23 +17,31 @@ def test_tiny_pipeline_learns_word_vectors_for_its_ofa_method_only():
     cfg = load_config(PipelineConfig, "configs/pipeline/tiny.yaml", ["output_dir=/tmp/p"])
     assert "minijoint+ofa" in cfg.methods
     stages = {s.name: s for s in build_stages(cfg)}
-    vectors = stages["word_vectors"]
-    assert vectors.kind == "word_vectors" and "languages=[en, ny, sw]" in vectors.args
-    # the corpora and held-out split the data stage used, overrides.data included: its resolved config
-    assert f"data={cfg.data_dir}/config.yaml" in vectors.args and vectors.after == [stages["data"]]
     for lang in cfg.target_langs:
+        # one per language pair: vectors learned for every language at once changed with each language added, and
+        # every finished +ofa adaptation was then refused as made from other vectors
+        vectors = stages[f"word_vectors-{lang}"]
+        assert vectors.kind == "word_vectors" and vectors.job == "word_vectors"
+        assert f"languages=[en, {lang}]" in vectors.lang_args
+        assert f"output_dir=/tmp/p/word_vectors/{lang}" in vectors.lang_args
+        # the corpora and held-out split the data stage used, overrides.data included: its resolved config
+        assert f"data={cfg.data_dir}/config.yaml" in vectors.args and vectors.after == [stages["data"]]
         ofa = stages[f"adapt-minijoint+ofa-{lang}"]
-        assert vectors in ofa.after and "init.method=ofa" in ofa.args
-        assert "init.ofa.vectors=[{path: /tmp/p/word_vectors/vectors.bin}]" in ofa.args
+        assert ofa.after[-1] is vectors and "init.method=ofa" in ofa.args
+        assert f"init.ofa.vectors=[{{path: /tmp/p/word_vectors/{lang}/vectors.bin}}]" in ofa.lang_args
         assert vectors not in stages[f"adapt-minijoint-{lang}"].after
+    more = {s.name: s for s in build_stages(load_config(PipelineConfig, "configs/pipeline/tiny.yaml", [
+        "output_dir=/tmp/p", f"target_langs=[{', '.join(cfg.target_langs)}, tl]"]))}
+    for name in ("word_vectors-ny", "adapt-minijoint+ofa-ny"):  # a language added changes no other's stages
+        assert (more[name].args, more[name].lang_args) == (stages[name].args, stages[name].lang_args)
     without = load_config(PipelineConfig, "configs/pipeline/tiny.yaml", ["methods=[standard, minipost]"])
-    assert "word_vectors" not in {s.name for s in build_stages(without)}
+    assert not [s for s in build_stages(without) if s.kind == "word_vectors"]
     # the user's own vectors win over the pipeline's (the last setting of a key is the one applied), and then
     # no vectors are learned for it
     own = load_config(PipelineConfig, "configs/pipeline/tiny.yaml", [
         "method_overrides={minijoint+ofa: ['init.ofa.vectors=[{path: /v/colexnet.vec}]']}"])
     stages = {s.name: s for s in build_stages(own)}
-    assert "word_vectors" not in stages
+    assert not [s for s in stages.values() if s.kind == "word_vectors"]
     settings = [a for a in stages["adapt-minijoint+ofa-ny"].args if a.startswith("init.ofa.vectors=")]
     assert settings == ["init.ofa.vectors=[{path: /v/colexnet.vec}]"]
 
@@ -47,7 +55,7 @@ def test_word_vectors_named_in_the_adaptation_config_file_are_not_replaced(tmp_p
     adapt.write_text(yaml.safe_dump(settings))
     cfg = load_config(PipelineConfig, "configs/pipeline/tiny.yaml", [f"configs.adapt={adapt}"])
     stages = {s.name: s for s in build_stages(cfg)}
-    assert "word_vectors" not in stages
+    assert not [s for s in stages.values() if s.kind == "word_vectors"]
     assert not [a for a in stages["adapt-minijoint+ofa-ny"].args if a.startswith("init.ofa.vectors=")]
 
 

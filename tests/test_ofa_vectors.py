@@ -173,6 +173,32 @@ def test_vectors_are_made_again_when_a_corpus_changes_in_place(tmp_path):
     assert (tmp_path / "wv" / "vectors.bin").read_bytes() != first
 
 
+def test_a_consumer_of_the_vectors_depends_on_their_bytes(tmp_path):
+    """Adaptation recorded the vectors by their stage's config digest: learned again from a corpus edited in place
+    (the same config) they kept it, and a finished +ofa adaptation was skipped with the old vectors; learned again
+    the same (only eval.ks changed) they got a new one, and every finished +ofa adaptation was refused as another
+    config's."""
+    from minimodel.adaptation.train import AdaptConfig
+    from minimodel.provenance import ConfigChanged, claim_output, finish_output
+
+    cfg = WordVectorConfig(data=_corpus(tmp_path, False), output_dir=str(tmp_path / "wv"), dim=12, min_count=1)
+    build_word_vectors(cfg)
+    adapt = AdaptConfig(primary_model=str(tmp_path / "primary"), output_dir=str(tmp_path / "adapt"),
+                        target_langs=["xx"])
+    adapt.init.method = "ofa"
+    adapt.init.ofa.vectors = [VectorFileConfig(str(tmp_path / "wv" / "vectors.bin"))]
+    claim_output(tmp_path / "adapt", adapt, resumable=True)
+    finish_output(tmp_path / "adapt", adapt)
+    cfg.eval.ks = [1, 5]  # another evaluation of the same vectors
+    build_word_vectors(cfg)
+    assert claim_output(tmp_path / "adapt", adapt, resumable=True) == "finished"
+    corpus = tmp_path / "xx.jsonl"
+    corpus.write_text(corpus.read_text().replace("QAB", "QZZ"))
+    build_word_vectors(cfg)
+    with pytest.raises(ConfigChanged, match=r"vectors.bin was made again since \(other content from the same config"):
+        claim_output(tmp_path / "adapt", adapt, resumable=True)
+
+
 def test_vectors_are_made_again_when_the_data_stages_cleaning_or_splitting_changes(tmp_path, monkeypatch):
     """The vectors read the corpora through the data stage's cleaning and split: a new cleaning rule rebuilt the
     data but left the vectors "up to date", learned from the old text."""

@@ -54,7 +54,7 @@ def test_seed_method_overrides_and_no_step_3_without_a_fine_tuned_task():
     by_name = {s.name: s for s in build_stages(cfg)}
     assert {"train.seed=7", "mini.seed=7"} <= set(by_name["minipost"].args)
     assert "train.seed=7" in by_name["pretrain"].args and "seed=7" not in " ".join(by_name["data"].args)
-    assert "seed=7" in by_name["word_vectors"].args  # its randomized SVD: a replicate learns its own vectors
+    assert "seed=7" in by_name["word_vectors-ny"].args  # its randomized SVD: a replicate learns its own vectors
     standard, minipost = by_name["adapt-standard-ny"].args, by_name["adapt-minipost+ofa-ny"].args
     assert {"data_seed=7", "train.seed=7"} <= set(standard)
     assert standard.index("init.seed=3") > standard.index("init.seed=7")  # an explicit override wins (last)
@@ -187,7 +187,7 @@ def test_an_output_directory_yaml_would_cut_reaches_every_stage_whole(tmp_path, 
         read = build_config(KINDS[stage.kind].config_class(), path, [a for a in argv if "=" in a])
         assert Path(read.output_dir) in (stage.output_dir, stage.output_dir.parent), stage.name  # parent: per lang
         if stage.name.startswith("adapt-minijoint+ofa"):
-            assert [v.path for v in read.init.ofa.vectors] == [str(out / "word_vectors" / "vectors.bin")]
+            assert [v.path for v in read.init.ofa.vectors] == [str(out / "word_vectors" / "ny" / "vectors.bin")]
             checked += 1
     assert checked == 1
 

@@ -35,8 +35,9 @@ where the evaluations logged no n_examples) or within two standard errors of it,
 `within_baseline_noise`): a 0.006 gap on 500 examples is noise, neither harm nor gain. Two results scored on the same
 examples (zero_shot's per_example.json) are compared paired, example by example; else as independent samples, which
 over-states the noise.
-What is spent once for every target language (a head for a headless primary, MiniPost's step 1b, OFA's word
-vectors) is in no language's compute: report.json's `one_off` and report.md list it apart.
+What is spent once for every target language (a head for a headless primary, MiniPost's step 1b), and OFA's word
+vectors (one per language pair, wall clock only: summed), are in no language's compute: report.json's `one_off` and
+report.md list them apart.
 Writes report.json, report.md and compute_vs_quality.png to output_dir; with tracking, they and the headline
 numbers are also attached to the pipeline's MLflow run, for people to look at.
 """
@@ -334,12 +335,28 @@ def one_off_costs(layout: PipelineLayout, methods: list[str]) -> dict[str, dict]
         share = head_flops_per_token(pretraining.model, pretraining.data.mask_prob) / flops_per_token(
             pretraining.model, pretraining.data.mask_prob)
         costs["minijoint_head"] = {"flops": compute["flops"] * share, "wall_clock_s": None, "methods": minijoint}
-    ofa = [n for n, ms in uses.items() if any(m.init == "ofa" for m in ms)]
-    vectors = layout.root / "word_vectors" / "summary.json"
-    if ofa and _finished(vectors):
-        costs["word_vectors"] = {"flops": None, "wall_clock_s": json.loads(vectors.read_text())["seconds"],
-                                 "methods": ofa}
+    # the pipeline's word vectors (one per language pair) that each +ofa method's adaptations read: not those a
+    # method given vectors of its own never read, though they lie there from an earlier config
+    read = {n: set().union(*(_learned_vectors(layout, m.name) for m in ms if m.init == "ofa"))
+            for n, ms in uses.items()}
+    summaries = [d / "summary.json" for d in sorted(set().union(*read.values()))]
+    if finished := [json.loads(s.read_text())["seconds"] for s in summaries if _finished(s)]:
+        costs["word_vectors"] = {"flops": None, "wall_clock_s": sum(finished),
+                                 "methods": [n for n, dirs in read.items() if dirs]}
     return costs
+
+
+def _learned_vectors(layout: PipelineLayout, method: str) -> set[Path]:
+    """The word-vector directories under the pipeline's word_vectors/ that `method`'s adaptations read (their
+    records' init.ofa.vectors paths)."""
+    learned = (layout.root / "word_vectors").absolute()
+    found = set()
+    for run in sorted(layout.adapt(method).glob("*/")):
+        config = (provenance.read(run) or {}).get("config", {})
+        paths = [Path(v).absolute() for k, v in config.items() if k.startswith("init.ofa.vectors[") and
+                 k.endswith(".path")]
+        found |= {path.parent for path in paths if path.is_relative_to(learned)}
+    return found
 
 
 def _finished(path: Path) -> bool:

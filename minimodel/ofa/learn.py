@@ -40,6 +40,7 @@ from minimodel.data.corpora import Source
 from minimodel.data.clean import CLEANING_VERSION
 from minimodel.data.prepare import FORMAT_VERSION, DataConfig, collect
 from minimodel.files import write_text_atomic
+from minimodel.manifest import file_sha256
 from minimodel.ofa.vectors import WordVectors, write_word2vec_binary
 from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
@@ -249,7 +250,7 @@ def build_word_vectors(cfg: WordVectorConfig) -> StageResult:
         old = json.loads(summary_path.read_text())
         if old.get("input_hash") == input_hash:
             log.info("%s is up to date (input hash %s): nothing to do", out, input_hash[:12])
-            finish_output(out, cfg)
+            finish_output(out, cfg, content=file_sha256(out / VECTORS_FILE))
             return StageResult("finished", {"vectors": out / VECTORS_FILE})
     texts = read_languages(cfg)
     vectors = learn_vectors(texts, cfg)
@@ -267,7 +268,9 @@ def build_word_vectors(cfg: WordVectorConfig) -> StageResult:
     log.info("%d word vectors (%s) in %s\n%s", len(vectors.keys),
              ", ".join(f"{lang} {n}" for lang, n in summary["words"].items()), out / VECTORS_FILE,
              _summary_table(summary))
-    finish_output(out, cfg)
+    # consumers record the vectors by their bytes: learned again the same (another eval setting, another language's
+    # data changed), they are the same input; learned from other text (a corpus edited in place), another one
+    finish_output(out, cfg, content=file_sha256(out / VECTORS_FILE))
     return StageResult("finished", {"vectors": out / VECTORS_FILE,
                                     **{pair: {k: r[k] for k in summary["ks"] if k in r}
                                        for pair, r in alignment.items()}})
