@@ -37,14 +37,15 @@ class World:
 
 
 def prepare_tiny_data(out: Path, config: Path = REPO / "configs/data/tiny.yaml", target: str = "sw",
-                      book: int = 43) -> Path:
-    """English and `target`, one book (default: the Gospel of John) of a data config's corpora."""
+                      books: tuple[int, ...] = (43, 65)) -> Path:
+    """English and `target`, a few books (default: the Gospel of John, and Jude for verse classification's second
+    class) of a data config's corpora."""
     from minimodel.config import load_config
     from minimodel.data.prepare import DataConfig, prepare_data
 
     d = yaml.safe_load(config.read_text())
     d["languages"] = {k: v for k, v in d["languages"].items() if k in ("en", target)}
-    d.update(output_dir=str(out), books=[book], tracking={"enabled": False})
+    d.update(output_dir=str(out), books=list(books), tracking={"enabled": False})
     d["tokenizer"]["vocab_size"] = 1000
     d["languages"][target]["vocab_size"] = 800  # unlike the source's: a shape error cannot hide
     path = out.parent / "data.yaml"

@@ -27,7 +27,7 @@ def world(tmp_path_factory):
     for lang in config["languages"].values():  # relative to the repository, wherever pytest runs
         lang["sources"] = [{**s, "path": str(ROOT / s["path"])} for s in lang["sources"]]
     (root / "corpus.yaml").write_text(yaml.safe_dump(config))
-    world = build_world(root, config=root / "corpus.yaml", target="ny", book=40)
+    world = build_world(root, config=root / "corpus.yaml", target="ny", books=(40, 65))
     copy_language(world.data_dir, "ny", "nycopy")
     return world
 

@@ -165,6 +165,16 @@ def test_verse_tasks_split_by_verse_id_and_capped_alike(tmp_path):
         load_examples(cfg, "fr", "test")
 
 
+def test_verse_classification_refuses_training_verses_of_one_part(tmp_path):
+    """The four gospels (configs/data/tiny.yaml, once the task configs' default data) are one class: fine-tuning
+    learned a constant, and every method scored 100%, as did the majority baseline."""
+    write_verses(tmp_path, "en", [v for v in toy_bible() if 40 <= v["book"] <= 43])
+    cfg = TaskConfig(name="verse_class", data_dir=str(tmp_path))
+    with pytest.raises(TaskDataError, match=r"all of one part of the Bible \(gospels\).*`books`"):
+        load_examples(cfg, "en", "train")
+    assert {e["label"] for e in load_examples(cfg, "en", "test")} == {4}  # a test split is scored as it is
+
+
 def test_verse_retrieval_caps_the_verses_both_languages_hold(tmp_path):
     """A target Bible with half the verses (a New Testament, a partial translation): the cap counts shared verses.
     Capping each language first kept only those both caps picked (100 of 200 in RESULTS.md section 5)."""

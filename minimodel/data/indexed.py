@@ -1,4 +1,5 @@
-"""megatron-core indexed datasets (`<prefix>.bin` + `<prefix>.idx`): one document per verse, one sequence each."""
+"""megatron-core indexed datasets (`<prefix>.bin` + `<prefix>.idx`): one document per verse (or text document), packed
+into training sequences by minimodel/data/mlm.py."""
 from __future__ import annotations
 
 import contextlib

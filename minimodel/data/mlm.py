@@ -1,10 +1,12 @@
 """Masked-LM training examples from an indexed dataset of verses.
 
-The verses, in order, form one token stream that is cut into windows of `seq_length - 2` tokens, each framed as
-`<s> tokens... </s>` (only the last window is padded): no compute is spent on padding, and a verse may continue in
-the next sequence, as in RoBERTa's FULL-SENTENCES packing. Masking is a pure function of (seed, epoch, index), so
-every process, worker and resumed run sees exactly the same item i; each epoch masks afresh (`for_epoch`: dynamic
-masking, as RoBERTa), so a long run on a small corpus does not learn the same masks over and over.
+The documents (verses), in order, form one token stream with no separator between them, cut into windows of
+`seq_length - 2` tokens, each framed as `<s> tokens... </s>` (only the last window is padded): no compute is spent
+on padding, and a verse may continue in the next sequence, as in RoBERTa's FULL-SENTENCES packing (which also puts
+</s> between documents: consecutive verses read on, unlike unrelated documents). Masking is a pure function of
+(seed, epoch, index), so every process, worker and resumed run sees exactly the same item i; each epoch masks afresh
+(`for_epoch`: dynamic masking, as RoBERTa), so a long run on a small corpus does not learn the same masks over and
+over.
 """
 from __future__ import annotations
 

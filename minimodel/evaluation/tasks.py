@@ -317,6 +317,10 @@ def load_examples(cfg: TaskConfig, lang: str, split: str) -> list[dict]:
         examples = ([{"text_a": v["text"], "text_b": None, "label": bible_part(v["book"]), "verse_id": v["verse_id"]}
                      for v in verses]
                     if name == "verse_class" else [{"verse_id": v["verse_id"], "text": v["text"]} for v in verses])
+        if name == "verse_class" and split == "train" and len(parts := {e["label"] for e in examples}) < 2:
+            raise TaskDataError(  # every example one label: fine-tuning learns a constant that scores 100%
+                f"task verse_class: the {lang!r} training verses of {cfg.data_dir} are all of one part of the Bible "
+                f"({BIBLE_PARTS[parts.pop()]}): it needs books of at least two parts (the data config's `books`)")
     else:
         use_hf = cfg.hf_dataset is not None and not (split == "train" and cfg.train_file)
         use_hf = use_hf or (split == "train" and cfg.hf_train_dataset is not None)
