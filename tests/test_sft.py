@@ -216,6 +216,27 @@ def test_reference_layout_round_trips_a_hand_written_3x4_example(tmp_path):
     assert torch.equal(again["abs"]["head.bias"], written["abs"]["head.bias"])
 
 
+def test_reference_files_saved_under_numpy_1_are_read(tmp_path):
+    """numpy 1 pickles the reference's np.int64 index step as numpy.core.multiarray.scalar (numpy 2:
+    numpy._core): every released composable-sft file was refused as an unsupported global."""
+    import zipfile
+
+    (tmp_path / "v2").mkdir()
+    torch.save({"diffs": {"w": {"size": torch.Size([3, 4]), "index_steps": [np.int64(3), 2, 5],
+                                "values": torch.tensor([0.5, -1.25, 2.0])}}, "abs": {}},
+               tmp_path / "v2" / "pytorch_diff.bin")
+    (tmp_path / "v1").mkdir()
+    with zipfile.ZipFile(tmp_path / "v2" / "pytorch_diff.bin") as src, \
+            zipfile.ZipFile(tmp_path / "v1" / "pytorch_diff.bin", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # as numpy 1 wrote it
+            dst.writestr(item, data)
+    assert read_reference(tmp_path / "v1", base_sha256="abc").diffs["w"].indices.tolist() == [1, 7, 9]
+
+
 def _random_sft(part, theta0, masks, g, base_sha256):
     """Move the selected entries and the dense parameters as training would, return (trained values, SFT)."""
     final = {}

@@ -92,3 +92,21 @@ def test_language_sft_of_the_primary_over_its_own_vocabulary(tmp_path):
     # > 4 standard errors; measured: 27.0 with OMP_NUM_THREADS 1 and 2 alike, a 6.7x margin
     assert gain.mean() > 4 * gain.std(ddof=1) / np.sqrt(len(gain)), gain
     assert os.path.isfile(out / "summary.json")
+
+
+def test_a_primary_without_its_masked_lm_head_is_refused(tmp_path):
+    """adapt/sft.py loaded the primary as AutoModelForMaskedLM, which gives a headless save (a *Model) a random
+    head: it exited 0 with an SFT whose body had adapted to that head (adaptation refuses such a model)."""
+    data_dir = prepare_tiny_data(tmp_path / "data")
+    tokenizer = load_tokenizer(data_dir / "en" / "tokenizer")
+    headless = tmp_path / "headless"
+    MegatronBertForMaskedLM(tiny_config(len(tokenizer), 2)).bert.save_pretrained(headless)  # the body alone
+    tokenizer.save_pretrained(headless)
+    out = tmp_path / "lang_sft"
+    env = {k: v for k, v in launch_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    run = subprocess.run([sys.executable, "adapt/sft.py", f"output_dir={out}", f"primary_model={headless}",
+                          f"data_dir={data_dir}", "target_langs=[sw]", "tracking.enabled=false"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and "has no masked-LM head" in run.stderr, run.stderr[-3000:]
+    assert not (out / "sw" / "sft").exists()

@@ -243,8 +243,11 @@ def read_reference(path: str | os.PathLike, base_sha256: str, base_path: str | N
         path = path / REFERENCE_FILE
     if not path.is_file():
         raise MissingInputError(f"{path} does not exist: give a composable-sft {REFERENCE_FILE} or its directory")
-    # The reference stores its first index step as a numpy int64: allow exactly that beside plain tensors.
-    with torch.serialization.safe_globals([np._core.multiarray.scalar, np.dtype, np.dtypes.Int64DType]):
+    # The reference stores its first index step as a numpy int64: allow exactly that beside plain tensors (under
+    # numpy 1's module name too: every released SFT was saved before numpy 2)
+    scalar = np._core.multiarray.scalar
+    with torch.serialization.safe_globals([scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype,
+                                           np.dtypes.Int64DType]):
         data = torch.load(path, map_location="cpu", weights_only=True)
     diffs = {}
     for name, enc in data.get("diffs", {}).items():

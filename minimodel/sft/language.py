@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoModelForMaskedLM
 
 from minimodel import distributed
 from minimodel.adaptation.artifact import TOKENIZER_DIR
@@ -28,7 +27,7 @@ from minimodel.adaptation.train import (AdaptConfig, TargetTokenizerConfig, clai
 from minimodel.config import PerLanguageRun, require
 from minimodel.data.mlm import MaskedLMDataset
 from minimodel.data.tokenizer import load_tokenizer
-from minimodel.hf import load_model
+from minimodel.hf import load_masked_lm
 from minimodel.manifest import model_hash
 from minimodel.provenance import finish_output
 from minimodel.methods import SPARSE, job_name, parse_method
@@ -103,7 +102,7 @@ def train_language(cfg: LanguageSFTConfig, lang: str) -> str:
                            tokenizer=TargetTokenizerConfig(mode="reuse", path=cfg.primary_model))
     train_prefix, valid_prefix = distributed.on_rank0(lambda: prepare_target_data(data_cfg, lang, run_dir))
     tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
-    model = load_model(cfg.primary_model, AutoModelForMaskedLM)
+    model = load_masked_lm(cfg.primary_model)  # refuses a headless or unsupported model (a random head learns nothing)
     if cfg.freeze_decoder:
         untie_and_freeze_decoder(model)
     flops_fn = MLMFlops(model)
