@@ -418,7 +418,8 @@ def test_a_run_resumes_at_another_layout(corpus, tmp_path):
     """A run stopped at one layout (two pipeline stages) resumes at another (one process): how a run is spread over
     processes is not what it computes (the same config), megatron's checkpoints load at any layout, and with dropout
     off (its RNG streams are per rank) the resumed run continues with the losses of the uninterrupted one. The
-    distributed optimizer's state reloads only at the same model split: that resume is refused, naming the fix."""
+    distributed optimizer's state reloads only at the same model split and gradient buckets: that resume is refused,
+    naming the fix."""
     common = ["model.hidden_dropout=0", "model.attention_dropout=0", "train.steps=12", "train.checkpoint.save_every=4"]
     pp2 = ["parallel.pipeline_model_parallel_size=2"]
     stop_at_6 = {"MINIMODEL_FAULT": "pretrain.step@6:TERM"}
@@ -450,3 +451,8 @@ def test_a_run_resumes_at_another_layout(corpus, tmp_path):
     assert rc != 0 and "config error: parallel: checkpoint" in text and "the distributed optimizer's state reloads " \
                        "only with the same tensor/pipeline/virtual-pipeline sizes" in text, tail(tmp_path / "refused.log")
     assert "(exitcode: 2)" in text  # the user-error exit, no traceback of the rank (torchrun prints its own)
+    # nor with the gradient reduction overlapped now (its buckets lay the state out): a megatron shape error before
+    rc = run(2, _overrides(corpus, out, pp2, *sharded, "parallel.overlap_grad_reduce=true"), tmp_path / "overlap.log")
+    text = (tmp_path / "overlap.log").read_text()
+    assert rc != 0 and "config error: parallel.overlap_grad_reduce: checkpoint" in text and \
+        "saved with overlap_grad_reduce=false" in text and "(exitcode: 2)" in text, tail(tmp_path / "overlap.log")

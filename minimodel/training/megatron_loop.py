@@ -140,6 +140,7 @@ class Trainer:
         self.wall_clock_s = float(wall_clock)
         state = self._sharded_state_dict(is_loading=False)
         state.update(scheduler=self.scheduler.state_dict(), step=self.step, layout=self.layout,
+                     grad_bucket_size=parallelize.grad_bucket_size(self.cfg.parallel),
                      wall_clock_s=self.wall_clock_s, eval_pending=self.eval_pending)
         self.last_checkpoint = ckpt.save_checkpoint(self.checkpoint_root, self.step, state,
                                                     self.cfg.train.checkpoint)
@@ -154,7 +155,8 @@ class Trainer:
         path = found[0]
         if path is None:
             return
-        saved_layout = ckpt.load_common(path)["layout"]
+        common = ckpt.load_common(path)
+        saved_layout = common["layout"]
         same_layout = saved_layout == self.layout  # RNG states are per rank: only restorable on the same layout
         model_split = {k: v for k, v in saved_layout.items() if k != "dp"}
         if self.cfg.parallel.use_distributed_optimizer and model_split != {k: self.layout[k] for k in model_split}:
@@ -162,6 +164,12 @@ class Trainer:
                 f"parallel: checkpoint {path} was saved with {saved_layout}; the distributed optimizer's state "
                 f"reloads only with the same tensor/pipeline/virtual-pipeline sizes (any data-parallel size): "
                 f"resume with those, or start a new train.checkpoint.dir")
+        buckets = parallelize.grad_bucket_size(self.cfg.parallel)
+        if self.cfg.parallel.use_distributed_optimizer and common.get("grad_bucket_size", buckets) != buckets:
+            raise ConfigError(  # its state is laid out by the gradient buckets, which overlapping the reduction sets
+                f"parallel.overlap_grad_reduce: checkpoint {path} was saved with overlap_grad_reduce="
+                f"{str(not self.cfg.parallel.overlap_grad_reduce).lower()}; the distributed optimizer's state reloads "
+                f"only with the same setting: resume with it, or start a new train.checkpoint.dir")
         self._allocate_optimizer_state()
         parallelize.load_checkpoint_into(self.model, path)  # checks the model shape, any saved layout
         optimizer_state = {"optimizer": self._sharded_state_dict(is_loading=True)["optimizer"]}

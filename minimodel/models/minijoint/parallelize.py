@@ -128,7 +128,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[Distribute
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=config.bf16, overlap_grad_reduce=parallel.overlap_grad_reduce,
-        use_distributed_optimizer=parallel.use_distributed_optimizer)
+        use_distributed_optimizer=parallel.use_distributed_optimizer, bucket_size=grad_bucket_size(parallel))
     wrapped = [DistributedDataParallel(config, ddp_config, chunk,
                                        # megatron-LM: only the first chunk's buckets overlap with backward
                                        disable_bucketing=i > 0)
@@ -138,6 +138,16 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[Distribute
         no_sync = [m.no_sync for m in wrapped]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     return wrapped
+
+
+# The distributed optimizer's state is laid out by gradient buckets: megatron's default size grows with the
+# data-parallel size past 40 ranks, and a checkpoint would then reload at none other. Its default up to 40 ranks, fixed.
+GRAD_BUCKET_SIZE = 40_000_000
+
+
+def grad_bucket_size(parallel) -> int | None:
+    """Elements per gradient bucket: one bucket for all (None) unless the reduction overlaps the backward pass."""
+    return GRAD_BUCKET_SIZE if parallel.overlap_grad_reduce else None
 
 
 def unwrap(chunk) -> MiniJointModel:
