@@ -101,3 +101,10 @@ def test_an_export_names_the_special_ids_of_the_tokenizer_it_was_trained_with(tm
                     "xlmr": (1, 0, 2)}[family]  # the data stage's SentencePiece tokenizer: XLM-R's ids
         assert ids == expected and model.get_input_embeddings().padding_idx == tokenizer.pad_token_id, family
         assert family != "bert" or tokenizer.pad_token_id == 0  # [PAD] first: not XLM-R's layout
+        # its tokenizer stops at the model's positions: it had no limit, and truncation=True let a long text through
+        # to an index error in the position embeddings
+        from minimodel.hf import load_tokenizer
+        long = load_tokenizer(tmp_path / family / "primary")(" ".join(texts[:50]), truncation=True,
+                                                              return_tensors="pt")
+        assert long["input_ids"].shape[1] == cfg.seq_length, family
+        model(**long)

@@ -37,7 +37,7 @@ from minimodel.layout import TASK_FILE
 from minimodel.manifest import ManifestError, check_aligned, model_hash
 from minimodel.provenance import claim_output, finish_output, keep_claim
 from minimodel.stages import StageResult
-from minimodel.training.hf_mlm import max_sequence_length, mlm_head
+from minimodel.training.hf_mlm import mlm_head, save_tokenizer_beside
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +146,7 @@ def plug(cfg: PlugConfig) -> StageResult:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.with_name(f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     model.save_pretrained(tmp)
-    # truncation=True then cuts at what the model's positions take, as the primary's own tokenizer does (one trained
-    # here has no limit: a long text would index past the position embeddings)
-    tokenizer.model_max_length = max_sequence_length(model)
-    tokenizer.save_pretrained(str(tmp))
-    for extra in tokenizer_dir.iterdir():  # e.g. sentencepiece.bpe.model, which save_pretrained may not write
-        if extra.is_file() and not (tmp / extra.name).exists():
-            shutil.copyfile(extra, tmp / extra.name)
+    save_tokenizer_beside(model, tokenizer, tokenizer_dir, tmp)
     if (Path(cfg.model) / TASK_FILE).is_file():  # a task model's task, labels and primary stay with it
         shutil.copyfile(Path(cfg.model) / TASK_FILE, tmp / TASK_FILE)
     (tmp / PLUG_FILE).write_text(json.dumps({

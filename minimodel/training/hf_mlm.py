@@ -16,6 +16,9 @@ Works with MegatronBert (our exports), BERT, RoBERTa and XLM-R alike: the body i
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +119,18 @@ def max_sequence_length(model: nn.Module) -> int:
     positions from padding_idx + 1, leaving those first rows unused."""
     padding_idx = getattr(model.base_model.embeddings, "padding_idx", None)
     return model.config.max_position_embeddings - (0 if padding_idx is None else padding_idx + 1)
+
+
+def save_tokenizer_beside(model: nn.Module, tokenizer, source_dir: str | os.PathLike,
+                          model_dir: str | os.PathLike) -> None:
+    """Save `tokenizer` (read from `source_dir`) into `model_dir`, cut at what the model's positions take:
+    truncation=True then stops where the model must (a tokenizer trained here has no limit, and a long text indexed
+    past the position embeddings); the files save_pretrained does not write (sentencepiece.bpe.model) are copied."""
+    tokenizer.model_max_length = max_sequence_length(model)
+    tokenizer.save_pretrained(str(model_dir))
+    for extra in Path(source_dir).iterdir():
+        if extra.is_file() and not (Path(model_dir) / extra.name).exists():
+            shutil.copyfile(extra, Path(model_dir) / extra.name)
 
 
 def masked_lm_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,20 +34,20 @@ from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.checkpoint import latest_checkpoint
+from minimodel.training.hf_mlm import save_tokenizer_beside
 
 PARITY_TOLERANCE = 1e-4
 
 
 def _save(model, tokenizer_dir: Path, final_dir: Path) -> None:
-    """save_pretrained, with the tokenizer's special ids, + the tokenizer files into final_dir, atomically (a
-    temporary directory renamed)."""
+    """save_pretrained, with the tokenizer's special ids, + the tokenizer (cut at the model's positions) into
+    final_dir, atomically (a temporary directory renamed)."""
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.config.update(special_token_ids(load_tokenizer(tokenizer_dir)))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model.config.update(special_token_ids(tokenizer))
     model.save_pretrained(tmp)
-    for f in tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copy2(f, tmp / f.name)
+    save_tokenizer_beside(model, tokenizer, tokenizer_dir, tmp)
     replace_dir(tmp, final_dir)
 
 
