@@ -25,7 +25,6 @@ alone.
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -243,8 +242,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(parser, argv)
     setup = setup_from_flags(args)
     work = (args.work or REPO / "runs" / "benchmarks" / (NAME + ("_smoke" if args.smoke else ""))).resolve()
-    out = args.out.resolve()
-    os.chdir(REPO)  # the pipeline names its configs and entry points relative to the repository root
 
     result = header(NAME, args.smoke)  # the machine, date and load as the runs start
     per_seed = {seed: run_seed(setup, work, seed) for seed in setup.seeds}
@@ -272,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["curves"] = curves
     result["compute_to_quality"] = rows
     result["average_saving"] = average
-    save(NAME, result, SCHEMA, figure(result), out)
+    save(NAME, result, SCHEMA, figure(result), args.out)
     for m in MINI_METHODS:
         cells = ", ".join(f"{int(100 * t)}%: " + (f"{average[m][str(t)]:.2f}x" if average[m][str(t)] else "not matched")
                           for t in THRESHOLDS)

@@ -253,7 +253,7 @@ def arg_parser(doc: str, smoke_help: str, model_shape: bool = False) -> argparse
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None,
                base: dict[str, Any] | None = None) -> argparse.Namespace:
-    """The parsed flags, with --out resolved; under --smoke, the model shape (if any) set to SMOKE_SHAPE; under
+    """The parsed flags, with --out (and --work) resolved, in the repository root; under --smoke, the model shape (if any) set to SMOKE_SHAPE; under
     --base, every flag not given defaults to BASE_SHAPE and the benchmark's own GPU settings `base`."""
     args = parser.parse_args(argv)
     if getattr(args, "base", False):
@@ -262,7 +262,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None,
                          "on the CPU it would take hours. Use the CPU defaults or --smoke here")
         parser.set_defaults(**BASE_SHAPE, **(base or {}))
         args = parser.parse_args(argv)  # again, so that the flags given win over the preset
-    args.out = args.out or (SMOKE_DIR if args.smoke else BASE_DIR if getattr(args, "base", False) else RESULTS_DIR)
+    args.out = Path(args.out or (SMOKE_DIR if args.smoke else BASE_DIR if getattr(args, "base", False)
+                                 else RESULTS_DIR)).resolve()
+    if getattr(args, "work", None):
+        args.work = Path(args.work).resolve()
+    os.chdir(REPO)  # the pipelines name their configs and entry points relative to the repository root
     if args.smoke and hasattr(args, "layers"):
         vars(args).update(SMOKE_SHAPE)
     return args

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "steps": {m: steps(setup, m) for m in METHODS}, "work_dir": str(work)}
     result["curves"] = curves
     result["methods"] = summarise(curves, setup.target_langs)
-    save(NAME + suffix, result, SCHEMA, figure(result), args.out.resolve())
+    save(NAME + suffix, result, SCHEMA, figure(result), args.out)
     for row in result["methods"]:
         full = next(r for r in row["reach"] if r["threshold"] == 1.0)
         saving = full["saving"]

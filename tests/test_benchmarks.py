@@ -217,3 +217,23 @@ def test_results_are_strict_json(tmp_path):
     with pytest.raises(ValueError, match="Out of range float"):  # no Infinity/NaN that strict parsers reject
         write_result(tmp_path / "b.json", {**header, "saving": float("inf")}, {"saving": float})
     assert not (tmp_path / "b.json").exists()
+
+
+def test_a_benchmark_runs_from_any_working_directory(tmp_path, monkeypatch):
+    """ofa_compute from another directory failed at its pipeline config ("configs/data/smoke.yaml does not
+    exist"): only adaptation_compute moved to the repository root. Every benchmark's flags now resolve --out and
+    --work where they were given, then run in the root."""
+    from benchmarks import common, ofa_compute
+
+    monkeypatch.chdir(tmp_path)
+    parser = common.arg_parser("", "")
+    parser.add_argument("--work", type=Path, default=None)
+    args = common.parse_args(parser, ["--smoke", "--out", "results", "--work", "work"])
+    assert (args.out, args.work, Path.cwd()) == (tmp_path / "results", tmp_path / "work", REPO)
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    monkeypatch.setattr(ofa_compute.pipeline, "run", lambda cfg: ran.append(cfg) or (_ for _ in ()).throw(
+        KeyboardInterrupt))  # its config loaded and checked: enough
+    with pytest.raises(KeyboardInterrupt):
+        ofa_compute.main(["--smoke", "--work", "work", "--out", "results"])
+    assert ran and Path(ran[0].output_dir).is_relative_to(tmp_path / "work")
