@@ -369,7 +369,7 @@ def test_a_new_target_tokenizer_can_be_trained_and_the_corpus_is_re_encoded(runs
     from minimodel.data.tokenizer import load_tokenizer
 
     world = runs["world"]
-    cfg = load_config(AdaptConfig, overrides=[f"primary_model={world.primary}", "over=full",
+    cfg = load_config(AdaptConfig, overrides=[f"primary_model={world.primary}", "over=full", "seq_length=32",
                                               f"data_dir={world.data_dir}", "tokenizer.mode=train",
                                               "tokenizer.vocab_size=500"])
     train_prefix, valid_prefix = prepare_target_data(cfg, "sw", tmp_path)
@@ -381,7 +381,7 @@ def test_a_new_target_tokenizer_can_be_trained_and_the_corpus_is_re_encoded(runs
         ids = np.stack([data[i]["input_ids"] for i in range(len(data))])
         assert ids.max() < 500 and (ids == tokenizer.unk_token_id).mean() < 0.01
     # Reusing the data stage's tokenizer (the default) uses its datasets as they are.
-    reuse = load_config(AdaptConfig, overrides=[f"primary_model={world.primary}", "over=full",
+    reuse = load_config(AdaptConfig, overrides=[f"primary_model={world.primary}", "over=full", "seq_length=32",
                                                 f"data_dir={world.data_dir}"])
     assert prepare_target_data(reuse, "sw", tmp_path / "reuse") == (world.data_dir / "sw" / "train",
                                                                       world.data_dir / "sw" / "valid")

@@ -173,6 +173,43 @@ def test_flops_count_debertas_relative_attention_as_torch_counts_it(buckets):
         check_architecture(headless, "model")  # the non-legacy head: was a TypeError traceback
 
 
+def _counted_with_backward(model, batch) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counted:
+        masked_lm_loss(model, batch).backward()
+    return counted.get_total_flops()
+
+
+def test_training_flops_equal_torchs_count_of_forward_and_backward():
+    """Two over-counts against torch's counter of the real forward + backward: DeBERTa's relative attention in a
+    frozen layer (its relative keys need no gradient there: once, not twice) and, in a post-LN model (BERT, XLM-R),
+    the lowest trainable layer's Q, K, V (their input needs no gradient when nothing below trains: MiniPost's new
+    layers over its frozen ones)."""
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM
+
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(5, V, (3, 20)), "labels": torch.full((3, 20), -100),
+             "attention_mask": torch.ones(3, 20, dtype=torch.long)}
+    batch["labels"][:, 4:9] = 7
+    deberta = DebertaV2ForMaskedLM(DebertaV2Config(
+        vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=F,
+        max_position_embeddings=40, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"],
+        position_biased_input=False, norm_rel_ebd="layer_norm", legacy=True))
+    select_trainable(deberta, TrainableConfig())  # adaptation: the embeddings train, the body is frozen
+    assert MLMFlops(deberta)(batch) == _counted_with_backward(deberta, batch)
+    bert = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=3, num_attention_heads=2,
+                                      intermediate_size=F, attn_implementation="eager"))  # torch counts no SDPA
+    for p in bert.parameters():
+        p.requires_grad_(False)
+    for p in bert.bert.encoder.layer[2].parameters():
+        p.requires_grad_(True)
+    assert MLMFlops(bert)(batch) == _counted_with_backward(bert, batch)
+    for p in bert.bert.encoder.layer[1].parameters():  # the layer above the lowest trainable one: counted whole
+        p.requires_grad_(True)
+    assert MLMFlops(bert)(batch) == _counted_with_backward(bert, batch)
+
+
 def test_masked_lm_loss_equals_the_models_own_loss():
     model = _bert(BertForMaskedLM, BertConfig).eval()
     ids = torch.randint(5, V, (2, 12))

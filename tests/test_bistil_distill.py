@@ -3,7 +3,6 @@ model with Swahili embeddings plugged in reads Swahili; a 2-layer, half-width st
 one-rank DeepSpeed process, and its vocabulary routes each language to its own pieces."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -294,7 +293,7 @@ def test_the_student_is_saved_at_the_fp32_values_bf16_training_left_a_bf16_modul
     (tmp_path / "vocabulary").mkdir()
     (tmp_path / "vocabulary" / VOCABULARY_FILE).write_text("{}")
     cfg = load_config(DistillConfig, overrides=[f"teacher_model={root / 'teacher'}", "target_langs=[sw]",
-                                                f"target_teacher_model={root / 'plugged'}"])
+                                                f"target_teacher_model={root / 'plugged'}", "seq_length=32"])
     _save_student(student, final, tmp_path, {}, cfg, "sw")
     saved = load_file(tmp_path / "student" / "model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
@@ -317,7 +316,7 @@ def test_a_student_depends_on_the_source_languages_data_too(world, tmp_path):
     data = shutil.copytree(data_dir, tmp_path / "data")
     cfg = load_config(DistillConfig, overrides=[f"output_dir={tmp_path / 'distill'}", f"data_dir={data}",
                                                 f"teacher_model={root / 'teacher'}", "target_langs=[sw]",
-                                                f"target_teacher_model={root / 'plugged'}"])
+                                                f"target_teacher_model={root / 'plugged'}", "seq_length=32"])
     run_dir, lang_cfg, claimed = claim_student(cfg, "sw")
     assert claimed == "new"
     provenance.finish_output(run_dir, lang_cfg, lang_cfg.neutral_keys())
@@ -343,7 +342,8 @@ def test_the_target_teacher_must_hold_the_target_languages_embeddings_in_this_pr
     record = {"method": "standard", "target_lang": "sw",
               "primary_model": {"path": str(root / "teacher"), "sha256": model_hash(root / "teacher")}}
     (plugged / PLUG_FILE).write_text(json.dumps(record))
-    settings = [f"teacher_model={root / 'teacher'}", f"target_teacher_model={plugged}", "target_langs=[sw]"]
+    settings = [f"teacher_model={root / 'teacher'}", f"target_teacher_model={plugged}", "target_langs=[sw]",
+                "seq_length=32"]
     assert load_config(DistillConfig, overrides=settings).target_teacher_model == str(plugged)
     with pytest.raises(ConfigError, match="holds the embeddings of sw, not of ny: run each target language"):
         load_config(DistillConfig, overrides=[*settings, "target_langs=[sw, ny]"])
@@ -400,7 +400,7 @@ def test_bistil_at_lt_sft_distils_from_the_primary_with_each_languages_sft_and_s
             assert torch.equal(p, expected), (lang, name)
     assert torch.equal(student.get_input_embeddings().weight, primary.get_input_embeddings().weight)
     with pytest.raises(ConfigError, match="seq_length: 64 is longer than the positions of .* allow \\(38\\)"):
-        load_teachers_and_student(dataclasses.replace(cfg, seq_length=64), {"en": cfg.teacher_model}, vocab)
+        load_config(DistillConfig, overrides=[*settings, "seq_length=64"])  # at load, before anything runs
     assert torch.equal(student.roberta.encoder.layer[0].attention.self.query.weight,
                        primary.roberta.encoder.layer[1].attention.self.query.weight)  # layer_ratio 2: layers 1, 3
     other_dir, _ = _language_sft(root, "sw", 3, method="lt_sft_vocab")

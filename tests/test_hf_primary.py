@@ -21,7 +21,7 @@ from minimodel.data import prepare as prepare_module
 from minimodel.data.tokenizer import TokenizerError
 from minimodel.distributed import free_port
 from minimodel.hf import HFLoadError, load_masked_lm, load_model, load_tokenizer
-from minimodel.pipeline import PipelineConfig, build_stages
+from minimodel.pipeline import PipelineConfig, build_stages, check_stage_configs
 from minimodel.tiny_hf import TinyHFConfig, build_tiny_model
 from minimodel.training.hf_mlm import max_sequence_length
 
@@ -91,6 +91,22 @@ def test_wrong_primary_inputs_are_refused(models, overrides, message):
     overrides = [f"primary_model={models['xlmr']}", *(o.format(**values) for o in overrides)]
     with pytest.raises(ConfigError, match=message):
         load_config(PipelineConfig, HF_TINY, overrides)
+
+
+@pytest.mark.parametrize("override", [
+    "overrides.adapt=[seq_length=256]", "overrides.minipost=[data.seq_length=256]",
+    "overrides.finetune=[task.max_length=256]", "overrides.zero_shot=[task.max_length=256]"])
+def test_a_sequence_longer_than_the_primarys_positions_is_refused_before_anything_runs(models, override, tmp_path):
+    """Adaptation refused seq_length=256 over a primary of 128 positions only at its stage, after the data and
+    MiniPost stages (at hf_xlmr's scale, a 10,000-step MiniPost); fine-tuning and zero-shot never checked
+    task.max_length: an index error deep in the embeddings."""
+    cfg = load_config(PipelineConfig, HF_TINY, [f"primary_model={models['xlmr']}", f"output_dir={tmp_path}",
+                                                override])
+    key = override.split("[")[1].split("=")[0]
+    with pytest.raises(ConfigError, match=rf"stage \S+: {key}: 256 is longer than the positions of .*xlmr "
+                                          r"\(\S+\) allow \(128\): lower"):
+        check_stage_configs(cfg)
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 @pytest.mark.parametrize("family, sizes", [

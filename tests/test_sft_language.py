@@ -106,7 +106,7 @@ def test_a_primary_without_its_masked_lm_head_is_refused(tmp_path):
     env = {k: v for k, v in launch_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     run = subprocess.run([sys.executable, "adapt/sft.py", f"output_dir={out}", f"primary_model={headless}",
-                          f"data_dir={data_dir}", "target_langs=[sw]", "tracking.enabled=false"],
+                          f"data_dir={data_dir}", "target_langs=[sw]", f"seq_length={SEQ}", "tracking.enabled=false"],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 2 and "has no masked-LM head" in run.stderr, run.stderr[-3000:]
     assert not (out / "sw" / "sft").exists()

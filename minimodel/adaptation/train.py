@@ -47,7 +47,7 @@ from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 from minimodel.training.deepspeed_loop import gather_full_params, optimizer_state_numel, train
-from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, max_sequence_length, mlm_head
+from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, mlm_head, require_positions
 from minimodel.training.metrics import plot_losses
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,8 @@ class AdaptConfig(PerLanguageRun):
         require(self.over == "full" or self.mini_model is not None, "mini_model",
                 "is required with over=mini (e.g. <export>/mini), or set over=full for standard adaptation")
         self.validate_languages()
+        require_positions(self.seq_length, "seq_length", {
+            "primary_model": self.primary_model, **({"mini_model": self.mini_model} if self.over == "mini" else {})})
         if self.tokenizer.mode == "extend":
             require(self.init.method != "random", "init.method",
                     "random would discard the primary's rows that tokenizer.mode=extend keeps: use copy_shared or ofa")
@@ -288,10 +290,7 @@ def build_adaptation_model(cfg: AdaptConfig, model_dir: str, target_tokenizer, l
     only the configured parameters trainable. Returns (model, {artifact name: trainable parameter}, the tensors every
     artifact carries besides them: the token map the rows were initialised through and, factorised, the primitives;
     the initialiser's summary: rows per rule)."""
-    model = load_masked_lm(model_dir)
-    longest = max_sequence_length(model)
-    require(cfg.seq_length <= longest, "seq_length", f"{cfg.seq_length} is longer than the positions of {model_dir} "
-            f"allow ({longest}): lower seq_length")
+    model = load_masked_lm(model_dir)  # seq_length fits its positions: AdaptConfig.validate
     rank = cfg.embedding.factorized_dim
 
     def initial_rows():  # on rank 0 only: a large word-vector file and the SVD once, not once per rank

@@ -63,7 +63,7 @@ from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train
-from minimodel.training.hf_mlm import MLMFlops, check_architecture, max_sequence_length
+from minimodel.training.hf_mlm import MLMFlops, check_architecture, require_positions
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,8 @@ class DistillConfig(PerLanguageRun):
                 "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
         method = parse_method_of(self.method, DISTILLED)
         self.validate_languages()
+        require_positions(self.seq_length, "seq_length", {"teacher_model": self.teacher_model,
+                                                          "target_teacher_model": self.target_teacher_model})
         if method.builds_on_sfts:
             self._validate_teacher_sfts()
         else:
@@ -340,10 +342,7 @@ def load_teachers_and_student(cfg: DistillConfig, paths: dict[str, str], vocab: 
     teachers = {code: load_model(p, AutoModelForMaskedLM, attn_implementation="eager").eval().requires_grad_(False)
                 for code, p in paths.items()}
     for code, teacher in teachers.items():
-        check_architecture(teacher, paths[code])
-        longest = max_sequence_length(teacher)
-        require(cfg.seq_length <= longest, "seq_length", f"{cfg.seq_length} is longer than the positions of "
-                f"{paths[code]} allow ({longest}): lower seq_length")
+        check_architecture(teacher, paths[code])  # seq_length fits its positions: DistillConfig.validate
     student = build_student(teacher_for_student(cfg.teacher_model, teachers, vocab), cfg.student)
     target_lang = next(code for code in paths if code != cfg.source_lang)
     for code, sft in ((cfg.source_lang, cfg.teacher_sft), (target_lang, cfg.target_teacher_sft)):

@@ -47,6 +47,7 @@ from minimodel.sft.train import SFTConfig, check_loop_config, train_sft
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
+from minimodel.training.hf_mlm import require_positions
 
 GOLD = ("labels", "start_positions", "end_positions")  # the gold-label inputs of the task models
 
@@ -70,6 +71,7 @@ class TaskDistillConfig:
 
     def validate(self) -> None:
         parse_method_of(self.method, DISTILLED)
+        require_positions(self.task.max_length, "task.max_length", {"teacher": self.teacher, "student": self.student})
         check_loop_config(self.train, self.sft)  # now, not after both models are loaded and the features built
         require(self.student is not None, "student",
                 "is required: phase 1's student directory (<adapt/distill.py output_dir>/<lang>/student)")

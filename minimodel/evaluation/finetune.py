@@ -39,6 +39,7 @@ from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
 from minimodel.training.deepspeed_loop import gather_full_params, train
+from minimodel.training.hf_mlm import require_positions
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         require(bool(self.model_dir), "model_dir", "set it to the primary model's Hugging Face directory")
+        require_positions(self.task.max_length, "task.max_length", {"model_dir": self.model_dir})
         require(self.task.spec.fine_tuned, "task.name",
                 f"{self.task.name} has no fine-tuning step: score it directly with evaluate/zero_shot.py")
         require(set(self.eval_splits) <= {"dev", "test"}, "eval_splits", "only dev and test can be evaluated")

@@ -77,6 +77,7 @@ from minimodel.provenance import claim_output, finish_output
 from minimodel.sft.file import MANIFEST_FILE, SparseFineTuning
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
+from minimodel.training.hf_mlm import require_positions
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ class ZeroShotConfig:
         method = parse_method(self.method)
         adapted = method.adapted
         require(bool(self.source_model_dir), "source_model_dir", "set it to the fine-tuned task model directory")
+        require_positions(self.task.max_length, "task.max_length", {
+            "source_model_dir": self.source_model_dir,
+            **{f"targets[{i}].model_dir": t.model_dir for i, t in enumerate(self.targets) if t.model_dir}})
         require(self.split in ("dev", "test"), "split", "must be dev or test")
         require(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
         require(method.scored_on(self.task.spec), "method",

@@ -42,7 +42,7 @@ from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig
 from minimodel.training.deepspeed_loop import gather_full_params, train
-from minimodel.training.hf_mlm import DistilledMLMLoss, MLMFlops, masked_lm_loss, max_sequence_length
+from minimodel.training.hf_mlm import DistilledMLMLoss, MLMFlops, masked_lm_loss, require_positions
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,9 @@ class MiniPostConfig:
         require(0.0 <= self.distill.weight <= 1.0, "distill.weight", "must be between 0 (MLM only) and 1 (only the "
                                                                     "source model's predictions)")
         require(self.distill.temperature > 0, "distill.temperature", "must be > 0")
+        exported = Path(self.source) / "primary"  # an export directory: its primary
+        require_positions(self.data.seq_length, "data.seq_length",
+                          {"source": str(exported) if exported.is_dir() else self.source})
 
 
 def _write_mini_model(model, tokenizer, out_dir: Path, manifest: dict) -> Path:
@@ -136,10 +139,6 @@ def run_minipost(cfg: MiniPostConfig) -> StageResult:
     if cfg.alignment.primary_layer is not None and not 1 <= cfg.alignment.primary_layer <= depth:
         raise MiniPostError(f"alignment.primary_layer={cfg.alignment.primary_layer}: the source has layers 1..{depth} "
                             f"(null compares with its final layer)")
-    longest = max_sequence_length(source)
-    if cfg.data.seq_length > longest:
-        raise MiniPostError(f"data.seq_length={cfg.data.seq_length} is longer than the source model's positions "
-                            f"allow ({longest}): lower data.seq_length")
     layers, new_layers = (depth, 0) if cfg.mini.head_only else (cfg.mini.layers, cfg.mini.new_layers)
     build = dict(layers=layers, new_layers=new_layers, new_layer_init=cfg.mini.new_layer_init,
                  head_init=cfg.mini.head_init, seed=cfg.mini.seed)

@@ -36,7 +36,7 @@ from minimodel.sft.train import SFTConfig, check_loop_config, train_sft
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
 from minimodel.training.config import DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
-from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss
+from minimodel.training.hf_mlm import MLMFlops, masked_lm_loss, require_positions
 
 
 @dataclass
@@ -65,6 +65,7 @@ class LanguageSFTConfig(PerLanguageRun):
     def validate(self) -> None:
         require(self.primary_model is not None, "primary_model",
                 "is required: the Hugging Face directory of the primary model (e.g. <export>/primary)")
+        require_positions(self.seq_length, "seq_length", {"primary_model": self.primary_model})
         method = parse_method(self.method)
         require(method.source.learns == "sft", "method",
                 f"{self.method} learns no language SFT: name a sparse method (lt_sft, lt_sft_vocab)")

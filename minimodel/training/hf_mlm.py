@@ -16,6 +16,7 @@ Works with MegatronBert (our exports), BERT, RoBERTa and XLM-R alike: the body i
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -23,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModelForMaskedLM
 
+from minimodel.config import require
 from minimodel.errors import UserError
 
 # The model types the masked-LM code, the mini-model and the FLOP count are tested on (tests/test_hf.py): others
@@ -34,6 +36,7 @@ SUPPORTED_TYPES = {"bert": "BERT, mBERT", "roberta": "RoBERTa", "xlm-roberta": "
                    "xlm-roberta-xl": "XLM-R XL/XXL", "camembert": "CamemBERT",
                    "deberta-v2": "DeBERTa-v2/v3 (legacy MLM head)", "megatron-bert": "MegatronBERT", "mpnet": "MPNet"}
 SUPPORTED = f"BERT-class encoders: {', '.join(SUPPORTED_TYPES.values())}"
+PRE_LN_TYPES = {"megatron-bert", "xlm-roberta-xl"}  # a layer norm before attention; the others' Q, K, V read the input
 
 
 class UnsupportedModelError(UserError):
@@ -96,9 +99,9 @@ def check_architecture(model: nn.Module, where: str) -> None:
         refuse(f"model type {model.config.model_type!r}: not one this code is tested on")
 
 
-def check_model_config(config, where: str) -> None:
-    """check_architecture on a one-layer model of this config with random weights (and a small vocabulary when its
-    special ids allow): the check without loading the weights."""
+def _one_layer_model(config, where: str) -> nn.Module:
+    """A masked LM of this config with one layer of random weights (and a small vocabulary when its special ids
+    allow): what the config says, without loading the weights."""
     small = copy.deepcopy(config)
     special = [v for k, v in vars(config).items() if k.endswith("token_id") and isinstance(v, int)]
     if max(special, default=0) < 64:
@@ -107,11 +110,35 @@ def check_model_config(config, where: str) -> None:
         small.num_hidden_layers = 1
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = AutoModelForMaskedLM.from_config(small)
+            return AutoModelForMaskedLM.from_config(small)
     except Exception as e:  # e.g. Funnel's config refuses a layer count, ESM's model needs settings it lacks
         raise UnsupportedModelError(f"{where}: {type(config).__name__} is not supported (no masked LM of one layer "
                                     f"can be built from it: {type(e).__name__}: {e}); supported are {SUPPORTED}")
-    check_architecture(model, where)
+
+
+def check_model_config(config, where: str) -> None:
+    """check_architecture on a one-layer model of this config: the check without loading the weights."""
+    check_architecture(_one_layer_model(config, where), where)
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(config_json: str, modified_ns: int) -> int | None:
+    try:
+        config = AutoConfig.from_pretrained(str(Path(config_json).parent), local_files_only=True)
+        return max_sequence_length(_one_layer_model(config, config_json))
+    except (OSError, ValueError, UnsupportedModelError):  # not a model this code reads: its stage says so
+        return None
+
+
+def require_positions(length: int, key: str, models: dict[str, str | None]) -> None:
+    """`key`'s sequence length within the positions of every model ({config key: directory}) that exists (one a
+    stage before makes is checked when it has): a config check, not an index error after hours of the stages
+    before, or a claimed output directory that refuses the corrected command."""
+    for model_key, model_dir in models.items():
+        config = Path(model_dir or "") / "config.json"
+        longest = _positions(str(config.absolute()), config.stat().st_mtime_ns) if config.is_file() else None
+        require(longest is None or length <= longest, key, f"{length} is longer than the positions of {model_dir} "
+                f"({model_key}) allow ({longest}): lower {key}")
 
 
 def max_sequence_length(model: nn.Module) -> int:
@@ -187,7 +214,9 @@ class MLMFlops:
     Per sequence of length s, with hidden h, FFN width f, vocabulary V and n masked positions:
       layer forward: linear 2s(4h^2 + 2hf) + attention 4s^2h
       layer backward (if a gradient passes through it): activation gradients = linear + 2 x attention,
-                      + weight gradients = linear when the layer itself trains
+                      + weight gradients = linear when the layer itself trains; the lowest layer that trains
+                      (nothing below it does) of a post-LN model (BERT, XLM-R: Q, K and V read the layer's input)
+                      needs no gradient into its input through them: - 2s 3h^2
       head forward:  2n(h^2 + hV); backward: activation gradients through the projection 2nhV when anything
                       below or the head's dense layer trains, through the dense layer 2nh^2 when anything below
                       trains, + 2nhV if the vocabulary projection trains, + 2nh^2 if the head's dense layer trains.
@@ -195,8 +224,9 @@ class MLMFlops:
     hd + dV (its weight gradient dV, P frozen), and the input side costs 2s dh per sequence (C[ids] P), twice when
     C trains (the gradient into C's rows).
     DeBERTa's disentangled attention, with t of its c2p / p2c terms over a span of k relative positions: attention
-    + 4tskh per sequence, and per layer and batch the projection of the 2k relative embeddings, 2t(2k)h^2 (twice
-    when the layer trains: its weight gradient).
+    + 4tskh per sequence (in the backward once, toward the queries, and twice where the layer trains: its relative
+    keys then need gradients too), and per layer and batch the projection of the 2k relative embeddings, 2t(2k)h^2
+    (twice when the layer trains: its weight gradient).
     The trainability pattern is read once, at construction: build this after setting requires_grad.
     """
 
@@ -221,30 +251,27 @@ class MLMFlops:
         head_own = {id(out_weight)} | ({id(out_bias)} if out_bias is not None else set())
         self.head_dense_trains = _requires_grad(head, exclude=head_own)
         grad_below = _requires_grad(model.base_model.embeddings)
-        self.layer_modes = []  # per layer: (backward through it?, weight gradients?)
+        post_ln = cfg.model_type not in PRE_LN_TYPES
+        self.layer_modes = []  # per layer: (backward through it?, weight gradients?, gradient into Q, K, V's input?)
         for layer in encoder_layers(model):
             trains = _requires_grad(layer)
-            self.layer_modes.append((grad_below or trains, trains))
+            self.layer_modes.append((grad_below or trains, trains, grad_below or not post_ln))
             grad_below = grad_below or trains
         self.head_backward = grad_below
         self.layers = len(self.layer_modes)
 
-    def layer_forward(self, seq_len: int) -> tuple[float, float]:
-        """(linear, attention) forward FLOPs of one layer on one sequence."""
-        h, f, s = self.hidden, self.ffn, seq_len
-        relative = 4.0 * self.relative_terms * s * self.relative_span * h
-        return 2.0 * s * (4 * h * h + 2 * h * f), 4.0 * s * s * h + relative
-
     def per_batch(self, batch_size: int, seq_len: int, masked: int) -> float:
-        linear, attention = self.layer_forward(seq_len)
-        h, v = self.hidden, self.vocab
+        h, f, s, v = self.hidden, self.ffn, seq_len, self.vocab
+        linear, attention = 2.0 * s * (4 * h * h + 2 * h * f), 4.0 * s * s * h  # one layer's forward, a sequence
+        relative = 4.0 * self.relative_terms * s * self.relative_span * h
         positions = 2.0 * self.relative_terms * 2 * self.relative_span * h * h  # once per batch, in every layer
         body, shared = 0.0, 0.0
-        for backward, weight_grads in self.layer_modes:
-            body += linear + attention
+        for backward, weight_grads, into_qkv in self.layer_modes:
+            body += linear + attention + relative
             shared += positions * (2 if weight_grads else 1)
             if backward:
-                body += linear + 2 * attention + (linear if weight_grads else 0.0)
+                body += linear - (0.0 if into_qkv else 6.0 * s * h * h) + 2 * attention
+                body += relative * (2 if weight_grads else 1) + (linear if weight_grads else 0.0)
         if self.rank is None:
             projection, projection_weights, inputs = h * v, h * v, 0.0
         else:
