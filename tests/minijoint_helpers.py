@@ -131,9 +131,18 @@ def reference(out: Path) -> None:
         data, n = replica_batches(pc)
         losses = P.forward_backward(model, iter(data), n)
         grads = {name: p.main_grad.clone() for name, p in P.unwrap(model[0]).named_parameters()}
+        chunk = P.unwrap(model[0]).eval()
+        # the training losses as the exported models compute them: cross-entropy over the vocabulary's own ids
+        by_hand = {"main": [], "secondary": []}
+        for batch in data:
+            masked = batch["labels"] != -100
+            for head, logits in zip(by_hand, chunk.mlm_logits(batch["input_ids"], batch["attention_mask"])):
+                if logits is not None:
+                    head_loss = torch.nn.functional.cross_entropy(logits[masked], batch["labels"][masked])
+                    by_hand[head].append(head_loss.item())
         b = batches(seed=5, count=1)[0]
-        main, secondary = P.unwrap(model[0]).eval().mlm_logits(b["input_ids"], b["attention_mask"])
-        torch.save({"params": params, "grads": grads, "losses": losses,
+        main, secondary = chunk.mlm_logits(b["input_ids"], b["attention_mask"])
+        torch.save({"params": params, "grads": grads, "losses": losses, "losses_by_hand": by_hand,
                     "logits": {"batch": b, "main": main, "secondary": secondary}}, out / f"reference{suffix}.pt")
     distributed.destroy()
 

@@ -125,8 +125,11 @@ class MaskedLMHead(MegatronModule):
     TIED_PARAMETERS = ("final_layernorm.weight", "final_layernorm.bias", "dense.weight", "dense.bias",
                        "layer_norm.weight", "layer_norm.bias", "output_layer.bias")
 
-    def __init__(self, config, vocab_size: int, own_output_weight: bool):
+    def __init__(self, config, vocab_size: int, own_output_weight: bool, used_vocab_size: int):
         super().__init__(config=config)
+        # this TP rank's first column of padding rows (past used_vocab_size: no token's, there for the TP split)
+        first = parallel_state.get_tensor_model_parallel_rank() * (vocab_size // config.tensor_model_parallel_size)
+        self.padding_from = max(0, used_vocab_size - first)
         h = config.hidden_size
         self.final_layernorm = LayerNorm(config, h, config.layernorm_epsilon, replicated_input=True)
         self.dense = torch.nn.Linear(h, h, dtype=config.params_dtype)
@@ -154,7 +157,12 @@ class MaskedLMHead(MegatronModule):
         """[n, h] -> vocabulary logits [n, padded_vocab / tp] (this TP rank's slice)."""
         x = self.layer_norm(F.gelu(self.dense(self.final_layernorm(hidden))))
         logits, _ = self.output_layer(x.unsqueeze(1), weight=output_weight)
-        return logits.squeeze(1)
+        logits = logits.squeeze(1)
+        if self.padding_from >= logits.size(-1):
+            return logits
+        # the padding rows take no probability: the loss is the exported model's, which has no such rows
+        padding = torch.arange(logits.size(-1), device=logits.device) >= self.padding_from
+        return logits.masked_fill(padding, float("-inf"))
 
     def forward(self, hidden: Tensor, labels: Tensor, output_weight: Tensor | None) -> Tensor:
         """Mean cross-entropy over the masked positions (0 if there are none)."""
@@ -188,7 +196,8 @@ class MiniJointModel(MegatronModule):
                                         pre_process=pre_process, post_process=post_process,
                                         vp_stage=vp_stage)
         if post_process:
-            self.lm_head = MaskedLMHead(config, vocab, own_output_weight=not pre_process)
+            self.lm_head = MaskedLMHead(config, vocab, own_output_weight=not pre_process,
+                                        used_vocab_size=cfg.vocab_size)
         secondary_layer = [layer for layer in self.encoder.layers if layer.layer_number == cfg.mini_layers]
         self.has_secondary_head = bool(secondary_layer) and cfg.secondary_head != "none"
         # shared_transform on the main head's own chunk: the main head serves both; elsewhere a copy of it.
@@ -196,7 +205,7 @@ class MiniJointModel(MegatronModule):
             and post_process
         if self.has_secondary_head and not self._secondary_is_main_head:
             shared = cfg.share_aux_output_embedding
-            self.aux_head = MaskedLMHead(config, vocab,
+            self.aux_head = MaskedLMHead(config, vocab, used_vocab_size=cfg.vocab_size,
                                          own_output_weight=not shared or not (pre_process or post_process))
         if self.has_secondary_head:
             secondary_layer[0].register_forward_hook(self._secondary_head_hook)
