@@ -518,3 +518,19 @@ def test_the_export_reads_the_checkpoints_where_pretraining_writes_them(tmp_path
         cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", *overrides])
         (export,) = [stage for stage in build_stages(cfg) if stage.name == "export"]
         assert f"checkpoint={expected}" in export.args
+
+
+def test_a_model_an_earlier_run_left_is_not_what_the_lengths_are_checked_against(tmp_path):
+    """The pipeline checked adaptation's seq_length against the primary an earlier run exported (64 positions)
+    although this run's pretraining makes it again with 128: a valid config was refused ("lower seq_length")."""
+    from transformers import MegatronBertConfig
+
+    from minimodel.pipeline import check_stage_configs
+
+    at = PipelineLayout(tmp_path)
+    for model in (at.export / "primary", at.export / "mini"):
+        MegatronBertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64).save_pretrained(model)
+    cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path}", "overrides.pretrain=[model.seq_length=128]",
+                                              "overrides.adapt=[seq_length=128]"])
+    check_stage_configs(cfg)  # the export stage makes them again, and the adaptation checks them when it runs

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM
 
-from minimodel.config import require
+from minimodel.config import ConfigError
 from minimodel.errors import UserError
 
 # The model types the masked-LM code, the mini-model and the FLOP count are tested on (tests/test_hf.py): others
@@ -137,8 +137,9 @@ def require_positions(length: int, key: str, models: dict[str, str | None]) -> N
     for model_key, model_dir in models.items():
         config = Path(model_dir or "") / "config.json"
         longest = _positions(str(config.absolute()), config.stat().st_mtime_ns) if config.is_file() else None
-        require(longest is None or length <= longest, key, f"{length} is longer than the positions of {model_dir} "
-                f"({model_key}) allow ({longest}): lower {key}")
+        if longest is not None and length > longest:  # keyed by the model: one a stage before makes again is its
+            raise ConfigError(f"{key}: {length} is longer than the positions of {model_dir} ({model_key}) allow "
+                              f"({longest}): lower {key}", model_key)
 
 
 def max_sequence_length(model: nn.Module) -> int:
