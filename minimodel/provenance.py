@@ -221,6 +221,13 @@ def _whole_digest(path: str | Path) -> str | None:
     return None
 
 
+def _alias(path: str | Path) -> str | None:
+    """The config digest the finished result at or above `path` was known by before it had a content identity
+    (finish_output's `content`), while its content is still that one."""
+    _, record = _nearest(path)
+    return record.get("alias") if record is not None and record["status"] == "finished" else None
+
+
 def _matches(old: dict, new: dict) -> tuple[bool, dict]:
     """(whether the record `old` is of the config and inputs `new`, the inputs to upgrade in it): the same config,
     and every input covering the recorded one (a whole that gained parts), or, for a record older than part records,
@@ -236,7 +243,8 @@ def _matches(old: dict, new: dict) -> tuple[bool, dict]:
     for key, value in new_inputs.items():
         if key in upgrade or _covers(value, old_inputs[key]):
             continue
-        if isinstance(old_inputs[key], str) and old_inputs[key] == _whole_digest(new["config"][key]):
+        if isinstance(old_inputs[key], str) and old_inputs[key] in (_whole_digest(new["config"][key]),
+                                                                    _alias(new["config"][key])):
             upgrade[key] = value
             continue
         return False, {}
@@ -463,11 +471,29 @@ def finish_output(output_dir: str | Path, cfg: Any, ignore: tuple[str, ...] = ()
         new["content"] = content
     if old is not None:
         matched, upgrade = _matches(old, new)
-        if matched and (old.get("parts"), old.get("content")) == (new.get("parts"), new.get("content")):
-            if old["status"] != "finished" or upgrade:
-                _write(output_dir, {**old, "inputs": {**old["inputs"], **upgrade}}, "finished", old.get("previous"))
-            return
+        if matched and old.get("parts") == new.get("parts"):
+            kept = {**old, "inputs": {**old["inputs"], **upgrade}}
+            if old.get("content") == new.get("content"):
+                if old["status"] != "finished" or upgrade:
+                    _write(output_dir, kept, "finished", old.get("previous"))
+                return
+            if old["status"] == "finished" and "content" not in old:
+                # finished before content identities and not made again since (a stage that redoes its result
+                # reopens it first): the digest its consumers recorded stands for this content
+                _write(output_dir, {**kept, "content": content, "alias": old["digest"]}, "finished",
+                       old.get("previous"))
+                return
     _write(output_dir, new, "finished", _previous(old, new))
+
+
+def reopen_output(output_dir: str | Path, why: str) -> None:
+    """Mark the finished result in `output_dir` as being made again under the same config (status "started"; what
+    it was kept as "previous", with `why`): a stage that redoes it because something it reads in place changed (a
+    corpus edited) must not leave a finished record vouching for files it is replacing."""
+    old = read(output_dir)
+    if old is not None and old["status"] == "finished":
+        record = {k: v for k, v in old.items() if k not in ("content", "alias")}
+        _write(Path(output_dir), record, "started", {"digest": _result(old), "changes": [why]})
 
 
 def write_part(directory: str | Path, fingerprint_: dict, replaces: str | Path | None = None) -> list[str]:

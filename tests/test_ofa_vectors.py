@@ -195,7 +195,7 @@ def test_a_consumer_of_the_vectors_depends_on_their_bytes(tmp_path):
     corpus = tmp_path / "xx.jsonl"
     corpus.write_text(corpus.read_text().replace("QAB", "QZZ"))
     build_word_vectors(cfg)
-    with pytest.raises(ConfigChanged, match=r"vectors.bin was made again since \(other content from the same config"):
+    with pytest.raises(ConfigChanged, match=r"vectors.bin was made again since \(made again from the same config: its corpora"):
         claim_output(tmp_path / "adapt", adapt, resumable=True)
 
 

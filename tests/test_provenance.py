@@ -486,3 +486,27 @@ def test_a_directory_replaced_whole_keeps_its_claim_until_it_is_finished(tmp_pat
         finish_output(out, cfg)
     assert provenance.read(out)["status"] == "started"
     assert claim_output(out, cfg, resumable=False) == "new"  # the rerun redoes it
+
+
+def test_a_result_known_by_its_content_keeps_the_consumers_of_its_earlier_record(tmp_path):
+    """Word vectors recorded before content identities, skipped as up to date by the new code, got their content
+    hash: every finished consumer (which recorded the config digest) was refused, the vectors byte for byte the
+    same. Made again under the same config (a corpus edited in place), the record said finished with the old hash
+    while the new file was being written."""
+    vectors, out = tmp_path / "word_vectors", tmp_path / "adapt"
+    claim_output(vectors, Cfg(), resumable=False)
+    (vectors / "vectors.bin").write_text("learned")
+    finish_output(vectors, Cfg())  # as an earlier version recorded it: by its config's digest
+    cfg = Cfg(model=str(vectors / "vectors.bin"))
+    claim_output(out, cfg, resumable=True)
+    finish_output(out, cfg)
+    provenance._claimed.clear()  # a later process
+    assert claim_output(vectors, Cfg(), resumable=False) == "finished"
+    finish_output(vectors, Cfg(), content="sha of learned")  # up to date: nothing learned again
+    assert claim_output(out, cfg, resumable=True) == "finished"
+    assert provenance.read(out)["inputs"]["model"] == "sha of learned"  # the consumer now records the content
+    provenance.reopen_output(vectors, "made again from the same config: its corpora changed")
+    assert provenance.identity(vectors / "vectors.bin") == "unfinished"  # while the new file is written
+    finish_output(vectors, Cfg(), content="sha of relearned")
+    with pytest.raises(ConfigChanged, match="was made again since \\(made again from the same config: its corpora"):
+        claim_output(out, cfg, resumable=True)

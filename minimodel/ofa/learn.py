@@ -42,7 +42,7 @@ from minimodel.data.prepare import FORMAT_VERSION, DataConfig, collect
 from minimodel.files import write_text_atomic
 from minimodel.manifest import file_sha256
 from minimodel.ofa.vectors import WordVectors, write_word2vec_binary
-from minimodel.provenance import claim_output, finish_output
+from minimodel.provenance import claim_output, finish_output, reopen_output
 from minimodel.stages import StageResult
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def build_word_vectors(cfg: WordVectorConfig) -> StageResult:
     """Outputs: the vectors file and the precision@k figures."""
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    claim_output(out, cfg, resumable=False)
+    claimed = claim_output(out, cfg, resumable=False)
     save_config(cfg, out / "config.yaml")
     input_hash = _input_hash(cfg)
     summary_path = out / SUMMARY_FILE
@@ -252,6 +252,8 @@ def build_word_vectors(cfg: WordVectorConfig) -> StageResult:
             log.info("%s is up to date (input hash %s): nothing to do", out, input_hash[:12])
             finish_output(out, cfg, content=file_sha256(out / VECTORS_FILE))
             return StageResult("finished", {"vectors": out / VECTORS_FILE})
+    if claimed == "finished":  # the same config, but what it reads changed in place (or its files are gone)
+        reopen_output(out, "made again from the same config: its corpora, their cleaning or a library changed")
     texts = read_languages(cfg)
     vectors = learn_vectors(texts, cfg)
     summary_path.unlink(missing_ok=True)  # from here on the vectors are not the old summary's
