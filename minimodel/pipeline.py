@@ -465,13 +465,18 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
             return [flow_mapping(lang=lang, language_sft=at.language_sft(lang)) for lang in target_langs]
         return [flow_mapping(lang=lang) for lang in target_langs]
 
+    def task_data(config: str, what: str) -> list[str]:
+        """The data stage's output for a task that reads it (verses, target text); an official release's
+        directory (XNLI-1.0, MLQA_V1) stays the config's."""
+        return [f"task.data_dir={at.data_dir}"] if TASKS[config_task(config, what)].prepared_data else []
+
     def zero_shot(config: str, method: str, source_model: Path, targets: list[str], after: list[Stage],
                   settings: tuple[str, ...] = ()) -> Stage:
         task = config_task(config)
         out = at.zero_shot(task, method)
         return add(f"zero_shot-{task}-{method}", "zero_shot",
                    ["--config", config, f"method={method}", f"source_lang={src}", f"source_model_dir={source_model}",
-                    f"task.data_dir={at.data_dir}", f"targets=[{', '.join(targets)}]", f"output_dir={out}",
+                    *task_data(config, "configs.zero_shot"), f"targets=[{', '.join(targets)}]", f"output_dir={out}",
                     *settings, *extra("zero_shot")], out, after)
 
     # The unadapted baseline (method none) on each task whose metric compares tokenizers: each target is only a
@@ -494,7 +499,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
     fine_tuned_configs = [config for config in cfg.configs.zero_shot if fine_tuned[config]]
     if fine_tuned_configs:
         finetune = add("finetune", "finetune", ["--config", cfg.configs.finetune, f"model_dir={at.primary}",
-                                                f"task.data_dir={at.data_dir}", f"source_lang={src}",
+                                                *task_data(cfg.configs.finetune, "configs.finetune"),
+                                                f"source_lang={src}",
                                                 f"output_dir={at.finetune}", *extra("finetune")], at.finetune, [export],
                        **ranks("finetune"))
         for method in embedding_methods:
@@ -507,7 +513,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                             for config in fine_tuned_configs]
         if sparse:  # the task SFT, trained with the source language's SFT applied; zero-shot swaps in the target's
             task_sft = add("task_sft", "finetune", ["--config", cfg.configs.task_sft, f"model_dir={at.primary}",
-                                                    f"task.data_dir={at.data_dir}", f"source_lang={src}",
+                                                    *task_data(cfg.configs.task_sft, "configs.task_sft"),
+                                                    f"source_lang={src}",
                                                     f"method={SPARSE}", "sparse=true",
                                                     f"language_sft={at.language_sft(src)}",
                                                     f"output_dir={at.task_sft}", *extra("task_sft")],
@@ -544,7 +551,7 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
                 distilled_tasks.append(add(
                     f"{task_job}-{lang}", "distill_task",
                     ["--config", cfg.configs.distill_task, *named, f"teacher={task_teacher}",
-                     f"task.data_dir={at.data_dir}", *extra("distill_task")],
+                     *task_data(cfg.configs.distill_task, "configs.distill_task"), *extra("distill_task")],
                     at.distill_task(lang, name), [adapted[name, lang], task_teacher_job], **ranks("finetune"),
                     job=task_job, lang=lang,
                     lang_args=[f"student={at.student(lang, name)}", f"output_dir={at.distill_task(lang, name)}"]))

@@ -534,3 +534,17 @@ def test_a_model_an_earlier_run_left_is_not_what_the_lengths_are_checked_against
     cfg = load_config(PipelineConfig, SMOKE, [f"output_dir={tmp_path}", "overrides.pretrain=[model.seq_length=128]",
                                               "overrides.adapt=[seq_length=128]"])
     check_stage_configs(cfg)  # the export stage makes them again, and the adaptation checks them when it runs
+
+
+def test_a_task_of_an_official_release_keeps_its_data_directory():
+    """The pipeline set task.data_dir to the data stage's output for every task: XNLI, PAWS-X and MLQA then looked
+    for their release files there and failed at fine-tuning, after every adaptation had run."""
+    cfg = load_config(PipelineConfig, SMOKE, [
+        "methods=[standard, minijoint]", "configs.finetune=configs/evaluate/finetune/xnli.yaml",
+        "configs.zero_shot=[configs/evaluate/zero_shot/xnli.yaml, configs/evaluate/zero_shot/target_mlm_tiny.yaml]"])
+    stages = build_stages(cfg)
+    for stage in stages:
+        reads_release = stage.name == "finetune" or stage.name.startswith("zero_shot-xnli")
+        assert any(a.startswith("task.data_dir=") for a in stage.args) == (
+            stage.kind in ("finetune", "zero_shot") and not reads_release), stage.name
+    assert any(s.name.startswith("zero_shot-xnli") for s in stages)

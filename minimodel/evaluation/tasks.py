@@ -58,6 +58,8 @@ class TaskSpec:
     # a perfect score: the metric is a mean of per-example scores in [0, full_score] (MLQA's F1 is in percent, as the
     # official script reports it); None: not such a mean (target_mlm's nats), so the report has no binomial noise bound
     full_score: float | None = 1.0
+    # read from the data stage's output (prepare_data's verses.jsonl, target datasets), not an official release
+    prepared_data: bool = False
 
     @property
     def fine_tuned(self) -> bool:
@@ -77,9 +79,9 @@ TASKS = {
     "xnli": TaskSpec("classification", "accuracy", ("entailment", "neutral", "contradiction")),
     "pawsx": TaskSpec("classification", "accuracy", ("different", "paraphrase")),
     "mlqa": TaskSpec("qa", "f1", full_score=100.0),
-    "verse_class": TaskSpec("classification", "accuracy", BIBLE_PARTS),
-    "verse_retrieval": TaskSpec("retrieval", "top1"),
-    "target_mlm": TaskSpec("mlm", "mlm_gain", description=(
+    "verse_class": TaskSpec("classification", "accuracy", BIBLE_PARTS, prepared_data=True),
+    "verse_retrieval": TaskSpec("retrieval", "top1", prepared_data=True),
+    "target_mlm": TaskSpec("mlm", "mlm_gain", prepared_data=True, description=(
         "held-out target-language masked-LM loss of the primary model with the target embeddings plugged in (fixed "
         "masked positions); mlm_gain = that loss with the reference method's initial (step-0) embeddings minus the "
         "loss now, in nats, higher is better: one zero per language, so an initialisation's head start counts "
