@@ -277,6 +277,12 @@ def test_qa_windows_and_span_decoding(tmp_path):
     short = ev.predictions(start, end, max_answer_length=2)
     assert set(short) == {"q"} and short["q"] in {"was", "was built", "built 1889", "1889"}, short
     assert short["q"] and short["q"] in context and len(tok(short["q"], add_special_tokens=False)["input_ids"]) <= 2
+    # a question too long to leave the context windows of more than doc_stride tokens is cut (a tokenizer panic,
+    # which no `except Exception` catches, stopped the whole stage): 16 - 4 - specials - 1 tokens of it
+    long = [{**examples[0], "question": "when " * 12 + "was it built"}]
+    windows = [list(item["input_ids"]) for item in QAEvalFeatures(long, tok, max_length=16, doc_stride=4).dataset.items]
+    kept = 16 - 4 - tok.num_special_tokens_to_add(pair=True) - 1
+    assert len(windows) > 1 and all(ids.count(tok.convert_tokens_to_ids("when")) == kept for ids in windows)
 
 
 def test_classification_features_pairs(tmp_path):

@@ -79,7 +79,13 @@ def _qa_windows(examples: list[dict], tokenizer, max_length: int, doc_stride: in
     if tokenizer.padding_side != "right":
         raise EvaluationError(f"the tokenizer pads on the {tokenizer.padding_side}: QA windows put the question first, "
                               "then the context, then padding; save the tokenizer with padding_side='right'")
-    enc = tokenizer([e["question"].lstrip() for e in examples], [e["context"] for e in examples],
+    # a question is cut to what leaves the context's windows more than doc_stride tokens (BERT's max_query_length):
+    # the tokenizer cannot window a context past a longer one (a panic, no exception)
+    room = max_length - doc_stride - tokenizer.num_special_tokens_to_add(pair=True) - 1
+    questions = [e["question"].lstrip() for e in examples]
+    spans = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    questions = [q[:offsets[room - 1][1]] if len(offsets) > room else q for q, offsets in zip(questions, spans)]
+    enc = tokenizer(questions, [e["context"] for e in examples],
                     truncation="only_second", max_length=max_length, stride=doc_stride,
                     return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
     if segments:
