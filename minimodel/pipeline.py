@@ -628,13 +628,26 @@ def _runs_since(tracker: Tracker):
         if not tracker.run_id:
             return []
         query = (f"tags.`mlflow.parentRunId` = '{tracker.run_id}' "
-                 f"and attributes.end_time >= {int(start_time * 1000)}")
+                 f"and attributes.end_time >= {int(start_time * 1000)} and attributes.status = 'FINISHED'")
         try:
             return [r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id], query)]
         except Exception as e:  # noqa: BLE001 - any store failure
             log.warning("could not list the MLflow runs of the stage that just finished: %s", e)
             return []
     return find_runs
+
+
+def _close_open_runs(tracker: Tracker, status: str) -> None:
+    """End this pipeline's child runs a stage left RUNNING (killed outright, or by a signal before it could close
+    its run): they would show as running for ever."""
+    if not tracker.run_id:
+        return
+    query = f"tags.`mlflow.parentRunId` = '{tracker.run_id}' and attributes.status = 'RUNNING'"
+    try:
+        for run in tracker.client.search_runs([tracker.experiment_id], query):
+            tracker.client.set_terminated(run.info.run_id, status)
+    except Exception as e:  # noqa: BLE001 - any store failure: only the view is wrong
+        log.warning("could not close the MLflow runs the stopped stage left open: %s", e)
 
 
 def _link_earlier_runs(cfg: PipelineConfig, tracker: Tracker, stage: Stage) -> None:
@@ -687,10 +700,12 @@ def run(cfg: PipelineConfig) -> Path:
                 seconds = stage.run(env, at.logs, find_runs, stop)
                 tracker.log_metrics({f"seconds.{stage.name}": seconds}, step=0)
     except StageInterrupted as e:  # a signal stopped it after checkpointing: not stamped, the next run resumes it
+        _close_open_runs(tracker, "KILLED")
         tracker.finish("KILLED")
         print(f"pipeline: {e}", file=sys.stderr)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except StageFailed as e:
+        _close_open_runs(tracker, "FAILED")
         tracker.finish("FAILED")
         print(f"pipeline: {e}\nFix the cause and run the same command again: finished stages are skipped.",
               file=sys.stderr)

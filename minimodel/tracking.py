@@ -123,8 +123,10 @@ def _server_reachable(uri: str) -> bool:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
             return True
-    except urllib.error.HTTPError:
-        return True  # it answered (e.g. 401 behind an auth proxy): up, and the MLflow calls will say what is wrong
+    except urllib.error.HTTPError as e:
+        # it answered: up (401 behind an auth proxy: the MLflow calls say what is wrong), unless a proxy says that
+        # nothing answers behind it (502, 503), which MLflow would retry for minutes before the stage fails
+        return e.code < 500
     except OSError:
         return False
 
@@ -150,6 +152,10 @@ class RunStore:
         """The experiment is the parent run's when there is one (the UI nests child runs only within their parent's
         experiment, whatever experiment the stage's own config names), else `cfg.experiment`, created if needed."""
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        # a server that goes away: a few seconds of retries, not MLflow's minutes (7 with exponential backoff) at
+        # every call, which held each stage's exit that long; the writer retries a call once itself
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -235,7 +241,9 @@ def runs_of_slurm_job(cfg: TrackingConfig, job_id: str, parent_run_id: str | Non
         return []
     try:
         store = RunStore.connect(cfg, parent)
-        query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.{SLURM_TAGS['SLURM_JOB_ID']} = '{job_id}'"
+        # finished runs only: a requeued job keeps its id, and its killed attempts' runs did not make the result
+        query = (f"tags.`mlflow.parentRunId` = '{parent}' and tags.{SLURM_TAGS['SLURM_JOB_ID']} = '{job_id}' "
+                 "and attributes.status = 'FINISHED'")
         return [r.info.run_id for r in store.client.search_runs([store.experiment_id], query)]
     except Exception as e:  # noqa: BLE001 - any store failure: stamp without links
         log.warning("could not list the MLflow runs of Slurm job %s: %s", job_id, e)

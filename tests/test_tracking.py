@@ -451,3 +451,57 @@ def test_a_slurm_jobs_runs_are_not_looked_for_in_a_fallback_store(tmp_path, monk
     cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", parent_run_id="0" * 32)
     assert runs_of_slurm_job(cfg, "42") == []
     assert os.listdir(tmp_path) == []
+
+
+def test_a_proxy_with_nothing_behind_it_is_a_server_that_is_down(store, tmp_path, caplog):
+    """A reverse proxy answering 502 counted as a server that is up: MLflow retried for minutes, then the stage
+    failed with a traceback and wrote nothing. Now it is unreachable: the local store, with one warning."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class BadGateway(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_error(502)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), BadGateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proxy = f"http://127.0.0.1:{server.server_port}"
+    try:
+        with caplog.at_level(logging.WARNING, logger="minimodel.tracking"):
+            t = log_toy_stage(TrackingConfig(uri=proxy, store_dir=str(store)), tmp_path)
+    finally:
+        server.shutdown()
+    assert "unreachable" in caplog.text and [r.info.run_id for r in all_runs(store)] == [t.run_id]
+
+
+def test_a_requeued_jobs_stamp_links_only_its_finished_run(store, monkeypatch):
+    """A Slurm job keeps its id when requeued: the killed attempt's run was stamped and linked too, as "the
+    finished run"."""
+    from minimodel.tracking import runs_of_slurm_job
+
+    plan = Tracker(TrackingConfig(store_dir=str(store)), tags={"stage": "pipeline"})
+    plan.finish()
+    monkeypatch.setenv("MINIMODEL_PARENT_RUN_ID", plan.run_id)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    killed = Tracker(TrackingConfig(store_dir=str(store)), tags={"stage": "data"})
+    killed.interrupted(1)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with Tracker(TrackingConfig(store_dir=str(store)), tags={"stage": "data"}) as finished:
+        pass
+    assert runs_of_slurm_job(TrackingConfig(store_dir=str(store)), "4242") == [finished.run_id]
+
+
+def test_a_stopped_pipeline_closes_the_runs_its_stage_left_open(store):
+    """A stage killed before it could end its run (SIGKILL, a signal it does not handle) left it RUNNING for ever."""
+    from minimodel.pipeline import _close_open_runs
+
+    pipeline = Tracker(TrackingConfig(store_dir=str(store)), tags={"stage": "pipeline"})
+    client = client_for(store)
+    orphan = client.create_run(pipeline.experiment_id, tags={"mlflow.parentRunId": pipeline.run_id})
+    _close_open_runs(pipeline, "KILLED")
+    pipeline.finish("KILLED")
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
