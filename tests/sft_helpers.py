@@ -137,6 +137,10 @@ def main(out: Path, stages: list[int]) -> int:
 if __name__ == "__main__":
     from minimodel.cli import setup_logging
 
+    from minimodel.distributed import destroy
+
     setup_logging()  # the stage's own console lines (the loop's "resumed from ...")
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
-    sys.exit(main(Path(args[0]), [int(s) for s in args[1:]]))
+    code = main(Path(args[0]), [int(s) for s in args[1:]])
+    destroy()  # as a stage's cli does: a process group left up can abort the exit in gloo's threads (rare)
+    sys.exit(code)
