@@ -11,14 +11,17 @@ import pytest
 import torch
 
 TOY = textwrap.dedent("""
+    import atexit
     import gc
     import sys
     import numpy as np
     import torch
     from torch import nn
+    from minimodel.distributed import destroy
     from minimodel.training.config import CheckpointConfig, DeepSpeedLoopConfig, OptimizerConfig, ScheduleConfig
     from minimodel.training.deepspeed_loop import gather_full_params, release_engine, train
 
+    atexit.register(destroy)  # as a stage's cli: a process group left up can abort the exit in gloo's threads
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
     data = [{"input_ids": np.array([i % 10, (i + 1) % 10])} for i in range(64)]
