@@ -403,8 +403,8 @@ def build_stages(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[
         if method.source.over == "mini":
             args.append(f"mini_model={at.model(method.model)}")
         args += adapt_settings(method)
+        learned = method in learned_vectors
         for lang in target_langs:
-            learned = method in learned_vectors
             adapted[method.name, lang] = add(
                 f"adapt-{method.name}-{lang}", "adapt", args, at.adapt(method.name, lang),
                 [made_by[method.model], prepare, *([word_vectors[lang]] if learned else [])],

@@ -34,13 +34,18 @@ class MiniPostError(UserError):
     """A problem with MiniPost's inputs; the message says what is wrong and how to fix it."""
 
 
+def source_model_dir(path: str | os.PathLike) -> Path | None:
+    """The Hugging Face model directory `path` names: an export directory's (pretrain/export.py) primary/, or `path`
+    itself; None where there is neither (yet)."""
+    path = Path(path)
+    return next((d for d in (path / "primary", path) if (d / "config.json").is_file()), None)
+
+
 def resolve_source(path: str | os.PathLike) -> Path:
     """A Hugging Face model directory, or an export directory (pretrain/export.py) holding primary/."""
     path = Path(path)
-    if (path / "primary" / "config.json").is_file():
-        return path / "primary"
-    if (path / "config.json").is_file():
-        return path
+    if (found := source_model_dir(path)) is not None:
+        return found
     if not path.exists():
         raise MiniPostError(f"source {path} does not exist: give a Hugging Face model directory or an export "
                             f"directory written by pretrain/export.py")

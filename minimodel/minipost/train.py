@@ -36,7 +36,7 @@ from minimodel.manifest import check_aligned, write_manifest
 from minimodel.minipost.alignment import alignment_report, plot_alignment
 from minimodel.minipost.build import (Init, MiniPostError, build_mini_model, changed_frozen_parameters,
                                       check_same_vocabulary, check_tokenizer, count_values, load_source_model,
-                                      resolve_source, split_parameters)
+                                      resolve_source, source_model_dir, split_parameters)
 from minimodel.provenance import claim_output, finish_output
 from minimodel.stages import StageResult
 from minimodel.tracking import Tracker, TrackingConfig
@@ -109,9 +109,7 @@ class MiniPostConfig:
         require(0.0 <= self.distill.weight <= 1.0, "distill.weight", "must be between 0 (MLM only) and 1 (only the "
                                                                     "source model's predictions)")
         require(self.distill.temperature > 0, "distill.temperature", "must be > 0")
-        exported = Path(self.source) / "primary"  # an export directory: its primary
-        require_positions(self.data.seq_length, "data.seq_length",
-                          {"source": str(exported) if exported.is_dir() else self.source})
+        require_positions(self.data.seq_length, "data.seq_length", {"source": source_model_dir(self.source)})
 
 
 def _write_mini_model(model, tokenizer, out_dir: Path, manifest: dict) -> Path:

@@ -130,7 +130,7 @@ def _positions(config_json: str, modified_ns: int) -> int | None:
         return None
 
 
-def require_positions(length: int, key: str, models: dict[str, str | None]) -> None:
+def require_positions(length: int, key: str, models: dict[str, str | os.PathLike | None]) -> None:
     """`key`'s sequence length within the positions of every model ({config key: directory}) that exists (one a
     stage before makes is checked when it has): a config check, not an index error after hours of the stages
     before, or a claimed output directory that refuses the corrected command."""
